@@ -1,0 +1,53 @@
+# The few entry points people type. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv build run test test-rust test-python lint fmt bench clean
+
+help: ## Show this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q maturin==1.16.0
+
+venv: $(PY) ## Create the virtual environment (.venv)
+
+build: $(PY) ## Build the Rust extension (release) into the venv, with dev dependencies
+	$(BIN)/maturin develop --release --extras dev -q
+
+run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key
+	$(BIN)/gateway demo --data-dir data
+
+test: build lint test-rust test-python ## Every test tier (what CI runs)
+
+test-rust: ## Rust unit and integration tests
+	cargo test --workspace --exclude gateway-python --all-targets
+
+test-python: build ## Python tests against the built extension and real processes
+	$(BIN)/pytest -q
+
+lint: build ## rustfmt, clippy, ruff and mypy
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(BIN)/ruff check python tests benchmarks
+	$(BIN)/ruff format --check python tests benchmarks
+	$(BIN)/mypy
+
+fmt: $(PY) ## Format Rust and Python sources
+	cargo fmt --all
+	$(BIN)/ruff format python tests benchmarks
+	$(BIN)/ruff check --fix python tests benchmarks
+
+bench: build ## Gateway vs direct simulator: throughput and added latency (writes benchmarks/RESULTS.md)
+	$(PY) benchmarks/overhead.py
+
+clean: ## Remove build outputs and the venv
+	rm -rf target $(VENV) benchmarks/out

@@ -1,0 +1,190 @@
+//! Sends one request to a worker, retrying on another worker until the first byte is relayed.
+//!
+//! A request may move to another worker while nothing has reached the client: when a worker
+//! cannot be reached, breaks the connection, answers 5xx, or (streaming) fails before its first
+//! event. From the first relayed byte on, the response belongs to that worker.
+
+use std::sync::Arc;
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::request::InferenceRequest;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::metering::{MeterGuard, Status};
+use crate::relay::{buffered_response, streaming_response};
+use crate::router::Availability;
+use crate::state::AppState;
+use crate::upstream::UpstreamError;
+
+/// Why the last attempt did not produce a response for the client.
+enum Failure {
+    Gateway(ApiError),
+    /// A worker's own 5xx, relayed as is when no attempt is left.
+    Worker {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+}
+
+pub async fn dispatch(
+    state: &AppState,
+    request: InferenceRequest,
+    principal: &Principal,
+) -> Response {
+    match state.registry.availability(&request.model) {
+        Availability::Unknown => return ApiError::ModelNotFound(request.model).into_response(),
+        Availability::Unavailable | Availability::Available => {}
+    }
+    let mut meter = MeterGuard::begin(
+        state.meter.clone(),
+        principal,
+        &request.model,
+        request.endpoint,
+        request.stream,
+        request.client_request_id.as_deref(),
+    );
+    let body = request.upstream_body();
+    let max_attempts = state.config.routing.max_attempts as usize;
+    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
+    while tried.len() < max_attempts {
+        let Some((index, worker)) = state.registry.pick(&request.model, &tried) else {
+            break;
+        };
+        tried.push(index);
+        let outstanding = worker.begin();
+        let sent = state
+            .upstream
+            .post_json(
+                &worker.url,
+                worker.uri(request.endpoint),
+                body.clone(),
+                request.client_request_id.as_deref(),
+            )
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                if matches!(error, UpstreamError::Connect { .. }) {
+                    worker.set_healthy(false);
+                }
+                tracing::warn!(%error, "worker attempt failed");
+                failure = Failure::Gateway(gateway_error(error));
+                continue;
+            }
+        };
+        meter.set_worker(worker.url.clone());
+        let (parts, incoming) = response.into_parts();
+        if request.stream && parts.status.is_success() {
+            match first_chunk(incoming, &worker.url, state).await {
+                Ok((first, rest)) => {
+                    return streaming_response(
+                        parts.status,
+                        &parts.headers,
+                        first,
+                        rest,
+                        meter,
+                        outstanding,
+                        request.client_usage,
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "worker failed before its first event");
+                    failure = Failure::Gateway(gateway_error(error));
+                    continue;
+                }
+            }
+        }
+        let collected = collect(incoming, &worker.url, state).await;
+        drop(outstanding);
+        match collected {
+            Ok(body) if parts.status.is_server_error() => {
+                failure = Failure::Worker {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body,
+                };
+            }
+            Ok(body) => return buffered_response(parts.status, &parts.headers, body, meter),
+            Err(error) => failure = Failure::Gateway(gateway_error(error)),
+        }
+    }
+    match failure {
+        Failure::Worker {
+            status,
+            headers,
+            body,
+        } => buffered_response(status, &headers, body, meter),
+        Failure::Gateway(error) => {
+            meter.set_http_status(error.status().as_u16());
+            meter.finish(Status::Failed);
+            error.into_response()
+        }
+    }
+}
+
+fn gateway_error(error: UpstreamError) -> ApiError {
+    match error {
+        UpstreamError::Timeout { .. } => ApiError::UpstreamTimeout,
+        other => ApiError::Upstream(other.to_string()),
+    }
+}
+
+/// Waits for the first non-empty body chunk of a stream.
+async fn first_chunk(
+    mut body: Incoming,
+    worker: &str,
+    state: &AppState,
+) -> Result<(Bytes, Incoming), UpstreamError> {
+    let wait = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        return Ok(data);
+                    }
+                }
+                Some(Err(error)) => {
+                    return Err(UpstreamError::Transport {
+                        worker: worker.to_owned(),
+                        detail: error.to_string(),
+                    });
+                }
+                None => {
+                    return Err(UpstreamError::Transport {
+                        worker: worker.to_owned(),
+                        detail: "empty stream".to_owned(),
+                    });
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(state.upstream.request_timeout(), wait).await {
+        Ok(Ok(first)) => Ok((first, body)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(UpstreamError::Timeout {
+            worker: worker.to_owned(),
+        }),
+    }
+}
+
+async fn collect(body: Incoming, worker: &Arc<str>, state: &AppState) -> Result<Bytes, UpstreamError> {
+    match tokio::time::timeout(state.upstream.request_timeout(), body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) => Err(UpstreamError::Transport {
+            worker: worker.to_string(),
+            detail: error.to_string(),
+        }),
+        Err(_) => Err(UpstreamError::Timeout {
+            worker: worker.to_string(),
+        }),
+    }
+}

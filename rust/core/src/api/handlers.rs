@@ -1,0 +1,126 @@
+//! Thin HTTP handlers: authenticate, read and parse the body, hand over to the dispatcher.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use super::dispatch::dispatch;
+use super::request::{Endpoint, InferenceRequest};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The gateway's routes over `state`; tests drive it without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate(&state, Endpoint::ChatCompletions, &headers, body).await
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate(&state, Endpoint::Completions, &headers, body).await
+}
+
+async fn generate(state: &AppState, endpoint: Endpoint, headers: &HeaderMap, body: Body) -> Response {
+    let principal = match state.keys.authenticate(headers) {
+        Ok(principal) => principal,
+        Err(error) => return error.into_response(),
+    };
+    let body = match read_body(body, headers, state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match InferenceRequest::from_json(endpoint, body, request_id) {
+        Ok(request) => dispatch(state, request, &principal).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes without reading past it.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(error) => Err(ApiError::bad_request(
+            format!("could not read the request body: {error}"),
+            None,
+        )),
+    }
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.keys.authenticate(&headers) {
+        return error.into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.registry.models_document(),
+    )
+        .into_response()
+}
+
+/// 200 while at least one worker is healthy, else 503; always with a small JSON summary.
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let workers = state.registry.workers();
+    let healthy = workers.iter().filter(|w| w.is_healthy()).count();
+    let status = if healthy > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = format!(
+        r#"{{"status":"{}","workers":{},"healthy_workers":{healthy}}}"#,
+        if healthy > 0 { "ok" } else { "unavailable" },
+        workers.len()
+    );
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn unknown_route() -> Response {
+    let error = ApiError::bad_request("unknown route", None);
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], error.body()).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    let error = ApiError::bad_request("method not allowed on this route", None);
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::CONTENT_TYPE, "application/json")],
+        error.body(),
+    )
+        .into_response()
+}

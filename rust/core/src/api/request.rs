@@ -1,0 +1,314 @@
+//! The internal request type every API surface translates into, and its parsing from OpenAI JSON.
+//!
+//! Only the members the gateway acts on are read and type-checked; everything else passes to the
+//! worker untouched (vLLM's extras included). It does not check what only the worker can judge,
+//! such as whether a prompt fits the context.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+use crate::json;
+
+/// Which OpenAI generation endpoint a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+}
+
+impl Endpoint {
+    /// The worker path this endpoint is served at.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
+
+    /// The name recorded in usage events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat.completions",
+            Self::Completions => "completions",
+        }
+    }
+}
+
+/// What usage reporting the client itself asked for on a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamUsage {
+    pub include_usage: bool,
+    pub continuous_usage_stats: bool,
+}
+
+/// One generation request, surface-neutral.
+#[derive(Debug, Clone)]
+pub struct InferenceRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    /// Meaningful only when `stream` is true.
+    pub client_usage: StreamUsage,
+    /// The client's `max_completion_tokens` / `max_tokens`, when given.
+    pub max_tokens: Option<u64>,
+    /// The client's `X-Request-Id`, forwarded so the worker bases its response id on it.
+    pub client_request_id: Option<String>,
+    /// The JSON body as the client sent it.
+    body: Bytes,
+}
+
+/// The members the gateway reads, each kept raw so its type error can name it.
+#[derive(Deserialize)]
+struct Members<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
+}
+
+/// Reads `raw` as `T`; JSON `null` or absence is `None`.
+fn member<T: DeserializeOwned>(
+    raw: Option<&RawValue>,
+    name: &'static str,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    serde_json::from_str(raw.get())
+        .map(Some)
+        .map_err(|_| ApiError::bad_request(format!("`{name}` must be {expected}"), Some(name)))
+}
+
+/// `raw` must start with one of `openers` (`[`, `{`, `"`), i.e. be of that JSON kind.
+fn require_kind(
+    raw: Option<&RawValue>,
+    name: &'static str,
+    openers: &[u8],
+    expected: &str,
+) -> Result<(), ApiError> {
+    match raw.map(|r| r.get().as_bytes().first().copied()) {
+        None | Some(Some(b'n')) => Err(ApiError::bad_request(
+            format!("`{name}` is required"),
+            Some(name),
+        )),
+        Some(Some(c)) if openers.contains(&c) => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            format!("`{name}` must be {expected}"),
+            Some(name),
+        )),
+    }
+}
+
+impl InferenceRequest {
+    /// Parses an OpenAI JSON body for `endpoint`.
+    pub fn from_json(
+        endpoint: Endpoint,
+        body: Bytes,
+        client_request_id: Option<String>,
+    ) -> Result<Self, ApiError> {
+        // serde would also accept a struct written as an array; OpenAI bodies are objects.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+                None,
+            ));
+        }
+        let members: Members<'_> = serde_json::from_slice(&body).map_err(|e| {
+            let message = if e.is_data() {
+                "the request body must be a JSON object".to_owned()
+            } else {
+                format!("the request body is not valid JSON: {e}")
+            };
+            ApiError::bad_request(message, None)
+        })?;
+        let model: String = member(members.model, "model", "a string")?
+            .ok_or_else(|| ApiError::bad_request("`model` is required", Some("model")))?;
+        let stream = member::<bool>(members.stream, "stream", "a boolean")?.unwrap_or(false);
+        let options: Option<StreamOptions> =
+            member(members.stream_options, "stream_options", "an object")?;
+        let max_completion_tokens = member::<u64>(
+            members.max_completion_tokens,
+            "max_completion_tokens",
+            "a non-negative integer",
+        )?;
+        let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
+        if member::<u64>(members.n, "n", "a positive integer")? == Some(0) {
+            return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
+        }
+        match endpoint {
+            Endpoint::ChatCompletions => {
+                require_kind(members.messages, "messages", b"[", "an array of messages")?
+            }
+            Endpoint::Completions => require_kind(
+                members.prompt,
+                "prompt",
+                b"[\"",
+                "a string, an array of strings or an array of token ids",
+            )?,
+        }
+        // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
+        let client_usage = options.map_or_else(StreamUsage::default, |o| StreamUsage {
+            include_usage: o.include_usage.unwrap_or(true),
+            continuous_usage_stats: o.continuous_usage_stats.unwrap_or(false),
+        });
+        let max_tokens = match endpoint {
+            Endpoint::ChatCompletions => max_completion_tokens.or(max_tokens),
+            Endpoint::Completions => max_tokens,
+        };
+        Ok(Self {
+            endpoint,
+            model,
+            stream,
+            client_usage,
+            max_tokens,
+            client_request_id,
+            body,
+        })
+    }
+
+    /// The body to send to a worker. Non-streaming bodies go as the client sent them (a
+    /// `stream_options` there is the worker's to reject, as vLLM does). Streaming bodies get
+    /// `stream_options` replaced so the worker reports cumulative usage on every chunk, which is
+    /// what lets a stream cut short be billed for exactly what was relayed.
+    pub fn upstream_body(&self) -> Bytes {
+        if !self.stream {
+            return self.body.clone();
+        }
+        const OPTIONS: &[u8] =
+            br#""stream_options":{"include_usage":true,"continuous_usage_stats":true}"#;
+        let body = match json::find_member(&self.body, "stream_options") {
+            Some(span) => json::without(&self.body, &span),
+            None => self.body.to_vec(),
+        };
+        let Some(open) = body.iter().position(|&b| b == b'{') else {
+            return self.body.clone();
+        };
+        let rest_is_empty = body[open + 1..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_none_or(|&b| b == b'}');
+        let mut out = Vec::with_capacity(body.len() + OPTIONS.len() + 1);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(OPTIONS);
+        if !rest_is_empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[open + 1..]);
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(endpoint: Endpoint, body: &str) -> Result<InferenceRequest, ApiError> {
+        InferenceRequest::from_json(endpoint, Bytes::copy_from_slice(body.as_bytes()), None)
+    }
+
+    fn param_of(result: Result<InferenceRequest, ApiError>) -> Option<&'static str> {
+        match result {
+            Err(ApiError::BadRequest { param, .. }) => param,
+            _ => Some("<not a bad request>"),
+        }
+    }
+
+    #[test]
+    fn reads_what_the_gateway_needs() {
+        let request = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[],"stream":true,"max_completion_tokens":7,"max_tokens":9,"top_k":3}"#,
+        );
+        let Ok(request) = request else {
+            panic!("valid request rejected")
+        };
+        assert_eq!(request.model, "m");
+        assert!(request.stream);
+        assert_eq!(request.max_tokens, Some(7));
+        assert_eq!(request.client_usage, StreamUsage::default());
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let chat = Endpoint::ChatCompletions;
+        assert_eq!(param_of(parse(chat, r#"{"model":1,"messages":[]}"#)), Some("model"));
+        assert_eq!(param_of(parse(chat, r#"{"messages":[]}"#)), Some("model"));
+        assert_eq!(
+            param_of(parse(chat, r#"{"model":"m","messages":[],"stream":"yes"}"#)),
+            Some("stream")
+        );
+        assert_eq!(
+            param_of(parse(chat, r#"{"model":"m","messages":[],"max_tokens":-1}"#)),
+            Some("max_tokens")
+        );
+        assert_eq!(param_of(parse(chat, r#"{"model":"m","messages":"hi"}"#)), Some("messages"));
+        assert_eq!(param_of(parse(chat, r#"{"model":"m","messages":[],"n":0}"#)), Some("n"));
+        assert_eq!(
+            param_of(parse(Endpoint::Completions, r#"{"model":"m","prompt":5}"#)),
+            Some("prompt")
+        );
+        assert_eq!(param_of(parse(chat, "{not json")), None);
+        assert_eq!(param_of(parse(chat, "[1,2]")), None);
+    }
+
+    #[test]
+    fn empty_stream_options_means_include_usage() {
+        let Ok(request) = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"x","stream":true,"stream_options":{}}"#,
+        ) else {
+            panic!("valid request rejected")
+        };
+        assert!(request.client_usage.include_usage);
+        assert!(!request.client_usage.continuous_usage_stats);
+    }
+
+    #[test]
+    fn streaming_body_asks_for_continuous_usage_and_keeps_the_rest() {
+        let Ok(request) = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","stream_options":{"include_usage":false},"prompt":"x","stream":true,"min_p":0.1}"#,
+        ) else {
+            panic!("valid request rejected")
+        };
+        let body = request.upstream_body();
+        assert_eq!(
+            std::str::from_utf8(&body).ok(),
+            Some(
+                r#"{"stream_options":{"include_usage":true,"continuous_usage_stats":true},"model":"m","prompt":"x","stream":true,"min_p":0.1}"#
+            )
+        );
+    }
+
+    #[test]
+    fn non_streaming_body_is_untouched() {
+        let text = r#"{"model":"m","prompt":"x","stream_options":{"include_usage":true}}"#;
+        let Ok(request) = parse(Endpoint::Completions, text) else {
+            panic!("valid request rejected")
+        };
+        assert_eq!(&request.upstream_body()[..], text.as_bytes());
+    }
+}

@@ -1,0 +1,148 @@
+//! The gateway's configuration document: what the control plane hands the core, validated once.
+//!
+//! The control plane owns defaults and documentation (python/gateway/config.py); this struct
+//! rejects unknown fields so a typo never passes silently. It does not read files.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One worker to route to: a `vllm serve` (or `gateway sim`) base URL.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Period of the `/health` + `/v1/models` probe of every worker.
+    pub health_interval_ms: u64,
+    /// TCP connect timeout to a worker; a worker that does not accept in time is tried elsewhere.
+    pub connect_timeout_ms: u64,
+    /// Upper bound on a whole upstream exchange (headers and body).
+    pub request_timeout_ms: u64,
+    /// How many workers one request may be tried on before the first byte reaches the client.
+    pub max_attempts: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            health_interval_ms: 500,
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 600_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl RoutingConfig {
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms.max(10))
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    pub workers: Vec<WorkerConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid gateway configuration: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("invalid gateway configuration: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl GatewayConfig {
+    /// Parses and validates the JSON document.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_owned(),
+        };
+        if self.workers.is_empty() {
+            return Err(invalid("workers", "at least one worker is required"));
+        }
+        for worker in &self.workers {
+            if worker.url.parse::<http::Uri>().is_err() || !worker.url.starts_with("http://") {
+                return Err(ConfigError::Invalid {
+                    field: "workers.url",
+                    message: format!("{:?} is not an http:// URL", worker.url),
+                });
+            }
+        }
+        if self.routing.max_attempts == 0 {
+            return Err(invalid("routing.max_attempts", "must be at least 1"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_document_takes_defaults() {
+        let config = GatewayConfig::from_json(
+            r#"{"listen":"127.0.0.1:0","workers":[{"url":"http://127.0.0.1:9"}]}"#,
+        );
+        let config = config.ok();
+        assert_eq!(config.map(|c| c.routing), Some(RoutingConfig::default()));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = GatewayConfig::from_json(
+            r#"{"listen":"127.0.0.1:0","workers":[],"retries":3}"#,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("retries"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_worker_url_and_empty_fleet() {
+        for doc in [
+            r#"{"listen":"127.0.0.1:0","workers":[]}"#,
+            r#"{"listen":"127.0.0.1:0","workers":[{"url":"ftp://x"}]}"#,
+            r#"{"listen":"127.0.0.1:0","workers":[{"url":"http://x"}],"routing":{"max_attempts":0}}"#,
+        ] {
+            assert!(GatewayConfig::from_json(doc).is_err(), "{doc}");
+        }
+    }
+}

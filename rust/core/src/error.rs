@@ -1,0 +1,163 @@
+//! Errors the gateway itself answers with, rendered as OpenAI-shaped JSON bodies.
+//!
+//! A worker's own error responses are not represented here: they are relayed byte for byte.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Every error the gateway produces on its own, one variant per distinct client-visible answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, a wrong field type, a missing required field.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("missing API key: send it as `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("invalid API key")]
+    InvalidKey,
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no healthy worker serves the model `{0}`")]
+    NoHealthyWorker(String),
+    #[error("upstream worker failed: {0}")]
+    Upstream(String),
+    #[error("upstream worker timed out")]
+    UpstreamTimeout,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoHealthyWorker(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. }
+            | Self::MissingKey
+            | Self::InvalidKey
+            | Self::ModelNotFound(_)
+            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            Self::NoHealthyWorker(_) | Self::ShuttingDown => "service_unavailable",
+            Self::Upstream(_) | Self::UpstreamTimeout => "upstream_error",
+        }
+    }
+
+    /// OpenAI's `error.code`: a stable machine-readable string.
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { .. } => None,
+            Self::MissingKey => Some("missing_api_key"),
+            Self::InvalidKey => Some("invalid_api_key"),
+            Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::NoHealthyWorker(_) => Some("no_healthy_worker"),
+            Self::ShuttingDown => Some("shutting_down"),
+            Self::Upstream(_) => Some("upstream_failed"),
+            Self::UpstreamTimeout => Some("upstream_timeout"),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { param, .. } => *param,
+            Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The body as JSON bytes: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            error: Body<'a>,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            message: String,
+            r#type: &'a str,
+            param: Option<&'a str>,
+            code: Option<&'a str>,
+        }
+        let envelope = Envelope {
+            error: Body {
+                message: self.to_string(),
+                r#type: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+
+    /// The same error as one SSE event, for failures after a stream's 200 was sent.
+    pub fn sse_frame(&self) -> Vec<u8> {
+        let mut frame = b"data: ".to_vec();
+        frame.extend_from_slice(&self.body());
+        frame.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+        frame
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.body()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&ApiError::ModelNotFound("m".into()).body()).unwrap_or_default();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("`m`")));
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ApiError::InvalidKey.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            ApiError::PayloadTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            ApiError::NoHealthyWorker("m".into()).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

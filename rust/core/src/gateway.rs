@@ -1,0 +1,116 @@
+//! The gateway as one object: build it from a config, start it, push keys, drain usage, stop it.
+//!
+//! Async methods run on the caller's tokio runtime; the Python binding owns that runtime.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::api::app;
+use crate::auth::{KeyStore, SnapshotError};
+use crate::config::GatewayConfig;
+use crate::metering::{Meter, UsageEvent};
+use crate::router::{Registry, Worker, probe_all, run_health_checks};
+use crate::serve::ServerHandle;
+use crate::state::AppState;
+use crate::upstream::Upstream;
+
+#[derive(Debug)]
+pub struct Gateway {
+    state: Arc<AppState>,
+    server: Option<ServerHandle>,
+    health: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Result<Self, crate::config::ConfigError> {
+        let workers = config
+            .workers
+            .iter()
+            .map(|w| {
+                Worker::new(&w.url).map(Arc::new).map_err(|e| crate::config::ConfigError::Invalid {
+                    field: "workers.url",
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = AppState {
+            upstream: Upstream::new(&config.routing),
+            registry: Arc::new(Registry::new(workers)),
+            keys: KeyStore::default(),
+            meter: Arc::new(Meter::default()),
+            config,
+        };
+        Ok(Self {
+            state: Arc::new(state),
+            server: None,
+            health: None,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Probes every worker once (so the model list is known before the first request), starts
+    /// the health loop, and binds. Returns the bound address.
+    pub async fn start(&mut self) -> io::Result<SocketAddr> {
+        if let Some(server) = &self.server {
+            return Ok(server.local_addr());
+        }
+        let routing = &self.state.config.routing;
+        let interval = routing.health_interval();
+        probe_all(
+            &self.state.upstream,
+            &self.state.registry,
+            interval.max(Duration::from_millis(500)),
+        )
+        .await;
+        self.health = Some(tokio::spawn(run_health_checks(
+            self.state.upstream.clone(),
+            self.state.registry.clone(),
+            interval,
+        )));
+        let server = ServerHandle::bind(self.state.config.listen, app(self.state.clone())).await?;
+        let addr = server.local_addr();
+        tracing::info!(%addr, "gateway listening");
+        self.server = Some(server);
+        Ok(addr)
+    }
+
+    pub fn set_keys(&self, snapshot_json: &str) -> Result<usize, SnapshotError> {
+        self.state.keys.replace_json(snapshot_json)
+    }
+
+    pub fn drain_usage(&self, max: usize) -> Vec<UsageEvent> {
+        self.state.meter.drain(max)
+    }
+
+    pub fn pending_usage(&self) -> usize {
+        self.state.meter.pending()
+    }
+
+    /// Stops accepting, drains in-flight requests for up to `grace`, then stops health checks.
+    /// Usage of every request, finished or cut off, is in the meter when this returns.
+    pub async fn shutdown(&mut self, grace: Duration) -> io::Result<()> {
+        let result = match self.server.take() {
+            Some(server) => server.shutdown(grace).await,
+            None => Ok(()),
+        };
+        if let Some(health) = self.health.take() {
+            health.abort();
+        }
+        result
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(health) = self.health.take() {
+            health.abort();
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Byte-level access to the top-level members of a JSON object.
+//!
+//! The gateway must relay a worker's JSON byte for byte, yet read (and sometimes drop) one member
+//! such as `usage`. This scanner finds a member's span without building a document, so every other
+//! byte stays exactly as the worker wrote it. It trusts its input to be JSON (worker output or a
+//! body serde already validated); on anything else it answers `None`, never panics.
+
+use std::ops::Range;
+
+/// Where one top-level member sits in the object text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberSpan {
+    /// The member's value, e.g. `{"prompt_tokens":3,...}` or `null`.
+    pub value: Range<usize>,
+    /// What to cut to remove the member together with one adjacent comma.
+    pub removal: Range<usize>,
+}
+
+/// Finds the top-level member `key` of the object in `text`.
+pub fn find_member(text: &[u8], key: &str) -> Option<MemberSpan> {
+    let mut pos = skip_ws(text, 0);
+    if text.get(pos) != Some(&b'{') {
+        return None;
+    }
+    pos += 1;
+    // End of the previous member's value, if any: the removal of a non-first member starts there,
+    // so the comma before it goes too.
+    let mut previous_end: Option<usize> = None;
+    loop {
+        pos = skip_ws(text, pos);
+        match text.get(pos)? {
+            b'}' => return None,
+            b'"' => {}
+            _ => return None,
+        }
+        let key_start = pos;
+        let key_end = skip_string(text, pos)?;
+        let name = &text[key_start + 1..key_end - 1];
+        pos = skip_ws(text, key_end);
+        if text.get(pos) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_ws(text, pos + 1);
+        let value_end = skip_value(text, value_start)?;
+        let after = skip_ws(text, value_end);
+        if name == key.as_bytes() {
+            let removal = match (previous_end, text.get(after)) {
+                (Some(prev), _) => prev..value_end,
+                (None, Some(b',')) => key_start..skip_ws(text, after + 1),
+                (None, _) => key_start..value_end,
+            };
+            return Some(MemberSpan {
+                value: value_start..value_end,
+                removal,
+            });
+        }
+        match text.get(after)? {
+            b',' => {
+                previous_end = Some(value_end);
+                pos = after + 1;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// `text` with `span` removed.
+pub fn without(text: &[u8], span: &MemberSpan) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() - span.removal.len());
+    out.extend_from_slice(&text[..span.removal.start]);
+    out.extend_from_slice(&text[span.removal.end..]);
+    out
+}
+
+fn skip_ws(text: &[u8], mut pos: usize) -> usize {
+    while matches!(text.get(pos), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        pos += 1;
+    }
+    pos
+}
+
+/// `pos` is at an opening quote; returns the position just past the closing quote.
+fn skip_string(text: &[u8], pos: usize) -> Option<usize> {
+    let mut i = pos + 1;
+    loop {
+        match text.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Returns the position just past the value starting at `pos`.
+fn skip_value(text: &[u8], pos: usize) -> Option<usize> {
+    match text.get(pos)? {
+        b'"' => skip_string(text, pos),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = pos;
+            loop {
+                match text.get(i)? {
+                    b'"' => {
+                        i = skip_string(text, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let mut i = pos;
+            while let Some(&b) = text.get(i) {
+                if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    break;
+                }
+                i += 1;
+            }
+            (i > pos).then_some(i)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strip(text: &str, key: &str) -> Option<String> {
+        let span = find_member(text.as_bytes(), key)?;
+        String::from_utf8(without(text.as_bytes(), &span)).ok()
+    }
+
+    fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+        find_member(text.as_bytes(), key).map(|s| &text[s.value])
+    }
+
+    #[test]
+    fn finds_last_middle_and_first_members() {
+        let text = r#"{"id":"x","choices":[{"delta":{"content":"\"usage\":1}"}}],"usage":{"a":1}}"#;
+        assert_eq!(value(text, "usage"), Some(r#"{"a":1}"#));
+        assert_eq!(
+            strip(text, "usage").as_deref(),
+            Some(r#"{"id":"x","choices":[{"delta":{"content":"\"usage\":1}"}}]}"#)
+        );
+        assert_eq!(
+            strip(text, "id").as_deref(),
+            Some(r#"{"choices":[{"delta":{"content":"\"usage\":1}"}}],"usage":{"a":1}}"#)
+        );
+        assert_eq!(
+            strip(r#"{"usage":null}"#, "usage").as_deref(),
+            Some("{}")
+        );
+    }
+
+    #[test]
+    fn nested_key_of_the_same_name_is_not_top_level() {
+        let text = r#"{"choices":[{"usage":5}],"n":2}"#;
+        assert_eq!(find_member(text.as_bytes(), "usage"), None);
+        assert_eq!(value(text, "n"), Some("2"));
+    }
+
+    #[test]
+    fn tolerates_whitespace_and_scalars() {
+        let text = "{ \"a\" : true ,\n \"b\": -1.5e3 , \"c\" : \"}\" }";
+        assert_eq!(value(text, "b"), Some("-1.5e3"));
+        assert_eq!(value(text, "c"), Some("\"}\""));
+        assert_eq!(strip(text, "a").as_deref(), Some("{ \"b\": -1.5e3 , \"c\" : \"}\" }"));
+    }
+
+    #[test]
+    fn garbage_is_none_not_a_panic() {
+        for text in ["", "[]", "{", "{\"a\"", "{\"a\":", "{\"a\":[1,2", "{\"a\":\"x", "nope"] {
+            assert_eq!(find_member(text.as_bytes(), "a"), None, "{text}");
+        }
+    }
+}

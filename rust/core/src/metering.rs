@@ -1,0 +1,294 @@
+//! Usage events: one per dispatched request, recorded by an RAII guard on every path.
+//!
+//! Counts come from the worker's own `usage` (for streams, the cumulative usage on the last chunk
+//! relayed to the client). Events wait in an in-memory queue until the control plane drains them
+//! into the ledger; this module neither prices nor persists them.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::api::request::Endpoint;
+use crate::auth::Principal;
+
+/// Token counts as a worker reports them in `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Prompt tokens served from the prefix cache (a subset of `prompt_tokens`).
+    pub cached_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<WireDetails>,
+}
+
+#[derive(Deserialize)]
+struct WireDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Parses a `usage` member's value; `null` or anything unreadable is `None`.
+    pub fn from_json(value: &[u8]) -> Option<Self> {
+        let wire: Option<WireUsage> = serde_json::from_slice(value).ok()?;
+        wire.map(|w| Self {
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            cached_tokens: w
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The response reached its end at the client.
+    Completed,
+    /// The client went away first.
+    Cancelled,
+    /// The gateway or the worker failed, or the worker refused the request.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageSource {
+    /// Counts are the worker's own `usage`.
+    Worker,
+    /// The worker reported nothing before the request ended; counts are zero.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageEvent {
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: Arc<str>,
+    pub key_id: Arc<str>,
+    pub model: String,
+    pub worker: Option<Arc<str>>,
+    pub endpoint: &'static str,
+    pub stream: bool,
+    pub status: Status,
+    pub http_status: u16,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub usage_source: UsageSource,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+/// Recorded events waiting to be drained, oldest first.
+#[derive(Debug, Default)]
+pub struct Meter {
+    queue: Mutex<VecDeque<UsageEvent>>,
+}
+
+impl Meter {
+    pub fn record(&self, event: UsageEvent) {
+        self.lock().push_back(event);
+    }
+
+    pub fn drain(&self, max: usize) -> Vec<UsageEvent> {
+        let mut queue = self.lock();
+        let n = max.min(queue.len());
+        queue.drain(..n).collect()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<UsageEvent>> {
+        // A panic while holding this lock cannot leave the queue half-updated (push and drain
+        // are single calls), so a poisoned queue is still a valid one.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Records exactly one event for its request: explicitly through `finish`, or on drop as
+/// `Cancelled` with whatever usage was last observed (a client disconnect drops the response).
+#[derive(Debug)]
+pub struct MeterGuard {
+    meter: Arc<Meter>,
+    event: Option<UsageEvent>,
+}
+
+impl MeterGuard {
+    pub fn begin(
+        meter: Arc<Meter>,
+        principal: &Principal,
+        model: &str,
+        endpoint: Endpoint,
+        stream: bool,
+        request_id: Option<&str>,
+    ) -> Self {
+        let event_id = Uuid::now_v7().to_string();
+        let event = UsageEvent {
+            request_id: request_id.map_or_else(|| event_id.clone(), str::to_owned),
+            event_id,
+            tenant_id: principal.tenant_id.clone(),
+            key_id: principal.key_id.clone(),
+            model: model.to_owned(),
+            worker: None,
+            endpoint: endpoint.as_str(),
+            stream,
+            status: Status::Cancelled,
+            http_status: 499,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            usage_source: UsageSource::None,
+            started_at_ms: now_ms(),
+            finished_at_ms: 0,
+        };
+        Self {
+            meter,
+            event: Some(event),
+        }
+    }
+
+    pub fn set_worker(&mut self, worker: Arc<str>) {
+        if let Some(event) = &mut self.event {
+            event.worker = Some(worker);
+        }
+    }
+
+    pub fn set_http_status(&mut self, status: u16) {
+        if let Some(event) = &mut self.event {
+            event.http_status = status;
+        }
+    }
+
+    /// The latest usage relayed to the client; counts are cumulative, so the last one wins.
+    pub fn observe(&mut self, usage: Usage) {
+        if let Some(event) = &mut self.event {
+            event.prompt_tokens = usage.prompt_tokens;
+            event.completion_tokens = usage.completion_tokens;
+            event.cached_tokens = usage.cached_tokens;
+            event.usage_source = UsageSource::Worker;
+        }
+    }
+
+    pub fn finish(mut self, status: Status) {
+        self.record(status);
+    }
+
+    fn record(&mut self, status: Status) {
+        if let Some(mut event) = self.event.take() {
+            event.status = status;
+            event.finished_at_ms = now_ms();
+            self.meter.record(event);
+        }
+    }
+}
+
+impl Drop for MeterGuard {
+    fn drop(&mut self) {
+        self.record(Status::Cancelled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal() -> Principal {
+        Principal {
+            tenant_id: "ten_1".into(),
+            key_id: "key_1".into(),
+        }
+    }
+
+    #[test]
+    fn usage_parses_worker_shapes() {
+        let usage = Usage::from_json(
+            br#"{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}"#,
+        );
+        assert_eq!(
+            usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3,
+                cached_tokens: 2
+            })
+        );
+        assert_eq!(
+            Usage::from_json(br#"{"prompt_tokens":5,"completion_tokens":0,"prompt_tokens_details":null}"#)
+                .map(|u| u.cached_tokens),
+            Some(0)
+        );
+        assert_eq!(Usage::from_json(b"null"), None);
+    }
+
+    #[test]
+    fn dropped_guard_records_one_cancelled_event_with_last_usage() {
+        let meter = Arc::new(Meter::default());
+        let mut guard = MeterGuard::begin(
+            meter.clone(),
+            &principal(),
+            "m",
+            Endpoint::Completions,
+            true,
+            None,
+        );
+        guard.observe(Usage {
+            prompt_tokens: 4,
+            completion_tokens: 1,
+            cached_tokens: 0,
+        });
+        guard.observe(Usage {
+            prompt_tokens: 4,
+            completion_tokens: 2,
+            cached_tokens: 0,
+        });
+        drop(guard);
+        let events = meter.drain(10);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, Status::Cancelled);
+        assert_eq!(events[0].completion_tokens, 2);
+        assert_eq!(events[0].usage_source, UsageSource::Worker);
+        assert_eq!(meter.pending(), 0);
+    }
+
+    #[test]
+    fn finished_guard_records_once() {
+        let meter = Arc::new(Meter::default());
+        let guard = MeterGuard::begin(
+            meter.clone(),
+            &principal(),
+            "m",
+            Endpoint::ChatCompletions,
+            false,
+            Some("req-1"),
+        );
+        guard.finish(Status::Completed);
+        let events = meter.drain(10);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, Status::Completed);
+        assert_eq!(events[0].request_id, "req-1");
+        assert_ne!(events[0].event_id, "req-1");
+    }
+}

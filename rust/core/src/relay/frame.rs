@@ -1,0 +1,147 @@
+//! What one worker SSE event becomes for the client, and the usage it carries.
+//!
+//! The gateway always asks the worker for cumulative usage on every chunk; the client gets
+//! exactly what it would have got from vLLM with its own `stream_options`: `usage` members are
+//! cut out byte-exactly where the client did not ask for them, and the trailing usage-only chunk
+//! is dropped unless the client asked for usage.
+
+use crate::api::request::StreamUsage;
+use crate::json;
+use crate::metering::Usage;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameAction {
+    /// Relay the event unchanged.
+    Keep,
+    /// Relay nothing.
+    Drop,
+    /// Relay this instead.
+    Replace(Vec<u8>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Inspected {
+    pub action: FrameAction,
+    /// Cumulative usage the event carried.
+    pub usage: Option<Usage>,
+    /// The event is the stream's `data: [DONE]`.
+    pub done: bool,
+    /// The event is an in-stream error (`data: {"error": ...}`).
+    pub error: bool,
+}
+
+const DATA: &[u8] = b"data:";
+
+/// Inspects one complete event (with its trailing blank line).
+pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
+    let mut inspected = Inspected {
+        action: FrameAction::Keep,
+        usage: None,
+        done: false,
+        error: false,
+    };
+    let Some(payload) = event.strip_prefix(DATA) else {
+        return inspected;
+    };
+    let payload = payload.trim_ascii();
+    if payload == b"[DONE]" {
+        inspected.done = true;
+        return inspected;
+    }
+    let Some(span) = json::find_member(payload, "usage") else {
+        inspected.error = json::find_member(payload, "error").is_some();
+        return inspected;
+    };
+    inspected.usage = Usage::from_json(&payload[span.value.clone()]);
+    let usage_only = json::find_member(payload, "choices")
+        .is_some_and(|choices| payload[choices.value].trim_ascii() == b"[]");
+    inspected.action = if usage_only {
+        if client.include_usage {
+            FrameAction::Keep
+        } else {
+            FrameAction::Drop
+        }
+    } else if client.include_usage && client.continuous_usage_stats {
+        FrameAction::Keep
+    } else {
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(&json::without(payload, &span));
+        out.extend_from_slice(b"\n\n");
+        FrameAction::Replace(out)
+    };
+    inspected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: &str = r#"data: {"id":"c","choices":[{"index":0,"text":" a"}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}
+
+"#;
+    const FINAL: &str = r#"data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"total_tokens":6,"completion_tokens":3}}
+
+"#;
+
+    fn usage(prompt: u64, completion: u64) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+        })
+    }
+
+    const NONE: StreamUsage = StreamUsage {
+        include_usage: false,
+        continuous_usage_stats: false,
+    };
+    const FINAL_ONLY: StreamUsage = StreamUsage {
+        include_usage: true,
+        continuous_usage_stats: false,
+    };
+    const CONTINUOUS: StreamUsage = StreamUsage {
+        include_usage: true,
+        continuous_usage_stats: true,
+    };
+
+    #[test]
+    fn client_without_usage_gets_chunks_stripped_and_no_usage_chunk() {
+        let chunk = inspect(CHUNK.as_bytes(), NONE);
+        assert_eq!(chunk.usage, usage(3, 2));
+        assert_eq!(
+            chunk.action,
+            FrameAction::Replace(
+                b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n".to_vec()
+            )
+        );
+        let last = inspect(FINAL.as_bytes(), NONE);
+        assert_eq!(last.usage, usage(3, 3));
+        assert_eq!(last.action, FrameAction::Drop);
+    }
+
+    #[test]
+    fn client_with_include_usage_keeps_only_the_usage_chunk() {
+        assert!(matches!(
+            inspect(CHUNK.as_bytes(), FINAL_ONLY).action,
+            FrameAction::Replace(_)
+        ));
+        assert_eq!(inspect(FINAL.as_bytes(), FINAL_ONLY).action, FrameAction::Keep);
+    }
+
+    #[test]
+    fn client_with_continuous_usage_gets_everything_unchanged() {
+        assert_eq!(inspect(CHUNK.as_bytes(), CONTINUOUS).action, FrameAction::Keep);
+        assert_eq!(inspect(FINAL.as_bytes(), CONTINUOUS).action, FrameAction::Keep);
+    }
+
+    #[test]
+    fn done_and_error_events() {
+        let done = inspect(b"data: [DONE]\n\n", NONE);
+        assert!(done.done);
+        assert_eq!(done.action, FrameAction::Keep);
+        let error = inspect(b"data: {\"error\":{\"message\":\"x\"}}\n\n", NONE);
+        assert!(error.error);
+        assert_eq!(error.action, FrameAction::Keep);
+        assert_eq!(inspect(b": comment\n\n", NONE).action, FrameAction::Keep);
+    }
+}

@@ -1,0 +1,12 @@
+//! Relaying a worker's response to the client while metering it.
+//!
+//! `sse` splits a byte stream into events, `frame` decides what each event becomes for this
+//! client, and `stream` drives the two over a live upstream body.
+
+mod frame;
+mod sse;
+mod stream;
+
+pub use frame::{FrameAction, inspect};
+pub use sse::SseSplitter;
+pub use stream::{buffered_response, streaming_response};

@@ -1,0 +1,168 @@
+//! Builds the client response from a worker response: a live SSE relay or a buffered body.
+//!
+//! Each response owns its request's `MeterGuard` and `Outstanding` guard, so metering and the
+//! worker's load count settle however the response ends: at `[DONE]`, on an upstream failure, or
+//! when the client disconnects and the response body is dropped (which also drops the upstream
+//! body and so closes the worker connection, cancelling generation there).
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::frame::{FrameAction, inspect};
+use super::sse::SseSplitter;
+use crate::api::request::StreamUsage;
+use crate::error::ApiError;
+use crate::json;
+use crate::metering::{MeterGuard, Status, Usage};
+use crate::router::Outstanding;
+
+/// Worker response headers the client sees; framing headers are the gateway's own.
+const RELAYED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, HeaderName::from_static("x-request-id")];
+
+fn response(status: StatusCode, upstream: &HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    for name in RELAYED_HEADERS {
+        if let Some(value) = upstream.get(&name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
+}
+
+/// A complete (non-streaming) worker response, relayed byte for byte.
+pub fn buffered_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+    mut meter: MeterGuard,
+) -> Response {
+    if let Some(usage) = json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value])) {
+        meter.observe(usage);
+    }
+    meter.set_http_status(status.as_u16());
+    meter.finish(if status.is_success() {
+        Status::Completed
+    } else {
+        Status::Failed
+    });
+    response(status, headers, Body::from(body))
+}
+
+/// A streaming worker response whose first body chunk has already arrived.
+pub fn streaming_response(
+    status: StatusCode,
+    headers: &HeaderMap,
+    first: Bytes,
+    body: Incoming,
+    mut meter: MeterGuard,
+    outstanding: Outstanding,
+    client: StreamUsage,
+) -> Response {
+    meter.set_http_status(status.as_u16());
+    let relay = Relay {
+        body,
+        first: Some(first),
+        splitter: SseSplitter::default(),
+        client,
+        meter: Some(meter),
+        saw_error: false,
+        ended: false,
+        _outstanding: outstanding,
+    };
+    let stream = futures_util::stream::unfold(relay, |mut relay| async move {
+        let chunk = relay.next_chunk().await?;
+        Some((Ok::<_, Infallible>(chunk), relay))
+    });
+    response(status, headers, Body::from_stream(stream))
+}
+
+struct Relay {
+    body: Incoming,
+    first: Option<Bytes>,
+    splitter: SseSplitter,
+    client: StreamUsage,
+    /// Present until the stream's outcome is recorded.
+    meter: Option<MeterGuard>,
+    saw_error: bool,
+    ended: bool,
+    _outstanding: Outstanding,
+}
+
+impl Relay {
+    /// The next bytes for the client, or `None` at the end.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.ended {
+            return None;
+        }
+        if let Some(first) = self.first.take() {
+            return Some(self.process(first));
+        }
+        loop {
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let out = self.process(data);
+                        if !out.is_empty() {
+                            return Some(out);
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    self.ended = true;
+                    tracing::warn!(%error, "worker stream broke");
+                    return self.fail("the worker's stream broke off");
+                }
+                None => {
+                    self.ended = true;
+                    // A stream must end with `[DONE]`; one that just stops was cut short.
+                    return self.fail("the worker's stream ended early");
+                }
+            }
+        }
+    }
+
+    /// Turns worker bytes into client bytes, metering every event relayed.
+    fn process(&mut self, chunk: Bytes) -> Bytes {
+        let events = self.splitter.push(chunk);
+        let mut out = BytesMut::new();
+        for event in events {
+            let inspected = inspect(&event, self.client);
+            if let (Some(usage), Some(meter)) = (inspected.usage, self.meter.as_mut()) {
+                meter.observe(usage);
+            }
+            match inspected.action {
+                FrameAction::Keep => out.extend_from_slice(&event),
+                FrameAction::Drop => {}
+                FrameAction::Replace(bytes) => out.extend_from_slice(&bytes),
+            }
+            self.saw_error |= inspected.error;
+            if inspected.done {
+                // Recorded before the client can see `[DONE]`: a client that leaves right after
+                // it still got the whole response.
+                if let Some(meter) = self.meter.take() {
+                    meter.finish(if self.saw_error {
+                        Status::Failed
+                    } else {
+                        Status::Completed
+                    });
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    /// Ends the client's stream with an error event, unless it already ended properly.
+    fn fail(&mut self, reason: &str) -> Option<Bytes> {
+        let meter = self.meter.take()?;
+        meter.finish(Status::Failed);
+        Some(Bytes::from(ApiError::Upstream(reason.to_owned()).sse_frame()))
+    }
+}

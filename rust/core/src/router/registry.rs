@@ -1,0 +1,179 @@
+//! The set of workers and the routing policy: least outstanding requests among healthy workers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::worker::Worker;
+
+/// Whether a model can be served right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// A healthy worker serves it.
+    Available,
+    /// Only workers that are down served it when last seen.
+    Unavailable,
+    /// No worker has ever listed it.
+    Unknown,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    workers: Vec<Arc<Worker>>,
+    /// Where the next pick starts scanning, so that ties (idle workers) rotate instead of all
+    /// landing on the first worker. Relaxed: only spreads load, orders nothing.
+    cursor: AtomicUsize,
+}
+
+impl Registry {
+    pub fn new(workers: Vec<Arc<Worker>>) -> Self {
+        Self {
+            workers,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn workers(&self) -> &[Arc<Worker>] {
+        &self.workers
+    }
+
+    pub fn availability(&self, model: &str) -> Availability {
+        let mut known = false;
+        for worker in &self.workers {
+            if worker.serves(model) {
+                if worker.is_healthy() {
+                    return Availability::Available;
+                }
+                known = true;
+            }
+        }
+        if known {
+            Availability::Unavailable
+        } else {
+            Availability::Unknown
+        }
+    }
+
+    /// The healthy worker serving `model` with the fewest requests in flight, skipping those
+    /// whose index is in `tried`. Returns the worker's index with it.
+    pub fn pick(&self, model: &str, tried: &[usize]) -> Option<(usize, Arc<Worker>)> {
+        let n = self.workers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, usize)> = None;
+        for offset in 0..n {
+            let index = (start + offset) % n;
+            let worker = &self.workers[index];
+            if tried.contains(&index) || !worker.is_healthy() || !worker.serves(model) {
+                continue;
+            }
+            let load = worker.outstanding();
+            if best.is_none_or(|(_, best_load)| load < best_load) {
+                best = Some((index, load));
+            }
+        }
+        best.map(|(index, _)| (index, self.workers[index].clone()))
+    }
+
+    /// `GET /v1/models`: the union, by id, of the cards healthy workers list, as they list them.
+    pub fn models_document(&self) -> Vec<u8> {
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = br#"{"object":"list","data":["#.to_vec();
+        for worker in self.workers.iter().filter(|w| w.is_healthy()) {
+            for model in worker.models().iter() {
+                if seen.contains(&model.id) {
+                    continue;
+                }
+                if !seen.is_empty() {
+                    out.push(b',');
+                }
+                out.extend_from_slice(model.card.get().as_bytes());
+                seen.push(model.id.clone());
+            }
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::worker::ModelCard;
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn worker(url: &str, models: &[&str], healthy: bool) -> Arc<Worker> {
+        let Ok(worker) = Worker::new(url) else {
+            panic!("bad url {url}")
+        };
+        worker.set_models(
+            models
+                .iter()
+                .filter_map(|id| {
+                    let card = RawValue::from_string(format!(r#"{{"id":"{id}"}}"#)).ok()?;
+                    Some(ModelCard {
+                        id: (*id).to_owned(),
+                        card,
+                    })
+                })
+                .collect(),
+        );
+        worker.set_healthy(healthy);
+        Arc::new(worker)
+    }
+
+    #[test]
+    fn picks_least_outstanding_healthy_worker_of_the_model() {
+        let a = worker("http://a", &["m"], true);
+        let b = worker("http://b", &["m"], true);
+        let c = worker("http://c", &["other"], true);
+        let registry = Registry::new(vec![a.clone(), b.clone(), c]);
+        let _busy = a.begin();
+        for _ in 0..4 {
+            assert_eq!(registry.pick("m", &[]).map(|(i, _)| i), Some(1));
+        }
+        assert_eq!(registry.pick("m", &[1]).map(|(i, _)| i), Some(0));
+        assert_eq!(registry.pick("m", &[0, 1]).map(|(i, _)| i), None);
+        b.set_healthy(false);
+        assert_eq!(registry.pick("m", &[]).map(|(i, _)| i), Some(0));
+    }
+
+    #[test]
+    fn idle_ties_rotate() {
+        let registry = Registry::new(vec![
+            worker("http://a", &["m"], true),
+            worker("http://b", &["m"], true),
+        ]);
+        let picks: Vec<_> = (0..4)
+            .filter_map(|_| registry.pick("m", &[]).map(|(i, _)| i))
+            .collect();
+        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+    }
+
+    #[test]
+    fn availability_distinguishes_down_from_unknown() {
+        let a = worker("http://a", &["m"], false);
+        let registry = Registry::new(vec![a.clone()]);
+        assert_eq!(registry.availability("m"), Availability::Unavailable);
+        assert_eq!(registry.availability("x"), Availability::Unknown);
+        a.set_healthy(true);
+        assert_eq!(registry.availability("m"), Availability::Available);
+    }
+
+    #[test]
+    fn models_document_is_the_union_of_healthy_workers() {
+        let registry = Registry::new(vec![
+            worker("http://a", &["m", "n"], true),
+            worker("http://b", &["m", "o"], true),
+            worker("http://c", &["down"], false),
+        ]);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&registry.models_document()).unwrap_or_default();
+        let ids: Vec<_> = doc["data"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(ids, ["m", "n", "o"]);
+    }
+}

@@ -1,0 +1,18 @@
+//! Everything a request handler needs, shared by all of them.
+
+use std::sync::Arc;
+
+use crate::auth::KeyStore;
+use crate::config::GatewayConfig;
+use crate::metering::Meter;
+use crate::router::Registry;
+use crate::upstream::Upstream;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub config: GatewayConfig,
+    pub keys: KeyStore,
+    pub registry: Arc<Registry>,
+    pub upstream: Upstream,
+    pub meter: Arc<Meter>,
+}

@@ -1,0 +1,137 @@
+//! The pooled HTTP/1.1 client the gateway talks to workers with.
+//!
+//! It sends and classifies failures; choosing a worker and retrying belong to the dispatcher.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::RoutingConfig;
+
+/// How a call to a worker failed before a response arrived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The worker could not be reached at all: it is down, not merely slow.
+    #[error("cannot connect to {worker}: {detail}")]
+    Connect { worker: String, detail: String },
+    /// The connection broke or the response was malformed.
+    #[error("transport error from {worker}: {detail}")]
+    Transport { worker: String, detail: String },
+    #[error("{worker} did not answer in time")]
+    Timeout { worker: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    request_timeout: Duration,
+}
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+impl Upstream {
+    pub fn new(routing: &RoutingConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(routing.connect_timeout()));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Self {
+            client,
+            request_timeout: routing.request_timeout(),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// POSTs a JSON body; resolves when the response headers arrive.
+    pub async fn post_json(
+        &self,
+        worker: &str,
+        uri: Uri,
+        body: Bytes,
+        request_id: Option<&str>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        request.headers_mut().insert(CONTENT_TYPE, JSON);
+        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+            request.headers_mut().insert("x-request-id", id);
+        }
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(classify(worker, &error)),
+            Err(_) => Err(UpstreamError::Timeout {
+                worker: worker.to_owned(),
+            }),
+        }
+    }
+
+    /// GETs a small document (health, model list, metrics) within `timeout`.
+    pub async fn get(
+        &self,
+        worker: &str,
+        uri: Uri,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let exchange = async {
+            let request = Request::get(uri)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| UpstreamError::Transport {
+                    worker: worker.to_owned(),
+                    detail: e.to_string(),
+                })?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| classify(worker, &e))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Transport {
+                    worker: worker.to_owned(),
+                    detail: e.to_string(),
+                })?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Timeout {
+                    worker: worker.to_owned(),
+                })
+            })
+    }
+}
+
+fn classify(worker: &str, error: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let detail = std::error::Error::source(error)
+        .map_or_else(|| error.to_string(), |source| source.to_string());
+    if error.is_connect() {
+        UpstreamError::Connect {
+            worker: worker.to_owned(),
+            detail,
+        }
+    } else {
+        UpstreamError::Transport {
+            worker: worker.to_owned(),
+            detail,
+        }
+    }
+}
