@@ -1,0 +1,18 @@
+//! `gateway sim`: a vLLM-protocol worker simulator with configurable latency, capacity and
+//! failures, whose `/metrics` counters let the gateway's metering be checked to the token.
+//!
+//! This file only declares and re-exports; it simulates no model quality, only vLLM's wire
+//! behaviour and timing.
+
+mod config;
+mod engine;
+mod handlers;
+mod metrics;
+mod plan;
+mod request;
+mod response;
+mod sse;
+mod tokens;
+
+pub use config::{SimConfig, SimConfigError};
+pub use handlers::app;
