@@ -31,7 +31,8 @@ class Gateway:
         """Replaces the API-key snapshot atomically.
 
         `snapshot_json` is `{"keys": [{"hash": <sha256 hex of the full key>, "key_id": str,
-        "tenant_id": str}]}`; a key absent from the snapshot is rejected on the next request. Returns the key count.
+        "tenant_id": str}]}`; a key absent from the snapshot is rejected on the next request.
+        Returns the number of keys now active.
         """
     def drain_usage(self, max_events: int = 4096) -> str:
         """Takes up to `max_events` recorded usage events, oldest first, as a JSON array."""

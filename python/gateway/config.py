@@ -1,0 +1,301 @@
+"""The gateway's configuration: one TOML file, validated by pydantic, handed to the core as JSON.
+
+This module owns every default and every option's documentation (`options_table()` renders them for
+the README). It reads the file and builds the core's document; it does not start anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from gateway.ledger.db import parse_url
+
+__all__ = [
+    "ConfigFileError",
+    "ControlConfig",
+    "GatewayConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "WorkerConfig",
+    "format_validation_error",
+    "listen_address",
+    "load_config",
+    "options_table",
+    "validate_ip_host",
+]
+
+
+class ConfigFileError(Exception):
+    """A configuration file that cannot be read, parsed or validated.
+
+    The message names the file and, for each problem, the dotted path of the offending option.
+    """
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {problem}" for problem in problems))
+
+
+def validate_ip_host(host: str) -> str:
+    """Accepts an IPv4 or IPv6 literal: the core binds a socket address, not a host name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address (use e.g. 127.0.0.1, 0.0.0.0 or ::1)"
+        ) from None
+    return host
+
+
+def listen_address(host: str, port: int) -> str:
+    """`host:port` as a socket address, with IPv6 hosts bracketed (`[::1]:8000`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _validate_worker_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(
+            f"{url!r} must be a worker base URL such as http://127.0.0.1:8001 "
+            "(no path, query or credentials; the gateway adds /v1/...)"
+        )
+    return url.rstrip("/")
+
+
+def _validate_storage_url(url: str) -> str:
+    parse_url(url)
+    return url
+
+
+class ServerConfig(BaseModel):
+    """`[server]`: the OpenAI-compatible HTTP listener."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    host: Annotated[str, AfterValidator(validate_ip_host)] = Field(
+        default="127.0.0.1",
+        description="IP address to listen on (`0.0.0.0` or `::` for every interface).",
+    )
+    port: int = Field(
+        default=8000, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port."
+    )
+    max_body_bytes: int = Field(
+        default=4_194_304,
+        ge=1024,
+        description="Largest request body accepted; larger bodies get 413.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGINT/SIGTERM, how long in-flight requests may run before they are cut.",
+    )
+
+
+class WorkerConfig(BaseModel):
+    """One `[[workers]]` entry: a `vllm serve` (or `gateway sim`) instance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    url: Annotated[str, AfterValidator(_validate_worker_url)] = Field(
+        description=(
+            "Base URL of one worker, e.g. `http://127.0.0.1:8001` (no `/v1`); one `[[workers]]` "
+            "table per worker, at least one."
+        ),
+    )
+
+
+class RoutingConfig(BaseModel):
+    """`[routing]`: health checks, timeouts and retries towards the workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    health_interval_ms: int = Field(
+        default=500, ge=50, description="Period of each worker's health and model probe."
+    )
+    connect_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        description="TCP connect timeout to a worker; on expiry the request is tried elsewhere.",
+    )
+    request_timeout_ms: int = Field(
+        default=600_000,
+        ge=1,
+        description="Upper bound on one whole upstream exchange, streaming included.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Workers one request may be tried on before its first byte reaches the client.",
+    )
+
+
+class StorageConfig(BaseModel):
+    """`[storage]`: the ledger database (tenants, keys, usage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    url: Annotated[str, AfterValidator(_validate_storage_url)] = Field(
+        default="sqlite:///data/gateway.db",
+        description=(
+            "Ledger database. Only SQLite for now: `sqlite:///relative/path.db` (relative to the "
+            "current directory) or `sqlite:////absolute/path.db`."
+        ),
+    )
+
+
+class ControlConfig(BaseModel):
+    """`[control]`: how the control plane feeds keys to the core and collects usage from it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    key_refresh_ms: int = Field(
+        default=500,
+        ge=10,
+        le=1000,
+        description=(
+            "Period of re-reading active API keys from the ledger and pushing them to the core "
+            "when changed; at most 1000 so a revocation takes effect within a second."
+        ),
+    )
+    usage_flush_ms: int = Field(
+        default=100, ge=10, description="Period of draining usage events into the ledger."
+    )
+    usage_batch: int = Field(
+        default=4096,
+        ge=1,
+        description="Most usage events written per ledger transaction.",
+    )
+
+
+class GatewayConfig(BaseModel):
+    """The whole configuration file of `gateway serve`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    workers: list[WorkerConfig] = Field(
+        min_length=1, description="Workers to route to; at least one."
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+    def core_document(self) -> str:
+        """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs)."""
+        document = {
+            "listen": listen_address(self.server.host, self.server.port),
+            "max_body_bytes": self.server.max_body_bytes,
+            "workers": [{"url": worker.url} for worker in self.workers],
+            "routing": {
+                "health_interval_ms": self.routing.health_interval_ms,
+                "connect_timeout_ms": self.routing.connect_timeout_ms,
+                "request_timeout_ms": self.routing.request_timeout_ms,
+                "max_attempts": self.routing.max_attempts,
+            },
+        }
+        return json.dumps(document)
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One `dotted.path: message` line per problem (`workers[0].url: ...`)."""
+    problems = []
+    for item in error.errors(include_url=False):
+        path = ""
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = item["msg"]
+        if item["type"] == "value_error":
+            message = str(item.get("ctx", {}).get("error", message))
+        problems.append(f"{path or '(top level)'}: {message}")
+    return problems
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    """Reads and validates one TOML file; every failure is a `ConfigFileError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigFileError(path, [f"cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(path, [f"invalid TOML: {exc}"]) from exc
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigFileError(path, format_validation_error(exc)) from exc
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if isinstance(annotation, type):
+        return {"str": "string", "int": "integer", "float": "float", "bool": "boolean"}.get(
+            annotation.__name__, annotation.__name__
+        )
+    return str(annotation)
+
+
+def _bounds(info: FieldInfo) -> str:
+    words = []
+    for constraint in info.metadata:
+        for attr, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(constraint, attr, None)
+            if value is not None:
+                words.append(f"{symbol} {value}")
+    return f" ({', '.join(words)})" if words else ""
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default is PydanticUndefined:
+        return "required"
+    return f"`{json.dumps(info.default)}`"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(_rows(annotation, f"{prefix}{name}."))
+            continue
+        if get_origin(annotation) is list:
+            (item,) = get_args(annotation)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                rows.extend(_rows(item, f"{prefix}{name}[]."))
+                continue
+        type_name = _type_name(info.rebuild_annotation())
+        description = (info.description or "") + _bounds(info)
+        rows.append((f"`{prefix}{name}`", type_name, _default(info), description))
+    return rows
+
+
+def options_table() -> str:
+    """Every option of the configuration file as a markdown table: option, type, default, meaning.
+
+    Options are named by their TOML path; `workers[].url` is the `url` of each `[[workers]]` entry,
+    of which at least one is required.
+    """
+    lines = ["| option | type | default | description |", "|---|---|---|---|"]
+    for option, type_name, default, description in _rows(GatewayConfig, ""):
+        escaped = description.replace("|", r"\|")
+        lines.append(f"| {option} | {type_name} | {default} | {escaped} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,16 @@
+"""The ledger: tenants, API keys and usage events in one SQL database (SQLite now, PostgreSQL next).
+
+Repository modules (`tenants`, `apikeys`, `usage`) are plain functions taking a connection from
+`db.connect`; all SQL reaches the driver through `db`, the one place that knows the dialect.
+"""
+
+from gateway.ledger.db import (
+    ConflictError,
+    LedgerError,
+    NotFoundError,
+    connect,
+    open_ledger,
+    parse_url,
+)
+
+__all__ = ["ConflictError", "LedgerError", "NotFoundError", "connect", "open_ledger", "parse_url"]

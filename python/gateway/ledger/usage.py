@@ -1,0 +1,121 @@
+"""Usage events: one per request, as drained from the core, stored once each, and their totals.
+
+Events are append-only and idempotent by `event_id`: writing a batch twice, or from two writers at
+once, stores each event once. Pricing, rollups and billing cursors are not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gateway.ledger.db import Connection, executemany, now_ms, query, transaction
+
+__all__ = [
+    "UsageEvent",
+    "UsageTotal",
+    "insert_usage_events",
+    "parse_usage_batch",
+    "usage_totals",
+]
+
+
+class UsageEvent(BaseModel):
+    """One request's usage as the core records it (`Gateway.drain_usage`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    event_id: str = Field(min_length=1)
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    worker: str | None
+    endpoint: Literal["chat.completions", "completions"]
+    stream: bool
+    status: Literal["completed", "cancelled", "failed"]
+    http_status: int
+    prompt_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    usage_source: Literal["worker", "none"]
+    started_at_ms: int
+    finished_at_ms: int
+
+
+_BATCH = TypeAdapter(list[UsageEvent])
+
+_FIELDS = tuple(UsageEvent.model_fields)
+_INSERT = (
+    f"INSERT INTO usage_events ({', '.join(_FIELDS)}, recorded_at_ms) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _FIELDS)}, ?) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
+
+
+def parse_usage_batch(raw: str) -> list[UsageEvent]:
+    """Validates one `drain_usage` JSON array; raises `pydantic.ValidationError` on a bad event."""
+    return _BATCH.validate_json(raw)
+
+
+def insert_usage_events(conn: Connection, events: Sequence[UsageEvent]) -> int:
+    """Stores a batch in one transaction; returns how many events were new."""
+    if not events:
+        return 0
+    recorded_at = now_ms()
+    rows = [(*(getattr(event, name) for name in _FIELDS), recorded_at) for event in events]
+    with transaction(conn):
+        return executemany(conn, _INSERT, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Requests and tokens of one tenant and model (and status, when grouped by it)."""
+
+    tenant_id: str
+    tenant_name: str | None
+    model: str
+    status: str | None
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+def usage_totals(
+    conn: Connection, tenant_id: str | None = None, *, by_status: bool = False
+) -> list[UsageTotal]:
+    """Totals per tenant and model (and status if `by_status`), optionally of one tenant.
+
+    `tenant_name` is None for events of a tenant the ledger does not know.
+    """
+    status = "u.status" if by_status else "NULL"
+    group = "u.tenant_id, t.name, u.model" + (", u.status" if by_status else "")
+    sql = (
+        f"SELECT u.tenant_id, t.name, u.model, {status}, COUNT(*), "  # noqa: S608
+        "SUM(u.prompt_tokens), SUM(u.cached_tokens), SUM(u.completion_tokens) "
+        "FROM usage_events u LEFT JOIN tenants t ON t.id = u.tenant_id"
+    )
+    params: tuple[str, ...] = ()
+    if tenant_id is not None:
+        sql += " WHERE u.tenant_id = ?"
+        params = (tenant_id,)
+    sql += f" GROUP BY {group} ORDER BY t.name, u.tenant_id, u.model"
+    if by_status:
+        sql += ", u.status"
+    return [
+        UsageTotal(
+            tenant_id=row[0],
+            tenant_name=row[1],
+            model=row[2],
+            status=row[3],
+            requests=row[4],
+            prompt_tokens=row[5],
+            cached_tokens=row[6],
+            completion_tokens=row[7],
+        )
+        for row in query(conn, sql, params)
+    ]

@@ -1,0 +1,236 @@
+"""The configuration file: defaults, field-named validation errors, the core's document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from gateway.config import (
+    ConfigFileError,
+    ControlConfig,
+    GatewayConfig,
+    RoutingConfig,
+    ServerConfig,
+    StorageConfig,
+    load_config,
+    options_table,
+)
+
+MINIMAL = '[[workers]]\nurl = "http://127.0.0.1:8001"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(tmp_path: Path, text: str) -> ConfigFileError:
+    with pytest.raises(ConfigFileError) as caught:
+        load_config(write(tmp_path, text))
+    return caught.value
+
+
+def test_minimal_file_takes_every_default(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.server == ServerConfig(
+        host="127.0.0.1", port=8000, max_body_bytes=4_194_304, shutdown_grace_seconds=30.0
+    )
+    assert [w.url for w in config.workers] == ["http://127.0.0.1:8001"]
+    assert config.routing == RoutingConfig(
+        health_interval_ms=500, connect_timeout_ms=1000, request_timeout_ms=600_000, max_attempts=3
+    )
+    assert config.storage == StorageConfig(url="sqlite:///data/gateway.db")
+    assert config.control == ControlConfig(key_refresh_ms=500, usage_flush_ms=100, usage_batch=4096)
+
+
+def test_full_file_is_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+[server]
+host = "0.0.0.0"
+port = 0
+max_body_bytes = 2048
+shutdown_grace_seconds = 5
+
+[[workers]]
+url = "http://10.0.0.1:8001/"
+
+[[workers]]
+url = "http://gpu-2:8000"
+
+[routing]
+health_interval_ms = 50
+connect_timeout_ms = 200
+request_timeout_ms = 1000
+max_attempts = 10
+
+[storage]
+url = "sqlite:////var/lib/tokengate/ledger.db"
+
+[control]
+key_refresh_ms = 1000
+usage_flush_ms = 20
+usage_batch = 1
+""",
+        )
+    )
+    assert config.server.port == 0
+    assert config.server.shutdown_grace_seconds == 5.0
+    assert [w.url for w in config.workers] == ["http://10.0.0.1:8001", "http://gpu-2:8000"]
+    assert config.routing.max_attempts == 10
+    assert config.storage.url == "sqlite:////var/lib/tokengate/ledger.db"
+    assert config.control.usage_batch == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[server]\nhost = "localhost"', "server.host: 'localhost' is not an IP address"),
+        ("[server]\nport = 70000", "server.port: Input should be less than or equal to 65535"),
+        ('[server]\nport = "8000"', "server.port: Input should be a valid integer"),
+        (
+            "[server]\nmax_body_bytes = 1023",
+            "server.max_body_bytes: Input should be greater than or equal to 1024",
+        ),
+        (
+            "[server]\nshutdown_grace_seconds = -1.0",
+            "server.shutdown_grace_seconds: Input should be greater than or equal to 0",
+        ),
+        ("[server]\nprot = 1", "server.prot: Extra inputs are not permitted"),
+        (
+            "[routing]\nhealth_interval_ms = 49",
+            "routing.health_interval_ms: Input should be greater than or equal to 50",
+        ),
+        (
+            "[routing]\nconnect_timeout_ms = 0",
+            "routing.connect_timeout_ms: Input should be greater than or equal to 1",
+        ),
+        (
+            "[routing]\nrequest_timeout_ms = 0",
+            "routing.request_timeout_ms: Input should be greater than or equal to 1",
+        ),
+        (
+            "[routing]\nmax_attempts = 0",
+            "routing.max_attempts: Input should be greater than or equal to 1",
+        ),
+        (
+            "[routing]\nmax_attempts = 11",
+            "routing.max_attempts: Input should be less than or equal to 10",
+        ),
+        ('[storage]\nurl = "postgres://db/ledger"', "storage.url: unsupported database URL"),
+        (
+            '[storage]\nurl = "sqlite:///"',
+            "storage.url: database URL 'sqlite:///' must name a file",
+        ),
+        (
+            "[control]\nkey_refresh_ms = 1001",
+            "control.key_refresh_ms: Input should be less than or equal to 1000",
+        ),
+        (
+            "[control]\nusage_flush_ms = 1",
+            "control.usage_flush_ms: Input should be greater than or equal to 10",
+        ),
+        (
+            "[control]\nusage_batch = 0",
+            "control.usage_batch: Input should be greater than or equal to 1",
+        ),
+        ("[metrics]\nenabled = true", "metrics: Extra inputs are not permitted"),
+    ],
+)
+def test_each_invalid_option_is_named_with_its_file(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    error = load_error(tmp_path, MINIMAL + text)
+    path = tmp_path / "gateway.toml"
+    assert f"{path}: {expected}" in str(error)
+    assert error.path == path
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://10.0.0.1:8001", "is not an http:// URL"),
+        ("ftp://10.0.0.1", "is not an http:// URL"),
+        ("10.0.0.1:8001", "is not an http:// URL"),
+        ("http://10.0.0.1:8001/v1", "must be a worker base URL"),
+        ("http://10.0.0.1:8001?x=1", "must be a worker base URL"),
+        ("http://10.0.0.1:notaport", "has an invalid port"),
+    ],
+)
+def test_worker_urls_are_checked(tmp_path: Path, url: str, expected: str) -> None:
+    error = load_error(tmp_path, MINIMAL + f'[[workers]]\nurl = "{url}"\n')
+    assert f"workers[1].url: '{url}' {expected}" in str(error)
+
+
+def test_at_least_one_worker_is_required(tmp_path: Path) -> None:
+    assert "workers: Field required" in str(load_error(tmp_path, "[server]\nport = 1\n"))
+    error = load_error(tmp_path, "workers = []\n")
+    assert "workers: List should have at least 1 item" in str(error)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    error = load_error(tmp_path, MINIMAL + "[routing]\nmax_attempts = 0\n[server]\nport = -1\n")
+    assert len(error.problems) == 2
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    assert "invalid TOML" in str(load_error(tmp_path, "[server\n"))
+
+
+def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, MINIMAL + '[server]\nhost = "0.0.0.0"\nport = 9000\n[control]\n')
+    )
+    document = json.loads(config.core_document())
+    assert document == {
+        "listen": "0.0.0.0:9000",
+        "max_body_bytes": 4_194_304,
+        "workers": [{"url": "http://127.0.0.1:8001"}],
+        "routing": {
+            "health_interval_ms": 500,
+            "connect_timeout_ms": 1000,
+            "request_timeout_ms": 600_000,
+            "max_attempts": 3,
+        },
+    }
+
+
+def test_core_document_brackets_ipv6_hosts(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + '[server]\nhost = "::1"\nport = 1\n'))
+    assert json.loads(config.core_document())["listen"] == "[::1]:1"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(ValueError, match="frozen"):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_options_table_lists_every_option_with_default_and_description() -> None:
+    table = options_table()
+    rows = [line for line in table.splitlines()[2:] if line]
+    options = {row.split("|")[1].strip().strip("`") for row in rows}
+    sections: dict[str, type[BaseModel]] = {
+        "server": ServerConfig,
+        "routing": RoutingConfig,
+        "storage": StorageConfig,
+        "control": ControlConfig,
+    }
+    assert set(GatewayConfig.model_fields) == {*sections, "workers"}
+    expected = {
+        f"{section}.{name}" for section, model in sections.items() for name in model.model_fields
+    }
+    assert options == expected | {"workers[].url"}
+    assert "| `routing.max_attempts` | integer | `3` |" in table
+    assert "| `workers[].url` | string | required |" in table
+    for row in rows:
+        description = row.split("|")[4].strip()
+        assert description, row

@@ -1,0 +1,180 @@
+"""The control-plane loops of `gateway serve`, driven against a fake core and a real ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import serve
+from gateway.config import ControlConfig
+from gateway.keys import hash_key
+from gateway.ledger.apikeys import create_key, revoke_key
+from gateway.ledger.db import Connection, open_ledger
+from gateway.ledger.tenants import create_tenant
+from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
+from gateway.serve import KeyPusher, UsageCollector, supervise
+
+
+class FakeCore:
+    """Stands in for `gateway._core.Gateway`: a usage queue and a record of key pushes."""
+
+    def __init__(self) -> None:
+        self.queue: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.pushed: list[dict[str, Any]] = []
+        self.shutdown_grace: float | None = None
+        self.events_at_shutdown: list[dict[str, Any]] = []
+
+    def set_keys(self, snapshot_json: str) -> int:
+        snapshot: dict[str, Any] = json.loads(snapshot_json)
+        self.pushed.append(snapshot)
+        return len(snapshot["keys"])
+
+    def drain_usage(self, max_events: int = 4096) -> str:
+        if self.raw:
+            return self.raw.pop(0)
+        taken, self.queue = self.queue[:max_events], self.queue[max_events:]
+        return json.dumps(taken)
+
+    def pending_usage(self) -> int:
+        return len(self.queue) + len(self.raw)
+
+    def shutdown(self, grace_s: float) -> None:
+        self.shutdown_grace = grace_s
+        self.queue.extend(self.events_at_shutdown)
+
+
+def event(tenant_id: str = "ten_000000000001", completion: int = 5) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "request_id": "req",
+        "tenant_id": tenant_id,
+        "key_id": "key_000000000001",
+        "model": "sim-model",
+        "worker": "http://127.0.0.1:8001",
+        "endpoint": "chat.completions",
+        "stream": True,
+        "status": "completed",
+        "http_status": 200,
+        "prompt_tokens": 10,
+        "cached_tokens": 0,
+        "completion_tokens": completion,
+        "usage_source": "worker",
+        "started_at_ms": 1,
+        "finished_at_ms": 2,
+    }
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[Connection]:
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as connection:
+        yield connection
+
+
+def completion_tokens(conn: Connection) -> tuple[int, int]:
+    totals = usage_totals(conn)
+    return sum(t.requests for t in totals), sum(t.completion_tokens for t in totals)
+
+
+def test_keys_are_pushed_only_when_they_change(conn: Connection) -> None:
+    core = FakeCore()
+    pusher = KeyPusher(conn, core)
+    assert pusher.refresh()
+    assert core.pushed == [{"keys": []}]
+    assert not pusher.refresh()
+    create_tenant(conn, "acme")
+    key = create_key(conn, "acme")
+    assert pusher.refresh()
+    assert [e["hash"] for e in core.pushed[-1]["keys"]] == [hash_key(key.key)]
+    assert not pusher.refresh()
+    revoke_key(conn, key.record.id)
+    assert pusher.refresh()
+    assert core.pushed[-1] == {"keys": []}
+    assert len(core.pushed) == 3
+
+
+def test_collector_writes_batches_and_reports_how_many_came(conn: Connection) -> None:
+    core = FakeCore()
+    core.queue = [event() for _ in range(5)]
+    collector = UsageCollector(conn, core, batch=2)
+    assert [collector.flush() for _ in range(4)] == [2, 2, 1, 0]
+    assert completion_tokens(conn) == (5, 25)
+    assert collector.recorded == 5
+
+
+def test_collector_keeps_events_until_the_ledger_takes_them(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = FakeCore()
+    core.queue = [event(), event()]
+    collector = UsageCollector(conn, core, batch=10)
+
+    def locked(conn: Connection, events: Sequence[UsageEvent]) -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(serve, "insert_usage_events", locked)
+    with caplog.at_level(logging.ERROR, logger="gateway.serve"):
+        assert collector.flush() == 2
+    assert collector.unsaved == 2
+    assert "will retry" in caplog.text
+    assert completion_tokens(conn) == (0, 0)
+
+    monkeypatch.setattr(serve, "insert_usage_events", insert_usage_events)
+    core.queue = [event()]
+    assert collector.flush() == 1
+    assert collector.unsaved == 0
+    assert completion_tokens(conn) == (3, 15)
+
+
+def test_an_invalid_event_is_logged_whole_and_its_batch_kept(
+    conn: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = FakeCore()
+    bad = {**event(), "status": "exploded"}
+    core.raw = [json.dumps([event(), bad, event()]), "not json"]
+    collector = UsageCollector(conn, core, batch=10)
+    with caplog.at_level(logging.ERROR, logger="gateway.serve"):
+        assert collector.flush() == 3
+        assert collector.flush() == 0
+    assert completion_tokens(conn) == (2, 10)
+    assert bad["event_id"] in caplog.text
+    assert "not json" in caplog.text
+
+
+def test_supervise_collects_while_serving_and_after_shutdown(conn: Connection) -> None:
+    create_tenant(conn, "acme")
+    key = create_key(conn, "acme")
+    core = FakeCore()
+    core.events_at_shutdown = [event(completion=1000)]
+    control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10, usage_batch=3)
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(supervise(core, conn, control, 2.5, stop))
+        core.queue.extend(event() for _ in range(10))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not core.queue and core.pushed:
+                break
+        assert not core.queue
+        assert completion_tokens(conn) == (10, 50)
+        revoke_key(conn, key.record.id)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if core.pushed[-1] == {"keys": []}:
+                break
+        assert core.pushed[-1] == {"keys": []}
+        stop.set()
+        return await task
+
+    assert asyncio.run(scenario()) == 0
+    assert core.shutdown_grace == 2.5
+    assert completion_tokens(conn) == (11, 1050)
