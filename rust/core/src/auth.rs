@@ -83,7 +83,10 @@ impl KeyStore {
         let key = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::MissingKey)?;
@@ -162,16 +165,31 @@ mod tests {
     fn bearer_key_authenticates() {
         let store = store_with(&[("tg-secret", "key_1")]);
         let principal = store.authenticate(&headers("Bearer tg-secret"));
-        assert_eq!(principal.map(|p| p.key_id.to_string()), Ok("key_1".to_owned()));
+        assert_eq!(
+            principal.map(|p| p.key_id.to_string()),
+            Ok("key_1".to_owned())
+        );
     }
 
     #[test]
     fn missing_malformed_and_unknown_keys_are_rejected() {
         let store = store_with(&[("tg-secret", "key_1")]);
-        assert_eq!(store.authenticate(&HeaderMap::new()), Err(ApiError::MissingKey));
-        assert_eq!(store.authenticate(&headers("Basic abc")), Err(ApiError::MissingKey));
-        assert_eq!(store.authenticate(&headers("Bearer ")), Err(ApiError::MissingKey));
-        assert_eq!(store.authenticate(&headers("Bearer tg-other")), Err(ApiError::InvalidKey));
+        assert_eq!(
+            store.authenticate(&HeaderMap::new()),
+            Err(ApiError::MissingKey)
+        );
+        assert_eq!(
+            store.authenticate(&headers("Basic abc")),
+            Err(ApiError::MissingKey)
+        );
+        assert_eq!(
+            store.authenticate(&headers("Bearer ")),
+            Err(ApiError::MissingKey)
+        );
+        assert_eq!(
+            store.authenticate(&headers("Bearer tg-other")),
+            Err(ApiError::InvalidKey)
+        );
     }
 
     #[test]

@@ -126,12 +126,10 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let err = GatewayConfig::from_json(
-            r#"{"listen":"127.0.0.1:0","workers":[],"retries":3}"#,
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+        let err = GatewayConfig::from_json(r#"{"listen":"127.0.0.1:0","workers":[],"retries":3}"#)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("retries"), "{err}");
     }
 

@@ -145,7 +145,11 @@ mod tests {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(body["error"]["code"], "model_not_found");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("`m`")));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("`m`"))
+        );
     }
 
     #[test]

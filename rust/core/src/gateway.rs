@@ -31,10 +31,12 @@ impl Gateway {
             .workers
             .iter()
             .map(|w| {
-                Worker::new(&w.url).map(Arc::new).map_err(|e| crate::config::ConfigError::Invalid {
-                    field: "workers.url",
-                    message: e.to_string(),
-                })
+                Worker::new(&w.url)
+                    .map(Arc::new)
+                    .map_err(|e| crate::config::ConfigError::Invalid {
+                        field: "workers.url",
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let state = AppState {

@@ -154,10 +154,7 @@ mod tests {
             strip(text, "id").as_deref(),
             Some(r#"{"choices":[{"delta":{"content":"\"usage\":1}"}}],"usage":{"a":1}}"#)
         );
-        assert_eq!(
-            strip(r#"{"usage":null}"#, "usage").as_deref(),
-            Some("{}")
-        );
+        assert_eq!(strip(r#"{"usage":null}"#, "usage").as_deref(), Some("{}"));
     }
 
     #[test]
@@ -172,12 +169,24 @@ mod tests {
         let text = "{ \"a\" : true ,\n \"b\": -1.5e3 , \"c\" : \"}\" }";
         assert_eq!(value(text, "b"), Some("-1.5e3"));
         assert_eq!(value(text, "c"), Some("\"}\""));
-        assert_eq!(strip(text, "a").as_deref(), Some("{ \"b\": -1.5e3 , \"c\" : \"}\" }"));
+        assert_eq!(
+            strip(text, "a").as_deref(),
+            Some("{ \"b\": -1.5e3 , \"c\" : \"}\" }")
+        );
     }
 
     #[test]
     fn garbage_is_none_not_a_panic() {
-        for text in ["", "[]", "{", "{\"a\"", "{\"a\":", "{\"a\":[1,2", "{\"a\":\"x", "nope"] {
+        for text in [
+            "",
+            "[]",
+            "{",
+            "{\"a\"",
+            "{\"a\":",
+            "{\"a\":[1,2",
+            "{\"a\":\"x",
+            "nope",
+        ] {
             assert_eq!(find_member(text.as_bytes(), "a"), None, "{text}");
         }
     }

@@ -236,8 +236,10 @@ mod tests {
             })
         );
         assert_eq!(
-            Usage::from_json(br#"{"prompt_tokens":5,"completion_tokens":0,"prompt_tokens_details":null}"#)
-                .map(|u| u.cached_tokens),
+            Usage::from_json(
+                br#"{"prompt_tokens":5,"completion_tokens":0,"prompt_tokens_details":null}"#
+            )
+            .map(|u| u.cached_tokens),
             Some(0)
         );
         assert_eq!(Usage::from_json(b"null"), None);

@@ -100,14 +100,15 @@ impl Upstream {
                 .await
                 .map_err(|e| classify(worker, &e))?;
             let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::Transport {
-                    worker: worker.to_owned(),
-                    detail: e.to_string(),
-                })?;
+            let body =
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| UpstreamError::Transport {
+                        worker: worker.to_owned(),
+                        detail: e.to_string(),
+                    })?;
             Ok((status, body.to_bytes()))
         };
         tokio::time::timeout(timeout, exchange)

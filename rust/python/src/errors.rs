@@ -4,9 +4,24 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(_core, GatewayError, PyException, "Base of every error raised by the extension.");
-create_exception!(_core, ConfigError, GatewayError, "A configuration document the core rejected.");
-create_exception!(_core, ServerError, GatewayError, "A server could not bind, start or stop.");
+create_exception!(
+    _core,
+    GatewayError,
+    PyException,
+    "Base of every error raised by the extension."
+);
+create_exception!(
+    _core,
+    ConfigError,
+    GatewayError,
+    "A configuration document the core rejected."
+);
+create_exception!(
+    _core,
+    ServerError,
+    GatewayError,
+    "A server could not bind, start or stop."
+);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();

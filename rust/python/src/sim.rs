@@ -40,7 +40,8 @@ impl Simulator {
             if let Some(server) = server.as_ref() {
                 return Ok(server.local_addr());
             }
-            let handle = runtime.block_on(ServerHandle::bind(self.listen, app(self.config.clone())))?;
+            let handle =
+                runtime.block_on(ServerHandle::bind(self.listen, app(self.config.clone())))?;
             let addr = handle.local_addr();
             *server = Some(handle);
             Ok::<_, std::io::Error>(addr)
@@ -53,7 +54,11 @@ impl Simulator {
         let runtime = runtime()?;
         let grace = Duration::try_from_secs_f64(grace_s.max(0.0)).unwrap_or(Duration::ZERO);
         py.detach(|| {
-            let server = self.server.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let server = self
+                .server
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
             match server {
                 Some(server) => runtime.block_on(server.shutdown(grace)),
                 None => Ok(()),

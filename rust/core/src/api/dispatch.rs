@@ -71,11 +71,15 @@ pub async fn dispatch(
         let response = match sent {
             Ok(response) => response,
             Err(error) => {
-                if matches!(error, UpstreamError::Connect { .. }) {
-                    worker.set_healthy(false);
-                }
                 tracing::warn!(%error, "worker attempt failed");
-                failure = Failure::Gateway(gateway_error(error));
+                failure = Failure::Gateway(if matches!(error, UpstreamError::Connect { .. }) {
+                    // Down, not misbehaving: out of rotation until a probe succeeds, and if no
+                    // worker is left the answer is "no healthy worker", not a bad gateway.
+                    worker.set_healthy(false);
+                    ApiError::NoHealthyWorker(request.model.clone())
+                } else {
+                    gateway_error(error)
+                });
                 continue;
             }
         };
@@ -176,7 +180,11 @@ async fn first_chunk(
     }
 }
 
-async fn collect(body: Incoming, worker: &Arc<str>, state: &AppState) -> Result<Bytes, UpstreamError> {
+async fn collect(
+    body: Incoming,
+    worker: &Arc<str>,
+    state: &AppState,
+) -> Result<Bytes, UpstreamError> {
     match tokio::time::timeout(state.upstream.request_timeout(), body.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) => Err(UpstreamError::Transport {

@@ -44,7 +44,12 @@ async fn completions(
     generate(&state, Endpoint::Completions, &headers, body).await
 }
 
-async fn generate(state: &AppState, endpoint: Endpoint, headers: &HeaderMap, body: Body) -> Response {
+async fn generate(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     let principal = match state.keys.authenticate(headers) {
         Ok(principal) => principal,
         Err(error) => return error.into_response(),
@@ -112,7 +117,12 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 async fn unknown_route() -> Response {
     let error = ApiError::bad_request("unknown route", None);
-    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], error.body()).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        error.body(),
+    )
+        .into_response()
 }
 
 async fn method_not_allowed() -> Response {

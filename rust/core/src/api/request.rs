@@ -254,18 +254,30 @@ mod tests {
     #[test]
     fn type_errors_name_the_field() {
         let chat = Endpoint::ChatCompletions;
-        assert_eq!(param_of(parse(chat, r#"{"model":1,"messages":[]}"#)), Some("model"));
+        assert_eq!(
+            param_of(parse(chat, r#"{"model":1,"messages":[]}"#)),
+            Some("model")
+        );
         assert_eq!(param_of(parse(chat, r#"{"messages":[]}"#)), Some("model"));
         assert_eq!(
             param_of(parse(chat, r#"{"model":"m","messages":[],"stream":"yes"}"#)),
             Some("stream")
         );
         assert_eq!(
-            param_of(parse(chat, r#"{"model":"m","messages":[],"max_tokens":-1}"#)),
+            param_of(parse(
+                chat,
+                r#"{"model":"m","messages":[],"max_tokens":-1}"#
+            )),
             Some("max_tokens")
         );
-        assert_eq!(param_of(parse(chat, r#"{"model":"m","messages":"hi"}"#)), Some("messages"));
-        assert_eq!(param_of(parse(chat, r#"{"model":"m","messages":[],"n":0}"#)), Some("n"));
+        assert_eq!(
+            param_of(parse(chat, r#"{"model":"m","messages":"hi"}"#)),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(parse(chat, r#"{"model":"m","messages":[],"n":0}"#)),
+            Some("n")
+        );
         assert_eq!(
             param_of(parse(Endpoint::Completions, r#"{"model":"m","prompt":5}"#)),
             Some("prompt")

@@ -125,13 +125,22 @@ mod tests {
             inspect(CHUNK.as_bytes(), FINAL_ONLY).action,
             FrameAction::Replace(_)
         ));
-        assert_eq!(inspect(FINAL.as_bytes(), FINAL_ONLY).action, FrameAction::Keep);
+        assert_eq!(
+            inspect(FINAL.as_bytes(), FINAL_ONLY).action,
+            FrameAction::Keep
+        );
     }
 
     #[test]
     fn client_with_continuous_usage_gets_everything_unchanged() {
-        assert_eq!(inspect(CHUNK.as_bytes(), CONTINUOUS).action, FrameAction::Keep);
-        assert_eq!(inspect(FINAL.as_bytes(), CONTINUOUS).action, FrameAction::Keep);
+        assert_eq!(
+            inspect(CHUNK.as_bytes(), CONTINUOUS).action,
+            FrameAction::Keep
+        );
+        assert_eq!(
+            inspect(FINAL.as_bytes(), CONTINUOUS).action,
+            FrameAction::Keep
+        );
     }
 
     #[test]

@@ -63,10 +63,16 @@ mod tests {
     #[test]
     fn splits_whole_and_partial_events() {
         let mut s = SseSplitter::default();
-        assert_eq!(push(&mut s, "data: a\n\ndata: b\n\ndata: c"), ["data: a\n\n", "data: b\n\n"]);
+        assert_eq!(
+            push(&mut s, "data: a\n\ndata: b\n\ndata: c"),
+            ["data: a\n\n", "data: b\n\n"]
+        );
         assert_eq!(s.pending(), b"data: c");
         assert_eq!(push(&mut s, "\n"), Vec::<String>::new());
-        assert_eq!(push(&mut s, "\ndata: [DONE]\n\n"), ["data: c\n\n", "data: [DONE]\n\n"]);
+        assert_eq!(
+            push(&mut s, "\ndata: [DONE]\n\n"),
+            ["data: c\n\n", "data: [DONE]\n\n"]
+        );
         assert!(s.pending().is_empty());
     }
 

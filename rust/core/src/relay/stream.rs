@@ -44,7 +44,9 @@ pub fn buffered_response(
     body: Bytes,
     mut meter: MeterGuard,
 ) -> Response {
-    if let Some(usage) = json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value])) {
+    if let Some(usage) =
+        json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value]))
+    {
         meter.observe(usage);
     }
     meter.set_http_status(status.as_u16());
@@ -163,6 +165,8 @@ impl Relay {
     fn fail(&mut self, reason: &str) -> Option<Bytes> {
         let meter = self.meter.take()?;
         meter.finish(Status::Failed);
-        Some(Bytes::from(ApiError::Upstream(reason.to_owned()).sse_frame()))
+        Some(Bytes::from(
+            ApiError::Upstream(reason.to_owned()).sse_frame(),
+        ))
     }
 }

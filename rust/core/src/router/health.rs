@@ -26,7 +26,10 @@ struct CardId {
 
 /// Probes one worker and updates its health and model list.
 pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
-    let healthy = match upstream.get(&worker.url, worker.health_uri.clone(), timeout).await {
+    let healthy = match upstream
+        .get(&worker.url, worker.health_uri.clone(), timeout)
+        .await
+    {
         Ok((status, _)) => status.is_success(),
         Err(_) => false,
     };
@@ -34,7 +37,10 @@ pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
         worker.set_healthy(false);
         return;
     }
-    match upstream.get(&worker.url, worker.models_uri.clone(), timeout).await {
+    match upstream
+        .get(&worker.url, worker.models_uri.clone(), timeout)
+        .await
+    {
         Ok((status, body)) if status.is_success() => {
             match serde_json::from_slice::<ModelList>(&body) {
                 Ok(list) => {

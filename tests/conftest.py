@@ -1,0 +1,95 @@
+"""Shared fixtures: real simulator workers and a real gateway process in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests import procs
+
+
+@dataclass
+class Stack:
+    """A gateway process, the simulators behind it, its ledger and one tenant's key."""
+
+    gateway: procs.Process
+    sims: list[procs.Process]
+    db: Path
+    key: str
+    key_id: str
+    clients: dict[str, openai.OpenAI] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.gateway.url}/v1"
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        """An SDK client for `key` (default: the stack's key), closed when the stack stops."""
+        key = key or self.key
+        if key not in self.clients:
+            self.clients[key] = openai.OpenAI(
+                base_url=self.base_url, api_key=key, max_retries=0, timeout=30.0
+            )
+        return self.clients[key]
+
+    def sim_totals(self) -> tuple[int, int]:
+        """(prompt, generation) tokens the simulators counted, summed over all of them."""
+        prompt = generation = 0
+        for sim in self.sims:
+            metrics = procs.scrape(sim.url)
+            prompt += int(metrics.get("vllm:prompt_tokens_total", 0))
+            generation += int(metrics.get("vllm:generation_tokens_total", 0))
+        return prompt, generation
+
+    def rows(self) -> list[object]:
+        return list(procs.usage_rows(self.db))
+
+    def stop(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.gateway.stop()
+        for sim in self.sims:
+            sim.stop()
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
+    """Starts `n_sims` simulators (each with `sim_options`) and a gateway in front of them."""
+    stacks: list[Stack] = []
+
+    def make(n_sims: int = 2, config_extra: str = "", **sim_options: object) -> Stack:
+        sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
+        db = tmp_path / f"ledger-{len(stacks)}.db"
+        key, key_id = procs.create_key(db, "acme")
+        config = procs.write_config(
+            tmp_path / f"gateway-{len(stacks)}.toml", [s.url for s in sims], db, config_extra
+        )
+        gateway = procs.start(["serve", "--config", str(config)])
+        stack = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One gateway in front of two fast simulators, shared by a module's tests."""
+    tmp = tmp_path_factory.mktemp("stack")
+    sims = [procs.start_sim(itl_ms=1) for _ in range(2)]
+    db = tmp / "ledger.db"
+    key, key_id = procs.create_key(db, "acme")
+    config = procs.write_config(tmp / "gateway.toml", [s.url for s in sims], db)
+    gateway = procs.start(["serve", "--config", str(config)])
+    shared = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)
+    yield shared
+    shared.stop()

@@ -1,0 +1,186 @@
+"""Real processes for end-to-end tests: `gateway sim` workers and `gateway serve` gateways.
+
+Each is started as `python -m gateway ...`, waited for on the line it prints once it listens,
+and stopped (SIGTERM, then SIGKILL) by its owner. Nothing here fakes a part of the product.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Process:
+    """A child process that printed `... listening on URL`."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._join_reader()
+
+    def _join_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time. Returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._join_reader()
+        return self.proc.returncode
+
+
+def _pump(stream: IO[str], sink: list[str], found: threading.Event, url: list[str]) -> None:
+    with stream:
+        for line in stream:
+            sink.append(line)
+            match = LISTENING.search(line)
+            if match and not found.is_set():
+                url.append(match.group(1))
+                found.set()
+    found.set()
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> Process:
+    """Runs `python -m gateway ARGS` and waits until it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    output: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+    reader = threading.Thread(target=_pump, args=(proc.stdout, output, found, url), daemon=True)
+    reader.start()
+    if not found.wait(STARTUP_TIMEOUT_S) or not url:
+        proc.kill()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+        raise RuntimeError(f"`gateway {' '.join(args)}` did not start:\n{''.join(output)}")
+    return Process(proc=proc, url=url[0], output=output, reader=reader)
+
+
+def start_sim(**options: object) -> Process:
+    """`gateway sim --port 0` with `--option value` for each keyword (underscores become dashes)."""
+    args = ["sim", "--port", "0"]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return start(args)
+
+
+def write_config(path: Path, workers: list[str], db: Path, extra: str = "") -> Path:
+    worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
+    path.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = 0
+max_body_bytes = 65536
+shutdown_grace_seconds = 5
+
+[routing]
+health_interval_ms = 100
+connect_timeout_ms = 500
+
+[storage]
+url = "sqlite:///{db}"
+{worker_tables}
+{extra}
+"""
+    )
+    return path
+
+
+def cli(*args: str) -> str:
+    """Runs a `gateway` CLI command to completion and returns its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"gateway {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def create_key(db: Path, tenant: str) -> tuple[str, str]:
+    """Creates `tenant` if needed and a key for it; returns (key, key_id)."""
+    url = f"sqlite:///{db}"
+    tenants = cli("tenants", "list", "--db", url)
+    if tenant not in tenants.split():
+        cli("tenants", "create", tenant, "--db", url)
+    out = cli("keys", "create", "--tenant", tenant, "--db", url)
+    key = next(word for word in out.split() if word.startswith("tg-"))
+    key_id = next(word for word in out.split() if word.startswith("key_"))
+    return key, key_id
+
+
+def usage_rows(db: Path) -> list[sqlite3.Row]:
+    with closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        return list(conn.execute("SELECT * FROM usage_events ORDER BY started_at_ms"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Polls `condition` until it holds or `timeout` passes; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A worker's `/metrics`, summed over label sets: {metric name: value}."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[str]:
+    """The `data:` payloads of an SSE line stream."""
+    for line in lines:
+        if line.startswith("data: "):
+            yield line[len("data: ") :]

@@ -1,0 +1,189 @@
+"""DESIGN.md's guarantees that issue 2 covers, each against real gateway and simulator processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests import procs
+from tests.conftest import StackFactory
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "sim-model"
+
+
+def test_metered_tokens_equal_the_workers_counters(make_stack: StackFactory) -> None:
+    """Guarantee 3: for requests that run to their end, metering equals the workers' counters."""
+    stack = make_stack(n_sims=2, itl_ms=1)
+    client = stack.client()
+
+    def one(i: int) -> None:
+        prompt = " ".join(["word"] * (1 + i % 7))
+        if i % 4 == 0:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1 + i % 9)
+        elif i % 4 == 1:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=i % 11, n=2
+            )
+        elif i % 4 == 2:
+            list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, stream=True))
+        else:
+            list(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=1 + i % 13,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(80)))
+    assert procs.wait_for(lambda: len(stack.rows()) == 80)
+    rows = procs.usage_rows(stack.db)
+    assert {r["status"] for r in rows} == {"completed"}
+    assert {r["worker"] for r in rows} == {s.url for s in stack.sims}, "both workers used"
+    prompt, generation = stack.sim_totals()
+    assert sum(r["prompt_tokens"] for r in rows) == prompt
+    assert sum(r["completion_tokens"] for r in rows) == generation
+
+
+def test_client_disconnect_bills_exactly_what_was_relayed(make_stack: StackFactory) -> None:
+    """Guarantee 2: billed for the prompt and the tokens relayed; the worker stops generating."""
+    stack = make_stack(n_sims=1, itl_ms=30, max_output_tokens=500)
+    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 400, "stream": True}
+    received = 0
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{stack.base_url}/completions",
+            json=body,
+            headers={"authorization": f"Bearer {stack.key}"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for payload in procs.sse_events(response.iter_lines()):
+            chunk = json.loads(payload)
+            assert "usage" not in chunk, "usage the client did not ask for is stripped"
+            received += 1
+            if received == 10:
+                break
+    assert procs.wait_for(lambda: len(stack.rows()) == 1)
+    row = procs.usage_rows(stack.db)[0]
+    assert row["status"] == "cancelled"
+    assert row["completion_tokens"] == received
+    assert row["prompt_tokens"] == 6  # five words and a BOS, as the simulator counts
+    # The worker saw the cancel: nothing is running and generation stopped near the cut.
+    sim = stack.sims[0]
+    assert procs.wait_for(lambda: procs.scrape(sim.url)["vllm:num_requests_running"] == 0)
+    generated = int(procs.scrape(sim.url)["vllm:generation_tokens_total"])
+    assert received <= generated <= received + 2
+
+
+def test_worker_killed_in_flight_requests_move_to_the_other(make_stack: StackFactory) -> None:
+    """Guarantee 7: a dead worker leaves rotation; requests that had not streamed are retried."""
+    stack = make_stack(n_sims=2, ttft_ms=400)
+    client = stack.client()
+
+    def non_streaming(_: int) -> int:
+        response = client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+        assert response.usage is not None
+        return response.usage.completion_tokens
+
+    def streaming(_: int) -> int:
+        chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True))
+        return sum(1 for c in chunks if c.choices and c.choices[0].text)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(non_streaming, i) for i in range(8)]
+        futures += [pool.submit(streaming, i) for i in range(8)]
+        time.sleep(0.15)  # requests are now waiting out the simulated time to first token
+        victim = stack.sims[0]
+        victim.kill()
+        results = [f.result(timeout=30) for f in futures]
+    assert results == [3] * 16
+    # The dead worker is out of rotation: everything now lands on the survivor.
+    for _ in range(6):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert procs.wait_for(lambda: len(stack.rows()) == 22)
+    late = procs.usage_rows(stack.db)[-6:]
+    assert {r["worker"] for r in late} == {stack.sims[1].url}
+
+
+def test_no_healthy_worker_is_503_and_recovers(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1)
+    client = stack.client()
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    stack.sims[0].kill()
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert raised.value.status_code == 503
+    health = httpx.get(f"{stack.gateway.url}/health")
+    assert health.status_code == 503
+    # A worker back on the same address rejoins at the next health probe.
+    port = stack.sims[0].url.rsplit(":", 1)[1]
+    stack.sims[0] = procs.start_sim(port=port)
+    assert procs.wait_for(lambda: httpx.get(f"{stack.gateway.url}/health").status_code == 200)
+    response = client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+    assert response.usage is not None
+
+
+def test_revoked_key_stops_working_within_a_second(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1)
+    key, key_id = procs.create_key(stack.db, "beta")
+    client = stack.client(key=key)
+    assert procs.wait_for(lambda: _authorised(client), timeout=2.0)
+    procs.cli("keys", "revoke", key_id, "--db", f"sqlite:///{stack.db}")
+    revoked_at = time.monotonic()
+    assert procs.wait_for(lambda: not _authorised(client), timeout=1.0, interval=0.02)
+    assert time.monotonic() - revoked_at < 1.0
+    assert _authorised(stack.client())  # other keys are unaffected
+
+
+def _authorised(client: openai.OpenAI) -> bool:
+    try:
+        client.models.list()
+    except openai.AuthenticationError:
+        return False
+    return True
+
+
+def test_worker_failure_mid_stream_ends_with_an_error_event(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1, die_rate=1.0, itl_ms=1)
+    stream = stack.client().completions.create(model=MODEL, prompt="x", max_tokens=10, stream=True)
+    texts: list[str] = []
+    with pytest.raises(openai.APIError):
+        texts.extend(c.choices[0].text for c in stream if c.choices)
+    assert 0 < len(texts) < 10
+    assert procs.wait_for(lambda: len(stack.rows()) == 1)
+    row = procs.usage_rows(stack.db)[0]
+    assert row["status"] == "failed"
+    assert row["completion_tokens"] == len(texts)
+
+
+def test_graceful_shutdown_finishes_streams_and_meters_them(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1, itl_ms=20)
+    client = stack.client()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(
+                lambda: list(
+                    client.completions.create(model=MODEL, prompt="x", max_tokens=40, stream=True)
+                )
+            )
+            for _ in range(4)
+        ]
+        time.sleep(0.3)
+        assert stack.gateway.stop() == 0
+        chunks = [f.result(timeout=30) for f in futures]
+    assert all(len(c) == 40 for c in chunks)
+    rows = procs.usage_rows(stack.db)
+    assert [(r["status"], r["completion_tokens"]) for r in rows] == [("completed", 40)] * 4
