@@ -55,10 +55,20 @@ def test_metered_tokens_equal_the_workers_counters(make_stack: StackFactory) -> 
     assert sum(r["completion_tokens"] for r in rows) == generation
 
 
-def test_client_disconnect_bills_exactly_what_was_relayed(make_stack: StackFactory) -> None:
-    """Guarantee 2: billed for the prompt and the tokens relayed; the worker stops generating."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_bills_exactly_what_was_relayed(make_stack: StackFactory, n: int) -> None:
+    """Guarantee 2: billed for the prompt and the tokens relayed; the worker stops generating.
+
+    With n > 1 each event carries one choice's token and that choice's own cumulative usage.
+    """
     stack = make_stack(n_sims=1, itl_ms=30, max_output_tokens=500)
-    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 400, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "tell me a long story",
+        "max_tokens": 400,
+        "n": n,
+        "stream": True,
+    }
     received = 0
     with (
         httpx.Client(timeout=30) as http,
@@ -74,7 +84,7 @@ def test_client_disconnect_bills_exactly_what_was_relayed(make_stack: StackFacto
             chunk = json.loads(payload)
             assert "usage" not in chunk, "usage the client did not ask for is stripped"
             received += 1
-            if received == 10:
+            if received == 10 * n:  # a whole tick: one token of each choice
                 break
     assert procs.wait_for(lambda: len(stack.rows()) == 1)
     row = procs.usage_rows(stack.db)[0]
@@ -85,7 +95,7 @@ def test_client_disconnect_bills_exactly_what_was_relayed(make_stack: StackFacto
     sim = stack.sims[0]
     assert procs.wait_for(lambda: procs.scrape(sim.url)["vllm:num_requests_running"] == 0)
     generated = int(procs.scrape(sim.url)["vllm:generation_tokens_total"])
-    assert received <= generated <= received + 2
+    assert received <= generated <= received + 2 * n
 
 
 def test_worker_killed_in_flight_requests_move_to_the_other(make_stack: StackFactory) -> None:

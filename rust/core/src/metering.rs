@@ -54,6 +54,65 @@ impl Usage {
     }
 }
 
+/// Sums a stream's cumulative per-choice usage into the request's usage.
+///
+/// With `continuous_usage_stats`, vLLM puts on each choice chunk the usage of that choice alone
+/// (its prompt's tokens and that choice's completion tokens so far); the final usage-only chunk
+/// has the request's total. Until that final chunk arrives (a stream cut short), the total is
+/// every prompt's tokens once plus every choice's latest completion count.
+#[derive(Debug, Clone)]
+pub struct StreamUsage {
+    n: u64,
+    /// Latest (prompt, completion) tokens per choice index.
+    choices: Vec<(u64, u64)>,
+    cached: u64,
+    total: Option<Usage>,
+}
+
+impl StreamUsage {
+    pub fn new(n: u64) -> Self {
+        Self {
+            n: n.max(1),
+            choices: Vec::new(),
+            cached: 0,
+            total: None,
+        }
+    }
+
+    /// Takes one event's usage: `choice` is its choice index, `None` for the usage-only event.
+    pub fn observe(&mut self, choice: Option<u64>, usage: Usage) {
+        match choice.and_then(|c| usize::try_from(c).ok()) {
+            None => self.total = Some(usage),
+            Some(index) => {
+                if self.choices.len() <= index {
+                    self.choices.resize(index + 1, (0, 0));
+                }
+                self.choices[index] = (usage.prompt_tokens, usage.completion_tokens);
+                if self.total.is_none() {
+                    self.cached = self.cached.max(usage.cached_tokens);
+                }
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        if let Some(total) = self.total {
+            return total;
+        }
+        let n = usize::try_from(self.n).unwrap_or(usize::MAX);
+        Usage {
+            // Every choice of a prompt repeats that prompt's count; take it once per prompt.
+            prompt_tokens: self
+                .choices
+                .chunks(n)
+                .map(|c| c.iter().map(|u| u.0).max().unwrap_or(0))
+                .sum(),
+            completion_tokens: self.choices.iter().map(|u| u.1).sum(),
+            cached_tokens: self.cached,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -243,6 +302,36 @@ mod tests {
             Some(0)
         );
         assert_eq!(Usage::from_json(b"null"), None);
+    }
+
+    fn u(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn stream_usage_sums_choices_until_the_total_arrives() {
+        // Two prompts (5 and 7 tokens) with n = 2: choices 0,1 are prompt 0; 2,3 prompt 1.
+        let mut usage = StreamUsage::new(2);
+        usage.observe(Some(0), u(5, 1));
+        usage.observe(Some(1), u(5, 1));
+        usage.observe(Some(0), u(5, 2));
+        usage.observe(Some(3), u(7, 4));
+        assert_eq!(usage.usage(), u(12, 2 + 1 + 4));
+        usage.observe(None, u(12, 9));
+        usage.observe(Some(1), u(5, 3));
+        assert_eq!(usage.usage(), u(12, 9), "the final total wins");
+    }
+
+    #[test]
+    fn stream_usage_with_one_choice_is_the_latest() {
+        let mut usage = StreamUsage::new(1);
+        usage.observe(Some(0), u(3, 0));
+        usage.observe(Some(0), u(3, 1));
+        assert_eq!(usage.usage(), u(3, 1));
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub async fn dispatch(
                         rest,
                         meter,
                         outstanding,
-                        request.client_usage,
+                        &request,
                     );
                 }
                 Err(error) => {

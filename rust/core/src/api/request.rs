@@ -54,6 +54,8 @@ pub struct InferenceRequest {
     pub client_usage: StreamUsage,
     /// The client's `max_completion_tokens` / `max_tokens`, when given.
     pub max_tokens: Option<u64>,
+    /// Choices per prompt.
+    pub n: u64,
     /// The client's `X-Request-Id`, forwarded so the worker bases its response id on it.
     pub client_request_id: Option<String>,
     /// The JSON body as the client sent it.
@@ -155,7 +157,8 @@ impl InferenceRequest {
             "a non-negative integer",
         )?;
         let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
-        if member::<u64>(members.n, "n", "a positive integer")? == Some(0) {
+        let n = member::<u64>(members.n, "n", "a positive integer")?.unwrap_or(1);
+        if n == 0 {
             return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
         }
         match endpoint {
@@ -184,6 +187,7 @@ impl InferenceRequest {
             stream,
             client_usage,
             max_tokens,
+            n,
             client_request_id,
             body,
         })

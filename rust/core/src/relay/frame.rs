@@ -24,6 +24,10 @@ pub struct Inspected {
     pub action: FrameAction,
     /// Cumulative usage the event carried.
     pub usage: Option<Usage>,
+    /// Whose usage it is: the index of the event's choice, or `None` for the stream's
+    /// usage-only event, whose usage covers every choice. (vLLM's continuous usage on a choice
+    /// chunk counts that choice's tokens only.)
+    pub choice: Option<u64>,
     /// The event is the stream's `data: [DONE]`.
     pub done: bool,
     /// The event is an in-stream error (`data: {"error": ...}`).
@@ -37,6 +41,7 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
     let mut inspected = Inspected {
         action: FrameAction::Keep,
         usage: None,
+        choice: None,
         done: false,
         error: false,
     };
@@ -53,8 +58,11 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         return inspected;
     };
     inspected.usage = Usage::from_json(&payload[span.value.clone()]);
-    let usage_only = json::find_member(payload, "choices")
-        .is_some_and(|choices| payload[choices.value].trim_ascii() == b"[]");
+    let choices = json::find_member(payload, "choices").map(|c| &payload[c.value]);
+    let usage_only = choices.is_some_and(|c| c.trim_ascii() == b"[]");
+    if !usage_only {
+        inspected.choice = choices.and_then(first_choice_index);
+    }
     inspected.action = if usage_only {
         if client.include_usage {
             FrameAction::Keep
@@ -70,6 +78,14 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         FrameAction::Replace(out)
     };
     inspected
+}
+
+/// The `index` of the first object in a `choices` array.
+fn first_choice_index(choices: &[u8]) -> Option<u64> {
+    let open = choices.iter().position(|&b| b == b'{')?;
+    let object = &choices[open..];
+    let span = json::find_member(object, "index")?;
+    std::str::from_utf8(&object[span.value]).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -108,6 +124,7 @@ mod tests {
     fn client_without_usage_gets_chunks_stripped_and_no_usage_chunk() {
         let chunk = inspect(CHUNK.as_bytes(), NONE);
         assert_eq!(chunk.usage, usage(3, 2));
+        assert_eq!(chunk.choice, Some(0));
         assert_eq!(
             chunk.action,
             FrameAction::Replace(
@@ -116,6 +133,7 @@ mod tests {
         );
         let last = inspect(FINAL.as_bytes(), NONE);
         assert_eq!(last.usage, usage(3, 3));
+        assert_eq!(last.choice, None);
         assert_eq!(last.action, FrameAction::Drop);
     }
 
@@ -141,6 +159,12 @@ mod tests {
             inspect(FINAL.as_bytes(), CONTINUOUS).action,
             FrameAction::Keep
         );
+    }
+
+    #[test]
+    fn choice_index_of_a_later_choice() {
+        let event = b"data: {\"choices\":[ {\"text\":\"x\",\"index\":3}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n";
+        assert_eq!(inspect(event, NONE).choice, Some(3));
     }
 
     #[test]

@@ -17,10 +17,10 @@ use hyper::body::Incoming;
 
 use super::frame::{FrameAction, inspect};
 use super::sse::SseSplitter;
-use crate::api::request::StreamUsage;
+use crate::api::request::{InferenceRequest, StreamUsage};
 use crate::error::ApiError;
 use crate::json;
-use crate::metering::{MeterGuard, Status, Usage};
+use crate::metering::{MeterGuard, Status, StreamUsage as UsageSum, Usage};
 use crate::router::Outstanding;
 
 /// Worker response headers the client sees; framing headers are the gateway's own.
@@ -66,14 +66,15 @@ pub fn streaming_response(
     body: Incoming,
     mut meter: MeterGuard,
     outstanding: Outstanding,
-    client: StreamUsage,
+    request: &InferenceRequest,
 ) -> Response {
     meter.set_http_status(status.as_u16());
     let relay = Relay {
+        usage: UsageSum::new(request.n),
         body,
         first: Some(first),
         splitter: SseSplitter::default(),
-        client,
+        client: request.client_usage,
         meter: Some(meter),
         saw_error: false,
         ended: false,
@@ -91,6 +92,7 @@ struct Relay {
     first: Option<Bytes>,
     splitter: SseSplitter,
     client: StreamUsage,
+    usage: UsageSum,
     /// Present until the stream's outcome is recorded.
     meter: Option<MeterGuard>,
     saw_error: bool,
@@ -138,7 +140,8 @@ impl Relay {
         for event in events {
             let inspected = inspect(&event, self.client);
             if let (Some(usage), Some(meter)) = (inspected.usage, self.meter.as_mut()) {
-                meter.observe(usage);
+                self.usage.observe(inspected.choice, usage);
+                meter.observe(self.usage.usage());
             }
             match inspected.action {
                 FrameAction::Keep => out.extend_from_slice(&event),
