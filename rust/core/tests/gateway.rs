@@ -1,0 +1,179 @@
+//! The gateway in front of in-process simulators, over real sockets: retries, failover, the
+//! usage stripping of streams and the one usage event per request.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on a bad fixture"
+)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_core::Gateway;
+use gateway_core::config::GatewayConfig;
+use gateway_core::metering::{Status, UsageEvent};
+use gateway_core::serve::ServerHandle;
+use gateway_core::sim::{SimConfig, app};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const KEY: &str = "tg-integration-test-key";
+
+async fn sim(config: SimConfig) -> ServerHandle {
+    ServerHandle::bind(SocketAddr::from(([127, 0, 0, 1], 0)), app(config))
+        .await
+        .unwrap()
+}
+
+async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
+    let workers: Vec<Value> = workers
+        .iter()
+        .map(|w| json!({ "url": format!("http://{}", w.local_addr()) }))
+        .collect();
+    let config = json!({
+        "listen": "127.0.0.1:0",
+        "workers": workers,
+        "routing": { "health_interval_ms": 50, "max_attempts": 2 },
+    });
+    let mut gateway = Gateway::new(GatewayConfig::from_json(&config.to_string()).unwrap()).unwrap();
+    let hash: String = Sha256::digest(KEY.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let keys = json!({ "keys": [{ "hash": hash, "key_id": "key_1", "tenant_id": "ten_1" }] });
+    gateway.set_keys(&keys.to_string()).unwrap();
+    let addr = gateway.start().await.unwrap();
+    (gateway, addr)
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> (StatusCode, String) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Waits for `n` events (they are recorded as responses end, possibly after the client read).
+async fn events(gateway: &Gateway, n: usize) -> Vec<UsageEvent> {
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events.extend(gateway.drain_usage(usize::MAX));
+        if events.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_worker_is_retried_on_another() {
+    let broken = sim(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let good = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&broken, &good]).await;
+    for _ in 0..6 {
+        let (status, body) = post(
+            addr,
+            "/v1/completions",
+            json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let events = events(&gateway, 6).await;
+    let good_url = format!("http://{}", good.local_addr());
+    assert_eq!(events.len(), 6);
+    assert!(events.iter().all(|e| e.status == Status::Completed));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.worker.as_deref() == Some(good_url.as_str()))
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.prompt_tokens == 3 && e.completion_tokens == 2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_5xx_on_the_last_attempt_is_relayed_as_sent() {
+    let broken = sim(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let (gateway, addr) = gateway(&[&broken]).await;
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        json!({"model": "sim-model", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains("simulated engine failure"), "{body}");
+    let events = events(&gateway, 1).await;
+    assert_eq!(events[0].status, Status::Failed);
+    assert_eq!(events[0].http_status, 500);
+    assert_eq!(events[0].completion_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_usage_is_metered_and_stripped_unless_asked_for() {
+    let worker = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&worker]).await;
+    let request = |options: Value| {
+        let mut body =
+            json!({"model": "sim-model", "prompt": "one two", "max_tokens": 3, "stream": true});
+        if !options.is_null() {
+            body["stream_options"] = options;
+        }
+        post(addr, "/v1/completions", body)
+    };
+    let frames = |text: &str| -> Vec<String> {
+        text.split("\n\n")
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+
+    let (status, plain) = request(Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    let plain = frames(&plain);
+    assert_eq!(plain.len(), 4, "three tokens and [DONE]: {plain:?}");
+    assert!(plain.iter().all(|f| !f.contains("usage")), "{plain:?}");
+    assert_eq!(plain.last().map(String::as_str), Some("data: [DONE]"));
+
+    let (_, with_usage) = request(json!({"include_usage": true})).await;
+    let with_usage = frames(&with_usage);
+    assert_eq!(with_usage.len(), 5);
+    let usage_frames: Vec<_> = with_usage.iter().filter(|f| f.contains("usage")).collect();
+    assert_eq!(usage_frames.len(), 1);
+    assert!(usage_frames[0].contains(r#""choices":[]"#));
+
+    let events = events(&gateway, 2).await;
+    assert_eq!(events.len(), 2);
+    for event in events {
+        assert_eq!(event.status, Status::Completed);
+        assert_eq!((event.prompt_tokens, event.completion_tokens), (3, 3));
+        assert!(event.stream);
+    }
+}
