@@ -1,11 +1,7 @@
 //! The gateway in front of in-process simulators, over real sockets: retries, failover, the
 //! usage stripping of streams and the one usage event per request.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly on a bad fixture"
-)]
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 
 use std::net::SocketAddr;
 use std::time::Duration;
