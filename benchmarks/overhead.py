@@ -1,0 +1,554 @@
+"""Gateway overhead: the gateway in front of `gateway sim` against the simulator addressed directly.
+
+    python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 6 minutes
+    python benchmarks/overhead.py --quick    # 1 round of 2 s runs: a smoke test
+
+Run it with the project's interpreter (`.venv/bin/python`, where `gateway._core` is built). In one
+run, on the same load, it measures for non-streaming and for streaming completions
+(`"max_tokens": 16`, a short prompt; the simulator with `--ttft-ms 0 --itl-ms 0`):
+
+- throughput at saturation: `loadgen --concurrency C` (closed loop), successful requests/s;
+- latency at a fixed moderate rate: `loadgen --rate R` (open loop, 1000 req/s by default), p50
+  and p99 from the due time of each request; "added" is the gateway's figure minus the direct one.
+
+Pinning (two cores): the gateway runs on core 1 (`taskset -c 1`, its Rust threads and its
+Python control plane alike); the simulator and the load generator share core 0 (`taskset -c 0`),
+and so do they in the direct runs, which therefore differ from the gateway runs only by the
+gateway. The gateway's CPU use during each saturation run is reported beside its throughput:
+near 100% means the gateway's core was the bottleneck, well below it means core 0 was.
+
+Auth and metering are on: the harness creates a tenant and an API key with the `gateway` CLI in a
+temporary ledger, and every request (direct ones too, so both sides send the same bytes) carries
+`Authorization: Bearer <key>`; the gateway meters each request into that ledger.
+
+Direct and gateway runs alternate (each round swaps which goes first) so that drift on a shared
+machine hits both sides; the table reports the median over rounds. The load generator is
+`rust/loadgen` (built here with `cargo build --release -p gateway-loadgen` unless `--loadgen` is
+given). Results: a section of `benchmarks/RESULTS.md` (replaced on each full run; `--quick` only
+prints it) and the raw reports in `benchmarks/out/` (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+OUT = ROOT / "benchmarks" / "out"
+BEGIN = "<!-- overhead.py:begin -->"
+END = "<!-- overhead.py:end -->"
+MODEL = "sim-model"
+PROMPT = "The quick brown fox jumps over the lazy dog."
+MODES = ("completions", "completions, streaming")
+
+
+class HarnessError(Exception):
+    """The benchmark could not be run (as opposed to a run that measured errors)."""
+
+
+@dataclass
+class Settings:
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    concurrency: int
+    rate: float
+    gateway_core: int
+    client_core: int
+    loadgen: Path
+    quick: bool
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+class Service:
+    """A `gateway` subcommand started in the background, pinned to one core; its stdout is read by
+    a thread (to find the listening line), its stderr goes to a log file."""
+
+    def __init__(self, name: str, core: int, args: list[str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log: IO[str] = self.log_path.open("w")
+        argv = ["taskset", "-c", str(core), sys.executable, "-m", "gateway", *args]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=workdir
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_listening(self, timeout_s: float = 60.0) -> str:
+        """The base URL from the `... listening on http://HOST:PORT` line."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise HarnessError(f"{self.name} exited early:\n{self.log_tail()}")
+            if match := re.search(r"listening on (http://\S+)", line):
+                return match.group(1).rstrip("/")
+        raise HarnessError(
+            f"{self.name} did not start within {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the process so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def gateway_cli(*args: str, workdir: Path) -> str:
+    """Runs a short `gateway` command and returns its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise HarnessError(f"gateway {' '.join(args)} failed:\n{done.stderr}{done.stdout}")
+    return done.stdout
+
+
+def create_key(workdir: Path, db_url: str) -> str:
+    gateway_cli("tenants", "create", "bench", "--db", db_url, workdir=workdir)
+    out = gateway_cli("keys", "create", "--tenant", "bench", "--db", db_url, workdir=workdir)
+    match = re.search(r"(?m)(?:^|\s)(tg-\S+)", out)
+    if match is None:
+        raise HarnessError(f"no tg- key in the output of `gateway keys create`:\n{out}")
+    return match.group(1)
+
+
+def wait_serving(url: str, key: str, timeout_s: float = 60.0) -> None:
+    """Polls until one authenticated completion succeeds (the gateway may still be probing its
+    worker right after it starts listening)."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 16}).encode()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+                return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}: {exc.read()[:300]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise HarnessError(f"{url} did not serve within {timeout_s:.0f} s; last answer: {last}")
+
+
+def build_loadgen() -> Path:
+    print("building the load generator: cargo build --release -p gateway-loadgen", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "gateway-loadgen"], cwd=ROOT, check=True)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    return (target if target.is_absolute() else ROOT / target) / "release" / "loadgen"
+
+
+def run_loadgen(
+    settings: Settings,
+    url: str,
+    key: str,
+    *,
+    stream: bool,
+    rate: float | None,
+    services: tuple[Service, ...] = (),
+) -> tuple[dict[str, Any], list[float]]:
+    """One loadgen run; returns its report and, for each of `services`, its CPU use over the
+    measured window (after the warm-up) as a fraction of one core."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16}
+    if stream:
+        body["stream"] = True
+    argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
+    argv += ["--body", json.dumps(body), "--header", f"authorization: Bearer {key}"]
+    argv += ["--duration-s", str(settings.duration_s), "--warmup-s", str(settings.warmup_s)]
+    argv += ["--concurrency", str(settings.concurrency)]
+    if rate is not None:
+        argv += ["--rate", str(rate)]
+    if stream:
+        argv.append("--stream")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The window is approximate: loadgen's clock starts once its connections are open.
+    time.sleep(settings.warmup_s + 0.05)
+    cpu0, t0 = [s.cpu_seconds() for s in services], time.monotonic()
+    time.sleep(max(settings.duration_s - 0.1, 0.05))
+    cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
+    stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
+    if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
+        raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
+    report: dict[str, Any] = json.loads(stdout)
+    return report, [(b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1, strict=True)]
+
+
+# --- the measurement ---------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    round: int
+    mode: str
+    kind: str  # "saturation" or "rate"
+    target: str  # "direct" or "gateway"
+    report: dict[str, Any]
+    # CPU use over the measured window, as a fraction of one core.
+    gateway_cpu: float | None = None
+    sim_cpu: float | None = None
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    runs: list[Run] = field(default_factory=list)
+
+    def measure(
+        self, urls: dict[str, str], key: str, gateway: Service, sim: Service, round_: int
+    ) -> None:
+        targets = ["direct", "gateway"] if round_ % 2 == 0 else ["gateway", "direct"]
+        for mode in MODES:
+            stream = "streaming" in mode
+            path = "/v1/completions"
+            for kind, rate in (("saturation", None), ("rate", self.settings.rate)):
+                for target in targets:
+                    report, (gateway_cpu, sim_cpu) = run_loadgen(
+                        self.settings,
+                        urls[target] + path,
+                        key,
+                        stream=stream,
+                        rate=rate,
+                        services=(gateway, sim),
+                    )
+                    run = Run(round_, mode, kind, target, report, gateway_cpu, sim_cpu)
+                    self.runs.append(run)
+                    print(f"  round {round_ + 1} {mode:24} {kind:10} {target:7} {brief(run)}")
+
+    def median(self, mode: str, kind: str, target: str, pick: str) -> float:
+        values = []
+        for run in self.runs:
+            if (run.mode, run.kind, run.target) == (mode, kind, target):
+                report = run.report
+                values.append(
+                    float(report["rps"]) if pick == "rps" else float(report["latency_us"][pick])
+                )
+        return statistics.median(values) if values else float("nan")
+
+    def cpu(self, mode: str) -> float:
+        values = [
+            run.gateway_cpu
+            for run in self.runs
+            if (run.mode, run.kind, run.target) == (mode, "saturation", "gateway")
+            and run.gateway_cpu is not None
+        ]
+        return statistics.median(values) if values else float("nan")
+
+    def problems(self) -> list[str]:
+        found = []
+        for run in self.runs:
+            report = run.report
+            if report["errors"] or report["unsent"]:
+                found.append(
+                    f"round {run.round + 1}, {run.mode}, {run.kind}, {run.target}: "
+                    f"{report['errors']} errors of {report['requests']} requests "
+                    f"{json.dumps(report['error_kinds'])}, {report['unsent']} unsent"
+                )
+        return found
+
+
+def brief(run: Run) -> str:
+    r = run.report
+    lat = r["latency_us"]
+    text = f"{r['rps']:>9.0f} req/s  p50 {lat['p50']:>7.0f} µs  p99 {lat['p99']:>7.0f} µs"
+    text += f"  gateway cpu {run.gateway_cpu or 0:.0%}  sim cpu {run.sim_cpu or 0:.0%}"
+    if r["errors"] or r["unsent"]:
+        text += f"  ERRORS {r['errors']} unsent {r['unsent']}"
+    return text
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "load": f"{os.getloadavg()[0]:.2f}",
+        "nproc": nproc,
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def git_commit() -> str:
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    if head.returncode != 0:
+        return "none (no commit yet)"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+
+
+def section(bench: Bench, meta: dict[str, Any]) -> str:
+    s = bench.settings
+    lines = [
+        BEGIN,
+        "## Gateway overhead",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}; machine: nproc "
+        f"{meta['machine']['nproc']}, {meta['machine']['cpu']}, Linux {meta['machine']['kernel']}, "
+        f"load average {meta['machine']['load']} before the run.",
+        "",
+        f"Gateway (auth and metering on) pinned to core {s.gateway_core}; `gateway sim` "
+        f"(ttft 0, itl 0) and `loadgen` on core {s.client_core}, for the direct runs as well. "
+        f"`/v1/completions`, `max_tokens` 16. Throughput: closed loop, {s.concurrency} "
+        f"connections. Latency: open loop at {s.rate:g} req/s (up to {s.concurrency} "
+        f"connections), measured from each request's due time. Medians of {s.rounds} alternating "
+        f"round(s) of {s.duration_s:g} s after {s.warmup_s:g} s of warm-up.",
+        "",
+        "| mode | direct rps | gateway rps | ratio | gateway CPU | direct p50 / p99 µs "
+        "| gateway p50 / p99 µs | added p50 / p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        d_rps = bench.median(mode, "saturation", "direct", "rps")
+        g_rps = bench.median(mode, "saturation", "gateway", "rps")
+        d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
+        g = [bench.median(mode, "rate", "gateway", p) for p in ("p50", "p99")]
+        ratio = g_rps / d_rps if d_rps else float("nan")
+        lines.append(
+            f"| {mode} | {d_rps:,.0f} | {g_rps:,.0f} | {ratio:.2f} | {bench.cpu(mode):.0%} "
+            f"| {d[0]:,.0f} / {d[1]:,.0f} | {g[0]:,.0f} / {g[1]:,.0f} "
+            f"| {g[0] - d[0]:+,.0f} / {g[1] - d[1]:+,.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        "gateway CPU: the gateway process's CPU time during its saturation runs, as a share of "
+        "one core (100% = its core was the bottleneck)."
+    )
+    if problems := bench.problems():
+        lines += ["", "**Errors during this run** (figures above include only successes):", ""]
+        lines += [f"- {p}" for p in problems]
+    lines += ["", f"Raw reports: `benchmarks/out/{meta['raw']}` (not committed).", END, ""]
+    return "\n".join(lines)
+
+
+def write_results(text: str) -> None:
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        updated = head + text + ("\n" + tail if tail else "")
+    else:
+        updated = current.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(updated)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs; no RESULTS.md")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 1)")
+    parser.add_argument("--duration-s", type=float, help="measured seconds per run (10, quick 2)")
+    parser.add_argument("--warmup-s", type=float, help="warm-up seconds per run (2, quick 0.5)")
+    parser.add_argument("--concurrency", type=int, default=64, help="loadgen connections")
+    parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate, req/s")
+    parser.add_argument("--gateway-core", type=int, default=1)
+    parser.add_argument("--client-core", type=int, default=0, help="simulator and loadgen")
+    parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    return Settings(
+        rounds=args.rounds or (1 if quick else 3),
+        duration_s=args.duration_s or (2.0 if quick else 10.0),
+        warmup_s=args.warmup_s if args.warmup_s is not None else (0.5 if quick else 2.0),
+        concurrency=args.concurrency,
+        rate=args.rate,
+        gateway_core=args.gateway_core,
+        client_core=args.client_core,
+        loadgen=args.loadgen.resolve() if args.loadgen else Path(),
+        quick=quick,
+    )
+
+
+def check_environment(settings: Settings) -> None:
+    if shutil.which("taskset") is None:
+        raise HarnessError("taskset not found (Debian package util-linux)")
+    cores = os.sched_getaffinity(0)
+    for core in (settings.gateway_core, settings.client_core):
+        if core not in cores:
+            raise HarnessError(f"core {core} is not available here (cores: {sorted(cores)})")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import gateway._core"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        raise HarnessError(
+            f"{sys.executable} cannot import gateway._core; run this with the project's "
+            f"interpreter (.venv/bin/python) after building the extension:\n{probe.stderr}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    command = shlex.join(
+        ["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    check_environment(settings)
+    if settings.loadgen == Path():
+        settings.loadgen = build_loadgen()
+    if not settings.loadgen.is_file():
+        raise HarnessError(f"no loadgen binary at {settings.loadgen}")
+
+    stamp = datetime.now(UTC)
+    host = machine()
+    if float(host["load"]) > 0.5:
+        print(f"warning: load average {host['load']}: other work will skew the figures")
+    workdir = Path(tempfile.mkdtemp(prefix="tokengate-overhead-"))
+    db_url = f"sqlite:///{workdir / 'ledger.db'}"
+    key = create_key(workdir, db_url)
+    bench = Bench(settings)
+    services: list[Service] = []
+    try:
+        sim = Service(
+            "sim",
+            settings.client_core,
+            [
+                *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
+                *("--max-num-seqs", str(max(1024, settings.concurrency * 2))),
+                *("--max-output-tokens", "16", "--log-level", "WARNING"),
+            ],
+            workdir,
+        )
+        services.append(sim)
+        sim_url = sim.wait_listening()
+        config = workdir / "gateway.toml"
+        config.write_text(
+            '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
+            f'[[workers]]\nurl = "{sim_url}"\n\n'
+            f'[storage]\nurl = "{db_url}"\n'
+        )
+        gateway = Service(
+            "gateway",
+            settings.gateway_core,
+            ["serve", "--config", str(config), "--log-level", "WARNING"],
+            workdir,
+        )
+        services.append(gateway)
+        gateway_url = gateway.wait_listening()
+        urls = {"direct": sim_url, "gateway": gateway_url}
+        for url in urls.values():
+            wait_serving(url + "/v1/completions", key)
+        print(
+            f"sim {sim_url} (core {settings.client_core}), gateway {gateway_url} "
+            f"(core {settings.gateway_core}), loadgen {settings.loadgen}",
+            flush=True,
+        )
+        for round_ in range(settings.rounds):
+            bench.measure(urls, key, gateway, sim, round_)
+    except BaseException:
+        print(f"logs and ledger kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        for service in reversed(services):
+            status = service.stop()
+            if status not in (0, None, -signal.SIGTERM):
+                print(
+                    f"{service.name} exited with {status}:\n{service.log_tail()}", file=sys.stderr
+                )
+    usage = gateway_cli("usage", "--db", db_url, "--json", workdir=workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    raw_name = f"overhead-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json"
+    meta: dict[str, Any] = {
+        "command": command,
+        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
+        "commit": git_commit(),
+        "machine": host,
+        "raw": raw_name,
+    }
+    raw = {
+        **meta,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()},
+        "runs": [vars(run) for run in bench.runs],
+        "ledger_usage": json.loads(usage) if usage.strip() else None,
+    }
+    (OUT / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
+    text = section(bench, meta)
+    print("\n" + text)
+    if settings.quick:
+        print(f"(--quick: RESULTS.md left alone; raw reports in benchmarks/out/{raw_name})")
+    else:
+        write_results(text)
+        print(f"written to {RESULTS.relative_to(ROOT)} and benchmarks/out/{raw_name}")
+    if problems := bench.problems():
+        print(f"{len(problems)} run(s) had errors or fell behind their rate", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except HarnessError as exc:
+        print(f"overhead.py: {exc}", file=sys.stderr)
+        sys.exit(2)
