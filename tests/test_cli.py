@@ -144,7 +144,7 @@ def usage_event(
         worker=None,
         endpoint="completions",
         stream=False,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         http_status=200,
         prompt_tokens=prompt,
         cached_tokens=0,

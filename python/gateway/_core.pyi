@@ -8,6 +8,13 @@ from typing import final
 
 __version__: str
 
+USAGE_COLUMNS: tuple[str, ...]
+"""The ledger columns of a drained usage tuple, in order (`gateway.ledger.usage.UsageEvent`)."""
+
+UsageRow = tuple[
+    str, str, str, str, str, str | None, str, bool, str, int, int, int, int, str, int, int
+]
+
 class GatewayError(Exception):
     """Base of every error raised by the extension."""
 
@@ -34,8 +41,9 @@ class Gateway:
         "tenant_id": str}]}`; a key absent from the snapshot is rejected on the next request.
         Returns the number of keys now active.
         """
-    def drain_usage(self, max_events: int = 4096) -> str:
-        """Takes up to `max_events` recorded usage events, oldest first, as a JSON array."""
+    def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
+        """Takes up to `max_events` recorded usage events, oldest first, as `USAGE_COLUMNS`
+        tuples."""
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""
     def workers(self) -> str:

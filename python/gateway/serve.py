@@ -14,14 +14,15 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Protocol
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.config import ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, open_ledger
-from gateway.ledger.usage import UsageEvent, insert_usage_events, parse_usage_batch
+from gateway.ledger.usage import insert_usage_events
+
+if TYPE_CHECKING:
+    from gateway._core import UsageRow
 
 __all__ = ["CoreGateway", "KeyPusher", "UsageCollector", "run", "supervise"]
 
@@ -35,7 +36,7 @@ class CoreGateway(Protocol):
     """The part of `gateway._core.Gateway` the control plane drives (a fake in tests)."""
 
     def set_keys(self, snapshot_json: str) -> int: ...
-    def drain_usage(self, max_events: int = 4096) -> str: ...
+    def drain_usage(self, max_events: int = 4096) -> list[UsageRow]: ...
     def pending_usage(self) -> int: ...
     def shutdown(self, grace_s: float) -> None: ...
 
@@ -63,15 +64,14 @@ class UsageCollector:
     """Moves usage events from the core into the ledger, never dropping one it has drained.
 
     Drained events stay in memory until a ledger write succeeds, so a locked or failing database
-    delays them instead of losing them. An event that breaks the contract with the core is
-    logged whole at ERROR, to be recovered by hand, and the rest of its batch is kept.
+    delays them instead of losing them.
     """
 
     def __init__(self, conn: Connection, gateway: CoreGateway, batch: int) -> None:
         self._conn = conn
         self._gateway = gateway
         self._batch = batch
-        self._unsaved: list[UsageEvent] = []
+        self._unsaved: list[UsageRow] = []
         self.recorded = 0
 
     @property
@@ -86,11 +86,10 @@ class UsageCollector:
     def flush(self) -> int:
         """Drains one batch and writes it with any earlier unsaved events; returns how many
         events the core handed over (equal to `batch` means more may be waiting)."""
-        raw = self._gateway.drain_usage(self._batch)
-        drained, events = _parse(raw)
+        events = self._gateway.drain_usage(self._batch)
         self._unsaved.extend(events)
         self.write_unsaved()
-        return drained
+        return len(events)
 
     def write_unsaved(self) -> bool:
         """Writes the unsaved events in one transaction; returns whether none remain."""
@@ -134,34 +133,10 @@ class UsageCollector:
         while not self.write_unsaved():
             if time.monotonic() > deadline:
                 for event in self._unsaved:
-                    logger.error("usage event not recorded: %s", event.model_dump_json())
+                    logger.error("usage event not recorded: %r", event)
                 return False
             time.sleep(0.5)
         return True
-
-
-def _parse(raw: str) -> tuple[int, list[UsageEvent]]:
-    try:
-        events = parse_usage_batch(raw)
-    except ValidationError:
-        pass
-    else:
-        return len(events), events
-    try:
-        items = json.loads(raw)
-    except json.JSONDecodeError:
-        logger.error("usage batch is not JSON, not recorded: %s", raw)
-        return 0, []
-    if not isinstance(items, list):
-        logger.error("usage batch is not a JSON array, not recorded: %s", raw)
-        return 0, []
-    events = []
-    for item in items:
-        try:
-            events.append(UsageEvent.model_validate(item))
-        except ValidationError as exc:
-            logger.error("invalid usage event, not recorded: %s (%s)", json.dumps(item), exc)
-    return len(items), events
 
 
 # Both loops outlive any one failure: a loop that died quietly would stop revocations or metering.

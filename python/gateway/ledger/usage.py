@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from typing import NamedTuple
 
 from gateway.ledger.db import Connection, executemany, now_ms, query, transaction
 
@@ -18,37 +16,36 @@ __all__ = [
     "UsageEvent",
     "UsageTotal",
     "insert_usage_events",
-    "parse_usage_batch",
     "usage_totals",
 ]
 
 
-class UsageEvent(BaseModel):
-    """One request's usage as the core records it (`Gateway.drain_usage`)."""
+class UsageEvent(NamedTuple):
+    """One request's usage, field for field the tuple the core drains (`Gateway.drain_usage`,
+    whose order is `gateway._core.USAGE_COLUMNS`) and the ledger's `usage_events` columns.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    The core is typed and the only producer, so drained tuples go to the ledger as they are.
+    """
 
-    event_id: str = Field(min_length=1)
+    event_id: str
     request_id: str
     tenant_id: str
     key_id: str
     model: str
     worker: str | None
-    endpoint: Literal["chat.completions", "completions"]
+    endpoint: str  # "chat.completions" | "completions"
     stream: bool
-    status: Literal["completed", "cancelled", "failed"]
+    status: str  # "completed" | "cancelled" | "failed"
     http_status: int
-    prompt_tokens: int = Field(ge=0)
-    cached_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    usage_source: Literal["worker", "none"]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    usage_source: str  # "worker" | "none"
     started_at_ms: int
     finished_at_ms: int
 
 
-_BATCH = TypeAdapter(list[UsageEvent])
-
-_FIELDS = tuple(UsageEvent.model_fields)
+_FIELDS = UsageEvent._fields
 _INSERT = (
     f"INSERT INTO usage_events ({', '.join(_FIELDS)}, recorded_at_ms) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in _FIELDS)}, ?) "
@@ -56,17 +53,13 @@ _INSERT = (
 )
 
 
-def parse_usage_batch(raw: str) -> list[UsageEvent]:
-    """Validates one `drain_usage` JSON array; raises `pydantic.ValidationError` on a bad event."""
-    return _BATCH.validate_json(raw)
-
-
-def insert_usage_events(conn: Connection, events: Sequence[UsageEvent]) -> int:
-    """Stores a batch in one transaction; returns how many events were new."""
+def insert_usage_events(conn: Connection, events: Sequence[tuple[object, ...]]) -> int:
+    """Stores a batch (`UsageEvent`s or tuples in their order) in one transaction; returns how
+    many events were new."""
     if not events:
         return 0
     recorded_at = now_ms()
-    rows = [(*(getattr(event, name) for name in _FIELDS), recorded_at) for event in events]
+    rows = [(*event, recorded_at) for event in events]
     with transaction(conn):
         return executemany(conn, _INSERT, rows)
 

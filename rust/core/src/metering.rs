@@ -133,6 +133,27 @@ pub enum UsageSource {
     None,
 }
 
+impl Status {
+    /// The name stored in the ledger (the same as the serialised form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl UsageSource {
+    /// The name stored in the ledger (the same as the serialised form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Worker => "worker",
+            Self::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageEvent {
     pub event_id: String,
@@ -181,6 +202,36 @@ impl Meter {
     }
 }
 
+/// A UUIDv7 event id: the millisecond timestamp, then 74 bits from a per-thread generator.
+///
+/// `Uuid::now_v7` asks the OS for randomness on every call (a syscall per request); this seeds a
+/// SplitMix64 stream once per thread from std's randomly keyed hasher instead. Ids stay unique
+/// across threads and restarts with overwhelming probability, and sort by time.
+fn new_event_id(ms: u64) -> Uuid {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(now_ms());
+            hasher.finish()
+        });
+    }
+    let next = || {
+        STATE.with(|state| {
+            let mut z = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+            state.set(z);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        })
+    };
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&next().to_le_bytes());
+    random[8..].copy_from_slice(&next().to_le_bytes()[..2]);
+    uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -204,7 +255,8 @@ impl MeterGuard {
         stream: bool,
         request_id: Option<&str>,
     ) -> Self {
-        let event_id = Uuid::now_v7().to_string();
+        let started_at_ms = now_ms();
+        let event_id = new_event_id(started_at_ms).to_string();
         let event = UsageEvent {
             request_id: request_id.map_or_else(|| event_id.clone(), str::to_owned),
             event_id,
@@ -220,7 +272,7 @@ impl MeterGuard {
             cached_tokens: 0,
             completion_tokens: 0,
             usage_source: UsageSource::None,
-            started_at_ms: now_ms(),
+            started_at_ms,
             finished_at_ms: 0,
         };
         Self {
@@ -362,6 +414,29 @@ mod tests {
         assert_eq!(events[0].completion_tokens, 2);
         assert_eq!(events[0].usage_source, UsageSource::Worker);
         assert_eq!(meter.pending(), 0);
+    }
+
+    #[test]
+    fn event_ids_are_unique_v7_uuids() {
+        let ids: std::collections::HashSet<Uuid> = (0..10_000).map(|_| new_event_id(42)).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|id| id.get_version_num() == 7));
+    }
+
+    #[test]
+    fn names_match_the_serialised_form() {
+        for status in [Status::Completed, Status::Cancelled, Status::Failed] {
+            assert_eq!(
+                serde_json::to_value(status).ok(),
+                Some(serde_json::Value::from(status.as_str()))
+            );
+        }
+        for source in [UsageSource::Worker, UsageSource::None] {
+            assert_eq!(
+                serde_json::to_value(source).ok(),
+                Some(serde_json::Value::from(source.as_str()))
+            );
+        }
     }
 
     #[test]

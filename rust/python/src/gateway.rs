@@ -6,9 +6,11 @@ use std::time::Duration;
 use gateway_core::config::GatewayConfig;
 use gateway_core::state::AppState;
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 
 use crate::errors::CoreError;
 use crate::runtime::runtime;
+use crate::usage;
 
 #[pyclass(frozen, module = "gateway._core")]
 pub struct Gateway {
@@ -48,9 +50,13 @@ impl Gateway {
     }
 
     #[pyo3(signature = (max_events = 4096))]
-    fn drain_usage(&self, max_events: usize) -> PyResult<String> {
+    fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let events = self.state.meter.drain(max_events);
-        Ok(serde_json::to_string(&events).map_err(CoreError::from)?)
+        let rows = events
+            .iter()
+            .map(|event| usage::to_tuple(py, event))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, rows)
     }
 
     fn pending_usage(&self) -> usize {
