@@ -17,7 +17,41 @@ pub struct MemberSpan {
 }
 
 /// Finds the top-level member `key` of the object in `text`.
+///
+/// Workers put `usage` last, so the object's tail is tried first: `"key":` can only be a key
+/// there (a quote inside a string is escaped), and a value followed by nothing but the object's
+/// closing brace is a top-level member. Anything else takes the full scan.
 pub fn find_member(text: &[u8], key: &str) -> Option<MemberSpan> {
+    find_last_member(text, key).or_else(|| scan_member(text, key))
+}
+
+fn find_last_member(text: &[u8], key: &str) -> Option<MemberSpan> {
+    let mut needle = Vec::with_capacity(key.len() + 3);
+    needle.push(b'"');
+    needle.extend_from_slice(key.as_bytes());
+    needle.extend_from_slice(b"\":");
+    let key_start = memchr::memmem::rfind(text, &needle)?;
+    let value_start = skip_ws(text, key_start + needle.len());
+    let value_end = skip_value(text, value_start)?;
+    let close = skip_ws(text, value_end);
+    if text.get(close) != Some(&b'}') || skip_ws(text, close + 1) != text.len() {
+        return None;
+    }
+    let before = text[..key_start]
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())?;
+    let removal = match text[before] {
+        b',' => before..value_end,
+        b'{' => key_start..value_end,
+        _ => return None,
+    };
+    Some(MemberSpan {
+        value: value_start..value_end,
+        removal,
+    })
+}
+
+fn scan_member(text: &[u8], key: &str) -> Option<MemberSpan> {
     let mut pos = skip_ws(text, 0);
     if text.get(pos) != Some(&b'{') {
         return None;
@@ -64,6 +98,37 @@ pub fn find_member(text: &[u8], key: &str) -> Option<MemberSpan> {
     }
 }
 
+/// Where the value of the top-level member `key` starts, without reading past it: for peeking at
+/// the beginning of a large value (such as `choices`) that need not be skipped whole.
+pub fn value_start(text: &[u8], key: &str) -> Option<usize> {
+    let mut pos = skip_ws(text, 0);
+    if text.get(pos) != Some(&b'{') {
+        return None;
+    }
+    pos += 1;
+    loop {
+        pos = skip_ws(text, pos);
+        if text.get(pos) != Some(&b'"') {
+            return None;
+        }
+        let key_end = skip_string(text, pos)?;
+        let name = &text[pos + 1..key_end - 1];
+        pos = skip_ws(text, key_end);
+        if text.get(pos) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(text, pos + 1);
+        if name == key.as_bytes() {
+            return Some(start);
+        }
+        pos = skip_ws(text, skip_value(text, start)?);
+        if text.get(pos) != Some(&b',') {
+            return None;
+        }
+        pos += 1;
+    }
+}
+
 /// `text` with `span` removed.
 pub fn without(text: &[u8], span: &MemberSpan) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len() - span.removal.len());
@@ -83,10 +148,10 @@ fn skip_ws(text: &[u8], mut pos: usize) -> usize {
 fn skip_string(text: &[u8], pos: usize) -> Option<usize> {
     let mut i = pos + 1;
     loop {
-        match text.get(i)? {
+        i += memchr::memchr2(b'"', b'\\', text.get(i..)?)?;
+        match text[i] {
             b'"' => return Some(i + 1),
-            b'\\' => i += 2,
-            _ => i += 1,
+            _ => i += 2,
         }
     }
 }
@@ -173,6 +238,24 @@ mod tests {
             strip(text, "a").as_deref(),
             Some("{ \"b\": -1.5e3 , \"c\" : \"}\" }")
         );
+    }
+
+    #[test]
+    fn tail_fast_path_agrees_with_the_full_scan() {
+        for (text, key) in [
+            (r#"{"a":1,"usage":{"p":1}}"#, "usage"),
+            (r#"{"usage":{"p":1}}"#, "usage"),
+            (r#"{"a":1 , "usage" : null }"#, "usage"),
+            (r#"{"a":{"usage":1}}"#, "usage"),
+            (r#"{"a":""usage":1}","b":2}"#, "usage"),
+            (r#"{"usage":1,"b":{"usage":2}}"#, "usage"),
+        ] {
+            assert_eq!(
+                find_member(text.as_bytes(), key),
+                scan_member(text.as_bytes(), key),
+                "{text}"
+            );
+        }
     }
 
     #[test]

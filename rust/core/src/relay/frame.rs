@@ -15,8 +15,8 @@ pub enum FrameAction {
     Keep,
     /// Relay nothing.
     Drop,
-    /// Relay this instead.
-    Replace(Vec<u8>),
+    /// Relay the event without these bytes (a `usage` member and its comma).
+    Strip(std::ops::Range<usize>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +48,7 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
     let Some(payload) = event.strip_prefix(DATA) else {
         return inspected;
     };
+    let offset = DATA.len() + (payload.len() - payload.trim_ascii_start().len());
     let payload = payload.trim_ascii();
     if payload == b"[DONE]" {
         inspected.done = true;
@@ -58,8 +59,13 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         return inspected;
     };
     inspected.usage = Usage::from_json(&payload[span.value.clone()]);
-    let choices = json::find_member(payload, "choices").map(|c| &payload[c.value]);
-    let usage_only = choices.is_some_and(|c| c.trim_ascii() == b"[]");
+    // Only the start of `choices` matters: `[]` marks the usage-only event, otherwise the first
+    // choice's `index` says whose usage this is.
+    let choices = json::value_start(payload, "choices").map(|start| &payload[start..]);
+    let usage_only = choices.is_some_and(|c| {
+        c.strip_prefix(b"[")
+            .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"]"))
+    });
     if !usage_only {
         inspected.choice = choices.and_then(first_choice_index);
     }
@@ -72,20 +78,23 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
     } else if client.include_usage && client.continuous_usage_stats {
         FrameAction::Keep
     } else {
-        let mut out = b"data: ".to_vec();
-        out.extend_from_slice(&json::without(payload, &span));
-        out.extend_from_slice(b"\n\n");
-        FrameAction::Replace(out)
+        FrameAction::Strip(offset + span.removal.start..offset + span.removal.end)
     };
     inspected
 }
 
-/// The `index` of the first object in a `choices` array.
+/// The `index` of the first object of the `choices` array that `choices` starts with.
 fn first_choice_index(choices: &[u8]) -> Option<u64> {
-    let open = choices.iter().position(|&b| b == b'{')?;
-    let object = &choices[open..];
-    let span = json::find_member(object, "index")?;
-    std::str::from_utf8(&object[span.value]).ok()?.parse().ok()
+    let object = choices.strip_prefix(b"[")?.trim_ascii_start();
+    let start = json::value_start(object, "index")?;
+    let digits = object[start..]
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(object.len() - start);
+    std::str::from_utf8(&object[start..start + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -125,11 +134,13 @@ mod tests {
         let chunk = inspect(CHUNK.as_bytes(), NONE);
         assert_eq!(chunk.usage, usage(3, 2));
         assert_eq!(chunk.choice, Some(0));
+        let FrameAction::Strip(cut) = chunk.action else {
+            panic!("usage not stripped: {:?}", chunk.action)
+        };
+        let stripped = [&CHUNK.as_bytes()[..cut.start], &CHUNK.as_bytes()[cut.end..]].concat();
         assert_eq!(
-            chunk.action,
-            FrameAction::Replace(
-                b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n".to_vec()
-            )
+            stripped,
+            b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n"
         );
         let last = inspect(FINAL.as_bytes(), NONE);
         assert_eq!(last.usage, usage(3, 3));
@@ -141,7 +152,7 @@ mod tests {
     fn client_with_include_usage_keeps_only_the_usage_chunk() {
         assert!(matches!(
             inspect(CHUNK.as_bytes(), FINAL_ONLY).action,
-            FrameAction::Replace(_)
+            FrameAction::Strip(_)
         ));
         assert_eq!(
             inspect(FINAL.as_bytes(), FINAL_ONLY).action,

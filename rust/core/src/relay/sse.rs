@@ -37,15 +37,7 @@ impl SseSplitter {
 
 /// The index just past the first `\n\n`.
 fn event_end(data: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(offset) = data[from..].iter().position(|&b| b == b'\n') {
-        let at = from + offset;
-        if data.get(at + 1) == Some(&b'\n') {
-            return Some(at + 2);
-        }
-        from = at + 1;
-    }
-    None
+    memchr::memmem::find(data, b"\n\n").map(|at| at + 2)
 }
 
 #[cfg(test)]

@@ -146,7 +146,10 @@ impl Relay {
             match inspected.action {
                 FrameAction::Keep => out.extend_from_slice(&event),
                 FrameAction::Drop => {}
-                FrameAction::Replace(bytes) => out.extend_from_slice(&bytes),
+                FrameAction::Strip(cut) => {
+                    out.extend_from_slice(&event[..cut.start]);
+                    out.extend_from_slice(&event[cut.end..]);
+                }
             }
             self.saw_error |= inspected.error;
             if inspected.done {
