@@ -12,7 +12,8 @@ run, on the same load, it measures for non-streaming and for streaming completio
   and p99 from the due time of each request; "added" is the gateway's figure minus the direct one.
 
 Pinning (two cores): the gateway runs on core 1 (`taskset -c 1`, its Rust threads and its
-Python control plane alike); the simulator and the load generator share core 0 (`taskset -c 0`),
+Python control plane alike; `TOKENGATE_WORKER_THREADS=1` for it and the simulator, one tokio
+worker per pinned core); the simulator and the load generator share core 0 (`taskset -c 0`),
 and so do they in the direct runs, which therefore differ from the gateway runs only by the
 gateway. The gateway's CPU use during each saturation run is reported beside its throughput:
 near 100% means the gateway's core was the bottleneck, well below it means core 0 was.
@@ -91,8 +92,10 @@ class Service:
         self.log_path = workdir / f"{name}.log"
         self._log: IO[str] = self.log_path.open("w")
         argv = ["taskset", "-c", str(core), sys.executable, "-m", "gateway", *args]
+        # One core, so one tokio worker thread: a second would only add context switches.
+        env = {**os.environ, "TOKENGATE_WORKER_THREADS": "1"}
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=workdir
+            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=workdir, env=env
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
