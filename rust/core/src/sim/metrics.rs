@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::plan::Finish;
+use crate::prometheus::{Family, Histogram, escape_label, family, header, sample};
 
 /// vLLM's KV block size, reported in `vllm:cache_config_info`.
 const BLOCK_SIZE: u64 = 16;
@@ -64,56 +65,6 @@ const E2E_BOUNDS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0,
 ];
-
-/// A fixed-bucket histogram of durations. Buckets hold non-cumulative counts; rendering sums
-/// them, so a scrape racing an observation may see `count` and buckets one apart, as Prometheus
-/// clients commonly allow.
-#[derive(Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, family: &Family, labels: &str) {
-        header(out, family);
-        let name = family.name;
-        let mut cumulative = 0;
-        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{bound:?}\"}} {cumulative}.0"
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}.0");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}.0");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum:?}");
-    }
-}
 
 /// The engine's live numbers.
 #[derive(Debug)]
@@ -228,17 +179,6 @@ impl Metrics {
     }
 }
 
-/// A metric family's name, help text and type.
-struct Family {
-    name: &'static str,
-    help: &'static str,
-    kind: &'static str,
-}
-
-const fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
-    Family { name, help, kind }
-}
-
 const RUNNING: Family = family(
     "vllm:num_requests_running",
     "gauge",
@@ -303,26 +243,6 @@ fn gauge_step(gauge: &AtomicU64, up: bool) {
     } else {
         gauge.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-fn header(out: &mut String, family: &Family) {
-    let Family { name, help, kind } = family;
-    // Writing into a `String` cannot fail; the `fmt::Result`s in this file are ignored for that.
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A single-sample family: HELP, TYPE, then `name{labels} value.0`.
-fn sample(out: &mut String, family: &Family, labels: &str, value: u64) {
-    header(out, family);
-    let _ = writeln!(out, "{}{{{labels}}} {value}.0", family.name);
-}
-
-/// Escapes a Prometheus label value (backslash, quote, newline).
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
