@@ -197,3 +197,22 @@ def test_graceful_shutdown_finishes_streams_and_meters_them(make_stack: StackFac
     assert all(len(c) == 40 for c in chunks)
     rows = procs.usage_rows(stack.db)
     assert [(r["status"], r["completion_tokens"]) for r in rows] == [("completed", 40)] * 4
+
+
+def test_metrics_count_what_the_ledger_records(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1)
+    client = stack.client()
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="x y", max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(key="tg-wrong").completions.create(model=MODEL, prompt="x")
+    assert procs.wait_for(lambda: len(stack.rows()) == 3)
+    metrics = procs.scrape(stack.gateway.url)
+    assert metrics["tokengate_requests_total"] == 3
+    assert metrics["tokengate_tokens_total"] == sum(
+        r["prompt_tokens"] + r["completion_tokens"] + r["cached_tokens"]
+        for r in procs.usage_rows(stack.db)
+    )
+    assert metrics["tokengate_rejected_total"] == 1
+    assert metrics["tokengate_worker_healthy"] == 1
+    assert metrics["tokengate_usage_events_pending"] == 0

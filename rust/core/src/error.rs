@@ -21,6 +21,10 @@ pub enum ApiError {
     InvalidKey,
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    #[error("unknown route")]
+    UnknownRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("no healthy worker serves the model `{0}`")]
@@ -45,7 +49,8 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
-            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoHealthyWorker(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -60,6 +65,8 @@ impl ApiError {
             | Self::MissingKey
             | Self::InvalidKey
             | Self::ModelNotFound(_)
+            | Self::UnknownRoute
+            | Self::MethodNotAllowed
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::NoHealthyWorker(_) | Self::ShuttingDown => "service_unavailable",
             Self::Upstream(_) | Self::UpstreamTimeout => "upstream_error",
@@ -73,12 +80,19 @@ impl ApiError {
             Self::MissingKey => Some("missing_api_key"),
             Self::InvalidKey => Some("invalid_api_key"),
             Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::UnknownRoute => Some("unknown_route"),
+            Self::MethodNotAllowed => Some("method_not_allowed"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::NoHealthyWorker(_) => Some("no_healthy_worker"),
             Self::ShuttingDown => Some("shutting_down"),
             Self::Upstream(_) => Some("upstream_failed"),
             Self::UpstreamTimeout => Some("upstream_timeout"),
         }
+    }
+
+    /// Why a request was refused, for metrics: the `code`, or `bad_request` when it has none.
+    pub fn reason(&self) -> &'static str {
+        self.code().unwrap_or("bad_request")
     }
 
     fn param(&self) -> Option<&'static str> {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gateway;
 pub mod json;
 pub mod metering;
+pub mod metrics;
 pub(crate) mod prometheus;
 pub mod relay;
 pub mod router;

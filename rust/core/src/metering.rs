@@ -6,13 +6,16 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::request::Endpoint;
 use crate::auth::Principal;
+use crate::metrics::GatewayMetrics;
 
 /// Token counts as a worker reports them in `usage`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,15 +177,21 @@ pub struct UsageEvent {
     pub finished_at_ms: u64,
 }
 
-/// Recorded events waiting to be drained, oldest first.
+/// Recorded events waiting to be drained, oldest first, and the counters they feed.
 #[derive(Debug, Default)]
 pub struct Meter {
     queue: Mutex<VecDeque<UsageEvent>>,
+    metrics: GatewayMetrics,
 }
 
 impl Meter {
-    pub fn record(&self, event: UsageEvent) {
+    pub fn record(&self, event: UsageEvent, elapsed: Duration) {
+        self.metrics.observe_event(&event, elapsed);
         self.lock().push_back(event);
+    }
+
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
     }
 
     pub fn drain(&self, max: usize) -> Vec<UsageEvent> {
@@ -244,6 +253,7 @@ fn now_ms() -> u64 {
 pub struct MeterGuard {
     meter: Arc<Meter>,
     event: Option<UsageEvent>,
+    started: Instant,
 }
 
 impl MeterGuard {
@@ -278,7 +288,13 @@ impl MeterGuard {
         Self {
             meter,
             event: Some(event),
+            started: Instant::now(),
         }
+    }
+
+    /// Time since the request was dispatched.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     pub fn set_worker(&mut self, worker: Arc<str>) {
@@ -311,7 +327,7 @@ impl MeterGuard {
         if let Some(mut event) = self.event.take() {
             event.status = status;
             event.finished_at_ms = now_ms();
-            self.meter.record(event);
+            self.meter.record(event, self.started.elapsed());
         }
     }
 }

@@ -39,22 +39,28 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// Renders the family; `labels` (already escaped, may be empty) go on every sample.
     pub(crate) fn render(&self, out: &mut String, family: &Family, labels: &str) {
         header(out, family);
         let name = family.name;
+        let (bucket_labels, braced) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
             cumulative += bucket.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "{name}_bucket{{{labels},le=\"{bound:?}\"}} {cumulative}.0"
+                "{name}_bucket{{{bucket_labels}le=\"{bound:?}\"}} {cumulative}.0"
             );
         }
         let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}.0");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}.0");
+        let _ = writeln!(out, "{name}_bucket{{{bucket_labels}le=\"+Inf\"}} {count}.0");
+        let _ = writeln!(out, "{name}_count{braced} {count}.0");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum:?}");
+        let _ = writeln!(out, "{name}_sum{braced} {sum:?}");
     }
 }
 

@@ -12,6 +12,7 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::handlers::reject;
 use super::request::InferenceRequest;
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -38,7 +39,7 @@ pub async fn dispatch(
     principal: &Principal,
 ) -> Response {
     match state.registry.availability(&request.model) {
-        Availability::Unknown => return ApiError::ModelNotFound(request.model).into_response(),
+        Availability::Unknown => return reject(state, ApiError::ModelNotFound(request.model)),
         Availability::Unavailable | Availability::Available => {}
     }
     let mut meter = MeterGuard::begin(
@@ -57,6 +58,7 @@ pub async fn dispatch(
         let Some((index, worker)) = state.registry.pick(&request.model, &tried) else {
             break;
         };
+        state.meter.metrics().attempt(!tried.is_empty());
         tried.push(index);
         let outstanding = worker.begin();
         let sent = state
@@ -84,10 +86,14 @@ pub async fn dispatch(
             }
         };
         meter.set_worker(worker.url.clone());
+        if !request.stream {
+            state.meter.metrics().first_byte(meter.elapsed());
+        }
         let (parts, incoming) = response.into_parts();
         if request.stream && parts.status.is_success() {
             match first_chunk(incoming, &worker.url, state).await {
                 Ok((first, rest)) => {
+                    state.meter.metrics().first_byte(meter.elapsed());
                     return streaming_response(
                         parts.status,
                         &parts.headers,

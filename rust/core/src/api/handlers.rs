@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::dispatch::dispatch;
 use super::request::{Endpoint, InferenceRequest};
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -23,6 +24,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -50,22 +52,34 @@ async fn generate(
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
-    let principal = match state.keys.authenticate(headers) {
-        Ok(principal) => principal,
-        Err(error) => return error.into_response(),
-    };
-    let body = match read_body(body, headers, state.config.max_body_bytes).await {
-        Ok(body) => body,
-        Err(error) => return error.into_response(),
-    };
+    match admit(state, endpoint, headers, body).await {
+        Ok((request, principal)) => dispatch(state, request, &principal).await,
+        Err(error) => reject(state, error),
+    }
+}
+
+/// Authentication, then the body, then its parse: each failure answers before any worker is
+/// involved.
+async fn admit(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(InferenceRequest, Arc<Principal>), ApiError> {
+    let principal = state.keys.authenticate(headers)?;
+    let body = read_body(body, headers, state.config.max_body_bytes).await?;
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    match InferenceRequest::from_json(endpoint, body, request_id) {
-        Ok(request) => dispatch(state, request, &principal).await,
-        Err(error) => error.into_response(),
-    }
+    let request = InferenceRequest::from_json(endpoint, body, request_id)?;
+    Ok((request, principal))
+}
+
+/// Answers a refused request, counting it.
+pub(super) fn reject(state: &AppState, error: ApiError) -> Response {
+    state.meter.metrics().reject(&error);
+    error.into_response()
 }
 
 /// Reads the whole body, refusing more than `limit` bytes without reading past it.
@@ -89,7 +103,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 
 async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(error) = state.keys.authenticate(&headers) {
-        return error.into_response();
+        return reject(&state, error);
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -115,22 +129,26 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn unknown_route() -> Response {
-    let error = ApiError::bad_request("unknown route", None);
+/// Prometheus text; no key needed, like `/health`.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .meter
+        .metrics()
+        .render(&state.registry, state.meter.pending());
     (
-        StatusCode::NOT_FOUND,
-        [(header::CONTENT_TYPE, "application/json")],
-        error.body(),
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
     )
         .into_response()
 }
 
-async fn method_not_allowed() -> Response {
-    let error = ApiError::bad_request("method not allowed on this route", None);
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        [(header::CONTENT_TYPE, "application/json")],
-        error.body(),
-    )
-        .into_response()
+async fn unknown_route(State(state): State<Arc<AppState>>) -> Response {
+    reject(&state, ApiError::UnknownRoute)
+}
+
+async fn method_not_allowed(State(state): State<Arc<AppState>>) -> Response {
+    reject(&state, ApiError::MethodNotAllowed)
 }
