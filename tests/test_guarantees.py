@@ -216,3 +216,25 @@ def test_metrics_count_what_the_ledger_records(make_stack: StackFactory) -> None
     assert metrics["tokengate_rejected_total"] == 1
     assert metrics["tokengate_worker_healthy"] == 1
     assert metrics["tokengate_usage_events_pending"] == 0
+
+
+def test_sdk_stream_closed_early_is_billed_for_what_it_received(make_stack: StackFactory) -> None:
+    """The same cut made the way SDK users make it: `stream.close()` after a few chunks."""
+    stack = make_stack(n_sims=1, itl_ms=30, max_output_tokens=500)
+    stream = stack.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on and on"}],
+        max_tokens=300,
+        stream=True,
+    )
+    tokens = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            tokens += 1
+            if tokens == 8:
+                break
+    stream.close()
+    assert procs.wait_for(lambda: len(stack.rows()) == 1)
+    row = procs.usage_rows(stack.db)[0]
+    assert (row["status"], row["completion_tokens"]) == ("cancelled", tokens)
+    assert row["prompt_tokens"] == (4 + 4) + 3  # one message of four words, as the sim counts
