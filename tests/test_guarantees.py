@@ -238,3 +238,22 @@ def test_sdk_stream_closed_early_is_billed_for_what_it_received(make_stack: Stac
     row = procs.usage_rows(stack.db)[0]
     assert (row["status"], row["completion_tokens"]) == ("cancelled", tokens)
     assert row["prompt_tokens"] == (4 + 4) + 3  # one message of four words, as the sim counts
+
+
+def test_non_streaming_client_that_gives_up_cancels_the_worker(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1, itl_ms=20, max_output_tokens=500)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{stack.base_url}/completions",
+            json={"model": MODEL, "prompt": "x", "max_tokens": 200},
+            headers={"authorization": f"Bearer {stack.key}"},
+            timeout=0.3,
+        )
+    assert procs.wait_for(lambda: len(stack.rows()) == 1)
+    row = procs.usage_rows(stack.db)[0]
+    assert (row["status"], row["worker"]) == ("cancelled", stack.sims[0].url)
+    # No usage reached the gateway, so none is billed; the worker stopped well short of 200.
+    assert (row["completion_tokens"], row["usage_source"]) == (0, "none")
+    sim = stack.sims[0].url
+    assert procs.wait_for(lambda: procs.scrape(sim)["vllm:num_requests_running"] == 0)
+    assert procs.scrape(sim)["vllm:generation_tokens_total"] < 50

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
 
 const KEY: &str = "tg-integration-test-key";
 
@@ -29,10 +30,15 @@ async fn sim(config: SimConfig) -> ServerHandle {
 }
 
 async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
-    let workers: Vec<Value> = workers
+    let urls: Vec<String> = workers
         .iter()
-        .map(|w| json!({ "url": format!("http://{}", w.local_addr()) }))
+        .map(|w| format!("http://{}", w.local_addr()))
         .collect();
+    gateway_at(&urls).await
+}
+
+async fn gateway_at(urls: &[String]) -> (Gateway, SocketAddr) {
+    let workers: Vec<Value> = urls.iter().map(|url| json!({ "url": url })).collect();
     let config = json!({
         "listen": "127.0.0.1:0",
         "workers": workers,
@@ -172,4 +178,21 @@ async fn stream_usage_is_metered_and_stripped_unless_asked_for() {
         assert_eq!((event.prompt_tokens, event.completion_tokens), (3, 3));
         assert!(event.stream);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_is_503_while_a_worker_has_not_listed_its_models() {
+    let worker = sim(SimConfig::default()).await;
+    // Nothing listens there: like a vLLM worker still loading its model.
+    let starting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let starting_url = format!("http://{}", starting.local_addr().unwrap());
+    drop(starting);
+    let (_gateway, addr) =
+        gateway_at(&[format!("http://{}", worker.local_addr()), starting_url]).await;
+    let body = json!({"model": "other-model", "prompt": "x"});
+    let (status, text) = post(addr, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    let (_gateway, addr) = gateway(&[&worker]).await;
+    let (status, _) = post(addr, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

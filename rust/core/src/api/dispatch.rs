@@ -60,6 +60,7 @@ pub async fn dispatch(
         };
         state.meter.metrics().attempt(!tried.is_empty());
         tried.push(index);
+        meter.set_worker(worker.url.clone());
         let outstanding = worker.begin();
         let sent = state
             .upstream
@@ -85,7 +86,6 @@ pub async fn dispatch(
                 continue;
             }
         };
-        meter.set_worker(worker.url.clone());
         if !request.stream {
             state.meter.metrics().first_byte(meter.elapsed());
         }

@@ -10,9 +10,10 @@ use super::worker::Worker;
 pub enum Availability {
     /// A healthy worker serves it.
     Available,
-    /// Only workers that are down served it when last seen.
+    /// Only workers that are down served it when last seen, or a worker that has not listed its
+    /// models yet (still starting) might serve it.
     Unavailable,
-    /// No worker has ever listed it.
+    /// No worker serves it, and every worker has said what it serves.
     Unknown,
 }
 
@@ -37,16 +38,17 @@ impl Registry {
     }
 
     pub fn availability(&self, model: &str) -> Availability {
-        let mut known = false;
+        let mut maybe = false;
         for worker in &self.workers {
             if worker.serves(model) {
                 if worker.is_healthy() {
                     return Availability::Available;
                 }
-                known = true;
+                maybe = true;
             }
+            maybe |= !worker.has_listed();
         }
-        if known {
+        if maybe {
             Availability::Unavailable
         } else {
             Availability::Unknown
@@ -159,6 +161,17 @@ mod tests {
         assert_eq!(registry.availability("x"), Availability::Unknown);
         a.set_healthy(true);
         assert_eq!(registry.availability("m"), Availability::Available);
+    }
+
+    #[test]
+    fn a_worker_that_never_listed_makes_any_model_unavailable_not_unknown() {
+        let Ok(starting) = Worker::new("http://starting") else {
+            panic!("bad url")
+        };
+        let registry = Registry::new(vec![worker("http://a", &["m"], true), Arc::new(starting)]);
+        assert_eq!(registry.availability("x"), Availability::Unavailable);
+        registry.workers()[1].set_models(Vec::new());
+        assert_eq!(registry.availability("x"), Availability::Unknown);
     }
 
     #[test]

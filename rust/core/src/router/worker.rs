@@ -30,6 +30,8 @@ pub struct Worker {
     /// The models of the last successful probe, kept while the worker is down so that a request
     /// for its model is answered 503 (temporarily unavailable), not 404 (no such model).
     models: ArcSwap<Vec<ModelCard>>,
+    /// Whether a probe has ever read this worker's model list.
+    listed: AtomicBool,
 }
 
 impl Worker {
@@ -45,6 +47,7 @@ impl Worker {
             healthy: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             models: ArcSwap::from_pointee(Vec::new()),
+            listed: AtomicBool::new(false),
         })
     }
 
@@ -80,6 +83,13 @@ impl Worker {
 
     pub fn set_models(&self, models: Vec<ModelCard>) {
         self.models.store(Arc::new(models));
+        self.listed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether its model list is known: a worker still starting up (vLLM takes a while to load)
+    /// may serve any model.
+    pub fn has_listed(&self) -> bool {
+        self.listed.load(Ordering::Relaxed)
     }
 
     /// Counts a request against this worker until the returned guard drops.
