@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,11 +30,8 @@ from gateway.ledger.tenants import (
     list_tenants,
     set_tenant_disabled,
 )
-from gateway.ledger.usage import (
-    UsageEvent,
-    insert_usage_events,
-    usage_totals,
-)
+from gateway.ledger.usage import insert_usage_events, usage_totals
+from tests.conftest import usage_event as event
 
 
 @pytest.fixture
@@ -48,29 +43,6 @@ def url(tmp_path: Path) -> str:
 def conn(url: str) -> Iterator[Connection]:
     with open_ledger(url) as connection:
         yield connection
-
-
-def event(**overrides: Any) -> UsageEvent:
-    fields: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "request_id": "req-1",
-        "tenant_id": "ten_000000000001",
-        "key_id": "key_000000000001",
-        "model": "sim-model",
-        "worker": "http://127.0.0.1:8001",
-        "endpoint": "chat.completions",
-        "stream": True,
-        "status": "completed",
-        "http_status": 200,
-        "prompt_tokens": 10,
-        "cached_tokens": 2,
-        "completion_tokens": 5,
-        "usage_source": "worker",
-        "started_at_ms": 1_700_000_000_000,
-        "finished_at_ms": 1_700_000_000_250,
-    }
-    fields.update(overrides)
-    return UsageEvent(**fields)
 
 
 def count_events(conn: Connection) -> int:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
 from gateway.serve import KeyPusher, UsageCollector, supervise
+from tests.conftest import usage_event as event
 
 if TYPE_CHECKING:
     from gateway._core import UsageRow
@@ -51,27 +51,6 @@ class FakeCore:
     def shutdown(self, grace_s: float) -> None:
         self.shutdown_grace = grace_s
         self.queue.extend(self.events_at_shutdown)
-
-
-def event(tenant_id: str = "ten_000000000001", completion: int = 5) -> UsageEvent:
-    return UsageEvent(
-        event_id=str(uuid.uuid4()),
-        request_id="req",
-        tenant_id=tenant_id,
-        key_id="key_000000000001",
-        model="sim-model",
-        worker="http://127.0.0.1:8001",
-        endpoint="chat.completions",
-        stream=True,
-        status="completed",
-        http_status=200,
-        prompt_tokens=10,
-        cached_tokens=0,
-        completion_tokens=completion,
-        usage_source="worker",
-        started_at_ms=1,
-        finished_at_ms=2,
-    )
 
 
 @pytest.fixture
@@ -139,7 +118,7 @@ def test_supervise_collects_while_serving_and_after_shutdown(conn: Connection) -
     create_tenant(conn, "acme")
     key = create_key(conn, "acme")
     core = FakeCore()
-    core.events_at_shutdown = [event(completion=1000)]
+    core.events_at_shutdown = [event(completion_tokens=1000)]
     control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10, usage_batch=3)
 
     async def scenario() -> int:

@@ -23,6 +23,8 @@ __all__ = [
     "ConfigFileError",
     "ControlConfig",
     "GatewayConfig",
+    "IpHost",
+    "Port",
     "RoutingConfig",
     "ServerConfig",
     "StorageConfig",
@@ -58,6 +60,11 @@ def validate_ip_host(host: str) -> str:
     return host
 
 
+# Option types that `gateway serve` and `gateway sim` share; their bounds show in `options_table()`.
+IpHost = Annotated[str, AfterValidator(validate_ip_host)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
 def listen_address(host: str, port: int) -> str:
     """`host:port` as a socket address, with IPv6 hosts bracketed (`[::1]:8000`)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -89,13 +96,11 @@ class ServerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    host: Annotated[str, AfterValidator(validate_ip_host)] = Field(
+    host: IpHost = Field(
         default="127.0.0.1",
         description="IP address to listen on (`0.0.0.0` or `::` for every interface).",
     )
-    port: int = Field(
-        default=8000, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port."
-    )
+    port: Port = Field(default=8000, description="TCP port to listen on; 0 picks a free port.")
     max_body_bytes: int = Field(
         default=4_194_304,
         ge=1024,

@@ -11,9 +11,9 @@ import logging
 import signal
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.config import listen_address, validate_ip_host
+from gateway.config import IpHost, Port, listen_address
 
 __all__ = ["SHUTDOWN_GRACE_S", "SimConfig", "run"]
 
@@ -24,64 +24,51 @@ SHUTDOWN_GRACE_S = 5.0
 # The core's upper bound on `max_num_seqs` (rust/core/src/sim/config.rs).
 MAX_NUM_SEQS = 1 << 24
 
+# The core's types of these settings (rust/core/src/sim/config.rs) as bounds.
+_U64 = Annotated[int, Field(ge=0, lt=2**64)]
+_NonZeroU32 = Annotated[int, Field(ge=1, lt=2**32)]
+_Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
 
 class SimConfig(BaseModel):
     """Settings of one simulated worker."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    host: Annotated[str, AfterValidator(validate_ip_host)] = Field(
-        default="127.0.0.1", description="IP address to listen on."
-    )
-    port: int = Field(default=8001, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+    host: IpHost = Field(default="127.0.0.1", description="IP address to listen on.")
+    port: Port = Field(default=8001, description="TCP port; 0 picks a free port.")
     model: str = Field(
         default="sim-model",
         min_length=1,
         description="Served model name, the only one `/v1/models` lists and requests may name.",
     )
-    max_model_len: int = Field(
-        default=4096,
-        ge=1,
-        lt=2**32,
-        description="Context length: prompt tokens plus max_tokens may not exceed it.",
+    max_model_len: _NonZeroU32 = Field(
+        default=4096, description="Context length: prompt tokens plus max_tokens may not exceed it."
     )
-    ttft_ms: int = Field(
+    ttft_ms: _U64 = Field(
         default=0,
-        ge=0,
-        lt=2**64,
         description="Time to first token, counted from when a sequence slot is obtained.",
     )
-    itl_ms: int = Field(
-        default=0, ge=0, lt=2**64, description="Inter-token latency; 0 emits every token at once."
-    )
+    itl_ms: _U64 = Field(default=0, description="Inter-token latency; 0 emits every token at once.")
     max_num_seqs: int = Field(
         default=256,
         ge=1,
         le=MAX_NUM_SEQS,
         description="Concurrent sequences; further requests wait in the simulator's queue.",
     )
-    max_output_tokens: int = Field(
-        default=64,
-        ge=1,
-        lt=2**32,
-        description="The simulated EOS: generation stops after this many tokens.",
+    max_output_tokens: _NonZeroU32 = Field(
+        default=64, description="The simulated EOS: generation stops after this many tokens."
     )
-    error_rate: float = Field(
+    error_rate: _Fraction = Field(
         default=0.0,
-        ge=0.0,
-        le=1.0,
         description="Fraction of generation requests answered with a 500 before generating.",
     )
-    die_rate: float = Field(
+    die_rate: _Fraction = Field(
         default=0.0,
-        ge=0.0,
-        le=1.0,
         description="Fraction of streaming requests whose connection is cut halfway through.",
     )
-    seed: int = Field(
+    seed: _U64 = Field(
         default=0,
-        ge=0,
-        lt=2**64,
         description="Seed of the failure injection: the same seed fails the same requests.",
     )
 

@@ -13,10 +13,10 @@ from gateway.keys import new_key, new_key_id
 from gateway.ledger.db import (
     Connection,
     NotFoundError,
-    Row,
     execute,
     now_ms,
     query,
+    query_as,
     transaction,
 )
 from gateway.ledger.tenants import get_tenant_by_name_or_id
@@ -33,6 +33,7 @@ __all__ = [
     "revoke_key",
 ]
 
+# In the order of `ApiKey`'s fields.
 _COLUMNS = "k.id, k.tenant_id, t.name, k.prefix, k.name, k.created_at, k.revoked_at"
 _FROM = "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
 
@@ -77,24 +78,12 @@ class KeySnapshot(TypedDict):
     keys: list[SnapshotEntry]
 
 
-def _api_key(row: Row) -> ApiKey:
-    return ApiKey(
-        id=row[0],
-        tenant_id=row[1],
-        tenant_name=row[2],
-        prefix=row[3],
-        name=row[4],
-        created_at=row[5],
-        revoked_at=row[6],
-    )
-
-
 def get_key(conn: Connection, key_id: str) -> ApiKey:
     """The key with this id; `NotFoundError` if there is none."""
-    rows = query(conn, f"SELECT {_COLUMNS} {_FROM} WHERE k.id = ?", (key_id,))
-    if not rows:
+    keys = query_as(conn, ApiKey, f"SELECT {_COLUMNS} {_FROM} WHERE k.id = ?", (key_id,))
+    if not keys:
         raise NotFoundError(f"no API key with id {key_id!r}")
-    return _api_key(rows[0])
+    return keys[0]
 
 
 def create_key(conn: Connection, tenant: str, name: str | None = None) -> CreatedKey:
@@ -120,8 +109,7 @@ def list_keys(conn: Connection, tenant_id: str | None = None) -> list[ApiKey]:
     if tenant_id is not None:
         sql += " WHERE k.tenant_id = ?"
         params = (tenant_id,)
-    rows = query(conn, sql + " ORDER BY t.name, k.created_at, k.id", params)
-    return [_api_key(row) for row in rows]
+    return query_as(conn, ApiKey, sql + " ORDER BY t.name, k.created_at, k.id", params)
 
 
 def revoke_key(conn: Connection, key_id: str) -> ApiKey:

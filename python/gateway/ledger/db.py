@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -31,6 +31,7 @@ __all__ = [
     "open_ledger",
     "parse_url",
     "query",
+    "query_as",
     "schema_version",
     "transaction",
 ]
@@ -40,6 +41,8 @@ Row = tuple[Any, ...]
 # The driver's exceptions, so that repositories and callers never name the driver.
 DatabaseError = sqlite3.Error
 IntegrityError = sqlite3.IntegrityError
+
+_T = TypeVar("_T")
 
 SQLITE_PREFIX = "sqlite:///"
 BUSY_TIMEOUT_MS = 10_000
@@ -138,6 +141,14 @@ def query(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
     """Runs one SELECT and returns every row."""
     with closing(conn.execute(sql, params)) as cursor:
         return cursor.fetchall()
+
+
+def query_as(
+    conn: Connection, record: Callable[..., _T], sql: str, params: Sequence[Any] = ()
+) -> list[_T]:
+    """Runs one SELECT and returns `record(*row)` for every row: the SELECT lists its columns in
+    the order of `record`'s parameters (a dataclass's fields)."""
+    return [record(*row) for row in query(conn, sql, params)]
 
 
 @contextmanager

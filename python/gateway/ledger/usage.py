@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from gateway.ledger.db import Connection, executemany, now_ms, query, transaction
+from gateway.ledger.db import Connection, executemany, now_ms, query_as, transaction
 
 __all__ = [
     "UsageEvent",
@@ -87,6 +87,7 @@ def usage_totals(
     """
     status = "u.status" if by_status else "NULL"
     group = "u.tenant_id, t.name, u.model" + (", u.status" if by_status else "")
+    # The columns in the order of `UsageTotal`'s fields.
     sql = (
         f"SELECT u.tenant_id, t.name, u.model, {status}, COUNT(*), "  # noqa: S608
         "SUM(u.prompt_tokens), SUM(u.cached_tokens), SUM(u.completion_tokens) "
@@ -99,16 +100,4 @@ def usage_totals(
     sql += f" GROUP BY {group} ORDER BY t.name, u.tenant_id, u.model"
     if by_status:
         sql += ", u.status"
-    return [
-        UsageTotal(
-            tenant_id=row[0],
-            tenant_name=row[1],
-            model=row[2],
-            status=row[3],
-            requests=row[4],
-            prompt_tokens=row[5],
-            cached_tokens=row[6],
-            completion_tokens=row[7],
-        )
-        for row in query(conn, sql, params)
-    ]
+    return query_as(conn, UsageTotal, sql, params)

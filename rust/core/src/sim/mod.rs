@@ -12,6 +12,8 @@ mod plan;
 mod request;
 mod response;
 mod sse;
+#[cfg(test)]
+mod test_support;
 mod tokens;
 
 pub use config::{SimConfig, SimConfigError};

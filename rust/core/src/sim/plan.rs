@@ -183,18 +183,7 @@ mod tests {
 
     use super::*;
     use crate::sim::request::{chat, completion};
-
-    fn config() -> SimConfig {
-        SimConfig {
-            max_model_len: 100,
-            max_output_tokens: 10,
-            ..SimConfig::default()
-        }
-    }
-
-    fn err(result: Result<Plan, ApiError>) -> ApiError {
-        result.err().unwrap()
-    }
+    use crate::sim::test_support::{config, err};
 
     #[test]
     fn chat_counts_prompt_tokens_and_resolves_max_tokens_like_vllm() {

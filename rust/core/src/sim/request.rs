@@ -14,33 +14,58 @@ use super::tokens;
 /// Completions' `max_tokens` when the request names none.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
 
-#[derive(Deserialize)]
-struct ChatBody {
-    messages: Vec<Message>,
-    max_completion_tokens: Option<i64>,
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    n: Option<i64>,
-    stream: Option<bool>,
-    stream_options: Option<Map<String, Value>>,
-    stop: Option<Stop>,
-    seed: Option<i64>,
-    temperature: Option<f64>,
-    ignore_eos: Option<bool>,
+/// Declares a route's body: its own fields, then the fields every route takes (in this order,
+/// which is also the order of the array form serde accepts), and `shared()`, which moves out
+/// those `Shared::validate` checks; `max_tokens` stays, as each route resolves it its own way.
+/// Not `#[serde(flatten)]`: that buffers every field into a map before deserialising it.
+macro_rules! body {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Deserialize)]
+        struct $name {
+            $($field: $ty,)*
+            model: Option<String>,
+            max_tokens: Option<i64>,
+            n: Option<i64>,
+            stream: Option<bool>,
+            stream_options: Option<Map<String, Value>>,
+            stop: Option<Stop>,
+            seed: Option<i64>,
+            temperature: Option<f64>,
+            ignore_eos: Option<bool>,
+        }
+
+        impl $name {
+            /// Moves the fields `Shared` validates out of the body, leaving `None`.
+            fn shared(&mut self) -> Shared {
+                Shared {
+                    model: self.model.take(),
+                    n: self.n.take(),
+                    stream: self.stream.take(),
+                    stream_options: self.stream_options.take(),
+                    stop: self.stop.take(),
+                    seed: self.seed.take(),
+                    temperature: self.temperature.take(),
+                    ignore_eos: self.ignore_eos.take(),
+                }
+            }
+        }
+    };
 }
 
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: Prompt,
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    n: Option<i64>,
-    stream: Option<bool>,
-    stream_options: Option<Map<String, Value>>,
-    stop: Option<Stop>,
-    seed: Option<i64>,
-    temperature: Option<f64>,
-    ignore_eos: Option<bool>,
+body! {
+    /// A `/v1/chat/completions` body.
+    struct ChatBody {
+        messages: Vec<Message>,
+        max_completion_tokens: Option<i64>,
+    }
+}
+
+body! {
+    /// A `/v1/completions` body.
+    struct CompletionBody {
+        prompt: Prompt,
+    }
 }
 
 /// One chat message; only what the fake chat template reads.
@@ -203,20 +228,10 @@ fn check_model(model: Option<&str>, config: &SimConfig) -> Result<(), ApiError> 
 
 /// Parses a `/v1/chat/completions` body.
 pub(crate) fn chat(body: &[u8], config: &SimConfig) -> Result<Plan, ApiError> {
-    let b: ChatBody = parse_json(body)?;
+    let mut b: ChatBody = parse_json(body)?;
     let completion = max_tokens(b.max_completion_tokens, "max_completion_tokens")?;
     let legacy = max_tokens(b.max_tokens, "max_tokens")?;
-    let (model, sampling) = Shared {
-        model: b.model,
-        n: b.n,
-        stream: b.stream,
-        stream_options: b.stream_options,
-        stop: b.stop,
-        seed: b.seed,
-        temperature: b.temperature,
-        ignore_eos: b.ignore_eos,
-    }
-    .validate()?;
+    let (model, sampling) = b.shared().validate()?;
     check_model(model.as_deref(), config)?;
     let prompt = tokens::chat_prompt_tokens(
         b.messages
@@ -233,19 +248,9 @@ pub(crate) fn chat(body: &[u8], config: &SimConfig) -> Result<Plan, ApiError> {
 
 /// Parses a `/v1/completions` body.
 pub(crate) fn completion(body: &[u8], config: &SimConfig) -> Result<Plan, ApiError> {
-    let b: CompletionBody = parse_json(body)?;
+    let mut b: CompletionBody = parse_json(body)?;
     let max = max_tokens(b.max_tokens, "max_tokens")?;
-    let (model, sampling) = Shared {
-        model: b.model,
-        n: b.n,
-        stream: b.stream,
-        stream_options: b.stream_options,
-        stop: b.stop,
-        seed: b.seed,
-        temperature: b.temperature,
-        ignore_eos: b.ignore_eos,
-    }
-    .validate()?;
+    let (model, sampling) = b.shared().validate()?;
     check_model(model.as_deref(), config)?;
     let prompts = prompt_tokens(&b.prompt)?;
     let max = Some(max.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS));
@@ -275,18 +280,7 @@ mod tests {
     use axum::http::StatusCode;
 
     use crate::sim::plan::StreamMode;
-
-    fn config() -> SimConfig {
-        SimConfig {
-            max_model_len: 100,
-            max_output_tokens: 10,
-            ..SimConfig::default()
-        }
-    }
-
-    fn err(result: Result<Plan, ApiError>) -> ApiError {
-        result.err().unwrap()
-    }
+    use crate::sim::test_support::{config, err};
 
     #[test]
     fn stream_options_follow_vllm() {
