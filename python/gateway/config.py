@@ -142,7 +142,11 @@ class RoutingConfig(BaseModel):
     request_timeout_ms: int = Field(
         default=600_000,
         ge=1,
-        description="Upper bound on one whole upstream exchange, streaming included.",
+        description=(
+            "How long one attempt may wait for a worker: for its headers and then the first"
+            " event of a stream, or the whole body otherwise; on expiry the request is tried"
+            " elsewhere (504 after the last attempt). A stream that has started is never cut."
+        ),
     )
     max_attempts: int = Field(
         default=3,

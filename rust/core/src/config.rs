@@ -22,7 +22,8 @@ pub struct RoutingConfig {
     pub health_interval_ms: u64,
     /// TCP connect timeout to a worker; a worker that does not accept in time is tried elsewhere.
     pub connect_timeout_ms: u64,
-    /// Upper bound on a whole upstream exchange (headers and body).
+    /// How long one attempt may wait for a worker's answer: headers and then the first event of
+    /// a stream, or the whole body otherwise. A started stream is never cut.
     pub request_timeout_ms: u64,
     /// How many workers one request may be tried on before the first byte reaches the client.
     pub max_attempts: u32,

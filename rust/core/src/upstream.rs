@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
 
 use crate::config::RoutingConfig;
 
@@ -52,17 +53,20 @@ impl Upstream {
         }
     }
 
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
+    /// When an attempt starting now must have its answer: the response headers, then the first
+    /// event of a stream or the whole body otherwise. A stream that has started is not cut.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.request_timeout
     }
 
-    /// POSTs a JSON body; resolves when the response headers arrive.
+    /// POSTs a JSON body; resolves when the response headers arrive, by `deadline`.
     pub async fn post_json(
         &self,
         worker: &str,
         uri: Uri,
         body: Bytes,
         request_id: Option<&str>,
+        deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
@@ -71,7 +75,7 @@ impl Upstream {
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             request.headers_mut().insert("x-request-id", id);
         }
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+        match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(classify(worker, &error)),
             Err(_) => Err(UpstreamError::Timeout {

@@ -34,16 +34,20 @@ async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
         .iter()
         .map(|w| format!("http://{}", w.local_addr()))
         .collect();
-    gateway_at(&urls).await
+    gateway_at(&urls, json!({})).await
 }
 
-async fn gateway_at(urls: &[String]) -> (Gateway, SocketAddr) {
+/// A gateway in front of `urls`; `routing` overrides the test defaults.
+async fn gateway_at(urls: &[String], routing: Value) -> (Gateway, SocketAddr) {
     let workers: Vec<Value> = urls.iter().map(|url| json!({ "url": url })).collect();
-    let config = json!({
+    let mut config = json!({
         "listen": "127.0.0.1:0",
         "workers": workers,
         "routing": { "health_interval_ms": 50, "max_attempts": 2 },
     });
+    if let (Some(base), Some(extra)) = (config["routing"].as_object_mut(), routing.as_object()) {
+        base.extend(extra.clone());
+    }
     let mut gateway = Gateway::new(GatewayConfig::from_json(&config.to_string()).unwrap()).unwrap();
     let hash: String = Sha256::digest(KEY.as_bytes())
         .iter()
@@ -187,12 +191,38 @@ async fn unknown_model_is_503_while_a_worker_has_not_listed_its_models() {
     let starting = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let starting_url = format!("http://{}", starting.local_addr().unwrap());
     drop(starting);
-    let (_gateway, addr) =
-        gateway_at(&[format!("http://{}", worker.local_addr()), starting_url]).await;
+    let (_gateway, addr) = gateway_at(
+        &[format!("http://{}", worker.local_addr()), starting_url],
+        json!({}),
+    )
+    .await;
     let body = json!({"model": "other-model", "prompt": "x"});
     let (status, text) = post(addr, "/v1/completions", body.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     let (_gateway, addr) = gateway(&[&worker]).await;
     let (status, _) = post(addr, "/v1/completions", body).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_does_not_answer_in_time_is_a_504() {
+    let slow = sim(SimConfig {
+        ttft_ms: 5_000,
+        ..SimConfig::default()
+    })
+    .await;
+    let urls = [format!("http://{}", slow.local_addr())];
+    let (gateway, addr) = gateway_at(&urls, json!({ "request_timeout_ms": 200 })).await;
+    for stream in [false, true] {
+        let body = json!({"model": "sim-model", "prompt": "x", "stream": stream});
+        let (status, text) = post(addr, "/v1/completions", body).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
+        assert!(text.contains("upstream_timeout"), "{text}");
+    }
+    let events = events(&gateway, 2).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.status == Status::Failed && e.http_status == 504)
+    );
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use super::handlers::reject;
 use super::request::InferenceRequest;
@@ -62,6 +63,7 @@ pub async fn dispatch(
         tried.push(index);
         meter.set_worker(worker.url.clone());
         let outstanding = worker.begin();
+        let deadline = state.upstream.deadline();
         let sent = state
             .upstream
             .post_json(
@@ -69,6 +71,7 @@ pub async fn dispatch(
                 worker.uri(request.endpoint),
                 body.clone(),
                 request.client_request_id.as_deref(),
+                deadline,
             )
             .await;
         let response = match sent {
@@ -91,7 +94,7 @@ pub async fn dispatch(
         }
         let (parts, incoming) = response.into_parts();
         if request.stream && parts.status.is_success() {
-            match first_chunk(incoming, &worker.url, state).await {
+            match first_chunk(incoming, &worker.url, deadline).await {
                 Ok((first, rest)) => {
                     state.meter.metrics().first_byte(meter.elapsed());
                     return streaming_response(
@@ -111,7 +114,7 @@ pub async fn dispatch(
                 }
             }
         }
-        let collected = collect(incoming, &worker.url, state).await;
+        let collected = collect(incoming, &worker.url, deadline).await;
         drop(outstanding);
         match collected {
             Ok(body) if parts.status.is_server_error() => {
@@ -150,7 +153,7 @@ fn gateway_error(error: UpstreamError) -> ApiError {
 async fn first_chunk(
     mut body: Incoming,
     worker: &str,
-    state: &AppState,
+    deadline: Instant,
 ) -> Result<(Bytes, Incoming), UpstreamError> {
     let wait = async {
         loop {
@@ -177,7 +180,7 @@ async fn first_chunk(
             }
         }
     };
-    match tokio::time::timeout(state.upstream.request_timeout(), wait).await {
+    match tokio::time::timeout_at(deadline, wait).await {
         Ok(Ok(first)) => Ok((first, body)),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(UpstreamError::Timeout {
@@ -189,9 +192,9 @@ async fn first_chunk(
 async fn collect(
     body: Incoming,
     worker: &Arc<str>,
-    state: &AppState,
+    deadline: Instant,
 ) -> Result<Bytes, UpstreamError> {
-    match tokio::time::timeout(state.upstream.request_timeout(), body.collect()).await {
+    match tokio::time::timeout_at(deadline, body.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) => Err(UpstreamError::Transport {
             worker: worker.to_string(),
