@@ -26,12 +26,17 @@ pub fn find_member(text: &[u8], key: &str) -> Option<MemberSpan> {
 }
 
 fn find_last_member(text: &[u8], key: &str) -> Option<MemberSpan> {
-    let mut needle = Vec::with_capacity(key.len() + 3);
-    needle.push(b'"');
-    needle.extend_from_slice(key.as_bytes());
-    needle.extend_from_slice(b"\":");
-    let key_start = memchr::memmem::rfind(text, &needle)?;
-    let value_start = skip_ws(text, key_start + needle.len());
+    let name_start = memchr::memmem::rfind(text, key.as_bytes())?;
+    let key_start = name_start.checked_sub(1)?;
+    let name_end = name_start + key.len();
+    if text[key_start] != b'"' || text.get(name_end) != Some(&b'"') {
+        return None;
+    }
+    let colon = skip_ws(text, name_end + 1);
+    if text.get(colon) != Some(&b':') {
+        return None;
+    }
+    let value_start = skip_ws(text, colon + 1);
     let value_end = skip_value(text, value_start)?;
     let close = skip_ws(text, value_end);
     if text.get(close) != Some(&b'}') || skip_ws(text, close + 1) != text.len() {
@@ -41,7 +46,14 @@ fn find_last_member(text: &[u8], key: &str) -> Option<MemberSpan> {
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())?;
     let removal = match text[before] {
-        b',' => before..value_end,
+        // From the end of the previous value, as the full scan cuts it.
+        b',' => {
+            let previous_end = text[..before]
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())?
+                + 1;
+            previous_end..value_end
+        }
         b'{' => key_start..value_end,
         _ => return None,
     };

@@ -7,7 +7,7 @@
 
 use crate::api::request::StreamUsage;
 use crate::json;
-use crate::metering::Usage;
+use std::ops::Range;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameAction {
@@ -22,8 +22,10 @@ pub enum FrameAction {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Inspected {
     pub action: FrameAction,
-    /// Cumulative usage the event carried.
-    pub usage: Option<Usage>,
+    /// Where the event's cumulative `usage` value is (a range of the event), if it has one;
+    /// parse it with `Usage::from_json`. Left unparsed because only the last one of a chunk
+    /// per choice counts.
+    pub usage: Option<Range<usize>>,
     /// Whose usage it is: the index of the event's choice, or `None` for the stream's
     /// usage-only event, whose usage covers every choice. (vLLM's continuous usage on a choice
     /// chunk counts that choice's tokens only.)
@@ -58,7 +60,7 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         inspected.error = json::find_member(payload, "error").is_some();
         return inspected;
     };
-    inspected.usage = Usage::from_json(&payload[span.value.clone()]);
+    inspected.usage = Some(offset + span.value.start..offset + span.value.end);
     // Only the start of `choices` matters: `[]` marks the usage-only event, otherwise the first
     // choice's `index` says whose usage this is.
     let choices = json::value_start(payload, "choices").map(|start| &payload[start..]);
@@ -100,6 +102,7 @@ fn first_choice_index(choices: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metering::Usage;
 
     const CHUNK: &str = r#"data: {"id":"c","choices":[{"index":0,"text":" a"}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}
 
@@ -114,6 +117,12 @@ mod tests {
             completion_tokens: completion,
             cached_tokens: 0,
         })
+    }
+
+    /// The usage an event carries, parsed.
+    fn usage_of(event: &str, inspected: &Inspected) -> Option<Usage> {
+        let range = inspected.usage.clone()?;
+        Usage::from_json(&event.as_bytes()[range])
     }
 
     const NONE: StreamUsage = StreamUsage {
@@ -132,7 +141,7 @@ mod tests {
     #[test]
     fn client_without_usage_gets_chunks_stripped_and_no_usage_chunk() {
         let chunk = inspect(CHUNK.as_bytes(), NONE);
-        assert_eq!(chunk.usage, usage(3, 2));
+        assert_eq!(usage_of(CHUNK, &chunk), usage(3, 2));
         assert_eq!(chunk.choice, Some(0));
         let FrameAction::Strip(cut) = chunk.action else {
             panic!("usage not stripped: {:?}", chunk.action)
@@ -143,7 +152,7 @@ mod tests {
             b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n"
         );
         let last = inspect(FINAL.as_bytes(), NONE);
-        assert_eq!(last.usage, usage(3, 3));
+        assert_eq!(usage_of(FINAL, &last), usage(3, 3));
         assert_eq!(last.choice, None);
         assert_eq!(last.action, FrameAction::Drop);
     }

@@ -37,7 +37,9 @@ impl SseSplitter {
 
 /// The index just past the first `\n\n`.
 fn event_end(data: &[u8]) -> Option<usize> {
-    memchr::memmem::find(data, b"\n\n").map(|at| at + 2)
+    memchr::memchr_iter(b'\n', data)
+        .find(|&at| data.get(at + 1) == Some(&b'\n'))
+        .map(|at| at + 2)
 }
 
 #[cfg(test)]

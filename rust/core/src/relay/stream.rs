@@ -137,11 +137,18 @@ impl Relay {
     fn process(&mut self, chunk: Bytes) -> Bytes {
         let events = self.splitter.push(chunk);
         let mut out = BytesMut::new();
+        // Usage is cumulative and a chunk is relayed whole, so only each choice's last usage in
+        // the chunk needs parsing.
+        let mut latest: Vec<(Option<u64>, Bytes)> = Vec::new();
+        let mut done = false;
         for event in events {
             let inspected = inspect(&event, self.client);
-            if let (Some(usage), Some(meter)) = (inspected.usage, self.meter.as_mut()) {
-                self.usage.observe(inspected.choice, usage);
-                meter.observe(self.usage.usage());
+            if let Some(range) = inspected.usage {
+                let usage = event.slice(range);
+                match latest.iter_mut().find(|(c, _)| *c == inspected.choice) {
+                    Some(slot) => slot.1 = usage,
+                    None => latest.push((inspected.choice, usage)),
+                }
             }
             match inspected.action {
                 FrameAction::Keep => out.extend_from_slice(&event),
@@ -152,16 +159,31 @@ impl Relay {
                 }
             }
             self.saw_error |= inspected.error;
-            if inspected.done {
-                // Recorded before the client can see `[DONE]`: a client that leaves right after
-                // it still got the whole response.
-                if let Some(meter) = self.meter.take() {
-                    meter.finish(if self.saw_error {
-                        Status::Failed
-                    } else {
-                        Status::Completed
-                    });
+            done |= inspected.done;
+        }
+        if let Some(meter) = self.meter.as_mut()
+            && !latest.is_empty()
+        {
+            let mut observed = false;
+            for (choice, value) in latest {
+                if let Some(usage) = Usage::from_json(&value) {
+                    self.usage.observe(choice, usage);
+                    observed = true;
                 }
+            }
+            if observed {
+                meter.observe(self.usage.usage());
+            }
+        }
+        if done {
+            // Recorded before the client can see `[DONE]`: a client that leaves right after it
+            // still got the whole response.
+            if let Some(meter) = self.meter.take() {
+                meter.finish(if self.saw_error {
+                    Status::Failed
+                } else {
+                    Status::Completed
+                });
             }
         }
         out.freeze()
