@@ -204,3 +204,19 @@ def test_every_request_is_metered_with_the_workers_counts(stack: Stack) -> None:
         response.usage.prompt_tokens,
         response.usage.completion_tokens,
     )
+
+
+def test_response_names_its_usage_event(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.base_url}/completions",
+        json={"model": MODEL, "prompt": "which event am I", "max_tokens": 2},
+        headers={"authorization": f"Bearer {stack.key}"},
+    )
+    assert response.status_code == 200
+    event_id = response.headers["x-request-id"]
+
+    def rows() -> list[sqlite3.Row]:
+        return [r for r in procs.usage_rows(stack.db) if r["event_id"] == event_id]
+
+    assert procs.wait_for(lambda: len(rows()) == 1)
+    assert rows()[0]["request_id"] == event_id

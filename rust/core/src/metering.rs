@@ -292,6 +292,11 @@ impl MeterGuard {
         }
     }
 
+    /// The request's id: the client's `X-Request-Id`, else the event id.
+    pub fn request_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+    }
+
     /// Time since the request was dispatched.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

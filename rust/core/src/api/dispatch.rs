@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -34,6 +34,8 @@ enum Failure {
     },
 }
 
+/// Routes a parsed request. Every response of a dispatched request carries its `x-request-id`
+/// (the client's own, or the id of its usage event), so a client can name the event it paid for.
 pub async fn dispatch(
     state: &AppState,
     request: InferenceRequest,
@@ -43,7 +45,7 @@ pub async fn dispatch(
         Availability::Unknown => return reject(state, ApiError::ModelNotFound(request.model)),
         Availability::Unavailable | Availability::Available => {}
     }
-    let mut meter = MeterGuard::begin(
+    let meter = MeterGuard::begin(
         state.meter.clone(),
         principal,
         &request.model,
@@ -51,6 +53,19 @@ pub async fn dispatch(
         request.stream,
         request.client_request_id.as_deref(),
     );
+    let request_id = HeaderValue::from_str(meter.request_id()).ok();
+    let mut response = attempt(state, &request, meter).await;
+    if let Some(id) = request_id {
+        response
+            .headers_mut()
+            .entry(HeaderName::from_static("x-request-id"))
+            .or_insert(id);
+    }
+    response
+}
+
+/// Tries workers in turn until one answers or the attempts run out.
+async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterGuard) -> Response {
     let body = request.upstream_body();
     let max_attempts = state.config.routing.max_attempts as usize;
     let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
@@ -104,7 +119,7 @@ pub async fn dispatch(
                         rest,
                         meter,
                         outstanding,
-                        &request,
+                        request,
                     );
                 }
                 Err(error) => {
