@@ -1,6 +1,6 @@
 """Gateway overhead: the gateway in front of `gateway sim` against the simulator addressed directly.
 
-    python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 6 minutes
+    python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 8 minutes
     python benchmarks/overhead.py --quick    # 1 round of 2 s runs: a smoke test
 
 Run it with the project's interpreter (`.venv/bin/python`, where `gateway._core` is built). In one
@@ -22,16 +22,26 @@ Auth and metering are on: the harness creates a tenant and an API key with the `
 temporary ledger, and every request (direct ones too, so both sides send the same bytes) carries
 `Authorization: Bearer <key>`; the gateway meters each request into that ledger.
 
-Direct and gateway runs alternate (each round swaps which goes first) so that drift on a shared
-machine hits both sides; the table reports the median over rounds. The load generator is
-`rust/loadgen` (built here with `cargo build --release -p gateway-loadgen` unless `--loadgen` is
-given). Results: a section of `benchmarks/RESULTS.md` (replaced on each full run; `--quick` only
-prints it) and the raw reports in `benchmarks/out/` (not committed).
+Reference peer: when `nginx` is on PATH (Debian: `apt-get install -y nginx-light`; the harness
+never installs it) and `--no-nginx` is not given, nginx runs as a plain reverse proxy in front of
+the same simulator, pinned like the gateway (core 1, one worker process, in the foreground, its
+pid file, error log and temp directories in the harness's temp directory, no access log,
+keep-alive upstream connections, `proxy_buffering off` so SSE streams flow). It does no auth;
+its requests carry the same header all the same. Its column shows what a proxy without auth,
+metering or usage parsing reaches on this machine with this pinning. Without nginx the harness
+says so and leaves its columns out.
+
+The targets (direct, gateway and nginx) take turns, in an order that rotates by one each round,
+so that drift on a shared machine hits all of them; the table reports the median over rounds.
+The load generator is `rust/loadgen` (built here with `cargo build --release -p gateway-loadgen`
+unless `--loadgen` is given). Results: a section of `benchmarks/RESULTS.md` (replaced on each full
+run; `--quick` only prints it) and the raw reports in `benchmarks/out/` (not committed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +50,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +72,7 @@ END = "<!-- overhead.py:end -->"
 MODEL = "sim-model"
 PROMPT = "The quick brown fox jumps over the lazy dog."
 MODES = ("completions", "completions, streaming")
+NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 class HarnessError(Exception):
@@ -78,25 +90,96 @@ class Settings:
     client_core: int
     loadgen: Path
     quick: bool
+    no_nginx: bool
+    nginx: Path | None = None  # the binary, once found on PATH
 
 
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Service:
+class Pinned:
+    """A process started in the background under `taskset -c CORE`; its stderr (and, unless read
+    by a subclass, its stdout) goes to a log file in the work directory."""
+
+    stop_signal = signal.SIGTERM
+
+    def __init__(
+        self,
+        name: str,
+        core: int,
+        argv: list[str],
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        pipe_stdout: bool = False,
+    ) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log: IO[str] = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", str(core), *argv],
+            stdout=subprocess.PIPE if pipe_stdout else self._log,
+            stderr=self._log,
+            text=True,
+            cwd=workdir,
+            env=env,
+        )
+
+    def pids(self) -> list[int]:
+        """The processes whose CPU time counts as this one's."""
+        return [self.proc.pid]
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time so far (all threads of all of `pids()`)."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:  # a process that has just exited
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise HarnessError(
+                f"{self.name} exited early ({self.proc.returncode}):\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        """`stop_signal`, then SIGKILL after 30 s; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def stopped_cleanly(self, status: int | None) -> bool:
+        return status in (0, None, -self.stop_signal)
+
+
+class Service(Pinned):
     """A `gateway` subcommand started in the background, pinned to one core; its stdout is read by
     a thread (to find the listening line), its stderr goes to a log file."""
 
     def __init__(self, name: str, core: int, args: list[str], workdir: Path) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log: IO[str] = self.log_path.open("w")
-        argv = ["taskset", "-c", str(core), sys.executable, "-m", "gateway", *args]
         # One core, so one tokio worker thread: a second would only add context switches.
         env = {**os.environ, "TOKENGATE_WORKER_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=workdir, env=env
-        )
+        argv = [sys.executable, "-m", "gateway", *args]
+        super().__init__(name, core, argv, workdir, env=env, pipe_stdout=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -122,27 +205,95 @@ class Service:
             f"{self.name} did not start within {timeout_s:.0f} s:\n{self.log_tail()}"
         )
 
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time of the process so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def log_tail(self, lines: int = 30) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+class Nginx(Pinned):
+    """nginx as a plain reverse proxy in front of `upstream` (a base URL), one worker process,
+    in the foreground; its pid file, error log and temp directories live in `workdir/nginx`."""
 
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 30 s; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+    # Graceful: the master closes idle keep-alive connections and waits for its worker.
+    stop_signal = signal.SIGQUIT
+
+    def __init__(self, binary: Path, core: int, upstream: str, workdir: Path) -> None:
+        prefix = workdir / "nginx"
+        prefix.mkdir()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = prefix / "nginx.conf"
+        config.write_text(nginx_config(prefix, self.port, upstream))
+        argv = [str(binary), "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
+        test = subprocess.run([*argv, "-t"], capture_output=True, text=True, check=False)
+        if test.returncode != 0:
+            raise HarnessError(f"nginx -t rejected {config}:\n{test.stderr}{test.stdout}")
+        super().__init__("nginx", core, argv, workdir)
+
+    def pids(self) -> list[int]:
+        """The master and its worker (a child of the master)."""
+        return [self.proc.pid, *self._children()]
+
+    def _children(self) -> list[int]:
+        children: list[int] = []
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                children += [int(pid) for pid in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return children
+
+    def kill(self) -> None:
+        """The worker first (while the master still holds its pid), so that none is left behind."""
+        for pid in self._children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        super().kill()
+
+
+def nginx_version(binary: Path) -> str:
+    """`nginx/1.22.1`, from `nginx -v` (which prints to stderr)."""
+    done = subprocess.run([str(binary), "-v"], capture_output=True, text=True, check=False)
+    match = re.search(r"nginx/\S+", done.stderr + done.stdout)
+    return match.group(0) if match else "nginx"
+
+
+def nginx_config(prefix: Path, port: int, upstream: str) -> str:
+    """A plain reverse proxy: keep-alive upstream connections, no response buffering (so SSE
+    streams flow), no access log; every path nginx writes lies under `prefix`."""
+    server = upstream.removeprefix("http://")
+    root = os.geteuid() == 0
+    return "\n".join(
+        [
+            # Run as root, nginx would switch its worker to `nobody`, which cannot reach the
+            # harness's private temp directory.
+            *(["user root;"] if root else []),
+            "worker_processes 1;",
+            "daemon off;",
+            f"pid {prefix / 'nginx.pid'};",
+            f"error_log {prefix / 'error.log'} warn;",
+            "events { worker_connections 4096; }",
+            "http {",
+            "  access_log off;",
+            *(f"  {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_PATHS),
+            f"  upstream sim {{ server {server}; keepalive 128; }}",
+            "  server {",
+            f"    listen 127.0.0.1:{port} reuseport;",
+            "    location / {",
+            "      proxy_pass http://sim;",
+            "      proxy_http_version 1.1;",
+            '      proxy_set_header Connection "";',
+            "      proxy_buffering off;",
+            "    }",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (nginx cannot be told to pick one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def gateway_cli(*args: str, workdir: Path) -> str:
@@ -169,14 +320,16 @@ def create_key(workdir: Path, db_url: str) -> str:
     return match.group(1)
 
 
-def wait_serving(url: str, key: str, timeout_s: float = 60.0) -> None:
+def wait_serving(url: str, key: str, process: Pinned, timeout_s: float = 60.0) -> None:
     """Polls until one authenticated completion succeeds (the gateway may still be probing its
-    worker right after it starts listening)."""
+    worker right after it starts listening; nginx tells nothing when it is ready), failing early
+    when `process`, the one that should answer, has exited."""
     body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 16}).encode()
     headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
+        process.check_running()
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
@@ -204,7 +357,7 @@ def run_loadgen(
     *,
     stream: bool,
     rate: float | None,
-    services: tuple[Service, ...] = (),
+    services: tuple[Pinned, ...] = (),
 ) -> tuple[dict[str, Any], list[float]]:
     """One loadgen run; returns its report and, for each of `services`, its CPU use over the
     measured window (after the warm-up) as a fraction of one core."""
@@ -220,12 +373,17 @@ def run_loadgen(
     if stream:
         argv.append("--stream")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The window is approximate: loadgen's clock starts once its connections are open.
-    time.sleep(settings.warmup_s + 0.05)
-    cpu0, t0 = [s.cpu_seconds() for s in services], time.monotonic()
-    time.sleep(max(settings.duration_s - 0.1, 0.05))
-    cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
-    stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
+    try:
+        # The window is approximate: loadgen's clock starts once its connections are open.
+        time.sleep(settings.warmup_s + 0.05)
+        cpu0, t0 = [s.cpu_seconds() for s in services], time.monotonic()
+        time.sleep(max(settings.duration_s - 0.1, 0.05))
+        cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
+        stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
+    except BaseException:  # Ctrl-C, SIGTERM, a hung loadgen: do not leave it running
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
         raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
     report: dict[str, Any] = json.loads(stdout)
@@ -240,11 +398,12 @@ class Run:
     round: int
     mode: str
     kind: str  # "saturation" or "rate"
-    target: str  # "direct" or "gateway"
+    target: str  # "direct", "gateway" or "nginx"
     report: dict[str, Any]
     # CPU use over the measured window, as a fraction of one core.
     gateway_cpu: float | None = None
     sim_cpu: float | None = None
+    nginx_cpu: float | None = None
 
 
 @dataclass
@@ -253,23 +412,38 @@ class Bench:
     runs: list[Run] = field(default_factory=list)
 
     def measure(
-        self, urls: dict[str, str], key: str, gateway: Service, sim: Service, round_: int
+        self, urls: dict[str, str], key: str, services: dict[str, Pinned], round_: int
     ) -> None:
-        targets = ["direct", "gateway"] if round_ % 2 == 0 else ["gateway", "direct"]
+        """One round: every (mode, kind) on each target in `urls`, in an order that rotates by one
+        each round, so that every target goes first, second, ... equally often."""
+        names = list(urls)
+        shift = round_ % len(names)
+        targets = names[shift:] + names[:shift]
+        watched = tuple(services.values())
         for mode in MODES:
             stream = "streaming" in mode
             path = "/v1/completions"
             for kind, rate in (("saturation", None), ("rate", self.settings.rate)):
                 for target in targets:
-                    report, (gateway_cpu, sim_cpu) = run_loadgen(
+                    report, cpus = run_loadgen(
                         self.settings,
                         urls[target] + path,
                         key,
                         stream=stream,
                         rate=rate,
-                        services=(gateway, sim),
+                        services=watched,
                     )
-                    run = Run(round_, mode, kind, target, report, gateway_cpu, sim_cpu)
+                    cpu = dict(zip(services, cpus, strict=True))
+                    run = Run(
+                        round_,
+                        mode,
+                        kind,
+                        target,
+                        report,
+                        gateway_cpu=cpu.get("gateway"),
+                        sim_cpu=cpu.get("sim"),
+                        nginx_cpu=cpu.get("nginx"),
+                    )
                     self.runs.append(run)
                     print(f"  round {round_ + 1} {mode:24} {kind:10} {target:7} {brief(run)}")
 
@@ -283,13 +457,14 @@ class Bench:
                 )
         return statistics.median(values) if values else float("nan")
 
-    def cpu(self, mode: str) -> float:
-        values = [
-            run.gateway_cpu
-            for run in self.runs
-            if (run.mode, run.kind, run.target) == (mode, "saturation", "gateway")
-            and run.gateway_cpu is not None
-        ]
+    def cpu(self, mode: str, target: str = "gateway") -> float:
+        """The median CPU use of `target` (gateway or nginx) during its saturation runs."""
+        values = []
+        for run in self.runs:
+            if (run.mode, run.kind, run.target) == (mode, "saturation", target):
+                value = run.nginx_cpu if target == "nginx" else run.gateway_cpu
+                if value is not None:
+                    values.append(value)
         return statistics.median(values) if values else float("nan")
 
     def problems(self) -> list[str]:
@@ -310,6 +485,8 @@ def brief(run: Run) -> str:
     lat = r["latency_us"]
     text = f"{r['rps']:>9.0f} req/s  p50 {lat['p50']:>7.0f} µs  p99 {lat['p99']:>7.0f} µs"
     text += f"  gateway cpu {run.gateway_cpu or 0:.0%}  sim cpu {run.sim_cpu or 0:.0%}"
+    if run.nginx_cpu is not None:
+        text += f"  nginx cpu {run.nginx_cpu:.0%}"
     if r["errors"] or r["unsent"]:
         text += f"  ERRORS {r['errors']} unsent {r['unsent']}"
     return text
@@ -351,6 +528,17 @@ def git_commit() -> str:
 
 def section(bench: Bench, meta: dict[str, Any]) -> str:
     s = bench.settings
+    nginx: str | None = meta["nginx"]
+    if nginx is not None:
+        proxies = (
+            f"Gateway (auth and metering on) and, as a reference, {nginx} (a plain reverse "
+            f"proxy: 1 worker, keep-alive upstream connections, no response buffering) each "
+            f"pinned to core {s.gateway_core}"
+        )
+        targets = "three targets (direct, gateway, nginx)"
+    else:
+        proxies = f"Gateway (auth and metering on) pinned to core {s.gateway_core}"
+        targets = "two targets (direct, gateway)"
     lines = [
         BEGIN,
         "## Gateway overhead",
@@ -359,33 +547,56 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
         f"{meta['machine']['nproc']}, {meta['machine']['cpu']}, Linux {meta['machine']['kernel']}, "
         f"load average {meta['machine']['load']} before the run.",
         "",
-        f"Gateway (auth and metering on) pinned to core {s.gateway_core}; `gateway sim` "
-        f"(ttft 0, itl 0) and `loadgen` on core {s.client_core}, for the direct runs as well. "
-        f"`/v1/completions`, `max_tokens` 16. Throughput: closed loop, {s.concurrency} "
-        f"connections. Latency: open loop at {s.rate:g} req/s (up to {s.concurrency} "
-        f"connections), measured from each request's due time. Medians of {s.rounds} alternating "
-        f"round(s) of {s.duration_s:g} s after {s.warmup_s:g} s of warm-up.",
+        f"{proxies}; `gateway sim` (ttft 0, itl 0) and `loadgen` on core {s.client_core}, for "
+        f"the direct runs as well. `/v1/completions`, `max_tokens` 16. Throughput: closed loop, "
+        f"{s.concurrency} connections. Latency: open loop at {s.rate:g} req/s (up to "
+        f"{s.concurrency} connections), measured from each request's due time. Medians of "
+        f"{s.rounds} round(s) of {s.duration_s:g} s after {s.warmup_s:g} s of warm-up, the "
+        f"{targets} taking turns in an order that rotates from round to round.",
         "",
-        "| mode | direct rps | gateway rps | ratio | gateway CPU | direct p50 / p99 µs "
-        "| gateway p50 / p99 µs | added p50 / p99 µs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    header = (
+        "| mode | direct rps | gateway rps | ratio | gateway CPU | direct p50 / p99 µs "
+        "| gateway p50 / p99 µs | added p50 / p99 µs |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if nginx is not None:
+        header += " nginx rps | nginx ratio | gateway / nginx | nginx added p50 / p99 µs |"
+        rule += "---:|---:|---:|---:|"
+    lines += [header, rule]
     for mode in MODES:
         d_rps = bench.median(mode, "saturation", "direct", "rps")
         g_rps = bench.median(mode, "saturation", "gateway", "rps")
         d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
         g = [bench.median(mode, "rate", "gateway", p) for p in ("p50", "p99")]
         ratio = g_rps / d_rps if d_rps else float("nan")
-        lines.append(
+        row = (
             f"| {mode} | {d_rps:,.0f} | {g_rps:,.0f} | {ratio:.2f} | {bench.cpu(mode):.0%} "
             f"| {d[0]:,.0f} / {d[1]:,.0f} | {g[0]:,.0f} / {g[1]:,.0f} "
             f"| {g[0] - d[0]:+,.0f} / {g[1] - d[1]:+,.0f} |"
         )
+        if nginx is not None:
+            n_rps = bench.median(mode, "saturation", "nginx", "rps")
+            n = [bench.median(mode, "rate", "nginx", p) for p in ("p50", "p99")]
+            n_ratio = n_rps / d_rps if d_rps else float("nan")
+            g_over_n = g_rps / n_rps if n_rps else float("nan")
+            row += (
+                f" {n_rps:,.0f} | {n_ratio:.2f} | {g_over_n:.2f} "
+                f"| {n[0] - d[0]:+,.0f} / {n[1] - d[1]:+,.0f} |"
+            )
+        lines.append(row)
     lines.append("")
     lines.append(
         "gateway CPU: the gateway process's CPU time during its saturation runs, as a share of "
         "one core (100% = its core was the bottleneck)."
     )
+    if nginx is not None:
+        lines.append(
+            "nginx is a plain reverse proxy (no auth, no metering, no usage parsing), measured "
+            "here as the ceiling a proxy reaches on this machine with this pinning."
+        )
+    else:
+        lines.append(f"nginx: skipped ({meta['nginx_skipped']}).")
     if problems := bench.problems():
         lines += ["", "**Errors during this run** (figures above include only successes):", ""]
         lines += [f"- {p}" for p in problems]
@@ -418,6 +629,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--gateway-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0, help="simulator and loadgen")
     parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
+    parser.add_argument(
+        "--no-nginx", action="store_true", help="skip the nginx reference (used when on PATH)"
+    )
     args = parser.parse_args(argv)
     quick: bool = args.quick
     return Settings(
@@ -430,6 +644,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         client_core=args.client_core,
         loadgen=args.loadgen.resolve() if args.loadgen else Path(),
         quick=quick,
+        no_nginx=args.no_nginx,
     )
 
 
@@ -456,6 +671,15 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
     )
     check_environment(settings)
+    if settings.no_nginx:
+        nginx_skipped = "--no-nginx"
+    elif found := shutil.which("nginx"):
+        settings.nginx = Path(found)
+        nginx_skipped = ""
+    else:
+        nginx_skipped = "nginx not found on PATH; Debian: apt-get install -y nginx-light"
+    if nginx_skipped:
+        print(f"nginx column skipped ({nginx_skipped})", flush=True)
     if settings.loadgen == Path():
         settings.loadgen = build_loadgen()
     if not settings.loadgen.is_file():
@@ -469,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
     key = create_key(workdir, db_url)
     bench = Bench(settings)
-    services: list[Service] = []
+    services: list[Pinned] = []
+    nginx_label: str | None = None
     try:
         sim = Service(
             "sim",
@@ -498,22 +723,32 @@ def main(argv: list[str] | None = None) -> int:
         services.append(gateway)
         gateway_url = gateway.wait_listening()
         urls = {"direct": sim_url, "gateway": gateway_url}
-        for url in urls.values():
-            wait_serving(url + "/v1/completions", key)
+        answering: dict[str, Pinned] = {"direct": sim, "gateway": gateway}
+        watched: dict[str, Pinned] = {"gateway": gateway, "sim": sim}
+        if settings.nginx is not None:
+            nginx_label = nginx_version(settings.nginx)
+            nginx = Nginx(settings.nginx, settings.gateway_core, sim_url, workdir)
+            services.append(nginx)
+            urls["nginx"] = nginx.url
+            answering["nginx"] = watched["nginx"] = nginx
+        for target, url in urls.items():
+            wait_serving(url + "/v1/completions", key, answering[target])
+        on_core = f"(core {settings.gateway_core})"
+        nginx_at = f"{nginx_label} {urls['nginx']} {on_core}, " if nginx_label else ""
         print(
-            f"sim {sim_url} (core {settings.client_core}), gateway {gateway_url} "
-            f"(core {settings.gateway_core}), loadgen {settings.loadgen}",
+            f"sim {sim_url} (core {settings.client_core}), gateway {gateway_url} {on_core}, "
+            f"{nginx_at}loadgen {settings.loadgen}",
             flush=True,
         )
         for round_ in range(settings.rounds):
-            bench.measure(urls, key, gateway, sim, round_)
+            bench.measure(urls, key, watched, round_)
     except BaseException:
         print(f"logs and ledger kept in {workdir}", file=sys.stderr)
         raise
     finally:
         for service in reversed(services):
             status = service.stop()
-            if status not in (0, None, -signal.SIGTERM):
+            if not service.stopped_cleanly(status):
                 print(
                     f"{service.name} exited with {status}:\n{service.log_tail()}", file=sys.stderr
                 )
@@ -528,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "machine": host,
         "raw": raw_name,
+        "nginx": nginx_label,
+        "nginx_skipped": nginx_skipped or None,
     }
     raw = {
         **meta,
@@ -549,7 +786,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def terminate(signum: int, frame: object) -> None:
+    """SIGTERM (or SIGHUP) ends the harness like Ctrl-C does: through `main`'s `finally`, which
+    stops the simulator, the gateway and nginx. A second one is ignored, so as not to cut that
+    short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
     try:
         sys.exit(main())
     except HarnessError as exc:
