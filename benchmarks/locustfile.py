@@ -118,13 +118,23 @@ def _has_token(choices: Any) -> bool:
     return isinstance(content, str) and content != ""
 
 
+def request_body(path: str, prompt: str) -> dict[str, Any]:
+    """The streaming request a user sends to `path` (chat or text completions)."""
+    common: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if path == "/v1/chat/completions":
+        return {**common, "messages": [{"role": "user", "content": prompt}]}
+    return {**common, "prompt": prompt}
+
+
 class _StreamingUser(HttpUser):
     abstract = True
     wait_time = constant(0)
     path = ""
-
-    def body(self, prompt: str) -> dict[str, Any]:
-        raise NotImplementedError
 
     def on_start(self) -> None:
         self.headers = {"Accept": "text/event-stream"}
@@ -132,7 +142,7 @@ class _StreamingUser(HttpUser):
             self.headers["Authorization"] = f"Bearer {API_KEY}"
 
     def stream_once(self) -> None:
-        body = self.body(random.choice(PROMPTS))
+        body = request_body(self.path, random.choice(PROMPTS))
         start = time.perf_counter()
         reader = StreamReader(start)
         with self.client.post(
@@ -189,15 +199,6 @@ class ChatUser(_StreamingUser):
 
     path = "/v1/chat/completions"
 
-    def body(self, prompt: str) -> dict[str, Any]:
-        return {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": MAX_TOKENS,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-
     @task
     def chat(self) -> None:
         self.stream_once()
@@ -207,15 +208,6 @@ class CompletionUser(_StreamingUser):
     """Streaming ``/v1/completions``."""
 
     path = "/v1/completions"
-
-    def body(self, prompt: str) -> dict[str, Any]:
-        return {
-            "model": MODEL,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
 
     @task
     def complete(self) -> None:

@@ -115,7 +115,8 @@ def test_worker_killed_in_flight_requests_move_to_the_other(make_stack: StackFac
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(non_streaming, i) for i in range(8)]
         futures += [pool.submit(streaming, i) for i in range(8)]
-        time.sleep(0.15)  # requests are now waiting out the simulated time to first token
+        # Every request is in flight (waiting out the simulated time to first token).
+        assert procs.wait_for(lambda: _outstanding(stack.gateway.url) == 16)
         victim = stack.sims[0]
         victim.kill()
         results = [f.result(timeout=30) for f in futures]
@@ -158,6 +159,11 @@ def test_revoked_key_stops_working_within_a_second(make_stack: StackFactory) -> 
     assert _authorised(stack.client())  # other keys are unaffected
 
 
+def _outstanding(gateway_url: str) -> int:
+    """Requests the gateway has in flight on its workers, from its own `/metrics`."""
+    return int(procs.scrape(gateway_url).get("tokengate_worker_outstanding_requests", 0))
+
+
 def _authorised(client: openai.OpenAI) -> bool:
     try:
         client.models.list()
@@ -191,7 +197,7 @@ def test_graceful_shutdown_finishes_streams_and_meters_them(make_stack: StackFac
             )
             for _ in range(4)
         ]
-        time.sleep(0.3)
+        assert procs.wait_for(lambda: _outstanding(stack.gateway.url) == 4)
         assert stack.gateway.stop() == 0
         chunks = [f.result(timeout=30) for f in futures]
     assert all(len(c) == 40 for c in chunks)
