@@ -270,6 +270,93 @@ mod tests {
         }
     }
 
+    /// Deterministic pseudo-random bytes for the property tests below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn random_value(rng: &mut Rng, depth: usize) -> serde_json::Value {
+        use serde_json::Value;
+        const WORDS: [&str; 6] = ["usage", "choices", "x\"y", "}{", "\\", "é"];
+        match rng.below(if depth > 3 { 4 } else { 6 }) {
+            0 => Value::Null,
+            1 => Value::from(rng.next() % 1000),
+            2 => Value::from(WORDS[rng.below(WORDS.len())]),
+            3 => Value::Bool(rng.next().is_multiple_of(2)),
+            4 => (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+            _ => {
+                let mut map = serde_json::Map::new();
+                for _ in 0..rng.below(4) {
+                    let key = WORDS[rng.below(WORDS.len())].to_owned();
+                    map.insert(key, random_value(rng, depth + 1));
+                }
+                Value::Object(map)
+            }
+        }
+    }
+
+    #[test]
+    fn agrees_with_serde_on_random_objects() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut found_any = 0;
+        for _ in 0..5_000 {
+            let mut object = serde_json::Map::new();
+            for _ in 0..1 + rng.below(5) {
+                let key = ["usage", "choices", "x\"y", "id"][rng.below(4)].to_owned();
+                object.insert(key, random_value(&mut rng, 0));
+            }
+            let text = serde_json::to_string(&object).unwrap_or_default();
+            for key in ["usage", "choices", "x\"y", "absent"] {
+                let expected = object.get(key);
+                let found = find_member(text.as_bytes(), &key.replace('"', "\\\""));
+                let value = found.as_ref().and_then(|span| {
+                    serde_json::from_slice(&text.as_bytes()[span.value.clone()]).ok()
+                });
+                assert_eq!(value.as_ref(), expected, "{key} in {text}");
+                if let Some(span) = found {
+                    found_any += 1;
+                    let rest: serde_json::Value =
+                        serde_json::from_slice(&without(text.as_bytes(), &span))
+                            .unwrap_or_default();
+                    let mut reference = object.clone();
+                    reference.remove(key);
+                    assert_eq!(rest, serde_json::Value::Object(reference), "{text}");
+                }
+            }
+        }
+        assert!(
+            found_any > 1_000,
+            "the generator must exercise present keys: {found_any}"
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Rng(42);
+        let alphabet = b"{}[]\":,\\ usagechoices0123456789nultrefas\n";
+        for _ in 0..20_000 {
+            let len = rng.below(40);
+            let text: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let _ = find_member(&text, "usage");
+            let _ = value_start(&text, "choices");
+        }
+    }
+
     #[test]
     fn garbage_is_none_not_a_panic() {
         for text in [
