@@ -97,14 +97,6 @@ impl KeyStore {
         let digest: Digest32 = Sha256::digest(key.as_bytes()).into();
         self.keys.load().get(&digest).cloned()
     }
-
-    pub fn len(&self) -> usize {
-        self.keys.load().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn decode_hex(text: &str) -> Option<Digest32> {

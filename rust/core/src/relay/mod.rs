@@ -7,6 +7,4 @@ mod frame;
 mod sse;
 mod stream;
 
-pub use frame::{FrameAction, inspect};
-pub use sse::SseSplitter;
 pub use stream::{buffered_response, streaming_response};

@@ -30,6 +30,7 @@ impl SseSplitter {
     }
 
     /// Bytes of an event not yet terminated.
+    #[cfg(test)]
     pub fn pending(&self) -> &[u8] {
         &self.partial
     }
