@@ -203,6 +203,18 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
     }
 
 
+def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
+    text = (
+        '[[workers]]\nurl = "http://10.0.0.1:8000"\napi_key = "vllm-secret"\n'
+        '[[workers]]\nurl = "http://10.0.0.2:8000"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert json.loads(config.core_document())["workers"] == [
+        {"url": "http://10.0.0.1:8000", "api_key": "vllm-secret"},
+        {"url": "http://10.0.0.2:8000"},
+    ]
+
+
 def test_core_document_brackets_ipv6_hosts(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL + '[server]\nhost = "::1"\nport = 1\n'))
     assert json.loads(config.core_document())["listen"] == "[::1]:1"
@@ -228,7 +240,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     expected = {
         f"{section}.{name}" for section, model in sections.items() for name in model.model_fields
     }
-    assert options == expected | {"workers[].url"}
+    assert options == expected | {"workers[].url", "workers[].api_key"}
     assert "| `routing.max_attempts` | integer | `3` |" in table
     assert "| `workers[].url` | string | required |" in table
     for row in rows:

@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--die-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="require this key on /v1 routes, as vLLM does")
     p.set_defaults(handler=_sim)
 
     p = commands.add_parser(

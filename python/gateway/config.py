@@ -124,6 +124,14 @@ class WorkerConfig(BaseModel):
             "table per worker, at least one."
         ),
     )
+    api_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "The worker's own key (`vllm serve --api-key`), sent to it as `Authorization: Bearer`"
+            " on requests and health probes; tenants' keys never reach workers."
+        ),
+    )
 
 
 class RoutingConfig(BaseModel):
@@ -212,7 +220,10 @@ class GatewayConfig(BaseModel):
         document = {
             "listen": listen_address(self.server.host, self.server.port),
             "max_body_bytes": self.server.max_body_bytes,
-            "workers": [{"url": worker.url} for worker in self.workers],
+            "workers": [
+                {"url": worker.url} | ({"api_key": worker.api_key} if worker.api_key else {})
+                for worker in self.workers
+            ],
             "routing": {
                 "health_interval_ms": self.routing.health_interval_ms,
                 "connect_timeout_ms": self.routing.connect_timeout_ms,

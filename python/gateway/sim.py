@@ -71,10 +71,15 @@ class SimConfig(BaseModel):
         default=0,
         description="Seed of the failure injection: the same seed fails the same requests.",
     )
+    api_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Like `vllm serve --api-key`: `/v1/...` requests must carry this key.",
+    )
 
     def core_document(self) -> str:
         """The JSON `gateway._core.Simulator` takes: every field but the listen address."""
-        return self.model_dump_json(exclude={"host", "port"})
+        return self.model_dump_json(exclude={"host", "port"}, exclude_none=True)
 
     def listen(self) -> str:
         """The socket address to bind, `host:port`."""

@@ -13,6 +13,10 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     pub url: String,
+    /// The worker's own key (`vllm serve --api-key`), sent as `Authorization: Bearer` on every
+    /// request and probe to it. Tenants' keys never reach workers.
+    #[serde(default)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

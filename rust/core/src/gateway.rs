@@ -31,12 +31,18 @@ impl Gateway {
             .workers
             .iter()
             .map(|w| {
-                Worker::new(&w.url)
-                    .map(Arc::new)
-                    .map_err(|e| crate::config::ConfigError::Invalid {
-                        field: "workers.url",
-                        message: e.to_string(),
-                    })
+                let invalid = |message: String| crate::config::ConfigError::Invalid {
+                    field: "workers",
+                    message,
+                };
+                let worker = Worker::new(&w.url).map_err(|e| invalid(e.to_string()))?;
+                let worker = match &w.api_key {
+                    Some(key) => worker
+                        .with_api_key(key)
+                        .map_err(|_| invalid("api_key is not a valid header value".to_owned()))?,
+                    None => worker,
+                };
+                Ok::<_, crate::config::ConfigError>(Arc::new(worker))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let state = AppState {

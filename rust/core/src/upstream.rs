@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -64,6 +64,7 @@ impl Upstream {
         &self,
         worker: &str,
         uri: Uri,
+        authorization: Option<&HeaderValue>,
         body: Bytes,
         request_id: Option<&str>,
         deadline: Instant,
@@ -72,6 +73,9 @@ impl Upstream {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         request.headers_mut().insert(CONTENT_TYPE, JSON);
+        if let Some(value) = authorization {
+            request.headers_mut().insert(AUTHORIZATION, value.clone());
+        }
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             request.headers_mut().insert("x-request-id", id);
         }
@@ -89,15 +93,19 @@ impl Upstream {
         &self,
         worker: &str,
         uri: Uri,
+        authorization: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
         let exchange = async {
-            let request = Request::get(uri)
+            let mut request = Request::get(uri)
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| UpstreamError::Transport {
                     worker: worker.to_owned(),
                     detail: e.to_string(),
                 })?;
+            if let Some(value) = authorization {
+                request.headers_mut().insert(AUTHORIZATION, value.clone());
+            }
             let response = self
                 .client
                 .request(request)

@@ -40,6 +40,14 @@ async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
 /// A gateway in front of `urls`; `routing` overrides the test defaults.
 async fn gateway_at(urls: &[String], routing: Value) -> (Gateway, SocketAddr) {
     let workers: Vec<Value> = urls.iter().map(|url| json!({ "url": url })).collect();
+    gateway_with(workers, routing).await
+}
+
+async fn gateway_with_workers(workers: Vec<Value>) -> (Gateway, SocketAddr) {
+    gateway_with(workers, json!({})).await
+}
+
+async fn gateway_with(workers: Vec<Value>, routing: Value) -> (Gateway, SocketAddr) {
     let mut config = json!({
         "listen": "127.0.0.1:0",
         "workers": workers,
@@ -225,4 +233,25 @@ async fn a_worker_that_does_not_answer_in_time_is_a_504() {
             .iter()
             .all(|e| e.status == Status::Failed && e.http_status == 504)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_api_key_is_sent_on_requests_and_probes() {
+    let locked = sim(SimConfig {
+        api_key: Some("vllm-secret".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("http://{}", locked.local_addr());
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+
+    let worker = json!({ "url": url, "api_key": "vllm-secret" });
+    let (_gateway, addr) = gateway_with_workers(vec![worker]).await;
+    let (status, text) = post(addr, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+
+    // Without the key the worker's model list stays unreadable: it never joins rotation.
+    let (_gateway, addr) = gateway_with_workers(vec![json!({ "url": url })]).await;
+    let (status, text) = post(addr, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
 }

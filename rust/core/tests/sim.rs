@@ -571,4 +571,36 @@ mod sim {
             .await;
         assert_eq!(status, StatusCode::OK);
     }
+
+    #[tokio::test]
+    async fn api_key_guards_v1_routes_like_vllm() {
+        let sim = Sim::start(SimConfig {
+            api_key: Some("k1".into()),
+            ..SimConfig::default()
+        })
+        .await;
+        let (status, _, body) = sim.call(Method::GET, "/v1/models", "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, r#"{"error":"Unauthorized"}"#);
+        let (status, _, _) = sim.call(Method::GET, "/health", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let wrong = sim
+            .send(
+                Method::GET,
+                "/v1/models",
+                "",
+                &[("authorization", "Bearer k2")],
+            )
+            .await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+        let right = sim
+            .send(
+                Method::GET,
+                "/v1/models",
+                "",
+                &[("authorization", "Bearer k1")],
+            )
+            .await;
+        assert_eq!(right.status(), StatusCode::OK);
+    }
 }

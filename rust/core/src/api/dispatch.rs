@@ -84,6 +84,7 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
             .post_json(
                 &worker.url,
                 worker.uri(request.endpoint),
+                worker.authorization.as_ref(),
                 body.clone(),
                 request.client_request_id.as_deref(),
                 deadline,

@@ -27,7 +27,12 @@ struct CardId {
 /// Probes one worker and updates its health and model list.
 pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
     let healthy = match upstream
-        .get(&worker.url, worker.health_uri.clone(), timeout)
+        .get(
+            &worker.url,
+            worker.health_uri.clone(),
+            worker.authorization.as_ref(),
+            timeout,
+        )
         .await
     {
         Ok((status, _)) => status.is_success(),
@@ -38,7 +43,12 @@ pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
         return;
     }
     match upstream
-        .get(&worker.url, worker.models_uri.clone(), timeout)
+        .get(
+            &worker.url,
+            worker.models_uri.clone(),
+            worker.authorization.as_ref(),
+            timeout,
+        )
         .await
     {
         Ok((status, body)) if status.is_success() => {

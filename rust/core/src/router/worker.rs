@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
-use http::Uri;
+use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
 
 use crate::api::request::Endpoint;
@@ -19,6 +19,8 @@ pub struct ModelCard {
 #[derive(Debug)]
 pub struct Worker {
     pub url: Arc<str>,
+    /// `Bearer <api_key>` when the worker has a key of its own.
+    pub(crate) authorization: Option<HeaderValue>,
     chat_uri: Uri,
     completions_uri: Uri,
     pub(crate) health_uri: Uri,
@@ -40,6 +42,7 @@ impl Worker {
         let uri = |path: &str| format!("{base}{path}").parse::<Uri>();
         Ok(Self {
             url: base.into(),
+            authorization: None,
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
             completions_uri: uri(Endpoint::Completions.path())?,
             health_uri: uri("/health")?,
@@ -49,6 +52,15 @@ impl Worker {
             models: ArcSwap::from_pointee(Vec::new()),
             listed: AtomicBool::new(false),
         })
+    }
+
+    /// Sends `Authorization: Bearer <api_key>` to this worker; a key that is not a valid header
+    /// value is refused.
+    pub fn with_api_key(mut self, api_key: &str) -> Result<Self, http::header::InvalidHeaderValue> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {api_key}"))?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     pub fn uri(&self, endpoint: Endpoint) -> Uri {

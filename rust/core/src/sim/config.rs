@@ -28,6 +28,9 @@ pub struct SimConfig {
     pub die_rate: f64,
     /// PRNG seed of the failure injection: the same seed fails the same requests, in arrival order.
     pub seed: u64,
+    /// Like `vllm serve --api-key`: when set, every `/v1/...` request must carry
+    /// `Authorization: Bearer <api_key>` or gets vLLM's bare 401 `{"error":"Unauthorized"}`.
+    pub api_key: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -42,6 +45,7 @@ impl Default for SimConfig {
             error_rate: 0.0,
             die_rate: 0.0,
             seed: 0,
+            api_key: None,
         }
     }
 }

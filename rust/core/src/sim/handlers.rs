@@ -44,7 +44,37 @@ pub fn app(config: SimConfig) -> Router {
         .route("/tokenize", post(tokenize))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            require_api_key,
+        ))
         .with_state(engine)
+}
+
+/// vLLM's `--api-key` check: `/v1/...` routes need the key; health, metrics and the rest don't.
+async fn require_api_key(
+    State(engine): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = engine.config.api_key.as_deref()
+        && request.uri().path().starts_with("/v1")
+    {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(key) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "application/json")],
+                r#"{"error":"Unauthorized"}"#,
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn chat_completions(
