@@ -255,3 +255,34 @@ async fn worker_api_key_is_sent_on_requests_and_probes() {
     let (status, text) = post(addr, "/v1/completions", body).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_its_grace_cuts_streams_and_has_metered_them_when_it_returns() {
+    let worker = sim(SimConfig {
+        itl_ms: 50,
+        max_output_tokens: 1_000,
+        ..SimConfig::default()
+    })
+    .await;
+    let (mut gateway, addr) = gateway(&[&worker]).await;
+    let client = tokio::spawn(post(
+        addr,
+        "/v1/completions",
+        json!({"model": "sim-model", "prompt": "x", "max_tokens": 1000, "stream": true}),
+    ));
+    for _ in 0..200 {
+        if gateway.state().registry.workers()[0].outstanding() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gateway.shutdown(Duration::from_millis(100)).await.unwrap();
+    // No waiting: the cut stream's event is already recorded.
+    let events = gateway.drain_usage(usize::MAX);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].status, Status::Cancelled);
+    assert!(events[0].completion_tokens > 0, "{:?}", events[0]);
+    assert_eq!(gateway.state().registry.workers()[0].outstanding(), 0);
+    client.abort();
+}
