@@ -67,12 +67,18 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
     """Starts `n_sims` simulators (each with `sim_options`) and a gateway in front of them."""
     stacks: list[Stack] = []
 
-    def make(n_sims: int = 2, config_extra: str = "", **sim_options: object) -> Stack:
+    def make(
+        n_sims: int = 2, config_extra: str = "", grace_s: float = 5.0, **sim_options: object
+    ) -> Stack:
         sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
         db = tmp_path / f"ledger-{len(stacks)}.db"
         key, key_id = procs.create_key(db, "acme")
         config = procs.write_config(
-            tmp_path / f"gateway-{len(stacks)}.toml", [s.url for s in sims], db, config_extra
+            tmp_path / f"gateway-{len(stacks)}.toml",
+            [s.url for s in sims],
+            db,
+            config_extra,
+            grace_s,
         )
         gateway = procs.start(["serve", "--config", str(config)])
         stack = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)

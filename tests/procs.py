@@ -101,7 +101,9 @@ def start_sim(**options: object) -> Process:
     return start(args)
 
 
-def write_config(path: Path, workers: list[str], db: Path, extra: str = "") -> Path:
+def write_config(
+    path: Path, workers: list[str], db: Path, extra: str = "", grace_s: float = 5.0
+) -> Path:
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
     path.write_text(
         f"""
@@ -109,7 +111,7 @@ def write_config(path: Path, workers: list[str], db: Path, extra: str = "") -> P
 host = "127.0.0.1"
 port = 0
 max_body_bytes = 65536
-shutdown_grace_seconds = 5
+shutdown_grace_seconds = {grace_s}
 
 [routing]
 health_interval_ms = 100

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import time
 
@@ -263,3 +264,38 @@ def test_non_streaming_client_that_gives_up_cancels_the_worker(make_stack: Stack
     sim = stack.sims[0].url
     assert procs.wait_for(lambda: procs.scrape(sim)["vllm:num_requests_running"] == 0)
     assert procs.scrape(sim)["vllm:generation_tokens_total"] < 50
+
+
+def test_shutdown_past_its_grace_meters_the_streams_it_cuts(make_stack: StackFactory) -> None:
+    """SIGTERM with streams longer than the grace: they are cut, and each is in the ledger,
+    billed for what its client received, before the process exits."""
+    stack = make_stack(n_sims=1, grace_s=0.3, itl_ms=20, max_output_tokens=1000)
+    received = [0, 0]
+
+    def read(i: int) -> None:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 500, "stream": True}
+        headers = {"authorization": f"Bearer {stack.key}"}
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", f"{stack.base_url}/completions", json=body, headers=headers) as r,
+            contextlib.suppress(httpx.RemoteProtocolError),  # the cut
+        ):
+            for payload in procs.sse_events(r.iter_lines()):
+                if payload != "[DONE]" and "error" not in json.loads(payload):
+                    received[i] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(read, i) for i in range(2)]
+        assert procs.wait_for(lambda: min(received) >= 3)
+        assert stack.gateway.stop() == 0
+        for future in futures:
+            future.result(timeout=30)
+    rows = procs.usage_rows(stack.db)
+    assert sorted(r["status"] for r in rows) == ["cancelled", "cancelled"]
+    # Billed is what the gateway relayed. A frame written in the instant the connection is cut
+    # can be lost by the client's own TCP stack with the reset, so a client may have read one
+    # token less than it was sent; never more.
+    for billed, read in zip(
+        sorted(r["completion_tokens"] for r in rows), sorted(received), strict=True
+    ):
+        assert read <= billed <= read + 1
