@@ -295,7 +295,7 @@ def test_shutdown_past_its_grace_meters_the_streams_it_cuts(make_stack: StackFac
     # Billed is what the gateway relayed. A frame written in the instant the connection is cut
     # can be lost by the client's own TCP stack with the reset, so a client may have read one
     # token less than it was sent; never more.
-    for billed, read in zip(
+    for billed, got in zip(
         sorted(r["completion_tokens"] for r in rows), sorted(received), strict=True
     ):
-        assert read <= billed <= read + 1
+        assert got <= billed <= got + 1
