@@ -219,6 +219,7 @@ mod tests {
 
     use super::*;
     use crate::metering::UsageSource;
+    use crate::prometheus::sample_value as value;
     use crate::router::Worker;
 
     fn event(status: Status, completion: u64) -> UsageEvent {
@@ -240,15 +241,6 @@ mod tests {
             started_at_ms: 0,
             finished_at_ms: 0,
         }
-    }
-
-    fn value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
-        text.lines()
-            .find(|line| {
-                line.strip_prefix(series)
-                    .is_some_and(|r| r.starts_with(' '))
-            })
-            .and_then(|line| line.rsplit(' ').next())
     }
 
     #[test]

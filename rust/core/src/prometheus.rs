@@ -94,3 +94,14 @@ pub(crate) fn escape_label(value: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+/// The value of the sample whose series (name and labels) is exactly `series`, in exposition text.
+#[cfg(test)]
+pub(crate) fn sample_value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+    text.lines()
+        .find(|line| {
+            line.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+}

@@ -249,11 +249,7 @@ fn gauge_step(gauge: &AtomicU64, up: bool) {
 mod tests {
     use super::*;
 
-    fn sample<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-        text.lines()
-            .find(|line| line.starts_with(prefix))
-            .and_then(|line| line.rsplit(' ').next())
-    }
+    use crate::prometheus::sample_value as sample;
 
     #[test]
     fn render_names_labels_and_types_like_vllm() {
