@@ -135,12 +135,21 @@ class WorkerConfig(BaseModel):
 
 
 class RoutingConfig(BaseModel):
-    """`[routing]`: health checks, timeouts and retries towards the workers."""
+    """`[routing]`: health checks, load signals, timeouts and retries towards the workers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     health_interval_ms: int = Field(
         default=500, ge=50, description="Period of each worker's health and model probe."
+    )
+    load_interval_ms: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Period of the scrape of each worker's `/metrics` (vLLM's running and waiting requests"
+            " and KV-cache use), which routing weighs with the gateway's own in-flight counts;"
+            " 0 routes on the in-flight counts alone."
+        ),
     )
     connect_timeout_ms: int = Field(
         default=1000,
@@ -226,6 +235,7 @@ class GatewayConfig(BaseModel):
             ],
             "routing": {
                 "health_interval_ms": self.routing.health_interval_ms,
+                "load_interval_ms": self.routing.load_interval_ms,
                 "connect_timeout_ms": self.routing.connect_timeout_ms,
                 "request_timeout_ms": self.routing.request_timeout_ms,
                 "max_attempts": self.routing.max_attempts,

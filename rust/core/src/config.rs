@@ -24,6 +24,9 @@ pub struct WorkerConfig {
 pub struct RoutingConfig {
     /// Period of the `/health` + `/v1/models` probe of every worker.
     pub health_interval_ms: u64,
+    /// Period of the `/metrics` scrape that reads each worker's running and waiting requests and
+    /// KV-cache use for routing; 0 routes on the gateway's own in-flight counts alone.
+    pub load_interval_ms: u64,
     /// TCP connect timeout to a worker; a worker that does not accept in time is tried elsewhere.
     pub connect_timeout_ms: u64,
     /// How long one attempt may wait for a worker's answer: headers and then the first event of
@@ -37,6 +40,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             health_interval_ms: 500,
+            load_interval_ms: 100,
             connect_timeout_ms: 1_000,
             request_timeout_ms: 600_000,
             max_attempts: 3,
@@ -47,6 +51,9 @@ impl Default for RoutingConfig {
 impl RoutingConfig {
     pub fn health_interval(&self) -> Duration {
         Duration::from_millis(self.health_interval_ms.max(10))
+    }
+    pub fn load_interval(&self) -> Option<Duration> {
+        (self.load_interval_ms > 0).then(|| Duration::from_millis(self.load_interval_ms.max(10)))
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms.max(1))

@@ -13,7 +13,7 @@ use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
 use crate::metering::{Meter, UsageEvent};
-use crate::router::{Registry, Worker, probe_all, run_health_checks};
+use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
 use crate::upstream::Upstream;
@@ -22,7 +22,8 @@ use crate::upstream::Upstream;
 pub struct Gateway {
     state: Arc<AppState>,
     server: Option<ServerHandle>,
-    health: Option<JoinHandle<()>>,
+    /// The health loop and the load scrapes; aborted on shutdown and on drop.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -55,7 +56,7 @@ impl Gateway {
         Ok(Self {
             state: Arc::new(state),
             server: None,
-            health: None,
+            background: Vec::new(),
         })
     }
 
@@ -64,7 +65,7 @@ impl Gateway {
     }
 
     /// Probes every worker once (so the model list is known before the first request), starts
-    /// the health loop, and binds. Returns the bound address.
+    /// the health loop and the load scrapes, and binds. Returns the bound address.
     pub async fn start(&mut self) -> io::Result<SocketAddr> {
         if let Some(server) = &self.server {
             return Ok(server.local_addr());
@@ -77,11 +78,18 @@ impl Gateway {
             interval.max(Duration::from_millis(500)),
         )
         .await;
-        self.health = Some(tokio::spawn(run_health_checks(
+        self.background.push(tokio::spawn(run_health_checks(
             self.state.upstream.clone(),
             self.state.registry.clone(),
             interval,
         )));
+        if let Some(interval) = routing.load_interval() {
+            self.background.push(tokio::spawn(run_load_scrapes(
+                self.state.upstream.clone(),
+                self.state.registry.clone(),
+                interval,
+            )));
+        }
         let server = ServerHandle::bind(self.state.config.listen, app(self.state.clone())).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, "gateway listening");
@@ -101,24 +109,29 @@ impl Gateway {
         self.state.meter.pending()
     }
 
-    /// Stops accepting, drains in-flight requests for up to `grace`, then stops health checks.
+    /// Stops accepting, drains in-flight requests for up to `grace`, then stops the background
+    /// loops.
     /// Usage of every request, finished or cut off, is in the meter when this returns.
     pub async fn shutdown(&mut self, grace: Duration) -> io::Result<()> {
         let result = match self.server.take() {
             Some(server) => server.shutdown(grace).await,
             None => Ok(()),
         };
-        if let Some(health) = self.health.take() {
-            health.abort();
-        }
+        self.stop_background();
         result
+    }
+}
+
+impl Gateway {
+    fn stop_background(&mut self) {
+        for task in self.background.drain(..) {
+            task.abort();
+        }
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(health) = self.health.take() {
-            health.abort();
-        }
+        self.stop_background();
     }
 }

@@ -153,7 +153,30 @@ impl GatewayMetrics {
             let n = worker.outstanding();
             let _ = writeln!(out, "{}{{worker=\"{url}\"}} {n}", OUTSTANDING.name);
         }
+        render_reported_load(&mut out, registry);
         out
+    }
+}
+
+/// What each worker reported at its last scrape; a worker whose load is unknown has no sample.
+fn render_reported_load(out: &mut String, registry: &Registry) {
+    let loads: Vec<_> = registry
+        .workers()
+        .iter()
+        .filter_map(|w| w.load().map(|load| (escape_label(&w.url), load)))
+        .collect();
+    header(out, &RUNNING);
+    for (url, load) in &loads {
+        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {}", RUNNING.name, load.running);
+    }
+    header(out, &WAITING);
+    for (url, load) in &loads {
+        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {}", WAITING.name, load.waiting);
+    }
+    header(out, &KV_CACHE);
+    for (url, load) in &loads {
+        let usage = load.kv_cache_usage;
+        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {usage:?}", KV_CACHE.name);
     }
 }
 
@@ -211,6 +234,21 @@ const OUTSTANDING: Family = family(
     "tokengate_worker_outstanding_requests",
     "gauge",
     "Requests the gateway has in flight on the worker.",
+);
+const RUNNING: Family = family(
+    "tokengate_worker_running_requests",
+    "gauge",
+    "Requests the worker reported running (vllm:num_requests_running) at its last scrape.",
+);
+const WAITING: Family = family(
+    "tokengate_worker_waiting_requests",
+    "gauge",
+    "Requests the worker reported queued (vllm:num_requests_waiting) at its last scrape.",
+);
+const KV_CACHE: Family = family(
+    "tokengate_worker_kv_cache_usage",
+    "gauge",
+    "KV-cache use, 0 to 1, the worker reported (vllm:kv_cache_usage_perc) at its last scrape.",
 );
 
 #[cfg(test)]
@@ -299,6 +337,29 @@ mod tests {
         assert_eq!(
             value(&text, "tokengate_worker_healthy{worker=\"http://w:1\"}"),
             Some("0")
+        );
+        let running = "tokengate_worker_running_requests{worker=\"http://w:1\"}";
+        assert_eq!(value(&text, running), None, "no scrape yet, no sample");
+        registry.workers()[0].set_load(Some(crate::router::Load {
+            running: 3,
+            waiting: 2,
+            kv_cache_usage: 0.5,
+        }));
+        let text = metrics.render(&registry, 7);
+        assert_eq!(value(&text, running), Some("3"));
+        assert_eq!(
+            value(
+                &text,
+                "tokengate_worker_waiting_requests{worker=\"http://w:1\"}"
+            ),
+            Some("2")
+        );
+        assert_eq!(
+            value(
+                &text,
+                "tokengate_worker_kv_cache_usage{worker=\"http://w:1\"}"
+            ),
+            Some("0.5")
         );
     }
 }

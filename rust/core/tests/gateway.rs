@@ -286,3 +286,71 @@ async fn shutdown_past_its_grace_cuts_streams_and_has_metered_them_when_it_retur
     assert_eq!(gateway.state().registry.workers()[0].outstanding(), 0);
     client.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_avoid_a_worker_that_reports_a_queue_from_other_clients() {
+    let busy = sim(SimConfig {
+        max_num_seqs: 1,
+        itl_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let idle = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway_at(
+        &[
+            format!("http://{}", busy.local_addr()),
+            format!("http://{}", idle.local_addr()),
+        ],
+        json!({ "load_interval_ms": 20 }),
+    )
+    .await;
+    // Another client (say, another gateway replica) fills the busy worker: one running, two
+    // waiting. This gateway has nothing in flight there; only the worker's /metrics tells.
+    let busy_addr = busy.local_addr();
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(post(
+                busy_addr,
+                "/v1/completions",
+                json!({"model": "sim-model", "prompt": "x", "max_tokens": 50, "ignore_eos": true}),
+            ))
+        })
+        .collect();
+    let registry = gateway.state().registry.clone();
+    let busy_worker = registry.workers()[0].clone();
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = busy_worker.load();
+        if seen.is_some_and(|load| load.waiting >= 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seen.is_some_and(|l| l.running == 1 && l.waiting >= 2),
+        "{seen:?}"
+    );
+
+    for _ in 0..6 {
+        let (status, body) = post(
+            addr,
+            "/v1/completions",
+            json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let idle_url = format!("http://{}", idle.local_addr());
+    let events = events(&gateway, 6).await;
+    assert_eq!(events.len(), 6);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.worker.as_deref() == Some(idle_url.as_str())),
+        "{:?}",
+        events.iter().map(|e| &e.worker).collect::<Vec<_>>()
+    );
+    for other in others {
+        assert_eq!(other.await.unwrap().0, StatusCode::OK);
+    }
+}

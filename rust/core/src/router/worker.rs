@@ -1,12 +1,14 @@
-//! One worker as the router sees it: address, health, models served and requests in flight.
+//! One worker as the router sees it: address, health, models served, requests in flight and the
+//! load it last reported.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
 
+use super::load::Load;
 use crate::api::request::Endpoint;
 
 /// A model as a worker lists it in `/v1/models`: its id and the card exactly as sent.
@@ -25,6 +27,7 @@ pub struct Worker {
     completions_uri: Uri,
     pub(crate) health_uri: Uri,
     pub(crate) models_uri: Uri,
+    pub(crate) metrics_uri: Uri,
     // Relaxed everywhere below: each atomic is an independent hint read by the routing policy;
     // nothing else is published through it.
     healthy: AtomicBool,
@@ -34,6 +37,30 @@ pub struct Worker {
     models: ArcSwap<Vec<ModelCard>>,
     /// Whether a probe has ever read this worker's model list.
     listed: AtomicBool,
+    /// The last scraped [`Load`], packed so that one load reads a consistent snapshot;
+    /// [`NO_LOAD`] when unknown.
+    load: AtomicU64,
+}
+
+const NO_LOAD: u64 = u64::MAX;
+const COUNT_BITS: u32 = 24;
+const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
+
+/// Packs running (24 bits), waiting (24 bits) and KV-cache use in 1/10,000ths (16 bits).
+fn pack(load: Load) -> u64 {
+    let running = u64::from(load.running.min(COUNT_MAX));
+    let waiting = u64::from(load.waiting.min(COUNT_MAX));
+    let kv = (load.kv_cache_usage.clamp(0.0, 1.0) * 10_000.0).round() as u64;
+    (running << 40) | (waiting << 16) | kv
+}
+
+fn unpack(packed: u64) -> Option<Load> {
+    let mask = u64::from(COUNT_MAX);
+    (packed != NO_LOAD).then(|| Load {
+        running: ((packed >> 40) & mask) as u32,
+        waiting: ((packed >> 16) & mask) as u32,
+        kv_cache_usage: (packed & 0xFFFF) as f64 / 10_000.0,
+    })
 }
 
 impl Worker {
@@ -47,10 +74,12 @@ impl Worker {
             completions_uri: uri(Endpoint::Completions.path())?,
             health_uri: uri("/health")?,
             models_uri: uri("/v1/models")?,
+            metrics_uri: uri("/metrics")?,
             healthy: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             models: ArcSwap::from_pointee(Vec::new()),
             listed: AtomicBool::new(false),
+            load: AtomicU64::new(NO_LOAD),
         })
     }
 
@@ -104,6 +133,16 @@ impl Worker {
         self.listed.load(Ordering::Relaxed)
     }
 
+    /// What the worker reported at its last successful scrape of `/metrics`.
+    pub fn load(&self) -> Option<Load> {
+        unpack(self.load.load(Ordering::Relaxed))
+    }
+
+    pub fn set_load(&self, load: Option<Load>) {
+        self.load
+            .store(load.map_or(NO_LOAD, pack), Ordering::Relaxed);
+    }
+
     /// Counts a request against this worker until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -124,5 +163,36 @@ impl Outstanding {
 impl Drop for Outstanding {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_round_trips_through_its_packing() {
+        let Ok(worker) = Worker::new("http://w") else {
+            panic!("bad url")
+        };
+        assert_eq!(worker.load(), None);
+        let load = Load {
+            running: 1_000,
+            waiting: 70_000,
+            kv_cache_usage: 0.4321,
+        };
+        worker.set_load(Some(load));
+        assert_eq!(worker.load(), Some(load));
+        worker.set_load(Some(Load {
+            running: u32::MAX,
+            waiting: 0,
+            kv_cache_usage: 1.0,
+        }));
+        assert_eq!(
+            worker.load().map(|l| (l.running, l.kv_cache_usage)),
+            Some((COUNT_MAX, 1.0))
+        );
+        worker.set_load(None);
+        assert_eq!(worker.load(), None);
     }
 }

@@ -1,0 +1,191 @@
+//! Load signals read from a worker's `/metrics`: requests running and waiting, KV-cache usage.
+//!
+//! Parses only the families a router needs from vLLM's Prometheus text, summing gauges over
+//! their label sets (one per model and engine). It does not decide where requests go; the
+//! registry's policy does, from the [`Load`] kept on each worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use super::registry::Registry;
+use super::worker::Worker;
+use crate::upstream::Upstream;
+
+/// What a worker reported about itself at its last scrape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// `vllm:num_requests_running`: sequences in the running batch.
+    pub running: u32,
+    /// `vllm:num_requests_waiting`: requests queued inside the worker.
+    pub waiting: u32,
+    /// `vllm:kv_cache_usage_perc` (`vllm:gpu_cache_usage_perc` before vLLM 0.10): a 0–1 fraction,
+    /// the highest over the worker's engines.
+    pub kv_cache_usage: f64,
+}
+
+const RUNNING: &str = "vllm:num_requests_running";
+const WAITING: &str = "vllm:num_requests_waiting";
+const KV_CACHE: &str = "vllm:kv_cache_usage_perc";
+const KV_CACHE_LEGACY: &str = "vllm:gpu_cache_usage_perc";
+
+/// Reads a worker's load from its Prometheus text; `None` when neither request gauge is there
+/// (not a vLLM worker, or not one that exports them).
+pub fn parse(text: &str) -> Option<Load> {
+    let (mut running, mut waiting) = (None::<f64>, None::<f64>);
+    let mut kv = None::<f64>;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = sample(line) else {
+            continue;
+        };
+        match name {
+            RUNNING => *running.get_or_insert(0.0) += value,
+            WAITING => *waiting.get_or_insert(0.0) += value,
+            KV_CACHE | KV_CACHE_LEGACY => kv = Some(kv.map_or(value, |k: f64| k.max(value))),
+            _ => {}
+        }
+    }
+    if running.is_none() && waiting.is_none() {
+        return None;
+    }
+    let count = |v: Option<f64>| v.map_or(0, |v| v.clamp(0.0, f64::from(u32::MAX)) as u32);
+    Some(Load {
+        running: count(running),
+        waiting: count(waiting),
+        kv_cache_usage: kv.unwrap_or(0.0).clamp(0.0, 1.0),
+    })
+}
+
+/// Splits `name{labels} value [timestamp]` into its name and value. Label values may hold
+/// spaces, braces and escaped quotes.
+fn sample(line: &str) -> Option<(&str, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    if rest.starts_with('{') {
+        let close = labels_end(rest)?;
+        rest = &rest[close + 1..];
+    }
+    let value = rest.split_ascii_whitespace().next()?;
+    let value: f64 = value.parse().ok()?;
+    value.is_finite().then_some((name, value))
+}
+
+/// The index of the `}` that closes the label set `text` starts with.
+fn labels_end(text: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, byte) in text.bytes().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Scrapes one worker's `/metrics` and stores its load; a failed scrape forgets the last one,
+/// so the policy falls back to the gateway's own in-flight count.
+pub async fn scrape(upstream: &Upstream, worker: &Worker, timeout: Duration) {
+    let load = match upstream
+        .get(
+            &worker.url,
+            worker.metrics_uri.clone(),
+            worker.authorization.as_ref(),
+            timeout,
+        )
+        .await
+    {
+        Ok((status, body)) if status.is_success() => {
+            std::str::from_utf8(&body).ok().and_then(parse)
+        }
+        _ => None,
+    };
+    worker.set_load(load);
+}
+
+/// Scrapes every healthy worker forever, every `interval`; the caller aborts the task to stop.
+pub async fn run_load_scrapes(upstream: Upstream, registry: Arc<Registry>, interval: Duration) {
+    let timeout = interval.max(Duration::from_millis(250));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        join_all(registry.workers().iter().map(|worker| async {
+            if worker.is_healthy() {
+                scrape(&upstream, worker, timeout).await;
+            } else {
+                worker.set_load(None);
+            }
+        }))
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Shaped as vLLM 0.32 writes it: one series per engine, values as floats.
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+vllm:num_requests_running{engine="1",model_name="tiny"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="tiny"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="tiny"} 0.5
+vllm:prompt_tokens_total{engine="0",model_name="tiny"} 1234.0
+"#;
+
+    #[test]
+    fn sums_requests_over_engines_and_takes_the_fullest_cache() {
+        let load = parse(VLLM);
+        assert_eq!(
+            load,
+            Some(Load {
+                running: 5,
+                waiting: 4,
+                kv_cache_usage: 0.5
+            })
+        );
+    }
+
+    #[test]
+    fn reads_the_legacy_cache_gauge_and_odd_labels() {
+        let text = "vllm:num_requests_running{model_name=\"a} b\\\"c\"} 1\n\
+                    vllm:gpu_cache_usage_perc 0.75 1700000000000\n";
+        let load = parse(text);
+        assert_eq!(load.map(|l| (l.running, l.waiting)), Some((1, 0)));
+        assert_eq!(load.map(|l| l.kv_cache_usage), Some(0.75));
+    }
+
+    #[test]
+    fn a_page_without_request_gauges_is_no_load() {
+        assert_eq!(parse("process_cpu_seconds_total 1.5\n"), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn garbage_values_are_skipped_not_trusted() {
+        let text = "vllm:num_requests_running NaN\nvllm:num_requests_running 2\n\
+                    vllm:num_requests_waiting -3\nvllm:kv_cache_usage_perc 7\nvllm:num_requests_waiting{x=\"1\" 5\n";
+        assert_eq!(
+            parse(text),
+            Some(Load {
+                running: 2,
+                waiting: 0,
+                kv_cache_usage: 1.0
+            })
+        );
+    }
+}
