@@ -43,23 +43,27 @@ pub struct Worker {
 }
 
 const NO_LOAD: u64 = u64::MAX;
-const COUNT_BITS: u32 = 24;
+const COUNT_BITS: u32 = 22;
 const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
+const KV_BITS: u32 = 20;
+/// KV-cache use is kept in millionths: a small model on a large cache uses a few millionths of
+/// it, which must not read as zero.
+const KV_MILLIONTHS: f64 = 1_000_000.0;
 
-/// Packs running (24 bits), waiting (24 bits) and KV-cache use in 1/10,000ths (16 bits).
+/// Packs running (22 bits), waiting (22 bits) and KV-cache use in millionths (20 bits).
 fn pack(load: Load) -> u64 {
     let running = u64::from(load.running.min(COUNT_MAX));
     let waiting = u64::from(load.waiting.min(COUNT_MAX));
-    let kv = (load.kv_cache_usage.clamp(0.0, 1.0) * 10_000.0).round() as u64;
-    (running << 40) | (waiting << 16) | kv
+    let kv = (load.kv_cache_usage.clamp(0.0, 1.0) * KV_MILLIONTHS).round() as u64;
+    (running << (COUNT_BITS + KV_BITS)) | (waiting << KV_BITS) | kv
 }
 
 fn unpack(packed: u64) -> Option<Load> {
     let mask = u64::from(COUNT_MAX);
     (packed != NO_LOAD).then(|| Load {
-        running: ((packed >> 40) & mask) as u32,
-        waiting: ((packed >> 16) & mask) as u32,
-        kv_cache_usage: (packed & 0xFFFF) as f64 / 10_000.0,
+        running: ((packed >> (COUNT_BITS + KV_BITS)) & mask) as u32,
+        waiting: ((packed >> KV_BITS) & mask) as u32,
+        kv_cache_usage: (packed & ((1 << KV_BITS) - 1)) as f64 / KV_MILLIONTHS,
     })
 }
 
@@ -179,10 +183,15 @@ mod tests {
         let load = Load {
             running: 1_000,
             waiting: 70_000,
-            kv_cache_usage: 0.4321,
+            kv_cache_usage: 0.5,
         };
         worker.set_load(Some(load));
         assert_eq!(worker.load(), Some(load));
+        worker.set_load(Some(Load {
+            kv_cache_usage: 3e-6,
+            ..load
+        }));
+        assert_eq!(worker.load().map(|l| l.kv_cache_usage), Some(3e-6));
         worker.set_load(Some(Load {
             running: u32::MAX,
             waiting: 0,
