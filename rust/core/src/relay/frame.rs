@@ -4,6 +4,12 @@
 //! exactly what it would have got from vLLM with its own `stream_options`: `usage` members are
 //! cut out byte-exactly where the client did not ask for them, and the trailing usage-only chunk
 //! is dropped unless the client asked for usage.
+//!
+//! One more member moves with usage. vLLM (0.32) stamps `system_fingerprint` on a stream's terminal
+//! chunks (those with a `finish_reason`) when the client did not ask for usage, and on the
+//! usage-only chunk instead when it did. So for a client without usage, the gateway marks terminal
+//! chunks and reads the fingerprint off the usage-only chunk it drops; the relay puts it back where
+//! vLLM would have ([`with_fingerprint`]).
 
 use crate::api::request::StreamUsage;
 use crate::json;
@@ -34,6 +40,11 @@ pub struct Inspected {
     pub done: bool,
     /// The event is an in-stream error (`data: {"error": ...}`).
     pub error: bool,
+    /// A choice's terminal chunk, for a client without usage: vLLM would have stamped it with the
+    /// stream's `system_fingerprint`.
+    pub terminal: bool,
+    /// For a client without usage, where the usage-only event's `system_fingerprint` value is.
+    pub fingerprint: Option<Range<usize>>,
 }
 
 const DATA: &[u8] = b"data:";
@@ -46,6 +57,8 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         choice: None,
         done: false,
         error: false,
+        terminal: false,
+        fingerprint: None,
     };
     let Some(payload) = event.strip_prefix(DATA) else {
         return inspected;
@@ -68,8 +81,14 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         c.strip_prefix(b"[")
             .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"]"))
     });
-    if !usage_only {
+    if usage_only {
+        if !client.include_usage {
+            inspected.fingerprint = json::find_member(payload, "system_fingerprint")
+                .map(|span| offset + span.value.start..offset + span.value.end);
+        }
+    } else {
         inspected.choice = choices.and_then(first_choice_index);
+        inspected.terminal = !client.include_usage && choices.is_some_and(first_choice_finished);
     }
     inspected.action = if usage_only {
         if client.include_usage {
@@ -83,6 +102,29 @@ pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
         FrameAction::Strip(offset + span.removal.start..offset + span.removal.end)
     };
     inspected
+}
+
+/// Whether the first object of the `choices` array has a non-null `finish_reason`.
+fn first_choice_finished(choices: &[u8]) -> bool {
+    choices
+        .strip_prefix(b"[")
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|object| Some(&object[json::value_start(object, "finish_reason")?..]))
+        .is_some_and(|value| !value.starts_with(b"null"))
+}
+
+/// `event` (one `data: {...}` event) with `"system_fingerprint":<fingerprint>` as the object's
+/// last member, where vLLM puts it.
+pub fn with_fingerprint(event: &[u8], fingerprint: &[u8]) -> Vec<u8> {
+    let Some(close) = event.iter().rposition(|&b| b == b'}') else {
+        return event.to_vec();
+    };
+    let mut out = Vec::with_capacity(event.len() + fingerprint.len() + 22);
+    out.extend_from_slice(&event[..close]);
+    out.extend_from_slice(b",\"system_fingerprint\":");
+    out.extend_from_slice(fingerprint);
+    out.extend_from_slice(&event[close..]);
+    out
 }
 
 /// The `index` of the first object of the `choices` array that `choices` starts with.
@@ -178,6 +220,34 @@ mod tests {
         assert_eq!(
             inspect(FINAL.as_bytes(), CONTINUOUS).action,
             FrameAction::Keep
+        );
+    }
+
+    #[test]
+    fn fingerprint_moves_from_the_usage_chunk_to_terminal_chunks_for_a_client_without_usage() {
+        let terminal = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\"!\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3}}\n\n";
+        let last = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":3},\"system_fingerprint\":\"vllm-0.32.0-x\"}\n\n";
+        let inspected = inspect(terminal.as_bytes(), NONE);
+        assert!(inspected.terminal);
+        assert!(!inspect(CHUNK.as_bytes(), NONE).terminal);
+        assert!(!inspect(terminal.as_bytes(), FINAL_ONLY).terminal);
+        let usage_only = inspect(last.as_bytes(), NONE);
+        let Some(range) = usage_only.fingerprint else {
+            panic!("fingerprint not found")
+        };
+        assert_eq!(&last[range.clone()], "\"vllm-0.32.0-x\"");
+        assert_eq!(inspect(last.as_bytes(), FINAL_ONLY).fingerprint, None);
+        let FrameAction::Strip(cut) = inspected.action else {
+            panic!("usage not stripped")
+        };
+        let stripped = [
+            &terminal.as_bytes()[..cut.start],
+            &terminal.as_bytes()[cut.end..],
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&with_fingerprint(&stripped, last[range].as_bytes())),
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"text\":\"!\",\"finish_reason\":\"length\"}],\"system_fingerprint\":\"vllm-0.32.0-x\"}\n\n"
         );
     }
 

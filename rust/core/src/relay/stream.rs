@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::frame::{FrameAction, inspect};
+use super::frame::{FrameAction, inspect, with_fingerprint};
 use super::sse::SseSplitter;
 use crate::api::request::{InferenceRequest, StreamUsage};
 use crate::error::ApiError;
@@ -78,7 +78,8 @@ pub fn streaming_response(
         meter: Some(meter),
         saw_error: false,
         ended: false,
-        _outstanding: outstanding,
+        held: Vec::new(),
+        outstanding,
     };
     let stream = futures_util::stream::unfold(relay, |mut relay| async move {
         let chunk = relay.next_chunk().await?;
@@ -97,7 +98,11 @@ struct Relay {
     meter: Option<MeterGuard>,
     saw_error: bool,
     ended: bool,
-    _outstanding: Outstanding,
+    /// Events held back, in order, from a terminal chunk on, until the stream's fingerprint is
+    /// known (see `frame`); `true` marks a terminal chunk. Empty unless the worker's fingerprint
+    /// was not known yet when a terminal chunk arrived.
+    held: Vec<(Bytes, bool)>,
+    outstanding: Outstanding,
 }
 
 impl Relay {
@@ -143,23 +148,50 @@ impl Relay {
         let mut done = false;
         for event in events {
             let inspected = inspect(&event, self.client);
-            if let Some(range) = inspected.usage {
+            if let Some(range) = inspected.usage.clone() {
                 let usage = event.slice(range);
                 match latest.iter_mut().find(|(c, _)| *c == inspected.choice) {
                     Some(slot) => slot.1 = usage,
                     None => latest.push((inspected.choice, usage)),
                 }
             }
-            match inspected.action {
-                FrameAction::Keep => out.extend_from_slice(&event),
-                FrameAction::Drop => {}
-                FrameAction::Strip(cut) => {
-                    out.extend_from_slice(&event[..cut.start]);
-                    out.extend_from_slice(&event[cut.end..]);
-                }
-            }
             self.saw_error |= inspected.error;
             done |= inspected.done;
+            if let Some(range) = inspected.fingerprint.clone() {
+                self.outstanding
+                    .worker()
+                    .set_fingerprint(event.slice(range));
+            }
+            let relayed = match inspected.action {
+                FrameAction::Keep => event,
+                FrameAction::Drop => {
+                    if inspected.fingerprint.is_some() || !self.held.is_empty() {
+                        self.release_held(&mut out);
+                    }
+                    continue;
+                }
+                FrameAction::Strip(cut) => {
+                    let mut stripped = BytesMut::with_capacity(event.len() - cut.len());
+                    stripped.extend_from_slice(&event[..cut.start]);
+                    stripped.extend_from_slice(&event[cut.end..]);
+                    stripped.freeze()
+                }
+            };
+            if inspected.done || inspected.error {
+                self.release_held(&mut out);
+            }
+            if !self.held.is_empty() {
+                self.held.push((relayed, inspected.terminal));
+            } else if inspected.terminal {
+                match self.outstanding.worker().fingerprint() {
+                    Some(fingerprint) => {
+                        out.extend_from_slice(&with_fingerprint(&relayed, &fingerprint));
+                    }
+                    None => self.held.push((relayed, true)),
+                }
+            } else {
+                out.extend_from_slice(&relayed);
+            }
         }
         if let Some(meter) = self.meter.as_mut()
             && !latest.is_empty()
@@ -189,12 +221,27 @@ impl Relay {
         out.freeze()
     }
 
+    /// Appends the held events to `out`, terminal chunks stamped with the worker's fingerprint
+    /// if it is known by now.
+    fn release_held(&mut self, out: &mut BytesMut) {
+        let fingerprint = self.outstanding.worker().fingerprint();
+        for (event, terminal) in self.held.drain(..) {
+            match (&fingerprint, terminal) {
+                (Some(fingerprint), true) => {
+                    out.extend_from_slice(&with_fingerprint(&event, fingerprint));
+                }
+                _ => out.extend_from_slice(&event),
+            }
+        }
+    }
+
     /// Ends the client's stream with an error event, unless it already ended properly.
     fn fail(&mut self, reason: &str) -> Option<Bytes> {
         let meter = self.meter.take()?;
         meter.finish(Status::Failed);
-        Some(Bytes::from(
-            ApiError::Upstream(reason.to_owned()).sse_frame(),
-        ))
+        let mut out = BytesMut::new();
+        self.release_held(&mut out);
+        out.extend_from_slice(&ApiError::Upstream(reason.to_owned()).sse_frame());
+        Some(out.freeze())
     }
 }

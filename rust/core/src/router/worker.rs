@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
 use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
 
@@ -40,6 +41,8 @@ pub struct Worker {
     /// The last scraped [`Load`], packed so that one load reads a consistent snapshot;
     /// [`NO_LOAD`] when unknown.
     load: AtomicU64,
+    /// The `system_fingerprint` (raw JSON value) of the worker's last stream that carried one.
+    fingerprint: ArcSwapOption<Bytes>,
 }
 
 const NO_LOAD: u64 = u64::MAX;
@@ -84,6 +87,7 @@ impl Worker {
             models: ArcSwap::from_pointee(Vec::new()),
             listed: AtomicBool::new(false),
             load: AtomicU64::new(NO_LOAD),
+            fingerprint: ArcSwapOption::empty(),
         })
     }
 
@@ -145,6 +149,18 @@ impl Worker {
     pub fn set_load(&self, load: Option<Load>) {
         self.load
             .store(load.map_or(NO_LOAD, pack), Ordering::Relaxed);
+    }
+
+    /// The worker's `system_fingerprint` as its last stream reported it (a raw JSON value); it
+    /// changes only when the worker restarts with another configuration.
+    pub fn fingerprint(&self) -> Option<Arc<Bytes>> {
+        self.fingerprint.load_full()
+    }
+
+    pub fn set_fingerprint(&self, fingerprint: Bytes) {
+        if self.fingerprint.load().as_deref() != Some(&fingerprint) {
+            self.fingerprint.store(Some(Arc::new(fingerprint)));
+        }
     }
 
     /// Counts a request against this worker until the returned guard drops.

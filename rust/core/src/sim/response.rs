@@ -120,6 +120,9 @@ pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 /// The fields every response and chunk of one request opens with, pre-rendered.
+/// `,"system_fingerprint":..`: vLLM's is `vllm-<version>-<config hash>`; this one is fixed.
+pub(crate) const FINGERPRINT_MEMBER: &[u8] = b",\"system_fingerprint\":\"vllm-0.32.0-gatewaysim\"";
+
 #[derive(Debug, Clone)]
 pub(crate) struct Head {
     /// The whole response id, JSON-encoded with its quotes (`"chatcmpl-…"`).
@@ -185,7 +188,9 @@ pub(crate) fn completion_body(head: &Head, plan: &Plan) -> Vec<u8> {
         }
         out.push(b'}');
     }
-    out.extend_from_slice(b"],\"service_tier\":null,\"system_fingerprint\":null,\"usage\":");
+    out.extend_from_slice(b"],\"service_tier\":null");
+    out.extend_from_slice(FINGERPRINT_MEMBER);
+    out.extend_from_slice(b",\"usage\":");
     let prompt = plan.total_prompt_tokens();
     let completion = plan.total_completion_tokens();
     out.push(b'{');

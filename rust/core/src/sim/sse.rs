@@ -14,7 +14,9 @@ use futures_util::stream;
 
 use super::engine::Generation;
 use super::plan::{Finish, Kind, StreamMode};
-use super::response::{Head, push_escaped, push_opt_str, push_u64, write_usage_fields};
+use super::response::{
+    FINGERPRINT_MEMBER, Head, push_escaped, push_opt_str, push_u64, write_usage_fields,
+};
 
 const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -90,6 +92,10 @@ impl Frames {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b"}]");
+        // As vLLM 0.32: terminal chunks carry the fingerprint unless a usage chunk will.
+        if finish.is_some() && !self.mode.include_usage {
+            out.extend_from_slice(FINGERPRINT_MEMBER);
+        }
         self.close(out, usage);
     }
 
@@ -99,7 +105,9 @@ impl Frames {
             out.extend_from_slice(&self.prefix);
             out.extend_from_slice(b"],\"usage\":{");
             write_usage_fields(out, prompt, completion);
-            out.extend_from_slice(b"}}\n\n");
+            out.push(b'}');
+            out.extend_from_slice(FINGERPRINT_MEMBER);
+            out.extend_from_slice(b"}\n\n");
         }
     }
 
