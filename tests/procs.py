@@ -1,7 +1,9 @@
-"""Real processes for end-to-end tests: `gateway sim` workers and `gateway serve` gateways.
+"""Real processes for end-to-end tests: `gateway sim` workers, `gateway serve` gateways and real
+vLLM workers.
 
-Each is started as `python -m gateway ...`, waited for on the line it prints once it listens,
-and stopped (SIGTERM, then SIGKILL) by its owner. Nothing here fakes a part of the product.
+The gateway's own processes are started as `python -m gateway ...` and waited for on the line they
+print once they listen; vLLM workers are waited for on `/health`. Each is stopped (SIGTERM, then
+SIGKILL) by its owner. Nothing here fakes a part of the product.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import httpx
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 STARTUP_TIMEOUT_S = 30.0
+VLLM_STARTUP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -70,14 +74,11 @@ def _pump(stream: IO[str], sink: list[str], found: threading.Event, url: list[st
     found.set()
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> Process:
-    """Runs `python -m gateway ARGS` and waits until it listens."""
+def _spawn(argv: list[str], env: dict[str, str]) -> tuple[Process, threading.Event, list[str]]:
+    """Starts `argv` with its output pumped into `Process.output`; the event is set once it
+    prints `listening on URL` (or exits), and the list then holds the URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     assert proc.stdout is not None
     output: list[str] = []
@@ -85,12 +86,49 @@ def start(args: list[str], env: dict[str, str] | None = None) -> Process:
     url: list[str] = []
     reader = threading.Thread(target=_pump, args=(proc.stdout, output, found, url), daemon=True)
     reader.start()
+    return Process(proc=proc, url="", output=output, reader=reader), found, url
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> Process:
+    """Runs `python -m gateway ARGS` and waits until it listens."""
+    process, found, url = _spawn(
+        [sys.executable, "-m", "gateway", *args], {**os.environ, **(env or {})}
+    )
     if not found.wait(STARTUP_TIMEOUT_S) or not url:
-        proc.kill()
-        proc.wait(timeout=10)
-        reader.join(timeout=10)
-        raise RuntimeError(f"`gateway {' '.join(args)}` did not start:\n{''.join(output)}")
-    return Process(proc=proc, url=url[0], output=output, reader=reader)
+        process.kill()
+        raise RuntimeError(f"`gateway {' '.join(args)}` did not start:\n{''.join(process.output)}")
+    process.url = url[0]
+    return process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_vllm(argv: list[str], env: dict[str, str], port: int) -> Process:
+    """Starts a real vLLM worker on `port`; `wait_healthy` waits for it to serve."""
+    process, _, _ = _spawn(argv, env)
+    process.url = f"http://127.0.0.1:{port}"
+    return process
+
+
+def wait_healthy(worker: Process, timeout: float = VLLM_STARTUP_TIMEOUT_S) -> None:
+    """Waits until a vLLM worker answers `/health` 200; raises with its output if it dies or
+    takes longer than `timeout` (vLLM needs about 30 s on 2 cores)."""
+
+    def healthy() -> bool:
+        if worker.proc.poll() is not None:
+            return True
+        try:
+            return httpx.get(f"{worker.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_for(healthy, timeout=timeout, interval=0.5) or worker.proc.poll() is not None:
+        worker.kill()
+        raise RuntimeError(f"vLLM at {worker.url} did not start:\n{''.join(worker.output[-60:])}")
 
 
 def start_sim(**options: object) -> Process:

@@ -603,4 +603,19 @@ mod sim {
             .await;
         assert_eq!(right.status(), StatusCode::OK);
     }
+
+    #[tokio::test]
+    async fn prompt_counter_counts_each_prompt_once_per_sequence_as_vllm_does() {
+        let sim = Sim::start(SimConfig::default()).await;
+        let (status, v) = sim
+            .post_json(
+                "/v1/completions",
+                json!({"prompt": ["a b c", "d e"], "n": 3, "max_tokens": 2}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let billed = v["usage"]["prompt_tokens"].as_f64().unwrap_or_default();
+        assert!(billed > 0.0);
+        assert_eq!(sim.metric("vllm:prompt_tokens_total").await, 3.0 * billed);
+    }
 }

@@ -213,7 +213,7 @@ impl Generation {
         self.slot = Some(slot);
         sleep(Duration::from_millis(self.engine.config.ttft_ms)).await;
         let metrics = &self.engine.metrics;
-        metrics.add_prompt_tokens(self.plan.total_prompt_tokens());
+        metrics.add_prompt_tokens(self.plan.prefilled_prompt_tokens());
         let now = Instant::now();
         metrics.observe_ttft(now - self.arrived);
         self.next_token_at = now;

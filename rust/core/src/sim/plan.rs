@@ -86,6 +86,13 @@ impl Plan {
         self.prompt_tokens.iter().map(|&p| u64::from(p)).sum()
     }
 
+    /// Prompt tokens as vLLM's `prompt_tokens_total` counts them: once per sequence, so each
+    /// prompt `n` times, while `usage.prompt_tokens` counts each prompt once.
+    pub(crate) fn prefilled_prompt_tokens(&self) -> u64 {
+        let n = self.choices.len() / self.prompt_tokens.len().max(1);
+        self.total_prompt_tokens() * n as u64
+    }
+
     pub(crate) fn total_completion_tokens(&self) -> u64 {
         self.choices.iter().map(|c| u64::from(c.tokens)).sum()
     }
