@@ -238,7 +238,12 @@ def test_over_the_context_the_sdk_raises_vllms_bad_request(fleet: Fleet) -> None
 
 
 def fresh_key(fleet: Fleet, tenant: str) -> tuple[str, str]:
-    return procs.create_key(fleet.db, tenant)
+    """A new tenant's key, once the gateway has picked it up (it re-reads keys twice a second)."""
+    key, key_id = procs.create_key(fleet.db, tenant)
+    models = f"{fleet.gateway.url}/v1/models"
+    headers = {"authorization": f"Bearer {key}"}
+    assert procs.wait_for(lambda: httpx.get(models, headers=headers).status_code == 200)
+    return key, key_id
 
 
 def rows_for(fleet: Fleet, key_id: str) -> list[Any]:
@@ -339,27 +344,37 @@ def test_disconnects_are_billed_for_what_was_relayed(fleet: Fleet) -> None:
             lambda job: (job[0], stream_and_leave(fleet.gateway.url, key, job[0], job[1])),
             leavers,
         )
-        finished = pool.map(lambda i: mixed_request(client, i), range(16))
+        finished = pool.map(
+            lambda i: (f"done-{i}-{key_id}", mixed_request(client, i, f"done-{i}-{key_id}")),
+            range(16),
+        )
         seen = dict(left)
-        list(finished)
+        n = dict(finished)
     assert procs.wait_for(lambda: len(rows_for(fleet, key_id)) == 32, timeout=15)
     prompt_after, generated_after = settled_counters(fleet)
     rows = {row["request_id"]: row for row in rows_for(fleet, key_id)}
+    in_flight = 0
     for request_id, (prompt, completion) in seen.items():
         row = rows[request_id]
         assert row["status"] == "cancelled"
         assert row["prompt_tokens"] == prompt
-        # Billed from the last usage the gateway relayed: what the client read, or a chunk more
-        # that was in flight to it when it closed.
-        assert completion <= row["completion_tokens"] <= completion + 2, (request_id, row)
-    billed_prompt = sum(row["prompt_tokens"] for row in rows.values())
+        # Billed from the last usage the gateway relayed: what the client read, plus what was
+        # already written to its connection when it closed (exact equality with what was
+        # written is the simulator tier's test, where tokens are paced).
+        assert row["completion_tokens"] >= completion, dict(row)
+        in_flight += row["completion_tokens"] - completion
+    # vLLM counts a prompt once per sequence (see test_metered_tokens_equal_vllm_counters).
+    billed_prompt = sum(row["prompt_tokens"] * n.get(rid, 1) for rid, row in rows.items())
     billed_completion = sum(row["completion_tokens"] for row in rows.values())
     assert billed_prompt == prompt_after - prompt_before
     gap = (generated_after - generated_before) - billed_completion
     per_disconnect = gap / len(leavers)
-    print(f"unbilled tokens vLLM generated after {len(leavers)} disconnects: {gap}")
+    print(
+        f"\n{len(leavers)} disconnects: {gap} tokens generated after the last relayed one"
+        f" ({per_disconnect:.2f} each); {in_flight} relayed but unread by the client"
+    )
     assert gap >= 0, "billed more than vLLM generated"
-    assert per_disconnect <= 8, f"{per_disconnect:.2f} tokens per disconnect"
+    assert per_disconnect <= 4, f"{per_disconnect:.2f} tokens per disconnect"
 
 
 def gateway_metric(fleet: Fleet, name: str, worker: procs.Process) -> float | None:
