@@ -9,8 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import json
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,8 @@ import openai
 import pytest
 
 from tests import procs
+from tests.test_deploy_vllm import recipe_args
+from tests.vllm import cpu_env
 from tests.vllm.conftest import Fleet
 from tests.vllm.cpu_env import MAX_MODEL_LEN, SERVED_MODEL
 
@@ -375,6 +379,41 @@ def test_disconnects_are_billed_for_what_was_relayed(fleet: Fleet) -> None:
     )
     assert gap >= 0, "billed more than vLLM generated"
     assert per_disconnect <= 4, f"{per_disconnect:.2f} tokens per disconnect"
+
+
+# vLLM's own parser and pre-load checks, as `vllm serve` runs them before loading a model.
+PARSE_SERVE_ARGS = """
+import sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])
+validate_parsed_serve_args(args)
+print(args.model, args.max_num_seqs, args.enable_prompt_tokens_details)
+"""
+
+
+def test_vllm_accepts_the_gpu_recipes_command_line(
+    vllm_env: cpu_env.VllmEnv, tmp_path: Path
+) -> None:
+    """deploy/vllm/serve.sh's flags are flags of this vLLM (a renamed or removed one fails)."""
+    argv = recipe_args(tmp_path, MODEL="org/model", MAX_NUM_SEQS="64", MAX_MODEL_LEN="4096")
+    assert argv[:2] == ["serve", "org/model"]
+    flags = ["--model", "org/model", *argv[2:-1]]  # `vllm serve MODEL` is `--model MODEL`
+
+    def parse(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(vllm_env.python), "-c", PARSE_SERVE_ARGS, *args],
+            env=vllm_env.worker_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+
+    parsed = parse(*flags)
+    assert parsed.returncode == 0, parsed.stderr[-2000:]
+    assert parsed.stdout.split()[-3:] == ["org/model", "64", "True"]
+    assert parse(*flags, "--disable-log-requests").returncode != 0, "gone in vLLM 0.32"
 
 
 def gateway_metric(fleet: Fleet, name: str, worker: procs.Process) -> float | None:
