@@ -465,7 +465,11 @@ def test_routing_reads_vllms_own_load(fleet: Fleet) -> None:
 
 
 def test_a_stopped_worker_leaves_rotation_while_requests_succeed(fleet: Fleet) -> None:
-    """Guarantee 7 against real vLLM. Stops worker 0 (SIGTERM) under load; keep this test last."""
+    """Guarantee 7 against real vLLM. Stops worker 0 (SIGTERM) under load; keep this test last.
+
+    The load is non-streaming: a request the stopping worker aborts has relayed nothing yet and is
+    retried on the other worker. A stream it cuts after its first event cannot be moved and ends
+    with an error event (the simulator tier's `test_worker_failure_mid_stream...`)."""
     key, key_id = fresh_key(fleet, "failover")
     client = fleet.client(key)
     stopped_at: list[float] = []  # monotonic, then wall-clock
@@ -477,7 +481,11 @@ def test_a_stopped_worker_leaves_rotation_while_requests_succeed(fleet: Fleet) -
             if stopped_at and time.monotonic() > stopped_at[0] + 3:
                 return sent
             try:
-                mixed_request(client, worker_id * 1000 + i)
+                non_streaming = [
+                    c for c in CASES.values() if not c[1].get("stream") and "extra_body" not in c[1]
+                ]
+                endpoint, params = non_streaming[(worker_id + i) % len(non_streaming)]
+                call(client, endpoint, {**params, "max_tokens": 8 + i % 9})
             except Exception as error:  # collected and asserted below
                 errors.append(error)
             sent += 1
