@@ -372,9 +372,10 @@ mod tests {
             g.wait_for_step().await;
             g.decode_step();
         }
-        assert_eq!(engine.metrics.snapshot(), (1, 0, 2, 4 * 3));
+        // The prompt (2 tokens) counts once per sequence, as vLLM counts it.
+        assert_eq!(engine.metrics.snapshot(), (1, 0, 2 * 3, 4 * 3));
         drop(g);
-        assert_eq!(engine.metrics.snapshot(), (1 - 1, 0, 2, 4 * 3));
+        assert_eq!(engine.metrics.snapshot(), (1 - 1, 0, 2 * 3, 4 * 3));
         assert!(
             engine
                 .metrics
