@@ -196,6 +196,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
         "workers": [{"url": "http://127.0.0.1:8001"}],
         "routing": {
             "health_interval_ms": 500,
+            "load_interval_ms": 100,
             "connect_timeout_ms": 1000,
             "request_timeout_ms": 600_000,
             "max_attempts": 3,
