@@ -162,35 +162,31 @@ impl Relay {
                     .worker()
                     .set_fingerprint(event.slice(range));
             }
-            let relayed = match inspected.action {
-                FrameAction::Keep => event,
+            let (head, tail): (&[u8], &[u8]) = match inspected.action {
+                FrameAction::Keep => (&event, &[]),
                 FrameAction::Drop => {
-                    if inspected.fingerprint.is_some() || !self.held.is_empty() {
-                        self.release_held(&mut out);
-                    }
+                    // The usage-only chunk: whatever waited for its fingerprint goes now.
+                    self.release_held(&mut out);
                     continue;
                 }
-                FrameAction::Strip(cut) => {
-                    let mut stripped = BytesMut::with_capacity(event.len() - cut.len());
-                    stripped.extend_from_slice(&event[..cut.start]);
-                    stripped.extend_from_slice(&event[cut.end..]);
-                    stripped.freeze()
-                }
+                FrameAction::Strip(cut) => (&event[..cut.start], &event[cut.end..]),
             };
             if inspected.done || inspected.error {
                 self.release_held(&mut out);
             }
-            if !self.held.is_empty() {
-                self.held.push((relayed, inspected.terminal));
-            } else if inspected.terminal {
-                match self.outstanding.worker().fingerprint() {
-                    Some(fingerprint) => {
-                        out.extend_from_slice(&with_fingerprint(&relayed, &fingerprint));
-                    }
-                    None => self.held.push((relayed, true)),
+            if self.held.is_empty() && !inspected.terminal {
+                // The common case: relayed straight into the client's bytes.
+                out.extend_from_slice(head);
+                out.extend_from_slice(tail);
+                continue;
+            }
+            let relayed = Bytes::from([head, tail].concat());
+            let fingerprint = self.outstanding.worker().fingerprint();
+            match fingerprint {
+                Some(fingerprint) if self.held.is_empty() => {
+                    out.extend_from_slice(&with_fingerprint(&relayed, &fingerprint));
                 }
-            } else {
-                out.extend_from_slice(&relayed);
+                _ => self.held.push((relayed, inspected.terminal)),
             }
         }
         if let Some(meter) = self.meter.as_mut()
@@ -224,6 +220,9 @@ impl Relay {
     /// Appends the held events to `out`, terminal chunks stamped with the worker's fingerprint
     /// if it is known by now.
     fn release_held(&mut self, out: &mut BytesMut) {
+        if self.held.is_empty() {
+            return;
+        }
         let fingerprint = self.outstanding.worker().fingerprint();
         for (event, terminal) in self.held.drain(..) {
             match (&fingerprint, terminal) {
