@@ -493,7 +493,10 @@ def test_a_stopped_worker_leaves_rotation_while_requests_succeed(fleet: Fleet) -
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         senders = [pool.submit(keep_sending, i) for i in range(3)]
-        time.sleep(2)
+        # Under load: both workers have answered some of it.
+        assert procs.wait_for(
+            lambda: len({row["worker"] for row in rows_for(fleet, key_id)}) == 2, timeout=30
+        )
         fleet.workers[0].stop(timeout=30)
         stopped_at += [time.monotonic(), time.time()]
         total = sum(s.result() for s in senders)

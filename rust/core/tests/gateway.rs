@@ -94,15 +94,8 @@ async fn events(gateway: &Gateway, n: usize) -> Vec<UsageEvent> {
     events
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_worker_is_retried_on_another() {
-    let broken = sim(SimConfig {
-        error_rate: 1.0,
-        ..SimConfig::default()
-    })
-    .await;
-    let good = sim(SimConfig::default()).await;
-    let (gateway, addr) = gateway(&[&broken, &good]).await;
+/// Six small completions through the gateway, each answered 200, and their usage events.
+async fn complete_six(gateway: &Gateway, addr: SocketAddr) -> Vec<UsageEvent> {
     for _ in 0..6 {
         let (status, body) = post(
             addr,
@@ -112,7 +105,19 @@ async fn failing_worker_is_retried_on_another() {
         .await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
-    let events = events(&gateway, 6).await;
+    events(gateway, 6).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_worker_is_retried_on_another() {
+    let broken = sim(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let good = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&broken, &good]).await;
+    let events = complete_six(&gateway, addr).await;
     let good_url = format!("http://{}", good.local_addr());
     assert_eq!(events.len(), 6);
     assert!(events.iter().all(|e| e.status == Status::Completed));
@@ -331,17 +336,8 @@ async fn requests_avoid_a_worker_that_reports_a_queue_from_other_clients() {
         "{seen:?}"
     );
 
-    for _ in 0..6 {
-        let (status, body) = post(
-            addr,
-            "/v1/completions",
-            json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-    }
     let idle_url = format!("http://{}", idle.local_addr());
-    let events = events(&gateway, 6).await;
+    let events = complete_six(&gateway, addr).await;
     assert_eq!(events.len(), 6);
     assert!(
         events
