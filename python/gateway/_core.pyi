@@ -41,6 +41,25 @@ class Gateway:
         "tenant_id": str}]}`; a key absent from the snapshot is rejected on the next request.
         Returns the number of keys now active.
         """
+    def set_policies(self, snapshot_json: str) -> int:
+        """Replaces the quota policies and prices atomically; the next admission uses them.
+
+        `snapshot_json` is `{"tenants": {tenant_id: Limits}, "keys": {key_id: Limits},
+        "prices": {model: {"prompt": int, "cached": int, "completion": int}}}` with prices in
+        micro-units per million tokens and `Limits` = `{"requests_per_minute", "tokens_per_minute",
+        "max_concurrent", "token_budget", "money_budget_micros": int | null, "budget_period":
+        "day" | "month", "models": [str] | null}`. A tenant or key absent is unlimited. Returns the
+        number of tenants and keys with a policy.
+        """
+    def seed_spent(self, entries_json: str) -> int:
+        """Adds what the ledger says was already spent in the current budget periods to the
+        in-process counters (no effect with Redis, whose counters outlive a restart).
+
+        `entries_json` is a list of `{"scope": "tenant" | "key", "id": str, "tenant_id": str,
+        "period": "day" | "month", "tokens": int, "money_micros": int}` (`tenant_id` is the key's
+        tenant, required for a key; for a tenant it may be omitted); call it once, before
+        `start()`. Returns the number of entries applied.
+        """
     def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
         """Takes up to `max_events` recorded usage events, oldest first, as `USAGE_COLUMNS`
         tuples."""

@@ -63,6 +63,62 @@ impl RoutingConfig {
     }
 }
 
+/// What admission does with a kind of limit while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenRedisDown {
+    /// Refuse (503): budgets fail closed by default.
+    Reject,
+    /// Skip the check.
+    Allow,
+    /// Enforce `1 / replicas` of the limit in this process.
+    LocalShare,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Where the counters live when several replicas share them; `None` keeps them in process.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key the gateway writes.
+    pub redis_prefix: String,
+    /// How long one admission waits for Redis before it counts as unreachable.
+    pub redis_timeout_ms: u64,
+    /// Replicas sharing the counters; each enforces `1 / replicas` of a limit when Redis is down.
+    pub replicas: u32,
+    /// Budgets (token and money) while Redis is unreachable: `reject` or `allow`.
+    pub budgets_when_redis_down: WhenRedisDown,
+    /// Rate and concurrency limits while Redis is unreachable: `local_share` or `allow`.
+    pub rate_limits_when_redis_down: WhenRedisDown,
+    /// How long a request's hold and concurrency slot live in Redis when its replica dies before
+    /// releasing them.
+    pub lease_ms: u64,
+    /// Completion tokens reserved for a request without `max_tokens` when the model's context
+    /// length is unknown.
+    pub default_max_tokens: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_prefix: "tg:".to_owned(),
+            redis_timeout_ms: 100,
+            replicas: 1,
+            budgets_when_redis_down: WhenRedisDown::Reject,
+            rate_limits_when_redis_down: WhenRedisDown::LocalShare,
+            lease_ms: 900_000,
+            default_max_tokens: 4096,
+        }
+    }
+}
+
+impl QuotaConfig {
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms.max(1))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -72,6 +128,8 @@ pub struct GatewayConfig {
     pub workers: Vec<WorkerConfig>,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -115,6 +173,32 @@ impl GatewayConfig {
         }
         if self.routing.max_attempts == 0 {
             return Err(invalid("routing.max_attempts", "must be at least 1"));
+        }
+        let quota = &self.quota;
+        if quota.replicas == 0 {
+            return Err(invalid("quota.replicas", "must be at least 1"));
+        }
+        if quota.budgets_when_redis_down == WhenRedisDown::LocalShare {
+            return Err(invalid(
+                "quota.budgets_when_redis_down",
+                "must be `reject` or `allow`: a budget has no per-replica share",
+            ));
+        }
+        if quota.rate_limits_when_redis_down == WhenRedisDown::Reject {
+            return Err(invalid(
+                "quota.rate_limits_when_redis_down",
+                "must be `local_share` or `allow`",
+            ));
+        }
+        if quota.redis_url.as_deref().is_some_and(|url| {
+            !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+        }) {
+            return Err(invalid(
+                "quota.redis_url",
+                "must be a redis://, rediss:// or unix:// URL",
+            ));
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));

@@ -2,7 +2,9 @@
 //!
 //! A worker's own error responses are not represented here: they are relayed byte for byte.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -19,8 +21,29 @@ pub enum ApiError {
     MissingKey,
     #[error("invalid API key")]
     InvalidKey,
-    #[error("the model `{0}` does not exist")]
+    /// Also the answer for a model the caller's allow-list excludes, so a tenant cannot learn
+    /// which models exist beyond its own.
+    #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
+    /// Over a requests-per-minute, tokens-per-minute or concurrency limit.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+    },
+    /// Over a token or money budget for the current period.
+    #[error("{message}")]
+    QuotaExceeded {
+        message: String,
+        retry_after: Duration,
+    },
+    #[error(
+        "the model `{0}` has no price, so the money budget that applies to this key cannot be \
+         enforced; ask the operator to set one"
+    )]
+    ModelNotPriced(String),
+    #[error("quota counters are unreachable; try again shortly")]
+    QuotaUnavailable,
     #[error("unknown route")]
     UnknownRoute,
     #[error("method not allowed on this route")]
@@ -51,6 +74,9 @@ impl ApiError {
             Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ModelNotPriced(_) => StatusCode::FORBIDDEN,
+            Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoHealthyWorker(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -68,7 +94,12 @@ impl ApiError {
             | Self::UnknownRoute
             | Self::MethodNotAllowed
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
-            Self::NoHealthyWorker(_) | Self::ShuttingDown => "service_unavailable",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::QuotaExceeded { .. } => "insufficient_quota",
+            Self::ModelNotPriced(_) => "permission_error",
+            Self::NoHealthyWorker(_) | Self::ShuttingDown | Self::QuotaUnavailable => {
+                "service_unavailable"
+            }
             Self::Upstream(_) | Self::UpstreamTimeout => "upstream_error",
         }
     }
@@ -83,6 +114,10 @@ impl ApiError {
             Self::UnknownRoute => Some("unknown_route"),
             Self::MethodNotAllowed => Some("method_not_allowed"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::RateLimited { .. } => Some("rate_limit_exceeded"),
+            Self::QuotaExceeded { .. } => Some("insufficient_quota"),
+            Self::ModelNotPriced(_) => Some("model_not_priced"),
+            Self::QuotaUnavailable => Some("quota_unavailable"),
             Self::NoHealthyWorker(_) => Some("no_healthy_worker"),
             Self::ShuttingDown => Some("shutting_down"),
             Self::Upstream(_) => Some("upstream_failed"),
@@ -98,7 +133,7 @@ impl ApiError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::BadRequest { param, .. } => *param,
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotPriced(_) => Some("model"),
             _ => None,
         }
     }
@@ -137,13 +172,36 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// When a refused client may try again, for `Retry-After` and OpenAI's `retry-after-ms`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            Self::QuotaUnavailable => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), self.body()).into_response();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(wait) = self.retry_after() {
+            // `Retry-After` is whole seconds: round up so a client waiting it is never early.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            headers.insert(
+                HeaderName::from_static("retry-after-ms"),
+                HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            );
+        }
         response
     }
 }

@@ -13,6 +13,7 @@ use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
 use crate::metering::{Meter, UsageEvent};
+use crate::quota::Quota;
 use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
@@ -51,6 +52,7 @@ impl Gateway {
             registry: Arc::new(Registry::new(workers)),
             keys: KeyStore::default(),
             meter: Arc::new(Meter::default()),
+            quota: Arc::new(Quota::new(config.quota.clone())),
             config,
         };
         Ok(Self {
@@ -70,6 +72,8 @@ impl Gateway {
         if let Some(server) = &self.server {
             return Ok(server.local_addr());
         }
+        let quota = self.state.quota.connect().map_err(io::Error::other)?;
+        self.background.extend(quota);
         let routing = &self.state.config.routing;
         let interval = routing.health_interval();
         probe_all(
@@ -101,6 +105,17 @@ impl Gateway {
         self.state.keys.replace_json(snapshot_json)
     }
 
+    /// Replaces every quota policy and price; returns how many tenants and keys have a policy.
+    pub fn set_policies(&self, snapshot_json: &str) -> Result<usize, serde_json::Error> {
+        self.state.quota.set_policies_json(snapshot_json)
+    }
+
+    /// Adds spending the ledger recorded before this process started to the in-process budget
+    /// counters of the current periods; returns how many entries were applied.
+    pub fn seed_spent(&self, entries_json: &str) -> Result<usize, serde_json::Error> {
+        self.state.quota.seed_json(entries_json)
+    }
+
     pub fn drain_usage(&self, max: usize) -> Vec<UsageEvent> {
         self.state.meter.drain(max)
     }
@@ -117,6 +132,11 @@ impl Gateway {
             Some(server) => server.shutdown(grace).await,
             None => Ok(()),
         };
+        if !self.state.quota.flush(Duration::from_secs(5)).await {
+            tracing::warn!(
+                "quota settlements still unsent to Redis at shutdown; leases will expire"
+            );
+        }
         self.stop_background();
         result
     }

@@ -11,6 +11,7 @@ pub mod json;
 pub mod metering;
 pub mod metrics;
 pub(crate) mod prometheus;
+pub mod quota;
 pub mod relay;
 pub mod router;
 pub mod serve;

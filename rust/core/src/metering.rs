@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::api::request::Endpoint;
 use crate::auth::Principal;
 use crate::metrics::GatewayMetrics;
+use crate::quota::Reservation;
 
 /// Token counts as a worker reports them in `usage`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -249,10 +250,12 @@ fn now_ms() -> u64 {
 
 /// Records exactly one event for its request: explicitly through `finish`, or on drop as
 /// `Cancelled` with whatever usage was last observed (a client disconnect drops the response).
+/// The request's quota reservation, once attached, is settled with the usage of that event.
 #[derive(Debug)]
 pub struct MeterGuard {
     meter: Arc<Meter>,
     event: Option<UsageEvent>,
+    reservation: Option<Reservation>,
     started: Instant,
 }
 
@@ -288,8 +291,24 @@ impl MeterGuard {
         Self {
             meter,
             event: Some(event),
+            reservation: None,
             started: Instant::now(),
         }
+    }
+
+    /// The gateway-generated id of this request's usage event (unique, unlike `request_id`).
+    pub fn event_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| e.event_id.as_str())
+    }
+
+    /// Settles `reservation` with this request's usage when the event is recorded.
+    pub fn attach(&mut self, reservation: Reservation) {
+        self.reservation = Some(reservation);
+    }
+
+    /// Records nothing: for a request refused before it was dispatched.
+    pub fn discard(mut self) {
+        self.event = None;
     }
 
     /// The request's id: the client's `X-Request-Id`, else the event id.
@@ -332,6 +351,13 @@ impl MeterGuard {
         if let Some(mut event) = self.event.take() {
             event.status = status;
             event.finished_at_ms = now_ms();
+            if let Some(reservation) = self.reservation.take() {
+                reservation.settle(&Usage {
+                    prompt_tokens: event.prompt_tokens,
+                    completion_tokens: event.completion_tokens,
+                    cached_tokens: event.cached_tokens,
+                });
+            }
             self.meter.record(event, self.started.elapsed());
         }
     }

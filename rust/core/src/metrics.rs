@@ -12,13 +12,14 @@ use std::time::Duration;
 use crate::error::ApiError;
 use crate::metering::{Status, UsageEvent};
 use crate::prometheus::{Family, Histogram, escape_label, family, header};
+use crate::quota::QuotaStats;
 use crate::router::Registry;
 
 const ENDPOINTS: [&str; 2] = ["chat.completions", "completions"];
 const STATUSES: [Status; 3] = [Status::Completed, Status::Cancelled, Status::Failed];
 
 /// Reasons a request is refused before it reaches a worker; `ApiError::reason` names them.
-const REJECTIONS: [&str; 8] = [
+const REJECTIONS: [&str; 12] = [
     "bad_request",
     "missing_api_key",
     "invalid_api_key",
@@ -26,6 +27,10 @@ const REJECTIONS: [&str; 8] = [
     "request_too_large",
     "unknown_route",
     "method_not_allowed",
+    "rate_limit_exceeded",
+    "insufficient_quota",
+    "model_not_priced",
+    "quota_unavailable",
     "other",
 ];
 
@@ -108,7 +113,7 @@ impl GatewayMetrics {
         self.first_byte.observe(elapsed);
     }
 
-    pub fn render(&self, registry: &Registry, pending_usage: usize) -> String {
+    pub fn render(&self, registry: &Registry, pending_usage: usize, quota: QuotaStats) -> String {
         let mut out = String::with_capacity(4096);
         header(&mut out, &REQUESTS);
         for (e, endpoint) in ENDPOINTS.iter().enumerate() {
@@ -139,6 +144,10 @@ impl GatewayMetrics {
         scalar(&mut out, &ATTEMPTS, self.attempts.load(Ordering::Relaxed));
         scalar(&mut out, &RETRIES, self.retries.load(Ordering::Relaxed));
         scalar(&mut out, &PENDING, pending_usage as u64);
+        scalar(&mut out, &QUOTA_INFLIGHT, quota.local_inflight);
+        scalar(&mut out, &QUOTA_HELD, quota.local_held_tokens);
+        scalar(&mut out, &QUOTA_REDIS_ERRORS, quota.redis_errors);
+        scalar(&mut out, &QUOTA_FALLBACKS, quota.fallbacks);
         self.duration.render(&mut out, &DURATION, "");
         self.first_byte.render(&mut out, &FIRST_BYTE, "");
         header(&mut out, &HEALTHY);
@@ -214,6 +223,26 @@ const PENDING: Family = family(
     "tokengate_usage_events_pending",
     "gauge",
     "Usage events recorded and not yet drained into the ledger.",
+);
+const QUOTA_INFLIGHT: Family = family(
+    "tokengate_quota_inflight_requests",
+    "gauge",
+    "Concurrency slots held in this process's quota counters (all scopes).",
+);
+const QUOTA_HELD: Family = family(
+    "tokengate_quota_held_tokens",
+    "gauge",
+    "Worst-case tokens held against budgets in this process's quota counters (all scopes).",
+);
+const QUOTA_REDIS_ERRORS: Family = family(
+    "tokengate_quota_redis_errors_total",
+    "counter",
+    "Admissions for which the shared quota counters in Redis did not answer.",
+);
+const QUOTA_FALLBACKS: Family = family(
+    "tokengate_quota_fallback_admissions_total",
+    "counter",
+    "Admissions decided on this replica's fallback while Redis was unreachable.",
 );
 const DURATION: Family = family(
     "tokengate_request_duration_seconds",
@@ -292,7 +321,7 @@ mod tests {
         metrics.attempt(true);
         let worker = Worker::new("http://w:1").map(Arc::new).ok();
         let registry = Registry::new(worker.into_iter().collect());
-        let text = metrics.render(&registry, 7);
+        let text = metrics.render(&registry, 7, QuotaStats::default());
         let completions = "tokengate_requests_total{endpoint=\"completions\"";
         assert_eq!(
             value(&text, &format!("{completions},status=\"completed\"}}")),
@@ -345,7 +374,7 @@ mod tests {
             waiting: 2,
             kv_cache_usage: 0.5,
         }));
-        let text = metrics.render(&registry, 7);
+        let text = metrics.render(&registry, 7, QuotaStats::default());
         assert_eq!(value(&text, running), Some("3"));
         assert_eq!(
             value(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::auth::KeyStore;
 use crate::config::GatewayConfig;
 use crate::metering::Meter;
+use crate::quota::Quota;
 use crate::router::Registry;
 use crate::upstream::Upstream;
 
@@ -15,4 +16,5 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
+    pub quota: Arc<Quota>,
 }

@@ -49,6 +49,22 @@ impl Gateway {
             .map_err(CoreError::from)?)
     }
 
+    fn set_policies(&self, snapshot_json: &str) -> PyResult<usize> {
+        Ok(self
+            .state
+            .quota
+            .set_policies_json(snapshot_json)
+            .map_err(CoreError::from)?)
+    }
+
+    fn seed_spent(&self, entries_json: &str) -> PyResult<usize> {
+        Ok(self
+            .state
+            .quota
+            .seed_json(entries_json)
+            .map_err(CoreError::from)?)
+    }
+
     #[pyo3(signature = (max_events = 4096))]
     fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
         let events = self.state.meter.drain(max_events);

@@ -18,6 +18,7 @@ use super::request::InferenceRequest;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::metering::{MeterGuard, Status};
+use crate::quota::{Estimate, Exceeded, QuotaError, RateHeaders, format_reset};
 use crate::relay::{buffered_response, streaming_response};
 use crate::router::Availability;
 use crate::state::AppState;
@@ -34,18 +35,23 @@ enum Failure {
     },
 }
 
-/// Routes a parsed request. Every response of a dispatched request carries its `x-request-id`
-/// (the client's own, or the id of its usage event), so a client can name the event it paid for.
+/// Admits a parsed request against its principal's quotas and routes it. Every response of a
+/// dispatched request carries its `x-request-id` (the client's own, or the id of its usage
+/// event), so a client can name the event it paid for, and the `x-ratelimit-*` headers of the
+/// limits that apply.
 pub async fn dispatch(
     state: &AppState,
     request: InferenceRequest,
     principal: &Principal,
 ) -> Response {
-    match state.registry.availability(&request.model) {
-        Availability::Unknown => return reject(state, ApiError::ModelNotFound(request.model)),
-        Availability::Unavailable | Availability::Available => {}
+    let known = !matches!(
+        state.registry.availability(&request.model),
+        Availability::Unknown
+    );
+    if !known || !state.quota.allows_model(principal, &request.model) {
+        return reject(state, ApiError::ModelNotFound(request.model));
     }
-    let meter = MeterGuard::begin(
+    let mut meter = MeterGuard::begin(
         state.meter.clone(),
         principal,
         &request.model,
@@ -53,13 +59,104 @@ pub async fn dispatch(
         request.stream,
         request.client_request_id.as_deref(),
     );
+    let estimate = Estimate::of(
+        &request,
+        state.registry.context_len(&request.model),
+        state.quota.config().default_max_tokens,
+    );
+    let admitted = state
+        .quota
+        .admit(principal, &request.model, &estimate, meter.event_id())
+        .await;
+    let rate_headers = match admitted {
+        Ok(Some(reservation)) => {
+            let headers = *reservation.headers();
+            meter.attach(reservation);
+            headers
+        }
+        Ok(None) => RateHeaders::default(),
+        Err(error) => {
+            meter.discard();
+            return refuse(state, error, &request.model);
+        }
+    };
     let request_id = HeaderValue::from_str(meter.request_id()).ok();
     let mut response = attempt(state, &request, meter).await;
+    let headers = response.headers_mut();
+    rate_headers.write(headers);
     if let Some(id) = request_id {
-        response
-            .headers_mut()
+        headers
             .entry(HeaderName::from_static("x-request-id"))
             .or_insert(id);
+    }
+    response
+}
+
+/// The answer to a request its quotas refused, with the `x-ratelimit-*` headers as they stand.
+fn refuse(state: &AppState, error: QuotaError, model: &str) -> Response {
+    let (error, headers) = match error {
+        QuotaError::ModelNotAllowed => (ApiError::ModelNotFound(model.to_owned()), None),
+        QuotaError::NotPriced => (ApiError::ModelNotPriced(model.to_owned()), None),
+        QuotaError::Unavailable => (ApiError::QuotaUnavailable, None),
+        QuotaError::Exceeded {
+            refusal,
+            on_key,
+            limit,
+            period,
+        } => {
+            let whose = if on_key {
+                "this API key"
+            } else {
+                "this tenant"
+            };
+            let retry_after = refusal.retry_after;
+            let error = match refusal.exceeded {
+                Exceeded::Concurrency => ApiError::RateLimited {
+                    message: format!(
+                        "Rate limit reached for {whose}: {limit} concurrent requests. \
+                         Retry when one of them has finished."
+                    ),
+                    retry_after,
+                },
+                Exceeded::Requests | Exceeded::Tokens => ApiError::RateLimited {
+                    message: format!(
+                        "Rate limit reached for {whose}: {limit} {} per minute. Please try again \
+                         in {}.",
+                        if refusal.exceeded == Exceeded::Requests {
+                            "requests"
+                        } else {
+                            "tokens"
+                        },
+                        format_reset(retry_after)
+                    ),
+                    retry_after,
+                },
+                Exceeded::TokenBudget | Exceeded::MoneyBudget => ApiError::QuotaExceeded {
+                    message: format!(
+                        "You exceeded the {} budget of {whose} for the current {}: {limit}{}. \
+                         It renews in {}.",
+                        if refusal.exceeded == Exceeded::TokenBudget {
+                            "token"
+                        } else {
+                            "money"
+                        },
+                        period.as_str(),
+                        if refusal.exceeded == Exceeded::TokenBudget {
+                            " tokens"
+                        } else {
+                            " micro-units"
+                        },
+                        format_reset(retry_after)
+                    ),
+                    retry_after,
+                },
+            };
+            (error, Some(refusal.headers))
+        }
+    };
+    let mut response = reject(state, error);
+    if let Some(headers) = headers {
+        headers.write(response.headers_mut());
     }
     response
 }

@@ -101,15 +101,19 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
+/// The models the caller may use: every worker's, less those its allow-list excludes.
 async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(error) = state.keys.authenticate(&headers) {
-        return reject(&state, error);
-    }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        state.registry.models_document(),
-    )
-        .into_response()
+    let principal = match state.keys.authenticate(&headers) {
+        Ok(principal) => principal,
+        Err(error) => return reject(&state, error),
+    };
+    let document = match state.quota.model_filter(&principal) {
+        None => state.registry.models_document(),
+        Some(allowed) => state
+            .registry
+            .models_document_where(|model| allowed.iter().any(|m| m == model)),
+    };
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
 /// 200 while at least one worker is healthy, else 503; always with a small JSON summary.
@@ -131,10 +135,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 /// Prometheus text; no key needed, like `/health`.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
-        .meter
-        .metrics()
-        .render(&state.registry, state.meter.pending());
+    let body =
+        state
+            .meter
+            .metrics()
+            .render(&state.registry, state.meter.pending(), state.quota.stats());
     (
         [(
             header::CONTENT_TYPE,

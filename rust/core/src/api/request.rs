@@ -56,6 +56,8 @@ pub struct InferenceRequest {
     pub max_tokens: Option<u64>,
     /// Choices per prompt.
     pub n: u64,
+    /// Prompts in one request: a completions `prompt` may be a batch; chat has one.
+    pub prompts: u64,
     /// The client's `X-Request-Id`, forwarded so the worker bases its response id on it.
     pub client_request_id: Option<String>,
     /// The JSON body as the client sent it.
@@ -124,6 +126,22 @@ fn require_kind(
     }
 }
 
+/// How many prompts a completions `prompt` holds: a string or one array of token ids is one; an
+/// array of strings or of token-id arrays is a batch.
+fn prompt_count(raw: &RawValue) -> u64 {
+    let text = raw.get();
+    if !text.starts_with('[') {
+        return 1;
+    }
+    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) else {
+        return 1;
+    };
+    match items.first().and_then(|item| item.get().bytes().next()) {
+        Some(b'"' | b'[') => u64::try_from(items.len()).unwrap_or(u64::MAX),
+        _ => 1,
+    }
+}
+
 impl InferenceRequest {
     /// Parses an OpenAI JSON body for `endpoint`.
     pub fn from_json(
@@ -161,17 +179,21 @@ impl InferenceRequest {
         if n == 0 {
             return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
         }
-        match endpoint {
+        let prompts = match endpoint {
             Endpoint::ChatCompletions => {
-                require_kind(members.messages, "messages", b"[", "an array of messages")?
+                require_kind(members.messages, "messages", b"[", "an array of messages")?;
+                1
             }
-            Endpoint::Completions => require_kind(
-                members.prompt,
-                "prompt",
-                b"[\"",
-                "a string, an array of strings or an array of token ids",
-            )?,
-        }
+            Endpoint::Completions => {
+                require_kind(
+                    members.prompt,
+                    "prompt",
+                    b"[\"",
+                    "a string, an array of strings or an array of token ids",
+                )?;
+                members.prompt.map_or(1, prompt_count)
+            }
+        };
         // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
         let client_usage = options.map_or_else(StreamUsage::default, |o| StreamUsage {
             include_usage: o.include_usage.unwrap_or(true),
@@ -188,9 +210,15 @@ impl InferenceRequest {
             client_usage,
             max_tokens,
             n,
+            prompts,
             client_request_id,
             body,
         })
+    }
+
+    /// The size of the body as the client sent it.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
     }
 
     /// The body to send to a worker. Non-streaming bodies go as the client sent them (a

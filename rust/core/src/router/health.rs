@@ -19,9 +19,12 @@ struct ModelList {
     data: Vec<Box<RawValue>>,
 }
 
+/// The members of a model card the gateway reads.
 #[derive(Deserialize)]
 struct CardId {
     id: String,
+    #[serde(default)]
+    max_model_len: Option<u64>,
 }
 
 /// Probes one worker and updates its health and model list.
@@ -58,8 +61,13 @@ pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
                         .data
                         .into_iter()
                         .filter_map(|card| {
-                            let id = serde_json::from_str::<CardId>(card.get()).ok()?.id;
-                            Some(ModelCard { id, card })
+                            let CardId { id, max_model_len } =
+                                serde_json::from_str(card.get()).ok()?;
+                            Some(ModelCard {
+                                id,
+                                max_model_len,
+                                card,
+                            })
                         })
                         .collect();
                     worker.set_models(cards);

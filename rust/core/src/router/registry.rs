@@ -100,13 +100,32 @@ impl Registry {
         best.map(|(index, _)| (index, self.workers[index].clone()))
     }
 
+    /// The smallest context length any worker reports for `model` (a request must fit wherever
+    /// it lands); `None` when none reports one.
+    pub fn context_len(&self, model: &str) -> Option<u64> {
+        self.workers
+            .iter()
+            .filter_map(|w| {
+                w.models()
+                    .iter()
+                    .find(|m| m.id == model)
+                    .and_then(|m| m.max_model_len)
+            })
+            .min()
+    }
+
     /// `GET /v1/models`: the union, by id, of the cards healthy workers list, as they list them.
     pub fn models_document(&self) -> Vec<u8> {
+        self.models_document_where(|_| true)
+    }
+
+    /// `GET /v1/models` for a caller who may see only the models `visible` accepts.
+    pub fn models_document_where(&self, visible: impl Fn(&str) -> bool) -> Vec<u8> {
         let mut seen: Vec<String> = Vec::new();
         let mut out = br#"{"object":"list","data":["#.to_vec();
         for worker in self.workers.iter().filter(|w| w.is_healthy()) {
             for model in worker.models().iter() {
-                if seen.contains(&model.id) {
+                if seen.contains(&model.id) || !visible(&model.id) {
                     continue;
                 }
                 if !seen.is_empty() {
@@ -139,6 +158,7 @@ mod tests {
                     let card = RawValue::from_string(format!(r#"{{"id":"{id}"}}"#)).ok()?;
                     Some(ModelCard {
                         id: (*id).to_owned(),
+                        max_model_len: Some(100),
                         card,
                     })
                 })

@@ -16,6 +16,8 @@ use crate::api::request::Endpoint;
 #[derive(Debug)]
 pub struct ModelCard {
     pub id: String,
+    /// The context length vLLM reports (`max_model_len`), when it does.
+    pub max_model_len: Option<u64>,
     pub card: Box<RawValue>,
 }
 

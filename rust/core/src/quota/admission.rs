@@ -1,0 +1,193 @@
+//! The vocabulary both counter stores speak: which scopes a request is checked against, what it
+//! asks of them, and the answer (granted with rate-limit headers, or refused with the limit hit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::gcra::RateInfo;
+use super::policy::Limits;
+
+/// Whose counters: a tenant's, or one of its keys' (keys are named with their tenant so the
+/// Redis keys of one tenant share a cluster slot).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub tenant: Arc<str>,
+    pub key: Option<Arc<str>>,
+}
+
+/// One scope with the limits that apply to it now.
+#[derive(Debug, Clone)]
+pub struct ScopeCheck {
+    pub scope: Scope,
+    pub limits: Arc<Limits>,
+}
+
+/// What one request asks of every scope it is checked against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Expected prompt tokens plus the most completion tokens it may generate: taken from a
+    /// tokens-per-minute bucket (capped at the bucket's size) and settled to the actual count.
+    pub rate_tokens: u64,
+    /// Worst case tokens (an upper bound of the prompt plus the completion maximum): held
+    /// against a token budget until the request ends.
+    pub budget_tokens: u64,
+    /// Worst case cost in micro-units, held against a money budget.
+    pub budget_money: u64,
+}
+
+/// The limit that refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    Concurrency,
+    Requests,
+    Tokens,
+    TokenBudget,
+    MoneyBudget,
+}
+
+impl Exceeded {
+    /// Codes shared with the Redis script's replies.
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            1 => Self::Concurrency,
+            2 => Self::Requests,
+            3 => Self::Tokens,
+            4 => Self::TokenBudget,
+            5 => Self::MoneyBudget,
+            _ => return None,
+        })
+    }
+
+    pub fn is_budget(self) -> bool {
+        matches!(self, Self::TokenBudget | Self::MoneyBudget)
+    }
+
+    /// The limit's name in policies and error messages.
+    pub fn limit_name(self) -> &'static str {
+        match self {
+            Self::Concurrency => "max_concurrent",
+            Self::Requests => "requests_per_minute",
+            Self::Tokens => "tokens_per_minute",
+            Self::TokenBudget => "token_budget",
+            Self::MoneyBudget => "money_budget_micros",
+        }
+    }
+}
+
+/// The tightest request and token rate limits of a request's scopes, for `x-ratelimit-*`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<RateInfo>,
+    pub tokens: Option<RateInfo>,
+}
+
+impl RateHeaders {
+    /// Keeps, for each kind, the scope with the fewest remaining.
+    pub fn merge(&mut self, requests: Option<RateInfo>, tokens: Option<RateInfo>) {
+        fn tighter(current: &mut Option<RateInfo>, next: Option<RateInfo>) {
+            if let Some(next) = next
+                && current.is_none_or(|c| next.remaining < c.remaining)
+            {
+                *current = Some(next);
+            }
+        }
+        tighter(&mut self.requests, requests);
+        tighter(&mut self.tokens, tokens);
+    }
+
+    /// OpenAI's six headers, for the kinds that are limited.
+    pub fn write(&self, headers: &mut HeaderMap) {
+        for (suffix, info) in [("requests", self.requests), ("tokens", self.tokens)] {
+            let Some(info) = info else { continue };
+            let values = [
+                ("limit", info.limit.to_string()),
+                ("remaining", info.remaining.to_string()),
+                ("reset", format_reset(info.reset)),
+            ];
+            for (what, value) in values {
+                let name = format!("x-ratelimit-{what}-{suffix}");
+                if let (Ok(name), Ok(value)) =
+                    (HeaderName::try_from(name), HeaderValue::try_from(value))
+                {
+                    headers.insert(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// A duration as OpenAI writes `x-ratelimit-reset-*`: `250ms`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn format_reset(reset: Duration) -> String {
+    let ms = reset.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = reset.as_secs();
+    if secs < 60 {
+        let text = format!("{:.3}", reset.as_secs_f64());
+        return format!("{}s", text.trim_end_matches('0').trim_end_matches('.'));
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else {
+        format!("{m}m{s}s")
+    }
+}
+
+/// A request the counters accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Granted {
+    /// Per scope, in the order checked: the tokens taken from its tokens-per-minute bucket.
+    pub rate_tokens: Vec<u64>,
+    pub headers: RateHeaders,
+}
+
+/// A request the counters refused; nothing was taken from any counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Index of the refusing scope in the checks.
+    pub scope: usize,
+    pub exceeded: Exceeded,
+    /// When it is worth trying again (for a budget: when its period ends).
+    pub retry_after: Duration,
+    pub headers: RateHeaders,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_format_follows_openai() {
+        assert_eq!(format_reset(Duration::from_millis(0)), "0ms");
+        assert_eq!(format_reset(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(6)), "6s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn headers_report_the_tightest_scope() {
+        let info = |limit, remaining| RateInfo {
+            limit,
+            remaining,
+            reset: Duration::from_secs(1),
+        };
+        let mut headers = RateHeaders::default();
+        headers.merge(Some(info(100, 50)), None);
+        headers.merge(Some(info(10, 9)), Some(info(1000, 10)));
+        headers.merge(Some(info(60, 59)), None);
+        assert_eq!(headers.requests, Some(info(10, 9)));
+        assert_eq!(headers.tokens, Some(info(1000, 10)));
+        let mut map = HeaderMap::new();
+        headers.write(&mut map);
+        assert_eq!(map["x-ratelimit-limit-requests"], "10");
+        assert_eq!(map["x-ratelimit-remaining-tokens"], "10");
+        assert_eq!(map["x-ratelimit-reset-tokens"], "1s");
+        assert_eq!(map.len(), 6);
+    }
+}

@@ -1,0 +1,473 @@
+//! Quota counters in this process: exact for one replica, and each replica's fallback share when
+//! the shared Redis counters are out of reach.
+//!
+//! Each scope's counters sit behind their own mutex; a request locks its scopes in the order
+//! given (tenant, then key, for every request, so two requests never wait on each other in a
+//! cycle), checks every limit, and only then takes from all of them, so a refusal takes nothing.
+//! Times are passed in: monotonic nanoseconds for rate limits, unix milliseconds for budget
+//! periods.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
+use super::gcra::Gcra;
+use super::policy::{Limits, Period};
+
+/// What one period's budget has spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Spent {
+    period: u32,
+    tokens: u64,
+    money: u64,
+}
+
+impl Spent {
+    /// The counts for `period`, starting from zero when the period has rolled over.
+    fn current(&mut self, period: u32) -> &mut Self {
+        if self.period != period {
+            *self = Self {
+                period,
+                ..Self::default()
+            };
+        }
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: Gcra,
+    tokens: Gcra,
+    inflight: u64,
+    held_tokens: u64,
+    held_money: u64,
+    day: Spent,
+    month: Spent,
+}
+
+impl Counters {
+    fn spent(&mut self, period: Period, unix_ms: u64) -> &mut Spent {
+        let id = period.window(unix_ms).id;
+        match period {
+            Period::Day => self.day.current(id),
+            Period::Month => self.month.current(id),
+        }
+    }
+
+    /// The first limit `demand` would break, with when to retry.
+    fn check(
+        &mut self,
+        limits: &Limits,
+        demand: &Demand,
+        now_ns: u64,
+        unix_ms: u64,
+    ) -> Option<(Exceeded, Duration)> {
+        if limits
+            .max_concurrent
+            .is_some_and(|max| self.inflight >= max)
+        {
+            return Some((Exceeded::Concurrency, Duration::from_secs(1)));
+        }
+        if let Some(limit) = limits.requests_per_minute
+            && let Err(wait) = self.requests.check(now_ns, limit, 1)
+        {
+            return Some((Exceeded::Requests, wait));
+        }
+        if let Some(limit) = limits.tokens_per_minute
+            && let Err(wait) = self
+                .tokens
+                .check(now_ns, limit, demand.rate_tokens.min(limit))
+        {
+            return Some((Exceeded::Tokens, wait));
+        }
+        let period = limits.budget_period;
+        let (held_tokens, held_money) = (self.held_tokens, self.held_money);
+        let spent = *self.spent(period, unix_ms);
+        // Admitted while anything is left: the last request admitted may overshoot by at most
+        // its own worst case, never more, because every admitted request holds its worst case.
+        let until_period_end =
+            || Duration::from_millis(period.window(unix_ms).end_ms.saturating_sub(unix_ms));
+        if limits
+            .token_budget
+            .is_some_and(|budget| spent.tokens.saturating_add(held_tokens) >= budget)
+        {
+            return Some((Exceeded::TokenBudget, until_period_end()));
+        }
+        if limits
+            .money_budget_micros
+            .is_some_and(|budget| spent.money.saturating_add(held_money) >= budget)
+        {
+            return Some((Exceeded::MoneyBudget, until_period_end()));
+        }
+        None
+    }
+
+    fn take(&mut self, limits: &Limits, demand: &Demand, now_ns: u64) -> u64 {
+        self.inflight += 1;
+        if let Some(limit) = limits.requests_per_minute {
+            // Checked under the same lock just before.
+            let _ = self.requests.try_take(now_ns, limit, 1);
+        }
+        let mut rate_tokens = 0;
+        if let Some(limit) = limits.tokens_per_minute {
+            rate_tokens = demand.rate_tokens.min(limit);
+            let _ = self.tokens.try_take(now_ns, limit, rate_tokens);
+        }
+        if limits.has_budget() {
+            self.held_tokens += demand.budget_tokens;
+            self.held_money += demand.budget_money;
+        }
+        rate_tokens
+    }
+
+    fn headers(&self, limits: &Limits, now_ns: u64, headers: &mut RateHeaders) {
+        headers.merge(
+            limits
+                .requests_per_minute
+                .map(|l| self.requests.info(now_ns, l)),
+            limits
+                .tokens_per_minute
+                .map(|l| self.tokens.info(now_ns, l)),
+        );
+    }
+}
+
+/// One scope's part of a reservation, as the store needs it back at settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub scope: Scope,
+    /// The tokens-per-minute limit the reservation was taken under, if any.
+    pub tokens_per_minute: Option<u64>,
+    pub rate_tokens: u64,
+    /// Whether a budget hold of the request's `Demand` was taken.
+    pub budget: bool,
+}
+
+/// A request's actual consumption, settled against its holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Actual {
+    pub tokens: u64,
+    pub money: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalStore {
+    scopes: RwLock<HashMap<Scope, Arc<Mutex<Counters>>>>,
+}
+
+fn lock(counters: &Mutex<Counters>) -> MutexGuard<'_, Counters> {
+    // Every update under this lock is a few integer writes with no panicking call between
+    // them, so a poisoned lock still guards consistent counters.
+    counters.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl LocalStore {
+    fn counters(&self, scope: &Scope) -> Arc<Mutex<Counters>> {
+        let known = self
+            .scopes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(scope)
+            .cloned();
+        known.unwrap_or_else(|| {
+            self.scopes
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(scope.clone())
+                .or_default()
+                .clone()
+        })
+    }
+
+    /// Checks every scope, then takes `demand` from all of them, or from none.
+    pub fn admit(
+        &self,
+        checks: &[ScopeCheck],
+        demand: &Demand,
+        now_ns: u64,
+        unix_ms: u64,
+    ) -> Result<Granted, Refusal> {
+        let cells: Vec<_> = checks.iter().map(|c| self.counters(&c.scope)).collect();
+        let mut guards: Vec<_> = cells.iter().map(|c| lock(c)).collect();
+        let mut refusal = None;
+        for (index, (check, counters)) in checks.iter().zip(guards.iter_mut()).enumerate() {
+            if let Some((exceeded, retry_after)) =
+                counters.check(&check.limits, demand, now_ns, unix_ms)
+            {
+                refusal = Some((index, exceeded, retry_after));
+                break;
+            }
+        }
+        let mut headers = RateHeaders::default();
+        if let Some((scope, exceeded, retry_after)) = refusal {
+            for (check, counters) in checks.iter().zip(&guards) {
+                counters.headers(&check.limits, now_ns, &mut headers);
+            }
+            return Err(Refusal {
+                scope,
+                exceeded,
+                retry_after,
+                headers,
+            });
+        }
+        let mut rate_tokens = Vec::with_capacity(checks.len());
+        for (check, counters) in checks.iter().zip(guards.iter_mut()) {
+            rate_tokens.push(counters.take(&check.limits, demand, now_ns));
+            counters.headers(&check.limits, now_ns, &mut headers);
+        }
+        Ok(Granted {
+            rate_tokens,
+            headers,
+        })
+    }
+
+    /// Releases `holds` and charges `actual`: budgets of both periods, and each tokens-per-minute
+    /// bucket the difference between what it gave and what was used.
+    pub fn settle(
+        &self,
+        holds: &[Hold],
+        demand: &Demand,
+        actual: Actual,
+        now_ns: u64,
+        unix_ms: u64,
+    ) {
+        for hold in holds {
+            let cell = self.counters(&hold.scope);
+            let mut counters = lock(&cell);
+            counters.inflight = counters.inflight.saturating_sub(1);
+            if hold.budget {
+                counters.held_tokens = counters.held_tokens.saturating_sub(demand.budget_tokens);
+                counters.held_money = counters.held_money.saturating_sub(demand.budget_money);
+            }
+            for period in [Period::Day, Period::Month] {
+                let spent = counters.spent(period, unix_ms);
+                spent.tokens = spent.tokens.saturating_add(actual.tokens);
+                spent.money = spent.money.saturating_add(actual.money);
+            }
+            if let Some(limit) = hold.tokens_per_minute {
+                let delta = i128::from(actual.tokens) - i128::from(hold.rate_tokens);
+                let delta = i64::try_from(delta).unwrap_or(i64::MAX);
+                counters.tokens.adjust(now_ns, limit, delta);
+            }
+        }
+    }
+
+    /// Adds spending recorded before this process started to a period's budget counters.
+    pub fn seed(&self, scope: &Scope, period: Period, tokens: u64, money: u64, unix_ms: u64) {
+        let cell = self.counters(scope);
+        let mut counters = lock(&cell);
+        let spent = counters.spent(period, unix_ms);
+        spent.tokens = spent.tokens.saturating_add(tokens);
+        spent.money = spent.money.saturating_add(money);
+    }
+
+    /// In-flight requests and held (tokens, money) of a scope.
+    pub fn held(&self, scope: &Scope) -> (u64, u64, u64) {
+        let cell = self.counters(scope);
+        let counters = lock(&cell);
+        (counters.inflight, counters.held_tokens, counters.held_money)
+    }
+
+    /// Every scope's in-flight requests and held tokens summed, for `/metrics`.
+    pub fn totals(&self) -> (u64, u64) {
+        let scopes = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
+        scopes.values().fold((0, 0), |(inflight, held), cell| {
+            let counters = lock(cell);
+            (inflight + counters.inflight, held + counters.held_tokens)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+    const NOON: u64 = 1_795_957_200_000;
+
+    fn scope(tenant: &str, key: Option<&str>) -> Scope {
+        Scope {
+            tenant: tenant.into(),
+            key: key.map(Arc::from),
+        }
+    }
+
+    fn check(scope: Scope, limits: Limits) -> ScopeCheck {
+        ScopeCheck {
+            scope,
+            limits: Arc::new(limits),
+        }
+    }
+
+    fn demand(tokens: u64) -> Demand {
+        Demand {
+            rate_tokens: tokens,
+            budget_tokens: tokens,
+            budget_money: 0,
+        }
+    }
+
+    fn holds(checks: &[ScopeCheck], granted: &Granted) -> Vec<Hold> {
+        checks
+            .iter()
+            .zip(&granted.rate_tokens)
+            .map(|(c, &rate_tokens)| Hold {
+                scope: c.scope.clone(),
+                tokens_per_minute: c.limits.tokens_per_minute,
+                rate_tokens,
+                budget: c.limits.has_budget(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refusal_by_one_limit_takes_nothing_from_the_others() {
+        let store = LocalStore::default();
+        let checks = [
+            check(
+                scope("t", None),
+                Limits {
+                    requests_per_minute: Some(100),
+                    tokens_per_minute: Some(1000),
+                    max_concurrent: Some(10),
+                    ..Limits::default()
+                },
+            ),
+            check(
+                scope("t", Some("k")),
+                Limits {
+                    requests_per_minute: Some(1),
+                    ..Limits::default()
+                },
+            ),
+        ];
+        let first = store.admit(&checks, &demand(100), 0, NOON);
+        assert!(first.is_ok());
+        let refused = store.admit(&checks, &demand(100), 0, NOON);
+        assert_eq!(
+            refused.as_ref().map_err(|r| (r.scope, r.exceeded)).err(),
+            Some((1, Exceeded::Requests))
+        );
+        // The tenant's counters show only the first request.
+        assert_eq!(store.held(&scope("t", None)).0, 1);
+        let headers = refused.err().map(|r| r.headers).unwrap_or_default();
+        assert_eq!(headers.requests.map(|r| r.remaining), Some(0));
+        assert_eq!(headers.tokens.map(|t| t.remaining), Some(900));
+    }
+
+    #[test]
+    fn concurrency_slots_come_back_at_settlement() {
+        let store = LocalStore::default();
+        let checks = [check(
+            scope("t", None),
+            Limits {
+                max_concurrent: Some(2),
+                ..Limits::default()
+            },
+        )];
+        let a = store
+            .admit(&checks, &demand(1), 0, NOON)
+            .unwrap_or_default();
+        let _b = store
+            .admit(&checks, &demand(1), 0, NOON)
+            .unwrap_or_default();
+        let refused = store.admit(&checks, &demand(1), 0, NOON);
+        assert_eq!(
+            refused.map_err(|r| r.exceeded).err(),
+            Some(Exceeded::Concurrency)
+        );
+        store.settle(&holds(&checks, &a), &demand(1), Actual::default(), 0, NOON);
+        assert!(store.admit(&checks, &demand(1), 0, NOON).is_ok());
+    }
+
+    #[test]
+    fn budgets_admit_while_anything_is_left_and_settle_to_the_actual() {
+        let store = LocalStore::default();
+        let checks = [check(
+            scope("t", None),
+            Limits {
+                token_budget: Some(1000),
+                budget_period: Period::Day,
+                ..Limits::default()
+            },
+        )];
+        let worst = demand(600);
+        let a = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
+        // 600 held of 1000: something is left, so the next is admitted (and may overshoot).
+        let b = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
+        let refused = store.admit(&checks, &worst, 0, NOON);
+        let refusal = refused.err();
+        assert_eq!(
+            refusal.as_ref().map(|r| r.exceeded),
+            Some(Exceeded::TokenBudget)
+        );
+        assert_eq!(
+            refusal.map(|r| r.retry_after),
+            Some(Duration::from_secs(11 * 3600)),
+            "a budget refusal says when its period ends"
+        );
+        let actual = Actual {
+            tokens: 100,
+            money: 0,
+        };
+        store.settle(&holds(&checks, &a), &worst, actual, 0, NOON);
+        store.settle(&holds(&checks, &b), &worst, actual, 0, NOON);
+        assert_eq!(store.held(&scope("t", None)), (0, 0, 0));
+        // 200 spent: admitted again; the next day starts from zero.
+        assert!(store.admit(&checks, &worst, 0, NOON).is_ok());
+        store.seed(&scope("t", None), Period::Day, 800, 0, NOON);
+        assert!(store.admit(&checks, &worst, 0, NOON).is_err());
+        assert!(
+            store
+                .admit(&checks, &worst, 0, NOON + 12 * 3_600_000)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn tokens_per_minute_settles_to_the_actual_and_refills() {
+        let store = LocalStore::default();
+        let checks = [check(
+            scope("t", None),
+            Limits {
+                tokens_per_minute: Some(600),
+                ..Limits::default()
+            },
+        )];
+        let granted = store
+            .admit(&checks, &demand(500), 0, NOON)
+            .unwrap_or_default();
+        assert_eq!(granted.rate_tokens, vec![500]);
+        assert!(store.admit(&checks, &demand(500), 0, NOON).is_err());
+        store.settle(
+            &holds(&checks, &granted),
+            &demand(500),
+            Actual {
+                tokens: 50,
+                money: 0,
+            },
+            0,
+            NOON,
+        );
+        let after = store
+            .admit(&checks, &demand(500), 0, NOON)
+            .unwrap_or_default();
+        assert_eq!(after.headers.tokens.map(|t| t.remaining), Some(50));
+        // 600 per minute refills 10 per second.
+        let later = store.admit(&checks, &demand(100), 5 * SECOND, NOON);
+        assert_eq!(
+            later
+                .ok()
+                .and_then(|g| g.headers.tokens)
+                .map(|t| t.remaining),
+            Some(0)
+        );
+        // A request larger than the bucket takes the whole bucket rather than never passing.
+        let big = store
+            .admit(&checks, &demand(10_000), 120 * SECOND, NOON)
+            .unwrap_or_default();
+        assert_eq!(big.rate_tokens, vec![600]);
+    }
+}

@@ -1,0 +1,19 @@
+//! Per-tenant and per-key quotas: rate limits, concurrency, budgets and model allow-lists,
+//! enforced at admission and settled to the metered usage when a request ends.
+
+mod admission;
+mod demand;
+mod enforcer;
+mod gcra;
+mod local;
+mod policy;
+mod redis;
+mod reservation;
+
+pub use admission::{Demand, Exceeded, RateHeaders, Refusal, Scope, format_reset};
+pub use demand::Estimate;
+pub use enforcer::{Quota, QuotaError, QuotaStats};
+pub use gcra::RateInfo;
+pub use policy::{Limits, Period, PolicySnapshot, Price};
+pub use redis::StoreError;
+pub use reservation::Reservation;

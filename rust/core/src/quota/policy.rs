@@ -1,0 +1,338 @@
+//! Quota policies and prices as the control plane pushes them, and the UTC calendar periods that
+//! budgets run over.
+//!
+//! A snapshot replaces every policy at once; the next admission reads the new one. This module
+//! holds no counters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::admission::Scope;
+use crate::metering::Usage;
+
+/// One tenant's or one key's limits; `None` is no limit.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Prompt plus completion tokens.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub max_concurrent: Option<u64>,
+    /// Prompt plus completion tokens per budget period.
+    #[serde(default)]
+    pub token_budget: Option<u64>,
+    /// Micro-units of currency per budget period.
+    #[serde(default)]
+    pub money_budget_micros: Option<u64>,
+    #[serde(default)]
+    pub budget_period: Period,
+    /// Models this tenant or key may use; `None` is every model.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+impl Limits {
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|models| models.iter().any(|m| m == model))
+    }
+
+    pub fn has_budget(&self) -> bool {
+        self.token_budget.is_some() || self.money_budget_micros.is_some()
+    }
+
+    /// Whether any counter applies (the allow-list alone needs none).
+    pub fn has_counters(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.max_concurrent.is_some()
+            || self.has_budget()
+    }
+
+    /// This replica's share when the shared counters are out of reach: every rate and
+    /// concurrency limit divided by `replicas` (rounded up, so never below 1); budgets kept only
+    /// if `keep_budgets`.
+    pub fn local_share(&self, replicas: u32, keep_budgets: bool) -> Self {
+        let share = |limit: Option<u64>| limit.map(|l| l.div_ceil(u64::from(replicas.max(1))));
+        Self {
+            requests_per_minute: share(self.requests_per_minute),
+            tokens_per_minute: share(self.tokens_per_minute),
+            max_concurrent: share(self.max_concurrent),
+            token_budget: self.token_budget.filter(|_| keep_budgets),
+            money_budget_micros: self.money_budget_micros.filter(|_| keep_budgets),
+            budget_period: self.budget_period,
+            models: None,
+        }
+    }
+
+    /// Rate and concurrency limits removed, budgets kept.
+    pub fn budgets_only(&self) -> Self {
+        Self {
+            token_budget: self.token_budget,
+            money_budget_micros: self.money_budget_micros,
+            budget_period: self.budget_period,
+            ..Self::default()
+        }
+    }
+}
+
+/// Prices in micro-units of currency per million tokens of each class.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt: u64,
+    pub cached: u64,
+    pub completion: u64,
+}
+
+impl Price {
+    /// The cost of `usage` in micro-units, rounded up: budgets never round in a tenant's favour.
+    /// Cached prompt tokens are priced as cached, the rest of the prompt as prompt.
+    pub fn cost(&self, usage: &Usage) -> u64 {
+        let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let fine = u128::from(usage.prompt_tokens - cached) * u128::from(self.prompt)
+            + u128::from(cached) * u128::from(self.cached)
+            + u128::from(usage.completion_tokens) * u128::from(self.completion);
+        u64::try_from(fine.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
+/// The calendar period a budget covers, in UTC.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    #[default]
+    Month,
+}
+
+/// One concrete period: its id (`20261129` for a day, `202611` for a month) and its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeriodWindow {
+    pub id: u32,
+    pub end_ms: u64,
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Month => "month",
+        }
+    }
+
+    /// The period containing the unix time `unix_ms`.
+    pub fn window(self, unix_ms: u64) -> PeriodWindow {
+        let days = unix_ms / DAY_MS;
+        let (year, month, day) = civil_from_days(days);
+        match self {
+            Self::Day => PeriodWindow {
+                id: year * 10_000 + month * 100 + day,
+                end_ms: (days + 1) * DAY_MS,
+            },
+            Self::Month => {
+                let (next_year, next_month) = if month == 12 {
+                    (year + 1, 1)
+                } else {
+                    (year, month + 1)
+                };
+                PeriodWindow {
+                    id: year * 100 + month,
+                    end_ms: days_from_civil(next_year, next_month, 1) * DAY_MS,
+                }
+            }
+        }
+    }
+}
+
+/// (year, month 1-12, day 1-31) of the day `days` after 1970-01-01 (Hinnant's algorithm,
+/// restricted to dates from 1970 on).
+fn civil_from_days(days: u64) -> (u32, u32, u32) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    (narrow(year), narrow(month), narrow(day))
+}
+
+/// Days from 1970-01-01 to the given date (from 1970 on).
+fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
+    let year = u64::from(year) - u64::from(month <= 2);
+    let era = year / 400;
+    let yoe = year - era * 400;
+    let month = u64::from(month);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + u64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The control plane's document (`gateway._core.Gateway.set_policies`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySnapshot {
+    #[serde(default)]
+    pub tenants: HashMap<String, Limits>,
+    #[serde(default)]
+    pub keys: HashMap<String, Limits>,
+    #[serde(default)]
+    pub prices: HashMap<String, Price>,
+}
+
+/// One entry of the control plane's `seed_spent` document: what the ledger recorded in a
+/// current budget period before this process started.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpentEntry {
+    pub scope: ScopeKind,
+    pub id: String,
+    /// The tenant of a key (a key's counters are kept under its tenant); required for keys.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    pub period: Period,
+    pub tokens: u64,
+    pub money_micros: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    Tenant,
+    Key,
+}
+
+impl SpentEntry {
+    pub fn scope(&self) -> Result<Scope, String> {
+        match (self.scope, &self.tenant_id) {
+            (ScopeKind::Tenant, _) => Ok(Scope {
+                tenant: self.id.as_str().into(),
+                key: None,
+            }),
+            (ScopeKind::Key, Some(tenant)) => Ok(Scope {
+                tenant: tenant.as_str().into(),
+                key: Some(self.id.as_str().into()),
+            }),
+            (ScopeKind::Key, None) => Err(format!("key {}: `tenant_id` is required", self.id)),
+        }
+    }
+}
+
+/// Policies as admission reads them.
+#[derive(Debug, Default)]
+pub struct Policies {
+    pub tenants: HashMap<Arc<str>, Arc<Limits>>,
+    pub keys: HashMap<Arc<str>, Arc<Limits>>,
+    pub prices: HashMap<String, Price>,
+}
+
+impl From<PolicySnapshot> for Policies {
+    fn from(snapshot: PolicySnapshot) -> Self {
+        let index = |map: HashMap<String, Limits>| {
+            map.into_iter()
+                .map(|(id, limits)| (Arc::from(id), Arc::new(limits)))
+                .collect()
+        };
+        Self {
+            tenants: index(snapshot.tenants),
+            keys: index(snapshot.keys),
+            prices: snapshot.prices,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS_2026_11_29_13H: u64 = 1_795_957_200_000;
+
+    #[test]
+    fn calendar_matches_known_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        for days in [0, 59, 60, 365, 11_016, 20_000, 20_786, 40_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+    }
+
+    #[test]
+    fn windows_are_utc_calendar_periods() {
+        let day = Period::Day.window(MS_2026_11_29_13H);
+        assert_eq!(day.id, 20_261_129);
+        assert_eq!(day.end_ms, 1_795_996_800_000);
+        let month = Period::Month.window(MS_2026_11_29_13H);
+        assert_eq!(month.id, 202_611);
+        // 2026-12-01T00:00:00Z
+        assert_eq!(month.end_ms, 1_796_083_200_000);
+        let december = Period::Month.window(month.end_ms);
+        assert_eq!(december.id, 202_612);
+        assert_eq!(Period::Month.window(december.end_ms).id, 202_701);
+        assert_eq!(Period::Month.window(month.end_ms - 1).id, 202_611);
+    }
+
+    #[test]
+    fn cost_rounds_up_and_prices_cached_tokens_apart() {
+        let price = Price {
+            prompt: 150_000,
+            cached: 75_000,
+            completion: 600_000,
+        };
+        let usage = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cached_tokens: 400,
+        };
+        // 600 × 0.15 + 400 × 0.075 + 10 × 0.6 = 90 + 30 + 6 micro-units.
+        assert_eq!(price.cost(&usage), 126);
+        let one = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        };
+        assert_eq!(price.cost(&one), 1, "a fraction of a micro-unit rounds up");
+        assert_eq!(Price::default().cost(&one), 0);
+    }
+
+    #[test]
+    fn local_share_divides_rate_limits_and_drops_budgets_on_request() {
+        let limits = Limits {
+            requests_per_minute: Some(10),
+            max_concurrent: Some(1),
+            token_budget: Some(100),
+            ..Limits::default()
+        };
+        let share = limits.local_share(3, false);
+        assert_eq!(share.requests_per_minute, Some(4));
+        assert_eq!(share.max_concurrent, Some(1));
+        assert_eq!(share.token_budget, None);
+        assert_eq!(limits.local_share(3, true).token_budget, Some(100));
+    }
+
+    #[test]
+    fn snapshot_rejects_unknown_fields() {
+        let bad = r#"{"tenants":{"t":{"requests_per_minute":1,"rpm":2}}}"#;
+        assert!(serde_json::from_str::<PolicySnapshot>(bad).is_err());
+        let good = r#"{"tenants":{"t":{"requests_per_minute":1,"budget_period":"day","models":["m"]}},"prices":{"m":{"prompt":1,"cached":0,"completion":2}}}"#;
+        let policies =
+            Policies::from(serde_json::from_str::<PolicySnapshot>(good).unwrap_or_default());
+        let limits = policies.tenants.get("t").cloned().unwrap_or_default();
+        assert_eq!(limits.budget_period, Period::Day);
+        assert!(limits.allows_model("m") && !limits.allows_model("x"));
+        assert_eq!(policies.prices.get("m").map(|p| p.completion), Some(2));
+    }
+}

@@ -1,0 +1,339 @@
+//! Quota counters in Redis, shared by every replica: one atomic script per admission
+//! (`admit.lua`), timed by Redis's clock, and one per settlement (`settle.lua`), sent in
+//! pipelined batches off the request path.
+//!
+//! Keys of one tenant carry its id as a hash tag (`tg:{ten_…}:…`), so a Redis Cluster keeps
+//! them in one slot and a script may touch them all. A hold lives under a lease; if a replica
+//! dies before settling, the lease expires after `lease_ms` and the next admission releases it.
+//! Settlement is idempotent: it acts only on a hold record it finds, and removes it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
+use super::gcra::RateInfo;
+use super::local::{Actual, Hold};
+use super::policy::{Limits, Period};
+use crate::config::QuotaConfig;
+
+/// Most settlements sent in one pipeline.
+const SETTLE_BATCH: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered with an unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// One settlement's script invocation, ready to send.
+#[derive(Debug)]
+struct Settlement {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    admit: Script,
+    prefix: String,
+    timeout: Duration,
+    lease_ms: u64,
+    settlements: mpsc::UnboundedSender<Settlement>,
+    /// Settlements queued and not yet sent or given up. Release on decrement, acquire on read,
+    /// so a flush that sees 0 sees the sends done.
+    unsent: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store connecting lazily (and reconnecting) to `url`, and the task that sends its
+    /// settlements; that task ends once the store is dropped and every settlement is sent (or
+    /// given up after `lease_ms`). Must be called on a tokio runtime.
+    pub fn new(url: &str, config: &QuotaConfig) -> Result<(Self, JoinHandle<()>), StoreError> {
+        let client = redis::Client::open(url)?;
+        let timeout = config.redis_timeout();
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let unsent = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(send_settlements(
+            conn.clone(),
+            rx,
+            unsent.clone(),
+            Duration::from_millis(config.lease_ms),
+        ));
+        let store = Self {
+            conn,
+            admit: Script::new(include_str!("admit.lua")),
+            prefix: config.redis_prefix.clone(),
+            timeout,
+            lease_ms: config.lease_ms,
+            settlements: tx,
+            unsent,
+        };
+        Ok((store, task))
+    }
+
+    /// The scope's state hash; its lease set and spent hashes are named after it.
+    fn state_key(&self, scope: &Scope) -> String {
+        match &scope.key {
+            None => format!("{}{{{}}}:t", self.prefix, scope.tenant),
+            Some(key) => format!("{}{{{}}}:k:{key}", self.prefix, scope.tenant),
+        }
+    }
+
+    fn spent_key(state: &str, period: Period, unix_ms: u64) -> String {
+        let tag = match period {
+            Period::Day => 'd',
+            Period::Month => 'm',
+        };
+        format!("{state}:spent:{tag}{}", period.window(unix_ms).id)
+    }
+
+    /// Checks and reserves in one script; `Err` only when Redis could not answer.
+    pub async fn admit(
+        &self,
+        request_id: &str,
+        checks: &[ScopeCheck],
+        demand: &Demand,
+        unix_ms: u64,
+    ) -> Result<Result<Granted, Refusal>, StoreError> {
+        let mut invocation = self.admit.prepare_invoke();
+        invocation
+            .arg(request_id)
+            .arg(self.lease_ms)
+            .arg(checks.len());
+        let mut rate_tokens = Vec::with_capacity(checks.len());
+        for check in checks {
+            let state = self.state_key(&check.scope);
+            let limits: &Limits = &check.limits;
+            let period = limits.budget_period;
+            invocation
+                .key(&state)
+                .key(format!("{state}:leases"))
+                .key(Self::spent_key(&state, period, unix_ms));
+            let limit = |l: Option<u64>| l.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+            let rate = limits
+                .tokens_per_minute
+                .map_or(0, |l| demand.rate_tokens.min(l));
+            rate_tokens.push(rate);
+            let (hold_tokens, hold_money) = if limits.has_budget() {
+                (demand.budget_tokens, demand.budget_money)
+            } else {
+                (0, 0)
+            };
+            invocation
+                .arg(limit(limits.requests_per_minute))
+                .arg(limit(limits.tokens_per_minute))
+                .arg(limit(limits.max_concurrent))
+                .arg(limit(limits.token_budget))
+                .arg(limit(limits.money_budget_micros))
+                .arg(rate)
+                .arg(hold_tokens)
+                .arg(hold_money)
+                .arg(period.window(unix_ms).end_ms.saturating_sub(unix_ms));
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))??;
+        parse_admit_reply(&reply, checks.len(), rate_tokens)
+    }
+
+    /// Queues the settlement of a request's holds; it reaches Redis in the next batch.
+    pub fn settle(&self, request_id: &str, holds: &[Hold], actual: Actual, unix_ms: u64) {
+        let mut keys = Vec::with_capacity(holds.len() * 4);
+        let mut args = vec![
+            request_id.to_owned(),
+            holds.len().to_string(),
+            actual.tokens.to_string(),
+            actual.money.to_string(),
+            Period::Day
+                .window(unix_ms)
+                .end_ms
+                .saturating_sub(unix_ms)
+                .to_string(),
+            Period::Month
+                .window(unix_ms)
+                .end_ms
+                .saturating_sub(unix_ms)
+                .to_string(),
+        ];
+        for hold in holds {
+            let state = self.state_key(&hold.scope);
+            let leases = format!("{state}:leases");
+            let day = Self::spent_key(&state, Period::Day, unix_ms);
+            let month = Self::spent_key(&state, Period::Month, unix_ms);
+            keys.extend([state, leases, day, month]);
+            args.push(
+                hold.tokens_per_minute
+                    .map_or_else(|| "-1".to_owned(), |l| l.to_string()),
+            );
+        }
+        self.unsent.fetch_add(1, Ordering::Relaxed);
+        if self.settlements.send(Settlement { keys, args }).is_err() {
+            self.unsent.fetch_sub(1, Ordering::Release);
+            tracing::error!("quota settlement dropped: the sender task has stopped");
+        }
+    }
+
+    /// Waits for the queued settlements, for at most `timeout`; returns whether none is left.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.unsent.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// `admit.lua`'s reply as an admission result.
+fn parse_admit_reply(
+    reply: &[i64],
+    scopes: usize,
+    rate_tokens: Vec<u64>,
+) -> Result<Result<Granted, Refusal>, StoreError> {
+    let bad = || StoreError::Reply(format!("{reply:?}"));
+    let (&admitted, rest) = reply.split_first().ok_or_else(bad)?;
+    let (head, rates) = if admitted == 1 {
+        (&[][..], rest)
+    } else {
+        rest.split_at_checked(3).ok_or_else(bad)?
+    };
+    if rates.len() != scopes * 6 {
+        return Err(bad());
+    }
+    let mut headers = RateHeaders::default();
+    for chunk in rates.chunks_exact(6) {
+        let info = |limit: i64, remaining: i64, reset_ms: i64| {
+            (limit >= 0).then(|| RateInfo {
+                limit: limit.unsigned_abs(),
+                remaining: remaining.max(0).unsigned_abs(),
+                reset: Duration::from_millis(reset_ms.max(0).unsigned_abs()),
+            })
+        };
+        headers.merge(
+            info(chunk[0], chunk[1], chunk[2]),
+            info(chunk[3], chunk[4], chunk[5]),
+        );
+    }
+    if admitted == 1 {
+        return Ok(Ok(Granted {
+            rate_tokens,
+            headers,
+        }));
+    }
+    let scope = usize::try_from(head[0] - 1).map_err(|_| bad())?;
+    let exceeded = Exceeded::from_code(head[1]).ok_or_else(bad)?;
+    Ok(Err(Refusal {
+        scope,
+        exceeded,
+        retry_after: Duration::from_millis(head[2].max(0).unsigned_abs()),
+        headers,
+    }))
+}
+
+/// Sends queued settlements in pipelined batches until the channel closes, retrying a batch
+/// while Redis is unreachable for up to `give_up_after` (by then its leases have expired and
+/// their holds are released anyway).
+async fn send_settlements(
+    mut conn: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    unsent: Arc<AtomicUsize>,
+    give_up_after: Duration,
+) {
+    let script = Script::new(include_str!("settle.lua"));
+    let mut batch = Vec::with_capacity(SETTLE_BATCH);
+    while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut pipe = redis::pipe();
+            for settlement in &batch {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(settlement.keys.len())
+                    .arg(&settlement.keys)
+                    .arg(&settlement.args)
+                    .ignore();
+            }
+            let error = match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => break,
+                Err(error) => error,
+            };
+            if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+                if let Err(error) = script.prepare_invoke().load_async(&mut conn).await {
+                    tracing::warn!(%error, "loading the quota settlement script failed");
+                }
+                continue;
+            }
+            if started.elapsed() > give_up_after {
+                tracing::error!(
+                    %error,
+                    count = batch.len(),
+                    "quota settlements given up; their leases have expired"
+                );
+                break;
+            }
+            tracing::warn!(%error, count = batch.len(), "quota settlements failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        unsent.fetch_sub(batch.len(), Ordering::Release);
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admit_replies_parse() {
+        let granted = parse_admit_reply(&[1, 10, 9, 6000, -1, -1, -1], 1, vec![0]);
+        let granted = granted.ok().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(granted.headers.requests.map(|r| r.remaining), Some(9));
+        assert_eq!(granted.headers.tokens, None);
+        let refused = parse_admit_reply(
+            &[
+                0, 2, 4, 5000, -1, -1, -1, -1, -1, -1, 100, 0, 60_000, -1, -1, -1,
+            ],
+            2,
+            vec![0, 0],
+        );
+        let refusal = refused.ok().and_then(Result::err);
+        assert_eq!(refusal.as_ref().map(|r| r.scope), Some(1));
+        assert_eq!(
+            refusal.as_ref().map(|r| r.exceeded),
+            Some(Exceeded::TokenBudget)
+        );
+        assert_eq!(refusal.map(|r| r.retry_after), Some(Duration::from_secs(5)));
+        assert!(parse_admit_reply(&[1, 2], 1, vec![0]).is_err());
+        assert!(parse_admit_reply(&[0, 1, 9, 0, 1, 1, 1, 1, 1, 1], 1, vec![0]).is_err());
+    }
+}
