@@ -18,6 +18,8 @@
 -- 6 numbers per scope: requests limit, remaining, reset ms, tokens limit, remaining, reset ms
 -- (-1 when not limited).
 
+-- Numbers reach Redis as text: negate as `0 - x`, since `-x` of zero is "-0", which HINCRBY
+-- refuses.
 local WINDOW = 60000000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -36,8 +38,8 @@ local function purge(state, leases)
     local hold = redis.call('HGET', state, 'h:' .. member)
     if hold and hold ~= 'x' then
       local tokens, money = string.match(hold, '^(%d+) (%d+)')
-      redis.call('HINCRBY', state, 'ht', -tonumber(tokens))
-      redis.call('HINCRBY', state, 'hm', -tonumber(money))
+      redis.call('HINCRBY', state, 'ht', 0 - tonumber(tokens))
+      redis.call('HINCRBY', state, 'hm', 0 - tonumber(money))
       -- Released, but its settlement must still charge what it used: leave a marker.
       redis.call('HSET', state, 'h:' .. member, 'x')
     end

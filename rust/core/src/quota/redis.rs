@@ -260,7 +260,8 @@ fn parse_admit_reply(
 
 /// Sends queued settlements in pipelined batches until the channel closes, retrying a batch
 /// while Redis is unreachable for up to `give_up_after` (by then its leases have expired and
-/// their holds are released anyway).
+/// their holds are released anyway). Settlements are idempotent, so resending a batch that
+/// partly ran is safe.
 async fn send_settlements(
     mut conn: ConnectionManager,
     mut rx: mpsc::UnboundedReceiver<Settlement>,
@@ -270,43 +271,74 @@ async fn send_settlements(
     let script = Script::new(include_str!("settle.lua"));
     let mut batch = Vec::with_capacity(SETTLE_BATCH);
     while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        let count = batch.len();
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(50);
-        loop {
-            let mut pipe = redis::pipe();
-            for settlement in &batch {
-                pipe.cmd("EVALSHA")
-                    .arg(script.get_hash())
-                    .arg(settlement.keys.len())
-                    .arg(&settlement.keys)
-                    .arg(&settlement.args)
-                    .ignore();
-            }
-            let error = match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => break,
+        while !batch.is_empty() {
+            let error = match send_batch(&mut conn, &script, &mut batch).await {
+                Ok(()) => continue,
                 Err(error) => error,
             };
-            if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
-                if let Err(error) = script.prepare_invoke().load_async(&mut conn).await {
-                    tracing::warn!(%error, "loading the quota settlement script failed");
-                }
-                continue;
-            }
             if started.elapsed() > give_up_after {
                 tracing::error!(
                     %error,
                     count = batch.len(),
                     "quota settlements given up; their leases have expired"
                 );
+                batch.clear();
                 break;
             }
             tracing::warn!(%error, count = batch.len(), "quota settlements failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-        unsent.fetch_sub(batch.len(), Ordering::Release);
-        batch.clear();
+        unsent.fetch_sub(count, Ordering::Release);
     }
+}
+
+/// Sends `batch` in one pipeline and removes from it every settlement that ran (or that failed
+/// in the script itself, which a resend cannot fix: logged). Leaves those to resend after the
+/// script had to be loaded; `Err` when the pipeline itself failed.
+async fn send_batch(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    batch: &mut Vec<Settlement>,
+) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    for settlement in batch.iter() {
+        pipe.cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(settlement.keys.len())
+            .arg(&settlement.keys)
+            .arg(&settlement.args);
+    }
+    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
+        Ok(replies) => replies,
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
+    let mut unloaded = false;
+    let mut replies = replies.into_iter();
+    batch.retain(|_| match replies.next() {
+        Some(redis::Value::ServerError(error))
+            if error.kind() == Some(ServerErrorKind::NoScript) =>
+        {
+            unloaded = true;
+            true
+        }
+        Some(redis::Value::ServerError(error)) => {
+            tracing::error!(%error, "a quota settlement failed in Redis");
+            false
+        }
+        _ => false,
+    });
+    if unloaded {
+        script.prepare_invoke().load_async(conn).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 -- Idempotent: it acts only on a hold record it finds, and deletes it. A hold whose lease expired
 -- was released by admit.lua and left as "x": its usage is charged, nothing released twice.
 
+-- Numbers reach Redis as text: negate as `0 - x`, since `-x` of zero is "-0", which HINCRBY
+-- refuses.
 local WINDOW = 60000000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -24,8 +26,8 @@ for s = 1, n do
     redis.call('HDEL', state, 'h:' .. id)
     if hold ~= 'x' then
       local held_tokens, held_money, rate_tokens = string.match(hold, '^(%d+) (%d+) (%d+)')
-      redis.call('HINCRBY', state, 'ht', -tonumber(held_tokens))
-      redis.call('HINCRBY', state, 'hm', -tonumber(held_money))
+      redis.call('HINCRBY', state, 'ht', 0 - tonumber(held_tokens))
+      redis.call('HINCRBY', state, 'hm', 0 - tonumber(held_money))
       redis.call('ZREM', leases, id)
       local tpm = tonumber(ARGV[6 + s])
       if tpm >= 0 then
