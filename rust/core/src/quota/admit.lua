@@ -1,45 +1,55 @@
--- Check-and-reserve for one request against every scope it is checked against, atomically,
--- timed by Redis's own clock. The same rules as rust/core/src/quota/local.rs.
+-- Check-and-reserve for one request against every scope it is checked against, atomically.
+-- Rate limits are timed by Redis's own clock; budget periods are the UTC day and month the
+-- replica names (yyyymmdd, yyyymm). The same rules as rust/core/src/quota/local.rs.
 --
--- KEYS, 3 per scope: the scope's state hash, its lease sorted set, its spent hash for the
---   current budget period.
--- ARGV: request id, lease ms, scope count, then 8 per scope: requests_per_minute,
---   tokens_per_minute, max_concurrent, token_budget, money_budget (-1 = no limit), tokens taken
---   from the tokens-per-minute bucket, tokens and money held against budgets, then one more per
---   scope: ms until its budget period ends.
+-- KEYS, 2 per scope: the scope's state hash and its lease sorted set.
+-- ARGV: request id, lease ms, scope count, day id, month id, ms until the day ends, ms until the
+--   month ends, then 9 per scope: requests_per_minute, tokens_per_minute, max_concurrent,
+--   token_budget, money_budget (-1 = no limit), tokens taken from the tokens-per-minute bucket,
+--   tokens and money held against budgets, budget period (0 day, 1 month).
 --
--- State hash fields: rq, tk (GCRA theoretical arrival times, microseconds), ht, hm (tokens and
--- money held), h:<request id> = "tokens money rate_tokens" of each live hold, or "x" once its
--- lease expired and it was released here. A lease (member = request id, score = expiry ms) is a
--- concurrency slot.
+-- State hash fields: rq, tk (GCRA theoretical arrival times, microseconds); ht, hm (tokens and
+-- money held); d, dt, dm and mo, mt, mm (the day and month last charged, and the tokens and money
+-- spent in each); pz (ms before which expired leases are not looked for); ex (ms of the last
+-- expiry refresh); h:<request id> = "tokens money rate_tokens" of each live hold, or "x" once its
+-- lease expired and admission released it. Every hold has a lease (member = request id, score =
+-- expiry ms), which is also its concurrency slot: the hold of a replica that died is released
+-- when its lease expires.
 --
--- Reply: {1, headers...} or {0, scope index (1-based), reason, retry after ms, headers...};
--- reasons 1 concurrency, 2 requests, 3 tokens, 4 token budget, 5 money budget; headers are
--- 6 numbers per scope: requests limit, remaining, reset ms, tokens limit, remaining, reset ms
--- (-1 when not limited).
+-- Reply: {1, now µs, then rq, tk per scope} or {0, scope index (1-based), reason, retry after ms,
+-- now µs, then rq, tk per scope}; reasons 1 concurrency, 2 requests, 3 tokens, 4 token budget,
+-- 5 money budget. The replica derives the x-ratelimit-* headers from the TATs.
+--
+-- A `redis.call` and a number-to-string conversion each cost about as much as the rest of a
+-- scope's arithmetic: a scope is read with one HMGET, written with one HSET of the fields that
+-- changed, and numbers are written with '%d' (Lua's default keeps 14 digits, too few for µs).
 
--- Numbers reach Redis as text: negate as `0 - x`, since `-x` of zero is "-0", which HINCRBY
--- refuses.
 local WINDOW = 60000000
+local KEEP_MS = 40 * 86400000
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 local now_ms = math.floor(now / 1000)
 local id = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local day_id, month_id = ARGV[4], ARGV[5]
+local period_left = {[0] = tonumber(ARGV[6]), [1] = tonumber(ARGV[7])}
+local purge_every = math.min(1000, lease_ms)
 
-local function arg(scope, i)
-  return tonumber(ARGV[3 + (scope - 1) * 9 + i])
+local function num(value)
+  return tonumber(value) or 0
 end
 
-local function purge(state, leases)
+-- Releases the holds of expired leases.
+local function purge(state, leases, s)
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now_ms)
   for _, member in ipairs(expired) do
     local hold = redis.call('HGET', state, 'h:' .. member)
     if hold and hold ~= 'x' then
       local tokens, money = string.match(hold, '^(%d+) (%d+)')
-      redis.call('HINCRBY', state, 'ht', 0 - tonumber(tokens))
-      redis.call('HINCRBY', state, 'hm', 0 - tonumber(money))
+      s.ht = s.ht - tonumber(tokens)
+      s.hm = s.hm - tonumber(money)
+      s.held_changed = true
       -- Released, but its settlement must still charge what it used: leave a marker.
       redis.call('HSET', state, 'h:' .. member, 'x')
     end
@@ -47,89 +57,118 @@ local function purge(state, leases)
   if #expired > 0 then
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
   end
+  s.pz = now_ms + purge_every
+  s.purged = true
 end
 
-local function field(key, name)
-  return tonumber(redis.call('HGET', key, name) or '0') or 0
-end
-
--- Microseconds ahead of now the bucket would be after taking cost, or nil if it cannot.
-local function gcra(tat, limit, cost)
-  local next = math.max(tat, now) + cost * WINDOW / limit
-  return next, next - now
-end
-
-local function info(tat, limit)
-  if limit < 0 then
-    return -1, -1, -1
+local scopes = {}
+for i = 1, n do
+  local base = 7 + (i - 1) * 9
+  local state = KEYS[i * 2 - 1]
+  local f = redis.call('HMGET', state, 'rq', 'tk', 'ht', 'hm', 'pz', 'ex', 'd', 'dt', 'dm',
+    'mo', 'mt', 'mm')
+  local s = {
+    rpm = tonumber(ARGV[base + 1]), tpm = tonumber(ARGV[base + 2]),
+    conc = tonumber(ARGV[base + 3]), token_budget = tonumber(ARGV[base + 4]),
+    money_budget = tonumber(ARGV[base + 5]), rate = tonumber(ARGV[base + 6]),
+    hold_tokens = ARGV[base + 7], hold_money = ARGV[base + 8], period = tonumber(ARGV[base + 9]),
+    rq = num(f[1]), tk = num(f[2]), ht = num(f[3]), hm = num(f[4]), pz = num(f[5]),
+    ex = num(f[6]), spent_t = 0, spent_m = 0,
+  }
+  if s.period == 0 and f[7] == day_id then
+    s.spent_t, s.spent_m = num(f[8]), num(f[9])
+  elseif s.period == 1 and f[10] == month_id then
+    s.spent_t, s.spent_m = num(f[11]), num(f[12])
   end
-  local used = math.max(tat - now, 0)
-  local remaining = math.max(math.floor((WINDOW - used) * limit / WINDOW + 1e-6), 0)
-  return limit, remaining, math.ceil(used / 1000)
+  if now_ms >= s.pz then
+    purge(state, KEYS[i * 2], s)
+  end
+  scopes[i] = s
 end
 
-local function headers(reply)
-  for s = 1, n do
-    local state = KEYS[(s - 1) * 3 + 1]
-    local rq, tk = field(state, 'rq'), field(state, 'tk')
-    local a, b, c = info(rq, arg(s, 1))
-    local d, e, f = info(tk, arg(s, 2))
-    for _, v in ipairs({a, b, c, d, e, f}) do
-      table.insert(reply, v)
-    end
+local function reply(head)
+  table.insert(head, now)
+  for i = 1, n do
+    table.insert(head, scopes[i].rq)
+    table.insert(head, scopes[i].tk)
   end
-  return reply
+  return head
 end
 
 -- Check every scope before taking from any.
-for s = 1, n do
-  local state, leases, spent = KEYS[(s - 1) * 3 + 1], KEYS[(s - 1) * 3 + 2], KEYS[(s - 1) * 3 + 3]
-  purge(state, leases)
-  local rpm, tpm, conc = arg(s, 1), arg(s, 2), arg(s, 3)
-  local token_budget, money_budget = arg(s, 4), arg(s, 5)
+for i = 1, n do
+  local s = scopes[i]
   local refusal = nil
-  if conc >= 0 and redis.call('ZCARD', leases) >= conc then
+  if s.conc >= 0 and redis.call('ZCARD', KEYS[i * 2]) >= s.conc then
     refusal = {1, 1000}
   end
-  if not refusal and rpm >= 0 then
-    local _, ahead = gcra(field(state, 'rq'), rpm, 1)
-    if ahead > WINDOW then refusal = {2, math.ceil((ahead - WINDOW) / 1000)} end
+  if not refusal and s.rpm >= 0 then
+    s.rq_next = math.max(s.rq, now) + WINDOW / s.rpm
+    if s.rq_next - now > WINDOW then
+      refusal = {2, math.ceil((s.rq_next - now - WINDOW) / 1000)}
+    end
   end
-  if not refusal and tpm >= 0 then
-    local _, ahead = gcra(field(state, 'tk'), tpm, arg(s, 6))
-    if ahead > WINDOW then refusal = {3, math.ceil((ahead - WINDOW) / 1000)} end
+  if not refusal and s.tpm >= 0 then
+    s.tk_next = math.max(s.tk, now) + s.rate * WINDOW / s.tpm
+    if s.tk_next - now > WINDOW then
+      refusal = {3, math.ceil((s.tk_next - now - WINDOW) / 1000)}
+    end
   end
-  if not refusal and token_budget >= 0
-      and field(spent, 't') + field(state, 'ht') >= token_budget then
-    refusal = {4, arg(s, 9)}
+  -- Admitted while anything is left: each admitted request holds its worst case, so the last
+  -- one overshoots by at most its own.
+  if not refusal and s.token_budget >= 0 and s.spent_t + s.ht >= s.token_budget then
+    refusal = {4, period_left[s.period]}
   end
-  if not refusal and money_budget >= 0
-      and field(spent, 'm') + field(state, 'hm') >= money_budget then
-    refusal = {5, arg(s, 9)}
+  if not refusal and s.money_budget >= 0 and s.spent_m + s.hm >= s.money_budget then
+    refusal = {5, period_left[s.period]}
   end
   if refusal then
-    return headers({0, s, refusal[1], refusal[2]})
+    for j = 1, n do
+      local sj = scopes[j]
+      if sj.purged then
+        redis.call('HSET', KEYS[j * 2 - 1], 'ht', string.format('%d', sj.ht),
+          'hm', string.format('%d', sj.hm), 'pz', string.format('%d', sj.pz))
+      end
+    end
+    return reply({0, i, refusal[1], refusal[2]})
   end
 end
 
-for s = 1, n do
-  local state, leases = KEYS[(s - 1) * 3 + 1], KEYS[(s - 1) * 3 + 2]
-  local rpm, tpm = arg(s, 1), arg(s, 2)
-  if rpm >= 0 then
-    local next = gcra(field(state, 'rq'), rpm, 1)
-    redis.call('HSET', state, 'rq', string.format('%.0f', next))
+for i = 1, n do
+  local s, state, leases = scopes[i], KEYS[i * 2 - 1], KEYS[i * 2]
+  local update = {'h:' .. id, s.hold_tokens .. ' ' .. s.hold_money .. ' ' .. s.rate}
+  if s.rq_next then
+    s.rq = s.rq_next
+    table.insert(update, 'rq')
+    table.insert(update, string.format('%d', s.rq))
   end
-  if tpm >= 0 then
-    local next = gcra(field(state, 'tk'), tpm, arg(s, 6))
-    redis.call('HSET', state, 'tk', string.format('%.0f', next))
+  if s.tk_next then
+    s.tk = s.tk_next
+    table.insert(update, 'tk')
+    table.insert(update, string.format('%d', s.tk))
   end
-  local hold_tokens, hold_money = arg(s, 7), arg(s, 8)
-  redis.call('HINCRBY', state, 'ht', hold_tokens)
-  redis.call('HINCRBY', state, 'hm', hold_money)
-  redis.call('HSET', state, 'h:' .. id,
-    string.format('%d %d %d', hold_tokens, hold_money, arg(s, 6)))
+  if s.hold_tokens ~= '0' or s.hold_money ~= '0' or s.held_changed then
+    table.insert(update, 'ht')
+    table.insert(update, string.format('%d', s.ht + s.hold_tokens))
+    table.insert(update, 'hm')
+    table.insert(update, string.format('%d', s.hm + s.hold_money))
+  end
+  if s.purged then
+    table.insert(update, 'pz')
+    table.insert(update, string.format('%d', s.pz))
+  end
+  -- Expiries are refreshed once a minute: the state outlives the longest budget period, the
+  -- lease set its longest lease.
+  local refresh = now_ms - s.ex > 60000
+  if refresh then
+    table.insert(update, 'ex')
+    table.insert(update, string.format('%d', now_ms))
+  end
+  redis.call('HSET', state, unpack(update))
   redis.call('ZADD', leases, now_ms + lease_ms, id)
-  redis.call('PEXPIRE', state, lease_ms + 120000)
-  redis.call('PEXPIRE', leases, lease_ms + 120000)
+  if refresh then
+    redis.call('PEXPIRE', state, KEEP_MS)
+    redis.call('PEXPIRE', leases, lease_ms + 120000)
+  end
 end
-return headers({1})
+return reply({1})

@@ -251,7 +251,7 @@ impl Quota {
         }
         let demand = estimate.demand(price.as_ref());
         if let Some(redis) = self.redis.get().filter(|_| self.redis_is_up()) {
-            match redis.admit(request_id, &checks, &demand, unix_ms()).await {
+            match redis.admit(request_id, &checks, &demand).await {
                 Ok(Ok(granted)) => {
                     return Ok(Some(self.reservation(
                         Store::Redis,
@@ -399,7 +399,7 @@ impl Quota {
         actual: super::local::Actual,
     ) {
         match (store, self.redis.get()) {
-            (Store::Redis, Some(redis)) => redis.settle(request_id, holds, actual, unix_ms()),
+            (Store::Redis, Some(redis)) => redis.settle(request_id, holds, actual),
             (Store::Redis, None) => {
                 tracing::error!("a Redis reservation outlived the Redis store; left to its lease");
             }

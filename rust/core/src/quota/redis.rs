@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
+use super::enforcer::unix_ms;
 use super::gcra::RateInfo;
 use super::local::{Actual, Hold};
 use super::policy::{Limits, Period};
@@ -95,20 +96,12 @@ impl RedisStore {
         Ok((store, task))
     }
 
-    /// The scope's state hash; its lease set and spent hashes are named after it.
+    /// The scope's state hash; its lease set is named after it.
     fn state_key(&self, scope: &Scope) -> String {
         match &scope.key {
             None => format!("{}{{{}}}:t", self.prefix, scope.tenant),
             Some(key) => format!("{}{{{}}}:k:{key}", self.prefix, scope.tenant),
         }
-    }
-
-    fn spent_key(state: &str, period: Period, unix_ms: u64) -> String {
-        let tag = match period {
-            Period::Day => 'd',
-            Period::Month => 'm',
-        };
-        format!("{state}:spent:{tag}{}", period.window(unix_ms).id)
     }
 
     /// Checks and reserves in one script; `Err` only when Redis could not answer.
@@ -117,22 +110,23 @@ impl RedisStore {
         request_id: &str,
         checks: &[ScopeCheck],
         demand: &Demand,
-        unix_ms: u64,
     ) -> Result<Result<Granted, Refusal>, StoreError> {
         let mut invocation = self.admit.prepare_invoke();
+        let unix_ms = unix_ms();
+        let (day, month) = (Period::Day.window(unix_ms), Period::Month.window(unix_ms));
         invocation
             .arg(request_id)
             .arg(self.lease_ms)
-            .arg(checks.len());
+            .arg(checks.len())
+            .arg(day.id)
+            .arg(month.id)
+            .arg(day.end_ms.saturating_sub(unix_ms))
+            .arg(month.end_ms.saturating_sub(unix_ms));
         let mut rate_tokens = Vec::with_capacity(checks.len());
         for check in checks {
             let state = self.state_key(&check.scope);
             let limits: &Limits = &check.limits;
-            let period = limits.budget_period;
-            invocation
-                .key(&state)
-                .key(format!("{state}:leases"))
-                .key(Self::spent_key(&state, period, unix_ms));
+            invocation.key(&state).key(format!("{state}:leases"));
             let limit = |l: Option<u64>| l.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
             let rate = limits
                 .tokens_per_minute
@@ -152,41 +146,35 @@ impl RedisStore {
                 .arg(rate)
                 .arg(hold_tokens)
                 .arg(hold_money)
-                .arg(period.window(unix_ms).end_ms.saturating_sub(unix_ms));
+                .arg(match limits.budget_period {
+                    Period::Day => 0,
+                    Period::Month => 1,
+                });
         }
         let mut conn = self.conn.clone();
         let reply: Vec<i64> =
             tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
                 .await
                 .map_err(|_| StoreError::Timeout(self.timeout))??;
-        parse_admit_reply(&reply, checks.len(), rate_tokens)
+        parse_admit_reply(&reply, checks, rate_tokens)
     }
 
     /// Queues the settlement of a request's holds; it reaches Redis in the next batch.
-    pub fn settle(&self, request_id: &str, holds: &[Hold], actual: Actual, unix_ms: u64) {
-        let mut keys = Vec::with_capacity(holds.len() * 4);
+    pub fn settle(&self, request_id: &str, holds: &[Hold], actual: Actual) {
+        let mut keys = Vec::with_capacity(holds.len() * 2);
+        let unix_ms = unix_ms();
         let mut args = vec![
             request_id.to_owned(),
             holds.len().to_string(),
             actual.tokens.to_string(),
             actual.money.to_string(),
-            Period::Day
-                .window(unix_ms)
-                .end_ms
-                .saturating_sub(unix_ms)
-                .to_string(),
-            Period::Month
-                .window(unix_ms)
-                .end_ms
-                .saturating_sub(unix_ms)
-                .to_string(),
+            Period::Day.window(unix_ms).id.to_string(),
+            Period::Month.window(unix_ms).id.to_string(),
         ];
         for hold in holds {
             let state = self.state_key(&hold.scope);
             let leases = format!("{state}:leases");
-            let day = Self::spent_key(&state, Period::Day, unix_ms);
-            let month = Self::spent_key(&state, Period::Month, unix_ms);
-            keys.extend([state, leases, day, month]);
+            keys.extend([state, leases]);
             args.push(
                 hold.tokens_per_minute
                     .map_or_else(|| "-1".to_owned(), |l| l.to_string()),
@@ -212,34 +200,32 @@ impl RedisStore {
     }
 }
 
-/// `admit.lua`'s reply as an admission result.
+/// `admit.lua`'s reply as an admission result; the rate-limit headers come from the TATs it
+/// returns, read against each scope's limits.
 fn parse_admit_reply(
     reply: &[i64],
-    scopes: usize,
+    checks: &[ScopeCheck],
     rate_tokens: Vec<u64>,
 ) -> Result<Result<Granted, Refusal>, StoreError> {
     let bad = || StoreError::Reply(format!("{reply:?}"));
     let (&admitted, rest) = reply.split_first().ok_or_else(bad)?;
-    let (head, rates) = if admitted == 1 {
+    let (head, rest) = if admitted == 1 {
         (&[][..], rest)
     } else {
         rest.split_at_checked(3).ok_or_else(bad)?
     };
-    if rates.len() != scopes * 6 {
+    let (&now_us, tats) = rest.split_first().ok_or_else(bad)?;
+    if tats.len() != checks.len() * 2 {
         return Err(bad());
     }
     let mut headers = RateHeaders::default();
-    for chunk in rates.chunks_exact(6) {
-        let info = |limit: i64, remaining: i64, reset_ms: i64| {
-            (limit >= 0).then(|| RateInfo {
-                limit: limit.unsigned_abs(),
-                remaining: remaining.max(0).unsigned_abs(),
-                reset: Duration::from_millis(reset_ms.max(0).unsigned_abs()),
-            })
+    for (check, tat) in checks.iter().zip(tats.chunks_exact(2)) {
+        let info = |limit: Option<u64>, tat: i64| {
+            limit.map(|limit| rate_info(limit, tat.saturating_sub(now_us).max(0).unsigned_abs()))
         };
         headers.merge(
-            info(chunk[0], chunk[1], chunk[2]),
-            info(chunk[3], chunk[4], chunk[5]),
+            info(check.limits.requests_per_minute, tat[0]),
+            info(check.limits.tokens_per_minute, tat[1]),
         );
     }
     if admitted == 1 {
@@ -256,6 +242,18 @@ fn parse_admit_reply(
         retry_after: Duration::from_millis(head[2].max(0).unsigned_abs()),
         headers,
     }))
+}
+
+/// A bucket's headers from how far ahead of now (µs) its TAT is (see `Gcra::info`).
+fn rate_info(limit: u64, used_us: u64) -> RateInfo {
+    const WINDOW_US: u64 = 60_000_000;
+    let free = WINDOW_US.saturating_sub(used_us);
+    let remaining = u128::from(free) * u128::from(limit) / u128::from(WINDOW_US);
+    RateInfo {
+        limit,
+        remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
+        reset: Duration::from_micros(used_us),
+    }
 }
 
 /// Sends queued settlements in pipelined batches until the channel closes, retrying a batch
@@ -347,15 +345,34 @@ mod tests {
 
     #[test]
     fn admit_replies_parse() {
-        let granted = parse_admit_reply(&[1, 10, 9, 6000, -1, -1, -1], 1, vec![0]);
+        use std::sync::Arc;
+        let check = |rpm: Option<u64>, tpm: Option<u64>| ScopeCheck {
+            scope: Scope {
+                tenant: "t".into(),
+                key: None,
+            },
+            limits: Arc::new(Limits {
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                ..Limits::default()
+            }),
+        };
+        let now = 1_000_000_000_000;
+        // 6 s of a 60-per-minute bucket used: 54 left, full again in 6 s.
+        let granted = parse_admit_reply(
+            &[1, now, now + 6_000_000, 0],
+            &[check(Some(60), None)],
+            vec![0],
+        );
         let granted = granted.ok().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(granted.headers.requests.map(|r| r.remaining), Some(9));
+        let requests = granted.headers.requests;
+        assert_eq!(requests.map(|r| (r.limit, r.remaining)), Some((60, 54)));
+        assert_eq!(requests.map(|r| r.reset), Some(Duration::from_secs(6)));
         assert_eq!(granted.headers.tokens, None);
+        let checks = [check(None, None), check(Some(10), Some(100))];
         let refused = parse_admit_reply(
-            &[
-                0, 2, 4, 5000, -1, -1, -1, -1, -1, -1, 100, 0, 60_000, -1, -1, -1,
-            ],
-            2,
+            &[0, 2, 4, 5000, now, 0, 0, 0, now + 60_000_000],
+            &checks,
             vec![0, 0],
         );
         let refusal = refused.ok().and_then(Result::err);
@@ -364,8 +381,18 @@ mod tests {
             refusal.as_ref().map(|r| r.exceeded),
             Some(Exceeded::TokenBudget)
         );
-        assert_eq!(refusal.map(|r| r.retry_after), Some(Duration::from_secs(5)));
-        assert!(parse_admit_reply(&[1, 2], 1, vec![0]).is_err());
-        assert!(parse_admit_reply(&[0, 1, 9, 0, 1, 1, 1, 1, 1, 1], 1, vec![0]).is_err());
+        assert_eq!(
+            refusal.as_ref().map(|r| r.retry_after),
+            Some(Duration::from_secs(5))
+        );
+        let headers = refusal.map(|r| r.headers).unwrap_or_default();
+        assert_eq!(
+            headers.requests.map(|r| r.remaining),
+            Some(10),
+            "a TAT in the past is a full bucket"
+        );
+        assert_eq!(headers.tokens.map(|r| r.remaining), Some(0));
+        assert!(parse_admit_reply(&[1, now], &checks, vec![0]).is_err());
+        assert!(parse_admit_reply(&[0, 1, 9, 0, now, 0, 0], &checks[..1], vec![0]).is_err());
     }
 }
