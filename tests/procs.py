@@ -101,6 +101,21 @@ def start(args: list[str], env: dict[str, str] | None = None) -> Process:
     return process
 
 
+def wait_line(process: Process, pattern: str, timeout: float = STARTUP_TIMEOUT_S) -> re.Match[str]:
+    """Waits until `process` has printed a line matching `pattern`; raises with its output if it
+    has not within `timeout`."""
+    regex = re.compile(pattern)
+
+    def found() -> re.Match[str] | None:
+        return next(filter(None, map(regex.search, list(process.output))), None)
+
+    wait_for(lambda: found() is not None, timeout=timeout)
+    match = found()
+    if match is None:
+        raise RuntimeError(f"no line matched {pattern!r}:\n{''.join(process.output)}")
+    return match
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

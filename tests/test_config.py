@@ -9,9 +9,11 @@ import pytest
 from pydantic import BaseModel
 
 from gateway.config import (
+    AdminConfig,
     ConfigFileError,
     ControlConfig,
     GatewayConfig,
+    QuotaConfig,
     RoutingConfig,
     ServerConfig,
     StorageConfig,
@@ -45,6 +47,19 @@ def test_minimal_file_takes_every_default(tmp_path: Path) -> None:
     )
     assert config.storage == StorageConfig(url="sqlite:///data/gateway.db")
     assert config.control == ControlConfig(key_refresh_ms=500, usage_flush_ms=100, usage_batch=4096)
+    assert config.quota == QuotaConfig(
+        redis_url=None,
+        redis_prefix="tg:",
+        redis_timeout_ms=100,
+        replicas=1,
+        budgets_when_redis_down="reject",
+        rate_limits_when_redis_down="local_share",
+        lease_ms=900_000,
+        default_max_tokens=4096,
+    )
+    assert config.admin == AdminConfig(
+        host="127.0.0.1", port=8090, token_env="TOKENGATE_ADMIN_TOKEN"
+    )
 
 
 def test_full_file_is_read(tmp_path: Path) -> None:
@@ -77,6 +92,21 @@ url = "sqlite:////var/lib/tokengate/ledger.db"
 key_refresh_ms = 1000
 usage_flush_ms = 20
 usage_batch = 1
+
+[quota]
+redis_url = "redis://10.0.0.9:6379/2"
+redis_prefix = "gw1:"
+redis_timeout_ms = 50
+replicas = 3
+budgets_when_redis_down = "allow"
+rate_limits_when_redis_down = "allow"
+lease_ms = 60000
+default_max_tokens = 512
+
+[admin]
+host = "::1"
+port = 0
+token_env = "MY_ADMIN_TOKEN"
 """,
         )
     )
@@ -86,6 +116,9 @@ usage_batch = 1
     assert config.routing.max_attempts == 10
     assert config.storage.url == "sqlite:////var/lib/tokengate/ledger.db"
     assert config.control.usage_batch == 1
+    assert config.quota.redis_url == "redis://10.0.0.9:6379/2"
+    assert (config.quota.replicas, config.quota.budgets_when_redis_down) == (3, "allow")
+    assert config.admin == AdminConfig(host="::1", port=0, token_env="MY_ADMIN_TOKEN")
 
 
 @pytest.mark.parametrize(
@@ -140,6 +173,23 @@ usage_batch = 1
             "[control]\nusage_batch = 0",
             "control.usage_batch: Input should be greater than or equal to 1",
         ),
+        ('[quota]\nredis_url = "http://h:6379"', "quota.redis_url: 'http://h:6379' is not a Redis"),
+        ('[quota]\nredis_url = "redis://"', "quota.redis_url: 'redis://' is not a Redis URL"),
+        ("[quota]\nreplicas = 0", "quota.replicas: Input should be greater than or equal to 1"),
+        (
+            "[quota]\nlease_ms = 999",
+            "quota.lease_ms: Input should be greater than or equal to 1000",
+        ),
+        (
+            '[quota]\nbudgets_when_redis_down = "fail"',
+            "quota.budgets_when_redis_down: Input should be 'reject' or 'allow'",
+        ),
+        (
+            "[quota]\ndefault_max_tokens = 0",
+            "quota.default_max_tokens: Input should be greater than or equal to 1",
+        ),
+        ('[admin]\nhost = "localhost"', "admin.host: 'localhost' is not an IP address"),
+        ('[admin]\ntoken_env = "A-B"', "admin.token_env: String should match pattern"),
         ("[metrics]\nenabled = true", "metrics: Extra inputs are not permitted"),
     ],
 )
@@ -201,6 +251,16 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "request_timeout_ms": 600_000,
             "max_attempts": 3,
         },
+        "quota": {
+            "redis_url": None,
+            "redis_prefix": "tg:",
+            "redis_timeout_ms": 100,
+            "replicas": 1,
+            "budgets_when_redis_down": "reject",
+            "rate_limits_when_redis_down": "local_share",
+            "lease_ms": 900_000,
+            "default_max_tokens": 4096,
+        },
     }
 
 
@@ -236,6 +296,8 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "routing": RoutingConfig,
         "storage": StorageConfig,
         "control": ControlConfig,
+        "quota": QuotaConfig,
+        "admin": AdminConfig,
     }
     assert set(GatewayConfig.model_fields) == {*sections, "workers"}
     expected = {
@@ -244,6 +306,8 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     assert options == expected | {"workers[].url", "workers[].api_key"}
     assert "| `routing.max_attempts` | integer | `3` |" in table
     assert "| `workers[].url` | string | required |" in table
+    assert "| `workers[].api_key` | string or null | `null` |" in table
+    assert '| `quota.budgets_when_redis_down` | "reject" or "allow" | `"reject"` |' in table
     for row in rows:
         description = row.split("|")[4].strip()
         assert description, row

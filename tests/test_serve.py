@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from gateway import serve
-from gateway.config import ControlConfig
+from gateway.admin import bind_admin
+from gateway.config import AdminConfig, ControlConfig
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import create_key, revoke_key
-from gateway.ledger.db import Connection, open_ledger
+from gateway.ledger.db import Connection, now_ms, open_ledger
+from gateway.ledger.prices import set_price
+from gateway.ledger.quotas import set_tenant_quota
 from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
-from gateway.serve import KeyPusher, UsageCollector, supervise
+from gateway.quotas import Price, QuotaPolicy
+from gateway.serve import SnapshotPusher, UsageCollector, seed_spent, supervise
 from tests.conftest import usage_event as event
 
 if TYPE_CHECKING:
@@ -27,18 +33,33 @@ if TYPE_CHECKING:
 
 
 class FakeCore:
-    """Stands in for `gateway._core.Gateway`: a usage queue and a record of key pushes."""
+    """Stands in for `gateway._core.Gateway`: a usage queue and a record of snapshot pushes."""
 
     def __init__(self) -> None:
         self.queue: list[UsageEvent] = []
         self.pushed: list[dict[str, Any]] = []
+        self.policies: list[dict[str, Any]] = []
+        self.seeded: list[dict[str, Any]] = []
+        self.calls: list[str] = []
         self.shutdown_grace: float | None = None
         self.events_at_shutdown: list[UsageEvent] = []
 
     def set_keys(self, snapshot_json: str) -> int:
         snapshot: dict[str, Any] = json.loads(snapshot_json)
         self.pushed.append(snapshot)
+        self.calls.append("set_keys")
         return len(snapshot["keys"])
+
+    def set_policies(self, snapshot_json: str) -> int:
+        snapshot: dict[str, Any] = json.loads(snapshot_json)
+        self.policies.append(snapshot)
+        self.calls.append("set_policies")
+        return len(snapshot["tenants"]) + len(snapshot["keys"])
+
+    def seed_spent(self, entries_json: str) -> int:
+        entries: list[dict[str, Any]] = json.loads(entries_json)
+        self.seeded.extend(entries)
+        return len(entries)
 
     def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
         taken, self.queue = self.queue[:max_events], self.queue[max_events:]
@@ -66,7 +87,7 @@ def completion_tokens(conn: Connection) -> tuple[int, int]:
 
 def test_keys_are_pushed_only_when_they_change(conn: Connection) -> None:
     core = FakeCore()
-    pusher = KeyPusher(conn, core)
+    pusher = SnapshotPusher(conn, core)
     assert pusher.refresh()
     assert core.pushed == [{"keys": []}]
     assert not pusher.refresh()
@@ -79,6 +100,45 @@ def test_keys_are_pushed_only_when_they_change(conn: Connection) -> None:
     assert pusher.refresh()
     assert core.pushed[-1] == {"keys": []}
     assert len(core.pushed) == 3
+
+
+def test_policies_are_pushed_before_keys_and_each_only_when_it_changes(
+    conn: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = FakeCore()
+    pusher = SnapshotPusher(conn, core)
+    assert pusher.refresh()
+    assert core.calls == ["set_policies", "set_keys"]
+    assert core.policies == [{"tenants": {}, "keys": {}, "prices": {}}]
+    assert not pusher.refresh()
+
+    tenant = create_tenant(conn, "acme")
+    set_tenant_quota(conn, "acme", QuotaPolicy(max_concurrent=3))
+    assert pusher.refresh()
+    assert core.calls[2:] == ["set_policies"]  # the keys did not change
+    assert core.policies[-1]["tenants"] == {tenant.id: QuotaPolicy(max_concurrent=3).limits()}
+
+    # A price scheduled for later is pushed once its time has come, with nothing else changed.
+    start = now_ms()
+    price = Price(prompt_per_mtok=1, cached_per_mtok=2, completion_per_mtok=3)
+    set_price(conn, "m", price, effective_at=start + 60_000)
+    assert not pusher.refresh()
+    monkeypatch.setattr(serve, "now_ms", lambda: start + 60_000)
+    assert pusher.refresh()
+    assert core.policies[-1]["prices"] == {"m": {"prompt": 1, "cached": 2, "completion": 3}}
+    assert core.calls[3:] == ["set_policies"]
+
+
+def test_seed_spent_hands_the_current_periods_to_the_core(conn: Connection) -> None:
+    insert_usage_events(conn, [event(started_at_ms=now_ms()), event(started_at_ms=0)])
+    core = FakeCore()
+    assert seed_spent(conn, core) == 4
+    assert sorted((e["scope"], e["tenant_id"], e["period"], e["tokens"]) for e in core.seeded) == [
+        ("key", "ten_000000000001", "day", 15),
+        ("key", "ten_000000000001", "month", 15),
+        ("tenant", "ten_000000000001", "day", 15),
+        ("tenant", "ten_000000000001", "month", 15),
+    ]
 
 
 def test_collector_writes_batches_and_reports_how_many_came(conn: Connection) -> None:
@@ -143,3 +203,35 @@ def test_supervise_collects_while_serving_and_after_shutdown(conn: Connection) -
     assert asyncio.run(scenario()) == 0
     assert core.shutdown_grace == 2.5
     assert completion_tokens(conn) == (11, 1050)
+
+
+def test_supervise_serves_the_admin_api_until_stopped(
+    conn: Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    core = FakeCore()
+    control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10)
+    admin = bind_admin(conn, AdminConfig(port=0), "secret")
+    host, port = admin.address
+    auth = {"authorization": "Bearer secret"}
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(supervise(core, conn, control, 0.0, stop, admin=admin))
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}/admin/v1") as client:
+            created = await client.post("/tenants", json={"name": "acme"}, headers=auth)
+            assert created.status_code == 201
+            quota = {"max_concurrent": 2}
+            assert (await client.put("/tenants/acme/quota", json=quota, headers=auth)).is_success
+            for _ in range(200):
+                if core.policies and core.policies[-1]["tenants"]:
+                    break
+                await asyncio.sleep(0.01)
+            limits = core.policies[-1]["tenants"][created.json()["id"]]
+            assert limits["max_concurrent"] == 2
+            stop.set()
+            return await task
+
+    assert asyncio.run(scenario()) == 0
+    assert f"admin API listening on http://127.0.0.1:{port}\n" in capsys.readouterr().out
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=2).close()

@@ -10,25 +10,29 @@ import ipaddress
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
+from pydantic_core import ErrorDetails, PydanticUndefined
 
 from gateway.ledger.db import parse_url
 
 __all__ = [
+    "AdminConfig",
     "ConfigFileError",
     "ControlConfig",
     "GatewayConfig",
     "IpHost",
     "Port",
+    "QuotaConfig",
     "RoutingConfig",
     "ServerConfig",
     "StorageConfig",
     "WorkerConfig",
+    "describe_error",
     "format_validation_error",
     "listen_address",
     "load_config",
@@ -89,6 +93,17 @@ def _validate_worker_url(url: str) -> str:
 def _validate_storage_url(url: str) -> str:
     parse_url(url)
     return url
+
+
+def _validate_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        return url
+    if parts.scheme == "unix" and parts.path:
+        return url
+    raise ValueError(
+        f"{url!r} is not a Redis URL (redis://host:port/db, rediss://... or unix:///path.sock)"
+    )
 
 
 class ServerConfig(BaseModel):
@@ -197,8 +212,9 @@ class ControlConfig(BaseModel):
         ge=10,
         le=1000,
         description=(
-            "Period of re-reading active API keys from the ledger and pushing them to the core "
-            "when changed; at most 1000 so a revocation takes effect within a second."
+            "Period of re-reading active API keys, quota policies and prices from the ledger and "
+            "pushing each to the core when changed; at most 1000 so a revocation or a policy "
+            "change takes effect within a second."
         ),
     )
     usage_flush_ms: int = Field(
@@ -208,6 +224,87 @@ class ControlConfig(BaseModel):
         default=4096,
         ge=1,
         description="Most usage events written per ledger transaction.",
+    )
+
+
+class QuotaConfig(BaseModel):
+    """`[quota]`: where the quota counters live and what happens when they cannot be reached."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    redis_url: Annotated[str, AfterValidator(_validate_redis_url)] | None = Field(
+        default=None,
+        description=(
+            "Redis holding the counters shared by every replica (`redis://host:port/db`,"
+            " `rediss://...` or `unix:///path.sock`); unset keeps them in this process, seeded"
+            " at start-up from the ledger's usage of the current day and month."
+        ),
+    )
+    redis_prefix: str = Field(
+        default="tg:", description="Prefix of every Redis key the gateway writes."
+    )
+    redis_timeout_ms: int = Field(
+        default=100,
+        ge=1,
+        description="How long one Redis call may take before Redis counts as unreachable.",
+    )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "How many gateway replicas share the Redis counters; when Redis is unreachable each"
+            " replica enforces 1/replicas of each rate limit."
+        ),
+    )
+    budgets_when_redis_down: Literal["reject", "allow"] = Field(
+        default="reject",
+        description=(
+            "Requests against a token or money budget while Redis is unreachable: `reject`"
+            " answers 503 (fail closed), `allow` admits them without a budget check."
+        ),
+    )
+    rate_limits_when_redis_down: Literal["local_share", "allow"] = Field(
+        default="local_share",
+        description=(
+            "Rate and concurrency limits while Redis is unreachable: `local_share` enforces"
+            " 1/replicas of each in this process, `allow` lifts them."
+        ),
+    )
+    lease_ms: int = Field(
+        default=900_000,
+        ge=1000,
+        description=(
+            "How long a request's hold and concurrency slot live in Redis if its replica dies"
+            " before releasing them."
+        ),
+    )
+    default_max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description=(
+            "Completion tokens reserved for a request without `max_tokens` when the model's"
+            " context length is unknown."
+        ),
+    )
+
+
+class AdminConfig(BaseModel):
+    """`[admin]`: the admin HTTP API (tenants, keys, quotas, prices), on its own listener."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    host: IpHost = Field(
+        default="127.0.0.1",
+        description="IP address the admin API listens on; keep it off public interfaces.",
+    )
+    port: Port = Field(default=8090, description="TCP port of the admin API; 0 picks a free port.")
+    token_env: str = Field(
+        default="TOKENGATE_ADMIN_TOKEN",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description=(
+            "Name of the environment variable holding the admin API's bearer token; the admin"
+            " API is off while that variable is unset or empty."
+        ),
     )
 
 
@@ -223,6 +320,8 @@ class GatewayConfig(BaseModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
     def core_document(self) -> str:
         """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs)."""
@@ -240,20 +339,28 @@ class GatewayConfig(BaseModel):
                 "request_timeout_ms": self.routing.request_timeout_ms,
                 "max_attempts": self.routing.max_attempts,
             },
+            "quota": self.quota.model_dump(),
         }
         return json.dumps(document)
+
+
+def describe_error(item: ErrorDetails) -> tuple[str, str]:
+    """One pydantic error as (dotted path, message): (`workers[0].url`, `'x' is not ...`); a
+    `ValueError` raised by a validator gives its own text, without pydantic's prefix."""
+    path = ""
+    for part in item["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = item["msg"]
+    if item["type"] == "value_error":
+        message = str(item.get("ctx", {}).get("error", message))
+    return path, message
 
 
 def format_validation_error(error: ValidationError) -> list[str]:
     """One `dotted.path: message` line per problem (`workers[0].url: ...`)."""
     problems = []
     for item in error.errors(include_url=False):
-        path = ""
-        for part in item["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = item["msg"]
-        if item["type"] == "value_error":
-            message = str(item.get("ctx", {}).get("error", message))
+        path, message = describe_error(item)
         problems.append(f"{path or '(top level)'}: {message}")
     return problems
 
@@ -275,8 +382,15 @@ def load_config(path: Path | str) -> GatewayConfig:
 
 
 def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is Annotated:
+    origin = get_origin(annotation)
+    if origin is Annotated:
         return _type_name(get_args(annotation)[0])
+    if origin is Literal:
+        return " or ".join(json.dumps(value) for value in get_args(annotation))
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return "null"
     if isinstance(annotation, type):
         return {"str": "string", "int": "integer", "float": "float", "bool": "boolean"}.get(
             annotation.__name__, annotation.__name__
@@ -326,6 +440,6 @@ def options_table() -> str:
     """
     lines = ["| option | type | default | description |", "|---|---|---|---|"]
     for option, type_name, default, description in _rows(GatewayConfig, ""):
-        escaped = description.replace("|", r"\|")
-        lines.append(f"| {option} | {type_name} | {default} | {escaped} |")
+        cells = (option, type_name, default, description)
+        lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"

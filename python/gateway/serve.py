@@ -1,9 +1,9 @@
 """`gateway serve`: runs the Rust data plane and the control-plane loops that feed and drain it.
 
-Two loops run beside the core: one pushes the ledger's active keys whenever they change, one
-drains usage events into the ledger. Neither is on the request path. Both use the one ledger
-connection from the event loop's thread; their statements are short, and the loop has nothing
-latency-sensitive to do besides them.
+Two loops run beside the core: one pushes the ledger's active keys and quota policies whenever
+they change, one drains usage events into the ledger; the admin API, when its token is set, serves
+beside them. None is on the request path. All use the one ledger connection from the event loop's
+thread; their statements are short, and the loop has nothing latency-sensitive to do besides them.
 """
 
 from __future__ import annotations
@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.config import ControlConfig, GatewayConfig, listen_address
+from gateway.admin import AdminServer, bind_admin
+from gateway.config import AdminConfig, ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
-from gateway.ledger.db import Connection, DatabaseError, open_ledger
-from gateway.ledger.usage import insert_usage_events
+from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
+from gateway.ledger.quotas import policy_snapshot
+from gateway.ledger.usage import insert_usage_events, spent_in_current_periods
 
 if TYPE_CHECKING:
     from gateway._core import UsageRow
 
-__all__ = ["CoreGateway", "KeyPusher", "UsageCollector", "run", "supervise"]
+__all__ = ["CoreGateway", "SnapshotPusher", "UsageCollector", "run", "seed_spent", "supervise"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +39,54 @@ class CoreGateway(Protocol):
     """The part of `gateway._core.Gateway` the control plane drives (a fake in tests)."""
 
     def set_keys(self, snapshot_json: str) -> int: ...
+    def set_policies(self, snapshot_json: str) -> int: ...
+    def seed_spent(self, entries_json: str) -> int: ...
     def drain_usage(self, max_events: int = 4096) -> list[UsageRow]: ...
     def pending_usage(self) -> int: ...
     def shutdown(self, grace_s: float) -> None: ...
 
 
-class KeyPusher:
-    """Pushes the ledger's active-key snapshot to the core when it differs from the last push."""
+def _json(document: Any) -> str:
+    return json.dumps(document, separators=(",", ":"), sort_keys=True)
+
+
+class SnapshotPusher:
+    """Pushes the ledger's policy snapshot (quota policies and prices in effect) and active-key
+    snapshot to the core, each only when it differs from its last push.
+
+    Policies go first, so that a key and a policy set before it reach the core in that order too.
+    """
 
     def __init__(self, conn: Connection, gateway: CoreGateway) -> None:
         self._conn = conn
         self._gateway = gateway
-        self._last: str | None = None
+        self._last: dict[str, str] = {}
+
+    def _push(self, name: str, document: Any, push: Callable[[str], int]) -> bool:
+        snapshot = _json(document)
+        if snapshot == self._last.get(name):
+            return False
+        count = push(snapshot)
+        self._last[name] = snapshot
+        logger.info("pushed %s to the core (%d)", name, count)
+        return True
 
     def refresh(self) -> bool:
-        """Reads the snapshot; pushes it if changed. Returns whether it pushed."""
-        snapshot = json.dumps(active_key_snapshot(self._conn), separators=(",", ":"))
-        if snapshot == self._last:
-            return False
-        count = self._gateway.set_keys(snapshot)
-        self._last = snapshot
-        logger.info("pushed %d active API keys to the core", count)
-        return True
+        """Reads both snapshots; pushes each one that changed. Returns whether it pushed."""
+        policies = policy_snapshot(self._conn, now_ms())
+        pushed = self._push("quota policies", policies, self._gateway.set_policies)
+        keys = active_key_snapshot(self._conn)
+        return self._push("active API keys", keys, self._gateway.set_keys) or pushed
+
+
+def seed_spent(conn: Connection, gateway: CoreGateway) -> int:
+    """Hands the core what the ledger says each tenant and key spent in the current UTC day and
+    month, for in-process budget counters; call once, before the core starts. Returns the number
+    of entries."""
+    entries = spent_in_current_periods(conn, now_ms())
+    count = gateway.seed_spent(_json(entries))
+    logger.info("seeded the budget counters with %d entries from the ledger", count)
+    return count
 
 
 class UsageCollector:
@@ -142,13 +171,13 @@ class UsageCollector:
 # Both loops outlive any one failure: a loop that died quietly would stop revocations or metering.
 
 
-async def _refresh_keys(pusher: KeyPusher, interval_s: float) -> None:
+async def _push_snapshots(pusher: SnapshotPusher, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
             pusher.refresh()
         except Exception:
-            logger.exception("refreshing API keys failed; will retry")
+            logger.exception("pushing keys and quota policies failed; will retry")
 
 
 async def _collect_usage(collector: UsageCollector, interval_s: float) -> None:
@@ -161,56 +190,89 @@ async def _collect_usage(collector: UsageCollector, interval_s: float) -> None:
             logger.exception("collecting usage failed; will retry")
 
 
+async def _serve_admin(admin: AdminServer) -> None:
+    try:
+        await admin.serve_until_stopped()
+    except Exception:
+        logger.exception("the admin API failed; the gateway goes on serving without it")
+
+
 async def supervise(
     gateway: CoreGateway,
     conn: Connection,
     control: ControlConfig,
     grace_s: float,
     stop: asyncio.Event,
-    pusher: KeyPusher | None = None,
+    pusher: SnapshotPusher | None = None,
+    admin: AdminServer | None = None,
 ) -> int:
-    """Runs the key and usage loops beside a started core until `stop` is set, then shuts the
-    core down (the loops keep running while it drains) and records the last events.
+    """Runs the snapshot and usage loops (and the admin API, if given) beside a started core until
+    `stop` is set; then stops the admin API, shuts the core down (the loops keep running while it
+    drains) and records the last events.
 
     Returns 0, or 1 if some usage events could not be written to the ledger.
     """
-    pusher = pusher or KeyPusher(conn, gateway)
+    pusher = pusher or SnapshotPusher(conn, gateway)
     collector = UsageCollector(conn, gateway, control.usage_batch)
-    tasks = [
-        asyncio.create_task(_refresh_keys(pusher, control.key_refresh_ms / 1000)),
+    loops = [
+        asyncio.create_task(_push_snapshots(pusher, control.key_refresh_ms / 1000)),
         asyncio.create_task(_collect_usage(collector, control.usage_flush_ms / 1000)),
     ]
+    admin_task = asyncio.create_task(_serve_admin(admin)) if admin is not None else None
     try:
         await stop.wait()
+        if admin is not None:
+            admin.should_exit = True
         logger.info("shutting down: draining in-flight requests for up to %.1fs", grace_s)
         await asyncio.to_thread(gateway.shutdown, grace_s)
     finally:
-        for task in tasks:
+        if admin is not None and admin_task is not None:
+            admin.should_exit = True
+            await admin_task
+        for task in loops:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*loops, return_exceptions=True)
         saved = collector.drain_all()
     logger.info("stopped; %d usage events recorded", collector.recorded)
     return 0 if saved else 1
 
 
 async def _serve(
-    gateway: CoreGateway, conn: Connection, config: GatewayConfig, pusher: KeyPusher
+    gateway: CoreGateway,
+    conn: Connection,
+    config: GatewayConfig,
+    pusher: SnapshotPusher,
+    admin: AdminServer | None,
+    announce: Callable[[], None],
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    announce()  # only now: a SIGTERM right after the announcement must drain, not kill
     return await supervise(
-        gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher
+        gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher, admin
     )
+
+
+def _admin(conn: Connection, config: AdminConfig) -> AdminServer | None:
+    """The admin API's server, bound, if its token is set; None if not (it is disabled)."""
+    token = os.environ.get(config.token_env, "")
+    if not token:
+        logger.info(
+            "admin API disabled: set the environment variable %s to enable it", config.token_env
+        )
+        return None
+    return bind_admin(conn, config, token)
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit status.
 
     Prints `gateway listening on http://HOST:PORT` once serving, then calls `on_ready(host,
-    port)` with the bound address. The key snapshot is pushed before the first request can
-    arrive.
+    port)` with the bound address; the admin API, if enabled, prints `admin API listening on
+    http://HOST:PORT` once it serves. The key and policy snapshots are pushed, and in-process
+    budget counters seeded from the ledger, before the first request can arrive.
     """
     from gateway import _core
 
@@ -220,15 +282,26 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         except _core.ConfigError as exc:
             logger.error("the core rejected the configuration: %s", exc)
             return 2
-        pusher = KeyPusher(conn, gateway)
+        pusher = SnapshotPusher(conn, gateway)
         pusher.refresh()
+        if config.quota.redis_url is None:
+            seed_spent(conn, gateway)
+        try:
+            admin = _admin(conn, config.admin)
+        except OSError as exc:
+            address = listen_address(config.admin.host, config.admin.port)
+            logger.error("cannot bind the admin API to %s: %s", address, exc)
+            return 1
         try:
             host, port = gateway.start()
         except _core.GatewayError as exc:
             logger.error("cannot start the gateway: %s", exc)
             return 1
         logger.info("gateway bound to %s", listen_address(host, port))
-        print(f"gateway listening on http://{listen_address(host, port)}", flush=True)
-        if on_ready is not None:
-            on_ready(host, port)
-        return asyncio.run(_serve(gateway, conn, config, pusher))
+
+        def announce() -> None:
+            print(f"gateway listening on http://{listen_address(host, port)}", flush=True)
+            if on_ready is not None:
+                on_ready(host, port)
+
+        return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce))

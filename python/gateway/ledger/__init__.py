@@ -1,7 +1,9 @@
-"""The ledger: tenants, API keys and usage events in one SQL database (SQLite now, PostgreSQL next).
+"""The ledger: tenants, API keys, quota policies, prices and usage events in one SQL database
+(SQLite now, PostgreSQL next).
 
-Repository modules (`tenants`, `apikeys`, `usage`) are plain functions taking a connection from
-`db.connect`; all SQL reaches the driver through `db`, the one place that knows the dialect.
+Repository modules (`tenants`, `apikeys`, `quotas`, `prices`, `usage`) are plain functions taking
+a connection from `db.connect`; all SQL reaches the driver through `db`, the one place that knows
+the dialect.
 """
 
 from gateway.ledger.db import (

@@ -121,6 +121,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX usage_events_tenant_model ON usage_events (tenant_id, model)",
     ),
+    (
+        # One policy per tenant or key (`subject_id` is a tenant id or a key id, `scope` says
+        # which); limits are NULL when unlimited; `models` is a JSON array, NULL for every model.
+        """CREATE TABLE quota_policies (
+            subject_id TEXT PRIMARY KEY,
+            scope TEXT NOT NULL,
+            requests_per_minute BIGINT,
+            tokens_per_minute BIGINT,
+            max_concurrent BIGINT,
+            token_budget BIGINT,
+            money_budget_micros BIGINT,
+            budget_period TEXT NOT NULL,
+            models TEXT,
+            updated_at BIGINT NOT NULL
+        )""",
+        # The price book: every version of a model's prices, in effect from `effective_at` until
+        # the next version's; micro-units of currency per million tokens.
+        """CREATE TABLE prices (
+            model TEXT NOT NULL,
+            effective_at BIGINT NOT NULL,
+            prompt_per_mtok BIGINT NOT NULL,
+            cached_per_mtok BIGINT NOT NULL,
+            completion_per_mtok BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (model, effective_at)
+        )""",
+        # Budgets are seeded from the current day's and month's events at start-up.
+        "CREATE INDEX usage_events_started ON usage_events (started_at_ms)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

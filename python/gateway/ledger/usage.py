@@ -1,21 +1,26 @@
 """Usage events: one per request, as drained from the core, stored once each, and their totals.
 
 Events are append-only and idempotent by `event_id`: writing a batch twice, or from two writers at
-once, stores each event once. Pricing, rollups and billing cursors are not here.
+once, stores each event once. Rollups and billing cursors are not here; pricing is only what the
+core's budget counters need at start-up (`spent_in_current_periods`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
-from gateway.ledger.db import Connection, executemany, now_ms, query_as, transaction
+from gateway.ledger.db import Connection, executemany, now_ms, query, query_as, transaction
+from gateway.ledger.prices import PRICES_IN_EFFECT_SQL
+from gateway.quotas import MICROS, Period, Scope, period_bounds
 
 __all__ = [
+    "SpentEntry",
     "UsageEvent",
     "UsageTotal",
     "insert_usage_events",
+    "spent_in_current_periods",
     "usage_totals",
 ]
 
@@ -101,3 +106,70 @@ def usage_totals(
     if by_status:
         sql += ", u.status"
     return query_as(conn, UsageTotal, sql, params)
+
+
+class SpentEntry(TypedDict):
+    """One entry of the list `gateway._core.Gateway.seed_spent` takes (as JSON)."""
+
+    scope: Scope
+    id: str
+    tenant_id: str  # the key's tenant; for a tenant, `id` again
+    period: Period
+    tokens: int
+    money_micros: int
+
+
+# Per event of the current month: its tenant and key, whether it is of the current day, its tokens
+# and its cost, rounded up to a whole micro-unit, at the prices in effect now (0 if unpriced);
+# cached tokens count at most the prompt, as in the core. Parameters: now, month start, month end,
+# day start, day end.
+_SPENT = f"""
+WITH price AS ({PRICES_IN_EFFECT_SQL}),
+month AS (
+    SELECT tenant_id, key_id, model, started_at_ms, prompt_tokens, completion_tokens,
+        CASE WHEN cached_tokens < prompt_tokens THEN cached_tokens ELSE prompt_tokens END AS cached
+    FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ?
+),
+event AS (
+    SELECT m.tenant_id, m.key_id,
+        CASE WHEN m.started_at_ms >= ? AND m.started_at_ms < ? THEN 1 ELSE 0 END AS today,
+        m.prompt_tokens + m.completion_tokens AS tokens,
+        COALESCE(((m.prompt_tokens - m.cached) * p.prompt_per_mtok
+            + m.cached * p.cached_per_mtok
+            + m.completion_tokens * p.completion_per_mtok + {MICROS - 1}) / {MICROS}, 0) AS money
+    FROM month m LEFT JOIN price p ON p.model = m.model
+)
+SELECT 'tenant', tenant_id, tenant_id,
+    SUM(today * tokens), SUM(today * money), SUM(tokens), SUM(money)
+FROM event GROUP BY tenant_id
+UNION ALL
+SELECT 'key', key_id, tenant_id, SUM(today * tokens), SUM(today * money), SUM(tokens), SUM(money)
+FROM event GROUP BY key_id, tenant_id
+ORDER BY 1 DESC, 2
+"""  # noqa: S608
+
+
+def spent_in_current_periods(conn: Connection, at_ms: int) -> list[SpentEntry]:
+    """What each tenant and each key spent in the UTC day and the UTC month containing `at_ms`.
+
+    Tokens are prompt plus completion tokens of the events that started in the period; money is
+    the sum over those events of each one's cost rounded up to a micro-unit, at the prices in
+    effect at `at_ms`. Every tenant and key with an event this month gets a "day" and a "month"
+    entry (the day's may be zero), with the tenant id (of the key); tenants first, then keys,
+    each by id.
+    """
+    day, month = period_bounds("day", at_ms), period_bounds("month", at_ms)
+    rows = query(conn, _SPENT, (at_ms, *month, *day))
+    periods: tuple[Period, Period] = ("day", "month")
+    return [
+        {
+            "scope": row[0],
+            "id": row[1],
+            "tenant_id": row[2],
+            "period": period,
+            "tokens": int(row[3 + 2 * i]),
+            "money_micros": int(row[4 + 2 * i]),
+        }
+        for row in rows
+        for i, period in enumerate(periods)
+    ]

@@ -1,0 +1,229 @@
+"""Quota policies, the price book, the policy snapshot and the spend seed, on a SQLite ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.ledger.apikeys import create_key, revoke_key
+from gateway.ledger.db import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    ConflictError,
+    Connection,
+    NotFoundError,
+    open_ledger,
+    schema_version,
+)
+from gateway.ledger.prices import list_prices, prices_in_effect, set_price
+from gateway.ledger.quotas import (
+    clear_quota,
+    get_quota,
+    list_quotas,
+    policy_snapshot,
+    set_key_quota,
+    set_tenant_quota,
+)
+from gateway.ledger.tenants import create_tenant, set_tenant_disabled
+from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
+from gateway.quotas import Price, QuotaPolicy
+from tests.conftest import usage_event as event
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def price(prompt: int, cached: int, completion: int) -> Price:
+    return Price(prompt_per_mtok=prompt, cached_per_mtok=cached, completion_per_mtok=completion)
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> Iterator[Connection]:
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as connection:
+        yield connection
+
+
+def test_a_version_1_ledger_migrates_to_quota_and_price_tables(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with closing(sqlite3.connect(tmp_path / "old.db")) as old:
+        for statement in MIGRATIONS[0]:
+            old.execute(statement)
+        old.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT)")
+        old.execute("INSERT INTO schema_version VALUES (1, 0)")
+        old.execute("INSERT INTO tenants VALUES ('ten_000000000001', 'acme', 0, 0)")
+        old.commit()
+    with open_ledger(url) as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        set_tenant_quota(conn, "acme", QuotaPolicy(max_concurrent=2))
+        set_price(conn, "m", price(1, 1, 1), effective_at=0)
+        assert get_quota(conn, "ten_000000000001") == QuotaPolicy(max_concurrent=2)
+
+
+def test_set_get_replace_and_clear_a_tenant_quota(conn: Connection) -> None:
+    acme = create_tenant(conn, "acme")
+    assert get_quota(conn, acme.id) is None
+    policy = QuotaPolicy(requests_per_minute=60, models=["b", "a"], budget_period="day")
+    assert set_tenant_quota(conn, "acme", policy) == acme
+    assert get_quota(conn, acme.id) == policy
+    assert get_quota(conn, acme.id).models == ["a", "b"]  # type: ignore[union-attr]
+
+    replacement = QuotaPolicy(token_budget=1000)
+    set_tenant_quota(conn, acme.id, replacement)
+    assert get_quota(conn, acme.id) == replacement  # the whole policy, not a merge
+
+    assert clear_quota(conn, acme.id)
+    assert get_quota(conn, acme.id) is None
+    assert not clear_quota(conn, acme.id)
+
+
+def test_key_quotas_and_the_listing(conn: Connection) -> None:
+    create_tenant(conn, "acme")
+    key = create_key(conn, "acme").record
+    assert set_key_quota(conn, key.id, QuotaPolicy(max_concurrent=1)) == key
+    set_tenant_quota(conn, "acme", QuotaPolicy(money_budget_micros=5_000_000))
+    quotas = list_quotas(conn)
+    assert [(q.subject_id, q.scope) for q in quotas] == [
+        (key.id, "key"),
+        (key.tenant_id, "tenant"),
+    ]
+    assert quotas[0].policy == QuotaPolicy(max_concurrent=1)
+    assert quotas[0].updated_at > 0
+
+
+def test_quotas_of_unknown_subjects_are_not_found(conn: Connection) -> None:
+    with pytest.raises(NotFoundError, match="no tenant"):
+        set_tenant_quota(conn, "nobody", QuotaPolicy())
+    with pytest.raises(NotFoundError, match="no API key"):
+        set_key_quota(conn, "key_000000000000", QuotaPolicy())
+    assert list_quotas(conn) == []
+
+
+def test_policy_snapshot_leaves_out_disabled_tenants_and_revoked_keys(conn: Connection) -> None:
+    acme, beta = create_tenant(conn, "acme"), create_tenant(conn, "beta")
+    kept, revoked = create_key(conn, "acme").record, create_key(conn, "acme").record
+    beta_key = create_key(conn, "beta").record
+    for subject in (acme.id, beta.id):
+        set_tenant_quota(conn, subject, QuotaPolicy(requests_per_minute=10))
+    for subject in (kept.id, revoked.id, beta_key.id):
+        set_key_quota(conn, subject, QuotaPolicy(tokens_per_minute=100, models=["m"]))
+    revoke_key(conn, revoked.id)
+    set_tenant_disabled(conn, beta.id, True)
+
+    snapshot = policy_snapshot(conn, ms("2024-05-15T12:00:00"))
+    assert list(snapshot["tenants"]) == [acme.id]
+    assert list(snapshot["keys"]) == [kept.id]
+    assert snapshot["tenants"][acme.id] == QuotaPolicy(requests_per_minute=10).limits()
+    assert snapshot["keys"][kept.id]["models"] == ["m"]
+    assert snapshot["prices"] == {}
+
+    set_tenant_disabled(conn, beta.id, False)
+    snapshot = policy_snapshot(conn, ms("2024-05-15T12:00:00"))
+    assert set(snapshot["tenants"]) == {acme.id, beta.id}
+    assert set(snapshot["keys"]) == {kept.id, beta_key.id}
+
+
+def test_the_price_in_effect_is_the_latest_version_not_after_now(conn: Connection) -> None:
+    set_price(conn, "m", price(1, 1, 1), effective_at=ms("2023-01-01T00:00:00"))
+    set_price(conn, "m", price(2, 2, 2), effective_at=ms("2024-01-01T00:00:00"))
+    set_price(conn, "m", price(3, 3, 3), effective_at=ms("2024-06-01T00:00:00"))
+    set_price(conn, "later", price(9, 9, 9), effective_at=ms("2024-06-01T00:00:00"))
+
+    assert prices_in_effect(conn, ms("2024-05-31T23:59:59")) == {"m": price(2, 2, 2)}
+    assert prices_in_effect(conn, ms("2024-06-01T00:00:00")) == {
+        "later": price(9, 9, 9),
+        "m": price(3, 3, 3),
+    }
+    assert prices_in_effect(conn, ms("2022-01-01T00:00:00")) == {}
+    snapshot = policy_snapshot(conn, ms("2024-02-01T00:00:00"))
+    assert snapshot["prices"] == {"m": {"prompt": 2, "cached": 2, "completion": 2}}
+    assert [(v.model, v.price) for v in list_prices(conn)] == [
+        ("later", price(9, 9, 9)),
+        ("m", price(1, 1, 1)),
+        ("m", price(2, 2, 2)),
+        ("m", price(3, 3, 3)),
+    ]
+
+
+def test_a_price_version_is_never_overwritten(conn: Connection) -> None:
+    set_price(conn, "m", price(1, 1, 1), effective_at=1000)
+    with pytest.raises(ConflictError, match="already has a price"):
+        set_price(conn, "m", price(2, 2, 2), effective_at=1000)
+    now = set_price(conn, "m", price(2, 2, 2))
+    assert now.effective_at == now.created_at
+    assert len(list_prices(conn)) == 2
+
+
+def test_spent_in_current_periods_counts_this_day_and_month_at_todays_prices(
+    conn: Connection,
+) -> None:
+    now = ms("2024-05-15T12:00:00")
+    set_price(conn, "m", price(9, 9, 9), effective_at=ms("2023-01-01T00:00:00"))
+    set_price(
+        conn, "m", price(1_000_000, 500_000, 2_000_000), effective_at=ms("2024-01-01T00:00:00")
+    )
+    set_price(conn, "m", price(7, 7, 7), effective_at=ms("2024-06-01T00:00:00"))
+    set_price(conn, "cheap", price(150_000, 0, 600_000), effective_at=0)
+
+    def spend(tenant: str, key: str, at: str, model: str, p: int, c: int, o: int) -> UsageEvent:
+        return event(
+            tenant_id=tenant,
+            key_id=key,
+            started_at_ms=ms(at),
+            model=model,
+            prompt_tokens=p,
+            cached_tokens=c,
+            completion_tokens=o,
+        )
+
+    insert_usage_events(
+        conn,
+        [
+            # Today: 6 uncached, 4 cached, 5 completion tokens of m: 6 + 2 + 10 = 18 exactly.
+            spend("ten_a", "key_1", "2024-05-15T08:00:00", "m", 10, 4, 5),
+            # Today, twice 0.15 micro-units: each rounds up to 1 (not 0.3 rounded once).
+            spend("ten_a", "key_1", "2024-05-15T09:00:00", "cheap", 1, 0, 0),
+            spend("ten_a", "key_1", "2024-05-15T10:00:00", "cheap", 1, 0, 0),
+            # The first millisecond of the day counts as today.
+            spend("ten_a", "key_1", "2024-05-15T00:00:00", "m", 0, 0, 1),
+            # Earlier this month, another key of the same tenant.
+            spend("ten_a", "key_2", "2024-05-02T00:00:00", "m", 1000, 0, 1000),
+            # More cached tokens than prompt tokens: all 3 prompt tokens priced as cached.
+            spend("ten_b", "key_3", "2024-05-14T11:00:00", "m", 3, 5, 0),
+            # Another tenant, today, a model without a price: tokens but no money.
+            spend("ten_b", "key_3", "2024-05-15T11:00:00", "free", 7, 0, 3),
+            # Outside the month: the last millisecond of April and the first of June.
+            spend("ten_a", "key_1", "2024-04-30T23:59:59.999", "m", 100, 0, 100),
+            spend("ten_a", "key_1", "2024-06-01T00:00:00", "m", 100, 0, 100),
+        ],
+    )
+
+    def entry(scope: str, subject: str, period: str, tokens: int, money: int) -> dict[str, object]:
+        tenant = {"key_1": "ten_a", "key_2": "ten_a", "key_3": "ten_b"}.get(subject, subject)
+        return {
+            "scope": scope,
+            "id": subject,
+            "tenant_id": tenant,
+            "period": period,
+            "tokens": tokens,
+            "money_micros": money,
+        }
+
+    assert spent_in_current_periods(conn, now) == [
+        entry("tenant", "ten_a", "day", 18, 22),
+        entry("tenant", "ten_a", "month", 2018, 3022),
+        entry("tenant", "ten_b", "day", 10, 0),
+        entry("tenant", "ten_b", "month", 13, 2),
+        entry("key", "key_1", "day", 18, 22),
+        entry("key", "key_1", "month", 18, 22),
+        entry("key", "key_2", "day", 0, 0),
+        entry("key", "key_2", "month", 2000, 3000),
+        entry("key", "key_3", "day", 10, 0),
+        entry("key", "key_3", "month", 13, 2),
+    ]
+    assert spent_in_current_periods(conn, ms("2024-07-01T00:00:00")) == []
