@@ -82,11 +82,12 @@ fn principal(tenant: &str, key: &str) -> Principal {
     }
 }
 
+/// A request of `tokens` at most: half of them prompt, half completion.
 fn estimate(tokens: u64) -> Estimate {
     Estimate {
-        prompt_upper: tokens,
-        prompt_expected: tokens,
-        completion_max: 0,
+        prompt_upper: tokens / 2,
+        prompt_expected: tokens / 2,
+        completion_max: tokens - tokens / 2,
     }
 }
 
@@ -225,12 +226,13 @@ async fn a_budget_shared_by_replicas_through_redis_overshoots_by_at_most_one_req
     });
     let results = futures_util::future::join_all(attempts).await;
     let admitted: Vec<Reservation> = results.into_iter().filter_map(Result::ok).collect();
-    // 0, 300, 600 and 900 held leave something of 1000: four are admitted, never more.
-    assert_eq!(admitted.len(), 4);
+    // Each holds 300 and needs room for its prompt of 150: with 0, 300 and 600 held it fits in
+    // 1000, with 900 it does not. Three are admitted, never more.
+    assert_eq!(admitted.len(), 3);
     for reservation in admitted {
         reservation.settle(&Usage {
-            prompt_tokens: 200,
-            completion_tokens: 50,
+            prompt_tokens: 150,
+            completion_tokens: 150,
             cached_tokens: 0,
         });
     }
@@ -252,11 +254,11 @@ async fn a_budget_shared_by_replicas_through_redis_overshoots_by_at_most_one_req
         .await
         .unwrap();
     assert_eq!(leases, 0, "every lease released");
-    let refused = admit(&replicas[1], 1, "late").await;
+    let refused = admit(&replicas[1], 300, "late").await;
     assert_eq!(
         exceeded(&refused),
         Some(Exceeded::TokenBudget),
-        "1000 of 1000 spent"
+        "900 of 1000 spent: no room for a prompt of 150"
     );
 }
 

@@ -35,6 +35,11 @@ pub struct Demand {
     pub budget_tokens: u64,
     /// Worst case cost in micro-units, held against a money budget.
     pub budget_money: u64,
+    /// The prompt's upper bound and its cost: a budget admits a request while its prompt still
+    /// fits in what is neither spent nor held, so the most a budget can be overshot by is one
+    /// request's completion.
+    pub prompt_tokens: u64,
+    pub prompt_money: u64,
 }
 
 /// The limit that refused a request.

@@ -4,7 +4,7 @@
 --
 -- KEYS, 2 per scope: the scope's state hash and its lease sorted set.
 -- ARGV: request id, lease ms, scope count, day id, month id, ms until the day ends, ms until the
---   month ends, then 9 per scope: requests_per_minute, tokens_per_minute, max_concurrent,
+--   month ends, the prompt's upper bound in tokens and its cost, then 9 per scope: requests_per_minute, tokens_per_minute, max_concurrent,
 --   token_budget, money_budget (-1 = no limit), tokens taken from the tokens-per-minute bucket,
 --   tokens and money held against budgets, budget period (0 day, 1 month).
 --
@@ -34,6 +34,7 @@ local lease_ms = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local day_id, month_id = ARGV[4], ARGV[5]
 local period_left = {[0] = tonumber(ARGV[6]), [1] = tonumber(ARGV[7])}
+local prompt_tokens, prompt_money = tonumber(ARGV[8]), tonumber(ARGV[9])
 local purge_every = math.min(1000, lease_ms)
 
 local function num(value)
@@ -63,7 +64,7 @@ end
 
 local scopes = {}
 for i = 1, n do
-  local base = 7 + (i - 1) * 9
+  local base = 9 + (i - 1) * 9
   local state = KEYS[i * 2 - 1]
   local f = redis.call('HMGET', state, 'rq', 'tk', 'ht', 'hm', 'pz', 'ex', 'd', 'dt', 'dm',
     'mo', 'mt', 'mm')
@@ -114,12 +115,14 @@ for i = 1, n do
       refusal = {3, math.ceil((s.tk_next - now - WINDOW) / 1000)}
     end
   end
-  -- Admitted while anything is left: each admitted request holds its worst case, so the last
-  -- one overshoots by at most its own.
-  if not refusal and s.token_budget >= 0 and s.spent_t + s.ht >= s.token_budget then
+  -- Admitted while the prompt fits in what is neither spent nor held: each admitted request
+  -- holds its worst case, so the last one overshoots by at most its completion.
+  if not refusal and s.token_budget >= 0
+      and s.spent_t + s.ht + prompt_tokens > s.token_budget then
     refusal = {4, period_left[s.period]}
   end
-  if not refusal and s.money_budget >= 0 and s.spent_m + s.hm >= s.money_budget then
+  if not refusal and s.money_budget >= 0
+      and s.spent_m + s.hm + prompt_money > s.money_budget then
     refusal = {5, period_left[s.period]}
   end
   if refusal then

@@ -48,10 +48,16 @@ impl Estimate {
             completion_tokens: self.completion_max,
             cached_tokens: 0,
         };
+        let prompt = Usage {
+            completion_tokens: 0,
+            ..worst
+        };
         Demand {
             rate_tokens: self.prompt_expected.saturating_add(self.completion_max),
             budget_tokens: self.prompt_upper.saturating_add(self.completion_max),
             budget_money: price.map_or(0, |p| p.cost(&worst)),
+            prompt_tokens: self.prompt_upper,
+            prompt_money: price.map_or(0, |p| p.cost(&prompt)),
         }
     }
 }
@@ -113,6 +119,7 @@ mod tests {
         assert_eq!(demand.rate_tokens, 350);
         assert_eq!(demand.budget_tokens, 1100);
         assert_eq!(demand.budget_money, 1000 + 200);
+        assert_eq!((demand.prompt_tokens, demand.prompt_money), (1000, 1000));
         assert_eq!(estimate.demand(None).budget_money, 0);
     }
 }

@@ -85,20 +85,26 @@ impl Counters {
         let period = limits.budget_period;
         let (held_tokens, held_money) = (self.held_tokens, self.held_money);
         let spent = *self.spent(period, unix_ms);
-        // Admitted while anything is left: the last request admitted may overshoot by at most
-        // its own worst case, never more, because every admitted request holds its worst case.
+        // Admitted while the prompt fits in what is neither spent nor held: every admitted
+        // request holds its worst case, so the last one overshoots by at most its completion.
         let until_period_end =
             || Duration::from_millis(period.window(unix_ms).end_ms.saturating_sub(unix_ms));
-        if limits
-            .token_budget
-            .is_some_and(|budget| spent.tokens.saturating_add(held_tokens) >= budget)
-        {
+        if limits.token_budget.is_some_and(|budget| {
+            spent
+                .tokens
+                .saturating_add(held_tokens)
+                .saturating_add(demand.prompt_tokens)
+                > budget
+        }) {
             return Some((Exceeded::TokenBudget, until_period_end()));
         }
-        if limits
-            .money_budget_micros
-            .is_some_and(|budget| spent.money.saturating_add(held_money) >= budget)
-        {
+        if limits.money_budget_micros.is_some_and(|budget| {
+            spent
+                .money
+                .saturating_add(held_money)
+                .saturating_add(demand.prompt_money)
+                > budget
+        }) {
             return Some((Exceeded::MoneyBudget, until_period_end()));
         }
         None
@@ -306,6 +312,8 @@ mod tests {
             rate_tokens: tokens,
             budget_tokens: tokens,
             budget_money: 0,
+            prompt_tokens: tokens / 2,
+            prompt_money: 0,
         }
     }
 
@@ -383,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn budgets_admit_while_anything_is_left_and_settle_to_the_actual() {
+    fn budgets_admit_while_the_prompt_fits_and_settle_to_the_actual() {
         let store = LocalStore::default();
         let checks = [check(
             scope("t", None),
@@ -393,9 +401,11 @@ mod tests {
                 ..Limits::default()
             },
         )];
+        // 300 of prompt, 300 more of completion at most.
         let worst = demand(600);
         let a = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
-        // 600 held of 1000: something is left, so the next is admitted (and may overshoot).
+        // 600 held of 1000: another prompt of 300 fits, so the next is admitted (its completion
+        // may overshoot).
         let b = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
         let refused = store.admit(&checks, &worst, 0, NOON);
         let refusal = refused.err();
@@ -417,7 +427,7 @@ mod tests {
         assert_eq!(store.held(&scope("t", None)), (0, 0, 0));
         // 200 spent: admitted again; the next day starts from zero.
         assert!(store.admit(&checks, &worst, 0, NOON).is_ok());
-        store.seed(&scope("t", None), Period::Day, 800, 0, NOON);
+        store.seed(&scope("t", None), Period::Day, 200, 0, NOON);
         assert!(store.admit(&checks, &worst, 0, NOON).is_err());
         assert!(
             store

@@ -121,7 +121,9 @@ impl RedisStore {
             .arg(day.id)
             .arg(month.id)
             .arg(day.end_ms.saturating_sub(unix_ms))
-            .arg(month.end_ms.saturating_sub(unix_ms));
+            .arg(month.end_ms.saturating_sub(unix_ms))
+            .arg(demand.prompt_tokens)
+            .arg(demand.prompt_money);
         let mut rate_tokens = Vec::with_capacity(checks.len());
         for check in checks {
             let state = self.state_key(&check.scope);
