@@ -1,0 +1,262 @@
+"""Quotas against real processes: `gateway serve` replicas in front of `gateway sim`, sharing one
+ledger and a real `redis-server`. Each test is one of the issue's guarantees."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.ledger.apikeys import revoke_key
+from gateway.ledger.db import open_ledger
+from gateway.ledger.quotas import set_tenant_quota
+from gateway.quotas import QuotaPolicy
+from tests import procs
+from tests.services.redis import RedisServer
+
+MODEL = "sim-model"
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@dataclass
+class Fleet:
+    """Gateway replicas in front of one simulator, sharing one ledger (and Redis, if given)."""
+
+    gateways: list[procs.Process]
+    sim: procs.Process
+    db: Path
+    key: str
+    key_id: str
+    tenant: str = "acme"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.db}"
+
+    def set_quota(self, **limits: object) -> None:
+        with open_ledger(self.db_url) as conn:
+            set_tenant_quota(conn, self.tenant, QuotaPolicy.model_validate(limits))
+
+    def url(self, replica: int, path: str = "/v1/completions") -> str:
+        return self.gateways[replica % len(self.gateways)].url + path
+
+
+def start_fleet(
+    tmp: Path,
+    replicas: int,
+    redis: RedisServer | None,
+    quota: dict[str, object],
+    **sim_options: object,
+) -> Fleet:
+    sim = procs.start_sim(**sim_options)
+    db = tmp / "ledger.db"
+    key, key_id = procs.create_key(db, "acme")
+    fleet = Fleet(gateways=[], sim=sim, db=db, key=key, key_id=key_id)
+    fleet.set_quota(**quota)
+    extra = f'[quota]\nredis_url = "{redis.url}"\nreplicas = {replicas}\n' if redis else ""
+    for i in range(replicas):
+        config = procs.write_config(tmp / f"gateway-{i}.toml", [sim.url], db, extra)
+        fleet.gateways.append(procs.start(["serve", "--config", str(config)]))
+    return fleet
+
+
+@pytest.fixture
+def fleets() -> Iterator[list[Fleet]]:
+    started: list[Fleet] = []
+    yield started
+    for fleet in started:
+        for gateway in fleet.gateways:
+            gateway.stop()
+        fleet.sim.stop()
+
+
+def completion(max_tokens: int, stream: bool = False) -> dict[str, object]:
+    return {"model": MODEL, "prompt": "count to ten", "max_tokens": max_tokens, "stream": stream}
+
+
+def test_budget_shared_by_three_replicas_is_overshot_by_at_most_one_request(
+    tmp_path: Path, redis: RedisServer, fleets: list[Fleet]
+) -> None:
+    """200 clients, each sending until refused, spread over 3 replicas sharing Redis."""
+    budget, max_tokens = 3000, 20
+    fleet = start_fleet(
+        tmp_path, 3, redis, {"token_budget": budget, "budget_period": "day"}, ttft_ms=10, itl_ms=1
+    )
+    fleets.append(fleet)
+    statuses: Counter[int] = Counter()
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    headers = {"authorization": f"Bearer {fleet.key}"}
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+
+    with httpx.Client(headers=headers, timeout=30, limits=limits) as client:
+
+        def send_until_refused(worker: int) -> None:
+            for attempt in range(1000):
+                response = client.post(fleet.url(worker + attempt), json=completion(max_tokens))
+                with lock:
+                    statuses[response.status_code] += 1
+                if response.status_code != 200:
+                    with lock:
+                        codes[response.json()["error"]["code"]] += 1
+                    return
+
+        with ThreadPoolExecutor(200) as pool:
+            list(pool.map(send_until_refused, range(200)))
+
+    assert set(statuses) == {200, 429}, statuses
+    assert codes == {"insufficient_quota": 200}, codes
+    assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == statuses[200], timeout=15)
+    rows = procs.usage_rows(fleet.db)
+    assert {row["status"] for row in rows} == {"completed"}
+    spent = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
+    assert spent <= budget + max_tokens, f"{spent} spent of a budget of {budget}"
+    # The last client refused had nothing else in flight: only its prompt's upper bound (the
+    # body's length, under 120 bytes here) was left of the budget.
+    assert spent >= budget - 120, f"only {spent} of {budget} spent"
+
+
+def cancel_streams(fleet: Fleet, count: int, concurrency: int) -> None:
+    """Opens `count` streams, `concurrency` at a time, and hangs up on each after its first
+    event."""
+    headers = {"authorization": f"Bearer {fleet.key}"}
+    limits = httpx.Limits(max_connections=concurrency)
+
+    # Closing a stream before its end closes its connection: the gateway sees the hang-up.
+    with httpx.Client(headers=headers, timeout=30, limits=limits) as client:
+
+        def one(i: int) -> None:
+            body = completion(500, stream=True)
+            with client.stream("POST", fleet.url(i), json=body) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        return
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(count)))
+
+
+@pytest.mark.parametrize("store", ["in process", "redis"])
+def test_a_thousand_cancelled_streams_leave_no_slot_and_no_hold_behind(
+    tmp_path: Path, redis: RedisServer, fleets: list[Fleet], store: str
+) -> None:
+    concurrency = 25
+    quota = {
+        "max_concurrent": concurrency,
+        "token_budget": 10**12,
+        "tokens_per_minute": 10**12,
+        "requests_per_minute": 10**6,
+    }
+    fleet = start_fleet(
+        tmp_path, 1, redis if store == "redis" else None, quota, itl_ms=5, max_output_tokens=500
+    )
+    fleets.append(fleet)
+    cancel_streams(fleet, 1000, concurrency)
+
+    def released() -> bool:
+        if store == "redis":
+            state = f"tg:{{{procs_tenant_id(fleet)}}}:t"
+            return redis.cli("ZCARD", f"{state}:leases") == "0" and redis.cli(
+                "HGET", state, "ht"
+            ) in ("0", "")
+        metrics = procs.scrape(fleet.gateways[0].url)
+        return (
+            metrics["tokengate_quota_inflight_requests"] == 0
+            and metrics["tokengate_quota_held_tokens"] == 0
+        )
+
+    assert procs.wait_for(released, timeout=15), "a slot or a hold was left behind"
+    assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == 1000, timeout=15)
+    rows = procs.usage_rows(fleet.db)
+    assert {row["status"] for row in rows} == {"cancelled"}
+    # Every slot is free again: as many streams as the limit run at once.
+    cancel_streams(fleet, concurrency, concurrency)
+
+
+def procs_tenant_id(fleet: Fleet) -> str:
+    with open_ledger(fleet.db_url) as conn:
+        rows = conn.execute("SELECT id FROM tenants WHERE name = ?", (fleet.tenant,)).fetchall()
+    return str(rows[0][0])
+
+
+def test_rate_limit_headers_on_both_kinds_of_response_and_the_sdk_sees_429(
+    tmp_path: Path, fleets: list[Fleet]
+) -> None:
+    fleet = start_fleet(
+        tmp_path, 1, None, {"requests_per_minute": 3, "tokens_per_minute": 100_000}, itl_ms=1
+    )
+    fleets.append(fleet)
+    with closing(
+        openai.OpenAI(base_url=fleet.url(0, "/v1"), api_key=fleet.key, max_retries=0)
+    ) as client:
+        plain = client.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=3)
+        stream = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+        )
+        for response, remaining in ((plain, "2"), (stream, "1")):
+            assert response.headers["x-ratelimit-limit-requests"] == "3"
+            assert response.headers["x-ratelimit-remaining-requests"] == remaining
+            assert response.headers["x-ratelimit-limit-tokens"] == "100000"
+            assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100_000
+            assert response.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert plain.parse().usage is not None
+        assert [chunk for chunk in stream.parse()], "the stream has chunks"
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=3)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True)
+    error = refused.value
+    assert error.code == "rate_limit_exceeded"
+    assert error.type == "rate_limit_exceeded"
+    assert 19 <= int(error.response.headers["retry-after"]) <= 20
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def first_change(fleet: Fleet, replica: int, changed: int, started: float) -> float:
+    """Seconds from `started` until `replica` answers a small completion with `changed`."""
+    headers = {"authorization": f"Bearer {fleet.key}"}
+    with httpx.Client(headers=headers, timeout=10) as client:
+        while time.monotonic() - started < 5:
+            if client.post(fleet.url(replica), json=completion(1)).status_code == changed:
+                return time.monotonic() - started
+            time.sleep(0.01)
+    return float("inf")
+
+
+def test_a_lowered_quota_and_a_revoked_key_hold_on_every_replica_within_a_second(
+    tmp_path: Path, redis: RedisServer, fleets: list[Fleet]
+) -> None:
+    fleet = start_fleet(tmp_path, 3, redis, {"requests_per_minute": 100_000}, itl_ms=0)
+    fleets.append(fleet)
+    for replica in range(3):
+        assert first_change(fleet, replica, 200, time.monotonic()) < 1
+
+    def on_all_replicas(changed: int) -> list[float]:
+        started = time.monotonic()
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(lambda r: first_change(fleet, r, changed, started), range(3)))
+
+    with open_ledger(fleet.db_url) as conn:
+        set_tenant_quota(conn, fleet.tenant, QuotaPolicy(token_budget=1))
+    lowered = on_all_replicas(429)
+    assert max(lowered) <= 1.0, f"a budget of 1 token took {lowered} s to hold"
+
+    with open_ledger(fleet.db_url) as conn:
+        set_tenant_quota(conn, fleet.tenant, QuotaPolicy())
+        revoke_key(conn, fleet.key_id)
+    revoked = on_all_replicas(401)
+    assert max(revoked) <= 1.0, f"the revocation took {revoked} s to hold"
