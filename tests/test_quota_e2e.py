@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -59,7 +59,7 @@ def start_fleet(
     tmp: Path,
     replicas: int,
     redis: RedisServer | None,
-    quota: dict[str, object],
+    quota: Mapping[str, object],
     **sim_options: object,
 ) -> Fleet:
     sim = procs.start_sim(**sim_options)
