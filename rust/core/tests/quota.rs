@@ -95,9 +95,7 @@ fn quota(config: serde_json::Value, policies: serde_json::Value) -> Arc<Quota> {
     let config: QuotaConfig = serde_json::from_value(config).unwrap();
     let quota = Arc::new(Quota::new(config));
     quota.set_policies_json(&policies.to_string()).unwrap();
-    if let Some(task) = quota.connect().unwrap() {
-        drop(task);
-    }
+    drop(quota.connect().unwrap());
     quota
 }
 

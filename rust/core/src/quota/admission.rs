@@ -104,20 +104,25 @@ impl RateHeaders {
 
     /// OpenAI's six headers, for the kinds that are limited.
     pub fn write(&self, headers: &mut HeaderMap) {
-        for (suffix, info) in [("requests", self.requests), ("tokens", self.tokens)] {
+        const NAMES: [[HeaderName; 3]; 2] = [
+            [
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+            ],
+            [
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+            ],
+        ];
+        for (names, info) in NAMES.into_iter().zip([self.requests, self.tokens]) {
             let Some(info) = info else { continue };
-            let values = [
-                ("limit", info.limit.to_string()),
-                ("remaining", info.remaining.to_string()),
-                ("reset", format_reset(info.reset)),
-            ];
-            for (what, value) in values {
-                let name = format!("x-ratelimit-{what}-{suffix}");
-                if let (Ok(name), Ok(value)) =
-                    (HeaderName::try_from(name), HeaderValue::try_from(value))
-                {
-                    headers.insert(name, value);
-                }
+            let [limit, remaining, reset] = names;
+            headers.insert(limit, HeaderValue::from(info.limit));
+            headers.insert(remaining, HeaderValue::from(info.remaining));
+            if let Ok(value) = HeaderValue::try_from(format_reset(info.reset)) {
+                headers.insert(reset, value);
             }
         }
     }

@@ -104,18 +104,18 @@ impl Quota {
         &self.config
     }
 
-    /// Connects the Redis store if one is configured and not yet connected; returns the task
-    /// that sends settlements. Must run on a tokio runtime.
-    pub fn connect(&self) -> Result<Option<tokio::task::JoinHandle<()>>, StoreError> {
+    /// Connects the Redis store if one is configured and not yet connected; returns its tasks
+    /// (admissions and settlements). Must run on a tokio runtime.
+    pub fn connect(&self) -> Result<Vec<tokio::task::JoinHandle<()>>, StoreError> {
         let Some(url) = &self.config.redis_url else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         if self.redis.get().is_some() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let (store, task) = RedisStore::new(url, &self.config)?;
+        let (store, tasks) = RedisStore::new(url, &self.config)?;
         let _ = self.redis.set(store);
-        Ok(Some(task))
+        Ok(tasks.into())
     }
 
     /// Waits until every settlement queued for Redis was sent (or given up), for at most

@@ -1,198 +1,184 @@
-//! Quota counters in Redis, shared by every replica: one atomic script per admission
-//! (`admit.lua`), timed by Redis's clock, and one per settlement (`settle.lua`), sent in
-//! pipelined batches off the request path.
+//! Quota counters in Redis, shared by every replica.
 //!
-//! Keys of one tenant carry its id as a hash tag (`tg:{ten_…}:…`), so a Redis Cluster keeps
-//! them in one slot and a script may touch them all. A hold lives under a lease; if a replica
-//! dies before settling, the lease expires after `lease_ms` and the next admission releases it.
+//! Admissions are decided by `admit.lua`, atomically per request and timed by Redis's clock;
+//! settlements by `settle.lua`. Both are batched the way a database batches group commits: a task
+//! per direction sends everything that queued while its previous script ran, as one script call,
+//! so under load Redis reads and writes each scope once per batch rather than once per request,
+//! and at low load a request waits for nobody. Settlements leave the request path entirely.
+//!
+//! Keys of one tenant carry its id as a hash tag (`tg:{ten_…}:…`), so a Redis Cluster keeps them
+//! in one slot and a script may touch them all. A hold lives under a lease; if a replica dies
+//! before settling, the lease expires after `lease_ms` and a later admission releases it.
 //! Settlement is idempotent: it acts only on a hold record it finds, and removes it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
 use super::enforcer::unix_ms;
 use super::gcra::RateInfo;
 use super::local::{Actual, Hold};
-use super::policy::{Limits, Period};
+use super::policy::Period;
 use crate::config::QuotaConfig;
 
-/// Most settlements sent in one pipeline.
-const SETTLE_BATCH: usize = 256;
+/// Most requests decided, or settled, by one script call.
+const BATCH: usize = 256;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
-    Redis(#[from] RedisError),
+    Redis(String),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("redis answered with an unexpected reply: {0}")]
     Reply(String),
+    #[error("the quota store has stopped")]
+    Stopped,
 }
 
-/// One settlement's script invocation, ready to send.
+type Decision = Result<Result<Granted, Refusal>, StoreError>;
+
+/// A request waiting for the next admission batch.
+struct AdmitJob {
+    request_id: String,
+    checks: Vec<ScopeCheck>,
+    demand: Demand,
+    decided: oneshot::Sender<Decision>,
+}
+
+/// A request waiting for the next settlement batch.
 #[derive(Debug)]
-struct Settlement {
-    keys: Vec<String>,
-    args: Vec<String>,
+struct SettleJob {
+    request_id: String,
+    holds: Vec<Hold>,
+    actual: Actual,
 }
 
-pub struct RedisStore {
-    conn: ConnectionManager,
-    admit: Script,
-    prefix: String,
-    timeout: Duration,
-    lease_ms: u64,
-    settlements: mpsc::UnboundedSender<Settlement>,
-    /// Settlements queued and not yet sent or given up. Release on decrement, acquire on read,
-    /// so a flush that sees 0 sees the sends done.
+/// Queues settlements and counts those not yet sent (or given up).
+#[derive(Debug, Clone)]
+struct SettleQueue {
+    jobs: mpsc::UnboundedSender<SettleJob>,
+    /// Release on decrement, acquire on read: a flush that sees 0 sees the sends done.
     unsent: Arc<AtomicUsize>,
 }
 
-impl std::fmt::Debug for RedisStore {
+impl SettleQueue {
+    fn push(&self, job: SettleJob) {
+        self.unsent.fetch_add(1, Ordering::Relaxed);
+        if self.jobs.send(job).is_err() {
+            self.unsent.fetch_sub(1, Ordering::Release);
+            tracing::error!("quota settlement dropped: the settlement task has stopped");
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RedisStore {
+    admissions: mpsc::UnboundedSender<AdmitJob>,
+    settlements: SettleQueue,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AdmitJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("prefix", &self.prefix)
+        f.debug_struct("AdmitJob")
+            .field("request_id", &self.request_id)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// A store connecting lazily (and reconnecting) to `url`, and the task that sends its
-    /// settlements; that task ends once the store is dropped and every settlement is sent (or
-    /// given up after `lease_ms`). Must be called on a tokio runtime.
-    pub fn new(url: &str, config: &QuotaConfig) -> Result<(Self, JoinHandle<()>), StoreError> {
-        let client = redis::Client::open(url)?;
+    /// A store connecting lazily (and reconnecting) to `url`, and its two tasks, which end once
+    /// the store is dropped and their queues are empty. Must be called on a tokio runtime.
+    pub fn new(url: &str, config: &QuotaConfig) -> Result<(Self, [JoinHandle<()>; 2]), StoreError> {
+        let redis_error = |e: redis::RedisError| StoreError::Redis(e.to_string());
+        let client = redis::Client::open(url).map_err(redis_error)?;
         let timeout = config.redis_timeout();
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let unsent = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(send_settlements(
-            conn.clone(),
-            rx,
-            unsent.clone(),
-            Duration::from_millis(config.lease_ms),
-        ));
-        let store = Self {
-            conn,
-            admit: Script::new(include_str!("admit.lua")),
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(redis_error)?;
+        let names = KeyNames {
             prefix: config.redis_prefix.clone(),
-            timeout,
-            lease_ms: config.lease_ms,
-            settlements: tx,
-            unsent,
         };
-        Ok((store, task))
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let settlements = SettleQueue {
+            jobs: settle_tx,
+            unsent: Arc::new(AtomicUsize::new(0)),
+        };
+        let (admit_tx, admit_rx) = mpsc::unbounded_channel();
+        let tasks = [
+            tokio::spawn(run_admissions(
+                conn.clone(),
+                names.clone(),
+                config.lease_ms,
+                admit_rx,
+                settlements.clone(),
+            )),
+            tokio::spawn(run_settlements(
+                conn,
+                names,
+                settle_rx,
+                settlements.unsent.clone(),
+                Duration::from_millis(config.lease_ms),
+            )),
+        ];
+        let store = Self {
+            admissions: admit_tx,
+            settlements,
+            timeout,
+        };
+        Ok((store, tasks))
     }
 
-    /// The scope's state hash; its lease set is named after it.
-    fn state_key(&self, scope: &Scope) -> String {
-        match &scope.key {
-            None => format!("{}{{{}}}:t", self.prefix, scope.tenant),
-            Some(key) => format!("{}{{{}}}:k:{key}", self.prefix, scope.tenant),
-        }
-    }
-
-    /// Checks and reserves in one script; `Err` only when Redis could not answer.
+    /// Checks and reserves, in the next admission batch; `Err` only when Redis did not answer
+    /// in time (a reservation made after that is released at once).
     pub async fn admit(
         &self,
         request_id: &str,
         checks: &[ScopeCheck],
         demand: &Demand,
-    ) -> Result<Result<Granted, Refusal>, StoreError> {
-        let mut invocation = self.admit.prepare_invoke();
-        let unix_ms = unix_ms();
-        let (day, month) = (Period::Day.window(unix_ms), Period::Month.window(unix_ms));
-        invocation
-            .arg(request_id)
-            .arg(self.lease_ms)
-            .arg(checks.len())
-            .arg(day.id)
-            .arg(month.id)
-            .arg(day.end_ms.saturating_sub(unix_ms))
-            .arg(month.end_ms.saturating_sub(unix_ms))
-            .arg(demand.prompt_tokens)
-            .arg(demand.prompt_money);
-        let mut rate_tokens = Vec::with_capacity(checks.len());
-        for check in checks {
-            let state = self.state_key(&check.scope);
-            let limits: &Limits = &check.limits;
-            invocation.key(&state).key(format!("{state}:leases"));
-            let limit = |l: Option<u64>| l.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
-            let rate = limits
-                .tokens_per_minute
-                .map_or(0, |l| demand.rate_tokens.min(l));
-            rate_tokens.push(rate);
-            let (hold_tokens, hold_money) = if limits.has_budget() {
-                (demand.budget_tokens, demand.budget_money)
-            } else {
-                (0, 0)
-            };
-            invocation
-                .arg(limit(limits.requests_per_minute))
-                .arg(limit(limits.tokens_per_minute))
-                .arg(limit(limits.max_concurrent))
-                .arg(limit(limits.token_budget))
-                .arg(limit(limits.money_budget_micros))
-                .arg(rate)
-                .arg(hold_tokens)
-                .arg(hold_money)
-                .arg(match limits.budget_period {
-                    Period::Day => 0,
-                    Period::Month => 1,
-                });
+    ) -> Decision {
+        let (decided, decision) = oneshot::channel();
+        let job = AdmitJob {
+            request_id: request_id.to_owned(),
+            checks: checks.to_vec(),
+            demand: *demand,
+            decided,
+        };
+        if self.admissions.send(job).is_err() {
+            return Err(StoreError::Stopped);
         }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| StoreError::Timeout(self.timeout))??;
-        parse_admit_reply(&reply, checks, rate_tokens)
+        match tokio::time::timeout(self.timeout, decision).await {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(_)) => Err(StoreError::Stopped),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
     }
 
-    /// Queues the settlement of a request's holds; it reaches Redis in the next batch.
+    /// Queues the settlement of a request's holds for the next settlement batch.
     pub fn settle(&self, request_id: &str, holds: &[Hold], actual: Actual) {
-        let mut keys = Vec::with_capacity(holds.len() * 2);
-        let unix_ms = unix_ms();
-        let mut args = vec![
-            request_id.to_owned(),
-            holds.len().to_string(),
-            actual.tokens.to_string(),
-            actual.money.to_string(),
-            Period::Day.window(unix_ms).id.to_string(),
-            Period::Month.window(unix_ms).id.to_string(),
-        ];
-        for hold in holds {
-            let state = self.state_key(&hold.scope);
-            let leases = format!("{state}:leases");
-            keys.extend([state, leases]);
-            args.push(
-                hold.tokens_per_minute
-                    .map_or_else(|| "-1".to_owned(), |l| l.to_string()),
-            );
-        }
-        self.unsent.fetch_add(1, Ordering::Relaxed);
-        if self.settlements.send(Settlement { keys, args }).is_err() {
-            self.unsent.fetch_sub(1, Ordering::Release);
-            tracing::error!("quota settlement dropped: the sender task has stopped");
-        }
+        self.settlements.push(SettleJob {
+            request_id: request_id.to_owned(),
+            holds: holds.to_vec(),
+            actual,
+        });
     }
 
     /// Waits for the queued settlements, for at most `timeout`; returns whether none is left.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.unsent.load(Ordering::Acquire) > 0 {
+        while self.settlements.unsent.load(Ordering::Acquire) > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -202,48 +188,203 @@ impl RedisStore {
     }
 }
 
-/// `admit.lua`'s reply as an admission result; the rate-limit headers come from the TATs it
+#[derive(Debug, Clone)]
+struct KeyNames {
+    prefix: String,
+}
+
+impl KeyNames {
+    /// The scope's state hash; its lease set is named after it.
+    fn state(&self, scope: &Scope) -> String {
+        match &scope.key {
+            None => format!("{}{{{}}}:t", self.prefix, scope.tenant),
+            Some(key) => format!("{}{{{}}}:k:{key}", self.prefix, scope.tenant),
+        }
+    }
+}
+
+/// A batch's KEYS: every distinct scope once, as its (state, leases) pair.
+#[derive(Default)]
+struct BatchKeys {
+    positions: HashMap<Scope, usize>,
+    keys: Vec<String>,
+}
+
+impl BatchKeys {
+    /// The 1-based position of `scope`'s pair.
+    fn position(&mut self, scope: &Scope, names: &KeyNames) -> usize {
+        if let Some(&position) = self.positions.get(scope) {
+            return position;
+        }
+        let state = names.state(scope);
+        self.keys.push(format!("{state}:leases"));
+        self.keys.insert(self.keys.len() - 1, state);
+        let position = self.keys.len() / 2;
+        self.positions.insert(scope.clone(), position);
+        position
+    }
+}
+
+fn limit(value: Option<u64>) -> i64 {
+    value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Decides batches of admissions until the store is dropped.
+async fn run_admissions(
+    mut conn: ConnectionManager,
+    names: KeyNames,
+    lease_ms: u64,
+    mut jobs: mpsc::UnboundedReceiver<AdmitJob>,
+    settlements: SettleQueue,
+) {
+    let script = Script::new(include_str!("admit.lua"));
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        let mut keys = BatchKeys::default();
+        let mut invocation = script.prepare_invoke();
+        let unix_ms = unix_ms();
+        let (day, month) = (Period::Day.window(unix_ms), Period::Month.window(unix_ms));
+        invocation
+            .arg(lease_ms)
+            .arg(day.id)
+            .arg(month.id)
+            .arg(day.end_ms.saturating_sub(unix_ms))
+            .arg(month.end_ms.saturating_sub(unix_ms))
+            .arg(batch.len());
+        let mut rate_tokens: Vec<Vec<u64>> = Vec::with_capacity(batch.len());
+        for job in &batch {
+            let demand = &job.demand;
+            invocation
+                .arg(&job.request_id)
+                .arg(demand.prompt_tokens)
+                .arg(demand.prompt_money)
+                .arg(job.checks.len());
+            let mut rates = Vec::with_capacity(job.checks.len());
+            for check in &job.checks {
+                let limits = &check.limits;
+                let rate = limits
+                    .tokens_per_minute
+                    .map_or(0, |l| demand.rate_tokens.min(l));
+                rates.push(rate);
+                let (hold_tokens, hold_money) = if limits.has_budget() {
+                    (demand.budget_tokens, demand.budget_money)
+                } else {
+                    (0, 0)
+                };
+                invocation
+                    .arg(keys.position(&check.scope, &names))
+                    .arg(limit(limits.requests_per_minute))
+                    .arg(limit(limits.tokens_per_minute))
+                    .arg(limit(limits.max_concurrent))
+                    .arg(limit(limits.token_budget))
+                    .arg(limit(limits.money_budget_micros))
+                    .arg(rate)
+                    .arg(hold_tokens)
+                    .arg(hold_money)
+                    .arg(match limits.budget_period {
+                        Period::Day => 0,
+                        Period::Month => 1,
+                    });
+            }
+            rate_tokens.push(rates);
+        }
+        for key in &keys.keys {
+            invocation.key(key);
+        }
+        let reply: Result<Vec<i64>, _> = invocation.invoke_async(&mut conn).await;
+        let decisions = match reply {
+            Ok(reply) => parse_admit_reply(&reply, &batch, rate_tokens),
+            Err(error) => Err(StoreError::Redis(error.to_string())),
+        };
+        match decisions {
+            Ok(decisions) => {
+                for (job, decision) in batch.drain(..).zip(decisions) {
+                    deliver(job, decision, &settlements);
+                }
+            }
+            Err(error) => {
+                for job in batch.drain(..) {
+                    let _ = job.decided.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Hands a decision to its request; one whose request stopped waiting (it timed out and fell
+/// back) is released at once, so it holds nothing until its lease expires.
+fn deliver(job: AdmitJob, decision: Result<Granted, Refusal>, settlements: &SettleQueue) {
+    let AdmitJob {
+        request_id,
+        checks,
+        decided,
+        ..
+    } = job;
+    let Err(Ok(Ok(granted))) = decided.send(Ok(decision)) else {
+        return;
+    };
+    let holds = checks
+        .iter()
+        .zip(granted.rate_tokens)
+        .map(|(check, rate_tokens)| Hold {
+            scope: check.scope.clone(),
+            tokens_per_minute: check.limits.tokens_per_minute,
+            rate_tokens,
+            budget: check.limits.has_budget(),
+        })
+        .collect();
+    settlements.push(SettleJob {
+        request_id,
+        holds,
+        actual: Actual::default(),
+    });
+}
+
+/// `admit.lua`'s reply, one decision per job; the rate-limit headers come from the TATs it
 /// returns, read against each scope's limits.
 fn parse_admit_reply(
     reply: &[i64],
-    checks: &[ScopeCheck],
-    rate_tokens: Vec<u64>,
-) -> Result<Result<Granted, Refusal>, StoreError> {
+    batch: &[AdmitJob],
+    rate_tokens: Vec<Vec<u64>>,
+) -> Result<Vec<Result<Granted, Refusal>>, StoreError> {
     let bad = || StoreError::Reply(format!("{reply:?}"));
-    let (&admitted, rest) = reply.split_first().ok_or_else(bad)?;
-    let (head, rest) = if admitted == 1 {
-        (&[][..], rest)
-    } else {
-        rest.split_at_checked(3).ok_or_else(bad)?
-    };
-    let (&now_us, tats) = rest.split_first().ok_or_else(bad)?;
-    if tats.len() != checks.len() * 2 {
+    let (&now_us, mut rest) = reply.split_first().ok_or_else(bad)?;
+    let mut decisions = Vec::with_capacity(batch.len());
+    for (job, rate_tokens) in batch.iter().zip(rate_tokens) {
+        let (head, after) = rest.split_at_checked(4).ok_or_else(bad)?;
+        let (tats, after) = after
+            .split_at_checked(job.checks.len() * 2)
+            .ok_or_else(bad)?;
+        rest = after;
+        let mut headers = RateHeaders::default();
+        for (check, tat) in job.checks.iter().zip(tats.chunks_exact(2)) {
+            let info = |limit: Option<u64>, tat: i64| {
+                limit
+                    .map(|limit| rate_info(limit, tat.saturating_sub(now_us).max(0).unsigned_abs()))
+            };
+            headers.merge(
+                info(check.limits.requests_per_minute, tat[0]),
+                info(check.limits.tokens_per_minute, tat[1]),
+            );
+        }
+        decisions.push(if head[0] == 1 {
+            Ok(Granted {
+                rate_tokens,
+                headers,
+            })
+        } else {
+            Err(Refusal {
+                scope: usize::try_from(head[1] - 1).map_err(|_| bad())?,
+                exceeded: Exceeded::from_code(head[2]).ok_or_else(bad)?,
+                retry_after: Duration::from_millis(head[3].max(0).unsigned_abs()),
+                headers,
+            })
+        });
+    }
+    if !rest.is_empty() {
         return Err(bad());
     }
-    let mut headers = RateHeaders::default();
-    for (check, tat) in checks.iter().zip(tats.chunks_exact(2)) {
-        let info = |limit: Option<u64>, tat: i64| {
-            limit.map(|limit| rate_info(limit, tat.saturating_sub(now_us).max(0).unsigned_abs()))
-        };
-        headers.merge(
-            info(check.limits.requests_per_minute, tat[0]),
-            info(check.limits.tokens_per_minute, tat[1]),
-        );
-    }
-    if admitted == 1 {
-        return Ok(Ok(Granted {
-            rate_tokens,
-            headers,
-        }));
-    }
-    let scope = usize::try_from(head[0] - 1).map_err(|_| bad())?;
-    let exceeded = Exceeded::from_code(head[1]).ok_or_else(bad)?;
-    Ok(Err(Refusal {
-        scope,
-        exceeded,
-        retry_after: Duration::from_millis(head[2].max(0).unsigned_abs()),
-        headers,
-    }))
+    Ok(decisions)
 }
 
 /// A bucket's headers from how far ahead of now (µs) its TAT is (see `Gcra::info`).
@@ -258,25 +399,47 @@ fn rate_info(limit: u64, used_us: u64) -> RateInfo {
     }
 }
 
-/// Sends queued settlements in pipelined batches until the channel closes, retrying a batch
-/// while Redis is unreachable for up to `give_up_after` (by then its leases have expired and
-/// their holds are released anyway). Settlements are idempotent, so resending a batch that
-/// partly ran is safe.
-async fn send_settlements(
+/// Sends settlements in batches until the store is dropped, retrying a batch while Redis is
+/// unreachable for up to `give_up_after` (by then its leases have expired and their holds are
+/// released anyway). Settlement is idempotent, so a batch that ran but whose answer was lost is
+/// safely sent again.
+async fn run_settlements(
     mut conn: ConnectionManager,
-    mut rx: mpsc::UnboundedReceiver<Settlement>,
+    names: KeyNames,
+    mut jobs: mpsc::UnboundedReceiver<SettleJob>,
     unsent: Arc<AtomicUsize>,
     give_up_after: Duration,
 ) {
     let script = Script::new(include_str!("settle.lua"));
-    let mut batch = Vec::with_capacity(SETTLE_BATCH);
-    while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
-        let count = batch.len();
+    let mut batch = Vec::with_capacity(BATCH);
+    while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        let mut keys = BatchKeys::default();
+        let mut invocation = script.prepare_invoke();
+        let unix_ms = unix_ms();
+        invocation
+            .arg(Period::Day.window(unix_ms).id)
+            .arg(Period::Month.window(unix_ms).id)
+            .arg(batch.len());
+        for job in &batch {
+            invocation
+                .arg(&job.request_id)
+                .arg(job.actual.tokens)
+                .arg(job.actual.money)
+                .arg(job.holds.len());
+            for hold in &job.holds {
+                invocation
+                    .arg(keys.position(&hold.scope, &names))
+                    .arg(limit(hold.tokens_per_minute));
+            }
+        }
+        for key in &keys.keys {
+            invocation.key(key);
+        }
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(50);
-        while !batch.is_empty() {
-            let error = match send_batch(&mut conn, &script, &mut batch).await {
-                Ok(()) => continue,
+        loop {
+            let error = match invocation.invoke_async::<i64>(&mut conn).await {
+                Ok(_) => break,
                 Err(error) => error,
             };
             if started.elapsed() > give_up_after {
@@ -285,70 +448,26 @@ async fn send_settlements(
                     count = batch.len(),
                     "quota settlements given up; their leases have expired"
                 );
-                batch.clear();
                 break;
             }
             tracing::warn!(%error, count = batch.len(), "quota settlements failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-        unsent.fetch_sub(count, Ordering::Release);
+        unsent.fetch_sub(batch.len(), Ordering::Release);
+        batch.clear();
     }
-}
-
-/// Sends `batch` in one pipeline and removes from it every settlement that ran (or that failed
-/// in the script itself, which a resend cannot fix: logged). Leaves those to resend after the
-/// script had to be loaded; `Err` when the pipeline itself failed.
-async fn send_batch(
-    conn: &mut ConnectionManager,
-    script: &Script,
-    batch: &mut Vec<Settlement>,
-) -> Result<(), RedisError> {
-    let mut pipe = redis::pipe();
-    for settlement in batch.iter() {
-        pipe.cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(settlement.keys.len())
-            .arg(&settlement.keys)
-            .arg(&settlement.args);
-    }
-    let replies: Vec<redis::Value> = match pipe.query_async(conn).await {
-        Ok(replies) => replies,
-        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            script.prepare_invoke().load_async(conn).await?;
-            return Ok(());
-        }
-        Err(error) => return Err(error),
-    };
-    let mut unloaded = false;
-    let mut replies = replies.into_iter();
-    batch.retain(|_| match replies.next() {
-        Some(redis::Value::ServerError(error))
-            if error.kind() == Some(ServerErrorKind::NoScript) =>
-        {
-            unloaded = true;
-            true
-        }
-        Some(redis::Value::ServerError(error)) => {
-            tracing::error!(%error, "a quota settlement failed in Redis");
-            false
-        }
-        _ => false,
-    });
-    if unloaded {
-        script.prepare_invoke().load_async(conn).await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
-    #[test]
-    fn admit_replies_parse() {
-        use std::sync::Arc;
-        let check = |rpm: Option<u64>, tpm: Option<u64>| ScopeCheck {
+    use super::*;
+    use crate::quota::policy::Limits;
+
+    fn job(rpm: Option<u64>, tpm: Option<u64>, scopes: usize) -> AdmitJob {
+        let check = ScopeCheck {
             scope: Scope {
                 tenant: "t".into(),
                 key: None,
@@ -359,25 +478,44 @@ mod tests {
                 ..Limits::default()
             }),
         };
+        AdmitJob {
+            request_id: "r".into(),
+            checks: vec![check; scopes],
+            demand: Demand::default(),
+            decided: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn admit_replies_parse() {
         let now = 1_000_000_000_000;
-        // 6 s of a 60-per-minute bucket used: 54 left, full again in 6 s.
-        let granted = parse_admit_reply(
-            &[1, now, now + 6_000_000, 0],
-            &[check(Some(60), None)],
-            vec![0],
-        );
-        let granted = granted.ok().and_then(Result::ok).unwrap_or_default();
+        let batch = [job(Some(60), None, 1), job(Some(10), Some(100), 2)];
+        // First: admitted, 6 s of a 60-per-minute bucket used: 54 left, full again in 6 s.
+        // Second: refused by its second scope's token budget, retry in 5 s.
+        let reply = [
+            now,
+            1,
+            0,
+            0,
+            0,
+            now + 6_000_000,
+            0,
+            0,
+            2,
+            4,
+            5000,
+            0,
+            0,
+            0,
+            now + 60_000_000,
+        ];
+        let decisions =
+            parse_admit_reply(&reply, &batch, vec![vec![0], vec![0, 0]]).unwrap_or_default();
+        let granted = decisions[0].clone().unwrap_or_default();
         let requests = granted.headers.requests;
         assert_eq!(requests.map(|r| (r.limit, r.remaining)), Some((60, 54)));
         assert_eq!(requests.map(|r| r.reset), Some(Duration::from_secs(6)));
-        assert_eq!(granted.headers.tokens, None);
-        let checks = [check(None, None), check(Some(10), Some(100))];
-        let refused = parse_admit_reply(
-            &[0, 2, 4, 5000, now, 0, 0, 0, now + 60_000_000],
-            &checks,
-            vec![0, 0],
-        );
-        let refusal = refused.ok().and_then(Result::err);
+        let refusal = decisions[1].clone().err();
         assert_eq!(refusal.as_ref().map(|r| r.scope), Some(1));
         assert_eq!(
             refusal.as_ref().map(|r| r.exceeded),
@@ -391,10 +529,40 @@ mod tests {
         assert_eq!(
             headers.requests.map(|r| r.remaining),
             Some(10),
-            "a TAT in the past is a full bucket"
+            "a past TAT: a full bucket"
         );
         assert_eq!(headers.tokens.map(|r| r.remaining), Some(0));
-        assert!(parse_admit_reply(&[1, now], &checks, vec![0]).is_err());
-        assert!(parse_admit_reply(&[0, 1, 9, 0, now, 0, 0], &checks[..1], vec![0]).is_err());
+        assert!(parse_admit_reply(&reply[..10], &batch, vec![vec![0], vec![0, 0]]).is_err());
+        let mut longer = reply.to_vec();
+        longer.push(1);
+        assert!(parse_admit_reply(&longer, &batch, vec![vec![0], vec![0, 0]]).is_err());
+    }
+
+    #[test]
+    fn batch_keys_name_each_scope_once() {
+        let names = KeyNames {
+            prefix: "tg:".into(),
+        };
+        let mut keys = BatchKeys::default();
+        let tenant = Scope {
+            tenant: "ten_a".into(),
+            key: None,
+        };
+        let key = Scope {
+            tenant: "ten_a".into(),
+            key: Some("key_b".into()),
+        };
+        assert_eq!(keys.position(&tenant, &names), 1);
+        assert_eq!(keys.position(&key, &names), 2);
+        assert_eq!(keys.position(&tenant, &names), 1);
+        assert_eq!(
+            keys.keys,
+            [
+                "tg:{ten_a}:t",
+                "tg:{ten_a}:t:leases",
+                "tg:{ten_a}:k:key_b",
+                "tg:{ten_a}:k:key_b:leases"
+            ]
+        );
     }
 }
