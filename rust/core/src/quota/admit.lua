@@ -6,10 +6,10 @@
 -- KEYS: 2 per distinct scope in the batch: its state hash and its lease sorted set.
 -- ARGV: lease ms, day id, month id, ms until the day ends, ms until the month ends, request
 --   count, then per request: request id, the prompt's upper bound in tokens and its cost,
---   scope count, then 10 per scope: the scope's position in KEYS (1-based pair), then
+--   scope count, then 11 per scope: the scope's position in KEYS (1-based pair), then
 --   requests_per_minute, tokens_per_minute, max_concurrent, token_budget, money_budget
 --   (-1 = no limit), tokens taken from the tokens-per-minute bucket, tokens and money held
---   against budgets, budget period (0 day, 1 month).
+--   against budgets, budget period (0 day, 1 month), and the hold's record (below).
 --
 -- State hash fields: rq, tk (GCRA theoretical arrival times, microseconds); ht, hm (tokens and
 -- money held); d, dt, dm and mo, mt, mm (the day and month last charged, and the tokens and money
@@ -38,6 +38,7 @@ local lease_ms = tonumber(ARGV[1])
 local day_id, month_id = ARGV[2], ARGV[3]
 local period_left = {[0] = tonumber(ARGV[4]), [1] = tonumber(ARGV[5])}
 local purge_every = math.min(1000, lease_ms)
+local lease_until = string.format('%d', now_ms + lease_ms)
 
 local function num(value)
   return tonumber(value) or 0
@@ -119,10 +120,11 @@ local function check(k, s, a, prompt_tokens, prompt_money)
   return nil
 end
 
-local reply = {now}
+local reply, r = {now}, 1
 local p = 7
 for _ = 1, tonumber(ARGV[6]) do
   local id = ARGV[p]
+  local field = 'h:' .. id
   local prompt_tokens, prompt_money = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
   local n = tonumber(ARGV[p + 3])
   p = p + 4
@@ -133,8 +135,9 @@ for _ = 1, tonumber(ARGV[6]) do
       conc = tonumber(ARGV[p + 3]), token_budget = tonumber(ARGV[p + 4]),
       money_budget = tonumber(ARGV[p + 5]), rate = tonumber(ARGV[p + 6]),
       hold_tokens = ARGV[p + 7], hold_money = ARGV[p + 8], period = tonumber(ARGV[p + 9]),
+      record = ARGV[p + 10],
     }
-    p = p + 10
+    p = p + 11
   end
   local refused, reason, retry = 0, 0, 0
   for i = 1, n do
@@ -154,21 +157,21 @@ for _ = 1, tonumber(ARGV[6]) do
       s.ht = s.ht + a.hold_tokens
       s.hm = s.hm + a.hold_money
       if s.inflight then s.inflight = s.inflight + 1 end
-      table.insert(s.holds, 'h:' .. id)
-      table.insert(s.holds, a.hold_tokens .. ' ' .. a.hold_money .. ' ' .. a.rate)
-      table.insert(s.leases, now_ms + lease_ms)
-      table.insert(s.leases, id)
+      local holds, leases = s.holds, s.leases
+      holds[#holds + 1] = field
+      holds[#holds + 1] = a.record
+      leases[#leases + 1] = lease_until
+      leases[#leases + 1] = id
       s.dirty = true
     end
   end
-  table.insert(reply, refused == 0 and 1 or 0)
-  table.insert(reply, refused)
-  table.insert(reply, reason)
-  table.insert(reply, retry)
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] =
+    refused == 0 and 1 or 0, refused, reason, retry
+  r = r + 4
   for i = 1, n do
     local s = load(checks[i].k)
-    table.insert(reply, math.floor(s.rq))
-    table.insert(reply, math.floor(s.tk))
+    reply[r + 1], reply[r + 2] = math.floor(s.rq), math.floor(s.tk)
+    r = r + 2
   end
 end
 

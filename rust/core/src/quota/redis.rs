@@ -284,7 +284,8 @@ async fn run_admissions(
                     .arg(match limits.budget_period {
                         Period::Day => 0,
                         Period::Month => 1,
-                    });
+                    })
+                    .arg(format!("{hold_tokens} {hold_money} {rate}"));
             }
             rate_tokens.push(rates);
         }

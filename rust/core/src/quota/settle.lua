@@ -25,15 +25,15 @@ local settlements = {}
 local ids = {}
 local p = 4
 for i = 1, tonumber(ARGV[3]) do
-  local st = {id = ARGV[p], tokens = tonumber(ARGV[p + 1]), money = tonumber(ARGV[p + 2]),
-    scopes = {}}
+  local st = {id = ARGV[p], field = 'h:' .. ARGV[p], tokens = tonumber(ARGV[p + 1]),
+    money = tonumber(ARGV[p + 2]), scopes = {}}
   local n = tonumber(ARGV[p + 3])
   p = p + 4
   for j = 1, n do
     local k, tpm = tonumber(ARGV[p]), tonumber(ARGV[p + 1])
     st.scopes[j] = {k = k, tpm = tpm}
     ids[k] = ids[k] or {}
-    table.insert(ids[k], 'h:' .. st.id)
+    table.insert(ids[k], st.field)
     p = p + 2
   end
   settlements[i] = st
@@ -56,7 +56,7 @@ end
 for _, st in ipairs(settlements) do
   for _, sc in ipairs(st.scopes) do
     local s = scopes[sc.k]
-    local field = 'h:' .. st.id
+    local field = st.field
     local hold = s.holds[field]
     if hold then
       s.holds[field] = nil

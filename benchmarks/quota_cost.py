@@ -1,0 +1,300 @@
+"""The cost of quota checks: in process and through Redis, alone and through the whole gateway.
+
+    python benchmarks/quota_cost.py            # 3 rounds of 10 s runs, about 3 minutes
+    python benchmarks/quota_cost.py --quick    # 1 round of 2 s runs: a smoke test
+
+Run it with the project's interpreter (`.venv/bin/python`) after `make build`, with
+`redis-server` installed (`make services`). Two parts, one run:
+
+1. Without HTTP (`cargo bench -p gateway-core --bench quota`): nanoseconds per admission plus
+   settlement in process, for a tenant and a key that both have every kind of limit (the
+   heaviest case); and through a Redis on core 0, admissions per second at 64 in flight and the
+   latency of one.
+2. Through the gateway: non-streaming completions at saturation (`loadgen`, closed loop,
+   64 connections) against `gateway sim`, for a tenant with no policy ("off"), a tenant whose
+   policy has every kind of limit, counted in process ("in process"), and the same policy counted
+   in Redis ("redis"). Pinned like `overhead.py`: the gateways on core 1, the simulator, the load
+   generator and Redis on core 0. The three targets take turns in a rotating order; the table
+   gives medians over rounds, the gateway's CPU per request, and each throughput as a fraction of
+   the in-process one.
+
+The policy's limits are far above what the run reaches: the figures are the price of checking,
+reserving and settling, never of a refusal. Results: a section of `benchmarks/RESULTS.md`
+(`--quick` only prints it) and raw reports in `benchmarks/out/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from overhead import (
+    MODEL,
+    OUT,
+    ROOT,
+    HarnessError,
+    Pinned,
+    Service,
+    Settings,
+    build_loadgen,
+    check_environment,
+    free_port,
+    gateway_cli,
+    git_commit,
+    machine,
+    run_loadgen,
+    wait_serving,
+    write_results,
+)
+
+BEGIN = "<!-- quota_cost.py:begin -->"
+END = "<!-- quota_cost.py:end -->"
+TARGETS = ("off", "in process", "redis")
+POLICY = (
+    "--rpm", "1000000000", "--tpm", "1000000000000", "--concurrency", "1000000",
+    "--token-budget", "1000000000000000", "--money-budget", "1000000000", "--period", "month",
+)  # fmt: skip
+
+
+@dataclass
+class Result:
+    round: int
+    target: str
+    rps: float
+    gateway_cpu: float
+    redis_cpu: float
+    errors: int
+
+
+@dataclass
+class Bench:
+    results: list[Result] = field(default_factory=list)
+
+    def median(self, target: str, pick: str) -> float:
+        values = [float(getattr(r, pick)) for r in self.results if r.target == target]
+        return statistics.median(values) if values else float("nan")
+
+
+def micro(redis_url: str) -> dict[str, float]:
+    """`benches/quota.rs`'s JSON report."""
+    argv = ["cargo", "bench", "-q", "-p", "gateway-core", "--bench", "quota"]
+    argv += ["--", "--redis-url", redis_url]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise HarnessError(f"cargo bench failed:\n{done.stderr[-3000:]}")
+    report: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def key_for(tenant: str, db_url: str, workdir: Path) -> str:
+    gateway_cli("tenants", "create", tenant, "--db", db_url, workdir=workdir)
+    out = gateway_cli("keys", "create", "--tenant", tenant, "--db", db_url, workdir=workdir)
+    return next(word for word in out.split() if word.startswith("tg-"))
+
+
+def section(bench: Bench, figures: dict[str, float], meta: dict[str, Any]) -> str:
+    in_process = bench.median("in process", "rps")
+    lines = [
+        BEGIN,
+        "## Quota checks: in process and in Redis",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
+        f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
+        f"{meta['machine']['load']} at start.",
+        "",
+        "Without HTTP (`cargo bench -p gateway-core --bench quota`; a tenant and a key, both with "
+        "every kind of limit):",
+        "",
+        "| measure | figure |",
+        "|---|---:|",
+        f"| in process, admit + settle, one thread | "
+        f"{figures['in_process_ns_per_admit_and_settle']:.0f} ns |",
+        f"| in process, admit + settle, two threads on one tenant | "
+        f"{figures['in_process_ns_per_admit_and_settle_two_threads_one_tenant']:.0f} ns |",
+        f"| Redis (core 0), admissions/s at 64 in flight, settlements batched apart | "
+        f"{figures['redis_admissions_per_s_at_64']:,.0f} |",
+        f"| Redis, one admission + settlement at a time | "
+        f"{figures['redis_admit_latency_us_one_at_a_time']:.0f} µs |",
+        "",
+        "Through the gateway (non-streaming completions at saturation, 64 connections; gateway on "
+        "core 1; simulator, loadgen and Redis on core 0; medians of "
+        f"{meta['rounds']} rounds of {meta['duration_s']:.0f} s; policy on the tenant only):",
+        "",
+        "| quotas | req/s | vs in process | gateway CPU | gateway CPU per request | Redis CPU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for target in TARGETS:
+        rps = bench.median(target, "rps")
+        cpu = bench.median(target, "gateway_cpu")
+        redis_cpu = bench.median(target, "redis_cpu")
+        lines.append(
+            f"| {target} | {rps:,.0f} | {rps / in_process:.0%} | {cpu:.0%} | "
+            f"{cpu / rps * 1e6:.1f} µs | {redis_cpu:.0%} |"
+        )
+    errors = sum(r.errors for r in bench.results)
+    lines += [
+        "",
+        f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}` (not committed).",
+        END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs; no RESULTS.md")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 1)")
+    parser.add_argument("--duration-s", type=float, help="measured seconds per run (10, quick 2)")
+    parser.add_argument("--concurrency", type=int, default=64, help="loadgen connections")
+    parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    return Settings(
+        rounds=args.rounds or (1 if quick else 3),
+        duration_s=args.duration_s or (2.0 if quick else 10.0),
+        warmup_s=0.5 if quick else 2.0,
+        concurrency=args.concurrency,
+        rate=0.0,
+        gateway_core=1,
+        client_core=0,
+        loadgen=args.loadgen.resolve() if args.loadgen else Path(),
+        quick=quick,
+        no_nginx=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    command = shlex.join(
+        ["python", "benchmarks/quota_cost.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    check_environment(settings)
+    redis_binary = shutil.which("redis-server")
+    if redis_binary is None:
+        raise HarnessError("redis-server not found: run `make services`")
+    if settings.loadgen == Path():
+        settings.loadgen = build_loadgen()
+    stamp = datetime.now(UTC)
+    host = machine()
+    workdir = Path(tempfile.mkdtemp(prefix="tokengate-quota-"))
+    db_url = f"sqlite:///{workdir / 'ledger.db'}"
+    services: list[Pinned] = []
+    bench = Bench()
+    try:
+        redis_port = free_port()
+        redis = Pinned(
+            "redis",
+            settings.client_core,
+            [redis_binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""],
+            workdir,
+        )
+        services.append(redis)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        free_key = key_for("free", db_url, workdir)
+        metered_key = key_for("metered", db_url, workdir)
+        gateway_cli("tenants", "set-quota", "metered", *POLICY, "--db", db_url, workdir=workdir)
+        gateway_cli(
+            *("prices", "set", MODEL, "--prompt", "0.15", "--cached", "0.075"),
+            *("--completion", "0.6", "--db", db_url),
+            workdir=workdir,
+        )
+        print("micro-benchmark: cargo bench -p gateway-core --bench quota", flush=True)
+        figures = micro(redis_url)
+        print(json.dumps(figures), flush=True)
+        sim = Service(
+            "sim",
+            settings.client_core,
+            [
+                *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
+                *("--max-num-seqs", "1024", "--max-output-tokens", "16", "--log-level", "WARNING"),
+            ],
+            workdir,
+        )
+        services.append(sim)
+        sim_url = sim.wait_listening()
+        gateways: dict[str, Service] = {}
+        for name, extra in (("local", ""), ("redis", f'\n[quota]\nredis_url = "{redis_url}"\n')):
+            config = workdir / f"{name}.toml"
+            config.write_text(
+                '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
+                f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n{extra}'
+            )
+            gateways[name] = Service(
+                f"gateway-{name}",
+                settings.gateway_core,
+                ["serve", "--config", str(config), "--log-level", "WARNING"],
+                workdir,
+            )
+            services.append(gateways[name])
+        urls = {name: g.wait_listening() + "/v1/completions" for name, g in gateways.items()}
+        plan = {
+            "off": (gateways["local"], urls["local"], free_key),
+            "in process": (gateways["local"], urls["local"], metered_key),
+            "redis": (gateways["redis"], urls["redis"], metered_key),
+        }
+        for _, (gateway, url, key) in plan.items():
+            wait_serving(url, key, gateway)
+        for round_ in range(settings.rounds):
+            order = TARGETS[round_ % 3 :] + TARGETS[: round_ % 3]
+            for target in order:
+                gateway, url, key = plan[target]
+                report, (gateway_cpu, redis_cpu) = run_loadgen(
+                    settings, url, key, stream=False, rate=None, services=(gateway, redis)
+                )
+                result = Result(
+                    round_,
+                    target,
+                    float(report["rps"]),
+                    gateway_cpu,
+                    redis_cpu,
+                    int(report["errors"]) + int(report["unsent"]),
+                )
+                bench.results.append(result)
+                print(
+                    f"  round {round_ + 1} {target:10} {result.rps:>9.0f} req/s  gateway cpu "
+                    f"{gateway_cpu:.0%}  redis cpu {redis_cpu:.0%}  errors {result.errors}",
+                    flush=True,
+                )
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        for service in reversed(services):
+            service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    raw_name = f"quota-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json"
+    meta: dict[str, Any] = {
+        "command": command,
+        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
+        "commit": git_commit(),
+        "machine": host,
+        "raw": raw_name,
+        "rounds": settings.rounds,
+        "duration_s": settings.duration_s,
+    }
+    raw = {**meta, "micro": figures, "runs": [vars(r) for r in bench.results]}
+    (OUT / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
+    text = section(bench, figures, meta)
+    print("\n" + text)
+    if settings.quick:
+        print(f"(--quick: RESULTS.md left alone; raw report in benchmarks/out/{raw_name})")
+    else:
+        write_results(text, BEGIN, END)
+        print(f"written to benchmarks/RESULTS.md and benchmarks/out/{raw_name}")
+    return 1 if any(r.errors for r in bench.results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
