@@ -247,6 +247,21 @@ class Nginx(Pinned):
         super().kill()
 
 
+def instant_sim(settings: Settings, workdir: Path) -> Service:
+    """`gateway sim` answering at once (no time to first token, none between tokens), 16 tokens
+    per answer, on the client's core, with room for every connection of the load."""
+    return Service(
+        "sim",
+        settings.client_core,
+        [
+            *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
+            *("--max-num-seqs", str(max(1024, settings.concurrency * 2))),
+            *("--max-output-tokens", "16", "--log-level", "WARNING"),
+        ],
+        workdir,
+    )
+
+
 def nginx_version(binary: Path) -> str:
     """`nginx/1.22.1`, from `nginx -v` (which prints to stderr)."""
     done = subprocess.run([str(binary), "-v"], capture_output=True, text=True, check=False)
@@ -698,16 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Pinned] = []
     nginx_label: str | None = None
     try:
-        sim = Service(
-            "sim",
-            settings.client_core,
-            [
-                *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
-                *("--max-num-seqs", str(max(1024, settings.concurrency * 2))),
-                *("--max-output-tokens", "16", "--log-level", "WARNING"),
-            ],
-            workdir,
-        )
+        sim = instant_sim(settings, workdir)
         services.append(sim)
         sim_url = sim.wait_listening()
         config = workdir / "gateway.toml"

@@ -51,6 +51,7 @@ from overhead import (
     free_port,
     gateway_cli,
     git_commit,
+    instant_sim,
     machine,
     run_loadgen,
     wait_serving,
@@ -212,15 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("micro-benchmark: cargo bench -p gateway-core --bench quota", flush=True)
         figures = micro(redis_url)
         print(json.dumps(figures), flush=True)
-        sim = Service(
-            "sim",
-            settings.client_core,
-            [
-                *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
-                *("--max-num-seqs", "1024", "--max-output-tokens", "16", "--log-level", "WARNING"),
-            ],
-            workdir,
-        )
+        sim = instant_sim(settings, workdir)
         services.append(sim)
         sim_url = sim.wait_listening()
         gateways: dict[str, Service] = {}

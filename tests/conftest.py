@@ -63,6 +63,12 @@ StackFactory = Callable[..., Stack]
 
 
 @pytest.fixture
+def db(tmp_path: Path) -> list[str]:
+    """`--db` arguments for a fresh ledger in the test's directory."""
+    return ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
+
+
+@pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
     """Starts `n_sims` simulators (each with `sim_options`) and a gateway in front of them."""
     stacks: list[Stack] = []

@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import format_table, main
+from gateway.cli import format_table
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import open_ledger
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import UsageEvent, insert_usage_events
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> list[str]:
-    return ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_run import run
 
 
 def create_key(capsys: pytest.CaptureFixture[str], db: list[str], tenant: str) -> dict[str, str]:

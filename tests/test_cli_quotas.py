@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
 from gateway.ledger.db import open_ledger
 from gateway.ledger.prices import list_prices
 from gateway.ledger.quotas import get_quota, policy_snapshot
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.quotas import QuotaPolicy
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> list[str]:
-    return ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_run import run
 
 
 @pytest.fixture

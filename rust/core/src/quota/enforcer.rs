@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use super::admission::{Demand, Exceeded, Refusal, Scope, ScopeCheck};
+use super::admission::{Demand, Exceeded, Granted, Refusal, Scope, ScopeCheck};
 use super::demand::Estimate;
 use super::local::{Hold, LocalStore};
 use super::policy::{Limits, Period, Policies, PolicySnapshot, Price, SpentEntry};
@@ -257,10 +257,8 @@ impl Quota {
                         Store::Redis,
                         request_id,
                         &checks,
-                        granted.rate_tokens,
-                        demand,
-                        price,
-                        granted.headers,
+                        granted,
+                        (demand, price),
                     )));
                 }
                 Ok(Err(refusal)) => return Err(exceeded(&checks, refusal)),
@@ -285,10 +283,8 @@ impl Quota {
                 Store::Local,
                 request_id,
                 &checks,
-                granted.rate_tokens,
-                demand,
-                price,
-                granted.headers,
+                granted,
+                (demand, price),
             ))),
             Err(refusal) => Err(exceeded(&checks, refusal)),
         }
@@ -331,38 +327,23 @@ impl Quota {
         self.admit_local(checks, demand, price, request_id)
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one constructor, called from two places"
-    )]
+    /// The reservation of a granted request: its holds, and what settlement needs.
     fn reservation(
         self: &Arc<Self>,
         store: Store,
         request_id: &str,
         checks: &[ScopeCheck],
-        rate_tokens: Vec<u64>,
-        demand: Demand,
-        price: Option<Price>,
-        headers: super::admission::RateHeaders,
+        granted: Granted,
+        (demand, price): (Demand, Option<Price>),
     ) -> Reservation {
-        let holds = checks
-            .iter()
-            .zip(rate_tokens)
-            .map(|(check, rate_tokens)| Hold {
-                scope: check.scope.clone(),
-                tokens_per_minute: check.limits.tokens_per_minute,
-                rate_tokens,
-                budget: check.limits.has_budget(),
-            })
-            .collect();
         Reservation::new(
             self.clone(),
             store,
             request_id.to_owned(),
-            holds,
+            Hold::of(checks, granted.rate_tokens),
             demand,
             price,
-            headers,
+            granted.headers,
         )
     }
 

@@ -19,6 +19,21 @@ pub struct RateInfo {
     pub reset: Duration,
 }
 
+impl RateInfo {
+    /// A bucket of `limit` whose TAT is `used` ahead of now: what is left of it, and when it is
+    /// full again.
+    pub fn of(limit: u64, used: Duration) -> Self {
+        let window = Duration::from_nanos(WINDOW_NS);
+        let free = window.saturating_sub(used).as_nanos();
+        let remaining = free * u128::from(limit) / u128::from(WINDOW_NS);
+        Self {
+            limit,
+            remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
+            reset: used,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Gcra {
     /// When the bucket will be full again; at or before `now` means full.
@@ -65,14 +80,10 @@ impl Gcra {
     }
 
     pub fn info(&self, now_ns: u64, limit: u64) -> RateInfo {
-        let used = self.tat_ns.saturating_sub(now_ns);
-        let free = WINDOW_NS.saturating_sub(used);
-        let remaining = u128::from(free) * u128::from(limit) / u128::from(WINDOW_NS);
-        RateInfo {
+        RateInfo::of(
             limit,
-            remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
-            reset: Duration::from_nanos(used),
-        }
+            Duration::from_nanos(self.tat_ns.saturating_sub(now_ns)),
+        )
     }
 }
 

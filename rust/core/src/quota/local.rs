@@ -151,6 +151,22 @@ pub struct Hold {
     pub budget: bool,
 }
 
+impl Hold {
+    /// A granted request's holds: one per scope checked, with what its bucket gave.
+    pub fn of(checks: &[ScopeCheck], rate_tokens: Vec<u64>) -> Vec<Self> {
+        checks
+            .iter()
+            .zip(rate_tokens)
+            .map(|(check, rate_tokens)| Self {
+                scope: check.scope.clone(),
+                tokens_per_minute: check.limits.tokens_per_minute,
+                rate_tokens,
+                budget: check.limits.has_budget(),
+            })
+            .collect()
+    }
+}
+
 /// A request's actual consumption, settled against its holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Actual {
@@ -318,16 +334,7 @@ mod tests {
     }
 
     fn holds(checks: &[ScopeCheck], granted: &Granted) -> Vec<Hold> {
-        checks
-            .iter()
-            .zip(&granted.rate_tokens)
-            .map(|(c, &rate_tokens)| Hold {
-                scope: c.scope.clone(),
-                tokens_per_minute: c.limits.tokens_per_minute,
-                rate_tokens,
-                budget: c.limits.has_budget(),
-            })
-            .collect()
+        Hold::of(checks, granted.rate_tokens.clone())
     }
 
     #[test]

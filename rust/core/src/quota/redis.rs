@@ -324,19 +324,9 @@ fn deliver(job: AdmitJob, decision: Result<Granted, Refusal>, settlements: &Sett
     let Err(Ok(Ok(granted))) = decided.send(Ok(decision)) else {
         return;
     };
-    let holds = checks
-        .iter()
-        .zip(granted.rate_tokens)
-        .map(|(check, rate_tokens)| Hold {
-            scope: check.scope.clone(),
-            tokens_per_minute: check.limits.tokens_per_minute,
-            rate_tokens,
-            budget: check.limits.has_budget(),
-        })
-        .collect();
     settlements.push(SettleJob {
         request_id,
-        holds,
+        holds: Hold::of(&checks, granted.rate_tokens),
         actual: Actual::default(),
     });
 }
@@ -360,8 +350,10 @@ fn parse_admit_reply(
         let mut headers = RateHeaders::default();
         for (check, tat) in job.checks.iter().zip(tats.chunks_exact(2)) {
             let info = |limit: Option<u64>, tat: i64| {
-                limit
-                    .map(|limit| rate_info(limit, tat.saturating_sub(now_us).max(0).unsigned_abs()))
+                limit.map(|limit| {
+                    let ahead = tat.saturating_sub(now_us).max(0).unsigned_abs();
+                    RateInfo::of(limit, Duration::from_micros(ahead))
+                })
             };
             headers.merge(
                 info(check.limits.requests_per_minute, tat[0]),
@@ -386,18 +378,6 @@ fn parse_admit_reply(
         return Err(bad());
     }
     Ok(decisions)
-}
-
-/// A bucket's headers from how far ahead of now (µs) its TAT is (see `Gcra::info`).
-fn rate_info(limit: u64, used_us: u64) -> RateInfo {
-    const WINDOW_US: u64 = 60_000_000;
-    let free = WINDOW_US.saturating_sub(used_us);
-    let remaining = u128::from(free) * u128::from(limit) / u128::from(WINDOW_US);
-    RateInfo {
-        limit,
-        remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
-        reset: Duration::from_micros(used_us),
-    }
 }
 
 /// Sends settlements in batches until the store is dropped, retrying a batch while Redis is
