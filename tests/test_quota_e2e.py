@@ -260,3 +260,26 @@ def test_a_lowered_quota_and_a_revoked_key_hold_on_every_replica_within_a_second
         revoke_key(conn, fleet.key_id)
     revoked = on_all_replicas(401)
     assert max(revoked) <= 1.0, f"the revocation took {revoked} s to hold"
+
+
+def test_an_in_process_budget_survives_a_restart(tmp_path: Path, fleets: list[Fleet]) -> None:
+    """Without Redis the counters live in the process; a restarted gateway starts them from what
+    the ledger recorded this period."""
+    fleet = start_fleet(tmp_path, 1, None, {"token_budget": 400, "budget_period": "day"})
+    fleets.append(fleet)
+    headers = {"authorization": f"Bearer {fleet.key}"}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        served = 0
+        while client.post(fleet.url(0), json=completion(10)).status_code == 200:
+            served += 1
+            assert served < 100
+        assert served > 3
+        assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == served)
+        fleet.gateways[0].stop()
+        config = tmp_path / "gateway-0.toml"
+        fleet.gateways[0] = procs.start(["serve", "--config", str(config)])
+        refused = client.post(fleet.url(0), json=completion(10))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in procs.usage_rows(fleet.db))
+    assert 400 - 120 <= spent <= 400 + 10
