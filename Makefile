@@ -23,7 +23,7 @@ venv: $(PY) ## Create the virtual environment (.venv)
 build: $(PY) ## Build the Rust extension (release) into the venv, with dev dependencies
 	$(BIN)/maturin develop --release --extras dev -q
 
-services: ## Install the servers tests start on loopback (redis-server), from Debian's packages
+services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages
 	bash tests/services/install.sh
 
 run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key

@@ -1,4 +1,5 @@
-"""Shared fixtures: real simulator workers and a real gateway process in front of them."""
+"""Shared fixtures: real simulator workers and a real gateway process in front of them, and fresh
+ledgers on both backends (a SQLite file, a database on a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.usage import UsageEvent
 from tests import procs
+from tests.services.postgres import PostgresServer
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Stack:
 
     gateway: procs.Process
     sims: list[procs.Process]
-    db: Path
+    db: Path | str  # a SQLite file, or a ledger URL
     key: str
     key_id: str
     clients: dict[str, openai.OpenAI] = field(default_factory=dict)
@@ -62,10 +65,36 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session; tests take fresh databases from it."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty ledger: a SQLite file in the test's directory, or a new database
+    on the session's PostgreSQL server (dropped after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    with server.database() as url:
+        yield url
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> list[str]:
-    """`--db` arguments for a fresh ledger in the test's directory."""
-    return ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
+def ledger(ledger_url: str) -> Iterator[Connection]:
+    """An open connection to a fresh ledger, on each backend."""
+    with open_ledger(ledger_url) as conn:
+        yield conn
+
+
+@pytest.fixture
+def db(ledger_url: str) -> list[str]:
+    """`--db` arguments for a fresh ledger, on each backend."""
+    return ["--db", ledger_url]
 
 
 @pytest.fixture
@@ -74,10 +103,15 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
     stacks: list[Stack] = []
 
     def make(
-        n_sims: int = 2, config_extra: str = "", grace_s: float = 5.0, **sim_options: object
+        n_sims: int = 2,
+        config_extra: str = "",
+        grace_s: float = 5.0,
+        ledger: str | None = None,
+        **sim_options: object,
     ) -> Stack:
+        """`ledger` is a ledger URL; by default, a new SQLite file in the test's directory."""
         sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
-        db = tmp_path / f"ledger-{len(stacks)}.db"
+        db = ledger or tmp_path / f"ledger-{len(stacks)}.db"
         key, key_id = procs.create_key(db, "acme")
         config = procs.write_config(
             tmp_path / f"gateway-{len(stacks)}.toml",

@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
+import psycopg
+from psycopg.rows import dict_row
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 STARTUP_TIMEOUT_S = 30.0
@@ -154,9 +156,15 @@ def start_sim(**options: object) -> Process:
     return start(args)
 
 
+def ledger_url(db: Path | str) -> str:
+    """The ledger URL of `db`: a SQLite file (a `Path`), or already a URL (a `str`)."""
+    return db if isinstance(db, str) else f"sqlite:///{db}"
+
+
 def write_config(
-    path: Path, workers: list[str], db: Path, extra: str = "", grace_s: float = 5.0
+    path: Path, workers: list[str], db: Path | str, extra: str = "", grace_s: float = 5.0
 ) -> Path:
+    """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`)."""
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
     path.write_text(
         f"""
@@ -171,7 +179,7 @@ health_interval_ms = 100
 connect_timeout_ms = 500
 
 [storage]
-url = "sqlite:///{db}"
+url = "{ledger_url(db)}"
 {worker_tables}
 {extra}
 """
@@ -193,9 +201,10 @@ def cli(*args: str) -> str:
     return done.stdout
 
 
-def create_key(db: Path, tenant: str) -> tuple[str, str]:
-    """Creates `tenant` if needed and a key for it; returns (key, key_id)."""
-    url = f"sqlite:///{db}"
+def create_key(db: Path | str, tenant: str) -> tuple[str, str]:
+    """Creates `tenant` if needed and a key for it, in the ledger at `db` (see `ledger_url`), with
+    the CLI; returns (key, key_id)."""
+    url = ledger_url(db)
     tenants = cli("tenants", "list", "--db", url)
     if tenant not in tenants.split():
         cli("tenants", "create", tenant, "--db", url)
@@ -205,10 +214,17 @@ def create_key(db: Path, tenant: str) -> tuple[str, str]:
     return key, key_id
 
 
-def usage_rows(db: Path) -> list[sqlite3.Row]:
-    with closing(sqlite3.connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-        return list(conn.execute("SELECT * FROM usage_events ORDER BY started_at_ms"))
+def usage_rows(db: Path | str) -> list[dict[str, Any]]:
+    """Every usage event in the ledger at `db` (see `ledger_url`), by start time, as column: value;
+    read with the database's own driver, not through the gateway's ledger code."""
+    url = ledger_url(db)
+    sql = "SELECT * FROM usage_events ORDER BY started_at_ms"
+    if url.startswith("sqlite:///"):
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(row) for row in conn.execute(sql)]
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as pg:
+        return pg.execute(sql).fetchall()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:

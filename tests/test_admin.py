@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from gateway.admin import create_app
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import active_key_snapshot
-from gateway.ledger.db import Connection, open_ledger
+from gateway.ledger.db import Connection, open_ledger, query
 from gateway.ledger.quotas import policy_snapshot
 from gateway.quotas import QuotaPolicy
 
@@ -45,8 +44,9 @@ class Admin:
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[Connection]:
-    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as connection:
+def conn(ledger_url: str) -> Iterator[Connection]:
+    """A fresh ledger, on each backend."""
+    with open_ledger(ledger_url) as connection:
         yield connection
 
 
@@ -114,7 +114,7 @@ def test_every_route_refuses_a_missing_or_wrong_token(admin: Admin) -> None:
             method, path, token=None, headers={b"authorization": b"Basic " + TOKEN.encode()}
         )
         assert error(basic, 401)["code"] == "missing_admin_token"
-    assert admin.conn.execute("SELECT COUNT(*) FROM tenants").fetchone()[0] == 0
+    assert query(admin.conn, "SELECT COUNT(*) FROM tenants") == [(0,)]
 
 
 def test_tenants_and_keys(admin: Admin) -> None:

@@ -227,9 +227,13 @@ def test_bad_config_exits_2_with_the_message(
 
 
 def test_bad_db_url_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "tenants", "list", "--db", "postgresql://localhost/x")
+    code, _, err = run(capsys, "tenants", "list", "--db", "mysql://tg:secret@localhost/x")
     assert code == 2
-    assert "only sqlite:///" in err
+    assert "unsupported database URL" in err
+    assert "secret" not in err
+    code, _, err = run(capsys, "tenants", "list", "--db", "postgresql://localhost/")
+    assert code == 2
+    assert "must name a database" in err
 
 
 def test_default_database_is_data_gateway_db(

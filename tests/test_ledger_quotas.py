@@ -1,24 +1,23 @@
-"""Quota policies, the price book, the policy snapshot and the spend seed, on a SQLite ledger."""
+"""Quota policies, the price book, the policy snapshot and the spend seed, on both backends (a
+SQLite file and a PostgreSQL database)."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import closing
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from gateway.ledger.apikeys import create_key, revoke_key
 from gateway.ledger.db import (
-    MIGRATIONS,
     SCHEMA_VERSION,
     ConflictError,
     Connection,
     NotFoundError,
+    execute,
     open_ledger,
+    query,
     schema_version,
+    transaction,
 )
 from gateway.ledger.prices import list_prices, prices_in_effect, set_price
 from gateway.ledger.quotas import (
@@ -43,51 +42,48 @@ def price(prompt: int, cached: int, completion: int) -> Price:
     return Price(prompt_per_mtok=prompt, cached_per_mtok=cached, completion_per_mtok=completion)
 
 
-@pytest.fixture
-def conn(tmp_path: Path) -> Iterator[Connection]:
-    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as connection:
-        yield connection
-
-
-def test_a_version_1_ledger_migrates_to_quota_and_price_tables(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    with closing(sqlite3.connect(tmp_path / "old.db")) as old:
-        for statement in MIGRATIONS[0]:
-            old.execute(statement)
-        old.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at BIGINT)")
-        old.execute("INSERT INTO schema_version VALUES (1, 0)")
-        old.execute("INSERT INTO tenants VALUES ('ten_000000000001', 'acme', 0, 0)")
-        old.commit()
-    with open_ledger(url) as conn:
+def test_a_version_1_ledger_migrates_to_quota_and_price_tables(ledger_url: str) -> None:
+    with open_ledger(ledger_url) as old, transaction(old):
+        # Back to version 1: without what migration 2 made.
+        for statement in (
+            "DROP TABLE quota_policies",
+            "DROP TABLE prices",
+            "DROP INDEX usage_events_started",
+            "DELETE FROM schema_version WHERE version > 1",
+        ):
+            execute(old, statement)
+        execute(old, "INSERT INTO tenants VALUES ('ten_000000000001', 'acme', 0, ?)", (False,))
+    with open_ledger(ledger_url) as conn:
         assert schema_version(conn) == SCHEMA_VERSION
+        assert query(conn, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
         set_tenant_quota(conn, "acme", QuotaPolicy(max_concurrent=2))
         set_price(conn, "m", price(1, 1, 1), effective_at=0)
         assert get_quota(conn, "ten_000000000001") == QuotaPolicy(max_concurrent=2)
 
 
-def test_set_get_replace_and_clear_a_tenant_quota(conn: Connection) -> None:
-    acme = create_tenant(conn, "acme")
-    assert get_quota(conn, acme.id) is None
+def test_set_get_replace_and_clear_a_tenant_quota(ledger: Connection) -> None:
+    acme = create_tenant(ledger, "acme")
+    assert get_quota(ledger, acme.id) is None
     policy = QuotaPolicy(requests_per_minute=60, models=["b", "a"], budget_period="day")
-    assert set_tenant_quota(conn, "acme", policy) == acme
-    assert get_quota(conn, acme.id) == policy
-    assert get_quota(conn, acme.id).models == ["a", "b"]  # type: ignore[union-attr]
+    assert set_tenant_quota(ledger, "acme", policy) == acme
+    assert get_quota(ledger, acme.id) == policy
+    assert get_quota(ledger, acme.id).models == ["a", "b"]  # type: ignore[union-attr]
 
     replacement = QuotaPolicy(token_budget=1000)
-    set_tenant_quota(conn, acme.id, replacement)
-    assert get_quota(conn, acme.id) == replacement  # the whole policy, not a merge
+    set_tenant_quota(ledger, acme.id, replacement)
+    assert get_quota(ledger, acme.id) == replacement  # the whole policy, not a merge
 
-    assert clear_quota(conn, acme.id)
-    assert get_quota(conn, acme.id) is None
-    assert not clear_quota(conn, acme.id)
+    assert clear_quota(ledger, acme.id)
+    assert get_quota(ledger, acme.id) is None
+    assert not clear_quota(ledger, acme.id)
 
 
-def test_key_quotas_and_the_listing(conn: Connection) -> None:
-    create_tenant(conn, "acme")
-    key = create_key(conn, "acme").record
-    assert set_key_quota(conn, key.id, QuotaPolicy(max_concurrent=1)) == key
-    set_tenant_quota(conn, "acme", QuotaPolicy(money_budget_micros=5_000_000))
-    quotas = list_quotas(conn)
+def test_key_quotas_and_the_listing(ledger: Connection) -> None:
+    create_tenant(ledger, "acme")
+    key = create_key(ledger, "acme").record
+    assert set_key_quota(ledger, key.id, QuotaPolicy(max_concurrent=1)) == key
+    set_tenant_quota(ledger, "acme", QuotaPolicy(money_budget_micros=5_000_000))
+    quotas = list_quotas(ledger)
     assert [(q.subject_id, q.scope) for q in quotas] == [
         (key.id, "key"),
         (key.tenant_id, "tenant"),
@@ -96,53 +92,53 @@ def test_key_quotas_and_the_listing(conn: Connection) -> None:
     assert quotas[0].updated_at > 0
 
 
-def test_quotas_of_unknown_subjects_are_not_found(conn: Connection) -> None:
+def test_quotas_of_unknown_subjects_are_not_found(ledger: Connection) -> None:
     with pytest.raises(NotFoundError, match="no tenant"):
-        set_tenant_quota(conn, "nobody", QuotaPolicy())
+        set_tenant_quota(ledger, "nobody", QuotaPolicy())
     with pytest.raises(NotFoundError, match="no API key"):
-        set_key_quota(conn, "key_000000000000", QuotaPolicy())
-    assert list_quotas(conn) == []
+        set_key_quota(ledger, "key_000000000000", QuotaPolicy())
+    assert list_quotas(ledger) == []
 
 
-def test_policy_snapshot_leaves_out_disabled_tenants_and_revoked_keys(conn: Connection) -> None:
-    acme, beta = create_tenant(conn, "acme"), create_tenant(conn, "beta")
-    kept, revoked = create_key(conn, "acme").record, create_key(conn, "acme").record
-    beta_key = create_key(conn, "beta").record
+def test_policy_snapshot_leaves_out_disabled_tenants_and_revoked_keys(ledger: Connection) -> None:
+    acme, beta = create_tenant(ledger, "acme"), create_tenant(ledger, "beta")
+    kept, revoked = create_key(ledger, "acme").record, create_key(ledger, "acme").record
+    beta_key = create_key(ledger, "beta").record
     for subject in (acme.id, beta.id):
-        set_tenant_quota(conn, subject, QuotaPolicy(requests_per_minute=10))
+        set_tenant_quota(ledger, subject, QuotaPolicy(requests_per_minute=10))
     for subject in (kept.id, revoked.id, beta_key.id):
-        set_key_quota(conn, subject, QuotaPolicy(tokens_per_minute=100, models=["m"]))
-    revoke_key(conn, revoked.id)
-    set_tenant_disabled(conn, beta.id, True)
+        set_key_quota(ledger, subject, QuotaPolicy(tokens_per_minute=100, models=["m"]))
+    revoke_key(ledger, revoked.id)
+    set_tenant_disabled(ledger, beta.id, True)
 
-    snapshot = policy_snapshot(conn, ms("2024-05-15T12:00:00"))
+    snapshot = policy_snapshot(ledger, ms("2024-05-15T12:00:00"))
     assert list(snapshot["tenants"]) == [acme.id]
     assert list(snapshot["keys"]) == [kept.id]
     assert snapshot["tenants"][acme.id] == QuotaPolicy(requests_per_minute=10).limits()
     assert snapshot["keys"][kept.id]["models"] == ["m"]
     assert snapshot["prices"] == {}
 
-    set_tenant_disabled(conn, beta.id, False)
-    snapshot = policy_snapshot(conn, ms("2024-05-15T12:00:00"))
+    set_tenant_disabled(ledger, beta.id, False)
+    snapshot = policy_snapshot(ledger, ms("2024-05-15T12:00:00"))
     assert set(snapshot["tenants"]) == {acme.id, beta.id}
     assert set(snapshot["keys"]) == {kept.id, beta_key.id}
 
 
-def test_the_price_in_effect_is_the_latest_version_not_after_now(conn: Connection) -> None:
-    set_price(conn, "m", price(1, 1, 1), effective_at=ms("2023-01-01T00:00:00"))
-    set_price(conn, "m", price(2, 2, 2), effective_at=ms("2024-01-01T00:00:00"))
-    set_price(conn, "m", price(3, 3, 3), effective_at=ms("2024-06-01T00:00:00"))
-    set_price(conn, "later", price(9, 9, 9), effective_at=ms("2024-06-01T00:00:00"))
+def test_the_price_in_effect_is_the_latest_version_not_after_now(ledger: Connection) -> None:
+    set_price(ledger, "m", price(1, 1, 1), effective_at=ms("2023-01-01T00:00:00"))
+    set_price(ledger, "m", price(2, 2, 2), effective_at=ms("2024-01-01T00:00:00"))
+    set_price(ledger, "m", price(3, 3, 3), effective_at=ms("2024-06-01T00:00:00"))
+    set_price(ledger, "later", price(9, 9, 9), effective_at=ms("2024-06-01T00:00:00"))
 
-    assert prices_in_effect(conn, ms("2024-05-31T23:59:59")) == {"m": price(2, 2, 2)}
-    assert prices_in_effect(conn, ms("2024-06-01T00:00:00")) == {
+    assert prices_in_effect(ledger, ms("2024-05-31T23:59:59")) == {"m": price(2, 2, 2)}
+    assert prices_in_effect(ledger, ms("2024-06-01T00:00:00")) == {
         "later": price(9, 9, 9),
         "m": price(3, 3, 3),
     }
-    assert prices_in_effect(conn, ms("2022-01-01T00:00:00")) == {}
-    snapshot = policy_snapshot(conn, ms("2024-02-01T00:00:00"))
+    assert prices_in_effect(ledger, ms("2022-01-01T00:00:00")) == {}
+    snapshot = policy_snapshot(ledger, ms("2024-02-01T00:00:00"))
     assert snapshot["prices"] == {"m": {"prompt": 2, "cached": 2, "completion": 2}}
-    assert [(v.model, v.price) for v in list_prices(conn)] == [
+    assert [(v.model, v.price) for v in list_prices(ledger)] == [
         ("later", price(9, 9, 9)),
         ("m", price(1, 1, 1)),
         ("m", price(2, 2, 2)),
@@ -150,25 +146,25 @@ def test_the_price_in_effect_is_the_latest_version_not_after_now(conn: Connectio
     ]
 
 
-def test_a_price_version_is_never_overwritten(conn: Connection) -> None:
-    set_price(conn, "m", price(1, 1, 1), effective_at=1000)
+def test_a_price_version_is_never_overwritten(ledger: Connection) -> None:
+    set_price(ledger, "m", price(1, 1, 1), effective_at=1000)
     with pytest.raises(ConflictError, match="already has a price"):
-        set_price(conn, "m", price(2, 2, 2), effective_at=1000)
-    now = set_price(conn, "m", price(2, 2, 2))
+        set_price(ledger, "m", price(2, 2, 2), effective_at=1000)
+    now = set_price(ledger, "m", price(2, 2, 2))
     assert now.effective_at == now.created_at
-    assert len(list_prices(conn)) == 2
+    assert len(list_prices(ledger)) == 2
 
 
 def test_spent_in_current_periods_counts_this_day_and_month_at_todays_prices(
-    conn: Connection,
+    ledger: Connection,
 ) -> None:
     now = ms("2024-05-15T12:00:00")
-    set_price(conn, "m", price(9, 9, 9), effective_at=ms("2023-01-01T00:00:00"))
+    set_price(ledger, "m", price(9, 9, 9), effective_at=ms("2023-01-01T00:00:00"))
     set_price(
-        conn, "m", price(1_000_000, 500_000, 2_000_000), effective_at=ms("2024-01-01T00:00:00")
+        ledger, "m", price(1_000_000, 500_000, 2_000_000), effective_at=ms("2024-01-01T00:00:00")
     )
-    set_price(conn, "m", price(7, 7, 7), effective_at=ms("2024-06-01T00:00:00"))
-    set_price(conn, "cheap", price(150_000, 0, 600_000), effective_at=0)
+    set_price(ledger, "m", price(7, 7, 7), effective_at=ms("2024-06-01T00:00:00"))
+    set_price(ledger, "cheap", price(150_000, 0, 600_000), effective_at=0)
 
     def spend(tenant: str, key: str, at: str, model: str, p: int, c: int, o: int) -> UsageEvent:
         return event(
@@ -182,7 +178,7 @@ def test_spent_in_current_periods_counts_this_day_and_month_at_todays_prices(
         )
 
     insert_usage_events(
-        conn,
+        ledger,
         [
             # Today: 6 uncached, 4 cached, 5 completion tokens of m: 6 + 2 + 10 = 18 exactly.
             spend("ten_a", "key_1", "2024-05-15T08:00:00", "m", 10, 4, 5),
@@ -214,7 +210,7 @@ def test_spent_in_current_periods_counts_this_day_and_month_at_todays_prices(
             "money_micros": money,
         }
 
-    assert spent_in_current_periods(conn, now) == [
+    assert spent_in_current_periods(ledger, now) == [
         entry("tenant", "ten_a", "day", 18, 22),
         entry("tenant", "ten_a", "month", 2018, 3022),
         entry("tenant", "ten_b", "day", 10, 0),
@@ -226,4 +222,4 @@ def test_spent_in_current_periods_counts_this_day_and_month_at_todays_prices(
         entry("key", "key_3", "day", 10, 0),
         entry("key", "key_3", "month", 13, 2),
     ]
-    assert spent_in_current_periods(conn, ms("2024-07-01T00:00:00")) == []
+    assert spent_in_current_periods(ledger, ms("2024-07-01T00:00:00")) == []

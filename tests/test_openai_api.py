@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sqlite3
+from typing import Any
 
 import httpx
 import openai
@@ -191,7 +191,7 @@ def test_every_request_is_metered_with_the_workers_counts(stack: Stack) -> None:
     )
     assert response.usage is not None
 
-    def row_of_request() -> list[sqlite3.Row]:
+    def row_of_request() -> list[dict[str, Any]]:
         return [r for r in procs.usage_rows(stack.db) if r["request_id"] == "meter-me"]
 
     assert procs.wait_for(lambda: len(row_of_request()) == 1)
@@ -215,7 +215,7 @@ def test_response_names_its_usage_event(stack: Stack) -> None:
     assert response.status_code == 200
     event_id = response.headers["x-request-id"]
 
-    def rows() -> list[sqlite3.Row]:
+    def rows() -> list[dict[str, Any]]:
         return [r for r in procs.usage_rows(stack.db) if r["event_id"] == event_id]
 
     assert procs.wait_for(lambda: len(rows()) == 1)

@@ -1,5 +1,5 @@
-"""The ledger: tenants, API keys, quota policies, prices and usage events in one SQL database
-(SQLite now, PostgreSQL next).
+"""The ledger: tenants, API keys, quota policies, prices and usage events in one SQL database,
+SQLite or PostgreSQL.
 
 Repository modules (`tenants`, `apikeys`, `quotas`, `prices`, `usage`) are plain functions taking
 a connection from `db.connect`; all SQL reaches the driver through `db`, the one place that knows

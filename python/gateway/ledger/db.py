@@ -1,24 +1,37 @@
-"""Ledger connections: URL parsing, connection settings, transactions and schema migrations.
+"""Ledger connections: URLs, the SQLite and PostgreSQL dialects, transactions and migrations.
 
 Every statement reaches the driver through `execute`, `executemany` and `query` here, written with
-`?` placeholders; a PostgreSQL backend translates them in this one module. It holds no state:
+`?` placeholders in SQL that both dialects accept (the migrations in `schema` too); this is the one
+module that knows a dialect. The drivers' exceptions leave it as `DatabaseError` (`IntegrityError`
+for a broken uniqueness or foreign-key rule), so callers never name a driver. It holds no state:
 callers own their connections (one per thread) and close them.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
+from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from gateway.ledger.schema import MIGRATIONS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "ConflictError",
     "Connection",
     "DatabaseError",
+    "Dialect",
     "IntegrityError",
     "LedgerError",
     "NotFoundError",
@@ -36,16 +49,19 @@ __all__ = [
     "transaction",
 ]
 
-Connection = sqlite3.Connection
 Row = tuple[Any, ...]
-# The driver's exceptions, so that repositories and callers never name the driver.
-DatabaseError = sqlite3.Error
-IntegrityError = sqlite3.IntegrityError
+Dialect = Literal["sqlite", "postgresql"]
 
 _T = TypeVar("_T")
 
 SQLITE_PREFIX = "sqlite:///"
-BUSY_TIMEOUT_MS = 10_000
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+# How long a statement waits for another connection's lock before it fails: SQLite's
+# `busy_timeout`, PostgreSQL's `lock_timeout`.
+LOCK_TIMEOUT_MS = 10_000
+POSTGRES_CONNECT_TIMEOUT_S = 10
+# The PostgreSQL advisory lock that every write transaction takes first ("tokengat" in ASCII).
+WRITE_LOCK_KEY = 0x746F6B656E676174
 
 
 class LedgerError(Exception):
@@ -60,116 +76,273 @@ class ConflictError(LedgerError):
     """A write that would break a uniqueness rule (e.g. a tenant name already taken)."""
 
 
+class DatabaseError(Exception):
+    """The database failed: unreachable, locked for longer than the timeout, or a statement it
+    refused. The driver's exception is the `__cause__`. Not a `LedgerError`: the user's input is
+    not at fault, and a retry may succeed."""
+
+
+class IntegrityError(DatabaseError):
+    """A write that broke a uniqueness or foreign-key rule of the schema."""
+
+
 def now_ms() -> int:
     """Wall-clock time as integer unix milliseconds, the ledger's only time format."""
     return time.time_ns() // 1_000_000
 
 
-def parse_url(url: str) -> Path:
-    """The SQLite file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL.
+def _redacted(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    url = re.sub(r"(://[^/?#@:]*:)[^/?#@]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
-    Relative paths resolve against the current directory when the database is opened.
+
+def parse_url(url: str) -> Path | str:
+    """What a ledger URL names: a SQLite file as a `Path`, or a PostgreSQL database as the URL
+    itself, for libpq.
+
+    `sqlite:///relative/path.db` (relative to the current directory when the database is opened)
+    or `sqlite:////absolute/path.db`; `postgresql://user:password@host:port/dbname` (or
+    `postgres://`), with libpq's parameters if wanted (`?sslmode=require`, `?host=/run/postgresql`
+    for a unix socket). Anything else is a `ValueError`.
     """
-    if not url.startswith(SQLITE_PREFIX):
+    if url.startswith(SQLITE_PREFIX):
+        path = url.removeprefix(SQLITE_PREFIX)
+        if not path or path.endswith("/") or "?" in path or "#" in path:
+            raise ValueError(
+                f"database URL {url!r} must name a file, e.g. sqlite:///data/gateway.db"
+            )
+        return Path(path)
+    if url.startswith(POSTGRES_PREFIXES):
+        _check_postgres_url(url)
+        return url
+    raise ValueError(
+        f"unsupported database URL {_redacted(url)!r}: use sqlite:///path/to/file.db or "
+        "postgresql://user:password@host:port/dbname"
+    )
+
+
+def _check_postgres_url(url: str) -> None:
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        raise ValueError(f"invalid PostgreSQL URL {_redacted(url)!r}: {exc}") from None
+    if not params.get("dbname"):
         raise ValueError(
-            f"unsupported database URL {url!r}: only sqlite:///path/to/file.db is supported"
+            f"PostgreSQL URL {_redacted(url)!r} must name a database, "
+            "e.g. postgresql://user:password@host:5432/tokengate"
         )
-    path = url.removeprefix(SQLITE_PREFIX)
-    if not path or path.endswith("/") or "?" in path or "#" in path:
-        raise ValueError(f"database URL {url!r} must name a file, e.g. sqlite:///data/gateway.db")
-    return Path(path)
+    if not all(port.isdigit() for port in str(params.get("port", "0")).split(",")):
+        raise ValueError(f"PostgreSQL URL {_redacted(url)!r} has an invalid port")
 
 
-# Each migration is applied once, in order, in one transaction, and never edited once released.
-# Times are integer unix milliseconds; booleans are BOOLEAN written from Python bools.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE tenants (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            created_at BIGINT NOT NULL,
-            disabled BOOLEAN NOT NULL
-        )""",
-        """CREATE TABLE api_keys (
-            id TEXT PRIMARY KEY,
-            tenant_id TEXT NOT NULL REFERENCES tenants (id),
-            hash TEXT NOT NULL UNIQUE,
-            prefix TEXT NOT NULL,
-            name TEXT,
-            created_at BIGINT NOT NULL,
-            revoked_at BIGINT
-        )""",
-        "CREATE INDEX api_keys_tenant ON api_keys (tenant_id)",
-        """CREATE TABLE usage_events (
-            event_id TEXT PRIMARY KEY,
-            request_id TEXT NOT NULL,
-            tenant_id TEXT NOT NULL,
-            key_id TEXT NOT NULL,
-            model TEXT NOT NULL,
-            worker TEXT,
-            endpoint TEXT NOT NULL,
-            stream BOOLEAN NOT NULL,
-            status TEXT NOT NULL,
-            http_status INTEGER NOT NULL,
-            prompt_tokens BIGINT NOT NULL,
-            cached_tokens BIGINT NOT NULL,
-            completion_tokens BIGINT NOT NULL,
-            usage_source TEXT NOT NULL,
-            started_at_ms BIGINT NOT NULL,
-            finished_at_ms BIGINT NOT NULL,
-            recorded_at_ms BIGINT NOT NULL
-        )""",
-        "CREATE INDEX usage_events_tenant_model ON usage_events (tenant_id, model)",
-    ),
-    (
-        # One policy per tenant or key (`subject_id` is a tenant id or a key id, `scope` says
-        # which); limits are NULL when unlimited; `models` is a JSON array, NULL for every model.
-        """CREATE TABLE quota_policies (
-            subject_id TEXT PRIMARY KEY,
-            scope TEXT NOT NULL,
-            requests_per_minute BIGINT,
-            tokens_per_minute BIGINT,
-            max_concurrent BIGINT,
-            token_budget BIGINT,
-            money_budget_micros BIGINT,
-            budget_period TEXT NOT NULL,
-            models TEXT,
-            updated_at BIGINT NOT NULL
-        )""",
-        # The price book: every version of a model's prices, in effect from `effective_at` until
-        # the next version's; micro-units of currency per million tokens.
-        """CREATE TABLE prices (
-            model TEXT NOT NULL,
-            effective_at BIGINT NOT NULL,
-            prompt_per_mtok BIGINT NOT NULL,
-            cached_per_mtok BIGINT NOT NULL,
-            completion_per_mtok BIGINT NOT NULL,
-            created_at BIGINT NOT NULL,
-            PRIMARY KEY (model, effective_at)
-        )""",
-        # Budgets are seeded from the current day's and month's events at start-up.
-        "CREATE INDEX usage_events_started ON usage_events (started_at_ms)",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+class Connection(ABC):
+    """An open ledger database: the driver's connection, which it owns, and its dialect.
+
+    Hand it to this module's functions and to the repositories, from the thread that opened it,
+    and `close()` it (`open_ledger` does). Outside `transaction()` each statement commits on its
+    own, as in SQLite's autocommit mode. `dialect` says which database it is.
+    """
+
+    dialect: ClassVar[Dialect]
+    # The driver's base exception and its integrity error, translated by `_errors`.
+    _driver_errors: tuple[type[Exception], type[Exception]]
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        base, integrity = self._driver_errors
+        try:
+            yield
+        except integrity as exc:
+            raise IntegrityError(str(exc)) from exc
+        except base as exc:
+            raise DatabaseError(str(exc)) from exc
+
+    @abstractmethod
+    def close(self) -> None:
+        """Closes the driver's connection; a transaction still open is rolled back."""
+
+    @abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any]) -> int: ...
+
+    @abstractmethod
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int: ...
+
+    @abstractmethod
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]: ...
+
+    @abstractmethod
+    def _begin(self) -> None:
+        """Starts a transaction that holds the database's write lock."""
+
+    @abstractmethod
+    def _end(self, commit: bool) -> None: ...
+
+    @abstractmethod
+    def _has_table(self, name: str) -> bool: ...
+
+
+class _SqliteConnection(Connection):
+    dialect = "sqlite"
+    _driver_errors = (sqlite3.Error, sqlite3.IntegrityError)
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self._raw = raw
+
+    def close(self) -> None:
+        with self._errors():
+            self._raw.close()
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> int:
+        with self._errors(), closing(self._raw.execute(sql, params)) as cursor:
+            return cursor.rowcount
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        with self._errors(), closing(self._raw.executemany(sql, rows)) as cursor:
+            return cursor.rowcount
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._errors(), closing(self._raw.execute(sql, params)) as cursor:
+            rows: list[Row] = cursor.fetchall()
+            return rows
+
+    def _begin(self) -> None:
+        # Takes the write lock up front, so concurrent writers queue on `busy_timeout` instead of
+        # failing halfway with a lock upgrade error.
+        self._execute("BEGIN IMMEDIATE", ())
+
+    def _end(self, commit: bool) -> None:
+        with self._errors():
+            if commit:
+                self._raw.commit()
+            else:
+                self._raw.rollback()
+
+    def _has_table(self, name: str) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        )
+
+
+class _PostgresConnection(Connection):
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._url = url
+        self._driver_errors = (psycopg.Error, psycopg.IntegrityError)
+        with self._errors():
+            self._raw = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Row]:
+        """Autocommit outside `transaction()`, as SQLite is opened. A commit returns once the
+        server has flushed it (its `synchronous_commit`, on by default), so a committed usage
+        batch survives a crash of the server as a SQLite one survives a power cut."""
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        # The URL's own connect_timeout, else ours: libpq's default is to wait forever.
+        timeout = conninfo_to_dict(self._url).get("connect_timeout") or POSTGRES_CONNECT_TIMEOUT_S
+        raw = psycopg.connect(
+            self._url,
+            autocommit=True,
+            connect_timeout=int(timeout),
+            fallback_application_name="tokengate",
+        )
+        try:
+            raw.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        except BaseException:
+            raw.close()
+            raise
+        return raw
+
+    def _cursor(self) -> psycopg.Cursor[Row]:
+        """A cursor on a live connection. When the server dropped the last one (a restart, a
+        network cut), the statement that met the break failed; the next one reconnects, so a
+        caller that retries (the usage collector does) goes on as with SQLite."""
+        if self._raw.broken:
+            self._raw = self._connect()
+        return self._raw.cursor()
+
+    def close(self) -> None:
+        with self._errors():
+            self._raw.close()
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> int:
+        with self._errors(), self._cursor() as cursor:
+            cursor.execute(_postgres_sql(sql), params)
+            return cursor.rowcount
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        # psycopg sends the rows in one pipeline; `rowcount` is then the total over them.
+        with self._errors(), self._cursor() as cursor:
+            cursor.executemany(_postgres_sql(sql), rows)
+            return cursor.rowcount
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._errors(), self._cursor() as cursor:
+            cursor.execute(_postgres_sql(sql), params)
+            return [tuple(map(_integral, row)) for row in cursor.fetchall()]
+
+    def _begin(self) -> None:
+        # READ COMMITTED, and first of all a transaction-level advisory lock: write transactions
+        # run one at a time, as SQLite's do, and each statement's snapshot, taken after the lock,
+        # sees every write committed before it. The lock goes with the transaction, even when its
+        # connection dies.
+        self._execute("BEGIN", ())
+        try:
+            self._execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})", ())
+        except BaseException:
+            self._end(commit=False)
+            raise
+
+    def _end(self, commit: bool) -> None:
+        if not commit and self._raw.broken:
+            return  # the server rolled the transaction back when the connection dropped
+        self._execute("COMMIT" if commit else "ROLLBACK", ())
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self._query("SELECT 1 WHERE to_regclass(?) IS NOT NULL", (name,)))
+
+
+_QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
+
+
+@lru_cache(maxsize=512)
+def _postgres_sql(sql: str) -> str:
+    """`sql` in psycopg's placeholder style: each `?` outside quotes becomes `%s`, and every `%`
+    is doubled, since psycopg reads `%` as a placeholder's start (in quotes too)."""
+    parts = _QUOTED.split(sql.replace("%", "%%"))
+    return "".join(part if i % 2 else part.replace("?", "%s") for i, part in enumerate(parts))
+
+
+def _integral(value: Any) -> Any:
+    """PostgreSQL sums BIGINTs as NUMERIC; the ledger's numbers are integers (tokens, micro-units),
+    so an integral NUMERIC comes back as an `int`, as from SQLite."""
+    if type(value) is Decimal and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:
     """Runs one statement; returns the number of rows it changed."""
-    return conn.execute(sql, params).rowcount
+    return conn._execute(sql, params)
 
 
 def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
     """Runs one statement per row; returns the number of rows changed in total."""
     if not rows:
         return 0
-    return conn.executemany(sql, rows).rowcount
+    return conn._executemany(sql, rows)
 
 
 def query(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
     """Runs one SELECT and returns every row."""
-    with closing(conn.execute(sql, params)) as cursor:
-        return cursor.fetchall()
+    return conn._query(sql, params)
 
 
 def query_as(
@@ -184,24 +357,23 @@ def query_as(
 def transaction(conn: Connection) -> Iterator[Connection]:
     """One write transaction: commits on success, rolls back on any exception.
 
-    SQLite's `BEGIN IMMEDIATE` takes the write lock up front, so concurrent writers queue on
-    `busy_timeout` instead of failing halfway with a lock upgrade error.
+    Write transactions hold the database's write lock from their start, so they run one at a time
+    and what one reads is still true when it writes: SQLite's `BEGIN IMMEDIATE`, PostgreSQL's
+    advisory lock `WRITE_LOCK_KEY`. A writer waits up to `LOCK_TIMEOUT_MS` for the lock, then
+    fails with `DatabaseError`. Reads outside a transaction never wait for it.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    conn._begin()
     try:
         yield conn
     except BaseException:
-        conn.rollback()
+        conn._end(commit=False)
         raise
-    conn.commit()
+    conn._end(commit=True)
 
 
 def schema_version(conn: Connection) -> int:
     """The version recorded in `schema_version`, 0 for a database never migrated."""
-    exists = query(
-        conn, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-    )
-    if not exists:
+    if not conn._has_table("schema_version"):
         return 0
     rows = query(conn, "SELECT MAX(version) FROM schema_version")
     return int(rows[0][0] or 0)
@@ -210,7 +382,8 @@ def schema_version(conn: Connection) -> int:
 def migrate(conn: Connection) -> int:
     """Applies every pending migration; returns the schema version reached.
 
-    Safe against concurrent processes: the version is read inside the write transaction.
+    Safe against concurrent processes: the version is read inside the write transaction, so the
+    first one applies each migration and the others, waiting for the lock, then find it applied.
     """
     with transaction(conn):
         execute(
@@ -235,20 +408,35 @@ def migrate(conn: Connection) -> int:
     return SCHEMA_VERSION
 
 
-def connect(url: str) -> Connection:
-    """Opens (creating if needed) and migrates the ledger at `url`. The caller closes it.
-
-    WAL lets readers (the CLI, billing) run beside the writer; `synchronous=FULL` makes every
-    committed usage batch survive a power cut, at one fsync per batch.
-    """
-    path = parse_url(url)
+def _open_sqlite(path: Path) -> Connection:
+    """WAL lets readers (the CLI, billing) run beside the writer; `synchronous=FULL` makes every
+    committed usage batch survive a power cut, at one fsync per batch."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
+        raw = sqlite3.connect(path, isolation_level=None, timeout=LOCK_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise DatabaseError(str(exc)) from exc
+    conn = _SqliteConnection(raw)
+    try:
+        for pragma in (
+            f"busy_timeout = {LOCK_TIMEOUT_MS}",
+            "journal_mode = WAL",
+            "synchronous = FULL",
+            "foreign_keys = ON",
+        ):
+            execute(conn, f"PRAGMA {pragma}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect(url: str) -> Connection:
+    """Opens (creating a SQLite file if needed) and migrates the ledger at `url`. The caller
+    closes it."""
+    target = parse_url(url)
+    conn = _open_sqlite(target) if isinstance(target, Path) else _PostgresConnection(target)
+    try:
         migrate(conn)
     except BaseException:
         conn.close()

@@ -102,7 +102,8 @@ def usage_totals(
     if tenant_id is not None:
         sql += " WHERE u.tenant_id = ?"
         params = (tenant_id,)
-    sql += f" GROUP BY {group} ORDER BY t.name, u.tenant_id, u.model"
+    # NULLS FIRST: where SQLite puts them; PostgreSQL would put them last.
+    sql += f" GROUP BY {group} ORDER BY t.name NULLS FIRST, u.tenant_id, u.model"
     if by_status:
         sql += ", u.status"
     return query_as(conn, UsageTotal, sql, params)
