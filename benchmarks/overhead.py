@@ -409,6 +409,71 @@ def run_loadgen(
 
 
 @dataclass
+class Target:
+    """One gateway configuration to measure: who serves, where, with which key."""
+
+    name: str
+    gateway: Pinned
+    url: str
+    key: str
+
+
+@dataclass
+class Saturation:
+    """One saturation run's figures; `others_cpu` is the CPU use of each watched service."""
+
+    round: int
+    target: str
+    rps: float
+    gateway_cpu: float
+    others_cpu: list[float]
+    errors: int
+
+
+def rotate_saturation(
+    settings: Settings, targets: list[Target], *, stream: bool, watch: tuple[Pinned, ...] = ()
+) -> list[Saturation]:
+    """`settings.rounds` rounds of one saturation run per target, in an order that rotates by
+    one each round, so that drift on a shared machine hits every target alike."""
+    results = []
+    for round_ in range(settings.rounds):
+        shift = round_ % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            report, cpus = run_loadgen(
+                settings,
+                target.url,
+                target.key,
+                stream=stream,
+                rate=None,
+                services=(target.gateway, *watch),
+            )
+            result = Saturation(
+                round_,
+                target.name,
+                float(report["rps"]),
+                cpus[0],
+                cpus[1:],
+                int(report["errors"]) + int(report["unsent"]),
+            )
+            results.append(result)
+            others = "".join(
+                f"  {s.name} cpu {c:.0%}" for s, c in zip(watch, cpus[1:], strict=True)
+            )
+            print(
+                f"  round {round_ + 1} {target.name:12} {'stream' if stream else 'plain':6} "
+                f"{result.rps:>9.0f} req/s  gateway cpu {result.gateway_cpu:.0%}{others}"
+                f"  errors {result.errors}",
+                flush=True,
+            )
+    return results
+
+
+def median_of(results: list[Saturation], target: str, pick: str) -> float:
+    values = [float(getattr(r, pick)) for r in results if r.target == target]
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
 class Run:
     round: int
     mode: str

@@ -46,6 +46,7 @@ from overhead import (
     Pinned,
     Service,
     Settings,
+    Target,
     build_loadgen,
     check_environment,
     free_port,
@@ -53,7 +54,7 @@ from overhead import (
     git_commit,
     instant_sim,
     machine,
-    run_loadgen,
+    rotate_saturation,
     wait_serving,
     write_results,
 )
@@ -238,27 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         for _, (gateway, url, key) in plan.items():
             wait_serving(url, key, gateway)
-        for round_ in range(settings.rounds):
-            order = TARGETS[round_ % 3 :] + TARGETS[: round_ % 3]
-            for target in order:
-                gateway, url, key = plan[target]
-                report, (gateway_cpu, redis_cpu) = run_loadgen(
-                    settings, url, key, stream=False, rate=None, services=(gateway, redis)
-                )
-                result = Result(
-                    round_,
-                    target,
-                    float(report["rps"]),
-                    gateway_cpu,
-                    redis_cpu,
-                    int(report["errors"]) + int(report["unsent"]),
-                )
-                bench.results.append(result)
-                print(
-                    f"  round {round_ + 1} {target:10} {result.rps:>9.0f} req/s  gateway cpu "
-                    f"{gateway_cpu:.0%}  redis cpu {redis_cpu:.0%}  errors {result.errors}",
-                    flush=True,
-                )
+        targets = [Target(name, *plan[name]) for name in TARGETS]
+        runs = rotate_saturation(settings, targets, stream=False, watch=(redis,))
+        bench.results.extend(
+            Result(r.round, r.target, r.rps, r.gateway_cpu, r.others_cpu[0], r.errors) for r in runs
+        )
     except BaseException:
         print(f"logs kept in {workdir}", file=sys.stderr)
         raise

@@ -13,6 +13,7 @@ from gateway.config import (
     ConfigFileError,
     ControlConfig,
     GatewayConfig,
+    JournalConfig,
     QuotaConfig,
     RoutingConfig,
     ServerConfig,
@@ -156,7 +157,11 @@ token_env = "MY_ADMIN_TOKEN"
             "[routing]\nmax_attempts = 11",
             "routing.max_attempts: Input should be less than or equal to 10",
         ),
-        ('[storage]\nurl = "postgres://db/ledger"', "storage.url: unsupported database URL"),
+        ('[storage]\nurl = "mysql://db/ledger"', "storage.url: unsupported database URL"),
+        (
+            '[storage]\nurl = "postgresql://tg:secret@db:5432/"',
+            "storage.url: PostgreSQL URL 'postgresql://tg:***@db:5432/' must name a database",
+        ),
         (
             '[storage]\nurl = "sqlite:///"',
             "storage.url: database URL 'sqlite:///' must name a file",
@@ -200,6 +205,18 @@ def test_each_invalid_option_is_named_with_its_file(
     path = tmp_path / "gateway.toml"
     assert f"{path}: {expected}" in str(error)
     assert error.path == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://tokengate:secret@10.0.0.5:5432/ledger",
+        "postgres://tokengate@db.internal/ledger?sslmode=require",
+    ],
+)
+def test_storage_may_be_a_postgres_database(tmp_path: Path, url: str) -> None:
+    config = load_config(write(tmp_path, f'{MINIMAL}[storage]\nurl = "{url}"\n'))
+    assert config.storage.url == url
 
 
 @pytest.mark.parametrize(
@@ -298,6 +315,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "control": ControlConfig,
         "quota": QuotaConfig,
         "admin": AdminConfig,
+        "journal": JournalConfig,
     }
     assert set(GatewayConfig.model_fields) == {*sections, "workers"}
     expected = {
@@ -311,3 +329,11 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     for row in rows:
         description = row.split("|")[4].strip()
         assert description, row
+
+
+def test_the_journal_reaches_the_core_only_when_it_has_a_directory(tmp_path: Path) -> None:
+    without = json.loads(load_config(write(tmp_path, MINIMAL)).core_document())
+    assert "journal" not in without
+    text = MINIMAL + '\n[journal]\ndir = "data/journal"\n'
+    document = json.loads(load_config(write(tmp_path, text)).core_document())
+    assert document["journal"] == {"dir": "data/journal", "segment_bytes": 67_108_864}

@@ -6,9 +6,7 @@ import asyncio
 import json
 import logging
 import socket
-import sqlite3
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -19,7 +17,7 @@ from gateway.admin import bind_admin
 from gateway.config import AdminConfig, ControlConfig
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import create_key, revoke_key
-from gateway.ledger.db import Connection, now_ms, open_ledger
+from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.ledger.tenants import create_tenant
@@ -43,6 +41,7 @@ class FakeCore:
         self.calls: list[str] = []
         self.shutdown_grace: float | None = None
         self.events_at_shutdown: list[UsageEvent] = []
+        self.committed = 0
 
     def set_keys(self, snapshot_json: str) -> int:
         snapshot: dict[str, Any] = json.loads(snapshot_json)
@@ -66,6 +65,9 @@ class FakeCore:
         rows: list[UsageRow] = list(taken)
         return rows
 
+    def usage_committed(self, count: int) -> None:
+        self.committed += count
+
     def pending_usage(self) -> int:
         return len(self.queue)
 
@@ -75,8 +77,9 @@ class FakeCore:
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[Connection]:
-    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as connection:
+def conn(ledger_url: str) -> Iterator[Connection]:
+    """A fresh ledger, on each backend."""
+    with open_ledger(ledger_url) as connection:
         yield connection
 
 
@@ -148,6 +151,7 @@ def test_collector_writes_batches_and_reports_how_many_came(conn: Connection) ->
     assert [collector.flush() for _ in range(4)] == [2, 2, 1, 0]
     assert completion_tokens(conn) == (5, 25)
     assert collector.recorded == 5
+    assert core.committed == 5, "the core hears of every event the ledger took"
 
 
 def test_collector_keeps_events_until_the_ledger_takes_them(
@@ -158,7 +162,7 @@ def test_collector_keeps_events_until_the_ledger_takes_them(
     collector = UsageCollector(conn, core, batch=10)
 
     def locked(conn: Connection, events: Sequence[tuple[object, ...]]) -> int:
-        raise sqlite3.OperationalError("database is locked")
+        raise DatabaseError("database is locked")
 
     monkeypatch.setattr(serve, "insert_usage_events", locked)
     with caplog.at_level(logging.ERROR, logger="gateway.serve"):
@@ -166,6 +170,7 @@ def test_collector_keeps_events_until_the_ledger_takes_them(
     assert collector.unsaved == 2
     assert "will retry" in caplog.text
     assert completion_tokens(conn) == (0, 0)
+    assert core.committed == 0, "nothing is committed before the ledger has it"
 
     monkeypatch.setattr(serve, "insert_usage_events", insert_usage_events)
     core.queue = [event()]

@@ -63,6 +63,9 @@ class Gateway:
     def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
         """Takes up to `max_events` recorded usage events, oldest first, as `USAGE_COLUMNS`
         tuples."""
+    def usage_committed(self, count: int) -> None:
+        """The oldest `count` drained events are in the ledger: the usage journal may delete the
+        segments that hold nothing newer."""
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""
     def workers(self) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "ControlConfig",
     "GatewayConfig",
     "IpHost",
+    "JournalConfig",
     "Port",
     "QuotaConfig",
     "RoutingConfig",
@@ -196,8 +197,10 @@ class StorageConfig(BaseModel):
     url: Annotated[str, AfterValidator(_validate_storage_url)] = Field(
         default="sqlite:///data/gateway.db",
         description=(
-            "Ledger database. Only SQLite for now: `sqlite:///relative/path.db` (relative to the "
-            "current directory) or `sqlite:////absolute/path.db`."
+            "Ledger database: a SQLite file, `sqlite:///relative/path.db` (relative to the"
+            " current directory) or `sqlite:////absolute/path.db`, for one replica; or PostgreSQL,"
+            " `postgresql://user:password@host:port/dbname` (also `postgres://`, with libpq's"
+            " parameters such as `?sslmode=require`), which several replicas can share."
         ),
     )
 
@@ -308,6 +311,30 @@ class AdminConfig(BaseModel):
     )
 
 
+class JournalConfig(BaseModel):
+    """`[journal]`: the durable usage journal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Directory of the usage journal (relative to the current directory), one gateway"
+            " process at a time. With it, every usage event is on disk and synced before its"
+            " response's last bytes leave, and a gateway killed mid-flight records, at its next"
+            " start, what it had not yet written to the ledger; requests it was serving become"
+            " `interrupted` events billed for the usage they had relayed (at most a second old)."
+            " Without it, events wait in memory until the ledger has them."
+        ),
+    )
+    segment_bytes: int = Field(
+        default=67_108_864,
+        ge=4096,
+        description="Size past which a journal segment is sealed and a new one begun.",
+    )
+
+
 class GatewayConfig(BaseModel):
     """The whole configuration file of `gateway serve`."""
 
@@ -322,6 +349,7 @@ class GatewayConfig(BaseModel):
     control: ControlConfig = Field(default_factory=ControlConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
 
     def core_document(self) -> str:
         """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs)."""
@@ -341,6 +369,8 @@ class GatewayConfig(BaseModel):
             },
             "quota": self.quota.model_dump(),
         }
+        if self.journal.dir is not None:
+            document["journal"] = self.journal.model_dump()
         return json.dumps(document)
 
 

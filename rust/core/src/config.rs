@@ -119,6 +119,21 @@ impl QuotaConfig {
     }
 }
 
+/// The durable usage journal.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Its directory; one gateway process at a time.
+    pub dir: String,
+    /// Size past which a segment is sealed and a new one begun.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+}
+
+fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -130,6 +145,9 @@ pub struct GatewayConfig {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// Without one, usage events live in memory until the control plane drains them.
+    #[serde(default)]
+    pub journal: Option<JournalConfig>,
 }
 
 fn default_max_body_bytes() -> usize {

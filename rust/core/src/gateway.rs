@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
+use crate::journal::Journal;
 use crate::metering::{Meter, UsageEvent};
 use crate::quota::Quota;
 use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
@@ -47,11 +49,24 @@ impl Gateway {
                 Ok::<_, crate::config::ConfigError>(Arc::new(worker))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let meter = match &config.journal {
+            None => Meter::default(),
+            Some(journal) => {
+                let (journal, recovered) =
+                    Journal::open(Path::new(&journal.dir), journal.segment_bytes).map_err(|e| {
+                        crate::config::ConfigError::Invalid {
+                            field: "journal.dir",
+                            message: e.to_string(),
+                        }
+                    })?;
+                Meter::with_journal(journal, recovered)
+            }
+        };
         let state = AppState {
             upstream: Upstream::new(&config.routing),
             registry: Arc::new(Registry::new(workers)),
             keys: KeyStore::default(),
-            meter: Arc::new(Meter::default()),
+            meter: Arc::new(meter),
             quota: Arc::new(Quota::new(config.quota.clone())),
             config,
         };
@@ -118,6 +133,11 @@ impl Gateway {
 
     pub fn drain_usage(&self, max: usize) -> Vec<UsageEvent> {
         self.state.meter.drain(max)
+    }
+
+    /// The oldest `count` drained events are in the ledger (the journal may forget them).
+    pub fn usage_committed(&self, count: usize) {
+        self.state.meter.committed(count);
     }
 
     pub fn pending_usage(&self) -> usize {

@@ -13,8 +13,11 @@ use tokio::time::Instant;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use tokio::sync::oneshot;
+
 use crate::api::request::Endpoint;
 use crate::auth::Principal;
+use crate::journal::{Ended, Journal, Progress, Record, Recovered, Started};
 use crate::metrics::GatewayMetrics;
 use crate::quota::Reservation;
 
@@ -126,6 +129,9 @@ pub enum Status {
     Cancelled,
     /// The gateway or the worker failed, or the worker refused the request.
     Failed,
+    /// The process died while the request ran; billed for the usage it had relayed by then, as
+    /// far as the journal knew it.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -144,7 +150,19 @@ impl Status {
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
             Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
         }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Completed,
+            Self::Cancelled,
+            Self::Failed,
+            Self::Interrupted,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 }
 
@@ -155,6 +173,40 @@ impl UsageSource {
             Self::Worker => "worker",
             Self::None => "none",
         }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [Self::Worker, Self::None]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+}
+
+impl UsageEvent {
+    /// An event as the journal stored it; `None` for names this build does not know.
+    pub fn from_journal(ended: Ended) -> Option<Self> {
+        let endpoint = [Endpoint::ChatCompletions, Endpoint::Completions]
+            .into_iter()
+            .map(Endpoint::as_str)
+            .find(|e| *e == ended.endpoint)?;
+        Some(Self {
+            event_id: ended.event_id,
+            request_id: ended.request_id,
+            tenant_id: ended.tenant_id.into(),
+            key_id: ended.key_id.into(),
+            model: ended.model,
+            worker: ended.worker.map(Arc::from),
+            endpoint,
+            stream: ended.stream,
+            status: Status::parse(&ended.status)?,
+            http_status: ended.http_status,
+            prompt_tokens: ended.prompt_tokens,
+            cached_tokens: ended.cached_tokens,
+            completion_tokens: ended.completion_tokens,
+            usage_source: UsageSource::parse(&ended.usage_source)?,
+            started_at_ms: ended.started_at_ms,
+            finished_at_ms: ended.finished_at_ms,
+        })
     }
 }
 
@@ -178,17 +230,85 @@ pub struct UsageEvent {
     pub finished_at_ms: u64,
 }
 
-/// Recorded events waiting to be drained, oldest first, and the counters they feed.
+/// Events in the order they were recorded, numbered by `seq`: waiting to be drained, and drained
+/// but not yet confirmed in the ledger.
 #[derive(Debug, Default)]
-pub struct Meter {
-    queue: Mutex<VecDeque<UsageEvent>>,
-    metrics: GatewayMetrics,
+struct Queue {
+    events: VecDeque<(u64, UsageEvent)>,
+    next_seq: u64,
+    drained: VecDeque<u64>,
 }
 
+/// Recorded events waiting to be drained, oldest first, and the counters they feed; with a
+/// journal, every event also goes to disk, and a request's start and progress too.
+#[derive(Debug, Default)]
+pub struct Meter {
+    queue: Mutex<Queue>,
+    metrics: GatewayMetrics,
+    journal: Option<Journal>,
+}
+
+/// Resolves once an event is on disk; `None` without a journal.
+pub type Synced = Option<oneshot::Receiver<()>>;
+
 impl Meter {
+    /// A meter writing to `journal`, its queue holding first what the journal recovered.
+    pub fn with_journal(journal: Journal, recovered: Recovered) -> Self {
+        let mut queue = Queue {
+            next_seq: recovered.next_seq,
+            ..Queue::default()
+        };
+        for ended in recovered.events {
+            let seq = ended.seq;
+            match UsageEvent::from_journal(ended) {
+                Some(event) => queue.events.push_back((seq, event)),
+                None => tracing::error!(seq, "a journal event this build cannot read was skipped"),
+            }
+        }
+        Self {
+            queue: Mutex::new(queue),
+            metrics: GatewayMetrics::default(),
+            journal: Some(journal),
+        }
+    }
+
     pub fn record(&self, event: UsageEvent, elapsed: Duration) {
+        self.record_synced(event, elapsed, false);
+    }
+
+    /// Records `event`; with `wait`, also returns what resolves once it is on disk.
+    fn record_synced(&self, event: UsageEvent, elapsed: Duration, wait: bool) -> Synced {
         self.metrics.observe_event(&event, elapsed);
-        self.lock().push_back(event);
+        let mut queue = self.lock();
+        let seq = queue.next_seq;
+        queue.next_seq += 1;
+        // Under the queue's lock, so the journal's order is the queue's.
+        let synced = self.journal.as_ref().and_then(|journal| {
+            let record = Record::End(Ended::of(&event, seq));
+            if wait {
+                Some(journal.write_synced(record))
+            } else {
+                journal.write(record);
+                None
+            }
+        });
+        queue.events.push_back((seq, event));
+        synced
+    }
+
+    fn journal_start(&self, event: &UsageEvent) {
+        if let Some(journal) = &self.journal {
+            journal.write(Record::Start(Started::of(event)));
+        }
+    }
+
+    fn journal_progress(&self, event_id: &str, usage: &Usage, at_ms: u64) {
+        if let Some(journal) = &self.journal {
+            journal.write(Record::Progress {
+                event_id: event_id.to_owned(),
+                progress: Progress::of(usage, at_ms),
+            });
+        }
     }
 
     pub fn metrics(&self) -> &GatewayMetrics {
@@ -197,15 +317,32 @@ impl Meter {
 
     pub fn drain(&self, max: usize) -> Vec<UsageEvent> {
         let mut queue = self.lock();
-        let n = max.min(queue.len());
-        queue.drain(..n).collect()
+        let n = max.min(queue.events.len());
+        let drained: Vec<(u64, UsageEvent)> = queue.events.drain(..n).collect();
+        if self.journal.is_some() {
+            queue.drained.extend(drained.iter().map(|(seq, _)| *seq));
+        }
+        drained.into_iter().map(|(_, event)| event).collect()
+    }
+
+    /// The oldest `count` drained events are in the ledger: the journal may forget them.
+    pub fn committed(&self, count: usize) {
+        let Some(journal) = &self.journal else { return };
+        let last = {
+            let mut queue = self.lock();
+            let n = count.min(queue.drained.len());
+            queue.drained.drain(..n).next_back()
+        };
+        if let Some(seq) = last {
+            journal.committed(seq);
+        }
     }
 
     pub fn pending(&self) -> usize {
-        self.lock().len()
+        self.lock().events.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<UsageEvent>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue half-updated (push and drain
         // are single calls), so a poisoned queue is still a valid one.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
@@ -257,7 +394,13 @@ pub struct MeterGuard {
     event: Option<UsageEvent>,
     reservation: Option<Reservation>,
     started: Instant,
+    /// When the journal last heard of this request's usage (unix ms).
+    progress_at_ms: u64,
 }
+
+/// How often a request's usage goes to the journal while it runs: what an interrupted request is
+/// billed for is at most this old.
+const PROGRESS_EVERY_MS: u64 = 1000;
 
 impl MeterGuard {
     pub fn begin(
@@ -288,11 +431,13 @@ impl MeterGuard {
             started_at_ms,
             finished_at_ms: 0,
         };
+        meter.journal_start(&event);
         Self {
             meter,
             event: Some(event),
             reservation: None,
             started: Instant::now(),
+            progress_at_ms: started_at_ms,
         }
     }
 
@@ -306,9 +451,16 @@ impl MeterGuard {
         self.reservation = Some(reservation);
     }
 
-    /// Records nothing: for a request refused before it was dispatched.
+    /// Records nothing: for a request refused before it was dispatched (a journal that saw it
+    /// start is told it will not end).
     pub fn discard(mut self) {
-        self.event = None;
+        if let Some(event) = self.event.take()
+            && let Some(journal) = &self.meter.journal
+        {
+            journal.write(Record::Discard {
+                event_id: event.event_id,
+            });
+        }
     }
 
     /// The request's id: the client's `X-Request-Id`, else the event id.
@@ -340,14 +492,28 @@ impl MeterGuard {
             event.completion_tokens = usage.completion_tokens;
             event.cached_tokens = usage.cached_tokens;
             event.usage_source = UsageSource::Worker;
+            if self.meter.journal.is_some() {
+                let now = now_ms();
+                if now >= self.progress_at_ms + PROGRESS_EVERY_MS {
+                    self.progress_at_ms = now;
+                    self.meter.journal_progress(&event.event_id, &usage, now);
+                }
+            }
         }
     }
 
     pub fn finish(mut self, status: Status) {
-        self.record(status);
+        self.record(status, false);
     }
 
-    fn record(&mut self, status: Status) {
+    /// Records the event; what it returns resolves once the event is on disk (`None` without a
+    /// journal). The end of the response waits for it.
+    pub fn finish_synced(mut self, status: Status) -> Synced {
+        self.record(status, true)
+    }
+
+    fn record(&mut self, status: Status, wait: bool) -> Synced {
+        let mut synced = None;
         if let Some(mut event) = self.event.take() {
             event.status = status;
             event.finished_at_ms = now_ms();
@@ -358,14 +524,17 @@ impl MeterGuard {
                     cached_tokens: event.cached_tokens,
                 });
             }
-            self.meter.record(event, self.started.elapsed());
+            synced = self
+                .meter
+                .record_synced(event, self.started.elapsed(), wait);
         }
+        synced
     }
 }
 
 impl Drop for MeterGuard {
     fn drop(&mut self) {
-        self.record(Status::Cancelled);
+        self.record(Status::Cancelled, false);
     }
 }
 

@@ -75,6 +75,10 @@ impl Gateway {
         PyList::new(py, rows)
     }
 
+    fn usage_committed(&self, count: usize) {
+        self.state.meter.committed(count);
+    }
+
     fn pending_usage(&self) -> usize {
         self.state.meter.pending()
     }

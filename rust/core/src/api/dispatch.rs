@@ -237,7 +237,9 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
                     body,
                 };
             }
-            Ok(body) => return buffered_response(parts.status, &parts.headers, body, meter),
+            Ok(body) => {
+                return buffered_response(parts.status, &parts.headers, body, meter).await;
+            }
             Err(error) => failure = Failure::Gateway(gateway_error(error)),
         }
     }
@@ -246,7 +248,7 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
             status,
             headers,
             body,
-        } => buffered_response(status, &headers, body, meter),
+        } => buffered_response(status, &headers, body, meter).await,
         Failure::Gateway(error) => {
             meter.set_http_status(error.status().as_u16());
             meter.finish(Status::Failed);

@@ -20,7 +20,7 @@ use super::sse::SseSplitter;
 use crate::api::request::{InferenceRequest, StreamUsage};
 use crate::error::ApiError;
 use crate::json;
-use crate::metering::{MeterGuard, Status, StreamUsage as UsageSum, Usage};
+use crate::metering::{MeterGuard, Status, StreamUsage as UsageSum, Synced, Usage};
 use crate::router::Outstanding;
 
 /// Worker response headers the client sees; framing headers are the gateway's own.
@@ -37,8 +37,9 @@ fn response(status: StatusCode, upstream: &HeaderMap, body: Body) -> Response {
     response
 }
 
-/// A complete (non-streaming) worker response, relayed byte for byte.
-pub fn buffered_response(
+/// A complete (non-streaming) worker response, relayed byte for byte once its usage event is on
+/// disk (when there is a journal).
+pub async fn buffered_response(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
@@ -50,12 +51,21 @@ pub fn buffered_response(
         meter.observe(usage);
     }
     meter.set_http_status(status.as_u16());
-    meter.finish(if status.is_success() {
+    let synced = meter.finish_synced(if status.is_success() {
         Status::Completed
     } else {
         Status::Failed
     });
+    wait_synced(synced).await;
     response(status, headers, Body::from(body))
+}
+
+/// Waits until an event is on disk; a journal that failed to write it has logged why, and the
+/// response goes on (its event is still on its way to the ledger).
+async fn wait_synced(synced: Synced) {
+    if let Some(synced) = synced {
+        let _ = synced.await;
+    }
 }
 
 /// A streaming worker response whose first body chunk has already arrived.
@@ -80,6 +90,7 @@ pub fn streaming_response(
         ended: false,
         held: Vec::new(),
         outstanding,
+        synced: None,
     };
     let stream = futures_util::stream::unfold(relay, |mut relay| async move {
         let chunk = relay.next_chunk().await?;
@@ -103,6 +114,8 @@ struct Relay {
     /// was not known yet when a terminal chunk arrived.
     held: Vec<(Bytes, bool)>,
     outstanding: Outstanding,
+    /// The stream's usage event on its way to disk: its last bytes wait for it.
+    synced: Synced,
 }
 
 impl Relay {
@@ -111,6 +124,12 @@ impl Relay {
         if self.ended {
             return None;
         }
+        let out = self.next_bytes().await;
+        wait_synced(self.synced.take()).await;
+        out
+    }
+
+    async fn next_bytes(&mut self) -> Option<Bytes> {
         if let Some(first) = self.first.take() {
             return Some(self.process(first));
         }
@@ -204,10 +223,10 @@ impl Relay {
             }
         }
         if done {
-            // Recorded before the client can see `[DONE]`: a client that leaves right after it
-            // still got the whole response.
+            // Recorded, and on disk, before the client can see `[DONE]`: a client that leaves
+            // right after it still got the whole response.
             if let Some(meter) = self.meter.take() {
-                meter.finish(if self.saw_error {
+                self.synced = meter.finish_synced(if self.saw_error {
                     Status::Failed
                 } else {
                     Status::Completed
@@ -237,7 +256,7 @@ impl Relay {
     /// Ends the client's stream with an error event, unless it already ended properly.
     fn fail(&mut self, reason: &str) -> Option<Bytes> {
         let meter = self.meter.take()?;
-        meter.finish(Status::Failed);
+        self.synced = meter.finish_synced(Status::Failed);
         let mut out = BytesMut::new();
         self.release_held(&mut out);
         out.extend_from_slice(&ApiError::Upstream(reason.to_owned()).sse_frame());

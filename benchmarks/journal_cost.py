@@ -1,0 +1,147 @@
+"""The cost of the durable usage journal: gateway throughput with events kept in memory until the
+ledger has them, against events on disk and synced before each response ends.
+
+    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 3 minutes
+    python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
+
+Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Two gateways in
+front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead.py` (gateways
+on core 1, simulator and loadgen on core 0): "memory" without a journal, "journal" with
+`[journal] dir` in the harness's temporary directory (the same disk as /tmp). Non-streaming and
+streaming completions at saturation (`loadgen`, closed loop, 64 connections), the two targets
+taking turns in a rotating order; the table gives medians over rounds. Results: a section of
+`benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports in `benchmarks/out/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from overhead import (
+    OUT,
+    Pinned,
+    Saturation,
+    Service,
+    Target,
+    build_loadgen,
+    check_environment,
+    create_key,
+    git_commit,
+    instant_sim,
+    machine,
+    median_of,
+    rotate_saturation,
+    wait_serving,
+    write_results,
+)
+from quota_cost import parse_args
+
+BEGIN = "<!-- journal_cost.py:begin -->"
+END = "<!-- journal_cost.py:end -->"
+
+
+def section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
+    lines = [
+        BEGIN,
+        "## The usage journal: events on disk before each response ends",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
+        f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
+        f"{meta['machine']['load']} at start. Completions at saturation, 64 connections; gateway "
+        f"on core 1, simulator and loadgen on core 0; medians of {meta['rounds']} rounds of "
+        f"{meta['duration_s']:.0f} s.",
+        "",
+        "| mode | memory req/s | journal req/s | journal vs memory "
+        "| gateway CPU (memory / journal) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, results in runs.items():
+        memory, journal = median_of(results, "memory", "rps"), median_of(results, "journal", "rps")
+        cpu = (
+            median_of(results, "memory", "gateway_cpu"),
+            median_of(results, "journal", "gateway_cpu"),
+        )
+        lines.append(
+            f"| {mode} | {memory:,.0f} | {journal:,.0f} | {journal / memory:.0%} | "
+            f"{cpu[0]:.0%} / {cpu[1]:.0%} |"
+        )
+    errors = sum(r.errors for results in runs.values() for r in results)
+    lines += ["", f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.", END, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    command = shlex.join(
+        ["python", "benchmarks/journal_cost.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    check_environment(settings)
+    if settings.loadgen == Path():
+        settings.loadgen = build_loadgen()
+    stamp = datetime.now(UTC)
+    host = machine()
+    workdir = Path(tempfile.mkdtemp(prefix="tokengate-journal-"))
+    db_url = f"sqlite:///{workdir / 'ledger.db'}"
+    key = create_key(workdir, db_url)
+    services: list[Pinned] = []
+    runs: dict[str, list[Saturation]] = {}
+    try:
+        sim = instant_sim(settings, workdir)
+        services.append(sim)
+        sim_url = sim.wait_listening()
+        targets = []
+        for name, extra in (("memory", ""), ("journal", f'[journal]\ndir = "{workdir / "j"}"\n')):
+            config = workdir / f"{name}.toml"
+            config.write_text(
+                '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
+                f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
+            )
+            gateway = Service(
+                f"gateway-{name}",
+                settings.gateway_core,
+                ["serve", "--config", str(config), "--log-level", "WARNING"],
+                workdir,
+            )
+            services.append(gateway)
+            url = gateway.wait_listening() + "/v1/completions"
+            wait_serving(url, key, gateway)
+            targets.append(Target(name, gateway, url, key))
+        for mode, stream in (("completions", False), ("completions, streaming", True)):
+            runs[mode] = rotate_saturation(settings, targets, stream=stream)
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        for service in reversed(services):
+            service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    raw_name = f"journal-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json"
+    meta: dict[str, Any] = {
+        "command": command,
+        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
+        "commit": git_commit(),
+        "machine": host,
+        "raw": raw_name,
+        "rounds": settings.rounds,
+        "duration_s": settings.duration_s,
+    }
+    raw = {**meta, "runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
+    (OUT / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
+    text = section(runs, meta)
+    print("\n" + text)
+    if not settings.quick:
+        write_results(text, BEGIN, END)
+    errors = any(r.errors for results in runs.values() for r in results)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

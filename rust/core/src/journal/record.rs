@@ -1,0 +1,238 @@
+//! The journal's records, one JSON object per line: a request's start, its progress, its end.
+//!
+//! A line is written whole or, after a crash mid-write, cut short; a reader skips a line that is
+//! not a complete record (only the last line of a segment can be one).
+
+use serde::{Deserialize, Serialize};
+
+use crate::metering::{Status, Usage, UsageEvent, UsageSource};
+
+/// A request as it started: what an interrupted request's event is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub endpoint: String,
+    pub stream: bool,
+    pub started_at_ms: u64,
+}
+
+/// The latest usage a request relayed, and from which worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub at_ms: u64,
+}
+
+/// An ended request's usage event as stored: the ledger's columns, and the event's place in the
+/// order the core recorded events (`seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    pub seq: u64,
+    pub event_id: String,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub worker: Option<String>,
+    pub endpoint: String,
+    pub stream: bool,
+    pub status: String,
+    pub http_status: u16,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub usage_source: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "r", rename_all = "lowercase")]
+pub enum Record {
+    Start(Started),
+    Progress {
+        event_id: String,
+        #[serde(flatten)]
+        progress: Progress,
+    },
+    End(Ended),
+    /// A request refused before it was dispatched: no event.
+    Discard {
+        event_id: String,
+    },
+}
+
+impl Record {
+    /// One line, newline included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        // Serialising plain strings and integers cannot fail.
+        if serde_json::to_writer(&mut *out, self).is_ok() {
+            out.push(b'\n');
+        }
+    }
+
+    /// A line without its newline; `None` if it is not a whole record.
+    pub fn decode(line: &[u8]) -> Option<Self> {
+        serde_json::from_slice(line).ok()
+    }
+}
+
+impl Started {
+    pub fn of(event: &UsageEvent) -> Self {
+        Self {
+            event_id: event.event_id.clone(),
+            request_id: event.request_id.clone(),
+            tenant_id: event.tenant_id.to_string(),
+            key_id: event.key_id.to_string(),
+            model: event.model.clone(),
+            endpoint: event.endpoint.to_owned(),
+            stream: event.stream,
+            started_at_ms: event.started_at_ms,
+        }
+    }
+
+    /// The event of a request that had started and not ended when the process died: billed for
+    /// the usage it had relayed by its last progress record.
+    pub fn interrupted(&self, progress: Option<Progress>, seq: u64) -> Ended {
+        let usage = progress.unwrap_or(Progress {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            at_ms: self.started_at_ms,
+        });
+        Ended {
+            seq,
+            event_id: self.event_id.clone(),
+            request_id: self.request_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            key_id: self.key_id.clone(),
+            model: self.model.clone(),
+            worker: None,
+            endpoint: self.endpoint.clone(),
+            stream: self.stream,
+            status: Status::Interrupted.as_str().to_owned(),
+            http_status: 0,
+            prompt_tokens: usage.prompt_tokens,
+            cached_tokens: usage.cached_tokens,
+            completion_tokens: usage.completion_tokens,
+            usage_source: if progress.is_some() {
+                UsageSource::Worker
+            } else {
+                UsageSource::None
+            }
+            .as_str()
+            .to_owned(),
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: usage.at_ms,
+        }
+    }
+}
+
+impl Progress {
+    pub fn of(usage: &Usage, at_ms: u64) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.cached_tokens,
+            at_ms,
+        }
+    }
+}
+
+impl Ended {
+    pub fn of(event: &UsageEvent, seq: u64) -> Self {
+        Self {
+            seq,
+            event_id: event.event_id.clone(),
+            request_id: event.request_id.clone(),
+            tenant_id: event.tenant_id.to_string(),
+            key_id: event.key_id.to_string(),
+            model: event.model.clone(),
+            worker: event.worker.as_deref().map(str::to_owned),
+            endpoint: event.endpoint.to_owned(),
+            stream: event.stream,
+            status: event.status.as_str().to_owned(),
+            http_status: event.http_status,
+            prompt_tokens: event.prompt_tokens,
+            cached_tokens: event.cached_tokens,
+            completion_tokens: event.completion_tokens,
+            usage_source: event.usage_source.as_str().to_owned(),
+            started_at_ms: event.started_at_ms,
+            finished_at_ms: event.finished_at_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn started() -> Started {
+        Started {
+            event_id: "e1".into(),
+            request_id: "r1".into(),
+            tenant_id: "t".into(),
+            key_id: "k".into(),
+            model: "m".into(),
+            endpoint: "completions".into(),
+            stream: true,
+            started_at_ms: 10,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_one_per_line() {
+        let records = [
+            Record::Start(started()),
+            Record::Progress {
+                event_id: "e1".into(),
+                progress: Progress {
+                    prompt_tokens: 3,
+                    completion_tokens: 2,
+                    cached_tokens: 0,
+                    at_ms: 12,
+                },
+            },
+            Record::End(started().interrupted(None, 7)),
+        ];
+        let mut out = Vec::new();
+        for record in &records {
+            record.encode(&mut out);
+        }
+        let decoded: Vec<Record> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(Record::decode)
+            .collect();
+        assert_eq!(decoded, records);
+        assert_eq!(
+            Record::decode(&out[..out.len() / 2]),
+            None,
+            "a cut line is no record"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_request_is_billed_for_its_last_progress() {
+        let progress = Progress {
+            prompt_tokens: 5,
+            completion_tokens: 9,
+            cached_tokens: 1,
+            at_ms: 20,
+        };
+        let ended = started().interrupted(Some(progress), 3);
+        assert_eq!(ended.status, "interrupted");
+        assert_eq!((ended.prompt_tokens, ended.completion_tokens), (5, 9));
+        assert_eq!(ended.usage_source, "worker");
+        assert_eq!(ended.finished_at_ms, 20);
+        let nothing = started().interrupted(None, 4);
+        assert_eq!(nothing.usage_source, "none");
+        assert_eq!(nothing.completion_tokens, 0);
+    }
+}

@@ -1,0 +1,93 @@
+"""The durable usage journal against real processes: a gateway SIGKILLed under streaming load
+loses no event of a response that ended at its client, and counts nothing twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests import procs
+
+MODEL = "sim-model"
+
+
+def stream_until_cut(url: str, key: str, stop: threading.Event) -> list[tuple[str, bool]]:
+    """Streams completions one after another until `stop` or the gateway dies; returns each
+    request id the gateway answered with 200, and whether its stream reached `[DONE]`."""
+    seen: list[tuple[str, bool]] = []
+    headers = {"authorization": f"Bearer {key}"}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        while not stop.is_set():
+            request_id = str(uuid.uuid4())
+            body = {"model": MODEL, "prompt": "count", "max_tokens": 40, "stream": True}
+            try:
+                with client.stream(
+                    "POST", url, json=body, headers={"x-request-id": request_id}
+                ) as response:
+                    if response.status_code != 200:
+                        return seen
+                    done = False
+                    seen.append((request_id, False))
+                    for line in response.iter_lines():
+                        done |= line == "data: [DONE]"
+                    seen[-1] = (request_id, done)
+            except httpx.HTTPError:
+                return seen
+    return seen
+
+
+def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    sim = procs.start_sim(itl_ms=5, max_output_tokens=40)
+    db = tmp_path / "ledger.db"
+    key, _ = procs.create_key(db, "acme")
+    config = procs.write_config(
+        tmp_path / "gateway.toml",
+        [sim.url],
+        db,
+        f'[journal]\ndir = "{tmp_path / "journal"}"\n',
+    )
+    gateway = procs.start(["serve", "--config", str(config)])
+    stop = threading.Event()
+    try:
+        url = gateway.url + "/v1/completions"
+        with ThreadPoolExecutor(16) as pool:
+            clients = [pool.submit(stream_until_cut, url, key, stop) for _ in range(16)]
+            time.sleep(2.0)
+            gateway.kill()
+            stop.set()
+            answered = [item for client in clients for item in client.result()]
+        assert procs.wait_for(lambda: gateway.proc.poll() is not None)
+        ended = {request_id for request_id, done in answered if done}
+        cut = {request_id for request_id, done in answered if not done}
+        assert len(ended) > 50, len(ended)
+        assert cut, "some streams were cut by the kill"
+
+        gateway = procs.start(["serve", "--config", str(config)])
+        answered_ids = ended | cut
+
+        def recorded() -> bool:
+            ids = {row["request_id"] for row in procs.usage_rows(db)}
+            return answered_ids <= ids
+
+        assert procs.wait_for(recorded, timeout=15), "an answered request has no usage event"
+        rows = procs.usage_rows(db)
+        by_request: dict[str, list[str]] = {}
+        for row in rows:
+            by_request.setdefault(row["request_id"], []).append(row["status"])
+        assert all(len(statuses) == 1 for statuses in by_request.values()), "counted twice"
+        assert {by_request[r][0] for r in ended} == {"completed"}
+        assert {by_request[r][0] for r in cut} <= {"interrupted", "cancelled"}
+        assert "interrupted" in {by_request[r][0] for r in cut}
+        interrupted = [row for row in rows if row["status"] == "interrupted"]
+        assert all(row["completion_tokens"] <= 40 for row in interrupted)
+    finally:
+        stop.set()
+        gateway.stop()
+        sim.stop()
