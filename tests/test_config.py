@@ -336,4 +336,4 @@ def test_the_journal_reaches_the_core_only_when_it_has_a_directory(tmp_path: Pat
     assert "journal" not in without
     text = MINIMAL + '\n[journal]\ndir = "data/journal"\n'
     document = json.loads(load_config(write(tmp_path, text)).core_document())
-    assert document["journal"] == {"dir": "data/journal", "segment_bytes": 67_108_864}
+    assert document["journal"] == {"dir": "data/journal", "segment_bytes": 16_777_216}

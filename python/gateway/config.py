@@ -329,7 +329,7 @@ class JournalConfig(BaseModel):
         ),
     )
     segment_bytes: int = Field(
-        default=67_108_864,
+        default=16_777_216,
         ge=4096,
         description="Size past which a journal segment is sealed and a new one begun.",
     )

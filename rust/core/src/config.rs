@@ -131,7 +131,7 @@ pub struct JournalConfig {
 }
 
 fn default_segment_bytes() -> u64 {
-    64 * 1024 * 1024
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

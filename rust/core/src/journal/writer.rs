@@ -6,9 +6,10 @@
 //! sync is shared by all the requests that end meanwhile. Records nobody waits for (starts,
 //! progress) ride along with the next sync, or are synced on their own after 5 ms.
 //!
-//! A segment is sealed once it outgrows `segment_bytes`; the next one begins with the start (and
-//! last progress) of every request still open, so each segment holds what recovery needs of the
-//! requests that were open when it began. A sealed segment is deleted once the ledger holds every
+//! Segments are zero-filled to `segment_bytes` before use (the next one in the background), so a
+//! sync flushes data alone. A segment is sealed once the next records do not fit; the next one
+//! begins with the start (and last progress) of every request still open, so each segment holds
+//! what recovery needs of the requests that were open when it began. A sealed segment is deleted once the ledger holds every
 //! event it recorded (`committed`). On open, the segments left by the previous process are read:
 //! their ended events are recorded again (the ledger ignores an event id it has), requests that
 //! had started and not ended become `interrupted` events billed for their last progress, all of it
@@ -19,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
@@ -103,6 +105,8 @@ fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<OpenRequest>)
     let mut order: Vec<String> = Vec::new();
     for (_, path) in paths {
         let bytes = fs::read(path)?;
+        // A segment is zero-filled ahead of its records: its data ends at the first zero byte.
+        let bytes = &bytes[..memchr::memchr(0, &bytes).unwrap_or(bytes.len())];
         for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
             match Record::decode(line) {
                 Some(Record::Start(started)) => {
@@ -145,6 +149,38 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A segment file zero-filled to `bytes` and synced, under a name recovery ignores until `adopt`
+/// gives it its own: records then overwrite blocks the file already has, so a sync flushes data
+/// alone, where a write that grew the file would make every sync commit the file system's own
+/// journal as well.
+fn preallocated(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
+    let temp = prepared_path(dir, index);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&temp)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(1 << 20)).unwrap_or(1 << 20);
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    Ok(file)
+}
+
+fn prepared_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("journal-{index:010}.prep"))
+}
+
+/// Makes a prepared segment the segment `index`.
+fn adopt(dir: &Path, index: u64) -> io::Result<()> {
+    fs::rename(prepared_path(dir, index), segment_path(dir, index))?;
+    sync_dir(dir)
+}
+
 impl Journal {
     /// Opens the journal in `dir` (created if missing), recovers what the previous process left
     /// (see the module's documentation) and starts the writer.
@@ -157,6 +193,12 @@ impl Journal {
                 format!("the journal {} is in use by another process", dir.display()),
             )
         })?;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "prep") {
+                fs::remove_file(path)?;
+            }
+        }
         let old = segments(dir)?;
         let (mut events, open) = replay(&old)?;
         let mut next_seq = events.iter().map(|e| e.seq + 1).max().unwrap_or(0);
@@ -165,18 +207,15 @@ impl Journal {
             next_seq += 1;
         }
         let index = old.last().map_or(0, |(i, _)| i + 1);
-        let path = segment_path(dir, index);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)?;
+        let segment_bytes = segment_bytes.max(4096);
+        let file = preallocated(dir, index, segment_bytes)?;
+        adopt(dir, index)?;
         let mut buffer = Vec::new();
         for event in &events {
             Record::End(event.clone()).encode(&mut buffer);
         }
-        file.write_all(&buffer)?;
+        file.write_all_at(&buffer, 0)?;
         file.sync_data()?;
-        sync_dir(dir)?;
         for (_, path) in &old {
             fs::remove_file(path)?;
         }
@@ -188,11 +227,15 @@ impl Journal {
         }
         let committed = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
+        let next_dir = dir.to_owned();
         let writer = Writer {
             dir: dir.to_owned(),
-            segment_bytes: segment_bytes.max(4096),
+            segment_bytes,
             index,
             file,
+            next: Some(std::thread::spawn(move || {
+                preallocated(&next_dir, index + 1, segment_bytes)
+            })),
             written: u64::try_from(buffer.len()).unwrap_or(u64::MAX),
             max_seq: next_seq.checked_sub(1),
             sealed: Vec::new(),
@@ -276,6 +319,8 @@ struct Writer {
     segment_bytes: u64,
     index: u64,
     file: File,
+    /// The next segment, being zero-filled in the background.
+    next: Option<JoinHandle<io::Result<File>>>,
     written: u64,
     /// The highest `seq` written so far.
     max_seq: Option<u64>,
@@ -308,6 +353,9 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.sync(&mut buffer, &mut waiting);
+                    if let Some(next) = self.next.take() {
+                        let _ = next.join();
+                    }
                     return;
                 }
             };
@@ -326,12 +374,12 @@ impl Writer {
                     None
                 };
             }
+            if let Err(error) = self.maintain() {
+                tracing::error!(%error, "usage journal segment deletion failed");
+            }
             if !waiting.is_empty() || oldest.is_some_and(|since| since.elapsed() >= LINGER) {
                 self.sync(&mut buffer, &mut waiting);
                 oldest = None;
-            }
-            if let Err(error) = self.maintain() {
-                tracing::error!(%error, "usage journal segment rotation failed");
             }
         }
     }
@@ -378,41 +426,55 @@ impl Writer {
         }
     }
 
+    /// Writes `bytes` after what the segment holds (sealing it first if they do not fit) and
+    /// syncs.
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        if self.written > 0 && self.written + len > self.segment_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all_at(bytes, self.written)?;
         self.file.sync_data()?;
-        self.written += u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        self.written += len;
         Ok(())
     }
 
-    /// Seals a full segment (carrying the open requests into the next) and deletes sealed
-    /// segments the ledger has caught up with.
-    fn maintain(&mut self) -> io::Result<()> {
-        if self.written >= self.segment_bytes {
-            let index = self.index + 1;
-            let mut file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(segment_path(&self.dir, index))?;
-            let mut carried = Vec::new();
-            for (started, progress) in self.open.values() {
-                Record::Start(started.clone()).encode(&mut carried);
-                if let Some(progress) = progress {
-                    Record::Progress {
-                        event_id: started.event_id.clone(),
-                        progress: *progress,
-                    }
-                    .encode(&mut carried);
+    /// Seals the segment and continues in the next, which begins with the start (and last
+    /// progress) of every request still open.
+    fn rotate(&mut self) -> io::Result<()> {
+        let index = self.index + 1;
+        let file = match self.next.take().map(JoinHandle::join) {
+            Some(Ok(Ok(file))) => file,
+            Some(Ok(Err(error))) => return Err(error),
+            Some(Err(_)) | None => preallocated(&self.dir, index, self.segment_bytes)?,
+        };
+        adopt(&self.dir, index)?;
+        let mut carried = Vec::new();
+        for (started, progress) in self.open.values() {
+            Record::Start(started.clone()).encode(&mut carried);
+            if let Some(progress) = progress {
+                Record::Progress {
+                    event_id: started.event_id.clone(),
+                    progress: *progress,
                 }
+                .encode(&mut carried);
             }
-            file.write_all(&carried)?;
-            file.sync_data()?;
-            sync_dir(&self.dir)?;
-            self.sealed.push((self.index, self.max_seq));
-            self.index = index;
-            self.file = file;
-            self.written = u64::try_from(carried.len()).unwrap_or(u64::MAX);
         }
+        file.write_all_at(&carried, 0)?;
+        file.sync_data()?;
+        self.sealed.push((self.index, self.max_seq));
+        self.index = index;
+        self.file = file;
+        self.written = u64::try_from(carried.len()).unwrap_or(u64::MAX);
+        let (dir, bytes) = (self.dir.clone(), self.segment_bytes);
+        self.next = Some(std::thread::spawn(move || {
+            preallocated(&dir, index + 1, bytes)
+        }));
+        Ok(())
+    }
+
+    /// Deletes the sealed segments the ledger has caught up with.
+    fn maintain(&mut self) -> io::Result<()> {
         let committed = self.committed.load(Ordering::Relaxed);
         let dir = &self.dir;
         self.sealed.retain(|&(index, max_seq)| {
