@@ -83,8 +83,11 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
             by_request.setdefault(row["request_id"], []).append(row["status"])
         assert all(len(statuses) == 1 for statuses in by_request.values()), "counted twice"
         assert {by_request[r][0] for r in ended} == {"completed"}
-        assert {by_request[r][0] for r in cut} <= {"interrupted", "cancelled"}
-        assert "interrupted" in {by_request[r][0] for r in cut}
+        # A cut stream's event may also be `completed`: its event was on disk before its last
+        # bytes left, and the kill can come between the two.
+        cut_statuses = {by_request[r][0] for r in cut}
+        assert cut_statuses <= {"interrupted", "cancelled", "completed"}
+        assert "interrupted" in cut_statuses
         interrupted = [row for row in rows if row["status"] == "interrupted"]
         assert all(row["completion_tokens"] <= 40 for row in interrupted)
     finally:
