@@ -15,7 +15,6 @@ taking turns in a rotating order; the table gives medians over rounds. Results: 
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from overhead import (
-    OUT,
     Pinned,
     Saturation,
     Service,
@@ -33,13 +31,13 @@ from overhead import (
     build_loadgen,
     check_environment,
     create_key,
-    git_commit,
     instant_sim,
     machine,
     median_of,
+    publish,
     rotate_saturation,
+    run_meta,
     wait_serving,
-    write_results,
 )
 from quota_cost import parse_args
 
@@ -122,25 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         for service in reversed(services):
             service.stop()
     shutil.rmtree(workdir, ignore_errors=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    raw_name = f"journal-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json"
-    meta: dict[str, Any] = {
-        "command": command,
-        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
-        "commit": git_commit(),
-        "machine": host,
-        "raw": raw_name,
-        "rounds": settings.rounds,
-        "duration_s": settings.duration_s,
-    }
-    raw = {**meta, "runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
-    (OUT / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
-    text = section(runs, meta)
-    print("\n" + text)
-    if not settings.quick:
-        write_results(text, BEGIN, END)
-    errors = any(r.errors for results in runs.values() for r in results)
-    return 1 if errors else 0
+    meta = run_meta("journal", command, stamp, host, settings)
+    raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
+    publish(meta, raw, section(runs, meta), BEGIN, END, settings.quick)
+    return 1 if any(r.errors for results in runs.values() for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -684,6 +684,36 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_meta(
+    prefix: str, command: str, stamp: datetime, host: dict[str, str], settings: Settings
+) -> dict[str, Any]:
+    """What every comparison report states about its run, `raw` naming its file in
+    `benchmarks/out/`."""
+    return {
+        "command": command,
+        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
+        "commit": git_commit(),
+        "machine": host,
+        "raw": f"{prefix}-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json",
+        "rounds": settings.rounds,
+        "duration_s": settings.duration_s,
+    }
+
+
+def publish(
+    meta: dict[str, Any], raw: dict[str, Any], text: str, begin: str, end: str, quick: bool
+) -> None:
+    """Saves the raw report, prints the section, and (unless `quick`) puts it in RESULTS.md."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / meta["raw"]).write_text(json.dumps({**meta, **raw}, indent=2) + "\n")
+    print("\n" + text)
+    if quick:
+        print(f"(--quick: RESULTS.md left alone; raw report in benchmarks/out/{meta['raw']})")
+    else:
+        write_results(text, begin, end)
+        print(f"written to benchmarks/RESULTS.md and benchmarks/out/{meta['raw']}")
+
+
 def write_results(text: str, begin: str = BEGIN, end: str = END) -> None:
     """Replaces the section between `begin` and `end` in RESULTS.md (`text` carries both
     markers), or appends it."""

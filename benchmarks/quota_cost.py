@@ -40,7 +40,6 @@ from typing import Any
 
 from overhead import (
     MODEL,
-    OUT,
     ROOT,
     HarnessError,
     Pinned,
@@ -51,12 +50,12 @@ from overhead import (
     check_environment,
     free_port,
     gateway_cli,
-    git_commit,
     instant_sim,
     machine,
+    publish,
     rotate_saturation,
+    run_meta,
     wait_serving,
-    write_results,
 )
 
 BEGIN = "<!-- quota_cost.py:begin -->"
@@ -251,26 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         for service in reversed(services):
             service.stop()
     shutil.rmtree(workdir, ignore_errors=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    raw_name = f"quota-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json"
-    meta: dict[str, Any] = {
-        "command": command,
-        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
-        "commit": git_commit(),
-        "machine": host,
-        "raw": raw_name,
-        "rounds": settings.rounds,
-        "duration_s": settings.duration_s,
-    }
-    raw = {**meta, "micro": figures, "runs": [vars(r) for r in bench.results]}
-    (OUT / raw_name).write_text(json.dumps(raw, indent=2) + "\n")
-    text = section(bench, figures, meta)
-    print("\n" + text)
-    if settings.quick:
-        print(f"(--quick: RESULTS.md left alone; raw report in benchmarks/out/{raw_name})")
-    else:
-        write_results(text, BEGIN, END)
-        print(f"written to benchmarks/RESULTS.md and benchmarks/out/{raw_name}")
+    meta = run_meta("quota", command, stamp, host, settings)
+    raw = {"micro": figures, "runs": [vars(r) for r in bench.results]}
+    publish(meta, raw, section(bench, figures, meta), BEGIN, END, settings.quick)
     return 1 if any(r.errors for r in bench.results) else 0
 
 

@@ -19,11 +19,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 import psycopg
 
 from tests import procs
+from tests.services.process import ServerProcess
 
 __all__ = ["PostgresServer", "postgres_bindir"]
 
@@ -47,17 +48,21 @@ def postgres_bindir() -> Path:
     return versions[-1].parent
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """`with PostgresServer() as pg:` starts one; `pg.url` names its `tokengate` database,
     `pg.database()` makes a fresh one for a test and drops it afterwards."""
 
+    # SIGINT is PostgreSQL's fast shutdown: clients are disconnected, not waited for.
+    stop_signal = signal.SIGINT
+    stop_timeout_s = 30.0
+
     def __init__(self) -> None:
+        super().__init__()
         self._bindir = postgres_bindir()
         self.port = procs.free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="tokengate-pg-"))
         self._log = self._dir / "server.log"
         self._as_owner: list[str] = []
-        self._process: subprocess.Popen[bytes] | None = None
         self.url = self.url_of("tokengate")
 
     def url_of(self, database: str) -> str:
@@ -83,7 +88,7 @@ class PostgresServer:
             "--",
         ]
 
-    def start(self) -> PostgresServer:
+    def start(self) -> Self:
         self._own_directory()
         password_file = self._dir / "password"
         password_file.write_text(PASSWORD)
@@ -164,24 +169,5 @@ class PostgresServer:
         )
 
     def stop(self) -> None:
-        if self._process is not None:
-            # SIGINT is PostgreSQL's fast shutdown: clients are disconnected, not waited for.
-            self._process.send_signal(signal.SIGINT)
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
+        super().stop()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -5,18 +5,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from types import TracebackType
+from typing import Self
 
 from tests import procs
+from tests.services.process import ServerProcess
 
 __all__ = ["RedisServer"]
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """`with RedisServer() as redis:` starts one; `redis.url` for the gateway, `redis.cli(...)`
     to look inside."""
 
     def __init__(self) -> None:
+        super().__init__()
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make services`")
@@ -29,9 +31,8 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
         ]  # fmt: skip
-        self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         self._process = subprocess.Popen(
             self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -56,24 +57,3 @@ class RedisServer:
             timeout=10,
         )
         return done.stdout.strip()
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
