@@ -69,24 +69,24 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
         assert len(ended) > 50, len(ended)
         assert cut, "some streams were cut by the kill"
 
+        # The restarted gateway recovers the journal as it starts; stopped cleanly, it has
+        # written everything it recovered to the ledger.
         gateway = procs.start(["serve", "--config", str(config)])
-        answered_ids = ended | cut
-
-        def recorded() -> bool:
-            ids = {row["request_id"] for row in procs.usage_rows(db)}
-            return answered_ids <= ids
-
-        assert procs.wait_for(recorded, timeout=15), "an answered request has no usage event"
+        assert gateway.stop() == 0
         rows = procs.usage_rows(db)
+        recorded = {row["request_id"] for row in rows}
+        assert ended <= recorded, f"{len(ended - recorded)} responses that reached their end lost"
         by_request: dict[str, list[str]] = {}
         for row in rows:
             by_request.setdefault(row["request_id"], []).append(row["status"])
         assert all(len(statuses) == 1 for statuses in by_request.values()), "counted twice"
         assert {by_request[r][0] for r in ended} == {"completed"}
-        # A cut stream's event may also be `completed`: its event was on disk before its last
-        # bytes left, and the kill can come between the two.
-        cut_statuses = {by_request[r][0] for r in cut}
-        assert cut_statuses <= {"interrupted", "cancelled", "completed"}
+        # A cut stream is closed as interrupted, billed for its last progress; its event may also
+        # be `completed` (on disk before its last bytes left, and the kill came between the two).
+        # Only a request whose start the journal's writer had not yet taken (microseconds) can
+        # have none.
+        cut_statuses = {by_request[r][0] for r in cut if r in by_request}
+        assert cut_statuses <= {"interrupted", "completed"}
         assert "interrupted" in cut_statuses
         interrupted = [row for row in rows if row["status"] == "interrupted"]
         assert all(row["completion_tokens"] <= 40 for row in interrupted)

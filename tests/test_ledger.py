@@ -340,6 +340,25 @@ def test_snapshot_holds_only_usable_keys(ledger: Connection) -> None:
 # --- usage ----------------------------------------------------------------------------------------
 
 
+def test_the_same_event_id_with_another_payload_is_a_logged_conflict_never_an_overwrite(
+    ledger: Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = event(completion_tokens=5)
+    assert insert_usage_events(ledger, [first]) == 1
+    with caplog.at_level("ERROR", logger="gateway.ledger.usage"):
+        assert insert_usage_events(ledger, [first]) == 0
+        assert caplog.text == "", "the same payload again is no conflict"
+        other = first._replace(completion_tokens=9, status="interrupted")
+        assert insert_usage_events(ledger, [other, event()]) == 1
+    assert "conflicts with the one stored (kept)" in caplog.text
+    assert "completion_tokens: stored 5, new 9" in caplog.text
+    assert "status: stored 'completed', new 'interrupted'" in caplog.text
+    stored = query(
+        ledger, "SELECT completion_tokens FROM usage_events WHERE event_id = ?", [first.event_id]
+    )
+    assert stored == [(5,)]
+
+
 def test_usage_insert_is_idempotent(ledger: Connection) -> None:
     batch = [event() for _ in range(5)]
     assert insert_usage_events(ledger, batch) == 5

@@ -1,12 +1,14 @@
 """Usage events: one per request, as drained from the core, stored once each, and their totals.
 
 Events are append-only and idempotent by `event_id`: writing a batch twice, or from two writers at
-once, stores each event once. Rollups and billing cursors are not here; pricing is only what the
-core's budget counters need at start-up (`spent_in_current_periods`).
+once, stores each event once. An event id already stored with a different payload is a conflict:
+the stored event stays, and the conflict is logged. Rollups and billing cursors are not here;
+pricing is only what the core's budget counters need at start-up (`spent_in_current_periods`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypedDict
@@ -14,6 +16,8 @@ from typing import NamedTuple, TypedDict
 from gateway.ledger.db import Connection, executemany, now_ms, query, query_as, transaction
 from gateway.ledger.prices import PRICES_IN_EFFECT_SQL
 from gateway.quotas import MICROS, Period, Scope, period_bounds
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SpentEntry",
@@ -40,7 +44,7 @@ class UsageEvent(NamedTuple):
     worker: str | None
     endpoint: str  # "chat.completions" | "completions"
     stream: bool
-    status: str  # "completed" | "cancelled" | "failed"
+    status: str  # "completed" | "cancelled" | "failed" | "interrupted"
     http_status: int
     prompt_tokens: int
     cached_tokens: int
@@ -66,7 +70,37 @@ def insert_usage_events(conn: Connection, events: Sequence[tuple[object, ...]]) 
     recorded_at = now_ms()
     rows = [(*event, recorded_at) for event in events]
     with transaction(conn):
-        return executemany(conn, _INSERT, rows)
+        inserted = executemany(conn, _INSERT, rows)
+        if inserted < len(rows):
+            _log_conflicts(conn, events)
+    return inserted
+
+
+def _log_conflicts(conn: Connection, events: Sequence[tuple[object, ...]]) -> None:
+    """Logs every event of `events` whose id the ledger holds with another payload."""
+    batch = {str(event[0]): tuple(event) for event in events}
+    ids = list(batch)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        stored = query(
+            conn,
+            f"SELECT {', '.join(_FIELDS)} FROM usage_events "  # noqa: S608
+            f"WHERE event_id IN ({', '.join('?' for _ in chunk)})",
+            chunk,
+        )
+        for row in stored:
+            new = batch[str(row[0])]
+            if tuple(row) != new:
+                differing = [
+                    f"{name}: stored {old!r}, new {value!r}"
+                    for name, old, value in zip(_FIELDS, row, new, strict=True)
+                    if old != value
+                ]
+                logger.error(
+                    "usage event %s conflicts with the one stored (kept): %s",
+                    row[0],
+                    "; ".join(differing),
+                )
 
 
 @dataclass(frozen=True, slots=True)

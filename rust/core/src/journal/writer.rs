@@ -2,9 +2,10 @@
 //! disk and synced, before the client sees the end of its response.
 //!
 //! One thread writes. It takes every record queued while its previous sync ran, writes them in
-//! one `write`, syncs once (`fdatasync`), then tells the waiting requests: a group commit, so a
-//! sync is shared by all the requests that end meanwhile. Records nobody waits for (starts,
-//! progress) ride along with the next sync, or are synced on their own after 5 ms.
+//! one `write` (from then on a killed process cannot lose them, only a machine that stops), syncs
+//! once (`fdatasync`), then tells the waiting requests: a group commit, so a sync is shared by all
+//! the requests that end meanwhile. Records nobody waits for (starts, progress) ride along with the
+//! next sync, or are synced on their own after 5 ms.
 //!
 //! Segments are zero-filled to `segment_bytes` before use (the next one in the background), so a
 //! sync flushes data alone. A segment is sealed once the next records do not fit; the next one
@@ -236,6 +237,7 @@ impl Journal {
             next: Some(std::thread::spawn(move || {
                 preallocated(&next_dir, index + 1, segment_bytes)
             })),
+            unsynced: false,
             written: u64::try_from(buffer.len()).unwrap_or(u64::MAX),
             max_seq: next_seq.checked_sub(1),
             sealed: Vec::new(),
@@ -321,6 +323,8 @@ struct Writer {
     file: File,
     /// The next segment, being zero-filled in the background.
     next: Option<JoinHandle<io::Result<File>>>,
+    /// Whether the segment holds records written since its last sync.
+    unsynced: bool,
     written: u64,
     /// The highest `seq` written so far.
     max_seq: Option<u64>,
@@ -334,8 +338,9 @@ struct Writer {
 }
 
 impl Writer {
-    /// Collects records until someone waits for one (or the oldest has waited `LINGER`), then
-    /// writes and syncs them all at once and tells the waiters. Records nobody waits for (starts,
+    /// Writes every batch of records to the file at once (so a killed process loses none the
+    /// writer has taken), and syncs when someone waits for one, or when the oldest unsynced
+    /// record has waited `LINGER`; then tells the waiters. Records nobody waits for (starts,
     /// progress, the ends of responses whose client left) never cost a sync of their own.
     fn run(mut self, commands: &mpsc::Receiver<Command>) {
         let mut buffer = Vec::with_capacity(1 << 16);
@@ -352,7 +357,7 @@ impl Writer {
                 Ok(command) => Some(command),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.sync(&mut buffer, &mut waiting);
+                    self.sync(&mut waiting);
                     if let Some(next) = self.next.take() {
                         let _ = next.join();
                     }
@@ -374,35 +379,42 @@ impl Writer {
                     None
                 };
             }
+            if !buffer.is_empty() {
+                if let Err(error) = self.write_out(&buffer) {
+                    // The waiting requests see their receiver fail; their events stay in
+                    // memory, on their way to the ledger.
+                    tracing::error!(%error, "usage journal write failed");
+                    waiting.clear();
+                }
+                buffer.clear();
+            }
             if let Err(error) = self.maintain() {
                 tracing::error!(%error, "usage journal segment deletion failed");
             }
             if !waiting.is_empty() || oldest.is_some_and(|since| since.elapsed() >= LINGER) {
-                self.sync(&mut buffer, &mut waiting);
+                self.sync(&mut waiting);
                 oldest = None;
             }
         }
     }
 
-    /// Writes and syncs `buffer`, then tells `waiting`.
-    fn sync(&mut self, buffer: &mut Vec<u8>, waiting: &mut Vec<oneshot::Sender<()>>) {
-        if buffer.is_empty() {
+    /// Syncs what was written, then tells `waiting`.
+    fn sync(&mut self, waiting: &mut Vec<oneshot::Sender<()>>) {
+        if !self.unsynced {
             return;
         }
-        match self.append(buffer) {
+        match self.file.sync_data() {
             Ok(()) => {
+                self.unsynced = false;
                 for synced in waiting.drain(..) {
                     let _ = synced.send(());
                 }
             }
             Err(error) => {
-                // The waiting requests see their receiver fail; their events stay in memory, on
-                // their way to the ledger.
-                tracing::error!(%error, "usage journal write failed");
+                tracing::error!(%error, "usage journal sync failed");
                 waiting.clear();
             }
         }
-        buffer.clear();
     }
 
     fn track(&mut self, record: &Record) {
@@ -426,22 +438,26 @@ impl Writer {
         }
     }
 
-    /// Writes `bytes` after what the segment holds (sealing it first if they do not fit) and
-    /// syncs.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` after what the segment holds (sealing it first if they do not fit),
+    /// without syncing.
+    fn write_out(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         if self.written > 0 && self.written + len > self.segment_bytes {
             self.rotate()?;
         }
         self.file.write_all_at(bytes, self.written)?;
-        self.file.sync_data()?;
         self.written += len;
+        self.unsynced = true;
         Ok(())
     }
 
     /// Seals the segment and continues in the next, which begins with the start (and last
     /// progress) of every request still open.
     fn rotate(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
         let index = self.index + 1;
         let file = match self.next.take().map(JoinHandle::join) {
             Some(Ok(Ok(file))) => file,
