@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
 __all__ = ["ServerProcess"]
 
 
-class ServerProcess:
+class ServerProcess(ABC):
     """A server the tests start; subclasses set `_process` in `start()`."""
 
     # The signal that makes the server shut down cleanly, and how long it may take.
@@ -21,8 +22,9 @@ class ServerProcess:
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
 
+    @abstractmethod
     def start(self) -> Self:
-        raise NotImplementedError
+        """Starts the server and waits until it answers."""
 
     def stop(self) -> None:
         """`stop_signal`, then SIGKILL after `stop_timeout_s`; safe to call twice."""

@@ -125,19 +125,8 @@ impl Gateway {
         self.state.quota.set_policies_json(snapshot_json)
     }
 
-    /// Adds spending the ledger recorded before this process started to the in-process budget
-    /// counters of the current periods; returns how many entries were applied.
-    pub fn seed_spent(&self, entries_json: &str) -> Result<usize, serde_json::Error> {
-        self.state.quota.seed_json(entries_json)
-    }
-
     pub fn drain_usage(&self, max: usize) -> Vec<UsageEvent> {
         self.state.meter.drain(max)
-    }
-
-    /// The oldest `count` drained events are in the ledger (the journal may forget them).
-    pub fn usage_committed(&self, count: usize) {
-        self.state.meter.committed(count);
     }
 
     pub fn pending_usage(&self) -> usize {

@@ -44,11 +44,10 @@ pub async fn dispatch(
     request: InferenceRequest,
     principal: &Principal,
 ) -> Response {
-    let known = !matches!(
+    if matches!(
         state.registry.availability(&request.model),
         Availability::Unknown
-    );
-    if !known || !state.quota.allows_model(principal, &request.model) {
+    ) {
         return reject(state, ApiError::ModelNotFound(request.model));
     }
     let mut meter = MeterGuard::begin(

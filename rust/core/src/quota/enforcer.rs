@@ -134,17 +134,6 @@ impl Quota {
         count
     }
 
-    /// Whether `principal` may see and use `model`.
-    pub fn allows_model(&self, principal: &Principal, model: &str) -> bool {
-        let policies = self.policies.load();
-        let tenant = policies.tenants.get(&principal.tenant_id);
-        let key = policies.keys.get(&principal.key_id);
-        [tenant, key]
-            .into_iter()
-            .flatten()
-            .all(|limits| limits.allows_model(model))
-    }
-
     /// The allow-list that applies to `principal`, if any (tenant's and key's intersected).
     pub fn model_filter(&self, principal: &Principal) -> Option<Vec<String>> {
         let policies = self.policies.load();
