@@ -404,8 +404,8 @@ def test_one_event_written_by_100_concurrent_writers_is_stored_once(ledger_url: 
 
     assert sorted(run_together(100, write)) == [0] * 99 + [1]
     with open_ledger(ledger_url) as conn:
-        assert query(conn, "SELECT event_id, prompt_tokens FROM usage_events") == [
-            (once.event_id, once.prompt_tokens)
+        assert query(conn, "SELECT event_id, prompt_tokens, seq FROM usage_events") == [
+            (once.event_id, once.prompt_tokens - once.cached_tokens, 1)
         ]
 
 
@@ -437,7 +437,8 @@ def test_usage_totals_per_tenant_and_model(ledger: Connection) -> None:
         (None, "sim-model"),
     }
     acme_sim = totals["acme", "sim-model"]
-    assert (acme_sim.requests, acme_sim.prompt_tokens, acme_sim.cached_tokens) == (3, 33, 4)
+    # Disjoint classes: the ledger's prompt tokens are those not served from cache.
+    assert (acme_sim.requests, acme_sim.prompt_tokens, acme_sim.cached_tokens) == (3, 29, 4)
     assert acme_sim.completion_tokens == 13
     # Integers on both backends (PostgreSQL's SUM of BIGINT is NUMERIC).
     assert {type(value) for value in dataclasses.astuple(acme_sim)[4:]} == {int}
@@ -447,7 +448,7 @@ def test_usage_totals_per_tenant_and_model(ledger: Connection) -> None:
     assert totals[None, "sim-model"].tenant_id == "ten_ffffffffffff"
 
     only_beta = usage_totals(ledger, beta.id)
-    assert [(t.tenant_id, t.requests, t.prompt_tokens) for t in only_beta] == [(beta.id, 1, 100)]
+    assert [(t.tenant_id, t.requests, t.prompt_tokens) for t in only_beta] == [(beta.id, 1, 50)]
 
     by_status = {
         (t.model, t.status): (t.requests, t.completion_tokens)

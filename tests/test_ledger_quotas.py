@@ -17,7 +17,6 @@ from gateway.ledger.db import (
     open_ledger,
     query,
     schema_version,
-    transaction,
 )
 from gateway.ledger.prices import list_prices, prices_in_effect, set_price
 from gateway.ledger.quotas import (
@@ -32,6 +31,7 @@ from gateway.ledger.tenants import create_tenant, set_tenant_disabled
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
 from gateway.quotas import Price, QuotaPolicy
 from tests.conftest import usage_event as event
+from tests.ledger_versions import downgrade
 
 
 def ms(text: str) -> int:
@@ -43,19 +43,13 @@ def price(prompt: int, cached: int, completion: int) -> Price:
 
 
 def test_a_version_1_ledger_migrates_to_quota_and_price_tables(ledger_url: str) -> None:
-    with open_ledger(ledger_url) as old, transaction(old):
-        # Back to version 1: without what migration 2 made.
-        for statement in (
-            "DROP TABLE quota_policies",
-            "DROP TABLE prices",
-            "DROP INDEX usage_events_started",
-            "DELETE FROM schema_version WHERE version > 1",
-        ):
-            execute(old, statement)
+    with open_ledger(ledger_url) as old:
+        downgrade(old, 1)
         execute(old, "INSERT INTO tenants VALUES ('ten_000000000001', 'acme', 0, ?)", (False,))
     with open_ledger(ledger_url) as conn:
         assert schema_version(conn) == SCHEMA_VERSION
-        assert query(conn, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+        versions = query(conn, "SELECT version FROM schema_version ORDER BY version")
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
         set_tenant_quota(conn, "acme", QuotaPolicy(max_concurrent=2))
         set_price(conn, "m", price(1, 1, 1), effective_at=0)
         assert get_quota(conn, "ten_000000000001") == QuotaPolicy(max_concurrent=2)

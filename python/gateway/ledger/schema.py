@@ -78,5 +78,61 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Budgets are seeded from the current day's and month's events at start-up.
         "CREATE INDEX usage_events_started ON usage_events (started_at_ms)",
     ),
+    (
+        # Token classes stop overlapping: `prompt_tokens` becomes the prompt tokens not served
+        # from the prefix cache, so each class is billed at its own price.
+        """UPDATE usage_events SET
+            cached_tokens = CASE WHEN cached_tokens < prompt_tokens
+                THEN cached_tokens ELSE prompt_tokens END,
+            prompt_tokens = CASE WHEN cached_tokens < prompt_tokens
+                THEN prompt_tokens - cached_tokens ELSE 0 END""",
+        # `seq`: the commit order, which billing consumers page by. `price_effective_at` names
+        # the price version an event was priced at and `cost_micros` is its cost; both are NULL
+        # for an event of a model without a price at its start (unpriced, never billed at zero).
+        "ALTER TABLE usage_events ADD COLUMN seq BIGINT",
+        "ALTER TABLE usage_events ADD COLUMN price_effective_at BIGINT",
+        "ALTER TABLE usage_events ADD COLUMN cost_micros BIGINT",
+        """UPDATE usage_events SET seq = (SELECT COUNT(*) FROM usage_events e
+            WHERE e.recorded_at_ms < usage_events.recorded_at_ms
+                OR (e.recorded_at_ms = usage_events.recorded_at_ms
+                    AND e.event_id <= usage_events.event_id))""",
+        """UPDATE usage_events SET price_effective_at = (SELECT MAX(p.effective_at) FROM prices p
+            WHERE p.model = usage_events.model AND p.effective_at <= usage_events.started_at_ms)""",
+        """UPDATE usage_events SET cost_micros = (SELECT
+            (usage_events.prompt_tokens * p.prompt_per_mtok
+                + usage_events.cached_tokens * p.cached_per_mtok
+                + usage_events.completion_tokens * p.completion_per_mtok + 999999) / 1000000
+            FROM prices p WHERE p.model = usage_events.model
+                AND p.effective_at = usage_events.price_effective_at)""",
+        "CREATE UNIQUE INDEX usage_events_seq ON usage_events (seq)",
+        "CREATE INDEX usage_events_tenant_seq ON usage_events (tenant_id, seq)",
+        # Per bucket of each width ('1m', '1h', '1d', UTC-aligned by `started_at_ms`), tenant,
+        # key and model: sums of the events stored, added in the transaction that stores them.
+        # Derived data: `rollups.rebuild_rollups` recomputes it from the events.
+        """CREATE TABLE usage_rollups (
+            bucket_width TEXT NOT NULL,
+            bucket_start BIGINT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            cached_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            cost_micros BIGINT NOT NULL,
+            unpriced_requests BIGINT NOT NULL,
+            PRIMARY KEY (bucket_width, bucket_start, tenant_id, key_id, model)
+        )""",
+        *(
+            f"""INSERT INTO usage_rollups SELECT '{width}',
+                started_at_ms - started_at_ms % {ms}, tenant_id, key_id, model, COUNT(*),
+                SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens),
+                COALESCE(SUM(cost_micros), 0),
+                SUM(CASE WHEN cost_micros IS NULL THEN 1 ELSE 0 END)
+            FROM usage_events
+            GROUP BY started_at_ms - started_at_ms % {ms}, tenant_id, key_id, model"""  # noqa: S608
+            for width, ms in (("1m", 60_000), ("1h", 3_600_000), ("1d", 86_400_000))
+        ),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,27 +2,44 @@
 
 Events are append-only and idempotent by `event_id`: writing a batch twice, or from two writers at
 once, stores each event once. An event id already stored with a different payload is a conflict:
-the stored event stays, and the conflict is logged. Rollups and billing cursors are not here;
-pricing is only what the core's budget counters need at start-up (`spent_in_current_periods`).
+the stored event stays, and the conflict is logged.
+
+Storing an event makes it billable, in the write transaction that inserts it:
+- its token classes are made disjoint: `prompt_tokens` keeps only the prompt tokens not served
+  from the prefix cache (the core reports them as the worker does, cached ones included);
+- it is priced at the price version in effect at its start, recorded in `price_effective_at`,
+  and its cost, rounded up to a micro-unit, in `cost_micros`; an event of a model without a price
+  then has both NULL (unpriced: flagged, never billed at zero); a version added later, even one
+  backdated, never reprices a stored event;
+- it gets the next `seq`, the commit order billing consumers page by: write transactions run one
+  at a time (`db.transaction`), so events become visible in `seq` order, without gaps;
+- it is added to the rollups (`rollups.add_to_rollups`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypedDict
 
 from gateway.ledger.db import Connection, executemany, now_ms, query, query_as, transaction
-from gateway.ledger.prices import PRICES_IN_EFFECT_SQL
+from gateway.ledger.rollups import add_to_rollups
 from gateway.quotas import MICROS, Period, Scope, period_bounds
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SpentEntry",
+    "StoredEvent",
     "UsageEvent",
     "UsageTotal",
+    "decode_cursor",
+    "encode_cursor",
+    "events_after",
     "insert_usage_events",
     "spent_in_current_periods",
     "usage_totals",
@@ -31,9 +48,10 @@ __all__ = [
 
 class UsageEvent(NamedTuple):
     """One request's usage, field for field the tuple the core drains (`Gateway.drain_usage`,
-    whose order is `gateway._core.USAGE_COLUMNS`) and the ledger's `usage_events` columns.
+    whose order is `gateway._core.USAGE_COLUMNS`).
 
-    The core is typed and the only producer, so drained tuples go to the ledger as they are.
+    The core is typed and the only producer, so drained tuples are taken as they are. Here, as
+    from the worker, `prompt_tokens` includes `cached_tokens`; the ledger stores them disjoint.
     """
 
     event_id: str
@@ -54,58 +72,199 @@ class UsageEvent(NamedTuple):
     finished_at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the ledger holds it. Token classes are disjoint: `prompt_tokens` are the prompt
+    tokens not served from cache, `cached_tokens` those that were. `price_effective_at` and
+    `cost_micros` are None for an unpriced event."""
+
+    seq: int
+    event_id: str
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    worker: str | None
+    endpoint: str
+    stream: bool
+    status: str
+    http_status: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    usage_source: str
+    started_at_ms: int
+    finished_at_ms: int
+    recorded_at_ms: int
+    price_effective_at: int | None
+    cost_micros: int | None
+
+    @property
+    def priced(self) -> bool:
+        return self.cost_micros is not None
+
+
 _FIELDS = UsageEvent._fields
+_PRICING = ("seq", "price_effective_at", "cost_micros", "recorded_at_ms")
 _INSERT = (
-    f"INSERT INTO usage_events ({', '.join(_FIELDS)}, recorded_at_ms) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in _FIELDS)}, ?) "
-    "ON CONFLICT (event_id) DO NOTHING"
+    f"INSERT INTO usage_events ({', '.join(_FIELDS + _PRICING)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _FIELDS + _PRICING)})"
 )
+_PROMPT, _CACHED, _COMPLETION = (
+    _FIELDS.index(name) for name in ("prompt_tokens", "cached_tokens", "completion_tokens")
+)
+_MODEL, _STARTED = _FIELDS.index("model"), _FIELDS.index("started_at_ms")
+
+Row = tuple[object, ...]
 
 
-def insert_usage_events(conn: Connection, events: Sequence[tuple[object, ...]]) -> int:
-    """Stores a batch (`UsageEvent`s or tuples in their order) in one transaction; returns how
-    many events were new."""
-    if not events:
+def _disjoint(event: Sequence[object]) -> Row:
+    """`event` with `prompt_tokens` less its cached tokens (cached ones capped at the prompt)."""
+    row = list(event)
+    prompt, cached = int(row[_PROMPT]), int(row[_CACHED])  # type: ignore[call-overload]
+    cached = min(cached, prompt)
+    row[_PROMPT], row[_CACHED] = prompt - cached, cached
+    return tuple(row)
+
+
+class _PriceBook:
+    """The versions of some models' prices, to price events by their start time."""
+
+    def __init__(self, conn: Connection, models: Iterable[str]) -> None:
+        self._versions: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = {}
+        names = sorted(set(models))
+        for first in range(0, len(names), 500):
+            chunk = names[first : first + 500]
+            rows = query(
+                conn,
+                "SELECT model, effective_at, prompt_per_mtok, cached_per_mtok, "  # noqa: S608
+                f"completion_per_mtok FROM prices WHERE model IN ({', '.join('?' * len(chunk))}) "
+                "ORDER BY model, effective_at",
+                chunk,
+            )
+            for model, effective_at, *price in rows:
+                times, prices = self._versions.setdefault(model, ([], []))
+                times.append(effective_at)
+                prices.append((price[0], price[1], price[2]))
+
+    def price(self, row: Row) -> tuple[int | None, int | None]:
+        """The version in effect at the start of `row` (disjoint classes) and its cost, rounded
+        up to a micro-unit; (None, None) when unpriced."""
+        versions = self._versions.get(str(row[_MODEL]))
+        if versions is None:
+            return None, None
+        times, prices = versions
+        at = bisect_right(times, row[_STARTED]) - 1  # type: ignore[call-overload]
+        if at < 0:
+            return None, None
+        prompt, cached, completion = prices[at]
+        fine = (
+            int(row[_PROMPT]) * prompt  # type: ignore[call-overload]
+            + int(row[_CACHED]) * cached  # type: ignore[call-overload]
+            + int(row[_COMPLETION]) * completion  # type: ignore[call-overload]
+        )
+        return times[at], -(-fine // MICROS)
+
+
+def insert_usage_events(conn: Connection, events: Sequence[Sequence[object]]) -> int:
+    """Stores a batch (`UsageEvent`s or tuples in their order) in one transaction, in its order;
+    returns how many events were new."""
+    batch: dict[str, Row] = {}
+    for event in events:
+        row = _disjoint(event)
+        first = batch.setdefault(str(row[0]), row)
+        if first != row:
+            _log_conflict(first, row, "an earlier one of its batch", "earlier")
+    if not batch:
         return 0
-    recorded_at = now_ms()
-    rows = [(*event, recorded_at) for event in events]
     with transaction(conn):
-        inserted = executemany(conn, _INSERT, rows)
-        if inserted < len(rows):
-            _log_conflicts(conn, events)
-    return inserted
+        for stored in _stored(conn, list(batch)):
+            new = batch.pop(str(stored[0]))
+            if stored != new:
+                _log_conflict(stored, new, "the one stored", "stored")
+        if not batch:
+            return 0
+        last = query(conn, "SELECT MAX(seq) FROM usage_events")[0][0]
+        seq = int(last or 0)
+        book = _PriceBook(conn, (str(row[_MODEL]) for row in batch.values()))
+        recorded_at = now_ms()
+        rows = []
+        for row in batch.values():
+            seq += 1
+            rows.append((*row, seq, *book.price(row), recorded_at))
+        executemany(conn, _INSERT, rows)
+        add_to_rollups(conn, rows)
+    return len(rows)
 
 
-def _log_conflicts(conn: Connection, events: Sequence[tuple[object, ...]]) -> None:
-    """Logs every event of `events` whose id the ledger holds with another payload."""
-    batch = {str(event[0]): tuple(event) for event in events}
-    ids = list(batch)
+def _stored(conn: Connection, ids: list[str]) -> list[Row]:
+    """The events of `ids` the ledger holds, as the core's fields (disjoint classes)."""
+    found: list[Row] = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        stored = query(
+        found += query(
             conn,
             f"SELECT {', '.join(_FIELDS)} FROM usage_events "  # noqa: S608
             f"WHERE event_id IN ({', '.join('?' for _ in chunk)})",
             chunk,
         )
-        for row in stored:
-            new = batch[str(row[0])]
-            if tuple(row) != new:
-                differing = [
-                    f"{name}: stored {old!r}, new {value!r}"
-                    for name, old, value in zip(_FIELDS, row, new, strict=True)
-                    if old != value
-                ]
-                logger.error(
-                    "usage event %s conflicts with the one stored (kept): %s",
-                    row[0],
-                    "; ".join(differing),
-                )
+    return found
+
+
+def _log_conflict(kept: Row, new: Row, what: str, label: str) -> None:
+    differing = [
+        f"{name}: {label} {old!r}, new {value!r}"
+        for name, old, value in zip(_FIELDS, kept, new, strict=True)
+        if old != value
+    ]
+    logger.error("usage event %s conflicts with %s (kept): %s", kept[0], what, "; ".join(differing))
+
+
+_CURSOR_PREFIX = "evc1."
+
+
+def encode_cursor(seq: int) -> str:
+    """The opaque cursor of the position after the event numbered `seq` (0: the beginning)."""
+    return _CURSOR_PREFIX + base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The `seq` a cursor from `encode_cursor` stands after; `ValueError` if it is not one."""
+    body = cursor.removeprefix(_CURSOR_PREFIX)
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not a usage event cursor: {cursor!r}") from exc
+    if body == cursor or len(raw) != 8:
+        raise ValueError(f"not a usage event cursor: {cursor!r}")
+    return int.from_bytes(raw, "big")
+
+
+_STORED_COLUMNS = ", ".join(StoredEvent.__dataclass_fields__)
+
+
+def events_after(
+    conn: Connection, after_seq: int, limit: int, tenant_id: str | None = None
+) -> list[StoredEvent]:
+    """Up to `limit` events following `after_seq` in commit order (of one tenant, if given).
+
+    Paging by the last event's `seq` sees every event exactly once, whatever the writers do
+    meanwhile: events become visible in `seq` order (see the module's docstring).
+    """
+    sql = f"SELECT {_STORED_COLUMNS} FROM usage_events WHERE seq > ?"  # noqa: S608
+    params: list[object] = [after_seq]
+    if tenant_id is not None:
+        sql += " AND tenant_id = ?"
+        params.append(tenant_id)
+    sql += " ORDER BY seq LIMIT ?"
+    params.append(limit)
+    return query_as(conn, StoredEvent, sql, params)
 
 
 @dataclass(frozen=True, slots=True)
 class UsageTotal:
-    """Requests and tokens of one tenant and model (and status, when grouped by it)."""
+    """Requests, tokens (disjoint classes) and cost of one tenant and model (and status, when
+    grouped by it); `cost_micros` sums the priced events, `unpriced_requests` counts the others."""
 
     tenant_id: str
     tenant_name: str | None
@@ -115,6 +274,8 @@ class UsageTotal:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    cost_micros: int
+    unpriced_requests: int
 
 
 def usage_totals(
@@ -129,7 +290,8 @@ def usage_totals(
     # The columns in the order of `UsageTotal`'s fields.
     sql = (
         f"SELECT u.tenant_id, t.name, u.model, {status}, COUNT(*), "  # noqa: S608
-        "SUM(u.prompt_tokens), SUM(u.cached_tokens), SUM(u.completion_tokens) "
+        "SUM(u.prompt_tokens), SUM(u.cached_tokens), SUM(u.completion_tokens), "
+        "COALESCE(SUM(u.cost_micros), 0), SUM(CASE WHEN u.cost_micros IS NULL THEN 1 ELSE 0 END) "
         "FROM usage_events u LEFT JOIN tenants t ON t.id = u.tenant_id"
     )
     params: tuple[str, ...] = ()
@@ -154,32 +316,20 @@ class SpentEntry(TypedDict):
     money_micros: int
 
 
-# Per event of the current month: its tenant and key, whether it is of the current day, its tokens
-# and its cost, rounded up to a whole micro-unit, at the prices in effect now (0 if unpriced);
-# cached tokens count at most the prompt, as in the core. Parameters: now, month start, month end,
-# day start, day end.
-_SPENT = f"""
-WITH price AS ({PRICES_IN_EFFECT_SQL}),
-month AS (
-    SELECT tenant_id, key_id, model, started_at_ms, prompt_tokens, completion_tokens,
-        CASE WHEN cached_tokens < prompt_tokens THEN cached_tokens ELSE prompt_tokens END AS cached
-    FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ?
-),
-event AS (
-    SELECT m.tenant_id, m.key_id,
-        CASE WHEN m.started_at_ms >= ? AND m.started_at_ms < ? THEN 1 ELSE 0 END AS today,
-        m.prompt_tokens + m.completion_tokens AS tokens,
-        COALESCE(((m.prompt_tokens - m.cached) * p.prompt_per_mtok
-            + m.cached * p.cached_per_mtok
-            + m.completion_tokens * p.completion_per_mtok + {MICROS - 1}) / {MICROS}, 0) AS money
-    FROM month m LEFT JOIN price p ON p.model = m.model
+# Per tenant, then per key, with an event this month: the tenant, then tokens and cost of the
+# day's events, then of the month's. Parameters: day start, day end (twice), month start, month end.
+_TODAY = "CASE WHEN started_at_ms >= ? AND started_at_ms < ? THEN {} ELSE 0 END"
+_SUMS = (
+    f"SUM({_TODAY.format('prompt_tokens + cached_tokens + completion_tokens')}), "
+    f"SUM({_TODAY.format('COALESCE(cost_micros, 0)')}), "
+    "SUM(prompt_tokens + cached_tokens + completion_tokens), SUM(COALESCE(cost_micros, 0))"
 )
-SELECT 'tenant', tenant_id, tenant_id,
-    SUM(today * tokens), SUM(today * money), SUM(tokens), SUM(money)
-FROM event GROUP BY tenant_id
+_SPENT = f"""
+SELECT 'tenant', tenant_id, tenant_id, {_SUMS}
+FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ? GROUP BY tenant_id
 UNION ALL
-SELECT 'key', key_id, tenant_id, SUM(today * tokens), SUM(today * money), SUM(tokens), SUM(money)
-FROM event GROUP BY key_id, tenant_id
+SELECT 'key', key_id, tenant_id, {_SUMS}
+FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ? GROUP BY key_id, tenant_id
 ORDER BY 1 DESC, 2
 """  # noqa: S608
 
@@ -187,14 +337,14 @@ ORDER BY 1 DESC, 2
 def spent_in_current_periods(conn: Connection, at_ms: int) -> list[SpentEntry]:
     """What each tenant and each key spent in the UTC day and the UTC month containing `at_ms`.
 
-    Tokens are prompt plus completion tokens of the events that started in the period; money is
-    the sum over those events of each one's cost rounded up to a micro-unit, at the prices in
-    effect at `at_ms`. Every tenant and key with an event this month gets a "day" and a "month"
+    Tokens are all tokens of the events that started in the period; money is the sum of their
+    costs (unpriced events cost nothing here: the core refuses unpriced models to a tenant with a
+    money budget). Every tenant and key with an event this month gets a "day" and a "month"
     entry (the day's may be zero), with the tenant id (of the key); tenants first, then keys,
     each by id.
     """
     day, month = period_bounds("day", at_ms), period_bounds("month", at_ms)
-    rows = query(conn, _SPENT, (at_ms, *month, *day))
+    rows = query(conn, _SPENT, (*day, *day, *month) * 2)
     periods: tuple[Period, Period] = ("day", "month")
     return [
         {

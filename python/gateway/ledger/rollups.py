@@ -1,0 +1,187 @@
+"""Usage rollups: per UTC minute, hour and day, tenant, key and model, the sums of the events that
+started in it. Derived data, never a counter anything resets: `add_to_rollups` adds the events a
+transaction stores, in that transaction, and `rebuild_rollups` recomputes every row from the
+events.
+
+`usage_page` reads them as buckets, the shape of OpenAI's organisation usage API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from gateway.ledger.db import Connection, execute, executemany, query, transaction
+
+__all__ = [
+    "BUCKET_LIMITS",
+    "BUCKET_WIDTHS",
+    "GROUP_KEYS",
+    "Bucket",
+    "BucketResult",
+    "BucketWidth",
+    "GroupKey",
+    "UsagePage",
+    "add_to_rollups",
+    "rebuild_rollups",
+    "usage_page",
+]
+
+BucketWidth = Literal["1m", "1h", "1d"]
+BUCKET_WIDTHS: dict[BucketWidth, int] = {"1m": 60_000, "1h": 3_600_000, "1d": 86_400_000}
+"""Each bucket width and its length in milliseconds; buckets start at multiples of it."""
+
+BUCKET_LIMITS: dict[BucketWidth, tuple[int, int]] = {
+    "1m": (60, 1440),
+    "1h": (24, 168),
+    "1d": (7, 31),
+}
+"""Each width's default and largest number of buckets per page (OpenAI's)."""
+
+GroupKey = Literal["tenant_id", "api_key_id", "model"]
+GROUP_KEYS: tuple[GroupKey, ...] = get_args(GroupKey)
+_GROUP_COLUMNS: dict[GroupKey, str] = {
+    "tenant_id": "tenant_id",
+    "api_key_id": "key_id",
+    "model": "model",
+}
+
+_SUMS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros")
+_KEY = ("bucket_width", "bucket_start", "tenant_id", "key_id", "model")
+_UPSERT = (
+    f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS)}, unpriced_requests) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _KEY + _SUMS)}, ?) "
+    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
+    + ", ".join(
+        f"{column} = usage_rollups.{column} + excluded.{column}"
+        for column in (*_SUMS, "unpriced_requests")
+    )
+)
+
+# Positions in the rows `usage.insert_usage_events` stores (`usage._FIELDS` then pricing).
+_TENANT, _KEY_ID, _MODEL = 2, 3, 4
+_PROMPT, _CACHED, _COMPLETION, _STARTED = 10, 11, 12, 14
+_COST = 18
+
+
+def add_to_rollups(conn: Connection, rows: Sequence[Sequence[object]]) -> None:
+    """Adds newly stored events (rows as `usage.insert_usage_events` inserts them) to the rollups;
+    call in the transaction that stores them."""
+    sums: dict[tuple[object, ...], list[int]] = {}
+    for row in rows:
+        started = int(row[_STARTED])  # type: ignore[call-overload]
+        cost = row[_COST]
+        add = (
+            1,
+            int(row[_PROMPT]),  # type: ignore[call-overload]
+            int(row[_CACHED]),  # type: ignore[call-overload]
+            int(row[_COMPLETION]),  # type: ignore[call-overload]
+            0 if cost is None else int(cost),  # type: ignore[call-overload]
+            1 if cost is None else 0,
+        )
+        for width, ms in BUCKET_WIDTHS.items():
+            key = (width, started - started % ms, row[_TENANT], row[_KEY_ID], row[_MODEL])
+            total = sums.setdefault(key, [0] * len(add))
+            for i, value in enumerate(add):
+                total[i] += value
+    executemany(conn, _UPSERT, [(*key, *total) for key, total in sums.items()])
+
+
+def rebuild_rollups(conn: Connection) -> None:
+    """Recomputes every rollup from the events, in one transaction."""
+    with transaction(conn):
+        execute(conn, "DELETE FROM usage_rollups")
+        for width, ms in BUCKET_WIDTHS.items():
+            bucket = f"started_at_ms - started_at_ms % {ms}"
+            execute(
+                conn,
+                f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS)}, unpriced_requests) "  # noqa: S608
+                f"SELECT '{width}', {bucket}, tenant_id, key_id, model, COUNT(*), "
+                "SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+                "COALESCE(SUM(cost_micros), 0), "
+                "SUM(CASE WHEN cost_micros IS NULL THEN 1 ELSE 0 END) "
+                f"FROM usage_events GROUP BY {bucket}, tenant_id, key_id, model",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class BucketResult:
+    """The sums of one group in one bucket; a group key is None when not grouped by it.
+
+    `prompt_tokens` excludes `cached_tokens` (disjoint classes); `cost_micros` sums the priced
+    events, `unpriced_requests` counts the others.
+    """
+
+    tenant_id: str | None
+    api_key_id: str | None
+    model: str | None
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    unpriced_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """[start_ms, end_ms) and its results, one per group with events (none: no events)."""
+
+    start_ms: int
+    end_ms: int
+    results: list[BucketResult]
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePage:
+    """Consecutive buckets; `next_start_ms` is where the next page starts, None on the last."""
+
+    buckets: list[Bucket]
+    next_start_ms: int | None
+
+
+def usage_page(
+    conn: Connection,
+    width: BucketWidth,
+    start_ms: int,
+    end_ms: int,
+    *,
+    limit: int,
+    group_by: Collection[GroupKey] = (),
+    tenant_id: str | None = None,
+) -> UsagePage:
+    """Up to `limit` buckets of `width` from the one containing `start_ms` (buckets are aligned to
+    UTC multiples of the width) to `end_ms` (exclusive), every bucket listed, empty ones too; of
+    one tenant if `tenant_id`. Results are grouped by `group_by` and sorted by its keys."""
+    ms = BUCKET_WIDTHS[width]
+    first = start_ms - start_ms % ms
+    stop = min(end_ms, first + limit * ms)
+    keys = [key for key in GROUP_KEYS if key in group_by]
+    columns = [_GROUP_COLUMNS[key] for key in keys]
+    selected = ", ".join(["bucket_start", *columns])
+    sql = (
+        f"SELECT {selected}, SUM(requests), SUM(prompt_tokens), SUM(cached_tokens), "  # noqa: S608
+        "SUM(completion_tokens), SUM(cost_micros), SUM(unpriced_requests) FROM usage_rollups "
+        "WHERE bucket_width = ? AND bucket_start >= ? AND bucket_start < ?"
+    )
+    params: list[object] = [width, first, stop]
+    if tenant_id is not None:
+        sql += " AND tenant_id = ?"
+        params.append(tenant_id)
+    sql += f" GROUP BY {selected} ORDER BY {selected}"
+    results: dict[int, list[BucketResult]] = {}
+    for row in query(conn, sql, params):
+        group = dict(zip(keys, row[1 : 1 + len(keys)], strict=True))
+        results.setdefault(int(row[0]), []).append(
+            BucketResult(
+                group.get("tenant_id"),
+                group.get("api_key_id"),
+                group.get("model"),
+                *(int(value) for value in row[1 + len(keys) :]),
+            )
+        )
+    buckets = [
+        Bucket(start, start + ms, results.get(start, [])) for start in range(first, stop, ms)
+    ]
+    return UsagePage(buckets, stop if stop < end_ms else None)

@@ -1,0 +1,32 @@
+"""Takes a migrated ledger back to an earlier schema version, to test later migrations on it."""
+
+from __future__ import annotations
+
+from gateway.ledger.db import Connection, execute, transaction
+
+# What undoes each migration, by the version it made.
+_UNDO: dict[int, tuple[str, ...]] = {
+    2: (
+        "DROP TABLE quota_policies",
+        "DROP TABLE prices",
+        "DROP INDEX usage_events_started",
+    ),
+    3: (
+        "DROP TABLE usage_rollups",
+        "DROP INDEX usage_events_seq",
+        "DROP INDEX usage_events_tenant_seq",
+        "ALTER TABLE usage_events DROP COLUMN seq",
+        "ALTER TABLE usage_events DROP COLUMN price_effective_at",
+        "ALTER TABLE usage_events DROP COLUMN cost_micros",
+    ),
+}
+
+
+def downgrade(conn: Connection, version: int) -> None:
+    """Undoes, newest first, every migration after `version`, in one transaction."""
+    with transaction(conn):
+        for undone in sorted(_UNDO, reverse=True):
+            if undone > version:
+                for statement in _UNDO[undone]:
+                    execute(conn, statement)
+        execute(conn, "DELETE FROM schema_version WHERE version > ?", (version,))
