@@ -12,7 +12,7 @@ import pytest
 from gateway.ledger.db import Connection, open_ledger, query
 from gateway.ledger.invoices import invoice, invoice_csv
 from gateway.ledger.prices import set_price
-from gateway.ledger.rollups import BUCKET_LIMITS, BUCKET_WIDTHS, usage_page
+from gateway.ledger.rollups import BUCKET_LIMITS, BUCKET_WIDTHS, GroupKey, usage_page
 from gateway.ledger.usage import UsageEvent, events_after, insert_usage_events, usage_totals
 from gateway.quotas import Price
 from tests.services.postgres import PostgresServer
@@ -76,7 +76,8 @@ def reports(conn: Connection) -> dict[str, object]:
     }
     for width in BUCKET_WIDTHS:
         limit = BUCKET_LIMITS[width][1]
-        for group in ((), ("tenant_id", "model"), ("api_key_id",)):
+        groups: tuple[tuple[GroupKey, ...], ...] = ((), ("tenant_id", "model"), ("api_key_id",))
+        for group in groups:
             page = usage_page(
                 conn, width, MAY, MAY + limit * BUCKET_WIDTHS[width], limit=limit, group_by=group
             )

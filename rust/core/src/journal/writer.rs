@@ -4,8 +4,10 @@
 //! One thread writes. It takes every record queued while its previous sync ran, writes them in
 //! one `write` (from then on a killed process cannot lose them, only a machine that stops), syncs
 //! once (`fdatasync`), then tells the waiting requests: a group commit, so a sync is shared by all
-//! the requests that end meanwhile. Records nobody waits for (starts, progress) ride along with the
-//! next sync, or are synced on their own after 5 ms.
+//! the requests that end meanwhile. Records nobody waits for (starts, progress, the ends of
+//! responses whose client left) wake nobody: they ride along with the next sync, or are written
+//! and synced at most 5 ms after they were queued. Queueing is a push under a mutex; the writer
+//! is woken only when it sleeps and has been given a reason (a waiter, or a first record).
 //!
 //! Segments are zero-filled to `segment_bytes` before use (the next one in the background), so a
 //! sync flushes data alone. A segment is sealed once the next records do not fit; the next one
@@ -24,7 +26,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,36 +34,60 @@ use tokio::sync::oneshot;
 
 use super::record::{Ended, Progress, Record, Started};
 
-/// Most records taken from the queue between two looks at whether to sync.
-const BATCH: usize = 4096;
-
 /// How long a record nobody waits for may stay unwritten.
 const LINGER: Duration = Duration::from_millis(5);
 
-enum Command {
-    Write {
-        record: Box<Record>,
-        synced: Option<oneshot::Sender<()>>,
-    },
-    /// Look for sealed segments the ledger has caught up with.
-    Checkpoint,
+/// What the request threads hand the writer.
+#[derive(Default)]
+struct Queue {
+    records: Vec<Record>,
+    /// Told once every record queued before them is synced.
+    waiters: Vec<oneshot::Sender<()>>,
+    /// When the oldest of `records` was queued.
+    oldest: Option<Instant>,
+    /// The ledger caught up: look for sealed segments to delete.
+    checkpoint: bool,
+    closed: bool,
+    /// How the writer sleeps, which says whether a new record must wake it.
+    sleep: Sleep,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Sleep {
+    /// Awake: it looks at the queue before it sleeps again.
+    #[default]
+    Awake,
+    /// Until records are `LINGER` old; only a waiter or `close` wakes it earlier.
+    Lingering,
+    /// Until anything at all is queued.
+    Idle,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Every change to the queue is a push or a flag: a poisoned queue is still a valid one.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[derive(Debug)]
 pub struct Journal {
-    commands: Mutex<mpsc::Sender<Command>>,
+    shared: Arc<Shared>,
     /// The highest `seq` the ledger is known to hold. Relaxed: the writer reads it only to decide
     /// what to delete, and a stale value only delays a deletion.
     committed: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Write { .. } => "Write",
-            Self::Checkpoint => "Checkpoint",
-        })
+        f.write_str("Shared")
     }
 }
 
@@ -227,7 +253,7 @@ impl Journal {
             );
         }
         let committed = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
         let next_dir = dir.to_owned();
         let writer = Writer {
             dir: dir.to_owned(),
@@ -247,58 +273,71 @@ impl Journal {
         };
         let thread = std::thread::Builder::new()
             .name("usage-journal".to_owned())
-            .spawn(move || writer.run(&rx))?;
+            .spawn({
+                let shared = shared.clone();
+                move || writer.run(&shared)
+            })?;
         let journal = Self {
-            commands: Mutex::new(tx),
+            shared,
             committed,
             writer: Mutex::new(Some(thread)),
         };
         Ok((journal, Recovered { events, next_seq }))
     }
 
-    fn send(&self, command: Command) {
-        let sender = self.commands.lock().unwrap_or_else(PoisonError::into_inner);
-        if sender.send(command).is_err() {
-            tracing::error!("usage journal writer has stopped; a record was not written");
-        }
-    }
-
     /// Queues a record for the next sync, without waiting for it.
     pub fn write(&self, record: Record) {
-        self.send(Command::Write {
-            record: Box::new(record),
-            synced: None,
-        });
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            tracing::error!("usage journal writer has stopped; a record was not written");
+            return;
+        }
+        queue.records.push(record);
+        queue.oldest.get_or_insert_with(Instant::now);
+        if queue.sleep == Sleep::Idle {
+            queue.sleep = Sleep::Awake;
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Queues a record; the receiver resolves once it is on disk and synced (or fails if the
     /// writer stopped).
     pub fn write_synced(&self, record: Record) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Write {
-            record: Box::new(record),
-            synced: Some(tx),
-        });
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            tracing::error!("usage journal writer has stopped; a record was not written");
+            return rx;
+        }
+        queue.records.push(record);
+        queue.oldest.get_or_insert_with(Instant::now);
+        queue.waiters.push(tx);
+        if queue.sleep != Sleep::Awake {
+            queue.sleep = Sleep::Awake;
+            self.shared.wake.notify_one();
+        }
         rx
     }
 
     /// The ledger now holds every event up to `seq`: segments recording nothing later can go.
     pub fn committed(&self, seq: u64) {
         self.committed.fetch_max(seq + 1, Ordering::Relaxed);
-        // After `close` there is nothing left to delete segments for the next start.
-        let sender = self.commands.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = sender.send(Command::Checkpoint);
+        let mut queue = self.shared.lock();
+        queue.checkpoint = true;
+        if queue.sleep == Sleep::Idle {
+            queue.sleep = Sleep::Awake;
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Stops the writer after it has written and synced everything queued.
     pub fn close(&self) {
-        // A fresh channel in place of the writer's: its receiver sees the end once the queue is
-        // empty.
-        let (dead, _) = mpsc::channel();
-        drop(std::mem::replace(
-            &mut *self.commands.lock().unwrap_or_else(PoisonError::into_inner),
-            dead,
-        ));
+        {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            queue.sleep = Sleep::Awake;
+            self.shared.wake.notify_one();
+        }
         if let Some(thread) = self
             .writer
             .lock()
@@ -338,46 +377,50 @@ struct Writer {
 }
 
 impl Writer {
-    /// Writes every batch of records to the file at once (so a killed process loses none the
-    /// writer has taken), and syncs when someone waits for one, or when the oldest unsynced
-    /// record has waited `LINGER`; then tells the waiters. Records nobody waits for (starts,
-    /// progress, the ends of responses whose client left) never cost a sync of their own.
-    fn run(mut self, commands: &mpsc::Receiver<Command>) {
+    /// Takes everything queued once there is a reason to (a waiter, records `LINGER` old, a
+    /// checkpoint, or `close`), writes it to the file at once and syncs it; then tells the
+    /// waiters. Records nobody waits for never cost a
+    /// sync of their own, nor a wake-up while others keep the writer busy.
+    fn run(mut self, shared: &Shared) {
         let mut buffer = Vec::with_capacity(1 << 16);
+        let mut records = Vec::new();
         let mut waiting = Vec::new();
-        let mut oldest: Option<Instant> = None;
         loop {
-            let first = match oldest {
-                None => commands
-                    .recv()
-                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(since) => commands.recv_timeout(LINGER.saturating_sub(since.elapsed())),
-            };
-            let mut next = match first {
-                Ok(command) => Some(command),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.sync(&mut waiting);
-                    if let Some(next) = self.next.take() {
-                        let _ = next.join();
+            let (closed, checkpoint) = {
+                let mut queue = shared.lock();
+                loop {
+                    let lingered = queue.oldest.is_some_and(|t| t.elapsed() >= LINGER);
+                    if queue.closed || queue.checkpoint || lingered || !queue.waiters.is_empty() {
+                        break;
                     }
-                    return;
+                    queue = match queue.oldest {
+                        Some(since) => {
+                            queue.sleep = Sleep::Lingering;
+                            let left = LINGER.saturating_sub(since.elapsed());
+                            shared
+                                .wake
+                                .wait_timeout(queue, left)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                        None => {
+                            queue.sleep = Sleep::Idle;
+                            shared
+                                .wake
+                                .wait(queue)
+                                .unwrap_or_else(PoisonError::into_inner)
+                        }
+                    };
                 }
+                queue.sleep = Sleep::Awake;
+                std::mem::swap(&mut records, &mut queue.records);
+                waiting.append(&mut queue.waiters);
+                queue.oldest = None;
+                (queue.closed, std::mem::take(&mut queue.checkpoint))
             };
-            let mut count = 0;
-            while let Some(command) = next {
-                if let Command::Write { record, synced } = command {
-                    self.track(&record);
-                    record.encode(&mut buffer);
-                    waiting.extend(synced);
-                    oldest.get_or_insert_with(Instant::now);
-                }
-                count += 1;
-                next = if count < BATCH {
-                    commands.try_recv().ok()
-                } else {
-                    None
-                };
+            for record in records.drain(..) {
+                self.track(&record);
+                record.encode(&mut buffer);
             }
             if !buffer.is_empty() {
                 if let Err(error) = self.write_out(&buffer) {
@@ -388,12 +431,15 @@ impl Writer {
                 }
                 buffer.clear();
             }
-            if let Err(error) = self.maintain() {
+            if checkpoint && let Err(error) = self.maintain() {
                 tracing::error!(%error, "usage journal segment deletion failed");
             }
-            if !waiting.is_empty() || oldest.is_some_and(|since| since.elapsed() >= LINGER) {
-                self.sync(&mut waiting);
-                oldest = None;
+            self.sync(&mut waiting);
+            if closed {
+                if let Some(next) = self.next.take() {
+                    let _ = next.join();
+                }
+                return;
             }
         }
     }

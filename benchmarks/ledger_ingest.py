@@ -1,0 +1,167 @@
+"""How fast the ledger stores usage events: the whole write path of `gateway serve`'s usage loop
+(`insert_usage_events`: duplicate check, disjoint classes, pricing, commit-order numbers, rollups
+of three widths, one transaction per batch), on SQLite and on PostgreSQL.
+
+    python benchmarks/ledger_ingest.py            # 3 rounds of 200,000 events per case
+    python benchmarks/ledger_ingest.py --quick    # 1 round of 20,000 events: a smoke test
+
+Run it with the project's interpreter (`.venv/bin/python`) after `make build`; PostgreSQL cases
+need the server binaries (`make services`) and are left out without them. Every case writes into
+a fresh ledger where two models are priced: events of 50 tenants, 200 keys and 3 models (one
+unpriced), a millisecond apart, in batches of 100, 1,000 and 4,096 (`control.usage_batch`'s
+default). Events are made before the clock starts. The table gives medians over rounds. Results:
+a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and a raw report in
+`benchmarks/out/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.ledger.db import open_ledger
+from gateway.ledger.prices import set_price
+from gateway.ledger.usage import UsageEvent, insert_usage_events
+from gateway.quotas import Price
+from overhead import ROOT, Settings, machine, publish, run_meta
+
+BEGIN = "<!-- ledger_ingest.py:begin -->"
+END = "<!-- ledger_ingest.py:end -->"
+BATCHES = (100, 1000, 4096)
+TARGET = 20_000
+
+
+def make_events(count: int, start_ms: int) -> list[UsageEvent]:
+    """`count` events started a millisecond apart: a gateway serving 1,000 requests a second."""
+    step = 1
+    return [
+        UsageEvent(
+            event_id=str(uuid.uuid4()),
+            request_id=f"req-{i}",
+            tenant_id=f"ten_{i % 50:012d}",
+            key_id=f"key_{i % 200:012d}",
+            model=("model-a", "model-b", "model-unpriced")[i % 3],
+            worker="http://127.0.0.1:8001",
+            endpoint="chat.completions",
+            stream=bool(i % 2),
+            status="completed",
+            http_status=200,
+            prompt_tokens=100 + i % 900,
+            cached_tokens=i % 64,
+            completion_tokens=1 + i % 500,
+            usage_source="worker",
+            started_at_ms=start_ms + i * step,
+            finished_at_ms=start_ms + i * step + 800,
+        )
+        for i in range(count)
+    ]
+
+
+def ingest(url: str, events: list[UsageEvent], batch: int) -> float:
+    """Events per second storing `events` in batches of `batch` into a fresh ledger at `url`."""
+    with open_ledger(url) as conn:
+        for model in ("model-a", "model-b"):
+            set_price(
+                conn,
+                model,
+                Price(prompt_per_mtok=150_000, cached_per_mtok=75_000, completion_per_mtok=600_000),
+                effective_at=0,
+            )
+        began = time.perf_counter()
+        for first in range(0, len(events), batch):
+            insert_usage_events(conn, events[first : first + batch])
+        return len(events) / (time.perf_counter() - began)
+
+
+def postgres_server(stack: ExitStack) -> Any | None:
+    sys.path.insert(0, str(ROOT))  # the test tooling's server
+    try:
+        from tests.services.postgres import PostgresServer
+
+        return stack.enter_context(PostgresServer())
+    except Exception as exc:  # no server binaries: SQLite only
+        print(f"PostgreSQL left out: {exc}", file=sys.stderr)
+        return None
+
+
+def section(rates: dict[str, dict[int, list[float]]], count: int, meta: dict[str, Any]) -> str:
+    lines = [
+        BEGIN,
+        "## Ledger ingest: usage events stored per second",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
+        f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
+        f"{meta['machine']['load']} at start. {count:,} events per case into a fresh ledger "
+        f"(pricing, commit order and rollups included), medians of {meta['rounds']} rounds; "
+        f"SQLite in WAL mode with `synchronous = FULL`, PostgreSQL on loopback.",
+        "",
+        "| backend | " + " | ".join(f"batch {b:,}" for b in BATCHES) + " |",
+        "|---|" + "---:|" * len(BATCHES),
+    ]
+    for backend, by_batch in rates.items():
+        cells = [f"{statistics.median(by_batch[b]):,.0f}/s" for b in BATCHES]
+        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Target: at least {TARGET:,} events/s on SQLite. Raw report: "
+        f"`benchmarks/out/{meta['raw']}`.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="1 round of 20,000 events")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    args = parser.parse_args(argv)
+    rounds, count = (1, 20_000) if args.quick else (3, 200_000)
+    command = shlex.join(["python", "benchmarks/ledger_ingest.py", *(argv or sys.argv[1:])])
+    stamp = datetime.now(UTC)
+    settings = Settings(
+        rounds=rounds,
+        duration_s=0.0,
+        warmup_s=0.0,
+        concurrency=0,
+        rate=0.0,
+        gateway_core=0,
+        client_core=0,
+        loadgen=Path(),
+        quick=args.quick,
+        no_nginx=True,
+    )
+    meta = run_meta("ledger-ingest", command, stamp, machine(), settings)
+    events = make_events(count, int(stamp.timestamp() * 1000) - count)
+    rates: dict[str, dict[int, list[float]]] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="ledger-ingest-") as tmp:
+        server = None if args.no_postgres else postgres_server(stack)
+        for n in range(rounds):
+            for batch in BATCHES:
+                path = Path(tmp) / f"ledger-{n}-{batch}.db"
+                rate = ingest(f"sqlite:///{path}", events, batch)
+                rates.setdefault("SQLite", {}).setdefault(batch, []).append(rate)
+                print(f"round {n + 1}: SQLite, batch {batch}: {rate:,.0f} events/s", flush=True)
+                if server is not None:
+                    with server.database() as url:
+                        rate = ingest(url, events, batch)
+                    rates.setdefault("PostgreSQL", {}).setdefault(batch, []).append(rate)
+                    print(
+                        f"round {n + 1}: PostgreSQL, batch {batch}: {rate:,.0f} events/s",
+                        flush=True,
+                    )
+    raw = {"events": count, "rates": rates}
+    publish(meta, raw, section(rates, count, meta), BEGIN, END, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
