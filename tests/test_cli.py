@@ -167,10 +167,13 @@ def test_usage_table_is_aligned(capsys: pytest.CaptureFixture[str], usage_db: li
     code, out, _ = run(capsys, "usage", *usage_db)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["TENANT", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION"]
+    assert lines[0].split() == [
+        *("TENANT", "MODEL", "REQUESTS", "PROMPT", "CACHED", "COMPLETION"),
+        *("COST", "(USD)", "UNPRICED"),
+    ]
     assert [line.split() for line in lines[1:]] == [
-        ["acme", "sim-model", "2", "1007", "0", "20003"],
-        ["beta", "big-model", "1", "5", "0", "6"],
+        ["acme", "sim-model", "2", "1007", "0", "20003", "0", "2"],
+        ["beta", "big-model", "1", "5", "0", "6", "0", "1"],
     ]
     # Numbers are right-aligned under their headers: every line ends at the same column.
     assert len({len(line) for line in lines}) == 1

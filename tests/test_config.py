@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from gateway.config import (
     AdminConfig,
+    BillingConfig,
     ConfigFileError,
     ControlConfig,
     GatewayConfig,
@@ -59,8 +60,12 @@ def test_minimal_file_takes_every_default(tmp_path: Path) -> None:
         default_max_tokens=4096,
     )
     assert config.admin == AdminConfig(
-        host="127.0.0.1", port=8090, token_env="TOKENGATE_ADMIN_TOKEN"
+        host="127.0.0.1",
+        port=8090,
+        token_env="TOKENGATE_ADMIN_TOKEN",
+        billing_token_env="TOKENGATE_BILLING_TOKEN",
     )
+    assert config.billing == BillingConfig(currency="USD")
 
 
 def test_full_file_is_read(tmp_path: Path) -> None:
@@ -195,6 +200,9 @@ token_env = "MY_ADMIN_TOKEN"
         ),
         ('[admin]\nhost = "localhost"', "admin.host: 'localhost' is not an IP address"),
         ('[admin]\ntoken_env = "A-B"', "admin.token_env: String should match pattern"),
+        ('[admin]\nbilling_token_env = ""', "admin.billing_token_env: String should match"),
+        ('[billing]\ncurrency = "usd"', "billing.currency: String should match pattern"),
+        ('[billing]\ncurrency = "EURO"', "billing.currency: String should match pattern"),
         ("[metrics]\nenabled = true", "metrics: Extra inputs are not permitted"),
     ],
 )
@@ -315,6 +323,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "control": ControlConfig,
         "quota": QuotaConfig,
         "admin": AdminConfig,
+        "billing": BillingConfig,
         "journal": JournalConfig,
     }
     assert set(GatewayConfig.model_fields) == {*sections, "workers"}

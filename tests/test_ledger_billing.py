@@ -119,7 +119,17 @@ def test_seq_is_the_commit_order_without_gaps_and_cursors_page_it(ledger: Connec
 
 
 @pytest.mark.parametrize(
-    "cursor", ["", "7", "evc1.", "evc1.!!!!", "evc1.AAAA", "other.AAAAAAAAAAA"]
+    "cursor",
+    [
+        "",
+        "7",
+        "evc1.",
+        "evc1.!!!!",
+        "evc1.AAAA",
+        "other.AAAAAAAAAAA",
+        "evc1.AAAAAAAAAAE=",  # a valid cursor's other spelling
+        "evc1.gAAAAAAAAAA",  # 2**63: past a BIGINT
+    ],
 )
 def test_a_malformed_cursor_is_refused(cursor: str) -> None:
     with pytest.raises(ValueError, match="not a usage event cursor"):
@@ -299,7 +309,9 @@ def test_an_invoice_prices_each_line_once_and_flags_unpriced_usage(ledger: Conne
     assert invoice(ledger, "ten_nobody", "2024-05").lines == []
 
 
-@pytest.mark.parametrize("period", ["2024-13", "2024-00", "24-05", "2024-5", "May", "1969-12"])
+@pytest.mark.parametrize(
+    "period", ["2024-13", "2024-00", "24-05", "2024-5", "May", "1969-12", "9999-12"]
+)
 def test_a_period_is_a_month(period: str) -> None:
     with pytest.raises(ValueError, match="YYYY-MM"):
         month_bounds(period)

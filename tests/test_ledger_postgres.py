@@ -55,15 +55,17 @@ def test_cli_usage_reads_a_postgres_ledger(pg_url: str) -> None:
             "tenant_name": "acme",
             "model": MODEL,
             "requests": 3,
-            "prompt_tokens": 33,
+            "prompt_tokens": 31,
             "cached_tokens": 2,
             "completion_tokens": 12,
+            "cost_micros": 0,
+            "unpriced_requests": 3,
         }
     ]
     table = procs.cli("usage", "--db", pg_url, "--by-status").splitlines()
     assert [line.split() for line in table[1:]] == [
-        ["acme", MODEL, "cancelled", "1", "3", "0", "0"],
-        ["acme", MODEL, "completed", "2", "30", "2", "12"],
+        ["acme", MODEL, "cancelled", "1", "3", "0", "0", "0", "1"],
+        ["acme", MODEL, "completed", "2", "28", "2", "12", "0", "2"],
     ]
 
 

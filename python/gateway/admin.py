@@ -1,10 +1,11 @@
-"""The admin HTTP API: tenants, keys, quota policies and prices in the ledger, for operators.
+"""The admin HTTP API: tenants, keys, quota policies and prices in the ledger, for operators; and
+the listener it shares with the billing API (`billing_api`).
 
 Routes live under `/admin/v1`; every one of them, the OpenAPI document at `/admin/v1/openapi.json`
-included, requires `Authorization: Bearer <admin token>`, compared in constant time. Every error
-has the OpenAI body `{"error": {"message", "type", "param", "code"}}`: 400 invalid input (`param`
-names the field), 401 missing or wrong token, 404 unknown tenant, key, quota or route, 405 wrong
-method, 409 conflict, 503 database unavailable.
+included, requires `Authorization: Bearer <admin token>`, compared in constant time (the billing
+token opens none of them). Every error has the OpenAI body `{"error": {"message", "type", "param",
+"code"}}` (`http_common`): 400 invalid input (`param` names the field), 401 missing or wrong token,
+404 unknown tenant, key, quota or route, 405 wrong method, 409 conflict, 503 database unavailable.
 
 Handlers are `async def` and use the one ledger connection of `gateway serve` on its event loop's
 thread, like the key and usage loops: statements are short and none spans an `await`. A change
@@ -14,8 +15,6 @@ reaches the core with the next snapshot push (`control.key_refresh_ms`); nothing
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,22 +23,15 @@ from typing import Annotated, Generic, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
-import gateway
-from gateway.config import AdminConfig, describe_error, listen_address
+from gateway import billing_api
+from gateway.config import AdminConfig, BillingConfig, listen_address
+from gateway.http_common import ApiError, Ledger, new_app, openapi_document, token_matches
 from gateway.ledger.apikeys import ApiKey, create_key, get_key, list_keys, revoke_key
-from gateway.ledger.db import (
-    ConflictError,
-    Connection,
-    DatabaseError,
-    LedgerError,
-    NotFoundError,
-)
+from gateway.ledger.db import Connection
 from gateway.ledger.prices import PriceVersion, list_prices, set_price
 from gateway.ledger.quotas import clear_quota, get_quota, set_key_quota, set_tenant_quota
 from gateway.ledger.tenants import (
@@ -53,67 +45,10 @@ from gateway.quotas import Price, QuotaPolicy
 
 __all__ = ["AdminServer", "bind_admin", "create_app"]
 
-logger = logging.getLogger(__name__)
-
 # How long open admin connections may take to finish once `gateway serve` stops.
 STOP_TIMEOUT_S = 5
 
 _T = TypeVar("_T")
-
-
-class AdminError(Exception):
-    """An error answered as is: HTTP status, message, OpenAI `code` and `param`."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param
-
-
-def _error(error: AdminError) -> JSONResponse:
-    kind = "invalid_request_error" if error.status < 500 else "service_unavailable"
-    body = {"message": str(error), "type": kind, "param": error.param, "code": error.code}
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
-
-
-def _as_admin_error(exc: Exception) -> AdminError:
-    """The answer to an exception a handler or FastAPI raised."""
-    if isinstance(exc, AdminError):
-        return exc
-    if isinstance(exc, NotFoundError):
-        return AdminError(404, str(exc), "not_found")
-    if isinstance(exc, ConflictError):
-        return AdminError(409, str(exc), "conflict")
-    if isinstance(exc, LedgerError):
-        return AdminError(400, str(exc), None)
-    if isinstance(exc, RequestValidationError):
-        for item in exc.errors():
-            if item["type"] == "json_invalid":
-                reason = item.get("ctx", {}).get("error", "")
-                return AdminError(400, f"the request body is not valid JSON: {reason}", None)
-        problems = [describe_error(item) for item in exc.errors()]
-        # A location starts with where the value came from (body, path, query): not a field.
-        fields = [path.partition(".")[2] for path, _ in problems]
-        message = "; ".join(
-            f"{field or path}: {text}" for field, (path, text) in zip(fields, problems, strict=True)
-        )
-        return AdminError(400, message, None, (fields[0] or None) if fields else None)
-    if isinstance(exc, HTTPException):
-        code = {404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code)
-        return AdminError(exc.status_code, str(exc.detail), code)
-    if isinstance(exc, DatabaseError):
-        logger.error("admin API: database error: %s", exc)
-        return AdminError(503, "the ledger database is unavailable; retry", "database_unavailable")
-    raise TypeError(f"no answer for {exc!r}")
-
-
-async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return _error(_as_admin_error(exc))
-
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (`[admin] token_env`).")
 
@@ -123,22 +58,14 @@ async def _authorize(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     if credentials is None:
-        raise AdminError(
+        raise ApiError(
             401,
             "missing admin token: send it as `Authorization: Bearer <token>`",
             "missing_admin_token",
         )
-    token: bytes = request.app.state.admin_token
-    if not hmac.compare_digest(credentials.credentials.encode(), token):
-        raise AdminError(401, "invalid admin token", "invalid_admin_token")
-
-
-async def _ledger(request: Request) -> Connection:
-    conn: Connection = request.app.state.ledger
-    return conn
-
-
-Ledger = Annotated[Connection, Depends(_ledger)]
+    # No admin token set (only the billing token): every token is wrong here.
+    if not token_matches(credentials.credentials, request.app.state.admin_token):
+        raise ApiError(401, "invalid admin token", "invalid_admin_token")
 
 
 class Listing(BaseModel, Generic[_T]):
@@ -181,7 +108,7 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_authorize)])
 
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    return JSONResponse(openapi_document(request.app, router, "tokengate admin API"))
 
 
 @router.post("/tenants", status_code=201, tags=["tenants"])
@@ -231,7 +158,7 @@ async def delete_key(key_id: str, conn: Ledger) -> ApiKey:
 def _quota(conn: Connection, subject_id: str) -> QuotaPolicy:
     policy = get_quota(conn, subject_id)
     if policy is None:
-        raise AdminError(404, f"{subject_id} has no quota (it is unlimited)", "quota_not_found")
+        raise ApiError(404, f"{subject_id} has no quota (it is unlimited)", "quota_not_found")
     return policy
 
 
@@ -286,23 +213,24 @@ async def get_prices(conn: Ledger) -> Listing[PriceVersion]:
     return Listing(data=list_prices(conn))
 
 
-def create_app(conn: Connection, token: str) -> FastAPI:
-    """The admin API over `conn`, for callers presenting `token`; requests must run on the thread
-    that owns `conn`."""
-    if not token:
-        raise ValueError("the admin token must not be empty")
-    app = FastAPI(
-        title="tokengate admin API",
-        version=gateway.__version__,
-        openapi_url=None,
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.ledger = conn
-    app.state.admin_token = token.encode()
+def create_app(
+    conn: Connection,
+    token: str | None,
+    billing_token: str | None = None,
+    billing: BillingConfig | None = None,
+) -> FastAPI:
+    """The admin API, for callers presenting `token`, and the billing API (`billing_api`), for
+    callers presenting `billing_token`, `token` or a tenant's API key, over `conn`; requests must
+    run on the thread that owns `conn`. A token left empty opens nothing: with no admin token, the
+    admin routes answer 401."""
+    if not token and not billing_token:
+        raise ValueError("the admin token must not be empty when there is no billing token")
+    app = new_app(conn, "tokengate admin API")
+    app.state.admin_token = token.encode() if token else None
+    app.state.billing_token = billing_token.encode() if billing_token else None
+    app.state.currency = (billing or BillingConfig()).currency
     app.include_router(router)
-    for error in (AdminError, LedgerError, RequestValidationError, HTTPException, DatabaseError):
-        app.add_exception_handler(error, _handle)
+    app.include_router(billing_api.router)
     return app
 
 
@@ -346,8 +274,16 @@ class AdminServer(uvicorn.Server):
         await self.serve([self._sock])
 
 
-def bind_admin(conn: Connection, config: AdminConfig, token: str) -> AdminServer:
-    """Binds the admin listener (OSError if it cannot) and returns its server, not yet serving."""
+def bind_admin(
+    conn: Connection,
+    config: AdminConfig,
+    token: str | None,
+    billing_token: str | None = None,
+    billing: BillingConfig | None = None,
+) -> AdminServer:
+    """Binds the admin listener (OSError if it cannot) and returns its server, not yet serving;
+    `create_app` says what it serves."""
+    app = create_app(conn, token, billing_token, billing)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.create_server((config.host, config.port), family=family)
-    return AdminServer(create_app(conn, token), sock)
+    return AdminServer(app, sock)

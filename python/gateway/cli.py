@@ -16,10 +16,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 import gateway
+from gateway.cli_billing import add_billing_commands
 from gateway.cli_common import (
     DEFAULT_DB_URL,
     Handler,
     UsageError,
+    currency,
     format_table,
     format_time,
     print_json,
@@ -40,6 +42,7 @@ from gateway.ledger.tenants import (
     set_tenant_disabled,
 )
 from gateway.ledger.usage import usage_totals
+from gateway.quotas import format_money
 
 __all__ = ["DEFAULT_DB_URL", "UsageError", "build_parser", "format_table", "main"]
 
@@ -136,7 +139,10 @@ def _usage(conn: Connection, args: argparse.Namespace) -> int:
         )
         return 0
     headers = ["TENANT", "MODEL", *(["STATUS"] if args.by_status else [])]
-    headers += ["REQUESTS", "PROMPT", "CACHED", "COMPLETION"]
+    # Disjoint classes: PROMPT is the prompt tokens not served from cache. COST sums the priced
+    # requests; UNPRICED counts those of a model that had no price (not in COST).
+    cost = f"COST ({currency(args)})"
+    headers += ["REQUESTS", "PROMPT", "CACHED", "COMPLETION", cost, "UNPRICED"]
     rows = [
         (
             t.tenant_name or t.tenant_id,
@@ -146,6 +152,8 @@ def _usage(conn: Connection, args: argparse.Namespace) -> int:
             t.prompt_tokens,
             t.cached_tokens,
             t.completion_tokens,
+            format_money(t.cost_micros),
+            t.unpriced_requests,
         )
         for t in totals
     ]
@@ -263,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_quota_commands(commands, tenants, keys, database, as_json)
 
     p = commands.add_parser(
-        "usage", parents=[database, as_json], help="token totals per tenant and model"
+        "usage", parents=[database, as_json], help="token and cost totals per tenant and model"
     )
     p.add_argument("--tenant", metavar="NAME_OR_ID")
     p.add_argument("--by-status", action="store_true", help="one row per request status too")
     p.set_defaults(handler=with_ledger(_usage))
+
+    add_billing_commands(commands, database)
     return parser
 
 

@@ -8,13 +8,14 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.config import load_config
+from gateway.config import BillingConfig, load_config
 from gateway.ledger.db import Connection, open_ledger, parse_url
 
 __all__ = [
     "DEFAULT_DB_URL",
     "Handler",
     "UsageError",
+    "currency",
     "database_url",
     "format_table",
     "format_time",
@@ -42,6 +43,13 @@ def database_url(args: argparse.Namespace) -> str:
             raise UsageError(f"--db: {exc}") from None
         return str(args.db)
     return DEFAULT_DB_URL
+
+
+def currency(args: argparse.Namespace) -> str:
+    """The currency of `--config`'s `[billing]`, else the default one."""
+    if args.config is not None:
+        return load_config(args.config).billing.currency
+    return BillingConfig().currency
 
 
 def ledger(args: argparse.Namespace) -> Any:

@@ -22,6 +22,7 @@ from gateway.ledger.db import parse_url
 
 __all__ = [
     "AdminConfig",
+    "BillingConfig",
     "ConfigFileError",
     "ControlConfig",
     "GatewayConfig",
@@ -291,8 +292,12 @@ class QuotaConfig(BaseModel):
     )
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
 class AdminConfig(BaseModel):
-    """`[admin]`: the admin HTTP API (tenants, keys, quotas, prices), on its own listener."""
+    """`[admin]`: the admin HTTP API (tenants, keys, quotas, prices) and the billing API, on their
+    own listener."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -303,10 +308,35 @@ class AdminConfig(BaseModel):
     port: Port = Field(default=8090, description="TCP port of the admin API; 0 picks a free port.")
     token_env: str = Field(
         default="TOKENGATE_ADMIN_TOKEN",
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=_ENV_NAME,
         description=(
-            "Name of the environment variable holding the admin API's bearer token; the admin"
-            " API is off while that variable is unset or empty."
+            "Name of the environment variable holding the admin API's bearer token, which also"
+            " reads the billing API for every tenant; while it is unset or empty the admin routes"
+            " answer 401. The listener is off while neither token is set."
+        ),
+    )
+    billing_token_env: str = Field(
+        default="TOKENGATE_BILLING_TOKEN",
+        pattern=_ENV_NAME,
+        description=(
+            "Name of the environment variable holding the billing API's bearer token (usage"
+            " events, usage buckets and invoices of every tenant, on the admin listener; tenants"
+            " read their own with their API keys); it opens no admin route."
+        ),
+    )
+
+
+class BillingConfig(BaseModel):
+    """`[billing]`: what the billing API and invoices state besides the ledger's figures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    currency: str = Field(
+        default="USD",
+        pattern=r"^[A-Z]{3}$",
+        description=(
+            "ISO 4217 code of the currency of prices, money budgets and costs (all in"
+            " micro-units of it); usage events and invoices state it."
         ),
     )
 
@@ -349,6 +379,7 @@ class GatewayConfig(BaseModel):
     control: ControlConfig = Field(default_factory=ControlConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    billing: BillingConfig = Field(default_factory=BillingConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
 
     def core_document(self) -> str:

@@ -1,9 +1,10 @@
 """`gateway serve`: runs the Rust data plane and the control-plane loops that feed and drain it.
 
 Two loops run beside the core: one pushes the ledger's active keys and quota policies whenever
-they change, one drains usage events into the ledger; the admin API, when its token is set, serves
-beside them. None is on the request path. All use the one ledger connection from the event loop's
-thread; their statements are short, and the loop has nothing latency-sensitive to do besides them.
+they change, one drains usage events into the ledger; the admin and billing APIs, when the admin
+or the billing token is set, serve beside them. None is on the request path. All use the one
+ledger connection from the event loop's thread; their statements are short, and the loop has
+nothing latency-sensitive to do besides them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.admin import AdminServer, bind_admin
-from gateway.config import AdminConfig, ControlConfig, GatewayConfig, listen_address
+from gateway.config import ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
@@ -259,15 +260,21 @@ async def _serve(
     )
 
 
-def _admin(conn: Connection, config: AdminConfig) -> AdminServer | None:
-    """The admin API's server, bound, if its token is set; None if not (it is disabled)."""
-    token = os.environ.get(config.token_env, "")
-    if not token:
+def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
+    """The admin listener's server, bound, if the admin or the billing token is set; None if
+    neither is (it is disabled)."""
+    names = config.admin.token_env, config.admin.billing_token_env
+    token, billing_token = (os.environ.get(name, "") for name in names)
+    if not token and not billing_token:
         logger.info(
-            "admin API disabled: set the environment variable %s to enable it", config.token_env
+            "admin API disabled: set the environment variable %s or %s to enable it", *names
         )
         return None
-    return bind_admin(conn, config, token)
+    if not token:
+        logger.info("admin routes closed (%s is unset); the billing API serves", names[0])
+    elif not billing_token:
+        logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
+    return bind_admin(conn, config.admin, token, billing_token, config.billing)
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
@@ -291,7 +298,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         if config.quota.redis_url is None:
             seed_spent(conn, gateway)
         try:
-            admin = _admin(conn, config.admin)
+            admin = _admin(conn, config)
         except OSError as exc:
             address = listen_address(config.admin.host, config.admin.port)
             logger.error("cannot bind the admin API to %s: %s", address, exc)

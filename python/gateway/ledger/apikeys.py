@@ -123,6 +123,18 @@ def revoke_key(conn: Connection, key_id: str) -> ApiKey:
     return get_key(conn, key_id)
 
 
+def usable_key_tenant(conn: Connection, key_hash: str) -> str | None:
+    """The tenant id of the key hashed `key_hash` if the key is usable (not revoked, of a tenant
+    not disabled, as in `active_key_snapshot`); None otherwise."""
+    rows = query(
+        conn,
+        f"SELECT k.tenant_id {_FROM} "
+        "WHERE k.hash = ? AND k.revoked_at IS NULL AND NOT t.disabled",
+        (key_hash,),
+    )
+    return str(rows[0][0]) if rows else None
+
+
 def active_key_snapshot(conn: Connection) -> KeySnapshot:
     """Every usable key: not revoked, of a tenant not disabled; ordered by key id so that equal
     snapshots serialise identically."""

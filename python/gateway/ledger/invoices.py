@@ -55,7 +55,7 @@ class Invoice:
 def month_bounds(period: str) -> tuple[int, int]:
     """The UTC month `YYYY-MM` as [start, end) unix ms; `ValueError` if it is not one."""
     match = _PERIOD.fullmatch(period)
-    if match is None or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1970:
+    if match is None or not 1 <= int(match[2]) <= 12 or not 1970 <= int(match[1]) <= 9998:
         raise ValueError(f"a period is a month, YYYY-MM: {period!r}")
     start = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
     return period_bounds("month", int(start.timestamp()) * 1000)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
@@ -229,15 +230,17 @@ def encode_cursor(seq: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    """The `seq` a cursor from `encode_cursor` stands after; `ValueError` if it is not one."""
+    """The `seq` a cursor from `encode_cursor` stands after; `ValueError` for anything else."""
     body = cursor.removeprefix(_CURSOR_PREFIX)
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"not a usage event cursor: {cursor!r}") from exc
-    if body == cursor or len(raw) != 8:
+    seq = int.from_bytes(raw, "big")
+    # Only the one spelling `encode_cursor` gives, and only what fits a BIGINT.
+    if len(raw) != 8 or seq >= 2**63 or encode_cursor(seq) != cursor:
         raise ValueError(f"not a usage event cursor: {cursor!r}")
-    return int.from_bytes(raw, "big")
+    return seq
 
 
 _STORED_COLUMNS = ", ".join(StoredEvent.__dataclass_fields__)
@@ -258,7 +261,13 @@ def events_after(
         params.append(tenant_id)
     sql += " ORDER BY seq LIMIT ?"
     params.append(limit)
-    return query_as(conn, StoredEvent, sql, params)
+    return [_stored_event(*row) for row in query(conn, sql, params)]
+
+
+def _stored_event(*row: object) -> StoredEvent:
+    event = StoredEvent(*row)  # type: ignore[arg-type]
+    # SQLite has no boolean type: it gives 0 and 1.
+    return dataclasses.replace(event, stream=bool(event.stream))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,159 @@
+"""The billing documents: a usage event and an invoice as the billing API and the CLI print them.
+
+One shape for both, so an export and the API's pages can be read by the same consumer. Token
+classes are disjoint (`prompt_tokens` are the prompt tokens not served from cache, `cached_tokens`
+those that were), money is integer micro-units of `currency`, and an event or invoice line of a
+model that had no price is flagged (`priced: false`, no amount), never billed at zero. Nothing
+here reads the ledger or knows HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import Field
+from typing_extensions import TypedDict
+
+from gateway.ledger.invoices import Invoice, InvoiceLine
+from gateway.ledger.usage import StoredEvent
+
+__all__ = [
+    "EVENT_CSV_COLUMNS",
+    "EventUsage",
+    "InvoiceDocument",
+    "UsageEventDocument",
+    "event_csv_row",
+    "event_document",
+    "invoice_document",
+]
+
+# Documents are TypedDicts: plain dicts to build and serialise (a page holds up to 10,000 events,
+# served on the event loop of `gateway serve`), typed for mypy, and described for OpenAPI (whose
+# schemas pydantic builds only from `typing_extensions.TypedDict` before Python 3.12). An
+# invoice's lines are the ledger's dataclasses: `pydantic_core.to_jsonable_python` serialises it.
+
+
+class EventUsage(TypedDict):
+    """An event's tokens, in disjoint classes: their sum is every token of the request."""
+
+    prompt_tokens: Annotated[int, Field(description="Prompt tokens not served from the cache.")]
+    cached_tokens: Annotated[int, Field(description="Prompt tokens served from the prefix cache.")]
+    completion_tokens: int
+
+
+class UsageEventDocument(TypedDict):
+    """One request's usage event, as the ledger stored and priced it."""
+
+    id: Annotated[str, Field(description="The event id (UUIDv7); unique, the idempotency key.")]
+    object: Literal["billing.usage_event"]
+    request_id: Annotated[str, Field(description="The client's `X-Request-Id`, else the id.")]
+    tenant_id: str
+    api_key_id: str
+    model: str
+    worker: Annotated[str | None, Field(description="The worker that served it, if any.")]
+    endpoint: Annotated[str, Field(description="`chat.completions` or `completions`.")]
+    stream: bool
+    status: Annotated[str, Field(description="`completed`, `cancelled`, `failed`, `interrupted`.")]
+    http_status: int
+    usage: EventUsage
+    usage_source: Annotated[str, Field(description="`worker`, or `none` if it reported nothing.")]
+    started_at_ms: Annotated[int, Field(description="Unix ms; priced and bucketed by it.")]
+    finished_at_ms: int
+    recorded_at_ms: Annotated[int, Field(description="Unix ms at which the ledger stored it.")]
+    price_effective_at: Annotated[
+        int | None, Field(description="`effective_at` of the price version used; null: unpriced.")
+    ]
+    cost_micros: Annotated[
+        int | None,
+        Field(description="Cost in micro-units of `currency`, rounded up; null: unpriced."),
+    ]
+    priced: Annotated[bool, Field(description="False when the model had no price at its start.")]
+    currency: str
+
+
+def event_document(event: StoredEvent, currency: str) -> UsageEventDocument:
+    return UsageEventDocument(
+        id=event.event_id,
+        object="billing.usage_event",
+        request_id=event.request_id,
+        tenant_id=event.tenant_id,
+        api_key_id=event.key_id,
+        model=event.model,
+        worker=event.worker,
+        endpoint=event.endpoint,
+        # SQLite hands BOOLEAN columns back as 0 or 1.
+        stream=bool(event.stream),
+        status=event.status,
+        http_status=event.http_status,
+        usage=EventUsage(
+            prompt_tokens=event.prompt_tokens,
+            cached_tokens=event.cached_tokens,
+            completion_tokens=event.completion_tokens,
+        ),
+        usage_source=event.usage_source,
+        started_at_ms=event.started_at_ms,
+        finished_at_ms=event.finished_at_ms,
+        recorded_at_ms=event.recorded_at_ms,
+        price_effective_at=event.price_effective_at,
+        cost_micros=event.cost_micros,
+        priced=event.priced,
+        currency=currency,
+    )
+
+
+EVENT_CSV_COLUMNS: tuple[str, ...] = tuple(
+    column
+    for name in UsageEventDocument.__annotations__
+    if name != "object"
+    for column in (EventUsage.__annotations__ if name == "usage" else (name,))
+)
+"""An event's CSV columns: the document's fields, with `usage` spread into its three classes."""
+
+
+def event_csv_row(document: UsageEventDocument) -> dict[str, object]:
+    """The document as one CSV row of `EVENT_CSV_COLUMNS` (usage spread out, `object` left out),
+    booleans as in JSON (`true`, `false`) and nulls empty."""
+    fields = {**document, **document["usage"]}
+    return {
+        column: "" if value is None else json.dumps(value) if isinstance(value, bool) else value
+        for column in EVENT_CSV_COLUMNS
+        for value in (fields[column],)
+    }
+
+
+class InvoiceDocument(TypedDict):
+    """A tenant's invoice for one UTC month: one line per model, price version and token class."""
+
+    object: Literal["billing.invoice"]
+    tenant_id: str
+    tenant_name: str
+    period: Annotated[str, Field(description="The UTC month, `YYYY-MM`.")]
+    currency: str
+    start_ms: Annotated[int, Field(description="Start of the month, unix ms (inclusive).")]
+    end_ms: Annotated[int, Field(description="End of the month, unix ms (exclusive).")]
+    requests: int
+    unpriced_requests: Annotated[int, Field(description="Requests of a model without a price.")]
+    unpriced: Annotated[bool, Field(description="Whether some usage is not in the total.")]
+    total_micros: Annotated[int, Field(description="Sum of the priced lines' amounts.")]
+    lines: Annotated[
+        list[InvoiceLine],
+        Field(description="Amount: ceil(quantity x unit price / 1,000,000); null if unpriced."),
+    ]
+
+
+def invoice_document(invoice: Invoice, tenant_name: str, currency: str) -> InvoiceDocument:
+    return InvoiceDocument(
+        object="billing.invoice",
+        tenant_id=invoice.tenant_id,
+        tenant_name=tenant_name,
+        period=invoice.period,
+        currency=currency,
+        start_ms=invoice.start_ms,
+        end_ms=invoice.end_ms,
+        requests=invoice.requests,
+        unpriced_requests=invoice.unpriced_requests,
+        unpriced=invoice.unpriced_requests > 0,
+        total_micros=invoice.total_micros,
+        lines=invoice.lines,
+    )

@@ -1,0 +1,382 @@
+"""The billing HTTP API: usage events by cursor, usage in time buckets, and invoices, read from the
+ledger; on the admin listener (`admin.create_app` mounts `router` and sets the app state read
+here: `ledger`, `admin_token`, `billing_token`, `currency`).
+
+Every route takes `Authorization: Bearer` with one of: the billing token or the admin token (every
+tenant; `tenant` selects one), or a tenant's own API key, not revoked, of a tenant not disabled
+(that tenant only: naming another is 403 `permission_denied`). Tokens are compared in constant
+time. Errors have the OpenAI body (`http_common`); a bad parameter is 400 naming it in `param`.
+
+Nothing here writes to the ledger.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field
+from pydantic_core import to_jsonable_python
+from typing_extensions import TypedDict
+
+from gateway.billing import InvoiceDocument, UsageEventDocument, event_document, invoice_document
+from gateway.http_common import ApiError, Ledger, openapi_document, token_matches
+from gateway.keys import hash_key
+from gateway.ledger.apikeys import usable_key_tenant
+from gateway.ledger.db import Connection, now_ms
+from gateway.ledger.invoices import invoice, invoice_csv
+from gateway.ledger.rollups import (
+    BUCKET_LIMITS,
+    BUCKET_WIDTHS,
+    GROUP_KEYS,
+    BucketWidth,
+    GroupKey,
+    UsagePage,
+    usage_page,
+)
+from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
+from gateway.ledger.usage import decode_cursor, encode_cursor, events_after
+
+__all__ = ["EVENTS_LIMIT", "router"]
+
+EVENTS_LIMIT = (100, 10_000)
+"""Events per page of `/usage-events`: the default and the largest `limit`."""
+
+# Times beyond year 9999 are refused before they reach the ledger.
+_MAX_TIME_S = 253_402_300_799
+
+_GROUP_ALIASES: dict[str, GroupKey] = {key: key for key in GROUP_KEYS} | {"tenant": "tenant_id"}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: `tenant` for a tenant's API key, None for the billing or admin token."""
+
+    tenant: Tenant | None
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="BillingBearer",
+    description="The billing token, the admin token, or a tenant's API key (its own data only).",
+)
+
+
+def _key_owner(conn: Connection, key: str) -> Tenant | None:
+    """The tenant of a usable API key (the core's definition: not revoked, tenant not disabled),
+    or None."""
+    tenant_id = usable_key_tenant(conn, hash_key(key))
+    return None if tenant_id is None else get_tenant_by_name_or_id(conn, tenant_id)
+
+
+async def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    conn: Ledger,
+) -> Caller:
+    if credentials is None:
+        raise ApiError(
+            401,
+            "missing credentials: send the billing token or an API key as "
+            "`Authorization: Bearer <token>`",
+            "missing_api_key",
+        )
+    token = credentials.credentials
+    state = request.app.state
+    # Both comparisons run whichever matches, so timing tells nothing about either token.
+    billing = token_matches(token, state.billing_token)
+    admin = token_matches(token, state.admin_token)
+    if billing or admin:
+        return Caller(tenant=None)
+    tenant = _key_owner(conn, token)
+    if tenant is None:
+        raise ApiError(401, "invalid billing token or API key", "invalid_api_key")
+    return Caller(tenant=tenant)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+TenantParam = Annotated[
+    str | None,
+    Query(
+        description="A tenant's name or id. With a tenant's API key: its own (the default); "
+        "with the billing or admin token: every tenant when left out."
+    ),
+]
+
+
+def _scope(conn: Connection, caller: Caller, tenant: str | None) -> Tenant | None:
+    """The tenant a request reads, None for all of them."""
+    own = caller.tenant
+    if own is None:
+        return None if tenant is None else get_tenant_by_name_or_id(conn, tenant)
+    if tenant is not None and tenant not in (own.id, own.name):
+        raise ApiError(
+            403,
+            "an API key reads its own tenant's billing only",
+            "permission_denied",
+            "tenant",
+        )
+    return own
+
+
+router = APIRouter(prefix="/v1/billing", tags=["billing"])
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request, caller: CallerDep) -> JSONResponse:
+    return JSONResponse(openapi_document(request.app, router, "tokengate billing API"))
+
+
+class EventPage(TypedDict):
+    """A page of usage events in commit order; follow `next_cursor` for the next one."""
+
+    object: Literal["list"]
+    data: list[UsageEventDocument]
+    has_more: Annotated[bool, Field(description="Whether more events follow this page now.")]
+    next_cursor: Annotated[
+        str,
+        Field(
+            description="Where the next page starts: after this page's last event, or where this "
+            "page began when it is empty. Always present: poll with it for new events."
+        ),
+    ]
+
+
+@router.get("/usage-events", response_model=EventPage)
+async def usage_events(
+    request: Request,
+    conn: Ledger,
+    caller: CallerDep,
+    after: Annotated[
+        str | None,
+        Query(description="A `next_cursor` from an earlier page; the beginning if left out."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=EVENTS_LIMIT[1])] = EVENTS_LIMIT[0],
+    tenant: TenantParam = None,
+) -> JSONResponse:
+    """Usage events in the order the ledger committed them: paging with `next_cursor` sees every
+    event exactly once, however many are written meanwhile."""
+    scope = _scope(conn, caller, tenant)
+    after_seq = 0
+    if after is not None:
+        try:
+            after_seq = decode_cursor(after)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), None, "after") from None
+    events = events_after(conn, after_seq, limit + 1, None if scope is None else scope.id)
+    page = events[:limit]
+    currency: str = request.app.state.currency
+    return JSONResponse(
+        EventPage(
+            object="list",
+            data=[event_document(event, currency) for event in page],
+            has_more=len(events) > limit,
+            next_cursor=encode_cursor(page[-1].seq if page else after_seq),
+        )
+    )
+
+
+class UsageResult(TypedDict):
+    """The sums of one group in one bucket; a group key is null unless grouped by it."""
+
+    object: Literal["organization.usage.completions.result"]
+    input_tokens: Annotated[int, Field(description="Prompt tokens, cached ones included.")]
+    input_cached_tokens: Annotated[int, Field(description="Prompt tokens served from cache.")]
+    output_tokens: int
+    num_model_requests: int
+    tenant_id: str | None
+    api_key_id: str | None
+    model: str | None
+    cost_micros: Annotated[int, Field(description="Cost of the priced requests, micro-units.")]
+    unpriced_requests: Annotated[int, Field(description="Requests of a model without a price.")]
+    currency: str
+
+
+class UsageBucket(TypedDict):
+    object: Literal["bucket"]
+    start_time: Annotated[int, Field(description="Unix seconds, inclusive.")]
+    end_time: Annotated[int, Field(description="Unix seconds, exclusive.")]
+    results: list[UsageResult]
+
+
+class UsageBuckets(TypedDict):
+    """OpenAI's organisation usage page (completions); `next_page` is the next `page`."""
+
+    object: Literal["page"]
+    data: list[UsageBucket]
+    has_more: bool
+    next_page: str | None
+
+
+_PAGE_PREFIX = "bkp1."
+
+
+def _encode_page(start_ms: int) -> str:
+    return _PAGE_PREFIX + base64.urlsafe_b64encode(start_ms.to_bytes(8, "big")).decode().rstrip("=")
+
+
+def _decode_page(page: str) -> int:
+    body = page.removeprefix(_PAGE_PREFIX)
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:  # binascii.Error included
+        raw = b""
+    if body == page or len(raw) != 8:
+        raise ApiError(400, f"not a page of usage buckets: {page!r}", None, "page")
+    return int.from_bytes(raw, "big")
+
+
+def _group_keys(values: list[str]) -> list[GroupKey]:
+    keys: list[GroupKey] = []
+    for value in (part.strip() for item in values for part in item.split(",")):
+        if not value:
+            continue
+        if value not in _GROUP_ALIASES:
+            allowed = ", ".join(_GROUP_ALIASES)
+            raise ApiError(400, f"cannot group by {value!r}: use {allowed}", None, "group_by")
+        keys.append(_GROUP_ALIASES[value])
+    return keys
+
+
+def _buckets(page: UsagePage, currency: str) -> UsageBuckets:
+    return UsageBuckets(
+        object="page",
+        data=[
+            UsageBucket(
+                object="bucket",
+                start_time=bucket.start_ms // 1000,
+                end_time=bucket.end_ms // 1000,
+                results=[
+                    UsageResult(
+                        object="organization.usage.completions.result",
+                        input_tokens=result.prompt_tokens + result.cached_tokens,
+                        input_cached_tokens=result.cached_tokens,
+                        output_tokens=result.completion_tokens,
+                        num_model_requests=result.requests,
+                        tenant_id=result.tenant_id,
+                        api_key_id=result.api_key_id,
+                        model=result.model,
+                        cost_micros=result.cost_micros,
+                        unpriced_requests=result.unpriced_requests,
+                        currency=currency,
+                    )
+                    for result in bucket.results
+                ],
+            )
+            for bucket in page.buckets
+        ],
+        has_more=page.next_start_ms is not None,
+        next_page=None if page.next_start_ms is None else _encode_page(page.next_start_ms),
+    )
+
+
+@router.get("/usage", response_model=UsageBuckets)
+async def usage(
+    request: Request,
+    conn: Ledger,
+    caller: CallerDep,
+    start_time: Annotated[
+        int, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds; its bucket is the first.")
+    ],
+    end_time: Annotated[
+        int | None, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds, exclusive; now.")
+    ] = None,
+    bucket_width: BucketWidth = "1d",
+    group_by: Annotated[
+        list[str] | None,
+        Query(
+            description="Any of `tenant_id` (or `tenant`), `api_key_id`, `model`: repeated or "
+            "comma-separated (`group_by[]` too)."
+        ),
+    ] = None,
+    group_by_brackets: Annotated[
+        list[str] | None, Query(alias="group_by[]", include_in_schema=False)
+    ] = None,
+    limit: Annotated[
+        int | None,
+        Query(description="Buckets per page: 1m 60 (at most 1440), 1h 24 (168), 1d 7 (31)."),
+    ] = None,
+    page: Annotated[str | None, Query(description="The `next_page` of the previous page.")] = None,
+    tenant: TenantParam = None,
+) -> JSONResponse:
+    """Usage in UTC-aligned buckets from `start_time`'s to `end_time`, by the requests' start
+    times, every bucket listed (empty ones too); the shape of OpenAI's organisation usage API."""
+    scope = _scope(conn, caller, tenant)
+    default, most = BUCKET_LIMITS[bucket_width]
+    if limit is None:
+        limit = default
+    if not 1 <= limit <= most:
+        raise ApiError(400, f"limit: 1 to {most} buckets of {bucket_width} per page", None, "limit")
+    width_ms = BUCKET_WIDTHS[bucket_width]
+    start_ms = start_time * 1000
+    end_ms = now_ms() if end_time is None else end_time * 1000
+    if end_ms <= start_ms:
+        raise ApiError(400, "end_time must be after start_time", None, "end_time")
+    keys = _group_keys([*(group_by or []), *(group_by_brackets or [])])
+    if page is not None:
+        from_ms = _decode_page(page)
+        if from_ms % width_ms or not start_ms - start_ms % width_ms < from_ms < end_ms:
+            raise ApiError(400, f"not a page of this query: {page!r}", None, "page")
+        start_ms = from_ms
+    found = usage_page(
+        conn,
+        bucket_width,
+        start_ms,
+        end_ms,
+        limit=limit,
+        group_by=keys,
+        tenant_id=None if scope is None else scope.id,
+    )
+    return JSONResponse(_buckets(found, request.app.state.currency))
+
+
+def _wants_csv(request: Request, format_: str | None) -> bool:
+    if format_ is not None:
+        return format_ == "csv"
+    accepted = request.headers.get("accept", "")
+    return any(part.split(";")[0].strip() == "text/csv" for part in accepted.split(","))
+
+
+@router.get(
+    "/invoices",
+    response_model=InvoiceDocument,
+    responses={200: {"content": {"text/csv": {}}, "description": "The invoice, or its CSV."}},
+)
+async def invoices(
+    request: Request,
+    conn: Ledger,
+    caller: CallerDep,
+    period: Annotated[str, Query(description="The UTC month, `YYYY-MM`.")],
+    tenant: Annotated[
+        str | None,
+        Query(
+            description="A tenant's name or id; required with the billing or admin token, the "
+            "key's own tenant by default."
+        ),
+    ] = None,
+    format_: Annotated[
+        Literal["json", "csv"] | None,
+        Query(alias="format", description="Default JSON, or CSV if `Accept: text/csv`."),
+    ] = None,
+) -> Response:
+    """A tenant's invoice for a UTC month: a line per model, price version and token class."""
+    scope = _scope(conn, caller, tenant)
+    if scope is None:
+        raise ApiError(400, "tenant: required with the billing or admin token", None, "tenant")
+    try:
+        found = invoice(conn, scope.id, period)
+    except (ValueError, OverflowError):  # a month past the calendar's range overflows
+        raise ApiError(400, f"a period is a month, YYYY-MM: {period!r}", None, "period") from None
+    if _wants_csv(request, format_):
+        filename = f"invoice-{scope.name}-{period}.csv"
+        return Response(
+            invoice_csv(found),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+    document = invoice_document(found, scope.name, request.app.state.currency)
+    return JSONResponse(to_jsonable_python(document))
