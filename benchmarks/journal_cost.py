@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         services.append(sim)
         sim_url = sim.wait_listening()
         targets = []
-        for name, extra in (("memory", ""), ("journal", f'[journal]\ndir = "{workdir / "j"}"\n')):
+        for name, extra in (
+            ("memory", "[journal]\nenabled = false\n"),
+            ("journal", f'[journal]\ndir = "{workdir / "j"}"\n'),
+        ):
             config = workdir / f"{name}.toml"
             config.write_text(
                 '[server]\nhost = "127.0.0.1"\nport = 0\n\n'

@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             config.write_text(
                 '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
                 f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n{extra}'
+                # Quotas alone: the usage journal (`journal_cost.py`) is measured apart.
+                "\n[journal]\nenabled = false\n"
             )
             gateways[name] = Service(
                 f"gateway-{name}",

@@ -164,8 +164,12 @@ def ledger_url(db: Path | str) -> str:
 def write_config(
     path: Path, workers: list[str], db: Path | str, extra: str = "", grace_s: float = 5.0
 ) -> Path:
-    """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`)."""
+    """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`) and
+    its usage journal beside `path`."""
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
+    # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
+    journal = "" if "[journal]" in extra else f'[journal]\ndir = "{path.with_suffix(".journal")}"\n'
+
     path.write_text(
         f"""
 [server]
@@ -182,7 +186,7 @@ connect_timeout_ms = 500
 url = "{ledger_url(db)}"
 {worker_tables}
 {extra}
-"""
+{journal}"""
     )
     return path
 

@@ -124,6 +124,7 @@ def test_invoice_states_the_configured_currency(
     config.write_text(
         '[[workers]]\nurl = "http://127.0.0.1:8001"\n'
         f'[storage]\nurl = "{ledger.db[1]}"\n[billing]\ncurrency = "EUR"\n'
+        f'[journal]\ndir = "{tmp_path / "journal"}"\n'
     )
     ledger.record("acme", model=PRICED)
     args = ("invoice", "--tenant", "acme", "--period", "2026-01", "--config", str(config))

@@ -223,8 +223,14 @@ def test_each_invalid_option_is_named_with_its_file(
     ],
 )
 def test_storage_may_be_a_postgres_database(tmp_path: Path, url: str) -> None:
-    config = load_config(write(tmp_path, f'{MINIMAL}[storage]\nurl = "{url}"\n'))
+    journal = '[journal]\ndir = "/var/lib/tokengate/journal-1"\n'
+    config = load_config(write(tmp_path, f'{MINIMAL}[storage]\nurl = "{url}"\n{journal}'))
     assert config.storage.url == url
+    # Replicas share a PostgreSQL ledger, never a journal: each must name its own.
+    error = load_error(tmp_path, f'{MINIMAL}[storage]\nurl = "{url}"\n')
+    assert "journal.dir: required with a PostgreSQL ledger" in str(error)
+    off = f'{MINIMAL}[storage]\nurl = "{url}"\n[journal]\nenabled = false\n'
+    assert "journal" not in json.loads(load_config(write(tmp_path, off)).core_document())
 
 
 @pytest.mark.parametrize(
@@ -286,6 +292,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "lease_ms": 900_000,
             "default_max_tokens": 4096,
         },
+        "journal": {"dir": "data/gateway.usage-journal", "segment_bytes": 16_777_216},
     }
 
 
@@ -340,9 +347,16 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         assert description, row
 
 
-def test_the_journal_reaches_the_core_only_when_it_has_a_directory(tmp_path: Path) -> None:
-    without = json.loads(load_config(write(tmp_path, MINIMAL)).core_document())
-    assert "journal" not in without
-    text = MINIMAL + '\n[journal]\ndir = "data/journal"\n'
+def test_the_journal_is_on_by_default_beside_a_sqlite_ledger(tmp_path: Path) -> None:
+    default = json.loads(load_config(write(tmp_path, MINIMAL)).core_document())
+    assert default["journal"] == {
+        "dir": "data/gateway.usage-journal",
+        "segment_bytes": 16_777_216,
+    }
+    text = MINIMAL + '\n[journal]\ndir = "elsewhere/journal"\n'
     document = json.loads(load_config(write(tmp_path, text)).core_document())
-    assert document["journal"] == {"dir": "data/journal", "segment_bytes": 16_777_216}
+    assert document["journal"] == {"dir": "elsewhere/journal", "segment_bytes": 16_777_216}
+    off = json.loads(
+        load_config(write(tmp_path, MINIMAL + "\n[journal]\nenabled = false\n")).core_document()
+    )
+    assert "journal" not in off

@@ -14,7 +14,14 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticUndefined
 
@@ -346,16 +353,24 @@ class JournalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Write every usage event to the journal, on disk and synced, before its response's"
+            " last bytes leave; a gateway killed mid-flight then records, at its next start,"
+            " what it had not yet written to the ledger, and requests it was serving become"
+            " `interrupted` events billed for the usage they had relayed (at most a second old)."
+            " Off, events wait in memory until the ledger has them, and a killed gateway loses"
+            " those."
+        ),
+    )
     dir: str | None = Field(
         default=None,
         min_length=1,
         description=(
-            "Directory of the usage journal (relative to the current directory), one gateway"
-            " process at a time. With it, every usage event is on disk and synced before its"
-            " response's last bytes leave, and a gateway killed mid-flight records, at its next"
-            " start, what it had not yet written to the ledger; requests it was serving become"
-            " `interrupted` events billed for the usage they had relayed (at most a second old)."
-            " Without it, events wait in memory until the ledger has them."
+            "Directory of the journal (relative to the current directory), one gateway process"
+            " at a time. Default with a SQLite ledger: beside its file, named"
+            " `<file stem>.usage-journal`; with PostgreSQL it must be set, one per replica."
         ),
     )
     segment_bytes: int = Field(
@@ -363,6 +378,12 @@ class JournalConfig(BaseModel):
         ge=4096,
         description="Size past which a journal segment is sealed and a new one begun.",
     )
+
+
+_JOURNAL_DIR_REQUIRED = (
+    "journal.dir: required with a PostgreSQL ledger, one directory per replica"
+    " (or set journal.enabled = false)"
+)
 
 
 class GatewayConfig(BaseModel):
@@ -400,9 +421,26 @@ class GatewayConfig(BaseModel):
             },
             "quota": self.quota.model_dump(),
         }
-        if self.journal.dir is not None:
-            document["journal"] = self.journal.model_dump()
+        journal = self.journal_dir()
+        if journal is not None:
+            document["journal"] = {"dir": journal, "segment_bytes": self.journal.segment_bytes}
         return json.dumps(document)
+
+    def journal_dir(self) -> str | None:
+        """The usage journal's directory, None when it is off."""
+        if not self.journal.enabled:
+            return None
+        if self.journal.dir is not None:
+            return self.journal.dir
+        ledger = parse_url(self.storage.url)
+        if not isinstance(ledger, Path):
+            raise ValueError(_JOURNAL_DIR_REQUIRED)
+        return str(ledger.with_name(f"{ledger.stem}.usage-journal"))
+
+    @model_validator(mode="after")
+    def _journal_has_a_dir(self) -> GatewayConfig:
+        self.journal_dir()
+        return self
 
 
 def describe_error(item: ErrorDetails) -> tuple[str, str]:

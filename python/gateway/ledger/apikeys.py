@@ -128,8 +128,7 @@ def usable_key_tenant(conn: Connection, key_hash: str) -> str | None:
     not disabled, as in `active_key_snapshot`); None otherwise."""
     rows = query(
         conn,
-        f"SELECT k.tenant_id {_FROM} "
-        "WHERE k.hash = ? AND k.revoked_at IS NULL AND NOT t.disabled",
+        f"SELECT k.tenant_id {_FROM} WHERE k.hash = ? AND k.revoked_at IS NULL AND NOT t.disabled",
         (key_hash,),
     )
     return str(rows[0][0]) if rows else None
