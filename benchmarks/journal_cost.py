@@ -1,7 +1,7 @@
 """The cost of the durable usage journal: gateway throughput with events kept in memory until the
 ledger has them, against events on disk and synced before each response ends.
 
-    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 3 minutes
+    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 5 minutes
     python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
 
 Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Two gateways in
@@ -9,12 +9,16 @@ front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead
 on core 1, simulator and loadgen on core 0): "memory" without a journal, "journal" with
 `[journal] dir` in the harness's temporary directory (the same disk as /tmp). Non-streaming and
 streaming completions at saturation (`loadgen`, closed loop, 64 connections), the two targets
-taking turns in a rotating order; the table gives medians over rounds. Results: a section of
+taking turns in a rotating order; the gateway is then the bottleneck, the worst case for the
+journal. Then the same pair in front of a simulator paced like a model (20 ms to the first token,
+5 ms between tokens, 32 tokens), streaming over 256 connections: the worker is the bottleneck, as
+in production. The table gives medians over rounds. Results: a section of
 `benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports in `benchmarks/out/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -27,6 +31,7 @@ from overhead import (
     Pinned,
     Saturation,
     Service,
+    Settings,
     Target,
     build_loadgen,
     check_environment,
@@ -52,7 +57,8 @@ def section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
         "",
         f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
         f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
-        f"{meta['machine']['load']} at start. Completions at saturation, 64 connections; gateway "
+        f"{meta['machine']['load']} at start. Completions at saturation, 64 connections (the "
+        f"paced worker: {PACED_CONNECTIONS}); gateway "
         f"on core 1, simulator and loadgen on core 0; medians of {meta['rounds']} rounds of "
         f"{meta['duration_s']:.0f} s.",
         "",
@@ -75,6 +81,49 @@ def section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# A worker paced like a model: the gateway is not the bottleneck, as in production.
+PACED_SIM = [
+    *("sim", "--port", "0", "--model", "sim-model", "--ttft-ms", "20", "--itl-ms", "5"),
+    *("--max-num-seqs", "1024", "--max-output-tokens", "32", "--log-level", "WARNING"),
+]
+PACED_CONNECTIONS = 256
+PACED_MODE = "streaming, paced worker, 256 connections"
+
+
+def start_gateways(
+    settings: Settings,
+    workdir: Path,
+    db_url: str,
+    key: str,
+    sim_url: str,
+    services: list[Pinned],
+    prefix: str = "",
+) -> list[Target]:
+    """A gateway without a journal ("memory") and one with ("journal") in front of `sim_url`,
+    serving; each is added to `services` as soon as it starts."""
+    targets = []
+    for name, extra in (
+        ("memory", "[journal]\nenabled = false\n"),
+        ("journal", f'[journal]\ndir = "{workdir / f"{prefix}journal"}"\n'),
+    ):
+        config = workdir / f"{prefix}{name}.toml"
+        config.write_text(
+            '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
+            f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
+        )
+        gateway = Service(
+            f"gateway-{prefix}{name}",
+            settings.gateway_core,
+            ["serve", "--config", str(config), "--log-level", "WARNING"],
+            workdir,
+        )
+        services.append(gateway)
+        url = gateway.wait_listening() + "/v1/completions"
+        wait_serving(url, key, gateway)
+        targets.append(Target(name, gateway, url, key))
+    return targets
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     command = shlex.join(
@@ -92,30 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Saturation]] = {}
     try:
         sim = instant_sim(settings, workdir)
-        services.append(sim)
-        sim_url = sim.wait_listening()
-        targets = []
-        for name, extra in (
-            ("memory", "[journal]\nenabled = false\n"),
-            ("journal", f'[journal]\ndir = "{workdir / "j"}"\n'),
-        ):
-            config = workdir / f"{name}.toml"
-            config.write_text(
-                '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
-                f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
-            )
-            gateway = Service(
-                f"gateway-{name}",
-                settings.gateway_core,
-                ["serve", "--config", str(config), "--log-level", "WARNING"],
-                workdir,
-            )
-            services.append(gateway)
-            url = gateway.wait_listening() + "/v1/completions"
-            wait_serving(url, key, gateway)
-            targets.append(Target(name, gateway, url, key))
+        paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
+        services += [sim, paced]
+        targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
         for mode, stream in (("completions", False), ("completions, streaming", True)):
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
+        paced_targets = start_gateways(
+            settings, workdir, db_url, key, paced.wait_listening(), services, "paced-"
+        )
+        paced_settings = dataclasses.replace(settings, concurrency=PACED_CONNECTIONS)
+        runs[PACED_MODE] = rotate_saturation(paced_settings, paced_targets, stream=True)
     except BaseException:
         print(f"logs kept in {workdir}", file=sys.stderr)
         raise

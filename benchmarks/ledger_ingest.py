@@ -9,7 +9,7 @@ Run it with the project's interpreter (`.venv/bin/python`) after `make build`; P
 need the server binaries (`make services`) and are left out without them. Every case writes into
 a fresh ledger where two models are priced: events of 50 tenants, 200 keys and 3 models (one
 unpriced), a millisecond apart, in batches of 100, 1,000 and 4,096 (`control.usage_batch`'s
-default). Events are made before the clock starts. The table gives medians over rounds. Results:
+default). Event ids are UUIDv7, as the core makes them; events are made before the clock starts. The table gives medians over rounds. Results:
 a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and a raw report in
 `benchmarks/out/`.
 """
@@ -17,6 +17,7 @@ a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and a raw report
 from __future__ import annotations
 
 import argparse
+import random
 import shlex
 import statistics
 import sys
@@ -40,12 +41,18 @@ BATCHES = (100, 1000, 4096)
 TARGET = 20_000
 
 
+def uuid7(ms: int) -> str:
+    """A UUIDv7 as the core makes event ids: the millisecond first, so ids ascend with time."""
+    value = (ms << 80) | (0x7 << 76) | (random.getrandbits(12) << 64) | (0b10 << 62)
+    return str(uuid.UUID(int=value | random.getrandbits(62)))
+
+
 def make_events(count: int, start_ms: int) -> list[UsageEvent]:
     """`count` events started a millisecond apart: a gateway serving 1,000 requests a second."""
     step = 1
     return [
         UsageEvent(
-            event_id=str(uuid.uuid4()),
+            event_id=uuid7(start_ms + i * step),
             request_id=f"req-{i}",
             tenant_id=f"ten_{i % 50:012d}",
             key_id=f"key_{i % 200:012d}",

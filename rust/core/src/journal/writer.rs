@@ -34,6 +34,9 @@ use tokio::sync::oneshot;
 
 use super::record::{Ended, Progress, Record, Started};
 
+/// How long the writer may wait for more requests to share a sync, under load.
+const COMMIT_DELAY: Duration = Duration::from_micros(1000);
+
 /// How long a record nobody waits for may stay unwritten.
 const LINGER: Duration = Duration::from_millis(5);
 
@@ -385,6 +388,7 @@ impl Writer {
         let mut buffer = Vec::with_capacity(1 << 16);
         let mut records = Vec::new();
         let mut waiting = Vec::new();
+        let mut last_waiters = 0;
         loop {
             let (closed, checkpoint) = {
                 let mut queue = shared.lock();
@@ -412,12 +416,29 @@ impl Writer {
                         }
                     };
                 }
+                // Under load (the last sync had company), give others a moment to join.
+                if last_waiters >= 2 && !queue.closed {
+                    let until = Instant::now() + COMMIT_DELAY;
+                    while queue.waiters.len() < last_waiters * 2 {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        queue.sleep = Sleep::Lingering;
+                        queue = shared
+                            .wake
+                            .wait_timeout(queue, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                }
                 queue.sleep = Sleep::Awake;
                 std::mem::swap(&mut records, &mut queue.records);
                 waiting.append(&mut queue.waiters);
                 queue.oldest = None;
                 (queue.closed, std::mem::take(&mut queue.checkpoint))
             };
+            last_waiters = waiting.len();
             for record in records.drain(..) {
                 self.track(&record);
                 record.encode(&mut buffer);
