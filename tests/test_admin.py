@@ -15,6 +15,7 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, open_ledger, query
 from gateway.ledger.quotas import policy_snapshot
 from gateway.quotas import QuotaPolicy
+from tests.openai_errors import error
 
 TOKEN = "admin-secret-token"
 
@@ -53,17 +54,6 @@ def conn(ledger_url: str) -> Iterator[Connection]:
 @pytest.fixture
 def admin(conn: Connection) -> Admin:
     return Admin(conn)
-
-
-def error(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The OpenAI error body of a response that must have `status`."""
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert list(body) == ["error"]
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def routes(admin: Admin) -> list[tuple[str, str]]:

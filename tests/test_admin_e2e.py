@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests import procs
+from tests.openai_errors import error
 
 pytestmark = pytest.mark.e2e
 
@@ -64,13 +65,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminStack]:
     yield AdminStack(gateway=gateway, sim=sim, admin_url=admin_url)
     gateway.stop()
     sim.stop()
-
-
-def error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"}
-    return body
 
 
 def within(seconds: float, condition: Any) -> float:

@@ -26,6 +26,7 @@ from gateway.ledger.usage import encode_cursor, insert_usage_events
 from gateway.quotas import Price
 from tests import procs
 from tests.conftest import usage_event
+from tests.openai_errors import error
 
 ADMIN = "admin-secret-token"
 BILLING = "billing-secret-token"
@@ -105,17 +106,6 @@ def seeded(ledger: Connection) -> Seeded:
 @pytest.fixture
 def api(ledger: Connection) -> Billing:
     return Billing(ledger)
-
-
-def error(response: httpx.Response, status: int) -> dict[str, Any]:
-    """The OpenAI error body of a response that must have `status`."""
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert list(body) == ["error"]
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
-    details: dict[str, Any] = body["error"]
-    return details
 
 
 def ids(page: dict[str, Any]) -> list[str]:
