@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from gateway.config import (
     AdminConfig,
     BillingConfig,
+    GrpcConfig,
     ConfigFileError,
     ControlConfig,
     GatewayConfig,
@@ -331,6 +332,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "quota": QuotaConfig,
         "admin": AdminConfig,
         "billing": BillingConfig,
+        "grpc": GrpcConfig,
         "journal": JournalConfig,
     }
     assert set(GatewayConfig.model_fields) == {*sections, "workers"}
@@ -360,3 +362,12 @@ def test_the_journal_is_on_by_default_beside_a_sqlite_ledger(tmp_path: Path) -> 
         load_config(write(tmp_path, MINIMAL + "\n[journal]\nenabled = false\n")).core_document()
     )
     assert "journal" not in off
+
+
+def test_the_grpc_api_is_off_unless_it_has_a_port(tmp_path: Path) -> None:
+    assert "grpc_listen" not in json.loads(load_config(write(tmp_path, MINIMAL)).core_document())
+    text = MINIMAL + '\n[grpc]\nhost = "::1"\nport = 50051\n'
+    assert json.loads(load_config(write(tmp_path, text)).core_document())["grpc_listen"] == (
+        "[::1]:50051"
+    )
+    assert "grpc.port" in str(load_error(tmp_path, MINIMAL + "\n[grpc]\nport = 70000\n"))

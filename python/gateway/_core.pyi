@@ -34,6 +34,8 @@ class Gateway:
     def __init__(self, config_json: str) -> None: ...
     def start(self) -> tuple[str, int]:
         """Binds and serves; returns the bound (host, port), the real port if 0 was asked."""
+    def grpc_address(self) -> tuple[str, int] | None:
+        """The gRPC API's bound (host, port) once started, None without one (`grpc_listen`)."""
     def set_keys(self, snapshot_json: str) -> int:
         """Replaces the API-key snapshot atomically.
 

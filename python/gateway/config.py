@@ -348,6 +348,18 @@ class BillingConfig(BaseModel):
     )
 
 
+class GrpcConfig(BaseModel):
+    """`[grpc]`: the gRPC API (`gateway.v1`, see `protos/`), on its own listener."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    host: IpHost = Field(default="127.0.0.1", description="IP address the gRPC API listens on.")
+    port: Port | None = Field(
+        default=None,
+        description="TCP port of the gRPC API (0 picks a free one); off unless set.",
+    )
+
+
 class JournalConfig(BaseModel):
     """`[journal]`: the durable usage journal."""
 
@@ -401,6 +413,7 @@ class GatewayConfig(BaseModel):
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     billing: BillingConfig = Field(default_factory=BillingConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
 
     def core_document(self) -> str:
@@ -421,6 +434,8 @@ class GatewayConfig(BaseModel):
             },
             "quota": self.quota.model_dump(),
         }
+        if self.grpc.port is not None:
+            document["grpc_listen"] = listen_address(self.grpc.host, self.grpc.port)
         journal = self.journal_dir()
         if journal is not None:
             document["journal"] = {"dir": journal, "segment_bytes": self.journal.segment_bytes}

@@ -280,10 +280,11 @@ def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
 def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit status.
 
-    Prints `gateway listening on http://HOST:PORT` once serving, then calls `on_ready(host,
-    port)` with the bound address; the admin API, if enabled, prints `admin API listening on
-    http://HOST:PORT` once it serves. The key and policy snapshots are pushed, and in-process
-    budget counters seeded from the ledger, before the first request can arrive.
+    Prints `gateway listening on http://HOST:PORT` once serving (after `gRPC API listening on
+    HOST:PORT` when `[grpc] port` is set), then calls `on_ready(host, port)` with the bound
+    address; the admin API, if enabled, prints `admin API listening on http://HOST:PORT` once it
+    serves. The key and policy snapshots are pushed, and in-process budget counters seeded from
+    the ledger, before the first request can arrive.
     """
     from gateway import _core
 
@@ -310,7 +311,11 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
             return 1
         logger.info("gateway bound to %s", listen_address(host, port))
 
+        grpc = gateway.grpc_address()
+
         def announce() -> None:
+            if grpc is not None:
+                print(f"gRPC API listening on {listen_address(*grpc)}", flush=True)
             print(f"gateway listening on http://{listen_address(host, port)}", flush=True)
             if on_ready is not None:
                 on_ready(host, port)

@@ -148,6 +148,9 @@ pub struct GatewayConfig {
     /// Without one, usage events live in memory until the control plane drains them.
     #[serde(default)]
     pub journal: Option<JournalConfig>,
+    /// Where the gRPC API listens; without it, there is none.
+    #[serde(default)]
+    pub grpc_listen: Option<SocketAddr>,
 }
 
 fn default_max_body_bytes() -> usize {

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
+use crate::grpc::GrpcServer;
 use crate::journal::Journal;
 use crate::metering::{Meter, UsageEvent};
 use crate::quota::Quota;
@@ -25,6 +26,7 @@ use crate::upstream::Upstream;
 pub struct Gateway {
     state: Arc<AppState>,
     server: Option<ServerHandle>,
+    grpc: Option<GrpcServer>,
     /// The health loop and the load scrapes; aborted on shutdown and on drop.
     background: Vec<JoinHandle<()>>,
 }
@@ -73,6 +75,7 @@ impl Gateway {
         Ok(Self {
             state: Arc::new(state),
             server: None,
+            grpc: None,
             background: Vec::new(),
         })
     }
@@ -109,11 +112,21 @@ impl Gateway {
                 interval,
             )));
         }
+        if let Some(listen) = self.state.config.grpc_listen {
+            let grpc = GrpcServer::bind(listen, self.state.clone()).await?;
+            tracing::info!(addr = %grpc.local_addr(), "gRPC API listening");
+            self.grpc = Some(grpc);
+        }
         let server = ServerHandle::bind(self.state.config.listen, app(self.state.clone())).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, "gateway listening");
         self.server = Some(server);
         Ok(addr)
+    }
+
+    /// The gRPC API's bound address, once started with one.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().map(GrpcServer::local_addr)
     }
 
     pub fn set_keys(&self, snapshot_json: &str) -> Result<usize, SnapshotError> {
@@ -137,10 +150,19 @@ impl Gateway {
     /// loops.
     /// Usage of every request, finished or cut off, is in the meter when this returns.
     pub async fn shutdown(&mut self, grace: Duration) -> io::Result<()> {
-        let result = match self.server.take() {
-            Some(server) => server.shutdown(grace).await,
-            None => Ok(()),
+        let (grpc, server) = (self.grpc.take(), self.server.take());
+        let grpc = async {
+            if let Some(grpc) = grpc {
+                grpc.shutdown(grace).await;
+            }
         };
+        let http = async {
+            match server {
+                Some(server) => server.shutdown(grace).await,
+                None => Ok(()),
+            }
+        };
+        let ((), result) = tokio::join!(grpc, http);
         if !self.state.quota.flush(Duration::from_secs(5)).await {
             tracing::warn!(
                 "quota settlements still unsent to Redis at shutdown; leases will expire"

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod grpc;
 pub mod journal;
 pub mod json;
 pub mod metering;

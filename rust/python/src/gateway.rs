@@ -41,6 +41,14 @@ impl Gateway {
         Ok((addr.ip().to_string(), addr.port()))
     }
 
+    /// The gRPC API's bound (host, port), once started with one.
+    fn grpc_address(&self) -> Option<(String, u16)> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner
+            .grpc_addr()
+            .map(|addr| (addr.ip().to_string(), addr.port()))
+    }
+
     fn set_keys(&self, snapshot_json: &str) -> PyResult<usize> {
         Ok(self
             .state

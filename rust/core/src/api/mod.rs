@@ -4,4 +4,5 @@ mod dispatch;
 mod handlers;
 pub mod request;
 
+pub(crate) use dispatch::dispatch;
 pub use handlers::app;

@@ -7,4 +7,5 @@ mod frame;
 mod sse;
 mod stream;
 
+pub(crate) use sse::SseSplitter;
 pub use stream::{buffered_response, streaming_response};

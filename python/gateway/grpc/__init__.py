@@ -1,0 +1,9 @@
+"""The gateway's gRPC API from Python: `GatewayClient`, a small typed wrapper over the generated
+stubs, and the messages (`pb`) of `protos/gateway/v1/inference.proto`.
+
+The generated modules (`gateway.grpc.v1`) are made at build time by `gateway.grpc.codegen`.
+"""
+
+from gateway.grpc.client import GatewayClient, StreamCall, pb
+
+__all__ = ["GatewayClient", "StreamCall", "pb"]

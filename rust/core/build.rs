@@ -1,0 +1,19 @@
+//! Compiles the gRPC contract in `protos/` (at the workspace root) into the `grpc` module's
+//! messages and service traits, and a descriptor set for server reflection. protoc comes from
+//! `protoc-bin-vendored`: building needs no system protobuf compiler.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../protos");
+    let inference = protos.join("gateway/v1/inference.proto");
+    println!("cargo:rerun-if-changed={}", inference.display());
+    let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("gateway_v1_descriptor.bin");
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_client(false)
+        .file_descriptor_set_path(descriptors)
+        .compile_with_config(config, &[inference], &[protos])?;
+    Ok(())
+}

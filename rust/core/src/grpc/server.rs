@@ -1,0 +1,123 @@
+//! The gRPC listener: `gateway.v1.InferenceService`, the standard health service (`grpc.health.v1`,
+//! SERVING while a worker is healthy) and server reflection (v1 and v1alpha, for grpcurl and
+//! friends), on HTTP/2 over its own port. A handle like the HTTP server's: `bind` returns once
+//! listening; `shutdown(grace)` stops accepting, lets calls finish for `grace`, then cuts the rest
+//! (each cut call is metered as a cancelled one).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use super::pb;
+use super::pb::inference_service_server::InferenceServiceServer;
+use super::service::InferenceApi;
+use crate::state::AppState;
+
+/// The service name the health service reports on (and "" for the server as a whole).
+const SERVICE: &str = "gateway.v1.InferenceService";
+
+#[derive(Debug)]
+pub struct GrpcServer {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    health: JoinHandle<()>,
+}
+
+impl GrpcServer {
+    /// Binds `addr` (port 0 picks one) and serves on the current runtime.
+    pub async fn bind(addr: SocketAddr, state: Arc<AppState>) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = tokio::spawn(report_health(reporter, state.clone()));
+        let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+            builder
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1()
+            .map_err(io::Error::other)?;
+        let v1alpha = reflection(tonic_reflection::server::Builder::configure())
+            .build_v1alpha()
+            .map_err(io::Error::other)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(v1)
+            .add_service(v1alpha)
+            .add_service(
+                // Room for a message whose OpenAI body is over the limit, so that the answer
+                // is the HTTP API's (INVALID_ARGUMENT, naming the limit), not a transport error.
+                InferenceServiceServer::new(InferenceApi::new(state.clone()))
+                    .max_decoding_message_size(state.config.max_body_bytes.saturating_mul(2)),
+            );
+        let task = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            if let Err(error) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                tracing::error!(%error, "the gRPC server failed");
+            }
+        });
+        Ok(Self {
+            local_addr,
+            stop: Some(stop),
+            task: Some(task),
+            health,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets calls in flight finish for up to `grace`, then cuts the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.health.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Keeps the health service's answer current: SERVING while at least one worker is healthy.
+async fn report_health(reporter: tonic_health::server::HealthReporter, state: Arc<AppState>) {
+    let interval = state.config.routing.health_interval();
+    loop {
+        let healthy = state.registry.workers().iter().any(|w| w.is_healthy());
+        let status = if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status(SERVICE, status).await;
+        reporter.set_service_status("", status).await;
+        tokio::time::sleep(interval).await;
+    }
+}
