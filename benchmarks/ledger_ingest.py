@@ -9,9 +9,9 @@ Run it with the project's interpreter (`.venv/bin/python`) after `make build`; P
 need the server binaries (`make services`) and are left out without them. Every case writes into
 a fresh ledger where two models are priced: events of 50 tenants, 200 keys and 3 models (one
 unpriced), a millisecond apart, in batches of 100, 1,000 and 4,096 (`control.usage_batch`'s
-default). Event ids are UUIDv7, as the core makes them; events are made before the clock starts. The table gives medians over rounds. Results:
-a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and a raw report in
-`benchmarks/out/`.
+default). Event ids are UUIDv7, as the core makes them; events are made before the clock
+starts. The table gives medians over rounds. Results: a section of `benchmarks/RESULTS.md`
+(`--quick` only prints it) and a raw report in `benchmarks/out/`.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from pydantic import BaseModel
 from gateway.config import (
     AdminConfig,
     BillingConfig,
-    GrpcConfig,
     ConfigFileError,
     ControlConfig,
     GatewayConfig,
+    GrpcConfig,
     JournalConfig,
     QuotaConfig,
     RoutingConfig,

@@ -52,7 +52,8 @@ def events(stack: Stack, count: int) -> list[dict[str, Any]]:
 
 def status_details(error: grpc.RpcError) -> status_pb2.Status:
     """The `google.rpc.Status` in an error's `grpc-status-details-bin` trailer."""
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    trailers: Any = error.trailing_metadata()
+    for key, value in trailers or ():
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)
     raise AssertionError("no status details")
@@ -123,15 +124,15 @@ def test_a_grpc_request_and_the_same_http_request_record_identical_usage_events(
             )
         assert answer.status_code == 200
     rows = events(stack, 4)
-    for stream in (0, 1):
+    for streamed in (0, 1):
         pair = [
             {k: v for k, v in row.items() if k not in PER_CALL}
             for row in rows
-            if row["request_id"] == f"same-{bool(stream)}"
+            if row["request_id"] == f"same-{bool(streamed)}"
         ]
         assert len(pair) == 2
         assert pair[0] == pair[1]
-        assert pair[0]["stream"] == stream
+        assert pair[0]["stream"] == streamed
         assert pair[0]["completion_tokens"] == 6
 
 
@@ -245,7 +246,7 @@ def test_a_cancelled_stream_cancels_the_worker_and_is_billed_for_what_was_sent(
 def test_health_and_reflection(grpc_stack: tuple[Stack, GatewayClient]) -> None:
     stack, _ = grpc_stack
     with grpc.insecure_channel(grpc_target(stack)) as channel:
-        health = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "gateway.v1.InferenceService"):
             answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
