@@ -199,6 +199,17 @@ def test_every_error_is_its_grpc_status(make_stack: StackFactory) -> None:
         )
 
 
+def _answers(call: Any) -> bool:
+    """Whether `call` succeeds; False while its key is not yet known (any other error raises)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise
+        return False
+    return True
+
+
 def _code(client: GatewayClient, messages: list[tuple[str, str]]) -> grpc.StatusCode | None:
     try:
         client.chat(MODEL, messages, max_tokens=2)
@@ -266,3 +277,45 @@ def test_health_and_reflection(grpc_stack: tuple[Stack, GatewayClient]) -> None:
             "StreamCompletion",
             "ListModels",
         }
+
+
+def test_a_tenant_pages_its_own_usage_events_over_grpc(
+    grpc_stack: tuple[Stack, GatewayClient],
+) -> None:
+    stack, client = grpc_stack
+    other_key, _ = procs.create_key(stack.db, "other")
+    with GatewayClient(grpc_target(stack), other_key, timeout=30) as other:
+        # A new key works once the next key snapshot reaches the core.
+        assert procs.wait_for(
+            lambda: _answers(lambda: other.complete(MODEL, "not yours", max_tokens=1)), timeout=5
+        )
+        for i in range(5):
+            client.complete(MODEL, f"mine {i}", max_tokens=2, request_id=f"mine-{i}")
+        assert procs.wait_for(lambda: len(stack.rows()) == 6)
+        seen: list[str] = []
+        cursor = ""
+        while True:
+            page = client.usage_events(after=cursor, limit=2)
+            seen += [event.request_id for event in page.events]
+            cursor = page.next_cursor
+            if not page.has_more:
+                break
+        assert seen == [f"mine-{i}" for i in range(5)]
+        assert client.usage_events(after=cursor).events == []
+        [theirs] = other.usage_events().events
+        assert theirs.model == MODEL
+        assert (theirs.tokens.completion_tokens, theirs.priced, theirs.HasField("cost_micros")) == (
+            1,
+            False,
+            False,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            client.usage_events(after="not-a-cursor")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as caught:
+            client.usage_events(limit=10_001)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with GatewayClient(grpc_target(stack), "tg-nobody", timeout=30) as stranger:
+        with pytest.raises(grpc.RpcError) as caught:
+            stranger.usage_events()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -4,6 +4,7 @@ Every method that blocks releases the GIL. Configuration crosses as one JSON doc
 Rust side validates strictly (unknown fields are errors); usage events come back in batches.
 """
 
+from collections.abc import Callable
 from typing import final
 
 __version__: str
@@ -36,6 +37,11 @@ class Gateway:
         """Binds and serves; returns the bound (host, port), the real port if 0 was asked."""
     def grpc_address(self) -> tuple[str, int] | None:
         """The gRPC API's bound (host, port) once started, None without one (`grpc_listen`)."""
+    def set_usage_reader(self, reader: Callable[[str, str | None, int], str]) -> bool:
+        """Installs how the gRPC usage service reads the ledger: `reader(tenant_id, after,
+        limit)` returns a page of the tenant's events as the billing API's JSON document, and
+        raises `ValueError` for a malformed cursor. Called on the core's blocking threads. Only
+        the first call installs; returns whether this one did."""
     def set_keys(self, snapshot_json: str) -> int:
         """Replaces the API-key snapshot atomically.
 

@@ -1,10 +1,11 @@
-"""The billing documents: a usage event and an invoice as the billing API and the CLI print them.
+"""The billing documents: a usage event, a page of them and an invoice, as the billing API, the
+gRPC usage service and the CLI give them.
 
-One shape for both, so an export and the API's pages can be read by the same consumer. Token
+One shape for all, so an export and the API's pages can be read by the same consumer. Token
 classes are disjoint (`prompt_tokens` are the prompt tokens not served from cache, `cached_tokens`
 those that were), money is integer micro-units of `currency`, and an event or invoice line of a
 model that had no price is flagged (`priced: false`, no amount), never billed at zero. Nothing
-here reads the ledger or knows HTTP.
+here knows HTTP; only `event_page` reads the ledger.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from typing import Annotated, Literal
 from pydantic import Field
 from typing_extensions import TypedDict
 
+from gateway.ledger.db import Connection
 from gateway.ledger.invoices import Invoice, InvoiceLine
-from gateway.ledger.usage import StoredEvent
+from gateway.ledger.usage import StoredEvent, decode_cursor, encode_cursor, events_after
 
 __all__ = [
     "EVENT_CSV_COLUMNS",
+    "EventPage",
     "EventUsage",
     "InvoiceDocument",
     "UsageEventDocument",
     "event_csv_row",
     "event_document",
+    "event_page",
     "invoice_document",
 ]
 
@@ -99,6 +103,37 @@ def event_document(event: StoredEvent, currency: str) -> UsageEventDocument:
         cost_micros=event.cost_micros,
         priced=event.priced,
         currency=currency,
+    )
+
+
+class EventPage(TypedDict):
+    """A page of usage events in commit order; follow `next_cursor` for the next one."""
+
+    object: Literal["list"]
+    data: list[UsageEventDocument]
+    has_more: Annotated[bool, Field(description="Whether more events follow this page now.")]
+    next_cursor: Annotated[
+        str,
+        Field(
+            description="Where the next page starts: after this page's last event, or where this "
+            "page began when it is empty. Always present: poll with it for new events."
+        ),
+    ]
+
+
+def event_page(
+    conn: Connection, after: str | None, limit: int, tenant_id: str | None, currency: str
+) -> EventPage:
+    """Up to `limit` events after the cursor `after` (the beginning if None), of one tenant or
+    all; `ValueError` for a malformed cursor."""
+    after_seq = 0 if after is None else decode_cursor(after)
+    events = events_after(conn, after_seq, limit + 1, tenant_id)
+    page = events[:limit]
+    return EventPage(
+        object="list",
+        data=[event_document(event, currency) for event in page],
+        has_more=len(events) > limit,
+        next_cursor=encode_cursor(page[-1].seq if page else after_seq),
     )
 
 

@@ -23,7 +23,7 @@ from pydantic import Field
 from pydantic_core import to_jsonable_python
 from typing_extensions import TypedDict
 
-from gateway.billing import InvoiceDocument, UsageEventDocument, event_document, invoice_document
+from gateway.billing import EventPage, InvoiceDocument, event_page, invoice_document
 from gateway.http_common import ApiError, Ledger, openapi_document, token_matches
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import usable_key_tenant
@@ -39,7 +39,6 @@ from gateway.ledger.rollups import (
     usage_page,
 )
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
-from gateway.ledger.usage import decode_cursor, encode_cursor, events_after
 
 __all__ = ["EVENTS_LIMIT", "router"]
 
@@ -131,21 +130,6 @@ async def openapi(request: Request, caller: CallerDep) -> JSONResponse:
     return JSONResponse(openapi_document(request.app, router, "tokengate billing API"))
 
 
-class EventPage(TypedDict):
-    """A page of usage events in commit order; follow `next_cursor` for the next one."""
-
-    object: Literal["list"]
-    data: list[UsageEventDocument]
-    has_more: Annotated[bool, Field(description="Whether more events follow this page now.")]
-    next_cursor: Annotated[
-        str,
-        Field(
-            description="Where the next page starts: after this page's last event, or where this "
-            "page began when it is empty. Always present: poll with it for new events."
-        ),
-    ]
-
-
 @router.get("/usage-events", response_model=EventPage)
 async def usage_events(
     request: Request,
@@ -161,23 +145,12 @@ async def usage_events(
     """Usage events in the order the ledger committed them: paging with `next_cursor` sees every
     event exactly once, however many are written meanwhile."""
     scope = _scope(conn, caller, tenant)
-    after_seq = 0
-    if after is not None:
-        try:
-            after_seq = decode_cursor(after)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), None, "after") from None
-    events = events_after(conn, after_seq, limit + 1, None if scope is None else scope.id)
-    page = events[:limit]
     currency: str = request.app.state.currency
-    return JSONResponse(
-        EventPage(
-            object="list",
-            data=[event_document(event, currency) for event in page],
-            has_more=len(events) > limit,
-            next_cursor=encode_cursor(page[-1].seq if page else after_seq),
-        )
-    )
+    try:
+        page = event_page(conn, after, limit, None if scope is None else scope.id, currency)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), None, "after") from None
+    return JSONResponse(page)
 
 
 class UsageResult(TypedDict):

@@ -24,6 +24,7 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import insert_usage_events, spent_in_current_periods
+from gateway.usage_reader import LedgerUsageReader
 
 if TYPE_CHECKING:
     from gateway._core import UsageRow
@@ -294,6 +295,8 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         except _core.ConfigError as exc:
             logger.error("the core rejected the configuration: %s", exc)
             return 2
+        usage_reader = LedgerUsageReader(config.storage.url, config.billing.currency)
+        gateway.set_usage_reader(usage_reader)
         pusher = SnapshotPusher(conn, gateway)
         pusher.refresh()
         if config.quota.redis_url is None:
@@ -320,4 +323,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
             if on_ready is not None:
                 on_ready(host, port)
 
-        return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce))
+        try:
+            return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce))
+        finally:
+            usage_reader.close()

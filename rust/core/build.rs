@@ -6,14 +6,16 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../protos");
-    let inference = protos.join("gateway/v1/inference.proto");
-    println!("cargo:rerun-if-changed={}", inference.display());
+    let files = ["inference.proto", "usage.proto"].map(|f| protos.join("gateway/v1").join(f));
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
     let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("gateway_v1_descriptor.bin");
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         .build_client(false)
         .file_descriptor_set_path(descriptors)
-        .compile_with_config(config, &[inference], &[protos])?;
+        .compile_with_config(config, &files, &[protos])?;
     Ok(())
 }

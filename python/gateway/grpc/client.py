@@ -15,8 +15,10 @@ import grpc
 
 from gateway.grpc.v1 import inference_pb2 as pb
 from gateway.grpc.v1 import inference_pb2_grpc as pb_grpc
+from gateway.grpc.v1 import usage_pb2 as usage_pb
+from gateway.grpc.v1 import usage_pb2_grpc as usage_grpc
 
-__all__ = ["GatewayClient", "StreamCall", "pb"]
+__all__ = ["GatewayClient", "StreamCall", "pb", "usage_pb"]
 
 Message = Mapping[str, str] | tuple[str, str]
 """A chat message: `{"role": ..., "content": ..., "name"?: ...}`, or `(role, content)`."""
@@ -76,6 +78,7 @@ class GatewayClient:
     ) -> None:
         self._channel = channel or grpc.insecure_channel(target)
         self._stub: Any = pb_grpc.InferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._usage: Any = usage_grpc.UsageServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout = timeout
 
@@ -146,6 +149,15 @@ class GatewayClient:
     def models(self, *, timeout: float | None = None) -> list[pb.Model]:
         answer = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return list(cast(pb.ListModelsResponse, answer).models)
+
+    def usage_events(
+        self, after: str = "", limit: int = 0, *, timeout: float | None = None
+    ) -> usage_pb.ListUsageEventsResponse:
+        """A page of the key's tenant's usage events after the cursor `after` ("" for the
+        beginning); follow `next_cursor` for the next."""
+        request = usage_pb.ListUsageEventsRequest(after=after, limit=limit)
+        answer = self._call(self._usage.ListUsageEvents, request, timeout)
+        return cast(usage_pb.ListUsageEventsResponse, answer)
 
     @staticmethod
     def chat_request(

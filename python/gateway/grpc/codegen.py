@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 PROTOS = PACKAGE.parents[2] / "protos" / "gateway"
-PROTO_FILES = ("v1/inference.proto",)
+PROTO_FILES = ("v1/inference.proto", "v1/usage.proto")
 
 
 def generate() -> int:

@@ -408,12 +408,17 @@ def migrate(conn: Connection) -> int:
     return SCHEMA_VERSION
 
 
-def _open_sqlite(path: Path) -> Connection:
+def _open_sqlite(path: Path, any_thread: bool = False) -> Connection:
     """WAL lets readers (the CLI, billing) run beside the writer; `synchronous=FULL` makes every
     committed usage batch survive a power cut, at one fsync per batch."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        raw = sqlite3.connect(path, isolation_level=None, timeout=LOCK_TIMEOUT_MS / 1000)
+        raw = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=LOCK_TIMEOUT_MS / 1000,
+            check_same_thread=not any_thread,
+        )
     except sqlite3.Error as exc:
         raise DatabaseError(str(exc)) from exc
     conn = _SqliteConnection(raw)
@@ -431,11 +436,15 @@ def _open_sqlite(path: Path) -> Connection:
     return conn
 
 
-def connect(url: str) -> Connection:
+def connect(url: str, *, any_thread: bool = False) -> Connection:
     """Opens (creating a SQLite file if needed) and migrates the ledger at `url`. The caller
-    closes it."""
+    closes it. With `any_thread`, any thread may use it, one at a time (the caller serialises)."""
     target = parse_url(url)
-    conn = _open_sqlite(target) if isinstance(target, Path) else _PostgresConnection(target)
+    conn = (
+        _open_sqlite(target, any_thread)
+        if isinstance(target, Path)
+        else _PostgresConnection(target)
+    )
     try:
         migrate(conn)
     except BaseException:

@@ -70,6 +70,7 @@ impl Gateway {
             keys: KeyStore::default(),
             meter: Arc::new(meter),
             quota: Arc::new(Quota::new(config.quota.clone())),
+            usage_reader: std::sync::OnceLock::new(),
             config,
         };
         Ok(Self {
@@ -127,6 +128,11 @@ impl Gateway {
     /// The gRPC API's bound address, once started with one.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.as_ref().map(GrpcServer::local_addr)
+    }
+
+    /// Installs how the gRPC usage service reads the ledger; only the first call counts.
+    pub fn set_usage_reader(&self, reader: Arc<dyn crate::grpc::UsageReader>) -> bool {
+        self.state.usage_reader.set(reader).is_ok()
     }
 
     pub fn set_keys(&self, snapshot_json: &str) -> Result<usize, SnapshotError> {

@@ -1,9 +1,10 @@
 //! Everything a request handler needs, shared by all of them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::auth::KeyStore;
 use crate::config::GatewayConfig;
+use crate::grpc::UsageReader;
 use crate::metering::Meter;
 use crate::quota::Quota;
 use crate::router::Registry;
@@ -17,4 +18,6 @@ pub struct AppState {
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     pub quota: Arc<Quota>,
+    /// How the gRPC usage service reads the ledger; installed by the control plane.
+    pub usage_reader: OnceLock<Arc<dyn UsageReader>>,
 }

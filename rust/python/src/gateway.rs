@@ -49,6 +49,12 @@ impl Gateway {
             .map(|addr| (addr.ip().to_string(), addr.port()))
     }
 
+    /// Installs `reader(tenant_id, after, limit) -> str` for the gRPC usage service.
+    fn set_usage_reader(&self, reader: Py<PyAny>) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.set_usage_reader(Arc::new(crate::usage_reader::PyUsageReader::new(reader)))
+    }
+
     fn set_keys(&self, snapshot_json: &str) -> PyResult<usize> {
         Ok(self
             .state

@@ -5,6 +5,7 @@ mod gateway;
 mod runtime;
 mod sim;
 mod usage;
+mod usage_reader;
 
 use pyo3::prelude::*;
 

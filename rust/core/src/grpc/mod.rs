@@ -7,8 +7,10 @@ mod convert;
 mod server;
 mod service;
 mod status;
+mod usage;
 
 pub use server::GrpcServer;
+pub use usage::{UsageReadError, UsageReader};
 
 /// The messages and service traits generated from `protos/gateway/v1/inference.proto`.
 #[expect(

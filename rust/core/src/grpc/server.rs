@@ -1,4 +1,4 @@
-//! The gRPC listener: `gateway.v1.InferenceService`, the standard health service (`grpc.health.v1`,
+//! The gRPC listener: `gateway.v1.InferenceService` and `UsageService`, the standard health service (`grpc.health.v1`,
 //! SERVING while a worker is healthy) and server reflection (v1 and v1alpha, for grpcurl and
 //! friends), on HTTP/2 over its own port. A handle like the HTTP server's: `bind` returns once
 //! listening; `shutdown(grace)` stops accepting, lets calls finish for `grace`, then cuts the rest
@@ -18,7 +18,9 @@ use tonic_health::ServingStatus;
 
 use super::pb;
 use super::pb::inference_service_server::InferenceServiceServer;
+use super::pb::usage_service_server::UsageServiceServer;
 use super::service::InferenceApi;
+use super::usage::UsageApi;
 use crate::state::AppState;
 
 /// The service name the health service reports on (and "" for the server as a whole).
@@ -56,6 +58,7 @@ impl GrpcServer {
             .add_service(health_service)
             .add_service(v1)
             .add_service(v1alpha)
+            .add_service(UsageServiceServer::new(UsageApi::new(state.clone())))
             .add_service(
                 // Room for a message whose OpenAI body is over the limit, so that the answer
                 // is the HTTP API's (INVALID_ARGUMENT, naming the limit), not a transport error.
