@@ -138,15 +138,14 @@ impl UsageService for UsageApi {
             .ok_or_else(|| Status::unavailable("usage is not served by this gateway"))?;
         let tenant = principal.tenant_id.clone();
         let after = (!message.after.is_empty()).then_some(message.after);
-        let page = tokio::task::spawn_blocking(move || {
-            reader.events(&tenant, after.as_deref(), limit)
-        })
-        .await
-        .map_err(|_| Status::internal("reading usage failed"))?
-        .map_err(|error| match error {
-            UsageReadError::InvalidCursor(message) => Status::invalid_argument(message),
-            UsageReadError::Unavailable(_) => Status::unavailable(error.to_string()),
-        })?;
+        let page =
+            tokio::task::spawn_blocking(move || reader.events(&tenant, after.as_deref(), limit))
+                .await
+                .map_err(|_| Status::internal("reading usage failed"))?
+                .map_err(|error| match error {
+                    UsageReadError::InvalidCursor(message) => Status::invalid_argument(message),
+                    UsageReadError::Unavailable(_) => Status::unavailable(error.to_string()),
+                })?;
         let page: Page = serde_json::from_str(&page)
             .map_err(|error| Status::internal(format!("unreadable usage page: {error}")))?;
         Ok(Response::new(pb::ListUsageEventsResponse {
