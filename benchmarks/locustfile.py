@@ -5,8 +5,10 @@
 
 Environment: ``TOKENGATE_API_KEY`` (sent as ``Authorization: Bearer``; unset sends no header, e.g.
 against ``gateway sim`` directly), ``TOKENGATE_MODEL`` (default ``sim-model``),
-``TOKENGATE_MAX_TOKENS`` (default 64). Name a class on the command line (``ChatUser`` or
-``CompletionUser``) to run only that one; by default locust spreads users over both.
+``TOKENGATE_MAX_TOKENS`` (default 64), ``TOKENGATE_GRPC_TARGET`` (``host:port`` of the gateway's
+gRPC API; with it, ``GrpcChatUser`` joins in). Name a class on the command line (``ChatUser``,
+``CompletionUser``, ``GrpcChatUser``) to run only that one; by default locust spreads users over
+all of them.
 
 Each user sends one streaming request after another (no wait), with
 ``stream_options: {"include_usage": true}``, and reads the SSE stream to its end. Rows in the stats:
@@ -21,6 +23,11 @@ Each user sends one streaming request after another (no wait), with
 - ``TPS /v1/...`` — **not a time**: its "response time" columns are output tokens per second per
   request, ``usage.completion_tokens`` from the final usage chunk divided by the request's
   end-to-end time in seconds; its "size" column is that request's completion token count.
+
+``GrpcChatUser`` streams ``gateway.v1.InferenceService/StreamChatCompletion`` with grpcio, made
+gevent-cooperative (``grpc.experimental.gevent.init_gevent()``) so its users share locust's loop.
+Its rows, named ``StreamChatCompletion``: ``gRPC`` (end to end: the call until its status),
+``TTFT`` (to the first message with text) and ``TPS`` (as above, from the last message's usage).
 """
 
 from __future__ import annotations
@@ -32,11 +39,16 @@ import random
 import time
 from typing import Any
 
-from locust import HttpUser, constant, task
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import HttpUser, User, constant, task
+
+grpc_gevent.init_gevent()  # before any channel: grpcio then yields to gevent instead of blocking
 
 API_KEY = os.environ.get("TOKENGATE_API_KEY", "")
 MODEL = os.environ.get("TOKENGATE_MODEL", "sim-model")
 MAX_TOKENS = int(os.environ.get("TOKENGATE_MAX_TOKENS", "64"))
+GRPC_TARGET = os.environ.get("TOKENGATE_GRPC_TARGET", "")
 
 PROMPTS = (
     "Write a haiku about GPUs.",
@@ -173,25 +185,33 @@ class _StreamingUser(HttpUser):
         self._report(reader, end)
 
     def _report(self, reader: StreamReader, end: float) -> None:
-        fire = self.environment.events.request.fire
-        if reader.first_token_at is not None:
-            fire(
-                request_type="TTFT",
-                name=self.path,
-                response_time=(reader.first_token_at - reader.start) * 1000,
-                response_length=0,
-                exception=None,
-                context={},
-            )
-        tokens = reader.completion_tokens or 0
+        report_stream(
+            self, self.path, reader.start, reader.first_token_at, end, reader.completion_tokens or 0
+        )
+
+
+def report_stream(
+    user: User, name: str, start: float, first_token_at: float | None, end: float, tokens: int
+) -> None:
+    """Fires a stream's ``TTFT`` row (if a token came) and its ``TPS`` row."""
+    fire = user.environment.events.request.fire
+    if first_token_at is not None:
         fire(
-            request_type="TPS",
-            name=self.path,
-            response_time=tokens / max(end - reader.start, 1e-9),
-            response_length=tokens,
+            request_type="TTFT",
+            name=name,
+            response_time=(first_token_at - start) * 1000,
+            response_length=0,
             exception=None,
             context={},
         )
+    fire(
+        request_type="TPS",
+        name=name,
+        response_time=tokens / max(end - start, 1e-9),
+        response_length=tokens,
+        exception=None,
+        context={},
+    )
 
 
 class ChatUser(_StreamingUser):
@@ -212,3 +232,53 @@ class CompletionUser(_StreamingUser):
     @task
     def complete(self) -> None:
         self.stream_once()
+
+
+class GrpcChatUser(User):
+    """Streaming ``gateway.v1.InferenceService/StreamChatCompletion`` over gRPC; only with
+    ``TOKENGATE_GRPC_TARGET``."""
+
+    abstract = not GRPC_TARGET
+    wait_time = constant(0)
+    name = "StreamChatCompletion"
+
+    def on_start(self) -> None:
+        from gateway.grpc import GatewayClient
+
+        self.client = GatewayClient(GRPC_TARGET, API_KEY, timeout=300)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def chat(self) -> None:
+        start = time.perf_counter()
+        first_token_at: float | None = None
+        tokens: int | None = None
+        length = 0
+        error: Exception | None = None
+        try:
+            call = self.client.stream_chat(
+                MODEL, [("user", random.choice(PROMPTS))], max_tokens=MAX_TOKENS
+            )
+            for chunk in call:
+                length += chunk.ByteSize()
+                if first_token_at is None and any(c.text for c in chunk.choices):
+                    first_token_at = time.perf_counter()
+                if chunk.HasField("usage"):
+                    tokens = chunk.usage.completion_tokens
+            if tokens is None:
+                error = StreamError("no usage in the last message")
+        except grpc.RpcError as e:
+            error = e
+        end = time.perf_counter()
+        self.environment.events.request.fire(
+            request_type="gRPC",
+            name=self.name,
+            response_time=(end - start) * 1000,
+            response_length=length,
+            exception=error,
+            context={},
+        )
+        if error is None:
+            report_stream(self, self.name, start, first_token_at, end, tokens or 0)

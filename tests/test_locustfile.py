@@ -1,4 +1,5 @@
-"""The SREs' locustfile runs against a real gateway: streams succeed and TTFT/TPS rows appear."""
+"""The SREs' locustfile runs against a real gateway, over HTTP and gRPC: streams succeed and
+TTFT/TPS rows appear."""
 
 from __future__ import annotations
 
@@ -19,15 +20,21 @@ LOCUSTFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "locustfile
 
 
 def test_locust_headless_run(make_stack: StackFactory, tmp_path: Path) -> None:
-    stack = make_stack(n_sims=2, ttft_ms=5, itl_ms=2)
+    stack = make_stack(n_sims=2, config_extra="[grpc]\nport = 0\n", ttft_ms=5, itl_ms=2)
+    grpc_target = procs.wait_line(stack.gateway, r"gRPC API listening on (\S+)")[1]
     prefix = tmp_path / "run"
     done = subprocess.run(
         [
             sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-            "-u", "4", "-r", "4", "-t", "4s", "--stop-timeout", "5",
+            "-u", "6", "-r", "6", "-t", "4s", "--stop-timeout", "5",
             "--host", stack.gateway.url, "--csv", str(prefix), "--only-summary",
         ],
-        env={**os.environ, "TOKENGATE_API_KEY": stack.key, "TOKENGATE_MAX_TOKENS": "8"},
+        env={
+            **os.environ,
+            "TOKENGATE_API_KEY": stack.key,
+            "TOKENGATE_MAX_TOKENS": "8",
+            "TOKENGATE_GRPC_TARGET": grpc_target,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -42,7 +49,12 @@ def test_locust_headless_run(make_stack: StackFactory, tmp_path: Path) -> None:
         assert int(post["Failure Count"]) == 0
         assert int(rows[("TTFT", path)]["Request Count"]) > 0
         assert int(rows[("TPS", path)]["Request Count"]) > 0
-    streams = sum(
+    grpc_calls = rows[("gRPC", "StreamChatCompletion")]
+    assert int(grpc_calls["Request Count"]) > 0
+    assert int(grpc_calls["Failure Count"]) == 0
+    assert int(rows[("TTFT", "StreamChatCompletion")]["Request Count"]) > 0
+    assert int(rows[("TPS", "StreamChatCompletion")]["Request Count"]) > 0
+    streams = int(grpc_calls["Request Count"]) + sum(
         int(rows[("POST", p)]["Request Count"]) for p in ("/v1/chat/completions", "/v1/completions")
     )
     assert procs.wait_for(
