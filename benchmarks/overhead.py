@@ -181,6 +181,7 @@ class Service(Pinned):
         argv = [sys.executable, "-m", "gateway", *args]
         super().__init__(name, core, argv, workdir, env=env, pipe_stdout=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -191,18 +192,27 @@ class Service(Pinned):
 
     def wait_listening(self, timeout_s: float = 60.0) -> str:
         """The base URL from the `... listening on http://HOST:PORT` line."""
+        return self.wait_line(r"listening on (http://\S+)", timeout_s)[1].rstrip("/")
+
+    def wait_line(self, pattern: str, timeout_s: float = 60.0) -> re.Match[str]:
+        """The first stdout line matching `pattern`, those already read included."""
+        for line in self._seen:
+            if match := re.search(pattern, line):
+                return match
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             try:
-                line = self._lines.get(timeout=left)
+                read = self._lines.get(timeout=left)
             except queue.Empty:
                 break
-            if line is None:
+            if read is None:
                 raise HarnessError(f"{self.name} exited early:\n{self.log_tail()}")
-            if match := re.search(r"listening on (http://\S+)", line):
-                return match.group(1).rstrip("/")
+            self._seen.append(read)
+            line = read
+            if match := re.search(pattern, line):
+                return match
         raise HarnessError(
-            f"{self.name} did not start within {timeout_s:.0f} s:\n{self.log_tail()}"
+            f"{self.name} did not print {pattern!r} within {timeout_s:.0f} s:\n{self.log_tail()}"
         )
 
 
@@ -373,14 +383,19 @@ def run_loadgen(
     stream: bool,
     rate: float | None,
     services: tuple[Pinned, ...] = (),
+    grpc_body: Path | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """One loadgen run; returns its report and, for each of `services`, its CPU use over the
-    measured window (after the warm-up) as a fraction of one core."""
+    measured window (after the warm-up) as a fraction of one core. With `grpc_body` (a file of
+    the protobuf-encoded request) the run speaks gRPC to the method `url` names."""
     body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16}
     if stream:
         body["stream"] = True
     argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
-    argv += ["--body", json.dumps(body), "--header", f"authorization: Bearer {key}"]
+    argv += ["--body", json.dumps(body) if grpc_body is None else f"@{grpc_body}"]
+    argv += ["--header", f"authorization: Bearer {key}"]
+    if grpc_body is not None:
+        argv.append("--grpc")
     argv += ["--duration-s", str(settings.duration_s), "--warmup-s", str(settings.warmup_s)]
     argv += ["--concurrency", str(settings.concurrency)]
     if rate is not None:

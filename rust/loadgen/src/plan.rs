@@ -52,6 +52,12 @@ pub struct Args {
     /// A request not read to its end after this many seconds fails and its connection is dropped.
     #[arg(long, default_value_t = 30.0)]
     pub timeout_s: f64,
+    /// Speak gRPC over HTTP/2 (prior knowledge), one connection per `--concurrency` slot:
+    /// `--url` names the method (http://HOST:PORT/package.Service/Method) and `--body @PATH` holds
+    /// the protobuf-encoded request message. A call succeeds when its trailers carry
+    /// `grpc-status: 0` (anything else counts as a bad stream); ttfb is its first message.
+    #[arg(long)]
+    pub grpc: bool,
 }
 
 /// What to send, where, and for how long; built once and shared read-only by every worker.
@@ -61,6 +67,7 @@ pub struct Plan {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stream: bool,
+    pub grpc: bool,
     pub warmup: Duration,
     pub duration: Duration,
     pub concurrency: usize,
@@ -84,7 +91,12 @@ impl Plan {
             .map_err(|e| format!("resolving {}: {e}", authority.host()))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", authority.host()))?;
-        let path: Uri = uri.path_and_query().map_or("/", |p| p.as_str()).parse()?;
+        // HTTP/2 takes `:scheme` and `:authority` from the request's URI: it must be absolute.
+        let path: Uri = if args.grpc {
+            uri.clone()
+        } else {
+            uri.path_and_query().map_or("/", |p| p.as_str()).parse()?
+        };
 
         let body = match args.body.strip_prefix('@') {
             Some(file) => {
@@ -92,12 +104,18 @@ impl Plan {
             }
             None => Bytes::from(args.body.clone()),
         };
-        serde_json::from_slice::<serde::de::IgnoredAny>(&body)
-            .map_err(|e| format!("--body is not JSON: {e}"))?;
-
         let mut headers = HeaderMap::new();
-        headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = if args.grpc {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("te", HeaderValue::from_static("trailers"));
+            grpc_frame(&body)?
+        } else {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+                .map_err(|e| format!("--body is not JSON: {e}"))?;
+            headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            body
+        };
         for raw in &args.headers {
             let (name, value) = raw
                 .split_once(':')
@@ -130,6 +148,7 @@ impl Plan {
             headers,
             body,
             stream: args.stream,
+            grpc: args.grpc,
             warmup: seconds("warmup-s", args.warmup_s)?,
             duration,
             concurrency: args.concurrency,
@@ -137,4 +156,14 @@ impl Plan {
             timeout: seconds("timeout-s", args.timeout_s)?,
         })
     }
+}
+
+/// `message` as one gRPC message on the wire: uncompressed, its length (big-endian), itself.
+fn grpc_frame(message: &[u8]) -> Result<Bytes> {
+    let len = u32::try_from(message.len()).map_err(|_| "--body: message over 4 GiB")?;
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    Ok(Bytes::from(framed))
 }

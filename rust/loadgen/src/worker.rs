@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1, http2};
 use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -18,7 +18,30 @@ use crate::Result;
 use crate::plan::Plan;
 use crate::report::{Histograms, Tally};
 
-pub type Sender = SendRequest<Full<Bytes>>;
+/// One connection: HTTP/1.1, or HTTP/2 for gRPC.
+pub enum Sender {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Self::Http1(sender) => sender.ready().await,
+            Self::Http2(sender) => sender.ready().await,
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Self::Http1(sender) => sender.send_request(request).await,
+            Self::Http2(sender) => sender.send_request(request).await,
+        }
+    }
+}
 
 /// Samples a worker keeps before taking the histogram lock.
 const BATCH: usize = 512;
@@ -44,16 +67,24 @@ impl Run {
     }
 }
 
-/// Opens one HTTP/1.1 connection; its driver runs as its own task until the sender is dropped.
+/// Opens one connection (HTTP/2 with `--grpc`, else HTTP/1.1); its driver runs as its own task
+/// until the sender is dropped.
 pub async fn connect(plan: &Plan) -> Result<Sender> {
     let tcp = TcpStream::connect(plan.addr).await?;
     tcp.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    // The connection's own error also surfaces on the sender, where it is counted.
+    if plan.grpc {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        tokio::spawn(async move {
+            let _closed = conn.await;
+        });
+        return Ok(Sender::Http2(sender));
+    }
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
-        // The connection's own error also surfaces on the sender, where it is counted.
         let _closed = conn.await;
     });
-    Ok(sender)
+    Ok(Sender::Http1(sender))
 }
 
 /// How one request ended.
@@ -158,17 +189,24 @@ async fn exchange(sender: &mut Sender, plan: &Plan, start: Instant) -> Outcome {
     let mut body = resp.into_body();
     let mut first: Option<Instant> = None;
     let mut sse = Sse::default();
+    let mut grpc_ok = false;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Outcome::Transport;
         };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    grpc_ok = trailers.get("grpc-status").is_some_and(|s| s == "0");
+                }
+                continue;
+            }
         };
         if data.is_empty() {
             continue;
         }
-        let is_first = if plan.stream {
+        let is_first = if plan.stream && !plan.grpc {
             sse.push(data)
         } else {
             first.is_none()
@@ -181,7 +219,7 @@ async fn exchange(sender: &mut Sender, plan: &Plan, start: Instant) -> Outcome {
     if !status.is_success() {
         return Outcome::Status(status.as_u16());
     }
-    if plan.stream && !sse.complete() {
+    if (plan.stream && !plan.grpc && !sse.complete()) || (plan.grpc && !grpc_ok) {
         return Outcome::BadStream;
     }
     Outcome::Ok {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use super::pb;
@@ -54,7 +54,6 @@ impl GrpcServer {
             .map_err(io::Error::other)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let router = Server::builder()
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(v1)
             .add_service(v1alpha)
@@ -66,7 +65,9 @@ impl GrpcServer {
                     .max_decoding_message_size(state.config.max_body_bytes.saturating_mul(2)),
             );
         let task = tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            // Calls are small and interactive: without NODELAY each message can wait out the
+            // peer's delayed ACK (40 ms).
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let stopped = async {
                 let _ = stopped.await;
             };
