@@ -18,29 +18,22 @@ in `benchmarks/out/`.
 
 from __future__ import annotations
 
-import shlex
-import shutil
 import statistics
 import sys
-import tempfile
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from gateway.grpc import GatewayClient
 from overhead import (
     MODEL,
     PROMPT,
-    Pinned,
+    Harness,
     Service,
-    build_loadgen,
-    check_environment,
+    Settings,
     create_key,
+    harness,
     instant_sim,
-    machine,
     publish,
     run_loadgen,
-    run_meta,
     wait_serving,
 )
 from quota_cost import parse_args
@@ -95,89 +88,79 @@ def section(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    command = shlex.join(
-        ["python", "benchmarks/grpc_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    check_environment(settings)
-    if settings.loadgen == Path():
-        settings.loadgen = build_loadgen()
-    stamp = datetime.now(UTC)
-    host = machine()
-    workdir = Path(tempfile.mkdtemp(prefix="tokengate-grpc-"))
+    with harness("grpc_cost.py", settings, argv) as run:
+        runs = measure(settings, run)
+    meta = run.meta("grpc", settings)
+    publish(meta, {"runs": runs}, section(runs, meta), BEGIN, END, settings.quick)
+    return 1 if any(r["errors"] for r in runs) else 0
+
+
+def measure(settings: Settings, run: Harness) -> list[dict[str, Any]]:
+    """Starts the simulator and the gateway, then every round's runs."""
+    workdir = run.workdir
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
     key = create_key(workdir, db_url)
     message = workdir / "request.bin"
     request = GatewayClient.completion_request(MODEL, PROMPT, max_tokens=16)
     message.write_bytes(request.SerializeToString())
-    services: list[Pinned] = []
+    sim = instant_sim(settings, workdir)
+    run.services.append(sim)
+    sim_url = sim.wait_listening()
+    config = workdir / "gateway.toml"
+    config.write_text(
+        '[server]\nhost = "127.0.0.1"\nport = 0\n\n[grpc]\nport = 0\n\n'
+        f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n'
+    )
+    gateway = Service(
+        "gateway",
+        settings.gateway_core,
+        ["serve", "--config", str(config), "--log-level", "WARNING"],
+        workdir,
+    )
+    run.services.append(gateway)
+    gateway_url = gateway.wait_listening()
+    wait_serving(gateway_url + "/v1/completions", key, gateway)
+    urls = {
+        "direct": sim_url + "/v1/completions",
+        "http": gateway_url + "/v1/completions",
+        "grpc": f"http://{gateway.wait_line(GRPC_LISTENING)[1]}{METHOD}",
+    }
     runs: list[dict[str, Any]] = []
-    try:
-        sim = instant_sim(settings, workdir)
-        services.append(sim)
-        sim_url = sim.wait_listening()
-        config = workdir / "gateway.toml"
-        config.write_text(
-            '[server]\nhost = "127.0.0.1"\nport = 0\n\n[grpc]\nport = 0\n\n'
-            f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n'
-        )
-        gateway = Service(
-            "gateway",
-            settings.gateway_core,
-            ["serve", "--config", str(config), "--log-level", "WARNING"],
-            workdir,
-        )
-        services.append(gateway)
-        gateway_url = gateway.wait_listening()
-        wait_serving(gateway_url + "/v1/completions", key, gateway)
-        urls = {
-            "direct": sim_url + "/v1/completions",
-            "http": gateway_url + "/v1/completions",
-            "grpc": f"http://{gateway.wait_line(GRPC_LISTENING)[1]}{METHOD}",
-        }
-        for round_ in range(settings.rounds):
-            shift = round_ % len(TARGETS)
-            for target in TARGETS[shift:] + TARGETS[:shift]:
-                for kind, rate in (("saturation", None), ("rate", RATE)):
-                    report, cpus = run_loadgen(
-                        settings,
-                        urls[target],
-                        key,
-                        stream=True,
-                        rate=rate,
-                        services=(gateway,),
-                        grpc_body=message if target == "grpc" else None,
-                    )
-                    lat, ttfb = report["latency_us"], report["ttfb_us"]
-                    run = {
-                        "round": round_,
-                        "target": target,
-                        "kind": kind,
-                        "rps": report["rps"],
-                        "p50": lat["p50"],
-                        "p99": lat["p99"],
-                        "ttfb_p50": ttfb["p50"],
-                        "ttfb_p99": ttfb["p99"],
-                        "gateway_cpu": cpus[0],
-                        "errors": report["errors"] + report["unsent"],
-                        "report": report,
-                    }
-                    runs.append(run)
-                    print(
-                        f"  round {round_ + 1} {target:6} {kind:10} {report['rps']:>9.0f} req/s"
-                        f"  p50 {lat['p50']:>7.0f} µs  p99 {lat['p99']:>7.0f} µs"
-                        f"  gateway cpu {cpus[0]:.0%}  errors {run['errors']}",
-                        flush=True,
-                    )
-    except BaseException:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        for service in reversed(services):
-            service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-    meta = run_meta("grpc", command, stamp, host, settings)
-    publish(meta, {"runs": runs}, section(runs, meta), BEGIN, END, settings.quick)
-    return 1 if any(r["errors"] for r in runs) else 0
+    for round_ in range(settings.rounds):
+        shift = round_ % len(TARGETS)
+        for target in TARGETS[shift:] + TARGETS[:shift]:
+            for kind, rate in (("saturation", None), ("rate", RATE)):
+                report, cpus = run_loadgen(
+                    settings,
+                    urls[target],
+                    key,
+                    stream=True,
+                    rate=rate,
+                    services=(gateway,),
+                    grpc_body=message if target == "grpc" else None,
+                )
+                lat, ttfb = report["latency_us"], report["ttfb_us"]
+                result = {
+                    "round": round_,
+                    "target": target,
+                    "kind": kind,
+                    "rps": report["rps"],
+                    "p50": lat["p50"],
+                    "p99": lat["p99"],
+                    "ttfb_p50": ttfb["p50"],
+                    "ttfb_p99": ttfb["p99"],
+                    "gateway_cpu": cpus[0],
+                    "errors": report["errors"] + report["unsent"],
+                    "report": report,
+                }
+                runs.append(result)
+                print(
+                    f"  round {round_ + 1} {target:6} {kind:10} {report['rps']:>9.0f} req/s"
+                    f"  p50 {lat['p50']:>7.0f} µs  p99 {lat['p99']:>7.0f} µs"
+                    f"  gateway cpu {cpus[0]:.0%}  errors {result['errors']}",
+                    flush=True,
+                )
+    return runs
 
 
 if __name__ == "__main__":

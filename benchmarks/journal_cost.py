@@ -19,11 +19,7 @@ in production. The table gives medians over rounds. Results: a section of
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import shutil
 import sys
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +29,12 @@ from overhead import (
     Service,
     Settings,
     Target,
-    build_loadgen,
-    check_environment,
     create_key,
+    harness,
     instant_sim,
-    machine,
     median_of,
     publish,
     rotate_saturation,
-    run_meta,
     wait_serving,
 )
 from quota_cost import parse_args
@@ -126,20 +119,11 @@ def start_gateways(
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    command = shlex.join(
-        ["python", "benchmarks/journal_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    check_environment(settings)
-    if settings.loadgen == Path():
-        settings.loadgen = build_loadgen()
-    stamp = datetime.now(UTC)
-    host = machine()
-    workdir = Path(tempfile.mkdtemp(prefix="tokengate-journal-"))
-    db_url = f"sqlite:///{workdir / 'ledger.db'}"
-    key = create_key(workdir, db_url)
-    services: list[Pinned] = []
     runs: dict[str, list[Saturation]] = {}
-    try:
+    with harness("journal_cost.py", settings, argv) as run:
+        workdir, services = run.workdir, run.services
+        db_url = f"sqlite:///{workdir / 'ledger.db'}"
+        key = create_key(workdir, db_url)
         sim = instant_sim(settings, workdir)
         paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
         services += [sim, paced]
@@ -151,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         paced_settings = dataclasses.replace(settings, concurrency=PACED_CONNECTIONS)
         runs[PACED_MODE] = rotate_saturation(paced_settings, paced_targets, stream=True)
-    except BaseException:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        for service in reversed(services):
-            service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-    meta = run_meta("journal", command, stamp, host, settings)
+    meta = run.meta("journal", settings)
     raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
     publish(meta, raw, section(runs, meta), BEGIN, END, settings.quick)
     return 1 if any(r.errors for results in runs.values() for r in results) else 0

@@ -59,6 +59,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -697,6 +698,46 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
         lines += [f"- {p}" for p in problems]
     lines += ["", f"Raw reports: `benchmarks/out/{meta['raw']}` (not committed).", END, ""]
     return "\n".join(lines)
+
+
+@dataclass
+class Harness:
+    """What a comparison benchmark runs in: its command line, start time and machine, a work
+    directory, and the services it starts (add them to `services` as they start)."""
+
+    command: str
+    stamp: datetime
+    host: dict[str, str]
+    workdir: Path
+    services: list[Pinned] = field(default_factory=list)
+
+    def meta(self, prefix: str, settings: Settings) -> dict[str, Any]:
+        return run_meta(prefix, self.command, self.stamp, self.host, settings)
+
+
+@contextlib.contextmanager
+def harness(script: str, settings: Settings, argv: list[str] | None) -> Iterator[Harness]:
+    """Checks the machine, builds loadgen if needed and makes a work directory for `script` (a
+    file name in benchmarks/); on the way out stops every service, newest first, and removes
+    the directory after a clean run (after a failure it stays, with the services' logs)."""
+    command = shlex.join(
+        ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
+    )
+    check_environment(settings)
+    if settings.loadgen == Path():
+        settings.loadgen = build_loadgen()
+    stamp, host = datetime.now(UTC), machine()
+    workdir = Path(tempfile.mkdtemp(prefix=f"tokengate-{Path(script).stem}-"))
+    run = Harness(command, stamp, host, workdir)
+    try:
+        yield run
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        for service in reversed(run.services):
+            service.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_meta(

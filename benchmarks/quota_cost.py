@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +43,12 @@ from overhead import (
     Service,
     Settings,
     Target,
-    build_loadgen,
-    check_environment,
     free_port,
     gateway_cli,
+    harness,
     instant_sim,
-    machine,
     publish,
     rotate_saturation,
-    run_meta,
     wait_serving,
 )
 
@@ -177,22 +171,13 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    command = shlex.join(
-        ["python", "benchmarks/quota_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    check_environment(settings)
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
         raise HarnessError("redis-server not found: run `make services`")
-    if settings.loadgen == Path():
-        settings.loadgen = build_loadgen()
-    stamp = datetime.now(UTC)
-    host = machine()
-    workdir = Path(tempfile.mkdtemp(prefix="tokengate-quota-"))
-    db_url = f"sqlite:///{workdir / 'ledger.db'}"
-    services: list[Pinned] = []
     bench = Bench()
-    try:
+    with harness("quota_cost.py", settings, argv) as run:
+        workdir, services = run.workdir, run.services
+        db_url = f"sqlite:///{workdir / 'ledger.db'}"
         redis_port = free_port()
         redis = Pinned(
             "redis",
@@ -245,14 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.results.extend(
             Result(r.round, r.target, r.rps, r.gateway_cpu, r.others_cpu[0], r.errors) for r in runs
         )
-    except BaseException:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        for service in reversed(services):
-            service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-    meta = run_meta("quota", command, stamp, host, settings)
+    meta = run.meta("quota", settings)
     raw = {"micro": figures, "runs": [vars(r) for r in bench.results]}
     publish(meta, raw, section(bench, figures, meta), BEGIN, END, settings.quick)
     return 1 if any(r.errors for r in bench.results) else 0
