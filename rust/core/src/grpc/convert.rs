@@ -153,10 +153,18 @@ fn usage(raw: Option<&RawValue>) -> Option<pb::Usage> {
     })
 }
 
-/// A complete answer; `None` if it is not one.
-pub fn response(body: &[u8], request_id: String) -> Option<pb::GenerateResponse> {
-    let answer: WireAnswer<'_> = serde_json::from_slice(body).ok()?;
-    Some(pb::GenerateResponse {
+/// What an answer and a chunk share: id, model, creation time, choices and usage.
+struct Parts {
+    id: String,
+    model: String,
+    created: i64,
+    choices: Vec<pb::Choice>,
+    usage: Option<pb::Usage>,
+}
+
+fn parts(json: &[u8]) -> Option<Parts> {
+    let answer: WireAnswer<'_> = serde_json::from_slice(json).ok()?;
+    Some(Parts {
         id: answer.id,
         model: answer.model,
         created: answer.created,
@@ -166,23 +174,31 @@ pub fn response(body: &[u8], request_id: String) -> Option<pb::GenerateResponse>
             .into_iter()
             .map(WireChoice::into_choice)
             .collect(),
+    })
+}
+
+/// A complete answer; `None` if it is not one.
+pub fn response(body: &[u8], request_id: String) -> Option<pb::GenerateResponse> {
+    let p = parts(body)?;
+    Some(pb::GenerateResponse {
+        id: p.id,
+        model: p.model,
+        created: p.created,
+        choices: p.choices,
+        usage: p.usage,
         request_id,
     })
 }
 
 /// One event's JSON as a chunk; `None` if it is not one.
 pub fn chunk(data: &[u8]) -> Option<pb::GenerateChunk> {
-    let answer: WireAnswer<'_> = serde_json::from_slice(data).ok()?;
+    let p = parts(data)?;
     Some(pb::GenerateChunk {
-        id: answer.id,
-        model: answer.model,
-        created: answer.created,
-        usage: usage(answer.usage),
-        choices: answer
-            .choices
-            .into_iter()
-            .map(WireChoice::into_choice)
-            .collect(),
+        id: p.id,
+        model: p.model,
+        created: p.created,
+        choices: p.choices,
+        usage: p.usage,
         request_id: String::new(),
     })
 }
