@@ -22,7 +22,7 @@ venv: $(PY) ## Create the virtual environment (.venv)
 
 build: $(PY) ## Build the Rust extension (release) into the venv, with dev dependencies and gRPC stubs
 	$(BIN)/maturin develop --release --extras dev -q
-	$(PY) -m gateway.grpc.codegen
+	$(PY) -m gateway.grpc_codegen
 
 services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages
 	bash tests/services/install.sh

@@ -2,7 +2,7 @@
 stubs, and the messages of `protos/gateway/v1/`: `pb` (inference.proto) and `usage_pb`
 (usage.proto).
 
-The generated modules (`gateway.grpc.v1`) are made at build time by `gateway.grpc.codegen`.
+The generated modules (`gateway.grpc.v1`) are made at build time by `gateway.grpc_codegen`.
 """
 
 from gateway.grpc.client import GatewayClient, StreamCall, pb, usage_pb
