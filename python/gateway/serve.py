@@ -133,8 +133,11 @@ class UsageCollector:
             logger.exception("writing %d usage events failed; will retry", len(self._unsaved))
             return False
         if inserted != len(self._unsaved):
-            logger.warning(
-                "%d of %d usage events were already in the ledger",
+            # Expected after every restart: the journal records again the events of its live
+            # segment, and the ledger keeps one of each (a different payload is logged as an
+            # error by the ledger itself).
+            logger.info(
+                "%d of %d usage events were already in the ledger (recorded again by the journal)",
                 len(self._unsaved) - inserted,
                 len(self._unsaved),
             )
