@@ -7,6 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
 use http_body_util::BodyExt;
+use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 
@@ -99,12 +101,15 @@ impl InferenceApi {
         body: Bytes,
         request_id: &str,
     ) -> Result<tonic::Response<pb::GenerateResponse>, Status> {
-        let response = self.generate(endpoint, metadata, body, request_id).await?;
-        let id = request_id_of(response.headers());
-        let bytes = read(response.into_body()).await?;
-        convert::response(&bytes, id)
-            .map(tonic::Response::new)
-            .ok_or_else(|| Status::internal("the worker's answer could not be read"))
+        let call = async {
+            let response = self.generate(endpoint, metadata, body, request_id).await?;
+            let id = request_id_of(response.headers());
+            let bytes = read(response.into_body()).await?;
+            convert::response(&bytes, id)
+                .map(tonic::Response::new)
+                .ok_or_else(|| Status::internal("the worker's answer could not be read"))
+        };
+        within(deadline(metadata), call).await
     }
 
     async fn stream(
@@ -114,9 +119,56 @@ impl InferenceApi {
         body: Bytes,
         request_id: &str,
     ) -> Result<tonic::Response<ChunkStream>, Status> {
-        let response = self.generate(endpoint, metadata, body, request_id).await?;
+        let deadline = deadline(metadata);
+        let response = within(
+            deadline,
+            self.generate(endpoint, metadata, body, request_id),
+        )
+        .await?;
         let id = request_id_of(response.headers());
-        Ok(tonic::Response::new(chunks(response.into_body(), id)))
+        Ok(tonic::Response::new(chunks(
+            response.into_body(),
+            id,
+            deadline,
+        )))
+    }
+}
+
+/// A little before the call's deadline (`grpc-timeout`), so that this gateway's answer,
+/// DEADLINE_EXCEEDED, reaches the client first: tonic's own timer, started a moment earlier,
+/// would end the call as CANCELLED.
+fn deadline(metadata: &MetadataMap) -> Option<Instant> {
+    const MARGIN: Duration = Duration::from_millis(5);
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Some(Instant::now() + timeout.saturating_sub(MARGIN))
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("the call's deadline passed")
+}
+
+/// `call`, or DEADLINE_EXCEEDED once `deadline` passes (dropping `call`, which cancels the
+/// request at the worker and meters it as cancelled).
+async fn within<T>(
+    deadline: Option<Instant>,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline {
+        None => call.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, call)
+            .await
+            .unwrap_or_else(|_| Err(deadline_exceeded())),
     }
 }
 
@@ -144,8 +196,9 @@ async fn error_status(response: Response) -> Status {
 }
 
 /// The SSE events of `body` as chunks; the first carries `request_id`, an error event ends the
-/// call with its status, and `[DONE]` ends it with OK.
-fn chunks(body: Body, request_id: String) -> ChunkStream {
+/// call with its status, `[DONE]` ends it with OK, and a `deadline` that passes with
+/// DEADLINE_EXCEEDED.
+fn chunks(body: Body, request_id: String, deadline: Option<Instant>) -> ChunkStream {
     struct Relay {
         body: axum::body::BodyDataStream,
         splitter: SseSplitter,
@@ -162,7 +215,7 @@ fn chunks(body: Body, request_id: String) -> ChunkStream {
     };
     Box::pin(futures_util::stream::unfold(
         relay,
-        |mut relay| async move {
+        move |mut relay| async move {
             loop {
                 if relay.done {
                     return None;
@@ -186,7 +239,15 @@ fn chunks(body: Body, request_id: String) -> ChunkStream {
                     }
                     return Some((Ok(chunk), relay));
                 }
-                match relay.body.next().await {
+                let next = within(deadline, async { Ok(relay.body.next().await) }).await;
+                let next = match next {
+                    Ok(next) => next,
+                    Err(status) => {
+                        relay.done = true;
+                        return Some((Err(status), relay));
+                    }
+                };
+                match next {
                     Some(Ok(bytes)) => relay.ready.extend(relay.splitter.push(bytes)),
                     Some(Err(error)) => {
                         relay.done = true;
