@@ -423,17 +423,29 @@ def _open_sqlite(path: Path, any_thread: bool = False) -> Connection:
         raise DatabaseError(str(exc)) from exc
     conn = _SqliteConnection(raw)
     try:
-        for pragma in (
-            f"busy_timeout = {LOCK_TIMEOUT_MS}",
-            "journal_mode = WAL",
-            "synchronous = FULL",
-            "foreign_keys = ON",
-        ):
+        execute(conn, f"PRAGMA busy_timeout = {LOCK_TIMEOUT_MS}")
+        _enable_wal(conn)
+        for pragma in ("synchronous = FULL", "foreign_keys = ON"):
             execute(conn, f"PRAGMA {pragma}")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _enable_wal(conn: Connection) -> None:
+    """Puts the file in WAL mode (a property of the file, kept once set). Switching takes an
+    exclusive lock that SQLite does not wait for with its busy handler: when processes open a new
+    file at once, the switch is retried for up to `LOCK_TIMEOUT_MS`."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_MS / 1000
+    while True:
+        try:
+            execute(conn, "PRAGMA journal_mode = WAL")
+            return
+        except DatabaseError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect(url: str, *, any_thread: bool = False) -> Connection:
