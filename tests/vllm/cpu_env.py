@@ -30,6 +30,10 @@ TINY_MODEL = HERE / "tiny_model.py"
 SERVED_MODEL = "tiny-llama"
 MAX_MODEL_LEN = 512
 
+# Wheels of a hundred megabytes or more, installed one at a time.
+LARGE_WHEELS = ("nvidia-", "torch==", "triton==", "vllm", "opencv", "llvmlite", "transformers==")
+NEEDS_BYTES = 8 * 2**30
+
 
 @dataclass(frozen=True)
 class VllmEnv:
@@ -102,6 +106,20 @@ def digest() -> str:
     return h.hexdigest()
 
 
+def _batches(requirements: str) -> list[list[str]]:
+    """The pinned requirements in install order: each large wheel alone, the rest together.
+
+    pip keeps every wheel it downloads until its command ends, so one command for all of them
+    needs the wheels (about 3 GB) on disk beside what they unpack to (about 6 GB). One command per
+    large wheel keeps at most one of them on disk at a time.
+    """
+    pins = [line.split("#")[0].strip() for line in requirements.splitlines()]
+    pins = [pin for pin in pins if pin]
+    large = [pin for pin in pins if pin.startswith(LARGE_WHEELS)]
+    rest = [pin for pin in pins if not pin.startswith(LARGE_WHEELS)]
+    return [[pin] for pin in large] + [rest]
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """One installer at a time (two pytest sessions may start together)."""
@@ -123,24 +141,31 @@ def ensure(log: bool = True) -> VllmEnv:
         shutil.rmtree(env.model, ignore_errors=True)
         stamp.unlink(missing_ok=True)
 
+        # pip's downloads go beside the venv, not to /tmp (often a small tmpfs); see `_batches`.
+        scratch = env.home / "tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        free = shutil.disk_usage(env.home).free
+        if free < NEEDS_BYTES and log:
+            print(
+                f"warning: {free / 2**30:.1f} GiB free under {env.home}; "
+                f"the install needs about {NEEDS_BYTES / 2**30:.0f} GiB",
+                flush=True,
+            )
+
         def run(*args: str | Path) -> None:
             if log:
                 print("+", " ".join(map(str, args)), flush=True)
-            subprocess.run([str(a) for a in args], check=True)
+            subprocess.run(
+                [str(a) for a in args], check=True, env={**os.environ, "TMPDIR": str(scratch)}
+            )
 
+        pip = (env.python, "-m", "pip", "install", "--quiet", "--no-cache-dir")
         run(sys.executable, "-m", "venv", venv)
-        run(env.python, "-m", "pip", "install", "--quiet", "--no-cache-dir", "--upgrade", "pip")
-        run(
-            env.python,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-cache-dir",
-            "--no-deps",
-            "-r",
-            REQUIREMENTS,
-        )
+        run(*pip, "--upgrade", "pip")
+        for batch in _batches(REQUIREMENTS.read_text()):
+            run(*pip, "--no-deps", *batch)
+        shutil.rmtree(scratch, ignore_errors=True)
         run(env.python, TINY_MODEL, env.model)
         stamp.write_text(digest())
     return env
