@@ -277,8 +277,10 @@ def test_non_streaming_client_that_gives_up_cancels_the_worker(make_stack: Stack
     assert procs.wait_for(lambda: len(stack.rows()) == 1)
     row = procs.usage_rows(stack.db)[0]
     assert (row["status"], row["worker"]) == ("cancelled", stack.sims[0].url)
-    # No usage reached the gateway, so none is billed; the worker stopped well short of 200.
-    assert (row["completion_tokens"], row["usage_source"]) == (0, "none")
+    # No usage reached the gateway: it counted the prompt (BOS and one word) and billed no
+    # completion tokens, since none reached the client. The worker stopped well short of 200.
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (2, 0)
+    assert row["usage_source"] == "gateway"
     sim = stack.sims[0].url
     assert procs.wait_for(lambda: procs.scrape(sim)["vllm:num_requests_running"] == 0)
     assert procs.scrape(sim)["vllm:generation_tokens_total"] < 50

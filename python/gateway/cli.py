@@ -175,6 +175,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve.run(config)
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return value == "on"
+
+
 def _sim(args: argparse.Namespace) -> int:
     from gateway import sim
 
@@ -230,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--die-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None, help="require this key on /v1 routes, as vLLM does")
+    p.add_argument(
+        "--usage-reporting",
+        dest="report_usage",
+        type=_on_off,
+        default=True,
+        metavar="{on,off}",
+        help="off: report no usage, as some OpenAI-compatible servers do",
+    )
     p.set_defaults(handler=_sim)
 
     p = commands.add_parser(

@@ -76,6 +76,11 @@ class SimConfig(BaseModel):
         min_length=1,
         description="Like `vllm serve --api-key`: `/v1/...` requests must carry this key.",
     )
+    report_usage: bool = Field(
+        default=True,
+        description="Whether responses carry `usage`; off answers as a server that reports none "
+        "(no `usage` in bodies, `stream_options` ignored).",
+    )
 
     def core_document(self) -> str:
         """The JSON `gateway._core.Simulator` takes: every field but the listen address."""

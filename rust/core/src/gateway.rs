@@ -15,7 +15,7 @@ use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
 use crate::grpc::GrpcServer;
 use crate::journal::Journal;
-use crate::metering::{Meter, UsageEvent};
+use crate::metering::{Meter, TOKENIZE_TIMEOUT, UsageEvent};
 use crate::quota::Quota;
 use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
 use crate::serve::ServerHandle;
@@ -169,6 +169,10 @@ impl Gateway {
             }
         };
         let ((), result) = tokio::join!(grpc, http);
+        // Requests the gateway is counting itself record their events within a few tokenize calls.
+        if !self.state.meter.counts_settled(4 * TOKENIZE_TIMEOUT).await {
+            tracing::warn!("usage events were still being counted at shutdown");
+        }
         if !self.state.quota.flush(Duration::from_secs(5)).await {
             tracing::warn!(
                 "quota settlements still unsent to Redis at shutdown; leases will expire"

@@ -17,7 +17,7 @@ use super::handlers::reject;
 use super::request::InferenceRequest;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::metering::{MeterGuard, Status};
+use crate::metering::{Counter, MeterGuard, Status};
 use crate::quota::{Estimate, Exceeded, QuotaError, RateHeaders, format_reset};
 use crate::relay::{buffered_response, streaming_response};
 use crate::router::Availability;
@@ -172,7 +172,15 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
         };
         state.meter.metrics().attempt(!tried.is_empty());
         tried.push(index);
-        meter.set_worker(worker.url.clone());
+        meter.set_worker(
+            worker.url.clone(),
+            Counter::new(
+                state.upstream.clone(),
+                worker.clone(),
+                request.endpoint,
+                request.body(),
+            ),
+        );
         let outstanding = worker.begin();
         let deadline = state.upstream.deadline();
         let sent = state

@@ -217,6 +217,11 @@ impl InferenceRequest {
     }
 
     /// The size of the body as the client sent it.
+    /// The JSON body as the client sent it.
+    pub fn body(&self) -> Bytes {
+        self.body.clone()
+    }
+
     pub fn body_len(&self) -> usize {
         self.body.len()
     }

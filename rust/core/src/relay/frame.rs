@@ -49,6 +49,12 @@ pub struct Inspected {
 
 const DATA: &[u8] = b"data:";
 
+/// The JSON payload of a `data:` event, trimmed; `None` for other events and `[DONE]`.
+pub fn payload(event: &[u8]) -> Option<&[u8]> {
+    let payload = event.strip_prefix(DATA)?.trim_ascii();
+    (payload != b"[DONE]").then_some(payload)
+}
+
 /// Inspects one complete event (with its trailing blank line).
 pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
     let mut inspected = Inspected {

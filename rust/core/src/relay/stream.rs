@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::frame::{FrameAction, inspect, with_fingerprint};
+use super::frame::{self, FrameAction, inspect, with_fingerprint};
 use super::sse::SseSplitter;
 use crate::api::request::{InferenceRequest, StreamUsage};
 use crate::error::ApiError;
@@ -45,10 +45,9 @@ pub async fn buffered_response(
     body: Bytes,
     mut meter: MeterGuard,
 ) -> Response {
-    if let Some(usage) =
-        json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value]))
-    {
-        meter.observe(usage);
+    match json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value])) {
+        Some(usage) => meter.observe(usage),
+        None => meter.set_relayed_body(body.clone()),
     }
     meter.set_http_status(status.as_u16());
     let synced = meter.finish_synced(if status.is_success() {
@@ -173,6 +172,13 @@ impl Relay {
                     Some(slot) => slot.1 = usage,
                     None => latest.push((inspected.choice, usage)),
                 }
+            }
+            if inspected.usage.is_none()
+                && !inspected.error
+                && let (Some(meter), Some(payload)) = (self.meter.as_mut(), frame::payload(&event))
+            {
+                // A worker that reports no usage: the gateway counts what it relays.
+                meter.relayed_event(payload);
             }
             self.saw_error |= inspected.error;
             done |= inspected.done;

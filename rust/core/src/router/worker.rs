@@ -31,6 +31,7 @@ pub struct Worker {
     pub(crate) health_uri: Uri,
     pub(crate) models_uri: Uri,
     pub(crate) metrics_uri: Uri,
+    pub(crate) tokenize_uri: Uri,
     // Relaxed everywhere below: each atomic is an independent hint read by the routing policy;
     // nothing else is published through it.
     healthy: AtomicBool,
@@ -84,6 +85,7 @@ impl Worker {
             health_uri: uri("/health")?,
             models_uri: uri("/v1/models")?,
             metrics_uri: uri("/metrics")?,
+            tokenize_uri: uri("/tokenize")?,
             healthy: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             models: ArcSwap::from_pointee(Vec::new()),

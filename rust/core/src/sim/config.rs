@@ -31,6 +31,9 @@ pub struct SimConfig {
     /// Like `vllm serve --api-key`: when set, every `/v1/...` request must carry
     /// `Authorization: Bearer <api_key>` or gets vLLM's bare 401 `{"error":"Unauthorized"}`.
     pub api_key: Option<String>,
+    /// Whether responses carry `usage`. `false` answers as an OpenAI-compatible server that
+    /// reports none would: no `usage` in bodies, `stream_options` ignored.
+    pub report_usage: bool,
 }
 
 impl Default for SimConfig {
@@ -46,6 +49,7 @@ impl Default for SimConfig {
             die_rate: 0.0,
             seed: 0,
             api_key: None,
+            report_usage: true,
         }
     }
 }

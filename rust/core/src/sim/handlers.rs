@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::config::SimConfig;
 use super::engine::{Engine, Generation};
-use super::plan::Kind;
+use super::plan::{Kind, StreamMode};
 use super::request::{self, Message};
 use super::response::{self, ApiError, Head, json_response};
 use super::sse::{self, Frames};
@@ -94,10 +94,15 @@ async fn generate(engine: AppState, kind: Kind, headers: &HeaderMap, body: &[u8]
         Kind::Chat => request::chat(body, &engine.config),
         Kind::Completion => request::completion(body, &engine.config),
     };
-    let plan = match parsed {
+    let mut plan = match parsed {
         Ok(plan) => plan,
         Err(err) => return err.into_response(),
     };
+    if !engine.config.report_usage
+        && let Some(mode) = plan.stream.as_mut()
+    {
+        *mode = StreamMode::NO_USAGE;
+    }
     if engine.roll_error() {
         return ApiError::simulated_failure().into_response();
     }
@@ -111,13 +116,14 @@ async fn generate(engine: AppState, kind: Kind, headers: &HeaderMap, body: &[u8]
         let frames = Frames::new(&head, kind, mode);
         return sse::response(Generation::new(engine, plan), frames, dies);
     }
+    let report_usage = engine.config.report_usage;
     let mut generation = Generation::new(engine, plan);
     if let Err(err) = generation.prefill().await {
         return err.into_response();
     }
     generation.decode_all().await;
     generation.finish();
-    let body = response::completion_body(&head, generation.plan());
+    let body = response::completion_body(&head, generation.plan(), report_usage);
     json_response(StatusCode::OK, body)
 }
 
@@ -170,6 +176,8 @@ struct TokenizeBody {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<Message>>,
+    /// For a `prompt`: whether BOS is counted (vLLM's default, `true`).
+    add_special_tokens: Option<bool>,
 }
 
 async fn tokenize(State(engine): State<AppState>, body: Bytes) -> Response {
@@ -188,7 +196,12 @@ async fn tokenize(State(engine): State<AppState>, body: Bytes) -> Response {
     }
     let mut ids = Vec::new();
     match (&parsed.prompt, &parsed.messages) {
-        (Some(prompt), None) => tokens::text_prompt_ids(prompt, &mut ids),
+        (Some(prompt), None) => {
+            tokens::text_prompt_ids(prompt, &mut ids);
+            if parsed.add_special_tokens == Some(false) {
+                ids.remove(0);
+            }
+        }
         (None, Some(messages)) => {
             for message in messages {
                 tokens::chat_message_ids(message.texts(), &mut ids);

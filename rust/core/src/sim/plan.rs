@@ -41,6 +41,13 @@ pub(crate) struct StreamMode {
     pub continuous_usage: bool,
 }
 
+impl StreamMode {
+    pub(crate) const NO_USAGE: Self = Self {
+        include_usage: false,
+        continuous_usage: false,
+    };
+}
+
 /// One choice's whole future, decided up front (generation is deterministic).
 #[derive(Debug, Clone)]
 pub(crate) struct Choice {

@@ -146,8 +146,8 @@ impl Head {
     }
 }
 
-/// The non-streaming body of a finished generation.
-pub(crate) fn completion_body(head: &Head, plan: &Plan) -> Vec<u8> {
+/// The non-streaming body of a finished generation; without `usage`, `"usage":null`.
+pub(crate) fn completion_body(head: &Head, plan: &Plan, usage: bool) -> Vec<u8> {
     let text_len: usize = plan.choices.iter().map(|c| c.tokens as usize * 8).sum();
     let mut out = Vec::with_capacity(400 + plan.choices.len() * 260 + text_len);
     out.push(b'{');
@@ -191,11 +191,17 @@ pub(crate) fn completion_body(head: &Head, plan: &Plan) -> Vec<u8> {
     out.extend_from_slice(b"],\"service_tier\":null");
     out.extend_from_slice(FINGERPRINT_MEMBER);
     out.extend_from_slice(b",\"usage\":");
-    let prompt = plan.total_prompt_tokens();
-    let completion = plan.total_completion_tokens();
-    out.push(b'{');
-    write_usage_fields(&mut out, prompt, completion);
-    out.extend_from_slice(b",\"prompt_tokens_details\":null}");
+    if usage {
+        out.push(b'{');
+        write_usage_fields(
+            &mut out,
+            plan.total_prompt_tokens(),
+            plan.total_completion_tokens(),
+        );
+        out.extend_from_slice(b",\"prompt_tokens_details\":null}");
+    } else {
+        out.extend_from_slice(b"null");
+    }
     if plan.kind == Kind::Chat {
         out.extend_from_slice(b",\"prompt_logprobs\":null,\"prompt_token_ids\":null");
     }

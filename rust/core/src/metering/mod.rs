@@ -1,19 +1,26 @@
 //! Usage events: one per dispatched request, recorded by an RAII guard on every path.
 //!
 //! Counts come from the worker's own `usage` (for streams, the cumulative usage on the last chunk
-//! relayed to the client). Events wait in an in-memory queue until the control plane drains them
+//! relayed to the client); for a request the worker took but reported no usage for, the gateway
+//! counts them itself (`counting`). Events wait in an in-memory queue until the control plane drains them
 //! into the ledger; this module neither prices nor persists them.
 
+mod counting;
+
+pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
+
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::api::request::Endpoint;
 use crate::auth::Principal;
@@ -139,7 +146,11 @@ pub enum Status {
 pub enum UsageSource {
     /// Counts are the worker's own `usage`.
     Worker,
-    /// The worker reported nothing before the request ended; counts are zero.
+    /// The worker reported nothing before the request ended; the gateway counted the prompt
+    /// with the worker's tokenizer and the completion from what it relayed (see `counting`).
+    Gateway,
+    /// Nothing was counted: the request never reached a worker, failed, or could not be
+    /// counted; counts are zero.
     None,
 }
 
@@ -171,12 +182,13 @@ impl UsageSource {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Worker => "worker",
+            Self::Gateway => "gateway",
             Self::None => "none",
         }
     }
 
     fn parse(name: &str) -> Option<Self> {
-        [Self::Worker, Self::None]
+        [Self::Worker, Self::Gateway, Self::None]
             .into_iter()
             .find(|s| s.as_str() == name)
     }
@@ -246,6 +258,9 @@ pub struct Meter {
     queue: Mutex<Queue>,
     metrics: GatewayMetrics,
     journal: Option<Journal>,
+    /// Events being counted by the gateway (see `counting`), not yet recorded.
+    counting: AtomicUsize,
+    counted: Notify,
 }
 
 /// Resolves once an event is on disk; `None` without a journal.
@@ -267,8 +282,8 @@ impl Meter {
         }
         Self {
             queue: Mutex::new(queue),
-            metrics: GatewayMetrics::default(),
             journal: Some(journal),
+            ..Self::default()
         }
     }
 
@@ -342,6 +357,20 @@ impl Meter {
         self.lock().events.len()
     }
 
+    /// Waits up to `timeout` until no event is being counted; whether none is.
+    pub async fn counts_settled(&self, timeout: Duration) -> bool {
+        let settled = async {
+            loop {
+                let notified = self.counted.notified();
+                if self.counting.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, settled).await.is_ok()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue half-updated (push and drain
         // are single calls), so a poisoned queue is still a valid one.
@@ -396,6 +425,10 @@ pub struct MeterGuard {
     started: Instant,
     /// When the journal last heard of this request's usage (unix ms).
     progress_at_ms: u64,
+    /// Counts the request on its worker if the worker reports no usage.
+    counter: Option<Counter>,
+    /// What reached the client, for `counter`.
+    relayed: Relayed,
 }
 
 /// How often a request's usage goes to the journal while it runs: what an interrupted request is
@@ -438,6 +471,8 @@ impl MeterGuard {
             reservation: None,
             started: Instant::now(),
             progress_at_ms: started_at_ms,
+            counter: None,
+            relayed: Relayed::Nothing,
         }
     }
 
@@ -473,10 +508,31 @@ impl MeterGuard {
         self.started.elapsed()
     }
 
-    pub fn set_worker(&mut self, worker: Arc<str>) {
+    /// The request goes to `counter`'s worker, which counts it if it reports no usage.
+    pub fn set_worker(&mut self, worker: Arc<str>, counter: Counter) {
         if let Some(event) = &mut self.event {
             event.worker = Some(worker);
         }
+        self.counter = Some(counter);
+    }
+
+    /// One more SSE event of a stream without worker usage reached the client: its `data:`
+    /// payload.
+    pub fn relayed_event(&mut self, payload: &[u8]) {
+        if self.counter.is_none() {
+            return;
+        }
+        if !matches!(self.relayed, Relayed::Texts(_)) {
+            self.relayed = Relayed::Texts(Vec::new());
+        }
+        if let Relayed::Texts(texts) = &mut self.relayed {
+            counting::collect_text(payload, texts);
+        }
+    }
+
+    /// The complete response body reached the client.
+    pub fn set_relayed_body(&mut self, body: Bytes) {
+        self.relayed = Relayed::Body(body);
     }
 
     pub fn set_http_status(&mut self, status: u16) {
@@ -513,22 +569,83 @@ impl MeterGuard {
     }
 
     fn record(&mut self, status: Status, wait: bool) -> Synced {
-        let mut synced = None;
-        if let Some(mut event) = self.event.take() {
-            event.status = status;
-            event.finished_at_ms = now_ms();
-            if let Some(reservation) = self.reservation.take() {
-                reservation.settle(&Usage {
-                    prompt_tokens: event.prompt_tokens,
-                    completion_tokens: event.completion_tokens,
-                    cached_tokens: event.cached_tokens,
-                });
-            }
-            synced = self
-                .meter
-                .record_synced(event, self.started.elapsed(), wait);
+        let mut event = self.event.take()?;
+        event.status = status;
+        event.finished_at_ms = now_ms();
+        let reservation = self.reservation.take();
+        let elapsed = self.started.elapsed();
+        // Counted only if the client got what it was owed or chose to leave: a failed request
+        // is not billed for work the worker did not report.
+        let countable = event.usage_source == UsageSource::None
+            && matches!(status, Status::Completed | Status::Cancelled);
+        if countable
+            && let Some(counter) = self.counter.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let relayed = std::mem::take(&mut self.relayed);
+            let counting = Counting::begin(self.meter.clone());
+            let (done, synced) = if wait {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            runtime.spawn(async move {
+                if let Some(usage) = counter.count(&relayed).await {
+                    event.prompt_tokens = usage.prompt_tokens;
+                    event.completion_tokens = usage.completion_tokens;
+                    event.usage_source = UsageSource::Gateway;
+                }
+                let synced = commit(&counting.meter, event, reservation, elapsed, done.is_some());
+                drop(counting);
+                if let Some(done) = done {
+                    if let Some(synced) = synced {
+                        let _ = synced.await;
+                    }
+                    let _ = done.send(());
+                }
+            });
+            return synced;
         }
-        synced
+        commit(&self.meter, event, reservation, elapsed, wait)
+    }
+}
+
+/// Settles the request's reservation with its event's usage and records the event.
+fn commit(
+    meter: &Meter,
+    event: UsageEvent,
+    reservation: Option<Reservation>,
+    elapsed: Duration,
+    wait: bool,
+) -> Synced {
+    if let Some(reservation) = reservation {
+        reservation.settle(&Usage {
+            prompt_tokens: event.prompt_tokens,
+            completion_tokens: event.completion_tokens,
+            cached_tokens: event.cached_tokens,
+        });
+    }
+    meter.record_synced(event, elapsed, wait)
+}
+
+/// One event being counted, for `Meter::counts_settled`.
+struct Counting {
+    meter: Arc<Meter>,
+}
+
+impl Counting {
+    fn begin(meter: Arc<Meter>) -> Self {
+        meter.counting.fetch_add(1, Ordering::AcqRel);
+        Self { meter }
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if self.meter.counting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.meter.counted.notify_waiters();
+        }
     }
 }
 

@@ -1,0 +1,399 @@
+//! The gateway's own token counts, for a request its worker took but reported no usage for.
+//!
+//! That happens when the client leaves before the first token (vLLM reports usage with its
+//! tokens), or when the worker does not report usage at all. Such a request is still billed for
+//! its prompt and for what was relayed:
+//! - prompt tokens come from the worker's own tokenizer: `POST /tokenize` of the request's
+//!   `messages` (with its chat template options) or of each completions prompt; a prompt given as
+//!   token ids is counted as given;
+//! - completion tokens are the generated text relayed to the client (each choice's text, or its
+//!   `reasoning_content` and `content`), tokenized without special tokens. Tool-call deltas are
+//!   not counted.
+//!
+//! An event counted this way has `usage_source: "gateway"`. A count the worker cannot make in
+//! time leaves the event as it was (`none`, zero tokens).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::Usage;
+use crate::api::request::Endpoint;
+use crate::router::Worker;
+use crate::upstream::Upstream;
+
+/// How long one `/tokenize` call may take; an event waits at most this per prompt.
+pub const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Choice indexes beyond this are not collected (a request has at most this many choices).
+const MAX_CHOICES: usize = 1024;
+
+/// What reached the client of a request without worker usage.
+#[derive(Debug, Default)]
+pub enum Relayed {
+    /// Nothing, or nothing counted yet.
+    #[default]
+    Nothing,
+    /// The generated text of a stream, per choice index (see [`collect_text`]).
+    Texts(Vec<String>),
+    /// A complete response body.
+    Body(Bytes),
+}
+
+/// Counts one request's tokens on the worker that served it.
+#[derive(Debug)]
+pub struct Counter {
+    upstream: Upstream,
+    worker: Arc<Worker>,
+    endpoint: Endpoint,
+    /// The request body as the client sent it.
+    request: Bytes,
+}
+
+impl Counter {
+    pub fn new(
+        upstream: Upstream,
+        worker: Arc<Worker>,
+        endpoint: Endpoint,
+        request: Bytes,
+    ) -> Self {
+        Self {
+            upstream,
+            worker,
+            endpoint,
+            request,
+        }
+    }
+
+    /// The request's usage as the gateway counts it; `None` if the prompt cannot be counted.
+    pub async fn count(&self, relayed: &Relayed) -> Option<Usage> {
+        let prompt_tokens = self.prompt_tokens().await?;
+        let completion_tokens = match relayed {
+            Relayed::Nothing => 0,
+            Relayed::Texts(texts) => self.text_tokens(texts).await?,
+            Relayed::Body(body) => {
+                self.text_tokens(&choice_texts(self.endpoint, body)?)
+                    .await?
+            }
+        };
+        Some(Usage {
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens: 0,
+        })
+    }
+
+    async fn prompt_tokens(&self) -> Option<u64> {
+        let Prompts { bodies, counted } = prompts(self.endpoint, &self.request)?;
+        let mut total = counted;
+        for body in bodies {
+            total += self.tokenize(body).await?;
+        }
+        Some(total)
+    }
+
+    async fn text_tokens(&self, texts: &[String]) -> Option<u64> {
+        let model = model(&self.request)?;
+        let mut total = 0;
+        for text in texts.iter().filter(|text| !text.is_empty()) {
+            let body = serde_json::json!({
+                "model": model,
+                "prompt": text,
+                "add_special_tokens": false,
+            });
+            total += self.tokenize(body.to_string().into()).await?;
+        }
+        Some(total)
+    }
+
+    /// `POST /tokenize`: the `count` of its answer.
+    async fn tokenize(&self, body: Bytes) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct Tokenized {
+            count: u64,
+        }
+        let worker = &self.worker;
+        let deadline = tokio::time::Instant::now() + TOKENIZE_TIMEOUT;
+        let exchange = async {
+            let response = self
+                .upstream
+                .post_json(
+                    &worker.url,
+                    worker.tokenize_uri.clone(),
+                    worker.authorization.as_ref(),
+                    body,
+                    None,
+                    deadline,
+                )
+                .await
+                .ok()?;
+            if !response.status().is_success() {
+                return None;
+            }
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .ok()?
+                .to_bytes();
+            serde_json::from_slice::<Tokenized>(&body).ok()
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Some(tokenized)) => Some(tokenized.count),
+            _ => {
+                tracing::warn!(worker = %worker.url, "could not count a prompt with /tokenize");
+                None
+            }
+        }
+    }
+}
+
+/// What counting a request's prompts takes: `/tokenize` bodies, and tokens already counted
+/// (prompts given as token ids).
+#[derive(Debug, Default, PartialEq)]
+struct Prompts {
+    bodies: Vec<Bytes>,
+    counted: u64,
+}
+
+/// Members of a chat request that shape its prompt, as vLLM's `/tokenize` takes them.
+const CHAT_TEMPLATE_MEMBERS: [&str; 7] = [
+    "messages",
+    "tools",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+];
+
+fn model(request: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Model {
+        model: String,
+    }
+    serde_json::from_slice::<Model>(request)
+        .ok()
+        .map(|m| m.model)
+}
+
+fn prompts(endpoint: Endpoint, request: &[u8]) -> Option<Prompts> {
+    let Value::Object(members) = serde_json::from_slice(request).ok()? else {
+        return None;
+    };
+    let model = members.get("model")?.clone();
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let mut body = Map::new();
+            body.insert("model".to_owned(), model);
+            for name in CHAT_TEMPLATE_MEMBERS {
+                if let Some(value) = members.get(name).filter(|v| !v.is_null()) {
+                    body.insert(name.to_owned(), value.clone());
+                }
+            }
+            Some(Prompts {
+                bodies: vec![Value::Object(body).to_string().into()],
+                counted: 0,
+            })
+        }
+        Endpoint::Completions => {
+            let special = members.get("add_special_tokens").filter(|v| v.is_boolean());
+            let text_body = |text: &Value| {
+                let mut body = Map::new();
+                body.insert("model".to_owned(), model.clone());
+                body.insert("prompt".to_owned(), text.clone());
+                if let Some(special) = special {
+                    body.insert("add_special_tokens".to_owned(), special.clone());
+                }
+                Bytes::from(Value::Object(body).to_string())
+            };
+            let mut prompts = Prompts::default();
+            match members.get("prompt")? {
+                text @ Value::String(_) => prompts.bodies.push(text_body(text)),
+                Value::Array(items) if items.iter().all(Value::is_number) => {
+                    prompts.counted = items.len() as u64;
+                }
+                Value::Array(items) => {
+                    for item in items {
+                        match item {
+                            Value::String(_) => prompts.bodies.push(text_body(item)),
+                            Value::Array(ids) => prompts.counted += ids.len() as u64,
+                            _ => return None,
+                        }
+                    }
+                }
+                _ => return None,
+            }
+            Some(prompts)
+        }
+    }
+}
+
+/// The generated texts of a complete response body, one per choice.
+fn choice_texts(endpoint: Endpoint, body: &[u8]) -> Option<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Body {
+        choices: Vec<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        text: Option<String>,
+        message: Option<Message>,
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        content: Option<String>,
+        reasoning_content: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    Some(
+        body.choices
+            .into_iter()
+            .map(|choice| match endpoint {
+                Endpoint::Completions => choice.text.unwrap_or_default(),
+                Endpoint::ChatCompletions => choice.message.map_or_else(String::new, |m| {
+                    m.reasoning_content.unwrap_or_default() + &m.content.unwrap_or_default()
+                }),
+            })
+            .filter(|text| !text.is_empty())
+            .collect(),
+    )
+}
+
+/// Appends the generated text of one SSE event's payload (`data: {...}`) to `texts`, by choice
+/// index: a choice's `text`, or its delta's `reasoning_content` and `content`.
+pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) {
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        index: usize,
+        text: Option<String>,
+        delta: Option<Delta>,
+    }
+    #[derive(Deserialize)]
+    struct Delta {
+        content: Option<String>,
+        reasoning_content: Option<String>,
+    }
+    let Ok(chunk) = serde_json::from_slice::<Chunk>(payload) else {
+        return;
+    };
+    for choice in chunk.choices {
+        if choice.index >= MAX_CHOICES {
+            continue;
+        }
+        let parts = [
+            choice.text,
+            choice
+                .delta
+                .as_ref()
+                .and_then(|d| d.reasoning_content.clone()),
+            choice.delta.and_then(|d| d.content),
+        ];
+        for part in parts.into_iter().flatten().filter(|p| !p.is_empty()) {
+            if texts.len() <= choice.index {
+                texts.resize(choice.index + 1, String::new());
+            }
+            texts[choice.index].push_str(&part);
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
+mod tests {
+    use super::*;
+
+    fn bodies(prompts: &Prompts) -> Vec<Value> {
+        prompts
+            .bodies
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_chat_prompt_is_tokenized_with_its_template_options() {
+        let p = prompts(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,
+                "chat_template_kwargs":{"enable_thinking":false},"tools":null,"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(p.counted, 0);
+        assert_eq!(
+            bodies(&p),
+            [serde_json::json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "chat_template_kwargs": {"enable_thinking": false},
+            })]
+        );
+    }
+
+    #[test]
+    fn completions_prompts_are_tokenized_one_by_one_and_token_ids_counted_as_given() {
+        let p = prompts(Endpoint::Completions, br#"{"model":"m","prompt":"a b"}"#).unwrap();
+        assert_eq!(
+            bodies(&p),
+            [serde_json::json!({"model": "m", "prompt": "a b"})]
+        );
+        let p = prompts(Endpoint::Completions, br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        assert_eq!((p.bodies.len(), p.counted), (0, 3));
+        let p = prompts(
+            Endpoint::Completions,
+            br#"{"model":"m","prompt":["x",[4,5],"y"],"add_special_tokens":false}"#,
+        )
+        .unwrap();
+        assert_eq!(p.counted, 2);
+        assert_eq!(
+            bodies(&p),
+            [
+                serde_json::json!({"model": "m", "prompt": "x", "add_special_tokens": false}),
+                serde_json::json!({"model": "m", "prompt": "y", "add_special_tokens": false}),
+            ]
+        );
+        assert_eq!(
+            prompts(Endpoint::Completions, br#"{"model":"m","prompt":7}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn stream_text_is_collected_per_choice() {
+        let mut texts = Vec::new();
+        for event in [
+            &br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#[..],
+            br#"{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}"#,
+            br#"{"choices":[{"index":0,"delta":{"content":" the"}}]}"#,
+            br#"{"choices":[{"index":2,"text":" b"},{"index":0,"text":" a"}]}"#,
+            br#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            br#"{"choices":[{"index":5000,"text":"lost"}]}"#,
+            b"not json",
+        ] {
+            collect_text(event, &mut texts);
+        }
+        assert_eq!(texts, ["hm the a", "", " b"]);
+    }
+
+    #[test]
+    fn body_texts_are_the_choices_generated_text() {
+        let chat = br#"{"choices":[{"message":{"role":"assistant","content":"x y"}},
+                                   {"message":{"content":null}}]}"#;
+        assert_eq!(
+            choice_texts(Endpoint::ChatCompletions, chat).unwrap(),
+            ["x y"]
+        );
+        let completion = br#"{"choices":[{"text":" a"},{"text":" b c"}]}"#;
+        assert_eq!(
+            choice_texts(Endpoint::Completions, completion).unwrap(),
+            [" a", " b c"]
+        );
+    }
+}
