@@ -7,6 +7,8 @@ words plus 4 tokens per message and 3 per conversation, and generates one word p
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -20,7 +22,7 @@ CHAT = [{"role": "user", "content": "go on and on"}]
 CHAT_PROMPT_TOKENS = (4 + 4) + 3
 
 
-def only_row(stack: Stack) -> dict[str, object]:
+def only_row(stack: Stack) -> dict[str, Any]:
     assert procs.wait_for(lambda: len(stack.rows()) == 1)
     [row] = procs.usage_rows(stack.db)
     return dict(row)

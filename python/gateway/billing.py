@@ -61,7 +61,13 @@ class UsageEventDocument(TypedDict):
     status: Annotated[str, Field(description="`completed`, `cancelled`, `failed`, `interrupted`.")]
     http_status: int
     usage: EventUsage
-    usage_source: Annotated[str, Field(description="`worker`, or `none` if it reported nothing.")]
+    usage_source: Annotated[
+        str,
+        Field(
+            description="`worker` (the worker's usage), `gateway` (the worker reported none; the "
+            "gateway counted with the worker's tokenizer) or `none` (nothing counted)."
+        ),
+    ]
     started_at_ms: Annotated[int, Field(description="Unix ms; priced and bucketed by it.")]
     finished_at_ms: int
     recorded_at_ms: Annotated[int, Field(description="Unix ms at which the ledger stored it.")]

@@ -381,6 +381,32 @@ def test_disconnects_are_billed_for_what_was_relayed(fleet: Fleet) -> None:
     assert per_disconnect <= 4, f"{per_disconnect:.2f} tokens per disconnect"
 
 
+def tokenized(fleet: Fleet, body: dict[str, Any]) -> int:
+    response = httpx.post(f"{fleet.workers[0].url}/tokenize", json={"model": MODEL, **body})
+    assert response.status_code == 200, response.text
+    return int(response.json()["count"])
+
+
+def test_vllms_tokenizer_counts_what_its_usage_reports(fleet: Fleet) -> None:
+    """What the gateway's own counts (usage_source "gateway", for requests a worker reported no
+    usage for) rest on: vLLM's `/tokenize`, given a request's prompt the way the gateway gives
+    it, counts the prompt tokens vLLM's usage reports for that request; and the generated text,
+    tokenized again without special tokens, gives back the completion tokens."""
+    direct = fleet.direct()
+    chat = call(direct, "chat", {"messages": MESSAGES, "max_tokens": 24, "temperature": 0})
+    assert tokenized(fleet, {"messages": MESSAGES}) == chat["usage"]["prompt_tokens"]
+    completion = direct.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert completion.usage is not None
+    assert tokenized(fleet, {"prompt": PROMPT}) == completion.usage.prompt_tokens
+    again = tokenized(fleet, {"prompt": completion.choices[0].text, "add_special_tokens": False})
+    print(f"\ncompletion: {completion.usage.completion_tokens} tokens, {again} re-tokenized")
+    # An estimate: text does not always tokenize back to the tokens that made it (this tiny
+    # model's random-weight text gives 22 for 24).
+    assert (
+        abs(again - completion.usage.completion_tokens) <= 0.15 * completion.usage.completion_tokens
+    )
+
+
 # vLLM's own parser and pre-load checks, as `vllm serve` runs them before loading a model.
 PARSE_SERVE_ARGS = """
 import sys

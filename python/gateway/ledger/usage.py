@@ -68,7 +68,7 @@ class UsageEvent(NamedTuple):
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    usage_source: str  # "worker" | "none"
+    usage_source: str  # "worker" | "gateway" | "none"
     started_at_ms: int
     finished_at_ms: int
 

@@ -7,8 +7,10 @@
 //!   `messages` (with its chat template options) or of each completions prompt; a prompt given as
 //!   token ids is counted as given;
 //! - completion tokens are the generated text relayed to the client (each choice's text, or its
-//!   `reasoning_content` and `content`), tokenized without special tokens. Tool-call deltas are
-//!   not counted.
+//!   `reasoning_content` and `content`), tokenized again without special tokens. That is an
+//!   estimate: text does not always tokenize back to the tokens that made it. For a stream it is
+//!   at least the number of choice events that carried text, since each carried at least one
+//!   token. Tool-call deltas are not counted.
 //!
 //! An event counted this way has `usage_source: "gateway"`. A count the worker cannot make in
 //! time leaves the event as it was (`none`, zero tokens).
@@ -37,8 +39,9 @@ pub enum Relayed {
     /// Nothing, or nothing counted yet.
     #[default]
     Nothing,
-    /// The generated text of a stream, per choice index (see [`collect_text`]).
-    Texts(Vec<String>),
+    /// A stream's generated text per choice index, and how many choice events carried text
+    /// (see [`collect_text`]).
+    Stream { texts: Vec<String>, deltas: u64 },
     /// A complete response body.
     Body(Bytes),
 }
@@ -73,7 +76,7 @@ impl Counter {
         let prompt_tokens = self.prompt_tokens().await?;
         let completion_tokens = match relayed {
             Relayed::Nothing => 0,
-            Relayed::Texts(texts) => self.text_tokens(texts).await?,
+            Relayed::Stream { texts, deltas } => self.text_tokens(texts).await?.max(*deltas),
             Relayed::Body(body) => {
                 self.text_tokens(&choice_texts(self.endpoint, body)?)
                     .await?
@@ -262,8 +265,9 @@ fn choice_texts(endpoint: Endpoint, body: &[u8]) -> Option<Vec<String>> {
 }
 
 /// Appends the generated text of one SSE event's payload (`data: {...}`) to `texts`, by choice
-/// index: a choice's `text`, or its delta's `reasoning_content` and `content`.
-pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) {
+/// index: a choice's `text`, or its delta's `reasoning_content` and `content`. Returns how many
+/// of its choices carried text.
+pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) -> u64 {
     #[derive(Deserialize)]
     struct Chunk {
         #[serde(default)]
@@ -282,8 +286,9 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) {
         reasoning_content: Option<String>,
     }
     let Ok(chunk) = serde_json::from_slice::<Chunk>(payload) else {
-        return;
+        return 0;
     };
+    let mut carried = 0;
     for choice in chunk.choices {
         if choice.index >= MAX_CHOICES {
             continue;
@@ -296,13 +301,23 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) {
                 .and_then(|d| d.reasoning_content.clone()),
             choice.delta.and_then(|d| d.content),
         ];
-        for part in parts.into_iter().flatten().filter(|p| !p.is_empty()) {
-            if texts.len() <= choice.index {
-                texts.resize(choice.index + 1, String::new());
-            }
+        let mut parts = parts
+            .into_iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+            .peekable();
+        if parts.peek().is_none() {
+            continue;
+        }
+        carried += 1;
+        if texts.len() <= choice.index {
+            texts.resize(choice.index + 1, String::new());
+        }
+        for part in parts {
             texts[choice.index].push_str(&part);
         }
     }
+    carried
 }
 
 #[cfg(test)]
@@ -368,6 +383,7 @@ mod tests {
     #[test]
     fn stream_text_is_collected_per_choice() {
         let mut texts = Vec::new();
+        let mut carried = Vec::new();
         for event in [
             &br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#[..],
             br#"{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}"#,
@@ -377,9 +393,10 @@ mod tests {
             br#"{"choices":[{"index":5000,"text":"lost"}]}"#,
             b"not json",
         ] {
-            collect_text(event, &mut texts);
+            carried.push(collect_text(event, &mut texts));
         }
         assert_eq!(texts, ["hm the a", "", " b"]);
+        assert_eq!(carried, [0, 1, 1, 2, 0, 0, 0]);
     }
 
     #[test]

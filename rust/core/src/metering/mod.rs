@@ -522,11 +522,14 @@ impl MeterGuard {
         if self.counter.is_none() {
             return;
         }
-        if !matches!(self.relayed, Relayed::Texts(_)) {
-            self.relayed = Relayed::Texts(Vec::new());
+        if !matches!(self.relayed, Relayed::Stream { .. }) {
+            self.relayed = Relayed::Stream {
+                texts: Vec::new(),
+                deltas: 0,
+            };
         }
-        if let Relayed::Texts(texts) = &mut self.relayed {
-            counting::collect_text(payload, texts);
+        if let Relayed::Stream { texts, deltas } = &mut self.relayed {
+            *deltas += counting::collect_text(payload, texts);
         }
     }
 
