@@ -59,6 +59,7 @@ def test_sim_document_has_the_core_fields_only() -> None:
         "error_rate": 0.0,
         "die_rate": 0.0,
         "seed": 7,
+        "report_usage": True,
     }
     assert config.listen() == "[::1]:0"
     with pytest.raises(ValidationError, match="die_rate"):
