@@ -73,13 +73,19 @@ impl Counter {
 
     /// The request's usage as the gateway counts it; `None` if the prompt cannot be counted.
     pub async fn count(&self, relayed: &Relayed) -> Option<Usage> {
-        let prompt_tokens = self.prompt_tokens().await?;
+        let Value::Object(request) = serde_json::from_slice(&self.request).ok()? else {
+            return None;
+        };
+        let model = request.get("model")?;
+        let prompt_tokens = self
+            .prompt_tokens(prompts(self.endpoint, &request)?)
+            .await?;
         let completion_tokens = match relayed {
             Relayed::Nothing => 0,
-            Relayed::Stream { texts, deltas } => self.text_tokens(texts).await?.max(*deltas),
+            Relayed::Stream { texts, deltas } => self.text_tokens(model, texts).await?.max(*deltas),
             Relayed::Body(body) => {
-                self.text_tokens(&choice_texts(self.endpoint, body)?)
-                    .await?
+                let texts = choice_texts(self.endpoint, body)?;
+                self.text_tokens(model, &texts).await?
             }
         };
         Some(Usage {
@@ -89,8 +95,8 @@ impl Counter {
         })
     }
 
-    async fn prompt_tokens(&self) -> Option<u64> {
-        let Prompts { bodies, counted } = prompts(self.endpoint, &self.request)?;
+    async fn prompt_tokens(&self, prompts: Prompts) -> Option<u64> {
+        let Prompts { bodies, counted } = prompts;
         let mut total = counted;
         for body in bodies {
             total += self.tokenize(body).await?;
@@ -98,8 +104,7 @@ impl Counter {
         Some(total)
     }
 
-    async fn text_tokens(&self, texts: &[String]) -> Option<u64> {
-        let model = model(&self.request)?;
+    async fn text_tokens(&self, model: &Value, texts: &[String]) -> Option<u64> {
         let mut total = 0;
         for text in texts.iter().filter(|text| !text.is_empty()) {
             let body = serde_json::json!({
@@ -171,20 +176,8 @@ const CHAT_TEMPLATE_MEMBERS: [&str; 7] = [
     "add_special_tokens",
 ];
 
-fn model(request: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Model {
-        model: String,
-    }
-    serde_json::from_slice::<Model>(request)
-        .ok()
-        .map(|m| m.model)
-}
-
-fn prompts(endpoint: Endpoint, request: &[u8]) -> Option<Prompts> {
-    let Value::Object(members) = serde_json::from_slice(request).ok()? else {
-        return None;
-    };
+/// The `/tokenize` bodies of a request's prompts (`members` are the request's JSON members).
+fn prompts(endpoint: Endpoint, members: &Map<String, Value>) -> Option<Prompts> {
     let model = members.get("model")?.clone();
     match endpoint {
         Endpoint::ChatCompletions => {
@@ -293,14 +286,10 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) -> u64 {
         if choice.index >= MAX_CHOICES {
             continue;
         }
-        let parts = [
-            choice.text,
-            choice
-                .delta
-                .as_ref()
-                .and_then(|d| d.reasoning_content.clone()),
-            choice.delta.and_then(|d| d.content),
-        ];
+        let (reasoning, content) = choice
+            .delta
+            .map_or((None, None), |d| (d.reasoning_content, d.content));
+        let parts = [choice.text, reasoning, content];
         let mut parts = parts
             .into_iter()
             .flatten()
@@ -325,6 +314,10 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) -> u64 {
 mod tests {
     use super::*;
 
+    fn members(request: &[u8]) -> Map<String, Value> {
+        serde_json::from_slice(request).unwrap()
+    }
+
     fn bodies(prompts: &Prompts) -> Vec<Value> {
         prompts
             .bodies
@@ -337,8 +330,10 @@ mod tests {
     fn a_chat_prompt_is_tokenized_with_its_template_options() {
         let p = prompts(
             Endpoint::ChatCompletions,
-            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,
+            &members(
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,
                 "chat_template_kwargs":{"enable_thinking":false},"tools":null,"stream":true}"#,
+            ),
         )
         .unwrap();
         assert_eq!(p.counted, 0);
@@ -354,16 +349,24 @@ mod tests {
 
     #[test]
     fn completions_prompts_are_tokenized_one_by_one_and_token_ids_counted_as_given() {
-        let p = prompts(Endpoint::Completions, br#"{"model":"m","prompt":"a b"}"#).unwrap();
+        let p = prompts(
+            Endpoint::Completions,
+            &members(br#"{"model":"m","prompt":"a b"}"#),
+        )
+        .unwrap();
         assert_eq!(
             bodies(&p),
             [serde_json::json!({"model": "m", "prompt": "a b"})]
         );
-        let p = prompts(Endpoint::Completions, br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        let p = prompts(
+            Endpoint::Completions,
+            &members(br#"{"model":"m","prompt":[1,2,3]}"#),
+        )
+        .unwrap();
         assert_eq!((p.bodies.len(), p.counted), (0, 3));
         let p = prompts(
             Endpoint::Completions,
-            br#"{"model":"m","prompt":["x",[4,5],"y"],"add_special_tokens":false}"#,
+            &members(br#"{"model":"m","prompt":["x",[4,5],"y"],"add_special_tokens":false}"#),
         )
         .unwrap();
         assert_eq!(p.counted, 2);
@@ -375,7 +378,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            prompts(Endpoint::Completions, br#"{"model":"m","prompt":7}"#),
+            prompts(
+                Endpoint::Completions,
+                &members(br#"{"model":"m","prompt":7}"#)
+            ),
             None
         );
     }
