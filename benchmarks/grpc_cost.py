@@ -27,9 +27,9 @@ from overhead import (
     MODEL,
     PROMPT,
     Harness,
-    Service,
     Settings,
     create_key,
+    gateway_service,
     harness,
     instant_sim,
     publish,
@@ -106,17 +106,7 @@ def measure(settings: Settings, run: Harness) -> list[dict[str, Any]]:
     sim = instant_sim(settings, workdir)
     run.services.append(sim)
     sim_url = sim.wait_listening()
-    config = workdir / "gateway.toml"
-    config.write_text(
-        '[server]\nhost = "127.0.0.1"\nport = 0\n\n[grpc]\nport = 0\n\n'
-        f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n'
-    )
-    gateway = Service(
-        "gateway",
-        settings.gateway_core,
-        ["serve", "--config", str(config), "--log-level", "WARNING"],
-        workdir,
-    )
+    gateway = gateway_service("gateway", settings, workdir, sim_url, db_url, "[grpc]\nport = 0\n")
     run.services.append(gateway)
     gateway_url = gateway.wait_listening()
     wait_serving(gateway_url + "/v1/completions", key, gateway)

@@ -30,6 +30,7 @@ from overhead import (
     Settings,
     Target,
     create_key,
+    gateway_service,
     harness,
     instant_sim,
     median_of,
@@ -99,16 +100,8 @@ def start_gateways(
         ("memory", "[journal]\nenabled = false\n"),
         ("journal", f'[journal]\ndir = "{workdir / f"{prefix}journal"}"\n'),
     ):
-        config = workdir / f"{prefix}{name}.toml"
-        config.write_text(
-            '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
-            f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
-        )
-        gateway = Service(
-            f"gateway-{prefix}{name}",
-            settings.gateway_core,
-            ["serve", "--config", str(config), "--log-level", "WARNING"],
-            workdir,
+        gateway = gateway_service(
+            f"gateway-{prefix}{name}", settings, workdir, sim_url, db_url, extra
         )
         services.append(gateway)
         url = gateway.wait_listening() + "/v1/completions"

@@ -258,6 +258,24 @@ class Nginx(Pinned):
         super().kill()
 
 
+def gateway_service(
+    name: str, settings: Settings, workdir: Path, sim_url: str, db_url: str, extra: str = ""
+) -> Service:
+    """`gateway serve` named `name`, in front of `sim_url` with its ledger at `db_url`, on the
+    gateway's core; `extra` is TOML appended to its config."""
+    config = workdir / f"{name}.toml"
+    config.write_text(
+        '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
+        f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
+    )
+    return Service(
+        name,
+        settings.gateway_core,
+        ["serve", "--config", str(config), "--log-level", "WARNING"],
+        workdir,
+    )
+
+
 def instant_sim(settings: Settings, workdir: Path) -> Service:
     """`gateway sim` answering at once (no time to first token, none between tokens), 16 tokens
     per answer, on the client's core, with room for every connection of the load."""
@@ -867,18 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = instant_sim(settings, workdir)
         services.append(sim)
         sim_url = sim.wait_listening()
-        config = workdir / "gateway.toml"
-        config.write_text(
-            '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
-            f'[[workers]]\nurl = "{sim_url}"\n\n'
-            f'[storage]\nurl = "{db_url}"\n'
-        )
-        gateway = Service(
-            "gateway",
-            settings.gateway_core,
-            ["serve", "--config", str(config), "--log-level", "WARNING"],
-            workdir,
-        )
+        gateway = gateway_service("gateway", settings, workdir, sim_url, db_url)
         services.append(gateway)
         gateway_url = gateway.wait_listening()
         urls = {"direct": sim_url, "gateway": gateway_url}

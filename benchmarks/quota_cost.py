@@ -45,6 +45,7 @@ from overhead import (
     Target,
     free_port,
     gateway_cli,
+    gateway_service,
     harness,
     instant_sim,
     publish,
@@ -203,18 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         sim_url = sim.wait_listening()
         gateways: dict[str, Service] = {}
         for name, extra in (("local", ""), ("redis", f'\n[quota]\nredis_url = "{redis_url}"\n')):
-            config = workdir / f"{name}.toml"
-            config.write_text(
-                '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
-                f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n{extra}'
-                # Quotas alone: the usage journal (`journal_cost.py`) is measured apart.
-                "\n[journal]\nenabled = false\n"
-            )
-            gateways[name] = Service(
-                f"gateway-{name}",
-                settings.gateway_core,
-                ["serve", "--config", str(config), "--log-level", "WARNING"],
-                workdir,
+            # Quotas alone: the usage journal (`journal_cost.py`) is measured apart.
+            extra += "\n[journal]\nenabled = false\n"
+            gateways[name] = gateway_service(
+                f"gateway-{name}", settings, workdir, sim_url, db_url, extra
             )
             services.append(gateways[name])
         urls = {name: g.wait_listening() + "/v1/completions" for name, g in gateways.items()}
