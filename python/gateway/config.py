@@ -135,6 +135,26 @@ class ServerConfig(BaseModel):
         ge=0,
         description="On SIGINT/SIGTERM, how long in-flight requests may run before they are cut.",
     )
+    header_read_timeout_ms: int = Field(
+        default=30_000,
+        ge=100,
+        le=3_600_000,
+        description=(
+            "How long a client may take to send a request's headers, on this listener and the"
+            " admin listener (idle keep-alive connections included); the connection is then"
+            " closed."
+        ),
+    )
+    body_read_timeout_ms: int = Field(
+        default=30_000,
+        ge=100,
+        le=3_600_000,
+        description=(
+            "How long a client may take to send a request's body once its headers are in, on"
+            " this listener and the admin listener; then 408 `request_timeout` and the"
+            " connection is closed."
+        ),
+    )
 
 
 class WorkerConfig(BaseModel):
@@ -186,7 +206,17 @@ class RoutingConfig(BaseModel):
         description=(
             "How long one attempt may wait for a worker: for its headers and then the first"
             " event of a stream, or the whole body otherwise; on expiry the request is tried"
-            " elsewhere (504 after the last attempt). A stream that has started is never cut."
+            " elsewhere (504 after the last attempt). A stream that has started is cut only by"
+            " `routing.stream_idle_timeout_ms`."
+        ),
+    )
+    stream_idle_timeout_ms: int = Field(
+        default=60_000,
+        ge=100,
+        description=(
+            "How long a started stream may go without an event from its worker; then the stream"
+            " ends with an error event, is billed for what was relayed, and the worker leaves"
+            " rotation until its next good health probe."
         ),
     )
     max_attempts: int = Field(
@@ -421,6 +451,8 @@ class GatewayConfig(BaseModel):
         document = {
             "listen": listen_address(self.server.host, self.server.port),
             "max_body_bytes": self.server.max_body_bytes,
+            "header_read_timeout_ms": self.server.header_read_timeout_ms,
+            "body_read_timeout_ms": self.server.body_read_timeout_ms,
             "workers": [
                 {"url": worker.url} | ({"api_key": worker.api_key} if worker.api_key else {})
                 for worker in self.workers
@@ -430,6 +462,7 @@ class GatewayConfig(BaseModel):
                 "load_interval_ms": self.routing.load_interval_ms,
                 "connect_timeout_ms": self.routing.connect_timeout_ms,
                 "request_timeout_ms": self.routing.request_timeout_ms,
+                "stream_idle_timeout_ms": self.routing.stream_idle_timeout_ms,
                 "max_attempts": self.routing.max_attempts,
             },
             "quota": self.quota.model_dump(),

@@ -30,8 +30,10 @@ pub struct RoutingConfig {
     /// TCP connect timeout to a worker; a worker that does not accept in time is tried elsewhere.
     pub connect_timeout_ms: u64,
     /// How long one attempt may wait for a worker's answer: headers and then the first event of
-    /// a stream, or the whole body otherwise. A started stream is never cut.
+    /// a stream, or the whole body otherwise.
     pub request_timeout_ms: u64,
+    /// How long a started stream may go without a byte from its worker before it is cut.
+    pub stream_idle_timeout_ms: u64,
     /// How many workers one request may be tried on before the first byte reaches the client.
     pub max_attempts: u32,
 }
@@ -43,6 +45,7 @@ impl Default for RoutingConfig {
             load_interval_ms: 100,
             connect_timeout_ms: 1_000,
             request_timeout_ms: 600_000,
+            stream_idle_timeout_ms: 60_000,
             max_attempts: 3,
         }
     }
@@ -60,6 +63,9 @@ impl RoutingConfig {
     }
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.stream_idle_timeout_ms.max(1))
     }
 }
 
@@ -140,6 +146,12 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers.
+    #[serde(default = "default_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's body once its headers are in.
+    #[serde(default = "default_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
     pub workers: Vec<WorkerConfig>,
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -157,6 +169,10 @@ fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
 }
 
+fn default_read_timeout_ms() -> u64 {
+    30_000
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid gateway configuration: {0}")]
@@ -169,6 +185,14 @@ pub enum ConfigError {
 }
 
 impl GatewayConfig {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(1))
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms.max(1))
+    }
+
     /// Parses and validates the JSON document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let config: Self = serde_json::from_str(text)?;

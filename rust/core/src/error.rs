@@ -50,6 +50,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The client took longer than the body read timeout to send its body.
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(Duration),
     #[error("no healthy worker serves the model `{0}`")]
     NoHealthyWorker(String),
     #[error("upstream worker failed: {0}")]
@@ -78,6 +81,7 @@ impl ApiError {
             Self::ModelNotPriced(_) => StatusCode::FORBIDDEN,
             Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NoHealthyWorker(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -93,7 +97,8 @@ impl ApiError {
             | Self::ModelNotFound(_)
             | Self::UnknownRoute
             | Self::MethodNotAllowed
-            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            | Self::PayloadTooLarge { .. }
+            | Self::RequestTimeout(_) => "invalid_request_error",
             Self::RateLimited { .. } => "rate_limit_exceeded",
             Self::QuotaExceeded { .. } => "insufficient_quota",
             Self::ModelNotPriced(_) => "permission_error",
@@ -114,6 +119,7 @@ impl ApiError {
             Self::UnknownRoute => Some("unknown_route"),
             Self::MethodNotAllowed => Some("method_not_allowed"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::RequestTimeout(_) => Some("request_timeout"),
             Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::QuotaExceeded { .. } => Some("insufficient_quota"),
             Self::ModelNotPriced(_) => Some("model_not_priced"),
@@ -189,6 +195,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), self.body()).into_response();
         let headers = response.headers_mut();
+        if matches!(self, Self::RequestTimeout(_)) {
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

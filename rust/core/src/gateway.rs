@@ -118,7 +118,12 @@ impl Gateway {
             tracing::info!(addr = %grpc.local_addr(), "gRPC API listening");
             self.grpc = Some(grpc);
         }
-        let server = ServerHandle::bind(self.state.config.listen, app(self.state.clone())).await?;
+        let server = ServerHandle::bind(
+            self.state.config.listen,
+            app(self.state.clone()),
+            self.state.config.header_read_timeout(),
+        )
+        .await?;
         let addr = server.local_addr();
         tracing::info!(%addr, "gateway listening");
         self.server = Some(server);

@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers, unless the caller says otherwise.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running HTTP server. Dropping the handle without `shutdown` aborts the server.
 #[derive(Debug)]
@@ -32,17 +32,27 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Binds `addr` (port 0 picks a free port) and starts serving `app` on the current runtime.
-    pub async fn bind(addr: SocketAddr, app: Router) -> io::Result<Self> {
+    /// Binds `addr` (port 0 picks a free port) and starts serving `app` on the current runtime;
+    /// a client that takes longer than `header_read_timeout` to send a request's headers (or
+    /// leaves a keep-alive connection idle that long) is disconnected.
+    pub async fn bind(
+        addr: SocketAddr,
+        app: Router,
+        header_read_timeout: Duration,
+    ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        Self::serve(listener, app)
+        Self::serve(listener, app, header_read_timeout)
     }
 
     /// Serves `app` on an already bound listener.
-    pub fn serve(listener: TcpListener, app: Router) -> io::Result<Self> {
+    pub fn serve(
+        listener: TcpListener,
+        app: Router,
+        header_read_timeout: Duration,
+    ) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(None);
-        let task = tokio::spawn(accept_loop(listener, app, stopped));
+        let task = tokio::spawn(accept_loop(listener, app, header_read_timeout, stopped));
         Ok(Self {
             local_addr,
             stop,
@@ -77,12 +87,13 @@ impl Drop for ServerHandle {
 async fn accept_loop(
     listener: TcpListener,
     app: Router,
+    header_read_timeout: Duration,
     mut stopped: watch::Receiver<Option<Duration>>,
 ) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_read_timeout);
     let mut connections = JoinSet::new();
     let grace = loop {
         tokio::select! {

@@ -24,9 +24,13 @@ use tokio::net::TcpListener;
 const KEY: &str = "tg-integration-test-key";
 
 async fn sim(config: SimConfig) -> ServerHandle {
-    ServerHandle::bind(SocketAddr::from(([127, 0, 0, 1], 0)), app(config))
-        .await
-        .unwrap()
+    ServerHandle::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        app(config),
+        gateway_core::serve::HEADER_READ_TIMEOUT,
+    )
+    .await
+    .unwrap()
 }
 
 async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {

@@ -30,9 +30,13 @@ struct Sim {
 
 impl Sim {
     async fn start(config: SimConfig) -> Self {
-        let server = ServerHandle::bind(SocketAddr::from(([127, 0, 0, 1], 0)), app(config))
-            .await
-            .unwrap();
+        let server = ServerHandle::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            app(config),
+            gateway_core::serve::HEADER_READ_TIMEOUT,
+        )
+        .await
+        .unwrap();
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self { server, client }
     }

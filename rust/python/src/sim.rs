@@ -40,8 +40,11 @@ impl Simulator {
             if let Some(server) = server.as_ref() {
                 return Ok(server.local_addr());
             }
-            let handle =
-                runtime.block_on(ServerHandle::bind(self.listen, app(self.config.clone())))?;
+            let handle = runtime.block_on(ServerHandle::bind(
+                self.listen,
+                app(self.config.clone()),
+                gateway_core::serve::HEADER_READ_TIMEOUT,
+            ))?;
             let addr = handle.local_addr();
             *server = Some(handle);
             Ok::<_, std::io::Error>(addr)

@@ -1,6 +1,7 @@
 //! Thin HTTP handlers: authenticate, read and parse the body, hand over to the dispatcher.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -67,7 +68,13 @@ async fn admit(
     body: Body,
 ) -> Result<(InferenceRequest, Arc<Principal>), ApiError> {
     let principal = state.keys.authenticate(headers)?;
-    let body = read_body(body, headers, state.config.max_body_bytes).await?;
+    let body = read_body(
+        body,
+        headers,
+        state.config.max_body_bytes,
+        state.config.body_read_timeout(),
+    )
+    .await?;
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -82,8 +89,14 @@ pub(super) fn reject(state: &AppState, error: ApiError) -> Response {
     error.into_response()
 }
 
-/// Reads the whole body, refusing more than `limit` bytes without reading past it.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body within `timeout`, refusing more than `limit` bytes without reading past
+/// it.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -91,7 +104,8 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+    match collected.map_err(|_| ApiError::RequestTimeout(timeout))? {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
         Err(error) => Err(ApiError::bad_request(
