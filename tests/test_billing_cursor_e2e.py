@@ -1,5 +1,6 @@
 """Billing consumers following the usage-event cursor while three `gateway serve` replicas meter
-into one PostgreSQL ledger: each sees every event exactly once, and in commit order."""
+two tenants' traffic into one PostgreSQL ledger: each sees every event exactly once, and in commit
+order; a tenant following its own cursor (with its API key) sees its own events so."""
 
 from __future__ import annotations
 
@@ -46,13 +47,15 @@ def start_replicas(tmp: Path, pg_url: str, sims: list[procs.Process]) -> list[pr
 
 
 class Consumer(threading.Thread):
-    """Follows `next_cursor` on one replica's billing API, `limit` events a page, until told
-    to stop and a page comes back empty."""
+    """Follows `next_cursor` on one replica's billing API, `limit` events a page, with `token`
+    (the billing token: every tenant; an API key: its tenant's), until told to stop and a page
+    comes back empty."""
 
-    def __init__(self, admin_url: str, limit: int) -> None:
+    def __init__(self, admin_url: str, limit: int, token: str = BILLING_TOKEN) -> None:
         super().__init__(daemon=True)
         self.admin_url = admin_url
         self.limit = limit
+        self.token = token
         self.ids: list[str] = []
         self.pages = 0
         self.finish = threading.Event()
@@ -66,7 +69,7 @@ class Consumer(threading.Thread):
 
     def _follow(self) -> None:
         cursor: str | None = None
-        headers = {"authorization": f"Bearer {BILLING_TOKEN}"}
+        headers = {"authorization": f"Bearer {self.token}"}
         with httpx.Client(base_url=self.admin_url, headers=headers, timeout=10) as client:
             while True:
                 params: dict[str, str | int] = {"limit": self.limit}
@@ -86,18 +89,23 @@ def test_consumers_see_every_event_once_while_three_replicas_write(
     tmp_path: Path, pg_url: str
 ) -> None:
     sims = [procs.start_sim(itl_ms=0) for _ in range(2)]
-    key, _ = procs.create_key(pg_url, "acme")
+    keys = [procs.create_key(pg_url, tenant) for tenant in ("acme", "beta")]
     replicas = start_replicas(tmp_path, pg_url, sims)
     try:
         admin_urls = [
             procs.wait_line(r, r"admin API listening on (http://\S+)")[1] for r in replicas
         ]
-        consumers = [Consumer(admin_urls[0], 5), Consumer(admin_urls[1], 64)]
+        consumers = [
+            Consumer(admin_urls[0], 5),
+            Consumer(admin_urls[1], 64),
+            Consumer(admin_urls[2], 5, token=keys[0][0]),
+        ]
         for consumer in consumers:
             consumer.start()
 
         def client(n: int) -> int:
             replica = replicas[n % REPLICAS]
+            key = keys[n // REPLICAS % len(keys)][0]
             with httpx.Client(
                 base_url=replica.url, headers={"authorization": f"Bearer {key}"}, timeout=30
             ) as http:
@@ -131,8 +139,17 @@ def test_consumers_see_every_event_once_while_three_replicas_write(
         range(1, sent + 1)
     )
     assert len({row["worker"] for row in rows}) == len(sims)
-    for consumer in consumers:
+    acme_key_id = keys[0][1]
+    acme_in_commit_order = [
+        row["event_id"]
+        for row in sorted(rows, key=lambda row: row["seq"])
+        if row["key_id"] == acme_key_id
+    ]
+    assert 0 < len(acme_in_commit_order) < sent
+    for consumer, expected in zip(
+        consumers, (in_commit_order, in_commit_order, acme_in_commit_order), strict=True
+    ):
         # While writers committed: the consumer saw events arrive over many pages.
-        assert consumer.pages > sent // max(consumer.limit, 1) // 2
+        assert consumer.pages > len(expected) // max(consumer.limit, 1) // 2
         assert len(consumer.ids) == len(set(consumer.ids)), "an event was seen twice"
-        assert consumer.ids == in_commit_order, "an event was missed or seen out of order"
+        assert consumer.ids == expected, "an event was missed or seen out of order"

@@ -18,7 +18,15 @@ from typing_extensions import TypedDict
 
 from gateway.ledger.db import Connection
 from gateway.ledger.invoices import Invoice, InvoiceLine
-from gateway.ledger.usage import StoredEvent, decode_cursor, encode_cursor, events_after
+from gateway.ledger.usage import (
+    TENANT_CURSOR_START,
+    StoredEvent,
+    decode_cursor,
+    decode_tenant_cursor,
+    encode_cursor,
+    encode_tenant_cursor,
+    events_after,
+)
 
 __all__ = [
     "EVENT_CSV_COLUMNS",
@@ -122,24 +130,46 @@ class EventPage(TypedDict):
         str,
         Field(
             description="Where the next page starts: after this page's last event, or where this "
-            "page began when it is empty. Always present: poll with it for new events."
+            "page began when it is empty. Always present: poll with it for new events. A page of "
+            "one tenant's events has a cursor of that tenant's (`evt1.`), which encodes its last "
+            "event's id and nothing of other tenants' events; a page of every tenant's, a cursor "
+            "of the ledger's commit order (`evc1.`). Each kind is read only by its own kind of "
+            "page."
         ),
     ]
 
 
 def event_page(
-    conn: Connection, after: str | None, limit: int, tenant_id: str | None, currency: str
+    conn: Connection,
+    after: str | None,
+    limit: int,
+    tenant_id: str | None,
+    currency: str,
 ) -> EventPage:
     """Up to `limit` events after the cursor `after` (the beginning if None), of one tenant or
-    all; `ValueError` for a malformed cursor."""
-    after_seq = 0 if after is None else decode_cursor(after)
+    all; `ValueError` for a cursor that is not one this kind of page gave.
+
+    A page of one tenant (`tenant_id`) pages by a tenant cursor (`encode_tenant_cursor`): it
+    moves only with that tenant's own events, so polling it tells nothing of other tenants' (an
+    empty page gives back the cursor it was given). A page of every tenant pages by the global
+    commit order (`encode_cursor`)."""
+    if tenant_id is None:
+        after_seq = 0 if after is None else decode_cursor(after)
+    else:
+        after_seq = 0 if after is None else decode_tenant_cursor(conn, after, tenant_id)
     events = events_after(conn, after_seq, limit + 1, tenant_id)
     page = events[:limit]
+    if tenant_id is None:
+        next_cursor = encode_cursor(page[-1].seq if page else after_seq)
+    elif page:
+        next_cursor = encode_tenant_cursor(page[-1].event_id)
+    else:
+        next_cursor = after or TENANT_CURSOR_START
     return EventPage(
         object="list",
         data=[event_document(event, currency) for event in page],
         has_more=len(events) > limit,
-        next_cursor=encode_cursor(page[-1].seq if page else after_seq),
+        next_cursor=next_cursor,
     )
 
 

@@ -47,6 +47,8 @@ EVENTS_LIMIT = (100, 10_000)
 
 # Times beyond year 9999 are refused before they reach the ledger.
 _MAX_TIME_S = 253_402_300_799
+# The longest cursor a page gives is far shorter.
+_MAX_CURSOR = 512
 
 _GROUP_ALIASES: dict[str, GroupKey] = {key: key for key in GROUP_KEYS} | {"tenant": "tenant_id"}
 
@@ -137,13 +139,21 @@ async def usage_events(
     caller: CallerDep,
     after: Annotated[
         str | None,
-        Query(description="A `next_cursor` from an earlier page; the beginning if left out."),
+        Query(
+            max_length=_MAX_CURSOR,
+            description="A `next_cursor` from an earlier page of the same reader (one tenant's "
+            "events, or every tenant's); the beginning if left out.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=EVENTS_LIMIT[1])] = EVENTS_LIMIT[0],
     tenant: TenantParam = None,
 ) -> JSONResponse:
     """Usage events in the order the ledger committed them: paging with `next_cursor` sees every
-    event exactly once, however many are written meanwhile."""
+    event exactly once, however many are written meanwhile.
+
+    A read of one tenant (a tenant's API key, or a token with `tenant`) pages by a cursor of that
+    tenant's own events, which no other tenant's traffic moves; a read of every tenant, by the
+    ledger's commit order. A cursor of one kind is 400 for the other."""
     scope = _scope(conn, caller, tenant)
     currency: str = request.app.state.currency
     try:

@@ -23,7 +23,15 @@ from gateway.cli_common import (
 from gateway.ledger.db import Connection, DatabaseError
 from gateway.ledger.invoices import Invoice, invoice, invoice_csv
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
-from gateway.ledger.usage import decode_cursor, encode_cursor, events_after
+from gateway.ledger.usage import (
+    TENANT_CURSOR_START,
+    StoredEvent,
+    decode_cursor,
+    decode_tenant_cursor,
+    encode_cursor,
+    encode_tenant_cursor,
+    events_after,
+)
 from gateway.quotas import format_money
 
 __all__ = ["EXPORT_PAGE", "add_billing_commands"]
@@ -78,13 +86,29 @@ def _invoice(conn: Connection, args: argparse.Namespace) -> int:
 
 
 def _export(conn: Connection, args: argparse.Namespace) -> int:
-    try:
-        after = 0 if args.after is None else decode_cursor(args.after)
-    except ValueError as exc:
-        raise UsageError(f"--after: {exc}") from None
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit: at least 1")
     tenant_id = None if args.tenant is None else get_tenant_by_name_or_id(conn, args.tenant).id
+    # One tenant's events page by that tenant's cursor, every tenant's by the global one, as on
+    # the billing API: a cursor of one kind resumes only the same kind of export.
+    try:
+        if tenant_id is None:
+            after = 0 if args.after is None else decode_cursor(args.after)
+        else:
+            after = 0 if args.after is None else decode_tenant_cursor(conn, args.after, tenant_id)
+    except ValueError as exc:
+        raise UsageError(f"--after: {exc}") from None
+    last: StoredEvent | None = None
+
+    def cursor() -> str:
+        """The cursor after the last event written (the one given, if none was)."""
+        if last is None:
+            start = encode_cursor(0) if tenant_id is None else TENANT_CURSOR_START
+            return str(args.after or start)
+        if tenant_id is None:
+            return encode_cursor(last.seq)
+        return encode_tenant_cursor(last.event_id)
+
     unit = currency(args)
     left = args.limit
     writer = None
@@ -101,7 +125,7 @@ def _export(conn: Connection, args: argparse.Namespace) -> int:
                     writer.writerow(event_csv_row(document))
                 else:
                     print(json.dumps(document, separators=(",", ":")))
-                after = event.seq
+                last, after = event, event.seq
             sys.stdout.flush()
             if len(events) < size:
                 break
@@ -114,9 +138,9 @@ def _export(conn: Connection, args: argparse.Namespace) -> int:
         return 1
     except (KeyboardInterrupt, DatabaseError):
         # What was written reaches stdout as the process exits: resume after it.
-        print(f"next cursor: {encode_cursor(after)}", file=sys.stderr)
+        print(f"next cursor: {cursor()}", file=sys.stderr)
         raise
-    print(f"next cursor: {encode_cursor(after)}", file=sys.stderr)
+    print(f"next cursor: {cursor()}", file=sys.stderr)
     return 0
 
 
@@ -143,7 +167,9 @@ def add_billing_commands(
         help="raw usage events in commit order",
         description="Writes usage events, in the order the ledger committed them, to stdout "
         "(the billing API's event documents), and the cursor to resume from to stderr as "
-        "`next cursor: ...`: an export resumed with --after sees every event exactly once.",
+        "`next cursor: ...`: an export resumed with --after sees every event exactly once. With "
+        "--tenant, the cursor is one of that tenant's events (`evt1.`), as the billing API gives "
+        "a tenant; without, one of every tenant's (`evc1.`).",
     )
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
     p.add_argument("--after", metavar="CURSOR", help="start after this cursor (default: first)")

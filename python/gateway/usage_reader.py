@@ -1,6 +1,7 @@
 """What the core's gRPC usage service reads a tenant's events with: a callable the core calls on
 its own blocking threads, over a ledger connection of its own (the serve loop's belongs to the
-event loop's thread), one call at a time. The page is the billing API's (`billing.event_page`).
+event loop's thread), one call at a time. The page is the billing API's (`billing.event_page`) as
+a tenant's own API key reads it there: a cursor of the tenant's own events.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ __all__ = ["LedgerUsageReader"]
 
 
 class LedgerUsageReader:
-    """`reader(tenant_id, after, limit)` is the JSON page of `tenant_id`'s events after the cursor
-    `after`; `ValueError` for a malformed cursor, `DatabaseError` while the ledger cannot be
-    read. The connection opens at the first call and reopens after a failure."""
+    """`reader(tenant_id, after, limit)` is the JSON page of `tenant_id`'s events after the tenant
+    cursor `after`; `ValueError` for a cursor that is not one of this tenant's pages gave,
+    `DatabaseError` while the ledger cannot be read. The connection opens at the first call and
+    reopens after a failure."""
 
     def __init__(self, url: str, currency: str) -> None:
         self._url = url

@@ -34,12 +34,15 @@ from gateway.quotas import MICROS, Period, Scope, period_bounds
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TENANT_CURSOR_START",
     "SpentEntry",
     "StoredEvent",
     "UsageEvent",
     "UsageTotal",
     "decode_cursor",
+    "decode_tenant_cursor",
     "encode_cursor",
+    "encode_tenant_cursor",
     "events_after",
     "insert_usage_events",
     "spent_in_current_periods",
@@ -221,26 +224,88 @@ def _log_conflict(kept: Row, new: Row, what: str, label: str) -> None:
     logger.error("usage event %s conflicts with %s (kept): %s", kept[0], what, "; ".join(differing))
 
 
+# Two kinds of cursor, told apart by their prefix. A read of every tenant's events pages by the
+# global commit order, `seq`: its cursor encodes a `seq`. A read of one tenant's events must not
+# encode it (the gaps between one tenant's cursors would count the other tenants' events): its
+# cursor encodes the id of the tenant's last event seen, which the tenant already has, and reading
+# it looks up that event's `seq` among the tenant's own events.
 _CURSOR_PREFIX = "evc1."
+_TENANT_CURSOR_PREFIX = "evt1."
+
+_MAX_EVENT_ID = 128
+TENANT_CURSOR_START = _TENANT_CURSOR_PREFIX + "start"
+"""The tenant cursor before a tenant's first event: what a tenant's first page, if empty, gives."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(body: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def encode_cursor(seq: int) -> str:
-    """The opaque cursor of the position after the event numbered `seq` (0: the beginning)."""
-    return _CURSOR_PREFIX + base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
+    """The opaque cursor of the position after the event numbered `seq` (0: the beginning) in
+    the order of every tenant's events."""
+    return _CURSOR_PREFIX + _b64(seq.to_bytes(8, "big"))
 
 
 def decode_cursor(cursor: str) -> int:
-    """The `seq` a cursor from `encode_cursor` stands after; `ValueError` for anything else."""
-    body = cursor.removeprefix(_CURSOR_PREFIX)
-    try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"not a usage event cursor: {cursor!r}") from exc
+    """The `seq` a cursor from `encode_cursor` stands after; `ValueError` for anything else (a
+    tenant cursor included)."""
+    if cursor.startswith(_TENANT_CURSOR_PREFIX):
+        raise ValueError(
+            f"{cursor!r} is a cursor of one tenant's events; this read is of every tenant's"
+        )
+    raw = _unb64(cursor.removeprefix(_CURSOR_PREFIX)) or b""
     seq = int.from_bytes(raw, "big")
     # Only the one spelling `encode_cursor` gives, and only what fits a BIGINT.
     if len(raw) != 8 or seq >= 2**63 or encode_cursor(seq) != cursor:
         raise ValueError(f"not a usage event cursor: {cursor!r}")
     return seq
+
+
+def encode_tenant_cursor(event_id: str | None) -> str:
+    """The opaque cursor of the position after the event `event_id` in its tenant's events
+    (None: `TENANT_CURSOR_START`). It holds the event's id and nothing else."""
+    if event_id is None:
+        return TENANT_CURSOR_START
+    return _TENANT_CURSOR_PREFIX + _b64(event_id.encode())
+
+
+def decode_tenant_cursor(conn: Connection, cursor: str, tenant_id: str) -> int:
+    """The `seq` a cursor from `encode_tenant_cursor` stands after, among the events of
+    `tenant_id` (0 for `TENANT_CURSOR_START`); `ValueError` for anything else: a global cursor,
+    or the cursor of an event the tenant does not have (whether it is another tenant's or none
+    at all, the answer is the same)."""
+    if cursor == TENANT_CURSOR_START:
+        return 0
+    if cursor.startswith(_CURSOR_PREFIX):
+        raise ValueError(
+            f"{cursor!r} is a cursor of every tenant's events; this read is of one tenant's"
+        )
+    raw = _unb64(cursor.removeprefix(_TENANT_CURSOR_PREFIX)) or b""
+    event_id = raw.decode("ascii", errors="replace")
+    # Only the one spelling `encode_tenant_cursor` gives, of an id such as the core makes (a
+    # database may refuse what else a client could put in one, a NUL for one).
+    if not (
+        0 < len(raw) <= _MAX_EVENT_ID
+        and event_id.isprintable()
+        and encode_tenant_cursor(event_id) == cursor
+    ):
+        raise ValueError(f"not a usage event cursor: {cursor!r}")
+    rows = query(
+        conn,
+        "SELECT seq FROM usage_events WHERE event_id = ? AND tenant_id = ?",
+        (event_id, tenant_id),
+    )
+    if not rows:
+        raise ValueError(f"not a cursor of this tenant's usage events: {cursor!r}")
+    return int(rows[0][0])
 
 
 _STORED_COLUMNS = ", ".join(StoredEvent.__dataclass_fields__)
