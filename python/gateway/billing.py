@@ -63,7 +63,13 @@ class UsageEventDocument(TypedDict):
     tenant_id: str
     api_key_id: str
     model: str
-    worker: Annotated[str | None, Field(description="The worker that served it, if any.")]
+    worker: Annotated[
+        str | None,
+        Field(
+            description="The worker that served it, if any; always null for a tenant reading "
+            "its own events (an internal address)."
+        ),
+    ]
     endpoint: Annotated[str, Field(description="`chat.completions` or `completions`.")]
     stream: bool
     status: Annotated[str, Field(description="`completed`, `cancelled`, `failed`, `interrupted`.")]
@@ -90,7 +96,11 @@ class UsageEventDocument(TypedDict):
     currency: str
 
 
-def event_document(event: StoredEvent, currency: str) -> UsageEventDocument:
+def event_document(
+    event: StoredEvent, currency: str, *, tenant_view: bool = False
+) -> UsageEventDocument:
+    """The document of `event`; for `tenant_view` (a tenant reading its own events) without what
+    tells of the fleet's insides: `worker` is null."""
     return UsageEventDocument(
         id=event.event_id,
         object="billing.usage_event",
@@ -98,7 +108,7 @@ def event_document(event: StoredEvent, currency: str) -> UsageEventDocument:
         tenant_id=event.tenant_id,
         api_key_id=event.key_id,
         model=event.model,
-        worker=event.worker,
+        worker=None if tenant_view else event.worker,
         endpoint=event.endpoint,
         # SQLite hands BOOLEAN columns back as 0 or 1.
         stream=bool(event.stream),
@@ -145,6 +155,8 @@ def event_page(
     limit: int,
     tenant_id: str | None,
     currency: str,
+    *,
+    tenant_view: bool = False,
 ) -> EventPage:
     """Up to `limit` events after the cursor `after` (the beginning if None), of one tenant or
     all; `ValueError` for a cursor that is not one this kind of page gave.
@@ -152,7 +164,8 @@ def event_page(
     A page of one tenant (`tenant_id`) pages by a tenant cursor (`encode_tenant_cursor`): it
     moves only with that tenant's own events, so polling it tells nothing of other tenants' (an
     empty page gives back the cursor it was given). A page of every tenant pages by the global
-    commit order (`encode_cursor`)."""
+    commit order (`encode_cursor`). `tenant_view`: documents as a tenant sees them
+    (`event_document`)."""
     if tenant_id is None:
         after_seq = 0 if after is None else decode_cursor(after)
     else:
@@ -167,7 +180,7 @@ def event_page(
         next_cursor = after or TENANT_CURSOR_START
     return EventPage(
         object="list",
-        data=[event_document(event, currency) for event in page],
+        data=[event_document(event, currency, tenant_view=tenant_view) for event in page],
         has_more=len(events) > limit,
         next_cursor=next_cursor,
     )

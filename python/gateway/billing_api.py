@@ -153,11 +153,19 @@ async def usage_events(
 
     A read of one tenant (a tenant's API key, or a token with `tenant`) pages by a cursor of that
     tenant's own events, which no other tenant's traffic moves; a read of every tenant, by the
-    ledger's commit order. A cursor of one kind is 400 for the other."""
+    ledger's commit order. A cursor of one kind is 400 for the other. A tenant's API key sees
+    its events without `worker` (null)."""
     scope = _scope(conn, caller, tenant)
     currency: str = request.app.state.currency
     try:
-        page = event_page(conn, after, limit, None if scope is None else scope.id, currency)
+        page = event_page(
+            conn,
+            after,
+            limit,
+            None if scope is None else scope.id,
+            currency,
+            tenant_view=caller.tenant is not None,
+        )
     except ValueError as exc:
         raise ApiError(400, str(exc), None, "after") from None
     return JSONResponse(page)

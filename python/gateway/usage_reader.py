@@ -1,7 +1,7 @@
 """What the core's gRPC usage service reads a tenant's events with: a callable the core calls on
 its own blocking threads, over a ledger connection of its own (the serve loop's belongs to the
 event loop's thread), one call at a time. The page is the billing API's (`billing.event_page`) as
-a tenant's own API key reads it there: a cursor of the tenant's own events.
+a tenant's own API key reads it there: a cursor of the tenant's own events, no `worker`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ class LedgerUsageReader:
             if self._conn is None:
                 self._conn = connect(self._url, any_thread=True)
             try:
-                page = event_page(self._conn, after, limit, tenant_id, self._currency)
+                page = event_page(
+                    self._conn, after, limit, tenant_id, self._currency, tenant_view=True
+                )
             except DatabaseError:
                 self._conn.close()
                 self._conn = None
