@@ -6,6 +6,8 @@ included, requires `Authorization: Bearer <admin token>`, compared in constant t
 token opens none of them). Every error has the OpenAI body `{"error": {"message", "type", "param",
 "code"}}` (`http_common`): 400 invalid input (`param` names the field), 401 missing or wrong token,
 404 unknown tenant, key, quota or route, 405 wrong method, 409 conflict, 503 database unavailable.
+Every integer and string a client sends has a bound (`http_common.MAX_INTEGER`, `MAX_TIME_MS`,
+`MAX_NAME`; strings without control characters): past it, 400 naming the field.
 
 Handlers are `async def` and use the one ledger connection of `gateway serve` on its event loop's
 thread, like the key and usage loops: statements are short and none spans an `await`. A change
@@ -22,14 +24,23 @@ from dataclasses import dataclass
 from typing import Annotated, Generic, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import billing_api
 from gateway.config import AdminConfig, BillingConfig, listen_address
-from gateway.http_common import ApiError, Ledger, new_app, openapi_document, token_matches
+from gateway.http_common import (
+    MAX_NAME,
+    MAX_TIME_MS,
+    ApiError,
+    Ledger,
+    PlainText,
+    new_app,
+    openapi_document,
+    token_matches,
+)
 from gateway.ledger.apikeys import ApiKey, create_key, get_key, list_keys, revoke_key
 from gateway.ledger.db import Connection
 from gateway.ledger.prices import PriceVersion, list_prices, set_price
@@ -79,7 +90,9 @@ class _Body(BaseModel):
 
 
 class NewTenant(_Body):
-    name: str = Field(description="1-64 letters, digits, `.`, `_`, `-`; unique.")
+    name: str = Field(
+        min_length=1, max_length=64, description="1-64 letters, digits, `.`, `_`, `-`; unique."
+    )
 
 
 class TenantChange(_Body):
@@ -87,13 +100,37 @@ class TenantChange(_Body):
 
 
 class NewKey(_Body):
-    name: str | None = Field(default=None, min_length=1, description="A label for the key.")
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME), PlainText] | None = Field(
+        default=None, description=f"A label for the key, at most {MAX_NAME} characters."
+    )
 
 
 class NewPrice(Price):
     effective_at: int | None = Field(
-        default=None, ge=0, description="Unix milliseconds from which it applies; default now."
+        default=None,
+        ge=0,
+        le=MAX_TIME_MS,
+        description="Unix milliseconds from which it applies (at most the end of year 9999); "
+        "default now.",
     )
+
+
+# Path parameters: a tenant (name or id), a key id, a model name.
+TenantRef = Annotated[
+    str,
+    Path(min_length=1, max_length=MAX_NAME, description="A tenant's name or id."),
+    PlainText,
+]
+KeyRef = Annotated[
+    str, Path(min_length=1, max_length=MAX_NAME, description="A key's id (`key_...`)."), PlainText
+]
+ModelRef = Annotated[
+    str,
+    Path(
+        min_length=1, max_length=MAX_NAME, description=f"A model's name, 1-{MAX_NAME} characters."
+    ),
+    PlainText,
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,32 +161,32 @@ async def get_tenants(conn: Ledger) -> Listing[Tenant]:
 
 
 @router.get("/tenants/{tenant}", tags=["tenants"])
-async def get_tenant(tenant: str, conn: Ledger) -> Tenant:
+async def get_tenant(tenant: TenantRef, conn: Ledger) -> Tenant:
     """One tenant, by name or id."""
     return get_tenant_by_name_or_id(conn, tenant)
 
 
 @router.patch("/tenants/{tenant}", tags=["tenants"])
-async def patch_tenant(tenant: str, body: TenantChange, conn: Ledger) -> Tenant:
+async def patch_tenant(tenant: TenantRef, body: TenantChange, conn: Ledger) -> Tenant:
     """Disables or re-enables a tenant and, with it, every one of its keys."""
     return set_tenant_disabled(conn, get_tenant_by_name_or_id(conn, tenant).id, body.disabled)
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201, tags=["keys"])
-async def post_key(tenant: str, conn: Ledger, body: NewKey | None = None) -> IssuedKey:
+async def post_key(tenant: TenantRef, conn: Ledger, body: NewKey | None = None) -> IssuedKey:
     """Issues a key; the response holds the secret, which is not shown again."""
     created = create_key(conn, tenant, name=body.name if body else None)
     return IssuedKey(**dataclasses.asdict(created.record), key=created.key)
 
 
 @router.get("/tenants/{tenant}/keys", tags=["keys"])
-async def get_keys(tenant: str, conn: Ledger) -> Listing[ApiKey]:
+async def get_keys(tenant: TenantRef, conn: Ledger) -> Listing[ApiKey]:
     """A tenant's keys, revoked ones included; never their secrets."""
     return Listing(data=list_keys(conn, get_tenant_by_name_or_id(conn, tenant).id))
 
 
 @router.delete("/keys/{key_id}", tags=["keys"])
-async def delete_key(key_id: str, conn: Ledger) -> ApiKey:
+async def delete_key(key_id: KeyRef, conn: Ledger) -> ApiKey:
     """Revokes a key (again: keeps the first revocation time)."""
     get_key(conn, key_id)
     return revoke_key(conn, key_id)
@@ -163,45 +200,45 @@ def _quota(conn: Connection, subject_id: str) -> QuotaPolicy:
 
 
 @router.put("/tenants/{tenant}/quota", tags=["quotas"])
-async def put_tenant_quota(tenant: str, policy: QuotaPolicy, conn: Ledger) -> QuotaPolicy:
+async def put_tenant_quota(tenant: TenantRef, policy: QuotaPolicy, conn: Ledger) -> QuotaPolicy:
     """Replaces a tenant's whole policy: limits left out are lifted."""
     set_tenant_quota(conn, tenant, policy)
     return policy
 
 
 @router.get("/tenants/{tenant}/quota", tags=["quotas"])
-async def get_tenant_quota(tenant: str, conn: Ledger) -> QuotaPolicy:
+async def get_tenant_quota(tenant: TenantRef, conn: Ledger) -> QuotaPolicy:
     """A tenant's policy; 404 `quota_not_found` if it has none."""
     return _quota(conn, get_tenant_by_name_or_id(conn, tenant).id)
 
 
 @router.delete("/tenants/{tenant}/quota", status_code=204, tags=["quotas"])
-async def delete_tenant_quota(tenant: str, conn: Ledger) -> None:
+async def delete_tenant_quota(tenant: TenantRef, conn: Ledger) -> None:
     """Removes a tenant's policy, if any: the tenant becomes unlimited."""
     clear_quota(conn, get_tenant_by_name_or_id(conn, tenant).id)
 
 
 @router.put("/keys/{key_id}/quota", tags=["quotas"])
-async def put_key_quota(key_id: str, policy: QuotaPolicy, conn: Ledger) -> QuotaPolicy:
+async def put_key_quota(key_id: KeyRef, policy: QuotaPolicy, conn: Ledger) -> QuotaPolicy:
     """Replaces a key's whole policy (applied on top of its tenant's)."""
     set_key_quota(conn, key_id, policy)
     return policy
 
 
 @router.get("/keys/{key_id}/quota", tags=["quotas"])
-async def get_key_quota(key_id: str, conn: Ledger) -> QuotaPolicy:
+async def get_key_quota(key_id: KeyRef, conn: Ledger) -> QuotaPolicy:
     """A key's policy; 404 `quota_not_found` if it has none."""
     return _quota(conn, get_key(conn, key_id).id)
 
 
 @router.delete("/keys/{key_id}/quota", status_code=204, tags=["quotas"])
-async def delete_key_quota(key_id: str, conn: Ledger) -> None:
+async def delete_key_quota(key_id: KeyRef, conn: Ledger) -> None:
     """Removes a key's policy, if any."""
     clear_quota(conn, get_key(conn, key_id).id)
 
 
 @router.put("/prices/{model:path}", status_code=201, tags=["prices"])
-async def put_price(model: str, body: NewPrice, conn: Ledger) -> PriceVersion:
+async def put_price(model: ModelRef, body: NewPrice, conn: Ledger) -> PriceVersion:
     """Adds a version of a model's prices (micro-units per million tokens); 409 if one is
     already effective at that exact time."""
     return set_price(conn, model, body, body.effective_at)

@@ -5,7 +5,8 @@ here: `ledger`, `admin_token`, `billing_token`, `currency`).
 Every route takes `Authorization: Bearer` with one of: the billing token or the admin token (every
 tenant; `tenant` selects one), or a tenant's own API key, not revoked, of a tenant not disabled
 (that tenant only: naming another is 403 `permission_denied`). Tokens are compared in constant
-time. Errors have the OpenAI body (`http_common`); a bad parameter is 400 naming it in `param`.
+time. Errors have the OpenAI body (`http_common`); a bad parameter is 400 naming it in `param`,
+and every parameter is bounded (times to year 9999, names to `http_common.MAX_NAME` characters).
 
 Nothing here writes to the ledger.
 """
@@ -24,7 +25,15 @@ from pydantic_core import to_jsonable_python
 from typing_extensions import TypedDict
 
 from gateway.billing import EventPage, InvoiceDocument, event_page, invoice_document
-from gateway.http_common import ApiError, Ledger, openapi_document, token_matches
+from gateway.http_common import (
+    MAX_NAME,
+    MAX_TIME_MS,
+    ApiError,
+    Ledger,
+    PlainText,
+    openapi_document,
+    token_matches,
+)
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import usable_key_tenant
 from gateway.ledger.db import Connection, now_ms
@@ -46,8 +55,8 @@ EVENTS_LIMIT = (100, 10_000)
 """Events per page of `/usage-events`: the default and the largest `limit`."""
 
 # Times beyond year 9999 are refused before they reach the ledger.
-_MAX_TIME_S = 253_402_300_799
-# The longest cursor a page gives is far shorter.
+_MAX_TIME_S = MAX_TIME_MS // 1000
+# The longest cursor or page a page gives is far shorter.
 _MAX_CURSOR = 512
 
 _GROUP_ALIASES: dict[str, GroupKey] = {key: key for key in GROUP_KEYS} | {"tenant": "tenant_id"}
@@ -103,9 +112,12 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 TenantParam = Annotated[
     str | None,
     Query(
+        min_length=1,
+        max_length=MAX_NAME,
         description="A tenant's name or id. With a tenant's API key: its own (the default); "
-        "with the billing or admin token: every tenant when left out."
+        "with the billing or admin token: every tenant when left out.",
     ),
+    PlainText,
 ]
 
 
@@ -289,9 +301,16 @@ async def usage(
     ] = None,
     limit: Annotated[
         int | None,
-        Query(description="Buckets per page: 1m 60 (at most 1440), 1h 24 (168), 1d 7 (31)."),
+        Query(
+            ge=1,
+            le=max(most for _, most in BUCKET_LIMITS.values()),
+            description="Buckets per page: 1m 60 (at most 1440), 1h 24 (168), 1d 7 (31).",
+        ),
     ] = None,
-    page: Annotated[str | None, Query(description="The `next_page` of the previous page.")] = None,
+    page: Annotated[
+        str | None,
+        Query(max_length=_MAX_CURSOR, description="The `next_page` of the previous page."),
+    ] = None,
     tenant: TenantParam = None,
 ) -> JSONResponse:
     """Usage in UTC-aligned buckets from `start_time`'s to `end_time`, by the requests' start
@@ -341,13 +360,16 @@ async def invoices(
     request: Request,
     conn: Ledger,
     caller: CallerDep,
-    period: Annotated[str, Query(description="The UTC month, `YYYY-MM`.")],
+    period: Annotated[str, Query(max_length=16, description="The UTC month, `YYYY-MM`.")],
     tenant: Annotated[
         str | None,
         Query(
+            min_length=1,
+            max_length=MAX_NAME,
             description="A tenant's name or id; required with the billing or admin token, the "
-            "key's own tenant by default."
+            "key's own tenant by default.",
         ),
+        PlainText,
     ] = None,
     format_: Annotated[
         Literal["json", "csv"] | None,
