@@ -27,6 +27,7 @@ _LIMIT_OPTIONS = {
     "--rpm": ("requests_per_minute", "requests started per minute"),
     "--tpm": ("tokens_per_minute", "prompt plus completion tokens per minute"),
     "--concurrency": ("max_concurrent", "requests in flight at once"),
+    "--max-sequences": ("max_sequences", "sequences (n x prompts) one request may generate"),
     "--token-budget": ("token_budget", "prompt plus completion tokens per period"),
 }
 _OPTION_OF_FIELD = {field: option for option, (field, _) in _LIMIT_OPTIONS.items()} | {
@@ -91,6 +92,7 @@ def _policy_lines(policy: QuotaPolicy) -> list[tuple[str, str]]:
         ("requests/min", _limit(policy.requests_per_minute)),
         ("tokens/min", _limit(policy.tokens_per_minute)),
         ("concurrency", _limit(policy.max_concurrent)),
+        ("sequences", _limit(policy.max_sequences, " per request")),
         ("token budget", _limit(policy.token_budget, per)),
         ("money budget", _limit(None if money is None else format_money(money), per)),
         ("models", "any" if policy.models is None else ", ".join(policy.models)),

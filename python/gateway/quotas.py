@@ -15,6 +15,8 @@ from typing import Annotated, Literal, TypedDict
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_MODEL_NAME",
     "MICROS",
     "Limits",
     "Period",
@@ -29,6 +31,13 @@ __all__ = [
 
 MICROS = 1_000_000
 """Micro-units in one unit of currency."""
+
+MAX_COUNT = 2**53 - 1
+"""The largest limit, budget or price: JSON-safe, and exact in the Redis counters' Lua numbers
+(the core's `COUNT_CAP` is one more)."""
+
+MAX_MODEL_NAME = 512
+"""The longest model name, in characters (the core refuses longer ones from clients)."""
 
 Period = Literal["day", "month"]
 Scope = Literal["tenant", "key"]
@@ -77,7 +86,8 @@ def _normalise_models(models: list[str] | None) -> list[str] | None:
     return sorted(set(models))
 
 
-Limit = Annotated[int | None, Field(ge=1)]
+Limit = Annotated[int | None, Field(ge=1, le=MAX_COUNT)]
+ModelName = Annotated[str, Field(max_length=MAX_MODEL_NAME)]
 
 
 class Limits(TypedDict):
@@ -86,6 +96,7 @@ class Limits(TypedDict):
     requests_per_minute: int | None
     tokens_per_minute: int | None
     max_concurrent: int | None
+    max_sequences: int | None
     token_budget: int | None
     money_budget_micros: int | None
     budget_period: Period
@@ -105,8 +116,15 @@ class QuotaPolicy(BaseModel):
         default=None, description="Prompt plus completion tokens per minute."
     )
     max_concurrent: Limit = Field(default=None, description="Requests in flight at once.")
+    max_sequences: Limit = Field(
+        default=None,
+        description="Sequences one request may generate: `n` times its prompts (a completions "
+        "batch has several); more is a 400 `too_many_sequences`.",
+    )
     token_budget: Limit = Field(
-        default=None, description="Prompt plus completion tokens per budget period."
+        default=None,
+        description="Prompt plus completion tokens per budget period; a request is admitted "
+        "only if its worst case fits in what is left.",
     )
     money_budget_micros: Limit = Field(
         default=None,
@@ -117,9 +135,10 @@ class QuotaPolicy(BaseModel):
         default="month",
         description="The budgets' period: the UTC day or the UTC month (from the 1st, 00:00 UTC).",
     )
-    models: Annotated[list[str] | None, AfterValidator(_normalise_models)] = Field(
+    models: Annotated[list[ModelName] | None, AfterValidator(_normalise_models)] = Field(
         default=None,
         min_length=1,
+        max_length=1000,
         description="Models that may be used (null: every model); stored sorted, without "
         "duplicates.",
     )
@@ -130,6 +149,7 @@ class QuotaPolicy(BaseModel):
             "requests_per_minute": self.requests_per_minute,
             "tokens_per_minute": self.tokens_per_minute,
             "max_concurrent": self.max_concurrent,
+            "max_sequences": self.max_sequences,
             "token_budget": self.token_budget,
             "money_budget_micros": self.money_budget_micros,
             "budget_period": self.budget_period,
@@ -137,7 +157,7 @@ class QuotaPolicy(BaseModel):
         }
 
 
-PerMtok = Annotated[int, Field(ge=0)]
+PerMtok = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class PriceEntry(TypedDict):

@@ -134,5 +134,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             for width, ms in (("1m", 60_000), ("1h", 3_600_000), ("1d", 86_400_000))
         ),
     ),
+    (
+        # The most sequences (`n` x prompts) one request may generate; NULL: no limit.
+        "ALTER TABLE quota_policies ADD COLUMN max_sequences BIGINT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

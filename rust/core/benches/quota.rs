@@ -21,7 +21,7 @@ use futures_util::FutureExt;
 use gateway_core::auth::Principal;
 use gateway_core::config::QuotaConfig;
 use gateway_core::metering::Usage;
-use gateway_core::quota::{Estimate, Quota};
+use gateway_core::quota::{COUNT_CAP, Estimate, Quota};
 use serde_json::json;
 
 const USAGE: Usage = Usage {
@@ -62,6 +62,9 @@ const ESTIMATE: Estimate = Estimate {
     prompt_upper: 80,
     prompt_expected: 20,
     completion_max: 16,
+    sequences: 1,
+    total_max: COUNT_CAP,
+    max_tokens_set: true,
 };
 
 /// Admit + settle `n` times on this thread; in process the future never waits, so it is polled

@@ -42,6 +42,16 @@ pub enum ApiError {
          enforced; ask the operator to set one"
     )]
     ModelNotPriced(String),
+    /// More sequences (`n` × prompts) in one request than a policy allows.
+    #[error(
+        "this request generates {sequences} sequences (n × prompts), more than the {limit} that \
+         {whose} may ask for in one request"
+    )]
+    TooManySequences {
+        sequences: u64,
+        limit: u64,
+        whose: &'static str,
+    },
     #[error("quota counters are unreachable; try again shortly")]
     QuotaUnavailable,
     #[error("unknown route")]
@@ -73,7 +83,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::TooManySequences { .. } => StatusCode::BAD_REQUEST,
             Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -92,6 +102,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             Self::BadRequest { .. }
+            | Self::TooManySequences { .. }
             | Self::MissingKey
             | Self::InvalidKey
             | Self::ModelNotFound(_)
@@ -113,6 +124,7 @@ impl ApiError {
     fn code(&self) -> Option<&'static str> {
         match self {
             Self::BadRequest { .. } => None,
+            Self::TooManySequences { .. } => Some("too_many_sequences"),
             Self::MissingKey => Some("missing_api_key"),
             Self::InvalidKey => Some("invalid_api_key"),
             Self::ModelNotFound(_) => Some("model_not_found"),
@@ -139,6 +151,7 @@ impl ApiError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::BadRequest { param, .. } => *param,
+            Self::TooManySequences { .. } => Some("n"),
             Self::ModelNotFound(_) | Self::ModelNotPriced(_) => Some("model"),
             _ => None,
         }

@@ -76,7 +76,7 @@ pub async fn dispatch(
         Ok(None) => RateHeaders::default(),
         Err(error) => {
             meter.discard();
-            return refuse(state, error, &request.model);
+            return refuse(state, error, &request.model, &estimate);
         }
     };
     let request_id = HeaderValue::from_str(meter.request_id()).ok();
@@ -92,23 +92,35 @@ pub async fn dispatch(
 }
 
 /// The answer to a request its quotas refused, with the `x-ratelimit-*` headers as they stand.
-fn refuse(state: &AppState, error: QuotaError, model: &str) -> Response {
+fn refuse(state: &AppState, error: QuotaError, model: &str, estimate: &Estimate) -> Response {
+    let whose = |on_key: bool| {
+        if on_key {
+            "this API key"
+        } else {
+            "this tenant"
+        }
+    };
     let (error, headers) = match error {
         QuotaError::ModelNotAllowed => (ApiError::ModelNotFound(model.to_owned()), None),
         QuotaError::NotPriced => (ApiError::ModelNotPriced(model.to_owned()), None),
         QuotaError::Unavailable => (ApiError::QuotaUnavailable, None),
+        QuotaError::TooManySequences { limit, on_key } => (
+            ApiError::TooManySequences {
+                sequences: estimate.sequences,
+                limit,
+                whose: whose(on_key),
+            },
+            None,
+        ),
         QuotaError::Exceeded {
             refusal,
             on_key,
             limit,
             period,
         } => {
-            let whose = if on_key {
-                "this API key"
-            } else {
-                "this tenant"
-            };
+            let whose = whose(on_key);
             let retry_after = refusal.retry_after;
+            let renews = format_reset(retry_after);
             let error = match refusal.exceeded {
                 Exceeded::Concurrency => ApiError::RateLimited {
                     message: format!(
@@ -130,22 +142,31 @@ fn refuse(state: &AppState, error: QuotaError, model: &str) -> Response {
                     ),
                     retry_after,
                 },
-                Exceeded::TokenBudget | Exceeded::MoneyBudget => ApiError::QuotaExceeded {
+                Exceeded::TokenBudget => {
+                    let hint = estimate
+                        .max_tokens_within(refusal.left)
+                        .map(|k| format!(" It would fit with `max_tokens` of at most {k}."))
+                        .unwrap_or_default();
+                    ApiError::QuotaExceeded {
+                        message: format!(
+                            "This request may use up to {} tokens (its prompt and n × prompts × \
+                             max_tokens), more than the {} left of the token budget of {whose} \
+                             for the current {} ({limit} tokens).{hint} The budget renews in \
+                             {renews}.",
+                            estimate.worst_tokens(),
+                            refusal.left,
+                            period.as_str(),
+                        ),
+                        retry_after,
+                    }
+                }
+                Exceeded::MoneyBudget => ApiError::QuotaExceeded {
                     message: format!(
-                        "You exceeded the {} budget of {whose} for the current {}: {limit}{}. \
-                         It renews in {}.",
-                        if refusal.exceeded == Exceeded::TokenBudget {
-                            "token"
-                        } else {
-                            "money"
-                        },
+                        "This request may cost more than the {} micro-units left of the money \
+                         budget of {whose} for the current {} ({limit} micro-units); lower \
+                         `max_tokens` or `n`. The budget renews in {renews}.",
+                        refusal.left,
                         period.as_str(),
-                        if refusal.exceeded == Exceeded::TokenBudget {
-                            " tokens"
-                        } else {
-                            " micro-units"
-                        },
-                        format_reset(retry_after)
                     ),
                     retry_after,
                 },
@@ -218,13 +239,13 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
                 Ok((first, rest)) => {
                     state.meter.metrics().first_byte(meter.elapsed());
                     return streaming_response(
-                        parts.status,
-                        &parts.headers,
+                        (parts.status, &parts.headers),
                         first,
                         rest,
                         meter,
                         outstanding,
                         request,
+                        state.config.routing.stream_idle_timeout(),
                     );
                 }
                 Err(error) => {

@@ -24,22 +24,23 @@ pub struct ScopeCheck {
     pub limits: Arc<Limits>,
 }
 
-/// What one request asks of every scope it is checked against.
+/// Where every count and amount the counters hold stops: 2^53, the largest integer below which
+/// Redis' Lua numbers (doubles) are exact. Policies allow at most `COUNT_CAP - 1`, so a demand
+/// capped here is still refused by every budget.
+pub const COUNT_CAP: u64 = 1 << 53;
+
+/// What one request asks of every scope it is checked against, each figure at most `COUNT_CAP`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Demand {
     /// Expected prompt tokens plus the most completion tokens it may generate: taken from a
     /// tokens-per-minute bucket (capped at the bucket's size) and settled to the actual count.
     pub rate_tokens: u64,
-    /// Worst case tokens (an upper bound of the prompt plus the completion maximum): held
-    /// against a token budget until the request ends.
+    /// Worst case tokens (an upper bound of the prompt plus the completion maximum, within
+    /// what the context allows): held against a token budget until the request ends. A budget
+    /// admits a request only while this fits in what is neither spent nor held.
     pub budget_tokens: u64,
-    /// Worst case cost in micro-units, held against a money budget.
+    /// Worst case cost in micro-units, held against a money budget likewise.
     pub budget_money: u64,
-    /// The prompt's upper bound and its cost: a budget admits a request while its prompt still
-    /// fits in what is neither spent nor held, so the most a budget can be overshot by is one
-    /// request's completion.
-    pub prompt_tokens: u64,
-    pub prompt_money: u64,
 }
 
 /// The limit that refused a request.
@@ -147,11 +148,21 @@ pub fn format_reset(reset: Duration) -> String {
     }
 }
 
+/// What one scope gave a granted request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Tokens taken from its tokens-per-minute bucket.
+    pub rate_tokens: u64,
+    /// Tokens and micro-units its budgets hold (0 for a budget it does not have).
+    pub tokens: u64,
+    pub money: u64,
+}
+
 /// A request the counters accepted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Granted {
-    /// Per scope, in the order checked: the tokens taken from its tokens-per-minute bucket.
-    pub rate_tokens: Vec<u64>,
+    /// Per scope, in the order checked.
+    pub taken: Vec<Taken>,
     pub headers: RateHeaders,
 }
 
@@ -163,6 +174,8 @@ pub struct Refusal {
     pub exceeded: Exceeded,
     /// When it is worth trying again (for a budget: when its period ends).
     pub retry_after: Duration,
+    /// For a budget: what was left of it (neither spent nor held), in tokens or micro-units.
+    pub left: u64,
     pub headers: RateHeaders,
 }
 

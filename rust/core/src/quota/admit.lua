@@ -5,11 +5,12 @@
 --
 -- KEYS: 2 per distinct scope in the batch: its state hash and its lease sorted set.
 -- ARGV: lease ms, day id, month id, ms until the day ends, ms until the month ends, request
---   count, then per request: request id, the prompt's upper bound in tokens and its cost,
---   scope count, then 11 per scope: the scope's position in KEYS (1-based pair), then
---   requests_per_minute, tokens_per_minute, max_concurrent, token_budget, money_budget
---   (-1 = no limit), tokens taken from the tokens-per-minute bucket, tokens and money held
---   against budgets, budget period (0 day, 1 month), and the hold's record (below).
+--   count, then per request: request id, scope count, then 11 per scope: the scope's position
+--   in KEYS (1-based pair), then requests_per_minute, tokens_per_minute, max_concurrent,
+--   token_budget, money_budget (-1 = no limit), tokens taken from the tokens-per-minute bucket,
+--   the worst case tokens and money held against the scope's budgets (0 for a budget it does
+--   not have), budget period (0 day, 1 month), and the hold's record (below). Every number is
+--   an integer of at most 2^53, where doubles are exact; limits are below it.
 --
 -- State hash fields: rq, tk (GCRA theoretical arrival times, microseconds); ht, hm (tokens and
 -- money held); d, dt, dm and mo, mt, mm (the day and month last charged, and the tokens and money
@@ -21,8 +22,9 @@
 --
 -- Reply: now (µs), then per request: 1 admitted or 0 refused, the refusing scope's position
 -- among the request's scopes (0 if admitted), reason (1 concurrency, 2 requests, 3 tokens,
--- 4 token budget, 5 money budget), retry after (ms), then each of its scopes' rq and tk after the
--- decision, from which the replica derives the x-ratelimit-* headers.
+-- 4 token budget, 5 money budget), retry after (ms), what was left of the refusing budget
+-- (0 otherwise), then each of its scopes' rq and tk after the decision, from which the replica
+-- derives the x-ratelimit-* headers.
 --
 -- A `redis.call` and a number-to-string conversion each cost about as much as the arithmetic of
 -- a whole request: each scope is read with one HMGET and written with one HSET and one ZADD
@@ -91,31 +93,43 @@ local function inflight(k, s)
   return s.inflight
 end
 
--- The first limit of scope `s` that the request breaks: reason and retry after (ms).
-local function check(k, s, a, prompt_tokens, prompt_money)
+-- What is left of `budget` after `spent` and `held`, never below 0.
+local function left(budget, spent, held)
+  return math.max(budget - spent - held, 0)
+end
+
+-- The first limit of scope `s` that the request breaks: reason, retry after (ms) and, for a
+-- budget, what was left of it.
+local function check(k, s, a)
   if a.conc >= 0 and inflight(k, s) >= a.conc then
-    return 1, 1000
+    return 1, 1000, 0
   end
   if a.rpm >= 0 then
     a.rq = math.max(s.rq, now) + WINDOW / a.rpm
     if a.rq - now > WINDOW then
-      return 2, math.ceil((a.rq - now - WINDOW) / 1000)
+      return 2, math.ceil((a.rq - now - WINDOW) / 1000), 0
     end
   end
   if a.tpm >= 0 then
     a.tk = math.max(s.tk, now) + a.rate * WINDOW / a.tpm
     if a.tk - now > WINDOW then
-      return 3, math.ceil((a.tk - now - WINDOW) / 1000)
+      return 3, math.ceil((a.tk - now - WINDOW) / 1000), 0
     end
   end
-  -- Admitted while the prompt fits in what is neither spent nor held: each admitted request
-  -- holds its worst case, so the last one overshoots by at most its completion.
+  -- Admitted only while its worst case fits in what is neither spent nor held: every admitted
+  -- request holds its worst case, so together they never spend past the budget.
   local spent = a.period == 0 and s.day or s.month
-  if a.token_budget >= 0 and spent[1] + s.ht + prompt_tokens > a.token_budget then
-    return 4, period_left[a.period]
+  if a.token_budget >= 0 then
+    local rest = left(a.token_budget, spent[1], s.ht)
+    if a.hold_tokens > rest then
+      return 4, period_left[a.period], rest
+    end
   end
-  if a.money_budget >= 0 and spent[2] + s.hm + prompt_money > a.money_budget then
-    return 5, period_left[a.period]
+  if a.money_budget >= 0 then
+    local rest = left(a.money_budget, spent[2], s.hm)
+    if a.hold_money > rest then
+      return 5, period_left[a.period], rest
+    end
   end
   return nil
 end
@@ -125,26 +139,26 @@ local p = 7
 for _ = 1, tonumber(ARGV[6]) do
   local id = ARGV[p]
   local field = 'h:' .. id
-  local prompt_tokens, prompt_money = tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
-  local n = tonumber(ARGV[p + 3])
-  p = p + 4
+  local n = tonumber(ARGV[p + 1])
+  p = p + 2
   local checks = {}
   for i = 1, n do
     checks[i] = {
       k = tonumber(ARGV[p]), rpm = tonumber(ARGV[p + 1]), tpm = tonumber(ARGV[p + 2]),
       conc = tonumber(ARGV[p + 3]), token_budget = tonumber(ARGV[p + 4]),
       money_budget = tonumber(ARGV[p + 5]), rate = tonumber(ARGV[p + 6]),
-      hold_tokens = ARGV[p + 7], hold_money = ARGV[p + 8], period = tonumber(ARGV[p + 9]),
+      hold_tokens = tonumber(ARGV[p + 7]), hold_money = tonumber(ARGV[p + 8]),
+      period = tonumber(ARGV[p + 9]),
       record = ARGV[p + 10],
     }
     p = p + 11
   end
-  local refused, reason, retry = 0, 0, 0
+  local refused, reason, retry, rest = 0, 0, 0, 0
   for i = 1, n do
     local a = checks[i]
-    local r, wait = check(a.k, load(a.k), a, prompt_tokens, prompt_money)
+    local r, wait, budget_left = check(a.k, load(a.k), a)
     if r then
-      refused, reason, retry = i, r, wait
+      refused, reason, retry, rest = i, r, wait, budget_left
       break
     end
   end
@@ -165,9 +179,9 @@ for _ = 1, tonumber(ARGV[6]) do
       s.dirty = true
     end
   end
-  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] =
-    refused == 0 and 1 or 0, refused, reason, retry
-  r = r + 4
+  reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4], reply[r + 5] =
+    refused == 0 and 1 or 0, refused, reason, retry, rest
+  r = r + 5
   for i = 1, n do
     local s = load(checks[i].k)
     reply[r + 1], reply[r + 2] = math.floor(s.rq), math.floor(s.tk)

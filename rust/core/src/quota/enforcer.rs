@@ -39,6 +39,13 @@ pub enum QuotaError {
     /// The tenant or key may not use this model.
     #[error("model not allowed")]
     ModelNotAllowed,
+    /// The request generates more sequences (`n` × prompts) than a policy allows in one request.
+    #[error("too many sequences: {limit} at most")]
+    TooManySequences {
+        limit: u64,
+        /// Whether the limit is the key's (else the tenant's).
+        on_key: bool,
+    },
     /// A money budget applies and the model has no price.
     #[error("model has no price")]
     NotPriced,
@@ -129,7 +136,7 @@ impl Quota {
 
     pub fn set_policies(&self, snapshot: PolicySnapshot) -> usize {
         let policies = Policies::from(snapshot);
-        let count = policies.tenants.len() + policies.keys.len();
+        let count = policies.tenants.len().saturating_add(policies.keys.len());
         self.policies.store(Arc::new(policies));
         count
     }
@@ -207,6 +214,13 @@ impl Quota {
             {
                 return Err(QuotaError::ModelNotAllowed);
             }
+            for (limits, on_key) in [(tenant, false), (key, true)] {
+                if let Some(limit) = limits.and_then(|l| l.max_sequences)
+                    && estimate.sequences > limit
+                {
+                    return Err(QuotaError::TooManySequences { limit, on_key });
+                }
+            }
             let mut checks = Vec::with_capacity(2);
             if let Some(limits) = tenant.filter(|l| l.has_counters()) {
                 checks.push(ScopeCheck {
@@ -279,7 +293,8 @@ impl Quota {
         }
     }
 
-    /// Admission while Redis is unreachable, on this replica's counters.
+    /// Admission while Redis is unreachable, on this replica's counters; counted in
+    /// `fallbacks` when it admits.
     fn admit_fallback(
         self: &Arc<Self>,
         checks: Vec<ScopeCheck>,
@@ -287,7 +302,20 @@ impl Quota {
         price: Option<Price>,
         request_id: &str,
     ) -> Result<Option<Reservation>, QuotaError> {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        let admitted = self.admit_fallback_checks(checks, demand, price, request_id);
+        if admitted.is_ok() {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    fn admit_fallback_checks(
+        self: &Arc<Self>,
+        checks: Vec<ScopeCheck>,
+        demand: Demand,
+        price: Option<Price>,
+        request_id: &str,
+    ) -> Result<Option<Reservation>, QuotaError> {
         let keep_budgets = match self.config.budgets_when_redis_down {
             WhenRedisDown::Reject if checks.iter().any(|c| c.limits.has_budget()) => {
                 return Err(QuotaError::Unavailable);
@@ -329,7 +357,7 @@ impl Quota {
             self.clone(),
             store,
             request_id.to_owned(),
-            Hold::of(checks, granted.rate_tokens),
+            Hold::of(checks, &granted.taken),
             demand,
             price,
             granted.headers,
@@ -347,7 +375,8 @@ impl Quota {
 
     fn redis_failed(&self, error: &StoreError) {
         self.redis_errors.fetch_add(1, Ordering::Relaxed);
-        let until = self.now_ms() + u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(1000);
+        let backoff = u64::try_from(REDIS_BACKOFF.as_millis()).unwrap_or(1000);
+        let until = self.now_ms().saturating_add(backoff);
         let previous = self.redis_down_until_ms.swap(until, Ordering::Relaxed);
         if previous == 0 || self.now_ms() >= previous {
             tracing::warn!(
@@ -365,7 +394,6 @@ impl Quota {
         store: Store,
         request_id: &str,
         holds: &[Hold],
-        demand: &Demand,
         actual: super::local::Actual,
     ) {
         match (store, self.redis.get()) {
@@ -374,13 +402,12 @@ impl Quota {
                 tracing::error!("a Redis reservation outlived the Redis store; left to its lease");
             }
             (Store::Local, _) => {
-                self.local
-                    .settle(holds, demand, actual, self.now_ns(), unix_ms());
+                self.local.settle(holds, actual, self.now_ns(), unix_ms());
             }
         }
     }
 
-    /// Counters for `/metrics`: Redis errors, admissions on the fallback, and the in-process
+    /// Counters for `/metrics`: Redis errors, requests admitted on the fallback, and the in-process
     /// in-flight requests and held tokens.
     pub fn stats(&self) -> QuotaStats {
         let (inflight, held_tokens) = self.local.totals();

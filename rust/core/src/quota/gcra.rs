@@ -25,7 +25,10 @@ impl RateInfo {
     pub fn of(limit: u64, used: Duration) -> Self {
         let window = Duration::from_nanos(WINDOW_NS);
         let free = window.saturating_sub(used).as_nanos();
-        let remaining = free * u128::from(limit) / u128::from(WINDOW_NS);
+        let remaining = free
+            .saturating_mul(u128::from(limit))
+            .checked_div(u128::from(WINDOW_NS))
+            .unwrap_or(0);
         Self {
             limit,
             remaining: u64::try_from(remaining).unwrap_or(u64::MAX),
@@ -42,7 +45,9 @@ pub struct Gcra {
 
 /// The time `units` take to refill at `limit` per window, rounded up.
 fn refill_ns(units: u64, limit: u64) -> u64 {
-    let ns = (u128::from(units) * u128::from(WINDOW_NS)).div_ceil(u128::from(limit.max(1)));
+    let ns = u128::from(units)
+        .saturating_mul(u128::from(WINDOW_NS))
+        .div_ceil(u128::from(limit.max(1)));
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
@@ -54,9 +59,9 @@ impl Gcra {
             .tat_ns
             .max(now_ns)
             .saturating_add(refill_ns(cost, limit));
-        let ahead = next - now_ns;
+        let ahead = next.saturating_sub(now_ns);
         if ahead > WINDOW_NS {
-            return Err(Duration::from_nanos(ahead - WINDOW_NS));
+            return Err(Duration::from_nanos(ahead.saturating_sub(WINDOW_NS)));
         }
         self.tat_ns = next;
         Ok(())

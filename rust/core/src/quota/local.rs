@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
+use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck, Taken};
 use super::gcra::Gcra;
 use super::policy::{Limits, Period};
 
@@ -56,64 +56,62 @@ impl Counters {
         }
     }
 
-    /// The first limit `demand` would break, with when to retry.
+    /// The first limit `demand` would break, with when to retry and (for a budget) what was
+    /// left of it.
     fn check(
         &mut self,
         limits: &Limits,
         demand: &Demand,
         now_ns: u64,
         unix_ms: u64,
-    ) -> Option<(Exceeded, Duration)> {
+    ) -> Option<(Exceeded, Duration, u64)> {
         if limits
             .max_concurrent
             .is_some_and(|max| self.inflight >= max)
         {
-            return Some((Exceeded::Concurrency, Duration::from_secs(1)));
+            return Some((Exceeded::Concurrency, Duration::from_secs(1), 0));
         }
         if let Some(limit) = limits.requests_per_minute
             && let Err(wait) = self.requests.check(now_ns, limit, 1)
         {
-            return Some((Exceeded::Requests, wait));
+            return Some((Exceeded::Requests, wait, 0));
         }
         if let Some(limit) = limits.tokens_per_minute
             && let Err(wait) = self
                 .tokens
                 .check(now_ns, limit, demand.rate_tokens.min(limit))
         {
-            return Some((Exceeded::Tokens, wait));
+            return Some((Exceeded::Tokens, wait, 0));
         }
         let period = limits.budget_period;
         let (held_tokens, held_money) = (self.held_tokens, self.held_money);
         let spent = *self.spent(period, unix_ms);
-        // Admitted while the prompt fits in what is neither spent nor held: every admitted
-        // request holds its worst case, so the last one overshoots by at most its completion.
+        // Admitted only while its worst case fits in what is neither spent nor held: every
+        // admitted request holds its worst case, so together they never spend past the budget.
         let until_period_end =
             || Duration::from_millis(period.window(unix_ms).end_ms.saturating_sub(unix_ms));
-        if limits.token_budget.is_some_and(|budget| {
-            spent
-                .tokens
-                .saturating_add(held_tokens)
-                .saturating_add(demand.prompt_tokens)
-                > budget
-        }) {
-            return Some((Exceeded::TokenBudget, until_period_end()));
+        let left =
+            |budget: u64, spent: u64, held: u64| budget.saturating_sub(spent).saturating_sub(held);
+        if let Some(budget) = limits.token_budget {
+            let left = left(budget, spent.tokens, held_tokens);
+            if demand.budget_tokens > left {
+                return Some((Exceeded::TokenBudget, until_period_end(), left));
+            }
         }
-        if limits.money_budget_micros.is_some_and(|budget| {
-            spent
-                .money
-                .saturating_add(held_money)
-                .saturating_add(demand.prompt_money)
-                > budget
-        }) {
-            return Some((Exceeded::MoneyBudget, until_period_end()));
+        if let Some(budget) = limits.money_budget_micros {
+            let left = left(budget, spent.money, held_money);
+            if demand.budget_money > left {
+                return Some((Exceeded::MoneyBudget, until_period_end(), left));
+            }
         }
         None
     }
 
-    fn take(&mut self, limits: &Limits, demand: &Demand, now_ns: u64) -> u64 {
-        self.inflight += 1;
+    /// Takes `demand`, which `check` just passed under the same lock; returns the tokens its
+    /// tokens-per-minute bucket gave and what each budget holds.
+    fn take(&mut self, limits: &Limits, demand: &Demand, now_ns: u64) -> (u64, u64, u64) {
+        self.inflight = self.inflight.saturating_add(1);
         if let Some(limit) = limits.requests_per_minute {
-            // Checked under the same lock just before.
             let _ = self.requests.try_take(now_ns, limit, 1);
         }
         let mut rate_tokens = 0;
@@ -121,11 +119,14 @@ impl Counters {
             rate_tokens = demand.rate_tokens.min(limit);
             let _ = self.tokens.try_take(now_ns, limit, rate_tokens);
         }
-        if limits.has_budget() {
-            self.held_tokens += demand.budget_tokens;
-            self.held_money += demand.budget_money;
-        }
-        rate_tokens
+        // Each hold fits its budget (checked), so these sums stay below the budgets.
+        let hold_tokens = limits.token_budget.map_or(0, |_| demand.budget_tokens);
+        let hold_money = limits
+            .money_budget_micros
+            .map_or(0, |_| demand.budget_money);
+        self.held_tokens = self.held_tokens.saturating_add(hold_tokens);
+        self.held_money = self.held_money.saturating_add(hold_money);
+        (rate_tokens, hold_tokens, hold_money)
     }
 
     fn headers(&self, limits: &Limits, now_ns: u64, headers: &mut RateHeaders) {
@@ -147,21 +148,24 @@ pub struct Hold {
     /// The tokens-per-minute limit the reservation was taken under, if any.
     pub tokens_per_minute: Option<u64>,
     pub rate_tokens: u64,
-    /// Whether a budget hold of the request's `Demand` was taken.
-    pub budget: bool,
+    /// What the scope's token and money budgets hold for the request (0 without a budget).
+    pub tokens: u64,
+    pub money: u64,
 }
 
 impl Hold {
-    /// A granted request's holds: one per scope checked, with what its bucket gave.
-    pub fn of(checks: &[ScopeCheck], rate_tokens: Vec<u64>) -> Vec<Self> {
+    /// A granted request's holds: one per scope checked, with what its bucket gave and what
+    /// its budgets hold.
+    pub fn of(checks: &[ScopeCheck], taken: &[Taken]) -> Vec<Self> {
         checks
             .iter()
-            .zip(rate_tokens)
-            .map(|(check, rate_tokens)| Self {
+            .zip(taken)
+            .map(|(check, taken)| Self {
                 scope: check.scope.clone(),
                 tokens_per_minute: check.limits.tokens_per_minute,
-                rate_tokens,
-                budget: check.limits.has_budget(),
+                rate_tokens: taken.rate_tokens,
+                tokens: taken.tokens,
+                money: taken.money,
             })
             .collect()
     }
@@ -215,15 +219,13 @@ impl LocalStore {
         let mut guards: Vec<_> = cells.iter().map(|c| lock(c)).collect();
         let mut refusal = None;
         for (index, (check, counters)) in checks.iter().zip(guards.iter_mut()).enumerate() {
-            if let Some((exceeded, retry_after)) =
-                counters.check(&check.limits, demand, now_ns, unix_ms)
-            {
-                refusal = Some((index, exceeded, retry_after));
+            if let Some(found) = counters.check(&check.limits, demand, now_ns, unix_ms) {
+                refusal = Some((index, found));
                 break;
             }
         }
         let mut headers = RateHeaders::default();
-        if let Some((scope, exceeded, retry_after)) = refusal {
+        if let Some((scope, (exceeded, retry_after, left))) = refusal {
             for (check, counters) in checks.iter().zip(&guards) {
                 counters.headers(&check.limits, now_ns, &mut headers);
             }
@@ -231,46 +233,42 @@ impl LocalStore {
                 scope,
                 exceeded,
                 retry_after,
+                left,
                 headers,
             });
         }
-        let mut rate_tokens = Vec::with_capacity(checks.len());
+        let mut taken = Vec::with_capacity(checks.len());
         for (check, counters) in checks.iter().zip(guards.iter_mut()) {
-            rate_tokens.push(counters.take(&check.limits, demand, now_ns));
+            let (rate_tokens, tokens, money) = counters.take(&check.limits, demand, now_ns);
+            taken.push(Taken {
+                rate_tokens,
+                tokens,
+                money,
+            });
             counters.headers(&check.limits, now_ns, &mut headers);
         }
-        Ok(Granted {
-            rate_tokens,
-            headers,
-        })
+        Ok(Granted { taken, headers })
     }
 
     /// Releases `holds` and charges `actual`: budgets of both periods, and each tokens-per-minute
     /// bucket the difference between what it gave and what was used.
-    pub fn settle(
-        &self,
-        holds: &[Hold],
-        demand: &Demand,
-        actual: Actual,
-        now_ns: u64,
-        unix_ms: u64,
-    ) {
+    pub fn settle(&self, holds: &[Hold], actual: Actual, now_ns: u64, unix_ms: u64) {
         for hold in holds {
             let cell = self.counters(&hold.scope);
             let mut counters = lock(&cell);
             counters.inflight = counters.inflight.saturating_sub(1);
-            if hold.budget {
-                counters.held_tokens = counters.held_tokens.saturating_sub(demand.budget_tokens);
-                counters.held_money = counters.held_money.saturating_sub(demand.budget_money);
-            }
+            counters.held_tokens = counters.held_tokens.saturating_sub(hold.tokens);
+            counters.held_money = counters.held_money.saturating_sub(hold.money);
             for period in [Period::Day, Period::Month] {
                 let spent = counters.spent(period, unix_ms);
                 spent.tokens = spent.tokens.saturating_add(actual.tokens);
                 spent.money = spent.money.saturating_add(actual.money);
             }
             if let Some(limit) = hold.tokens_per_minute {
-                let delta = i128::from(actual.tokens) - i128::from(hold.rate_tokens);
-                let delta = i64::try_from(delta).unwrap_or(i64::MAX);
+                // Two u64 differ by less than i128's range; past i64's it saturates.
+                let delta = i128::from(actual.tokens).saturating_sub(i128::from(hold.rate_tokens));
+                let delta =
+                    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
                 counters.tokens.adjust(now_ns, limit, delta);
             }
         }
@@ -297,7 +295,10 @@ impl LocalStore {
         let scopes = self.scopes.read().unwrap_or_else(PoisonError::into_inner);
         scopes.values().fold((0, 0), |(inflight, held), cell| {
             let counters = lock(cell);
-            (inflight + counters.inflight, held + counters.held_tokens)
+            (
+                inflight.saturating_add(counters.inflight),
+                held.saturating_add(counters.held_tokens),
+            )
         })
     }
 }
@@ -328,13 +329,15 @@ mod tests {
             rate_tokens: tokens,
             budget_tokens: tokens,
             budget_money: 0,
-            prompt_tokens: tokens / 2,
-            prompt_money: 0,
         }
     }
 
     fn holds(checks: &[ScopeCheck], granted: &Granted) -> Vec<Hold> {
-        Hold::of(checks, granted.rate_tokens.clone())
+        Hold::of(checks, &granted.taken)
+    }
+
+    fn rate_tokens(granted: &Granted) -> Vec<u64> {
+        granted.taken.iter().map(|t| t.rate_tokens).collect()
     }
 
     #[test]
@@ -393,12 +396,12 @@ mod tests {
             refused.map_err(|r| r.exceeded).err(),
             Some(Exceeded::Concurrency)
         );
-        store.settle(&holds(&checks, &a), &demand(1), Actual::default(), 0, NOON);
+        store.settle(&holds(&checks, &a), Actual::default(), 0, NOON);
         assert!(store.admit(&checks, &demand(1), 0, NOON).is_ok());
     }
 
     #[test]
-    fn budgets_admit_while_the_prompt_fits_and_settle_to_the_actual() {
+    fn budgets_admit_while_the_worst_case_fits_and_settle_to_the_actual() {
         let store = LocalStore::default();
         let checks = [check(
             scope("t", None),
@@ -408,31 +411,33 @@ mod tests {
                 ..Limits::default()
             },
         )];
-        // 300 of prompt, 300 more of completion at most.
-        let worst = demand(600);
+        // At most 400 tokens each: two fit in 1000, a third does not.
+        let worst = demand(400);
         let a = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
-        // 600 held of 1000: another prompt of 300 fits, so the next is admitted (its completion
-        // may overshoot).
         let b = store.admit(&checks, &worst, 0, NOON).unwrap_or_default();
         let refused = store.admit(&checks, &worst, 0, NOON);
         let refusal = refused.err();
         assert_eq!(
-            refusal.as_ref().map(|r| r.exceeded),
-            Some(Exceeded::TokenBudget)
+            refusal.as_ref().map(|r| (r.exceeded, r.left)),
+            Some((Exceeded::TokenBudget, 200))
         );
         assert_eq!(
             refusal.map(|r| r.retry_after),
             Some(Duration::from_secs(11 * 3600)),
             "a budget refusal says when its period ends"
         );
+        assert!(
+            store.admit(&checks, &demand(200), 0, NOON).is_ok(),
+            "what is left is for a request that fits in it"
+        );
         let actual = Actual {
             tokens: 100,
             money: 0,
         };
-        store.settle(&holds(&checks, &a), &worst, actual, 0, NOON);
-        store.settle(&holds(&checks, &b), &worst, actual, 0, NOON);
-        assert_eq!(store.held(&scope("t", None)), (0, 0, 0));
-        // 200 spent: admitted again; the next day starts from zero.
+        store.settle(&holds(&checks, &a), actual, 0, NOON);
+        store.settle(&holds(&checks, &b), actual, 0, NOON);
+        assert_eq!(store.held(&scope("t", None)), (1, 200, 0));
+        // 200 spent and 200 held: another 400 fits, twice; the next day starts from zero.
         assert!(store.admit(&checks, &worst, 0, NOON).is_ok());
         store.seed(&scope("t", None), Period::Day, 200, 0, NOON);
         assert!(store.admit(&checks, &worst, 0, NOON).is_err());
@@ -441,6 +446,37 @@ mod tests {
                 .admit(&checks, &worst, 0, NOON + 12 * 3_600_000)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_money_budget_holds_money_and_no_tokens() {
+        let store = LocalStore::default();
+        let checks = [check(
+            scope("t", None),
+            Limits {
+                money_budget_micros: Some(10),
+                ..Limits::default()
+            },
+        )];
+        let costly = Demand {
+            rate_tokens: 1,
+            budget_tokens: u64::MAX,
+            budget_money: 6,
+        };
+        let granted = store.admit(&checks, &costly, 0, NOON).unwrap_or_default();
+        assert_eq!(store.held(&scope("t", None)), (1, 0, 6));
+        assert!(store.admit(&checks, &costly, 0, NOON).is_err());
+        store.settle(
+            &holds(&checks, &granted),
+            Actual {
+                tokens: 9,
+                money: 2,
+            },
+            0,
+            NOON,
+        );
+        assert_eq!(store.held(&scope("t", None)), (0, 0, 0));
+        assert!(store.admit(&checks, &costly, 0, NOON).is_ok());
     }
 
     #[test]
@@ -456,11 +492,10 @@ mod tests {
         let granted = store
             .admit(&checks, &demand(500), 0, NOON)
             .unwrap_or_default();
-        assert_eq!(granted.rate_tokens, vec![500]);
+        assert_eq!(rate_tokens(&granted), vec![500]);
         assert!(store.admit(&checks, &demand(500), 0, NOON).is_err());
         store.settle(
             &holds(&checks, &granted),
-            &demand(500),
             Actual {
                 tokens: 50,
                 money: 0,
@@ -485,6 +520,6 @@ mod tests {
         let big = store
             .admit(&checks, &demand(10_000), 120 * SECOND, NOON)
             .unwrap_or_default();
-        assert_eq!(big.rate_tokens, vec![600]);
+        assert_eq!(rate_tokens(&big), vec![600]);
     }
 }

@@ -1,6 +1,9 @@
 //! Per-tenant and per-key quotas: rate limits, concurrency, budgets and model allow-lists,
 //! enforced at admission and settled to the metered usage when a request ends.
 
+// Every number here may have come from a client or a worker: no arithmetic on one may wrap.
+#![deny(clippy::arithmetic_side_effects)]
+
 mod admission;
 mod demand;
 mod enforcer;
@@ -10,7 +13,7 @@ mod policy;
 mod redis;
 mod reservation;
 
-pub use admission::{Demand, Exceeded, RateHeaders, Refusal, Scope, format_reset};
+pub use admission::{COUNT_CAP, Demand, Exceeded, RateHeaders, Refusal, Scope, format_reset};
 pub use demand::Estimate;
 pub use enforcer::{Quota, QuotaError, QuotaStats};
 pub use gcra::RateInfo;

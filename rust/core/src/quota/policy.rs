@@ -31,6 +31,9 @@ pub struct Limits {
     pub money_budget_micros: Option<u64>,
     #[serde(default)]
     pub budget_period: Period,
+    /// Most sequences (`n` × prompts) one request may generate.
+    #[serde(default)]
+    pub max_sequences: Option<u64>,
     /// Models this tenant or key may use; `None` is every model.
     #[serde(default)]
     pub models: Option<Vec<String>>,
@@ -67,6 +70,7 @@ impl Limits {
             token_budget: self.token_budget.filter(|_| keep_budgets),
             money_budget_micros: self.money_budget_micros.filter(|_| keep_budgets),
             budget_period: self.budget_period,
+            max_sequences: None,
             models: None,
         }
     }
@@ -96,9 +100,14 @@ impl Price {
     /// Cached prompt tokens are priced as cached, the rest of the prompt as prompt.
     pub fn cost(&self, usage: &Usage) -> u64 {
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
-        let fine = u128::from(usage.prompt_tokens - cached) * u128::from(self.prompt)
-            + u128::from(cached) * u128::from(self.cached)
-            + u128::from(usage.completion_tokens) * u128::from(self.completion);
+        let uncached = usage.prompt_tokens.saturating_sub(cached);
+        // Each product of two u64 fits a u128; their sum saturates (at 3 × 2^128, never reached
+        // by u64 inputs, but the type cannot know that).
+        let fine = (u128::from(uncached).saturating_mul(u128::from(self.prompt)))
+            .saturating_add(u128::from(cached).saturating_mul(u128::from(self.cached)))
+            .saturating_add(
+                u128::from(usage.completion_tokens).saturating_mul(u128::from(self.completion)),
+            );
         u64::try_from(fine.div_ceil(1_000_000)).unwrap_or(u64::MAX)
     }
 }
@@ -135,18 +144,21 @@ impl Period {
         let (year, month, day) = civil_from_days(days);
         match self {
             Self::Day => PeriodWindow {
-                id: year * 10_000 + month * 100 + day,
-                end_ms: (days + 1) * DAY_MS,
+                id: year
+                    .saturating_mul(10_000)
+                    .saturating_add(month.saturating_mul(100))
+                    .saturating_add(day),
+                end_ms: days.saturating_add(1).saturating_mul(DAY_MS),
             },
             Self::Month => {
                 let (next_year, next_month) = if month == 12 {
-                    (year + 1, 1)
+                    (year.saturating_add(1), 1)
                 } else {
-                    (year, month + 1)
+                    (year, month.saturating_add(1))
                 };
                 PeriodWindow {
-                    id: year * 100 + month,
-                    end_ms: days_from_civil(next_year, next_month, 1) * DAY_MS,
+                    id: year.saturating_mul(100).saturating_add(month),
+                    end_ms: days_from_civil(next_year, next_month, 1).saturating_mul(DAY_MS),
                 }
             }
         }
@@ -155,6 +167,11 @@ impl Period {
 
 /// (year, month 1-12, day 1-31) of the day `days` after 1970-01-01 (Hinnant's algorithm,
 /// restricted to dates from 1970 on).
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "calendar arithmetic on a day count from the system clock (below 2^38 for any u64 \
+              of unix ms), far from overflow; never a client's number"
+)]
 fn civil_from_days(days: u64) -> (u32, u32, u32) {
     let z = days + 719_468;
     let era = z / 146_097;
@@ -170,6 +187,10 @@ fn civil_from_days(days: u64) -> (u32, u32, u32) {
 }
 
 /// Days from 1970-01-01 to the given date (from 1970 on).
+#[expect(
+    clippy::arithmetic_side_effects,
+    reason = "calendar arithmetic on a date `civil_from_days` made, far from overflow"
+)]
 fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
     let year = u64::from(year) - u64::from(month <= 2);
     let era = year / 400;

@@ -21,7 +21,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck};
+use super::admission::{
+    COUNT_CAP, Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck, Taken,
+};
 use super::enforcer::unix_ms;
 use super::gcra::RateInfo;
 use super::local::{Actual, Hold};
@@ -83,7 +85,6 @@ impl SettleQueue {
 pub struct RedisStore {
     admissions: mpsc::UnboundedSender<AdmitJob>,
     settlements: SettleQueue,
-    timeout: Duration,
 }
 
 impl std::fmt::Debug for AdmitJob {
@@ -121,7 +122,7 @@ impl RedisStore {
             tokio::spawn(run_admissions(
                 conn.clone(),
                 names.clone(),
-                config.lease_ms,
+                (config.lease_ms, timeout),
                 admit_rx,
                 settlements.clone(),
             )),
@@ -136,13 +137,13 @@ impl RedisStore {
         let store = Self {
             admissions: admit_tx,
             settlements,
-            timeout,
         };
         Ok((store, tasks))
     }
 
-    /// Checks and reserves, in the next admission batch; `Err` only when Redis did not answer
-    /// in time (a reservation made after that is released at once).
+    /// Checks and reserves, in the next admission batch; `Err` when Redis did not answer that
+    /// batch within the timeout (a reservation made after that is released at once). The time
+    /// spent queued behind the previous batch does not count: a busy moment is not an outage.
     pub async fn admit(
         &self,
         request_id: &str,
@@ -159,11 +160,9 @@ impl RedisStore {
         if self.admissions.send(job).is_err() {
             return Err(StoreError::Stopped);
         }
-        match tokio::time::timeout(self.timeout, decision).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(_)) => Err(StoreError::Stopped),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
+        // The admission task answers every job: with a decision, or with the error of a script
+        // call that failed or outlived the timeout.
+        decision.await.unwrap_or(Err(StoreError::Stopped))
     }
 
     /// Queues the settlement of a request's holds for the next settlement batch.
@@ -177,7 +176,8 @@ impl RedisStore {
 
     /// Waits for the queued settlements, for at most `timeout`; returns whether none is left.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or(now);
         while self.settlements.unsent.load(Ordering::Acquire) > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
@@ -217,23 +217,37 @@ impl BatchKeys {
             return position;
         }
         let state = names.state(scope);
-        self.keys.push(format!("{state}:leases"));
-        self.keys.insert(self.keys.len() - 1, state);
+        self.keys.push(state);
+        self.keys.push(format!(
+            "{}:leases",
+            self.keys.last().map_or("", String::as_str)
+        ));
         let position = self.keys.len() / 2;
         self.positions.insert(scope.clone(), position);
         position
     }
 }
 
-fn limit(value: Option<u64>) -> i64 {
-    value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+/// A count or amount as the scripts read it: at most `COUNT_CAP`, where Lua's doubles are still
+/// exact.
+fn count(value: u64) -> u64 {
+    value.min(COUNT_CAP)
 }
 
-/// Decides batches of admissions until the store is dropped.
+/// A limit as the scripts read it: -1 for none, else at most `COUNT_CAP - 1`, below any count
+/// `count` caps.
+fn limit(value: Option<u64>) -> i64 {
+    value.map_or(-1, |v| {
+        i64::try_from(v.min(COUNT_CAP - 1)).unwrap_or(i64::MAX)
+    })
+}
+
+/// Decides batches of admissions until the store is dropped; a script call that takes longer
+/// than `timeout` fails its batch.
 async fn run_admissions(
     mut conn: ConnectionManager,
     names: KeyNames,
-    lease_ms: u64,
+    (lease_ms, timeout): (u64, Duration),
     mut jobs: mpsc::UnboundedReceiver<AdmitJob>,
     settlements: SettleQueue,
 ) {
@@ -251,26 +265,29 @@ async fn run_admissions(
             .arg(day.end_ms.saturating_sub(unix_ms))
             .arg(month.end_ms.saturating_sub(unix_ms))
             .arg(batch.len());
-        let mut rate_tokens: Vec<Vec<u64>> = Vec::with_capacity(batch.len());
+        let mut taken: Vec<Vec<Taken>> = Vec::with_capacity(batch.len());
         for job in &batch {
             let demand = &job.demand;
-            invocation
-                .arg(&job.request_id)
-                .arg(demand.prompt_tokens)
-                .arg(demand.prompt_money)
-                .arg(job.checks.len());
-            let mut rates = Vec::with_capacity(job.checks.len());
+            invocation.arg(&job.request_id).arg(job.checks.len());
+            let mut scopes = Vec::with_capacity(job.checks.len());
             for check in &job.checks {
                 let limits = &check.limits;
-                let rate = limits
-                    .tokens_per_minute
-                    .map_or(0, |l| demand.rate_tokens.min(l));
-                rates.push(rate);
-                let (hold_tokens, hold_money) = if limits.has_budget() {
-                    (demand.budget_tokens, demand.budget_money)
-                } else {
-                    (0, 0)
-                };
+                let rate = count(
+                    limits
+                        .tokens_per_minute
+                        .map_or(0, |l| demand.rate_tokens.min(l)),
+                );
+                let hold_tokens = limits
+                    .token_budget
+                    .map_or(0, |_| count(demand.budget_tokens));
+                let hold_money = limits
+                    .money_budget_micros
+                    .map_or(0, |_| count(demand.budget_money));
+                scopes.push(Taken {
+                    rate_tokens: rate,
+                    tokens: hold_tokens,
+                    money: hold_money,
+                });
                 invocation
                     .arg(keys.position(&check.scope, &names))
                     .arg(limit(limits.requests_per_minute))
@@ -287,15 +304,16 @@ async fn run_admissions(
                     })
                     .arg(format!("{hold_tokens} {hold_money} {rate}"));
             }
-            rate_tokens.push(rates);
+            taken.push(scopes);
         }
         for key in &keys.keys {
             invocation.key(key);
         }
-        let reply: Result<Vec<i64>, _> = invocation.invoke_async(&mut conn).await;
-        let decisions = match reply {
-            Ok(reply) => parse_admit_reply(&reply, &batch, rate_tokens),
-            Err(error) => Err(StoreError::Redis(error.to_string())),
+        let reply = tokio::time::timeout(timeout, invocation.invoke_async::<Vec<i64>>(&mut conn));
+        let decisions = match reply.await {
+            Ok(Ok(reply)) => parse_admit_reply(&reply, &batch, taken),
+            Ok(Err(error)) => Err(StoreError::Redis(error.to_string())),
+            Err(_) => Err(StoreError::Timeout(timeout)),
         };
         match decisions {
             Ok(decisions) => {
@@ -326,7 +344,7 @@ fn deliver(job: AdmitJob, decision: Result<Granted, Refusal>, settlements: &Sett
     };
     settlements.push(SettleJob {
         request_id,
-        holds: Hold::of(&checks, granted.rate_tokens),
+        holds: Hold::of(&checks, &granted.taken),
         actual: Actual::default(),
     });
 }
@@ -336,15 +354,15 @@ fn deliver(job: AdmitJob, decision: Result<Granted, Refusal>, settlements: &Sett
 fn parse_admit_reply(
     reply: &[i64],
     batch: &[AdmitJob],
-    rate_tokens: Vec<Vec<u64>>,
+    taken: Vec<Vec<Taken>>,
 ) -> Result<Vec<Result<Granted, Refusal>>, StoreError> {
     let bad = || StoreError::Reply(format!("{reply:?}"));
     let (&now_us, mut rest) = reply.split_first().ok_or_else(bad)?;
     let mut decisions = Vec::with_capacity(batch.len());
-    for (job, rate_tokens) in batch.iter().zip(rate_tokens) {
-        let (head, after) = rest.split_at_checked(4).ok_or_else(bad)?;
+    for (job, taken) in batch.iter().zip(taken) {
+        let (head, after) = rest.split_at_checked(5).ok_or_else(bad)?;
         let (tats, after) = after
-            .split_at_checked(job.checks.len() * 2)
+            .split_at_checked(job.checks.len().saturating_mul(2))
             .ok_or_else(bad)?;
         rest = after;
         let mut headers = RateHeaders::default();
@@ -361,15 +379,13 @@ fn parse_admit_reply(
             );
         }
         decisions.push(if head[0] == 1 {
-            Ok(Granted {
-                rate_tokens,
-                headers,
-            })
+            Ok(Granted { taken, headers })
         } else {
             Err(Refusal {
-                scope: usize::try_from(head[1] - 1).map_err(|_| bad())?,
+                scope: usize::try_from(head[1].saturating_sub(1)).map_err(|_| bad())?,
                 exceeded: Exceeded::from_code(head[2]).ok_or_else(bad)?,
                 retry_after: Duration::from_millis(head[3].max(0).unsigned_abs()),
+                left: head[4].max(0).unsigned_abs(),
                 headers,
             })
         });
@@ -404,8 +420,8 @@ async fn run_settlements(
         for job in &batch {
             invocation
                 .arg(&job.request_id)
-                .arg(job.actual.tokens)
-                .arg(job.actual.money)
+                .arg(count(job.actual.tokens))
+                .arg(count(job.actual.money))
                 .arg(job.holds.len());
             for hold in &job.holds {
                 invocation
@@ -433,7 +449,7 @@ async fn run_settlements(
             }
             tracing::warn!(%error, count = batch.len(), "quota settlements failed; retrying");
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            delay = delay.saturating_mul(2).min(Duration::from_secs(2));
         }
         unsent.fetch_sub(batch.len(), Ordering::Release);
         batch.clear();
@@ -479,19 +495,21 @@ mod tests {
             0,
             0,
             0,
+            0,
             now + 6_000_000,
             0,
             0,
             2,
             4,
             5000,
+            123,
             0,
             0,
             0,
             now + 60_000_000,
         ];
-        let decisions =
-            parse_admit_reply(&reply, &batch, vec![vec![0], vec![0, 0]]).unwrap_or_default();
+        let taken = || vec![vec![Taken::default()], vec![Taken::default(); 2]];
+        let decisions = parse_admit_reply(&reply, &batch, taken()).unwrap_or_default();
         let granted = decisions[0].clone().unwrap_or_default();
         let requests = granted.headers.requests;
         assert_eq!(requests.map(|r| (r.limit, r.remaining)), Some((60, 54)));
@@ -499,8 +517,8 @@ mod tests {
         let refusal = decisions[1].clone().err();
         assert_eq!(refusal.as_ref().map(|r| r.scope), Some(1));
         assert_eq!(
-            refusal.as_ref().map(|r| r.exceeded),
-            Some(Exceeded::TokenBudget)
+            refusal.as_ref().map(|r| (r.exceeded, r.left)),
+            Some((Exceeded::TokenBudget, 123))
         );
         assert_eq!(
             refusal.as_ref().map(|r| r.retry_after),
@@ -513,10 +531,21 @@ mod tests {
             "a past TAT: a full bucket"
         );
         assert_eq!(headers.tokens.map(|r| r.remaining), Some(0));
-        assert!(parse_admit_reply(&reply[..10], &batch, vec![vec![0], vec![0, 0]]).is_err());
+        assert!(parse_admit_reply(&reply[..10], &batch, taken()).is_err());
         let mut longer = reply.to_vec();
         longer.push(1);
-        assert!(parse_admit_reply(&longer, &batch, vec![vec![0], vec![0, 0]]).is_err());
+        assert!(parse_admit_reply(&longer, &batch, taken()).is_err());
+    }
+
+    #[test]
+    fn numbers_reach_the_scripts_exact() {
+        assert_eq!(count(u64::MAX), COUNT_CAP);
+        assert_eq!(count(7), 7);
+        assert_eq!(limit(None), -1);
+        assert_eq!(
+            limit(Some(u64::MAX)),
+            i64::try_from(COUNT_CAP - 1).unwrap_or(0)
+        );
     }
 
     #[test]

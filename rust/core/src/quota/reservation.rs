@@ -77,13 +77,8 @@ impl Reservation {
             tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
             money: self.price.map_or(0, |p| p.cost(usage)),
         };
-        self.quota.settle(
-            self.store,
-            &self.request_id,
-            &self.holds,
-            &self.demand,
-            actual,
-        );
+        self.quota
+            .settle(self.store, &self.request_id, &self.holds, actual);
     }
 }
 

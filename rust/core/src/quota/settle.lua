@@ -13,6 +13,9 @@
 -- ZREM, however many settlements touch it.
 
 local WINDOW = 60000000
+-- Spent figures stop at 2^53 (every count the replica sends is at most that): past it doubles
+-- are no longer exact, and every budget is below it anyway.
+local CAP = 9007199254740992
 local day_id, month_id = ARGV[1], ARGV[2]
 local now = nil
 
@@ -61,8 +64,8 @@ for _, st in ipairs(settlements) do
     if hold then
       s.holds[field] = nil
       table.insert(s.found, field)
-      s.dt, s.dm = s.dt + st.tokens, s.dm + st.money
-      s.mt, s.mm = s.mt + st.tokens, s.mm + st.money
+      s.dt, s.dm = math.min(s.dt + st.tokens, CAP), math.min(s.dm + st.money, CAP)
+      s.mt, s.mm = math.min(s.mt + st.tokens, CAP), math.min(s.mm + st.money, CAP)
       if hold ~= 'x' then
         local held_tokens, held_money, rate_tokens = string.match(hold, '^(%d+) (%d+) (%d+)')
         s.ht = s.ht - held_tokens
