@@ -3,7 +3,9 @@
 //! The gateway must relay a worker's JSON byte for byte, yet read (and sometimes drop) one member
 //! such as `usage`. This scanner finds a member's span without building a document, so every other
 //! byte stays exactly as the worker wrote it. It trusts its input to be JSON (worker output or a
-//! body serde already validated); on anything else it answers `None`, never panics.
+//! body serde already validated); on anything else it answers `None`, never panics. Member names
+//! are compared as JSON reads them, after unescaping: `"stream_opti\u006fns"` is
+//! `stream_options`, as it is to serde and to the worker.
 
 use std::ops::Range;
 
@@ -81,7 +83,7 @@ fn scan_member(text: &[u8], key: &str) -> Option<MemberSpan> {
         }
         let key_start = pos;
         let key_end = skip_string(text, pos)?;
-        let name = &text[key_start + 1..key_end - 1];
+        let name = &text[key_start..key_end];
         pos = skip_ws(text, key_end);
         if text.get(pos) != Some(&b':') {
             return None;
@@ -89,7 +91,7 @@ fn scan_member(text: &[u8], key: &str) -> Option<MemberSpan> {
         let value_start = skip_ws(text, pos + 1);
         let value_end = skip_value(text, value_start)?;
         let after = skip_ws(text, value_end);
-        if name == key.as_bytes() {
+        if is_named(name, key) {
             let removal = match (previous_end, text.get(after)) {
                 (Some(prev), _) => prev..value_end,
                 (None, Some(b',')) => key_start..skip_ws(text, after + 1),
@@ -124,13 +126,13 @@ pub fn value_start(text: &[u8], key: &str) -> Option<usize> {
             return None;
         }
         let key_end = skip_string(text, pos)?;
-        let name = &text[pos + 1..key_end - 1];
+        let name = &text[pos..key_end];
         pos = skip_ws(text, key_end);
         if text.get(pos) != Some(&b':') {
             return None;
         }
         let start = skip_ws(text, pos + 1);
-        if name == key.as_bytes() {
+        if is_named(name, key) {
             return Some(start);
         }
         pos = skip_ws(text, skip_value(text, start)?);
@@ -139,6 +141,22 @@ pub fn value_start(text: &[u8], key: &str) -> Option<usize> {
         }
         pos += 1;
     }
+}
+
+/// Whether the JSON string `quoted` (quotes included) reads as `key`: byte for byte when it
+/// has no escape, else once unescaped.
+fn is_named(quoted: &[u8], key: &str) -> bool {
+    let Some(raw) = quoted
+        .strip_prefix(b"\"")
+        .and_then(|q| q.strip_suffix(b"\""))
+    else {
+        return false;
+    };
+    if !raw.contains(&b'\\') {
+        return raw == key.as_bytes();
+    }
+    // An escaped name is at least as long as what it stands for.
+    raw.len() >= key.len() && serde_json::from_slice::<String>(quoted).is_ok_and(|name| name == key)
 }
 
 /// `text` with `span` removed.
@@ -242,6 +260,28 @@ mod tests {
     }
 
     #[test]
+    fn escaped_names_are_the_names_they_spell() {
+        let text = r#"{"model":"m","stream_opti\u006fns":{"include_usage":false},"n":1}"#;
+        assert_eq!(
+            value(text, "stream_options"),
+            Some(r#"{"include_usage":false}"#)
+        );
+        assert_eq!(
+            strip(text, "stream_options").as_deref(),
+            Some(r#"{"model":"m","n":1}"#)
+        );
+        let last = r#"{"a":1,"\u0075sage":{"p":1}}"#;
+        assert_eq!(value(last, "usage"), Some(r#"{"p":1}"#));
+        assert_eq!(value_start(last.as_bytes(), "usage"), Some(20));
+        assert_eq!(
+            value(r#"{"us\\age":1}"#, "usage"),
+            None,
+            "a backslash is not nothing"
+        );
+        assert_eq!(value(r#"{"\u0075":1}"#, "u"), Some("1"));
+    }
+
+    #[test]
     fn tolerates_whitespace_and_scalars() {
         let text = "{ \"a\" : true ,\n \"b\": -1.5e3 , \"c\" : \"}\" }";
         assert_eq!(value(text, "b"), Some("-1.5e3"));
@@ -321,7 +361,7 @@ mod tests {
             let text = serde_json::to_string(&object).unwrap_or_default();
             for key in ["usage", "choices", "x\"y", "absent"] {
                 let expected = object.get(key);
-                let found = find_member(text.as_bytes(), &key.replace('"', "\\\""));
+                let found = find_member(text.as_bytes(), key);
                 let value = found.as_ref().and_then(|span| {
                     serde_json::from_slice(&text.as_bytes()[span.value.clone()]).ok()
                 });

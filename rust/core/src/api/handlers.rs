@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::dispatch::dispatch;
-use super::request::{Endpoint, InferenceRequest};
+use super::request::{Endpoint, InferenceRequest, check_request_id};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -75,10 +75,14 @@ async fn admit(
         state.config.body_read_timeout(),
     )
     .await?;
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let request_id = match headers.get("x-request-id") {
+        None => None,
+        Some(value) => {
+            let id = value.to_str().unwrap_or("\u{fffd}");
+            check_request_id(id)?;
+            Some(id.to_owned())
+        }
+    };
     let request = InferenceRequest::from_json(endpoint, body, request_id)?;
     Ok((request, principal))
 }

@@ -12,6 +12,25 @@ use serde_json::value::RawValue;
 use crate::error::ApiError;
 use crate::json;
 
+/// The longest `X-Request-Id` (or gRPC `request_id`) accepted: it is stored with the usage event
+/// and echoed in the response.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// The longest `model` accepted: it is stored with the usage event.
+pub const MAX_MODEL_BYTES: usize = 512;
+
+/// The members the gateway reads, by name (for errors that must name one).
+const MEMBERS: [&str; 8] = [
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "messages",
+    "prompt",
+];
+
 /// Which OpenAI generation endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -142,6 +161,42 @@ fn prompt_count(raw: &RawValue) -> u64 {
     }
 }
 
+/// The answer to a body serde could not read as the members the gateway reads.
+fn parse_error(error: serde_json::Error) -> ApiError {
+    if !error.is_data() {
+        return ApiError::bad_request(format!("the request body is not valid JSON: {error}"), None);
+    }
+    // serde names a member given twice (under any spelling, escapes included) in its message.
+    let text = error.to_string();
+    if let Some(name) = MEMBERS
+        .into_iter()
+        .find(|name| text.starts_with(&format!("duplicate field `{name}`")))
+    {
+        return ApiError::bad_request(
+            format!("the request body has the member `{name}` more than once"),
+            Some(name),
+        );
+    }
+    ApiError::bad_request(
+        format!("the request body is not a valid request: {text}"),
+        None,
+    )
+}
+
+/// A client's request id: at most `MAX_REQUEST_ID_BYTES`, printable ASCII.
+pub fn check_request_id(id: &str) -> Result<(), ApiError> {
+    if id.len() > MAX_REQUEST_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(ApiError::bad_request(
+            format!(
+                "the request id (`X-Request-Id`) must be at most {MAX_REQUEST_ID_BYTES} printable \
+                 ASCII characters"
+            ),
+            Some("x-request-id"),
+        ));
+    }
+    Ok(())
+}
+
 impl InferenceRequest {
     /// Parses an OpenAI JSON body for `endpoint`.
     pub fn from_json(
@@ -156,16 +211,18 @@ impl InferenceRequest {
                 None,
             ));
         }
-        let members: Members<'_> = serde_json::from_slice(&body).map_err(|e| {
-            let message = if e.is_data() {
-                "the request body must be a JSON object".to_owned()
-            } else {
-                format!("the request body is not valid JSON: {e}")
-            };
-            ApiError::bad_request(message, None)
-        })?;
+        let members: Members<'_> = serde_json::from_slice(&body).map_err(parse_error)?;
         let model: String = member(members.model, "model", "a string")?
             .ok_or_else(|| ApiError::bad_request("`model` is required", Some("model")))?;
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(ApiError::bad_request(
+                format!("`model` must be at most {MAX_MODEL_BYTES} bytes long"),
+                Some("model"),
+            ));
+        }
+        if let Some(id) = &client_request_id {
+            check_request_id(id)?;
+        }
         let stream = member::<bool>(members.stream, "stream", "a boolean")?.unwrap_or(false);
         let options: Option<StreamOptions> =
             member(members.stream_options, "stream_options", "an object")?;
@@ -216,12 +273,12 @@ impl InferenceRequest {
         })
     }
 
-    /// The size of the body as the client sent it.
     /// The JSON body as the client sent it.
     pub fn body(&self) -> Bytes {
         self.body.clone()
     }
 
+    /// The size of the body as the client sent it.
     pub fn body_len(&self) -> usize {
         self.body.len()
     }
@@ -321,6 +378,51 @@ mod tests {
         );
         assert_eq!(param_of(parse(chat, "{not json")), None);
         assert_eq!(param_of(parse(chat, "[1,2]")), None);
+        let long = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(513));
+        assert_eq!(param_of(parse(chat, &long)), Some("model"));
+    }
+
+    #[test]
+    fn a_member_twice_is_named_under_any_spelling() {
+        let twice = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"x","stream_options":{},"stream_opti\u006fns":{}}"#,
+        );
+        let Err(ApiError::BadRequest { message, param }) = twice else {
+            panic!("a duplicate member was accepted")
+        };
+        assert_eq!(param, Some("stream_options"));
+        assert!(message.contains("more than once"), "{message}");
+    }
+
+    #[test]
+    fn request_ids_are_bounded_printable_ascii() {
+        let body = Bytes::from_static(br#"{"model":"m","prompt":"x"}"#);
+        let with_id = |id: &str| {
+            InferenceRequest::from_json(Endpoint::Completions, body.clone(), Some(id.to_owned()))
+        };
+        assert!(with_id(&"r".repeat(256)).is_ok());
+        assert_eq!(param_of(with_id(&"r".repeat(257))), Some("x-request-id"));
+        assert_eq!(param_of(with_id("tab\there")), Some("x-request-id"));
+    }
+
+    #[test]
+    fn an_escaped_stream_options_is_replaced_not_doubled() {
+        let Ok(request) = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":"x","stream":true,"stream_opti\u006fns":{"include_usage":false}}"#,
+        ) else {
+            panic!("valid request rejected")
+        };
+        let body = request.upstream_body();
+        let members: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(members.len(), 4, "{}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains("opti\\u006fns"));
+        assert_eq!(
+            members.get("stream_options"),
+            Some(&serde_json::json!({"include_usage": true, "continuous_usage_stats": true}))
+        );
     }
 
     #[test]
