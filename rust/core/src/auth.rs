@@ -80,14 +80,13 @@ impl KeyStore {
     /// The principal of the request's `Authorization: Bearer` key.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, ApiError> {
         let value = headers.get(AUTHORIZATION).ok_or(ApiError::MissingKey)?;
+        // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
         let key = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::MissingKey)?;
         self.lookup(key).ok_or(ApiError::InvalidKey)
@@ -160,6 +159,19 @@ mod tests {
         assert_eq!(
             principal.map(|p| p.key_id.to_string()),
             Ok("key_1".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        let store = store_with(&[("tg-secret", "key_1")]);
+        for scheme in ["Bearer", "bearer", "BEARER", "BeArEr"] {
+            let principal = store.authenticate(&headers(&format!("{scheme} tg-secret")));
+            assert!(principal.is_ok(), "{scheme}");
+        }
+        assert_eq!(
+            store.authenticate(&headers("Bearertg-secret")),
+            Err(ApiError::MissingKey)
         );
     }
 
