@@ -3,9 +3,12 @@
 //! Each response owns its request's `MeterGuard` and `Outstanding` guard, so metering and the
 //! worker's load count settle however the response ends: at `[DONE]`, on an upstream failure, or
 //! when the client disconnects and the response body is dropped (which also drops the upstream
-//! body and so closes the worker connection, cancelling generation there).
+//! body and so closes the worker connection, cancelling generation there). A worker that goes
+//! silent mid-stream for longer than the idle timeout is taken out of rotation and the stream
+//! ends with an error event, billed for what was relayed.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -67,15 +70,16 @@ async fn wait_synced(synced: Synced) {
     }
 }
 
-/// A streaming worker response whose first body chunk has already arrived.
+/// A streaming worker response whose first body chunk has already arrived; the worker may then
+/// go at most `idle_timeout` without sending a byte.
 pub fn streaming_response(
-    status: StatusCode,
-    headers: &HeaderMap,
+    (status, headers): (StatusCode, &HeaderMap),
     first: Bytes,
     body: Incoming,
     mut meter: MeterGuard,
     outstanding: Outstanding,
     request: &InferenceRequest,
+    idle_timeout: Duration,
 ) -> Response {
     meter.set_http_status(status.as_u16());
     let relay = Relay {
@@ -90,6 +94,7 @@ pub fn streaming_response(
         held: Vec::new(),
         outstanding,
         synced: None,
+        idle_timeout,
     };
     let stream = futures_util::stream::unfold(relay, |mut relay| async move {
         let chunk = relay.next_chunk().await?;
@@ -115,6 +120,8 @@ struct Relay {
     outstanding: Outstanding,
     /// The stream's usage event on its way to disk: its last bytes wait for it.
     synced: Synced,
+    /// How long the worker may go without sending a byte.
+    idle_timeout: Duration,
 }
 
 impl Relay {
@@ -133,7 +140,18 @@ impl Relay {
             return Some(self.process(first));
         }
         loop {
-            match self.body.frame().await {
+            let Ok(frame) = tokio::time::timeout(self.idle_timeout, self.body.frame()).await else {
+                self.ended = true;
+                let worker = self.outstanding.worker();
+                tracing::warn!(
+                    worker = %worker.url,
+                    timeout = ?self.idle_timeout,
+                    "worker went silent mid-stream; out of rotation until its next good probe"
+                );
+                worker.set_healthy(false);
+                return self.fail("the worker stopped sending tokens");
+            };
+            match frame {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         let out = self.process(data);
