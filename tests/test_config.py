@@ -275,12 +275,15 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
     assert document == {
         "listen": "0.0.0.0:9000",
         "max_body_bytes": 4_194_304,
+        "header_read_timeout_ms": 30_000,
+        "body_read_timeout_ms": 30_000,
         "workers": [{"url": "http://127.0.0.1:8001"}],
         "routing": {
             "health_interval_ms": 500,
             "load_interval_ms": 100,
             "connect_timeout_ms": 1000,
             "request_timeout_ms": 600_000,
+            "stream_idle_timeout_ms": 60_000,
             "max_attempts": 3,
         },
         "quota": {

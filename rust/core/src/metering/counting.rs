@@ -31,7 +31,7 @@ use crate::upstream::Upstream;
 pub const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Choice indexes beyond this are not collected (a request has at most this many choices).
-const MAX_CHOICES: usize = 1024;
+pub(super) const MAX_CHOICES: usize = 1024;
 
 /// What reached the client of a request without worker usage.
 #[derive(Debug, Default)]
@@ -99,20 +99,20 @@ impl Counter {
         let Prompts { bodies, counted } = prompts;
         let mut total = counted;
         for body in bodies {
-            total += self.tokenize(body).await?;
+            total = total.saturating_add(self.tokenize(body).await?);
         }
         Some(total)
     }
 
     async fn text_tokens(&self, model: &Value, texts: &[String]) -> Option<u64> {
-        let mut total = 0;
+        let mut total = 0u64;
         for text in texts.iter().filter(|text| !text.is_empty()) {
             let body = serde_json::json!({
                 "model": model,
                 "prompt": text,
                 "add_special_tokens": false,
             });
-            total += self.tokenize(body.to_string().into()).await?;
+            total = total.saturating_add(self.tokenize(body.to_string().into()).await?);
         }
         Some(total)
     }
@@ -124,7 +124,8 @@ impl Counter {
             count: u64,
         }
         let worker = &self.worker;
-        let deadline = tokio::time::Instant::now() + TOKENIZE_TIMEOUT;
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(TOKENIZE_TIMEOUT).unwrap_or(now);
         let exchange = async {
             let response = self
                 .upstream
@@ -214,7 +215,10 @@ fn prompts(endpoint: Endpoint, members: &Map<String, Value>) -> Option<Prompts> 
                     for item in items {
                         match item {
                             Value::String(_) => prompts.bodies.push(text_body(item)),
-                            Value::Array(ids) => prompts.counted += ids.len() as u64,
+                            Value::Array(ids) => {
+                                let ids = u64::try_from(ids.len()).unwrap_or(u64::MAX);
+                                prompts.counted = prompts.counted.saturating_add(ids);
+                            }
                             _ => return None,
                         }
                     }
@@ -281,7 +285,7 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) -> u64 {
     let Ok(chunk) = serde_json::from_slice::<Chunk>(payload) else {
         return 0;
     };
-    let mut carried = 0;
+    let mut carried = 0u64;
     for choice in chunk.choices {
         if choice.index >= MAX_CHOICES {
             continue;
@@ -298,9 +302,10 @@ pub fn collect_text(payload: &[u8], texts: &mut Vec<String>) -> u64 {
         if parts.peek().is_none() {
             continue;
         }
-        carried += 1;
+        carried = carried.saturating_add(1);
         if texts.len() <= choice.index {
-            texts.resize(choice.index + 1, String::new());
+            // Below MAX_CHOICES, checked above.
+            texts.resize(choice.index.saturating_add(1), String::new());
         }
         for part in parts {
             texts[choice.index].push_str(&part);

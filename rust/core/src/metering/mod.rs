@@ -5,6 +5,9 @@
 //! counts them itself (`counting`). Events wait in an in-memory queue until the control plane drains them
 //! into the ledger; this module neither prices nor persists them.
 
+// Every number here may have come from a client or a worker: no arithmetic on one may wrap.
+#![deny(clippy::arithmetic_side_effects)]
+
 mod counting;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
@@ -94,12 +97,14 @@ impl StreamUsage {
     }
 
     /// Takes one event's usage: `choice` is its choice index, `None` for the usage-only event.
+    /// An index from `counting::MAX_CHOICES` on is not one a worker makes, and is ignored.
     pub fn observe(&mut self, choice: Option<u64>, usage: Usage) {
-        match choice.and_then(|c| usize::try_from(c).ok()) {
+        match choice.map(|c| usize::try_from(c).unwrap_or(usize::MAX)) {
             None => self.total = Some(usage),
+            Some(index) if index >= counting::MAX_CHOICES => {}
             Some(index) => {
                 if self.choices.len() <= index {
-                    self.choices.resize(index + 1, (0, 0));
+                    self.choices.resize(index.saturating_add(1), (0, 0));
                 }
                 self.choices[index] = (usage.prompt_tokens, usage.completion_tokens);
                 if self.total.is_none() {
@@ -120,8 +125,12 @@ impl StreamUsage {
                 .choices
                 .chunks(n)
                 .map(|c| c.iter().map(|u| u.0).max().unwrap_or(0))
-                .sum(),
-            completion_tokens: self.choices.iter().map(|u| u.1).sum(),
+                .fold(0, u64::saturating_add),
+            completion_tokens: self
+                .choices
+                .iter()
+                .map(|u| u.1)
+                .fold(0, u64::saturating_add),
             cached_tokens: self.cached,
         }
     }
@@ -296,7 +305,7 @@ impl Meter {
         self.metrics.observe_event(&event, elapsed);
         let mut queue = self.lock();
         let seq = queue.next_seq;
-        queue.next_seq += 1;
+        queue.next_seq = queue.next_seq.saturating_add(1);
         // Under the queue's lock, so the journal's order is the queue's.
         let synced = self.journal.as_ref().and_then(|journal| {
             let record = Record::End(Ended::of(&event, seq));
@@ -529,7 +538,7 @@ impl MeterGuard {
             };
         }
         if let Relayed::Stream { texts, deltas } = &mut self.relayed {
-            *deltas += counting::collect_text(payload, texts);
+            *deltas = deltas.saturating_add(counting::collect_text(payload, texts));
         }
     }
 
@@ -553,7 +562,7 @@ impl MeterGuard {
             event.usage_source = UsageSource::Worker;
             if self.meter.journal.is_some() {
                 let now = now_ms();
-                if now >= self.progress_at_ms + PROGRESS_EVERY_MS {
+                if now >= self.progress_at_ms.saturating_add(PROGRESS_EVERY_MS) {
                     self.progress_at_ms = now;
                     self.meter.journal_progress(&event.event_id, &usage, now);
                 }
