@@ -15,7 +15,9 @@ import pytest
 from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.usage import UsageEvent
 from tests import procs
+from tests.fleet import Fleet
 from tests.services.postgres import PostgresServer
+from tests.services.redis import RedisServer
 
 
 @dataclass
@@ -70,6 +72,22 @@ def postgres() -> Iterator[PostgresServer]:
     """One real PostgreSQL server for the session; tests take fresh databases from it."""
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    """A real `redis-server` for a module's tests (each test's tenants have ids of their own)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fleets() -> Iterator[list[Fleet]]:
+    """The fleets a test starts (`tests.fleet.start_fleet`), stopped when it ends."""
+    started: list[Fleet] = []
+    yield started
+    for fleet in started:
+        fleet.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

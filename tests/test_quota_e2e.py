@@ -6,10 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,75 +15,12 @@ import openai
 import pytest
 
 from gateway.ledger.apikeys import revoke_key
-from gateway.ledger.db import open_ledger, query
+from gateway.ledger.db import open_ledger
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.quotas import QuotaPolicy
 from tests import procs
+from tests.fleet import MODEL, Fleet, completion, start_fleet
 from tests.services.redis import RedisServer
-
-MODEL = "sim-model"
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@dataclass
-class Fleet:
-    """Gateway replicas in front of one simulator, sharing one ledger (and Redis, if given)."""
-
-    gateways: list[procs.Process]
-    sim: procs.Process
-    db: Path
-    key: str
-    key_id: str
-    tenant: str = "acme"
-
-    @property
-    def db_url(self) -> str:
-        return f"sqlite:///{self.db}"
-
-    def set_quota(self, **limits: object) -> None:
-        with open_ledger(self.db_url) as conn:
-            set_tenant_quota(conn, self.tenant, QuotaPolicy.model_validate(limits))
-
-    def url(self, replica: int, path: str = "/v1/completions") -> str:
-        return self.gateways[replica % len(self.gateways)].url + path
-
-
-def start_fleet(
-    tmp: Path,
-    replicas: int,
-    redis: RedisServer | None,
-    quota: Mapping[str, object],
-    **sim_options: object,
-) -> Fleet:
-    sim = procs.start_sim(**sim_options)
-    db = tmp / "ledger.db"
-    key, key_id = procs.create_key(db, "acme")
-    fleet = Fleet(gateways=[], sim=sim, db=db, key=key, key_id=key_id)
-    fleet.set_quota(**quota)
-    extra = f'[quota]\nredis_url = "{redis.url}"\nreplicas = {replicas}\n' if redis else ""
-    for i in range(replicas):
-        config = procs.write_config(tmp / f"gateway-{i}.toml", [sim.url], db, extra)
-        fleet.gateways.append(procs.start(["serve", "--config", str(config)]))
-    return fleet
-
-
-@pytest.fixture
-def fleets() -> Iterator[list[Fleet]]:
-    started: list[Fleet] = []
-    yield started
-    for fleet in started:
-        for gateway in fleet.gateways:
-            gateway.stop()
-        fleet.sim.stop()
-
-
-def completion(max_tokens: int, stream: bool = False) -> dict[str, object]:
-    return {"model": MODEL, "prompt": "count to ten", "max_tokens": max_tokens, "stream": stream}
 
 
 def test_budget_shared_by_three_replicas_is_never_overspent(
@@ -172,7 +107,7 @@ def test_a_thousand_cancelled_streams_leave_no_slot_and_no_hold_behind(
 
     def released() -> bool:
         if store == "redis":
-            state = f"tg:{{{procs_tenant_id(fleet)}}}:t"
+            state = f"tg:{{{fleet.tenant_id()}}}:t"
             return redis.cli("ZCARD", f"{state}:leases") == "0" and redis.cli(
                 "HGET", state, "ht"
             ) in ("0", "")
@@ -188,12 +123,6 @@ def test_a_thousand_cancelled_streams_leave_no_slot_and_no_hold_behind(
     assert {row["status"] for row in rows} == {"cancelled"}
     # Every slot is free again: as many streams as the limit run at once.
     cancel_streams(fleet, concurrency, concurrency)
-
-
-def procs_tenant_id(fleet: Fleet) -> str:
-    with open_ledger(fleet.db_url) as conn:
-        rows = query(conn, "SELECT id FROM tenants WHERE name = ?", (fleet.tenant,))
-    return str(rows[0][0])
 
 
 def test_rate_limit_headers_on_both_kinds_of_response_and_the_sdk_sees_429(

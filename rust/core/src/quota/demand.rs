@@ -117,11 +117,14 @@ impl Estimate {
         }
     }
 
-    /// The largest `max_tokens` with which the request would have fitted in `left` tokens, if
-    /// any: for a refusal's message.
+    /// A `max_tokens` with which the request would fit in `left` tokens, if any: for a refusal's
+    /// message. The body grows when the client writes it (`,"max_tokens":` and up to 20 digits),
+    /// and so does the prompt's bound: that much is left aside.
     pub fn max_tokens_within(&self, left: u64) -> Option<u64> {
+        const WRITTEN: u64 = 36;
         let per_sequence = left
             .saturating_sub(self.prompt_upper)
+            .saturating_sub(WRITTEN)
             .checked_div(self.sequences)
             .unwrap_or(0);
         (per_sequence > 0).then_some(per_sequence)
@@ -198,6 +201,7 @@ mod tests {
         assert_eq!(demand.budget_tokens, COUNT_CAP);
         assert_eq!(demand.budget_money, COUNT_CAP);
         assert_eq!(estimate.max_tokens_within(u64::MAX), Some(2047));
+        assert_eq!(estimate.max_tokens_within(0), None);
     }
 
     #[test]
@@ -225,7 +229,7 @@ mod tests {
         };
         assert_eq!(bounded.demand(Some(&price)).budget_tokens, 500);
         assert_eq!(bounded.demand(Some(&price)).budget_money, 400 + 200);
-        assert_eq!(bounded.max_tokens_within(1050), Some(50));
-        assert_eq!(bounded.max_tokens_within(1000), None);
+        assert_eq!(bounded.max_tokens_within(1086), Some(50));
+        assert_eq!(bounded.max_tokens_within(1036), None);
     }
 }
