@@ -54,7 +54,9 @@ from gateway.ledger.tenants import (
 )
 from gateway.quotas import Price, QuotaPolicy
 
-__all__ = ["AdminServer", "bind_admin", "create_app"]
+__all__ = ["OPENAPI_TITLE", "AdminServer", "bind_admin", "create_app", "router"]
+
+OPENAPI_TITLE = "tokengate admin API"
 
 # How long open admin connections may take to finish once `gateway serve` stops.
 STOP_TIMEOUT_S = 5
@@ -145,7 +147,7 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_authorize)])
 
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(openapi_document(request.app, router, "tokengate admin API"))
+    return JSONResponse(openapi_document(request.app, router, OPENAPI_TITLE))
 
 
 @router.post("/tenants", status_code=201, tags=["tenants"])
@@ -262,7 +264,7 @@ def create_app(
     admin routes answer 401."""
     if not token and not billing_token:
         raise ValueError("the admin token must not be empty when there is no billing token")
-    app = new_app(conn, "tokengate admin API")
+    app = new_app(conn, OPENAPI_TITLE)
     app.state.admin_token = token.encode() if token else None
     app.state.billing_token = billing_token.encode() if billing_token else None
     app.state.currency = (billing or BillingConfig()).currency

@@ -49,7 +49,9 @@ from gateway.ledger.rollups import (
 )
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
 
-__all__ = ["EVENTS_LIMIT", "router"]
+__all__ = ["EVENTS_LIMIT", "OPENAPI_TITLE", "router"]
+
+OPENAPI_TITLE = "tokengate billing API"
 
 EVENTS_LIMIT = (100, 10_000)
 """Events per page of `/usage-events`: the default and the largest `limit`."""
@@ -141,7 +143,7 @@ router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi(request: Request, caller: CallerDep) -> JSONResponse:
-    return JSONResponse(openapi_document(request.app, router, "tokengate billing API"))
+    return JSONResponse(openapi_document(request.app, router, OPENAPI_TITLE))
 
 
 @router.get("/usage-events", response_model=EventPage)

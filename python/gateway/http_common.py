@@ -38,6 +38,7 @@ __all__ = [
     "PlainText",
     "new_app",
     "openapi_document",
+    "router_openapi",
     "token_matches",
 ]
 
@@ -146,14 +147,17 @@ def token_matches(presented: str, expected: bytes | None) -> bool:
     return hmac.compare_digest(presented.encode(), expected)
 
 
+def router_openapi(router: APIRouter, title: str) -> dict[str, Any]:
+    """The OpenAPI document of one router's routes: the admin and billing APIs share a listener
+    but are documented, and authorised, apart."""
+    return get_openapi(title=title, version=gateway.__version__, routes=router.routes)
+
+
 def openapi_document(app: FastAPI, router: APIRouter, title: str) -> dict[str, Any]:
-    """The OpenAPI document of one router's routes, made once per app: the admin and billing
-    APIs share a listener but are documented, and authorised, apart."""
+    """`router_openapi`, made once per app."""
     documents: dict[str, dict[str, Any]] = app.state.openapi_documents
     if title not in documents:
-        documents[title] = get_openapi(
-            title=title, version=gateway.__version__, routes=router.routes
-        )
+        documents[title] = router_openapi(router, title)
     return documents[title]
 
 
