@@ -125,9 +125,12 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
         config_extra: str = "",
         grace_s: float = 5.0,
         ledger: str | None = None,
+        server: str = "",
+        routing: str = "",
         **sim_options: object,
     ) -> Stack:
-        """`ledger` is a ledger URL; by default, a new SQLite file in the test's directory."""
+        """`ledger` is a ledger URL; by default, a new SQLite file in the test's directory;
+        `server` and `routing` are more lines of those tables of the gateway's config."""
         sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
         db = ledger or tmp_path / f"ledger-{len(stacks)}.db"
         key, key_id = procs.create_key(db, "acme")
@@ -137,6 +140,8 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
             db,
             config_extra,
             grace_s,
+            server=server,
+            routing=routing,
         )
         gateway = procs.start(["serve", "--config", str(config)])
         stack = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)

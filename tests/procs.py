@@ -162,10 +162,18 @@ def ledger_url(db: Path | str) -> str:
 
 
 def write_config(
-    path: Path, workers: list[str], db: Path | str, extra: str = "", grace_s: float = 5.0
+    path: Path,
+    workers: list[str],
+    db: Path | str,
+    extra: str = "",
+    grace_s: float = 5.0,
+    *,
+    server: str = "",
+    routing: str = "",
 ) -> Path:
     """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`) and
-    its usage journal beside `path`."""
+    its usage journal beside `path`; `server` and `routing` are more lines of those two tables,
+    `extra` more tables."""
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
     # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
     journal = "" if "[journal]" in extra else f'[journal]\ndir = "{path.with_suffix(".journal")}"\n'
@@ -177,11 +185,11 @@ host = "127.0.0.1"
 port = 0
 max_body_bytes = 65536
 shutdown_grace_seconds = {grace_s}
-
+{server}
 [routing]
 health_interval_ms = 100
 connect_timeout_ms = 500
-
+{routing}
 [storage]
 url = "{ledger_url(db)}"
 {worker_tables}

@@ -199,6 +199,37 @@ def test_every_error_is_its_grpc_status(make_stack: StackFactory) -> None:
         )
 
 
+def test_bad_messages_are_the_clients_fault(make_stack: StackFactory) -> None:
+    """Bytes that are no protobuf message, a message past the size limit, a request id of 1000
+    characters: INVALID_ARGUMENT, as the README maps a 400 and a 413, never INTERNAL or
+    OUT_OF_RANGE."""
+    stack = make_stack(n_sims=1, config_extra=GRPC, itl_ms=1)
+    target = grpc_target(stack)
+    metadata = (("authorization", f"Bearer {stack.key}"),)
+    with grpc.insecure_channel(target) as channel:
+        raw = channel.unary_unary(
+            "/gateway.v1.InferenceService/Completion",
+            request_serializer=lambda body: body,
+            response_deserializer=lambda body: body,
+        )
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\x80", b"\x12" + b"\xff" * 9):
+            with pytest.raises(grpc.RpcError) as caught:
+                raw(garbage, metadata=metadata, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, garbage
+        # Past twice `max_body_bytes` (64 KiB in these tests), where tonic stops reading.
+        oversized = pb.CompletionRequest(model=MODEL, prompt=["x" * 300_000])
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(oversized.SerializeToString(), metadata=metadata, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with GatewayClient(target, stack.key, timeout=30) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.complete(MODEL, "x", max_tokens=1, request_id="r" * 1000)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request id" in (caught.value.details() or "")
+        assert client.complete(MODEL, "x", max_tokens=1).choices
+    assert procs.wait_for(lambda: len(stack.rows()) == 1)
+
+
 def _answers(call: Any) -> bool:
     """Whether `call` succeeds; False while its key is not yet known (any other error raises)."""
     try:

@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         .build_client(false)
+        // Malformed requests are the client's fault: INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::grpc::codec::StrictCodec")
         .file_descriptor_set_path(descriptors)
         .compile_with_config(config, &files, &[protos])?;
     Ok(())

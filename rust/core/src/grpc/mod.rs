@@ -3,7 +3,9 @@
 //! authentication, quotas, routing and metering are the HTTP code path; only the translation of
 //! requests, answers and errors lives here.
 
+mod codec;
 mod convert;
+mod guard;
 mod server;
 mod service;
 mod status;

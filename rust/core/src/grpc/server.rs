@@ -2,7 +2,8 @@
 //! SERVING while a worker is healthy) and server reflection (v1 and v1alpha, for grpcurl and
 //! friends), on HTTP/2 over its own port. A handle like the HTTP server's: `bind` returns once
 //! listening; `shutdown(grace)` stops accepting, lets calls finish for `grace`, then cuts the rest
-//! (each cut call is metered as a cancelled one).
+//! (each cut call is metered as a cancelled one). Slow clients are bounded as on the HTTP
+//! listener (`guard`), and a peer that stops answering HTTP/2 pings is dropped.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,15 +14,20 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use super::codec::OversizeIsInvalidLayer;
+use super::guard::{self, SlowClientLayer};
 use super::pb;
 use super::pb::inference_service_server::InferenceServiceServer;
 use super::pb::usage_service_server::UsageServiceServer;
 use super::service::InferenceApi;
 use super::usage::UsageApi;
 use crate::state::AppState;
+
+/// How often the server pings a connection, and how long it waits for the answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The service name the health service reports on (and "" for the server as a whole).
 const SERVICE: &str = "gateway.v1.InferenceService";
@@ -53,7 +59,16 @@ impl GrpcServer {
             .build_v1alpha()
             .map_err(io::Error::other)?;
         let (stop, stopped) = oneshot::channel::<()>();
+        let config = &state.config;
         let router = Server::builder()
+            // A client that stops answering pings (frozen, or gone without a FIN) is dropped,
+            // and its calls with it.
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(OversizeIsInvalidLayer)
+            .layer(SlowClientLayer {
+                body_read_timeout: config.body_read_timeout(),
+            })
             .add_service(health_service)
             .add_service(v1)
             .add_service(v1alpha)
@@ -64,10 +79,8 @@ impl GrpcServer {
                 InferenceServiceServer::new(InferenceApi::new(state.clone()))
                     .max_decoding_message_size(state.config.max_body_bytes.saturating_mul(2)),
             );
+        let incoming = guard::incoming(listener, config.header_read_timeout());
         let task = tokio::spawn(async move {
-            // Calls are small and interactive: without NODELAY each message can wait out the
-            // peer's delayed ACK (40 ms).
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             let stopped = async {
                 let _ = stopped.await;
             };
