@@ -7,7 +7,9 @@ import json
 import httpx
 import pytest
 
+from tests import procs
 from tests.conftest import Stack
+from tests.openai_errors import error
 
 pytestmark = pytest.mark.e2e
 
@@ -119,3 +121,70 @@ def test_gateway_still_serves_after_bad_input(stack: Stack) -> None:
     )
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def _post(stack: Stack, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{stack.base_url}/completions",
+        content=body,
+        headers={"authorization": f"Bearer {stack.key}"} | headers,
+        timeout=30,
+    )
+
+
+def test_a_member_given_twice_under_any_spelling_is_named(stack: Stack) -> None:
+    body = b'{"model": "sim-model", "prompt": "x", "max_tokens": 1, "max_tok\\u0065ns": 2}'
+    details = error(_post(stack, body), 400)
+    assert details["param"] == "max_tokens"
+    assert "more than once" in details["message"]
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "BeArEr"])
+def test_the_bearer_scheme_is_case_insensitive(stack: Stack, scheme: str) -> None:
+    response = _post(
+        stack,
+        b'{"model": "sim-model", "prompt": "x", "max_tokens": 1}',
+        authorization=f"{scheme} {stack.key}",
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_client_strings_the_gateway_stores_are_bounded(stack: Stack) -> None:
+    """A request id or a model name of 100 KB was served, stored whole and echoed."""
+    ok = b'{"model": "sim-model", "prompt": "x", "max_tokens": 1}'
+    for request_id in ("r" * 257, "r" * 100_000, "tab\tinside"):
+        details = error(_post(stack, ok, **{"x-request-id": request_id}), 400)
+        assert details["param"] == "x-request-id"
+    long_model = json.dumps({"model": "m" * 10_000, "prompt": "x"}).encode()
+    assert error(_post(stack, long_model), 400)["param"] == "model"
+    fits = _post(stack, ok, **{"x-request-id": "r" * 256})
+    assert fits.status_code == 200
+    assert fits.headers["x-request-id"] == "r" * 256
+    assert procs.wait_for(
+        lambda: any(row["request_id"] == "r" * 256 for row in procs.usage_rows(stack.db))
+    )
+    assert max(len(str(row["request_id"])) for row in procs.usage_rows(stack.db)) <= 256
+
+
+def test_an_escaped_stream_options_is_replaced_not_doubled(stack: Stack) -> None:
+    """The gateway asks the worker for usage by rewriting `stream_options`; a client that spells
+    the key with escapes gets the same rewrite, not a second member (the simulator refuses a
+    duplicate with 400; vLLM keeps the last one, the client's, and the worker's usage is lost)."""
+    body = (
+        b'{"model": "sim-model", "prompt": "count", "max_tokens": 4, "stream": true,'
+        b' "stream_opti\\u006fns": {"include_usage": false}}'
+    )
+    headers = {"authorization": f"Bearer {stack.key}", "x-request-id": "escaped-options"}
+    with httpx.stream(
+        "POST", f"{stack.base_url}/completions", content=body, headers=headers, timeout=30
+    ) as response:
+        assert response.status_code == 200, response.read()
+        events = list(procs.sse_events(response.iter_lines()))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all("usage" not in chunk for chunk in chunks), "the client did not ask for usage"
+    assert procs.wait_for(
+        lambda: any(row["request_id"] == "escaped-options" for row in procs.usage_rows(stack.db))
+    )
+    row = next(row for row in procs.usage_rows(stack.db) if row["request_id"] == "escaped-options")
+    assert (row["usage_source"], row["completion_tokens"]) == ("worker", 4)
