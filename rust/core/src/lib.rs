@@ -10,6 +10,8 @@ pub mod gateway;
 pub mod grpc;
 pub mod journal;
 pub mod json;
+#[cfg(test)]
+mod json_props;
 pub mod metering;
 pub mod metrics;
 pub(crate) mod prometheus;

@@ -2,6 +2,8 @@
 
 mod dispatch;
 mod handlers;
+#[cfg(test)]
+mod props;
 pub mod request;
 
 pub(crate) use dispatch::dispatch;

@@ -283,6 +283,15 @@ impl LocalStore {
         spent.money = spent.money.saturating_add(money);
     }
 
+    /// What a scope spent in `period`'s current window: (tokens, money).
+    #[cfg(test)]
+    pub fn spent(&self, scope: &Scope, period: Period, unix_ms: u64) -> (u64, u64) {
+        let cell = self.counters(scope);
+        let mut counters = lock(&cell);
+        let spent = counters.spent(period, unix_ms);
+        (spent.tokens, spent.money)
+    }
+
     /// In-flight requests and held (tokens, money) of a scope.
     pub fn held(&self, scope: &Scope) -> (u64, u64, u64) {
         let cell = self.counters(scope);

@@ -10,6 +10,8 @@ mod enforcer;
 mod gcra;
 mod local;
 mod policy;
+#[cfg(test)]
+mod props;
 mod redis;
 mod reservation;
 

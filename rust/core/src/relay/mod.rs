@@ -4,6 +4,8 @@
 //! client, and `stream` drives the two over a live upstream body.
 
 mod frame;
+#[cfg(test)]
+mod props;
 mod sse;
 mod stream;
 
