@@ -397,3 +397,19 @@ async fn a_key_is_checked_with_its_tenant_and_a_refusal_by_either_takes_nothing(
         "Redis counters, not local ones"
     );
 }
+
+#[tokio::test]
+async fn a_settlement_queued_before_an_admission_is_applied_before_it() {
+    let redis = RedisServer::start().await;
+    let policy = tenant_policy(json!({ "max_concurrent": 1 }));
+    let quota = quota(json!({ "redis_url": redis.url }), policy);
+    // Each request ends before the next begins, as one client's do: the next always finds the
+    // slot free, however the two tasks (admissions, settlements) are scheduled.
+    for i in 0..300 {
+        let reservation = admit(&quota, 1, &format!("r{i}")).await;
+        assert!(reservation.is_ok(), "request {i}: {:?}", reservation.err());
+        if let Ok(reservation) = reservation {
+            reservation.settle(&Usage::default());
+        }
+    }
+}

@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::admission::{
@@ -63,19 +63,55 @@ struct SettleJob {
     actual: Actual,
 }
 
-/// Queues settlements and counts those not yet sent (or given up).
+/// How far the settlements have got: how many were ever queued, and how many of those (the
+/// oldest, as they are sent in order) have been sent or given up.
+#[derive(Debug, Default)]
+struct SettleProgress {
+    queued: AtomicU64,
+    /// Release on increment, acquire on read: whoever sees a count sees those sends done.
+    done: AtomicU64,
+    changed: Notify,
+}
+
+impl SettleProgress {
+    fn finished(&self, count: usize) {
+        let count = u64::try_from(count).unwrap_or(u64::MAX);
+        self.done.fetch_add(count, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    fn unsent(&self) -> u64 {
+        let done = self.done.load(Ordering::Acquire);
+        self.queued.load(Ordering::Acquire).saturating_sub(done)
+    }
+
+    /// Waits until the first `target` settlements are sent, for at most `timeout`.
+    async fn reached(&self, target: u64, timeout: Duration) {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                if self.done.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+    }
+}
+
+/// Queues settlements, counting them in `progress`.
 #[derive(Debug, Clone)]
 struct SettleQueue {
     jobs: mpsc::UnboundedSender<SettleJob>,
-    /// Release on decrement, acquire on read: a flush that sees 0 sees the sends done.
-    unsent: Arc<AtomicUsize>,
+    progress: Arc<SettleProgress>,
 }
 
 impl SettleQueue {
     fn push(&self, job: SettleJob) {
-        self.unsent.fetch_add(1, Ordering::Relaxed);
+        self.progress.queued.fetch_add(1, Ordering::AcqRel);
         if self.jobs.send(job).is_err() {
-            self.unsent.fetch_sub(1, Ordering::Release);
+            self.progress.finished(1);
             tracing::error!("quota settlement dropped: the settlement task has stopped");
         }
     }
@@ -115,7 +151,7 @@ impl RedisStore {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let settlements = SettleQueue {
             jobs: settle_tx,
-            unsent: Arc::new(AtomicUsize::new(0)),
+            progress: Arc::default(),
         };
         let (admit_tx, admit_rx) = mpsc::unbounded_channel();
         let tasks = [
@@ -130,7 +166,7 @@ impl RedisStore {
                 conn,
                 names,
                 settle_rx,
-                settlements.unsent.clone(),
+                settlements.progress.clone(),
                 Duration::from_millis(config.lease_ms),
             )),
         ];
@@ -178,7 +214,7 @@ impl RedisStore {
     pub async fn flush(&self, timeout: Duration) -> bool {
         let now = tokio::time::Instant::now();
         let deadline = now.checked_add(timeout).unwrap_or(now);
-        while self.settlements.unsent.load(Ordering::Acquire) > 0 {
+        while self.settlements.progress.unsent() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -243,7 +279,9 @@ fn limit(value: Option<u64>) -> i64 {
 }
 
 /// Decides batches of admissions until the store is dropped; a script call that takes longer
-/// than `timeout` fails its batch.
+/// than `timeout` fails its batch. A batch goes after every settlement queued before it (waiting
+/// at most `timeout` for them): a client that sends its next request once its last one ended
+/// finds that one's concurrency slot and spend settled, however far the settlements lag.
 async fn run_admissions(
     mut conn: ConnectionManager,
     names: KeyNames,
@@ -254,6 +292,8 @@ async fn run_admissions(
     let script = Script::new(include_str!("admit.lua"));
     let mut batch = Vec::with_capacity(BATCH);
     while jobs.recv_many(&mut batch, BATCH).await > 0 {
+        let queued = settlements.progress.queued.load(Ordering::Acquire);
+        settlements.progress.reached(queued, timeout).await;
         let mut keys = BatchKeys::default();
         let mut invocation = script.prepare_invoke();
         let unix_ms = unix_ms();
@@ -404,7 +444,7 @@ async fn run_settlements(
     mut conn: ConnectionManager,
     names: KeyNames,
     mut jobs: mpsc::UnboundedReceiver<SettleJob>,
-    unsent: Arc<AtomicUsize>,
+    progress: Arc<SettleProgress>,
     give_up_after: Duration,
 ) {
     let script = Script::new(include_str!("settle.lua"));
@@ -451,7 +491,7 @@ async fn run_settlements(
             tokio::time::sleep(delay).await;
             delay = delay.saturating_mul(2).min(Duration::from_secs(2));
         }
-        unsent.fetch_sub(batch.len(), Ordering::Release);
+        progress.finished(batch.len());
         batch.clear();
     }
 }
