@@ -36,6 +36,7 @@ __all__ = [
     "ApiError",
     "Ledger",
     "PlainText",
+    "error_body",
     "new_app",
     "openapi_document",
     "router_openapi",
@@ -80,11 +81,24 @@ class ApiError(Exception):
         self.param = param
 
 
+def error_body(
+    status: int, message: str, code: str | None, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """The OpenAI error body of an answer with `status`."""
+    kind = (
+        "invalid_request_error"
+        if status < 500
+        else "service_unavailable"
+        if status == 503
+        else "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def _response(error: ApiError) -> JSONResponse:
-    kind = "invalid_request_error" if error.status < 500 else "service_unavailable"
-    body = {"message": str(error), "type": kind, "param": error.param, "code": error.code}
+    body = error_body(error.status, str(error), error.code, error.param)
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:

@@ -278,7 +278,7 @@ def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
         logger.info("admin routes closed (%s is unset); the billing API serves", names[0])
     elif not billing_token:
         logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
-    return bind_admin(conn, config.admin, token, billing_token, config.billing)
+    return bind_admin(conn, config.admin, token, billing_token, config.billing, config.server)
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
