@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +23,7 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import insert_usage_events, spent_in_current_periods
+from gateway.signals import StopSignals
 from gateway.usage_reader import LedgerUsageReader
 
 if TYPE_CHECKING:
@@ -253,15 +253,17 @@ async def _serve(
     pusher: SnapshotPusher,
     admin: AdminServer | None,
     announce: Callable[[], None],
+    signals: StopSignals,
 ) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    announce()  # only now: a SIGTERM right after the announcement must drain, not kill
-    return await supervise(
-        gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher, admin
-    )
+    signals.attach(stop)
+    announce()
+    try:
+        return await supervise(
+            gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher, admin
+        )
+    finally:
+        signals.detach()
 
 
 def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
@@ -288,8 +290,10 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
     HOST:PORT` when `[grpc] port` is set), then calls `on_ready(host, port)` with the bound
     address; the admin API, if enabled, prints `admin API listening on http://HOST:PORT` once it
     serves. The key and policy snapshots are pushed, and in-process budget counters seeded from
-    the ledger, before the first request can arrive.
+    the ledger, before the first request can arrive. SIGINT and SIGTERM stop it gracefully from
+    the moment it is called (`StopSignals`); call it from the main thread.
     """
+    signals = StopSignals()
     from gateway import _core
 
     with open_ledger(config.storage.url) as conn:
@@ -327,6 +331,6 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
                 on_ready(host, port)
 
         try:
-            return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce))
+            return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce, signals))
         finally:
             usage_reader.close()
