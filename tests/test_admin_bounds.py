@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.http_common import MAX_INTEGER, MAX_NAME, MAX_TIME_MS
+from gateway.bounds import MAX_COUNT as MAX_INTEGER
+from gateway.bounds import MAX_MODEL_NAME, MAX_NAME, MAX_TIME_MS
 from gateway.ledger.db import Connection
 from tests.openai_errors import error
 from tests.test_billing_api import ADMIN, BILLING, Billing, Seeded
@@ -128,13 +129,13 @@ def test_a_tenant_name_is_bounded(api: Billing) -> None:
 
 def test_a_price_model_name_is_bounded(api: Billing) -> None:
     for model, problem in (
-        ("m" * (MAX_NAME + 1), f"at most {MAX_NAME} characters"),
+        ("m" * (MAX_MODEL_NAME + 1), f"at most {MAX_MODEL_NAME} characters"),
         ("a%00b", "control characters"),
         ("a%09b", "control characters"),
     ):
         assert problem in refused(send(api, "PUT", f"/admin/v1/prices/{model}", PRICE), "model")
     assert models_priced(api) == []
-    longest = "org/" + "m" * (MAX_NAME - 4)
+    longest = "org/" + "m" * (MAX_MODEL_NAME - 4)
     assert send(api, "PUT", f"/admin/v1/prices/{longest}", PRICE).status_code == 201
     assert models_priced(api) == [longest]
 

@@ -65,6 +65,8 @@ def test_limits_carry_every_field_and_models_are_sorted_without_duplicates() -> 
         ({"money_budget_micros": 2**63}, "less than or equal to 9007199254740991"),
         ({"max_sequences": 0}, "greater than or equal to 1"),
         ({"models": ["m" * 513]}, "at most 512 characters"),
+        ({"models": ["a\x00b"]}, "control characters"),
+        ({"models": ["a\nb"]}, "control characters"),
         ({"models": [" padded"]}, "non-empty"),
         ({"rpm": 5}, "Extra inputs are not permitted"),
     ],

@@ -6,8 +6,8 @@ included, requires `Authorization: Bearer <admin token>`, compared in constant t
 token opens none of them). Every error has the OpenAI body `{"error": {"message", "type", "param",
 "code"}}` (`http_common`): 400 invalid input (`param` names the field), 401 missing or wrong token,
 404 unknown tenant, key, quota or route, 405 wrong method, 409 conflict, 503 database unavailable.
-Every integer and string a client sends has a bound (`http_common.MAX_INTEGER`, `MAX_TIME_MS`,
-`MAX_NAME`; strings without control characters): past it, 400 naming the field.
+Every integer and string a client sends has a bound (`gateway.bounds`; strings without control
+characters): past it, 400 naming the field.
 
 Handlers are `async def` and use the one ledger connection of `gateway serve` on its event loop's
 thread, like the key and usage loops: statements are short and none spans an `await`. A change
@@ -16,38 +16,31 @@ reaches the core with the next snapshot push (`control.key_refresh_ms`); nothing
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import http
-import json
 import math
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
-import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway import billing_api
+from gateway.bounds import MAX_MODEL_NAME, MAX_NAME, MAX_TIME_MS, PlainText
 from gateway.config import AdminConfig, BillingConfig, ServerConfig, listen_address
 from gateway.http_common import (
-    MAX_NAME,
-    MAX_TIME_MS,
     ApiError,
     Ledger,
-    PlainText,
-    error_body,
     new_app,
     openapi_document,
     token_matches,
 )
+from gateway.http_protocol import bounded_h11
 from gateway.ledger.apikeys import ApiKey, create_key, get_key, list_keys, revoke_key
 from gateway.ledger.db import Connection
 from gateway.ledger.prices import PriceVersion, list_prices, set_price
@@ -136,7 +129,9 @@ KeyRef = Annotated[
 ModelRef = Annotated[
     str,
     Path(
-        min_length=1, max_length=MAX_NAME, description=f"A model's name, 1-{MAX_NAME} characters."
+        min_length=1,
+        max_length=MAX_MODEL_NAME,
+        description=f"A model's name, 1-{MAX_MODEL_NAME} characters.",
     ),
     PlainText,
 ]
@@ -280,122 +275,6 @@ def create_app(
     return app
 
 
-class _TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol (h11) with the listener's bounds on a slow client.
-
-    From a connection's start, and again from the end of each response (an idle keep-alive
-    connection), the client has `header_timeout_s` to complete a request's headers, else the
-    connection is closed. From then it has `body_timeout_s` to complete the body, else it is
-    answered 408 `request_timeout` (when no response has started) and closed. Neither bound is
-    reset by bytes that arrive: a client trickling them gets no more time. While the request is
-    being answered, no bound runs."""
-
-    header_timeout_s: ClassVar[float] = 30.0
-    body_timeout_s: ClassVar[float] = 30.0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._follow()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel(header=True, body=True)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._follow()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow()
-
-    def _follow(self) -> None:
-        """Runs the bound of the part of a request the client is sending now, if any."""
-        state = self.conn.their_state
-        if self.transport.is_closing():
-            self._cancel(header=True, body=True)
-        elif state is h11.IDLE:
-            self._cancel(header=False, body=True)
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(
-                    self.header_timeout_s, self._headers_too_slow
-                )
-        elif state is h11.SEND_BODY:
-            self._cancel(header=True, body=False)
-            if self._body_timer is None:
-                self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_too_slow)
-        else:
-            self._cancel(header=True, body=True)
-
-    def _cancel(self, *, header: bool, body: bool) -> None:
-        if header and self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        if body and self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()
-
-    def _body_too_slow(self) -> None:
-        self._body_timer = None
-        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
-            return
-        cycle = self.cycle
-        if cycle is not None:
-            # The application, waiting for the rest of the body, reads a disconnect and answers
-            # nobody.
-            cycle.disconnected = True
-            cycle.message_event.set()
-        if cycle is None or not cycle.response_started:
-            milliseconds = round(self.body_timeout_s * 1000)
-            message = f"the request body did not arrive within {milliseconds} ms"
-            self._answer(408, message, "request_timeout")
-        self.transport.close()
-
-    def send_400_response(self, msg: str) -> None:
-        """A request h11 cannot parse: uvicorn's 400, with the OpenAI error body."""
-        self._answer(400, f"not a valid HTTP/1.1 request: {msg}", None)
-
-    def _answer(self, status: int, message: str, code: str | None) -> None:
-        """Answers `status` with the OpenAI error body and closes the connection."""
-        body = json.dumps(error_body(status, message, code)).encode()
-        headers = [
-            *self.server_state.default_headers,
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        reason = http.HTTPStatus(status).phrase.encode()
-        try:
-            for event in (
-                h11.Response(status_code=status, headers=headers, reason=reason),
-                h11.Data(data=body),
-                h11.EndOfMessage(),
-            ):
-                self.transport.write(self.conn.send(event) or b"")
-        except h11.LocalProtocolError:
-            pass  # an answer had begun after all: closing is all that is left
-        self.transport.close()
-
-
-def _timed_h11(header_timeout_s: float, body_timeout_s: float) -> type[H11Protocol]:
-    class Protocol(_TimedH11Protocol):
-        pass
-
-    Protocol.header_timeout_s = header_timeout_s
-    Protocol.body_timeout_s = body_timeout_s
-    return Protocol
-
-
 class AdminServer(uvicorn.Server):
     """The admin API's HTTP server, run on the caller's event loop over a socket already bound.
 
@@ -410,7 +289,7 @@ class AdminServer(uvicorn.Server):
         super().__init__(
             uvicorn.Config(
                 app,
-                http=_timed_h11(header_timeout_s, server.body_read_timeout_ms / 1000),
+                http=bounded_h11(header_timeout_s, server.body_read_timeout_ms / 1000),
                 ws="none",
                 lifespan="off",
                 log_config=None,

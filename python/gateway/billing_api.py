@@ -6,7 +6,7 @@ Every route takes `Authorization: Bearer` with one of: the billing token or the 
 tenant; `tenant` selects one), or a tenant's own API key, not revoked, of a tenant not disabled
 (that tenant only: naming another is 403 `permission_denied`). Tokens are compared in constant
 time. Errors have the OpenAI body (`http_common`); a bad parameter is 400 naming it in `param`,
-and every parameter is bounded (times to year 9999, names to `http_common.MAX_NAME` characters).
+and every parameter is bounded (times to year 9999, names to `bounds.MAX_NAME` characters).
 
 Nothing here writes to the ledger.
 """
@@ -25,15 +25,8 @@ from pydantic_core import to_jsonable_python
 from typing_extensions import TypedDict
 
 from gateway.billing import EventPage, InvoiceDocument, event_page, invoice_document
-from gateway.http_common import (
-    MAX_NAME,
-    MAX_TIME_MS,
-    ApiError,
-    Ledger,
-    PlainText,
-    openapi_document,
-    token_matches,
-)
+from gateway.bounds import MAX_NAME, MAX_TIME_MS, PlainText
+from gateway.http_common import ApiError, Ledger, openapi_document, token_matches
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import usable_key_tenant
 from gateway.ledger.db import Connection, now_ms

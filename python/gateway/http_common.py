@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator
 from starlette.exceptions import HTTPException
 
 import gateway
@@ -30,12 +29,8 @@ from gateway.ledger.db import (
 )
 
 __all__ = [
-    "MAX_INTEGER",
-    "MAX_NAME",
-    "MAX_TIME_MS",
     "ApiError",
     "Ledger",
-    "PlainText",
     "error_body",
     "new_app",
     "openapi_document",
@@ -44,29 +39,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Bounds of what a client sends: every integer and every string a route takes has one, so that
-# nothing a client sends reaches the ledger, the core or Redis as a value they cannot hold.
-MAX_INTEGER = 2**53 - 1
-"""The largest count, limit or price a client may send: exact in JSON (JavaScript's safe
-integers) and in Redis' Lua numbers, and far inside a BIGINT."""
-MAX_TIME_MS = 253_402_300_799_999
-"""The latest time a client may send, in unix milliseconds: the last one of year 9999."""
-MAX_NAME = 256
-"""The longest name a client may send: a key's or a model's, or a tenant or key named in a path
-or query."""
-
-
-def _plain_text(value: str | None) -> str | None:
-    if value is not None and any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in value):
-        raise ValueError("control characters (NUL, newlines, ...) are not allowed")
-    return value
-
-
-PlainText = AfterValidator(_plain_text)
-"""A string's (or None's) validator: no control characters (among them a NUL, which PostgreSQL's
-text cannot hold); with a `max_length`, pydantic also refuses what is not Unicode text (lone
-surrogates)."""
 
 
 class ApiError(Exception):

@@ -14,9 +14,9 @@ from typing import Annotated, Literal, TypedDict
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from gateway.bounds import MAX_COUNT, MAX_MODEL_NAME, check_plain_text
+
 __all__ = [
-    "MAX_COUNT",
-    "MAX_MODEL_NAME",
     "MICROS",
     "Limits",
     "Period",
@@ -32,12 +32,6 @@ __all__ = [
 MICROS = 1_000_000
 """Micro-units in one unit of currency."""
 
-MAX_COUNT = 2**53 - 1
-"""The largest limit, budget or price: JSON-safe, and exact in the Redis counters' Lua numbers
-(the core's `COUNT_CAP` is one more)."""
-
-MAX_MODEL_NAME = 512
-"""The longest model name, in characters (the core refuses longer ones from clients)."""
 
 Period = Literal["day", "month"]
 Scope = Literal["tenant", "key"]
@@ -83,6 +77,8 @@ def _normalise_models(models: list[str] | None) -> list[str] | None:
         return None
     if any(not name.strip() or name != name.strip() for name in models):
         raise ValueError("model names must be non-empty, without surrounding blanks")
+    for name in models:
+        check_plain_text(name)
     return sorted(set(models))
 
 
