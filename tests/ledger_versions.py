@@ -19,6 +19,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "ALTER TABLE usage_events DROP COLUMN price_effective_at",
         "ALTER TABLE usage_events DROP COLUMN cost_micros",
     ),
+    4: ("ALTER TABLE quota_policies DROP COLUMN max_sequences",),
 }
 
 

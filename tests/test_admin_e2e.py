@@ -114,6 +114,7 @@ def test_a_quota_set_through_the_api_holds_within_a_second(stack: AdminStack) ->
         "requests_per_minute": 1000,
         "tokens_per_minute": None,
         "max_concurrent": None,
+        "max_sequences": None,
         "token_budget": None,
         "money_budget_micros": None,
         "budget_period": "month",

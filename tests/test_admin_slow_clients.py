@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests import procs
-from tests.test_slow_clients import OUTER_S, TIMEOUTS, connection, until_closed
+from tests.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
 
 pytestmark = pytest.mark.e2e
 

@@ -7,10 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 
 import grpc
 import httpx
@@ -21,13 +17,11 @@ from h2.events import ResponseReceived, TrailersReceived
 
 from tests import procs
 from tests.conftest import Stack, StackFactory
+from tests.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "sim-model"
-TIMEOUTS = "header_read_timeout_ms = 500\nbody_read_timeout_ms = 500\n"
-# How long a test waits at most for the gateway to act on a timeout of half a second.
-OUTER_S = 20.0
 
 
 @pytest.fixture
@@ -35,42 +29,6 @@ def stack(make_stack: StackFactory) -> Stack:
     return make_stack(
         n_sims=2, server=TIMEOUTS, routing="stream_idle_timeout_ms = 1000\n", itl_ms=5
     )
-
-
-@contextmanager
-def connection(url: str) -> Iterator[socket.socket]:
-    host, _, port = url.removeprefix("http://").rpartition(":")
-    with closing(socket.create_connection((host, int(port)), timeout=OUTER_S)) as sock:
-        yield sock
-
-
-def until_closed(sock: socket.socket, trickle: bytes = b"") -> tuple[bytes, float]:
-    """Sends `trickle` a byte at a time, 0.1 s apart, then reads; returns what the server sent
-    before closing the connection and when (seconds from now). Fails if it stays open for
-    `OUTER_S`."""
-    started = time.monotonic()
-    received = b""
-    sock.settimeout(0.1)
-    pending = iter(trickle)
-    while time.monotonic() - started < OUTER_S:
-        byte = next(pending, None)
-        if byte is not None:
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                break
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except OSError:
-            break
-        if not chunk:
-            break
-        received += chunk
-    else:
-        pytest.fail(f"the connection was still open after {OUTER_S} s")
-    return received, time.monotonic() - started
 
 
 def test_headers_trickled_a_byte_at_a_time_are_cut(stack: Stack) -> None:
