@@ -65,8 +65,10 @@ pub enum ApiError {
     RequestTimeout(Duration),
     #[error("no healthy worker serves the model `{0}`")]
     NoHealthyWorker(String),
+    /// What went wrong, in words for the client: never a worker's address or the transport's
+    /// own message (those are logged), which are the fleet's insides.
     #[error("upstream worker failed: {0}")]
-    Upstream(String),
+    Upstream(&'static str),
     #[error("upstream worker timed out")]
     UpstreamTimeout,
     #[error("the gateway is shutting down")]

@@ -285,10 +285,39 @@ async fn attempt(state: &AppState, request: &InferenceRequest, mut meter: MeterG
     }
 }
 
+/// The client's answer to a failed attempt; the error itself, which names the worker, is logged.
 fn gateway_error(error: UpstreamError) -> ApiError {
     match error {
         UpstreamError::Timeout { .. } => ApiError::UpstreamTimeout,
-        other => ApiError::Upstream(other.to_string()),
+        UpstreamError::Connect { .. } => ApiError::Upstream("the worker could not be reached"),
+        UpstreamError::Transport { .. } => {
+            ApiError::Upstream("the worker broke the connection before it answered")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_does_not_name_the_worker() {
+        let worker = "http://10.0.0.11:8000".to_owned();
+        for error in [
+            UpstreamError::Connect {
+                worker: worker.clone(),
+                detail: "connection refused (os error 111) at 10.0.0.11".into(),
+            },
+            UpstreamError::Transport {
+                worker: worker.clone(),
+                detail: "connection reset".into(),
+            },
+            UpstreamError::Timeout { worker },
+        ] {
+            let body = String::from_utf8(gateway_error(error).body()).unwrap_or_default();
+            assert!(!body.contains("10.0.0.11"), "{body}");
+            assert!(body.contains("upstream"), "{body}");
+        }
     }
 }
 

@@ -278,12 +278,12 @@ impl Relay {
     }
 
     /// Ends the client's stream with an error event, unless it already ended properly.
-    fn fail(&mut self, reason: &str) -> Option<Bytes> {
+    fn fail(&mut self, reason: &'static str) -> Option<Bytes> {
         let meter = self.meter.take()?;
         self.synced = meter.finish_synced(Status::Failed);
         let mut out = BytesMut::new();
         self.release_held(&mut out);
-        out.extend_from_slice(&ApiError::Upstream(reason.to_owned()).sse_frame());
+        out.extend_from_slice(&ApiError::Upstream(reason).sse_frame());
         Some(out.freeze())
     }
 }
