@@ -93,6 +93,7 @@ class Settings:
     quick: bool
     no_nginx: bool
     nginx: Path | None = None  # the binary, once found on PATH
+    max_tokens: int = 16  # of every request loadgen sends
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def run_loadgen(
     """One loadgen run; returns its report and, for each of `services`, its CPU use over the
     measured window (after the warm-up) as a fraction of one core. With `grpc_body` (a file of
     the protobuf-encoded request) the run speaks gRPC to the method `url` names."""
-    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16}
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": settings.max_tokens}
     if stream:
         body["stream"] = True
     argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]

@@ -296,7 +296,11 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "lease_ms": 900_000,
             "default_max_tokens": 4096,
         },
-        "journal": {"dir": "data/gateway.usage-journal", "segment_bytes": 16_777_216},
+        "journal": {
+            "dir": "data/gateway.usage-journal",
+            "segment_bytes": 16_777_216,
+            "progress_interval_ms": 100,
+        },
     }
 
 
@@ -357,10 +361,15 @@ def test_the_journal_is_on_by_default_beside_a_sqlite_ledger(tmp_path: Path) -> 
     assert default["journal"] == {
         "dir": "data/gateway.usage-journal",
         "segment_bytes": 16_777_216,
+        "progress_interval_ms": 100,
     }
-    text = MINIMAL + '\n[journal]\ndir = "elsewhere/journal"\n'
+    text = MINIMAL + '\n[journal]\ndir = "elsewhere/journal"\nprogress_interval_ms = 1000\n'
     document = json.loads(load_config(write(tmp_path, text)).core_document())
-    assert document["journal"] == {"dir": "elsewhere/journal", "segment_bytes": 16_777_216}
+    assert document["journal"] == {
+        "dir": "elsewhere/journal",
+        "segment_bytes": 16_777_216,
+        "progress_interval_ms": 1000,
+    }
     off = json.loads(
         load_config(write(tmp_path, MINIMAL + "\n[journal]\nenabled = false\n")).core_document()
     )

@@ -94,3 +94,64 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
         stop.set()
         gateway.stop()
         sim.stop()
+
+
+def test_an_interrupted_stream_is_billed_for_nearly_all_it_relayed(tmp_path: Path) -> None:
+    """Progress goes to the journal every `journal.progress_interval_ms` (100 ms): a stream cut
+    by a SIGKILL is billed for what it had relayed but the last moment's tokens. At 5 ms a token,
+    100 ms is 20 tokens; the bound allows 100 (half a second) for a busy machine. Once a second,
+    the old cadence, a stream lost half of its tokens on average."""
+    sim = procs.start_sim(itl_ms=5, max_output_tokens=2000)
+    db = tmp_path / "ledger.db"
+    key, _ = procs.create_key(db, "acme")
+    config = procs.write_config(
+        tmp_path / "gateway.toml", [sim.url], db, f'[journal]\ndir = "{tmp_path / "journal"}"\n'
+    )
+    gateway = procs.start(["serve", "--config", str(config)])
+    received: dict[str, int] = {}
+    lock = threading.Lock()
+    running = threading.Barrier(9)
+
+    def stream(request_id: str) -> None:
+        body = {"model": MODEL, "prompt": "count", "max_tokens": 2000, "stream": True}
+        headers = {"authorization": f"Bearer {key}", "x-request-id": request_id}
+        try:
+            with httpx.stream(
+                "POST", gateway.url + "/v1/completions", json=body, headers=headers, timeout=30
+            ) as response:
+                for i, _ in enumerate(procs.sse_events(response.iter_lines())):
+                    with lock:
+                        received[request_id] = i + 1
+                    if i == 50:
+                        running.wait(timeout=30)
+        except httpx.HTTPError:
+            pass
+
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(8)]
+        threads = [threading.Thread(target=stream, args=(i,)) for i in ids]
+        for thread in threads:
+            thread.start()
+        running.wait(timeout=30)
+
+        def under_way() -> bool:
+            with lock:
+                return all(received.get(i, 0) >= 200 for i in ids)
+
+        assert procs.wait_for(under_way, timeout=30)
+        gateway.kill()
+        for thread in threads:
+            thread.join(timeout=30)
+        gateway = procs.start(["serve", "--config", str(config)])
+        assert gateway.stop() == 0
+        rows = {row["request_id"]: row for row in procs.usage_rows(db)}
+        for request_id in ids:
+            row = rows[request_id]
+            assert row["status"] == "interrupted", row
+            # One event is a token; the client saw `received` of them, and the gateway may have
+            # relayed a few more into the socket before the kill.
+            assert row["completion_tokens"] >= received[request_id] - 100, (row, received)
+            assert row["completion_tokens"] <= received[request_id] + 50, (row, received)
+    finally:
+        gateway.stop()
+        sim.stop()

@@ -401,7 +401,8 @@ class JournalConfig(BaseModel):
             "Write every usage event to the journal, on disk and synced, before its response's"
             " last bytes leave; a gateway killed mid-flight then records, at its next start,"
             " what it had not yet written to the ledger, and requests it was serving become"
-            " `interrupted` events billed for the usage they had relayed (at most a second old)."
+            " `interrupted` events billed for the usage they had relayed (at most"
+            " `journal.progress_interval_ms` old)."
             " Off, events wait in memory until the ledger has them, and a killed gateway loses"
             " those."
         ),
@@ -419,6 +420,15 @@ class JournalConfig(BaseModel):
         default=16_777_216,
         ge=4096,
         description="Size past which a journal segment is sealed and a new one begun.",
+    )
+    progress_interval_ms: int = Field(
+        default=100,
+        ge=10,
+        le=60_000,
+        description=(
+            "How often a running request's usage goes to the journal: a request interrupted by"
+            " the gateway's death is billed for what it had relayed at most this long before."
+        ),
     )
 
 
@@ -471,7 +481,11 @@ class GatewayConfig(BaseModel):
             document["grpc_listen"] = listen_address(self.grpc.host, self.grpc.port)
         journal = self.journal_dir()
         if journal is not None:
-            document["journal"] = {"dir": journal, "segment_bytes": self.journal.segment_bytes}
+            document["journal"] = {
+                "dir": journal,
+                "segment_bytes": self.journal.segment_bytes,
+                "progress_interval_ms": self.journal.progress_interval_ms,
+            }
         return json.dumps(document)
 
     def journal_dir(self) -> str | None:

@@ -134,6 +134,14 @@ pub struct JournalConfig {
     /// Size past which a segment is sealed and a new one begun.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
+    /// How often a running request's usage goes to the journal: an interrupted request is billed
+    /// for what it had relayed at most this long before the process died.
+    #[serde(default = "default_progress_interval_ms")]
+    pub progress_interval_ms: u64,
+}
+
+fn default_progress_interval_ms() -> u64 {
+    100
 }
 
 fn default_segment_bytes() -> u64 {

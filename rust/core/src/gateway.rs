@@ -53,15 +53,16 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()?;
         let meter = match &config.journal {
             None => Meter::default(),
-            Some(journal) => {
+            Some(settings) => {
                 let (journal, recovered) =
-                    Journal::open(Path::new(&journal.dir), journal.segment_bytes).map_err(|e| {
-                        crate::config::ConfigError::Invalid {
+                    Journal::open(Path::new(&settings.dir), settings.segment_bytes).map_err(
+                        |e| crate::config::ConfigError::Invalid {
                             field: "journal.dir",
                             message: e.to_string(),
-                        }
-                    })?;
-                Meter::with_journal(journal, recovered)
+                        },
+                    )?;
+                let progress = Duration::from_millis(settings.progress_interval_ms);
+                Meter::with_journal(journal, recovered, progress)
             }
         };
         let state = AppState {

@@ -269,6 +269,8 @@ pub struct Meter {
     journal: Option<Journal>,
     /// Events being counted by the gateway (see `counting`), not yet recorded.
     counting: AtomicUsize,
+    /// How often a running request's usage goes to the journal (ms).
+    progress_every_ms: u64,
     counted: Notify,
 }
 
@@ -276,8 +278,9 @@ pub struct Meter {
 pub type Synced = Option<oneshot::Receiver<()>>;
 
 impl Meter {
-    /// A meter writing to `journal`, its queue holding first what the journal recovered.
-    pub fn with_journal(journal: Journal, recovered: Recovered) -> Self {
+    /// A meter writing to `journal`, its queue holding first what the journal recovered; a
+    /// running request's usage goes to it every `progress`.
+    pub fn with_journal(journal: Journal, recovered: Recovered, progress: Duration) -> Self {
         let mut queue = Queue {
             next_seq: recovered.next_seq,
             ..Queue::default()
@@ -292,6 +295,7 @@ impl Meter {
         Self {
             queue: Mutex::new(queue),
             journal: Some(journal),
+            progress_every_ms: u64::try_from(progress.as_millis()).unwrap_or(u64::MAX),
             ..Self::default()
         }
     }
@@ -440,10 +444,6 @@ pub struct MeterGuard {
     relayed: Relayed,
 }
 
-/// How often a request's usage goes to the journal while it runs: what an interrupted request is
-/// billed for is at most this old.
-const PROGRESS_EVERY_MS: u64 = 1000;
-
 impl MeterGuard {
     pub fn begin(
         meter: Arc<Meter>,
@@ -562,7 +562,8 @@ impl MeterGuard {
             event.usage_source = UsageSource::Worker;
             if self.meter.journal.is_some() {
                 let now = now_ms();
-                if now >= self.progress_at_ms.saturating_add(PROGRESS_EVERY_MS) {
+                let every = self.meter.progress_every_ms;
+                if now >= self.progress_at_ms.saturating_add(every) {
                     self.progress_at_ms = now;
                     self.meter.journal_progress(&event.event_id, &usage, now);
                 }
