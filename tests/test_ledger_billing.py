@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gateway.bounds import MAX_COUNT
 from gateway.ledger.db import Connection, execute, open_ledger, query
 from gateway.ledger.invoices import InvoiceLine, invoice, invoice_csv, month_bounds
 from gateway.ledger.prices import set_price
@@ -94,6 +95,26 @@ def test_events_are_priced_at_the_version_in_effect_at_their_start(ledger: Conne
     # A version added later, even backdated, never reprices a stored event.
     set_price(ledger, "m", price(9, 9, 9), effective_at=ms("2024-05-01"))
     assert events_after(ledger, 0, 1)[0].cost_micros == 18
+
+
+def test_the_largest_counts_and_prices_are_stored_and_priced_within_a_bigint(
+    ledger: Connection,
+) -> None:
+    """The core caps a worker's counts at 2^53 and policies cap prices at 2^53 - 1: their
+    product is far past a BIGINT, so the cost saturates at 2^53 - 1 instead of failing the
+    batch (which would hold back every event behind it)."""
+    set_price(ledger, "m", price(MAX_COUNT, MAX_COUNT, MAX_COUNT), effective_at=0)
+    huge = 2**53
+    insert_usage_events(
+        ledger,
+        [
+            event(event_id="max", model="m", prompt_tokens=huge, cached_tokens=huge),
+            event(event_id="next", model="m", prompt_tokens=1, cached_tokens=0),
+        ],
+    )
+    stored = {e.event_id: e for e in events_after(ledger, 0, 10)}
+    assert stored["max"].cost_micros == MAX_COUNT
+    assert stored["next"].cost_micros == -(-(MAX_COUNT + 5 * MAX_COUNT) // 1_000_000)
 
 
 def test_seq_is_the_commit_order_without_gaps_and_cursors_page_it(ledger: Connection) -> None:

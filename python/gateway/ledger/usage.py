@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypedDict
 
+from gateway.bounds import MAX_COUNT
 from gateway.ledger.db import Connection, executemany, now_ms, query, query_as, transaction
 from gateway.ledger.rollups import add_to_rollups
 from gateway.quotas import MICROS, Period, Scope, period_bounds
@@ -153,7 +154,8 @@ class _PriceBook:
 
     def price(self, row: Row) -> tuple[int | None, int | None]:
         """The version in effect at the start of `row` (disjoint classes) and its cost, rounded
-        up to a micro-unit; (None, None) when unpriced."""
+        up to a micro-unit and at most `MAX_COUNT` (so it fits a BIGINT whatever a worker
+        reported); (None, None) when unpriced."""
         versions = self._versions.get(str(row[_MODEL]))
         if versions is None:
             return None, None
@@ -167,7 +169,7 @@ class _PriceBook:
             + int(row[_CACHED]) * cached  # type: ignore[call-overload]
             + int(row[_COMPLETION]) * completion  # type: ignore[call-overload]
         )
-        return times[at], -(-fine // MICROS)
+        return times[at], min(-(-fine // MICROS), MAX_COUNT)
 
 
 def insert_usage_events(conn: Connection, events: Sequence[Sequence[object]]) -> int:

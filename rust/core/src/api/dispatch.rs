@@ -296,31 +296,6 @@ fn gateway_error(error: UpstreamError) -> ApiError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_attempt_does_not_name_the_worker() {
-        let worker = "http://10.0.0.11:8000".to_owned();
-        for error in [
-            UpstreamError::Connect {
-                worker: worker.clone(),
-                detail: "connection refused (os error 111) at 10.0.0.11".into(),
-            },
-            UpstreamError::Transport {
-                worker: worker.clone(),
-                detail: "connection reset".into(),
-            },
-            UpstreamError::Timeout { worker },
-        ] {
-            let body = String::from_utf8(gateway_error(error).body()).unwrap_or_default();
-            assert!(!body.contains("10.0.0.11"), "{body}");
-            assert!(body.contains("upstream"), "{body}");
-        }
-    }
-}
-
 /// Waits for the first non-empty body chunk of a stream.
 async fn first_chunk(
     mut body: Incoming,
@@ -375,5 +350,30 @@ async fn collect(
         Err(_) => Err(UpstreamError::Timeout {
             worker: worker.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_does_not_name_the_worker() {
+        let worker = "http://10.0.0.11:8000".to_owned();
+        for error in [
+            UpstreamError::Connect {
+                worker: worker.clone(),
+                detail: "connection refused (os error 111) at 10.0.0.11".into(),
+            },
+            UpstreamError::Transport {
+                worker: worker.clone(),
+                detail: "connection reset".into(),
+            },
+            UpstreamError::Timeout { worker },
+        ] {
+            let body = String::from_utf8(gateway_error(error).body()).unwrap_or_default();
+            assert!(!body.contains("10.0.0.11"), "{body}");
+            assert!(body.contains("upstream"), "{body}");
+        }
     }
 }

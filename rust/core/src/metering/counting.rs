@@ -89,8 +89,8 @@ impl Counter {
             }
         };
         Some(Usage {
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens: prompt_tokens.min(super::COUNT_CAP),
+            completion_tokens: completion_tokens.min(super::COUNT_CAP),
             cached_tokens: 0,
         })
     }

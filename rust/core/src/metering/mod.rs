@@ -31,7 +31,12 @@ use crate::journal::{Ended, Journal, Progress, Record, Recovered, Started};
 use crate::metrics::GatewayMetrics;
 use crate::quota::Reservation;
 
-/// Token counts as a worker reports them in `usage`.
+/// Where every count and amount the gateway keeps stops: 2^53, the largest integer below which
+/// doubles (Redis' Lua numbers, JSON readers) are exact, and far inside the ledger's BIGINTs. A
+/// worker's usage is capped here as it is read; a client's numbers as admission reads them.
+pub const COUNT_CAP: u64 = 1 << 53;
+
+/// Token counts as a worker reports them in `usage`, each at most `COUNT_CAP`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u64,
@@ -57,16 +62,18 @@ struct WireDetails {
 }
 
 impl Usage {
-    /// Parses a `usage` member's value; `null` or anything unreadable is `None`.
+    /// Parses a `usage` member's value; `null` or anything unreadable is `None`. Counts past
+    /// `COUNT_CAP` (no worker's, but a worker's number is not trusted) are `COUNT_CAP`.
     pub fn from_json(value: &[u8]) -> Option<Self> {
         let wire: Option<WireUsage> = serde_json::from_slice(value).ok()?;
         wire.map(|w| Self {
-            prompt_tokens: w.prompt_tokens,
-            completion_tokens: w.completion_tokens,
+            prompt_tokens: w.prompt_tokens.min(COUNT_CAP),
+            completion_tokens: w.completion_tokens.min(COUNT_CAP),
             cached_tokens: w
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .min(COUNT_CAP),
         })
     }
 }
@@ -125,12 +132,14 @@ impl StreamUsage {
                 .choices
                 .chunks(n)
                 .map(|c| c.iter().map(|u| u.0).max().unwrap_or(0))
-                .fold(0, u64::saturating_add),
+                .fold(0, u64::saturating_add)
+                .min(COUNT_CAP),
             completion_tokens: self
                 .choices
                 .iter()
                 .map(|u| u.1)
-                .fold(0, u64::saturating_add),
+                .fold(0, u64::saturating_add)
+                .min(COUNT_CAP),
             cached_tokens: self.cached,
         }
     }
@@ -700,6 +709,17 @@ mod tests {
             Some(0)
         );
         assert_eq!(Usage::from_json(b"null"), None);
+        let absurd =
+            br#"{"prompt_tokens":18446744073709551615,"completion_tokens":9007199254740993}"#;
+        assert_eq!(
+            Usage::from_json(absurd),
+            Some(Usage {
+                prompt_tokens: COUNT_CAP,
+                completion_tokens: COUNT_CAP,
+                cached_tokens: 0
+            }),
+            "a worker's count is capped where it is read"
+        )
     }
 
     fn u(prompt: u64, completion: u64) -> Usage {

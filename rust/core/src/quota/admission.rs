@@ -8,6 +8,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::gcra::RateInfo;
 use super::policy::Limits;
+/// Counts and amounts stop at `COUNT_CAP`; policies allow at most `COUNT_CAP - 1`, so a demand
+/// capped there is still refused by every budget.
+pub use crate::metering::COUNT_CAP;
 
 /// Whose counters: a tenant's, or one of its keys' (keys are named with their tenant so the
 /// Redis keys of one tenant share a cluster slot).
@@ -23,11 +26,6 @@ pub struct ScopeCheck {
     pub scope: Scope,
     pub limits: Arc<Limits>,
 }
-
-/// Where every count and amount the counters hold stops: 2^53, the largest integer below which
-/// Redis' Lua numbers (doubles) are exact. Policies allow at most `COUNT_CAP - 1`, so a demand
-/// capped here is still refused by every budget.
-pub const COUNT_CAP: u64 = 1 << 53;
 
 /// What one request asks of every scope it is checked against, each figure at most `COUNT_CAP`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
