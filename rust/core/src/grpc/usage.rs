@@ -14,7 +14,9 @@ use crate::state::AppState;
 
 /// Events per page when a call asks for 0, and the most it may ask for.
 const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 10_000;
+/// An event is under 1 KB in protobuf, the strings a client sets included (request id at most
+/// 256 bytes, model 512): a page of this many stays under gRPC's default 4 MiB message.
+const MAX_LIMIT: u32 = 4_000;
 
 /// Why a page could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
