@@ -3,18 +3,16 @@ ledgers on both backends (a SQLite file, a database on a real PostgreSQL server)
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 
 from gateway.ledger.db import Connection, open_ledger
-from gateway.ledger.usage import UsageEvent
 from tests import procs
+from tests.billing_app import Billing, Seeded
 from tests.fleet import Fleet
 from tests.services.postgres import PostgresServer
 from tests.services.redis import RedisServer
@@ -167,26 +165,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     shared.stop()
 
 
-def usage_event(**overrides: Any) -> UsageEvent:
-    """A completed streaming chat request's usage, with a fresh `event_id`; `overrides` replace
-    any field."""
-    fields: dict[str, Any] = {
-        "event_id": str(uuid.uuid4()),
-        "request_id": "req-1",
-        "tenant_id": "ten_000000000001",
-        "key_id": "key_000000000001",
-        "model": "sim-model",
-        "worker": "http://127.0.0.1:8001",
-        "endpoint": "chat.completions",
-        "stream": True,
-        "status": "completed",
-        "http_status": 200,
-        "prompt_tokens": 10,
-        "cached_tokens": 2,
-        "completion_tokens": 5,
-        "usage_source": "worker",
-        "started_at_ms": 1_700_000_000_000,
-        "finished_at_ms": 1_700_000_000_250,
-    }
-    fields.update(overrides)
-    return UsageEvent(**fields)
+@pytest.fixture
+def seeded(ledger: Connection) -> Seeded:
+    """Two tenants with a key each and a price, in a fresh ledger (`tests.billing_app`)."""
+    return Seeded(ledger)
+
+
+@pytest.fixture
+def api(ledger: Connection) -> Billing:
+    """The admin and billing app over a fresh ledger, in process (`tests.billing_app`)."""
+    return Billing(ledger)

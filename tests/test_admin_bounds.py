@@ -12,9 +12,8 @@ import pytest
 
 from gateway.bounds import MAX_COUNT as MAX_INTEGER
 from gateway.bounds import MAX_MODEL_NAME, MAX_NAME, MAX_TIME_MS
-from gateway.ledger.db import Connection
+from tests.billing_app import ADMIN, BILLING, Billing, Seeded
 from tests.openai_errors import error
-from tests.test_billing_api import ADMIN, BILLING, Billing, Seeded
 
 TOO_BIG = (MAX_INTEGER + 1, 2**63 - 1, 2**63, 2**64, 10**30)
 PRICE = {"prompt_per_mtok": 1, "cached_per_mtok": 1, "completion_per_mtok": 1}
@@ -25,16 +24,6 @@ QUOTA_FIELDS = (
     "token_budget",
     "money_budget_micros",
 )
-
-
-@pytest.fixture
-def seeded(ledger: Connection) -> Seeded:
-    return Seeded(ledger)
-
-
-@pytest.fixture
-def api(ledger: Connection) -> Billing:
-    return Billing(ledger)
 
 
 def send(api: Billing, method: str, path: str, body: object = None) -> Any:

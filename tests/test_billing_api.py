@@ -4,10 +4,8 @@ a real `gateway serve` with its API key."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,101 +14,25 @@ import pytest
 
 from gateway.admin import create_app
 from gateway.billing import UsageEventDocument
-from gateway.config import BillingConfig
-from gateway.ledger.apikeys import create_key, revoke_key
+from gateway.ledger.apikeys import revoke_key
 from gateway.ledger.db import Connection, now_ms
 from gateway.ledger.invoices import invoice, invoice_csv
-from gateway.ledger.prices import set_price
-from gateway.ledger.tenants import Tenant, create_tenant, set_tenant_disabled
+from gateway.ledger.tenants import set_tenant_disabled
 from gateway.ledger.usage import encode_cursor, insert_usage_events
-from gateway.quotas import Price
 from tests import procs
-from tests.conftest import usage_event
+from tests.billing_app import (
+    ADMIN,
+    BILLING,
+    JAN,
+    PRICED,
+    UNPRICED,
+    Billing,
+    Seeded,
+    ids,
+    ms,
+)
+from tests.events import usage_event
 from tests.openai_errors import error
-
-ADMIN = "admin-secret-token"
-BILLING = "billing-secret-token"
-PRICED, UNPRICED = "sim-model", "free-model"
-# Per million tokens: 0.15 prompt, 0.075 cached, 0.60 completion.
-PRICE = Price(prompt_per_mtok=150_000, cached_per_mtok=75_000, completion_per_mtok=600_000)
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
-
-
-JAN = ms("2026-01-10T10:00:00")
-
-
-class Billing:
-    """Sends requests to an app over `conn`, on this thread (the one that owns `conn`)."""
-
-    def __init__(
-        self, conn: Connection, admin: str | None = ADMIN, billing: str | None = BILLING
-    ) -> None:
-        self.conn = conn
-        self.app = create_app(conn, admin, billing, BillingConfig(currency="EUR"))
-
-    def __call__(
-        self, path: str, token: str | None = BILLING, method: str = "GET", **kwargs: Any
-    ) -> httpx.Response:
-        # Latin-1, as HTTP carries header bytes: a non-ASCII token must be refused, not crash.
-        headers: dict[bytes, bytes] = {}
-        if token is not None:
-            headers[b"authorization"] = f"Bearer {token}".encode("latin-1")
-        for name, value in kwargs.pop("headers", {}).items():
-            headers[name.encode()] = value.encode("latin-1")
-
-        async def send() -> httpx.Response:
-            transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
-                return await client.request(method, path, headers=headers, **kwargs)
-
-        return asyncio.run(send())
-
-    def events(self, token: str = BILLING, **params: Any) -> dict[str, Any]:
-        response = self("/v1/billing/usage-events", token, params=params)
-        assert response.status_code == 200, response.text
-        page: dict[str, Any] = response.json()
-        return page
-
-
-class Seeded:
-    """Two tenants, a key each, a price for `PRICED` from the start of 2026 and none for
-    `UNPRICED`."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.acme, self.beta = create_tenant(conn, "acme"), create_tenant(conn, "beta")
-        acme_key, beta_key = create_key(conn, "acme"), create_key(conn, "beta")
-        self.acme_key, self.acme_key_id = acme_key.key, acme_key.record.id
-        self.beta_key, self.beta_key_id = beta_key.key, beta_key.record.id
-        set_price(conn, PRICED, PRICE, ms("2026-01-01T00:00:00"))
-
-    def record(self, tenant: Tenant, count: int = 1, **fields: Any) -> list[str]:
-        """Stores `count` events of `tenant` (one transaction); returns their ids."""
-        key_id = self.acme_key_id if tenant is self.acme else self.beta_key_id
-        events = [
-            usage_event(**{"tenant_id": tenant.id, "key_id": key_id, "started_at_ms": JAN} | fields)
-            for _ in range(count)
-        ]
-        insert_usage_events(self.conn, events)
-        return [event.event_id for event in events]
-
-
-@pytest.fixture
-def seeded(ledger: Connection) -> Seeded:
-    return Seeded(ledger)
-
-
-@pytest.fixture
-def api(ledger: Connection) -> Billing:
-    return Billing(ledger)
-
-
-def ids(page: dict[str, Any]) -> list[str]:
-    return [event["id"] for event in page["data"]]
-
 
 ROUTES = (
     "/v1/billing/usage-events",

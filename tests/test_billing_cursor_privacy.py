@@ -15,21 +15,11 @@ import pytest
 from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.usage import TENANT_CURSOR_START, encode_cursor
 from gateway.usage_reader import LedgerUsageReader
+from tests.billing_app import ADMIN, BILLING, Billing, Seeded, ids
 from tests.cli_run import run
 from tests.openai_errors import error
-from tests.test_billing_api import ADMIN, BILLING, Billing, Seeded, ids
 
 EVENTS = "/v1/billing/usage-events"
-
-
-@pytest.fixture
-def seeded(ledger: Connection) -> Seeded:
-    return Seeded(ledger)
-
-
-@pytest.fixture
-def api(ledger: Connection) -> Billing:
-    return Billing(ledger)
 
 
 def follow(api: Billing, token: str, limit: int, cursor: str | None = None, **params: Any) -> Any:

@@ -19,7 +19,7 @@ from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import encode_cursor, insert_usage_events
 from tests import procs
 from tests.cli_run import run
-from tests.conftest import usage_event
+from tests.events import usage_event
 
 PRICED, UNPRICED = "sim-model", "free-model"
 JAN = 1_768_039_200_000  # 2026-01-10T10:00:00Z

@@ -39,7 +39,7 @@ from gateway.ledger.tenants import (
 )
 from gateway.ledger.usage import insert_usage_events, usage_totals
 from tests import procs
-from tests.conftest import usage_event as event
+from tests.events import usage_event as event
 from tests.services.postgres import PostgresServer
 
 

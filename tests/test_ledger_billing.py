@@ -23,7 +23,7 @@ from gateway.ledger.usage import (
     usage_totals,
 )
 from gateway.quotas import Price
-from tests.conftest import usage_event as event
+from tests.events import usage_event as event
 from tests.ledger_versions import downgrade
 
 

@@ -15,7 +15,7 @@ from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import insert_usage_events
 from tests import procs
 from tests.conftest import StackFactory
-from tests.conftest import usage_event as event
+from tests.events import usage_event as event
 from tests.services.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e

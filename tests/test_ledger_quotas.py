@@ -30,7 +30,7 @@ from gateway.ledger.quotas import (
 from gateway.ledger.tenants import create_tenant, set_tenant_disabled
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
 from gateway.quotas import Price, QuotaPolicy
-from tests.conftest import usage_event as event
+from tests.events import usage_event as event
 from tests.ledger_versions import downgrade
 
 

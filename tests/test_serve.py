@@ -24,7 +24,7 @@ from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
 from gateway.quotas import Price, QuotaPolicy
 from gateway.serve import SnapshotPusher, UsageCollector, seed_spent, supervise
-from tests.conftest import usage_event as event
+from tests.events import usage_event as event
 
 if TYPE_CHECKING:
     from gateway._core import UsageRow

@@ -8,24 +8,15 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::request::{Endpoint, InferenceRequest};
+use super::request::{Endpoint, InferenceRequest, MEMBERS};
 use crate::error::ApiError;
 use crate::json_props::{is_json, members, quoted, read, value};
 
-/// Member names a request may have: those the gateway reads, and others it passes through.
-const NAMES: [&str; 11] = [
-    "model",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "n",
-    "messages",
-    "prompt",
-    "top_k",
-    "user",
-    "x\"y",
-];
+/// Member names a request may have: those the gateway reads (`MEMBERS`), and others it passes
+/// through.
+fn names() -> Vec<&'static str> {
+    [MEMBERS.as_slice(), &["top_k", "user", "x\"y"]].concat()
+}
 
 /// A value for `name`, of the right kind more often than not.
 fn member_value(name: &'static str) -> BoxedStrategy<String> {
@@ -57,7 +48,7 @@ fn member_value(name: &'static str) -> BoxedStrategy<String> {
 /// A request body: members in any order, some given twice, names sometimes escaped, with
 /// whitespace around the punctuation.
 fn body() -> impl Strategy<Value = String> {
-    let member = prop::sample::select(NAMES.to_vec())
+    let member = prop::sample::select(names())
         .prop_flat_map(|name| (Just(name), any::<u64>(), member_value(name)));
     (
         prop::collection::vec(member, 0..8),
@@ -102,7 +93,7 @@ proptest! {
         let given = members(text.as_bytes());
         prop_assert!(given.is_some(), "accepted what serde cannot read: {}", text);
         let given = given.unwrap_or_default();
-        for name in &NAMES[..8] {
+        for name in MEMBERS {
             prop_assert!(lookup(&given, name).1 <= 1, "accepted `{}` twice: {}", name, text);
         }
         prop_assert_eq!(value_of(&given, "model"), Some(json!(request.model)));

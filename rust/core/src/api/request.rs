@@ -20,7 +20,7 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 pub const MAX_MODEL_BYTES: usize = 512;
 
 /// The members the gateway reads, by name (for errors that must name one).
-const MEMBERS: [&str; 8] = [
+pub(crate) const MEMBERS: [&str; 8] = [
     "model",
     "stream",
     "stream_options",

@@ -269,7 +269,11 @@ impl Quota {
             }
         }
         if self.config.redis_url.is_some() {
-            return self.admit_fallback(checks, demand, price, request_id);
+            let admitted = self.admit_fallback(checks, demand, price, request_id);
+            if admitted.is_ok() {
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            }
+            return admitted;
         }
         self.admit_local(checks, demand, price, request_id)
     }
@@ -293,23 +297,9 @@ impl Quota {
         }
     }
 
-    /// Admission while Redis is unreachable, on this replica's counters; counted in
-    /// `fallbacks` when it admits.
+    /// Admission while Redis is unreachable, on this replica's counters (`admit` counts the
+    /// requests it lets through in `fallbacks`).
     fn admit_fallback(
-        self: &Arc<Self>,
-        checks: Vec<ScopeCheck>,
-        demand: Demand,
-        price: Option<Price>,
-        request_id: &str,
-    ) -> Result<Option<Reservation>, QuotaError> {
-        let admitted = self.admit_fallback_checks(checks, demand, price, request_id);
-        if admitted.is_ok() {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
-        }
-        admitted
-    }
-
-    fn admit_fallback_checks(
         self: &Arc<Self>,
         checks: Vec<ScopeCheck>,
         demand: Demand,
