@@ -34,10 +34,12 @@ __all__ = [
     "EventUsage",
     "InvoiceDocument",
     "UsageEventDocument",
+    "cursor_after",
     "event_csv_row",
     "event_document",
     "event_page",
     "invoice_document",
+    "resume_seq",
 ]
 
 # Documents are TypedDicts: plain dicts to build and serialise (a page holds up to 10,000 events,
@@ -149,6 +151,29 @@ class EventPage(TypedDict):
     ]
 
 
+def resume_seq(conn: Connection, after: str | None, tenant_id: str | None) -> int:
+    """The `seq` after which a read of one tenant's events (`tenant_id`) or every tenant's
+    resumes from the cursor `after` (the beginning if None); `ValueError` for a cursor that is not
+    one this kind of read gave.
+
+    A read of one tenant pages by a tenant cursor (`encode_tenant_cursor`): it moves only with
+    that tenant's own events, so polling it tells nothing of other tenants'. A read of every
+    tenant pages by the global commit order (`encode_cursor`)."""
+    if after is None:
+        return 0
+    if tenant_id is None:
+        return decode_cursor(after)
+    return decode_tenant_cursor(conn, after, tenant_id)
+
+
+def cursor_after(last: StoredEvent | None, after: str | None, tenant_id: str | None) -> str:
+    """The cursor that resumes after `last`, the last event read; with none read, the cursor the
+    read was given (`after`), or the kind's beginning."""
+    if last is None:
+        return after or (encode_cursor(0) if tenant_id is None else TENANT_CURSOR_START)
+    return encode_cursor(last.seq) if tenant_id is None else encode_tenant_cursor(last.event_id)
+
+
 def event_page(
     conn: Connection,
     after: str | None,
@@ -159,30 +184,16 @@ def event_page(
     tenant_view: bool = False,
 ) -> EventPage:
     """Up to `limit` events after the cursor `after` (the beginning if None), of one tenant or
-    all; `ValueError` for a cursor that is not one this kind of page gave.
-
-    A page of one tenant (`tenant_id`) pages by a tenant cursor (`encode_tenant_cursor`): it
-    moves only with that tenant's own events, so polling it tells nothing of other tenants' (an
-    empty page gives back the cursor it was given). A page of every tenant pages by the global
-    commit order (`encode_cursor`). `tenant_view`: documents as a tenant sees them
-    (`event_document`)."""
-    if tenant_id is None:
-        after_seq = 0 if after is None else decode_cursor(after)
-    else:
-        after_seq = 0 if after is None else decode_tenant_cursor(conn, after, tenant_id)
-    events = events_after(conn, after_seq, limit + 1, tenant_id)
+    all (`resume_seq` says which cursors); `ValueError` for a cursor that is not one this kind of
+    page gave. An empty page gives back the cursor it was given. `tenant_view`: documents as a
+    tenant sees them (`event_document`)."""
+    events = events_after(conn, resume_seq(conn, after, tenant_id), limit + 1, tenant_id)
     page = events[:limit]
-    if tenant_id is None:
-        next_cursor = encode_cursor(page[-1].seq if page else after_seq)
-    elif page:
-        next_cursor = encode_tenant_cursor(page[-1].event_id)
-    else:
-        next_cursor = after or TENANT_CURSOR_START
     return EventPage(
         object="list",
         data=[event_document(event, currency, tenant_view=tenant_view) for event in page],
         has_more=len(events) > limit,
-        next_cursor=next_cursor,
+        next_cursor=cursor_after(page[-1] if page else None, after, tenant_id),
     )
 
 

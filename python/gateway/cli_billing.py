@@ -11,7 +11,14 @@ import sys
 
 from pydantic_core import to_jsonable_python
 
-from gateway.billing import EVENT_CSV_COLUMNS, event_csv_row, event_document, invoice_document
+from gateway.billing import (
+    EVENT_CSV_COLUMNS,
+    cursor_after,
+    event_csv_row,
+    event_document,
+    invoice_document,
+    resume_seq,
+)
 from gateway.cli_common import (
     UsageError,
     currency,
@@ -24,12 +31,7 @@ from gateway.ledger.db import Connection, DatabaseError
 from gateway.ledger.invoices import Invoice, invoice, invoice_csv
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
 from gateway.ledger.usage import (
-    TENANT_CURSOR_START,
     StoredEvent,
-    decode_cursor,
-    decode_tenant_cursor,
-    encode_cursor,
-    encode_tenant_cursor,
     events_after,
 )
 from gateway.quotas import format_money
@@ -89,25 +91,16 @@ def _export(conn: Connection, args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit: at least 1")
     tenant_id = None if args.tenant is None else get_tenant_by_name_or_id(conn, args.tenant).id
-    # One tenant's events page by that tenant's cursor, every tenant's by the global one, as on
-    # the billing API: a cursor of one kind resumes only the same kind of export.
+    # The billing API's cursors: a cursor of one kind resumes only the same kind of export.
     try:
-        if tenant_id is None:
-            after = 0 if args.after is None else decode_cursor(args.after)
-        else:
-            after = 0 if args.after is None else decode_tenant_cursor(conn, args.after, tenant_id)
+        after = resume_seq(conn, args.after, tenant_id)
     except ValueError as exc:
         raise UsageError(f"--after: {exc}") from None
     last: StoredEvent | None = None
 
     def cursor() -> str:
         """The cursor after the last event written (the one given, if none was)."""
-        if last is None:
-            start = encode_cursor(0) if tenant_id is None else TENANT_CURSOR_START
-            return str(args.after or start)
-        if tenant_id is None:
-            return encode_cursor(last.seq)
-        return encode_tenant_cursor(last.event_id)
+        return cursor_after(last, args.after, tenant_id)
 
     unit = currency(args)
     left = args.limit
