@@ -7,7 +7,7 @@ import json
 import logging
 import socket
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -26,9 +26,6 @@ from gateway.quotas import Price, QuotaPolicy
 from gateway.serve import SnapshotPusher, UsageCollector, seed_spent, supervise
 from tests.events import usage_event as event
 
-if TYPE_CHECKING:
-    from gateway._core import UsageRow
-
 
 class FakeCore:
     """Stands in for `gateway._core.Gateway`: a usage queue and a record of snapshot pushes."""
@@ -41,7 +38,9 @@ class FakeCore:
         self.calls: list[str] = []
         self.shutdown_grace: float | None = None
         self.events_at_shutdown: list[UsageEvent] = []
+        # Events acknowledged: every seq below it.
         self.committed = 0
+        self.next_seq = 0
 
     def set_keys(self, snapshot_json: str) -> int:
         snapshot: dict[str, Any] = json.loads(snapshot_json)
@@ -60,13 +59,15 @@ class FakeCore:
         self.seeded.extend(entries)
         return len(entries)
 
-    def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
+    def drain_usage(self, max_events: int = 4096) -> list[tuple[int, UsageEvent]]:
         taken, self.queue = self.queue[:max_events], self.queue[max_events:]
-        rows: list[UsageRow] = list(taken)
-        return rows
+        drained = list(enumerate(taken, start=self.next_seq))
+        self.next_seq += len(taken)
+        return drained
 
-    def usage_committed(self, count: int) -> None:
-        self.committed += count
+    def usage_committed(self, seq: int) -> None:
+        assert seq >= self.committed, "acknowledgements only move forward"
+        self.committed = seq + 1
 
     def pending_usage(self) -> int:
         return len(self.queue)

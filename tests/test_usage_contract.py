@@ -1,4 +1,4 @@
-"""The core's drained usage tuples and the ledger's `UsageEvent` agree field for field."""
+"""The core's usage event and the ledger's `UsageEvent` agree field for field."""
 
 from __future__ import annotations
 
@@ -6,5 +6,5 @@ from gateway import _core
 from gateway.ledger.usage import UsageEvent
 
 
-def test_drained_tuple_order_is_the_ledgers() -> None:
-    assert UsageEvent._fields == _core.USAGE_COLUMNS
+def test_the_ledgers_event_has_the_cores_fields() -> None:
+    assert sorted(UsageEvent._fields) == list(_core.USAGE_FIELDS)

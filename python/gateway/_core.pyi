@@ -7,14 +7,13 @@ Rust side validates strictly (unknown fields are errors); usage events come back
 from collections.abc import Callable
 from typing import final
 
+from gateway.ledger.usage import UsageEvent
+
 __version__: str
 
-USAGE_COLUMNS: tuple[str, ...]
-"""The ledger columns of a drained usage tuple, in order (`gateway.ledger.usage.UsageEvent`)."""
-
-UsageRow = tuple[
-    str, str, str, str, str, str | None, str, bool, str, int, int, int, int, str, int, int
-]
+USAGE_FIELDS: tuple[str, ...]
+"""The core's usage event fields, sorted: the names its serialised form (the journal's) uses.
+`gateway.ledger.usage.UsageEvent` has exactly these; the first drain checks it."""
 
 class GatewayError(Exception):
     """Base of every error raised by the extension."""
@@ -68,11 +67,11 @@ class Gateway:
         tenant, required for a key; for a tenant it may be omitted); call it once, before
         `start()`. Returns the number of entries applied.
         """
-    def drain_usage(self, max_events: int = 4096) -> list[UsageRow]:
-        """Takes up to `max_events` recorded usage events, oldest first, as `USAGE_COLUMNS`
-        tuples."""
-    def usage_committed(self, count: int) -> None:
-        """The oldest `count` drained events are in the ledger: the usage journal may delete the
+    def drain_usage(self, max_events: int = 4096) -> list[tuple[int, UsageEvent]]:
+        """Takes up to `max_events` recorded usage events, oldest first, each with its `seq`
+        (the order the core recorded them in)."""
+    def usage_committed(self, seq: int) -> None:
+        """Every drained event up to `seq` is in the ledger: the usage journal may delete the
         segments that hold nothing newer."""
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""

@@ -15,19 +15,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gateway.admin import AdminServer, bind_admin
 from gateway.config import ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
-from gateway.ledger.usage import insert_usage_events, spent_in_current_periods
+from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
 from gateway.signals import StopSignals
 from gateway.usage_reader import LedgerUsageReader
-
-if TYPE_CHECKING:
-    from gateway._core import UsageRow
 
 __all__ = ["CoreGateway", "SnapshotPusher", "UsageCollector", "run", "seed_spent", "supervise"]
 
@@ -43,8 +40,8 @@ class CoreGateway(Protocol):
     def set_keys(self, snapshot_json: str) -> int: ...
     def set_policies(self, snapshot_json: str) -> int: ...
     def seed_spent(self, entries_json: str) -> int: ...
-    def drain_usage(self, max_events: int = 4096) -> list[UsageRow]: ...
-    def usage_committed(self, count: int) -> None: ...
+    def drain_usage(self, max_events: int = 4096) -> list[tuple[int, UsageEvent]]: ...
+    def usage_committed(self, seq: int) -> None: ...
     def pending_usage(self) -> int: ...
     def shutdown(self, grace_s: float) -> None: ...
 
@@ -103,7 +100,9 @@ class UsageCollector:
         self._conn = conn
         self._gateway = gateway
         self._batch = batch
-        self._unsaved: list[UsageRow] = []
+        self._unsaved: list[UsageEvent] = []
+        # The journal's number of the last unsaved event: acknowledged once they are written.
+        self._last_seq: int | None = None
         self.recorded = 0
 
     @property
@@ -118,10 +117,12 @@ class UsageCollector:
     def flush(self) -> int:
         """Drains one batch and writes it with any earlier unsaved events; returns how many
         events the core handed over (equal to `batch` means more may be waiting)."""
-        events = self._gateway.drain_usage(self._batch)
-        self._unsaved.extend(events)
+        drained = self._gateway.drain_usage(self._batch)
+        if drained:
+            self._unsaved.extend(event for _, event in drained)
+            self._last_seq = drained[-1][0]
         self.write_unsaved()
-        return len(events)
+        return len(drained)
 
     def write_unsaved(self) -> bool:
         """Writes the unsaved events in one transaction; returns whether none remain."""
@@ -142,9 +143,10 @@ class UsageCollector:
                 len(self._unsaved),
             )
         self.recorded += inserted
-        # The core drains in order and these were its oldest drained events: the journal may
-        # forget them now.
-        self._gateway.usage_committed(len(self._unsaved))
+        # The core drains in `seq` order: every event up to the last one written is in the
+        # ledger, and the journal may forget them.
+        if self._last_seq is not None:
+            self._gateway.usage_committed(self._last_seq)
         self._unsaved.clear()
         return True
 

@@ -52,10 +52,10 @@ __all__ = [
 
 
 class UsageEvent(NamedTuple):
-    """One request's usage, field for field the tuple the core drains (`Gateway.drain_usage`,
-    whose order is `gateway._core.USAGE_COLUMNS`).
+    """One request's usage: the core's `UsageEvent` (rust/core/src/usage.rs), field for field
+    and by name (`gateway._core.USAGE_FIELDS`); `Gateway.drain_usage` builds these.
 
-    The core is typed and the only producer, so drained tuples are taken as they are. Here, as
+    The core is typed and the only producer, so drained events are taken as they are. Here, as
     from the worker, `prompt_tokens` includes `cached_tokens`; the ledger stores them disjoint.
     """
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use gateway_core::auth::Principal;
 use gateway_core::config::QuotaConfig;
-use gateway_core::metering::Usage;
 use gateway_core::quota::{COUNT_CAP, Estimate, Quota};
+use gateway_core::usage::Usage;
 use serde_json::json;
 
 const USAGE: Usage = Usage {

@@ -25,16 +25,57 @@ pub enum ApiError {
     /// which models exist beyond its own.
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
-    /// Over a requests-per-minute, tokens-per-minute or concurrency limit.
-    #[error("{message}")]
-    RateLimited {
-        message: String,
+    /// Over a concurrency limit of `whose` ("this API key", "this tenant").
+    #[error(
+        "Rate limit reached for {whose}: {limit} concurrent requests. Retry when one of them has \
+         finished."
+    )]
+    ConcurrencyLimited {
+        whose: &'static str,
+        limit: u64,
         retry_after: Duration,
     },
-    /// Over a token or money budget for the current period.
-    #[error("{message}")]
-    QuotaExceeded {
-        message: String,
+    /// Over a requests-per-minute or tokens-per-minute limit; `unit` is "requests" or "tokens".
+    #[error(
+        "Rate limit reached for {whose}: {limit} {unit} per minute. Please try again in {}.",
+        format_reset(*retry_after)
+    )]
+    RateLimited {
+        whose: &'static str,
+        limit: u64,
+        unit: &'static str,
+        retry_after: Duration,
+    },
+    /// The request's worst case (`worst` tokens) does not fit in what is `left` of a token
+    /// budget; `fits` is the largest `max_tokens` that would.
+    #[error(
+        "This request may use up to {worst} tokens (its prompt and n × prompts × max_tokens), \
+         more than the {left} left of the token budget of {whose} for the current {period} \
+         ({limit} tokens).{} The budget renews in {}.",
+        fits.map(|k| format!(" It would fit with `max_tokens` of at most {k}.")).unwrap_or_default(),
+        format_reset(*retry_after)
+    )]
+    TokenBudgetExceeded {
+        worst: u64,
+        left: u64,
+        fits: Option<u64>,
+        whose: &'static str,
+        period: &'static str,
+        limit: u64,
+        retry_after: Duration,
+    },
+    /// The request's worst-case cost does not fit in what is `left` of a money budget.
+    #[error(
+        "This request may cost more than the {left} micro-units left of the money budget of \
+         {whose} for the current {period} ({limit} micro-units); lower `max_tokens` or `n`. The \
+         budget renews in {}.",
+        format_reset(*retry_after)
+    )]
+    MoneyBudgetExceeded {
+        left: u64,
+        whose: &'static str,
+        period: &'static str,
+        limit: u64,
         retry_after: Duration,
     },
     #[error(
@@ -89,7 +130,10 @@ impl ApiError {
             Self::MissingKey | Self::InvalidKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ConcurrencyLimited { .. }
+            | Self::RateLimited { .. }
+            | Self::TokenBudgetExceeded { .. }
+            | Self::MoneyBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotPriced(_) => StatusCode::FORBIDDEN,
             Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -101,7 +145,7 @@ impl ApiError {
     }
 
     /// OpenAI's `error.type`.
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Self::BadRequest { .. }
             | Self::TooManySequences { .. }
@@ -112,8 +156,10 @@ impl ApiError {
             | Self::MethodNotAllowed
             | Self::PayloadTooLarge { .. }
             | Self::RequestTimeout(_) => "invalid_request_error",
-            Self::RateLimited { .. } => "rate_limit_exceeded",
-            Self::QuotaExceeded { .. } => "insufficient_quota",
+            Self::ConcurrencyLimited { .. } | Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::TokenBudgetExceeded { .. } | Self::MoneyBudgetExceeded { .. } => {
+                "insufficient_quota"
+            }
             Self::ModelNotPriced(_) => "permission_error",
             Self::NoHealthyWorker(_) | Self::ShuttingDown | Self::QuotaUnavailable => {
                 "service_unavailable"
@@ -123,7 +169,7 @@ impl ApiError {
     }
 
     /// OpenAI's `error.code`: a stable machine-readable string.
-    fn code(&self) -> Option<&'static str> {
+    pub fn code(&self) -> Option<&'static str> {
         match self {
             Self::BadRequest { .. } => None,
             Self::TooManySequences { .. } => Some("too_many_sequences"),
@@ -134,8 +180,12 @@ impl ApiError {
             Self::MethodNotAllowed => Some("method_not_allowed"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::RequestTimeout(_) => Some("request_timeout"),
-            Self::RateLimited { .. } => Some("rate_limit_exceeded"),
-            Self::QuotaExceeded { .. } => Some("insufficient_quota"),
+            Self::ConcurrencyLimited { .. } | Self::RateLimited { .. } => {
+                Some("rate_limit_exceeded")
+            }
+            Self::TokenBudgetExceeded { .. } | Self::MoneyBudgetExceeded { .. } => {
+                Some("insufficient_quota")
+            }
             Self::ModelNotPriced(_) => Some("model_not_priced"),
             Self::QuotaUnavailable => Some("quota_unavailable"),
             Self::NoHealthyWorker(_) => Some("no_healthy_worker"),
@@ -197,12 +247,32 @@ impl ApiError {
     /// When a refused client may try again, for `Retry-After` and OpenAI's `retry-after-ms`.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } | Self::QuotaExceeded { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::ConcurrencyLimited { retry_after, .. }
+            | Self::RateLimited { retry_after, .. }
+            | Self::TokenBudgetExceeded { retry_after, .. }
+            | Self::MoneyBudgetExceeded { retry_after, .. } => Some(*retry_after),
             Self::QuotaUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
+    }
+}
+
+/// A duration as OpenAI writes `x-ratelimit-reset-*`: `250ms`, `1.5s`, `6m0s`, `1h2m3s`.
+pub fn format_reset(reset: Duration) -> String {
+    let ms = reset.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = reset.as_secs();
+    if secs < 60 {
+        let text = format!("{:.3}", reset.as_secs_f64());
+        return format!("{}s", text.trim_end_matches('0').trim_end_matches('.'));
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else {
+        format!("{m}m{s}s")
     }
 }
 

@@ -14,10 +14,12 @@ use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
 use crate::config::GatewayConfig;
 use crate::grpc::GrpcServer;
-use crate::journal::Journal;
-use crate::metering::{Meter, TOKENIZE_TIMEOUT, UsageEvent};
+use crate::journal::{Ended, Journal};
+use crate::ledger::UsageReader;
+use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
+use crate::scheduler::Scheduler;
 use crate::serve::ServerHandle;
 use crate::state::AppState;
 use crate::upstream::Upstream;
@@ -65,9 +67,11 @@ impl Gateway {
                 Meter::with_journal(journal, recovered, progress)
             }
         };
+        let registry = Arc::new(Registry::new(workers));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
-            registry: Arc::new(Registry::new(workers)),
+            scheduler: Scheduler::least_load(registry.clone()),
+            registry,
             keys: KeyStore::default(),
             meter: Arc::new(meter),
             quota: Arc::new(Quota::new(config.quota.clone())),
@@ -82,8 +86,12 @@ impl Gateway {
         })
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
+    /// The control plane's handle on this gateway: keys, policies, usage. It never waits on
+    /// start or shutdown.
+    pub fn control(&self) -> Control {
+        Control {
+            state: self.state.clone(),
+        }
     }
 
     /// Probes every worker once (so the model list is known before the first request), starts
@@ -136,28 +144,6 @@ impl Gateway {
         self.grpc.as_ref().map(GrpcServer::local_addr)
     }
 
-    /// Installs how the gRPC usage service reads the ledger; only the first call counts.
-    pub fn set_usage_reader(&self, reader: Arc<dyn crate::grpc::UsageReader>) -> bool {
-        self.state.usage_reader.set(reader).is_ok()
-    }
-
-    pub fn set_keys(&self, snapshot_json: &str) -> Result<usize, SnapshotError> {
-        self.state.keys.replace_json(snapshot_json)
-    }
-
-    /// Replaces every quota policy and price; returns how many tenants and keys have a policy.
-    pub fn set_policies(&self, snapshot_json: &str) -> Result<usize, serde_json::Error> {
-        self.state.quota.set_policies_json(snapshot_json)
-    }
-
-    pub fn drain_usage(&self, max: usize) -> Vec<UsageEvent> {
-        self.state.meter.drain(max)
-    }
-
-    pub fn pending_usage(&self) -> usize {
-        self.state.meter.pending()
-    }
-
     /// Stops accepting, drains in-flight requests for up to `grace`, then stops the background
     /// loops.
     /// Usage of every request, finished or cut off, is in the meter when this returns.
@@ -186,6 +172,76 @@ impl Gateway {
         }
         self.stop_background();
         result
+    }
+}
+
+/// What the control plane pushes into a gateway and pulls out of it, whatever the gateway's
+/// lifecycle is doing.
+#[derive(Debug, Clone)]
+pub struct Control {
+    state: Arc<AppState>,
+}
+
+/// A worker as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WorkerStatus {
+    pub url: String,
+    pub healthy: bool,
+    pub outstanding: usize,
+    pub models: Vec<String>,
+    /// What the worker reported at its last load scrape.
+    #[serde(skip)]
+    pub load: Option<crate::router::Load>,
+}
+
+impl Control {
+    /// Installs how the gRPC usage service reads the ledger; only the first call counts.
+    pub fn set_usage_reader(&self, reader: Arc<dyn UsageReader>) -> bool {
+        self.state.usage_reader.set(reader).is_ok()
+    }
+
+    /// Replaces every API key; returns how many there are.
+    pub fn set_keys(&self, snapshot_json: &str) -> Result<usize, SnapshotError> {
+        self.state.keys.replace_json(snapshot_json)
+    }
+
+    /// Replaces every quota policy and price; returns how many tenants and keys have a policy.
+    pub fn set_policies(&self, snapshot_json: &str) -> Result<usize, serde_json::Error> {
+        self.state.quota.set_policies_json(snapshot_json)
+    }
+
+    /// Seeds what the ledger says was spent in the current periods; returns how many entries.
+    pub fn seed_spent(&self, entries_json: &str) -> Result<usize, serde_json::Error> {
+        self.state.quota.seed_json(entries_json)
+    }
+
+    /// Takes up to `max` recorded usage events, oldest first, each with its `seq`.
+    pub fn drain_usage(&self, max: usize) -> Vec<Ended> {
+        self.state.meter.drain(max)
+    }
+
+    /// Every drained event up to `seq` is in the ledger.
+    pub fn usage_committed(&self, seq: u64) {
+        self.state.meter.committed(seq);
+    }
+
+    pub fn pending_usage(&self) -> usize {
+        self.state.meter.pending()
+    }
+
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        self.state
+            .registry
+            .workers()
+            .iter()
+            .map(|w| WorkerStatus {
+                url: w.url.to_string(),
+                healthy: w.is_healthy(),
+                outstanding: w.outstanding(),
+                models: w.models().iter().map(|m| m.id.clone()).collect(),
+                load: w.load(),
+            })
+            .collect()
     }
 }
 

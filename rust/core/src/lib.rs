@@ -1,6 +1,15 @@
 //! tokengate's data plane: the OpenAI-compatible gateway and the vLLM-protocol simulator.
 //!
 //! Pure Rust, no Python: the `gateway._core` extension (rust/python) is only the boundary.
+//!
+//! Layers, bottom first; a module names only modules below it (`layers.rs` checks it):
+//! 1. foundations: `json`, `error`, `prometheus`, `serve`;
+//! 2. the domain: `request` (what a client asks), `usage` (the usage event it is billed by);
+//! 3. parts: `config`, `upstream`, `auth`, `journal`, `ledger`, `router`, `quota`, `metrics`,
+//!    `metering`, `relay`;
+//! 4. the pipeline: `scheduler`, `state`, `pipeline` (admission, attempts, the typed outcome);
+//! 5. surfaces, which render the outcome: `api` (HTTP), `grpc`;
+//! 6. the whole: `gateway`; and `sim`, the simulator.
 
 pub mod api;
 pub mod auth;
@@ -12,15 +21,24 @@ pub mod journal;
 pub mod json;
 #[cfg(test)]
 mod json_props;
+#[cfg(test)]
+mod layers;
+pub mod ledger;
 pub mod metering;
 pub mod metrics;
+pub(crate) mod pipeline;
 pub(crate) mod prometheus;
 pub mod quota;
 pub mod relay;
+pub mod request;
+#[cfg(test)]
+mod request_props;
 pub mod router;
+pub mod scheduler;
 pub mod serve;
 pub mod sim;
 pub mod state;
 pub mod upstream;
+pub mod usage;
 
-pub use gateway::Gateway;
+pub use gateway::{Control, Gateway, WorkerStatus};

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::error::ApiError;
-use crate::metering::{Status, UsageEvent};
 use crate::prometheus::{Family, Histogram, escape_label, family, header};
 use crate::quota::QuotaStats;
 use crate::router::Registry;
+use crate::usage::{Status, UsageEvent};
 
 const ENDPOINTS: [&str; 2] = ["chat.completions", "completions"];
 const STATUSES: [Status; 3] = [Status::Completed, Status::Cancelled, Status::Failed];
@@ -75,7 +75,7 @@ impl GatewayMetrics {
     pub fn observe_event(&self, event: &UsageEvent, elapsed: Duration) {
         let endpoint = ENDPOINTS
             .iter()
-            .position(|e| *e == event.endpoint)
+            .position(|e| *e == event.endpoint.as_str())
             .unwrap_or(0);
         let status = STATUSES
             .iter()
@@ -285,9 +285,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metering::UsageSource;
     use crate::prometheus::sample_value as value;
     use crate::router::Worker;
+    use crate::usage::UsageSource;
 
     fn event(status: Status, completion: u64) -> UsageEvent {
         UsageEvent {
@@ -297,7 +297,7 @@ mod tests {
             key_id: "k".into(),
             model: "m".into(),
             worker: None,
-            endpoint: "completions",
+            endpoint: crate::request::Endpoint::Completions,
             stream: false,
             status,
             http_status: 200,

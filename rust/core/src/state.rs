@@ -4,10 +4,11 @@ use std::sync::{Arc, OnceLock};
 
 use crate::auth::KeyStore;
 use crate::config::GatewayConfig;
-use crate::grpc::UsageReader;
+use crate::ledger::UsageReader;
 use crate::metering::Meter;
 use crate::quota::Quota;
 use crate::router::Registry;
+use crate::scheduler::Scheduler;
 use crate::upstream::Upstream;
 
 #[derive(Debug)]
@@ -15,6 +16,7 @@ pub struct AppState {
     pub config: GatewayConfig,
     pub keys: KeyStore,
     pub registry: Arc<Registry>,
+    pub scheduler: Scheduler,
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     pub quota: Arc<Quota>,

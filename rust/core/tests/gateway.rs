@@ -9,9 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway_core::Gateway;
 use gateway_core::config::GatewayConfig;
-use gateway_core::metering::{Status, UsageEvent};
 use gateway_core::serve::ServerHandle;
 use gateway_core::sim::{SimConfig, app};
+use gateway_core::usage::{Status, UsageEvent};
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -66,7 +66,7 @@ async fn gateway_with(workers: Vec<Value>, routing: Value) -> (Gateway, SocketAd
         .map(|b| format!("{b:02x}"))
         .collect();
     let keys = json!({ "keys": [{ "hash": hash, "key_id": "key_1", "tenant_id": "ten_1" }] });
-    gateway.set_keys(&keys.to_string()).unwrap();
+    gateway.control().set_keys(&keys.to_string()).unwrap();
     let addr = gateway.start().await.unwrap();
     (gateway, addr)
 }
@@ -108,7 +108,13 @@ async fn exchange(
 async fn events(gateway: &Gateway, n: usize) -> Vec<UsageEvent> {
     let mut events = Vec::new();
     for _ in 0..200 {
-        events.extend(gateway.drain_usage(usize::MAX));
+        events.extend(
+            gateway
+                .control()
+                .drain_usage(usize::MAX)
+                .into_iter()
+                .map(|e| e.event),
+        );
         if events.len() >= n {
             break;
         }
@@ -299,7 +305,7 @@ async fn shutdown_past_its_grace_cuts_streams_and_has_metered_them_when_it_retur
         json!({"model": "sim-model", "prompt": "x", "max_tokens": 1000, "stream": true}),
     ));
     for _ in 0..200 {
-        if gateway.state().registry.workers()[0].outstanding() > 0 {
+        if gateway.control().workers()[0].outstanding > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -307,11 +313,12 @@ async fn shutdown_past_its_grace_cuts_streams_and_has_metered_them_when_it_retur
     tokio::time::sleep(Duration::from_millis(200)).await;
     gateway.shutdown(Duration::from_millis(100)).await.unwrap();
     // No waiting: the cut stream's event is already recorded.
-    let events = gateway.drain_usage(usize::MAX);
+    let events = gateway.control().drain_usage(usize::MAX);
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].status, Status::Cancelled);
-    assert!(events[0].completion_tokens > 0, "{:?}", events[0]);
-    assert_eq!(gateway.state().registry.workers()[0].outstanding(), 0);
+    let event = &events[0].event;
+    assert_eq!(event.status, Status::Cancelled);
+    assert!(event.completion_tokens > 0, "{event:?}");
+    assert_eq!(gateway.control().workers()[0].outstanding, 0);
     client.abort();
 }
 
@@ -344,11 +351,10 @@ async fn requests_avoid_a_worker_that_reports_a_queue_from_other_clients() {
             ))
         })
         .collect();
-    let registry = gateway.state().registry.clone();
-    let busy_worker = registry.workers()[0].clone();
+    let control = gateway.control();
     let mut seen = None;
     for _ in 0..200 {
-        seen = busy_worker.load();
+        seen = control.workers()[0].load;
         if seen.is_some_and(|load| load.waiting >= 2) {
             break;
         }
@@ -380,7 +386,7 @@ async fn rate_limit_headers_on_both_kinds_of_response_then_429_with_retry_after(
     let (gateway, addr) = gateway(&[&worker]).await;
     let policy = json!({ "tenants": { "ten_1": {
         "requests_per_minute": 2, "tokens_per_minute": 100_000 } } });
-    gateway.set_policies(&policy.to_string()).unwrap();
+    gateway.control().set_policies(&policy.to_string()).unwrap();
     let request = |stream: bool| json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2, "stream": stream});
     let mut remaining = Vec::new();
     for stream in [false, true] {
@@ -409,7 +415,7 @@ async fn rate_limit_headers_on_both_kinds_of_response_then_429_with_retry_after(
     // Two events, both settled: the refused request has none.
     let events = events(&gateway, 2).await;
     assert_eq!(events.len(), 2);
-    assert!(gateway.drain_usage(10).is_empty());
+    assert!(gateway.control().drain_usage(10).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,7 +425,7 @@ async fn a_model_outside_the_allow_list_does_not_exist_for_the_tenant() {
     let (_, _, listed) = exchange(addr, "GET", "/v1/models", None).await;
     assert!(listed.contains("sim-model"));
     let policy = json!({ "tenants": { "ten_1": { "models": ["other-model"] } } });
-    gateway.set_policies(&policy.to_string()).unwrap();
+    gateway.control().set_policies(&policy.to_string()).unwrap();
     let (status, _, listed) = exchange(addr, "GET", "/v1/models", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use gateway_core::auth::Principal;
 use gateway_core::config::QuotaConfig;
-use gateway_core::metering::Usage;
 use gateway_core::quota::{Estimate, Exceeded, Quota, QuotaError, Reservation, Scope};
+use gateway_core::usage::Usage;
 use serde_json::json;
 
 /// A `redis-server` on a free loopback port, killed on drop.

@@ -3,8 +3,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use gateway_core::Control;
 use gateway_core::config::GatewayConfig;
-use gateway_core::state::AppState;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -15,7 +15,7 @@ use crate::usage;
 #[pyclass(frozen, module = "gateway._core")]
 pub struct Gateway {
     /// For calls that need no lock (keys, usage): they never wait on start or shutdown.
-    state: Arc<AppState>,
+    control: Control,
     inner: Mutex<gateway_core::Gateway>,
 }
 
@@ -26,7 +26,7 @@ impl Gateway {
         let config = GatewayConfig::from_json(config_json).map_err(CoreError::from)?;
         let inner = gateway_core::Gateway::new(config).map_err(CoreError::from)?;
         Ok(Self {
-            state: inner.state().clone(),
+            control: inner.control(),
             inner: Mutex::new(inner),
         })
     }
@@ -51,68 +51,46 @@ impl Gateway {
 
     /// Installs `reader(tenant_id, after, limit) -> str` for the gRPC usage service.
     fn set_usage_reader(&self, reader: Py<PyAny>) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.set_usage_reader(Arc::new(crate::usage_reader::PyUsageReader::new(reader)))
+        self.control
+            .set_usage_reader(Arc::new(crate::usage_reader::PyUsageReader::new(reader)))
     }
 
     fn set_keys(&self, snapshot_json: &str) -> PyResult<usize> {
         Ok(self
-            .state
-            .keys
-            .replace_json(snapshot_json)
+            .control
+            .set_keys(snapshot_json)
             .map_err(CoreError::from)?)
     }
 
     fn set_policies(&self, snapshot_json: &str) -> PyResult<usize> {
         Ok(self
-            .state
-            .quota
-            .set_policies_json(snapshot_json)
+            .control
+            .set_policies(snapshot_json)
             .map_err(CoreError::from)?)
     }
 
     fn seed_spent(&self, entries_json: &str) -> PyResult<usize> {
         Ok(self
-            .state
-            .quota
-            .seed_json(entries_json)
+            .control
+            .seed_spent(entries_json)
             .map_err(CoreError::from)?)
     }
 
     #[pyo3(signature = (max_events = 4096))]
     fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
-        let events = self.state.meter.drain(max_events);
-        let rows = events
-            .iter()
-            .map(|event| usage::to_tuple(py, event))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyList::new(py, rows)
+        usage::to_python(py, &self.control.drain_usage(max_events))
     }
 
-    fn usage_committed(&self, count: usize) {
-        self.state.meter.committed(count);
+    fn usage_committed(&self, seq: u64) {
+        self.control.usage_committed(seq);
     }
 
     fn pending_usage(&self) -> usize {
-        self.state.meter.pending()
+        self.control.pending_usage()
     }
 
     fn workers(&self) -> PyResult<String> {
-        let workers: Vec<serde_json::Value> = self
-            .state
-            .registry
-            .workers()
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "url": &*w.url,
-                    "healthy": w.is_healthy(),
-                    "outstanding": w.outstanding(),
-                    "models": w.models().iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        Ok(serde_json::to_string(&workers).map_err(CoreError::from)?)
+        Ok(serde_json::to_string(&self.control.workers()).map_err(CoreError::from)?)
     }
 
     fn shutdown(&self, py: Python<'_>, grace_s: f64) -> PyResult<()> {

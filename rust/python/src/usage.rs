@@ -1,53 +1,156 @@
-//! Usage events cross into Python as plain tuples in `USAGE_COLUMNS` order: the ledger inserts
-//! them as they come, with no JSON or per-field validation in between.
+//! Usage events cross into Python as `gateway.ledger.usage.UsageEvent`, the control plane's
+//! typed view of the core's `UsageEvent`: built field by field by name, so the two schemas are
+//! one. The first drain checks that the Python class has exactly the core's fields (the names
+//! its serialised form, the journal's, uses) and raises otherwise.
 
-use gateway_core::metering::UsageEvent;
+use gateway_core::journal::Ended;
+use gateway_core::request::Endpoint;
+use gateway_core::usage::{Status, UsageEvent, UsageSource};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyList, PyTuple, PyType};
 
-/// The ledger's `usage_events` columns, in the order of each drained tuple.
-pub const USAGE_COLUMNS: [&str; 16] = [
-    "event_id",
-    "request_id",
-    "tenant_id",
-    "key_id",
-    "model",
-    "worker",
-    "endpoint",
-    "stream",
-    "status",
-    "http_status",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "usage_source",
-    "started_at_ms",
-    "finished_at_ms",
-];
+/// The Python class events are handed over as.
+const MODULE: &str = "gateway.ledger.usage";
+const CLASS: &str = "UsageEvent";
 
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("USAGE_COLUMNS", PyTuple::new(m.py(), USAGE_COLUMNS)?)
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    EventId,
+    RequestId,
+    TenantId,
+    KeyId,
+    Model,
+    Worker,
+    Endpoint,
+    Stream,
+    Status,
+    HttpStatus,
+    PromptTokens,
+    CachedTokens,
+    CompletionTokens,
+    UsageSource,
+    StartedAtMs,
+    FinishedAtMs,
 }
 
-/// One event as a tuple in `USAGE_COLUMNS` order.
-pub fn to_tuple<'py>(py: Python<'py>, e: &UsageEvent) -> PyResult<Bound<'py, PyTuple>> {
-    let items: [Bound<'py, PyAny>; 16] = [
-        e.event_id.as_str().into_pyobject(py)?.into_any(),
-        e.request_id.as_str().into_pyobject(py)?.into_any(),
-        (*e.tenant_id).into_pyobject(py)?.into_any(),
-        (*e.key_id).into_pyobject(py)?.into_any(),
-        e.model.as_str().into_pyobject(py)?.into_any(),
-        e.worker.as_deref().into_pyobject(py)?.into_any(),
-        e.endpoint.into_pyobject(py)?.into_any(),
-        e.stream.into_pyobject(py)?.to_owned().into_any(),
-        e.status.as_str().into_pyobject(py)?.into_any(),
-        e.http_status.into_pyobject(py)?.into_any(),
-        e.prompt_tokens.into_pyobject(py)?.into_any(),
-        e.cached_tokens.into_pyobject(py)?.into_any(),
-        e.completion_tokens.into_pyobject(py)?.into_any(),
-        e.usage_source.as_str().into_pyobject(py)?.into_any(),
-        e.started_at_ms.into_pyobject(py)?.into_any(),
-        e.finished_at_ms.into_pyobject(py)?.into_any(),
-    ];
-    PyTuple::new(py, items)
+impl Field {
+    fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "event_id" => Self::EventId,
+            "request_id" => Self::RequestId,
+            "tenant_id" => Self::TenantId,
+            "key_id" => Self::KeyId,
+            "model" => Self::Model,
+            "worker" => Self::Worker,
+            "endpoint" => Self::Endpoint,
+            "stream" => Self::Stream,
+            "status" => Self::Status,
+            "http_status" => Self::HttpStatus,
+            "prompt_tokens" => Self::PromptTokens,
+            "cached_tokens" => Self::CachedTokens,
+            "completion_tokens" => Self::CompletionTokens,
+            "usage_source" => Self::UsageSource,
+            "started_at_ms" => Self::StartedAtMs,
+            "finished_at_ms" => Self::FinishedAtMs,
+            _ => return None,
+        })
+    }
+
+    fn value<'py>(self, py: Python<'py>, e: &UsageEvent) -> PyResult<Bound<'py, PyAny>> {
+        Ok(match self {
+            Self::EventId => e.event_id.as_str().into_pyobject(py)?.into_any(),
+            Self::RequestId => e.request_id.as_str().into_pyobject(py)?.into_any(),
+            Self::TenantId => (*e.tenant_id).into_pyobject(py)?.into_any(),
+            Self::KeyId => (*e.key_id).into_pyobject(py)?.into_any(),
+            Self::Model => e.model.as_str().into_pyobject(py)?.into_any(),
+            Self::Worker => e.worker.as_deref().into_pyobject(py)?.into_any(),
+            Self::Endpoint => e.endpoint.as_str().into_pyobject(py)?.into_any(),
+            Self::Stream => e.stream.into_pyobject(py)?.to_owned().into_any(),
+            Self::Status => e.status.as_str().into_pyobject(py)?.into_any(),
+            Self::HttpStatus => e.http_status.into_pyobject(py)?.into_any(),
+            Self::PromptTokens => e.prompt_tokens.into_pyobject(py)?.into_any(),
+            Self::CachedTokens => e.cached_tokens.into_pyobject(py)?.into_any(),
+            Self::CompletionTokens => e.completion_tokens.into_pyobject(py)?.into_any(),
+            Self::UsageSource => e.usage_source.as_str().into_pyobject(py)?.into_any(),
+            Self::StartedAtMs => e.started_at_ms.into_pyobject(py)?.into_any(),
+            Self::FinishedAtMs => e.finished_at_ms.into_pyobject(py)?.into_any(),
+        })
+    }
+}
+
+/// The core's field names, from the event's serialised form (the journal's), sorted.
+pub fn field_names() -> Vec<String> {
+    let sample = UsageEvent {
+        event_id: String::new(),
+        request_id: String::new(),
+        tenant_id: "".into(),
+        key_id: "".into(),
+        model: String::new(),
+        worker: None,
+        endpoint: Endpoint::Completions,
+        stream: false,
+        status: Status::Completed,
+        http_status: 0,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        usage_source: UsageSource::None,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+    };
+    match serde_json::to_value(sample) {
+        Ok(serde_json::Value::Object(members)) => members.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("USAGE_FIELDS", PyTuple::new(m.py(), field_names())?)
+}
+
+/// The Python class and, for each of its fields in order, the core's field.
+fn class(py: Python<'_>) -> PyResult<&(Py<PyType>, Vec<Field>)> {
+    static CLASS_FIELDS: PyOnceLock<(Py<PyType>, Vec<Field>)> = PyOnceLock::new();
+    CLASS_FIELDS.get_or_try_init(py, || {
+        let class = py.import(MODULE)?.getattr(CLASS)?.cast_into::<PyType>()?;
+        let names: Vec<String> = class.getattr("_fields")?.extract()?;
+        let mut sorted = names.clone();
+        sorted.sort();
+        if sorted != field_names() {
+            return Err(PyTypeError::new_err(format!(
+                "{MODULE}.{CLASS} has the fields {names:?}; the core's usage event has {:?}",
+                field_names()
+            )));
+        }
+        let fields = names
+            .iter()
+            .filter_map(|name| Field::named(name))
+            .collect::<Vec<_>>();
+        if fields.len() != names.len() {
+            return Err(PyTypeError::new_err(format!(
+                "the core cannot hand over every field of {names:?}"
+            )));
+        }
+        Ok((class.unbind(), fields))
+    })
+}
+
+/// Drained events as `[(seq, UsageEvent)]`.
+pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py, PyList>> {
+    let (class, fields) = class(py)?;
+    let class = class.bind(py);
+    let items = drained
+        .iter()
+        .map(|ended| {
+            let values = fields
+                .iter()
+                .map(|field| field.value(py, &ended.event))
+                .collect::<PyResult<Vec<_>>>()?;
+            let event = class.call1(PyTuple::new(py, values)?)?;
+            PyTuple::new(py, [ended.seq.into_pyobject(py)?.into_any(), event])
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
 }

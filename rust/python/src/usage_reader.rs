@@ -2,7 +2,7 @@
 //! `reader(tenant_id, after, limit)` on a blocking thread with the GIL held, it returns the page's
 //! JSON; a `ValueError` means a malformed cursor, any other exception an unreadable ledger.
 
-use gateway_core::grpc::{UsageReadError, UsageReader};
+use gateway_core::ledger::{UsageReadError, UsageReader};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 

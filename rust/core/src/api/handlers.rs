@@ -1,4 +1,5 @@
-//! Thin HTTP handlers: authenticate, read and parse the body, hand over to the dispatcher.
+//! Thin HTTP handlers: authenticate, read and parse the body, hand over to the pipeline, render
+//! its outcome.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,11 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::dispatch::dispatch;
-use super::request::{Endpoint, InferenceRequest, check_request_id};
+use super::render::render;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::pipeline::dispatch;
+use crate::request::{Endpoint, InferenceRequest, check_request_id};
 use crate::state::AppState;
 
 /// The gateway's routes over `state`; tests drive it without a socket.
@@ -54,7 +56,7 @@ async fn generate(
     body: Body,
 ) -> Response {
     match admit(state, endpoint, headers, body).await {
-        Ok((request, principal)) => dispatch(state, request, &principal).await,
+        Ok((request, principal)) => render(dispatch(state, request, &principal).await),
         Err(error) => reject(state, error),
     }
 }
@@ -88,7 +90,7 @@ async fn admit(
 }
 
 /// Answers a refused request, counting it.
-pub(super) fn reject(state: &AppState, error: ApiError) -> Response {
+fn reject(state: &AppState, error: ApiError) -> Response {
     state.meter.metrics().reject(&error);
     error.into_response()
 }

@@ -1,10 +1,6 @@
 //! The OpenAI-compatible HTTP surface.
 
-mod dispatch;
 mod handlers;
-#[cfg(test)]
-mod props;
-pub mod request;
+mod render;
 
-pub(crate) use dispatch::dispatch;
 pub use handlers::app;

@@ -1,17 +1,99 @@
-//! Translation between `gateway.v1` messages and the OpenAI JSON the pipeline speaks: a call
-//! becomes the request body an OpenAI client would have sent; a worker's answer (a JSON body, or
-//! one SSE event of a stream) becomes a response message.
+//! Translation between `gateway.v1` messages and the pipeline's types: a call becomes the
+//! `InferenceRequest` it stands for (with the OpenAI body a worker is sent); a worker's answer, or
+//! the choice events of one read of its stream, become a response message. Each worker JSON is
+//! parsed once, here; usage comes typed from the pipeline.
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::pb;
-use crate::metering::Usage;
+use crate::error::ApiError;
+use crate::request::{Endpoint, Fields, InferenceRequest, UsageOptions};
+use crate::usage::Usage;
+
+/// The request a chat call stands for; `limit` bounds the body it makes (the HTTP API's).
+pub fn chat_request(
+    call: &pb::ChatCompletionRequest,
+    stream: bool,
+    limit: usize,
+) -> Result<InferenceRequest, ApiError> {
+    let body = chat_body(call, stream);
+    request(
+        Endpoint::ChatCompletions,
+        &call.model,
+        call.params.as_ref(),
+        &call.request_id,
+        1,
+        stream,
+        body,
+        limit,
+    )
+}
+
+/// The request a completion call stands for.
+pub fn completion_request(
+    call: &pb::CompletionRequest,
+    stream: bool,
+    limit: usize,
+) -> Result<InferenceRequest, ApiError> {
+    let body = completion_body(call, stream);
+    let prompts = u64::try_from(call.prompt.len()).unwrap_or(u64::MAX);
+    let request = request(
+        Endpoint::Completions,
+        &call.model,
+        call.params.as_ref(),
+        &call.request_id,
+        prompts,
+        stream,
+        body,
+        limit,
+    )?;
+    if prompts == 0 {
+        return Err(ApiError::bad_request(
+            "`prompt` is required",
+            Some("prompt"),
+        ));
+    }
+    Ok(request)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the members both calls share, read once"
+)]
+fn request(
+    endpoint: Endpoint,
+    model: &str,
+    params: Option<&pb::SamplingParams>,
+    request_id: &str,
+    prompts: u64,
+    stream: bool,
+    body: Bytes,
+    limit: usize,
+) -> Result<InferenceRequest, ApiError> {
+    // The HTTP API's body limit, on the body the call stands for.
+    if body.len() > limit {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let fields = Fields {
+        model: (!model.is_empty()).then(|| model.to_owned()),
+        stream,
+        // A stream's usage comes on its last message.
+        client_usage: UsageOptions {
+            include_usage: stream,
+            continuous_usage_stats: false,
+        },
+        max_tokens: params.and_then(|p| p.max_tokens).map(u64::from),
+        n: params.and_then(|p| p.n).map(u64::from),
+        prompts,
+    };
+    let id = (!request_id.is_empty()).then(|| request_id.to_owned());
+    InferenceRequest::new(endpoint, fields, id, body)
+}
 
 /// The body of a chat completion request; `stream` asks for the usage on the last event.
-pub fn chat_body(request: &pb::ChatCompletionRequest, stream: bool) -> Bytes {
+fn chat_body(request: &pb::ChatCompletionRequest, stream: bool) -> Bytes {
     let mut body = Map::new();
     model(&mut body, &request.model);
     let messages: Vec<Value> = request
@@ -30,7 +112,7 @@ pub fn chat_body(request: &pb::ChatCompletionRequest, stream: bool) -> Bytes {
 }
 
 /// The body of a completion request: one prompt as a string, several as a batch.
-pub fn completion_body(request: &pb::CompletionRequest, stream: bool) -> Bytes {
+fn completion_body(request: &pb::CompletionRequest, stream: bool) -> Bytes {
     let mut body = Map::new();
     model(&mut body, &request.model);
     match request.prompt.as_slice() {
@@ -93,7 +175,7 @@ fn decimal(value: f32) -> Value {
 }
 
 #[derive(Deserialize)]
-struct WireAnswer<'a> {
+struct WireAnswer {
     #[serde(default)]
     id: String,
     #[serde(default)]
@@ -102,8 +184,6 @@ struct WireAnswer<'a> {
     created: i64,
     #[serde(default)]
     choices: Vec<WireChoice>,
-    #[serde(borrow, default)]
-    usage: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -144,63 +224,61 @@ impl WireChoice {
     }
 }
 
-fn usage(raw: Option<&RawValue>) -> Option<pb::Usage> {
-    let usage = Usage::from_json(raw?.get().as_bytes())?;
-    Some(pb::Usage {
+/// Usage as the messages carry it.
+pub fn usage(usage: Usage) -> pb::Usage {
+    pb::Usage {
         prompt_tokens: usage.prompt_tokens,
         cached_tokens: usage.cached_tokens,
         completion_tokens: usage.completion_tokens,
-    })
+    }
 }
 
-/// What an answer and a chunk share: id, model, creation time, choices and usage.
-struct Parts {
-    id: String,
-    model: String,
-    created: i64,
-    choices: Vec<pb::Choice>,
-    usage: Option<pb::Usage>,
-}
-
-fn parts(json: &[u8]) -> Option<Parts> {
-    let answer: WireAnswer<'_> = serde_json::from_slice(json).ok()?;
-    Some(Parts {
+/// A worker's complete answer, its usage as the pipeline metered it; `None` if the body is not
+/// an answer.
+pub fn response(
+    body: &[u8],
+    usage_seen: Option<Usage>,
+    request_id: String,
+) -> Option<pb::GenerateResponse> {
+    let answer: WireAnswer = serde_json::from_slice(body).ok()?;
+    Some(pb::GenerateResponse {
         id: answer.id,
         model: answer.model,
         created: answer.created,
-        usage: usage(answer.usage),
         choices: answer
             .choices
             .into_iter()
             .map(WireChoice::into_choice)
             .collect(),
-    })
-}
-
-/// A complete answer; `None` if it is not one.
-pub fn response(body: &[u8], request_id: String) -> Option<pb::GenerateResponse> {
-    let p = parts(body)?;
-    Some(pb::GenerateResponse {
-        id: p.id,
-        model: p.model,
-        created: p.created,
-        choices: p.choices,
-        usage: p.usage,
+        usage: usage_seen.map(usage),
         request_id,
     })
 }
 
-/// One event's JSON as a chunk; `None` if it is not one.
-pub fn chunk(data: &[u8]) -> Option<pb::GenerateChunk> {
-    let p = parts(data)?;
-    Some(pb::GenerateChunk {
-        id: p.id,
-        model: p.model,
-        created: p.created,
-        choices: p.choices,
-        usage: p.usage,
-        request_id: String::new(),
-    })
+/// Adds one choice event of a stream (the worker's JSON payload) to `chunk`: the first event
+/// gives its id, model and creation time; a choice already in it gets the text appended and its
+/// finish reason. Whether the payload was an event.
+pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
+    let Ok(event) = serde_json::from_slice::<WireAnswer>(payload) else {
+        return false;
+    };
+    if chunk.id.is_empty() {
+        chunk.id = event.id;
+        chunk.model = event.model;
+        chunk.created = event.created;
+    }
+    for choice in event.choices.into_iter().map(WireChoice::into_choice) {
+        match chunk.choices.iter_mut().find(|c| c.index == choice.index) {
+            Some(known) => {
+                known.text.push_str(&choice.text);
+                if !choice.finish_reason.is_empty() {
+                    known.finish_reason = choice.finish_reason;
+                }
+            }
+            None => chunk.choices.push(choice),
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -260,7 +338,7 @@ mod tests {
     #[test]
     fn answers_and_chunks_take_text_finish_reasons_and_usage() {
         let body = br#"{"id":"x","model":"m","created":7,"choices":[{"index":0,"message":{"role":"assistant","content":"hey"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#;
-        let answer = response(body, "r".into()).unwrap_or_default();
+        let answer = response(body, Usage::from_json(br#"{"prompt_tokens":4,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}"#), "r".into()).unwrap_or_default();
         assert_eq!(answer.choices[0].text, "hey");
         assert_eq!(answer.choices[0].finish_reason, "stop");
         assert_eq!(
@@ -271,13 +349,23 @@ mod tests {
                 completion_tokens: 2
             })
         );
-        let event =
-            br#"{"id":"x","choices":[{"index":1,"delta":{"content":"yo"},"finish_reason":null}]}"#;
-        let piece = chunk(event).unwrap_or_default();
-        assert_eq!(
-            (piece.choices[0].index, piece.choices[0].text.as_str()),
-            (1, "yo")
-        );
+        let mut piece = pb::GenerateChunk::default();
+        for event in [
+            &br#"{"id":"x","choices":[{"index":1,"delta":{"content":"yo"},"finish_reason":null}]}"#
+                [..],
+            br#"{"id":"x","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}"#,
+            br#"{"id":"x","choices":[{"index":1,"delta":{"content":"!"},"finish_reason":"stop"}]}"#,
+        ] {
+            assert!(add_event(&mut piece, event));
+        }
+        assert!(!add_event(&mut piece, b"not json"));
+        let texts: Vec<_> = piece
+            .choices
+            .iter()
+            .map(|c| (c.index, c.text.as_str(), c.finish_reason.as_str()))
+            .collect();
+        assert_eq!(texts, [(1, "yo!", "stop"), (0, "a", "")]);
+        assert_eq!(piece.id, "x");
         assert_eq!(piece.usage, None);
     }
 }

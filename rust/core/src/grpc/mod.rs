@@ -12,7 +12,6 @@ mod status;
 mod usage;
 
 pub use server::GrpcServer;
-pub use usage::{UsageReadError, UsageReader};
 
 /// The messages and service traits generated from `protos/gateway/v1/inference.proto`.
 #[expect(

@@ -1,20 +1,16 @@
 //! `gateway.v1.InferenceService`: each call is authenticated from its `authorization` metadata,
-//! turned into the OpenAI request it stands for, and handed to `dispatch`, the HTTP API's own
-//! path. The answer comes back as HTTP (a JSON body, an SSE stream, or an OpenAI error) and is
-//! translated here. A stream is relayed event by event: a call the client cancels drops the
-//! HTTP response, which cancels the worker's request and records the usage event as `cancelled`,
-//! as an HTTP client's disconnect does.
+//! turned into the `InferenceRequest` it stands for, and run through the pipeline the HTTP API
+//! uses; this file renders the pipeline's outcome as messages and statuses. A stream's message
+//! carries what one read of the worker's stream brought. A call the client cancels drops the
+//! relay, which cancels the worker's request and records the usage event as `cancelled`, as an
+//! HTTP client's disconnect does.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
-use http::HeaderMap;
-use http_body_util::BodyExt;
+use futures_util::Stream;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -23,10 +19,11 @@ use super::convert;
 use super::pb;
 use super::pb::inference_service_server::InferenceService;
 use super::status;
-use crate::api::dispatch;
-use crate::api::request::{Endpoint, InferenceRequest};
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::relay::SseSplitter;
+use crate::pipeline::{Dispatched, Outcome, dispatch};
+use crate::relay::{End, EventStream};
+use crate::request::InferenceRequest;
 use crate::state::AppState;
 
 #[derive(serde::Deserialize)]
@@ -55,82 +52,80 @@ impl InferenceApi {
         Self { state }
     }
 
-    /// Runs the call through the pipeline; an error it answers becomes the call's status.
-    async fn generate(
-        &self,
-        endpoint: Endpoint,
-        metadata: &MetadataMap,
-        body: Bytes,
-        request_id: &str,
-    ) -> Result<Response, Status> {
+    /// The caller, from the call's metadata.
+    fn principal(&self, metadata: &MetadataMap) -> Result<Arc<Principal>, Status> {
         let headers = metadata.clone().into_headers();
-        let limit = self.state.config.max_body_bytes;
-        let admitted = self
-            .state
+        self.state
             .keys
             .authenticate(&headers)
-            .and_then(|principal| {
-                // The HTTP API's body limit, on the body the call stands for.
-                if body.len() > limit {
-                    return Err(ApiError::PayloadTooLarge { limit });
-                }
-                let id = (!request_id.is_empty()).then(|| request_id.to_owned());
-                InferenceRequest::from_json(endpoint, body, id).map(|request| (request, principal))
-            });
-        let (request, principal) = match admitted {
-            Ok(admitted) => admitted,
-            Err(error) => return Err(self.refuse(error).await),
-        };
-        let response = dispatch(&self.state, request, &principal).await;
-        if response.status().is_success() {
-            Ok(response)
-        } else {
-            Err(error_status(response).await)
-        }
+            .map_err(|error| self.refuse(&error))
     }
 
-    async fn refuse(&self, error: ApiError) -> Status {
-        self.state.meter.metrics().reject(&error);
-        error_status(error.into_response()).await
+    /// Counts a call refused before the pipeline, and its status.
+    fn refuse(&self, error: &ApiError) -> Status {
+        self.state.meter.metrics().reject(error);
+        status::of_error(error)
+    }
+
+    /// Runs the call's request through the pipeline.
+    async fn run(
+        &self,
+        metadata: &MetadataMap,
+        request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
+    ) -> Result<(Dispatched, String), Status> {
+        let principal = self.principal(metadata)?;
+        let request = request(self.state.config.max_body_bytes).map_err(|e| self.refuse(&e))?;
+        let dispatched = dispatch(&self.state, request, &principal).await;
+        let request_id = match &dispatched.outcome {
+            Outcome::Answer(answer) => answer.head.request_id.clone(),
+            Outcome::Stream { head, .. } => head.request_id.clone(),
+            Outcome::Refused(_) | Outcome::Failed(_) => None,
+        }
+        .and_then(|id| id.to_str().ok().map(str::to_owned))
+        .or_else(|| dispatched.request_id.clone())
+        .unwrap_or_default();
+        Ok((dispatched, request_id))
     }
 
     async fn unary(
         &self,
-        endpoint: Endpoint,
         metadata: &MetadataMap,
-        body: Bytes,
-        request_id: &str,
+        request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
     ) -> Result<tonic::Response<pb::GenerateResponse>, Status> {
         let call = async {
-            let response = self.generate(endpoint, metadata, body, request_id).await?;
-            let id = request_id_of(response.headers());
-            let bytes = read(response.into_body()).await?;
-            convert::response(&bytes, id)
-                .map(tonic::Response::new)
-                .ok_or_else(|| Status::internal("the worker's answer could not be read"))
+            let (dispatched, request_id) = self.run(metadata, request).await?;
+            match dispatched.outcome {
+                Outcome::Refused(error) | Outcome::Failed(error) => Err(status::of_error(&error)),
+                Outcome::Answer(answer) if answer.head.status.is_success() => {
+                    convert::response(&answer.body, answer.usage, request_id)
+                        .map(tonic::Response::new)
+                        .ok_or_else(|| Status::internal("the worker's answer could not be read"))
+                }
+                Outcome::Answer(answer) => {
+                    Err(status::from_worker(answer.head.status, &answer.body))
+                }
+                Outcome::Stream { .. } => Err(Status::internal("the worker streamed an answer")),
+            }
         };
         within(deadline(metadata), call).await
     }
 
     async fn stream(
         &self,
-        endpoint: Endpoint,
         metadata: &MetadataMap,
-        body: Bytes,
-        request_id: &str,
+        request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
     ) -> Result<tonic::Response<ChunkStream>, Status> {
         let deadline = deadline(metadata);
-        let response = within(
-            deadline,
-            self.generate(endpoint, metadata, body, request_id),
-        )
-        .await?;
-        let id = request_id_of(response.headers());
-        Ok(tonic::Response::new(chunks(
-            response.into_body(),
-            id,
-            deadline,
-        )))
+        let (dispatched, request_id) = within(deadline, self.run(metadata, request)).await?;
+        match dispatched.outcome {
+            Outcome::Refused(error) | Outcome::Failed(error) => Err(status::of_error(&error)),
+            Outcome::Answer(answer) => Err(status::from_worker(answer.head.status, &answer.body)),
+            Outcome::Stream { events, .. } => Ok(tonic::Response::new(chunks(
+                events.with_events(),
+                request_id,
+                deadline,
+            ))),
+        }
     }
 }
 
@@ -172,107 +167,96 @@ async fn within<T>(
     }
 }
 
-fn request_id_of(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
-
-async fn read(body: Body) -> Result<Bytes, Status> {
-    body.collect()
-        .await
-        .map(http_body_util::Collected::to_bytes)
-        .map_err(|error| Status::unavailable(format!("the answer was cut off: {error}")))
-}
-
-async fn error_status(response: Response) -> Status {
-    let (parts, body) = response.into_parts();
-    match read(body).await {
-        Ok(bytes) => status::from_http(parts.status, &parts.headers, &bytes),
-        Err(status) => status,
-    }
-}
-
-/// The SSE events of `body` as chunks; the first carries `request_id`, an error event ends the
-/// call with its status, `[DONE]` ends it with OK, and a `deadline` that passes with
-/// DEADLINE_EXCEEDED.
-fn chunks(body: Body, request_id: String, deadline: Option<Instant>) -> ChunkStream {
+/// The stream's messages, one per read of the worker's stream that brought text or usage: the
+/// first carries `request_id`, the last the usage. The worker's error event ends the call with
+/// its status, `[DONE]` with OK, a failed worker with UNAVAILABLE, and a `deadline` that passes
+/// with DEADLINE_EXCEEDED.
+fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant>) -> ChunkStream {
     struct Relay {
-        body: axum::body::BodyDataStream,
-        splitter: SseSplitter,
-        ready: std::collections::VecDeque<Bytes>,
+        events: Box<EventStream>,
+        ready: VecDeque<Result<pb::GenerateChunk, Status>>,
         request_id: Option<String>,
+        /// The worker's error event, reported once its stream ends.
+        worker_error: Option<Status>,
+        /// The id, model and creation time of the stream's first event, for a last message
+        /// that has only the usage.
+        first: Option<(String, String, i64)>,
         done: bool,
     }
     let relay = Relay {
-        body: body.into_data_stream(),
-        splitter: SseSplitter::default(),
-        ready: std::collections::VecDeque::new(),
+        events,
+        ready: VecDeque::new(),
         request_id: Some(request_id),
+        worker_error: None,
+        first: None,
         done: false,
     };
     Box::pin(futures_util::stream::unfold(
         relay,
         move |mut relay| async move {
             loop {
+                if let Some(item) = relay.ready.pop_front() {
+                    return Some((item, relay));
+                }
                 if relay.done {
                     return None;
                 }
-                while let Some(event) = relay.ready.pop_front() {
-                    let Some(data) = event_data(&event) else {
-                        continue;
-                    };
-                    if data == b"[DONE]" {
-                        return None;
-                    }
-                    if let Some(error) = status::from_event(data) {
+                let next = within(deadline, async { Ok(relay.events.next().await) }).await;
+                let relayed = match next {
+                    Ok(Some(relayed)) => relayed,
+                    Ok(None) => {
                         relay.done = true;
-                        return Some((Err(error), relay));
-                    }
-                    let Some(mut chunk) = convert::chunk(data) else {
+                        let status = Status::unavailable("the stream ended before its last event");
+                        relay.ready.push_back(Err(status));
                         continue;
-                    };
+                    }
+                    Err(status) => {
+                        relay.done = true;
+                        relay.ready.push_back(Err(status));
+                        continue;
+                    }
+                };
+                let mut chunk = pb::GenerateChunk::default();
+                for payload in &relayed.events {
+                    convert::add_event(&mut chunk, payload);
+                }
+                if relay.first.is_none() && !chunk.id.is_empty() {
+                    relay.first = Some((chunk.id.clone(), chunk.model.clone(), chunk.created));
+                }
+                if let Some(payload) = &relayed.worker_error {
+                    relay.worker_error = Some(status::from_worker_event(payload));
+                }
+                let end = match relayed.end {
+                    None => None,
+                    Some(End::Done(usage)) => {
+                        relay.done = true;
+                        if relay.worker_error.is_none() {
+                            chunk.usage = Some(convert::usage(usage));
+                            if chunk.id.is_empty()
+                                && let Some((id, model, created)) = relay.first.clone()
+                            {
+                                (chunk.id, chunk.model, chunk.created) = (id, model, created);
+                            }
+                        }
+                        relay.worker_error.take().map(Err)
+                    }
+                    Some(End::Failed(error)) => {
+                        relay.done = true;
+                        Some(Err(status::of_stream_error(&error)))
+                    }
+                };
+                if !chunk.choices.is_empty() || chunk.usage.is_some() {
                     if let Some(id) = relay.request_id.take() {
                         chunk.request_id = id;
                     }
-                    return Some((Ok(chunk), relay));
+                    relay.ready.push_back(Ok(chunk));
                 }
-                let next = within(deadline, async { Ok(relay.body.next().await) }).await;
-                let next = match next {
-                    Ok(next) => next,
-                    Err(status) => {
-                        relay.done = true;
-                        return Some((Err(status), relay));
-                    }
-                };
-                match next {
-                    Some(Ok(bytes)) => relay.ready.extend(relay.splitter.push(bytes)),
-                    Some(Err(error)) => {
-                        relay.done = true;
-                        let status =
-                            Status::unavailable(format!("the stream was cut off: {error}"));
-                        return Some((Err(status), relay));
-                    }
-                    None => {
-                        relay.done = true;
-                        let status = Status::unavailable("the stream ended before its last event");
-                        return Some((Err(status), relay));
-                    }
+                if let Some(end) = end {
+                    relay.ready.push_back(end);
                 }
             }
         },
     ))
-}
-
-/// The payload of an SSE event's `data:` line.
-fn event_data(event: &[u8]) -> Option<&[u8]> {
-    let line = event
-        .split(|&b| b == b'\n')
-        .find(|l| l.starts_with(b"data:"))?;
-    let data = &line[5..];
-    Some(data.strip_prefix(b" ").unwrap_or(data))
 }
 
 #[tonic::async_trait]
@@ -282,13 +266,9 @@ impl InferenceService for InferenceApi {
         request: Request<pb::ChatCompletionRequest>,
     ) -> Result<tonic::Response<pb::GenerateResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let body = convert::chat_body(&message, false);
-        self.unary(
-            Endpoint::ChatCompletions,
-            &metadata,
-            body,
-            &message.request_id,
-        )
+        self.unary(&metadata, |limit| {
+            convert::chat_request(&message, false, limit)
+        })
         .await
     }
 
@@ -299,13 +279,9 @@ impl InferenceService for InferenceApi {
         request: Request<pb::ChatCompletionRequest>,
     ) -> Result<tonic::Response<ChunkStream>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let body = convert::chat_body(&message, true);
-        self.stream(
-            Endpoint::ChatCompletions,
-            &metadata,
-            body,
-            &message.request_id,
-        )
+        self.stream(&metadata, |limit| {
+            convert::chat_request(&message, true, limit)
+        })
         .await
     }
 
@@ -314,9 +290,10 @@ impl InferenceService for InferenceApi {
         request: Request<pb::CompletionRequest>,
     ) -> Result<tonic::Response<pb::GenerateResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let body = convert::completion_body(&message, false);
-        self.unary(Endpoint::Completions, &metadata, body, &message.request_id)
-            .await
+        self.unary(&metadata, |limit| {
+            convert::completion_request(&message, false, limit)
+        })
+        .await
     }
 
     type StreamCompletionStream = ChunkStream;
@@ -326,20 +303,17 @@ impl InferenceService for InferenceApi {
         request: Request<pb::CompletionRequest>,
     ) -> Result<tonic::Response<ChunkStream>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let body = convert::completion_body(&message, true);
-        self.stream(Endpoint::Completions, &metadata, body, &message.request_id)
-            .await
+        self.stream(&metadata, |limit| {
+            convert::completion_request(&message, true, limit)
+        })
+        .await
     }
 
     async fn list_models(
         &self,
         request: Request<pb::ListModelsRequest>,
     ) -> Result<tonic::Response<pb::ListModelsResponse>, Status> {
-        let headers = request.metadata().clone().into_headers();
-        let principal = match self.state.keys.authenticate(&headers) {
-            Ok(principal) => principal,
-            Err(error) => return Err(self.refuse(error).await),
-        };
+        let principal = self.principal(request.metadata())?;
         // The model list the HTTP API serves this caller, read back.
         let document = match self.state.quota.model_filter(&principal) {
             None => self.state.registry.models_document(),

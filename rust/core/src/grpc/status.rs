@@ -1,15 +1,17 @@
-//! The gRPC status of an answer the pipeline gave as an HTTP error: its code from the HTTP
-//! status, its message from the OpenAI error body, and in its details the OpenAI error code
-//! (`google.rpc.ErrorInfo`, domain `tokengate`) and, for a client that must wait, when to retry
-//! (`google.rpc.RetryInfo`, from `retry-after-ms`).
+//! The gRPC status of an error: the gateway's own (`ApiError`), or a worker's error answer or
+//! in-stream error event. Its code follows the HTTP status, its message is the error's, and its
+//! details carry the OpenAI error code (`google.rpc.ErrorInfo`, domain `tokengate`) and, for a
+//! client that must wait, when to retry (`google.rpc.RetryInfo`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::ApiError;
 
 /// The details' `ErrorInfo` domain.
 const DOMAIN: &str = "tokengate";
@@ -39,35 +41,68 @@ struct Envelope {
 struct Body {
     #[serde(default)]
     message: String,
+    /// OpenAI's codes are strings; vLLM's is the HTTP status, a number.
     #[serde(default)]
-    code: Option<String>,
+    code: Option<serde_json::Value>,
     #[serde(default, rename = "type")]
     kind: Option<String>,
 }
 
-/// The status of an HTTP error answer (`status`, `headers`, `body`).
-pub fn from_http(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Status {
+impl Body {
+    fn reason(self) -> (String, Option<String>) {
+        let code = match self.code {
+            Some(serde_json::Value::String(code)) => Some(code),
+            _ => None,
+        };
+        (self.message, code.or(self.kind))
+    }
+}
+
+/// The status of the gateway's own error.
+pub fn of_error(error: &ApiError) -> Status {
+    let reason = error.code().unwrap_or(error.kind());
+    // Whole milliseconds, as HTTP's `retry-after-ms` gives it.
+    let retry = error
+        .retry_after()
+        .map(|d| Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
+    with_details(
+        code(error.status()),
+        error.to_string(),
+        Some(reason.to_owned()),
+        retry,
+    )
+}
+
+/// The status of the gateway's own error ending a stream that had already begun.
+pub fn of_stream_error(error: &ApiError) -> Status {
+    let reason = error.code().unwrap_or(error.kind());
+    with_details(
+        Code::Unavailable,
+        error.to_string(),
+        Some(reason.to_owned()),
+        None,
+    )
+}
+
+/// The status of a worker's error answer (`status`, `body`).
+pub fn from_worker(status: StatusCode, body: &[u8]) -> Status {
     let (message, reason) = match serde_json::from_slice::<Envelope>(body) {
-        Ok(Envelope { error }) => (error.message, error.code.or(error.kind)),
+        Ok(Envelope { error }) => error.reason(),
         // Not OpenAI's shape (a worker's plain-text error): its text, as it came.
         Err(_) => (String::from_utf8_lossy(body).into_owned(), None),
     };
-    with_details(code(status), message, reason, retry_after(headers))
+    with_details(code(status), message, reason, None)
 }
 
-/// The status of an error event in a stream that had already begun.
-pub fn from_event(data: &[u8]) -> Option<Status> {
-    let Envelope { error } = serde_json::from_slice(data).ok()?;
-    let reason = error.code.or(error.kind);
-    Some(with_details(Code::Unavailable, error.message, reason, None))
-}
-
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
+/// The status of a worker's error event in a stream that had already begun.
+pub fn from_worker_event(data: &[u8]) -> Status {
+    match serde_json::from_slice::<Envelope>(data) {
+        Ok(Envelope { error }) => {
+            let (message, reason) = error.reason();
+            with_details(Code::Unavailable, message, reason, None)
+        }
+        Err(_) => Status::unavailable(String::from_utf8_lossy(data).into_owned()),
+    }
 }
 
 fn with_details(
@@ -92,12 +127,15 @@ mod tests {
 
     #[test]
     fn a_rate_limit_is_resource_exhausted_with_when_to_retry() {
-        let mut headers = HeaderMap::new();
-        headers.insert("retry-after-ms", http::HeaderValue::from_static("1500"));
-        let body = br#"{"error":{"message":"slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#;
-        let status = from_http(StatusCode::TOO_MANY_REQUESTS, &headers, body);
+        let error = ApiError::RateLimited {
+            whose: "this tenant",
+            limit: 5,
+            unit: "requests",
+            retry_after: Duration::from_micros(1_500_400),
+        };
+        let status = of_error(&error);
         assert_eq!(status.code(), Code::ResourceExhausted);
-        assert_eq!(status.message(), "slow down");
+        assert_eq!(status.message(), error.to_string());
         let details = status.get_error_details();
         assert_eq!(
             details.retry_info().and_then(|r| r.retry_delay),
@@ -107,6 +145,17 @@ mod tests {
             details.error_info().map(|i| i.reason.as_str()),
             Some("rate_limit_exceeded")
         );
+    }
+
+    #[test]
+    fn a_workers_error_keeps_its_message_and_code() {
+        let body =
+            br#"{"error":{"message":"too long","type":"BadRequestError","param":null,"code":400}}"#;
+        let status = from_worker(StatusCode::BAD_REQUEST, body);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "too long");
+        let plain = from_worker(StatusCode::INTERNAL_SERVER_ERROR, b"boom");
+        assert_eq!((plain.code(), plain.message()), (Code::Internal, "boom"));
     }
 
     #[test]

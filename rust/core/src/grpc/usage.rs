@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::pb;
 use super::pb::usage_service_server::UsageService;
 use crate::error::ApiError;
+use crate::ledger::UsageReadError;
 use crate::state::AppState;
 
 /// Events per page when a call asks for 0, and the most it may ask for.
@@ -17,28 +18,6 @@ const DEFAULT_LIMIT: u32 = 100;
 /// An event is under 1 KB in protobuf, the strings a client sets included (request id at most
 /// 256 bytes, model 512): a page of this many stays under gRPC's default 4 MiB message.
 const MAX_LIMIT: u32 = 4_000;
-
-/// Why a page could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UsageReadError {
-    /// The cursor is not one the ledger gave.
-    #[error("{0}")]
-    InvalidCursor(String),
-    #[error("the ledger cannot be read: {0}")]
-    Unavailable(String),
-}
-
-/// Reads a page of a tenant's usage events: `after` a cursor (None: the beginning), at most
-/// `limit`, as the billing API's page document (`{"data", "has_more", "next_cursor"}`). It may
-/// block: the service calls it off the async runtime.
-pub trait UsageReader: Send + Sync + std::fmt::Debug {
-    fn events(
-        &self,
-        tenant_id: &str,
-        after: Option<&str>,
-        limit: u32,
-    ) -> Result<String, UsageReadError>;
-}
 
 #[derive(Deserialize)]
 struct Page {

@@ -3,19 +3,22 @@
 //! A line is written whole or, after a crash mid-write, cut short; a reader skips a line that is
 //! not a complete record (only the last line of a segment can be one).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use crate::metering::{Status, Usage, UsageEvent, UsageSource};
+use crate::request::Endpoint;
+use crate::usage::{Status, Usage, UsageEvent, UsageSource};
 
 /// A request as it started: what an interrupted request's event is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
     pub event_id: String,
     pub request_id: String,
-    pub tenant_id: String,
-    pub key_id: String,
+    pub tenant_id: Arc<str>,
+    pub key_id: Arc<str>,
     pub model: String,
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     pub stream: bool,
     pub started_at_ms: u64,
 }
@@ -29,27 +32,13 @@ pub struct Progress {
     pub at_ms: u64,
 }
 
-/// An ended request's usage event as stored: the ledger's columns, and the event's place in the
-/// order the core recorded events (`seq`).
+/// An ended request's usage event, as the meter made it, and its place in the order the core
+/// recorded events (`seq`): the control plane acknowledges events by it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
     pub seq: u64,
-    pub event_id: String,
-    pub request_id: String,
-    pub tenant_id: String,
-    pub key_id: String,
-    pub model: String,
-    pub worker: Option<String>,
-    pub endpoint: String,
-    pub stream: bool,
-    pub status: String,
-    pub http_status: u16,
-    pub prompt_tokens: u64,
-    pub cached_tokens: u64,
-    pub completion_tokens: u64,
-    pub usage_source: String,
-    pub started_at_ms: u64,
-    pub finished_at_ms: u64,
+    #[serde(flatten)]
+    pub event: UsageEvent,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +51,8 @@ pub enum Record {
         progress: Progress,
     },
     End(Ended),
-    /// A request refused before it was dispatched: no event.
+    /// A request that ended without an event. Only earlier builds wrote it (for a request
+    /// refused after its start was journalled); read so that their journals recover.
     Discard {
         event_id: String,
     },
@@ -88,10 +78,10 @@ impl Started {
         Self {
             event_id: event.event_id.clone(),
             request_id: event.request_id.clone(),
-            tenant_id: event.tenant_id.to_string(),
-            key_id: event.key_id.to_string(),
+            tenant_id: event.tenant_id.clone(),
+            key_id: event.key_id.clone(),
             model: event.model.clone(),
-            endpoint: event.endpoint.to_owned(),
+            endpoint: event.endpoint,
             stream: event.stream,
             started_at_ms: event.started_at_ms,
         }
@@ -106,17 +96,16 @@ impl Started {
             cached_tokens: 0,
             at_ms: self.started_at_ms,
         });
-        Ended {
-            seq,
+        let event = UsageEvent {
             event_id: self.event_id.clone(),
             request_id: self.request_id.clone(),
             tenant_id: self.tenant_id.clone(),
             key_id: self.key_id.clone(),
             model: self.model.clone(),
             worker: None,
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint,
             stream: self.stream,
-            status: Status::Interrupted.as_str().to_owned(),
+            status: Status::Interrupted,
             http_status: 0,
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: usage.cached_tokens,
@@ -125,12 +114,11 @@ impl Started {
                 UsageSource::Worker
             } else {
                 UsageSource::None
-            }
-            .as_str()
-            .to_owned(),
+            },
             started_at_ms: self.started_at_ms,
             finished_at_ms: usage.at_ms,
-        }
+        };
+        Ended { seq, event }
     }
 }
 
@@ -141,30 +129,6 @@ impl Progress {
             completion_tokens: usage.completion_tokens,
             cached_tokens: usage.cached_tokens,
             at_ms,
-        }
-    }
-}
-
-impl Ended {
-    pub fn of(event: &UsageEvent, seq: u64) -> Self {
-        Self {
-            seq,
-            event_id: event.event_id.clone(),
-            request_id: event.request_id.clone(),
-            tenant_id: event.tenant_id.to_string(),
-            key_id: event.key_id.to_string(),
-            model: event.model.clone(),
-            worker: event.worker.as_deref().map(str::to_owned),
-            endpoint: event.endpoint.to_owned(),
-            stream: event.stream,
-            status: event.status.as_str().to_owned(),
-            http_status: event.http_status,
-            prompt_tokens: event.prompt_tokens,
-            cached_tokens: event.cached_tokens,
-            completion_tokens: event.completion_tokens,
-            usage_source: event.usage_source.as_str().to_owned(),
-            started_at_ms: event.started_at_ms,
-            finished_at_ms: event.finished_at_ms,
         }
     }
 }
@@ -180,7 +144,7 @@ mod tests {
             tenant_id: "t".into(),
             key_id: "k".into(),
             model: "m".into(),
-            endpoint: "completions".into(),
+            endpoint: Endpoint::Completions,
             stream: true,
             started_at_ms: 10,
         }
@@ -219,6 +183,18 @@ mod tests {
     }
 
     #[test]
+    fn an_end_record_is_the_event_flat_with_its_seq() {
+        let mut line = Vec::new();
+        Record::End(started().interrupted(None, 7)).encode(&mut line);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        assert_eq!(value["r"], "end");
+        assert_eq!(value["seq"], 7);
+        assert_eq!(value["event_id"], "e1");
+        assert_eq!(value["endpoint"], "completions");
+        assert_eq!(value["status"], "interrupted");
+    }
+
+    #[test]
     fn an_interrupted_request_is_billed_for_its_last_progress() {
         let progress = Progress {
             prompt_tokens: 5,
@@ -227,12 +203,13 @@ mod tests {
             at_ms: 20,
         };
         let ended = started().interrupted(Some(progress), 3);
-        assert_eq!(ended.status, "interrupted");
+        let ended = ended.event;
+        assert_eq!(ended.status, Status::Interrupted);
         assert_eq!((ended.prompt_tokens, ended.completion_tokens), (5, 9));
-        assert_eq!(ended.usage_source, "worker");
+        assert_eq!(ended.usage_source, UsageSource::Worker);
         assert_eq!(ended.finished_at_ms, 20);
-        let nothing = started().interrupted(None, 4);
-        assert_eq!(nothing.usage_source, "none");
+        let nothing = started().interrupted(None, 4).event;
+        assert_eq!(nothing.usage_source, UsageSource::None);
         assert_eq!(nothing.completion_tokens, 0);
     }
 }

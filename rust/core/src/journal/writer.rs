@@ -155,11 +155,11 @@ fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<OpenRequest>)
                 Some(Record::Discard { event_id }) => {
                     open.remove(&event_id);
                 }
-                Some(Record::End(event)) => {
-                    open.remove(&event.event_id);
-                    if !seen.contains_key(&event.event_id) {
-                        seen.insert(event.event_id.clone(), ended.len());
-                        ended.push(event);
+                Some(Record::End(end)) => {
+                    open.remove(&end.event.event_id);
+                    if !seen.contains_key(&end.event.event_id) {
+                        seen.insert(end.event.event_id.clone(), ended.len());
+                        ended.push(end);
                     }
                 }
                 None => {
@@ -499,7 +499,7 @@ impl Writer {
                 self.open.remove(event_id);
             }
             Record::End(ended) => {
-                self.open.remove(&ended.event_id);
+                self.open.remove(&ended.event.event_id);
                 self.max_seq = Some(self.max_seq.map_or(ended.seq, |m| m.max(ended.seq)));
             }
         }
@@ -607,17 +607,17 @@ mod tests {
             tenant_id: "t".into(),
             key_id: "k".into(),
             model: "m".into(),
-            endpoint: "completions".into(),
+            endpoint: crate::request::Endpoint::Completions,
             stream: true,
             started_at_ms: 1,
         }
     }
 
     fn ended(id: &str, seq: u64) -> Ended {
-        let mut event = started(id).interrupted(None, seq);
-        event.status = "completed".into();
-        event.completion_tokens = 5;
-        event
+        let mut ended = started(id).interrupted(None, seq);
+        ended.event.status = crate::usage::Status::Completed;
+        ended.event.completion_tokens = 5;
+        ended
     }
 
     fn progress(id: &str, completion: u64) -> Record {
@@ -683,7 +683,13 @@ mod tests {
         let ids: Vec<(&str, &str, u64)> = recovered
             .events
             .iter()
-            .map(|e| (e.event_id.as_str(), e.status.as_str(), e.completion_tokens))
+            .map(|e| {
+                (
+                    e.event.event_id.as_str(),
+                    e.event.status.as_str(),
+                    e.event.completion_tokens,
+                )
+            })
             .collect();
         assert_eq!(ids, [("done", "completed", 5), ("cut", "interrupted", 7)]);
         assert_eq!(recovered.next_seq, 2);
@@ -742,14 +748,18 @@ mod tests {
             .unwrap_or_else(|| panic!("empty"));
         assert_eq!(
             (
-                last.event_id.as_str(),
-                last.status.as_str(),
-                last.completion_tokens
+                last.event.event_id.as_str(),
+                last.event.status.as_str(),
+                last.event.completion_tokens
             ),
             ("long", "interrupted", 2)
         );
         assert!(replayed.len() < 50, "{} replayed", replayed.len());
-        assert!(replayed.iter().all(|e| e.status == "completed"));
+        assert!(
+            replayed
+                .iter()
+                .all(|e| e.event.status == crate::usage::Status::Completed)
+        );
         assert_eq!(recovered.next_seq, 101);
     }
 }

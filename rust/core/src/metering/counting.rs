@@ -22,16 +22,13 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::Usage;
-use crate::api::request::Endpoint;
+use crate::request::Endpoint;
 use crate::router::Worker;
 use crate::upstream::Upstream;
+use crate::usage::{MAX_CHOICES, Usage};
 
 /// How long one `/tokenize` call may take; an event waits at most this per prompt.
 pub const TOKENIZE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Choice indexes beyond this are not collected (a request has at most this many choices).
-pub(super) const MAX_CHOICES: usize = 1024;
 
 /// What reached the client of a request without worker usage.
 #[derive(Debug, Default)]
@@ -89,8 +86,8 @@ impl Counter {
             }
         };
         Some(Usage {
-            prompt_tokens: prompt_tokens.min(super::COUNT_CAP),
-            completion_tokens: completion_tokens.min(super::COUNT_CAP),
+            prompt_tokens: prompt_tokens.min(crate::usage::COUNT_CAP),
+            completion_tokens: completion_tokens.min(crate::usage::COUNT_CAP),
             cached_tokens: 0,
         })
     }

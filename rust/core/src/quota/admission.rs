@@ -4,21 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::error::format_reset;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::gcra::RateInfo;
-use super::policy::Limits;
+use super::policy::{Limits, Scope};
 /// Counts and amounts stop at `COUNT_CAP`; policies allow at most `COUNT_CAP - 1`, so a demand
 /// capped there is still refused by every budget.
-pub use crate::metering::COUNT_CAP;
-
-/// Whose counters: a tenant's, or one of its keys' (keys are named with their tenant so the
-/// Redis keys of one tenant share a cluster slot).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Scope {
-    pub tenant: Arc<str>,
-    pub key: Option<Arc<str>>,
-}
+pub use crate::usage::COUNT_CAP;
 
 /// One scope with the limits that apply to it now.
 #[derive(Debug, Clone)]
@@ -124,25 +118,6 @@ impl RateHeaders {
                 headers.insert(reset, value);
             }
         }
-    }
-}
-
-/// A duration as OpenAI writes `x-ratelimit-reset-*`: `250ms`, `1.5s`, `6m0s`, `1h2m3s`.
-pub fn format_reset(reset: Duration) -> String {
-    let ms = reset.as_millis();
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let secs = reset.as_secs();
-    if secs < 60 {
-        let text = format!("{:.3}", reset.as_secs_f64());
-        return format!("{}s", text.trim_end_matches('0').trim_end_matches('.'));
-    }
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    if h > 0 {
-        format!("{h}h{m}m{s}s")
-    } else {
-        format!("{m}m{s}s")
     }
 }
 

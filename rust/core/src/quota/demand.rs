@@ -16,8 +16,8 @@
 
 use super::admission::{COUNT_CAP, Demand};
 use super::policy::Price;
-use crate::api::request::InferenceRequest;
-use crate::metering::Usage;
+use crate::request::InferenceRequest;
+use crate::usage::Usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Estimate {
@@ -136,7 +136,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::api::request::Endpoint;
+    use crate::request::Endpoint;
 
     fn request(endpoint: Endpoint, body: &str) -> InferenceRequest {
         InferenceRequest::from_json(endpoint, Bytes::from(body.to_owned()), None)

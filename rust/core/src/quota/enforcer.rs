@@ -8,19 +8,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use super::admission::{Demand, Exceeded, Granted, Refusal, Scope, ScopeCheck};
+use super::admission::{Demand, Exceeded, Granted, Refusal, ScopeCheck};
 use super::demand::Estimate;
-use super::local::{Hold, LocalStore};
+use super::local::{Actual, Hold, LocalStore};
+use super::policy::Scope;
 use super::policy::{Limits, Period, Policies, PolicySnapshot, Price, SpentEntry};
 use super::redis::{RedisStore, StoreError};
-use super::reservation::{Reservation, Store};
+use super::reservation::{Reservation, Settle, Store};
 use crate::auth::Principal;
 use crate::config::{QuotaConfig, WhenRedisDown};
+use crate::usage::now_ms;
 
 /// How long admission skips Redis after it failed to answer.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
@@ -85,12 +87,6 @@ pub struct Quota {
     redis_down_until_ms: AtomicU64,
     redis_errors: AtomicU64,
     fallbacks: AtomicU64,
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Quota {
@@ -177,7 +173,7 @@ impl Quota {
             .map(SpentEntry::scope)
             .collect::<Result<Vec<_>, _>>()
             .map_err(serde_json::Error::custom)?;
-        let now = unix_ms();
+        let now = now_ms();
         for (entry, scope) in entries.iter().zip(&scopes) {
             self.local
                 .seed(scope, entry.period, entry.tokens, entry.money_micros, now);
@@ -285,7 +281,7 @@ impl Quota {
         price: Option<Price>,
         request_id: &str,
     ) -> Result<Option<Reservation>, QuotaError> {
-        match self.local.admit(&checks, &demand, self.now_ns(), unix_ms()) {
+        match self.local.admit(&checks, &demand, self.now_ns(), now_ms()) {
             Ok(granted) => Ok(Some(self.reservation(
                 Store::Local,
                 request_id,
@@ -378,25 +374,6 @@ impl Quota {
         }
     }
 
-    /// Settles a reservation in the store it was taken from.
-    pub(super) fn settle(
-        &self,
-        store: Store,
-        request_id: &str,
-        holds: &[Hold],
-        actual: super::local::Actual,
-    ) {
-        match (store, self.redis.get()) {
-            (Store::Redis, Some(redis)) => redis.settle(request_id, holds, actual),
-            (Store::Redis, None) => {
-                tracing::error!("a Redis reservation outlived the Redis store; left to its lease");
-            }
-            (Store::Local, _) => {
-                self.local.settle(holds, actual, self.now_ns(), unix_ms());
-            }
-        }
-    }
-
     /// Counters for `/metrics`: Redis errors, requests admitted on the fallback, and the in-process
     /// in-flight requests and held tokens.
     pub fn stats(&self) -> QuotaStats {
@@ -406,6 +383,21 @@ impl Quota {
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             local_inflight: inflight,
             local_held_tokens: held_tokens,
+        }
+    }
+}
+
+impl Settle for Quota {
+    /// Settles a reservation in the store it was taken from.
+    fn settle(&self, store: Store, request_id: &str, holds: &[Hold], actual: Actual) {
+        match (store, self.redis.get()) {
+            (Store::Redis, Some(redis)) => redis.settle(request_id, holds, actual),
+            (Store::Redis, None) => {
+                tracing::error!("a Redis reservation outlived the Redis store; left to its lease");
+            }
+            (Store::Local, _) => {
+                self.local.settle(holds, actual, self.now_ns(), now_ms());
+            }
         }
     }
 }

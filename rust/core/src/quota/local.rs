@@ -11,8 +11,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck, Taken};
+use super::admission::{Demand, Exceeded, Granted, RateHeaders, Refusal, ScopeCheck, Taken};
 use super::gcra::Gcra;
+use super::policy::Scope;
 use super::policy::{Limits, Period};
 
 /// What one period's budget has spent.

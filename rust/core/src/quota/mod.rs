@@ -15,10 +15,10 @@ mod props;
 mod redis;
 mod reservation;
 
-pub use admission::{COUNT_CAP, Demand, Exceeded, RateHeaders, Refusal, Scope, format_reset};
+pub use admission::{COUNT_CAP, Demand, Exceeded, RateHeaders, Refusal, format_reset};
 pub use demand::Estimate;
 pub use enforcer::{Quota, QuotaError, QuotaStats};
 pub use gcra::RateInfo;
-pub use policy::{Limits, Period, PolicySnapshot, Price};
+pub use policy::{Limits, Period, PolicySnapshot, Price, Scope};
 pub use redis::StoreError;
 pub use reservation::Reservation;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::admission::Scope;
-use crate::metering::Usage;
+use crate::usage::Usage;
 
 /// One tenant's or one key's limits; `None` is no limit.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -212,6 +211,14 @@ pub struct PolicySnapshot {
     pub keys: HashMap<String, Limits>,
     #[serde(default)]
     pub prices: HashMap<String, Price>,
+}
+
+/// Whose counters: a tenant's, or one of its keys' (keys are named with their tenant so the
+/// Redis keys of one tenant share a cluster slot).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub tenant: Arc<str>,
+    pub key: Option<Arc<str>>,
 }
 
 /// One entry of the control plane's `seed_spent` document: what the ledger recorded in a

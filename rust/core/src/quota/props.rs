@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use super::admission::{COUNT_CAP, Demand, Scope, ScopeCheck};
+use super::admission::{COUNT_CAP, Demand, ScopeCheck};
 use super::demand::Estimate;
 use super::local::{Actual, Hold, LocalStore};
+use super::policy::Scope;
 use super::policy::{Limits, Period, Price};
-use crate::metering::Usage;
+use crate::usage::Usage;
 
 const NOON: u64 = 1_795_957_200_000;
 

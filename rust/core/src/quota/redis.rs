@@ -22,13 +22,14 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::admission::{
-    COUNT_CAP, Demand, Exceeded, Granted, RateHeaders, Refusal, Scope, ScopeCheck, Taken,
+    COUNT_CAP, Demand, Exceeded, Granted, RateHeaders, Refusal, ScopeCheck, Taken,
 };
-use super::enforcer::unix_ms;
 use super::gcra::RateInfo;
 use super::local::{Actual, Hold};
 use super::policy::Period;
+use super::policy::Scope;
 use crate::config::QuotaConfig;
+use crate::usage::now_ms;
 
 /// Most requests decided, or settled, by one script call.
 const BATCH: usize = 256;
@@ -296,7 +297,7 @@ async fn run_admissions(
         settlements.progress.reached(queued, timeout).await;
         let mut keys = BatchKeys::default();
         let mut invocation = script.prepare_invoke();
-        let unix_ms = unix_ms();
+        let unix_ms = now_ms();
         let (day, month) = (Period::Day.window(unix_ms), Period::Month.window(unix_ms));
         invocation
             .arg(lease_ms)
@@ -452,7 +453,7 @@ async fn run_settlements(
     while jobs.recv_many(&mut batch, BATCH).await > 0 {
         let mut keys = BatchKeys::default();
         let mut invocation = script.prepare_invoke();
-        let unix_ms = unix_ms();
+        let unix_ms = now_ms();
         invocation
             .arg(Period::Day.window(unix_ms).id)
             .arg(Period::Month.window(unix_ms).id)

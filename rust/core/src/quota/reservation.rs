@@ -9,10 +9,15 @@
 use std::sync::Arc;
 
 use super::admission::{Demand, RateHeaders};
-use super::enforcer::Quota;
 use super::local::{Actual, Hold};
 use super::policy::Price;
-use crate::metering::Usage;
+use crate::usage::Usage;
+
+/// Where a reservation goes back to: the quota that took it.
+pub trait Settle: std::fmt::Debug + Send + Sync {
+    /// Releases `holds` in `store` and charges `actual`.
+    fn settle(&self, store: Store, request_id: &str, holds: &[Hold], actual: Actual);
+}
 
 /// Which counters a reservation was taken from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +28,7 @@ pub enum Store {
 
 #[derive(Debug)]
 pub struct Reservation {
-    quota: Arc<Quota>,
+    quota: Arc<dyn Settle>,
     store: Store,
     request_id: String,
     holds: Vec<Hold>,
@@ -35,7 +40,7 @@ pub struct Reservation {
 
 impl Reservation {
     pub(super) fn new(
-        quota: Arc<Quota>,
+        quota: Arc<dyn Settle>,
         store: Store,
         request_id: String,
         holds: Vec<Hold>,

@@ -11,8 +11,8 @@
 //! chunks and reads the fingerprint off the usage-only chunk it drops; the relay puts it back where
 //! vLLM would have ([`with_fingerprint`]).
 
-use crate::api::request::StreamUsage;
 use crate::json;
+use crate::request::UsageOptions;
 use std::ops::Range;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ pub fn payload(event: &[u8]) -> Option<&[u8]> {
 }
 
 /// Inspects one complete event (with its trailing blank line).
-pub fn inspect(event: &[u8], client: StreamUsage) -> Inspected {
+pub fn inspect(event: &[u8], client: UsageOptions) -> Inspected {
     let mut inspected = Inspected {
         action: FrameAction::Keep,
         usage: None,
@@ -150,7 +150,7 @@ fn first_choice_index(choices: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metering::Usage;
+    use crate::usage::Usage;
 
     const CHUNK: &str = r#"data: {"id":"c","choices":[{"index":0,"text":" a"}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}
 
@@ -173,15 +173,15 @@ mod tests {
         Usage::from_json(&event.as_bytes()[range])
     }
 
-    const NONE: StreamUsage = StreamUsage {
+    const NONE: UsageOptions = UsageOptions {
         include_usage: false,
         continuous_usage_stats: false,
     };
-    const FINAL_ONLY: StreamUsage = StreamUsage {
+    const FINAL_ONLY: UsageOptions = UsageOptions {
         include_usage: true,
         continuous_usage_stats: false,
     };
-    const CONTINUOUS: StreamUsage = StreamUsage {
+    const CONTINUOUS: UsageOptions = UsageOptions {
         include_usage: true,
         continuous_usage_stats: true,
     };

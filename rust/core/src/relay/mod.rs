@@ -1,7 +1,8 @@
 //! Relaying a worker's response to the client while metering it.
 //!
 //! `sse` splits a byte stream into events, `frame` decides what each event becomes for this
-//! client, and `stream` drives the two over a live upstream body.
+//! client, and `stream` drives the two over a live upstream body, read by read, as typed
+//! `Relayed` reads that each surface renders.
 
 mod frame;
 #[cfg(test)]
@@ -9,5 +10,4 @@ mod props;
 mod sse;
 mod stream;
 
-pub(crate) use sse::SseSplitter;
-pub use stream::{buffered_response, streaming_response};
+pub use stream::{End, EventStream, Relayed, complete};

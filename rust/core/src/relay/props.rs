@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::frame::{FrameAction, inspect};
 use super::sse::SseSplitter;
-use crate::api::request::StreamUsage;
 use crate::json_props::{members, quoted, read, value};
+use crate::request::UsageOptions;
 
 /// A chunk: vLLM's members, each at most once (a worker does not repeat one), in any order,
 /// with names maybe escaped, values now and then of another kind.
@@ -69,10 +69,12 @@ fn chunk() -> impl Strategy<Value = String> {
         })
 }
 
-fn client() -> impl Strategy<Value = StreamUsage> {
-    (any::<bool>(), any::<bool>()).prop_map(|(include_usage, continuous_usage_stats)| StreamUsage {
-        include_usage,
-        continuous_usage_stats,
+fn client() -> impl Strategy<Value = UsageOptions> {
+    (any::<bool>(), any::<bool>()).prop_map(|(include_usage, continuous_usage_stats)| {
+        UsageOptions {
+            include_usage,
+            continuous_usage_stats,
+        }
     })
 }
 

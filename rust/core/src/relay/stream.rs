@@ -11,44 +11,28 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::header::CONTENT_TYPE;
-use http::{HeaderMap, HeaderName, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::frame::{self, FrameAction, inspect, with_fingerprint};
 use super::sse::SseSplitter;
-use crate::api::request::{InferenceRequest, StreamUsage};
 use crate::error::ApiError;
 use crate::json;
-use crate::metering::{MeterGuard, Status, StreamUsage as UsageSum, Synced, Usage};
+use crate::metering::{MeterGuard, Synced};
+use crate::request::{InferenceRequest, UsageOptions};
 use crate::router::Outstanding;
+use crate::usage::{Status, StreamUsage, Usage};
 
-/// Worker response headers the client sees; framing headers are the gateway's own.
-const RELAYED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, HeaderName::from_static("x-request-id")];
-
-fn response(status: StatusCode, upstream: &HeaderMap, body: Body) -> Response {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    for name in RELAYED_HEADERS {
-        if let Some(value) = upstream.get(&name) {
-            response.headers_mut().insert(name, value.clone());
-        }
-    }
-    response
-}
-
-/// A complete (non-streaming) worker response, relayed byte for byte once its usage event is on
-/// disk (when there is a journal).
-pub async fn buffered_response(
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: Bytes,
+/// Meters a complete (non-streaming) worker answer of `status`: its usage (`None` when the worker
+/// reported none) is recorded, and on disk (when there is a journal), before this returns.
+pub async fn complete(
+    status: http::StatusCode,
+    body: &Bytes,
     mut meter: MeterGuard,
-) -> Response {
-    match json::find_member(&body, "usage").and_then(|s| Usage::from_json(&body[s.value])) {
+) -> Option<Usage> {
+    let usage = json::find_member(body, "usage").and_then(|s| Usage::from_json(&body[s.value]));
+    match usage {
         Some(usage) => meter.observe(usage),
         None => meter.set_relayed_body(body.clone()),
     }
@@ -59,7 +43,7 @@ pub async fn buffered_response(
         Status::Failed
     });
     wait_synced(synced).await;
-    response(status, headers, Body::from(body))
+    usage
 }
 
 /// Waits until an event is on disk; a journal that failed to write it has logged why, and the
@@ -70,45 +54,99 @@ async fn wait_synced(synced: Synced) {
     }
 }
 
-/// A streaming worker response whose first body chunk has already arrived; the worker may then
-/// go at most `idle_timeout` without sending a byte.
-pub fn streaming_response(
-    (status, headers): (StatusCode, &HeaderMap),
-    first: Bytes,
-    body: Incoming,
-    mut meter: MeterGuard,
-    outstanding: Outstanding,
-    request: &InferenceRequest,
-    idle_timeout: Duration,
-) -> Response {
-    meter.set_http_status(status.as_u16());
-    let relay = Relay {
-        usage: UsageSum::new(request.n),
-        body,
-        first: Some(first),
-        splitter: SseSplitter::default(),
-        client: request.client_usage,
-        meter: Some(meter),
-        saw_error: false,
-        ended: false,
-        held: Vec::new(),
-        outstanding,
-        synced: None,
-        idle_timeout,
-    };
-    let stream = futures_util::stream::unfold(relay, |mut relay| async move {
-        let chunk = relay.next_chunk().await?;
-        Some((Ok::<_, Infallible>(chunk), relay))
-    });
-    response(status, headers, Body::from_stream(stream))
+/// What one read of the worker's stream became.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// What an HTTP client receives: whole SSE events, `usage` cut where the client did not ask
+    /// for it, the fingerprint where vLLM would have put it, and the gateway's own error event
+    /// if the stream failed.
+    pub bytes: Bytes,
+    /// The JSON payloads of the worker's choice events (usage-only, `[DONE]` and error events
+    /// excluded), for a surface that renders its own messages; empty unless asked for
+    /// (`EventStream::with_events`).
+    pub events: Vec<Bytes>,
+    /// The worker's own in-stream error event (its JSON payload), when this read had one.
+    pub worker_error: Option<Bytes>,
+    /// How the stream ended, if it ended here.
+    pub end: Option<End>,
+}
+
+/// How a stream ended.
+#[derive(Debug)]
+pub enum End {
+    /// At the worker's `[DONE]` (after its error event, if it sent one), with the request's
+    /// usage.
+    Done(Usage),
+    /// The worker failed mid-stream: the gateway ended the stream with this error.
+    Failed(ApiError),
+}
+
+/// A live stream from a worker whose first body chunk has already arrived, relayed read by read
+/// and metered as it goes; the worker may go at most the idle timeout without sending a byte.
+pub struct EventStream {
+    relay: Relay,
+}
+
+impl EventStream {
+    pub fn new(
+        first: Bytes,
+        body: Incoming,
+        mut meter: MeterGuard,
+        outstanding: Outstanding,
+        request: &InferenceRequest,
+        idle_timeout: Duration,
+    ) -> Self {
+        meter.set_http_status(200);
+        Self {
+            relay: Relay {
+                usage: StreamUsage::new(request.n),
+                body,
+                first: Some(first),
+                splitter: SseSplitter::default(),
+                client: request.client_usage,
+                meter: Some(meter),
+                saw_error: false,
+                ended: false,
+                held: Vec::new(),
+                outstanding,
+                synced: None,
+                idle_timeout,
+                events: None,
+            },
+        }
+    }
+
+    /// Also collects each read's choice events (`Relayed::events`).
+    pub fn with_events(mut self: Box<Self>) -> Box<Self> {
+        self.relay.events = Some(Vec::new());
+        self
+    }
+
+    /// The next read, relayed; `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<Relayed> {
+        self.relay.next_relayed().await
+    }
+
+    /// The stream as an HTTP body: its bytes, read by read.
+    pub fn into_body(self: Box<Self>) -> Body {
+        let stream = futures_util::stream::unfold(self, |mut stream| async move {
+            loop {
+                let relayed = stream.next().await?;
+                if !relayed.bytes.is_empty() {
+                    return Some((Ok::<_, Infallible>(relayed.bytes), stream));
+                }
+            }
+        });
+        Body::from_stream(stream)
+    }
 }
 
 struct Relay {
     body: Incoming,
     first: Option<Bytes>,
     splitter: SseSplitter,
-    client: StreamUsage,
-    usage: UsageSum,
+    client: UsageOptions,
+    usage: StreamUsage,
     /// Present until the stream's outcome is recorded.
     meter: Option<MeterGuard>,
     saw_error: bool,
@@ -122,20 +160,22 @@ struct Relay {
     synced: Synced,
     /// How long the worker may go without sending a byte.
     idle_timeout: Duration,
+    /// The choice events of the read being processed, when the surface asked for them.
+    events: Option<Vec<Bytes>>,
 }
 
 impl Relay {
-    /// The next bytes for the client, or `None` at the end.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    /// The next read relayed, or `None` at the end.
+    async fn next_relayed(&mut self) -> Option<Relayed> {
         if self.ended {
             return None;
         }
-        let out = self.next_bytes().await;
+        let out = self.next_read().await;
         wait_synced(self.synced.take()).await;
         out
     }
 
-    async fn next_bytes(&mut self) -> Option<Bytes> {
+    async fn next_read(&mut self) -> Option<Relayed> {
         if let Some(first) = self.first.take() {
             return Some(self.process(first));
         }
@@ -154,9 +194,9 @@ impl Relay {
             match frame {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        let out = self.process(data);
-                        if !out.is_empty() {
-                            return Some(out);
+                        let relayed = self.process(data);
+                        if !relayed.bytes.is_empty() || relayed.end.is_some() {
+                            return Some(relayed);
                         }
                     }
                 }
@@ -175,9 +215,10 @@ impl Relay {
     }
 
     /// Turns worker bytes into client bytes, metering every event relayed.
-    fn process(&mut self, chunk: Bytes) -> Bytes {
+    fn process(&mut self, chunk: Bytes) -> Relayed {
         let events = self.splitter.push(chunk);
         let mut out = BytesMut::new();
+        let mut worker_error = None;
         // Usage is cumulative and a chunk is relayed whole, so only each choice's last usage in
         // the chunk needs parsing.
         let mut latest: Vec<(Option<u64>, Bytes)> = Vec::new();
@@ -200,6 +241,18 @@ impl Relay {
             }
             self.saw_error |= inspected.error;
             done |= inspected.done;
+            if let Some(collected) = self.events.as_mut()
+                && !inspected.done
+                && (inspected.usage.is_none() || inspected.choice.is_some())
+                && let Some(payload) = frame::payload(&event)
+            {
+                let payload = event.slice_ref(payload);
+                if inspected.error {
+                    worker_error = Some(payload);
+                } else {
+                    collected.push(payload);
+                }
+            }
             if let Some(range) = inspected.fingerprint.clone() {
                 self.outstanding
                     .worker()
@@ -246,7 +299,10 @@ impl Relay {
                 meter.observe(self.usage.usage());
             }
         }
+        let mut end = None;
         if done {
+            self.ended = true;
+            end = Some(End::Done(self.usage.usage()));
             // Recorded, and on disk, before the client can see `[DONE]`: a client that leaves
             // right after it still got the whole response.
             if let Some(meter) = self.meter.take() {
@@ -257,7 +313,12 @@ impl Relay {
                 });
             }
         }
-        out.freeze()
+        Relayed {
+            bytes: out.freeze(),
+            events: self.events.as_mut().map(std::mem::take).unwrap_or_default(),
+            worker_error,
+            end,
+        }
     }
 
     /// Appends the held events to `out`, terminal chunks stamped with the worker's fingerprint
@@ -278,12 +339,18 @@ impl Relay {
     }
 
     /// Ends the client's stream with an error event, unless it already ended properly.
-    fn fail(&mut self, reason: &'static str) -> Option<Bytes> {
+    fn fail(&mut self, reason: &'static str) -> Option<Relayed> {
         let meter = self.meter.take()?;
         self.synced = meter.finish_synced(Status::Failed);
         let mut out = BytesMut::new();
         self.release_held(&mut out);
-        out.extend_from_slice(&ApiError::Upstream(reason).sse_frame());
-        Some(out.freeze())
+        let error = ApiError::Upstream(reason);
+        out.extend_from_slice(&error.sse_frame());
+        Some(Relayed {
+            bytes: out.freeze(),
+            events: Vec::new(),
+            worker_error: None,
+            end: Some(End::Failed(error)),
+        })
     }
 }

@@ -1,11 +1,16 @@
-//! Which worker serves a request: the worker registry, its health checks and the routing policy.
+//! Which worker serves a request: the worker registry, its health checks and load scrapes, and
+//! the routing policies.
 
 mod health;
 mod load;
+mod policy;
 mod registry;
+mod scrape;
 mod worker;
 
 pub use health::{probe_all, run_health_checks};
-pub use load::{Load, run_load_scrapes};
+pub use load::Load;
+pub use policy::{Candidate, Features, LeastLoad, RoutingPolicy};
 pub use registry::{Availability, Registry};
+pub use scrape::run_load_scrapes;
 pub use worker::{Outstanding, Worker};

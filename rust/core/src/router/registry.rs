@@ -1,31 +1,10 @@
-//! The set of workers and the routing policy: least-loaded among healthy workers.
-//!
-//! A worker's load combines what the gateway knows now (its requests in flight there) with what
-//! the worker last reported (vLLM's running and waiting requests, which count every client's,
-//! other gateway replicas' included). A worker with requests waiting in its own queue, or with
-//! its KV cache nearly full, is saturated: a new request would queue there behind others, so any
-//! unsaturated worker is preferred.
+//! The set of workers: which can serve a model now, and which are eligible for a request (the
+//! routing policy chooses among those).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::policy::{Candidate, Features, RoutingPolicy};
 use super::worker::Worker;
-
-/// KV-cache use from which a worker counts as saturated: vLLM starts preempting sequences there.
-const KV_CACHE_SATURATED: f64 = 0.95;
-
-/// Lower is better: (saturated, requests on the worker).
-fn score(worker: &Worker) -> (bool, usize) {
-    let outstanding = worker.outstanding();
-    match worker.load() {
-        None => (false, outstanding),
-        Some(load) => {
-            let reported = load.running as usize + load.waiting as usize;
-            let saturated = load.waiting > 0 || load.kv_cache_usage >= KV_CACHE_SATURATED;
-            (saturated, outstanding.max(reported))
-        }
-    }
-}
 
 /// Whether a model can be served right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,17 +21,11 @@ pub enum Availability {
 #[derive(Debug)]
 pub struct Registry {
     workers: Vec<Arc<Worker>>,
-    /// Where the next pick starts scanning, so that ties (idle workers) rotate instead of all
-    /// landing on the first worker. Relaxed: only spreads load, orders nothing.
-    cursor: AtomicUsize,
 }
 
 impl Registry {
     pub fn new(workers: Vec<Arc<Worker>>) -> Self {
-        Self {
-            workers,
-            cursor: AtomicUsize::new(0),
-        }
+        Self { workers }
     }
 
     pub fn workers(&self) -> &[Arc<Worker>] {
@@ -77,27 +50,25 @@ impl Registry {
         }
     }
 
-    /// The least-loaded healthy worker serving `model`, skipping those whose index is in
-    /// `tried`. Returns the worker's index with it.
-    pub fn pick(&self, model: &str, tried: &[usize]) -> Option<(usize, Arc<Worker>)> {
-        let n = self.workers.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best: Option<(usize, (bool, usize))> = None;
-        for offset in 0..n {
-            let index = (start + offset) % n;
-            let worker = &self.workers[index];
-            if tried.contains(&index) || !worker.is_healthy() || !worker.serves(model) {
-                continue;
-            }
-            let load = score(worker);
-            if best.is_none_or(|(_, best_load)| load < best_load) {
-                best = Some((index, load));
-            }
-        }
-        best.map(|(index, _)| (index, self.workers[index].clone()))
+    /// The worker `policy` chooses for a request with `features` among the healthy workers
+    /// serving its model, less those whose index is in `tried`; with its index.
+    pub fn pick(
+        &self,
+        policy: &dyn RoutingPolicy,
+        features: &Features<'_>,
+        tried: &[usize],
+    ) -> Option<(usize, Arc<Worker>)> {
+        let candidates: Vec<Candidate<'_>> = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(index, worker)| {
+                !tried.contains(index) && worker.is_healthy() && worker.serves(features.model)
+            })
+            .map(|(index, worker)| Candidate { index, worker })
+            .collect();
+        let chosen = candidates.get(policy.choose(features, &candidates)?)?;
+        Some((chosen.index, chosen.worker.clone()))
     }
 
     /// The smallest context length any worker reports for `model` (a request must fit wherever
@@ -141,13 +112,12 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::load::Load;
+pub(super) mod tests {
     use super::super::worker::ModelCard;
     use super::*;
     use serde_json::value::RawValue;
 
-    fn worker(url: &str, models: &[&str], healthy: bool) -> Arc<Worker> {
+    pub(in crate::router) fn worker(url: &str, models: &[&str], healthy: bool) -> Arc<Worker> {
         let Ok(worker) = Worker::new(url) else {
             panic!("bad url {url}")
         };
@@ -166,67 +136,6 @@ mod tests {
         );
         worker.set_healthy(healthy);
         Arc::new(worker)
-    }
-
-    #[test]
-    fn picks_least_outstanding_healthy_worker_of_the_model() {
-        let a = worker("http://a", &["m"], true);
-        let b = worker("http://b", &["m"], true);
-        let c = worker("http://c", &["other"], true);
-        let registry = Registry::new(vec![a.clone(), b.clone(), c]);
-        let _busy = a.begin();
-        for _ in 0..4 {
-            assert_eq!(registry.pick("m", &[]).map(|(i, _)| i), Some(1));
-        }
-        assert_eq!(registry.pick("m", &[1]).map(|(i, _)| i), Some(0));
-        assert_eq!(registry.pick("m", &[0, 1]).map(|(i, _)| i), None);
-        b.set_healthy(false);
-        assert_eq!(registry.pick("m", &[]).map(|(i, _)| i), Some(0));
-    }
-
-    #[test]
-    fn reported_load_counts_other_clients_and_saturation_comes_first() {
-        let a = worker("http://a", &["m"], true);
-        let b = worker("http://b", &["m"], true);
-        let registry = Registry::new(vec![a.clone(), b.clone()]);
-        let pick = || registry.pick("m", &[]).map(|(i, _)| i);
-        let _ours = a.begin();
-        // b is busy with another replica's requests: 3 running beats our 1 in flight on a.
-        let load = |running, waiting, kv_cache_usage| {
-            Some(Load {
-                running,
-                waiting,
-                kv_cache_usage,
-            })
-        };
-        b.set_load(load(3, 0, 0.1));
-        assert_eq!(pick(), Some(0));
-        // a queues requests: saturated, so b is preferred despite more running.
-        a.set_load(load(1, 2, 0.1));
-        assert_eq!(pick(), Some(1));
-        // a full KV cache saturates as a queue does.
-        a.set_load(load(1, 0, 0.97));
-        assert_eq!(pick(), Some(1));
-        // when both are saturated, fewer requests wins again.
-        b.set_load(load(3, 1, 0.5));
-        assert_eq!(pick(), Some(0));
-        // a stale report never hides what the gateway has in flight itself.
-        a.set_load(load(0, 0, 0.0));
-        b.set_load(None);
-        let _more = [b.begin(), b.begin()];
-        assert_eq!(pick(), Some(0));
-    }
-
-    #[test]
-    fn idle_ties_rotate() {
-        let registry = Registry::new(vec![
-            worker("http://a", &["m"], true),
-            worker("http://b", &["m"], true),
-        ]);
-        let picks: Vec<_> = (0..4)
-            .filter_map(|_| registry.pick("m", &[]).map(|(i, _)| i))
-            .collect();
-        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
 
 use super::load::Load;
-use crate::api::request::Endpoint;
+use crate::request::Endpoint;
 
 /// A model as a worker lists it in `/v1/models`: its id and the card exactly as sent.
 #[derive(Debug)]

@@ -31,10 +31,12 @@ pub(crate) const MEMBERS: [&str; 8] = [
     "prompt",
 ];
 
-/// Which OpenAI generation endpoint a request is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which OpenAI generation endpoint a request is for; serialised as its name in usage events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Endpoint {
+    #[serde(rename = "chat.completions")]
     ChatCompletions,
+    #[serde(rename = "completions")]
     Completions,
 }
 
@@ -58,7 +60,7 @@ impl Endpoint {
 
 /// What usage reporting the client itself asked for on a stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StreamUsage {
+pub struct UsageOptions {
     pub include_usage: bool,
     pub continuous_usage_stats: bool,
 }
@@ -70,7 +72,7 @@ pub struct InferenceRequest {
     pub model: String,
     pub stream: bool,
     /// Meaningful only when `stream` is true.
-    pub client_usage: StreamUsage,
+    pub client_usage: UsageOptions,
     /// The client's `max_completion_tokens` / `max_tokens`, when given.
     pub max_tokens: Option<u64>,
     /// Choices per prompt.
@@ -81,6 +83,18 @@ pub struct InferenceRequest {
     pub client_request_id: Option<String>,
     /// The JSON body as the client sent it.
     body: Bytes,
+}
+
+/// The members the gateway acts on, read and type-checked, before the checks every surface
+/// shares (`InferenceRequest::new`).
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    pub model: Option<String>,
+    pub stream: bool,
+    pub client_usage: UsageOptions,
+    pub max_tokens: Option<u64>,
+    pub n: Option<u64>,
+    pub prompts: u64,
 }
 
 /// The members the gateway reads, each kept raw so its type error can name it.
@@ -183,6 +197,18 @@ fn parse_error(error: serde_json::Error) -> ApiError {
     )
 }
 
+/// The model, which is required and at most `MAX_MODEL_BYTES` long.
+fn checked_model(model: Option<String>) -> Result<String, ApiError> {
+    let model = model.ok_or_else(|| ApiError::bad_request("`model` is required", Some("model")))?;
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(ApiError::bad_request(
+            format!("`model` must be at most {MAX_MODEL_BYTES} bytes long"),
+            Some("model"),
+        ));
+    }
+    Ok(model)
+}
+
 /// A client's request id: at most `MAX_REQUEST_ID_BYTES`, printable ASCII.
 pub fn check_request_id(id: &str) -> Result<(), ApiError> {
     if id.len() > MAX_REQUEST_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -212,14 +238,8 @@ impl InferenceRequest {
             ));
         }
         let members: Members<'_> = serde_json::from_slice(&body).map_err(parse_error)?;
-        let model: String = member(members.model, "model", "a string")?
-            .ok_or_else(|| ApiError::bad_request("`model` is required", Some("model")))?;
-        if model.len() > MAX_MODEL_BYTES {
-            return Err(ApiError::bad_request(
-                format!("`model` must be at most {MAX_MODEL_BYTES} bytes long"),
-                Some("model"),
-            ));
-        }
+        // The model and the request id first: their errors come before any other member's.
+        let model = checked_model(member(members.model, "model", "a string")?)?;
         if let Some(id) = &client_request_id {
             check_request_id(id)?;
         }
@@ -232,10 +252,7 @@ impl InferenceRequest {
             "a non-negative integer",
         )?;
         let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
-        let n = member::<u64>(members.n, "n", "a positive integer")?.unwrap_or(1);
-        if n == 0 {
-            return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
-        }
+        let n = member::<u64>(members.n, "n", "a positive integer")?;
         let prompts = match endpoint {
             Endpoint::ChatCompletions => {
                 require_kind(members.messages, "messages", b"[", "an array of messages")?;
@@ -252,7 +269,7 @@ impl InferenceRequest {
             }
         };
         // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
-        let client_usage = options.map_or_else(StreamUsage::default, |o| StreamUsage {
+        let client_usage = options.map_or_else(UsageOptions::default, |o| UsageOptions {
             include_usage: o.include_usage.unwrap_or(true),
             continuous_usage_stats: o.continuous_usage_stats.unwrap_or(false),
         });
@@ -260,14 +277,45 @@ impl InferenceRequest {
             Endpoint::ChatCompletions => max_completion_tokens.or(max_tokens),
             Endpoint::Completions => max_tokens,
         };
+        Self::new(
+            endpoint,
+            Fields {
+                model: Some(model),
+                stream,
+                client_usage,
+                max_tokens,
+                n,
+                prompts,
+            },
+            client_request_id,
+            body,
+        )
+    }
+
+    /// A request from members already read (by a surface with typed messages), and the JSON
+    /// `body` they stand for, which goes to the worker: the checks every surface shares.
+    pub fn new(
+        endpoint: Endpoint,
+        fields: Fields,
+        client_request_id: Option<String>,
+        body: Bytes,
+    ) -> Result<Self, ApiError> {
+        let model = checked_model(fields.model)?;
+        if let Some(id) = &client_request_id {
+            check_request_id(id)?;
+        }
+        let n = fields.n.unwrap_or(1);
+        if n == 0 {
+            return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
+        }
         Ok(Self {
             endpoint,
             model,
-            stream,
-            client_usage,
-            max_tokens,
+            stream: fields.stream,
+            client_usage: fields.client_usage,
+            max_tokens: fields.max_tokens,
             n,
-            prompts,
+            prompts: fields.prompts,
             client_request_id,
             body,
         })
@@ -342,7 +390,7 @@ mod tests {
         assert_eq!(request.model, "m");
         assert!(request.stream);
         assert_eq!(request.max_tokens, Some(7));
-        assert_eq!(request.client_usage, StreamUsage::default());
+        assert_eq!(request.client_usage, UsageOptions::default());
     }
 
     #[test]

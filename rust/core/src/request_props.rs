@@ -8,9 +8,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::request::{Endpoint, InferenceRequest, MEMBERS};
 use crate::error::ApiError;
 use crate::json_props::{is_json, members, quoted, read, value};
+use crate::request::{Endpoint, InferenceRequest, MEMBERS};
 
 /// Member names a request may have: those the gateway reads (`MEMBERS`), and others it passes
 /// through.

@@ -1,0 +1,310 @@
+//! `MeterGuard`: the one usage event of an admitted request, recorded on every path.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::counting::{self, Counter, Relayed};
+use super::meter::{Meter, Synced};
+use crate::auth::Principal;
+use crate::quota::Reservation;
+use crate::request::InferenceRequest;
+use crate::usage::{EventIds, Status, Usage, UsageEvent, UsageSource, now_ms};
+
+/// Records exactly one event for its request: explicitly through `finish`, or on drop as
+/// `Cancelled` with whatever usage was last observed (a client disconnect drops the response).
+/// The request's quota reservation, once attached, is settled with the usage of that event.
+#[derive(Debug)]
+pub struct MeterGuard {
+    meter: Arc<Meter>,
+    event: Option<UsageEvent>,
+    reservation: Option<Reservation>,
+    started: Instant,
+    /// When the journal last heard of this request's usage (unix ms).
+    progress_at_ms: u64,
+    /// Counts the request on its worker if the worker reports no usage.
+    counter: Option<Counter>,
+    /// What reached the client, for `counter`.
+    relayed: Relayed,
+}
+
+impl MeterGuard {
+    /// Starts metering an admitted request under the ids minted when it arrived.
+    pub fn begin(
+        meter: Arc<Meter>,
+        ids: EventIds,
+        principal: &Principal,
+        request: &InferenceRequest,
+    ) -> Self {
+        let event = UsageEvent {
+            event_id: ids.event_id,
+            request_id: ids.request_id,
+            tenant_id: principal.tenant_id.clone(),
+            key_id: principal.key_id.clone(),
+            model: request.model.clone(),
+            worker: None,
+            endpoint: request.endpoint,
+            stream: request.stream,
+            status: Status::Cancelled,
+            http_status: 499,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            usage_source: UsageSource::None,
+            started_at_ms: ids.started_at_ms,
+            finished_at_ms: 0,
+        };
+        meter.journal_start(&event);
+        Self {
+            meter,
+            progress_at_ms: event.started_at_ms,
+            event: Some(event),
+            reservation: None,
+            started: Instant::now(),
+            counter: None,
+            relayed: Relayed::Nothing,
+        }
+    }
+
+    /// Settles `reservation` with this request's usage when the event is recorded.
+    pub fn attach(&mut self, reservation: Reservation) {
+        self.reservation = Some(reservation);
+    }
+
+    /// The request's id: the client's `X-Request-Id`, else the event id.
+    pub fn request_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+    }
+
+    /// Time since the request was dispatched.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The request goes to `counter`'s worker, which counts it if it reports no usage.
+    pub fn set_worker(&mut self, worker: Arc<str>, counter: Counter) {
+        if let Some(event) = &mut self.event {
+            event.worker = Some(worker);
+        }
+        self.counter = Some(counter);
+    }
+
+    /// One more SSE event of a stream without worker usage reached the client: its `data:`
+    /// payload.
+    pub fn relayed_event(&mut self, payload: &[u8]) {
+        if self.counter.is_none() {
+            return;
+        }
+        if !matches!(self.relayed, Relayed::Stream { .. }) {
+            self.relayed = Relayed::Stream {
+                texts: Vec::new(),
+                deltas: 0,
+            };
+        }
+        if let Relayed::Stream { texts, deltas } = &mut self.relayed {
+            *deltas = deltas.saturating_add(counting::collect_text(payload, texts));
+        }
+    }
+
+    /// The complete response body reached the client.
+    pub fn set_relayed_body(&mut self, body: Bytes) {
+        self.relayed = Relayed::Body(body);
+    }
+
+    pub fn set_http_status(&mut self, status: u16) {
+        if let Some(event) = &mut self.event {
+            event.http_status = status;
+        }
+    }
+
+    /// The latest usage relayed to the client; counts are cumulative, so the last one wins.
+    pub fn observe(&mut self, usage: Usage) {
+        if let Some(event) = &mut self.event {
+            event.prompt_tokens = usage.prompt_tokens;
+            event.completion_tokens = usage.completion_tokens;
+            event.cached_tokens = usage.cached_tokens;
+            event.usage_source = UsageSource::Worker;
+            if self.meter.journals() {
+                let now = now_ms();
+                let every = self.meter.progress_every_ms;
+                if now >= self.progress_at_ms.saturating_add(every) {
+                    self.progress_at_ms = now;
+                    self.meter.journal_progress(&event.event_id, &usage, now);
+                }
+            }
+        }
+    }
+
+    pub fn finish(mut self, status: Status) {
+        self.record(status, false);
+    }
+
+    /// Records the event; what it returns resolves once the event is on disk (`None` without a
+    /// journal). The end of the response waits for it.
+    pub fn finish_synced(mut self, status: Status) -> Synced {
+        self.record(status, true)
+    }
+
+    fn record(&mut self, status: Status, wait: bool) -> Synced {
+        let mut event = self.event.take()?;
+        event.status = status;
+        event.finished_at_ms = now_ms();
+        let reservation = self.reservation.take();
+        let elapsed = self.started.elapsed();
+        // Counted only if the client got what it was owed or chose to leave: a failed request
+        // is not billed for work the worker did not report.
+        let countable = event.usage_source == UsageSource::None
+            && matches!(status, Status::Completed | Status::Cancelled);
+        if countable
+            && let Some(counter) = self.counter.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let relayed = std::mem::take(&mut self.relayed);
+            let counting = Counting::begin(self.meter.clone());
+            let (done, synced) = if wait {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            runtime.spawn(async move {
+                if let Some(usage) = counter.count(&relayed).await {
+                    event.prompt_tokens = usage.prompt_tokens;
+                    event.completion_tokens = usage.completion_tokens;
+                    event.usage_source = UsageSource::Gateway;
+                }
+                let synced = commit(&counting.meter, event, reservation, elapsed, done.is_some());
+                drop(counting);
+                if let Some(done) = done {
+                    if let Some(synced) = synced {
+                        let _ = synced.await;
+                    }
+                    let _ = done.send(());
+                }
+            });
+            return synced;
+        }
+        commit(&self.meter, event, reservation, elapsed, wait)
+    }
+}
+
+/// Settles the request's reservation with its event's usage and records the event.
+fn commit(
+    meter: &Meter,
+    event: UsageEvent,
+    reservation: Option<Reservation>,
+    elapsed: Duration,
+    wait: bool,
+) -> Synced {
+    if let Some(reservation) = reservation {
+        reservation.settle(&Usage {
+            prompt_tokens: event.prompt_tokens,
+            completion_tokens: event.completion_tokens,
+            cached_tokens: event.cached_tokens,
+        });
+    }
+    meter.record(event, elapsed, wait)
+}
+
+/// One event being counted, for `Meter::counts_settled`.
+struct Counting {
+    meter: Arc<Meter>,
+}
+
+impl Counting {
+    fn begin(meter: Arc<Meter>) -> Self {
+        meter.counting.fetch_add(1, Ordering::AcqRel);
+        Self { meter }
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if self.meter.counting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.meter.counted.notify_waiters();
+        }
+    }
+}
+
+impl Drop for MeterGuard {
+    fn drop(&mut self) {
+        self.record(Status::Cancelled, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Endpoint;
+
+    fn request(stream: bool) -> InferenceRequest {
+        let body = if stream {
+            r#"{"model":"m","prompt":"p","stream":true}"#
+        } else {
+            r#"{"model":"m","messages":[]}"#
+        };
+        let endpoint = if stream {
+            Endpoint::Completions
+        } else {
+            Endpoint::ChatCompletions
+        };
+        InferenceRequest::from_json(endpoint, bytes::Bytes::from(body), None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            tenant_id: "ten_1".into(),
+            key_id: "key_1".into(),
+        }
+    }
+
+    #[test]
+    fn dropped_guard_records_one_cancelled_event_with_last_usage() {
+        let meter = Arc::new(Meter::default());
+        let mut guard = MeterGuard::begin(
+            meter.clone(),
+            EventIds::mint(None),
+            &principal(),
+            &request(true),
+        );
+        guard.observe(Usage {
+            prompt_tokens: 4,
+            completion_tokens: 1,
+            cached_tokens: 0,
+        });
+        guard.observe(Usage {
+            prompt_tokens: 4,
+            completion_tokens: 2,
+            cached_tokens: 0,
+        });
+        drop(guard);
+        let events: Vec<UsageEvent> = meter.drain(10).into_iter().map(|e| e.event).collect();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, Status::Cancelled);
+        assert_eq!(events[0].completion_tokens, 2);
+        assert_eq!(events[0].usage_source, UsageSource::Worker);
+        assert_eq!(meter.pending(), 0);
+    }
+
+    #[test]
+    fn finished_guard_records_once() {
+        let meter = Arc::new(Meter::default());
+        let guard = MeterGuard::begin(
+            meter.clone(),
+            EventIds::mint(Some("req-1")),
+            &principal(),
+            &request(false),
+        );
+        guard.finish(Status::Completed);
+        let events: Vec<UsageEvent> = meter.drain(10).into_iter().map(|e| e.event).collect();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].status, Status::Completed);
+        assert_eq!(events[0].request_id, "req-1");
+        assert_ne!(events[0].event_id, "req-1");
+    }
+}

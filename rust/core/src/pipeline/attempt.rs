@@ -1,0 +1,270 @@
+//! Sends an admitted request to a worker, retrying on another until the first byte is relayed.
+//!
+//! A request may move to another worker while nothing has reached the client: when a worker
+//! cannot be reached, breaks the connection, answers 5xx, or (streaming) fails before its first
+//! event. From the first relayed byte on, the response belongs to that worker.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::response::Parts;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::outcome::{Answer, Head, Outcome};
+use crate::error::ApiError;
+use crate::metering::{Counter, MeterGuard};
+use crate::relay::{EventStream, complete};
+use crate::request::InferenceRequest;
+use crate::router::{Outstanding, Worker};
+use crate::state::AppState;
+use crate::upstream::UpstreamError;
+use crate::usage::Status;
+
+/// Why an attempt did not produce a response for the client.
+enum Failure {
+    Gateway(ApiError),
+    /// A worker's own 5xx, relayed as is when no attempt is left.
+    Worker {
+        parts: Parts,
+        body: Bytes,
+    },
+}
+
+/// What a worker that answered sent.
+enum Reply {
+    /// A stream whose first chunk has arrived.
+    Stream {
+        parts: Parts,
+        first: Bytes,
+        rest: Incoming,
+        outstanding: Outstanding,
+    },
+    /// A complete answer below 500.
+    Complete { parts: Parts, body: Bytes },
+}
+
+/// Tries the workers the scheduler places the request on, in turn, until one answers or the
+/// attempts run out; the outcome owns the request's meter.
+pub(super) async fn run(
+    state: &AppState,
+    request: &InferenceRequest,
+    mut meter: MeterGuard,
+) -> Outcome {
+    let body = request.upstream_body();
+    let max_attempts = state.config.routing.max_attempts as usize;
+    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
+    while tried.len() < max_attempts {
+        let Some((index, worker)) = state.scheduler.place(request, &tried).await else {
+            break;
+        };
+        state.meter.metrics().attempt(!tried.is_empty());
+        tried.push(index);
+        meter.set_worker(
+            worker.url.clone(),
+            Counter::new(
+                state.upstream.clone(),
+                worker.clone(),
+                request.endpoint,
+                request.body(),
+            ),
+        );
+        match attempt(state, request, &worker, body.clone(), &meter).await {
+            Ok(Reply::Stream {
+                parts,
+                first,
+                rest,
+                outstanding,
+            }) => {
+                let events = Box::new(EventStream::new(
+                    first,
+                    rest,
+                    meter,
+                    outstanding,
+                    request,
+                    state.config.routing.stream_idle_timeout(),
+                ));
+                let head = Head::of(parts.status, &parts.headers);
+                return Outcome::Stream { head, events };
+            }
+            Ok(Reply::Complete { parts, body }) => return answer(parts, body, meter).await,
+            Err(next) => failure = next,
+        }
+    }
+    match failure {
+        Failure::Worker { parts, body } => answer(parts, body, meter).await,
+        Failure::Gateway(error) => {
+            meter.set_http_status(error.status().as_u16());
+            meter.finish(Status::Failed);
+            Outcome::Failed(error)
+        }
+    }
+}
+
+/// A worker's complete answer, metered.
+async fn answer(parts: Parts, body: Bytes, meter: MeterGuard) -> Outcome {
+    let usage = complete(parts.status, &body, meter).await;
+    Outcome::Answer(Answer {
+        head: Head::of(parts.status, &parts.headers),
+        body,
+        usage,
+    })
+}
+
+/// One attempt on `worker`: its answer, or why there is none to relay.
+async fn attempt(
+    state: &AppState,
+    request: &InferenceRequest,
+    worker: &Arc<Worker>,
+    body: Bytes,
+    meter: &MeterGuard,
+) -> Result<Reply, Failure> {
+    let outstanding = worker.begin();
+    let deadline = state.upstream.deadline();
+    let sent = state
+        .upstream
+        .post_json(
+            &worker.url,
+            worker.uri(request.endpoint),
+            worker.authorization.as_ref(),
+            body,
+            request.client_request_id.as_deref(),
+            deadline,
+        )
+        .await;
+    let response = sent.map_err(|error| {
+        tracing::warn!(%error, "worker attempt failed");
+        Failure::Gateway(if matches!(error, UpstreamError::Connect { .. }) {
+            // Down, not misbehaving: out of rotation until a probe succeeds, and if no
+            // worker is left the answer is "no healthy worker", not a bad gateway.
+            worker.set_healthy(false);
+            ApiError::NoHealthyWorker(request.model.clone())
+        } else {
+            gateway_error(error)
+        })
+    })?;
+    if !request.stream {
+        state.meter.metrics().first_byte(meter.elapsed());
+    }
+    let (parts, incoming) = response.into_parts();
+    if request.stream && parts.status.is_success() {
+        let (first, rest) =
+            first_chunk(incoming, &worker.url, deadline)
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "worker failed before its first event");
+                    Failure::Gateway(gateway_error(error))
+                })?;
+        state.meter.metrics().first_byte(meter.elapsed());
+        return Ok(Reply::Stream {
+            parts,
+            first,
+            rest,
+            outstanding,
+        });
+    }
+    let body = collect(incoming, &worker.url, deadline)
+        .await
+        .map_err(|error| Failure::Gateway(gateway_error(error)))?;
+    drop(outstanding);
+    if parts.status.is_server_error() {
+        Err(Failure::Worker { parts, body })
+    } else {
+        Ok(Reply::Complete { parts, body })
+    }
+}
+
+/// The client's answer to a failed attempt; the error itself, which names the worker, is logged.
+fn gateway_error(error: UpstreamError) -> ApiError {
+    match error {
+        UpstreamError::Timeout { .. } => ApiError::UpstreamTimeout,
+        UpstreamError::Connect { .. } => ApiError::Upstream("the worker could not be reached"),
+        UpstreamError::Transport { .. } => {
+            ApiError::Upstream("the worker broke the connection before it answered")
+        }
+    }
+}
+
+/// Waits for the first non-empty body chunk of a stream.
+async fn first_chunk(
+    mut body: Incoming,
+    worker: &str,
+    deadline: Instant,
+) -> Result<(Bytes, Incoming), UpstreamError> {
+    let wait = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        return Ok(data);
+                    }
+                }
+                Some(Err(error)) => {
+                    return Err(UpstreamError::Transport {
+                        worker: worker.to_owned(),
+                        detail: error.to_string(),
+                    });
+                }
+                None => {
+                    return Err(UpstreamError::Transport {
+                        worker: worker.to_owned(),
+                        detail: "empty stream".to_owned(),
+                    });
+                }
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, wait).await {
+        Ok(Ok(first)) => Ok((first, body)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(UpstreamError::Timeout {
+            worker: worker.to_owned(),
+        }),
+    }
+}
+
+async fn collect(
+    body: Incoming,
+    worker: &Arc<str>,
+    deadline: Instant,
+) -> Result<Bytes, UpstreamError> {
+    match tokio::time::timeout_at(deadline, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) => Err(UpstreamError::Transport {
+            worker: worker.to_string(),
+            detail: error.to_string(),
+        }),
+        Err(_) => Err(UpstreamError::Timeout {
+            worker: worker.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_does_not_name_the_worker() {
+        let worker = "http://10.0.0.11:8000".to_owned();
+        for error in [
+            UpstreamError::Connect {
+                worker: worker.clone(),
+                detail: "connection refused (os error 111) at 10.0.0.11".into(),
+            },
+            UpstreamError::Transport {
+                worker: worker.clone(),
+                detail: "connection reset".into(),
+            },
+            UpstreamError::Timeout { worker },
+        ] {
+            let body = String::from_utf8(gateway_error(error).body()).unwrap_or_default();
+            assert!(!body.contains("10.0.0.11"), "{body}");
+            assert!(body.contains("upstream"), "{body}");
+        }
+    }
+}

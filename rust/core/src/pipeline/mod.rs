@@ -1,0 +1,9 @@
+//! The request pipeline every surface shares: admission against quotas, the worker attempts, and
+//! the typed outcome that the HTTP and gRPC surfaces each render.
+
+mod attempt;
+mod dispatch;
+mod outcome;
+
+pub use dispatch::dispatch;
+pub use outcome::{Dispatched, Head, Outcome};
