@@ -79,10 +79,14 @@ impl KeyStore {
 
     /// The principal of the request's `Authorization: Bearer` key.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, ApiError> {
-        let value = headers.get(AUTHORIZATION).ok_or(ApiError::MissingKey)?;
+        self.authenticate_bearer(headers.get(AUTHORIZATION).map(|v| v.as_bytes()))
+    }
+
+    /// The principal of an `authorization` value (`Bearer <key>`), as bytes.
+    pub fn authenticate_bearer(&self, value: Option<&[u8]>) -> Result<Arc<Principal>, ApiError> {
+        let value = value.ok_or(ApiError::MissingKey)?;
         // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
-        let key = value
-            .to_str()
+        let key = std::str::from_utf8(value)
             .ok()
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))

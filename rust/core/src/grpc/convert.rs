@@ -3,9 +3,10 @@
 //! the choice events of one read of its stream, become a response message. Each worker JSON is
 //! parsed once, here; usage comes typed from the pipeline.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::pb;
 use crate::error::ApiError;
@@ -92,134 +93,176 @@ fn request(
     InferenceRequest::new(endpoint, fields, id, body)
 }
 
-/// The body of a chat completion request; `stream` asks for the usage on the last event.
-fn chat_body(request: &pb::ChatCompletionRequest, stream: bool) -> Bytes {
-    let mut body = Map::new();
-    model(&mut body, &request.model);
-    let messages: Vec<Value> = request
-        .messages
-        .iter()
-        .map(|m| {
-            let mut message = json!({"role": m.role, "content": m.content});
-            if let Some(name) = &m.name {
-                message["name"] = json!(name);
-            }
-            message
-        })
-        .collect();
-    body.insert("messages".into(), Value::Array(messages));
-    finish(body, request.params.as_ref(), stream)
-}
-
-/// The body of a completion request: one prompt as a string, several as a batch.
-fn completion_body(request: &pb::CompletionRequest, stream: bool) -> Bytes {
-    let mut body = Map::new();
-    model(&mut body, &request.model);
-    match request.prompt.as_slice() {
-        [] => {}
-        [one] => {
-            body.insert("prompt".into(), json!(one));
-        }
-        many => {
-            body.insert("prompt".into(), json!(many));
-        }
-    }
-    finish(body, request.params.as_ref(), stream)
-}
-
-/// An empty model is left out, so the pipeline answers that `model` is required.
-fn model(body: &mut Map<String, Value>, model: &str) {
-    if !model.is_empty() {
-        body.insert("model".into(), json!(model));
-    }
-}
-
-fn finish(
-    mut body: Map<String, Value>,
-    params: Option<&pb::SamplingParams>,
+/// The OpenAI body a call stands for, in the members an OpenAI client would have sent.
+#[derive(Serialize)]
+struct Body<'a> {
+    /// An empty model is left out, so the pipeline answers that `model` is required.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<Prompt<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
-) -> Bytes {
-    if let Some(p) = params {
-        let mut set = |name: &str, value: Option<Value>| {
-            if let Some(value) = value {
-                body.insert(name.into(), value);
-            }
-        };
-        set("max_tokens", p.max_tokens.map(Value::from));
-        set("temperature", p.temperature.map(decimal));
-        set("top_p", p.top_p.map(decimal));
-        set("n", p.n.map(Value::from));
-        set("seed", p.seed.map(Value::from));
-        set("presence_penalty", p.presence_penalty.map(decimal));
-        set("frequency_penalty", p.frequency_penalty.map(decimal));
-        if !p.stop.is_empty() {
-            set("stop", Some(json!(p.stop)));
-        }
-    }
-    if stream {
-        body.insert("stream".into(), json!(true));
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    // Serialising a map of JSON values cannot fail.
-    Bytes::from(serde_json::to_vec(&Value::Object(body)).unwrap_or_default())
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
 }
 
-/// An `f32` as the decimal it was written as (0.7, not 0.699999988079071).
-fn decimal(value: f32) -> Value {
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+}
+
+/// One prompt as a string, several as a batch.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Prompt<'a> {
+    One(&'a str),
+    Batch(&'a [String]),
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+impl<'a> Body<'a> {
+    fn new(model: &'a str, params: Option<&'a pb::SamplingParams>, stream: bool) -> Self {
+        Self {
+            model,
+            messages: None,
+            prompt: None,
+            max_tokens: params.and_then(|p| p.max_tokens),
+            temperature: params.and_then(|p| p.temperature).and_then(decimal),
+            top_p: params.and_then(|p| p.top_p).and_then(decimal),
+            n: params.and_then(|p| p.n),
+            seed: params.and_then(|p| p.seed),
+            presence_penalty: params.and_then(|p| p.presence_penalty).and_then(decimal),
+            frequency_penalty: params.and_then(|p| p.frequency_penalty).and_then(decimal),
+            stop: params.map_or(&[], |p| p.stop.as_slice()),
+            // A stream asks for the usage on its last event.
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        }
+    }
+
+    fn bytes(&self) -> Bytes {
+        // Serialising strings and numbers cannot fail.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// The body of a chat completion request.
+fn chat_body(request: &pb::ChatCompletionRequest, stream: bool) -> Bytes {
+    let mut body = Body::new(&request.model, request.params.as_ref(), stream);
+    body.messages = Some(
+        request
+            .messages
+            .iter()
+            .map(|m| Message {
+                role: &m.role,
+                content: &m.content,
+                name: m.name.as_deref(),
+            })
+            .collect(),
+    );
+    body.bytes()
+}
+
+/// The body of a completion request.
+fn completion_body(request: &pb::CompletionRequest, stream: bool) -> Bytes {
+    let mut body = Body::new(&request.model, request.params.as_ref(), stream);
+    body.prompt = match request.prompt.as_slice() {
+        [] => None,
+        [one] => Some(Prompt::One(one)),
+        many => Some(Prompt::Batch(many)),
+    };
+    body.bytes()
+}
+
+/// An `f32` as the decimal it was written as (0.7, not 0.699999988079071); none for NaN or an
+/// infinity, which JSON cannot carry.
+fn decimal(value: f32) -> Option<f64> {
     value
         .to_string()
         .parse::<f64>()
         .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
+        .filter(|v| v.is_finite())
 }
 
+/// A worker's answer or stream event; strings borrow from it where they have no escapes.
 #[derive(Deserialize)]
-struct WireAnswer {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    model: String,
+struct WireAnswer<'a> {
+    #[serde(borrow, default)]
+    id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    model: Cow<'a, str>,
     #[serde(default)]
     created: i64,
-    #[serde(default)]
-    choices: Vec<WireChoice>,
+    #[serde(borrow, default)]
+    choices: Vec<WireChoice<'a>>,
 }
 
 #[derive(Deserialize)]
-struct WireChoice {
+struct WireChoice<'a> {
     #[serde(default)]
     index: u32,
     /// Completions.
-    #[serde(default)]
-    text: Option<String>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
     /// Chat, whole.
-    #[serde(default)]
-    message: Option<WireContent>,
+    #[serde(borrow, default)]
+    message: Option<WireContent<'a>>,
     /// Chat, streamed.
-    #[serde(default)]
-    delta: Option<WireContent>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+    #[serde(borrow, default)]
+    delta: Option<WireContent<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct WireContent {
-    #[serde(default)]
-    content: Option<String>,
+struct WireContent<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
 }
 
-impl WireChoice {
+impl WireChoice<'_> {
+    /// The choice's text: a completion's, or a chat message's or delta's content.
+    fn text(&self) -> &str {
+        self.text
+            .as_deref()
+            .or_else(|| self.message.as_ref().and_then(|m| m.content.as_deref()))
+            .or_else(|| self.delta.as_ref().and_then(|d| d.content.as_deref()))
+            .unwrap_or_default()
+    }
+
     fn into_choice(self) -> pb::Choice {
-        let text = self
-            .text
-            .or_else(|| self.message.and_then(|m| m.content))
-            .or_else(|| self.delta.and_then(|d| d.content))
-            .unwrap_or_default();
         pb::Choice {
             index: self.index,
-            text,
-            finish_reason: self.finish_reason.unwrap_or_default(),
+            text: self.text().to_owned(),
+            finish_reason: self.finish_reason.map(Cow::into_owned).unwrap_or_default(),
         }
     }
 }
@@ -240,10 +283,10 @@ pub fn response(
     usage_seen: Option<Usage>,
     request_id: String,
 ) -> Option<pb::GenerateResponse> {
-    let answer: WireAnswer = serde_json::from_slice(body).ok()?;
+    let answer: WireAnswer<'_> = serde_json::from_slice(body).ok()?;
     Some(pb::GenerateResponse {
-        id: answer.id,
-        model: answer.model,
+        id: answer.id.into_owned(),
+        model: answer.model.into_owned(),
         created: answer.created,
         choices: answer
             .choices
@@ -259,23 +302,23 @@ pub fn response(
 /// gives its id, model and creation time; a choice already in it gets the text appended and its
 /// finish reason. Whether the payload was an event.
 pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
-    let Ok(event) = serde_json::from_slice::<WireAnswer>(payload) else {
+    let Ok(event) = serde_json::from_slice::<WireAnswer<'_>>(payload) else {
         return false;
     };
     if chunk.id.is_empty() {
-        chunk.id = event.id;
-        chunk.model = event.model;
+        chunk.id = event.id.into_owned();
+        chunk.model = event.model.into_owned();
         chunk.created = event.created;
     }
-    for choice in event.choices.into_iter().map(WireChoice::into_choice) {
+    for choice in event.choices {
         match chunk.choices.iter_mut().find(|c| c.index == choice.index) {
             Some(known) => {
-                known.text.push_str(&choice.text);
-                if !choice.finish_reason.is_empty() {
-                    known.finish_reason = choice.finish_reason;
+                known.text.push_str(choice.text());
+                if let Some(reason) = choice.finish_reason {
+                    known.finish_reason = reason.into_owned();
                 }
             }
-            None => chunk.choices.push(choice),
+            None => chunk.choices.push(choice.into_choice()),
         }
     }
     true
@@ -283,6 +326,8 @@ pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     fn parsed(body: &Bytes) -> Value {

@@ -54,10 +54,10 @@ impl InferenceApi {
 
     /// The caller, from the call's metadata.
     fn principal(&self, metadata: &MetadataMap) -> Result<Arc<Principal>, Status> {
-        let headers = metadata.clone().into_headers();
+        let value = metadata.get("authorization").map(|v| v.as_bytes());
         self.state
             .keys
-            .authenticate(&headers)
+            .authenticate_bearer(value)
             .map_err(|error| self.refuse(&error))
     }
 
