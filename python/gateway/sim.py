@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 
 # In-flight simulated requests get this long to finish on SIGINT/SIGTERM.
 SHUTDOWN_GRACE_S = 5.0
-# The core's upper bound on `max_num_seqs` (rust/core/src/sim/config.rs).
+# The simulator's upper bound on `max_num_seqs` (rust/sim/src/config.rs).
 MAX_NUM_SEQS = 1 << 24
 
-# The core's types of these settings (rust/core/src/sim/config.rs) as bounds.
+# The simulator's types of these settings (rust/sim/src/config.rs) as bounds.
 _U64 = Annotated[int, Field(ge=0, lt=2**64)]
 _NonZeroU32 = Annotated[int, Field(ge=1, lt=2**32)]
 _Fraction = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -1,4 +1,5 @@
-//! tokengate's data plane: the OpenAI-compatible gateway and the vLLM-protocol simulator.
+//! tokengate's data plane: the OpenAI-compatible gateway. (The vLLM-protocol simulator is its own
+//! crate, `gateway-sim`.)
 //!
 //! Pure Rust, no Python: the `gateway._core` extension (rust/python) is only the boundary.
 //!
@@ -9,7 +10,7 @@
 //!    `metering`, `relay`;
 //! 4. the pipeline: `scheduler`, `state`, `pipeline` (admission, attempts, the typed outcome);
 //! 5. surfaces, which render the outcome: `api` (HTTP), `grpc`;
-//! 6. the whole: `gateway`; and `sim`, the simulator.
+//! 6. the whole: `gateway`.
 
 pub mod api;
 pub mod auth;
@@ -27,7 +28,7 @@ pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub(crate) mod pipeline;
-pub(crate) mod prometheus;
+pub mod prometheus;
 pub mod quota;
 pub mod relay;
 pub mod request;
@@ -36,7 +37,6 @@ mod request_props;
 pub mod router;
 pub mod scheduler;
 pub mod serve;
-pub mod sim;
 pub mod state;
 pub mod upstream;
 pub mod usage;

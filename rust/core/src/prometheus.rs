@@ -12,7 +12,7 @@ use std::time::Duration;
 /// them, so a scrape racing an observation may see `count` and buckets one apart, as Prometheus
 /// clients commonly allow.
 #[derive(Debug)]
-pub(crate) struct Histogram {
+pub struct Histogram {
     bounds: &'static [f64],
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
@@ -20,7 +20,7 @@ pub(crate) struct Histogram {
 }
 
 impl Histogram {
-    pub(crate) fn new(bounds: &'static [f64]) -> Self {
+    pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             buckets: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -29,7 +29,7 @@ impl Histogram {
         }
     }
 
-    pub(crate) fn observe(&self, d: Duration) {
+    pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -40,7 +40,7 @@ impl Histogram {
     }
 
     /// Renders the family; `labels` (already escaped, may be empty) go on every sample.
-    pub(crate) fn render(&self, out: &mut String, family: &Family, labels: &str) {
+    pub fn render(&self, out: &mut String, family: &Family, labels: &str) {
         header(out, family);
         let name = family.name;
         let (bucket_labels, braced) = if labels.is_empty() {
@@ -65,30 +65,30 @@ impl Histogram {
 }
 
 /// A metric family's name, help text and type.
-pub(crate) struct Family {
-    pub(crate) name: &'static str,
-    pub(crate) help: &'static str,
-    pub(crate) kind: &'static str,
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: &'static str,
 }
 
-pub(crate) const fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+pub const fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
     Family { name, help, kind }
 }
 
-pub(crate) fn header(out: &mut String, family: &Family) {
+pub fn header(out: &mut String, family: &Family) {
     let Family { name, help, kind } = family;
     // Writing into a `String` cannot fail; the `fmt::Result`s in this file are ignored for that.
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// A single-sample family: HELP, TYPE, then `name{labels} value.0`.
-pub(crate) fn sample(out: &mut String, family: &Family, labels: &str, value: u64) {
+pub fn sample(out: &mut String, family: &Family, labels: &str, value: u64) {
     header(out, family);
     let _ = writeln!(out, "{}{{{labels}}} {value}.0", family.name);
 }
 
 /// Escapes a Prometheus label value (backslash, quote, newline).
-pub(crate) fn escape_label(value: &str) -> String {
+pub fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -96,8 +96,8 @@ pub(crate) fn escape_label(value: &str) -> String {
 }
 
 /// The value of the sample whose series (name and labels) is exactly `series`, in exposition text.
-#[cfg(test)]
-pub(crate) fn sample_value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+/// The value of `series` (its name and labels, as written) in Prometheus text.
+pub fn sample_value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
     text.lines()
         .find(|line| {
             line.strip_prefix(series)

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use gateway_core::Gateway;
 use gateway_core::config::GatewayConfig;
 use gateway_core::serve::ServerHandle;
-use gateway_core::sim::{SimConfig, app};
+use gateway_sim::{SimConfig, app};
 use gateway_core::usage::{Status, UsageEvent};
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};

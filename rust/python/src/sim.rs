@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use gateway_core::serve::ServerHandle;
-use gateway_core::sim::{SimConfig, app};
+use gateway_sim::{SimConfig, app};
 use pyo3::prelude::*;
 
 use crate::errors::CoreError;

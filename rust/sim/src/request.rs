@@ -279,8 +279,8 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
-    use crate::sim::plan::StreamMode;
-    use crate::sim::test_support::{config, err};
+    use crate::plan::StreamMode;
+    use crate::test_support::{config, err};
 
     #[test]
     fn stream_options_follow_vllm() {

@@ -318,7 +318,7 @@ async fn sleep(d: Duration) {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 mod tests {
     use super::*;
-    use crate::sim::request;
+    use crate::request;
 
     fn engine(config: SimConfig) -> Arc<Engine> {
         Arc::new(Engine::new(config.normalized()))

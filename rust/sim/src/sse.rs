@@ -266,9 +266,9 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::sim::config::SimConfig;
-    use crate::sim::engine::Engine;
-    use crate::sim::request;
+    use crate::config::SimConfig;
+    use crate::engine::Engine;
+    use crate::request;
 
     fn head() -> Head {
         Head {

@@ -196,8 +196,8 @@ mod tests {
     use axum::http::StatusCode;
 
     use super::*;
-    use crate::sim::request::{chat, completion};
-    use crate::sim::test_support::{config, err};
+    use crate::request::{chat, completion};
+    use crate::test_support::{config, err};
 
     #[test]
     fn chat_counts_prompt_tokens_and_resolves_max_tokens_like_vllm() {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::plan::Finish;
-use crate::prometheus::{Family, Histogram, escape_label, family, header, sample};
+use gateway_core::prometheus::{Family, Histogram, escape_label, family, header, sample};
 
 /// vLLM's KV block size, reported in `vllm:cache_config_info`.
 const BLOCK_SIZE: u64 = 16;
@@ -249,7 +249,7 @@ fn gauge_step(gauge: &AtomicU64, up: bool) {
 mod tests {
     use super::*;
 
-    use crate::prometheus::sample_value as sample;
+    use gateway_core::prometheus::sample_value as sample;
 
     #[test]
     fn render_names_labels_and_types_like_vllm() {

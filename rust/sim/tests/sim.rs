@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::serve::ServerHandle;
-use gateway_core::sim::{SimConfig, app};
+use gateway_sim::{SimConfig, app};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -115,7 +115,7 @@ fn events(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Test names carry `sim::` so `cargo test -p gateway-core sim` selects them.
+/// Test names carry `sim::` so `cargo test -p gateway-sim sim` selects them.
 mod sim {
     use super::*;
 
