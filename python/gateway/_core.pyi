@@ -9,6 +9,16 @@ from typing import final
 
 from gateway.ledger.usage import UsageEvent
 
+__all__ = [
+    "USAGE_FIELDS",
+    "ConfigError",
+    "Gateway",
+    "GatewayError",
+    "ServerError",
+    "Simulator",
+    "__version__",
+]
+
 __version__: str
 
 USAGE_FIELDS: tuple[str, ...]
@@ -31,7 +41,7 @@ class Gateway:
     `config_json` is the `core` document built by `gateway.config.GatewayConfig.core_document()`.
     """
 
-    def __init__(self, config_json: str) -> None: ...
+    def __new__(cls, config_json: str) -> Gateway: ...
     def start(self) -> tuple[str, int]:
         """Binds and serves; returns the bound (host, port), the real port if 0 was asked."""
     def grpc_address(self) -> tuple[str, int] | None:
@@ -88,6 +98,6 @@ class Simulator:
     `listen` is the "host:port" to bind (port 0 picks a free port).
     """
 
-    def __init__(self, config_json: str, listen: str) -> None: ...
+    def __new__(cls, config_json: str, listen: str) -> Simulator: ...
     def start(self) -> tuple[str, int]: ...
     def shutdown(self, grace_s: float) -> None: ...
