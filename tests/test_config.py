@@ -231,7 +231,7 @@ def test_storage_may_be_a_postgres_database(tmp_path: Path, url: str) -> None:
     error = load_error(tmp_path, f'{MINIMAL}[storage]\nurl = "{url}"\n')
     assert "journal.dir: required with a PostgreSQL ledger" in str(error)
     off = f'{MINIMAL}[storage]\nurl = "{url}"\n[journal]\nenabled = false\n'
-    assert "journal" not in json.loads(load_config(write(tmp_path, off)).core_document())
+    assert json.loads(load_config(write(tmp_path, off)).core_document())["journal"] is None
 
 
 @pytest.mark.parametrize(
@@ -277,7 +277,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
         "max_body_bytes": 4_194_304,
         "header_read_timeout_ms": 30_000,
         "body_read_timeout_ms": 30_000,
-        "workers": [{"url": "http://127.0.0.1:8001"}],
+        "workers": [{"url": "http://127.0.0.1:8001", "api_key": None}],
         "routing": {
             "health_interval_ms": 500,
             "load_interval_ms": 100,
@@ -301,7 +301,19 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "segment_bytes": 16_777_216,
             "progress_interval_ms": 100,
         },
+        "grpc_listen": None,
     }
+
+
+def test_the_rust_tests_document_is_the_resolved_default(tmp_path: Path) -> None:
+    """The core's tests read the document the control plane writes by default (the core has no
+    defaults of its own), from a file this test keeps equal to `core_document()`."""
+    root = next(p for p in Path(__file__).parents if (p / "Cargo.toml").is_file())
+    fixture = root / "rust/core/tests/common/config.json"
+    text = '[server]\nhost = "127.0.0.1"\nport = 0\n[journal]\nenabled = false\n'
+    text += '[[workers]]\nurl = "http://127.0.0.1:9"\n'
+    config = load_config(write(tmp_path, text))
+    assert json.loads(fixture.read_text()) == json.loads(config.core_document())
 
 
 def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
@@ -312,7 +324,7 @@ def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, text))
     assert json.loads(config.core_document())["workers"] == [
         {"url": "http://10.0.0.1:8000", "api_key": "vllm-secret"},
-        {"url": "http://10.0.0.2:8000"},
+        {"url": "http://10.0.0.2:8000", "api_key": None},
     ]
 
 
@@ -373,11 +385,11 @@ def test_the_journal_is_on_by_default_beside_a_sqlite_ledger(tmp_path: Path) -> 
     off = json.loads(
         load_config(write(tmp_path, MINIMAL + "\n[journal]\nenabled = false\n")).core_document()
     )
-    assert "journal" not in off
+    assert off["journal"] is None
 
 
 def test_the_grpc_api_is_off_unless_it_has_a_port(tmp_path: Path) -> None:
-    assert "grpc_listen" not in json.loads(load_config(write(tmp_path, MINIMAL)).core_document())
+    assert json.loads(load_config(write(tmp_path, MINIMAL)).core_document())["grpc_listen"] is None
     text = MINIMAL + '\n[grpc]\nhost = "::1"\nport = 50051\n'
     assert json.loads(load_config(write(tmp_path, text)).core_document())["grpc_listen"] == (
         "[::1]:50051"

@@ -457,15 +457,16 @@ class GatewayConfig(BaseModel):
     journal: JournalConfig = Field(default_factory=JournalConfig)
 
     def core_document(self) -> str:
-        """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs)."""
+        """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs), every member
+        set: the core declares no defaults of its own."""
+        journal = self.journal_dir()
         document = {
             "listen": listen_address(self.server.host, self.server.port),
             "max_body_bytes": self.server.max_body_bytes,
             "header_read_timeout_ms": self.server.header_read_timeout_ms,
             "body_read_timeout_ms": self.server.body_read_timeout_ms,
             "workers": [
-                {"url": worker.url} | ({"api_key": worker.api_key} if worker.api_key else {})
-                for worker in self.workers
+                {"url": worker.url, "api_key": worker.api_key or None} for worker in self.workers
             ],
             "routing": {
                 "health_interval_ms": self.routing.health_interval_ms,
@@ -476,16 +477,17 @@ class GatewayConfig(BaseModel):
                 "max_attempts": self.routing.max_attempts,
             },
             "quota": self.quota.model_dump(),
-        }
-        if self.grpc.port is not None:
-            document["grpc_listen"] = listen_address(self.grpc.host, self.grpc.port)
-        journal = self.journal_dir()
-        if journal is not None:
-            document["journal"] = {
+            "journal": None
+            if journal is None
+            else {
                 "dir": journal,
                 "segment_bytes": self.journal.segment_bytes,
                 "progress_interval_ms": self.journal.progress_interval_ms,
-            }
+            },
+            "grpc_listen": None
+            if self.grpc.port is None
+            else listen_address(self.grpc.host, self.grpc.port),
+        }
         return json.dumps(document)
 
     def journal_dir(self) -> str | None:

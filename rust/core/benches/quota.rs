@@ -14,12 +14,14 @@
     reason = "a benchmark fails loudly on a bad fixture"
 )]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use gateway_core::auth::Principal;
-use gateway_core::config::QuotaConfig;
 use gateway_core::quota::{COUNT_CAP, Estimate, Quota};
 use gateway_core::usage::Usage;
 use serde_json::json;
@@ -31,8 +33,9 @@ const USAGE: Usage = Usage {
 };
 
 fn quota(redis_url: Option<&str>) -> Arc<Quota> {
-    let config: QuotaConfig = serde_json::from_value(json!({ "redis_url": redis_url })).unwrap();
-    let quota = Arc::new(Quota::new(config));
+    let quota = Arc::new(Quota::new(common::quota_config(
+        json!({ "redis_url": redis_url }),
+    )));
     let limits = json!({
         "requests_per_minute": 1_000_000_000u64,
         "tokens_per_minute": 1_000_000_000_000u64,

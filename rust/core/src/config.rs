@@ -1,7 +1,10 @@
-//! The gateway's configuration document: what the control plane hands the core, validated once.
+//! The gateway's configuration document: what the control plane hands the core, resolved.
 //!
-//! The control plane owns defaults and documentation (python/gateway/config.py); this struct
-//! rejects unknown fields so a typo never passes silently. It does not read files.
+//! The control plane owns every default, bound and its documentation (python/gateway/config.py,
+//! whose `core_document()` writes this document with every member set). Here nothing has a
+//! default: a member missing is an error, as is an unknown one, so the two sides cannot drift
+//! apart silently. `validate` keeps only the invariants the core's own code relies on. It does not
+//! read files.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,12 +18,11 @@ pub struct WorkerConfig {
     pub url: String,
     /// The worker's own key (`vllm serve --api-key`), sent as `Authorization: Bearer` on every
     /// request and probe to it. Tenants' keys never reach workers.
-    #[serde(default)]
     pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Period of the `/health` + `/v1/models` probe of every worker.
     pub health_interval_ms: u64,
@@ -36,19 +38,6 @@ pub struct RoutingConfig {
     pub stream_idle_timeout_ms: u64,
     /// How many workers one request may be tried on before the first byte reaches the client.
     pub max_attempts: u32,
-}
-
-impl Default for RoutingConfig {
-    fn default() -> Self {
-        Self {
-            health_interval_ms: 500,
-            load_interval_ms: 100,
-            connect_timeout_ms: 1_000,
-            request_timeout_ms: 600_000,
-            stream_idle_timeout_ms: 60_000,
-            max_attempts: 3,
-        }
-    }
 }
 
 impl RoutingConfig {
@@ -82,7 +71,7 @@ pub enum WhenRedisDown {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// Where the counters live when several replicas share them; `None` keeps them in process.
     pub redis_url: Option<String>,
@@ -104,21 +93,6 @@ pub struct QuotaConfig {
     pub default_max_tokens: u64,
 }
 
-impl Default for QuotaConfig {
-    fn default() -> Self {
-        Self {
-            redis_url: None,
-            redis_prefix: "tg:".to_owned(),
-            redis_timeout_ms: 100,
-            replicas: 1,
-            budgets_when_redis_down: WhenRedisDown::Reject,
-            rate_limits_when_redis_down: WhenRedisDown::LocalShare,
-            lease_ms: 900_000,
-            default_max_tokens: 4096,
-        }
-    }
-}
-
 impl QuotaConfig {
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms.max(1))
@@ -132,53 +106,28 @@ pub struct JournalConfig {
     /// Its directory; one gateway process at a time.
     pub dir: String,
     /// Size past which a segment is sealed and a new one begun.
-    #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// How often a running request's usage goes to the journal: an interrupted request is billed
     /// for what it had relayed at most this long before the process died.
-    #[serde(default = "default_progress_interval_ms")]
     pub progress_interval_ms: u64,
-}
-
-fn default_progress_interval_ms() -> u64 {
-    100
-}
-
-fn default_segment_bytes() -> u64 {
-    16 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
-    #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// How long a client may take to send a request's headers.
-    #[serde(default = "default_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
     /// How long a client may take to send a request's body once its headers are in.
-    #[serde(default = "default_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
     pub workers: Vec<WorkerConfig>,
-    #[serde(default)]
     pub routing: RoutingConfig,
-    #[serde(default)]
     pub quota: QuotaConfig,
     /// Without one, usage events live in memory until the control plane drains them.
-    #[serde(default)]
     pub journal: Option<JournalConfig>,
     /// Where the gRPC API listens; without it, there is none.
-    #[serde(default)]
     pub grpc_listen: Option<SocketAddr>,
-}
-
-fn default_max_body_bytes() -> usize {
-    4 * 1024 * 1024
-}
-
-fn default_read_timeout_ms() -> u64 {
-    30_000
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,18 +213,47 @@ impl GatewayConfig {
 mod tests {
     use super::*;
 
+    /// The control plane's document for one worker, every member set (as
+    /// `rust/core/tests/common/config.json`, which a Python test keeps equal to what
+    /// `core_document()` writes).
+    const RESOLVED: &str = include_str!("../tests/common/config.json");
+
+    fn document() -> serde_json::Value {
+        serde_json::from_str(RESOLVED).unwrap_or_default()
+    }
+
     #[test]
-    fn minimal_document_takes_defaults() {
-        let config = GatewayConfig::from_json(
-            r#"{"listen":"127.0.0.1:0","workers":[{"url":"http://127.0.0.1:9"}]}"#,
-        );
-        let config = config.ok();
-        assert_eq!(config.map(|c| c.routing), Some(RoutingConfig::default()));
+    fn the_resolved_document_is_read_as_it_is() {
+        let config = GatewayConfig::from_json(RESOLVED).ok();
+        assert_eq!(config.map(|c| c.routing.max_attempts), Some(3));
+    }
+
+    #[test]
+    fn a_missing_member_is_named_not_defaulted() {
+        for (section, member) in [
+            (None, "max_body_bytes"),
+            (Some("routing"), "max_attempts"),
+            (Some("quota"), "lease_ms"),
+        ] {
+            let mut doc = document();
+            let object = match section {
+                Some(name) => doc[name].as_object_mut(),
+                None => doc.as_object_mut(),
+            };
+            object.map(|o| o.remove(member));
+            let err = GatewayConfig::from_json(&doc.to_string())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(member), "{member}: {err}");
+        }
     }
 
     #[test]
     fn unknown_field_is_named() {
-        let err = GatewayConfig::from_json(r#"{"listen":"127.0.0.1:0","workers":[],"retries":3}"#)
+        let mut doc = document();
+        doc["retries"] = 3.into();
+        let err = GatewayConfig::from_json(&doc.to_string())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -284,12 +262,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_worker_url_and_empty_fleet() {
-        for doc in [
-            r#"{"listen":"127.0.0.1:0","workers":[]}"#,
-            r#"{"listen":"127.0.0.1:0","workers":[{"url":"ftp://x"}]}"#,
-            r#"{"listen":"127.0.0.1:0","workers":[{"url":"http://x"}],"routing":{"max_attempts":0}}"#,
-        ] {
-            assert!(GatewayConfig::from_json(doc).is_err(), "{doc}");
+        let mut empty = document();
+        empty["workers"] = serde_json::json!([]);
+        let mut ftp = document();
+        ftp["workers"] = serde_json::json!([{"url": "ftp://x", "api_key": null}]);
+        let mut no_attempts = document();
+        no_attempts["routing"]["max_attempts"] = 0.into();
+        for doc in [empty, ftp, no_attempts] {
+            assert!(GatewayConfig::from_json(&doc.to_string()).is_err(), "{doc}");
         }
     }
 }

@@ -3,15 +3,16 @@
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::Gateway;
-use gateway_core::config::GatewayConfig;
 use gateway_core::serve::ServerHandle;
-use gateway_sim::{SimConfig, app};
 use gateway_core::usage::{Status, UsageEvent};
+use gateway_sim::{SimConfig, app};
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -52,15 +53,16 @@ async fn gateway_with_workers(workers: Vec<Value>) -> (Gateway, SocketAddr) {
 }
 
 async fn gateway_with(workers: Vec<Value>, routing: Value) -> (Gateway, SocketAddr) {
-    let mut config = json!({
-        "listen": "127.0.0.1:0",
-        "workers": workers,
-        "routing": { "health_interval_ms": 50, "max_attempts": 2 },
-    });
-    if let (Some(base), Some(extra)) = (config["routing"].as_object_mut(), routing.as_object()) {
-        base.extend(extra.clone());
-    }
-    let mut gateway = Gateway::new(GatewayConfig::from_json(&config.to_string()).unwrap()).unwrap();
+    let workers: Vec<Value> = workers
+        .into_iter()
+        .map(|worker| common::merged(json!({ "api_key": null }), worker))
+        .collect();
+    let routing = common::merged(
+        json!({ "health_interval_ms": 50, "max_attempts": 2 }),
+        routing,
+    );
+    let config = common::gateway_config(json!({ "workers": workers, "routing": routing }));
+    let mut gateway = Gateway::new(config).unwrap();
     let hash: String = Sha256::digest(KEY.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -3,13 +3,14 @@
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 
+mod common;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::auth::Principal;
-use gateway_core::config::QuotaConfig;
 use gateway_core::quota::{Estimate, Exceeded, Quota, QuotaError, Reservation, Scope};
 use gateway_core::usage::Usage;
 use serde_json::json;
@@ -93,8 +94,7 @@ fn estimate(tokens: u64) -> Estimate {
 }
 
 fn quota(config: serde_json::Value, policies: serde_json::Value) -> Arc<Quota> {
-    let config: QuotaConfig = serde_json::from_value(config).unwrap();
-    let quota = Arc::new(Quota::new(config));
+    let quota = Arc::new(Quota::new(common::quota_config(config)));
     quota.set_policies_json(&policies.to_string()).unwrap();
     drop(quota.connect().unwrap());
     quota
