@@ -35,10 +35,13 @@ struct Event {
     endpoint: String,
     stream: bool,
     status: String,
+    http_status: u32,
     usage: Tokens,
     usage_source: String,
     started_at_ms: i64,
     finished_at_ms: i64,
+    recorded_at_ms: i64,
+    price_effective_at: Option<i64>,
     priced: bool,
     cost_micros: Option<i64>,
     currency: String,
@@ -72,6 +75,9 @@ impl From<Event> for pb::UsageEvent {
             priced: e.priced,
             cost_micros: e.cost_micros,
             currency: e.currency,
+            http_status: e.http_status,
+            recorded_at_ms: e.recorded_at_ms,
+            price_effective_at: e.price_effective_at,
         }
     }
 }
