@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use jiff::Timestamp;
+use jiff::civil::Time;
+use jiff::tz::Offset;
 use serde::Deserialize;
 
 use crate::usage::Usage;
@@ -127,8 +130,6 @@ pub struct PeriodWindow {
     pub end_ms: u64,
 }
 
-const DAY_MS: u64 = 86_400_000;
-
 impl Period {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,68 +138,41 @@ impl Period {
         }
     }
 
-    /// The period containing the unix time `unix_ms`.
+    /// The period containing the unix time `unix_ms` (saturating at jiff's last instant,
+    /// the year 9999).
     pub fn window(self, unix_ms: u64) -> PeriodWindow {
-        let days = unix_ms / DAY_MS;
-        let (year, month, day) = civil_from_days(days);
-        match self {
-            Self::Day => PeriodWindow {
-                id: year
-                    .saturating_mul(10_000)
+        let ms = i64::try_from(unix_ms).unwrap_or(i64::MAX);
+        let at = Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX);
+        let date = Offset::UTC.to_datetime(at).date();
+        let (year, month, day) = (
+            u32::try_from(date.year()).unwrap_or(0),
+            u32::try_from(date.month()).unwrap_or(0),
+            u32::try_from(date.day()).unwrap_or(0),
+        );
+        let (id, next) = match self {
+            Self::Day => (
+                year.saturating_mul(10_000)
                     .saturating_add(month.saturating_mul(100))
                     .saturating_add(day),
-                end_ms: days.saturating_add(1).saturating_mul(DAY_MS),
-            },
-            Self::Month => {
-                let (next_year, next_month) = if month == 12 {
-                    (year.saturating_add(1), 1)
-                } else {
-                    (year, month.saturating_add(1))
-                };
-                PeriodWindow {
-                    id: year.saturating_mul(100).saturating_add(month),
-                    end_ms: days_from_civil(next_year, next_month, 1).saturating_mul(DAY_MS),
-                }
-            }
-        }
+                date.tomorrow(),
+            ),
+            Self::Month => (
+                year.saturating_mul(100).saturating_add(month),
+                date.last_of_month().tomorrow(),
+            ),
+        };
+        let end_ms = next
+            .ok()
+            .and_then(|next| {
+                Offset::UTC
+                    .to_timestamp(next.to_datetime(Time::midnight()))
+                    .ok()
+            })
+            .map_or(u64::MAX, |end| {
+                u64::try_from(end.as_millisecond()).unwrap_or(u64::MAX)
+            });
+        PeriodWindow { id, end_ms }
     }
-}
-
-/// (year, month 1-12, day 1-31) of the day `days` after 1970-01-01 (Hinnant's algorithm,
-/// restricted to dates from 1970 on).
-#[expect(
-    clippy::arithmetic_side_effects,
-    reason = "calendar arithmetic on a day count from the system clock (below 2^38 for any u64 \
-              of unix ms), far from overflow; never a client's number"
-)]
-fn civil_from_days(days: u64) -> (u32, u32, u32) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-    (narrow(year), narrow(month), narrow(day))
-}
-
-/// Days from 1970-01-01 to the given date (from 1970 on).
-#[expect(
-    clippy::arithmetic_side_effects,
-    reason = "calendar arithmetic on a date `civil_from_days` made, far from overflow"
-)]
-fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
-    let year = u64::from(year) - u64::from(month <= 2);
-    let era = year / 400;
-    let yoe = year - era * 400;
-    let month = u64::from(month);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + u64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The control plane's document (`gateway._core.Gateway.set_policies`).
@@ -289,13 +263,16 @@ mod tests {
     const MS_2026_11_29_13H: u64 = 1_795_957_200_000;
 
     #[test]
-    fn calendar_matches_known_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        for days in [0, 59, 60, 365, 11_016, 20_000, 20_786, 40_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
-        }
+    fn leap_days_and_year_ends() {
+        // 2000-02-29T12:00:00Z
+        let leap = Period::Day.window(951_825_600_000);
+        assert_eq!(leap.id, 20_000_229);
+        assert_eq!(
+            Period::Month.window(951_825_600_000).end_ms,
+            951_868_800_000
+        );
+        assert_eq!(Period::Day.window(0).id, 19_700_101);
+        assert_eq!(Period::Month.window(u64::MAX).end_ms, u64::MAX);
     }
 
     #[test]
