@@ -1,4 +1,4 @@
-//! Builds the client response from a worker response: a live SSE relay or a buffered body.
+//! Relays a worker's answer: a live SSE stream read by read, or a complete body.
 //!
 //! Each response owns its request's `MeterGuard` and `Outstanding` guard, so metering and the
 //! worker's load count settle however the response ends: at `[DONE]`, on an upstream failure, or
@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::frame::{self, FrameAction, inspect, with_fingerprint};
+use super::frame::{self, FrameAction, Inspected, inspect, with_fingerprint};
 use super::sse::SseSplitter;
 use crate::error::ApiError;
 use crate::json;
@@ -141,6 +141,15 @@ impl EventStream {
     }
 }
 
+/// What one read's events told, for the end of the read.
+#[derive(Default)]
+struct Read {
+    /// Each choice's last `usage` value in the read (`None`: the usage-only event's).
+    latest: Vec<(Option<u64>, Bytes)>,
+    done: bool,
+    worker_error: Option<Bytes>,
+}
+
 struct Relay {
     body: Incoming,
     first: Option<Bytes>,
@@ -214,111 +223,130 @@ impl Relay {
         }
     }
 
-    /// Turns worker bytes into client bytes, metering every event relayed.
+    /// Turns one read of worker bytes into what the client gets, metering every event relayed.
     fn process(&mut self, chunk: Bytes) -> Relayed {
-        let events = self.splitter.push(chunk);
         let mut out = BytesMut::new();
-        let mut worker_error = None;
-        // Usage is cumulative and a chunk is relayed whole, so only each choice's last usage in
-        // the chunk needs parsing.
-        let mut latest: Vec<(Option<u64>, Bytes)> = Vec::new();
-        let mut done = false;
-        for event in events {
+        let mut read = Read::default();
+        for event in self.splitter.push(chunk) {
             let inspected = inspect(&event, self.client);
-            if let Some(range) = inspected.usage.clone() {
-                let usage = event.slice(range);
-                match latest.iter_mut().find(|(c, _)| *c == inspected.choice) {
-                    Some(slot) => slot.1 = usage,
-                    None => latest.push((inspected.choice, usage)),
-                }
-            }
-            if inspected.usage.is_none()
-                && !inspected.error
-                && let (Some(meter), Some(payload)) = (self.meter.as_mut(), frame::payload(&event))
-            {
-                // A worker that reports no usage: the gateway counts what it relays.
-                meter.relayed_event(payload);
-            }
-            self.saw_error |= inspected.error;
-            done |= inspected.done;
-            if let Some(collected) = self.events.as_mut()
-                && !inspected.done
-                && (inspected.usage.is_none() || inspected.choice.is_some())
-                && let Some(payload) = frame::payload(&event)
-            {
-                let payload = event.slice_ref(payload);
-                if inspected.error {
-                    worker_error = Some(payload);
-                } else {
-                    collected.push(payload);
-                }
-            }
-            if let Some(range) = inspected.fingerprint.clone() {
-                self.outstanding
-                    .worker()
-                    .set_fingerprint(event.slice(range));
-            }
-            let (head, tail): (&[u8], &[u8]) = match inspected.action {
-                FrameAction::Keep => (&event, &[]),
-                FrameAction::Drop => {
-                    // The usage-only chunk: whatever waited for its fingerprint goes now.
-                    self.release_held(&mut out);
-                    continue;
-                }
-                FrameAction::Strip(cut) => (&event[..cut.start], &event[cut.end..]),
-            };
-            if inspected.done || inspected.error {
-                self.release_held(&mut out);
-            }
-            if self.held.is_empty() && !inspected.terminal {
-                // The common case: relayed straight into the client's bytes.
-                out.extend_from_slice(head);
-                out.extend_from_slice(tail);
-                continue;
-            }
-            let relayed = Bytes::from([head, tail].concat());
-            let fingerprint = self.outstanding.worker().fingerprint();
-            match fingerprint {
-                Some(fingerprint) if self.held.is_empty() => {
-                    out.extend_from_slice(&with_fingerprint(&relayed, &fingerprint));
-                }
-                _ => self.held.push((relayed, inspected.terminal)),
-            }
+            self.meter_event(&event, &inspected, &mut read);
+            self.collect_event(&event, &inspected, &mut read);
+            self.relay_event(&event, &inspected, &mut out);
         }
-        if let Some(meter) = self.meter.as_mut()
-            && !latest.is_empty()
-        {
-            let mut observed = false;
-            for (choice, value) in latest {
-                if let Some(usage) = Usage::from_json(&value) {
-                    self.usage.observe(choice, usage);
-                    observed = true;
-                }
-            }
-            if observed {
-                meter.observe(self.usage.usage());
-            }
-        }
-        let mut end = None;
-        if done {
-            self.ended = true;
-            end = Some(End::Done(self.usage.usage()));
-            // Recorded, and on disk, before the client can see `[DONE]`: a client that leaves
-            // right after it still got the whole response.
-            if let Some(meter) = self.meter.take() {
-                self.synced = meter.finish_synced(if self.saw_error {
-                    Status::Failed
-                } else {
-                    Status::Completed
-                });
-            }
-        }
+        self.observe_usage(read.latest);
+        let end = read.done.then(|| self.finish());
         Relayed {
             bytes: out.freeze(),
             events: self.events.as_mut().map(std::mem::take).unwrap_or_default(),
-            worker_error,
+            worker_error: read.worker_error,
             end,
         }
+    }
+
+    /// Notes what `event` means for the request's usage and outcome.
+    fn meter_event(&mut self, event: &Bytes, inspected: &Inspected, read: &mut Read) {
+        if let Some(range) = inspected.usage.clone() {
+            // Usage is cumulative and a read is relayed whole, so only each choice's last usage
+            // in the read needs parsing.
+            let usage = event.slice(range);
+            match read.latest.iter_mut().find(|(c, _)| *c == inspected.choice) {
+                Some(slot) => slot.1 = usage,
+                None => read.latest.push((inspected.choice, usage)),
+            }
+        } else if !inspected.error
+            && let (Some(meter), Some(payload)) = (self.meter.as_mut(), frame::payload(event))
+        {
+            // A worker that reports no usage: the gateway counts what it relays.
+            meter.relayed_event(payload);
+        }
+        self.saw_error |= inspected.error;
+        read.done |= inspected.done;
+        if let Some(range) = inspected.fingerprint.clone() {
+            self.outstanding
+                .worker()
+                .set_fingerprint(event.slice(range));
+        }
+    }
+
+    /// Keeps `event`'s payload for a surface that renders its own messages: a choice event, or
+    /// the worker's error.
+    fn collect_event(&mut self, event: &Bytes, inspected: &Inspected, read: &mut Read) {
+        let Some(collected) = self.events.as_mut() else {
+            return;
+        };
+        let usage_only = inspected.usage.is_some() && inspected.choice.is_none();
+        if inspected.done || usage_only {
+            return;
+        }
+        if let Some(payload) = frame::payload(event) {
+            let payload = event.slice_ref(payload);
+            if inspected.error {
+                read.worker_error = Some(payload);
+            } else {
+                collected.push(payload);
+            }
+        }
+    }
+
+    /// Appends what the client gets of `event` to `out`: the event less the usage it did not ask
+    /// for, terminal chunks held until the stream's fingerprint is known (see `frame`).
+    fn relay_event(&mut self, event: &Bytes, inspected: &Inspected, out: &mut BytesMut) {
+        let (head, tail): (&[u8], &[u8]) = match &inspected.action {
+            FrameAction::Keep => (event, &[]),
+            FrameAction::Drop => {
+                // The usage-only chunk: whatever waited for its fingerprint goes now.
+                self.release_held(out);
+                return;
+            }
+            FrameAction::Strip(cut) => (&event[..cut.start], &event[cut.end..]),
+        };
+        if inspected.done || inspected.error {
+            self.release_held(out);
+        }
+        if self.held.is_empty() && !inspected.terminal {
+            // The common case: relayed straight into the client's bytes.
+            out.extend_from_slice(head);
+            out.extend_from_slice(tail);
+            return;
+        }
+        let relayed = Bytes::from([head, tail].concat());
+        match self.outstanding.worker().fingerprint() {
+            Some(fingerprint) if self.held.is_empty() => {
+                out.extend_from_slice(&with_fingerprint(&relayed, &fingerprint));
+            }
+            _ => self.held.push((relayed, inspected.terminal)),
+        }
+    }
+
+    /// Parses the read's last usage of each choice and hands the request's total to the meter.
+    fn observe_usage(&mut self, latest: Vec<(Option<u64>, Bytes)>) {
+        let Some(meter) = self.meter.as_mut() else {
+            return;
+        };
+        let mut observed = false;
+        for (choice, value) in latest {
+            if let Some(usage) = Usage::from_json(&value) {
+                self.usage.observe(choice, usage);
+                observed = true;
+            }
+        }
+        if observed {
+            meter.observe(self.usage.usage());
+        }
+    }
+
+    /// The stream reached `[DONE]`: its event is recorded, and on disk, before the client can
+    /// see `[DONE]` (a client that leaves right after it still got the whole response).
+    fn finish(&mut self) -> End {
+        self.ended = true;
+        if let Some(meter) = self.meter.take() {
+            self.synced = meter.finish_synced(if self.saw_error {
+                Status::Failed
+            } else {
+                Status::Completed
+            });
+        }
+        End::Done(self.usage.usage())
     }
 
     /// Appends the held events to `out`, terminal chunks stamped with the worker's fingerprint
