@@ -92,7 +92,7 @@ def ingest(url: str, events: list[UsageEvent], batch: int) -> float:
 def postgres_server(stack: ExitStack) -> Any | None:
     sys.path.insert(0, str(ROOT))  # the test tooling's server
     try:
-        from tests.services.postgres import PostgresServer
+        from tests.support.services.postgres import PostgresServer
 
         return stack.enter_context(PostgresServer())
     except Exception as exc:  # no server binaries: SQLite only

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,10 +11,10 @@ import pytest
 from gateway.admin import create_app
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import active_key_snapshot
-from gateway.ledger.db import Connection, open_ledger, query
+from gateway.ledger.db import Connection, query
 from gateway.ledger.quotas import policy_snapshot
 from gateway.quotas import QuotaPolicy
-from tests.openai_errors import error
+from tests.support.openai_errors import error
 
 TOKEN = "admin-secret-token"
 
@@ -45,15 +44,8 @@ class Admin:
 
 
 @pytest.fixture
-def conn(ledger_url: str) -> Iterator[Connection]:
-    """A fresh ledger, on each backend."""
-    with open_ledger(ledger_url) as connection:
-        yield connection
-
-
-@pytest.fixture
-def admin(conn: Connection) -> Admin:
-    return Admin(conn)
+def admin(ledger: Connection) -> Admin:
+    return Admin(ledger)
 
 
 def routes(admin: Admin) -> list[tuple[str, str]]:
@@ -263,6 +255,6 @@ def test_a_database_error_is_503(admin: Admin) -> None:
     assert (details["type"], details["code"]) == ("service_unavailable", "database_unavailable")
 
 
-def test_an_empty_token_is_refused(conn: Connection) -> None:
+def test_an_empty_token_is_refused(ledger: Connection) -> None:
     with pytest.raises(ValueError, match="must not be empty"):
-        create_app(conn, "")
+        create_app(ledger, "")

@@ -12,8 +12,8 @@ import pytest
 
 from gateway.bounds import MAX_COUNT as MAX_INTEGER
 from gateway.bounds import MAX_MODEL_NAME, MAX_NAME, MAX_TIME_MS
-from tests.billing_app import ADMIN, BILLING, Billing, Seeded
-from tests.openai_errors import error
+from tests.support.billing_app import ADMIN, BILLING, Billing, Seeded
+from tests.support.openai_errors import error
 
 TOO_BIG = (MAX_INTEGER + 1, 2**63 - 1, 2**63, 2**64, 10**30)
 PRICE = {"prompt_per_mtok": 1, "cached_per_mtok": 1, "completion_per_mtok": 1}

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import procs
-from tests.openai_errors import error
+from tests.support import procs
+from tests.support.openai_errors import error
 
 pytestmark = pytest.mark.e2e
 

@@ -29,8 +29,8 @@ from schemathesis.schemas import BaseSchema
 
 from gateway import admin, billing_api
 from gateway.http_common import router_openapi
-from tests import procs
-from tests.services.postgres import PostgresServer
+from tests.support import procs
+from tests.support.services.postgres import PostgresServer
 
 pytestmark = [
     pytest.mark.e2e,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests import procs
-from tests.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
+from tests.support import procs
+from tests.support.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
 
 pytestmark = pytest.mark.e2e
 

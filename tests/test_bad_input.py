@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 
-from tests import procs
-from tests.conftest import Stack
-from tests.openai_errors import error
+from tests.support import procs
+from tests.support.openai_errors import error
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

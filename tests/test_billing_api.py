@@ -19,8 +19,8 @@ from gateway.ledger.db import Connection, now_ms
 from gateway.ledger.invoices import invoice, invoice_csv
 from gateway.ledger.tenants import set_tenant_disabled
 from gateway.ledger.usage import encode_cursor, insert_usage_events
-from tests import procs
-from tests.billing_app import (
+from tests.support import procs
+from tests.support.billing_app import (
     ADMIN,
     BILLING,
     JAN,
@@ -29,10 +29,9 @@ from tests.billing_app import (
     Billing,
     Seeded,
     ids,
-    ms,
 )
-from tests.events import usage_event
-from tests.openai_errors import error
+from tests.support.events import ms, usage_event
+from tests.support.openai_errors import error
 
 ROUTES = (
     "/v1/billing/usage-events",

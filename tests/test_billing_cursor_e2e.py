@@ -5,15 +5,13 @@ order; a tenant following its own cursor (with its API key) sees its own events 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests import procs
-from tests.services.postgres import PostgresServer
+from tests.support import procs
 
 pytestmark = pytest.mark.e2e
 
@@ -22,12 +20,6 @@ MODEL = "sim-model"
 REPLICAS = 3
 CLIENTS_PER_REPLICA = 4
 REQUESTS_PER_CLIENT = 60
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresServer) -> Iterator[str]:
-    with postgres.database() as url:
-        yield url
 
 
 def start_replicas(tmp: Path, pg_url: str, sims: list[procs.Process]) -> list[procs.Process]:

@@ -15,9 +15,9 @@ import pytest
 from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.usage import TENANT_CURSOR_START, encode_cursor
 from gateway.usage_reader import LedgerUsageReader
-from tests.billing_app import ADMIN, BILLING, Billing, Seeded, ids
-from tests.cli_run import run
-from tests.openai_errors import error
+from tests.support.billing_app import ADMIN, BILLING, Billing, Seeded, ids
+from tests.support.cli_run import next_cursor, run
+from tests.support.openai_errors import error
 
 EVENTS = "/v1/billing/usage-events"
 
@@ -181,11 +181,6 @@ def test_the_grpc_reader_pages_by_the_tenant_cursor(seeded: Seeded, ledger_url: 
             reader(seeded.beta.id, rest["next_cursor"], 2)
     finally:
         reader.close()
-
-
-def next_cursor(err: str) -> str:
-    (line,) = [line for line in err.splitlines() if line.startswith("next cursor: ")]
-    return line.removeprefix("next cursor: ")
 
 
 def test_export_of_one_tenant_resumes_by_its_tenant_cursor(

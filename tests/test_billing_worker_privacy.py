@@ -10,7 +10,7 @@ import pytest
 
 from gateway.ledger.db import Connection
 from gateway.usage_reader import LedgerUsageReader
-from tests.billing_app import ADMIN, BILLING, Billing, Seeded
+from tests.support.billing_app import ADMIN, BILLING, Billing, Seeded
 
 WORKERS = ("http://10.0.0.11:8000", "http://10.0.0.12:8000")
 

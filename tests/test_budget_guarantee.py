@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from gateway.grpc import GatewayClient
-from tests import procs
-from tests.fleet import MODEL, Fleet, start_fleet
-from tests.services.redis import RedisServer
+from tests.support import procs
+from tests.support.fleet import MODEL, Fleet, start_fleet
+from tests.support.services.redis import RedisServer
 
 pytestmark = pytest.mark.e2e
 

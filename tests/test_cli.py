@@ -14,10 +14,12 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import open_ledger
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import UsageEvent, insert_usage_events
-from tests.cli_run import run
+from tests.support.cli_run import run
+from tests.support.events import usage_event
 
 
-def create_key(capsys: pytest.CaptureFixture[str], db: list[str], tenant: str) -> dict[str, str]:
+def keys_create(capsys: pytest.CaptureFixture[str], db: list[str], tenant: str) -> dict[str, str]:
+    """`gateway keys create --tenant TENANT --json`, in process: the new key's record."""
     code, out, _ = run(capsys, "keys", "create", "--tenant", tenant, "--json", *db)
     assert code == 0
     created: dict[str, str] = json.loads(out)
@@ -72,8 +74,8 @@ def test_keys_create_prints_the_key_once(capsys: pytest.CaptureFixture[str], db:
 def test_keys_list_filters_by_tenant(capsys: pytest.CaptureFixture[str], db: list[str]) -> None:
     run(capsys, "tenants", "create", "acme", *db)
     run(capsys, "tenants", "create", "beta", *db)
-    acme_key = create_key(capsys, db, "acme")
-    beta_key = create_key(capsys, db, "beta")
+    acme_key = keys_create(capsys, db, "acme")
+    beta_key = keys_create(capsys, db, "beta")
     code, out, _ = run(capsys, "keys", "list", "--tenant", "beta", "--json", *db)
     assert code == 0
     assert [k["id"] for k in json.loads(out)] == [beta_key["id"]]
@@ -92,8 +94,8 @@ def test_keys_for_unknown_tenants_exit_1(capsys: pytest.CaptureFixture[str], db:
 
 def test_keys_revoke(capsys: pytest.CaptureFixture[str], db: list[str], tmp_path: Path) -> None:
     run(capsys, "tenants", "create", "acme", *db)
-    kept = create_key(capsys, db, "acme")
-    gone = create_key(capsys, db, "acme")
+    kept = keys_create(capsys, db, "acme")
+    gone = keys_create(capsys, db, "acme")
     code, out, _ = run(capsys, "keys", "revoke", gone["id"], *db)
     assert (code, out) == (0, f"revoked key {gone['id']} of tenant acme\n")
     code, out, _ = run(capsys, "keys", "revoke", gone["id"], *db)
@@ -111,7 +113,7 @@ def test_tenants_disable_removes_their_keys_from_the_snapshot(
     capsys: pytest.CaptureFixture[str], db: list[str]
 ) -> None:
     run(capsys, "tenants", "create", "acme", *db)
-    create_key(capsys, db, "acme")
+    keys_create(capsys, db, "acme")
     assert run(capsys, "tenants", "disable", "acme", *db)[0] == 0
     with open_ledger(db[1]) as conn:
         assert active_key_snapshot(conn) == {"keys": []}
@@ -122,24 +124,20 @@ def test_tenants_disable_removes_their_keys_from_the_snapshot(
         assert len(active_key_snapshot(conn)["keys"]) == 1
 
 
-def usage_event(
-    tenant_id: str, model: str, status: str, prompt: int, completion: int
-) -> UsageEvent:
-    return UsageEvent(
+def event(tenant_id: str, model: str, status: str, prompt: int, completion: int) -> UsageEvent:
+    """A non-streaming completion's usage with these counts, at the epoch."""
+    return usage_event(
         event_id=f"{tenant_id}-{model}-{status}-{prompt}-{completion}",
         request_id="r",
         tenant_id=tenant_id,
-        key_id="key_000000000001",
         model=model,
         worker=None,
         endpoint="completions",
         stream=False,
         status=status,
-        http_status=200,
         prompt_tokens=prompt,
         cached_tokens=0,
         completion_tokens=completion,
-        usage_source="worker",
         started_at_ms=0,
         finished_at_ms=1,
     )
@@ -155,9 +153,9 @@ def usage_db(capsys: pytest.CaptureFixture[str], db: list[str]) -> list[str]:
         insert_usage_events(
             conn,
             [
-                usage_event(acme, "sim-model", "completed", 1000, 20000),
-                usage_event(acme, "sim-model", "cancelled", 7, 3),
-                usage_event(beta, "big-model", "completed", 5, 6),
+                event(acme, "sim-model", "completed", 1000, 20000),
+                event(acme, "sim-model", "cancelled", 7, 3),
+                event(beta, "big-model", "completed", 5, 6),
             ],
         )
     return db

@@ -17,12 +17,10 @@ from gateway.ledger.db import open_ledger
 from gateway.ledger.invoices import invoice, invoice_csv
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import encode_cursor, insert_usage_events
-from tests import procs
-from tests.cli_run import run
-from tests.events import usage_event
-
-PRICED, UNPRICED = "sim-model", "free-model"
-JAN = 1_768_039_200_000  # 2026-01-10T10:00:00Z
+from tests.support import procs
+from tests.support.billing_app import JAN, PRICED, UNPRICED
+from tests.support.cli_run import next_cursor, run
+from tests.support.events import usage_event
 
 
 class Ledger:
@@ -56,11 +54,6 @@ def ledger(capsys: pytest.CaptureFixture[str], db: list[str]) -> Ledger:
 
 def jsonl(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
-
-
-def next_cursor(err: str) -> str:
-    (line,) = [line for line in err.splitlines() if line.startswith("next cursor: ")]
-    return line.removeprefix("next cursor: ")
 
 
 # gateway invoice

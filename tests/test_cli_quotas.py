@@ -11,7 +11,7 @@ from gateway.ledger.prices import list_prices
 from gateway.ledger.quotas import get_quota, policy_snapshot
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.quotas import QuotaPolicy
-from tests.cli_run import run
+from tests.support.cli_run import run
 
 
 @pytest.fixture

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gateway.config import load_config
-
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+from tests.support.deploy import DEPLOY
 
 
 def test_example_config_loads() -> None:

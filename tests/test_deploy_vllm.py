@@ -4,36 +4,12 @@ checked in the real-vLLM tier, tests/vllm.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from gateway.config import load_config
-
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "vllm"
-
-
-def serve_sh(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Runs serve.sh with a stand-in `vllm` that prints the arguments it was given."""
-    echo = tmp_path / "vllm"
-    echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\nprintf "key=%s\\n" "${VLLM_API_KEY:-}"\n')
-    echo.chmod(0o755)
-    return subprocess.run(
-        ["bash", str(DEPLOY / "serve.sh"), *args],
-        env={"PATH": os.environ["PATH"], "VLLM": str(echo), **env},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-
-
-def recipe_args(tmp_path: Path, *args: str, **env: str) -> list[str]:
-    done = serve_sh(tmp_path, *args, **env)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()
+from tests.support.deploy import DEPLOY, recipe_args, serve_sh
 
 
 def test_serve_sh_passes_the_flags_the_gateway_relies_on(tmp_path: Path) -> None:
@@ -79,7 +55,7 @@ def test_serve_sh_refuses_what_would_break_the_gateway(
 
 
 def test_gateway_config_for_the_kubernetes_workers_loads() -> None:
-    config = load_config(DEPLOY / "k8s" / "gateway-workers.toml")
+    config = load_config(DEPLOY / "vllm" / "k8s" / "gateway-workers.toml")
     assert config.workers
     for worker in config.workers:
         assert ".vllm-worker." in worker.url

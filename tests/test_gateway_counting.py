@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import procs
-from tests.conftest import Stack, StackFactory
+from tests.support import procs
+from tests.support.stack import Stack, StackFactory
 
 pytestmark = pytest.mark.e2e
 

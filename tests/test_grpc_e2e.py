@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from gateway.grpc.v1 import inference_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -18,13 +19,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from gateway.grpc import GatewayClient, pb
-from gateway.grpc.v1 import inference_pb2_grpc
 from gateway.ledger.db import open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.quotas import Price, QuotaPolicy
-from tests import procs
-from tests.conftest import Stack, StackFactory
+from tests.support import procs
+from tests.support.stack import Stack, StackFactory
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests import procs
-from tests.conftest import StackFactory
+from tests.support import procs
+from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests import procs
+from tests.support import procs
 
 MODEL = "sim-model"
 

@@ -38,9 +38,9 @@ from gateway.ledger.tenants import (
     set_tenant_disabled,
 )
 from gateway.ledger.usage import insert_usage_events, usage_totals
-from tests import procs
-from tests.events import usage_event as event
-from tests.services.postgres import PostgresServer
+from tests.support import procs
+from tests.support.events import usage_event as event
+from tests.support.services.postgres import PostgresServer
 
 
 def count_events(conn: Connection) -> int:

@@ -4,7 +4,6 @@ version in effect at each event's start, commit order and cursors, rollups, and 
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 
 import pytest
 
@@ -22,17 +21,9 @@ from gateway.ledger.usage import (
     insert_usage_events,
     usage_totals,
 )
-from gateway.quotas import Price
-from tests.events import usage_event as event
-from tests.ledger_versions import downgrade
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
-
-
-def price(prompt: int, cached: int, completion: int) -> Price:
-    return Price(prompt_per_mtok=prompt, cached_per_mtok=cached, completion_per_mtok=completion)
+from tests.support.events import ms, price
+from tests.support.events import usage_event as event
+from tests.support.ledger_versions import downgrade
 
 
 def rollups(conn: Connection) -> list[tuple[object, ...]]:

@@ -6,28 +6,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from gateway.ledger.db import open_ledger
 from gateway.ledger.tenants import get_tenant_by_name_or_id
 from gateway.ledger.usage import insert_usage_events
-from tests import procs
-from tests.conftest import StackFactory
-from tests.events import usage_event as event
-from tests.services.postgres import PostgresServer
+from tests.support import procs
+from tests.support.events import usage_event as event
+from tests.support.services.postgres import PostgresServer
+from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "sim-model"
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh database on the session's PostgreSQL server."""
-    with postgres.database() as url:
-        yield url
 
 
 def test_cli_usage_reads_a_postgres_ledger(pg_url: str) -> None:

@@ -3,8 +3,6 @@ SQLite file and a PostgreSQL database)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from gateway.ledger.apikeys import create_key, revoke_key
@@ -29,17 +27,10 @@ from gateway.ledger.quotas import (
 )
 from gateway.ledger.tenants import create_tenant, set_tenant_disabled
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
-from gateway.quotas import Price, QuotaPolicy
-from tests.events import usage_event as event
-from tests.ledger_versions import downgrade
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
-
-
-def price(prompt: int, cached: int, completion: int) -> Price:
-    return Price(prompt_per_mtok=prompt, cached_per_mtok=cached, completion_per_mtok=completion)
+from gateway.quotas import QuotaPolicy
+from tests.support.events import ms, price
+from tests.support.events import usage_event as event
+from tests.support.ledger_versions import downgrade
 
 
 def test_a_version_1_ledger_migrates_to_quota_and_price_tables(ledger_url: str) -> None:

@@ -15,7 +15,7 @@ from gateway.ledger.prices import set_price
 from gateway.ledger.rollups import BUCKET_LIMITS, BUCKET_WIDTHS, GroupKey, usage_page
 from gateway.ledger.usage import UsageEvent, events_after, insert_usage_events, usage_totals
 from gateway.quotas import Price
-from tests.services.postgres import PostgresServer
+from tests.support.services.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests import procs
-from tests.conftest import StackFactory
+from tests.support import ROOT, procs
+from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
 
-LOCUSTFILE = Path(__file__).resolve().parent.parent / "benchmarks" / "locustfile.py"
+LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 
 
 def test_locust_headless_run(make_stack: StackFactory, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests import procs
+from tests.support import procs
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests import procs
-from tests.conftest import Stack
+from tests.support import procs
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

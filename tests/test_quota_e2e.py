@@ -18,9 +18,9 @@ from gateway.ledger.apikeys import revoke_key
 from gateway.ledger.db import open_ledger
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.quotas import QuotaPolicy
-from tests import procs
-from tests.fleet import MODEL, Fleet, completion, start_fleet
-from tests.services.redis import RedisServer
+from tests.support import procs
+from tests.support.fleet import MODEL, Fleet, completion, start_fleet
+from tests.support.services.redis import RedisServer
 
 
 def test_budget_shared_by_three_replicas_is_never_overspent(

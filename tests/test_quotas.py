@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 from pydantic import ValidationError
 
 from gateway.quotas import Price, QuotaPolicy, format_money, parse_money, period_bounds
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+from tests.support.events import ms
 
 
 def test_an_empty_policy_is_unlimited_with_a_monthly_period() -> None:

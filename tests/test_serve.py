@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -17,14 +17,14 @@ from gateway.admin import bind_admin
 from gateway.config import AdminConfig, ControlConfig
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import create_key, revoke_key
-from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
+from gateway.ledger.db import Connection, DatabaseError, now_ms
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
 from gateway.quotas import Price, QuotaPolicy
 from gateway.serve import SnapshotPusher, UsageCollector, seed_spent, supervise
-from tests.events import usage_event as event
+from tests.support.events import usage_event as event
 
 if TYPE_CHECKING:
     from gateway._core import UsageRow
@@ -76,47 +76,40 @@ class FakeCore:
         self.queue.extend(self.events_at_shutdown)
 
 
-@pytest.fixture
-def conn(ledger_url: str) -> Iterator[Connection]:
-    """A fresh ledger, on each backend."""
-    with open_ledger(ledger_url) as connection:
-        yield connection
-
-
 def completion_tokens(conn: Connection) -> tuple[int, int]:
     totals = usage_totals(conn)
     return sum(t.requests for t in totals), sum(t.completion_tokens for t in totals)
 
 
-def test_keys_are_pushed_only_when_they_change(conn: Connection) -> None:
+def test_keys_are_pushed_only_when_they_change(ledger: Connection) -> None:
     core = FakeCore()
-    pusher = SnapshotPusher(conn, core)
+    pusher = SnapshotPusher(ledger, core)
     assert pusher.refresh()
     assert core.pushed == [{"keys": []}]
     assert not pusher.refresh()
-    create_tenant(conn, "acme")
-    key = create_key(conn, "acme")
+    create_tenant(ledger, "acme")
+    key = create_key(ledger, "acme")
     assert pusher.refresh()
     assert [e["hash"] for e in core.pushed[-1]["keys"]] == [hash_key(key.key)]
     assert not pusher.refresh()
-    revoke_key(conn, key.record.id)
+    revoke_key(ledger, key.record.id)
     assert pusher.refresh()
     assert core.pushed[-1] == {"keys": []}
     assert len(core.pushed) == 3
 
 
 def test_policies_are_pushed_before_keys_and_each_only_when_it_changes(
-    conn: Connection, monkeypatch: pytest.MonkeyPatch
+    ledger: Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     core = FakeCore()
-    pusher = SnapshotPusher(conn, core)
+    pusher = SnapshotPusher(ledger, core)
     assert pusher.refresh()
     assert core.calls == ["set_policies", "set_keys"]
     assert core.policies == [{"tenants": {}, "keys": {}, "prices": {}}]
     assert not pusher.refresh()
 
-    tenant = create_tenant(conn, "acme")
-    set_tenant_quota(conn, "acme", QuotaPolicy(max_concurrent=3))
+    tenant = create_tenant(ledger, "acme")
+    set_tenant_quota(ledger, "acme", QuotaPolicy(max_concurrent=3))
     assert pusher.refresh()
     assert core.calls[2:] == ["set_policies"]  # the keys did not change
     assert core.policies[-1]["tenants"] == {tenant.id: QuotaPolicy(max_concurrent=3).limits()}
@@ -124,7 +117,7 @@ def test_policies_are_pushed_before_keys_and_each_only_when_it_changes(
     # A price scheduled for later is pushed once its time has come, with nothing else changed.
     start = now_ms()
     price = Price(prompt_per_mtok=1, cached_per_mtok=2, completion_per_mtok=3)
-    set_price(conn, "m", price, effective_at=start + 60_000)
+    set_price(ledger, "m", price, effective_at=start + 60_000)
     assert not pusher.refresh()
     monkeypatch.setattr(serve, "now_ms", lambda: start + 60_000)
     assert pusher.refresh()
@@ -132,10 +125,10 @@ def test_policies_are_pushed_before_keys_and_each_only_when_it_changes(
     assert core.calls[3:] == ["set_policies"]
 
 
-def test_seed_spent_hands_the_current_periods_to_the_core(conn: Connection) -> None:
-    insert_usage_events(conn, [event(started_at_ms=now_ms()), event(started_at_ms=0)])
+def test_seed_spent_hands_the_current_periods_to_the_core(ledger: Connection) -> None:
+    insert_usage_events(ledger, [event(started_at_ms=now_ms()), event(started_at_ms=0)])
     core = FakeCore()
-    assert seed_spent(conn, core) == 4
+    assert seed_spent(ledger, core) == 4
     assert sorted((e["scope"], e["tenant_id"], e["period"], e["tokens"]) for e in core.seeded) == [
         ("key", "ten_000000000001", "day", 15),
         ("key", "ten_000000000001", "month", 15),
@@ -144,22 +137,22 @@ def test_seed_spent_hands_the_current_periods_to_the_core(conn: Connection) -> N
     ]
 
 
-def test_collector_writes_batches_and_reports_how_many_came(conn: Connection) -> None:
+def test_collector_writes_batches_and_reports_how_many_came(ledger: Connection) -> None:
     core = FakeCore()
     core.queue = [event() for _ in range(5)]
-    collector = UsageCollector(conn, core, batch=2)
+    collector = UsageCollector(ledger, core, batch=2)
     assert [collector.flush() for _ in range(4)] == [2, 2, 1, 0]
-    assert completion_tokens(conn) == (5, 25)
+    assert completion_tokens(ledger) == (5, 25)
     assert collector.recorded == 5
     assert core.committed == 5, "the core hears of every event the ledger took"
 
 
 def test_collector_keeps_events_until_the_ledger_takes_them(
-    conn: Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ledger: Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     core = FakeCore()
     core.queue = [event(), event()]
-    collector = UsageCollector(conn, core, batch=10)
+    collector = UsageCollector(ledger, core, batch=10)
 
     def locked(conn: Connection, events: Sequence[tuple[object, ...]]) -> int:
         raise DatabaseError("database is locked")
@@ -169,34 +162,34 @@ def test_collector_keeps_events_until_the_ledger_takes_them(
         assert collector.flush() == 2
     assert collector.unsaved == 2
     assert "will retry" in caplog.text
-    assert completion_tokens(conn) == (0, 0)
+    assert completion_tokens(ledger) == (0, 0)
     assert core.committed == 0, "nothing is committed before the ledger has it"
 
     monkeypatch.setattr(serve, "insert_usage_events", insert_usage_events)
     core.queue = [event()]
     assert collector.flush() == 1
     assert collector.unsaved == 0
-    assert completion_tokens(conn) == (3, 15)
+    assert completion_tokens(ledger) == (3, 15)
 
 
-def test_supervise_collects_while_serving_and_after_shutdown(conn: Connection) -> None:
-    create_tenant(conn, "acme")
-    key = create_key(conn, "acme")
+def test_supervise_collects_while_serving_and_after_shutdown(ledger: Connection) -> None:
+    create_tenant(ledger, "acme")
+    key = create_key(ledger, "acme")
     core = FakeCore()
     core.events_at_shutdown = [event(completion_tokens=1000)]
     control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10, usage_batch=3)
 
     async def scenario() -> int:
         stop = asyncio.Event()
-        task = asyncio.create_task(supervise(core, conn, control, 2.5, stop))
+        task = asyncio.create_task(supervise(core, ledger, control, 2.5, stop))
         core.queue.extend(event() for _ in range(10))
         for _ in range(200):
             await asyncio.sleep(0.01)
             if not core.queue and core.pushed:
                 break
         assert not core.queue
-        assert completion_tokens(conn) == (10, 50)
-        revoke_key(conn, key.record.id)
+        assert completion_tokens(ledger) == (10, 50)
+        revoke_key(ledger, key.record.id)
         for _ in range(200):
             await asyncio.sleep(0.01)
             if core.pushed[-1] == {"keys": []}:
@@ -207,21 +200,21 @@ def test_supervise_collects_while_serving_and_after_shutdown(conn: Connection) -
 
     assert asyncio.run(scenario()) == 0
     assert core.shutdown_grace == 2.5
-    assert completion_tokens(conn) == (11, 1050)
+    assert completion_tokens(ledger) == (11, 1050)
 
 
 def test_supervise_serves_the_admin_api_until_stopped(
-    conn: Connection, capsys: pytest.CaptureFixture[str]
+    ledger: Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     core = FakeCore()
     control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10)
-    admin = bind_admin(conn, AdminConfig(port=0), "secret")
+    admin = bind_admin(ledger, AdminConfig(port=0), "secret")
     host, port = admin.address
     auth = {"authorization": "Bearer secret"}
 
     async def scenario() -> int:
         stop = asyncio.Event()
-        task = asyncio.create_task(supervise(core, conn, control, 0.0, stop, admin=admin))
+        task = asyncio.create_task(supervise(core, ledger, control, 0.0, stop, admin=admin))
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}/admin/v1") as client:
             created = await client.post("/tenants", json={"name": "acme"}, headers=auth)
             assert created.status_code == 201

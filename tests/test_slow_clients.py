@@ -15,9 +15,9 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived, TrailersReceived
 
-from tests import procs
-from tests.conftest import Stack, StackFactory
-from tests.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
+from tests.support import procs
+from tests.support.slow_client import OUTER_S, TIMEOUTS, connection, until_closed
+from tests.support.stack import Stack, StackFactory
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import procs
-from tests.conftest import StackFactory
+from tests.support import procs
+from tests.support.stack import StackFactory
 
 pytestmark = pytest.mark.e2e
 

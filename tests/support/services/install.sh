@@ -11,8 +11,8 @@ for binary in "${!PACKAGE_OF[@]}"; do
     command -v "$binary" >/dev/null 2>&1 || missing+=("${PACKAGE_OF[$binary]}")
 done
 # PostgreSQL's server programs live in /usr/lib/postgresql/<version>/bin, not on PATH
-# (tests/services/postgres.py looks in both places). The package also creates the `postgres`
-# user that the tests run the server as when they run as root.
+# (tests/support/services/postgres.py looks in both places). The package also creates the
+# `postgres` user that the tests run the server as when they run as root.
 has_postgres() {
     command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
     local bin

@@ -1,13 +1,26 @@
-"""Usage events as the core hands them to the control plane, for tests that store them."""
+"""Usage events as the core hands them to the control plane, and the times and prices they are
+stored and priced with, for tests that fill a ledger."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.ledger.usage import UsageEvent
+from gateway.quotas import Price
 
-__all__ = ["usage_event"]
+__all__ = ["ms", "price", "usage_event"]
+
+
+def ms(text: str) -> int:
+    """Milliseconds since the epoch of an ISO 8601 time, read as UTC."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def price(prompt: int, cached: int, completion: int) -> Price:
+    """A price in micro-units per million tokens of each class."""
+    return Price(prompt_per_mtok=prompt, cached_per_mtok=cached, completion_per_mtok=completion)
 
 
 def usage_event(**overrides: Any) -> UsageEvent:

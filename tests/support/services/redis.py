@@ -7,8 +7,8 @@ import subprocess
 import time
 from typing import Self
 
-from tests import procs
-from tests.services.process import ServerProcess
+from tests.support import procs
+from tests.support.services.process import ServerProcess
 
 __all__ = ["RedisServer"]
 

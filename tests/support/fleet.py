@@ -11,8 +11,8 @@ from pathlib import Path
 from gateway.ledger.db import open_ledger, query
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.quotas import QuotaPolicy
-from tests import procs
-from tests.services.redis import RedisServer
+from tests.support import procs
+from tests.support.services.redis import RedisServer
 
 __all__ = ["MODEL", "Fleet", "completion", "start_fleet"]
 

@@ -4,7 +4,6 @@ with two tenants: what the billing and admin API tests share."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -16,8 +15,7 @@ from gateway.ledger.db import Connection
 from gateway.ledger.prices import set_price
 from gateway.ledger.tenants import Tenant, create_tenant
 from gateway.ledger.usage import insert_usage_events
-from gateway.quotas import Price
-from tests.events import usage_event
+from tests.support.events import ms, price, usage_event
 
 __all__ = [
     "ADMIN",
@@ -29,20 +27,13 @@ __all__ = [
     "Billing",
     "Seeded",
     "ids",
-    "ms",
 ]
 
 ADMIN = "admin-secret-token"
 BILLING = "billing-secret-token"
 PRICED, UNPRICED = "sim-model", "free-model"
 # Per million tokens: 0.15 prompt, 0.075 cached, 0.60 completion.
-PRICE = Price(prompt_per_mtok=150_000, cached_per_mtok=75_000, completion_per_mtok=600_000)
-
-
-def ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
-
-
+PRICE = price(prompt=150_000, cached=75_000, completion=600_000)
 JAN = ms("2026-01-10T10:00:00")
 
 

@@ -23,8 +23,8 @@ from typing import Self
 
 import psycopg
 
-from tests import procs
-from tests.services.process import ServerProcess
+from tests.support import procs
+from tests.support.services.process import ServerProcess
 
 __all__ = ["PostgresServer", "postgres_bindir"]
 

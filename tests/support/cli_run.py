@@ -6,7 +6,7 @@ import pytest
 
 from gateway.cli import main
 
-__all__ = ["run"]
+__all__ = ["next_cursor", "run"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -14,3 +14,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def next_cursor(err: str) -> str:
+    """The cursor on the `next cursor: ` line `gateway export` writes to stderr."""
+    (line,) = [line for line in err.splitlines() if line.startswith("next cursor: ")]
+    return line.removeprefix("next cursor: ")
