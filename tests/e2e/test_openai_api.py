@@ -1,8 +1,11 @@
-"""The official `openai` SDK against a real `gateway serve` in front of real `gateway sim`."""
+"""The official `openai` SDK against a real `gateway serve` in front of real `gateway sim`: models,
+completions and chats, streams and their usage, errors, metering, a revoked key, and the gateway's
+own metrics."""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -10,7 +13,7 @@ import openai
 import pytest
 
 from tests.support import procs
-from tests.support.stack import Stack
+from tests.support.stack import Stack, StackFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -223,3 +226,42 @@ def test_response_names_its_usage_event(stack: Stack) -> None:
 
     assert procs.wait_for(lambda: len(rows()) == 1)
     assert rows()[0]["request_id"] == event_id
+
+
+def test_revoked_key_stops_working_within_a_second(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1)
+    key, key_id = procs.create_key(stack.db, "beta")
+    client = stack.client(key=key)
+    assert procs.wait_for(lambda: _authorised(client), timeout=2.0)
+    procs.cli("keys", "revoke", key_id, "--db", f"sqlite:///{stack.db}")
+    revoked_at = time.monotonic()
+    assert procs.wait_for(lambda: not _authorised(client), timeout=1.0, interval=0.02)
+    assert time.monotonic() - revoked_at < 1.0
+    assert _authorised(stack.client())  # other keys are unaffected
+
+
+def _authorised(client: openai.OpenAI) -> bool:
+    try:
+        client.models.list()
+    except openai.AuthenticationError:
+        return False
+    return True
+
+
+def test_metrics_count_what_the_ledger_records(make_stack: StackFactory) -> None:
+    stack = make_stack(n_sims=1)
+    client = stack.client()
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt="x y", max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(key="tg-wrong").completions.create(model=MODEL, prompt="x")
+    assert procs.wait_for(lambda: len(stack.rows()) == 3)
+    metrics = procs.scrape(stack.gateway.url)
+    assert metrics["tokengate_requests_total"] == 3
+    assert metrics["tokengate_tokens_total"] == sum(
+        r["prompt_tokens"] + r["completion_tokens"] + r["cached_tokens"]
+        for r in procs.usage_rows(stack.db)
+    )
+    assert metrics["tokengate_rejected_total"] == 1
+    assert metrics["tokengate_worker_healthy"] == 1
+    assert metrics["tokengate_usage_events_pending"] == 0

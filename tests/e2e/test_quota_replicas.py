@@ -1,11 +1,13 @@
 """Quotas against real processes: `gateway serve` replicas in front of `gateway sim`, sharing one
-ledger and a real `redis-server`. Each test is one of the issue's guarantees."""
+ledger and a real `redis-server`: cancelled streams give back their slots and holds, rate limits
+show in headers and as 429s, a lowered quota and a revoked key hold on every replica within a
+second, and a budget counted in process survives a restart. (That a budget is never overspent,
+by one request or by many across replicas, is guarantee 4's:
+`tests/guarantees/test_budget_never_overspent.py`.)"""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -21,48 +23,6 @@ from gateway.quotas import QuotaPolicy
 from tests.support import procs
 from tests.support.fleet import MODEL, Fleet, completion, start_fleet
 from tests.support.services.redis import RedisServer
-
-
-def test_budget_shared_by_three_replicas_is_never_overspent(
-    tmp_path: Path, redis: RedisServer, fleets: list[Fleet]
-) -> None:
-    """200 clients, each sending until refused, spread over 3 replicas sharing Redis."""
-    budget, max_tokens = 3000, 20
-    fleet = start_fleet(
-        tmp_path, 3, redis, {"token_budget": budget, "budget_period": "day"}, ttft_ms=10, itl_ms=1
-    )
-    fleets.append(fleet)
-    statuses: Counter[int] = Counter()
-    codes: Counter[str] = Counter()
-    lock = threading.Lock()
-    headers = {"authorization": f"Bearer {fleet.key}"}
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-
-    with httpx.Client(headers=headers, timeout=30, limits=limits) as client:
-
-        def send_until_refused(worker: int) -> None:
-            for attempt in range(1000):
-                response = client.post(fleet.url(worker + attempt), json=completion(max_tokens))
-                with lock:
-                    statuses[response.status_code] += 1
-                if response.status_code != 200:
-                    with lock:
-                        codes[response.json()["error"]["code"]] += 1
-                    return
-
-        with ThreadPoolExecutor(200) as pool:
-            list(pool.map(send_until_refused, range(200)))
-
-    assert set(statuses) == {200, 429}, statuses
-    assert codes == {"insufficient_quota": 200}, codes
-    assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == statuses[200], timeout=15)
-    rows = procs.usage_rows(fleet.db)
-    assert {row["status"] for row in rows} == {"completed"}
-    spent = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
-    assert spent <= budget, f"{spent} spent of a budget of {budget}"
-    # The last client refused had nothing else in flight: less than its worst case (its body's
-    # length, under 120 bytes here, and its max_tokens) was left of the budget.
-    assert spent >= budget - 120 - max_tokens, f"only {spent} of {budget} spent"
 
 
 def cancel_streams(fleet: Fleet, count: int, concurrency: int) -> None:

@@ -2,7 +2,8 @@
 for (`n`, batches of prompts, no `max_tokens`, over HTTP or gRPC) and however many run at once, in
 process and with the counters shared through Redis. A request is admitted only if its worst case
 (its prompt's upper bound plus n x prompts x max_tokens, within n x prompts x the context) fits in
-what is neither spent nor held."""
+what is neither spent nor held. Last, 200 clients spread over three replicas sharing Redis, each
+sending until refused, spend no more than the budget."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 
 from gateway.grpc import GatewayClient
 from tests.support import procs
-from tests.support.fleet import MODEL, Fleet, start_fleet
+from tests.support.fleet import MODEL, Fleet, completion, start_fleet
 from tests.support.services.redis import RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -221,3 +222,45 @@ def test_a_policy_caps_the_sequences_of_one_request(tmp_path: Path, fleets: list
             rpc.complete(MODEL, "count", max_tokens=1, n=9)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == 1)
+
+
+def test_budget_shared_by_three_replicas_is_never_overspent(
+    tmp_path: Path, redis: RedisServer, fleets: list[Fleet]
+) -> None:
+    """200 clients, each sending until refused, spread over 3 replicas sharing Redis."""
+    budget, max_tokens = 3000, 20
+    fleet = start_fleet(
+        tmp_path, 3, redis, {"token_budget": budget, "budget_period": "day"}, ttft_ms=10, itl_ms=1
+    )
+    fleets.append(fleet)
+    statuses: Counter[int] = Counter()
+    codes: Counter[str] = Counter()
+    lock = threading.Lock()
+    headers = {"authorization": f"Bearer {fleet.key}"}
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+
+    with httpx.Client(headers=headers, timeout=30, limits=limits) as client:
+
+        def send_until_refused(worker: int) -> None:
+            for attempt in range(1000):
+                response = client.post(fleet.url(worker + attempt), json=completion(max_tokens))
+                with lock:
+                    statuses[response.status_code] += 1
+                if response.status_code != 200:
+                    with lock:
+                        codes[response.json()["error"]["code"]] += 1
+                    return
+
+        with ThreadPoolExecutor(200) as pool:
+            list(pool.map(send_until_refused, range(200)))
+
+    assert set(statuses) == {200, 429}, statuses
+    assert codes == {"insufficient_quota": 200}, codes
+    assert procs.wait_for(lambda: len(procs.usage_rows(fleet.db)) == statuses[200], timeout=15)
+    rows = procs.usage_rows(fleet.db)
+    assert {row["status"] for row in rows} == {"completed"}
+    spent = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
+    assert spent <= budget, f"{spent} spent of a budget of {budget}"
+    # The last client refused had nothing else in flight: less than its worst case (its body's
+    # length, under 120 bytes here, and its max_tokens) was left of the budget.
+    assert spent >= budget - 120 - max_tokens, f"only {spent} of {budget} spent"

@@ -1,5 +1,6 @@
-"""Billing consumers following the usage-event cursor while three `gateway serve` replicas meter
-two tenants' traffic into one PostgreSQL ledger: each sees every event exactly once, and in commit
+"""Guarantee 5: the billing cursor never skips or repeats an event, with concurrent writers.
+Billing consumers follow the usage-event cursor while three `gateway serve` replicas meter two
+tenants' traffic into one PostgreSQL ledger: each sees every event exactly once, and in commit
 order; a tenant following its own cursor (with its API key) sees its own events so."""
 
 from __future__ import annotations

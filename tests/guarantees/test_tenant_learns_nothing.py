@@ -1,7 +1,18 @@
-"""A tenant's usage-event cursor tells nothing about other tenants (guarantee 8): every reader of
-one tenant's events (the billing API with the tenant's key or with a token and `tenant`, the gRPC
-usage service's reader, `gateway export --tenant`) pages by a cursor of that tenant's own events,
-which other tenants' traffic never moves; over real ledgers on both backends."""
+"""Guarantee 8: a tenant learns nothing about other tenants or the fleet's insides: not their
+data, not their volume (cursors are per tenant), not worker addresses.
+
+- Not their data: a tenant reads its own events, and only its own, from a real `gateway serve`
+  with its API key.
+- Not their volume: every reader of one tenant's events (the billing API with the tenant's key or
+  with a token and `tenant`, the gRPC usage service's reader, `gateway export --tenant`) pages by a
+  cursor of that tenant's own events, which other tenants' traffic never moves.
+- Not worker addresses: a tenant's own usage events, read with its API key or through the gRPC
+  usage service's reader, have `worker: null`; the billing and admin tokens still see which worker
+  served each event.
+
+The last two in process, over real ledgers on both backends. (What a tenant's key may read on
+each billing route: `tests/unit/test_billing_api.py`.)
+"""
 
 from __future__ import annotations
 
@@ -10,14 +21,92 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.ledger.db import Connection, open_ledger
 from gateway.ledger.usage import TENANT_CURSOR_START, encode_cursor
 from gateway.usage_reader import LedgerUsageReader
+from tests.support import procs
 from tests.support.billing_app import ADMIN, BILLING, Billing, Seeded, ids
 from tests.support.cli_run import next_cursor, run
 from tests.support.openai_errors import error
+
+# --- Not their data -------------------------------------------------------------------------------
+
+BILLING_LISTENING = r"admin API listening on (http://\S+)"
+
+
+@pytest.mark.e2e
+def test_a_tenant_reads_its_own_events_from_a_real_gateway(tmp_path: Path) -> None:
+    sim = procs.start_sim()
+    db = tmp_path / "ledger.db"
+    key, key_id = procs.create_key(db, "acme")
+    other_key, _ = procs.create_key(db, "beta")
+    config = procs.write_config(
+        tmp_path / "gateway.toml",
+        [sim.url],
+        db,
+        '[admin]\nport = 0\n[billing]\ncurrency = "EUR"\n',
+    )
+    env = {"TOKENGATE_BILLING_TOKEN": BILLING, "TOKENGATE_ADMIN_TOKEN": ""}
+    gateway = procs.start(["serve", "--config", str(config)], env=env)
+    try:
+        url = procs.wait_line(gateway, BILLING_LISTENING).group(1)
+        request_ids = []
+        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+            for i in range(3):
+                done = client.post(
+                    "/v1/chat/completions",
+                    json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {key}", "x-request-id": f"e2e-{i}"},
+                )
+                assert done.status_code == 200, done.text
+                request_ids.append(done.headers["x-request-id"])
+
+        with httpx.Client(base_url=f"{url}/v1/billing", timeout=10) as billing:
+
+            def events(token: str, **params: Any) -> dict[str, Any]:
+                response = billing.get(
+                    "/usage-events", params=params, headers={"authorization": f"Bearer {token}"}
+                )
+                assert response.status_code == 200, response.text
+                page: dict[str, Any] = response.json()
+                return page
+
+            assert procs.wait_for(lambda: len(events(key)["data"]) == 3)
+            first = events(key, limit=2)
+            rest = events(key, after=first["next_cursor"])
+            assert (first["has_more"], rest["has_more"]) == (True, False)
+            seen = first["data"] + rest["data"]
+            assert [e["request_id"] for e in seen] == request_ids
+            assert {(e["api_key_id"], e["currency"], e["priced"]) for e in seen} == {
+                (key_id, "EUR", False)
+            }
+            assert all(e["usage"]["completion_tokens"] > 0 for e in seen)
+            assert events(other_key)["data"] == []
+            # A tenant never sees a worker's address; the billing token does.
+            assert {e["worker"] for e in seen} == {None}
+            everyone = events(BILLING)["data"]
+            assert [e["worker"] for e in everyone] == [sim.url] * 3
+            denied = billing.get(
+                "/usage-events",
+                params={"tenant": "beta"},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            assert denied.json()["error"]["code"] == "permission_denied"
+            # Only the billing token is set: the admin routes are closed.
+            closed = httpx.get(
+                f"{url}/admin/v1/tenants", headers={"authorization": f"Bearer {BILLING}"}
+            )
+            assert closed.status_code == 401
+        assert gateway.stop() == 0
+    finally:
+        gateway.stop()
+        sim.stop()
+
+
+# --- Not their volume: a tenant's cursor is its own -----------------------------------------------
 
 EVENTS = "/v1/billing/usage-events"
 
@@ -214,3 +303,54 @@ def test_export_of_one_tenant_resumes_by_its_tenant_cursor(
         code, out, err = run(capsys, *args)
         assert (code, out) == (2, "")
         assert "--after" in err
+
+
+# --- Not worker addresses -------------------------------------------------------------------------
+
+WORKERS = ("http://10.0.0.11:8000", "http://10.0.0.12:8000")
+
+
+@pytest.fixture
+def with_workers(ledger: Connection) -> Seeded:
+    """Five events of acme: two served by each worker, one by none."""
+    seeded = Seeded(ledger)
+    for worker in WORKERS:
+        seeded.record(seeded.acme, 2, worker=worker)
+    seeded.record(seeded.acme, 1, worker=None)
+    return seeded
+
+
+def workers(page: dict[str, object]) -> list[object]:
+    data = page["data"]
+    assert isinstance(data, list)
+    assert len(data) == 5
+    return [event["worker"] for event in data]
+
+
+def test_a_tenant_key_sees_no_worker(with_workers: Seeded) -> None:
+    api = Billing(with_workers.conn)
+    assert workers(api.events(with_workers.acme_key)) == [None] * 5
+    assert workers(api.events(with_workers.acme_key, tenant="acme")) == [None] * 5
+
+
+def test_the_billing_and_admin_tokens_see_the_worker(with_workers: Seeded) -> None:
+    api = Billing(with_workers.conn)
+    served = [WORKERS[0]] * 2 + [WORKERS[1]] * 2 + [None]
+    for token in (BILLING, ADMIN):
+        assert workers(api.events(token)) == served
+        assert workers(api.events(token, tenant="acme")) == served
+
+
+def test_the_grpc_reader_gives_no_worker(with_workers: Seeded, ledger_url: str) -> None:
+    reader = LedgerUsageReader(ledger_url, "EUR")
+    try:
+        page = json.loads(reader(with_workers.acme.id, None, 100))
+    finally:
+        reader.close()
+    assert workers(page) == [None] * 5
+
+
+def test_the_documented_schema_says_so(with_workers: Seeded) -> None:
+    schema = Billing(with_workers.conn)("/v1/billing/openapi.json").json()
+    worker = schema["components"]["schemas"]["UsageEventDocument"]["properties"]["worker"]
+    assert "null for a tenant" in worker["description"]

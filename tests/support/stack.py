@@ -50,6 +50,10 @@ class Stack:
     def rows(self) -> list[object]:
         return list(procs.usage_rows(self.db))
 
+    def outstanding(self) -> int:
+        """Requests the gateway has in flight on its workers, from its own `/metrics`."""
+        return int(procs.scrape(self.gateway.url).get("tokengate_worker_outstanding_requests", 0))
+
     def stop(self) -> None:
         for client in self.clients.values():
             client.close()
