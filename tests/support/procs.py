@@ -1,5 +1,6 @@
 """Real processes for end-to-end tests: `gateway sim` workers, `gateway serve` gateways and real
-vLLM workers.
+vLLM workers; the `gateway` CLI run as a process, free ports and API keys, which the benchmarks
+take from here too.
 
 The gateway's own processes are started as `python -m gateway ...` and waited for on the line they
 print once they listen; vLLM workers are waited for on `/health`. Each is stopped (SIGTERM, then
@@ -199,17 +200,22 @@ url = "{ledger_url(db)}"
     return path
 
 
-def cli(*args: str) -> str:
-    """Runs a `gateway` CLI command to completion and returns its stdout."""
+class CommandError(RuntimeError):
+    """A `gateway` CLI command that failed; the message holds its output."""
+
+
+def cli(*args: str, timeout: float = 60.0) -> str:
+    """Runs a `gateway` CLI command to completion and returns its stdout; raises `CommandError`
+    if it fails."""
     done = subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
         check=False,
-        timeout=60,
+        timeout=timeout,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"gateway {' '.join(args)} failed: {done.stdout}{done.stderr}")
+        raise CommandError(f"gateway {' '.join(args)} failed: {done.stdout}{done.stderr}")
     return done.stdout
 
 
