@@ -25,7 +25,7 @@ build: $(PY) ## Build the Rust extension (release) into the venv, with dev depen
 	$(PY) -m gateway.grpc_codegen
 
 services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages
-	bash tests/services/install.sh
+	bash tests/support/services/install.sh
 
 run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key
 	$(BIN)/gateway demo --data-dir data

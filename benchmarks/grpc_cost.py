@@ -23,20 +23,20 @@ import sys
 from typing import Any
 
 from gateway.grpc import GatewayClient
-from overhead import (
+from harness import (
     MODEL,
     PROMPT,
     Harness,
     Settings,
-    create_key,
     gateway_service,
-    harness,
     instant_sim,
+    open_harness,
+    parse_args,
     publish,
     run_loadgen,
     wait_serving,
 )
-from quota_cost import parse_args
+from tests.support import procs
 
 BEGIN = "<!-- grpc_cost.py:begin -->"
 END = "<!-- grpc_cost.py:end -->"
@@ -87,8 +87,8 @@ def section(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    with harness("grpc_cost.py", settings, argv) as run:
+    settings = parse_args(argv, __doc__)
+    with open_harness("grpc_cost.py", settings, argv) as run:
         runs = measure(settings, run)
     meta = run.meta("grpc", settings)
     publish(meta, {"runs": runs}, section(runs, meta), BEGIN, END, settings.quick)
@@ -99,7 +99,7 @@ def measure(settings: Settings, run: Harness) -> list[dict[str, Any]]:
     """Starts the simulator and the gateway, then every round's runs."""
     workdir = run.workdir
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
-    key = create_key(workdir, db_url)
+    key, _ = procs.create_key(db_url, "bench")
     message = workdir / "request.bin"
     request = GatewayClient.completion_request(MODEL, PROMPT, max_tokens=16)
     message.write_bytes(request.SerializeToString())

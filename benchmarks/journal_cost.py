@@ -23,22 +23,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from overhead import (
+from harness import (
     Pinned,
     Saturation,
     Service,
     Settings,
     Target,
-    create_key,
     gateway_service,
-    harness,
     instant_sim,
     median_of,
+    open_harness,
+    parse_args,
     publish,
     rotate_saturation,
     wait_serving,
 )
-from quota_cost import parse_args
+from tests.support import procs
 
 BEGIN = "<!-- journal_cost.py:begin -->"
 END = "<!-- journal_cost.py:end -->"
@@ -111,12 +111,12 @@ def start_gateways(
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+    settings = parse_args(argv, __doc__)
     runs: dict[str, list[Saturation]] = {}
-    with harness("journal_cost.py", settings, argv) as run:
+    with open_harness("journal_cost.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
         db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        key = create_key(workdir, db_url)
+        key, _ = procs.create_key(db_url, "bench")
         sim = instant_sim(settings, workdir)
         paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
         services += [sim, paced]

@@ -33,7 +33,8 @@ from gateway.ledger.db import open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.usage import UsageEvent, insert_usage_events
 from gateway.quotas import Price
-from overhead import ROOT, Settings, machine, publish, run_meta
+from harness import Settings, machine, publish, run_meta
+from tests.support.services.postgres import PostgresServer
 
 BEGIN = "<!-- ledger_ingest.py:begin -->"
 END = "<!-- ledger_ingest.py:end -->"
@@ -89,11 +90,9 @@ def ingest(url: str, events: list[UsageEvent], batch: int) -> float:
         return len(events) / (time.perf_counter() - began)
 
 
-def postgres_server(stack: ExitStack) -> Any | None:
-    sys.path.insert(0, str(ROOT))  # the test tooling's server
+def postgres_server(stack: ExitStack) -> PostgresServer | None:
+    """The tests' PostgreSQL server (`tests.support.services`), or None without its binaries."""
     try:
-        from tests.services.postgres import PostgresServer
-
         return stack.enter_context(PostgresServer())
     except Exception as exc:  # no server binaries: SQLite only
         print(f"PostgreSQL left out: {exc}", file=sys.stderr)

@@ -44,178 +44,45 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import queue
 import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-OUT = ROOT / "benchmarks" / "out"
+from harness import (
+    OUT,
+    RESULTS,
+    ROOT,
+    HarnessError,
+    Pinned,
+    Settings,
+    build_loadgen,
+    check_environment,
+    gateway_service,
+    git_commit,
+    instant_sim,
+    machine,
+    run_loadgen,
+    wait_serving,
+    write_results,
+)
+from tests.support import procs
+
 BEGIN = "<!-- overhead.py:begin -->"
 END = "<!-- overhead.py:end -->"
-MODEL = "sim-model"
-PROMPT = "The quick brown fox jumps over the lazy dog."
 MODES = ("completions", "completions, streaming")
 NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
-class HarnessError(Exception):
-    """The benchmark could not be run (as opposed to a run that measured errors)."""
-
-
-@dataclass
-class Settings:
-    rounds: int
-    duration_s: float
-    warmup_s: float
-    concurrency: int
-    rate: float
-    gateway_core: int
-    client_core: int
-    loadgen: Path
-    quick: bool
-    no_nginx: bool
-    nginx: Path | None = None  # the binary, once found on PATH
-    max_tokens: int = 16  # of every request loadgen sends
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-class Pinned:
-    """A process started in the background under `taskset -c CORE`; its stderr (and, unless read
-    by a subclass, its stdout) goes to a log file in the work directory."""
-
-    stop_signal = signal.SIGTERM
-
-    def __init__(
-        self,
-        name: str,
-        core: int,
-        argv: list[str],
-        workdir: Path,
-        *,
-        env: dict[str, str] | None = None,
-        pipe_stdout: bool = False,
-    ) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log: IO[str] = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", str(core), *argv],
-            stdout=subprocess.PIPE if pipe_stdout else self._log,
-            stderr=self._log,
-            text=True,
-            cwd=workdir,
-            env=env,
-        )
-
-    def pids(self) -> list[int]:
-        """The processes whose CPU time counts as this one's."""
-        return [self.proc.pid]
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time so far (all threads of all of `pids()`)."""
-        ticks = 0
-        for pid in self.pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except FileNotFoundError:  # a process that has just exited
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def check_running(self) -> None:
-        if self.proc.poll() is not None:
-            raise HarnessError(
-                f"{self.name} exited early ({self.proc.returncode}):\n{self.log_tail()}"
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> int | None:
-        """`stop_signal`, then SIGKILL after 30 s; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(self.stop_signal)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    def stopped_cleanly(self, status: int | None) -> bool:
-        return status in (0, None, -self.stop_signal)
-
-
-class Service(Pinned):
-    """A `gateway` subcommand started in the background, pinned to one core; its stdout is read by
-    a thread (to find the listening line), its stderr goes to a log file."""
-
-    def __init__(self, name: str, core: int, args: list[str], workdir: Path) -> None:
-        # One core, so one tokio worker thread: a second would only add context switches.
-        env = {**os.environ, "TOKENGATE_WORKER_THREADS": "1"}
-        argv = [sys.executable, "-m", "gateway", *args]
-        super().__init__(name, core, argv, workdir, env=env, pipe_stdout=True)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_listening(self, timeout_s: float = 60.0) -> str:
-        """The base URL from the `... listening on http://HOST:PORT` line."""
-        return self.wait_line(r"listening on (http://\S+)", timeout_s)[1].rstrip("/")
-
-    def wait_line(self, pattern: str, timeout_s: float = 60.0) -> re.Match[str]:
-        """The first stdout line matching `pattern`, those already read included."""
-        for line in self._seen:
-            if match := re.search(pattern, line):
-                return match
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                read = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if read is None:
-                raise HarnessError(f"{self.name} exited early:\n{self.log_tail()}")
-            self._seen.append(read)
-            line = read
-            if match := re.search(pattern, line):
-                return match
-        raise HarnessError(
-            f"{self.name} did not print {pattern!r} within {timeout_s:.0f} s:\n{self.log_tail()}"
-        )
+# --- nginx, the reference peer --------------------------------------------------------------------
 
 
 class Nginx(Pinned):
@@ -228,7 +95,7 @@ class Nginx(Pinned):
     def __init__(self, binary: Path, core: int, upstream: str, workdir: Path) -> None:
         prefix = workdir / "nginx"
         prefix.mkdir()
-        self.port = free_port()
+        self.port = procs.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = prefix / "nginx.conf"
         config.write_text(nginx_config(prefix, self.port, upstream))
@@ -257,39 +124,6 @@ class Nginx(Pinned):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         super().kill()
-
-
-def gateway_service(
-    name: str, settings: Settings, workdir: Path, sim_url: str, db_url: str, extra: str = ""
-) -> Service:
-    """`gateway serve` named `name`, in front of `sim_url` with its ledger at `db_url`, on the
-    gateway's core; `extra` is TOML appended to its config."""
-    config = workdir / f"{name}.toml"
-    config.write_text(
-        '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
-        f'[[workers]]\nurl = "{sim_url}"\n\n[storage]\nurl = "{db_url}"\n\n{extra}'
-    )
-    return Service(
-        name,
-        settings.gateway_core,
-        ["serve", "--config", str(config), "--log-level", "WARNING"],
-        workdir,
-    )
-
-
-def instant_sim(settings: Settings, workdir: Path) -> Service:
-    """`gateway sim` answering at once (no time to first token, none between tokens), 16 tokens
-    per answer, on the client's core, with room for every connection of the load."""
-    return Service(
-        "sim",
-        settings.client_core,
-        [
-            *("sim", "--port", "0", "--model", MODEL, "--ttft-ms", "0", "--itl-ms", "0"),
-            *("--max-num-seqs", str(max(1024, settings.concurrency * 2))),
-            *("--max-output-tokens", "16", "--log-level", "WARNING"),
-        ],
-        workdir,
-    )
 
 
 def nginx_version(binary: Path) -> str:
@@ -333,179 +167,7 @@ def nginx_config(prefix: Path, port: int, upstream: str) -> str:
     )
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now (nginx cannot be told to pick one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def gateway_cli(*args: str, workdir: Path) -> str:
-    """Runs a short `gateway` command and returns its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        cwd=workdir,
-        timeout=120,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise HarnessError(f"gateway {' '.join(args)} failed:\n{done.stderr}{done.stdout}")
-    return done.stdout
-
-
-def create_key(workdir: Path, db_url: str) -> str:
-    gateway_cli("tenants", "create", "bench", "--db", db_url, workdir=workdir)
-    out = gateway_cli("keys", "create", "--tenant", "bench", "--db", db_url, workdir=workdir)
-    match = re.search(r"(?m)(?:^|\s)(tg-\S+)", out)
-    if match is None:
-        raise HarnessError(f"no tg- key in the output of `gateway keys create`:\n{out}")
-    return match.group(1)
-
-
-def wait_serving(url: str, key: str, process: Pinned, timeout_s: float = 60.0) -> None:
-    """Polls until one authenticated completion succeeds (the gateway may still be probing its
-    worker right after it starts listening; nginx tells nothing when it is ready), failing early
-    when `process`, the one that should answer, has exited."""
-    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 16}).encode()
-    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        process.check_running()
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                response.read()
-                return
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}: {exc.read()[:300]!r}"
-        except OSError as exc:
-            last = repr(exc)
-        time.sleep(0.2)
-    raise HarnessError(f"{url} did not serve within {timeout_s:.0f} s; last answer: {last}")
-
-
-def build_loadgen() -> Path:
-    print("building the load generator: cargo build --release -p gateway-loadgen", flush=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "gateway-loadgen"], cwd=ROOT, check=True)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    return (target if target.is_absolute() else ROOT / target) / "release" / "loadgen"
-
-
-def run_loadgen(
-    settings: Settings,
-    url: str,
-    key: str,
-    *,
-    stream: bool,
-    rate: float | None,
-    services: tuple[Pinned, ...] = (),
-    grpc_body: Path | None = None,
-) -> tuple[dict[str, Any], list[float]]:
-    """One loadgen run; returns its report and, for each of `services`, its CPU use over the
-    measured window (after the warm-up) as a fraction of one core. With `grpc_body` (a file of
-    the protobuf-encoded request) the run speaks gRPC to the method `url` names."""
-    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": settings.max_tokens}
-    if stream:
-        body["stream"] = True
-    argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
-    argv += ["--body", json.dumps(body) if grpc_body is None else f"@{grpc_body}"]
-    argv += ["--header", f"authorization: Bearer {key}"]
-    if grpc_body is not None:
-        argv.append("--grpc")
-    argv += ["--duration-s", str(settings.duration_s), "--warmup-s", str(settings.warmup_s)]
-    argv += ["--concurrency", str(settings.concurrency)]
-    if rate is not None:
-        argv += ["--rate", str(rate)]
-    if stream:
-        argv.append("--stream")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # The window is approximate: loadgen's clock starts once its connections are open.
-        time.sleep(settings.warmup_s + 0.05)
-        cpu0, t0 = [s.cpu_seconds() for s in services], time.monotonic()
-        time.sleep(max(settings.duration_s - 0.1, 0.05))
-        cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
-        stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
-    except BaseException:  # Ctrl-C, SIGTERM, a hung loadgen: do not leave it running
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
-        raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
-    report: dict[str, Any] = json.loads(stdout)
-    return report, [(b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1, strict=True)]
-
-
-# --- the measurement ---------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    """One gateway configuration to measure: who serves, where, with which key."""
-
-    name: str
-    gateway: Pinned
-    url: str
-    key: str
-
-
-@dataclass
-class Saturation:
-    """One saturation run's figures; `others_cpu` is the CPU use of each watched service."""
-
-    round: int
-    target: str
-    rps: float
-    gateway_cpu: float
-    others_cpu: list[float]
-    errors: int
-
-
-def rotate_saturation(
-    settings: Settings, targets: list[Target], *, stream: bool, watch: tuple[Pinned, ...] = ()
-) -> list[Saturation]:
-    """`settings.rounds` rounds of one saturation run per target, in an order that rotates by
-    one each round, so that drift on a shared machine hits every target alike."""
-    results = []
-    for round_ in range(settings.rounds):
-        shift = round_ % len(targets)
-        for target in targets[shift:] + targets[:shift]:
-            report, cpus = run_loadgen(
-                settings,
-                target.url,
-                target.key,
-                stream=stream,
-                rate=None,
-                services=(target.gateway, *watch),
-            )
-            result = Saturation(
-                round_,
-                target.name,
-                float(report["rps"]),
-                cpus[0],
-                cpus[1:],
-                int(report["errors"]) + int(report["unsent"]),
-            )
-            results.append(result)
-            others = "".join(
-                f"  {s.name} cpu {c:.0%}" for s, c in zip(watch, cpus[1:], strict=True)
-            )
-            print(
-                f"  round {round_ + 1} {target.name:12} {'stream' if stream else 'plain':6} "
-                f"{result.rps:>9.0f} req/s  gateway cpu {result.gateway_cpu:.0%}{others}"
-                f"  errors {result.errors}",
-                flush=True,
-            )
-    return results
-
-
-def median_of(results: list[Saturation], target: str, pick: str) -> float:
-    values = [float(getattr(r, pick)) for r in results if r.target == target]
-    return statistics.median(values) if values else float("nan")
+# --- the measurement ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -607,38 +269,7 @@ def brief(run: Run) -> str:
     return text
 
 
-# --- the report --------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "load": f"{os.getloadavg()[0]:.2f}",
-        "nproc": nproc,
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def git_commit() -> str:
-    head = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    )
-    if head.returncode != 0:
-        return "none (no commit yet)"
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.strip()
-    return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
+# --- the report -----------------------------------------------------------------------------------
 
 
 def section(bench: Bench, meta: dict[str, Any]) -> str:
@@ -719,90 +350,7 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class Harness:
-    """What a comparison benchmark runs in: its command line, start time and machine, a work
-    directory, and the services it starts (add them to `services` as they start)."""
-
-    command: str
-    stamp: datetime
-    host: dict[str, str]
-    workdir: Path
-    services: list[Pinned] = field(default_factory=list)
-
-    def meta(self, prefix: str, settings: Settings) -> dict[str, Any]:
-        return run_meta(prefix, self.command, self.stamp, self.host, settings)
-
-
-@contextlib.contextmanager
-def harness(script: str, settings: Settings, argv: list[str] | None) -> Iterator[Harness]:
-    """Checks the machine, builds loadgen if needed and makes a work directory for `script` (a
-    file name in benchmarks/); on the way out stops every service, newest first, and removes
-    the directory after a clean run (after a failure it stays, with the services' logs)."""
-    command = shlex.join(
-        ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
-    )
-    check_environment(settings)
-    if settings.loadgen == Path():
-        settings.loadgen = build_loadgen()
-    stamp, host = datetime.now(UTC), machine()
-    workdir = Path(tempfile.mkdtemp(prefix=f"tokengate-{Path(script).stem}-"))
-    run = Harness(command, stamp, host, workdir)
-    try:
-        yield run
-    except BaseException:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-        raise
-    finally:
-        for service in reversed(run.services):
-            service.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def run_meta(
-    prefix: str, command: str, stamp: datetime, host: dict[str, str], settings: Settings
-) -> dict[str, Any]:
-    """What every comparison report states about its run, `raw` naming its file in
-    `benchmarks/out/`."""
-    return {
-        "command": command,
-        "date": f"{stamp:%Y-%m-%d %H:%M} UTC",
-        "commit": git_commit(),
-        "machine": host,
-        "raw": f"{prefix}-{stamp:%Y%m%dT%H%M%SZ}{'-quick' if settings.quick else ''}.json",
-        "rounds": settings.rounds,
-        "duration_s": settings.duration_s,
-    }
-
-
-def publish(
-    meta: dict[str, Any], raw: dict[str, Any], text: str, begin: str, end: str, quick: bool
-) -> None:
-    """Saves the raw report, prints the section, and (unless `quick`) puts it in RESULTS.md."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / meta["raw"]).write_text(json.dumps({**meta, **raw}, indent=2) + "\n")
-    print("\n" + text)
-    if quick:
-        print(f"(--quick: RESULTS.md left alone; raw report in benchmarks/out/{meta['raw']})")
-    else:
-        write_results(text, begin, end)
-        print(f"written to benchmarks/RESULTS.md and benchmarks/out/{meta['raw']}")
-
-
-def write_results(text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replaces the section between `begin` and `end` in RESULTS.md (`text` carries both
-    markers), or appends it."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        updated = head + text + ("\n" + tail if tail else "")
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(updated)
-
-
-# --- main --------------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -835,23 +383,6 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
 
 
-def check_environment(settings: Settings) -> None:
-    if shutil.which("taskset") is None:
-        raise HarnessError("taskset not found (Debian package util-linux)")
-    cores = os.sched_getaffinity(0)
-    for core in (settings.gateway_core, settings.client_core):
-        if core not in cores:
-            raise HarnessError(f"core {core} is not available here (cores: {sorted(cores)})")
-    probe = subprocess.run(
-        [sys.executable, "-c", "import gateway._core"], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        raise HarnessError(
-            f"{sys.executable} cannot import gateway._core; run this with the project's "
-            f"interpreter (.venv/bin/python) after building the extension:\n{probe.stderr}"
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     command = shlex.join(
@@ -878,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: load average {host['load']}: other work will skew the figures")
     workdir = Path(tempfile.mkdtemp(prefix="tokengate-overhead-"))
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
-    key = create_key(workdir, db_url)
+    key, _ = procs.create_key(db_url, "bench")
     bench = Bench(settings)
     services: list[Pinned] = []
     nginx_label: str | None = None
@@ -919,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{service.name} exited with {status}:\n{service.log_tail()}", file=sys.stderr
                 )
-    usage = gateway_cli("usage", "--db", db_url, "--json", workdir=workdir)
+    usage = procs.cli("usage", "--db", db_url, "--json", timeout=120)
     shutil.rmtree(workdir, ignore_errors=True)
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -945,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.quick:
         print(f"(--quick: RESULTS.md left alone; raw reports in benchmarks/out/{raw_name})")
     else:
-        write_results(text)
+        write_results(text, BEGIN, END)
         print(f"written to {RESULTS.relative_to(ROOT)} and benchmarks/out/{raw_name}")
     if problems := bench.problems():
         print(f"{len(problems)} run(s) had errors or fell behind their rate", file=sys.stderr)
@@ -967,6 +498,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGHUP, terminate)
     try:
         sys.exit(main())
-    except HarnessError as exc:
+    except (HarnessError, procs.CommandError) as exc:
         print(f"overhead.py: {exc}", file=sys.stderr)
         sys.exit(2)

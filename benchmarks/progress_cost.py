@@ -20,19 +20,19 @@ import dataclasses
 import sys
 from typing import Any
 
-from overhead import (
+from harness import (
     Saturation,
     Service,
     Target,
-    create_key,
     gateway_service,
-    harness,
     median_of,
+    open_harness,
+    parse_args,
     publish,
     rotate_saturation,
     wait_serving,
 )
-from quota_cost import parse_args
+from tests.support import procs
 
 BEGIN = "<!-- progress_cost.py:begin -->"
 END = "<!-- progress_cost.py:end -->"
@@ -75,11 +75,13 @@ def section(results: list[Saturation], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = dataclasses.replace(parse_args(argv), concurrency=CONNECTIONS, max_tokens=200)
-    with harness("progress_cost.py", settings, argv) as run:
+    settings = dataclasses.replace(
+        parse_args(argv, __doc__), concurrency=CONNECTIONS, max_tokens=200
+    )
+    with open_harness("progress_cost.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
         db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        key = create_key(workdir, db_url)
+        key, _ = procs.create_key(db_url, "bench")
         sim = Service("sim-paced", settings.client_core, SIM, workdir)
         services.append(sim)
         sim_url = sim.wait_listening()

@@ -25,33 +25,30 @@ reserving and settling, never of a refusal. Results: a section of `benchmarks/RE
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from overhead import (
+from harness import (
     MODEL,
     ROOT,
     HarnessError,
     Pinned,
     Service,
-    Settings,
     Target,
-    free_port,
-    gateway_cli,
     gateway_service,
-    harness,
     instant_sim,
+    open_harness,
+    parse_args,
     publish,
     rotate_saturation,
     wait_serving,
 )
+from tests.support import procs
 
 BEGIN = "<!-- quota_cost.py:begin -->"
 END = "<!-- quota_cost.py:end -->"
@@ -90,12 +87,6 @@ def micro(redis_url: str) -> dict[str, float]:
         raise HarnessError(f"cargo bench failed:\n{done.stderr[-3000:]}")
     report: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
-
-
-def key_for(tenant: str, db_url: str, workdir: Path) -> str:
-    gateway_cli("tenants", "create", tenant, "--db", db_url, workdir=workdir)
-    out = gateway_cli("keys", "create", "--tenant", tenant, "--db", db_url, workdir=workdir)
-    return next(word for word in out.split() if word.startswith("tg-"))
 
 
 def section(bench: Bench, figures: dict[str, float], meta: dict[str, Any]) -> str:
@@ -147,39 +138,16 @@ def section(bench: Bench, figures: dict[str, float], meta: dict[str, Any]) -> st
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs; no RESULTS.md")
-    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3, quick 1)")
-    parser.add_argument("--duration-s", type=float, help="measured seconds per run (10, quick 2)")
-    parser.add_argument("--concurrency", type=int, default=64, help="loadgen connections")
-    parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
-    args = parser.parse_args(argv)
-    quick: bool = args.quick
-    return Settings(
-        rounds=args.rounds or (1 if quick else 3),
-        duration_s=args.duration_s or (2.0 if quick else 10.0),
-        warmup_s=0.5 if quick else 2.0,
-        concurrency=args.concurrency,
-        rate=0.0,
-        gateway_core=1,
-        client_core=0,
-        loadgen=args.loadgen.resolve() if args.loadgen else Path(),
-        quick=quick,
-        no_nginx=True,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+    settings = parse_args(argv, __doc__)
     redis_binary = shutil.which("redis-server")
     if redis_binary is None:
         raise HarnessError("redis-server not found: run `make services`")
     bench = Bench()
-    with harness("quota_cost.py", settings, argv) as run:
+    with open_harness("quota_cost.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
         db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        redis_port = free_port()
+        redis_port = procs.free_port()
         redis = Pinned(
             "redis",
             settings.client_core,
@@ -188,13 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         services.append(redis)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        free_key = key_for("free", db_url, workdir)
-        metered_key = key_for("metered", db_url, workdir)
-        gateway_cli("tenants", "set-quota", "metered", *POLICY, "--db", db_url, workdir=workdir)
-        gateway_cli(
+        free_key, _ = procs.create_key(db_url, "free")
+        metered_key, _ = procs.create_key(db_url, "metered")
+        procs.cli("tenants", "set-quota", "metered", *POLICY, "--db", db_url)
+        procs.cli(
             *("prices", "set", MODEL, "--prompt", "0.15", "--cached", "0.075"),
             *("--completion", "0.6", "--db", db_url),
-            workdir=workdir,
         )
         print("micro-benchmark: cargo bench -p gateway-core --bench quota", flush=True)
         figures = micro(redis_url)

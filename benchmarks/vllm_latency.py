@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,19 +28,9 @@ from pathlib import Path
 
 import httpx
 
-from overhead import (
-    ROOT,
-    HarnessError,
-    Pinned,
-    Service,
-    create_key,
-    free_port,
-    git_commit,
-    write_results,
-)
-
-sys.path.insert(0, str(ROOT))
-from tests.vllm import cpu_env  # the repository root is on the path only now
+from harness import HarnessError, Pinned, Service, git_commit, write_results
+from tests.support import procs
+from tests.vllm import cpu_env
 
 BEGIN = "<!-- vllm_latency.py:begin -->"
 END = "<!-- vllm_latency.py:end -->"
@@ -137,7 +126,7 @@ def table(results: dict[tuple[int, str], Samples]) -> str:
 
 
 def start_worker(env: cpu_env.VllmEnv, workdir: Path) -> tuple[Pinned, str]:
-    port = free_port()
+    port = procs.free_port()
     worker = Pinned("vllm", 0, env.worker_command(port), workdir, env=env.worker_env(cpu=0))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -155,7 +144,7 @@ def start_worker(env: cpu_env.VllmEnv, workdir: Path) -> tuple[Pinned, str]:
 
 def start_gateway(worker_url: str, workdir: Path) -> tuple[Service, str, str]:
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
-    key = create_key(workdir, db_url)
+    key, _ = procs.create_key(db_url, "bench")
     config = workdir / "gateway.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\nurl = "{db_url}"\n\n'

@@ -1,68 +1,21 @@
-"""Shared fixtures: real simulator workers and a real gateway process in front of them, and fresh
-ledgers on both backends (a SQLite file, a database on a real PostgreSQL server)."""
+"""Fixtures every test directory shares: real simulator workers and a real gateway process in
+front of them, fresh ledgers on both backends (a SQLite file, a database on a real PostgreSQL
+server), a real `redis-server`, and the billing app in process. What they start is in
+`tests.support`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
 
 from gateway.ledger.db import Connection, open_ledger
-from tests import procs
-from tests.billing_app import Billing, Seeded
-from tests.fleet import Fleet
-from tests.services.postgres import PostgresServer
-from tests.services.redis import RedisServer
-
-
-@dataclass
-class Stack:
-    """A gateway process, the simulators behind it, its ledger and one tenant's key."""
-
-    gateway: procs.Process
-    sims: list[procs.Process]
-    db: Path | str  # a SQLite file, or a ledger URL
-    key: str
-    key_id: str
-    clients: dict[str, openai.OpenAI] = field(default_factory=dict)
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.gateway.url}/v1"
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        """An SDK client for `key` (default: the stack's key), closed when the stack stops."""
-        key = key or self.key
-        if key not in self.clients:
-            self.clients[key] = openai.OpenAI(
-                base_url=self.base_url, api_key=key, max_retries=0, timeout=30.0
-            )
-        return self.clients[key]
-
-    def sim_totals(self) -> tuple[int, int]:
-        """(prompt, generation) tokens the simulators counted, summed over all of them."""
-        prompt = generation = 0
-        for sim in self.sims:
-            metrics = procs.scrape(sim.url)
-            prompt += int(metrics.get("vllm:prompt_tokens_total", 0))
-            generation += int(metrics.get("vllm:generation_tokens_total", 0))
-        return prompt, generation
-
-    def rows(self) -> list[object]:
-        return list(procs.usage_rows(self.db))
-
-    def stop(self) -> None:
-        for client in self.clients.values():
-            client.close()
-        self.gateway.stop()
-        for sim in self.sims:
-            sim.stop()
-
-
-StackFactory = Callable[..., Stack]
+from tests.support.billing_app import Billing, Seeded
+from tests.support.fleet import Fleet
+from tests.support.services.postgres import PostgresServer
+from tests.support.services.redis import RedisServer
+from tests.support.stack import Stack, StackFactory, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +34,7 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def fleets() -> Iterator[list[Fleet]]:
-    """The fleets a test starts (`tests.fleet.start_fleet`), stopped when it ends."""
+    """The fleets a test starts (`tests.support.fleet.start_fleet`), stopped when it ends."""
     started: list[Fleet] = []
     yield started
     for fleet in started:
@@ -97,6 +50,14 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     server: PostgresServer = request.getfixturevalue("postgres")
     with server.database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's PostgreSQL server (dropped after the
+    test), for processes that share a PostgreSQL ledger."""
+    with postgres.database() as url:
         yield url
 
 
@@ -129,20 +90,16 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
     ) -> Stack:
         """`ledger` is a ledger URL; by default, a new SQLite file in the test's directory;
         `server` and `routing` are more lines of those tables of the gateway's config."""
-        sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
-        db = ledger or tmp_path / f"ledger-{len(stacks)}.db"
-        key, key_id = procs.create_key(db, "acme")
-        config = procs.write_config(
+        stack = start_stack(
             tmp_path / f"gateway-{len(stacks)}.toml",
-            [s.url for s in sims],
-            db,
+            ledger or tmp_path / f"ledger-{len(stacks)}.db",
+            n_sims,
             config_extra,
             grace_s,
             server=server,
             routing=routing,
+            **sim_options,
         )
-        gateway = procs.start(["serve", "--config", str(config)])
-        stack = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)
         stacks.append(stack)
         return stack
 
@@ -155,23 +112,18 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One gateway in front of two fast simulators, shared by a module's tests."""
     tmp = tmp_path_factory.mktemp("stack")
-    sims = [procs.start_sim(itl_ms=1) for _ in range(2)]
-    db = tmp / "ledger.db"
-    key, key_id = procs.create_key(db, "acme")
-    config = procs.write_config(tmp / "gateway.toml", [s.url for s in sims], db)
-    gateway = procs.start(["serve", "--config", str(config)])
-    shared = Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)
+    shared = start_stack(tmp / "gateway.toml", tmp / "ledger.db", itl_ms=1)
     yield shared
     shared.stop()
 
 
 @pytest.fixture
 def seeded(ledger: Connection) -> Seeded:
-    """Two tenants with a key each and a price, in a fresh ledger (`tests.billing_app`)."""
+    """Two tenants with a key each and a price, in a fresh ledger (`tests.support.billing_app`)."""
     return Seeded(ledger)
 
 
 @pytest.fixture
 def api(ledger: Connection) -> Billing:
-    """The admin and billing app over a fresh ledger, in process (`tests.billing_app`)."""
+    """The admin and billing app over a fresh ledger, in process (`tests.support.billing_app`)."""
     return Billing(ledger)

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests import procs
+from tests.support import procs
 from tests.vllm import cpu_env
 
 

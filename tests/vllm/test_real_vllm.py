@@ -19,8 +19,8 @@ import httpx
 import openai
 import pytest
 
-from tests import procs
-from tests.test_deploy_vllm import recipe_args
+from tests.support import procs
+from tests.support.deploy import recipe_args
 from tests.vllm import cpu_env
 from tests.vllm.conftest import Fleet
 from tests.vllm.cpu_env import MAX_MODEL_LEN, SERVED_MODEL
