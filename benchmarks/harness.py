@@ -94,6 +94,8 @@ class Settings:
     no_nginx: bool
     nginx: Path | None = None  # the binary, once found on PATH
     max_tokens: int = 16  # of every request loadgen sends
+    # The Python of another build (its venv's `bin/python`), whose gateway runs beside this one.
+    baseline: Path | None = None
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -223,10 +225,12 @@ class Service(Pinned):
     """A `gateway` subcommand started in the background, pinned to one core; its stdout is read by
     a thread (to find the listening line), its stderr goes to a log file."""
 
-    def __init__(self, name: str, core: int, args: list[str], workdir: Path) -> None:
+    def __init__(
+        self, name: str, core: int, args: list[str], workdir: Path, python: Path | None = None
+    ) -> None:
         # One core, so one tokio worker thread: a second would only add context switches.
         env = {**os.environ, "TOKENGATE_WORKER_THREADS": "1"}
-        argv = [sys.executable, "-m", "gateway", *args]
+        argv = [str(python or sys.executable), "-m", "gateway", *args]
         super().__init__(name, core, argv, workdir, env=env, pipe_stdout=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._seen: list[str] = []
@@ -265,10 +269,16 @@ class Service(Pinned):
 
 
 def gateway_service(
-    name: str, settings: Settings, workdir: Path, sim_url: str, db_url: str, extra: str = ""
+    name: str,
+    settings: Settings,
+    workdir: Path,
+    sim_url: str,
+    db_url: str,
+    extra: str = "",
+    python: Path | None = None,
 ) -> Service:
     """`gateway serve` named `name`, in front of `sim_url` with its ledger at `db_url`, on the
-    gateway's core; `extra` is TOML appended to its config."""
+    gateway's core; `extra` is TOML appended to its config; `python` runs another build's."""
     config = workdir / f"{name}.toml"
     config.write_text(
         '[server]\nhost = "127.0.0.1"\nport = 0\n\n'
@@ -279,6 +289,7 @@ def gateway_service(
         settings.gateway_core,
         ["serve", "--config", str(config), "--log-level", "WARNING"],
         workdir,
+        python,
     )
 
 
@@ -459,9 +470,10 @@ def machine() -> dict[str, str]:
     }
 
 
-def git_commit() -> str:
+def git_commit(repo: Path = ROOT) -> str:
+    """`repo`'s commit, marked when its work tree has changes."""
     head = subprocess.run(
-        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=repo
     )
     if head.returncode != 0:
         return "none (no commit yet)"
@@ -469,7 +481,7 @@ def git_commit() -> str:
         ["git", "status", "--porcelain", "--untracked-files=no"],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=repo,
     ).stdout.strip()
     return head.stdout.strip() + (" with uncommitted changes" if dirty else "")
 

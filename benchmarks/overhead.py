@@ -22,6 +22,11 @@ Auth and metering are on: the harness creates a tenant and an API key with the `
 temporary ledger, and every request (direct ones too, so both sides send the same bytes) carries
 `Authorization: Bearer <key>`; the gateway meters each request into that ledger.
 
+Another build: `--baseline PATH/.venv/bin/python` runs that checkout's gateway (the previous main,
+say, built in a worktree of its own) as one more target, `baseline`, pinned like this one, with a
+copy of the ledger, and adds a table of this build against it: two builds compared in one run,
+on the same load and the same drift.
+
 Reference peer: when `nginx` is on PATH (Debian: `apt-get install -y nginx-light`; the harness
 never installs it) and `--no-nginx` is not given, nginx runs as a plain reverse proxy in front of
 the same simulator, pinned like the gateway (core 1, one worker process, in the foreground, its
@@ -175,12 +180,13 @@ class Run:
     round: int
     mode: str
     kind: str  # "saturation" or "rate"
-    target: str  # "direct", "gateway" or "nginx"
+    target: str  # "direct", "gateway", "baseline" or "nginx"
     report: dict[str, Any]
     # CPU use over the measured window, as a fraction of one core.
     gateway_cpu: float | None = None
     sim_cpu: float | None = None
     nginx_cpu: float | None = None
+    baseline_cpu: float | None = None
 
 
 @dataclass
@@ -220,6 +226,7 @@ class Bench:
                         gateway_cpu=cpu.get("gateway"),
                         sim_cpu=cpu.get("sim"),
                         nginx_cpu=cpu.get("nginx"),
+                        baseline_cpu=cpu.get("baseline"),
                     )
                     self.runs.append(run)
                     print(f"  round {round_ + 1} {mode:24} {kind:10} {target:7} {brief(run)}")
@@ -235,11 +242,14 @@ class Bench:
         return statistics.median(values) if values else float("nan")
 
     def cpu(self, mode: str, target: str = "gateway") -> float:
-        """The median CPU use of `target` (gateway or nginx) during its saturation runs."""
+        """The median CPU use of `target` (gateway, baseline or nginx) during its saturation
+        runs."""
         values = []
         for run in self.runs:
             if (run.mode, run.kind, run.target) == (mode, "saturation", target):
-                value = run.nginx_cpu if target == "nginx" else run.gateway_cpu
+                value = {"nginx": run.nginx_cpu, "baseline": run.baseline_cpu}.get(
+                    target, run.gateway_cpu
+                )
                 if value is not None:
                     values.append(value)
         return statistics.median(values) if values else float("nan")
@@ -343,11 +353,40 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"nginx: skipped ({meta['nginx_skipped']}).")
+    if meta.get("baseline"):
+        lines += baseline_table(bench, meta["baseline"])
     if problems := bench.problems():
         lines += ["", "**Errors during this run** (figures above include only successes):", ""]
         lines += [f"- {p}" for p in problems]
     lines += ["", f"Raw reports: `benchmarks/out/{meta['raw']}` (not committed).", END, ""]
     return "\n".join(lines)
+
+
+def baseline_table(bench: Bench, baseline: str) -> list[str]:
+    """This build against the `baseline` build, measured in the same rounds."""
+    lines = [
+        "",
+        f"This build against the baseline build ({baseline}), pinned alike and measured in the "
+        "same rounds:",
+        "",
+        "| mode | gateway rps | baseline rps | gateway / baseline | gateway CPU µs / req "
+        "| baseline CPU µs / req | gateway added p50 / p99 µs | baseline added p50 / p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
+        row = f"| {mode} |"
+        rps = {t: bench.median(mode, "saturation", t, "rps") for t in ("gateway", "baseline")}
+        row += f" {rps['gateway']:,.0f} | {rps['baseline']:,.0f} |"
+        row += f" {rps['gateway'] / rps['baseline'] if rps['baseline'] else float('nan'):.2f} |"
+        for target in ("gateway", "baseline"):
+            per = bench.cpu(mode, target) * 1e6 / rps[target] if rps[target] else float("nan")
+            row += f" {per:,.0f} |"
+        for target in ("gateway", "baseline"):
+            at = [bench.median(mode, "rate", target, p) for p in ("p50", "p99")]
+            row += f" {at[0] - d[0]:+,.0f} / {at[1] - d[1]:+,.0f} |"
+        lines.append(row)
+    return lines
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -367,6 +406,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--no-nginx", action="store_true", help="skip the nginx reference (used when on PATH)"
     )
+    parser.add_argument(
+        "--baseline", type=Path, help="another build's python (.venv/bin/python) to compare with"
+    )
     args = parser.parse_args(argv)
     quick: bool = args.quick
     return Settings(
@@ -380,6 +422,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         loadgen=args.loadgen.resolve() if args.loadgen else Path(),
         quick=quick,
         no_nginx=args.no_nginx,
+        baseline=args.baseline.absolute() if args.baseline else None,
     )
 
 
@@ -410,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokengate-overhead-"))
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
     key, _ = procs.create_key(db_url, "bench")
+    # The baseline's own ledger (a copy, with the same key) and so its own journal.
+    baseline_db = workdir / "baseline.db"
+    if settings.baseline is not None:
+        shutil.copyfile(workdir / "ledger.db", baseline_db)
     bench = Bench(settings)
     services: list[Pinned] = []
     nginx_label: str | None = None
@@ -423,6 +470,18 @@ def main(argv: list[str] | None = None) -> int:
         urls = {"direct": sim_url, "gateway": gateway_url}
         answering: dict[str, Pinned] = {"direct": sim, "gateway": gateway}
         watched: dict[str, Pinned] = {"gateway": gateway, "sim": sim}
+        if settings.baseline is not None:
+            other = gateway_service(
+                "baseline",
+                settings,
+                workdir,
+                sim_url,
+                f"sqlite:///{baseline_db}",
+                python=settings.baseline,
+            )
+            services.append(other)
+            urls["baseline"] = other.wait_listening()
+            answering["baseline"] = watched["baseline"] = other
         if settings.nginx is not None:
             nginx_label = nginx_version(settings.nginx)
             nginx = Nginx(settings.nginx, settings.gateway_core, sim_url, workdir)
@@ -463,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         "raw": raw_name,
         "nginx": nginx_label,
         "nginx_skipped": nginx_skipped or None,
+        "baseline": None
+        if settings.baseline is None
+        else f"commit {git_commit(settings.baseline.parents[2])}",
     }
     raw = {
         **meta,

@@ -6,6 +6,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const KEY: &str = "tg-integration-test-key";
@@ -451,5 +454,82 @@ async fn a_model_outside_the_allow_list_does_not_exist_for_the_tenant() {
         body.replace("sim-model", "M"),
         unknown.replace("no-such-model", "M"),
         "an excluded model is answered exactly like an unknown one"
+    );
+}
+
+/// A TCP relay to `to` that counts the connections it accepts. From the worker, it passes a
+/// stream's `data: [DONE]` on first and the rest (the body's end) a moment later, as a network
+/// may.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = inbound.into_split();
+                let (mut worker_read, mut worker_write) = outbound.into_split();
+                let up = tokio::io::copy(&mut client_read, &mut worker_write);
+                let down = async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match worker_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let bytes = &buffer[..n];
+                        let done = bytes
+                            .windows(8)
+                            .position(|w| w == b"[DONE]\n\n")
+                            .map(|at| at + 8);
+                        let (first, rest) = bytes.split_at(done.unwrap_or(n));
+                        if client_write.write_all(first).await.is_err() {
+                            return;
+                        }
+                        if !rest.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            if client_write.write_all(rest).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_stream_leaves_its_worker_connection_for_the_next_request() {
+    let worker = sim(SimConfig::default()).await;
+    let (relay, accepted) = counting_relay(worker.local_addr()).await;
+    // Probes far apart, so that the requests alone use the pool.
+    let (_gateway, addr) = gateway_at(
+        &[format!("http://{relay}")],
+        json!({ "health_interval_ms": 60_000, "load_interval_ms": 0 }),
+    )
+    .await;
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 4, "stream": true});
+    let (status, _) = post(addr, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let (status, text) = post(addr, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    let opened = accepted.load(Ordering::SeqCst) - before;
+    // A connection may come back to the pool a moment after its body ends: a few new ones are
+    // allowed, not one per stream.
+    assert!(
+        opened <= 2,
+        "{opened} connections for 10 streams: a stream is read to its end, its connection reused"
     );
 }

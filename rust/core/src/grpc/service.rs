@@ -182,6 +182,9 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         /// that has only the usage.
         first: Option<(String, String, i64)>,
         done: bool,
+        /// At `[DONE]`: the worker's body is read to its end before the call ends, so that its
+        /// connection is reused.
+        drain: bool,
     }
     let relay = Relay {
         events,
@@ -190,6 +193,7 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         worker_error: None,
         first: None,
         done: false,
+        drain: false,
     };
     Box::pin(futures_util::stream::unfold(
         relay,
@@ -199,6 +203,13 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
                     return Some((item, relay));
                 }
                 if relay.done {
+                    if std::mem::take(&mut relay.drain) {
+                        let rest = async {
+                            while relay.events.next().await.is_some() {}
+                            Ok(())
+                        };
+                        let _ = within(deadline, rest).await;
+                    }
                     return None;
                 }
                 let next = within(deadline, async { Ok(relay.events.next().await) }).await;
@@ -230,6 +241,7 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
                     None => None,
                     Some(End::Done(usage)) => {
                         relay.done = true;
+                        relay.drain = true;
                         if relay.worker_error.is_none() {
                             chunk.usage = Some(convert::usage(usage));
                             if chunk.id.is_empty()

@@ -122,7 +122,8 @@ impl EventStream {
         self
     }
 
-    /// The next read, relayed; `None` once the stream has ended.
+    /// The next read, relayed; `None` once the worker's body has ended (read to its end after
+    /// `[DONE]`, so that its connection is reused: a surface keeps calling until `None`).
     pub async fn next(&mut self) -> Option<Relayed> {
         self.relay.next_relayed().await
     }
@@ -336,9 +337,10 @@ impl Relay {
     }
 
     /// The stream reached `[DONE]`: its event is recorded, and on disk, before the client can
-    /// see `[DONE]` (a client that leaves right after it still got the whole response).
+    /// see `[DONE]` (a client that leaves right after it still got the whole response). The
+    /// worker's body is still read to its end by the next call, so that its connection goes back
+    /// to the pool.
     fn finish(&mut self) -> End {
-        self.ended = true;
         if let Some(meter) = self.meter.take() {
             self.synced = meter.finish_synced(if self.saw_error {
                 Status::Failed
