@@ -110,9 +110,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("USAGE_FIELDS", PyTuple::new(m.py(), field_names())?)
 }
 
-/// The Python class and, for each of its fields in order, the core's field.
-fn class(py: Python<'_>) -> PyResult<&(Py<PyType>, Vec<Field>)> {
-    static CLASS_FIELDS: PyOnceLock<(Py<PyType>, Vec<Field>)> = PyOnceLock::new();
+/// The Python class; for each of its fields in order, the core's field; and `tuple.__new__`,
+/// which makes an instance of the (tuple) class without running Python code.
+type Class = (Py<PyType>, Vec<Field>, Py<PyAny>);
+
+fn class(py: Python<'_>) -> PyResult<&Class> {
+    static CLASS_FIELDS: PyOnceLock<Class> = PyOnceLock::new();
     CLASS_FIELDS.get_or_try_init(py, || {
         let class = py.import(MODULE)?.getattr(CLASS)?.cast_into::<PyType>()?;
         let names: Vec<String> = class.getattr("_fields")?.extract()?;
@@ -133,14 +136,18 @@ fn class(py: Python<'_>) -> PyResult<&(Py<PyType>, Vec<Field>)> {
                 "the core cannot hand over every field of {names:?}"
             )));
         }
-        Ok((class.unbind(), fields))
+        if !class.is_subclass_of::<PyTuple>()? {
+            return Err(PyTypeError::new_err(format!("{MODULE}.{CLASS} is not a tuple")));
+        }
+        let new = py.get_type::<PyTuple>().getattr("__new__")?.unbind();
+        Ok((class.unbind(), fields, new))
     })
 }
 
 /// Drained events as `[(seq, UsageEvent)]`.
 pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py, PyList>> {
-    let (class, fields) = class(py)?;
-    let class = class.bind(py);
+    let (class, fields, new) = class(py)?;
+    let (class, new) = (class.bind(py), new.bind(py));
     let items = drained
         .iter()
         .map(|ended| {
@@ -148,7 +155,7 @@ pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py,
                 .iter()
                 .map(|field| field.value(py, &ended.event))
                 .collect::<PyResult<Vec<_>>>()?;
-            let event = class.call1(PyTuple::new(py, values)?)?;
+            let event = new.call1((class, PyTuple::new(py, values)?))?;
             PyTuple::new(py, [ended.seq.into_pyobject(py)?.into_any(), event])
         })
         .collect::<PyResult<Vec<_>>>()?;
