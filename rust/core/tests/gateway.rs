@@ -56,15 +56,20 @@ async fn gateway_with_workers(workers: Vec<Value>) -> (Gateway, SocketAddr) {
 }
 
 async fn gateway_with(workers: Vec<Value>, routing: Value) -> (Gateway, SocketAddr) {
+    gateway_from(workers, json!({ "routing": routing })).await
+}
+
+/// A gateway in front of `workers`, its configuration the test defaults with `overrides`.
+async fn gateway_from(workers: Vec<Value>, overrides: Value) -> (Gateway, SocketAddr) {
     let workers: Vec<Value> = workers
         .into_iter()
         .map(|worker| common::merged(json!({ "api_key": null }), worker))
         .collect();
-    let routing = common::merged(
-        json!({ "health_interval_ms": 50, "max_attempts": 2 }),
-        routing,
-    );
-    let config = common::gateway_config(json!({ "workers": workers, "routing": routing }));
+    let defaults = json!({
+        "workers": workers,
+        "routing": { "health_interval_ms": 50, "max_attempts": 2 },
+    });
+    let config = common::gateway_config(common::merged(defaults, overrides));
     let mut gateway = Gateway::new(config).unwrap();
     let hash: String = Sha256::digest(KEY.as_bytes())
         .iter()
@@ -455,6 +460,64 @@ async fn a_model_outside_the_allow_list_does_not_exist_for_the_tenant() {
         unknown.replace("no-such-model", "M"),
         "an excluded model is answered exactly like an unknown one"
     );
+}
+
+/// Every record in the journal at `dir` (a segment's records end at its first zero byte).
+fn journal_records(dir: &std::path::Path) -> Vec<Value> {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    segments.sort();
+    segments
+        .iter()
+        .flat_map(|path| {
+            let bytes = std::fs::read(path).unwrap();
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8(bytes[..end].to_vec())
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str::<Value>(line).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_writes_nothing_to_the_journal_and_is_counted() {
+    let worker = sim(SimConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("tokengate-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let journal = json!({ "dir": dir, "segment_bytes": 1 << 20, "progress_interval_ms": 100 });
+    let (gateway, addr) = gateway_from(
+        vec![json!({ "url": format!("http://{}", worker.local_addr()) })],
+        json!({ "journal": journal }),
+    )
+    .await;
+    let policy = json!({ "tenants": { "ten_1": { "requests_per_minute": 1 } } });
+    gateway.control().set_policies(&policy.to_string()).unwrap();
+    let request = json!({"model": "sim-model", "prompt": "a", "max_tokens": 1});
+    assert_eq!(
+        post(addr, "/v1/completions", request.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(events(&gateway, 1).await.len(), 1);
+    let (status, _) = post(addr, "/v1/completions", request).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("tokengate_rejected_total{reason=\"rate_limit_exceeded\"} 1"),
+        "{metrics}"
+    );
+    // The admitted request started and ended in the journal; the refused one left nothing.
+    let kinds: Vec<String> = journal_records(&dir)
+        .iter()
+        .map(|record| record["r"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["start", "end"]);
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A TCP relay to `to` that counts the connections it accepts. From the worker, it passes a

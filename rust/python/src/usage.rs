@@ -137,7 +137,9 @@ fn class(py: Python<'_>) -> PyResult<&Class> {
             )));
         }
         if !class.is_subclass_of::<PyTuple>()? {
-            return Err(PyTypeError::new_err(format!("{MODULE}.{CLASS} is not a tuple")));
+            return Err(PyTypeError::new_err(format!(
+                "{MODULE}.{CLASS} is not a tuple"
+            )));
         }
         let new = py.get_type::<PyTuple>().getattr("__new__")?.unbind();
         Ok((class.unbind(), fields, new))
