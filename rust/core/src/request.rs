@@ -209,6 +209,14 @@ fn checked_model(model: Option<String>) -> Result<String, ApiError> {
     Ok(model)
 }
 
+/// `n`, when given, is at least 1.
+fn check_n(n: Option<u64>) -> Result<(), ApiError> {
+    if n == Some(0) {
+        return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
+    }
+    Ok(())
+}
+
 /// A client's request id: at most `MAX_REQUEST_ID_BYTES`, printable ASCII.
 pub fn check_request_id(id: &str) -> Result<(), ApiError> {
     if id.len() > MAX_REQUEST_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -253,6 +261,7 @@ impl InferenceRequest {
         )?;
         let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
         let n = member::<u64>(members.n, "n", "a positive integer")?;
+        check_n(n)?;
         let prompts = match endpoint {
             Endpoint::ChatCompletions => {
                 require_kind(members.messages, "messages", b"[", "an array of messages")?;
@@ -277,48 +286,65 @@ impl InferenceRequest {
             Endpoint::ChatCompletions => max_completion_tokens.or(max_tokens),
             Endpoint::Completions => max_tokens,
         };
-        Self::new(
+        let fields = Fields {
+            model: None,
+            stream,
+            client_usage,
+            max_tokens,
+            n,
+            prompts,
+        };
+        Ok(Self::checked(
             endpoint,
-            Fields {
-                model: Some(model),
-                stream,
-                client_usage,
-                max_tokens,
-                n,
-                prompts,
-            },
+            model,
+            fields,
             client_request_id,
             body,
-        )
+        ))
     }
 
     /// A request from members already read (by a surface with typed messages), and the JSON
     /// `body` they stand for, which goes to the worker: the checks every surface shares.
     pub fn new(
         endpoint: Endpoint,
-        fields: Fields,
+        mut fields: Fields,
         client_request_id: Option<String>,
         body: Bytes,
     ) -> Result<Self, ApiError> {
-        let model = checked_model(fields.model)?;
+        let model = checked_model(fields.model.take())?;
         if let Some(id) = &client_request_id {
             check_request_id(id)?;
         }
-        let n = fields.n.unwrap_or(1);
-        if n == 0 {
-            return Err(ApiError::bad_request("`n` must be at least 1", Some("n")));
-        }
-        Ok(Self {
+        check_n(fields.n)?;
+        Ok(Self::checked(
+            endpoint,
+            model,
+            fields,
+            client_request_id,
+            body,
+        ))
+    }
+
+    /// A request whose model, request id and `n` have passed the checks (`fields.model` is not
+    /// read).
+    fn checked(
+        endpoint: Endpoint,
+        model: String,
+        fields: Fields,
+        client_request_id: Option<String>,
+        body: Bytes,
+    ) -> Self {
+        Self {
             endpoint,
             model,
             stream: fields.stream,
             client_usage: fields.client_usage,
             max_tokens: fields.max_tokens,
-            n,
+            n: fields.n.unwrap_or(1),
             prompts: fields.prompts,
             client_request_id,
             body,
-        })
+        }
     }
 
     /// The JSON body as the client sent it.
