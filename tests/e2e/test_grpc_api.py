@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.quotas import Price, QuotaPolicy
 from tests.support import procs
+from tests.support.proxy import CountingProxy
 from tests.support.stack import Stack, StackFactory
 
 pytestmark = pytest.mark.e2e
@@ -283,6 +285,39 @@ def test_a_cancelled_stream_cancels_the_worker_and_is_billed_for_what_was_sent(
     sim = stack.sims[0]
     assert procs.wait_for(lambda: procs.scrape(sim.url)["vllm:num_requests_running"] == 0)
     assert int(procs.scrape(sim.url)["vllm:generation_tokens_total"]) < 80
+
+
+def test_a_finished_stream_leaves_its_worker_connection_for_the_next_call(
+    tmp_path: Path,
+) -> None:
+    """The gateway reads a worker's stream to its end before the call ends, so that the
+    worker's connection goes back to the pool: ten streams, one after another, open at most a
+    couple of connections to the worker, even when the end of its body comes well after
+    `[DONE]` (the HTTP API's twin is in `rust/core/tests/gateway.rs`)."""
+    sim = procs.start_sim()
+    proxy = CountingProxy(sim.url, hold=(b"data: [DONE]\n\n", 0.2))
+    db = tmp_path / "ledger.db"
+    key, _ = procs.create_key(db, "acme")
+    # Probes far apart and no load scrape: the calls alone use the pool.
+    routing = "health_interval_ms = 60000\nload_interval_ms = 0\n"
+    config = procs.write_config(tmp_path / "gateway.toml", [proxy.url], db, GRPC, routing=routing)
+    gateway = procs.start(["serve", "--config", str(config)])
+    try:
+        target = procs.wait_line(gateway, r"gRPC API listening on (\S+)")[1]
+        with GatewayClient(target, key, timeout=30) as client:
+            list(client.stream_complete(MODEL, "x", max_tokens=4))
+            before = proxy.accepted
+            for _ in range(10):
+                chunks = list(client.stream_complete(MODEL, "x", max_tokens=4))
+                assert chunks[-1].usage.completion_tokens == 4
+            opened = proxy.accepted - before
+    finally:
+        gateway.stop()
+        proxy.close()
+        sim.stop()
+    # A connection may come back to the pool a moment after its body ends: a few new ones are
+    # allowed, not one per stream.
+    assert opened <= 2, f"{opened} connections for 10 streams"
 
 
 def test_health_and_reflection(grpc_stack: tuple[Stack, GatewayClient]) -> None:

@@ -178,6 +178,8 @@ def write_config(
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
     # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
     journal = "" if "[journal]" in extra else f'[journal]\ndir = "{path.with_suffix(".journal")}"\n'
+    # Probes often, so that tests see a worker's health change soon, unless `routing` says.
+    health = "" if "health_interval_ms" in routing else "health_interval_ms = 100\n"
 
     path.write_text(
         f"""
@@ -188,8 +190,7 @@ max_body_bytes = 65536
 shutdown_grace_seconds = {grace_s}
 {server}
 [routing]
-health_interval_ms = 100
-connect_timeout_ms = 500
+{health}connect_timeout_ms = 500
 {routing}
 [storage]
 url = "{ledger_url(db)}"

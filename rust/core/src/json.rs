@@ -7,6 +7,7 @@
 //! are compared as JSON reads them, after unescaping: `"stream_opti\u006fns"` is
 //! `stream_options`, as it is to serde and to the worker.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// Where one top-level member sits in the object text.
@@ -143,9 +144,147 @@ pub fn value_start(text: &[u8], key: &str) -> Option<usize> {
     }
 }
 
+/// A reader of one JSON value in a single pass: the caller walks objects and arrays, reads the
+/// strings and numbers it wants and skips the rest; no byte is looked at twice. Every method
+/// answers `None` where the text is not what it expects, and never panics.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    text: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(text: &'a [u8]) -> Self {
+        Self { text, pos: 0 }
+    }
+
+    /// Walks the object here: `member` gets each member's name (quoted, as written; see
+    /// `is_named`) with the reader at its value, which it must read or `skip`.
+    pub fn object(
+        &mut self,
+        mut member: impl FnMut(&'a [u8], &mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.open(b'{', b'}', |reader| {
+            let start = reader.pos;
+            if reader.text.get(start) != Some(&b'"') {
+                return None;
+            }
+            let end = skip_string(reader.text, start)?;
+            reader.pos = skip_ws(reader.text, end);
+            if reader.text.get(reader.pos) != Some(&b':') {
+                return None;
+            }
+            reader.pos = skip_ws(reader.text, reader.pos + 1);
+            member(&reader.text[start..end], reader)
+        })
+    }
+
+    /// Walks the array here: `element` gets the reader at each element, which it must read or
+    /// `skip`.
+    pub fn array(&mut self, element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.open(b'[', b']', element)
+    }
+
+    fn open(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.pos = skip_ws(self.text, self.pos);
+        if self.text.get(self.pos) != Some(&open) {
+            return None;
+        }
+        self.pos = skip_ws(self.text, self.pos + 1);
+        if self.text.get(self.pos) == Some(&close) {
+            self.pos += 1;
+            return Some(());
+        }
+        loop {
+            item(self)?;
+            self.pos = skip_ws(self.text, self.pos);
+            match self.text.get(self.pos)? {
+                b',' => self.pos = skip_ws(self.text, self.pos + 1),
+                &b if b == close => {
+                    self.pos += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Steps over the value here.
+    pub fn skip(&mut self) -> Option<()> {
+        self.pos = skip_value(self.text, skip_ws(self.text, self.pos))?;
+        Some(())
+    }
+
+    /// The string here (see `string`).
+    pub fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = skip_ws(self.text, self.pos);
+        if self.text.get(start) != Some(&b'"') {
+            return None;
+        }
+        let end = skip_string(self.text, start)?;
+        self.pos = end;
+        string(&self.text[start..end])
+    }
+
+    /// Steps over a `null` here, if there is one.
+    pub fn null(&mut self) -> bool {
+        let start = skip_ws(self.text, self.pos);
+        let null = self.text[start.min(self.text.len())..].starts_with(b"null");
+        if null {
+            self.pos = start + 4;
+        }
+        null
+    }
+
+    /// The text of the scalar here (a number, `true`, `false` or `null`).
+    pub fn scalar(&mut self) -> Option<&'a [u8]> {
+        let start = skip_ws(self.text, self.pos);
+        if matches!(self.text.get(start), Some(b'"' | b'{' | b'[')) {
+            return None;
+        }
+        self.pos = skip_value(self.text, start)?;
+        Some(&self.text[start..self.pos])
+    }
+
+    /// Whether nothing but whitespace is left.
+    pub fn at_end(&self) -> bool {
+        skip_ws(self.text, self.pos) == self.text.len()
+    }
+}
+
+/// The string the JSON string `quoted` (quotes included) stands for: borrowed from it when it has
+/// no escape. `None` if it is not a string or not UTF-8.
+pub fn string(quoted: &[u8]) -> Option<Cow<'_, str>> {
+    let raw = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if raw.contains(&b'\\') {
+        serde_json::from_slice::<String>(quoted)
+            .ok()
+            .map(Cow::Owned)
+    } else {
+        std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+    }
+}
+
+/// A member name's bytes (`quoted` as `Reader::object` gives it), unescaped: borrowed when it has
+/// no escape, for matching against names without a UTF-8 check.
+pub fn name(quoted: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let raw = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if raw.contains(&b'\\') {
+        let name = serde_json::from_slice::<String>(quoted).ok()?;
+        Some(Cow::Owned(name.into_bytes()))
+    } else {
+        Some(Cow::Borrowed(raw))
+    }
+}
+
 /// Whether the JSON string `quoted` (quotes included) reads as `key`: byte for byte when it
 /// has no escape, else once unescaped.
-fn is_named(quoted: &[u8], key: &str) -> bool {
+pub fn is_named(quoted: &[u8], key: &str) -> bool {
     let Some(raw) = quoted
         .strip_prefix(b"\"")
         .and_then(|q| q.strip_suffix(b"\""))
@@ -235,6 +374,104 @@ mod tests {
 
     fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         find_member(text.as_bytes(), key).map(|s| &text[s.value])
+    }
+
+    /// Every member of the object in `text`, values read back as their text; `None` where the
+    /// reader stopped.
+    fn walked(text: &str) -> Option<Vec<(String, String)>> {
+        let mut reader = Reader::new(text.as_bytes());
+        let mut out = Vec::new();
+        reader.object(|name, value| {
+            let start = skip_ws(value.text, value.pos);
+            value.skip()?;
+            let name = String::from_utf8_lossy(name).into_owned();
+            out.push((name, text[start..value.pos].to_owned()));
+            Some(())
+        })?;
+        reader.at_end().then_some(out)
+    }
+
+    #[test]
+    fn reads_objects_and_arrays_in_one_pass() {
+        let text = r#" { "a" : [1, {"b":"]"} ,"c"] , "\u0064":null,"e":"x\"y"} "#;
+        let pairs = [
+            (r#""a""#, r#"[1, {"b":"]"} ,"c"]"#),
+            (r#""\u0064""#, "null"),
+            (r#""e""#, r#""x\"y""#),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(walked(text), Some(pairs.to_vec()));
+        assert!(is_named(br#""\u0064""#, "d"));
+        let mut reader = Reader::new(br#"[1, {"b":"]", "n": null} ,"c", 2.5e3]"#);
+        let mut seen = Vec::new();
+        let read = reader.array(|element| {
+            if let Some(scalar) = element.scalar() {
+                seen.push(String::from_utf8_lossy(scalar).into_owned());
+            } else if let Some(string) = element.string() {
+                seen.push(string.into_owned());
+            } else {
+                element.object(|_, value| {
+                    seen.push(if value.null() {
+                        "null".into()
+                    } else {
+                        value.string()?.into()
+                    });
+                    Some(())
+                })?;
+            }
+            Some(())
+        });
+        assert_eq!(read, Some(()));
+        assert!(reader.at_end());
+        assert_eq!(seen, ["1", "]", "null", "c", "2.5e3"]);
+        assert_eq!(walked("{}"), Some(vec![]));
+        assert_eq!(Reader::new(b" [ ] ").array(|_| None), Some(()));
+    }
+
+    #[test]
+    fn a_read_of_what_is_not_json_stops_without_panicking() {
+        for text in [
+            "",
+            "{",
+            "[",
+            "{\"a\"",
+            "{\"a\":",
+            "{\"a\":1,",
+            "{\"a\" 1}",
+            "{1:2}",
+            "{\"a\":1 \"b\":2}",
+            "{\"a\":\"x}",
+            "null",
+            "\"s\"",
+            "{\"a\":1}}",
+            "{\"a\":nul",
+        ] {
+            assert_eq!(walked(text), None, "{text}");
+            let mut reader = Reader::new(text.as_bytes());
+            let _ = reader.array(|element| element.skip());
+            let _ = (
+                reader.null(),
+                reader.scalar(),
+                reader.string(),
+                reader.at_end(),
+            );
+        }
+    }
+
+    #[test]
+    fn strings_and_names_borrow_unless_escaped() {
+        assert!(matches!(name(br#""id""#), Some(Cow::Borrowed(b"id"))));
+        assert_eq!(name(br#""\u0069d""#).as_deref(), Some(&b"id"[..]));
+        assert_eq!(name(b"id"), None);
+        assert!(matches!(
+            string(br#""plain""#),
+            Some(Cow::Borrowed("plain"))
+        ));
+        assert_eq!(string(br#""a\nb\u00e9""#).as_deref(), Some("a\nb\u{e9}"));
+        assert!(matches!(string(br#""a\nb""#), Some(Cow::Owned(_))));
+        assert_eq!(string(b"null"), None);
+        assert_eq!(string(b"\""), None);
+        assert_eq!(string(b"\"\xff\""), None, "not UTF-8");
     }
 
     #[test]

@@ -1,14 +1,12 @@
 //! Translation between `gateway.v1` messages and the pipeline's types: a call becomes the
 //! `InferenceRequest` it stands for (with the OpenAI body a worker is sent); a worker's answer, or
 //! the choice events of one read of its stream, become a response message. Each worker JSON is
-//! parsed once, here; usage comes typed from the pipeline.
-
-use std::borrow::Cow;
+//! read once, here (`answer`); usage comes typed from the pipeline.
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::pb;
+use super::{answer, pb};
 use crate::error::ApiError;
 use crate::request::{Endpoint, Fields, InferenceRequest, UsageOptions};
 use crate::usage::Usage;
@@ -212,61 +210,6 @@ fn decimal(value: f32) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
-/// A worker's answer or stream event; strings borrow from it where they have no escapes.
-#[derive(Deserialize)]
-struct WireAnswer<'a> {
-    #[serde(borrow, default)]
-    id: Cow<'a, str>,
-    #[serde(borrow, default)]
-    model: Cow<'a, str>,
-    #[serde(default)]
-    created: i64,
-    #[serde(borrow, default)]
-    choices: Vec<WireChoice<'a>>,
-}
-
-#[derive(Deserialize)]
-struct WireChoice<'a> {
-    #[serde(default)]
-    index: u32,
-    /// Completions.
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-    /// Chat, whole.
-    #[serde(borrow, default)]
-    message: Option<WireContent<'a>>,
-    /// Chat, streamed.
-    #[serde(borrow, default)]
-    delta: Option<WireContent<'a>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct WireContent<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-}
-
-impl WireChoice<'_> {
-    /// The choice's text: a completion's, or a chat message's or delta's content.
-    fn text(&self) -> &str {
-        self.text
-            .as_deref()
-            .or_else(|| self.message.as_ref().and_then(|m| m.content.as_deref()))
-            .or_else(|| self.delta.as_ref().and_then(|d| d.content.as_deref()))
-            .unwrap_or_default()
-    }
-
-    fn into_choice(self) -> pb::Choice {
-        pb::Choice {
-            index: self.index,
-            text: self.text().to_owned(),
-            finish_reason: self.finish_reason.map(Cow::into_owned).unwrap_or_default(),
-        }
-    }
-}
-
 /// Usage as the messages carry it.
 pub fn usage(usage: Usage) -> pb::Usage {
     pb::Usage {
@@ -283,7 +226,7 @@ pub fn response(
     usage_seen: Option<Usage>,
     request_id: String,
 ) -> Option<pb::GenerateResponse> {
-    let answer: WireAnswer<'_> = serde_json::from_slice(body).ok()?;
+    let answer = answer::read(body)?;
     Some(pb::GenerateResponse {
         id: answer.id.into_owned(),
         model: answer.model.into_owned(),
@@ -291,7 +234,7 @@ pub fn response(
         choices: answer
             .choices
             .into_iter()
-            .map(WireChoice::into_choice)
+            .map(answer::Choice::into_choice)
             .collect(),
         usage: usage_seen.map(usage),
         request_id,
@@ -302,7 +245,7 @@ pub fn response(
 /// gives its id, model and creation time; a choice already in it gets the text appended and its
 /// finish reason. Whether the payload was an event.
 pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
-    let Ok(event) = serde_json::from_slice::<WireAnswer<'_>>(payload) else {
+    let Some(event) = answer::read(payload) else {
         return false;
     };
     if chunk.id.is_empty() {
@@ -313,7 +256,9 @@ pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
     for choice in event.choices {
         match chunk.choices.iter_mut().find(|c| c.index == choice.index) {
             Some(known) => {
-                known.text.push_str(choice.text());
+                known
+                    .text
+                    .push_str(choice.text.as_deref().unwrap_or_default());
                 if let Some(reason) = choice.finish_reason {
                     known.finish_reason = reason.into_owned();
                 }

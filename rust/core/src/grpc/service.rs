@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -120,11 +120,21 @@ impl InferenceApi {
         match dispatched.outcome {
             Outcome::Refused(error) | Outcome::Failed(error) => Err(status::of_error(&error)),
             Outcome::Answer(answer) => Err(status::from_worker(answer.head.status, &answer.body)),
-            Outcome::Stream { events, .. } => Ok(tonic::Response::new(chunks(
-                events.with_events(),
-                request_id,
-                deadline,
-            ))),
+            Outcome::Stream { events, .. } => {
+                // The response's headers wait for the first message (the relay already holds the
+                // worker's first read): an answer that came in one read leaves as one write of
+                // headers, message and trailers, and a stream that fails before its first
+                // message ends as a trailers-only response.
+                let mut messages = chunks(events.with_events(), request_id, deadline);
+                let first = messages.next().await.unwrap_or_else(|| {
+                    Err(Status::unavailable(
+                        "the stream ended before its last event",
+                    ))
+                })?;
+                let rest: ChunkStream =
+                    Box::pin(futures_util::stream::once(async { Ok(first) }).chain(messages));
+                Ok(tonic::Response::new(rest))
+            }
         }
     }
 }
@@ -182,8 +192,8 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         /// that has only the usage.
         first: Option<(String, String, i64)>,
         done: bool,
-        /// At `[DONE]`: the worker's body is read to its end before the call ends, so that its
-        /// connection is reused.
+        /// At `[DONE]`: the worker's body is read to its end (so that its connection is reused)
+        /// before the messages that are ready go.
         drain: bool,
     }
     let relay = Relay {
@@ -199,17 +209,19 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         relay,
         move |mut relay| async move {
             loop {
+                // The last message waits for the worker's body to end, so that it and the
+                // call's trailers leave together.
+                if std::mem::take(&mut relay.drain) {
+                    let rest = async {
+                        while relay.events.next().await.is_some() {}
+                        Ok(())
+                    };
+                    let _ = within(deadline, rest).await;
+                }
                 if let Some(item) = relay.ready.pop_front() {
                     return Some((item, relay));
                 }
                 if relay.done {
-                    if std::mem::take(&mut relay.drain) {
-                        let rest = async {
-                            while relay.events.next().await.is_some() {}
-                            Ok(())
-                        };
-                        let _ = within(deadline, rest).await;
-                    }
                     return None;
                 }
                 let next = within(deadline, async { Ok(relay.events.next().await) }).await;
