@@ -1,5 +1,6 @@
 //! The simulator's engine counters and their Prometheus text rendering, named and labelled as
-//! vLLM's `/metrics` names them (`vllm:…{engine="0",model_name="…"}`).
+//! vLLM's `/metrics` names them (`vllm:…{engine="0",model_name="…"}`), written as vLLM writes
+//! them (see `exposition`).
 //!
 //! Counters only record what the engine reports; deciding when a token or a prefill happens is
 //! `engine.rs`'s job.
@@ -12,8 +13,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::exposition::{Family, Histogram, escape_label, family, header, sample};
 use super::plan::Finish;
-use gateway_core::prometheus::{Family, Histogram, escape_label, family, header, sample};
 
 /// vLLM's KV block size, reported in `vllm:cache_config_info`.
 const BLOCK_SIZE: u64 = 16;
@@ -249,7 +250,11 @@ fn gauge_step(gauge: &AtomicU64, up: bool) {
 mod tests {
     use super::*;
 
-    use gateway_core::prometheus::sample_value as sample;
+    /// The value of the sample whose series (name and labels) is written exactly `series`.
+    fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+    }
 
     #[test]
     fn render_names_labels_and_types_like_vllm() {

@@ -1,5 +1,11 @@
-//! Prometheus text exposition (format 0.0.4): metric families, a fixed-bucket histogram, and
-//! the line writers shared by the gateway's and the simulator's `/metrics`.
+//! Prometheus text (format 0.0.4) written as vLLM's `/metrics` writes it, through Python's
+//! `prometheus_client`: counters' HELP and TYPE under their `_total` name, every value a float
+//! (`1.0`).
+//!
+//! The gateway's own `/metrics` is written by the `prometheus-client` crate, which cannot write
+//! this: it prints counts as integers (`3`, not `3.0`), bucket bounds as Go does (`le="1"`, not
+//! `le="1.0"`), and ends every HELP text with a full stop. The simulator keeps this writer to match
+//! a real worker's text, not only its values.
 //!
 //! Every atomic here uses `Ordering::Relaxed`: each value is an independent tally that no other
 //! memory is published through, and readers need only eventually-current totals.
@@ -12,7 +18,7 @@ use std::time::Duration;
 /// them, so a scrape racing an observation may see `count` and buckets one apart, as Prometheus
 /// clients commonly allow.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
@@ -20,7 +26,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             buckets: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -29,7 +35,7 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = self.bounds.iter().position(|&b| secs <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -40,7 +46,7 @@ impl Histogram {
     }
 
     /// Renders the family; `labels` (already escaped, may be empty) go on every sample.
-    pub fn render(&self, out: &mut String, family: &Family, labels: &str) {
+    pub(crate) fn render(&self, out: &mut String, family: &Family, labels: &str) {
         header(out, family);
         let name = family.name;
         let (bucket_labels, braced) = if labels.is_empty() {
@@ -65,43 +71,32 @@ impl Histogram {
 }
 
 /// A metric family's name, help text and type.
-pub struct Family {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub kind: &'static str,
+pub(crate) struct Family {
+    pub(crate) name: &'static str,
+    pub(crate) help: &'static str,
+    pub(crate) kind: &'static str,
 }
 
-pub const fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
+pub(crate) const fn family(name: &'static str, kind: &'static str, help: &'static str) -> Family {
     Family { name, help, kind }
 }
 
-pub fn header(out: &mut String, family: &Family) {
+pub(crate) fn header(out: &mut String, family: &Family) {
     let Family { name, help, kind } = family;
     // Writing into a `String` cannot fail; the `fmt::Result`s in this file are ignored for that.
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// A single-sample family: HELP, TYPE, then `name{labels} value.0`.
-pub fn sample(out: &mut String, family: &Family, labels: &str, value: u64) {
+pub(crate) fn sample(out: &mut String, family: &Family, labels: &str, value: u64) {
     header(out, family);
     let _ = writeln!(out, "{}{{{labels}}} {value}.0", family.name);
 }
 
 /// Escapes a Prometheus label value (backslash, quote, newline).
-pub fn escape_label(value: &str) -> String {
+pub(crate) fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// The value of the sample whose series (name and labels) is exactly `series`, in exposition text.
-/// The value of `series` (its name and labels, as written) in Prometheus text.
-pub fn sample_value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
-    text.lines()
-        .find(|line| {
-            line.strip_prefix(series)
-                .is_some_and(|rest| rest.starts_with(' '))
-        })
-        .and_then(|line| line.rsplit(' ').next())
 }
