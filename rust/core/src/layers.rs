@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "json",
     "error",
-    "prometheus",
     "serve",
     "request",
     "usage",

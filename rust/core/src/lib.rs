@@ -4,7 +4,7 @@
 //! Pure Rust, no Python: the `gateway._core` extension (rust/python) is only the boundary.
 //!
 //! Layers, bottom first; a module names only modules below it (`layers.rs` checks it):
-//! 1. foundations: `json`, `error`, `prometheus`, `serve`;
+//! 1. foundations: `json`, `error`, `serve`;
 //! 2. the domain: `request` (what a client asks), `usage` (the usage event it is billed by);
 //! 3. parts: `config`, `upstream`, `auth`, `journal`, `ledger`, `router`, `quota`, `metrics`,
 //!    `metering`, `relay`;
@@ -28,7 +28,6 @@ pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub(crate) mod pipeline;
-pub mod prometheus;
 pub mod quota;
 pub mod relay;
 pub mod request;

@@ -1,21 +1,44 @@
 //! The gateway's own `/metrics`: requests by outcome, tokens metered, rejections, retries,
-//! latency, and each worker's health and load, as Prometheus text.
+//! latency, and each worker's health and load, as Prometheus text (format 0.0.4) written by the
+//! `prometheus-client` crate. It does not read workers' `/metrics` (`router::load` does).
 //!
 //! Counters are fed by the metering guard (one update per dispatched request) and by the API's
-//! rejection paths; nothing here is on the per-chunk path of a stream. Every atomic uses
-//! `Ordering::Relaxed`: independent tallies, no memory published through them.
+//! rejection paths; nothing here is on the per-chunk path of a stream. Every series whose labels
+//! are fixed (endpoint × status, token kind, rejection reason) is created with the metrics and its
+//! handle kept, so an update is one relaxed atomic add (the crate's counters use
+//! `Ordering::Relaxed`: independent tallies, no memory published through them), and a histogram
+//! observation one uncontended lock; no label set is hashed after construction.
+//!
+//! What other parts own (the meter's queue, the quota's counters, each worker's health, in-flight
+//! count and reported load) is read once per scrape by a collector, [`Scrape`], rather than copied
+//! into gauges: nothing is stored twice, a worker that leaves or whose load is unknown simply has no
+//! sample, and two concurrent scrapes cannot interleave a clear and a set.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry as Families;
+
 use crate::error::ApiError;
-use crate::prometheus::{Family, Histogram, escape_label, family, header};
 use crate::quota::QuotaStats;
-use crate::router::Registry;
+use crate::request::Endpoint;
+use crate::router::{Registry, Worker};
 use crate::usage::{Status, UsageEvent};
 
-const ENDPOINTS: [&str; 2] = ["chat.completions", "completions"];
+/// The `Content-Type` of what [`GatewayMetrics::render`] writes.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// In the order of the first index of `GatewayMetrics::requests`.
+const ENDPOINTS: [Endpoint; 2] = [Endpoint::ChatCompletions, Endpoint::Completions];
+/// In the order of its second index; an interrupted request counts as failed.
 const STATUSES: [Status; 3] = [Status::Completed, Status::Cancelled, Status::Failed];
 
 /// Reasons a request is refused before it reaches a worker; `ApiError::reason` names them.
@@ -35,37 +58,105 @@ const REJECTIONS: [&str; 12] = [
 ];
 
 /// Seconds: from sub-millisecond gateway answers to multi-minute generations.
-const LATENCY_BOUNDS: &[f64] = &[
+const LATENCY_BOUNDS: [f64; 18] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 ];
 
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+
 #[derive(Debug)]
 pub struct GatewayMetrics {
-    /// [endpoint][status]
-    requests: [[AtomicU64; 3]; 2],
-    prompt_tokens: AtomicU64,
-    cached_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-    rejected: [AtomicU64; REJECTIONS.len()],
-    attempts: AtomicU64,
-    retries: AtomicU64,
+    /// Every family below, registered once; encoded at each scrape.
+    families: Families,
+    /// Handles into `tokengate_requests_total`: [endpoint][status], as `ENDPOINTS` × `STATUSES`.
+    requests: [[Counter; 3]; 2],
+    prompt_tokens: Counter,
+    cached_tokens: Counter,
+    completion_tokens: Counter,
+    /// Handles into `tokengate_rejected_total`, in `REJECTIONS`' order.
+    rejected: [Counter; REJECTIONS.len()],
+    attempts: Counter,
+    retries: Counter,
     duration: Histogram,
     first_byte: Histogram,
 }
 
+// Help texts of registered families carry no final full stop: the registry adds it.
 impl Default for GatewayMetrics {
     fn default() -> Self {
+        let mut families = Families::default();
+
+        let requests = Family::<Labels<2>, Counter>::default();
+        let request_handles = ENDPOINTS.map(|endpoint| {
+            STATUSES.map(|status| {
+                requests.get_or_create_owned(&[
+                    ("endpoint", endpoint.as_str()),
+                    ("status", status.as_str()),
+                ])
+            })
+        });
+        families.register(
+            "tokengate_requests",
+            "Requests dispatched to workers, by endpoint and metered outcome",
+            requests,
+        );
+
+        let tokens = Family::<Labels<1>, Counter>::default();
+        let [prompt_tokens, cached_tokens, completion_tokens] = ["prompt", "cached", "completion"]
+            .map(|kind| tokens.get_or_create_owned(&[("kind", kind)]));
+        families.register(
+            "tokengate_tokens",
+            "Tokens metered from workers' usage (cached is a subset of prompt)",
+            tokens,
+        );
+
+        let rejected = Family::<Labels<1>, Counter>::default();
+        let rejected_handles =
+            REJECTIONS.map(|reason| rejected.get_or_create_owned(&[("reason", reason)]));
+        families.register(
+            "tokengate_rejected",
+            "Requests refused before reaching a worker, by reason",
+            rejected,
+        );
+
+        let attempts = Counter::default();
+        families.register(
+            "tokengate_upstream_attempts",
+            "Requests sent to workers, retries included",
+            attempts.clone(),
+        );
+        let retries = Counter::default();
+        families.register(
+            "tokengate_upstream_retries",
+            "Upstream attempts that moved a request to another worker",
+            retries.clone(),
+        );
+
+        let duration = Histogram::new(LATENCY_BOUNDS);
+        families.register(
+            "tokengate_request_duration_seconds",
+            "Time from dispatch to the end of the response, per dispatched request",
+            duration.clone(),
+        );
+        let first_byte = Histogram::new(LATENCY_BOUNDS);
+        families.register(
+            "tokengate_upstream_first_byte_seconds",
+            "Time from dispatch to a worker's first answer byte (streams: first event)",
+            first_byte.clone(),
+        );
+
         Self {
-            requests: Default::default(),
-            prompt_tokens: AtomicU64::new(0),
-            cached_tokens: AtomicU64::new(0),
-            completion_tokens: AtomicU64::new(0),
-            rejected: Default::default(),
-            attempts: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            duration: Histogram::new(LATENCY_BOUNDS),
-            first_byte: Histogram::new(LATENCY_BOUNDS),
+            families,
+            requests: request_handles,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens,
+            rejected: rejected_handles,
+            attempts,
+            retries,
+            duration,
+            first_byte,
         }
     }
 }
@@ -73,22 +164,20 @@ impl Default for GatewayMetrics {
 impl GatewayMetrics {
     /// One dispatched request ended; `elapsed` is its whole duration at the gateway.
     pub fn observe_event(&self, event: &UsageEvent, elapsed: Duration) {
-        let endpoint = ENDPOINTS
-            .iter()
-            .position(|e| *e == event.endpoint.as_str())
-            .unwrap_or(0);
-        let status = STATUSES
-            .iter()
-            .position(|s| *s == event.status)
-            .unwrap_or(2);
-        self.requests[endpoint][status].fetch_add(1, Ordering::Relaxed);
-        self.prompt_tokens
-            .fetch_add(event.prompt_tokens, Ordering::Relaxed);
-        self.cached_tokens
-            .fetch_add(event.cached_tokens, Ordering::Relaxed);
-        self.completion_tokens
-            .fetch_add(event.completion_tokens, Ordering::Relaxed);
-        self.duration.observe(elapsed);
+        let endpoint = match event.endpoint {
+            Endpoint::ChatCompletions => 0,
+            Endpoint::Completions => 1,
+        };
+        let status = match event.status {
+            Status::Completed => 0,
+            Status::Cancelled => 1,
+            Status::Failed | Status::Interrupted => 2,
+        };
+        self.requests[endpoint][status].inc();
+        self.prompt_tokens.inc_by(event.prompt_tokens);
+        self.cached_tokens.inc_by(event.cached_tokens);
+        self.completion_tokens.inc_by(event.completion_tokens);
+        self.duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn reject(&self, error: &ApiError) {
@@ -97,196 +186,182 @@ impl GatewayMetrics {
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(REJECTIONS.len() - 1);
-        self.rejected[slot].fetch_add(1, Ordering::Relaxed);
+        self.rejected[slot].inc();
     }
 
     /// An upstream attempt; `retry` when it is not the request's first.
     pub fn attempt(&self, retry: bool) {
-        self.attempts.fetch_add(1, Ordering::Relaxed);
+        self.attempts.inc();
         if retry {
-            self.retries.fetch_add(1, Ordering::Relaxed);
+            self.retries.inc();
         }
     }
 
     /// The first byte of a worker's answer arrived (for streams: the first event).
     pub fn first_byte(&self, elapsed: Duration) {
-        self.first_byte.observe(elapsed);
+        self.first_byte.observe(elapsed.as_secs_f64());
     }
 
+    /// The exposition, of [`CONTENT_TYPE`]: the registered families, then what [`Scrape`] reads
+    /// from `registry`, the meter's queue and the quota.
     pub fn render(&self, registry: &Registry, pending_usage: usize, quota: QuotaStats) -> String {
-        let mut out = String::with_capacity(4096);
-        header(&mut out, &REQUESTS);
-        for (e, endpoint) in ENDPOINTS.iter().enumerate() {
-            for (s, status) in STATUSES.iter().enumerate() {
-                let n = self.requests[e][s].load(Ordering::Relaxed);
-                let status = status.as_str();
-                let _ = writeln!(
-                    out,
-                    "{}{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}",
-                    REQUESTS.name
-                );
-            }
-        }
-        header(&mut out, &TOKENS);
-        for (kind, counter) in [
-            ("prompt", &self.prompt_tokens),
-            ("cached", &self.cached_tokens),
-            ("completion", &self.completion_tokens),
-        ] {
-            let n = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{}{{kind=\"{kind}\"}} {n}", TOKENS.name);
-        }
-        header(&mut out, &REJECTED);
-        for (reason, counter) in REJECTIONS.iter().zip(&self.rejected) {
-            let n = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{}{{reason=\"{reason}\"}} {n}", REJECTED.name);
-        }
-        scalar(&mut out, &ATTEMPTS, self.attempts.load(Ordering::Relaxed));
-        scalar(&mut out, &RETRIES, self.retries.load(Ordering::Relaxed));
-        scalar(&mut out, &PENDING, pending_usage as u64);
-        scalar(&mut out, &QUOTA_INFLIGHT, quota.local_inflight);
-        scalar(&mut out, &QUOTA_HELD, quota.local_held_tokens);
-        scalar(&mut out, &QUOTA_REDIS_ERRORS, quota.redis_errors);
-        scalar(&mut out, &QUOTA_FALLBACKS, quota.fallbacks);
-        self.duration.render(&mut out, &DURATION, "");
-        self.first_byte.render(&mut out, &FIRST_BYTE, "");
-        header(&mut out, &HEALTHY);
-        for worker in registry.workers() {
-            let url = escape_label(&worker.url);
-            let healthy = u8::from(worker.is_healthy());
-            let _ = writeln!(out, "{}{{worker=\"{url}\"}} {healthy}", HEALTHY.name);
-        }
-        header(&mut out, &OUTSTANDING);
-        for worker in registry.workers() {
-            let url = escape_label(&worker.url);
-            let n = worker.outstanding();
-            let _ = writeln!(out, "{}{{worker=\"{url}\"}} {n}", OUTSTANDING.name);
-        }
-        render_reported_load(&mut out, registry);
+        let mut scraped = Families::default();
+        scraped.register_collector(Box::new(Scrape {
+            pending_usage,
+            quota,
+            workers: registry.workers().to_vec(),
+        }));
+        let mut out = String::with_capacity(8 * 1024);
+        // Encoding fails only when the writer does, and writing into a `String` cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.families);
+        let _ = prometheus_text::encode(&mut out, &scraped);
         out
     }
 }
 
-/// What each worker reported at its last scrape; a worker whose load is unknown has no sample.
-fn render_reported_load(out: &mut String, registry: &Registry) {
-    let loads: Vec<_> = registry
-        .workers()
-        .iter()
-        .filter_map(|w| w.load().map(|load| (escape_label(&w.url), load)))
-        .collect();
-    header(out, &RUNNING);
-    for (url, load) in &loads {
-        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {}", RUNNING.name, load.running);
-    }
-    header(out, &WAITING);
-    for (url, load) in &loads {
-        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {}", WAITING.name, load.waiting);
-    }
-    header(out, &KV_CACHE);
-    for (url, load) in &loads {
-        let usage = load.kv_cache_usage;
-        let _ = writeln!(out, "{}{{worker=\"{url}\"}} {usage:?}", KV_CACHE.name);
+/// A metric's name (counters without `_total`, which the encoder adds) and help text. Written
+/// by a collector, the help is taken as it is: these keep their full stop.
+type Descriptor = (&'static str, &'static str);
+
+/// What the gateway reads at scrape time from the parts that own it. Each worker's load is read
+/// once, so its running, waiting and KV-cache samples come from the same report.
+#[derive(Debug)]
+struct Scrape {
+    pending_usage: usize,
+    quota: QuotaStats,
+    workers: Vec<Arc<Worker>>,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let quota = &self.quota;
+        single(&mut encoder, PENDING, ConstGauge::new(self.pending_usage))?;
+        single(
+            &mut encoder,
+            QUOTA_INFLIGHT,
+            ConstGauge::new(quota.local_inflight),
+        )?;
+        single(
+            &mut encoder,
+            QUOTA_HELD,
+            ConstGauge::new(quota.local_held_tokens),
+        )?;
+        single(
+            &mut encoder,
+            QUOTA_REDIS_ERRORS,
+            ConstCounter::new(quota.redis_errors),
+        )?;
+        single(
+            &mut encoder,
+            QUOTA_FALLBACKS,
+            ConstCounter::new(quota.fallbacks),
+        )?;
+        let workers = || self.workers.iter().map(|w| (&*w.url, w));
+        per_worker(
+            &mut encoder,
+            HEALTHY,
+            workers().map(|(url, w)| (url, u32::from(w.is_healthy()))),
+        )?;
+        per_worker(
+            &mut encoder,
+            OUTSTANDING,
+            workers().map(|(url, w)| (url, w.outstanding())),
+        )?;
+        let loads: Vec<_> = workers()
+            .filter_map(|(url, w)| w.load().map(|load| (url, load)))
+            .collect();
+        per_worker(
+            &mut encoder,
+            RUNNING,
+            loads.iter().map(|(url, load)| (*url, load.running)),
+        )?;
+        per_worker(
+            &mut encoder,
+            WAITING,
+            loads.iter().map(|(url, load)| (*url, load.waiting)),
+        )?;
+        per_worker(
+            &mut encoder,
+            KV_CACHE,
+            loads.iter().map(|(url, load)| (*url, load.kv_cache_usage)),
+        )
     }
 }
 
-fn scalar(out: &mut String, family: &Family, value: u64) {
-    header(out, family);
-    let _ = writeln!(out, "{} {value}", family.name);
+/// A family of one unlabelled sample.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    (name, help): Descriptor,
+    metric: impl EncodeMetric,
+) -> fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
-const REQUESTS: Family = family(
-    "tokengate_requests_total",
-    "counter",
-    "Requests dispatched to workers, by endpoint and metered outcome.",
-);
-const TOKENS: Family = family(
-    "tokengate_tokens_total",
-    "counter",
-    "Tokens metered from workers' usage (cached is a subset of prompt).",
-);
-const REJECTED: Family = family(
-    "tokengate_rejected_total",
-    "counter",
-    "Requests refused before reaching a worker, by reason.",
-);
-const ATTEMPTS: Family = family(
-    "tokengate_upstream_attempts_total",
-    "counter",
-    "Requests sent to workers, retries included.",
-);
-const RETRIES: Family = family(
-    "tokengate_upstream_retries_total",
-    "counter",
-    "Upstream attempts that moved a request to another worker.",
-);
-const PENDING: Family = family(
+/// A gauge family with one sample per worker, labelled `worker`.
+fn per_worker<'a, V>(
+    encoder: &mut DescriptorEncoder,
+    (name, help): Descriptor,
+    samples: impl Iterator<Item = (&'a str, V)>,
+) -> fmt::Result
+where
+    ConstGauge<V>: EncodeMetric,
+{
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (url, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&[("worker", url)])?)?;
+    }
+    Ok(())
+}
+
+const PENDING: Descriptor = (
     "tokengate_usage_events_pending",
-    "gauge",
     "Usage events recorded and not yet drained into the ledger.",
 );
-const QUOTA_INFLIGHT: Family = family(
+const QUOTA_INFLIGHT: Descriptor = (
     "tokengate_quota_inflight_requests",
-    "gauge",
     "Concurrency slots held in this process's quota counters (all scopes).",
 );
-const QUOTA_HELD: Family = family(
+const QUOTA_HELD: Descriptor = (
     "tokengate_quota_held_tokens",
-    "gauge",
     "Worst-case tokens held against budgets in this process's quota counters (all scopes).",
 );
-const QUOTA_REDIS_ERRORS: Family = family(
-    "tokengate_quota_redis_errors_total",
-    "counter",
+const QUOTA_REDIS_ERRORS: Descriptor = (
+    "tokengate_quota_redis_errors",
     "Admissions for which the shared quota counters in Redis did not answer.",
 );
-const QUOTA_FALLBACKS: Family = family(
-    "tokengate_quota_fallback_admissions_total",
-    "counter",
+const QUOTA_FALLBACKS: Descriptor = (
+    "tokengate_quota_fallback_admissions",
     "Admissions decided on this replica's fallback while Redis was unreachable.",
 );
-const DURATION: Family = family(
-    "tokengate_request_duration_seconds",
-    "histogram",
-    "Time from dispatch to the end of the response, per dispatched request.",
-);
-const FIRST_BYTE: Family = family(
-    "tokengate_upstream_first_byte_seconds",
-    "histogram",
-    "Time from dispatch to a worker's first answer byte (streams: first event).",
-);
-const HEALTHY: Family = family(
+const HEALTHY: Descriptor = (
     "tokengate_worker_healthy",
-    "gauge",
     "1 while the worker is in rotation.",
 );
-const OUTSTANDING: Family = family(
+const OUTSTANDING: Descriptor = (
     "tokengate_worker_outstanding_requests",
-    "gauge",
     "Requests the gateway has in flight on the worker.",
 );
-const RUNNING: Family = family(
+const RUNNING: Descriptor = (
     "tokengate_worker_running_requests",
-    "gauge",
     "Requests the worker reported running (vllm:num_requests_running) at its last scrape.",
 );
-const WAITING: Family = family(
+const WAITING: Descriptor = (
     "tokengate_worker_waiting_requests",
-    "gauge",
     "Requests the worker reported queued (vllm:num_requests_waiting) at its last scrape.",
 );
-const KV_CACHE: Family = family(
+const KV_CACHE: Descriptor = (
     "tokengate_worker_kv_cache_usage",
-    "gauge",
     "KV-cache use, 0 to 1, the worker reported (vllm:kv_cache_usage_perc) at its last scrape.",
 );
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use super::*;
-    use crate::prometheus::sample_value as value;
-    use crate::router::Worker;
+    use crate::router::{Load, Worker};
     use crate::usage::UsageSource;
 
     fn event(status: Status, completion: u64) -> UsageEvent {
@@ -297,7 +372,7 @@ mod tests {
             key_id: "k".into(),
             model: "m".into(),
             worker: None,
-            endpoint: crate::request::Endpoint::Completions,
+            endpoint: Endpoint::Completions,
             stream: false,
             status,
             http_status: 200,
@@ -310,6 +385,21 @@ mod tests {
         }
     }
 
+    /// The value of the sample whose series (name and labels) is written exactly `series`.
+    fn value<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .find(|line| {
+                line.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .and_then(|line| line.rsplit(' ').next())
+    }
+
+    fn one_worker() -> Registry {
+        let worker = Worker::new("http://w:1").map(Arc::new).ok();
+        Registry::new(worker.into_iter().collect())
+    }
+
     #[test]
     fn renders_what_was_observed() {
         let metrics = GatewayMetrics::default();
@@ -319,8 +409,7 @@ mod tests {
         metrics.reject(&ApiError::bad_request("x", None));
         metrics.attempt(false);
         metrics.attempt(true);
-        let worker = Worker::new("http://w:1").map(Arc::new).ok();
-        let registry = Registry::new(worker.into_iter().collect());
+        let registry = one_worker();
         let text = metrics.render(&registry, 7, QuotaStats::default());
         let completions = "tokengate_requests_total{endpoint=\"completions\"";
         assert_eq!(
@@ -350,18 +439,23 @@ mod tests {
             value(&text, "tokengate_rejected_total{reason=\"bad_request\"}"),
             Some("1")
         );
+        assert_eq!(value(&text, "tokengate_upstream_attempts_total"), Some("2"));
         assert_eq!(value(&text, "tokengate_upstream_retries_total"), Some("1"));
         assert_eq!(value(&text, "tokengate_usage_events_pending"), Some("7"));
         assert_eq!(
             value(&text, "tokengate_request_duration_seconds_count"),
-            Some("2.0")
+            Some("2")
         );
         assert_eq!(
             value(
                 &text,
                 "tokengate_request_duration_seconds_bucket{le=\"0.005\"}"
             ),
-            Some("1.0")
+            Some("1")
+        );
+        assert_eq!(
+            value(&text, "tokengate_request_duration_seconds_sum"),
+            Some("0.033")
         );
         assert_eq!(
             value(&text, "tokengate_worker_healthy{worker=\"http://w:1\"}"),
@@ -369,7 +463,7 @@ mod tests {
         );
         let running = "tokengate_worker_running_requests{worker=\"http://w:1\"}";
         assert_eq!(value(&text, running), None, "no scrape yet, no sample");
-        registry.workers()[0].set_load(Some(crate::router::Load {
+        registry.workers()[0].set_load(Some(Load {
             running: 3,
             waiting: 2,
             kv_cache_usage: 0.5,
@@ -390,5 +484,204 @@ mod tests {
             ),
             Some("0.5")
         );
+    }
+
+    /// A family as read back: its TYPE and its samples (suffix after the family name, labels,
+    /// value).
+    #[derive(Debug, Default)]
+    struct Read {
+        kind: String,
+        samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    }
+
+    /// Reads `text` strictly as Prometheus text (format 0.0.4): every family opens with `# HELP`
+    /// then `# TYPE` under the same name, once; every sample belongs to the family above it (a
+    /// histogram's by its `_bucket`, `_sum` and `_count` suffixes); label values are quoted and
+    /// escaped; values are floats.
+    fn read(text: &str) -> BTreeMap<String, Read> {
+        assert!(text.ends_with('\n'), "{text}");
+        let mut families = BTreeMap::<String, Read>::new();
+        let mut current = String::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                assert!(!help.is_empty() && !help.ends_with(".."), "{line}");
+                let kind = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix(&format!("# TYPE {name} ")))
+                    .unwrap_or_else(|| panic!("no TYPE after {line}"));
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{kind}");
+                let family = Read {
+                    kind: kind.to_owned(),
+                    ..Read::default()
+                };
+                assert!(families.insert(name.to_owned(), family).is_none(), "{name}");
+                current = name.to_owned();
+                continue;
+            }
+            assert!(!line.starts_with('#'), "{line}");
+            let family = families.get_mut(&current).unwrap();
+            let (name, labels, value) = parse_sample(line);
+            let suffix = name.strip_prefix(current.as_str()).unwrap_or_else(|| {
+                panic!("{line} outside its family {current}");
+            });
+            let allowed: &[&str] = match family.kind.as_str() {
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            assert!(allowed.contains(&suffix), "{line}");
+            family.samples.push((suffix.to_owned(), labels, value));
+        }
+        families
+    }
+
+    fn parse_sample(line: &str) -> (&str, BTreeMap<String, String>, f64) {
+        let name_end = line.find(['{', ' ']).unwrap();
+        let name = &line[..name_end];
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':'),
+            "{line}"
+        );
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(mut inner) = rest.strip_prefix('{') {
+            loop {
+                let (key, quoted) = inner.split_once("=\"").unwrap();
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let end = loop {
+                    match chars.next().unwrap() {
+                        (_, '\\') => match chars.next().unwrap().1 {
+                            'n' => value.push('\n'),
+                            c @ ('\\' | '"') => value.push(c),
+                            c => panic!("bad escape \\{c} in {line}"),
+                        },
+                        (i, '"') => break i,
+                        (_, c) => value.push(c),
+                    }
+                };
+                assert!(labels.insert(key.to_owned(), value).is_none(), "{line}");
+                inner = &quoted[end + 1..];
+                match inner.strip_prefix(',') {
+                    Some(more) => inner = more,
+                    None => {
+                        rest = inner.strip_prefix('}').unwrap();
+                        break;
+                    }
+                }
+            }
+        }
+        let value = rest.strip_prefix(' ').unwrap().parse().unwrap();
+        (name, labels, value)
+    }
+
+    #[test]
+    fn renders_valid_exposition_with_every_family_under_its_name() {
+        let metrics = GatewayMetrics::default();
+        let durations = [0.0005, 0.003, 0.03, 2.0, 700.0];
+        for (i, secs) in durations.into_iter().enumerate() {
+            let status = [Status::Completed, Status::Failed][i % 2];
+            metrics.observe_event(&event(status, 1), Duration::from_secs_f64(secs));
+        }
+        metrics.first_byte(Duration::from_millis(1));
+        metrics.reject(&ApiError::InvalidKey);
+        let registry = one_worker();
+        registry.workers()[0].set_load(Some(Load {
+            running: 1,
+            waiting: 0,
+            kv_cache_usage: 0.25,
+        }));
+        let quota = QuotaStats {
+            redis_errors: 4,
+            ..QuotaStats::default()
+        };
+        let families = read(&metrics.render(&registry, 0, quota));
+
+        // Every family the gateway exposed before `prometheus-client`, under the same name and
+        // type: dashboards and tests read these.
+        let kinds: Vec<_> = families
+            .iter()
+            .map(|(name, family)| (name.as_str(), family.kind.as_str()))
+            .collect();
+        let mut expected = vec![
+            ("tokengate_requests_total", "counter"),
+            ("tokengate_tokens_total", "counter"),
+            ("tokengate_rejected_total", "counter"),
+            ("tokengate_upstream_attempts_total", "counter"),
+            ("tokengate_upstream_retries_total", "counter"),
+            ("tokengate_usage_events_pending", "gauge"),
+            ("tokengate_quota_inflight_requests", "gauge"),
+            ("tokengate_quota_held_tokens", "gauge"),
+            ("tokengate_quota_redis_errors_total", "counter"),
+            ("tokengate_quota_fallback_admissions_total", "counter"),
+            ("tokengate_request_duration_seconds", "histogram"),
+            ("tokengate_upstream_first_byte_seconds", "histogram"),
+            ("tokengate_worker_healthy", "gauge"),
+            ("tokengate_worker_outstanding_requests", "gauge"),
+            ("tokengate_worker_running_requests", "gauge"),
+            ("tokengate_worker_waiting_requests", "gauge"),
+            ("tokengate_worker_kv_cache_usage", "gauge"),
+        ];
+        expected.sort_unstable();
+        assert_eq!(kinds, expected);
+
+        // Fixed label sets are all there from the start, zeros included.
+        let labels = |name: &str, key: &str| -> Vec<String> {
+            let mut values: Vec<_> = families[name]
+                .samples
+                .iter()
+                .map(|(_, labels, _)| labels[key].clone())
+                .collect();
+            values.sort_unstable();
+            values
+        };
+        assert_eq!(families["tokengate_requests_total"].samples.len(), 6);
+        assert_eq!(
+            labels("tokengate_requests_total", "endpoint"),
+            ["chat.completions"; 3]
+                .into_iter()
+                .chain(["completions"; 3])
+                .collect::<Vec<_>>()
+        );
+        let mut reasons = REJECTIONS.map(String::from).to_vec();
+        reasons.sort_unstable();
+        assert_eq!(labels("tokengate_rejected_total", "reason"), reasons);
+        assert_eq!(
+            labels("tokengate_tokens_total", "kind"),
+            ["cached", "completion", "prompt"]
+        );
+        let redis_errors = &families["tokengate_quota_redis_errors_total"].samples;
+        assert_eq!(redis_errors[0].2, 4.0);
+
+        // A histogram's buckets are cumulative over rising bounds and end at +Inf with _count.
+        let duration = &families["tokengate_request_duration_seconds"].samples;
+        let buckets: Vec<(f64, f64)> = duration
+            .iter()
+            .filter(|(suffix, ..)| suffix == "_bucket")
+            .map(|(_, labels, n)| (labels["le"].parse().unwrap(), *n))
+            .collect();
+        assert_eq!(buckets.len(), LATENCY_BOUNDS.len() + 1);
+        assert!(
+            buckets
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+        );
+        let last = buckets.last().unwrap();
+        assert_eq!(last.0, f64::INFINITY);
+        let only = |suffix: &str| {
+            duration
+                .iter()
+                .find(|(s, ..)| s == suffix)
+                .map(|(_, _, v)| *v)
+                .unwrap()
+        };
+        assert_eq!(only("_count"), durations.len() as f64);
+        assert_eq!(last.1, only("_count"));
+        assert!((only("_sum") - durations.iter().sum::<f64>()).abs() < 1e-9);
+        // 0.0005 and 0.003 under 0.005; 700 s only in +Inf.
+        assert!(buckets.contains(&(0.005, 2.0)));
+        assert!(buckets.contains(&(600.0, 4.0)));
     }
 }

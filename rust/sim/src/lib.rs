@@ -6,6 +6,7 @@
 
 mod config;
 mod engine;
+mod exposition;
 mod handlers;
 mod metrics;
 mod plan;

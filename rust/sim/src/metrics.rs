@@ -1,5 +1,6 @@
 //! The simulator's engine counters and their Prometheus text rendering, named and labelled as
-//! vLLM's `/metrics` names them (`vllm:…{engine="0",model_name="…"}`).
+//! vLLM's `/metrics` names them (`vllm:…{engine="0",model_name="…"}`), written as vLLM writes
+//! them (see `exposition`).
 //!
 //! Counters only record what the engine reports; deciding when a token or a prefill happens is
 //! `engine.rs`'s job.
@@ -8,12 +9,11 @@
 //! memory is published through, readers need only eventually-current totals, and every update is
 //! a single read-modify-write, so no increment is ever lost.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::exposition::{Family, Histogram, family, header, sample_line, single};
 use super::plan::Finish;
-use gateway_core::prometheus::{Family, Histogram, escape_label, family, header, sample};
 
 /// vLLM's KV block size, reported in `vllm:cache_config_info`.
 const BLOCK_SIZE: u64 = 16;
@@ -76,8 +76,8 @@ pub(crate) struct Metrics {
     outcomes: [AtomicU64; 4],
     ttft: Histogram,
     e2e: Histogram,
-    /// `engine="0",model_name="…"`, escaped once.
-    labels: String,
+    /// The `model_name` label.
+    model: String,
     max_num_seqs: usize,
     num_gpu_blocks: u64,
 }
@@ -93,7 +93,7 @@ impl Metrics {
             outcomes: Default::default(),
             ttft: Histogram::new(TTFT_BOUNDS),
             e2e: Histogram::new(E2E_BOUNDS),
-            labels: format!("engine=\"0\",model_name=\"{}\"", escape_label(model)),
+            model: model.to_owned(),
             max_num_seqs,
             num_gpu_blocks: blocks_per_seq.saturating_mul(max_num_seqs as u64),
         }
@@ -139,42 +139,40 @@ impl Metrics {
         )
     }
 
-    /// The Prometheus text exposition (format 0.0.4), values printed as vLLM's Python client
-    /// prints them (`42.0`).
+    /// The Prometheus text exposition (format 0.0.4), as vLLM's Python client writes it.
     pub(crate) fn render(&self) -> String {
-        let l = &self.labels;
+        let l = [("engine", "0"), ("model_name", self.model.as_str())];
         let mut out = String::with_capacity(6 * 1024);
         let running = self.running.load(Ordering::Relaxed);
-        let prompt = self.prompt_tokens.load(Ordering::Relaxed);
-        let generated = self.generation_tokens.load(Ordering::Relaxed);
-        sample(&mut out, &RUNNING, l, running);
-        sample(&mut out, &WAITING, l, self.waiting.load(Ordering::Relaxed));
-        header(&mut out, &KV_USAGE);
+        let prompt = self.prompt_tokens.load(Ordering::Relaxed) as f64;
+        let generated = self.generation_tokens.load(Ordering::Relaxed) as f64;
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        single(&mut out, &RUNNING, &l, running as f64);
+        single(&mut out, &WAITING, &l, waiting as f64);
         let usage = running as f64 / self.max_num_seqs as f64;
-        let _ = writeln!(out, "{}{{{l}}} {usage:?}", KV_USAGE.name);
-        sample(&mut out, &PROMPT_TOKENS, l, prompt);
-        sample(&mut out, &GENERATION_TOKENS, l, generated);
-        sample(&mut out, &PREFIX_QUERIES, l, prompt);
-        sample(&mut out, &PREFIX_HITS, l, 0);
+        single(&mut out, &KV_USAGE, &l, usage);
+        single(&mut out, &PROMPT_TOKENS, &l, prompt);
+        single(&mut out, &GENERATION_TOKENS, &l, generated);
+        single(&mut out, &PREFIX_QUERIES, &l, prompt);
+        single(&mut out, &PREFIX_HITS, &l, 0.0);
         header(&mut out, &SUCCESS);
         for outcome in Outcome::ALL {
             let n = self.outcomes[outcome.slot()].load(Ordering::Relaxed);
-            let reason = outcome.label();
-            let _ = writeln!(
-                out,
-                "{}{{{l},finished_reason=\"{reason}\"}} {n}.0",
-                SUCCESS.name
-            );
+            let labels = [l[0], l[1], ("finished_reason", outcome.label())];
+            sample_line(&mut out, SUCCESS.name, &labels, n as f64);
         }
-        self.ttft.render(&mut out, &TTFT, l);
-        self.e2e.render(&mut out, &E2E, l);
-        header(&mut out, &CACHE_CONFIG);
-        let _ = writeln!(
-            out,
-            "{}{{block_size=\"{BLOCK_SIZE}\",cache_dtype=\"auto\",{l},num_cpu_blocks=\"None\",\
-             num_gpu_blocks=\"{}\"}} 1.0",
-            CACHE_CONFIG.name, self.num_gpu_blocks
-        );
+        self.ttft.render(&mut out, &TTFT, &l);
+        self.e2e.render(&mut out, &E2E, &l);
+        let (block_size, blocks) = (BLOCK_SIZE.to_string(), self.num_gpu_blocks.to_string());
+        let config = [
+            l[0],
+            l[1],
+            ("block_size", block_size.as_str()),
+            ("cache_dtype", "auto"),
+            ("num_cpu_blocks", "None"),
+            ("num_gpu_blocks", blocks.as_str()),
+        ];
+        single(&mut out, &CACHE_CONFIG, &config, 1.0);
         out
     }
 }
@@ -249,7 +247,11 @@ fn gauge_step(gauge: &AtomicU64, up: bool) {
 mod tests {
     use super::*;
 
-    use gateway_core::prometheus::sample_value as sample;
+    /// The value of the sample whose series (name and labels) is written exactly `series`.
+    fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+    }
 
     #[test]
     fn render_names_labels_and_types_like_vllm() {
@@ -282,18 +284,47 @@ mod tests {
             sample(&text, &format!("vllm:generation_tokens_total{l}")),
             Some("5.0")
         );
-        assert!(text.contains("# TYPE vllm:generation_tokens_total counter\n"));
-        assert!(text.contains("finished_reason=\"length\"} 2.0\n"));
-        let bucket = format!(
-            "vllm:time_to_first_token_seconds_bucket{}",
-            &l[..l.len() - 1]
+        assert!(text.contains(
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n\
+             # TYPE vllm:generation_tokens_total counter\n"
+        ));
+        // Labels in name order, as Python's client writes them.
+        let model = "model_name=\"my\\\"model\"";
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "vllm:request_success_total{{engine=\"0\",finished_reason=\"length\",{model}}}"
+                )
+            ),
+            Some("2.0")
         );
-        assert!(text.contains(&format!("{bucket},le=\"0.04\"}} 1.0\n")));
-        assert!(text.contains("block_size=\"16\""));
-        assert!(text.contains("num_gpu_blocks=\"28\"} 1.0\n"));
+        let bucket = "vllm:time_to_first_token_seconds_bucket";
+        for (le, n) in [
+            ("0.02", "0.0"),
+            ("0.04", "1.0"),
+            ("1.0", "1.0"),
+            ("+Inf", "1.0"),
+        ] {
+            let series = format!("{bucket}{{engine=\"0\",le=\"{le}\",{model}}}");
+            assert_eq!(sample(&text, &series), Some(n), "{series}");
+        }
+        assert_eq!(
+            sample(&text, &format!("vllm:time_to_first_token_seconds_count{l}")),
+            Some("1.0")
+        );
+        let config = format!(
+            "vllm:cache_config_info{{block_size=\"16\",cache_dtype=\"auto\",engine=\"0\",{model},\
+             num_cpu_blocks=\"None\",num_gpu_blocks=\"28\"}}"
+        );
+        assert_eq!(sample(&text, &config), Some("1.0"));
         // Every sample line is `name{labels} value`, every metric has HELP and TYPE.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("vllm:") && line.contains("} "), "{line}");
         }
+        assert_eq!(
+            text.matches("# HELP ").count(),
+            text.matches("# TYPE ").count()
+        );
     }
 }

@@ -520,7 +520,10 @@ mod sim {
         );
         assert_eq!(metric(&text, "vllm:prompt_tokens_total"), 4.0);
         assert_eq!(metric(&text, "vllm:num_requests_running"), 0.0);
-        assert!(text.contains("finished_reason=\"abort\"} 1.0"), "{text}");
+        let aborted = text
+            .lines()
+            .find(|l| l.contains("finished_reason=\"abort\""));
+        assert!(aborted.unwrap().ends_with("} 1.0"), "{text}");
     }
 
     #[tokio::test]

@@ -160,14 +160,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .meter
             .metrics()
             .render(&state.registry, state.meter.pending(), state.quota.stats());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn unknown_route(State(state): State<Arc<AppState>>) -> Response {
