@@ -158,24 +158,31 @@ impl<'a> Reader<'a> {
         Self { text, pos: 0 }
     }
 
-    /// Walks the object here: `member` gets each member's name (quoted, as written; see
-    /// `is_named`) with the reader at its value, which it must read or `skip`.
+    /// Walks the object here: `member` gets each member's name (its bytes, unescaped) with the
+    /// reader at its value, which it must read or `skip`.
     pub fn object(
         &mut self,
-        mut member: impl FnMut(&'a [u8], &mut Self) -> Option<()>,
+        mut member: impl FnMut(Cow<'a, [u8]>, &mut Self) -> Option<()>,
     ) -> Option<()> {
         self.open(b'{', b'}', |reader| {
+            let text = reader.text;
             let start = reader.pos;
-            if reader.text.get(start) != Some(&b'"') {
+            if text.get(start) != Some(&b'"') {
                 return None;
             }
-            let end = skip_string(reader.text, start)?;
-            reader.pos = skip_ws(reader.text, end);
-            if reader.text.get(reader.pos) != Some(&b':') {
+            let (end, escaped) = scan_string(text, start)?;
+            let name = if escaped {
+                let name = serde_json::from_slice::<String>(&text[start..end]).ok()?;
+                Cow::Owned(name.into_bytes())
+            } else {
+                Cow::Borrowed(&text[start + 1..end - 1])
+            };
+            reader.pos = skip_ws(text, end);
+            if text.get(reader.pos) != Some(&b':') {
                 return None;
             }
-            reader.pos = skip_ws(reader.text, reader.pos + 1);
-            member(&reader.text[start..end], reader)
+            reader.pos = skip_ws(text, reader.pos + 1);
+            member(name, reader)
         })
     }
 
@@ -220,15 +227,24 @@ impl<'a> Reader<'a> {
         Some(())
     }
 
-    /// The string here (see `string`).
+    /// The string here: borrowed when it has no escape; `None` if it is not UTF-8.
     pub fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = skip_ws(self.text, self.pos);
         if self.text.get(start) != Some(&b'"') {
             return None;
         }
-        let end = skip_string(self.text, start)?;
+        let (end, escaped) = scan_string(self.text, start)?;
         self.pos = end;
-        string(&self.text[start..end])
+        let quoted = &self.text[start..end];
+        if escaped {
+            serde_json::from_slice::<String>(quoted)
+                .ok()
+                .map(Cow::Owned)
+        } else {
+            std::str::from_utf8(&quoted[1..quoted.len() - 1])
+                .ok()
+                .map(Cow::Borrowed)
+        }
     }
 
     /// Steps over a `null` here, if there is one.
@@ -257,34 +273,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The string the JSON string `quoted` (quotes included) stands for: borrowed from it when it has
-/// no escape. `None` if it is not a string or not UTF-8.
-pub fn string(quoted: &[u8]) -> Option<Cow<'_, str>> {
-    let raw = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-    if raw.contains(&b'\\') {
-        serde_json::from_slice::<String>(quoted)
-            .ok()
-            .map(Cow::Owned)
-    } else {
-        std::str::from_utf8(raw).ok().map(Cow::Borrowed)
-    }
-}
-
-/// A member name's bytes (`quoted` as `Reader::object` gives it), unescaped: borrowed when it has
-/// no escape, for matching against names without a UTF-8 check.
-pub fn name(quoted: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let raw = quoted.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-    if raw.contains(&b'\\') {
-        let name = serde_json::from_slice::<String>(quoted).ok()?;
-        Some(Cow::Owned(name.into_bytes()))
-    } else {
-        Some(Cow::Borrowed(raw))
-    }
-}
-
 /// Whether the JSON string `quoted` (quotes included) reads as `key`: byte for byte when it
 /// has no escape, else once unescaped.
-pub fn is_named(quoted: &[u8], key: &str) -> bool {
+fn is_named(quoted: &[u8], key: &str) -> bool {
     let Some(raw) = quoted
         .strip_prefix(b"\"")
         .and_then(|q| q.strip_suffix(b"\""))
@@ -315,12 +306,35 @@ fn skip_ws(text: &[u8], mut pos: usize) -> usize {
 
 /// `pos` is at an opening quote; returns the position just past the closing quote.
 fn skip_string(text: &[u8], pos: usize) -> Option<usize> {
+    scan_string(text, pos).map(|(end, _)| end)
+}
+
+/// `pos` is at an opening quote; returns the position just past the closing quote, and whether
+/// the string has an escape. Most strings in an answer are short (names, ids, tokens): their
+/// first bytes are looked at one by one, and a long one's rest is searched with `memchr`.
+fn scan_string(text: &[u8], pos: usize) -> Option<(usize, bool)> {
+    const SHORT: usize = 32;
+    let mut escaped = false;
     let mut i = pos + 1;
+    let short_end = text.len().min(i + SHORT);
+    while i < short_end {
+        match text[i] {
+            b'"' => return Some((i + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
     loop {
         i += memchr::memchr2(b'"', b'\\', text.get(i..)?)?;
         match text[i] {
-            b'"' => return Some(i + 1),
-            _ => i += 2,
+            b'"' => return Some((i + 1, escaped)),
+            _ => {
+                escaped = true;
+                i += 2;
+            }
         }
     }
 }
@@ -384,7 +398,7 @@ mod tests {
         reader.object(|name, value| {
             let start = skip_ws(value.text, value.pos);
             value.skip()?;
-            let name = String::from_utf8_lossy(name).into_owned();
+            let name = String::from_utf8_lossy(&name).into_owned();
             out.push((name, text[start..value.pos].to_owned()));
             Some(())
         })?;
@@ -395,13 +409,12 @@ mod tests {
     fn reads_objects_and_arrays_in_one_pass() {
         let text = r#" { "a" : [1, {"b":"]"} ,"c"] , "\u0064":null,"e":"x\"y"} "#;
         let pairs = [
-            (r#""a""#, r#"[1, {"b":"]"} ,"c"]"#),
-            (r#""\u0064""#, "null"),
-            (r#""e""#, r#""x\"y""#),
+            ("a", r#"[1, {"b":"]"} ,"c"]"#),
+            ("d", "null"),
+            ("e", r#""x\"y""#),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(walked(text), Some(pairs.to_vec()));
-        assert!(is_named(br#""\u0064""#, "d"));
         let mut reader = Reader::new(br#"[1, {"b":"]", "n": null} ,"c", 2.5e3]"#);
         let mut seen = Vec::new();
         let read = reader.array(|element| {
@@ -460,18 +473,40 @@ mod tests {
 
     #[test]
     fn strings_and_names_borrow_unless_escaped() {
-        assert!(matches!(name(br#""id""#), Some(Cow::Borrowed(b"id"))));
-        assert_eq!(name(br#""\u0069d""#).as_deref(), Some(&b"id"[..]));
-        assert_eq!(name(b"id"), None);
-        assert!(matches!(
-            string(br#""plain""#),
-            Some(Cow::Borrowed("plain"))
-        ));
-        assert_eq!(string(br#""a\nb\u00e9""#).as_deref(), Some("a\nb\u{e9}"));
-        assert!(matches!(string(br#""a\nb""#), Some(Cow::Owned(_))));
-        assert_eq!(string(b"null"), None);
-        assert_eq!(string(b"\""), None);
-        assert_eq!(string(b"\"\xff\""), None, "not UTF-8");
+        let text = [
+            br#"{"id":"plain","\u0069d":"a\nb\u00e9","n\"m":"\"","x":""#.as_slice(),
+            b"\xff\"}",
+        ]
+        .concat();
+        let mut read = Vec::new();
+        let done = Reader::new(&text).object(|name, value| {
+            let borrowed = |name: &Cow<'_, [u8]>| matches!(name, Cow::Borrowed(_));
+            let string = value.string();
+            let string_borrowed = matches!(string, Some(Cow::Borrowed(_)));
+            read.push((name.to_vec(), borrowed(&name), string, string_borrowed));
+            Some(())
+        });
+        assert_eq!(done, Some(()));
+        let expected: [(&[u8], bool, Option<&str>, bool); 4] = [
+            (b"id", true, Some("plain"), true),
+            (b"id", false, Some("a\nb\u{e9}"), false),
+            (b"n\"m", false, Some("\""), false),
+            (b"x", true, None, false),
+        ];
+        for (got, want) in read.iter().zip(expected) {
+            assert_eq!(got.0, want.0);
+            assert_eq!(got.1, want.1);
+            assert_eq!(got.2.as_deref(), want.2);
+            assert_eq!(got.3, want.3);
+        }
+        assert_eq!(Reader::new(b"null").string(), None);
+        assert_eq!(Reader::new(b"\"").string(), None);
+        let long = format!("\"{}\\n{}\"", "a".repeat(40), "b".repeat(40));
+        let expected = format!("{}\n{}", "a".repeat(40), "b".repeat(40));
+        assert_eq!(
+            Reader::new(long.as_bytes()).string().as_deref(),
+            Some(&*expected)
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub fn read(payload: &[u8]) -> Option<Answer<'_>> {
     let mut answer = Answer::default();
     let mut reader = json::Reader::new(payload);
     reader.object(|name, value| {
-        match &*json::name(name)? {
+        match &*name {
             b"id" => answer.id = value.string()?,
             b"model" => answer.model = value.string()?,
             b"created" => answer.created = integer(value)?,
@@ -63,7 +63,7 @@ fn choice<'a>(reader: &mut json::Reader<'a>) -> Option<Choice<'a>> {
     // A completion's text; else a whole chat message's content; else a streamed delta's.
     let (mut text, mut message, mut delta) = (None, None, None);
     reader.object(|name, value| {
-        match &*json::name(name)? {
+        match &*name {
             b"index" => choice.index = integer(value)?,
             b"text" => text = string_or_null(value)?,
             b"message" => message = content(value)?,
@@ -84,7 +84,7 @@ fn content<'a>(reader: &mut json::Reader<'a>) -> Option<Option<Cow<'a, str>>> {
         return Some(None);
     }
     reader.object(|name, value| {
-        if json::is_named(name, "content") {
+        if *name == *b"content" {
             content = string_or_null(value)?;
         } else {
             value.skip()?;

@@ -59,7 +59,8 @@ async fn wait_synced(synced: Synced) {
 pub struct Relayed {
     /// What an HTTP client receives: whole SSE events, `usage` cut where the client did not ask
     /// for it, the fingerprint where vLLM would have put it, and the gateway's own error event
-    /// if the stream failed.
+    /// if the stream failed. Only that error event when the surface renders its own messages
+    /// (`EventStream::with_events`).
     pub bytes: Bytes,
     /// The JSON payloads of the worker's choice events (usage-only, `[DONE]` and error events
     /// excluded), for a surface that renders its own messages; empty unless asked for
@@ -69,6 +70,16 @@ pub struct Relayed {
     pub worker_error: Option<Bytes>,
     /// How the stream ended, if it ended here.
     pub end: Option<End>,
+}
+
+impl Relayed {
+    /// Whether the read brought nothing a surface shows (an event split across reads, say).
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+            && self.events.is_empty()
+            && self.worker_error.is_none()
+            && self.end.is_none()
+    }
 }
 
 /// How a stream ended.
@@ -116,7 +127,8 @@ impl EventStream {
         }
     }
 
-    /// Also collects each read's choice events (`Relayed::events`).
+    /// Collects each read's choice events (`Relayed::events`) instead of the client's SSE
+    /// bytes.
     pub fn with_events(mut self: Box<Self>) -> Box<Self> {
         self.relay.events = Some(Vec::new());
         self
@@ -205,7 +217,7 @@ impl Relay {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         let relayed = self.process(data);
-                        if !relayed.bytes.is_empty() || relayed.end.is_some() {
+                        if !relayed.is_empty() {
                             return Some(relayed);
                         }
                     }
@@ -231,8 +243,11 @@ impl Relay {
         for event in self.splitter.push(chunk) {
             let inspected = inspect(&event, self.client);
             self.meter_event(&event, &inspected, &mut read);
-            self.collect_event(&event, &inspected, &mut read);
-            self.relay_event(&event, &inspected, &mut out);
+            if self.events.is_some() {
+                self.collect_event(&event, &inspected, &mut read);
+            } else {
+                self.relay_event(&event, &inspected, &mut out);
+            }
         }
         self.observe_usage(read.latest);
         let end = read.done.then(|| self.finish());
