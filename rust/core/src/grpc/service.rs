@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -192,10 +192,9 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         /// that has only the usage.
         first: Option<(String, String, i64)>,
         done: bool,
-        /// From `[DONE]` until the worker's body has ended: it is read to its end so that its
-        /// connection is reused. An end that is already there is taken before the last message
-        /// goes, which then leaves with the call's trailers in one write; one still to come does
-        /// not hold the message back.
+        /// At `[DONE]`: the worker's body is read to its end (so that its connection is reused)
+        /// before the last message goes, which then leaves with the call's trailers in one
+        /// write. The call ends no later for it: its trailers wait for that end either way.
         drain: bool,
     }
     let relay = Relay {
@@ -211,20 +210,17 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
         relay,
         move |mut relay| async move {
             loop {
-                if relay.drain {
-                    relay.drain = !ended_now(&mut relay.events);
+                if std::mem::take(&mut relay.drain) {
+                    let rest = async {
+                        while relay.events.next().await.is_some() {}
+                        Ok(())
+                    };
+                    let _ = within(deadline, rest).await;
                 }
                 if let Some(item) = relay.ready.pop_front() {
                     return Some((item, relay));
                 }
                 if relay.done {
-                    if std::mem::take(&mut relay.drain) {
-                        let rest = async {
-                            while relay.events.next().await.is_some() {}
-                            Ok(())
-                        };
-                        let _ = within(deadline, rest).await;
-                    }
                     return None;
                 }
                 let next = within(deadline, async { Ok(relay.events.next().await) }).await;
@@ -284,19 +280,6 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
             }
         },
     ))
-}
-
-/// Reads what the worker's body already holds, without waiting; whether it has ended. Only
-/// after `[DONE]` was relayed: a `next` then dropped unfinished loses nothing, having no usage
-/// event to wait on disk for.
-fn ended_now(events: &mut EventStream) -> bool {
-    loop {
-        match events.next().now_or_never() {
-            Some(Some(_)) => {}
-            Some(None) => return true,
-            None => return false,
-        }
-    }
 }
 
 #[tonic::async_trait]
