@@ -223,8 +223,14 @@ impl<'a> Reader<'a> {
 
     /// Steps over the value here.
     pub fn skip(&mut self) -> Option<()> {
-        self.pos = skip_value(self.text, skip_ws(self.text, self.pos))?;
-        Some(())
+        self.skip_span().map(drop)
+    }
+
+    /// Steps over the value here, answering where it is in the text.
+    pub fn skip_span(&mut self) -> Option<Range<usize>> {
+        let start = skip_ws(self.text, self.pos);
+        self.pos = skip_value(self.text, start)?;
+        Some(start..self.pos)
     }
 
     /// The string here: borrowed when it has no escape; `None` if it is not UTF-8.

@@ -1,13 +1,16 @@
 //! Translation between `gateway.v1` messages and the pipeline's types: a call becomes the
 //! `InferenceRequest` it stands for (with the OpenAI body a worker is sent); a worker's answer, or
-//! the choice events of one read of its stream, become a response message. Each worker JSON is
-//! read once, here (`answer`); usage comes typed from the pipeline.
+//! what one read of its stream added (the relay's `Delta`), becomes a response message. Each
+//! worker JSON is read once (`relay::answer`); usage comes typed from the pipeline.
+
+use std::borrow::Cow;
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{answer, pb};
+use super::pb;
 use crate::error::ApiError;
+use crate::relay::answer::{self, Delta};
 use crate::request::{Endpoint, Fields, InferenceRequest, UsageOptions};
 use crate::usage::Usage;
 
@@ -234,39 +237,34 @@ pub fn response(
         choices: answer
             .choices
             .into_iter()
-            .map(answer::Choice::into_choice)
+            .map(|c| pb::Choice {
+                index: c.index.unwrap_or_default(),
+                text: c.text.map(Cow::into_owned).unwrap_or_default(),
+                finish_reason: c.finish_reason.map(Cow::into_owned).unwrap_or_default(),
+            })
             .collect(),
         usage: usage_seen.map(usage),
         request_id,
     })
 }
 
-/// Adds one choice event of a stream (the worker's JSON payload) to `chunk`: the first event
-/// gives its id, model and creation time; a choice already in it gets the text appended and its
-/// finish reason. Whether the payload was an event.
-pub fn add_event(chunk: &mut pb::GenerateChunk, payload: &[u8]) -> bool {
-    let Some(event) = answer::read(payload) else {
-        return false;
-    };
-    if chunk.id.is_empty() {
-        chunk.id = event.id.into_owned();
-        chunk.model = event.model.into_owned();
-        chunk.created = event.created;
+/// The message for what one read of a stream added (its usage, if any, is set by the caller).
+pub fn chunk(delta: Delta) -> pb::GenerateChunk {
+    pb::GenerateChunk {
+        id: delta.id,
+        model: delta.model,
+        created: delta.created,
+        choices: delta
+            .choices
+            .into_iter()
+            .map(|c| pb::Choice {
+                index: c.index,
+                text: c.text,
+                finish_reason: c.finish_reason.unwrap_or_default(),
+            })
+            .collect(),
+        ..pb::GenerateChunk::default()
     }
-    for choice in event.choices {
-        match chunk.choices.iter_mut().find(|c| c.index == choice.index) {
-            Some(known) => {
-                known
-                    .text
-                    .push_str(choice.text.as_deref().unwrap_or_default());
-                if let Some(reason) = choice.finish_reason {
-                    known.finish_reason = reason.into_owned();
-                }
-            }
-            None => chunk.choices.push(choice.into_choice()),
-        }
-    }
-    true
 }
 
 #[cfg(test)]
@@ -339,16 +337,16 @@ mod tests {
                 completion_tokens: 2
             })
         );
-        let mut piece = pb::GenerateChunk::default();
+        let mut delta = Delta::default();
         for event in [
             &br#"{"id":"x","choices":[{"index":1,"delta":{"content":"yo"},"finish_reason":null}]}"#
                 [..],
             br#"{"id":"x","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}"#,
             br#"{"id":"x","choices":[{"index":1,"delta":{"content":"!"},"finish_reason":"stop"}]}"#,
         ] {
-            assert!(add_event(&mut piece, event));
+            delta.add(answer::read(event).unwrap_or_default());
         }
-        assert!(!add_event(&mut piece, b"not json"));
+        let piece = chunk(delta);
         let texts: Vec<_> = piece
             .choices
             .iter()

@@ -3,7 +3,6 @@
 //! authentication, quotas, routing and metering are the HTTP code path; only the translation of
 //! requests, answers and errors lives here.
 
-mod answer;
 mod codec;
 mod convert;
 mod guard;

@@ -238,10 +238,7 @@ fn chunks(events: Box<EventStream>, request_id: String, deadline: Option<Instant
                         continue;
                     }
                 };
-                let mut chunk = pb::GenerateChunk::default();
-                for payload in &relayed.events {
-                    convert::add_event(&mut chunk, payload);
-                }
+                let mut chunk = relayed.delta.map(convert::chunk).unwrap_or_default();
                 if relay.first.is_none() && !chunk.id.is_empty() {
                     relay.first = Some((chunk.id.clone(), chunk.model.clone(), chunk.created));
                 }

@@ -11,6 +11,7 @@
 //! chunks and reads the fingerprint off the usage-only chunk it drops; the relay puts it back where
 //! vLLM would have ([`with_fingerprint`]).
 
+use super::answer::Answer;
 use crate::json;
 use crate::request::UsageOptions;
 use std::ops::Range;
@@ -108,6 +109,28 @@ pub fn inspect(event: &[u8], client: UsageOptions) -> Inspected {
         FrameAction::Strip(offset + span.removal.start..offset + span.removal.end)
     };
     inspected
+}
+
+/// What `inspect` finds in a choice event that `answer::read` has read (`payload` is the event's,
+/// as `payload` gives it): where its usage is and whose it is, without reading the event again.
+/// `None` for any other event (usage-only, an error, no choice), which `inspect` reads. Nothing
+/// in it depends on the client's usage options: a choice event's action and `terminal` matter
+/// only to an SSE client, whose events `inspect` reads.
+pub fn inspect_answer(event: &[u8], payload: &[u8], answer: &Answer<'_>) -> Option<Inspected> {
+    let first = answer.choices.first()?;
+    if answer.error {
+        return None;
+    }
+    let offset = (payload.as_ptr() as usize).checked_sub(event.as_ptr() as usize)?;
+    Some(Inspected {
+        action: FrameAction::Keep,
+        usage: (answer.usage.as_ref()).map(|range| offset + range.start..offset + range.end),
+        choice: first.index.map(u64::from),
+        done: false,
+        error: false,
+        terminal: false,
+        fingerprint: None,
+    })
 }
 
 /// Whether the first object of the `choices` array has a non-null `finish_reason`.

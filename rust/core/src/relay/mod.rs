@@ -2,8 +2,10 @@
 //!
 //! `sse` splits a byte stream into events, `frame` decides what each event becomes for this
 //! client, and `stream` drives the two over a live upstream body, read by read, as typed
-//! `Relayed` reads that each surface renders.
+//! `Relayed` reads that each surface renders. For a surface that renders its own messages,
+//! `answer` reads each choice event once, for its content and its usage together.
 
+pub mod answer;
 mod frame;
 #[cfg(test)]
 mod props;

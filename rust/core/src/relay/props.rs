@@ -7,7 +7,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Value;
 
-use super::frame::{FrameAction, inspect};
+use super::answer;
+use super::frame::{self, FrameAction, inspect, inspect_answer};
 use super::sse::SseSplitter;
 use crate::json_props::{members, quoted, read, value};
 use crate::request::UsageOptions;
@@ -30,6 +31,7 @@ fn chunk() -> impl Strategy<Value = String> {
         Just(
             r#"[{"index":0,"delta":{"content":"\"usage\":{}"},"finish_reason":"stop"}]"#.to_owned()
         ),
+        Just(r#"[{"text":" a"},{"index":1,"text":"b"}]"#.to_owned()),
         value(2),
     ];
     // Each name at most once, in any order.
@@ -39,14 +41,16 @@ fn chunk() -> impl Strategy<Value = String> {
         prop::option::of(usage),
         prop::option::of(Just("\"fp\"".to_owned())),
         prop::option::of(value(2)),
+        prop::option::of(value(1)),
     )
-        .prop_map(|(id, choices, usage, fingerprint, other)| {
+        .prop_map(|(id, choices, usage, fingerprint, other, error)| {
             let named = [
                 ("id", id),
                 ("choices", choices),
                 ("usage", usage),
                 ("system_fingerprint", fingerprint),
                 ("other", other),
+                ("error", error),
             ];
             named
                 .into_iter()
@@ -56,7 +60,7 @@ fn chunk() -> impl Strategy<Value = String> {
         .prop_shuffle();
     (
         members,
-        prop::collection::vec(any::<u64>(), 5),
+        prop::collection::vec(any::<u64>(), 6),
         prop::sample::select(vec!["", " ", "\n"]),
     )
         .prop_map(|(members, masks, ws)| {
@@ -109,6 +113,29 @@ proptest! {
             prop_assert!(!client.include_usage);
             let choices = given.iter().find(|(k, _)| k == "choices").map(|(_, v)| read(v));
             prop_assert_eq!(choices, Some(Value::Array(Vec::new())));
+        }
+    }
+
+    #[test]
+    fn a_choice_event_read_once_meters_as_inspected(payload in chunk(), client in client()) {
+        let event = format!("data: {payload}\n\n").into_bytes();
+        let Some(body) = frame::payload(&event) else {
+            return Err(TestCaseError::fail("not an event"));
+        };
+        let Some(read) = answer::read(body) else {
+            return Ok(());
+        };
+        let Some(once) = inspect_answer(&event, body, &read) else {
+            // Not a plain choice event: the relay inspects it.
+            prop_assert!(read.choices.is_empty() || read.error, "{}", payload);
+            return Ok(());
+        };
+        let inspected = inspect(&event, client);
+        prop_assert_eq!(&once.usage, &inspected.usage, "{}", payload);
+        prop_assert_eq!((once.done, once.error), (false, inspected.error), "{}", payload);
+        prop_assert_eq!(&once.fingerprint, &inspected.fingerprint, "{}", payload);
+        if inspected.usage.is_some() {
+            prop_assert_eq!(once.choice, inspected.choice, "{}", payload);
         }
     }
 

@@ -15,7 +15,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::frame::{self, FrameAction, Inspected, inspect, with_fingerprint};
+use super::answer::{self, Delta};
+use super::frame::{self, FrameAction, Inspected, inspect, inspect_answer, with_fingerprint};
 use super::sse::SseSplitter;
 use crate::error::ApiError;
 use crate::json;
@@ -62,10 +63,9 @@ pub struct Relayed {
     /// if the stream failed. Only that error event when the surface renders its own messages
     /// (`EventStream::with_events`).
     pub bytes: Bytes,
-    /// The JSON payloads of the worker's choice events (usage-only, `[DONE]` and error events
-    /// excluded), for a surface that renders its own messages; empty unless asked for
-    /// (`EventStream::with_events`).
-    pub events: Vec<Bytes>,
+    /// For a surface that renders its own messages (`EventStream::with_events`): what the
+    /// read's choice events added to the answer, when they added anything.
+    pub delta: Option<Delta>,
     /// The worker's own in-stream error event (its JSON payload), when this read had one.
     pub worker_error: Option<Bytes>,
     /// How the stream ended, if it ended here.
@@ -76,7 +76,7 @@ impl Relayed {
     /// Whether the read brought nothing a surface shows (an event split across reads, say).
     fn is_empty(&self) -> bool {
         self.bytes.is_empty()
-            && self.events.is_empty()
+            && self.delta.is_none()
             && self.worker_error.is_none()
             && self.end.is_none()
     }
@@ -122,15 +122,15 @@ impl EventStream {
                 outstanding,
                 synced: None,
                 idle_timeout,
-                events: None,
+                delta: None,
             },
         }
     }
 
-    /// Collects each read's choice events (`Relayed::events`) instead of the client's SSE
-    /// bytes.
+    /// Reads each read's choice events into a `Delta` (`Relayed::delta`) instead of the
+    /// client's SSE bytes.
     pub fn with_events(mut self: Box<Self>) -> Box<Self> {
-        self.relay.events = Some(Vec::new());
+        self.relay.delta = Some(Delta::default());
         self
     }
 
@@ -182,8 +182,8 @@ struct Relay {
     synced: Synced,
     /// How long the worker may go without sending a byte.
     idle_timeout: Duration,
-    /// The choice events of the read being processed, when the surface asked for them.
-    events: Option<Vec<Bytes>>,
+    /// What the read being processed added to the answer, when the surface asked for it.
+    delta: Option<Delta>,
 }
 
 impl Relay {
@@ -241,9 +241,12 @@ impl Relay {
         let mut out = BytesMut::new();
         let mut read = Read::default();
         for event in self.splitter.push(chunk) {
+            if self.delta.is_some() && self.read_choice_event(&event, &mut read) {
+                continue;
+            }
             let inspected = inspect(&event, self.client);
             self.meter_event(&event, &inspected, &mut read);
-            if self.events.is_some() {
+            if self.delta.is_some() {
                 self.collect_event(&event, &inspected, &mut read);
             } else {
                 self.relay_event(&event, &inspected, &mut out);
@@ -251,12 +254,35 @@ impl Relay {
         }
         self.observe_usage(read.latest);
         let end = read.done.then(|| self.finish());
+        let delta = match &mut self.delta {
+            Some(delta) if !delta.is_empty() => Some(std::mem::take(delta)),
+            _ => None,
+        };
         Relayed {
             bytes: out.freeze(),
-            events: self.events.as_mut().map(std::mem::take).unwrap_or_default(),
+            delta,
             worker_error: read.worker_error,
             end,
         }
+    }
+
+    /// A surface's common case: a choice event, read once for its content and its usage
+    /// together. `false` for any other event, which is inspected as an SSE client's would be.
+    fn read_choice_event(&mut self, event: &Bytes, read: &mut Read) -> bool {
+        let Some(payload) = frame::payload(event) else {
+            return false;
+        };
+        let Some(answer) = answer::read(payload) else {
+            return false;
+        };
+        let Some(inspected) = inspect_answer(event, payload, &answer) else {
+            return false;
+        };
+        self.meter_event(event, &inspected, read);
+        if let Some(delta) = self.delta.as_mut() {
+            delta.add(answer);
+        }
+        true
     }
 
     /// Notes what `event` means for the request's usage and outcome.
@@ -284,10 +310,10 @@ impl Relay {
         }
     }
 
-    /// Keeps `event`'s payload for a surface that renders its own messages: a choice event, or
-    /// the worker's error.
+    /// For a surface that renders its own messages, what an event that is not a plain choice
+    /// event adds: the worker's error, or an answer's content.
     fn collect_event(&mut self, event: &Bytes, inspected: &Inspected, read: &mut Read) {
-        let Some(collected) = self.events.as_mut() else {
+        let Some(delta) = self.delta.as_mut() else {
             return;
         };
         let usage_only = inspected.usage.is_some() && inspected.choice.is_none();
@@ -295,11 +321,10 @@ impl Relay {
             return;
         }
         if let Some(payload) = frame::payload(event) {
-            let payload = event.slice_ref(payload);
             if inspected.error {
-                read.worker_error = Some(payload);
-            } else {
-                collected.push(payload);
+                read.worker_error = Some(event.slice_ref(payload));
+            } else if let Some(answer) = answer::read(payload) {
+                delta.add(answer);
             }
         }
     }
@@ -393,7 +418,7 @@ impl Relay {
         out.extend_from_slice(&error.sse_frame());
         Some(Relayed {
             bytes: out.freeze(),
-            events: Vec::new(),
+            delta: None,
             worker_error: None,
             end: Some(End::Failed(error)),
         })

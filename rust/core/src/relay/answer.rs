@@ -1,14 +1,16 @@
-//! A worker's answer, or one event of its stream, as the gRPC surface reads it: the id, model and
-//! creation time, and each choice's index, text and finish reason. It is read in one pass
+//! A worker's answer, or one event of its stream, read for its content: the id, model and
+//! creation time, and each choice's index, text and finish reason; and, for the relay's metering,
+//! where its `usage` is and whether it carries an `error`. It is read in one pass
 //! (`json::Reader`): the members named here are read, strings borrowed where they have no escape,
 //! and every other member is stepped over unread.
 //!
-//! A member named here with a value of another type (`"created":"soon"`), or a payload that is not
-//! one whole object, reads as `None`, as serde would refuse it. Members may come in any order.
+//! What serde would refuse reads as `None`: a member named here with a value of another type
+//! (`"created":"soon"`), a member named here twice, a payload that is not one whole object.
+//! Members may come in any order.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
-use super::pb;
 use crate::json;
 
 /// See the module's doc.
@@ -18,39 +20,60 @@ pub struct Answer<'a> {
     pub model: Cow<'a, str>,
     pub created: i64,
     pub choices: Vec<Choice<'a>>,
+    /// Where the `usage` value is (a range of the payload), if there is one.
+    pub usage: Option<Range<usize>>,
+    /// Whether there is an `error` member.
+    pub error: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Choice<'a> {
-    pub index: u32,
+    /// As the worker wrote it; a choice without one is a client's choice 0.
+    pub index: Option<u32>,
     /// A completion's `text`, or a chat message's or delta's `content`.
     pub text: Option<Cow<'a, str>>,
     pub finish_reason: Option<Cow<'a, str>>,
 }
 
-impl Choice<'_> {
-    pub fn into_choice(self) -> pb::Choice {
-        pb::Choice {
-            index: self.index,
-            text: self.text.map(Cow::into_owned).unwrap_or_default(),
-            finish_reason: self.finish_reason.map(Cow::into_owned).unwrap_or_default(),
-        }
-    }
-}
-
 /// Reads `payload`, a worker's JSON answer or stream event.
 pub fn read(payload: &[u8]) -> Option<Answer<'_>> {
+    const ID: u8 = 1;
+    const MODEL: u8 = 2;
+    const CREATED: u8 = 4;
+    const CHOICES: u8 = 8;
+    const USAGE: u8 = 16;
     let mut answer = Answer::default();
+    let mut seen = 0;
     let mut reader = json::Reader::new(payload);
     reader.object(|name, value| {
         match &*name {
-            b"id" => answer.id = value.string()?,
-            b"model" => answer.model = value.string()?,
-            b"created" => answer.created = integer(value)?,
-            b"choices" => value.array(|element| {
-                answer.choices.push(choice(element)?);
-                Some(())
-            })?,
+            b"id" => {
+                once(&mut seen, ID)?;
+                answer.id = value.string()?;
+            }
+            b"model" => {
+                once(&mut seen, MODEL)?;
+                answer.model = value.string()?;
+            }
+            b"created" => {
+                once(&mut seen, CREATED)?;
+                answer.created = integer(value)?;
+            }
+            b"choices" => {
+                once(&mut seen, CHOICES)?;
+                value.array(|element| {
+                    answer.choices.push(choice(element)?);
+                    Some(())
+                })?;
+            }
+            b"usage" => {
+                once(&mut seen, USAGE)?;
+                answer.usage = Some(value.skip_span()?);
+            }
+            b"error" => {
+                answer.error = true;
+                value.skip()?;
+            }
             _ => value.skip()?,
         }
         Some(())
@@ -58,17 +81,47 @@ pub fn read(payload: &[u8]) -> Option<Answer<'_>> {
     reader.at_end().then_some(answer)
 }
 
+/// Marks the member `bit` as read; `None` the second time, as serde refuses a repeated field.
+fn once(seen: &mut u8, bit: u8) -> Option<()> {
+    if *seen & bit != 0 {
+        return None;
+    }
+    *seen |= bit;
+    Some(())
+}
+
 fn choice<'a>(reader: &mut json::Reader<'a>) -> Option<Choice<'a>> {
+    const INDEX: u8 = 1;
+    const TEXT: u8 = 2;
+    const MESSAGE: u8 = 4;
+    const DELTA: u8 = 8;
+    const FINISH: u8 = 16;
     let mut choice = Choice::default();
+    let mut seen = 0;
     // A completion's text; else a whole chat message's content; else a streamed delta's.
     let (mut text, mut message, mut delta) = (None, None, None);
     reader.object(|name, value| {
         match &*name {
-            b"index" => choice.index = integer(value)?,
-            b"text" => text = string_or_null(value)?,
-            b"message" => message = content(value)?,
-            b"delta" => delta = content(value)?,
-            b"finish_reason" => choice.finish_reason = string_or_null(value)?,
+            b"index" => {
+                once(&mut seen, INDEX)?;
+                choice.index = Some(integer(value)?);
+            }
+            b"text" => {
+                once(&mut seen, TEXT)?;
+                text = string_or_null(value)?;
+            }
+            b"message" => {
+                once(&mut seen, MESSAGE)?;
+                message = content(value)?;
+            }
+            b"delta" => {
+                once(&mut seen, DELTA)?;
+                delta = content(value)?;
+            }
+            b"finish_reason" => {
+                once(&mut seen, FINISH)?;
+                choice.finish_reason = string_or_null(value)?;
+            }
             _ => value.skip()?,
         }
         Some(())
@@ -113,6 +166,59 @@ fn integer<T: TryFrom<i128>>(reader: &mut json::Reader<'_>) -> Option<T> {
     T::try_from(number).ok()
 }
 
+/// What the choice events of one read of a stream added to the answer, owned: the id, model and
+/// creation time of the first event that had them, and for each choice, in the order they came,
+/// the text added and its finish reason.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub id: String,
+    pub model: String,
+    pub created: i64,
+    pub choices: Vec<ChoiceDelta>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct ChoiceDelta {
+    pub index: u32,
+    pub text: String,
+    pub finish_reason: Option<String>,
+}
+
+impl Delta {
+    /// Adds one event: its id, model and creation time if the delta has none yet; its choices'
+    /// text appended to theirs, and their finish reasons.
+    pub fn add(&mut self, event: Answer<'_>) {
+        if self.id.is_empty() {
+            self.id = event.id.into_owned();
+            self.model = event.model.into_owned();
+            self.created = event.created;
+        }
+        for choice in event.choices {
+            let index = choice.index.unwrap_or_default();
+            let text = choice.text.unwrap_or_default();
+            let finish_reason = choice.finish_reason.map(Cow::into_owned);
+            match self.choices.iter_mut().find(|c| c.index == index) {
+                Some(known) => {
+                    known.text.push_str(&text);
+                    if finish_reason.is_some() {
+                        known.finish_reason = finish_reason;
+                    }
+                }
+                None => self.choices.push(ChoiceDelta {
+                    index,
+                    text: text.into_owned(),
+                    finish_reason,
+                }),
+            }
+        }
+    }
+
+    /// Whether no event with a choice was added.
+    pub fn is_empty(&self) -> bool {
+        self.choices.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -126,7 +232,7 @@ mod tests {
 
     fn choice(index: u32, text: &'static str, finish: Option<&'static str>) -> Choice<'static> {
         Choice {
-            index,
+            index: Some(index),
             text: Some(Cow::Borrowed(text)),
             finish_reason: finish.map(Cow::Borrowed),
         }
@@ -144,6 +250,8 @@ mod tests {
             "usage": {"prompt_tokens": 3},
         })
         .to_string();
+        let usage = r#"{"prompt_tokens":3}"#;
+        let at = completion.find(usage).unwrap_or_default();
         let read = read(completion.as_bytes());
         assert_eq!(
             read,
@@ -155,6 +263,8 @@ mod tests {
                     choice(1, " the", None),
                     choice(0, "a\n\"b\"", Some("length"))
                 ],
+                usage: Some(at..at + usage.len()),
+                error: false,
             })
         );
         let chat = json!({
@@ -168,10 +278,36 @@ mod tests {
         .to_string();
         let read = super::read(chat.as_bytes()).map(|answer| answer.choices);
         let empty = |index| Choice {
-            index,
+            index: Some(index),
             ..Choice::default()
         };
         assert_eq!(read, Some(vec![choice(0, "hi", None), empty(1), empty(2)]));
+        let error = super::read(br#"{"error":{"message":"boom"},"choices":[{}]}"#);
+        let unindexed = vec![Choice::default()];
+        assert_eq!(error.map(|a| (a.error, a.choices)), Some((true, unindexed)));
+    }
+
+    #[test]
+    fn a_delta_gathers_each_choice_s_text_in_the_order_they_came() {
+        let mut delta = Delta::default();
+        for event in [
+            &br#"{"id":"x","choices":[{"index":1,"delta":{"content":"yo"},"finish_reason":null}]}"#
+                [..],
+            br#"{"id":"y","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            br#"{"choices":[{"index":1,"delta":{"content":"!"},"finish_reason":"stop"}]}"#,
+            br#"{"choices":[{"delta":{"content":"b"}}]}"#,
+        ] {
+            delta.add(read(event).unwrap_or_default());
+        }
+        let texts: Vec<_> = delta
+            .choices
+            .iter()
+            .map(|c| (c.index, c.text.as_str(), c.finish_reason.as_deref()))
+            .collect();
+        assert_eq!(texts, [(1, "yo!", Some("stop")), (0, "ab", None)]);
+        assert_eq!((delta.id.as_str(), delta.model.as_str()), ("x", ""));
+        assert!(!delta.is_empty());
+        assert!(Delta::default().is_empty());
     }
 
     #[test]
@@ -190,6 +326,10 @@ mod tests {
             r#"{"choices":[{"delta":"hi"}]}"#,
             r#"{"choices":[1]}"#,
             r#"{"choices":[{"index":0}"#,
+            r#"{"id":"a","id":"b"}"#,
+            r#"{"usage":{},"usage":null}"#,
+            r#"{"choices":[{"index":0,"index":1}]}"#,
+            r#"{"choices":[{"text":"a","text":null}]}"#,
         ] {
             assert_eq!(read(payload.as_bytes()), None, "{payload}");
         }
@@ -207,12 +347,29 @@ mod tests {
         created: i64,
         #[serde(borrow, default)]
         choices: Vec<SerdeChoice<'a>>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        usage: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        error: Option<&'a RawValue>,
+    }
+
+    /// A member that is there, `null` included.
+    fn present<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<&'de RawValue>, D::Error> {
+        serde::Deserialize::deserialize(deserializer).map(Some)
+    }
+
+    /// Where `raw`, a value serde borrowed from `payload`, is in it.
+    fn span(payload: &[u8], raw: &RawValue) -> Range<usize> {
+        let start = raw.get().as_ptr() as usize - payload.as_ptr() as usize;
+        start..start + raw.get().len()
     }
 
     #[derive(serde::Deserialize)]
     struct SerdeChoice<'a> {
         #[serde(default)]
-        index: u32,
+        index: Option<u32>,
         #[serde(borrow, default)]
         text: Option<Cow<'a, str>>,
         // Maps, not a derived struct, which serde would also read from an array.
@@ -250,6 +407,8 @@ mod tests {
             model: read.model,
             created: read.created,
             choices,
+            usage: read.usage.map(|raw| span(payload, raw)),
+            error: read.error.is_some(),
         })
     }
 
@@ -308,6 +467,7 @@ mod tests {
             ("model", string_or_null()),
             ("choices", choices),
             ("usage", value(2).boxed()),
+            ("error", value(1).boxed()),
         ])
     }
 
