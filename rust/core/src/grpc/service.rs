@@ -10,7 +10,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::future::Either;
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -164,16 +165,19 @@ fn deadline_exceeded() -> Status {
 }
 
 /// `call`, or DEADLINE_EXCEEDED once `deadline` passes (dropping `call`, which cancels the
-/// request at the worker and meters it as cancelled).
-async fn within<T>(
+/// request at the worker and meters it as cancelled). The future is `call`'s own, or `call` with
+/// a timer: not an `async fn`, whose state would hold `call` twice (as its argument and as what
+/// it awaits), and which every call's boxed future would copy.
+fn within<T>(
     deadline: Option<Instant>,
     call: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
+) -> impl Future<Output = Result<T, Status>> {
     match deadline {
-        None => call.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, call)
-            .await
-            .unwrap_or_else(|_| Err(deadline_exceeded())),
+        None => Either::Left(call),
+        Some(deadline) => Either::Right(
+            tokio::time::timeout_at(deadline, call)
+                .map(|timed| timed.unwrap_or_else(|_| Err(deadline_exceeded()))),
+        ),
     }
 }
 
