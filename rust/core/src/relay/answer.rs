@@ -159,6 +159,13 @@ fn string_or_null<'a>(reader: &mut json::Reader<'a>) -> Option<Option<Cow<'a, st
 /// and `-0`, which JSON readers take for the float -0.0).
 fn integer<T: TryFrom<i128>>(reader: &mut json::Reader<'_>) -> Option<T> {
     let text = reader.scalar()?;
+    // The common case, a few digits: no text to validate nor sign to read.
+    if (1..=18).contains(&text.len()) && text.iter().all(u8::is_ascii_digit) {
+        let number = text
+            .iter()
+            .fold(0i128, |n, digit| n * 10 + i128::from(digit - b'0'));
+        return T::try_from(number).ok();
+    }
     let number: i128 = std::str::from_utf8(text).ok()?.parse().ok()?;
     if number == 0 && text.starts_with(b"-") {
         return None;
