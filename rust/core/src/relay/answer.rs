@@ -37,6 +37,16 @@ pub struct Choice<'a> {
 
 /// Reads `payload`, a worker's JSON answer or stream event.
 pub fn read(payload: &[u8]) -> Option<Answer<'_>> {
+    read_with(payload, true)
+}
+
+/// Reads `payload` as `read` does, less its id, model and creation time, which are stepped over
+/// unread whatever their type: for a stream's later events, whose first gave them.
+pub fn read_choices(payload: &[u8]) -> Option<Answer<'_>> {
+    read_with(payload, false)
+}
+
+fn read_with(payload: &[u8], head: bool) -> Option<Answer<'_>> {
     const ID: u8 = 1;
     const MODEL: u8 = 2;
     const CREATED: u8 = 4;
@@ -49,15 +59,27 @@ pub fn read(payload: &[u8]) -> Option<Answer<'_>> {
         match &*name {
             b"id" => {
                 once(&mut seen, ID)?;
-                answer.id = value.string()?;
+                if head {
+                    answer.id = value.string()?;
+                } else {
+                    value.skip()?;
+                }
             }
             b"model" => {
                 once(&mut seen, MODEL)?;
-                answer.model = value.string()?;
+                if head {
+                    answer.model = value.string()?;
+                } else {
+                    value.skip()?;
+                }
             }
             b"created" => {
                 once(&mut seen, CREATED)?;
-                answer.created = integer(value)?;
+                if head {
+                    answer.created = integer(value)?;
+                } else {
+                    value.skip()?;
+                }
             }
             b"choices" => {
                 once(&mut seen, CHOICES)?;
@@ -360,6 +382,11 @@ mod tests {
         error: Option<&'a RawValue>,
     }
 
+    /// An index that is there (a number: `null` is refused as for a plain `u32`).
+    fn given<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+        serde::Deserialize::deserialize(deserializer).map(Some)
+    }
+
     /// A member that is there, `null` included.
     fn present<'de, D: serde::Deserializer<'de>>(
         deserializer: D,
@@ -375,7 +402,7 @@ mod tests {
 
     #[derive(serde::Deserialize)]
     struct SerdeChoice<'a> {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "given")]
         index: Option<u32>,
         #[serde(borrow, default)]
         text: Option<Cow<'a, str>>,
@@ -480,6 +507,14 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        #[test]
+        fn read_choices_reads_what_read_reads_but_the_head(payload in event()) {
+            if let Some(whole) = read(payload.as_bytes()) {
+                let headless = Answer { id: "".into(), model: "".into(), created: 0, ..whole };
+                prop_assert_eq!(read_choices(payload.as_bytes()), Some(headless), "{}", payload);
+            }
+        }
 
         #[test]
         fn reads_what_serde_reads(payload in event()) {

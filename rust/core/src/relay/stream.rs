@@ -272,7 +272,14 @@ impl Relay {
         let Some(payload) = frame::payload(event) else {
             return false;
         };
-        let Some(answer) = answer::read(payload) else {
+        // The read's first event gives the message its id, model and creation time.
+        let first = self.delta.as_ref().is_none_or(|delta| delta.id.is_empty());
+        let read_event = if first {
+            answer::read
+        } else {
+            answer::read_choices
+        };
+        let Some(answer) = read_event(payload) else {
             return false;
         };
         let Some(inspected) = inspect_answer(event, payload, &answer) else {
