@@ -62,9 +62,9 @@ def section(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"connections, latency at {RATE:.0f} req/s (open loop); medians of {meta['rounds']} "
         f"rounds of {meta['duration_s']:.0f} s.",
         "",
-        "| target | req/s at saturation | gateway CPU | first byte p50 / p99 (µs) "
-        "| end p50 / p99 (µs) | added at p50 (µs) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| target | req/s at saturation | gateway CPU | CPU per call (µs) "
+        "| first byte p50 / p99 (µs) | end p50 / p99 (µs) | added at p50 (µs) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     direct_end = median("direct", "rate", "p50")
     for target in TARGETS:
@@ -74,16 +74,36 @@ def section(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
         added = at_rate("p50") - direct_end
         cpu = median(target, "saturation", "gateway_cpu")
+        per_call = median(target, "saturation", "cpu_us")
         lines.append(
             f"| {target} | {median(target, 'saturation', 'rps'):,.0f} | "
             f"{'-' if target == 'direct' else f'{cpu:.0%}'} | "
+            f"{'-' if target == 'direct' else f'{per_call:.1f}'} | "
             f"{at_rate('ttfb_p50'):,.0f} / {at_rate('ttfb_p99'):,.0f} | "
             f"{at_rate('p50'):,.0f} / {at_rate('p99'):,.0f} | "
             f"{'-' if target == 'direct' else f'{added:,.0f}'} |"
         )
+    ratios = round_ratios(runs)
     errors = sum(r["errors"] for r in runs)
-    lines += ["", f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.", END, ""]
+    lines += [
+        "",
+        f"gRPC's gateway CPU per call over HTTP's, round by round (the two measured back to back): "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}; median **{statistics.median(ratios):.2f}**.",
+        "",
+        f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.",
+        END,
+        "",
+    ]
     return "\n".join(lines)
+
+
+def round_ratios(runs: list[dict[str, Any]]) -> list[float]:
+    """Each round's gRPC CPU per call over its HTTP CPU per call, at saturation."""
+    per_round: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r["kind"] == "saturation":
+            per_round.setdefault(r["round"], {})[r["target"]] = r["cpu_us"]
+    return [c["grpc"] / c["http"] for _, c in sorted(per_round.items()) if c.get("http")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +160,8 @@ def measure(settings: Settings, run: Harness) -> list[dict[str, Any]]:
                     "ttfb_p50": ttfb["p50"],
                     "ttfb_p99": ttfb["p99"],
                     "gateway_cpu": cpus[0],
+                    # µs of the gateway's CPU per completed stream
+                    "cpu_us": cpus[0] / report["rps"] * 1e6 if report["rps"] else float("nan"),
                     "errors": report["errors"] + report["unsent"],
                     "report": report,
                 }
