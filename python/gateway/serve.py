@@ -10,6 +10,7 @@ nothing latency-sensitive to do besides them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -332,6 +333,10 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
             if on_ready is not None:
                 on_ready(host, port)
 
+        # What startup made (modules, the configuration, pydantic's schemas) lives as long as the
+        # process: frozen out of the collector, full collections walk only what serving makes,
+        # such as the usage events drained in batches.
+        gc.freeze()
         try:
             return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce, signals))
         finally:
