@@ -59,26 +59,20 @@ fn read_with(payload: &[u8], head: bool) -> Option<Answer<'_>> {
         match &*name {
             b"id" => {
                 once(&mut seen, ID)?;
-                if head {
-                    answer.id = value.string()?;
-                } else {
-                    value.skip()?;
+                if let Some(read) = head_member(head, value, json::Reader::string)? {
+                    answer.id = read;
                 }
             }
             b"model" => {
                 once(&mut seen, MODEL)?;
-                if head {
-                    answer.model = value.string()?;
-                } else {
-                    value.skip()?;
+                if let Some(read) = head_member(head, value, json::Reader::string)? {
+                    answer.model = read;
                 }
             }
             b"created" => {
                 once(&mut seen, CREATED)?;
-                if head {
-                    answer.created = integer(value)?;
-                } else {
-                    value.skip()?;
+                if let Some(read) = head_member(head, value, integer)? {
+                    answer.created = read;
                 }
             }
             b"choices" => {
@@ -101,6 +95,20 @@ fn read_with(payload: &[u8], head: bool) -> Option<Answer<'_>> {
         Some(())
     })?;
     reader.at_end().then_some(answer)
+}
+
+/// A head member (id, model, creation time): read with `read` when `head`, else stepped over
+/// unread whatever its type (`Some(None)`); `None` where the reading fails.
+fn head_member<'a, T>(
+    head: bool,
+    value: &mut json::Reader<'a>,
+    read: impl FnOnce(&mut json::Reader<'a>) -> Option<T>,
+) -> Option<Option<T>> {
+    if head {
+        read(value).map(Some)
+    } else {
+        value.skip().map(|()| None)
+    }
 }
 
 /// Marks the member `bit` as read; `None` the second time, as serde refuses a repeated field.
