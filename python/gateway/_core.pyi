@@ -77,9 +77,10 @@ class Gateway:
         tenant, required for a key; for a tenant it may be omitted); call it once, before
         `start()`. Returns the number of entries applied.
         """
-    def drain_usage(self, max_events: int = 4096) -> list[tuple[int, UsageEvent]]:
-        """Takes up to `max_events` recorded usage events, oldest first, each with its `seq`
-        (the order the core recorded them in)."""
+    def drain_usage(self, max_events: int = 4096) -> tuple[list[UsageEvent], int | None]:
+        """Takes up to `max_events` recorded usage events, oldest first, and the `seq` of the
+        last one (the core numbers events in the order it recorded them), None if none was
+        waiting. Acknowledge them with `usage_committed(seq)` once they are stored."""
     def usage_committed(self, seq: int) -> None:
         """Every drained event up to `seq` is in the ledger: the usage journal may delete the
         segments that hold nothing newer."""

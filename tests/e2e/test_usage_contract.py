@@ -222,7 +222,7 @@ def test_the_binding_hands_over_what_the_journal_stored(tmp_path: Path) -> None:
         )
         assert response.status_code == 200, response.text
         assert procs.wait_for(lambda: gateway.pending_usage() == 1)
-        [(seq, event)] = gateway.drain_usage()
+        [event], seq = gateway.drain_usage()
     finally:
         gateway.shutdown(1.0)
         sim.stop()

@@ -59,11 +59,10 @@ class FakeCore:
         self.seeded.extend(entries)
         return len(entries)
 
-    def drain_usage(self, max_events: int = 4096) -> list[tuple[int, UsageEvent]]:
+    def drain_usage(self, max_events: int = 4096) -> tuple[list[UsageEvent], int | None]:
         taken, self.queue = self.queue[:max_events], self.queue[max_events:]
-        drained = list(enumerate(taken, start=self.next_seq))
         self.next_seq += len(taken)
-        return drained
+        return taken, self.next_seq - 1 if taken else None
 
     def usage_committed(self, seq: int) -> None:
         assert seq >= self.committed, "acknowledgements only move forward"

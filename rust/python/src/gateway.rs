@@ -6,7 +6,7 @@ use std::time::Duration;
 use gateway_core::Control;
 use gateway_core::config::GatewayConfig;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::PyTuple;
 
 use crate::errors::CoreError;
 use crate::runtime::runtime;
@@ -77,7 +77,7 @@ impl Gateway {
     }
 
     #[pyo3(signature = (max_events = 4096))]
-    fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyList>> {
+    fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyTuple>> {
         usage::to_python(py, &self.control.drain_usage(max_events))
     }
 

@@ -146,20 +146,28 @@ fn class(py: Python<'_>) -> PyResult<&Class> {
     })
 }
 
-/// Drained events as `[(seq, UsageEvent)]`.
-pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py, PyList>> {
-    let (class, fields, new) = class(py)?;
-    let (class, new) = (class.bind(py), new.bind(py));
-    let items = drained
+/// One event as an instance of `class`: `tuple.__new__(class, values)`, which runs no Python code.
+fn event<'py>(
+    py: Python<'py>,
+    (class, new): (&Bound<'py, PyType>, &Bound<'py, PyAny>),
+    fields: &[Field],
+    event: &UsageEvent,
+) -> PyResult<Bound<'py, PyAny>> {
+    let values = fields
         .iter()
-        .map(|ended| {
-            let values = fields
-                .iter()
-                .map(|field| field.value(py, &ended.event))
-                .collect::<PyResult<Vec<_>>>()?;
-            let event = new.call1((class, PyTuple::new(py, values)?))?;
-            PyTuple::new(py, [ended.seq.into_pyobject(py)?.into_any(), event])
-        })
+        .map(|field| field.value(py, event))
         .collect::<PyResult<Vec<_>>>()?;
-    PyList::new(py, items)
+    new.call1((class, PyTuple::new(py, values)?))
+}
+
+/// Drained events as `([UsageEvent], seq of the last one)`, the seq None when none was drained.
+pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py, PyTuple>> {
+    let (class, fields, new) = class(py)?;
+    let class = (class.bind(py), new.bind(py));
+    let events = drained
+        .iter()
+        .map(|ended| event(py, class, fields, &ended.event))
+        .collect::<PyResult<Vec<_>>>()?;
+    let last = drained.last().map(|ended| ended.seq);
+    (PyList::new(py, events)?, last).into_pyobject(py)
 }
