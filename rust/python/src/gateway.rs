@@ -77,7 +77,11 @@ impl Gateway {
     }
 
     #[pyo3(signature = (max_events = 4096))]
-    fn drain_usage<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyTuple>> {
+    fn drain_usage<'py>(
+        &self,
+        py: Python<'py>,
+        max_events: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
         usage::to_python(py, &self.control.drain_usage(max_events))
     }
 
