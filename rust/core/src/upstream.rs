@@ -2,6 +2,7 @@
 //!
 //! It sends and classifies failures; choosing a worker and retrying belong to the dispatcher.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,9 +30,11 @@ pub enum UpstreamError {
     Timeout { worker: String },
 }
 
+/// Cheap to clone: every clone shares one client and its connection pool, and a clone is a
+/// reference count (a request's gateway-side counter holds one).
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Arc<Client<HttpConnector, Full<Bytes>>>,
     request_timeout: Duration,
 }
 
@@ -48,7 +51,7 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Self {
-            client,
+            client: Arc::new(client),
             request_timeout: routing.request_timeout(),
         }
     }
