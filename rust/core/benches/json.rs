@@ -1,7 +1,8 @@
 //! The relay's JSON work on one worker answer, without HTTP: for each event of a 16-token
 //! streamed completion as `gateway sim` (and vLLM) sends it, with continuous usage, what
-//! `relay::frame::inspect` looks up (the event's `usage` member, the start of its `choices`);
-//! and the `usage` member of the same answer unstreamed.
+//! `relay::frame::inspect` looks up for an SSE client (the event's `usage` member, the start of
+//! its `choices`), and what a typed surface (gRPC) reads of them (`relay::answer`); and the
+//! `usage` member of the same answer unstreamed.
 //!
 //!     cargo bench -p gateway-core --bench json
 //!
@@ -17,6 +18,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use gateway_core::json;
+use gateway_core::relay::answer;
 use serde_json::json;
 
 const ID: &str = "cmpl-c4a912a7105e9a636f5dc244d55a2492";
@@ -61,6 +63,24 @@ fn inspect_stream(payloads: &[String]) -> usize {
         .sum()
 }
 
+/// A typed surface's read of the same events (`relay::answer`), the first whole, the rest without
+/// their head; returns a checksum of the choices read.
+fn read_stream(payloads: &[String]) -> usize {
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = black_box(p.as_bytes());
+            let answer = if i == 0 {
+                answer::read(p)
+            } else {
+                answer::read_choices(p)
+            };
+            answer.unwrap().choices.len()
+        })
+        .sum()
+}
+
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let n: usize = if bench { 1_000_000 } else { 2_000 };
@@ -77,6 +97,13 @@ fn main() {
     }
     let stream_ns = started.elapsed().as_nanos() as f64 / n as f64;
 
+    assert_eq!(read_stream(&payloads), TOKENS);
+    let started = Instant::now();
+    for _ in 0..n {
+        assert_eq!(read_stream(&payloads), TOKENS);
+    }
+    let read_ns = started.elapsed().as_nanos() as f64 / n as f64;
+
     let usage = json::find_member(body.as_bytes(), "usage").unwrap().value;
     assert!(body[usage.clone()].starts_with(r#"{"prompt_tokens":3"#));
     let started = Instant::now();
@@ -92,6 +119,7 @@ fn main() {
             "answers": n,
             "events_per_stream": payloads.len(),
             "ns_per_streamed_answer": stream_ns,
+            "ns_per_streamed_answer_read_typed": read_ns,
             "ns_per_unstreamed_body": body_ns,
         })
     );
