@@ -241,6 +241,22 @@ class Bench:
                 )
         return statistics.median(values) if values else float("nan")
 
+    def round_ratios(
+        self, mode: str, target: str = "gateway", other: str = "baseline"
+    ) -> list[float]:
+        """`target`'s saturation throughput over `other`'s in each round that measured both."""
+        rps = {
+            (run.round, run.target): float(run.report["rps"])
+            for run in self.runs
+            if (run.mode, run.kind) == (mode, "saturation")
+        }
+        rounds = sorted({round_ for round_, _ in rps})
+        return [
+            rps[(r, target)] / rps[(r, other)]
+            for r in rounds
+            if rps.get((r, target)) and rps.get((r, other))
+        ]
+
     def cpu(self, mode: str, target: str = "gateway") -> float:
         """The median CPU use of `target` (gateway, baseline or nginx) during its saturation
         runs."""
@@ -386,6 +402,15 @@ def baseline_table(bench: Bench, baseline: str) -> list[str]:
             at = [bench.median(mode, "rate", target, p) for p in ("p50", "p99")]
             row += f" {at[0] - d[0]:+,.0f} / {at[1] - d[1]:+,.0f} |"
         lines.append(row)
+    lines += [
+        "",
+        "Throughput of this build over the baseline's, round by round (one machine's drift "
+        "moves both alike within a round):",
+    ]
+    lines += [
+        f"- {mode}: " + ", ".join(f"{ratio:.2f}" for ratio in bench.round_ratios(mode))
+        for mode in MODES
+    ]
     return lines
 
 
