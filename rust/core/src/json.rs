@@ -671,9 +671,25 @@ mod tests {
             "{\"a\":",
             "{\"a\":[1,2",
             "{\"a\":\"x",
+            // A string cut after a backslash: the escape's second byte is past the end.
+            "{\"a\":\"x\\",
+            "{\"a\":\"x\\\"",
             "nope",
         ] {
             assert_eq!(find_member(text.as_bytes(), "a"), None, "{text}");
+            if text.starts_with('{') {
+                assert_eq!(Reader::new(text.as_bytes()).skip_span(), None, "{text}");
+            }
         }
+    }
+
+    #[test]
+    fn a_long_string_full_of_escapes_is_stepped_over() {
+        // 300 KB of escaped quotes and backslashes before the member looked for.
+        let long = "\\\"".repeat(100_000);
+        let text = format!(r#"{{"prompt":"{long}","usage":{{"prompt_tokens":3}},"n":1}}"#);
+        assert_eq!(value(&text, "usage"), Some(r#"{"prompt_tokens":3}"#));
+        let mut reader = Reader::new(text.as_bytes());
+        assert_eq!(reader.skip_span(), Some(0..text.len()));
     }
 }
