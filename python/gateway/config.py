@@ -176,6 +176,17 @@ class WorkerConfig(BaseModel):
             " on requests and health probes; tenants' keys never reach workers."
         ),
     )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "The gateway's requests this worker takes at once. When every worker serving a"
+            " model is at its limit, requests wait in the gateway's queue (tenant-fair, bounded"
+            " by `routing.max_queued` and `routing.queue_timeout_ms`) rather than in vLLM's;"
+            " unset, the gateway sends a worker every request at once."
+        ),
+    )
 
 
 class RoutingConfig(BaseModel):
@@ -224,6 +235,29 @@ class RoutingConfig(BaseModel):
         ge=1,
         le=10,
         description="Workers one request may be tried on before its first byte reaches the client.",
+    )
+    queue_timeout_ms: int = Field(
+        default=30_000,
+        ge=1,
+        le=3_600_000,
+        description=(
+            "How long a request may wait in the gateway's queue for a worker with room (see"
+            " `workers[].max_concurrency`); then 429 with code `queue_timeout` and `Retry-After`."
+        ),
+    )
+    max_queued: int = Field(
+        default=1024,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Requests one model's queue holds at most; past it, 429 with code `queue_full` at once."
+        ),
+    )
+    max_queued_per_tenant: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="Requests of one tenant one model's queue holds at most (429 `queue_full`).",
     )
 
 
@@ -466,7 +500,12 @@ class GatewayConfig(BaseModel):
             "header_read_timeout_ms": self.server.header_read_timeout_ms,
             "body_read_timeout_ms": self.server.body_read_timeout_ms,
             "workers": [
-                {"url": worker.url, "api_key": worker.api_key or None} for worker in self.workers
+                {
+                    "url": worker.url,
+                    "api_key": worker.api_key or None,
+                    "max_concurrency": worker.max_concurrency,
+                }
+                for worker in self.workers
             ],
             "routing": {
                 "health_interval_ms": self.routing.health_interval_ms,
@@ -475,6 +514,9 @@ class GatewayConfig(BaseModel):
                 "request_timeout_ms": self.routing.request_timeout_ms,
                 "stream_idle_timeout_ms": self.routing.stream_idle_timeout_ms,
                 "max_attempts": self.routing.max_attempts,
+                "queue_timeout_ms": self.routing.queue_timeout_ms,
+                "max_queued": self.routing.max_queued,
+                "max_queued_per_tenant": self.routing.max_queued_per_tenant,
             },
             "quota": self.quota.model_dump(),
             "journal": None

@@ -277,7 +277,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
         "max_body_bytes": 4_194_304,
         "header_read_timeout_ms": 30_000,
         "body_read_timeout_ms": 30_000,
-        "workers": [{"url": "http://127.0.0.1:8001", "api_key": None}],
+        "workers": [{"url": "http://127.0.0.1:8001", "api_key": None, "max_concurrency": None}],
         "routing": {
             "health_interval_ms": 500,
             "load_interval_ms": 100,
@@ -285,6 +285,9 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "request_timeout_ms": 600_000,
             "stream_idle_timeout_ms": 60_000,
             "max_attempts": 3,
+            "queue_timeout_ms": 30_000,
+            "max_queued": 1024,
+            "max_queued_per_tenant": 256,
         },
         "quota": {
             "redis_url": None,
@@ -323,8 +326,8 @@ def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
     )
     config = load_config(write(tmp_path, text))
     assert json.loads(config.core_document())["workers"] == [
-        {"url": "http://10.0.0.1:8000", "api_key": "vllm-secret"},
-        {"url": "http://10.0.0.2:8000", "api_key": None},
+        {"url": "http://10.0.0.1:8000", "api_key": "vllm-secret", "max_concurrency": None},
+        {"url": "http://10.0.0.2:8000", "api_key": None, "max_concurrency": None},
     ]
 
 
@@ -358,7 +361,11 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     expected = {
         f"{section}.{name}" for section, model in sections.items() for name in model.model_fields
     }
-    assert options == expected | {"workers[].url", "workers[].api_key"}
+    assert options == expected | {
+        "workers[].url",
+        "workers[].api_key",
+        "workers[].max_concurrency",
+    }
     assert "| `routing.max_attempts` | integer | `3` |" in table
     assert "| `workers[].url` | string | required |" in table
     assert "| `workers[].api_key` | string or null | `null` |" in table

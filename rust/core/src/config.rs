@@ -19,6 +19,8 @@ pub struct WorkerConfig {
     /// The worker's own key (`vllm serve --api-key`), sent as `Authorization: Bearer` on every
     /// request and probe to it. Tenants' keys never reach workers.
     pub api_key: Option<String>,
+    /// The gateway's requests it takes at once; past it, requests wait in the gateway's queue.
+    pub max_concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -38,6 +40,11 @@ pub struct RoutingConfig {
     pub stream_idle_timeout_ms: u64,
     /// How many workers one request may be tried on before the first byte reaches the client.
     pub max_attempts: u32,
+    /// How long a request may wait in the gateway's queue for a worker with room.
+    pub queue_timeout_ms: u64,
+    /// Requests one model's queue holds at most, and at most of one tenant.
+    pub max_queued: u32,
+    pub max_queued_per_tenant: u32,
 }
 
 impl RoutingConfig {

@@ -95,6 +95,19 @@ pub enum ApiError {
     },
     #[error("quota counters are unreachable; try again shortly")]
     QuotaUnavailable,
+    /// Every worker serving the model is busy and its queue holds all it may.
+    #[error("every worker serving this model is busy and its queue is full; try again shortly")]
+    QueueFull { retry_after: Duration },
+    /// Every worker serving the model stayed busy for as long as a request may wait.
+    #[error(
+        "every worker serving this model stayed busy for {}, as long as a request may wait; \
+         try again shortly",
+        format_reset(*waited)
+    )]
+    QueueTimeout {
+        waited: Duration,
+        retry_after: Duration,
+    },
     #[error("unknown route")]
     UnknownRoute,
     #[error("method not allowed on this route")]
@@ -133,7 +146,9 @@ impl ApiError {
             Self::ConcurrencyLimited { .. }
             | Self::RateLimited { .. }
             | Self::TokenBudgetExceeded { .. }
-            | Self::MoneyBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | Self::MoneyBudgetExceeded { .. }
+            | Self::QueueFull { .. }
+            | Self::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotPriced(_) => StatusCode::FORBIDDEN,
             Self::QuotaUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -156,7 +171,10 @@ impl ApiError {
             | Self::MethodNotAllowed
             | Self::PayloadTooLarge { .. }
             | Self::RequestTimeout(_) => "invalid_request_error",
-            Self::ConcurrencyLimited { .. } | Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::ConcurrencyLimited { .. }
+            | Self::RateLimited { .. }
+            | Self::QueueFull { .. }
+            | Self::QueueTimeout { .. } => "rate_limit_exceeded",
             Self::TokenBudgetExceeded { .. } | Self::MoneyBudgetExceeded { .. } => {
                 "insufficient_quota"
             }
@@ -188,6 +206,8 @@ impl ApiError {
             }
             Self::ModelNotPriced(_) => Some("model_not_priced"),
             Self::QuotaUnavailable => Some("quota_unavailable"),
+            Self::QueueFull { .. } => Some("queue_full"),
+            Self::QueueTimeout { .. } => Some("queue_timeout"),
             Self::NoHealthyWorker(_) => Some("no_healthy_worker"),
             Self::ShuttingDown => Some("shutting_down"),
             Self::Upstream(_) => Some("upstream_failed"),
@@ -250,7 +270,9 @@ impl ApiError {
             Self::ConcurrencyLimited { retry_after, .. }
             | Self::RateLimited { retry_after, .. }
             | Self::TokenBudgetExceeded { retry_after, .. }
-            | Self::MoneyBudgetExceeded { retry_after, .. } => Some(*retry_after),
+            | Self::MoneyBudgetExceeded { retry_after, .. }
+            | Self::QueueFull { retry_after }
+            | Self::QueueTimeout { retry_after, .. } => Some(*retry_after),
             Self::QuotaUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -19,7 +19,7 @@ use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
 use crate::upstream::Upstream;
@@ -50,6 +50,10 @@ impl Gateway {
                         .map_err(|_| invalid("api_key is not a valid header value".to_owned()))?,
                     None => worker,
                 };
+                let worker = match w.max_concurrency {
+                    Some(limit) => worker.with_max_concurrency(limit as usize),
+                    None => worker,
+                };
                 Ok::<_, crate::config::ConfigError>(Arc::new(worker))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -70,7 +74,7 @@ impl Gateway {
         let registry = Arc::new(Registry::new(workers));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
-            scheduler: Scheduler::least_load(registry.clone()),
+            scheduler: Scheduler::least_load(registry.clone(), QueueLimits::of(&config.routing)),
             registry,
             keys: KeyStore::default(),
             meter: Arc::new(meter),
@@ -115,6 +119,9 @@ impl Gateway {
             self.state.registry.clone(),
             interval,
         )));
+        let state = self.state.clone();
+        self.background
+            .push(tokio::spawn(async move { state.scheduler.run().await }));
         if let Some(interval) = routing.load_interval() {
             self.background.push(tokio::spawn(run_load_scrapes(
                 self.state.upstream.clone(),
@@ -227,6 +234,11 @@ impl Control {
 
     pub fn pending_usage(&self) -> usize {
         self.state.meter.pending()
+    }
+
+    /// Requests waiting in the gateway's queues for a worker with room.
+    pub fn queued(&self) -> usize {
+        self.state.scheduler.queued()
     }
 
     pub fn workers(&self) -> Vec<WorkerStatus> {

@@ -596,3 +596,86 @@ async fn a_finished_stream_leaves_its_worker_connection_for_the_next_request() {
         "{opened} connections for 10 streams: a stream is read to its end, its connection reused"
     );
 }
+
+/// Polls `ready` until it holds (a state the gateway reaches on its own, not a time).
+async fn until(mut ready: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the gateway never reached the awaited state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
+    const TTFT_MS: u64 = 300;
+    let slow = sim(SimConfig {
+        ttft_ms: TTFT_MS,
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("http://{}", slow.local_addr());
+    let worker = json!({ "url": url, "max_concurrency": 1 });
+    let (gateway, addr) = gateway_with(vec![worker], json!({ "queue_timeout_ms": 60_000 })).await;
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    let started = tokio::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(post(addr, "/v1/completions", body.clone())))
+        .collect();
+    until(|| gateway.control().queued() == 2).await;
+    assert_eq!(gateway.control().workers()[0].outstanding, 1);
+    for call in calls {
+        let (status, text) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    // One at a time: the worker never had two of them.
+    assert!(started.elapsed() >= Duration::from_millis(3 * TTFT_MS));
+    assert_eq!(gateway.control().queued(), 0);
+    let events = events(&gateway, 3).await;
+    assert!(events.iter().all(|e| e.status == Status::Completed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_times_out_as_429_and_one_whose_client_leaves_frees_its_place() {
+    let slow = sim(SimConfig {
+        ttft_ms: 2_000,
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("http://{}", slow.local_addr());
+    let worker = json!({ "url": url, "max_concurrency": 1 });
+    let routing = json!({ "queue_timeout_ms": 150, "max_queued_per_tenant": 1 });
+    let (gateway, addr) = gateway_with(vec![worker], routing).await;
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    let busy = tokio::spawn(post(addr, "/v1/completions", body.clone()));
+    until(|| gateway.control().workers()[0].outstanding == 1).await;
+
+    let (status, headers, text) =
+        exchange(addr, "POST", "/v1/completions", Some(body.clone())).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "queue_timeout", "{text}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert_eq!(gateway.control().queued(), 0);
+
+    // A client that leaves while queued: its place is freed and no worker sees it.
+    let left = tokio::spawn(post(addr, "/v1/completions", body.clone()));
+    until(|| gateway.control().queued() == 1).await;
+    left.abort();
+    until(|| gateway.control().queued() == 0).await;
+    let (status, _) = busy.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let events = events(&gateway, 3).await;
+    let statuses: Vec<_> = events.iter().map(|e| (e.status, e.http_status)).collect();
+    assert!(statuses.contains(&(Status::Completed, 200)), "{statuses:?}");
+    assert!(statuses.contains(&(Status::Failed, 429)), "{statuses:?}");
+    let cancelled = events.iter().find(|e| e.status == Status::Cancelled);
+    let tokens = cancelled.map(|e| e.prompt_tokens + e.cached_tokens + e.completion_tokens);
+    assert_eq!(tokens, Some(0), "{statuses:?}");
+    assert!(
+        cancelled.is_some_and(|e| e.worker.is_none()),
+        "{statuses:?}"
+    );
+}

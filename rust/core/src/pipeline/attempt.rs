@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
 use crate::request::InferenceRequest;
-use crate::router::{Outstanding, Worker};
+use crate::router::Outstanding;
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
 use crate::usage::Status;
@@ -46,10 +46,13 @@ enum Reply {
 }
 
 /// Tries the workers the scheduler places the request on, in turn, until one answers or the
-/// attempts run out; the outcome owns the request's meter.
+/// attempts run out; the outcome owns the request's meter. `tenant` and `cost` (its estimated
+/// tokens) order it in a queue if it has to wait for a worker.
 pub(super) async fn run(
     state: &AppState,
     request: &InferenceRequest,
+    tenant: &Arc<str>,
+    cost: u64,
     mut meter: MeterGuard,
 ) -> Outcome {
     let body = request.upstream_body();
@@ -57,11 +60,17 @@ pub(super) async fn run(
     let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
     let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
     while tried.len() < max_attempts {
-        let Some((index, worker)) = state.scheduler.place(request, &tried).await else {
-            break;
+        let placement = match state.scheduler.place(request, tenant, cost, &tried).await {
+            Ok(Some(placement)) => placement,
+            Ok(None) => break,
+            Err(error) => {
+                failure = Failure::Gateway(error);
+                break;
+            }
         };
+        let worker = placement.outstanding.worker().clone();
         state.meter.metrics().attempt(!tried.is_empty());
-        tried.push(index);
+        tried.push(placement.index);
         meter.set_worker(
             worker.url.clone(),
             Counter::new(
@@ -71,7 +80,7 @@ pub(super) async fn run(
                 request.body(),
             ),
         );
-        match attempt(state, request, &worker, body.clone(), &meter).await {
+        match attempt(state, request, placement.outstanding, body.clone(), &meter).await {
             Ok(Reply::Stream {
                 parts,
                 first,
@@ -113,15 +122,16 @@ async fn answer(parts: Parts, body: Bytes, meter: MeterGuard) -> Outcome {
     })
 }
 
-/// One attempt on `worker`: its answer, or why there is none to relay.
+/// One attempt on the worker `outstanding` counts it on: its answer, or why there is none to
+/// relay.
 async fn attempt(
     state: &AppState,
     request: &InferenceRequest,
-    worker: &Arc<Worker>,
+    outstanding: Outstanding,
     body: Bytes,
     meter: &MeterGuard,
 ) -> Result<Reply, Failure> {
-    let outstanding = worker.begin();
+    let worker = outstanding.worker().clone();
     let deadline = state.upstream.deadline();
     let sent = state
         .upstream

@@ -56,7 +56,14 @@ pub async fn dispatch(
     Dispatched {
         request_id: Some(request_id),
         rate: Some(rate),
-        outcome: attempt::run(state, &request, meter).await,
+        outcome: attempt::run(
+            state,
+            &request,
+            &principal.tenant_id,
+            estimate.worst_tokens(),
+            meter,
+        )
+        .await,
     }
 }
 

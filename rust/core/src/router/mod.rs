@@ -11,6 +11,6 @@ mod worker;
 pub use health::{probe_all, run_health_checks};
 pub use load::Load;
 pub use policy::{Candidate, Features, LeastLoad, RoutingPolicy};
-pub use registry::{Availability, Registry};
+pub use registry::{Availability, Pick, Registry};
 pub use scrape::run_load_scrapes;
 pub use worker::{Outstanding, Worker};

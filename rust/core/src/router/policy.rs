@@ -94,7 +94,7 @@ impl RoutingPolicy for LeastLoad {
 #[cfg(test)]
 mod tests {
     use super::super::load::Load;
-    use super::super::registry::Registry;
+    use super::super::registry::{Pick, Registry};
     use super::super::registry::tests::worker;
     use super::*;
 
@@ -105,7 +105,10 @@ mod tests {
             prompt_bytes: 1,
             sequences: 1,
         };
-        registry.pick(policy, &features, tried).map(|(i, _)| i)
+        match registry.pick(policy, &features, tried) {
+            Pick::Placed(index, _) => Some(index),
+            Pick::AllFull | Pick::NoneEligible => None,
+        }
     }
 
     #[test]

@@ -18,6 +18,17 @@ pub enum Availability {
     Unknown,
 }
 
+/// What `Registry::pick` found for a request.
+#[derive(Debug)]
+pub enum Pick {
+    /// The worker chosen, with its index.
+    Placed(usize, Arc<Worker>),
+    /// Eligible workers exist, and every one is at its `max_concurrency`.
+    AllFull,
+    /// No eligible worker (or none the policy accepts).
+    NoneEligible,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     workers: Vec<Arc<Worker>>,
@@ -50,14 +61,15 @@ impl Registry {
         }
     }
 
-    /// The worker `policy` chooses for a request with `features` among the healthy workers
-    /// serving its model, less those whose index is in `tried`; with its index.
+    /// The worker `policy` chooses for a request with `features` among the eligible workers
+    /// (healthy, serving its model, their index not in `tried`) that have room.
     pub fn pick(
         &self,
         policy: &dyn RoutingPolicy,
         features: &Features<'_>,
         tried: &[usize],
-    ) -> Option<(usize, Arc<Worker>)> {
+    ) -> Pick {
+        let mut eligible = false;
         let candidates: Vec<Candidate<'_>> = self
             .workers
             .iter()
@@ -65,10 +77,18 @@ impl Registry {
             .filter(|(index, worker)| {
                 !tried.contains(index) && worker.is_healthy() && worker.serves(features.model)
             })
+            .inspect(|_| eligible = true)
+            .filter(|(_, worker)| worker.has_room())
             .map(|(index, worker)| Candidate { index, worker })
             .collect();
-        let chosen = candidates.get(policy.choose(features, &candidates)?)?;
-        Some((chosen.index, chosen.worker.clone()))
+        let chosen = policy
+            .choose(features, &candidates)
+            .and_then(|position| candidates.get(position));
+        match chosen {
+            Some(chosen) => Pick::Placed(chosen.index, chosen.worker.clone()),
+            None if eligible && candidates.is_empty() => Pick::AllFull,
+            None => Pick::NoneEligible,
+        }
     }
 
     /// The smallest context length any worker reports for `model` (a request must fit wherever

@@ -1,13 +1,14 @@
 //! One worker as the router sees it: address, health, models served, requests in flight and the
 //! load it last reported.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
+use tokio::sync::Notify;
 
 use super::load::Load;
 use crate::request::Endpoint;
@@ -46,6 +47,10 @@ pub struct Worker {
     load: AtomicU64,
     /// The `system_fingerprint` (raw JSON value) of the worker's last stream that carried one.
     fingerprint: ArcSwapOption<Bytes>,
+    /// The gateway's requests it takes at once; no limit when unset.
+    max_concurrency: Option<usize>,
+    /// Raised when it may have gained room: one of its requests ended, or it came back up.
+    room: OnceLock<Arc<Notify>>,
 }
 
 const NO_LOAD: u64 = u64::MAX;
@@ -92,7 +97,38 @@ impl Worker {
             listed: AtomicBool::new(false),
             load: AtomicU64::new(NO_LOAD),
             fingerprint: ArcSwapOption::empty(),
+            max_concurrency: None,
+            room: OnceLock::new(),
         })
+    }
+
+    /// Takes at most `limit` of the gateway's requests at once (at least 1).
+    pub fn with_max_concurrency(mut self, limit: usize) -> Self {
+        self.max_concurrency = Some(limit.max(1));
+        self
+    }
+
+    pub fn max_concurrency(&self) -> Option<usize> {
+        self.max_concurrency
+    }
+
+    /// Whether it takes another request now: under its `max_concurrency`, if it has one.
+    pub fn has_room(&self) -> bool {
+        self.max_concurrency
+            .is_none_or(|limit| self.outstanding() < limit)
+    }
+
+    /// Raises `room` whenever this worker may have gained room (the first call sets it).
+    pub fn notify_room(&self, room: Arc<Notify>) {
+        let _ = self.room.set(room);
+    }
+
+    fn gained_room(&self) {
+        if self.max_concurrency.is_some()
+            && let Some(room) = self.room.get()
+        {
+            room.notify_one();
+        }
     }
 
     /// Sends `Authorization: Bearer <api_key>` to this worker; a key that is not a valid header
@@ -119,6 +155,7 @@ impl Worker {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
         if was != healthy {
             tracing::info!(worker = %self.url, healthy, "worker health changed");
+            self.gained_room();
         }
     }
 
@@ -187,6 +224,7 @@ impl Outstanding {
 impl Drop for Outstanding {
     fn drop(&mut self) {
         self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.0.gained_room();
     }
 }
 
