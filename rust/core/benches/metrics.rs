@@ -62,7 +62,12 @@ fn per_request_ns(elapsed: Duration, n: u64) -> f64 {
 
 /// The requests counted in `tokengate_requests_total`, over its label sets.
 fn counted(metrics: &GatewayMetrics) -> f64 {
-    let text = metrics.render(&Registry::new(Vec::new()), 0, QuotaStats::default());
+    let text = metrics.render(
+        &Registry::new(Vec::new()),
+        0,
+        QuotaStats::default(),
+        Vec::new(),
+    );
     text.lines()
         .filter(|line| line.starts_with("tokengate_requests_total{"))
         .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())

@@ -80,6 +80,7 @@ pub struct GatewayMetrics {
     retries: Counter,
     duration: Histogram,
     first_byte: Histogram,
+    queue_wait: Histogram,
 }
 
 // Help texts of registered families carry no final full stop: the registry adds it.
@@ -145,6 +146,12 @@ impl Default for GatewayMetrics {
             "Time from dispatch to a worker's first answer byte (streams: first event)",
             first_byte.clone(),
         );
+        let queue_wait = Histogram::new(LATENCY_BOUNDS);
+        families.register(
+            "tokengate_queue_wait_seconds",
+            "Time a request waited in the gateway's queue for a worker with room (those that waited)",
+            queue_wait.clone(),
+        );
 
         Self {
             families,
@@ -157,6 +164,7 @@ impl Default for GatewayMetrics {
             retries,
             duration,
             first_byte,
+            queue_wait,
         }
     }
 }
@@ -202,14 +210,27 @@ impl GatewayMetrics {
         self.first_byte.observe(elapsed.as_secs_f64());
     }
 
+    /// A request waited `waited` in the gateway's queue before a worker had room for it.
+    pub fn queue_wait(&self, waited: Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
+    }
+
     /// The exposition, of [`CONTENT_TYPE`]: the registered families, then what [`Scrape`] reads
-    /// from `registry`, the meter's queue and the quota.
-    pub fn render(&self, registry: &Registry, pending_usage: usize, quota: QuotaStats) -> String {
+    /// from `registry`, the meter's queue, the quota and the scheduler's queues (`queued`: each
+    /// model's queued requests).
+    pub fn render(
+        &self,
+        registry: &Registry,
+        pending_usage: usize,
+        quota: QuotaStats,
+        queued: Vec<(Arc<str>, usize)>,
+    ) -> String {
         let mut scraped = Families::default();
         scraped.register_collector(Box::new(Scrape {
             pending_usage,
             quota,
             workers: registry.workers().to_vec(),
+            queued,
         }));
         let mut out = String::with_capacity(8 * 1024);
         // Encoding fails only when the writer does, and writing into a `String` cannot fail.
@@ -230,6 +251,7 @@ struct Scrape {
     pending_usage: usize,
     quota: QuotaStats,
     workers: Vec<Arc<Worker>>,
+    queued: Vec<(Arc<str>, usize)>,
 }
 
 impl Collector for Scrape {
@@ -284,7 +306,13 @@ impl Collector for Scrape {
             &mut encoder,
             KV_CACHE,
             loads.iter().map(|(url, load)| (*url, load.kv_cache_usage)),
-        )
+        )?;
+        let (name, help) = QUEUED;
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (model, queued) in &self.queued {
+            ConstGauge::new(*queued).encode(family.encode_family(&[("model", &**model)])?)?;
+        }
+        Ok(())
     }
 }
 
@@ -313,6 +341,10 @@ where
     Ok(())
 }
 
+const QUEUED: Descriptor = (
+    "tokengate_queued_requests",
+    "Requests waiting in the gateway's queue for a worker with room, by model.",
+);
 const PENDING: Descriptor = (
     "tokengate_usage_events_pending",
     "Usage events recorded and not yet drained into the ledger.",
@@ -410,7 +442,7 @@ mod tests {
         metrics.attempt(false);
         metrics.attempt(true);
         let registry = one_worker();
-        let text = metrics.render(&registry, 7, QuotaStats::default());
+        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new());
         let completions = "tokengate_requests_total{endpoint=\"completions\"";
         assert_eq!(
             value(&text, &format!("{completions},status=\"completed\"}}")),
@@ -468,7 +500,7 @@ mod tests {
             waiting: 2,
             kv_cache_usage: 0.5,
         }));
-        let text = metrics.render(&registry, 7, QuotaStats::default());
+        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new());
         assert_eq!(value(&text, running), Some("3"));
         assert_eq!(
             value(
@@ -597,7 +629,7 @@ mod tests {
             redis_errors: 4,
             ..QuotaStats::default()
         };
-        let families = read(&metrics.render(&registry, 0, quota));
+        let families = read(&metrics.render(&registry, 0, quota, vec![("m".into(), 3)]));
 
         // Every family the gateway exposed before `prometheus-client`, under the same name and
         // type: dashboards and tests read these.
@@ -618,6 +650,8 @@ mod tests {
             ("tokengate_quota_fallback_admissions_total", "counter"),
             ("tokengate_request_duration_seconds", "histogram"),
             ("tokengate_upstream_first_byte_seconds", "histogram"),
+            ("tokengate_queue_wait_seconds", "histogram"),
+            ("tokengate_queued_requests", "gauge"),
             ("tokengate_worker_healthy", "gauge"),
             ("tokengate_worker_outstanding_requests", "gauge"),
             ("tokengate_worker_running_requests", "gauge"),

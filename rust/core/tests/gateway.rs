@@ -626,6 +626,11 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
         .collect();
     until(|| gateway.control().queued() == 2).await;
     assert_eq!(gateway.control().workers()[0].outstanding, 1);
+    let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("tokengate_queued_requests{model=\"sim-model\"} 2"),
+        "{metrics}"
+    );
     for call in calls {
         let (status, text) = call.await.unwrap();
         assert_eq!(status, StatusCode::OK, "{text}");
@@ -633,6 +638,11 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
     // One at a time: the worker never had two of them.
     assert!(started.elapsed() >= Duration::from_millis(3 * TTFT_MS));
     assert_eq!(gateway.control().queued(), 0);
+    let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("tokengate_queue_wait_seconds_count 2"),
+        "{metrics}"
+    );
     let events = events(&gateway, 3).await;
     assert!(events.iter().all(|e| e.status == Status::Completed));
 }

@@ -155,11 +155,12 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 /// Prometheus text; no key needed, like `/health`.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let body =
-        state
-            .meter
-            .metrics()
-            .render(&state.registry, state.meter.pending(), state.quota.stats());
+    let body = state.meter.metrics().render(
+        &state.registry,
+        state.meter.pending(),
+        state.quota.stats(),
+        state.scheduler.queued_by_model(),
+    );
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

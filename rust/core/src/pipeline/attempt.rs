@@ -69,6 +69,9 @@ pub(super) async fn run(
             }
         };
         let worker = placement.outstanding.worker().clone();
+        if let Some(waited) = placement.waited {
+            state.meter.metrics().queue_wait(waited);
+        }
         state.meter.metrics().attempt(!tried.is_empty());
         tried.push(placement.index);
         meter.set_worker(

@@ -94,8 +94,8 @@ impl RoutingPolicy for LeastLoad {
 #[cfg(test)]
 mod tests {
     use super::super::load::Load;
-    use super::super::registry::{Pick, Registry};
     use super::super::registry::tests::worker;
+    use super::super::registry::{Pick, Registry};
     use super::*;
 
     fn pick(registry: &Registry, policy: &LeastLoad, tried: &[usize]) -> Option<usize> {

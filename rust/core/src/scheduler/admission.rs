@@ -49,6 +49,8 @@ pub struct Placement {
     /// The worker's place in the registry.
     pub index: usize,
     pub outstanding: Outstanding,
+    /// How long it waited in the queue, if it had to.
+    pub waited: Option<Duration>,
 }
 
 /// What a queued request needs for its worker to be chosen without it.
@@ -123,6 +125,18 @@ impl Scheduler {
         self.queued.load(Ordering::Relaxed)
     }
 
+    /// Each model's queued requests, for models that have a queue now.
+    pub fn queued_by_model(&self) -> Vec<(Arc<str>, usize)> {
+        if !self.bounded {
+            return Vec::new();
+        }
+        let queues = self.lock();
+        queues
+            .iter()
+            .map(|(model, queue)| (model.clone(), queue.len()))
+            .collect()
+    }
+
     /// Places the next attempt at `request` for `tenant` (`cost`: its estimated tokens), never on
     /// a worker whose registry index is in `tried`; waits in the model's queue while every
     /// eligible worker is full, at most until `deadline` or the queue's timeout. `Ok(None)` when
@@ -135,6 +149,19 @@ impl Scheduler {
         tried: &[usize],
     ) -> Result<Option<Placement>, ApiError> {
         let features = Features::of(request);
+        if !self.bounded {
+            // Every worker always has room: nothing to queue, nor to lock.
+            return Ok(
+                match self.registry.pick(self.policy.as_ref(), &features, tried) {
+                    Pick::Placed(index, worker) => Some(Placement {
+                        index,
+                        outstanding: worker.begin(),
+                        waited: None,
+                    }),
+                    Pick::AllFull | Pick::NoneEligible => None,
+                },
+            );
+        }
         let (ticket, mut granted) = {
             let mut queues = self.lock();
             let model_queue = queues.get(request.model.as_str());
@@ -144,6 +171,7 @@ impl Scheduler {
                         return Ok(Some(Placement {
                             index,
                             outstanding: worker.begin(),
+                            waited: None,
                         }));
                     }
                     Pick::NoneEligible => return Ok(None),
@@ -188,7 +216,10 @@ impl Scheduler {
             Err(_) => granted.await,
         };
         place.ticket = None;
-        Ok(granted.ok().flatten())
+        Ok(granted.ok().flatten().map(|placement| Placement {
+            waited: Some(started.elapsed()),
+            ..placement
+        }))
     }
 
     /// Hands freed places to the queues' heads whenever a worker may have gained room. Runs for
@@ -222,6 +253,7 @@ impl Scheduler {
                         Pick::Placed(index, worker) => Some(Placement {
                             index,
                             outstanding: worker.begin(),
+                            waited: None,
                         }),
                     };
                     let Some(waiter) = queue.pop() else { break };
