@@ -34,6 +34,8 @@ _OPTION_OF_FIELD = {field: option for option, (field, _) in _LIMIT_OPTIONS.items
     "money_budget_micros": "--money-budget",
     "budget_period": "--period",
     "models": "--models",
+    "weight": "--weight",
+    "priority": "--priority",
 }
 
 
@@ -52,7 +54,9 @@ def _quota_policy(args: argparse.Namespace) -> QuotaPolicy:
     if args.models is not None:
         fields["models"] = args.models.split(",")
     try:
-        return QuotaPolicy(budget_period=args.period, **fields)
+        return QuotaPolicy(
+            budget_period=args.period, weight=args.weight, priority=args.priority, **fields
+        )
     except ValidationError as exc:
         problems = []
         for item in exc.errors(include_url=False):
@@ -96,6 +100,8 @@ def _policy_lines(policy: QuotaPolicy) -> list[tuple[str, str]]:
         ("token budget", _limit(policy.token_budget, per)),
         ("money budget", _limit(None if money is None else format_money(money), per)),
         ("models", "any" if policy.models is None else ", ".join(policy.models)),
+        ("weight", str(policy.weight)),
+        ("priority", f"{policy.priority} at most"),
     ]
 
 
@@ -212,6 +218,19 @@ def add_quota_commands(
         "--period", choices=("day", "month"), default="month", help="the budgets' UTC period"
     )
     quota.add_argument("--models", metavar="A,B,...", help="the only models that may be used")
+    quota.add_argument(
+        "--weight",
+        type=int,
+        default=1,
+        metavar="N",
+        help="a tenant's share of a busy model's queue against other tenants' (default 1)",
+    )
+    quota.add_argument(
+        "--priority",
+        choices=("interactive", "batch"),
+        default="interactive",
+        help="the most urgent class its requests may take, and that of those asking for none",
+    )
     replaces = "Replaces the whole policy: a limit left out is lifted (unlimited)."
     for group, scope, metavar in ((tenants, "tenant", "NAME_OR_ID"), (keys, "key", "KEY_ID")):
         p = group.add_parser(

@@ -184,7 +184,7 @@ class WorkerConfig(BaseModel):
             "The gateway's requests this worker takes at once. When every worker serving a"
             " model is at its limit, requests wait in the gateway's queue (tenant-fair, bounded"
             " by `routing.max_queued` and `routing.queue_timeout_ms`) rather than in vLLM's;"
-            " unset, the gateway sends a worker every request at once."
+            " unset, its capacity is learned from its own queue (`routing.learn_capacity`)."
         ),
     )
 
@@ -258,6 +258,25 @@ class RoutingConfig(BaseModel):
         ge=0,
         le=1_000_000,
         description="Requests of one tenant one model's queue holds at most (429 `queue_full`).",
+    )
+    batch_every: int = Field(
+        default=10,
+        ge=2,
+        le=1000,
+        description=(
+            "While requests of both priority classes wait for a model's workers, `interactive`"
+            " ones are served first, except that every `batch_every`-th grant in a row goes to"
+            " `batch`, so `batch` is never starved."
+        ),
+    )
+    learn_capacity: bool = Field(
+        default=True,
+        description=(
+            "Whether a worker without `max_concurrency` is taken as full while it reports"
+            " requests waiting in its own queue (`vllm:num_requests_waiting`), so that further"
+            " requests wait in the gateway's tenant-fair queue instead; needs"
+            " `routing.load_interval_ms` above 0. Off, such a worker gets every request at once."
+        ),
     )
 
 
@@ -517,6 +536,8 @@ class GatewayConfig(BaseModel):
                 "queue_timeout_ms": self.routing.queue_timeout_ms,
                 "max_queued": self.routing.max_queued,
                 "max_queued_per_tenant": self.routing.max_queued_per_tenant,
+                "batch_every": self.routing.batch_every,
+                "learn_capacity": self.routing.learn_capacity,
             },
             "quota": self.quota.model_dump(),
             "journal": None

@@ -35,6 +35,7 @@ MICROS = 1_000_000
 
 Period = Literal["day", "month"]
 Scope = Literal["tenant", "key"]
+Priority = Literal["interactive", "batch"]
 
 _AMOUNT = re.compile(r"[0-9]+(\.[0-9]+)?")
 
@@ -97,6 +98,8 @@ class Limits(TypedDict):
     money_budget_micros: int | None
     budget_period: Period
     models: list[str] | None
+    weight: int
+    priority: Priority
 
 
 class QuotaPolicy(BaseModel):
@@ -139,6 +142,20 @@ class QuotaPolicy(BaseModel):
         "duplicates.",
     )
 
+    weight: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="A tenant's share of a busy model against other tenants': while requests "
+        "wait for a worker, each tenant is served tokens in proportion to its weight (a key's "
+        "weight is not used).",
+    )
+    priority: Priority = Field(
+        default="interactive",
+        description="The most urgent class (`interactive` or `batch`) its requests may take, "
+        "and the class of those that ask for none (`X-Priority`, vLLM's `priority`).",
+    )
+
     def limits(self) -> Limits:
         """This policy as the core's `Limits` (every key present)."""
         return {
@@ -150,6 +167,8 @@ class QuotaPolicy(BaseModel):
             "money_budget_micros": self.money_budget_micros,
             "budget_period": self.budget_period,
             "models": self.models,
+            "weight": self.weight,
+            "priority": self.priority,
         }
 
 

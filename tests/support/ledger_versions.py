@@ -20,6 +20,10 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "ALTER TABLE usage_events DROP COLUMN cost_micros",
     ),
     4: ("ALTER TABLE quota_policies DROP COLUMN max_sequences",),
+    5: (
+        "ALTER TABLE quota_policies DROP COLUMN weight",
+        "ALTER TABLE quota_policies DROP COLUMN priority",
+    ),
 }
 
 

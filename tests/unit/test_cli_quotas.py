@@ -48,6 +48,10 @@ def test_tenant_set_quota_show_and_clear(
         "day",
         "--models",
         "b-model,a-model",
+        "--weight",
+        "3",
+        "--priority",
+        "batch",
         *db,
     )
     assert code == 0
@@ -61,6 +65,8 @@ def test_tenant_set_quota_show_and_clear(
         money_budget_micros=12_500_000,
         budget_period="day",
         models=["a-model", "b-model"],
+        weight=3,
+        priority="batch",
     )
     with open_ledger(db[1]) as conn:
         tenant = get_tenant_by_name_or_id(conn, "acme")
@@ -77,6 +83,8 @@ def test_tenant_set_quota_show_and_clear(
         "  token budget  1000000 per day",
         "  money budget  12.5 per day",
         "  models        a-model, b-model",
+        "  weight        3",
+        "  priority      batch at most",
     ]
 
     code, out, _ = run(capsys, "tenants", "clear-quota", "acme", *db)

@@ -288,6 +288,8 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "queue_timeout_ms": 30_000,
             "max_queued": 1024,
             "max_queued_per_tenant": 256,
+            "batch_every": 10,
+            "learn_capacity": True,
         },
         "quota": {
             "redis_url": None,

@@ -19,6 +19,8 @@ def test_an_empty_policy_is_unlimited_with_a_monthly_period() -> None:
         "money_budget_micros": None,
         "budget_period": "month",
         "models": None,
+        "weight": 1,
+        "priority": "interactive",
     }
 
 
@@ -32,6 +34,8 @@ def test_limits_carry_every_field_and_models_are_sorted_without_duplicates() -> 
         money_budget_micros=12_500_000,
         budget_period="day",
         models=["b-model", "a-model", "b-model"],
+        weight=4,
+        priority="batch",
     )
     assert policy.limits() == {
         "requests_per_minute": 60,
@@ -42,6 +46,8 @@ def test_limits_carry_every_field_and_models_are_sorted_without_duplicates() -> 
         "money_budget_micros": 12_500_000,
         "budget_period": "day",
         "models": ["a-model", "b-model"],
+        "weight": 4,
+        "priority": "batch",
     }
 
 
@@ -64,6 +70,9 @@ def test_limits_carry_every_field_and_models_are_sorted_without_duplicates() -> 
         ({"models": ["a\nb"]}, "control characters"),
         ({"models": [" padded"]}, "non-empty"),
         ({"rpm": 5}, "Extra inputs are not permitted"),
+        ({"weight": 0}, "greater than or equal to 1"),
+        ({"weight": 2**62}, "less than or equal to 10000"),
+        ({"priority": "urgent"}, "'interactive' or 'batch'"),
     ],
 )
 def test_invalid_policies_are_refused(fields: dict[str, object], message: str) -> None:

@@ -138,5 +138,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The most sequences (`n` x prompts) one request may generate; NULL: no limit.
         "ALTER TABLE quota_policies ADD COLUMN max_sequences BIGINT",
     ),
+    (
+        # A tenant's share of a busy model's queue, and the most urgent priority class its (or a
+        # key's) requests may take.
+        "ALTER TABLE quota_policies ADD COLUMN weight BIGINT NOT NULL DEFAULT 1",
+        "ALTER TABLE quota_policies ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

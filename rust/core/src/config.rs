@@ -45,6 +45,11 @@ pub struct RoutingConfig {
     /// Requests one model's queue holds at most, and at most of one tenant.
     pub max_queued: u32,
     pub max_queued_per_tenant: u32,
+    /// While `batch` requests wait, one grant in this many goes to them.
+    pub batch_every: u32,
+    /// Whether a worker without `max_concurrency` learns its capacity from the requests it
+    /// reports waiting in its own queue.
+    pub learn_capacity: bool,
 }
 
 impl RoutingConfig {

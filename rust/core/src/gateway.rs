@@ -52,6 +52,12 @@ impl Gateway {
                 };
                 let worker = match w.max_concurrency {
                     Some(limit) => worker.with_max_concurrency(limit as usize),
+                    // Learning needs the worker's reports, which only the load scrape reads.
+                    None if config.routing.learn_capacity
+                        && config.routing.load_interval().is_some() =>
+                    {
+                        worker.learning_capacity()
+                    }
                     None => worker,
                 };
                 Ok::<_, crate::config::ConfigError>(Arc::new(worker))
@@ -195,6 +201,9 @@ pub struct WorkerStatus {
     pub url: String,
     pub healthy: bool,
     pub outstanding: usize,
+    /// The gateway's requests it takes at once: its `max_concurrency` or the capacity learned
+    /// from its reports; `None` when unbounded.
+    pub capacity: Option<usize>,
     pub models: Vec<String>,
     /// What the worker reported at its last load scrape.
     #[serde(skip)]
@@ -250,6 +259,7 @@ impl Control {
                 url: w.url.to_string(),
                 healthy: w.is_healthy(),
                 outstanding: w.outstanding(),
+                capacity: w.capacity(),
                 models: w.models().iter().map(|m| m.id.clone()).collect(),
                 load: w.load(),
             })

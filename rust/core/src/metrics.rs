@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -29,7 +31,7 @@ use prometheus_client::registry::Registry as Families;
 
 use crate::error::ApiError;
 use crate::quota::QuotaStats;
-use crate::request::Endpoint;
+use crate::request::{Endpoint, Priority};
 use crate::router::{Registry, Worker};
 use crate::usage::{Status, UsageEvent};
 
@@ -80,7 +82,23 @@ pub struct GatewayMetrics {
     retries: Counter,
     duration: Histogram,
     first_byte: Histogram,
-    queue_wait: Histogram,
+    queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
+}
+
+/// The labels of a queue's samples.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct QueueLabels {
+    model: String,
+    tenant: String,
+}
+
+/// One tenant's requests queued in one class of one model's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedSample {
+    pub model: Arc<str>,
+    pub tenant: Arc<str>,
+    pub class: Priority,
+    pub count: usize,
 }
 
 // Help texts of registered families carry no final full stop: the registry adds it.
@@ -146,10 +164,12 @@ impl Default for GatewayMetrics {
             "Time from dispatch to a worker's first answer byte (streams: first event)",
             first_byte.clone(),
         );
-        let queue_wait = Histogram::new(LATENCY_BOUNDS);
+        let queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BOUNDS));
         families.register(
             "tokengate_queue_wait_seconds",
-            "Time a request waited in the gateway's queue for a worker with room (those that waited)",
+            "Time a request waited in the gateway's queue for a worker with room (those that \
+             waited), by model and tenant",
             queue_wait.clone(),
         );
 
@@ -210,9 +230,15 @@ impl GatewayMetrics {
         self.first_byte.observe(elapsed.as_secs_f64());
     }
 
-    /// A request waited `waited` in the gateway's queue before a worker had room for it.
-    pub fn queue_wait(&self, waited: Duration) {
-        self.queue_wait.observe(waited.as_secs_f64());
+    /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
+    /// had room for it.
+    pub fn queue_wait(&self, model: &str, tenant: &str, waited: Duration) {
+        self.queue_wait
+            .get_or_create(&QueueLabels {
+                model: model.to_owned(),
+                tenant: tenant.to_owned(),
+            })
+            .observe(waited.as_secs_f64());
     }
 
     /// The exposition, of [`CONTENT_TYPE`]: the registered families, then what [`Scrape`] reads
@@ -223,7 +249,7 @@ impl GatewayMetrics {
         registry: &Registry,
         pending_usage: usize,
         quota: QuotaStats,
-        queued: Vec<(Arc<str>, usize)>,
+        queued: Vec<QueuedSample>,
     ) -> String {
         let mut scraped = Families::default();
         scraped.register_collector(Box::new(Scrape {
@@ -251,7 +277,7 @@ struct Scrape {
     pending_usage: usize,
     quota: QuotaStats,
     workers: Vec<Arc<Worker>>,
-    queued: Vec<(Arc<str>, usize)>,
+    queued: Vec<QueuedSample>,
 }
 
 impl Collector for Scrape {
@@ -309,8 +335,13 @@ impl Collector for Scrape {
         )?;
         let (name, help) = QUEUED;
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (model, queued) in &self.queued {
-            ConstGauge::new(*queued).encode(family.encode_family(&[("model", &**model)])?)?;
+        for sample in &self.queued {
+            let labels = [
+                ("model", &*sample.model),
+                ("tenant", &*sample.tenant),
+                ("priority", sample.class.as_str()),
+            ];
+            ConstGauge::new(sample.count).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -343,7 +374,7 @@ where
 
 const QUEUED: Descriptor = (
     "tokengate_queued_requests",
-    "Requests waiting in the gateway's queue for a worker with room, by model.",
+    "Requests waiting in the gateway's queue for a worker with room, by model, tenant and priority class.",
 );
 const PENDING: Descriptor = (
     "tokengate_usage_events_pending",
@@ -629,7 +660,14 @@ mod tests {
             redis_errors: 4,
             ..QuotaStats::default()
         };
-        let families = read(&metrics.render(&registry, 0, quota, vec![("m".into(), 3)]));
+        metrics.queue_wait("m", "t", Duration::from_millis(3));
+        let queued = vec![QueuedSample {
+            model: "m".into(),
+            tenant: "t".into(),
+            class: Priority::Batch,
+            count: 3,
+        }];
+        let families = read(&metrics.render(&registry, 0, quota, queued));
 
         // Every family the gateway exposed before `prometheus-client`, under the same name and
         // type: dashboards and tests read these.

@@ -4,6 +4,8 @@
 //! worker untouched (vLLM's extras included). It does not check what only the worker can judge,
 //! such as whether a prompt fits the context.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -20,7 +22,7 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 pub const MAX_MODEL_BYTES: usize = 512;
 
 /// The members the gateway reads, by name (for errors that must name one).
-pub(crate) const MEMBERS: [&str; 8] = [
+pub(crate) const MEMBERS: [&str; 9] = [
     "model",
     "stream",
     "stream_options",
@@ -29,7 +31,72 @@ pub(crate) const MEMBERS: [&str; 8] = [
     "n",
     "messages",
     "prompt",
+    "priority",
 ];
+
+/// The longest wait a client may ask for (`X-Request-Timeout`): a day.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// A request's priority class. While requests wait for a worker, `Interactive` ones are served
+/// before `Batch` ones, within the rule the scheduler states against starving `Batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Batch,
+    Interactive,
+}
+
+impl Priority {
+    /// Both classes, most urgent first.
+    pub const ALL: [Self; 2] = [Self::Interactive, Self::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+
+    /// The class an `X-Priority` header (or gRPC `x-priority` metadata) names.
+    pub fn from_header(value: &[u8]) -> Result<Self, ApiError> {
+        match value {
+            b"interactive" => Ok(Self::Interactive),
+            b"batch" => Ok(Self::Batch),
+            _ => Err(ApiError::bad_request(
+                "`X-Priority` must be `interactive` or `batch`",
+                Some("x-priority"),
+            )),
+        }
+    }
+
+    /// The class of vLLM's `priority` member: lower is more urgent, 0 the default; above 0 is
+    /// `Batch`.
+    fn from_vllm(priority: i64) -> Self {
+        if priority > 0 {
+            Self::Batch
+        } else {
+            Self::Interactive
+        }
+    }
+}
+
+/// How long a client lets its request wait for a worker: an `X-Request-Timeout` header, in
+/// seconds (a decimal number, above 0, at most a day).
+pub fn request_timeout(value: &[u8]) -> Result<Duration, ApiError> {
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|text| text.len() <= 32)
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .filter(|timeout| *timeout <= MAX_REQUEST_TIMEOUT)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "`X-Request-Timeout` must be a number of seconds above 0 and at most 86400",
+                Some("x-request-timeout"),
+            )
+        })
+}
 
 /// Which OpenAI generation endpoint a request is for; serialised as its name in usage events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -81,6 +148,11 @@ pub struct InferenceRequest {
     pub prompts: u64,
     /// The client's `X-Request-Id`, forwarded so the worker bases its response id on it.
     pub client_request_id: Option<String>,
+    /// The class the client asked for (`X-Priority`, or vLLM's `priority` member); its key's and
+    /// tenant's ceiling clamps it, and sets it when absent.
+    pub priority: Option<Priority>,
+    /// When the client stops waiting for a worker (`X-Request-Timeout`, gRPC's deadline).
+    pub deadline: Option<tokio::time::Instant>,
     /// The JSON body as the client sent it.
     body: Bytes,
 }
@@ -95,6 +167,7 @@ pub struct Fields {
     pub max_tokens: Option<u64>,
     pub n: Option<u64>,
     pub prompts: u64,
+    pub priority: Option<Priority>,
 }
 
 /// The members the gateway reads, each kept raw so its type error can name it.
@@ -116,6 +189,8 @@ struct Members<'a> {
     messages: Option<&'a RawValue>,
     #[serde(borrow, default)]
     prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +337,7 @@ impl InferenceRequest {
         let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
         let n = member::<u64>(members.n, "n", "a positive integer")?;
         check_n(n)?;
+        let priority = member::<i64>(members.priority, "priority", "an integer")?;
         let prompts = match endpoint {
             Endpoint::ChatCompletions => {
                 require_kind(members.messages, "messages", b"[", "an array of messages")?;
@@ -293,6 +369,7 @@ impl InferenceRequest {
             max_tokens,
             n,
             prompts,
+            priority: priority.map(Priority::from_vllm),
         };
         Ok(Self::checked(
             endpoint,
@@ -343,6 +420,8 @@ impl InferenceRequest {
             n: fields.n.unwrap_or(1),
             prompts: fields.prompts,
             client_request_id,
+            priority: fields.priority,
+            deadline: None,
             body,
         }
     }

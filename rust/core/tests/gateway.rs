@@ -93,13 +93,28 @@ async fn exchange(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, HeaderMap, String) {
+    exchange_with(addr, method, path, body, &[]).await
+}
+
+/// One request with the test key and `headers`; the whole response.
+async fn exchange_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
         .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(
             body.map(|b| b.to_string()).unwrap_or_default(),
         )))
@@ -628,7 +643,9 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
     assert_eq!(gateway.control().workers()[0].outstanding, 1);
     let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
     assert!(
-        metrics.contains("tokengate_queued_requests{model=\"sim-model\"} 2"),
+        metrics.contains(
+            "tokengate_queued_requests{model=\"sim-model\",tenant=\"ten_1\",priority=\"interactive\"} 2"
+        ),
         "{metrics}"
     );
     for call in calls {
@@ -640,7 +657,8 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
     assert_eq!(gateway.control().queued(), 0);
     let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
     assert!(
-        metrics.contains("tokengate_queue_wait_seconds_count 2"),
+        metrics
+            .contains("tokengate_queue_wait_seconds_count{model=\"sim-model\",tenant=\"ten_1\"} 2"),
         "{metrics}"
     );
     let events = events(&gateway, 3).await;
@@ -688,4 +706,119 @@ async fn a_queued_request_times_out_as_429_and_one_whose_client_leaves_frees_its
         cancelled.is_some_and(|e| e.worker.is_none()),
         "{statuses:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batch() {
+    let slow = sim(SimConfig {
+        ttft_ms: 300,
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("http://{}", slow.local_addr());
+    let worker = json!({ "url": url, "max_concurrency": 1 });
+    let (gateway, addr) = gateway_with(vec![worker], json!({ "queue_timeout_ms": 60_000 })).await;
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    let busy = tokio::spawn(post(addr, "/v1/completions", body.clone()));
+    until(|| gateway.control().workers()[0].outstanding == 1).await;
+
+    // Its own deadline, far shorter than the queue's: 429 `queue_timeout` while the worker is busy.
+    let timeout = [("x-request-timeout", "0.05")];
+    let (status, headers, text) = exchange_with(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(body.clone()),
+        &timeout,
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "queue_timeout", "{text}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    for (name, value) in [
+        ("x-request-timeout", "soon"),
+        ("x-request-timeout", "0"),
+        ("x-request-timeout", "1e300"),
+        ("x-priority", "urgent"),
+    ] {
+        let (status, _, text) = exchange_with(
+            addr,
+            "POST",
+            "/v1/completions",
+            Some(body.clone()),
+            &[(name, value)],
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {value}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["param"], name, "{text}");
+    }
+
+    // Batch asked for by header, then by vLLM's own `priority`, then an interactive request:
+    // the worker serves the interactive one first, then the batch ones in their order.
+    let send = |id: &'static str, priority: Option<&'static str>, body: Value| {
+        tokio::spawn(async move {
+            let mut headers = vec![("x-request-id", id)];
+            headers.extend(priority.map(|p| ("x-priority", p)));
+            exchange_with(addr, "POST", "/v1/completions", Some(body), &headers).await
+        })
+    };
+    let batch_header = send("batch-header", Some("batch"), body.clone());
+    until(|| gateway.control().queued() == 1).await;
+    let mut vllm_priority = body.clone();
+    vllm_priority["priority"] = json!(1);
+    let batch_body = send("batch-body", None, vllm_priority);
+    until(|| gateway.control().queued() == 2).await;
+    let interactive = send("interactive", None, body.clone());
+    until(|| gateway.control().queued() == 3).await;
+    let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
+    for (class, count) in [("batch", 2), ("interactive", 1)] {
+        let sample = format!(
+            "tokengate_queued_requests{{model=\"sim-model\",tenant=\"ten_1\",priority=\"{class}\"}} {count}"
+        );
+        assert!(metrics.contains(&sample), "{sample}: {metrics}");
+    }
+    assert_eq!(busy.await.unwrap().0, StatusCode::OK);
+    for call in [batch_header, batch_body, interactive] {
+        let (status, _, text) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let mut served: Vec<_> = events(&gateway, 6)
+        .await
+        .into_iter()
+        .filter(|e| e.status == Status::Completed && e.request_id != e.event_id)
+        .map(|e| (e.finished_at_ms, e.request_id))
+        .collect();
+    served.sort();
+    let order: Vec<_> = served.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(order, ["interactive", "batch-header", "batch-body"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_queues_is_full_and_further_requests_wait_in_the_gateway() {
+    let slow = sim(SimConfig {
+        ttft_ms: 300,
+        max_num_seqs: 1,
+        ..SimConfig::default()
+    })
+    .await;
+    let url = format!("http://{}", slow.local_addr());
+    let routing = json!({ "load_interval_ms": 20, "queue_timeout_ms": 60_000 });
+    let (gateway, addr) = gateway_with(vec![json!({ "url": url })], routing).await;
+    until(|| gateway.control().workers()[0].healthy).await;
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    let mut calls: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(post(addr, "/v1/completions", body.clone())))
+        .collect();
+    // Unbounded at first: all four reach the worker, which runs one and queues three.
+    until(|| gateway.control().workers()[0].outstanding == 4).await;
+    until(|| gateway.control().workers()[0].capacity == Some(1)).await;
+    calls.push(tokio::spawn(post(addr, "/v1/completions", body.clone())));
+    until(|| gateway.control().queued() == 1).await;
+    for call in calls {
+        let (status, text) = call.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert_eq!(gateway.control().queued(), 0);
 }

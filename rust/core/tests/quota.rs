@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::auth::Principal;
-use gateway_core::quota::{Estimate, Exceeded, Quota, QuotaError, Reservation, Scope};
+use gateway_core::quota::{Estimate, Exceeded, QueueShare, Quota, QuotaError, Reservation, Scope};
+use gateway_core::request::Priority;
 use gateway_core::usage::Usage;
 use serde_json::json;
 
@@ -412,4 +413,31 @@ async fn a_settlement_queued_before_an_admission_is_applied_before_it() {
             reservation.settle(&Usage::default());
         }
     }
+}
+
+#[test]
+fn a_principal_queues_with_its_tenant_s_weight_under_the_stricter_ceiling() {
+    let policies = json!({
+        "tenants": { "ten_a": { "weight": 3 }, "ten_b": { "priority": "batch" } },
+        "keys": { "key_a": { "weight": 50, "priority": "batch" } },
+    });
+    let quota = quota(json!({}), policies);
+    let share = |tenant, key| quota.queue_share(&principal(tenant, key));
+    // A key's weight is not used; its ceiling is, with the tenant's.
+    assert_eq!(
+        share("ten_a", "key_a"),
+        QueueShare {
+            weight: 3,
+            ceiling: Priority::Batch
+        }
+    );
+    assert_eq!(share("ten_a", "key_x").ceiling, Priority::Interactive);
+    assert_eq!(share("ten_b", "key_x").ceiling, Priority::Batch);
+    assert_eq!(
+        share("ten_none", "key_none"),
+        QueueShare {
+            weight: 1,
+            ceiling: Priority::Interactive
+        }
+    );
 }

@@ -12,12 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
 
 use super::render::render;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::pipeline::dispatch;
-use crate::request::{Endpoint, InferenceRequest, check_request_id};
+use crate::request::{Endpoint, InferenceRequest, Priority, check_request_id, request_timeout};
 use crate::state::AppState;
 
 /// The gateway's routes over `state`; tests drive it without a socket.
@@ -85,7 +86,13 @@ async fn admit(
             Some(id.to_owned())
         }
     };
-    let request = InferenceRequest::from_json(endpoint, body, request_id)?;
+    let mut request = InferenceRequest::from_json(endpoint, body, request_id)?;
+    if let Some(value) = headers.get("x-priority") {
+        request.priority = Some(Priority::from_header(value.as_bytes())?);
+    }
+    if let Some(value) = headers.get("x-request-timeout") {
+        request.deadline = Some(Instant::now() + request_timeout(value.as_bytes())?);
+    }
     Ok((request, principal))
 }
 
@@ -159,7 +166,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &state.registry,
         state.meter.pending(),
         state.quota.stats(),
-        state.scheduler.queued_by_model(),
+        state.scheduler.queued_counts(),
     );
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }

@@ -89,6 +89,7 @@ fn request(
         max_tokens: params.and_then(|p| p.max_tokens).map(u64::from),
         n: params.and_then(|p| p.n).map(u64::from),
         prompts,
+        priority: None,
     };
     let id = (!request_id.is_empty()).then(|| request_id.to_owned());
     InferenceRequest::new(endpoint, fields, id, body)

@@ -24,7 +24,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::pipeline::{Dispatched, Outcome, dispatch};
 use crate::relay::{End, EventStream};
-use crate::request::InferenceRequest;
+use crate::request::{InferenceRequest, Priority};
 use crate::state::AppState;
 
 #[derive(serde::Deserialize)]
@@ -75,7 +75,15 @@ impl InferenceApi {
         request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
     ) -> Result<(Dispatched, String), Status> {
         let principal = self.principal(metadata)?;
-        let request = request(self.state.config.max_body_bytes).map_err(|e| self.refuse(&e))?;
+        let mut request = request(self.state.config.max_body_bytes).map_err(|e| self.refuse(&e))?;
+        if let Some(value) = metadata.get("x-priority") {
+            request.priority =
+                Some(Priority::from_header(value.as_bytes()).map_err(|e| self.refuse(&e))?);
+        }
+        // The queue gives up a moment before the call's deadline, so that a call that waited
+        // for a worker all along ends RESOURCE_EXHAUSTED (retry later), not DEADLINE_EXCEEDED.
+        request.deadline = deadline(metadata)
+            .map(|deadline| deadline.checked_sub(QUEUE_MARGIN).unwrap_or(deadline));
         let dispatched = dispatch(&self.state, request, &principal).await;
         let request_id = match &dispatched.outcome {
             Outcome::Answer(answer) => answer.head.request_id.clone(),
@@ -143,6 +151,9 @@ impl InferenceApi {
 /// A little before the call's deadline (`grpc-timeout`), so that this gateway's answer,
 /// DEADLINE_EXCEEDED, reaches the client first: tonic's own timer, started a moment earlier,
 /// would end the call as CANCELLED.
+/// How long before the call's deadline its wait for a worker ends.
+const QUEUE_MARGIN: Duration = Duration::from_millis(2);
+
 fn deadline(metadata: &MetadataMap) -> Option<Instant> {
     const MARGIN: Duration = Duration::from_millis(5);
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;

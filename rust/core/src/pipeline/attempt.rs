@@ -18,6 +18,7 @@ use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
 use crate::request::InferenceRequest;
 use crate::router::Outstanding;
+use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
 use crate::usage::Status;
@@ -46,13 +47,12 @@ enum Reply {
 }
 
 /// Tries the workers the scheduler places the request on, in turn, until one answers or the
-/// attempts run out; the outcome owns the request's meter. `tenant` and `cost` (its estimated
-/// tokens) order it in a queue if it has to wait for a worker.
+/// attempts run out; the outcome owns the request's meter. `claim` orders it in its model's
+/// queue if it has to wait for a worker.
 pub(super) async fn run(
     state: &AppState,
     request: &InferenceRequest,
-    tenant: &Arc<str>,
-    cost: u64,
+    claim: &Claim,
     mut meter: MeterGuard,
 ) -> Outcome {
     let body = request.upstream_body();
@@ -60,7 +60,7 @@ pub(super) async fn run(
     let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
     let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
     while tried.len() < max_attempts {
-        let placement = match state.scheduler.place(request, tenant, cost, &tried).await {
+        let placement = match state.scheduler.place(request, claim, &tried).await {
             Ok(Some(placement)) => placement,
             Ok(None) => break,
             Err(error) => {
@@ -70,7 +70,10 @@ pub(super) async fn run(
         };
         let worker = placement.outstanding.worker().clone();
         if let Some(waited) = placement.waited {
-            state.meter.metrics().queue_wait(waited);
+            state
+                .meter
+                .metrics()
+                .queue_wait(&request.model, &claim.tenant, waited);
         }
         state.meter.metrics().attempt(!tried.is_empty());
         tried.push(placement.index);

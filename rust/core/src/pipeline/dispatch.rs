@@ -7,6 +7,7 @@ use crate::metering::MeterGuard;
 use crate::quota::{Estimate, Exceeded, QuotaError, RateHeaders};
 use crate::request::InferenceRequest;
 use crate::router::Availability;
+use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::usage::EventIds;
 
@@ -53,17 +54,17 @@ pub async fn dispatch(
     if let Some(reservation) = reservation {
         meter.attach(reservation);
     }
+    let share = state.quota.queue_share(principal);
+    let claim = Claim {
+        tenant: principal.tenant_id.clone(),
+        weight: share.weight,
+        class: share.class(request.priority),
+        cost: estimate.worst_tokens(),
+    };
     Dispatched {
         request_id: Some(request_id),
         rate: Some(rate),
-        outcome: attempt::run(
-            state,
-            &request,
-            &principal.tenant_id,
-            estimate.worst_tokens(),
-            meter,
-        )
-        .await,
+        outcome: attempt::run(state, &request, &claim, meter).await,
     }
 }
 

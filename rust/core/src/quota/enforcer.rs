@@ -17,11 +17,12 @@ use super::admission::{Demand, Exceeded, Granted, Refusal, ScopeCheck};
 use super::demand::Estimate;
 use super::local::{Actual, Hold, LocalStore};
 use super::policy::Scope;
-use super::policy::{Limits, Period, Policies, PolicySnapshot, Price, SpentEntry};
+use super::policy::{Limits, Period, Policies, PolicySnapshot, Price, QueueShare, SpentEntry};
 use super::redis::{RedisStore, StoreError};
 use super::reservation::{Reservation, Settle, Store};
 use crate::auth::Principal;
 use crate::config::{QuotaConfig, WhenRedisDown};
+use crate::request::Priority;
 use crate::usage::now_ms;
 
 /// How long admission skips Redis after it failed to answer.
@@ -135,6 +136,23 @@ impl Quota {
         let count = policies.tenants.len().saturating_add(policies.keys.len());
         self.policies.store(Arc::new(policies));
         count
+    }
+
+    /// How `principal`'s requests queue: its tenant's weight, and the most urgent class its
+    /// tenant's and key's policies both allow.
+    pub fn queue_share(&self, principal: &Principal) -> QueueShare {
+        let policies = self.policies.load();
+        let tenant = policies.tenants.get(&principal.tenant_id);
+        let key = policies.keys.get(&principal.key_id);
+        let ceiling = |limits: Option<&Arc<Limits>>| {
+            limits
+                .and_then(|l| l.priority)
+                .unwrap_or(Priority::Interactive)
+        };
+        QueueShare {
+            weight: tenant.and_then(|t| t.weight).unwrap_or(1).max(1),
+            ceiling: ceiling(tenant).min(ceiling(key)),
+        }
     }
 
     /// The allow-list that applies to `principal`, if any (tenant's and key's intersected).

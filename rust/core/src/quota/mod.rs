@@ -19,6 +19,6 @@ pub use admission::{COUNT_CAP, Demand, Exceeded, RateHeaders, Refusal, format_re
 pub use demand::Estimate;
 pub use enforcer::{Quota, QuotaError, QuotaStats};
 pub use gcra::RateInfo;
-pub use policy::{Limits, Period, PolicySnapshot, Price, Scope};
+pub use policy::{Limits, Period, PolicySnapshot, Price, QueueShare, Scope};
 pub use redis::StoreError;
 pub use reservation::Reservation;

@@ -12,6 +12,7 @@ use jiff::civil::Time;
 use jiff::tz::Offset;
 use serde::Deserialize;
 
+use crate::request::Priority;
 use crate::usage::Usage;
 
 /// One tenant's or one key's limits; `None` is no limit.
@@ -39,6 +40,14 @@ pub struct Limits {
     /// Models this tenant or key may use; `None` is every model.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// A tenant's share of a busy model's queue, against other tenants' (a key's is not used);
+    /// `None` is 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// The most urgent class this tenant's or key's requests may take, and the class of those
+    /// that ask for none; `None` is `Interactive`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
 }
 
 impl Limits {
@@ -74,6 +83,8 @@ impl Limits {
             budget_period: self.budget_period,
             max_sequences: None,
             models: None,
+            weight: None,
+            priority: None,
         }
     }
 
@@ -85,6 +96,22 @@ impl Limits {
             budget_period: self.budget_period,
             ..Self::default()
         }
+    }
+}
+
+/// How a principal's requests share a busy model's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueShare {
+    /// Its tenant's weight against other tenants (at least 1).
+    pub weight: u32,
+    /// The most urgent class its requests may take; also the class of those that ask for none.
+    pub ceiling: Priority,
+}
+
+impl QueueShare {
+    /// The class a request that asked for `asked` takes.
+    pub fn class(&self, asked: Option<Priority>) -> Priority {
+        asked.map_or(self.ceiling, |asked| asked.min(self.ceiling))
     }
 }
 
@@ -261,6 +288,28 @@ mod tests {
     use super::*;
 
     const MS_2026_11_29_13H: u64 = 1_795_957_200_000;
+
+    #[test]
+    fn a_request_s_class_is_clamped_to_its_ceiling_and_defaults_to_it() {
+        let interactive = QueueShare {
+            weight: 1,
+            ceiling: Priority::Interactive,
+        };
+        let batch = QueueShare {
+            ceiling: Priority::Batch,
+            ..interactive
+        };
+        assert_eq!(interactive.class(None), Priority::Interactive);
+        assert_eq!(interactive.class(Some(Priority::Batch)), Priority::Batch);
+        assert_eq!(batch.class(None), Priority::Batch);
+        assert_eq!(batch.class(Some(Priority::Interactive)), Priority::Batch);
+        let limits: Limits =
+            serde_json::from_str(r#"{"weight": 3, "priority": "batch"}"#).unwrap_or_default();
+        assert_eq!(
+            (limits.weight, limits.priority),
+            (Some(3), Some(Priority::Batch))
+        );
+    }
 
     #[test]
     fn leap_days_and_year_ends() {

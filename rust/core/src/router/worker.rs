@@ -49,6 +49,11 @@ pub struct Worker {
     fingerprint: ArcSwapOption<Bytes>,
     /// The gateway's requests it takes at once; no limit when unset.
     max_concurrency: Option<usize>,
+    /// Whether, without a `max_concurrency`, its capacity is learned from the load it reports.
+    learns: bool,
+    /// The capacity learned from its reports: 0 while it has not been seen full. Relaxed like
+    /// the load it comes from.
+    learned: AtomicUsize,
     /// Raised when it may have gained room: one of its requests ended, or it came back up.
     room: OnceLock<Arc<Notify>>,
 }
@@ -98,6 +103,8 @@ impl Worker {
             load: AtomicU64::new(NO_LOAD),
             fingerprint: ArcSwapOption::empty(),
             max_concurrency: None,
+            learns: false,
+            learned: AtomicUsize::new(0),
             room: OnceLock::new(),
         })
     }
@@ -108,13 +115,34 @@ impl Worker {
         self
     }
 
+    /// Without a `max_concurrency`, learns its capacity from the load it reports (see
+    /// [`Worker::set_load`]).
+    pub fn learning_capacity(mut self) -> Self {
+        self.learns = self.max_concurrency.is_none();
+        self
+    }
+
     pub fn max_concurrency(&self) -> Option<usize> {
         self.max_concurrency
     }
 
-    /// Whether it takes another request now: under its `max_concurrency`, if it has one.
+    /// Whether it may ever be full: it has a `max_concurrency`, or learns its capacity.
+    pub fn is_bounded(&self) -> bool {
+        self.max_concurrency.is_some() || self.learns
+    }
+
+    /// The gateway's requests it takes at once now: its `max_concurrency`, else what it has
+    /// learned; `None` when unbounded.
+    pub fn capacity(&self) -> Option<usize> {
+        self.max_concurrency.or_else(|| {
+            let learned = self.learned.load(Ordering::Relaxed);
+            (learned > 0).then_some(learned)
+        })
+    }
+
+    /// Whether it takes another request now: under its capacity, if it has one.
     pub fn has_room(&self) -> bool {
-        self.max_concurrency
+        self.capacity()
             .is_none_or(|limit| self.outstanding() < limit)
     }
 
@@ -124,7 +152,7 @@ impl Worker {
     }
 
     fn gained_room(&self) {
-        if self.max_concurrency.is_some()
+        if self.is_bounded()
             && let Some(room) = self.room.get()
         {
             room.notify_one();
@@ -187,9 +215,30 @@ impl Worker {
         unpack(self.load.load(Ordering::Relaxed))
     }
 
+    /// Stores the load the worker reported (`None`: unknown). A worker that learns its
+    /// capacity is full while it reports requests waiting in its own queue: its capacity becomes
+    /// the gateway's requests on it less those waiting (at least 1). A report of none waiting
+    /// raises a learned capacity by a quarter (at least 1); once the gateway has fewer than half
+    /// of it in flight, the worker is unbounded again until it next queues.
     pub fn set_load(&self, load: Option<Load>) {
         self.load
             .store(load.map_or(NO_LOAD, pack), Ordering::Relaxed);
+        let Some(load) = load.filter(|_| self.learns) else {
+            return;
+        };
+        let outstanding = self.outstanding();
+        let learned = self.learned.load(Ordering::Relaxed);
+        let next = if load.waiting > 0 {
+            outstanding.saturating_sub(load.waiting as usize).max(1)
+        } else if learned == 0 || outstanding.saturating_mul(2) < learned {
+            0
+        } else {
+            learned.saturating_add((learned / 4).max(1))
+        };
+        self.learned.store(next, Ordering::Relaxed);
+        if learned > 0 && (next == 0 || next > learned) {
+            self.gained_room();
+        }
     }
 
     /// The worker's `system_fingerprint` as its last stream reported it (a raw JSON value); it
@@ -261,5 +310,60 @@ mod tests {
         );
         worker.set_load(None);
         assert_eq!(worker.load(), None);
+    }
+
+    #[test]
+    fn capacity_is_learned_from_the_worker_s_own_queue() {
+        let Ok(worker) = Worker::new("http://w") else {
+            panic!("bad url")
+        };
+        let worker = Arc::new(worker.learning_capacity());
+        let report = |waiting| {
+            Some(Load {
+                running: 4,
+                waiting,
+                kv_cache_usage: 0.5,
+            })
+        };
+        let held: Vec<_> = (0..6).map(|_| worker.begin()).collect();
+        worker.set_load(report(0));
+        assert_eq!(worker.capacity(), None, "never seen full: unbounded");
+        // Two of our six wait in its queue: it runs four of ours.
+        worker.set_load(report(2));
+        assert_eq!(worker.capacity(), Some(4));
+        assert!(!worker.has_room());
+        // No queue any more: a quarter more (at least one), each report.
+        worker.set_load(report(0));
+        assert_eq!(worker.capacity(), Some(5));
+        worker.set_load(None);
+        assert_eq!(
+            worker.capacity(),
+            Some(5),
+            "an unknown load teaches nothing"
+        );
+        // A queue of other clients' requests longer than ours: at least one.
+        worker.set_load(report(u32::MAX));
+        assert_eq!(worker.capacity(), Some(1));
+        // Far below what it learned: unbounded again.
+        drop(held);
+        worker.set_load(report(0));
+        assert_eq!(worker.capacity(), None);
+        assert!(worker.has_room());
+    }
+
+    #[test]
+    fn a_configured_limit_is_never_learned_over() {
+        let Ok(worker) = Worker::new("http://w") else {
+            panic!("bad url")
+        };
+        let worker = Arc::new(worker.with_max_concurrency(3).learning_capacity());
+        let _held = worker.begin();
+        worker.set_load(Some(Load {
+            running: 1,
+            waiting: 5,
+            kv_cache_usage: 0.0,
+        }));
+        assert_eq!(worker.capacity(), Some(3));
+        assert!(worker.is_bounded());
     }
 }

@@ -1,12 +1,15 @@
 //! The scheduler: each attempt of an admitted request is placed on a worker the routing policy
 //! chooses among the eligible workers with room. A worker has room while the gateway's requests
-//! on it are under its `max_concurrency` (no limit when unset). When every eligible worker is
-//! full, the request waits in its model's queue, in tenant-fair order (`fair`), until a request
-//! on one of them ends, its wait runs out (429 `queue_timeout`), or its client leaves (its place
-//! is freed at once and no worker sees it). A full queue refuses at once (429 `queue_full`).
+//! on it are under its capacity: its `max_concurrency`, or what it learned from its own reports
+//! (see `Worker::set_load`); none when neither applies. When every eligible worker is full, the
+//! request waits in its model's queue, in class and tenant-fair order (`classes`, `fair`), until
+//! a worker has room, its wait runs out (its own deadline or the queue's timeout: 429
+//! `queue_timeout`), or its client leaves (its place is freed at once and no worker sees it). A
+//! full queue refuses at once (429 `queue_full`).
 //!
-//! With no `max_concurrency` set on any worker, nothing is ever queued and a placement is what it
-//! was without a scheduler: the policy's choice, counted on the worker.
+//! With no worker bounded, nothing is ever queued and a placement is what it was without a
+//! scheduler: the policy's choice, counted on the worker. While nothing is queued anywhere, a
+//! placement takes no lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,11 +19,12 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::fair::{FairQueue, Ticket};
+use super::classes::{ClassQueue, ClassTicket};
 use crate::config::RoutingConfig;
 use crate::error::ApiError;
-use crate::request::{Endpoint, InferenceRequest};
-use crate::router::{Features, LeastLoad, Outstanding, Pick, Registry, RoutingPolicy};
+use crate::metrics::QueuedSample;
+use crate::request::{Endpoint, InferenceRequest, Priority};
+use crate::router::{Features, LeastLoad, Outstanding, Pick, Registry, RoutingPolicy, Worker};
 
 /// The bounds of every model's queue.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +35,8 @@ pub struct QueueLimits {
     pub max_queued_per_tenant: usize,
     /// How long a request may wait for a worker.
     pub timeout: Duration,
+    /// While `batch` requests wait, one grant in this many goes to them (see `classes`).
+    pub batch_every: u32,
 }
 
 impl QueueLimits {
@@ -39,8 +45,20 @@ impl QueueLimits {
             max_queued: routing.max_queued as usize,
             max_queued_per_tenant: routing.max_queued_per_tenant as usize,
             timeout: Duration::from_millis(routing.queue_timeout_ms.max(1)),
+            batch_every: routing.batch_every,
         }
     }
+}
+
+/// Whose a request is, as its model's queue orders it.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub tenant: Arc<str>,
+    /// Its tenant's weight (at least 1).
+    pub weight: u32,
+    pub class: Priority,
+    /// Its estimated tokens.
+    pub cost: u64,
 }
 
 /// A request placed on a worker: counted there until `outstanding` drops.
@@ -81,9 +99,9 @@ pub struct Scheduler {
     registry: Arc<Registry>,
     policy: Box<dyn RoutingPolicy>,
     limits: QueueLimits,
-    /// Whether any worker has a `max_concurrency`: without one nothing is ever queued.
+    /// Whether any worker may be full: without one nothing is ever queued.
     bounded: bool,
-    queues: Mutex<HashMap<Arc<str>, FairQueue<Waiter>>>,
+    queues: Mutex<HashMap<Arc<str>, ClassQueue<Waiter>>>,
     /// Requests queued over every model. Relaxed: a gauge and a hint; the queues' mutex orders
     /// everything else.
     queued: AtomicUsize,
@@ -101,7 +119,7 @@ impl Scheduler {
         let room = Arc::new(Notify::new());
         let mut bounded = false;
         for worker in registry.workers() {
-            bounded |= worker.max_concurrency().is_some();
+            bounded |= worker.is_bounded();
             worker.notify_room(room.clone());
         }
         Self {
@@ -125,65 +143,76 @@ impl Scheduler {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Each model's queued requests, for models that have a queue now.
-    pub fn queued_by_model(&self) -> Vec<(Arc<str>, usize)> {
+    /// The requests queued now, by model, tenant and class.
+    pub fn queued_counts(&self) -> Vec<QueuedSample> {
         if !self.bounded {
             return Vec::new();
         }
         let queues = self.lock();
         queues
             .iter()
-            .map(|(model, queue)| (model.clone(), queue.len()))
+            .flat_map(|(model, queue)| {
+                queue
+                    .by_tenant()
+                    .map(|(class, tenant, count)| QueuedSample {
+                        model: model.clone(),
+                        tenant: tenant.clone(),
+                        class,
+                        count,
+                    })
+            })
             .collect()
     }
 
-    /// Places the next attempt at `request` for `tenant` (`cost`: its estimated tokens), never on
-    /// a worker whose registry index is in `tried`; waits in the model's queue while every
-    /// eligible worker is full, at most until `deadline` or the queue's timeout. `Ok(None)` when
-    /// no eligible worker is left.
+    /// Places the next attempt at `request` for `claim`, never on a worker whose registry
+    /// index is in `tried`; waits in the model's queue while every eligible worker is full, at
+    /// most until the request's deadline or the queue's timeout. `Ok(None)` when no eligible
+    /// worker is left.
     pub async fn place(
         &self,
         request: &InferenceRequest,
-        tenant: &Arc<str>,
-        cost: u64,
+        claim: &Claim,
         tried: &[usize],
     ) -> Result<Option<Placement>, ApiError> {
         let features = Features::of(request);
-        if !self.bounded {
-            // Every worker always has room: nothing to queue, nor to lock.
-            return Ok(
-                match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                    Pick::Placed(index, worker) => Some(Placement {
-                        index,
-                        outstanding: worker.begin(),
-                        waited: None,
-                    }),
-                    Pick::AllFull | Pick::NoneEligible => None,
-                },
-            );
+        // Nothing queued anywhere: no one to overtake, so no lock. (A request queued meanwhile
+        // may be overtaken by this one; the next grant is its.)
+        if !self.bounded || self.queued() == 0 {
+            match self.registry.pick(self.policy.as_ref(), &features, tried) {
+                Pick::Placed(index, worker) => return Ok(Some(placed(index, &worker))),
+                Pick::NoneEligible => return Ok(None),
+                Pick::AllFull if !self.bounded => return Ok(None),
+                Pick::AllFull => {}
+            }
         }
+        let started = Instant::now();
+        let give_up = request
+            .deadline
+            .map_or(started + self.limits.timeout, |deadline| {
+                deadline.min(started + self.limits.timeout)
+            });
         let (ticket, mut granted) = {
             let mut queues = self.lock();
             let model_queue = queues.get(request.model.as_str());
-            if model_queue.is_none_or(FairQueue::is_empty) {
+            if model_queue.is_none_or(ClassQueue::is_empty) {
                 match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                    Pick::Placed(index, worker) => {
-                        return Ok(Some(Placement {
-                            index,
-                            outstanding: worker.begin(),
-                            waited: None,
-                        }));
-                    }
+                    Pick::Placed(index, worker) => return Ok(Some(placed(index, &worker))),
                     Pick::NoneEligible => return Ok(None),
                     Pick::AllFull => {}
                 }
             }
-            let queue = queues.entry(Arc::from(request.model.as_str())).or_default();
+            if give_up <= started {
+                return Err(self.timed_out(Duration::ZERO));
+            }
+            let batch_every = self.limits.batch_every;
+            let queue = queues
+                .entry(Arc::from(request.model.as_str()))
+                .or_insert_with(|| ClassQueue::new(batch_every));
             if queue.len() >= self.limits.max_queued
-                || queue.queued(tenant) >= self.limits.max_queued_per_tenant
+                || queue.queued(&claim.tenant) >= self.limits.max_queued_per_tenant
             {
                 return Err(ApiError::QueueFull {
-                    retry_after: self.limits.timeout.min(Duration::from_secs(1)),
+                    retry_after: self.retry_after(),
                 });
             }
             let (grant, granted) = oneshot::channel();
@@ -196,22 +225,17 @@ impl Scheduler {
                 grant,
             };
             self.queued.fetch_add(1, Ordering::Relaxed);
-            (queue.push(tenant, cost, 1, waiter), granted)
+            let ticket = queue.push(claim.class, &claim.tenant, claim.cost, claim.weight, waiter);
+            (ticket, granted)
         };
         let mut place = Queued {
             scheduler: self,
             model: &request.model,
             ticket: Some(ticket),
         };
-        let started = Instant::now();
-        let granted = match tokio::time::timeout(self.limits.timeout, &mut granted).await {
+        let granted = match tokio::time::timeout_at(give_up, &mut granted).await {
             Ok(granted) => granted,
-            Err(_) if place.leave() => {
-                return Err(ApiError::QueueTimeout {
-                    waited: started.elapsed(),
-                    retry_after: self.limits.timeout.min(Duration::from_secs(1)),
-                });
-            }
+            Err(_) if place.leave() => return Err(self.timed_out(started.elapsed())),
             // Granted as the wait ran out: the place is in the channel already.
             Err(_) => granted.await,
         };
@@ -220,6 +244,17 @@ impl Scheduler {
             waited: Some(started.elapsed()),
             ..placement
         }))
+    }
+
+    fn retry_after(&self) -> Duration {
+        self.limits.timeout.min(Duration::from_secs(1))
+    }
+
+    fn timed_out(&self, waited: Duration) -> ApiError {
+        ApiError::QueueTimeout {
+            waited,
+            retry_after: self.retry_after(),
+        }
     }
 
     /// Hands freed places to the queues' heads whenever a worker may have gained room. Runs for
@@ -250,11 +285,7 @@ impl Scheduler {
                     ) {
                         Pick::AllFull => break,
                         Pick::NoneEligible => None,
-                        Pick::Placed(index, worker) => Some(Placement {
-                            index,
-                            outstanding: worker.begin(),
-                            waited: None,
-                        }),
+                        Pick::Placed(index, worker) => Some(placed(index, &worker)),
                     };
                     let Some(waiter) = queue.pop() else { break };
                     self.queued.fetch_sub(1, Ordering::Relaxed);
@@ -268,9 +299,18 @@ impl Scheduler {
         drop(unclaimed);
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, FairQueue<Waiter>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, ClassQueue<Waiter>>> {
         // A panic while holding it leaves the queues consistent (every change is one call).
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// `worker`, at `index`, counting the request from now on.
+fn placed(index: usize, worker: &Arc<Worker>) -> Placement {
+    Placement {
+        index,
+        outstanding: worker.begin(),
+        waited: None,
     }
 }
 
@@ -279,7 +319,7 @@ impl Scheduler {
 struct Queued<'a> {
     scheduler: &'a Scheduler,
     model: &'a str,
-    ticket: Option<Ticket>,
+    ticket: Option<ClassTicket>,
 }
 
 impl Queued<'_> {

@@ -141,6 +141,14 @@ impl<T> FairQueue<T> {
     pub fn queued(&self, tenant: &str) -> usize {
         self.tenants.get(tenant).map_or(0, |t| t.queued)
     }
+
+    /// Each tenant with requests queued, and how many.
+    pub fn tenants(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.tenants
+            .iter()
+            .filter(|(_, state)| state.queued > 0)
+            .map(|(tenant, state)| (tenant, state.queued))
+    }
 }
 
 #[cfg(test)]
