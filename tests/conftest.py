@@ -86,10 +86,12 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
         ledger: str | None = None,
         server: str = "",
         routing: str = "",
+        worker: str = "",
         **sim_options: object,
     ) -> Stack:
         """`ledger` is a ledger URL; by default, a new SQLite file in the test's directory;
-        `server` and `routing` are more lines of those tables of the gateway's config."""
+        `server` and `routing` are more lines of those tables of the gateway's config, `worker`
+        of every worker's."""
         stack = start_stack(
             tmp_path / f"gateway-{len(stacks)}.toml",
             ledger or tmp_path / f"ledger-{len(stacks)}.db",
@@ -98,6 +100,7 @@ def make_stack(tmp_path: Path) -> Iterator[StackFactory]:
             grace_s,
             server=server,
             routing=routing,
+            worker=worker,
             **sim_options,
         )
         stacks.append(stack)

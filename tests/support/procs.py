@@ -171,11 +171,12 @@ def write_config(
     *,
     server: str = "",
     routing: str = "",
+    worker: str = "",
 ) -> Path:
     """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`) and
     its usage journal beside `path`; `server` and `routing` are more lines of those two tables,
-    `extra` more tables."""
-    worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n' for url in workers)
+    `worker` of every worker's, `extra` more tables."""
+    worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n{worker}\n' for url in workers)
     # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
     journal = "" if "[journal]" in extra else f'[journal]\ndir = "{path.with_suffix(".journal")}"\n'
     # Probes often, so that tests see a worker's health change soon, unless `routing` says.

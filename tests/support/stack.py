@@ -74,12 +74,13 @@ def start_stack(
     *,
     server: str = "",
     routing: str = "",
+    worker: str = "",
     **sim_options: object,
 ) -> Stack:
     """Starts `n_sims` simulators (each with `sim_options`) and a gateway in front of them, its
     config at `config_path` and its ledger at `db` (see `procs.ledger_url`), where the tenant
-    `acme` gets a key; `config_extra`, `server` and `routing` go to the gateway's config as in
-    `procs.write_config`."""
+    `acme` gets a key; `config_extra`, `server`, `routing` and `worker` go to the gateway's config
+    as in `procs.write_config`."""
     sims = [procs.start_sim(**sim_options) for _ in range(n_sims)]
     key, key_id = procs.create_key(db, "acme")
     config = procs.write_config(
@@ -90,6 +91,7 @@ def start_stack(
         grace_s,
         server=server,
         routing=routing,
+        worker=worker,
     )
     gateway = procs.start(["serve", "--config", str(config)])
     return Stack(gateway=gateway, sims=sims, db=db, key=key, key_id=key_id)
