@@ -112,7 +112,10 @@ async def _abandon(stack: Stack, clients: int) -> None:
             )
             for _ in range(clients)
         ]
-        queued = lambda: sample(stack.gateway.url, "tokengate_queued_requests")  # noqa: E731
+
+        def queued() -> float:
+            return sample(stack.gateway.url, "tokengate_queued_requests")
+
         for _ in range(600):
             if await asyncio.to_thread(queued) == clients:
                 break
@@ -162,7 +165,10 @@ def test_a_thousand_clients_that_leave_while_queued_leave_nothing_behind(
     asyncio.run(_abandon(stack, clients))
 
     assert procs.wait_for(lambda: sample(gateway, "tokengate_queued_requests") == 0)
-    cancelled = lambda: [r for r in procs.usage_rows(stack.db) if r["status"] == "cancelled"]  # noqa: E731
+
+    def cancelled() -> list[dict[str, Any]]:
+        return [r for r in procs.usage_rows(stack.db) if r["status"] == "cancelled"]
+
     assert procs.wait_for(lambda: len(cancelled()) == clients, timeout=60), len(cancelled())
     # Only the busy stream holds a concurrency slot and tokens against the budget, and no
     # abandoned request reached the worker.
