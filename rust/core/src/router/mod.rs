@@ -13,4 +13,4 @@ pub use load::Load;
 pub use policy::{Candidate, Features, LeastLoad, RoutingPolicy};
 pub use registry::{Availability, Pick, Registry};
 pub use scrape::run_load_scrapes;
-pub use worker::{Outstanding, Worker};
+pub use worker::{ModelCard, Outstanding, Worker};

@@ -294,7 +294,9 @@ impl Scheduler {
                     }
                 }
             }
-            queues.retain(|_, queue| !queue.is_empty());
+            // An empty queue stays (one per model that ever queued: only models some worker
+            // serves get that far): a ticket names its place only within its queue's life, so
+            // a queue made anew could hand a leaving request's stale ticket to another request.
         }
         drop(unclaimed);
     }
@@ -343,5 +345,88 @@ impl Queued<'_> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::router::ModelCard;
+
+    fn scheduler() -> Scheduler {
+        let Ok(worker) = Worker::new("http://w") else {
+            panic!("bad url")
+        };
+        let worker = worker.with_max_concurrency(1);
+        let card = RawValue::from_string(r#"{"id":"m"}"#.to_owned()).ok();
+        worker.set_models(
+            card.map(|card| ModelCard {
+                id: "m".to_owned(),
+                max_model_len: None,
+                card,
+            })
+            .into_iter()
+            .collect(),
+        );
+        worker.set_healthy(true);
+        let limits = QueueLimits {
+            max_queued: 8,
+            max_queued_per_tenant: 8,
+            timeout: Duration::from_secs(60),
+            batch_every: 10,
+        };
+        Scheduler::least_load(Arc::new(Registry::new(vec![Arc::new(worker)])), limits)
+    }
+
+    fn request() -> InferenceRequest {
+        let body = Bytes::from_static(br#"{"model":"m","prompt":"x"}"#);
+        match InferenceRequest::from_json(Endpoint::Completions, body, None) {
+            Ok(request) => request,
+            Err(error) => panic!("{error:?}"),
+        }
+    }
+
+    /// Polls `future` once, as a runtime would when it is woken.
+    fn poll<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        Pin::new(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_dropped_once_granted_leaves_the_next_one_queued() {
+        let scheduler = scheduler();
+        let (request, claim) = (
+            request(),
+            Claim {
+                tenant: "t".into(),
+                weight: 1,
+                class: Priority::Interactive,
+                cost: 10,
+            },
+        );
+        let held = scheduler.place(&request, &claim, &[]).await;
+        assert!(matches!(held, Ok(Some(_))));
+        let mut first = Box::pin(scheduler.place(&request, &claim, &[]));
+        assert!(poll(&mut first).is_pending());
+        // The worker frees up and the queue's head gets it, but its client leaves before it
+        // sees the grant: the queue is empty meanwhile, and a second request queues.
+        drop(held);
+        scheduler.grant();
+        let mut second = Box::pin(scheduler.place(&request, &claim, &[]));
+        assert!(poll(&mut second).is_pending());
+        assert_eq!(scheduler.queued(), 1);
+        drop(first);
+        // The first one's place went back to the worker; the second one takes it.
+        assert_eq!(scheduler.queued(), 1);
+        scheduler.grant();
+        match poll(&mut second) {
+            Poll::Ready(Ok(Some(placement))) => assert_eq!(placement.index, 0),
+            other => panic!("{other:?}"),
+        }
     }
 }
