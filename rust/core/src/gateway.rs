@@ -18,7 +18,9 @@ use crate::journal::{Ended, Journal};
 use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
-use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
+use crate::router::{
+    BreakerSettings, Registry, Worker, probe_all, run_health_checks, run_load_scrapes,
+};
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
@@ -35,6 +37,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self, crate::config::ConfigError> {
+        let breaker = BreakerSettings::of(&config.routing);
         let workers = config
             .workers
             .iter()
@@ -43,7 +46,9 @@ impl Gateway {
                     field: "workers",
                     message,
                 };
-                let worker = Worker::new(&w.url).map_err(|e| invalid(e.to_string()))?;
+                let worker = Worker::new(&w.url)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .with_breaker(breaker);
                 let worker = match &w.api_key {
                     Some(key) => worker
                         .with_api_key(key)
