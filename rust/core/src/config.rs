@@ -23,6 +23,9 @@ pub struct WorkerConfig {
     pub max_concurrency: Option<u32>,
 }
 
+/// Most requests a circuit breaker's window holds (one bit each in a `u64`).
+pub const MAX_BREAKER_WINDOW: u32 = 64;
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
@@ -82,7 +85,7 @@ impl RoutingConfig {
                 message: message.to_owned(),
             })
         };
-        if self.breaker_window > crate::router::MAX_BREAKER_WINDOW {
+        if self.breaker_window > MAX_BREAKER_WINDOW {
             return invalid("routing.breaker_window", "must be at most 64");
         }
         if self.breaker_min_requests == 0

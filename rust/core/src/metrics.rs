@@ -285,9 +285,7 @@ impl Collector for Scrape {
             HEALTHY,
             workers().map(|(url, w)| (url, u32::from(w.is_healthy()))),
         )?;
-        let breakers: Vec<_> = workers()
-            .map(|(url, w)| (url, w.breaker_stats()))
-            .collect();
+        let breakers: Vec<_> = workers().map(|(url, w)| (url, w.breaker_stats())).collect();
         per_worker(
             &mut encoder,
             EJECTED,

@@ -31,10 +31,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::RoutingConfig;
-
-/// Most outcomes a window holds: one bit each in a `u64`.
-pub const MAX_WINDOW: u32 = 64;
+use crate::config::{MAX_BREAKER_WINDOW as MAX_WINDOW, RoutingConfig};
 
 /// When a worker is ejected, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,9 +129,14 @@ impl fmt::Display for Trip {
 /// A change of a breaker's state that the worker logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    Ejected { trip: Trip, backoff: Duration },
+    Ejected {
+        trip: Trip,
+        backoff: Duration,
+    },
     /// Its trial got an answer; it was out of rotation for `out_for`.
-    Returned { out_for: Duration },
+    Returned {
+        out_for: Duration,
+    },
 }
 
 /// What `/metrics` shows of a breaker.
@@ -471,9 +473,7 @@ mod tests {
         tokio::time::advance(5 * MS).await;
         assert_eq!(
             breaker.record(false, true),
-            Some(Change::Returned {
-                out_for: 105 * MS
-            })
+            Some(Change::Returned { out_for: 105 * MS })
         );
         assert_eq!(breaker.admission(), Admission::Closed);
         let stats = breaker.stats();
@@ -514,7 +514,10 @@ mod tests {
         assert!(breaker.claim_trial());
         breaker.record(false, true);
         // Ejected again before 20 outcomes since the return: a run of ejections, 200 ms.
-        assert_eq!(feed(&breaker, "..FFFFF"), ejected(Trip::Consecutive(5), 200));
+        assert_eq!(
+            feed(&breaker, "..FFFFF"),
+            ejected(Trip::Consecutive(5), 200)
+        );
         tokio::time::advance(200 * MS).await;
         assert!(breaker.claim_trial());
         breaker.record(false, true);

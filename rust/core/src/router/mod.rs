@@ -9,7 +9,7 @@ mod registry;
 mod scrape;
 mod worker;
 
-pub use breaker::{Admission, BreakerSettings, BreakerStats, MAX_WINDOW as MAX_BREAKER_WINDOW};
+pub use breaker::{Admission, BreakerSettings, BreakerStats};
 pub use health::{probe_all, run_health_checks};
 pub use load::Load;
 pub use policy::{Candidate, Features, LeastLoad, RoutingPolicy};
