@@ -87,7 +87,8 @@ class Gateway:
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""
     def workers(self) -> str:
-        """JSON array describing each worker: url, healthy, models, outstanding requests."""
+        """JSON array describing each worker: url, healthy, ejected (by its circuit breaker),
+        models, outstanding requests."""
     def shutdown(self, grace_s: float) -> None:
         """Stops accepting, drains in-flight requests for up to `grace_s` seconds, then stops."""
 

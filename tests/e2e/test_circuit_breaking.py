@@ -70,7 +70,7 @@ def test_a_worker_failing_half_its_requests_is_ejected_and_returns_after_it_reco
         n_sims=2,
         routing=f"breaker_backoff_ms = {BACKOFF_MS}\nbreaker_max_backoff_ms = {BACKOFF_MS}\n",
     )
-    failing, healthy = stack.sims
+    failing = stack.sims[0]
     faults(failing, error_rate=0.5)
 
     # Requests one at a time, until /metrics shows the ejection: at most 20 of them reached the

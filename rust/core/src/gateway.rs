@@ -199,6 +199,8 @@ pub struct Control {
 pub struct WorkerStatus {
     pub url: String,
     pub healthy: bool,
+    /// Out of rotation by its circuit breaker (healthy or not).
+    pub ejected: bool,
     pub outstanding: usize,
     pub models: Vec<String>,
     /// What the worker reported at its last load scrape.
@@ -254,6 +256,7 @@ impl Control {
             .map(|w| WorkerStatus {
                 url: w.url.to_string(),
                 healthy: w.is_healthy(),
+                ejected: w.breaker_stats().ejected,
                 outstanding: w.outstanding(),
                 models: w.models().iter().map(|m| m.id.clone()).collect(),
                 load: w.load(),
