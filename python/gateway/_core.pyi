@@ -87,7 +87,8 @@ class Gateway:
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""
     def workers(self) -> str:
-        """JSON array of the workers: url, healthy, outstanding requests, capacity, models."""
+        """JSON array of the workers: url, healthy, ejected (by its circuit breaker), outstanding
+        requests, capacity, models."""
     def shutdown(self, grace_s: float) -> None:
         """Stops accepting, drains in-flight requests for up to `grace_s` seconds, then stops."""
 

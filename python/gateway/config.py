@@ -278,6 +278,70 @@ class RoutingConfig(BaseModel):
             " `routing.load_interval_ms` above 0. Off, such a worker gets every request at once."
         ),
     )
+    breaker_consecutive_failures: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description=(
+            "Circuit breaker: a worker whose requests fail this many times in a row (a 5xx, a"
+            " broken connection, no answer in time, a stream broken off; never a 4xx) is ejected"
+            " from rotation; 0 turns this trigger off."
+        ),
+    )
+    breaker_window: int = Field(
+        default=20,
+        ge=0,
+        le=64,
+        description=(
+            "Circuit breaker: the last requests of a worker its failure rate is taken over; 0"
+            " turns the rate trigger off (with `routing.breaker_consecutive_failures` also 0, the"
+            " breaker is off)."
+        ),
+    )
+    breaker_min_requests: int = Field(
+        default=10,
+        ge=1,
+        le=64,
+        description=(
+            "Circuit breaker: requests in the window before its failure rate can eject a worker;"
+            " at most `routing.breaker_window`."
+        ),
+    )
+    breaker_failure_percent: int = Field(
+        default=40,
+        ge=1,
+        le=100,
+        description=(
+            "Circuit breaker: a worker with at least this percentage of failures in its window is"
+            " ejected."
+        ),
+    )
+    breaker_backoff_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=3_600_000,
+        description=(
+            "Circuit breaker: how long an ejection lasts; then the worker's next request is a"
+            " trial, which returns it if answered. Each ejection that follows a return before the"
+            " worker has served a window of requests doubles it."
+        ),
+    )
+    breaker_max_backoff_ms: int = Field(
+        default=60_000,
+        ge=1,
+        le=3_600_000,
+        description=(
+            "Circuit breaker: the longest an ejection lasts; at least `routing.breaker_backoff_ms`."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _breaker_bounds_agree(self) -> RoutingConfig:
+        if self.breaker_window and self.breaker_min_requests > self.breaker_window:
+            raise ValueError("breaker_min_requests must be at most breaker_window")
+        if self.breaker_max_backoff_ms < self.breaker_backoff_ms:
+            raise ValueError("breaker_max_backoff_ms must be at least breaker_backoff_ms")
+        return self
 
 
 class StorageConfig(BaseModel):
@@ -538,6 +602,12 @@ class GatewayConfig(BaseModel):
                 "max_queued_per_tenant": self.routing.max_queued_per_tenant,
                 "batch_every": self.routing.batch_every,
                 "learn_capacity": self.routing.learn_capacity,
+                "breaker_consecutive_failures": self.routing.breaker_consecutive_failures,
+                "breaker_window": self.routing.breaker_window,
+                "breaker_min_requests": self.routing.breaker_min_requests,
+                "breaker_failure_percent": self.routing.breaker_failure_percent,
+                "breaker_backoff_ms": self.routing.breaker_backoff_ms,
+                "breaker_max_backoff_ms": self.routing.breaker_max_backoff_ms,
             },
             "quota": self.quota.model_dump(),
             "journal": None

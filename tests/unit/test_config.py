@@ -163,6 +163,22 @@ token_env = "MY_ADMIN_TOKEN"
             "[routing]\nmax_attempts = 11",
             "routing.max_attempts: Input should be less than or equal to 10",
         ),
+        (
+            "[routing]\nbreaker_window = 65",
+            "routing.breaker_window: Input should be less than or equal to 64",
+        ),
+        (
+            "[routing]\nbreaker_failure_percent = 0",
+            "routing.breaker_failure_percent: Input should be greater than or equal to 1",
+        ),
+        (
+            "[routing]\nbreaker_window = 8",
+            "routing: breaker_min_requests must be at most breaker_window",
+        ),
+        (
+            "[routing]\nbreaker_max_backoff_ms = 999",
+            "routing: breaker_max_backoff_ms must be at least breaker_backoff_ms",
+        ),
         ('[storage]\nurl = "mysql://db/ledger"', "storage.url: unsupported database URL"),
         (
             '[storage]\nurl = "postgresql://tg:secret@db:5432/"',
@@ -290,6 +306,12 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "max_queued_per_tenant": 256,
             "batch_every": 10,
             "learn_capacity": True,
+            "breaker_consecutive_failures": 5,
+            "breaker_window": 20,
+            "breaker_min_requests": 10,
+            "breaker_failure_percent": 40,
+            "breaker_backoff_ms": 1000,
+            "breaker_max_backoff_ms": 60_000,
         },
         "quota": {
             "redis_url": None,

@@ -23,6 +23,9 @@ pub struct WorkerConfig {
     pub max_concurrency: Option<u32>,
 }
 
+/// Most requests a circuit breaker's window holds (one bit each in a `u64`).
+pub const MAX_BREAKER_WINDOW: u32 = 64;
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
@@ -50,6 +53,17 @@ pub struct RoutingConfig {
     /// Whether a worker without `max_concurrency` learns its capacity from the requests it
     /// reports waiting in its own queue.
     pub learn_capacity: bool,
+    /// The circuit breaker (`router::breaker`): failures in a row that eject a worker (0: off).
+    pub breaker_consecutive_failures: u32,
+    /// Outcomes the failure rate is taken over, at most 64 (0: no rate trigger).
+    pub breaker_window: u32,
+    /// Outcomes in the window before its rate can eject.
+    pub breaker_min_requests: u32,
+    /// Failures, in percent of the window, that eject (1 to 100).
+    pub breaker_failure_percent: u32,
+    /// The first ejection's length; each ejection in a row doubles it, up to the maximum.
+    pub breaker_backoff_ms: u64,
+    pub breaker_max_backoff_ms: u64,
 }
 
 impl RoutingConfig {
@@ -67,6 +81,39 @@ impl RoutingConfig {
     }
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms.max(1))
+    }
+
+    fn validate_breaker(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if self.breaker_window > MAX_BREAKER_WINDOW {
+            return invalid("routing.breaker_window", "must be at most 64");
+        }
+        if self.breaker_min_requests == 0
+            || (self.breaker_window > 0 && self.breaker_min_requests > self.breaker_window)
+        {
+            return invalid(
+                "routing.breaker_min_requests",
+                "must be at least 1 and at most routing.breaker_window",
+            );
+        }
+        if !(1..=100).contains(&self.breaker_failure_percent) {
+            return invalid("routing.breaker_failure_percent", "must be 1 to 100");
+        }
+        if self.breaker_backoff_ms == 0 {
+            return invalid("routing.breaker_backoff_ms", "must be at least 1");
+        }
+        if self.breaker_max_backoff_ms < self.breaker_backoff_ms {
+            return invalid(
+                "routing.breaker_max_backoff_ms",
+                "must be at least routing.breaker_backoff_ms",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +235,7 @@ impl GatewayConfig {
         if self.routing.max_attempts == 0 {
             return Err(invalid("routing.max_attempts", "must be at least 1"));
         }
+        self.routing.validate_breaker()?;
         let quota = &self.quota;
         if quota.replicas == 0 {
             return Err(invalid("quota.replicas", "must be at least 1"));
@@ -283,5 +331,30 @@ mod tests {
         for doc in [empty, ftp, no_attempts] {
             assert!(GatewayConfig::from_json(&doc.to_string()).is_err(), "{doc}");
         }
+    }
+
+    #[test]
+    fn breaker_settings_out_of_range_are_named() {
+        for (member, value) in [
+            ("breaker_window", 65),
+            ("breaker_min_requests", 0),
+            ("breaker_min_requests", 21),
+            ("breaker_failure_percent", 0),
+            ("breaker_failure_percent", 101),
+            ("breaker_backoff_ms", 0),
+            ("breaker_max_backoff_ms", 10),
+        ] {
+            let mut doc = document();
+            doc["routing"][member] = value.into();
+            let err = GatewayConfig::from_json(&doc.to_string())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(member), "{member} = {value}: {err}");
+        }
+        let mut rate_off = document();
+        rate_off["routing"]["breaker_window"] = 0.into();
+        rate_off["routing"]["breaker_min_requests"] = 21.into();
+        assert!(GatewayConfig::from_json(&rate_off.to_string()).is_ok());
     }
 }

@@ -18,7 +18,9 @@ use crate::journal::{Ended, Journal};
 use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
-use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
+use crate::router::{
+    BreakerSettings, Registry, Worker, probe_all, run_health_checks, run_load_scrapes,
+};
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
@@ -35,6 +37,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self, crate::config::ConfigError> {
+        let breaker = BreakerSettings::of(&config.routing);
         let workers = config
             .workers
             .iter()
@@ -43,7 +46,9 @@ impl Gateway {
                     field: "workers",
                     message,
                 };
-                let worker = Worker::new(&w.url).map_err(|e| invalid(e.to_string()))?;
+                let worker = Worker::new(&w.url)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .with_breaker(breaker);
                 let worker = match &w.api_key {
                     Some(key) => worker
                         .with_api_key(key)
@@ -200,6 +205,8 @@ pub struct Control {
 pub struct WorkerStatus {
     pub url: String,
     pub healthy: bool,
+    /// Out of rotation by its circuit breaker (healthy or not).
+    pub ejected: bool,
     pub outstanding: usize,
     /// The gateway's requests it takes at once: its `max_concurrency` or the capacity learned
     /// from its reports; `None` when unbounded.
@@ -258,6 +265,7 @@ impl Control {
             .map(|w| WorkerStatus {
                 url: w.url.to_string(),
                 healthy: w.is_healthy(),
+                ejected: w.breaker_stats().ejected,
                 outstanding: w.outstanding(),
                 capacity: w.capacity(),
                 models: w.models().iter().map(|m| m.id.clone()).collect(),

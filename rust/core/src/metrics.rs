@@ -1,6 +1,7 @@
 //! The gateway's own `/metrics`: requests by outcome, tokens metered, rejections, retries,
-//! latency, and each worker's health and load, as Prometheus text (format 0.0.4) written by the
-//! `prometheus-client` crate. It does not read workers' `/metrics` (`router::load` does).
+//! latency, and each worker's health, circuit breaker and load, as Prometheus text (format 0.0.4)
+//! written by the `prometheus-client` crate. It does not read workers' `/metrics` (`router::load`
+//! does).
 //!
 //! Counters are fed by the metering guard (one update per dispatched request) and by the API's
 //! rejection paths; nothing here is on the per-chunk path of a stream. Every series whose labels
@@ -9,10 +10,10 @@
 //! `Ordering::Relaxed`: independent tallies, no memory published through them), and a histogram
 //! observation one uncontended lock; no label set is hashed after construction.
 //!
-//! What other parts own (the meter's queue, the quota's counters, each worker's health, in-flight
-//! count and reported load) is read once per scrape by a collector, [`Scrape`], rather than copied
-//! into gauges: nothing is stored twice, a worker that leaves or whose load is unknown simply has no
-//! sample, and two concurrent scrapes cannot interleave a clear and a set.
+//! What other parts own (the meter's queue, the quota's counters, each worker's health, circuit
+//! breaker, in-flight count and reported load) is read once per scrape by a collector, [`Scrape`],
+//! rather than copied into gauges: nothing is stored twice, a worker that leaves or whose load is
+//! unknown simply has no sample, and two concurrent scrapes cannot interleave a clear and a set.
 
 use std::fmt;
 use std::sync::Arc;
@@ -310,6 +311,27 @@ impl Collector for Scrape {
             HEALTHY,
             workers().map(|(url, w)| (url, u32::from(w.is_healthy()))),
         )?;
+        let breakers: Vec<_> = workers().map(|(url, w)| (url, w.breaker_stats())).collect();
+        per_worker(
+            &mut encoder,
+            EJECTED,
+            breakers.iter().map(|(url, b)| (*url, u32::from(b.ejected))),
+        )?;
+        per_worker_counter(
+            &mut encoder,
+            EJECTIONS,
+            breakers.iter().map(|(url, b)| (*url, b.ejections)),
+        )?;
+        per_worker_counter(
+            &mut encoder,
+            RETURNS,
+            breakers.iter().map(|(url, b)| (*url, b.returns)),
+        )?;
+        per_worker_counter(
+            &mut encoder,
+            TRIALS,
+            breakers.iter().map(|(url, b)| (*url, b.trials)),
+        )?;
         per_worker(
             &mut encoder,
             OUTSTANDING,
@@ -372,6 +394,19 @@ where
     Ok(())
 }
 
+/// A counter family with one sample per worker, labelled `worker`.
+fn per_worker_counter<'a>(
+    encoder: &mut DescriptorEncoder,
+    (name, help): Descriptor,
+    samples: impl Iterator<Item = (&'a str, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (url, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&[("worker", url)])?)?;
+    }
+    Ok(())
+}
+
 const QUEUED: Descriptor = (
     "tokengate_queued_requests",
     "Requests waiting in the gateway's queue for a worker with room, by model, tenant and priority class.",
@@ -398,7 +433,23 @@ const QUOTA_FALLBACKS: Descriptor = (
 );
 const HEALTHY: Descriptor = (
     "tokengate_worker_healthy",
-    "1 while the worker is in rotation.",
+    "1 while the worker is up (its health probes pass); see tokengate_worker_ejected for its circuit breaker.",
+);
+const EJECTED: Descriptor = (
+    "tokengate_worker_ejected",
+    "1 while the worker's circuit breaker keeps it out of rotation (its backoff, or its trial request, runs).",
+);
+const EJECTIONS: Descriptor = (
+    "tokengate_worker_ejections",
+    "Times the worker's circuit breaker ejected it (failed trial requests included).",
+);
+const RETURNS: Descriptor = (
+    "tokengate_worker_returns",
+    "Times the worker returned to rotation after an ejection (its trial request was answered).",
+);
+const TRIALS: Descriptor = (
+    "tokengate_worker_trial_requests",
+    "Requests sent to the worker as its trial while its circuit breaker was half-open.",
 );
 const OUTSTANDING: Descriptor = (
     "tokengate_worker_outstanding_requests",
@@ -524,6 +575,15 @@ mod tests {
             value(&text, "tokengate_worker_healthy{worker=\"http://w:1\"}"),
             Some("0")
         );
+        for (series, zero) in [
+            ("tokengate_worker_ejected", "0"),
+            ("tokengate_worker_ejections_total", "0"),
+            ("tokengate_worker_returns_total", "0"),
+            ("tokengate_worker_trial_requests_total", "0"),
+        ] {
+            let series = format!("{series}{{worker=\"http://w:1\"}}");
+            assert_eq!(value(&text, &series), Some(zero), "{series}");
+        }
         let running = "tokengate_worker_running_requests{worker=\"http://w:1\"}";
         assert_eq!(value(&text, running), None, "no scrape yet, no sample");
         registry.workers()[0].set_load(Some(Load {
@@ -691,6 +751,10 @@ mod tests {
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_worker_healthy", "gauge"),
+            ("tokengate_worker_ejected", "gauge"),
+            ("tokengate_worker_ejections_total", "counter"),
+            ("tokengate_worker_returns_total", "counter"),
+            ("tokengate_worker_trial_requests_total", "counter"),
             ("tokengate_worker_outstanding_requests", "gauge"),
             ("tokengate_worker_running_requests", "gauge"),
             ("tokengate_worker_waiting_requests", "gauge"),

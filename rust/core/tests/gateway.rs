@@ -187,6 +187,71 @@ async fn failing_worker_is_retried_on_another() {
     );
 }
 
+/// The value of a sample of the gateway's (or a simulator's) `/metrics`, 0 when absent.
+async fn sample(addr: SocketAddr, series: &str) -> f64 {
+    let (_, _, text) = exchange(addr, "GET", "/metrics", None).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_worker_is_ejected_and_its_trial_returns_it_once_it_recovers() {
+    let failing = sim(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let good = sim(SimConfig::default()).await;
+    let urls = [&failing, &good].map(|w| format!("http://{}", w.local_addr()));
+    let breaker = json!({ "breaker_backoff_ms": 20, "breaker_max_backoff_ms": 20 });
+    let (gateway, addr) = gateway_at(&urls, breaker).await;
+    let series = |name: &str| format!("tokengate_worker_{name}{{worker=\"{}\"}}", urls[0]);
+    let request = json!({"model": "sim-model", "prompt": "a b", "max_tokens": 2});
+    let mut sent = 0;
+    // Five failures in a row eject it; each failed request is retried on the other worker.
+    while sample(addr, &series("ejected")).await == 0.0 {
+        assert!(sent < 20, "not ejected after {sent} requests");
+        let (status, body) = post(addr, "/v1/completions", request.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent += 1;
+    }
+    assert_eq!(sample(addr, &series("ejections_total")).await, 1.0);
+    // Healthy all along: ejected is not down.
+    assert_eq!(sample(addr, &series("healthy")).await, 1.0);
+    let (status, _) = post(
+        failing.local_addr(),
+        "/sim/faults",
+        json!({"error_rate": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // Once its backoff has run out, the next request is its trial, and brings it back.
+    while sample(addr, &series("returns_total")).await == 0.0 {
+        assert!(sent < 2_000, "not back after {sent} requests");
+        let (status, body) = post(addr, "/v1/completions", request.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(sample(addr, &series("trial_requests_total")).await, 1.0);
+    assert_eq!(sample(addr, &series("ejected")).await, 0.0);
+    // Every request answered and metered to the token the workers generated, trial included.
+    let events = events(&gateway, sent).await;
+    assert_eq!(events.len(), sent);
+    assert!(events.iter().all(|e| e.status == Status::Completed));
+    let tokens = r#"vllm:generation_tokens_total{engine="0",model_name="sim-model"}"#;
+    let generated =
+        sample(failing.local_addr(), tokens).await + sample(good.local_addr(), tokens).await;
+    let metered: u64 = events.iter().map(|e| e.completion_tokens).sum();
+    assert_eq!(metered as f64, generated);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.worker.as_deref() == Some(urls[0].as_str()))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_5xx_on_the_last_attempt_is_relayed_as_sent() {
     let broken = sim(SimConfig {

@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::config::SimConfig;
+use super::faults::Faults;
 use super::metrics::{Metrics, Outcome};
 use super::plan::Plan;
 use super::response::{ApiError, json_string};
@@ -23,6 +24,8 @@ use super::tokens::splitmix64;
 pub(crate) struct Engine {
     pub config: SimConfig,
     pub metrics: Metrics,
+    /// The failure rates now (the config's until `/sim/faults` changes them).
+    pub faults: Faults,
     /// The served model name, JSON-encoded once.
     pub model_json: String,
     slots: Arc<Semaphore>,
@@ -39,6 +42,7 @@ impl Engine {
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
             metrics: Metrics::new(&config.model, config.max_num_seqs, config.max_model_len),
+            faults: Faults::new(&config),
             model_json: json_string(&config.model),
             slots: Arc::new(Semaphore::new(config.max_num_seqs)),
             errors: Dice::new(config.seed, 1),
@@ -51,12 +55,20 @@ impl Engine {
 
     /// Whether this generation request fails with a 500 (`error_rate`).
     pub(crate) fn roll_error(&self) -> bool {
-        self.errors.hit(self.config.error_rate)
+        let hit = self.errors.hit(self.faults.error_rate());
+        if hit {
+            self.faults.injected(true);
+        }
+        hit
     }
 
     /// Whether this streaming request's connection dies halfway (`die_rate`).
     pub(crate) fn roll_death(&self) -> bool {
-        self.deaths.hit(self.config.die_rate)
+        let hit = self.deaths.hit(self.faults.die_rate());
+        if hit {
+            self.faults.injected(false);
+        }
+        hit
     }
 
     /// 32 lowercase hex digits, like the uuid4 hex vLLM uses for ids.

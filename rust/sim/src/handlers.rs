@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::config::SimConfig;
 use super::engine::{Engine, Generation};
+use super::faults::FaultsUpdate;
 use super::plan::{Kind, StreamMode};
 use super::request::{self, Message};
 use super::response::{self, ApiError, Head, json_response};
@@ -42,6 +43,7 @@ pub fn app(config: SimConfig) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
+        .route("/sim/faults", get(faults).post(set_faults))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
@@ -51,14 +53,17 @@ pub fn app(config: SimConfig) -> Router {
         .with_state(engine)
 }
 
-/// vLLM's `--api-key` check: `/v1/...` routes need the key; health, metrics and the rest don't.
+/// vLLM's `--api-key` check: `/v1/...` routes need the key (and the simulator's own `/sim/...`);
+/// health, metrics and the rest don't.
 async fn require_api_key(
     State(engine): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if let Some(key) = engine.config.api_key.as_deref()
-        && request.uri().path().starts_with("/v1")
+        && ["/v1", "/sim/"]
+            .iter()
+            .any(|prefix| request.uri().path().starts_with(prefix))
     {
         let presented = request
             .headers()
@@ -168,6 +173,28 @@ async fn metrics(State(engine): State<AppState>) -> Response {
         engine.metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /sim/faults`: the failure rates now and the failures injected so far (the simulator's own
+/// route, not vLLM's).
+async fn faults(State(engine): State<AppState>) -> Response {
+    json_response(StatusCode::OK, engine.faults.body())
+}
+
+/// `POST /sim/faults` with `{"error_rate": 0.0, "die_rate": 0.1}` (either may be left out): the
+/// rates from the next request on; answers as `GET` does.
+async fn set_faults(State(engine): State<AppState>, body: Bytes) -> Response {
+    let update: FaultsUpdate = match serde_json::from_slice(&body) {
+        Ok(update) => update,
+        Err(e) => {
+            return ApiError::bad_request(format!("Invalid request body: {e}")).into_response();
+        }
+    };
+    match engine.faults.apply(&update) {
+        Ok(()) => json_response(StatusCode::OK, engine.faults.body()),
+        Err(name) => ApiError::bad_request(format!("{name} must be a fraction between 0 and 1"))
+            .into_response(),
+    }
 }
 
 /// `/tokenize` takes a completions-style `prompt` string or chat `messages`.

@@ -7,6 +7,7 @@
 mod config;
 mod engine;
 mod exposition;
+mod faults;
 mod handlers;
 mod metrics;
 mod plan;

@@ -580,6 +580,40 @@ mod sim {
     }
 
     #[tokio::test]
+    async fn faults_change_while_it_runs() {
+        let sim = Sim::start(SimConfig {
+            error_rate: 1.0,
+            ..SimConfig::default()
+        })
+        .await;
+        let request = json!({"prompt": "x", "max_tokens": 1});
+        let (status, _) = sim.post_json("/v1/completions", request.clone()).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let (status, v) = sim
+            .post_json("/sim/faults", json!({"error_rate": 0.0}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            v,
+            json!({"error_rate": 0.0, "die_rate": 0.0, "errors_injected": 1, "deaths_injected": 0})
+        );
+        let (status, _) = sim.post_json("/v1/completions", request).await;
+        assert_eq!(status, StatusCode::OK);
+        for bad in [
+            json!({"error_rate": 2.0}),
+            json!({"error_rate": "0"}),
+            json!({"errors": 0}),
+        ] {
+            let (status, v) = sim.post_json("/sim/faults", bad.clone()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(v["error"]["type"], "BadRequestError", "{v}");
+        }
+        let (status, _, body) = sim.call(Method::GET, "/sim/faults", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(r#""error_rate":0.0"#), "{body}");
+    }
+
+    #[tokio::test]
     async fn api_key_guards_v1_routes_like_vllm() {
         let sim = Sim::start(SimConfig {
             api_key: Some("k1".into()),
@@ -591,6 +625,9 @@ mod sim {
         assert_eq!(body, r#"{"error":"Unauthorized"}"#);
         let (status, _, _) = sim.call(Method::GET, "/health", "").await;
         assert_eq!(status, StatusCode::OK);
+        // The simulator's own control route is guarded too.
+        let (status, _, _) = sim.call(Method::GET, "/sim/faults", "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
         let wrong = sim
             .send(
                 Method::GET,

@@ -2,7 +2,8 @@
 //!
 //! A request may move to another worker while nothing has reached the client: when a worker
 //! cannot be reached, breaks the connection, answers 5xx, or (streaming) fails before its first
-//! event. From the first relayed byte on, the response belongs to that worker.
+//! event. From the first relayed byte on, the response belongs to that worker. Each attempt's
+//! outcome feeds the worker's circuit breaker (`router::breaker`).
 
 use std::sync::Arc;
 
@@ -129,11 +130,13 @@ async fn answer(parts: Parts, body: Bytes, meter: MeterGuard) -> Outcome {
 }
 
 /// One attempt on the worker `outstanding` counts it on: its answer, or why there is none to
-/// relay.
+/// relay. The outcome goes to the worker's circuit breaker: an answer below 500 (a 4xx is the
+/// client's fault) or a stream's first event is an answer; a 5xx, a broken connection or no
+/// answer in time is a failure; a refused connection marks the worker down instead.
 async fn attempt(
     state: &AppState,
     request: &InferenceRequest,
-    outstanding: Outstanding,
+    mut outstanding: Outstanding,
     body: Bytes,
     meter: &MeterGuard,
 ) -> Result<Reply, Failure> {
@@ -158,6 +161,7 @@ async fn attempt(
             worker.set_healthy(false);
             ApiError::NoHealthyWorker(request.model.clone())
         } else {
+            outstanding.failed();
             gateway_error(error)
         })
     })?;
@@ -171,9 +175,11 @@ async fn attempt(
                 .await
                 .map_err(|error| {
                     tracing::warn!(%error, "worker failed before its first event");
+                    outstanding.failed();
                     Failure::Gateway(gateway_error(error))
                 })?;
         state.meter.metrics().first_byte(meter.elapsed());
+        outstanding.answered();
         return Ok(Reply::Stream {
             parts,
             first,
@@ -183,11 +189,15 @@ async fn attempt(
     }
     let body = collect(incoming, &worker.url, deadline)
         .await
-        .map_err(|error| Failure::Gateway(gateway_error(error)))?;
-    drop(outstanding);
+        .map_err(|error| {
+            outstanding.failed();
+            Failure::Gateway(gateway_error(error))
+        })?;
     if parts.status.is_server_error() {
+        outstanding.failed();
         Err(Failure::Worker { parts, body })
     } else {
+        outstanding.answered();
         Ok(Reply::Complete { parts, body })
     }
 }

@@ -5,7 +5,8 @@
 //! when the client disconnects and the response body is dropped (which also drops the upstream
 //! body and so closes the worker connection, cancelling generation there). A worker that goes
 //! silent mid-stream for longer than the idle timeout is taken out of rotation and the stream
-//! ends with an error event, billed for what was relayed.
+//! ends with an error event, billed for what was relayed; a stream that breaks off counts as a
+//! failure for the worker's circuit breaker.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -415,9 +416,11 @@ impl Relay {
         }
     }
 
-    /// Ends the client's stream with an error event, unless it already ended properly.
+    /// Ends the client's stream with an error event, unless it already ended properly; the
+    /// worker's circuit breaker counts the failure (its start counted as an answer).
     fn fail(&mut self, reason: &'static str) -> Option<Relayed> {
         let meter = self.meter.take()?;
+        self.outstanding.failed();
         self.synced = meter.finish_synced(Status::Failed);
         let mut out = BytesMut::new();
         self.release_held(&mut out);

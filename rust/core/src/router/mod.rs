@@ -1,6 +1,7 @@
-//! Which worker serves a request: the worker registry, its health checks and load scrapes, and
-//! the routing policies.
+//! Which worker serves a request: the worker registry, its health checks, circuit breakers and
+//! load scrapes, and the routing policies.
 
+mod breaker;
 mod health;
 mod load;
 mod policy;
@@ -8,6 +9,7 @@ mod registry;
 mod scrape;
 mod worker;
 
+pub use breaker::{Admission, BreakerSettings, BreakerStats};
 pub use health::{probe_all, run_health_checks};
 pub use load::Load;
 pub use policy::{Candidate, Features, LeastLoad, RoutingPolicy};

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::breaker::Admission;
 use super::policy::{Candidate, Features, RoutingPolicy};
 use super::worker::Worker;
 
@@ -61,8 +62,11 @@ impl Registry {
         }
     }
 
-    /// The worker `policy` chooses for a request with `features` among the eligible workers
-    /// (healthy, serving its model, their index not in `tried`) that have room.
+    /// The worker for a request with `features`, among the eligible workers (healthy, serving its
+    /// model, their index not in `tried`) that have room. A worker whose circuit breaker is
+    /// half-open takes it as its trial; otherwise `policy` chooses among those in rotation. Only
+    /// when every eligible worker is ejected does it choose among the ejected ones: a worker that
+    /// fails half its requests serves better than none.
     pub fn pick(
         &self,
         policy: &dyn RoutingPolicy,
@@ -70,17 +74,28 @@ impl Registry {
         tried: &[usize],
     ) -> Pick {
         let mut eligible = false;
-        let candidates: Vec<Candidate<'_>> = self
-            .workers
-            .iter()
-            .enumerate()
-            .filter(|(index, worker)| {
-                !tried.contains(index) && worker.is_healthy() && worker.serves(features.model)
-            })
-            .inspect(|_| eligible = true)
-            .filter(|(_, worker)| worker.has_room())
-            .map(|(index, worker)| Candidate { index, worker })
-            .collect();
+        let mut in_rotation = false;
+        let mut candidates: Vec<Candidate<'_>> = Vec::new();
+        let mut ejected: Vec<Candidate<'_>> = Vec::new();
+        for (index, worker) in self.workers.iter().enumerate() {
+            if tried.contains(&index) || !worker.is_healthy() || !worker.serves(features.model) {
+                continue;
+            }
+            eligible = true;
+            let admission = worker.admission();
+            in_rotation |= admission != Admission::Ejected;
+            if !worker.has_room() {
+                continue;
+            }
+            match admission {
+                Admission::Trial => return Pick::Placed(index, worker.clone()),
+                Admission::Closed => candidates.push(Candidate { index, worker }),
+                Admission::Ejected => ejected.push(Candidate { index, worker }),
+            }
+        }
+        if !in_rotation {
+            candidates = ejected;
+        }
         let chosen = policy
             .choose(features, &candidates)
             .and_then(|position| candidates.get(position));
@@ -133,12 +148,26 @@ impl Registry {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use std::time::Duration;
+
+    use super::super::breaker::BreakerSettings;
+    use super::super::policy::LeastLoad;
     use super::super::worker::ModelCard;
     use super::*;
+    use crate::request::Endpoint;
     use serde_json::value::RawValue;
 
     pub(in crate::router) fn worker(url: &str, models: &[&str], healthy: bool) -> Arc<Worker> {
-        let Ok(worker) = Worker::new(url) else {
+        worker_with(url, models, healthy, BreakerSettings::OFF)
+    }
+
+    fn worker_with(
+        url: &str,
+        models: &[&str],
+        healthy: bool,
+        breaker: BreakerSettings,
+    ) -> Arc<Worker> {
+        let Ok(worker) = Worker::new(url).map(|w| w.with_breaker(breaker)) else {
             panic!("bad url {url}")
         };
         worker.set_models(
@@ -193,5 +222,90 @@ pub(super) mod tests {
             .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
             .unwrap_or_default();
         assert_eq!(ids, ["m", "n", "o"]);
+    }
+
+    fn breaking(url: &str) -> Arc<Worker> {
+        let settings = BreakerSettings {
+            consecutive_failures: 2,
+            window: 0,
+            min_requests: 1,
+            failure_percent: 100,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(100),
+        };
+        worker_with(url, &["m"], true, settings)
+    }
+
+    fn placed(registry: &Registry, tried: &[usize]) -> Option<usize> {
+        let features = Features {
+            model: "m",
+            endpoint: Endpoint::Completions,
+            prompt_bytes: 1,
+            sequences: 1,
+        };
+        match registry.pick(&LeastLoad::default(), &features, tried) {
+            Pick::Placed(index, _) => Some(index),
+            Pick::AllFull | Pick::NoneEligible => None,
+        }
+    }
+
+    fn fail_twice(worker: &Arc<Worker>) {
+        for _ in 0..2 {
+            worker.begin().failed();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_worker_is_skipped_then_takes_one_trial() {
+        let (a, b) = (breaking("http://a"), breaking("http://b"));
+        let registry = Registry::new(vec![a.clone(), b.clone()]);
+        fail_twice(&a);
+        assert_eq!(a.admission(), Admission::Ejected);
+        // Healthy all along, but out of rotation: the other worker takes everything.
+        assert!(a.is_healthy());
+        assert!((0..4).all(|_| placed(&registry, &[]) == Some(1)));
+        // A retry after the other failed: the ejected worker is all that is left, so it serves.
+        assert_eq!(placed(&registry, &[1]), Some(0));
+        // A request placed there before its ejection, still running.
+        let busy = a.begin();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // Half-open: the next request is its trial, though least-load would choose the other.
+        assert_eq!(placed(&registry, &[]), Some(0));
+        let mut trial = registry.workers()[0].begin();
+        drop(busy);
+        // While the trial runs, nothing else goes there.
+        assert_eq!(placed(&registry, &[]), Some(1));
+        trial.answered();
+        assert_eq!(a.admission(), Admission::Closed);
+        let stats = a.breaker_stats();
+        assert_eq!((stats.ejections, stats.returns, stats.trials), (1, 1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_every_worker_ejected_they_serve_anyway() {
+        let (a, b) = (breaking("http://a"), breaking("http://b"));
+        let registry = Registry::new(vec![a.clone(), b.clone()]);
+        fail_twice(&a);
+        fail_twice(&b);
+        assert!(placed(&registry, &[]).is_some());
+        assert_eq!(placed(&registry, &[0]), Some(1));
+        // A worker that is down is not eligible at all, ejected or not.
+        b.set_healthy(false);
+        assert_eq!(placed(&registry, &[]), Some(0));
+        assert_eq!(placed(&registry, &[0]), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_whose_request_never_ends_passes_on() {
+        let a = breaking("http://a");
+        fail_twice(&a);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // Placed as the trial, then dropped without an outcome (its client left).
+        drop(a.begin());
+        assert_eq!(a.admission(), Admission::Trial);
+        let mut trial = a.begin();
+        trial.failed();
+        assert_eq!(a.admission(), Admission::Ejected);
+        assert_eq!(a.breaker_stats().trials, 2);
     }
 }

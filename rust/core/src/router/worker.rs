@@ -1,5 +1,5 @@
-//! One worker as the router sees it: address, health, models served, requests in flight and the
-//! load it last reported.
+//! One worker as the router sees it: address, health, circuit breaker, models served, requests in
+//! flight and the load it last reported.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -10,6 +10,7 @@ use http::{HeaderValue, Uri};
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
+use super::breaker::{Admission, Breaker, BreakerSettings, BreakerStats, Change};
 use super::load::Load;
 use crate::request::Endpoint;
 
@@ -36,6 +37,8 @@ pub struct Worker {
     // Relaxed everywhere below: each atomic is an independent hint read by the routing policy;
     // nothing else is published through it.
     healthy: AtomicBool,
+    /// Ejects it while its answers fail; apart from `healthy`, which says whether it is up.
+    breaker: Breaker,
     outstanding: AtomicUsize,
     /// The models of the last successful probe, kept while the worker is down so that a request
     /// for its model is answered 503 (temporarily unavailable), not 404 (no such model).
@@ -97,6 +100,7 @@ impl Worker {
             metrics_uri: uri("/metrics")?,
             tokenize_uri: uri("/tokenize")?,
             healthy: AtomicBool::new(false),
+            breaker: Breaker::new(BreakerSettings::OFF),
             outstanding: AtomicUsize::new(0),
             models: ArcSwap::from_pointee(Vec::new()),
             listed: AtomicBool::new(false),
@@ -119,6 +123,12 @@ impl Worker {
     /// [`Worker::set_load`]).
     pub fn learning_capacity(mut self) -> Self {
         self.learns = self.max_concurrency.is_none();
+        self
+    }
+
+    /// Ejected by a circuit breaker with these `settings` (without one it never is).
+    pub fn with_breaker(mut self, settings: BreakerSettings) -> Self {
+        self.breaker = Breaker::new(settings);
         self
     }
 
@@ -191,6 +201,36 @@ impl Worker {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Whether its circuit breaker lets a request in (see `breaker`).
+    pub fn admission(&self) -> Admission {
+        self.breaker.admission()
+    }
+
+    pub fn breaker_stats(&self) -> BreakerStats {
+        self.breaker.stats()
+    }
+
+    /// Feeds one request's outcome to the breaker and logs what that changed.
+    fn report(&self, failed: bool, trial: bool) {
+        match self.breaker.record(failed, trial) {
+            None => {}
+            Some(Change::Ejected { trip, backoff }) => tracing::warn!(
+                worker = %self.url,
+                reason = %trip,
+                backoff_ms = backoff.as_millis() as u64,
+                "worker ejected by its circuit breaker; a trial request after the backoff decides its return"
+            ),
+            Some(Change::Returned { out_for }) => {
+                tracing::info!(
+                    worker = %self.url,
+                    out_for_ms = out_for.as_millis() as u64,
+                    "worker returned to rotation: its trial request was answered"
+                );
+                self.gained_room();
+            }
+        }
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         self.models.load().iter().any(|m| m.id == model)
     }
@@ -253,27 +293,57 @@ impl Worker {
         }
     }
 
-    /// Counts a request against this worker until the returned guard drops.
+    /// Counts a request against this worker until the returned guard drops. When its circuit
+    /// breaker is half-open, the request is its trial.
     pub fn begin(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        Outstanding(self.clone())
+        let trial = self.breaker.claim_trial();
+        if trial {
+            tracing::info!(worker = %self.url, "worker half-open: a trial request goes to it");
+        }
+        Outstanding {
+            worker: self.clone(),
+            trial,
+        }
     }
 }
 
-/// One request in flight on a worker.
+/// One request in flight on a worker; it reports the request's outcome to the worker's circuit
+/// breaker.
 #[derive(Debug)]
-pub struct Outstanding(Arc<Worker>);
+pub struct Outstanding {
+    worker: Arc<Worker>,
+    /// Whether it is the worker's trial and its outcome is not in yet.
+    trial: bool,
+}
 
 impl Outstanding {
     pub fn worker(&self) -> &Arc<Worker> {
-        &self.0
+        &self.worker
+    }
+
+    /// The worker answered: a status below 500 (a 4xx is the client's fault), or a stream's first
+    /// event.
+    pub fn answered(&mut self) {
+        self.worker.report(false, std::mem::take(&mut self.trial));
+    }
+
+    /// The worker failed the request: a 5xx, a broken connection, no answer in time, or a
+    /// stream that broke off. A connection it refused is not reported: that worker is down,
+    /// which its health checks handle.
+    pub fn failed(&mut self) {
+        self.worker.report(true, std::mem::take(&mut self.trial));
     }
 }
 
 impl Drop for Outstanding {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.0.gained_room();
+        if self.trial {
+            // Neither answered nor failed: the client left, or the worker was not reached.
+            self.worker.breaker.abandon_trial();
+        }
+        self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.worker.gained_room();
     }
 }
 
