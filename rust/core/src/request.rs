@@ -250,52 +250,6 @@ pub fn check_request_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The members of a generation request (chat or completions) after its model: what it streams,
-/// generates and for how many prompts.
-fn generation_fields(endpoint: Endpoint, members: &Members<'_>) -> Result<Fields, ApiError> {
-    let stream = member::<bool>(members.stream, "stream", "a boolean")?.unwrap_or(false);
-    let options: Option<StreamOptions> =
-        member(members.stream_options, "stream_options", "an object")?;
-    let max_completion_tokens = member::<u64>(
-        members.max_completion_tokens,
-        "max_completion_tokens",
-        "a non-negative integer",
-    )?;
-    let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
-    let n = member::<u64>(members.n, "n", "a positive integer")?;
-    check_n(n)?;
-    let prompts = if endpoint == Endpoint::ChatCompletions {
-        require_kind(members.messages, "messages", b"[", "an array of messages")?;
-        1
-    } else {
-        require_kind(
-            members.prompt,
-            "prompt",
-            b"[\"",
-            "a string, an array of strings or an array of token ids",
-        )?;
-        members.prompt.map_or(1, prompt_count)
-    };
-    // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
-    let client_usage = options.map_or_else(UsageOptions::default, |o| UsageOptions {
-        include_usage: o.include_usage.unwrap_or(true),
-        continuous_usage_stats: o.continuous_usage_stats.unwrap_or(false),
-    });
-    let max_tokens = if endpoint == Endpoint::ChatCompletions {
-        max_completion_tokens.or(max_tokens)
-    } else {
-        max_tokens
-    };
-    Ok(Fields {
-        model: None,
-        stream,
-        client_usage,
-        max_tokens,
-        n,
-        prompts,
-    })
-}
-
 impl InferenceRequest {
     /// Parses an OpenAI JSON body for `endpoint`.
     pub fn from_json(
@@ -316,16 +270,61 @@ impl InferenceRequest {
         if let Some(id) = &client_request_id {
             check_request_id(id)?;
         }
-        let fields = match endpoint {
-            Endpoint::ChatCompletions | Endpoint::Completions => {
-                generation_fields(endpoint, &members)?
-            }
+        if endpoint == Endpoint::Embeddings {
             // vLLM reads no `stream`, `n` nor `max_tokens` on embeddings (it ignores them, and so
             // does the gateway: they pass through).
-            Endpoint::Embeddings => Fields {
+            let fields = Fields {
                 prompts: embedding::prompts(members.input, members.messages)?,
                 ..Fields::default()
-            },
+            };
+            return Ok(Self::checked(
+                endpoint,
+                model,
+                fields,
+                client_request_id,
+                body,
+            ));
+        }
+        let stream = member::<bool>(members.stream, "stream", "a boolean")?.unwrap_or(false);
+        let options: Option<StreamOptions> =
+            member(members.stream_options, "stream_options", "an object")?;
+        let max_completion_tokens = member::<u64>(
+            members.max_completion_tokens,
+            "max_completion_tokens",
+            "a non-negative integer",
+        )?;
+        let max_tokens = member::<u64>(members.max_tokens, "max_tokens", "a non-negative integer")?;
+        let n = member::<u64>(members.n, "n", "a positive integer")?;
+        check_n(n)?;
+        let prompts = if endpoint == Endpoint::ChatCompletions {
+            require_kind(members.messages, "messages", b"[", "an array of messages")?;
+            1
+        } else {
+            require_kind(
+                members.prompt,
+                "prompt",
+                b"[\"",
+                "a string, an array of strings or an array of token ids",
+            )?;
+            members.prompt.map_or(1, prompt_count)
+        };
+        // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
+        let client_usage = options.map_or_else(UsageOptions::default, |o| UsageOptions {
+            include_usage: o.include_usage.unwrap_or(true),
+            continuous_usage_stats: o.continuous_usage_stats.unwrap_or(false),
+        });
+        let max_tokens = if endpoint == Endpoint::ChatCompletions {
+            max_completion_tokens.or(max_tokens)
+        } else {
+            max_tokens
+        };
+        let fields = Fields {
+            model: None,
+            stream,
+            client_usage,
+            max_tokens,
+            n,
+            prompts,
         };
         Ok(Self::checked(
             endpoint,
