@@ -72,7 +72,9 @@ class UsageEventDocument(TypedDict):
             "its own events (an internal address)."
         ),
     ]
-    endpoint: Annotated[str, Field(description="`chat.completions` or `completions`.")]
+    endpoint: Annotated[
+        str, Field(description="`chat.completions`, `completions` or `embeddings`.")
+    ]
     stream: bool
     status: Annotated[str, Field(description="`completed`, `cancelled`, `failed`, `interrupted`.")]
     http_status: int

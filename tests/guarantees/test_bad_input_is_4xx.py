@@ -96,6 +96,26 @@ BAD_CHAT_BODIES: list[bytes] = [
     b'{"model": "sim-model", "messages": [], "max_completion_tokens": -3}',
 ]
 
+BAD_EMBEDDING_BODIES: list[bytes] = [
+    b'{"model": "sim-model"}',
+    b'{"model": "sim-model", "input": null}',
+    b'{"model": "sim-model", "input": []}',
+    b'{"model": "sim-model", "input": [[]]}',
+    b'{"model": "sim-model", "input": [1, "two"]}',
+    b'{"model": "sim-model", "input": [[[1]]]}',
+    b'{"model": "sim-model", "input": true}',
+    b'{"model": "sim-model", "input": [18446744073709551616]}',
+    b'{"model": "sim-model", "input": [-1]}',
+    b'{"model": "sim-model", "input": [1e400]}',
+    b'{"model": "sim-model", "input": "x", "input": "y"}',
+    b'{"model": "sim-model", "input": "x", "dimensions": 18446744073709551616}',
+    b'{"model": "sim-model", "input": "x", "dimensions": -1}',
+    b'{"model": "sim-model", "input": "x", "encoding_format": "hex"}',
+    b'{"model": "sim-model", "messages": "hello"}',
+    b'{"model": "sim-model", "messages": [[]]}',
+    b'{"model": "sim-model", "input": ' + b"[" * 200 + b"]" * 200 + b"}",
+]
+
 
 def _assert_openai_error(response: httpx.Response) -> None:
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
@@ -135,6 +155,15 @@ class TestTheOpenAIApi:
     def test_bad_chat_bodies_are_4xx(self, stack: Stack, body: bytes) -> None:
         response = httpx.post(
             f"{stack.base_url}/chat/completions",
+            content=body,
+            headers={"authorization": f"Bearer {stack.key}"},
+        )
+        _assert_openai_error(response)
+
+    @pytest.mark.parametrize("body", BAD_EMBEDDING_BODIES, ids=range(len(BAD_EMBEDDING_BODIES)))
+    def test_bad_embedding_bodies_are_4xx(self, stack: Stack, body: bytes) -> None:
+        response = httpx.post(
+            f"{stack.base_url}/embeddings",
             content=body,
             headers={"authorization": f"Bearer {stack.key}"},
         )

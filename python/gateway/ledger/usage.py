@@ -65,7 +65,7 @@ class UsageEvent(NamedTuple):
     key_id: str
     model: str
     worker: str | None
-    endpoint: str  # "chat.completions" | "completions"
+    endpoint: str  # "chat.completions" | "completions" | "embeddings"
     stream: bool
     status: str  # "completed" | "cancelled" | "failed" | "interrupted"
     http_status: int

@@ -40,7 +40,7 @@ use crate::usage::{Status, UsageEvent};
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// In the order of the first index of `GatewayMetrics::requests`.
-const ENDPOINTS: [Endpoint; 2] = [Endpoint::ChatCompletions, Endpoint::Completions];
+const ENDPOINTS: [Endpoint; 3] = Endpoint::ALL;
 /// In the order of its second index; an interrupted request counts as failed.
 const STATUSES: [Status; 3] = [Status::Completed, Status::Cancelled, Status::Failed];
 
@@ -73,7 +73,7 @@ pub struct GatewayMetrics {
     /// Every family below, registered once; encoded at each scrape.
     families: Families,
     /// Handles into `tokengate_requests_total`: [endpoint][status], as `ENDPOINTS` × `STATUSES`.
-    requests: [[Counter; 3]; 2],
+    requests: [[Counter; 3]; ENDPOINTS.len()],
     prompt_tokens: Counter,
     cached_tokens: Counter,
     completion_tokens: Counter,
@@ -196,6 +196,7 @@ impl GatewayMetrics {
         let endpoint = match event.endpoint {
             Endpoint::ChatCompletions => 0,
             Endpoint::Completions => 1,
+            Endpoint::Embeddings => 2,
         };
         let status = match event.status {
             Status::Completed => 0,
@@ -515,6 +516,32 @@ mod tests {
     }
 
     #[test]
+    fn each_endpoint_counts_under_its_own_name() {
+        let metrics = GatewayMetrics::default();
+        for (times, endpoint) in Endpoint::ALL.into_iter().enumerate() {
+            for _ in 0..=times {
+                let event = UsageEvent {
+                    endpoint,
+                    ..event(Status::Completed, 0)
+                };
+                metrics.observe_event(&event, Duration::from_millis(1));
+            }
+        }
+        let text = metrics.render(&one_worker(), 0, QuotaStats::default(), Vec::new());
+        for (times, endpoint) in Endpoint::ALL.into_iter().enumerate() {
+            let series = format!(
+                "tokengate_requests_total{{endpoint=\"{}\",status=\"completed\"}}",
+                endpoint.as_str()
+            );
+            assert_eq!(
+                value(&text, &series),
+                Some(&*(times + 1).to_string()),
+                "{series}"
+            );
+        }
+    }
+
+    #[test]
     fn renders_what_was_observed() {
         let metrics = GatewayMetrics::default();
         metrics.observe_event(&event(Status::Completed, 5), Duration::from_millis(3));
@@ -773,12 +800,13 @@ mod tests {
             values.sort_unstable();
             values
         };
-        assert_eq!(families["tokengate_requests_total"].samples.len(), 6);
+        assert_eq!(families["tokengate_requests_total"].samples.len(), 9);
         assert_eq!(
             labels("tokengate_requests_total", "endpoint"),
             ["chat.completions"; 3]
                 .into_iter()
                 .chain(["completions"; 3])
+                .chain(["embeddings"; 3])
                 .collect::<Vec<_>>()
         );
         let mut reasons = REJECTIONS.map(String::from).to_vec();

@@ -4,6 +4,8 @@
 //! worker untouched (vLLM's extras included). It does not check what only the worker can judge,
 //! such as whether a prompt fits the context.
 
+mod embedding;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +24,7 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 pub const MAX_MODEL_BYTES: usize = 512;
 
 /// The members the gateway reads, by name (for errors that must name one).
-pub(crate) const MEMBERS: [&str; 9] = [
+pub(crate) const MEMBERS: [&str; 10] = [
     "model",
     "stream",
     "stream_options",
@@ -32,6 +34,7 @@ pub(crate) const MEMBERS: [&str; 9] = [
     "messages",
     "prompt",
     "priority",
+    "input",
 ];
 
 /// The longest wait a client may ask for (`X-Request-Timeout`): a day.
@@ -98,21 +101,28 @@ pub fn request_timeout(value: &[u8]) -> Result<Duration, ApiError> {
         })
 }
 
-/// Which OpenAI generation endpoint a request is for; serialised as its name in usage events.
+/// Which OpenAI endpoint a request is for; serialised as its name in usage events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Endpoint {
     #[serde(rename = "chat.completions")]
     ChatCompletions,
     #[serde(rename = "completions")]
     Completions,
+    /// Embeddings of an `input`: a prompt read, nothing generated.
+    #[serde(rename = "embeddings")]
+    Embeddings,
 }
 
 impl Endpoint {
+    /// Every endpoint, in a fixed order.
+    pub const ALL: [Self; 3] = [Self::ChatCompletions, Self::Completions, Self::Embeddings];
+
     /// The worker path this endpoint is served at.
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
         }
     }
 
@@ -121,7 +131,13 @@ impl Endpoint {
         match self {
             Self::ChatCompletions => "chat.completions",
             Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
         }
+    }
+
+    /// Whether it generates tokens (and so has `max_tokens`, `n`, streams): embeddings do not.
+    pub fn generates(self) -> bool {
+        !matches!(self, Self::Embeddings)
     }
 }
 
@@ -132,7 +148,7 @@ pub struct UsageOptions {
     pub continuous_usage_stats: bool,
 }
 
-/// One generation request, surface-neutral.
+/// One request for a worker (a generation, or embeddings), surface-neutral.
 #[derive(Debug, Clone)]
 pub struct InferenceRequest {
     pub endpoint: Endpoint,
@@ -144,7 +160,8 @@ pub struct InferenceRequest {
     pub max_tokens: Option<u64>,
     /// Choices per prompt.
     pub n: u64,
-    /// Prompts in one request: a completions `prompt` may be a batch; chat has one.
+    /// Prompts in one request: a completions `prompt` or an embeddings `input` may be a batch;
+    /// chat has one.
     pub prompts: u64,
     /// The client's `X-Request-Id`, forwarded so the worker bases its response id on it.
     pub client_request_id: Option<String>,
@@ -191,6 +208,8 @@ struct Members<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     priority: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -326,6 +345,23 @@ impl InferenceRequest {
         if let Some(id) = &client_request_id {
             check_request_id(id)?;
         }
+        if endpoint == Endpoint::Embeddings {
+            // vLLM reads no `stream`, `n` nor `max_tokens` on embeddings (it ignores them, and so
+            // does the gateway: they pass through).
+            let fields = Fields {
+                prompts: embedding::prompts(members.input, members.messages)?,
+                priority: member::<i64>(members.priority, "priority", "an integer")?
+                    .map(Priority::from_vllm),
+                ..Fields::default()
+            };
+            return Ok(Self::checked(
+                endpoint,
+                model,
+                fields,
+                client_request_id,
+                body,
+            ));
+        }
         let stream = member::<bool>(members.stream, "stream", "a boolean")?.unwrap_or(false);
         let options: Option<StreamOptions> =
             member(members.stream_options, "stream_options", "an object")?;
@@ -338,29 +374,27 @@ impl InferenceRequest {
         let n = member::<u64>(members.n, "n", "a positive integer")?;
         check_n(n)?;
         let priority = member::<i64>(members.priority, "priority", "an integer")?;
-        let prompts = match endpoint {
-            Endpoint::ChatCompletions => {
-                require_kind(members.messages, "messages", b"[", "an array of messages")?;
-                1
-            }
-            Endpoint::Completions => {
-                require_kind(
-                    members.prompt,
-                    "prompt",
-                    b"[\"",
-                    "a string, an array of strings or an array of token ids",
-                )?;
-                members.prompt.map_or(1, prompt_count)
-            }
+        let prompts = if endpoint == Endpoint::ChatCompletions {
+            require_kind(members.messages, "messages", b"[", "an array of messages")?;
+            1
+        } else {
+            require_kind(
+                members.prompt,
+                "prompt",
+                b"[\"",
+                "a string, an array of strings or an array of token ids",
+            )?;
+            members.prompt.map_or(1, prompt_count)
         };
         // vLLM (like OpenAI) treats `stream_options: {}` as asking for usage.
         let client_usage = options.map_or_else(UsageOptions::default, |o| UsageOptions {
             include_usage: o.include_usage.unwrap_or(true),
             continuous_usage_stats: o.continuous_usage_stats.unwrap_or(false),
         });
-        let max_tokens = match endpoint {
-            Endpoint::ChatCompletions => max_completion_tokens.or(max_tokens),
-            Endpoint::Completions => max_tokens,
+        let max_tokens = if endpoint == Endpoint::ChatCompletions {
+            max_completion_tokens.or(max_tokens)
+        } else {
+            max_tokens
         };
         let fields = Fields {
             model: None,
@@ -533,6 +567,36 @@ mod tests {
         assert_eq!(param_of(parse(chat, "[1,2]")), None);
         let long = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(513));
         assert_eq!(param_of(parse(chat, &long)), Some("model"));
+    }
+
+    #[test]
+    fn embeddings_read_their_inputs_and_nothing_of_generation() {
+        let embed = |body: &str| parse(Endpoint::Embeddings, body);
+        let text = r#"{"model":"m","input":["a","b"],"stream":"yes","n":0,"max_tokens":-1,"encoding_format":"base64","dimensions":8}"#;
+        let Ok(request) = embed(text) else {
+            panic!("valid embeddings request rejected")
+        };
+        assert_eq!(request.endpoint, Endpoint::Embeddings);
+        assert_eq!(request.prompts, 2);
+        assert_eq!(
+            (request.stream, request.n, request.max_tokens),
+            (false, 1, None),
+            "vLLM ignores them on embeddings, and so does the gateway"
+        );
+        assert_eq!(&request.upstream_body()[..], text.as_bytes());
+        assert_eq!(param_of(embed(r#"{"input":"x"}"#)), Some("model"));
+        assert_eq!(param_of(embed(r#"{"model":"m"}"#)), Some("input"));
+        assert_eq!(
+            param_of(embed(r#"{"model":"m","input":[]}"#)),
+            Some("input")
+        );
+        assert_eq!(param_of(embed(r#"{"model":"m","input":7}"#)), Some("input"));
+        assert_eq!(
+            param_of(embed(r#"{"model":"m","input":"x","input":"y"}"#)),
+            Some("input")
+        );
+        let chat = embed(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        assert_eq!(chat.map(|r| r.prompts).ok(), Some(1));
     }
 
     #[test]

@@ -33,7 +33,7 @@ fn member_value(name: &'static str) -> BoxedStrategy<String> {
             (0..5000u64).prop_map(|n| n.to_string()).boxed()
         }
         "messages" => Just(r#"[{"role":"user","content":"hi"}]"#.to_owned()).boxed(),
-        "prompt" => prop_oneof![
+        "prompt" | "input" => prop_oneof![
             Just("\"hi\"".to_owned()),
             Just(r#"["a","b"]"#.to_owned()),
             Just("[1,2,3]".to_owned()),
@@ -82,8 +82,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_parser_reads_what_serde_reads(text in body(), chat in any::<bool>()) {
-        let endpoint = if chat { Endpoint::ChatCompletions } else { Endpoint::Completions };
+    fn the_parser_reads_what_serde_reads(text in body(), endpoint in prop::sample::select(Endpoint::ALL.to_vec())) {
+        let chat = endpoint == Endpoint::ChatCompletions;
         let parsed = InferenceRequest::from_json(endpoint, Bytes::from(text.clone()), None);
         let request = match parsed {
             Err(ApiError::BadRequest { .. }) => return Ok(()),
@@ -97,6 +97,12 @@ proptest! {
             prop_assert!(lookup(&given, name).1 <= 1, "accepted `{}` twice: {}", name, text);
         }
         prop_assert_eq!(value_of(&given, "model"), Some(json!(request.model)));
+        if endpoint == Endpoint::Embeddings {
+            // Nothing generated, nothing streamed, whatever `stream`, `n` or `max_tokens` say.
+            prop_assert_eq!((request.stream, request.n, request.max_tokens), (false, 1, None));
+            prop_assert_eq!(&request.upstream_body()[..], text.as_bytes());
+            return Ok(());
+        }
         let stream = value_of(&given, "stream").and_then(|v| v.as_bool()).unwrap_or(false);
         prop_assert_eq!(request.stream, stream);
         let n = value_of(&given, "n").and_then(|v| v.as_u64()).unwrap_or(1);

@@ -37,8 +37,9 @@ pub struct Usage {
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: u64,
+    /// Absent or `null` in answers that generate nothing (embeddings).
     #[serde(default)]
-    completion_tokens: u64,
+    completion_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens_details: Option<WireDetails>,
 }
@@ -56,7 +57,7 @@ impl Usage {
         let wire: Option<WireUsage> = serde_json::from_slice(value).ok()?;
         wire.map(|w| Self {
             prompt_tokens: w.prompt_tokens.min(COUNT_CAP),
-            completion_tokens: w.completion_tokens.min(COUNT_CAP),
+            completion_tokens: w.completion_tokens.unwrap_or(0).min(COUNT_CAP),
             cached_tokens: w
                 .prompt_tokens_details
                 .and_then(|d| d.cached_tokens)
@@ -273,6 +274,22 @@ mod tests {
             Some(0)
         );
         assert_eq!(Usage::from_json(b"null"), None);
+        for embeddings in [
+            &br#"{"prompt_tokens":4,"total_tokens":4,"completion_tokens":0,"prompt_tokens_details":null,"completion_tokens_details":null}"#[..],
+            br#"{"prompt_tokens": 4, "total_tokens": 4}"#,
+            br#"{"prompt_tokens":4,"total_tokens":4,"completion_tokens":null}"#,
+        ] {
+            assert_eq!(
+                Usage::from_json(embeddings),
+                Some(Usage {
+                    prompt_tokens: 4,
+                    completion_tokens: 0,
+                    cached_tokens: 0
+                }),
+                "{}",
+                String::from_utf8_lossy(embeddings)
+            );
+        }
         let absurd =
             br#"{"prompt_tokens":18446744073709551615,"completion_tokens":9007199254740993}"#;
         assert_eq!(
@@ -329,6 +346,12 @@ mod tests {
             assert_eq!(
                 serde_json::to_value(status).ok(),
                 Some(serde_json::Value::from(status.as_str()))
+            );
+        }
+        for endpoint in Endpoint::ALL {
+            assert_eq!(
+                serde_json::to_value(endpoint).ok(),
+                Some(serde_json::Value::from(endpoint.as_str()))
             );
         }
         for source in [UsageSource::Worker, UsageSource::None] {

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway_core::Gateway;
+use gateway_core::request::Endpoint;
 use gateway_core::serve::ServerHandle;
-use gateway_core::usage::{Status, UsageEvent};
+use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use gateway_sim::{SimConfig, app};
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
@@ -250,6 +251,40 @@ async fn a_failing_worker_is_ejected_and_its_trial_returns_it_once_it_recovers()
             .iter()
             .any(|e| e.worker.as_deref() == Some(urls[0].as_str()))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_retried_like_completions_and_metered_from_their_usage() {
+    let broken = sim(SimConfig {
+        error_rate: 1.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let good = sim(SimConfig::default()).await;
+    let (gateway, addr) = gateway(&[&broken, &good]).await;
+    for _ in 0..4 {
+        let (status, body) = post(
+            addr,
+            "/v1/embeddings",
+            json!({"model": "sim-model", "input": ["a b", "c d e"], "stream": true}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["usage"]["prompt_tokens"], 3 + 4);
+        assert_eq!(answer["data"].as_array().map(Vec::len), Some(2));
+    }
+    let events = events(&gateway, 4).await;
+    let good_url = format!("http://{}", good.local_addr());
+    assert_eq!(events.len(), 4);
+    for event in events {
+        assert_eq!(event.endpoint, Endpoint::Embeddings);
+        assert_eq!(event.status, Status::Completed);
+        assert!(!event.stream, "an embeddings request never streams");
+        assert_eq!(event.worker.as_deref(), Some(good_url.as_str()));
+        assert_eq!((event.prompt_tokens, event.completion_tokens), (7, 0));
+        assert_eq!(event.usage_source, UsageSource::Worker);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! The simulated engine: sequence slots (capacity and queueing), the prefill/decode clock, token
-//! counting, and the seeded dice of failure injection.
+//! counting (embeddings' prompts too), and the seeded dice of failure injection.
 //!
 //! It knows nothing of HTTP or JSON; `handlers.rs` drives a `Generation` and `sse.rs` /
 //! `response.rs` render what it produced.
@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::config::SimConfig;
 use super::faults::Faults;
 use super::metrics::{Metrics, Outcome};
-use super::plan::Plan;
+use super::plan::{Finish, Plan};
 use super::response::{ApiError, json_string};
 use super::tokens::splitmix64;
 
@@ -92,6 +92,29 @@ impl Engine {
             _permit: permit,
             engine: Arc::clone(self),
         })
+    }
+}
+
+impl Engine {
+    /// An embeddings request of `inputs` prompts, `prompt_tokens` tokens in all, as vLLM's
+    /// pooling runner serves it: it waits for a slot and the prefill (TTFT), then counts its
+    /// prompt tokens and each input as a request finished with `stop`; nothing is generated.
+    /// Dropped before the end (the client left), it counts nothing.
+    pub(crate) async fn pool(
+        self: &Arc<Self>,
+        inputs: u64,
+        prompt_tokens: u64,
+    ) -> Result<(), ApiError> {
+        let arrived = Instant::now();
+        let slot = self.admit().await?;
+        sleep(Duration::from_millis(self.config.ttft_ms)).await;
+        let metrics = &self.metrics;
+        metrics.add_prompt_tokens(prompt_tokens);
+        metrics.observe_ttft(arrived.elapsed());
+        metrics.add_outcome(Outcome::Finished(Finish::Stop), inputs);
+        metrics.observe_e2e(arrived.elapsed());
+        drop(slot);
+        Ok(())
     }
 }
 
@@ -409,6 +432,30 @@ mod tests {
         assert_eq!(engine.metrics.snapshot(), (1, 0, 0, 0));
         drop(held);
         assert_eq!(engine.metrics.snapshot(), (0, 0, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn embeddings_count_their_prompts_after_the_prefill_and_generate_nothing() {
+        let engine = engine(SimConfig {
+            max_num_seqs: 1,
+            ttft_ms: 100,
+            ..SimConfig::default()
+        });
+        let start = Instant::now();
+        let pooled = tokio::spawn({
+            let engine = Arc::clone(&engine);
+            async move { engine.pool(2, 7).await.map(|()| Instant::now()) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(engine.metrics.snapshot(), (1, 0, 0, 0));
+        let done = pooled.await.unwrap().unwrap();
+        assert_eq!(done - start, Duration::from_millis(100));
+        assert_eq!(engine.metrics.snapshot(), (0, 0, 7, 0));
+        let text = engine.metrics.render();
+        let stopped = text
+            .lines()
+            .find(|l| l.contains("finished_reason=\"stop\""));
+        assert!(stopped.unwrap().ends_with("} 2.0"), "{text}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use super::config::SimConfig;
+use super::embedding::{self, Encoding};
 use super::engine::{Engine, Generation};
 use super::faults::FaultsUpdate;
 use super::plan::{Kind, StreamMode};
@@ -37,6 +38,7 @@ pub fn app(config: SimConfig) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(empty_ok))
         .route("/ping", get(empty_ok).post(empty_ok))
@@ -132,12 +134,60 @@ async fn generate(engine: AppState, kind: Kind, headers: &HeaderMap, body: &[u8]
     json_response(StatusCode::OK, body)
 }
 
+/// `/v1/embeddings`: parsed, pooled by the engine, and answered in the encoding asked for.
+async fn embeddings(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let request = match embedding::parse(&body, &engine.config) {
+        Ok(request) => request,
+        Err(err) => return err.into_response(),
+    };
+    if engine.roll_error() {
+        return ApiError::simulated_failure().into_response();
+    }
+    let inputs = request.inputs.len() as u64;
+    if let Err(err) = engine.pool(inputs, request.prompt_tokens()).await {
+        return err.into_response();
+    }
+    let head = Head {
+        id_json: prefixed_id(&engine, "embd-", &headers),
+        created: unix_now(),
+        model_json: engine.model_json.clone(),
+    };
+    let usage = engine.config.report_usage;
+    match request.encoding {
+        Encoding::Float | Encoding::Base64 => {
+            json_response(StatusCode::OK, embedding::json_body(&head, &request, usage))
+        }
+        Encoding::Bytes | Encoding::BytesOnly => {
+            let mut response = (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                )],
+                embedding::bytes_body(&request),
+            )
+                .into_response();
+            if request.encoding == Encoding::Bytes
+                && let Ok(value) =
+                    HeaderValue::from_str(&embedding::metadata(&head, &request, usage))
+            {
+                response.headers_mut().insert("metadata", value);
+            }
+            response
+        }
+    }
+}
+
 /// `chatcmpl-<X-Request-Id>` / `cmpl-<X-Request-Id>`, or a random hex id, JSON-encoded.
 fn response_id(engine: &Engine, kind: Kind, headers: &HeaderMap) -> String {
     let prefix = match kind {
         Kind::Chat => "chatcmpl-",
         Kind::Completion => "cmpl-",
     };
+    prefixed_id(engine, prefix, headers)
+}
+
+/// `<prefix><X-Request-Id>`, or `<prefix>` and a random hex id, JSON-encoded.
+fn prefixed_id(engine: &Engine, prefix: &str, headers: &HeaderMap) -> String {
     let base = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())

@@ -5,6 +5,7 @@
 //! behaviour and timing.
 
 mod config;
+mod embedding;
 mod engine;
 mod exposition;
 mod faults;

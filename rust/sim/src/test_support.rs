@@ -2,7 +2,6 @@
 //! simulator.
 
 use super::config::SimConfig;
-use super::plan::Plan;
 use super::response::ApiError;
 
 /// A small model: a 100-token context and an EOS after 10 tokens.
@@ -16,6 +15,6 @@ pub(crate) fn config() -> SimConfig {
 
 /// The error of a request that must fail.
 #[expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
-pub(crate) fn err(result: Result<Plan, ApiError>) -> ApiError {
+pub(crate) fn err<T>(result: Result<T, ApiError>) -> ApiError {
     result.err().unwrap()
 }

@@ -183,6 +183,67 @@ mod sim {
     }
 
     #[tokio::test]
+    async fn embeddings_have_vllms_shape_and_count_their_prompts_in_the_metrics() {
+        let sim = Sim::start(SimConfig::default()).await;
+        let body = json!({"model": "sim-model", "input": ["one two", "three"], "stream": true});
+        let response = sim
+            .send(
+                Method::POST,
+                "/v1/embeddings",
+                &body.to_string(),
+                &[("x-request-id", "e1")],
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        // vLLM's key order.
+        let text = String::from_utf8(text.to_vec()).unwrap();
+        assert!(
+            text.starts_with(r#"{"id":"embd-e1","object":"list","created":"#),
+            "{text}"
+        );
+        let data = r#","model":"sim-model","data":[{"index":0,"object":"embedding","embedding":["#;
+        assert!(text.contains(data), "{text}");
+        let usage = r#""completion_tokens":0,"prompt_tokens_details":null,"completion_tokens_details":null}}"#;
+        assert!(text.ends_with(usage), "{text}");
+        assert_eq!(v["data"][1]["index"], 1);
+        assert_eq!(v["usage"]["prompt_tokens"], 3 + 2);
+        assert_eq!(v["usage"]["total_tokens"], 3 + 2);
+        assert_eq!(sim.metric("vllm:prompt_tokens_total").await, 5.0);
+        assert_eq!(sim.metric("vllm:generation_tokens_total").await, 0.0);
+
+        let (status, v) = sim
+            .post_json("/v1/embeddings", json!({"model": "sim-model", "input": []}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["message"], "You must pass at least one prompt");
+        let (status, _) = sim
+            .post_json("/v1/embeddings", json!({"model": "other", "input": "x"}))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        let binary =
+            json!({"model": "sim-model", "input": [[1, 2], [3]], "encoding_format": "bytes"});
+        let response = sim
+            .send(Method::POST, "/v1/embeddings", &binary.to_string(), &[])
+            .await;
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/octet-stream"
+        );
+        let metadata: Value =
+            serde_json::from_slice(response.headers()["metadata"].as_bytes()).unwrap();
+        assert_eq!(metadata["usage"]["prompt_tokens"], 3);
+        let vectors = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            vectors.len() as u64,
+            metadata["data"][1]["end"].as_u64().unwrap()
+        );
+        assert_eq!(sim.metric("vllm:prompt_tokens_total").await, 5.0 + 3.0);
+    }
+
+    #[tokio::test]
     async fn non_streaming_chat_reports_usage_and_vllm_message_fields() {
         let sim = Sim::start(SimConfig {
             max_output_tokens: 5,

@@ -26,6 +26,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -48,6 +49,14 @@ async fn completions(
     body: Body,
 ) -> Response {
     generate(&state, Endpoint::Completions, &headers, body).await
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate(&state, Endpoint::Embeddings, &headers, body).await
 }
 
 async fn generate(

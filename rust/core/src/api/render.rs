@@ -1,7 +1,8 @@
 //! The HTTP rendering of the pipeline's outcome: a worker's answer byte for byte, its stream as
 //! SSE, or the gateway's OpenAI-shaped error; every answer to an admitted request carries its
 //! `x-request-id` (the worker's, else the one its usage event is recorded under) and the
-//! `x-ratelimit-*` headers of the limits that apply.
+//! `x-ratelimit-*` headers of the limits that apply. Of the worker's headers, its content type,
+//! `x-request-id` and vLLM's `metadata` (of binary embeddings) reach the client.
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -11,6 +12,7 @@ use http::{HeaderName, HeaderValue};
 use crate::pipeline::{Dispatched, Head, Outcome};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const METADATA: HeaderName = HeaderName::from_static(crate::pipeline::METADATA);
 
 pub(super) fn render(dispatched: Dispatched) -> Response {
     let Dispatched {
@@ -41,6 +43,9 @@ fn with_head(mut response: Response, head: &Head) -> Response {
     }
     if let Some(value) = &head.request_id {
         headers.insert(REQUEST_ID, value.clone());
+    }
+    if let Some(value) = &head.metadata {
+        headers.insert(METADATA, value.clone());
     }
     response
 }

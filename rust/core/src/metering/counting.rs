@@ -4,7 +4,8 @@
 //! tokens), or when the worker does not report usage at all. Such a request is still billed for
 //! its prompt and for what was relayed:
 //! - prompt tokens come from the worker's own tokenizer: `POST /tokenize` of the request's
-//!   `messages` (with its chat template options) or of each completions prompt; a prompt given as
+//!   `messages` (with its chat template options) or of each completions prompt or embeddings
+//!   input (a conversation without the generation prompt, as vLLM embeds it); a prompt given as
 //!   token ids is counted as given;
 //! - completion tokens are the generated text relayed to the client (each choice's text, or its
 //!   `reasoning_content` and `content`), tokenized again without special tokens. That is an
@@ -78,6 +79,8 @@ impl Counter {
             .prompt_tokens(prompts(self.endpoint, &request)?)
             .await?;
         let completion_tokens = match relayed {
+            // Embeddings generate nothing: whatever came back is no completion.
+            _ if !self.endpoint.generates() => 0,
             Relayed::Nothing => 0,
             Relayed::Stream { texts, deltas } => self.text_tokens(model, texts).await?.max(*deltas),
             Relayed::Body(body) => {
@@ -176,55 +179,118 @@ const CHAT_TEMPLATE_MEMBERS: [&str; 7] = [
 
 /// The `/tokenize` bodies of a request's prompts (`members` are the request's JSON members).
 fn prompts(endpoint: Endpoint, members: &Map<String, Value>) -> Option<Prompts> {
-    let model = members.get("model")?.clone();
+    let model = members.get("model")?;
     match endpoint {
-        Endpoint::ChatCompletions => {
-            let mut body = Map::new();
-            body.insert("model".to_owned(), model);
-            for name in CHAT_TEMPLATE_MEMBERS {
-                if let Some(value) = members.get(name).filter(|v| !v.is_null()) {
-                    body.insert(name.to_owned(), value.clone());
-                }
-            }
-            Some(Prompts {
-                bodies: vec![Value::Object(body).to_string().into()],
-                counted: 0,
-            })
-        }
-        Endpoint::Completions => {
-            let special = members.get("add_special_tokens").filter(|v| v.is_boolean());
-            let text_body = |text: &Value| {
-                let mut body = Map::new();
-                body.insert("model".to_owned(), model.clone());
-                body.insert("prompt".to_owned(), text.clone());
-                if let Some(special) = special {
-                    body.insert("add_special_tokens".to_owned(), special.clone());
-                }
-                Bytes::from(Value::Object(body).to_string())
+        Endpoint::ChatCompletions => Some(Prompts {
+            bodies: vec![chat_body(model, members.get("messages")?, members, true)],
+            counted: 0,
+        }),
+        Endpoint::Completions => text_prompts(model, members.get("prompt")?, members),
+        Endpoint::Embeddings => {
+            let given = |name| members.get(name).filter(|v| !v.is_null());
+            let (input, chat) = match given("input") {
+                Some(input) => (input, false),
+                None => (given("messages")?, true),
             };
-            let mut prompts = Prompts::default();
-            match members.get("prompt")? {
-                text @ Value::String(_) => prompts.bodies.push(text_body(text)),
-                Value::Array(items) if items.iter().all(Value::is_number) => {
-                    prompts.counted = items.len() as u64;
-                }
-                Value::Array(items) => {
-                    for item in items {
-                        match item {
-                            Value::String(_) => prompts.bodies.push(text_body(item)),
-                            Value::Array(ids) => {
-                                let ids = u64::try_from(ids.len()).unwrap_or(u64::MAX);
-                                prompts.counted = prompts.counted.saturating_add(ids);
-                            }
-                            _ => return None,
-                        }
-                    }
-                }
-                _ => return None,
+            let first = input.as_array().and_then(|items| items.first());
+            if !(chat || first.is_some_and(|f| f.is_object() || is_conversation(f))) {
+                return text_prompts(model, input, members);
             }
-            Some(prompts)
+            // One conversation, or a batch of them.
+            let batch = match input {
+                Value::Array(items) if first.is_some_and(Value::is_array) => items.as_slice(),
+                _ => std::slice::from_ref(input),
+            };
+            conversations(model, batch, members)
         }
     }
+}
+
+/// Whether `value` is a conversation: an array of chat messages.
+fn is_conversation(value: &Value) -> bool {
+    value
+        .as_array()
+        .and_then(|messages| messages.first())
+        .is_some_and(Value::is_object)
+}
+
+/// The `/tokenize` body of a conversation, with the request's chat-template options; vLLM's
+/// `/tokenize` adds the generation prompt unless told not to, which a chat request wants
+/// (`generation_prompt`) and an embeddings request, by vLLM's default, does not.
+fn chat_body(
+    model: &Value,
+    messages: &Value,
+    members: &Map<String, Value>,
+    generation_prompt: bool,
+) -> Bytes {
+    let mut body = Map::new();
+    body.insert("model".to_owned(), model.clone());
+    body.insert("messages".to_owned(), messages.clone());
+    if !generation_prompt {
+        body.insert("add_generation_prompt".to_owned(), Value::Bool(false));
+    }
+    for name in CHAT_TEMPLATE_MEMBERS
+        .into_iter()
+        .filter(|&n| n != "messages")
+    {
+        if let Some(value) = members.get(name).filter(|v| !v.is_null()) {
+            body.insert(name.to_owned(), value.clone());
+        }
+    }
+    Value::Object(body).to_string().into()
+}
+
+/// The `/tokenize` bodies of an embeddings batch of conversations.
+fn conversations(
+    model: &Value,
+    conversations: &[Value],
+    members: &Map<String, Value>,
+) -> Option<Prompts> {
+    let bodies = conversations
+        .iter()
+        .map(|messages| {
+            messages
+                .is_array()
+                .then(|| chat_body(model, messages, members, false))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Prompts { bodies, counted: 0 })
+}
+
+/// The prompts of a completions `prompt` or an embeddings `input` of texts or token ids: each
+/// text tokenized, token ids counted as given.
+fn text_prompts(model: &Value, prompt: &Value, members: &Map<String, Value>) -> Option<Prompts> {
+    let special = members.get("add_special_tokens").filter(|v| v.is_boolean());
+    let text_body = |text: &Value| {
+        let mut body = Map::new();
+        body.insert("model".to_owned(), model.clone());
+        body.insert("prompt".to_owned(), text.clone());
+        if let Some(special) = special {
+            body.insert("add_special_tokens".to_owned(), special.clone());
+        }
+        Bytes::from(Value::Object(body).to_string())
+    };
+    let mut prompts = Prompts::default();
+    match prompt {
+        text @ Value::String(_) => prompts.bodies.push(text_body(text)),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            prompts.counted = items.len() as u64;
+        }
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::String(_) => prompts.bodies.push(text_body(item)),
+                    Value::Array(ids) => {
+                        let ids = u64::try_from(ids.len()).unwrap_or(u64::MAX);
+                        prompts.counted = prompts.counted.saturating_add(ids);
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(prompts)
 }
 
 /// The generated texts of a complete response body, one per choice.
@@ -248,7 +314,7 @@ fn choice_texts(endpoint: Endpoint, body: &[u8]) -> Option<Vec<String>> {
         body.choices
             .into_iter()
             .map(|choice| match endpoint {
-                Endpoint::Completions => choice.text.unwrap_or_default(),
+                Endpoint::Completions | Endpoint::Embeddings => choice.text.unwrap_or_default(),
                 Endpoint::ChatCompletions => choice.message.map_or_else(String::new, |m| {
                     m.reasoning_content.unwrap_or_default() + &m.content.unwrap_or_default()
                 }),
@@ -384,6 +450,56 @@ mod tests {
                 Endpoint::Completions,
                 &members(br#"{"model":"m","prompt":7}"#)
             ),
+            None
+        );
+    }
+
+    #[test]
+    fn embeddings_inputs_are_counted_as_vllm_embeds_them() {
+        let p = prompts(
+            Endpoint::Embeddings,
+            &members(br#"{"model":"m","input":["x",[4,5]],"prompt":"ignored"}"#),
+        )
+        .unwrap();
+        assert_eq!(p.counted, 2);
+        assert_eq!(
+            bodies(&p),
+            [serde_json::json!({"model": "m", "prompt": "x"})]
+        );
+        let p = prompts(
+            Endpoint::Embeddings,
+            &members(br#"{"model":"m","input":[1,2,3]}"#),
+        )
+        .unwrap();
+        assert_eq!((p.bodies.len(), p.counted), (0, 3));
+        let chat = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let tokenized = serde_json::json!({
+            "model": "m", "messages": chat, "add_generation_prompt": false,
+        });
+        for request in [
+            serde_json::json!({"model": "m", "input": chat}),
+            serde_json::json!({"model": "m", "input": null, "messages": chat}),
+        ] {
+            let p = prompts(
+                Endpoint::Embeddings,
+                &members(request.to_string().as_bytes()),
+            );
+            assert_eq!(
+                bodies(&p.unwrap()),
+                std::slice::from_ref(&tokenized),
+                "{request}"
+            );
+        }
+        let batch = serde_json::json!({
+            "model": "m", "input": [chat, chat], "add_generation_prompt": true,
+        });
+        let p = prompts(Endpoint::Embeddings, &members(batch.to_string().as_bytes())).unwrap();
+        let asked = serde_json::json!({
+            "model": "m", "messages": chat, "add_generation_prompt": true,
+        });
+        assert_eq!(bodies(&p), [asked.clone(), asked]);
+        assert_eq!(
+            prompts(Endpoint::Embeddings, &members(br#"{"model":"m"}"#)),
             None
         );
     }

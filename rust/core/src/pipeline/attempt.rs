@@ -8,16 +8,17 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http::response::Parts;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::outcome::{Answer, Head, Outcome};
+use super::outcome::{Answer, Head, METADATA, Outcome};
 use crate::error::ApiError;
 use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
-use crate::request::InferenceRequest;
+use crate::request::{Endpoint, InferenceRequest};
 use crate::router::Outstanding;
 use crate::scheduler::Claim;
 use crate::state::AppState;
@@ -105,12 +106,14 @@ pub(super) async fn run(
                 let head = Head::of(parts.status, &parts.headers);
                 return Outcome::Stream { head, events };
             }
-            Ok(Reply::Complete { parts, body }) => return answer(parts, body, meter).await,
+            Ok(Reply::Complete { parts, body }) => {
+                return answer(request, parts, body, meter).await;
+            }
             Err(next) => failure = next,
         }
     }
     match failure {
-        Failure::Worker { parts, body } => answer(parts, body, meter).await,
+        Failure::Worker { parts, body } => answer(request, parts, body, meter).await,
         Failure::Gateway(error) => {
             meter.set_http_status(error.status().as_u16());
             meter.finish(Status::Failed);
@@ -119,9 +122,19 @@ pub(super) async fn run(
     }
 }
 
-/// A worker's complete answer, metered.
-async fn answer(parts: Parts, body: Bytes, meter: MeterGuard) -> Outcome {
-    let usage = complete(parts.status, &body, meter).await;
+/// A worker's complete answer, metered: from the `usage` in its body, or for binary embeddings
+/// (vLLM's `encoding_format: "bytes"`, whose body is only the vectors) in its `metadata` header.
+async fn answer(
+    request: &InferenceRequest,
+    parts: Parts,
+    body: Bytes,
+    meter: MeterGuard,
+) -> Outcome {
+    let metadata = match request.endpoint {
+        Endpoint::Embeddings => parts.headers.get(METADATA).map(HeaderValue::as_bytes),
+        Endpoint::ChatCompletions | Endpoint::Completions => None,
+    };
+    let usage = complete(parts.status, &body, metadata, meter).await;
     Outcome::Answer(Answer {
         head: Head::of(parts.status, &parts.headers),
         body,

@@ -6,4 +6,4 @@ mod dispatch;
 mod outcome;
 
 pub use dispatch::dispatch;
-pub use outcome::{Dispatched, Head, Outcome};
+pub use outcome::{Dispatched, Head, METADATA, Outcome};

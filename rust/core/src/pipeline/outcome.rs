@@ -40,6 +40,9 @@ pub struct Head {
     pub content_type: Option<HeaderValue>,
     /// The worker's `x-request-id`, when it sent one.
     pub request_id: Option<HeaderValue>,
+    /// vLLM's `metadata`, when it sent one: the shapes and usage of binary embeddings
+    /// (`encoding_format: "bytes"`), whose body is only the vectors.
+    pub metadata: Option<HeaderValue>,
 }
 
 pub struct Answer {
@@ -50,12 +53,16 @@ pub struct Answer {
     pub usage: Option<Usage>,
 }
 
+/// vLLM's header of binary embeddings.
+pub const METADATA: &str = "metadata";
+
 impl Head {
     pub fn of(status: StatusCode, headers: &http::HeaderMap) -> Self {
         Self {
             status,
             content_type: headers.get(http::header::CONTENT_TYPE).cloned(),
             request_id: headers.get("x-request-id").cloned(),
+            metadata: headers.get(METADATA).cloned(),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! (byte-level BPE and byte-fallback tokenizers never produce more tokens than bytes, and the
 //! JSON around the text outweighs a chat template's special tokens); its expected size is a
 //! quarter of that. The completion's maximum is every sequence's `max_tokens` (n × prompts
-//! sequences), or the model's context when the client set none. And since a worker serves no
+//! sequences), or the model's context when the client set none; an embeddings request has none
+//! (its worst case is its prompt). And since a worker serves no
 //! sequence past its context, a request never uses more than `sequences × context` tokens in all,
 //! prompt included. Budgets hold the worst case and admit a request only if it fits, so no
 //! number of concurrent requests spends past a budget; rate limits take the expected size and
@@ -56,6 +57,8 @@ impl Estimate {
         let prompts = request.prompts.max(1);
         let sequences = prompts.saturating_mul(request.n.max(1)).min(COUNT_CAP);
         let per_sequence = match (request.max_tokens, context) {
+            // Embeddings read their prompts and generate nothing.
+            _ if !request.endpoint.generates() => 0,
             (Some(max), Some(context)) => max.min(context),
             (Some(max), None) => max,
             (None, Some(context)) => context,
@@ -183,6 +186,33 @@ mod tests {
             Estimate::of(&ids, None, 7).completion_max,
             7,
             "token ids are one prompt"
+        );
+    }
+
+    #[test]
+    fn embeddings_reserve_their_prompt_and_no_completion() {
+        let body = r#"{"model":"m","input":["a","b","c"],"max_tokens":9,"n":5}"#;
+        let embeddings = request(Endpoint::Embeddings, body);
+        for context in [None, Some(512)] {
+            let estimate = Estimate::of(&embeddings, context, 7);
+            assert_eq!(estimate.completion_max, 0, "{context:?}");
+            assert_eq!(estimate.sequences, 3, "one per input; `n` is not read");
+            assert_eq!(estimate.worst_tokens(), body.len() as u64);
+            assert_eq!(
+                estimate.demand(None).rate_tokens,
+                (body.len() as u64).div_ceil(4)
+            );
+        }
+        let tight = Estimate::of(&embeddings, Some(4), 7);
+        assert_eq!(
+            tight.worst_tokens(),
+            3 * 4,
+            "each input fits the context or is refused"
+        );
+        assert_eq!(
+            tight.max_tokens_within(5),
+            None,
+            "no `max_tokens` to suggest"
         );
     }
 

@@ -27,13 +27,17 @@ use crate::router::Outstanding;
 use crate::usage::{Status, StreamUsage, Usage};
 
 /// Meters a complete (non-streaming) worker answer of `status`: its usage (`None` when the worker
-/// reported none) is recorded, and on disk (when there is a journal), before this returns.
+/// reported none) is recorded, and on disk (when there is a journal), before this returns. The
+/// usage is the `usage` member of `body`, or of `metadata` when the worker answered with one
+/// (the JSON header of vLLM's binary embeddings, whose body is not JSON).
 pub async fn complete(
     status: http::StatusCode,
     body: &Bytes,
+    metadata: Option<&[u8]>,
     mut meter: MeterGuard,
 ) -> Option<Usage> {
-    let usage = json::find_member(body, "usage").and_then(|s| Usage::from_json(&body[s.value]));
+    let json = metadata.unwrap_or(body);
+    let usage = json::find_member(json, "usage").and_then(|s| Usage::from_json(&json[s.value]));
     match usage {
         Some(usage) => meter.observe(usage),
         None => meter.set_relayed_body(body.clone()),

@@ -30,6 +30,7 @@ pub struct Worker {
     pub(crate) authorization: Option<HeaderValue>,
     chat_uri: Uri,
     completions_uri: Uri,
+    embeddings_uri: Uri,
     pub(crate) health_uri: Uri,
     pub(crate) models_uri: Uri,
     pub(crate) metrics_uri: Uri,
@@ -95,6 +96,7 @@ impl Worker {
             authorization: None,
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
             completions_uri: uri(Endpoint::Completions.path())?,
+            embeddings_uri: uri(Endpoint::Embeddings.path())?,
             health_uri: uri("/health")?,
             models_uri: uri("/v1/models")?,
             metrics_uri: uri("/metrics")?,
@@ -182,6 +184,7 @@ impl Worker {
         match endpoint {
             Endpoint::ChatCompletions => self.chat_uri.clone(),
             Endpoint::Completions => self.completions_uri.clone(),
+            Endpoint::Embeddings => self.embeddings_uri.clone(),
         }
     }
 
