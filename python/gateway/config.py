@@ -35,6 +35,7 @@ __all__ = [
     "GatewayConfig",
     "IpHost",
     "JournalConfig",
+    "ModelRoutingConfig",
     "Port",
     "QuotaConfig",
     "RoutingConfig",
@@ -189,8 +190,28 @@ class WorkerConfig(BaseModel):
     )
 
 
+RoutingPolicy = Literal["least_load", "prefix_affinity", "round_robin"]
+
+# A model's name as requests give it (the core refuses longer ones).
+ModelName = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class ModelRoutingConfig(BaseModel):
+    """`[routing.models."NAME"]`: how requests for one model are routed, over `[routing]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    policy: RoutingPolicy = Field(
+        description=(
+            "The routing policy of requests for the model NAME (as requests name it), in place of"
+            " `routing.policy`; one `[routing.models.\"NAME\"]` table per model."
+        ),
+    )
+
+
 class RoutingConfig(BaseModel):
-    """`[routing]`: health checks, load signals, timeouts and retries towards the workers."""
+    """`[routing]`: health checks, load signals, timeouts and retries towards the workers, and
+    the policy that picks a worker."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -258,6 +279,31 @@ class RoutingConfig(BaseModel):
         ge=0,
         le=1_000_000,
         description="Requests of one tenant one model's queue holds at most (429 `queue_full`).",
+    )
+    policy: RoutingPolicy = Field(
+        default="least_load",
+        description=(
+            "Which eligible worker serves a request: `least_load` (the fewest requests, weighing"
+            " vLLM's own running and waiting), `prefix_affinity` (the worker a consistent hash of"
+            " the prompt's leading part, or of `X-Session-Id`, names, within a load bound, so"
+            " vLLM's prefix cache hits from every replica; see Routing) or `round_robin`. Every"
+            " policy passes over a saturated worker (vLLM queueing, or its KV cache 95% full)."
+        ),
+    )
+    affinity_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=100.0,
+        description=(
+            "`prefix_affinity`'s bound: a worker takes a request while its load is under"
+            " `ceil(factor * (total load + 1) / workers)`; past it, or saturated, the request"
+            " spills to the next worker on the ring. Higher keeps more requests on their prefix's"
+            " worker, lower spreads load more evenly."
+        ),
+    )
+    models: dict[ModelName, ModelRoutingConfig] = Field(
+        default_factory=dict,
+        description="Per-model routing, by model name.",
     )
 
 
@@ -517,6 +563,11 @@ class GatewayConfig(BaseModel):
                 "queue_timeout_ms": self.routing.queue_timeout_ms,
                 "max_queued": self.routing.max_queued,
                 "max_queued_per_tenant": self.routing.max_queued_per_tenant,
+                "policy": self.routing.policy,
+                "affinity_load_factor": self.routing.affinity_load_factor,
+                "models": {
+                    name: {"policy": model.policy} for name, model in self.routing.models.items()
+                },
             },
             "quota": self.quota.model_dump(),
             "journal": None
@@ -630,6 +681,11 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
             (item,) = get_args(annotation)
             if isinstance(item, type) and issubclass(item, BaseModel):
                 rows.extend(_rows(item, f"{prefix}{name}[]."))
+                continue
+        if get_origin(annotation) is dict:
+            _, item = get_args(annotation)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                rows.extend(_rows(item, f'{prefix}{name}."NAME".'))
                 continue
         type_name = _type_name(info.rebuild_annotation())
         description = (info.description or "") + _bounds(info)

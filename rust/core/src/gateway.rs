@@ -18,7 +18,7 @@ use crate::journal::{Ended, Journal};
 use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
-use crate::router::{Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
+use crate::router::{Policies, Registry, Worker, probe_all, run_health_checks, run_load_scrapes};
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
 use crate::state::AppState;
@@ -72,9 +72,15 @@ impl Gateway {
             }
         };
         let registry = Arc::new(Registry::new(workers));
+        let policies = Arc::new(Policies::new(&config.routing, &registry));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
-            scheduler: Scheduler::least_load(registry.clone(), QueueLimits::of(&config.routing)),
+            scheduler: Scheduler::new(
+                registry.clone(),
+                Box::new(policies.clone()),
+                QueueLimits::of(&config.routing),
+            ),
+            policies,
             registry,
             keys: KeyStore::default(),
             meter: Arc::new(meter),

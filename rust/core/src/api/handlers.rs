@@ -85,7 +85,11 @@ async fn admit(
             Some(id.to_owned())
         }
     };
-    let request = InferenceRequest::from_json(endpoint, body, request_id)?;
+    let session_id = headers
+        .get("x-session-id")
+        .map(|value| value.to_str().unwrap_or("\u{fffd}"));
+    let request =
+        InferenceRequest::from_json(endpoint, body, request_id)?.with_session_id(session_id)?;
     Ok((request, principal))
 }
 
@@ -160,6 +164,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.meter.pending(),
         state.quota.stats(),
         state.scheduler.queued_by_model(),
+        state.policies.affinity_counts(),
     );
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }

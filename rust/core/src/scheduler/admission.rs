@@ -20,7 +20,7 @@ use super::fair::{FairQueue, Ticket};
 use crate::config::RoutingConfig;
 use crate::error::ApiError;
 use crate::request::{Endpoint, InferenceRequest};
-use crate::router::{Features, LeastLoad, Outstanding, Pick, Registry, RoutingPolicy};
+use crate::router::{Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy};
 
 /// The bounds of every model's queue.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +60,7 @@ struct Waiter {
     endpoint: Endpoint,
     prompt_bytes: usize,
     sequences: u64,
+    prefix: OwnedPrefix,
     tried: Vec<usize>,
     /// `None`: no eligible worker is left (all down or tried) while it waited.
     grant: oneshot::Sender<Option<Placement>>,
@@ -72,6 +73,7 @@ impl Waiter {
             endpoint: self.endpoint,
             prompt_bytes: self.prompt_bytes,
             sequences: self.sequences,
+            prefix: self.prefix.view(),
         }
     }
 }
@@ -192,6 +194,7 @@ impl Scheduler {
                 endpoint: request.endpoint,
                 prompt_bytes: features.prompt_bytes,
                 sequences: features.sequences,
+                prefix: features.prefix.owned(),
                 tried: tried.to_vec(),
                 grant,
             };
