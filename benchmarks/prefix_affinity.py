@@ -28,6 +28,7 @@ The hit rate is the workers' own, `vllm:prefix_cache_hits_total / vllm:prefix_ca
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import random
@@ -48,7 +49,6 @@ import httpx
 from harness import HarnessError, Pinned, Service, git_commit, write_results
 from tests.support import procs
 from tests.vllm import cpu_env
-from tests.vllm.tiny_model import WORDS
 
 BEGIN = "<!-- prefix_affinity.py:begin -->"
 END = "<!-- prefix_affinity.py:end -->"
@@ -57,6 +57,22 @@ GPU_BLOCKS = 200
 # A conversation's last turn runs past the tiny model's 512 positions (RoPE extends past them).
 MAX_MODEL_LEN = 1024
 SEED = 20261205
+
+
+def _tiny_model_words() -> list[str]:
+    """The words the tiny model's tokenizer was trained on (about one token each), read from
+    `tests/vllm/tiny_model.py` without importing it (it needs torch, which only vLLM's
+    environment has)."""
+    source = Path(cpu_env.TINY_MODEL).read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "_WORD_TEXT" for t in node.targets
+        ):
+            return str(ast.literal_eval(node.value)).split()
+    raise HarnessError("no _WORD_TEXT in tests/vllm/tiny_model.py")
+
+
+WORDS = _tiny_model_words()
 
 
 @dataclass
@@ -80,11 +96,14 @@ class Result:
     """One mode's run."""
 
     mode: str
+    round: int = 0
     requests: int = 0
     errors: int = 0
     hits: float = 0.0
     queries: float = 0.0
     per_worker: list[float] = field(default_factory=list)
+    # Each worker's own hit rate over the mode.
+    hit_rate_per_worker: list[float] = field(default_factory=list)
     seconds: float = 0.0
     # The mean `usage.prompt_tokens` of each turn.
     prompt_tokens_by_turn: list[float] = field(default_factory=list)
@@ -100,10 +119,13 @@ class Result:
         return max(self.per_worker) / max(1.0, sum(self.per_worker))
 
 
-def workload(conversations: int, turns: int, system_words: int) -> list[Conversation]:
+def workload(
+    conversations: int, turns: int, system_words: int, seed: int = SEED
+) -> list[Conversation]:
+    """The conversations of one round, the same for every mode of it."""
     out = []
     for i in range(conversations):
-        rng = random.Random(SEED * 1000 + i)
+        rng = random.Random(seed * 1000 + i)
         system = " ".join(rng.choice(WORDS) for _ in range(system_words)).capitalize() + "."
         convo = Conversation(i, [{"role": "system", "content": system}], turns, rng)
         convo.messages.append({"role": "user", "content": convo.question()})
@@ -248,14 +270,19 @@ def wait_worker(worker: Pinned, url: str) -> None:
 
 
 def start_gateway(
-    name: str, workers: list[str], policy: str, db_url: str, key: str, workdir: Path
+    name: str,
+    workers: list[str],
+    routing: str,
+    db_url: str,
+    key: str,
+    workdir: Path,
 ) -> tuple[Service, str]:
     config = workdir / f"{name}.toml"
     tables = "".join(f'[[workers]]\nurl = "{url}"\n' for url in workers)
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = 0\n\n[storage]\nurl = "{db_url}"\n\n'
         f'[journal]\ndir = "{workdir / name}.journal"\n\n'
-        f'[routing]\npolicy = "{policy}"\n\n{tables}'
+        f"[routing]\n{routing}\n\n{tables}"
     )
     args = ["serve", "--config", str(config), "--log-level", "WARNING"]
     gateway = Service(name, 1, args, workdir)
@@ -271,24 +298,55 @@ def start_gateway(
 
 
 def table(results: list[Result]) -> str:
-    sticky = next(r for r in results if r.mode == "sticky")
     lines = [
-        "| mode | requests | hit rate | vs sticky | requests on worker 0 / 1 | max share"
-        " | affinity hits / spills | seconds |",
-        "|---|---:|---:|---:|---|---:|---|---:|",
+        "| round | mode | hit rate | vs sticky | vs sticky, ring homes | hit rate on worker 0 / 1"
+        " | requests on worker 0 / 1 | max share | affinity hits / spills | seconds |",
+        "|---:|---|---:|---:|---:|---|---|---:|---|---:|",
     ]
     for r in results:
+        balanced = next(x for x in results if x.round == r.round and x.mode == "sticky")
+        ring = next(x for x in results if x.round == r.round and x.mode == "sticky, ring homes")
         affinity = "" if r.affinity is None else f"{r.affinity[0]:.0f} / {r.affinity[1]:.0f}"
+        rates = " / ".join(f"{rate:.3f}" for rate in r.hit_rate_per_worker)
         lines.append(
-            f"| {r.mode} | {r.requests} | {r.hit_rate:.3f} | {r.hit_rate / sticky.hit_rate:.2f}"
+            f"| {r.round + 1} | {r.mode} | {r.hit_rate:.3f} | {r.hit_rate / balanced.hit_rate:.2f}"
+            f" | {r.hit_rate / ring.hit_rate:.2f} | {rates}"
             f" | {r.per_worker[0]:.0f} / {r.per_worker[1]:.0f} | {r.max_share:.0%} | {affinity}"
             f" | {r.seconds:.0f} |"
         )
     return "\n".join(lines)
 
 
+def ring_homes(
+    gateway: str, key: str, db_url: str, conversations: list[Conversation], tag: str
+) -> list[str]:
+    """The worker prefix affinity places each conversation on when nothing is in flight (its
+    home on the ring): each one's first turn sent alone through `gateway`, its worker read from
+    the usage event."""
+    headers = {"authorization": f"Bearer {key}"}
+    for convo in conversations:
+        body = {"model": cpu_env.SERVED_MODEL, "messages": convo.messages, "max_tokens": 1}
+        request_headers = {**headers, "x-request-id": f"{tag}-{convo.index}"}
+        response = httpx.post(
+            f"{gateway}/v1/chat/completions", json=body, headers=request_headers, timeout=60
+        )
+        if response.status_code != 200:
+            raise HarnessError(f"probe: {response.status_code} {response.text}")
+
+    def workers() -> dict[str, str]:
+        rows = procs.usage_rows(db_url)
+        return {row["request_id"]: row["worker"] for row in rows if row["request_id"] in wanted}
+
+    wanted = {f"{tag}-{c.index}" for c in conversations}
+    if not procs.wait_for(lambda: len(workers()) == len(wanted), timeout=30):
+        raise HarnessError("the probes' usage events did not reach the ledger")
+    found = workers()
+    return [found[f"{tag}-{c.index}"] for c in conversations]
+
+
 def measure(
     name: str,
+    round_: int,
     pick: Pick,
     gateways: list[str],
     workers: list[str],
@@ -300,7 +358,7 @@ def measure(
     reset_caches(workers)
     before = counters(workers)
     affinity_before = affinity_counts(gateways)
-    result = Result(name)
+    result = Result(name, round_)
     started = time.monotonic()
     run_mode(result, pick, key, conversations, args.concurrency, args.max_tokens)
     result.seconds = time.monotonic() - started
@@ -310,6 +368,9 @@ def measure(
     result.hits = sum(a["hits"] - b["hits"] for a, b in pairs)
     result.queries = sum(a["queries"] - b["queries"] for a, b in pairs)
     result.per_worker = [a["requests"] - b["requests"] for a, b in pairs]
+    result.hit_rate_per_worker = [
+        (a["hits"] - b["hits"]) / max(1.0, a["queries"] - b["queries"]) for a, b in pairs
+    ]
     if "prefix_affinity" in name:
         hits, spills = affinity_counts(gateways)
         result.affinity = (hits - affinity_before[0], spills - affinity_before[1])
@@ -325,9 +386,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--system-words", type=int, default=360, help="about one token each")
+    parser.add_argument(
+        "--load-factor", type=float, default=1.25, help="routing.affinity_load_factor"
+    )
+    parser.add_argument("--load-floor", type=int, default=8, help="routing.affinity_load_floor")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="each with other system prompts (1 with --quick)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.conversations, args.turns = 8, 3
+        args.conversations, args.turns, args.rounds = 8, 3, 1
 
     env = cpu_env.ensure()
     results: list[Result] = []
@@ -344,12 +412,16 @@ def main(argv: list[str] | None = None) -> None:
             key, _ = procs.create_key(db_url, "bench")
             gateways = {}
             # The second replica lists the workers in the other order: the ring is by URL.
-            for name, policy, order in [
-                ("least_load", "least_load", workers),
-                ("affinity-1", "prefix_affinity", workers),
-                ("affinity-2", "prefix_affinity", workers[::-1]),
+            affinity = (
+                f'policy = "prefix_affinity"\naffinity_load_factor = {args.load_factor}\n'
+                f"affinity_load_floor = {args.load_floor}\n"
+            )
+            for name, routing, order in [
+                ("least_load", 'policy = "least_load"', workers),
+                ("affinity-1", affinity, workers),
+                ("affinity-2", affinity, workers[::-1]),
             ]:
-                gateway, url = start_gateway(name, order, policy, db_url, key, workdir)
+                gateway, url = start_gateway(name, order, routing, db_url, key, workdir)
                 processes.append(gateway)
                 gateways[name] = url
 
@@ -368,19 +440,36 @@ def main(argv: list[str] | None = None) -> None:
                 gateways["affinity-1"],
                 gateways["affinity-2"],
             )
-            modes: list[tuple[str, Pick, list[str]]] = [
-                ("least_load", lambda i, n: least, [least]),
-                ("sticky", lambda i, n: workers[i % 2], []),
-                ("prefix_affinity", lambda i, n: first, [first]),
-                (
-                    "prefix_affinity, 2 replicas",
-                    lambda i, n: (first, second)[n % 2],
-                    [first, second],
-                ),
-            ]
-            for name, pick, via in modes:
-                conversations = workload(args.conversations, args.turns, args.system_words)
-                results.append(measure(name, pick, via, workers, key, conversations, args))
+            for round_ in range(args.rounds):
+                seed = SEED + round_
+
+                def conversations(turns: int, seed: int = seed) -> list[Conversation]:
+                    return workload(args.conversations, turns, args.system_words, seed)
+
+                homes = ring_homes(first, key, db_url, conversations(1), f"home-{round_}")
+                split = [sum(home == url for home in homes) for url in workers]
+                print(f"round {round_ + 1}: ring homes split {split}", flush=True)
+
+                def home(i: int, n: int, homes: list[str] = homes) -> str:
+                    return homes[i]
+
+                modes: list[tuple[str, Pick, list[str]]] = [
+                    ("least_load", lambda i, n: least, [least]),
+                    ("sticky", lambda i, n: workers[i % 2], []),
+                    ("sticky, ring homes", home, []),
+                    ("prefix_affinity", lambda i, n: first, [first]),
+                    (
+                        "prefix_affinity, 2 replicas",
+                        lambda i, n: (first, second)[n % 2],
+                        [first, second],
+                    ),
+                ]
+                for name, pick, via in modes:
+                    results.append(
+                        measure(
+                            name, round_, pick, via, workers, key, conversations(args.turns), args
+                        )
+                    )
         finally:
             for process in reversed(processes):
                 process.stop()
@@ -404,6 +493,9 @@ def write(
     """The section of RESULTS.md, and the raw results in benchmarks/out/."""
     sticky = next(r for r in results if r.mode == "sticky")
     by_turn = ", ".join(f"{t:.0f}" for t in sticky.prompt_tokens_by_turn)
+    rounds = (
+        f"{args.rounds} rounds, each with system prompts of its own," if args.rounds > 1 else ""
+    )
     command = shlex.join(
         ["python", "benchmarks/prefix_affinity.py", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -418,11 +510,14 @@ def write(
             f" core with `--block-size {BLOCK_SIZE} --num-gpu-blocks-override {GPU_BLOCKS}`"
             f" ({BLOCK_SIZE * GPU_BLOCKS:,} tokens of KV cache each) and `--max-model-len"
             f" {MAX_MODEL_LEN}`; gateways (one tokio thread each) on core 1."
-            f" {args.conversations} conversations of {args.turns} turns, {args.concurrency}"
+            f" {rounds} {args.conversations} conversations of {args.turns} turns,"
+            f" {args.concurrency}"
             " requests at a time, interleaved (a conversation's next turn joins the back of the"
             f" queue); each its own system prompt of {system_tokens} tokens (chat template"
             f" included), answers of up to {args.max_tokens} tokens at temperature 0; mean"
-            f" prompt tokens by turn (sticky run): {by_turn}. Hit rate:"
+            f" prompt tokens by turn (first sticky run): {by_turn}. Prefix affinity with"
+            f" `affinity_load_factor = {args.load_factor}`, `affinity_load_floor ="
+            f" {args.load_floor}`. Hit rate:"
             " `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` over the mode's"
             " requests, both workers; requests per worker from `vllm:request_success_total`;"
             " prefix caches emptied (`POST /reset_prefix_cache`) before each mode; the"

@@ -204,7 +204,7 @@ class ModelRoutingConfig(BaseModel):
     policy: RoutingPolicy = Field(
         description=(
             "The routing policy of requests for the model NAME (as requests name it), in place of"
-            " `routing.policy`; one `[routing.models.\"NAME\"]` table per model."
+            ' `routing.policy`; one `[routing.models."NAME"]` table per model.'
         ),
     )
 
@@ -296,9 +296,19 @@ class RoutingConfig(BaseModel):
         le=100.0,
         description=(
             "`prefix_affinity`'s bound: a worker takes a request while its load is under"
-            " `ceil(factor * (total load + 1) / workers)`; past it, or saturated, the request"
-            " spills to the next worker on the ring. Higher keeps more requests on their prefix's"
-            " worker, lower spreads load more evenly."
+            " `max(ceil(factor * (total load + 1) / workers), routing.affinity_load_floor)`; past"
+            " it, or saturated, the request spills to the next worker on the ring. Higher keeps"
+            " more requests on their prefix's worker, lower spreads load more evenly."
+        ),
+    )
+    affinity_load_floor: int = Field(
+        default=8,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "A worker with fewer requests than this is never past `prefix_affinity`'s bound (only"
+            " saturation spills): with few requests in flight the bound is tight, and a spilled"
+            " request computes its prefix again elsewhere while its worker has room to spare."
         ),
     )
     models: dict[ModelName, ModelRoutingConfig] = Field(
@@ -565,6 +575,7 @@ class GatewayConfig(BaseModel):
                 "max_queued_per_tenant": self.routing.max_queued_per_tenant,
                 "policy": self.routing.policy,
                 "affinity_load_factor": self.routing.affinity_load_factor,
+                "affinity_load_floor": self.routing.affinity_load_floor,
                 "models": {
                     name: {"policy": model.policy} for name, model in self.routing.models.items()
                 },

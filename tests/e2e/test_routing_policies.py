@@ -8,6 +8,7 @@ request is read from the ledger's usage events, by request id."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import httpx
 import pytest
 
 from tests.support import procs
+
+pytestmark = pytest.mark.e2e
 
 MODEL = "sim-model"
 CONVERSATIONS = 16
@@ -133,3 +136,33 @@ def test_a_bad_session_id_is_a_400_naming_it(replicas: Replicas, session: str) -
     error = response.json()["error"]
     assert error["param"] == "x-session-id", error
     assert error["type"] == "invalid_request_error", error
+
+
+def test_a_hot_prefix_spills_past_its_bound(tmp_path: Path) -> None:
+    """With no floor and c = 1, one conversation's concurrent requests cannot all stay home: the
+    bound sends some to the other worker, and `/metrics` counts them as spills."""
+    sims = [procs.start_sim(model=MODEL, ttft_ms=500, itl_ms=0) for _ in range(2)]
+    db = tmp_path / "ledger.db"
+    gateway = None
+    try:
+        key, _ = procs.create_key(db, "acme")
+        routing = (
+            'policy = "prefix_affinity"\naffinity_load_factor = 1.0\naffinity_load_floor = 0\n'
+        )
+        config = procs.write_config(tmp_path / "g.toml", [s.url for s in sims], db, routing=routing)
+        gateway = procs.start(["serve", "--config", str(config)])
+        replicas = Replicas(gateways=[gateway], sims=sims, db=db, key=key)
+        body = {"model": MODEL, "messages": conversation(0, 1), "max_tokens": 2}
+
+        def one(i: int) -> int:
+            return replicas.post(0, body, {"x-request-id": f"hot-{i}"}).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(one, range(6))) == [200] * 6
+        workers = replicas.workers_by_request(6)
+        assert set(workers.values()) == {sim.url for sim in sims}, workers
+        assert affinity(gateway, "spill") > 0
+        assert affinity(gateway, "hit") + affinity(gateway, "spill") == 6
+    finally:
+        for process in [*([gateway] if gateway else []), *sims]:
+            process.stop()

@@ -310,6 +310,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "max_queued_per_tenant": 256,
             "policy": "least_load",
             "affinity_load_factor": 1.25,
+            "affinity_load_floor": 8,
             "models": {},
         },
         "quota": {
@@ -344,13 +345,14 @@ def test_the_rust_tests_document_is_the_resolved_default(tmp_path: Path) -> None
 
 def test_routing_policies_reach_the_core_document(tmp_path: Path) -> None:
     text = MINIMAL + (
-        '[routing]\npolicy = "round_robin"\naffinity_load_factor = 2\n'
+        '[routing]\npolicy = "round_robin"\naffinity_load_factor = 2\naffinity_load_floor = 0\n'
         '[routing.models."tiny-llama"]\npolicy = "prefix_affinity"\n'
         '[routing.models."org/model:v2"]\npolicy = "least_load"\n'
     )
     routing = json.loads(load_config(write(tmp_path, text)).core_document())["routing"]
     assert routing["policy"] == "round_robin"
     assert routing["affinity_load_factor"] == 2.0
+    assert routing["affinity_load_floor"] == 0
     assert routing["models"] == {
         "tiny-llama": {"policy": "prefix_affinity"},
         "org/model:v2": {"policy": "least_load"},

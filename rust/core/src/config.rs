@@ -69,8 +69,9 @@ pub struct RoutingConfig {
     /// The policy of every model without one of its own in `models`.
     pub policy: PolicyKind,
     /// `prefix_affinity`'s bound: a worker takes a request while its load is under
-    /// `ceil(affinity_load_factor × (total load + 1) / workers)`.
+    /// `max(ceil(affinity_load_factor × (total load + 1) / workers), affinity_load_floor)`.
     pub affinity_load_factor: f64,
+    pub affinity_load_floor: u32,
     /// Per model (by its name as requests give it), what differs from the above.
     pub models: BTreeMap<String, ModelRoutingConfig>,
 }

@@ -8,10 +8,16 @@
 //! clockwise from its key's hash, over the eligible workers only: the first is its home. The home
 //! takes it unless its load (as `score` weighs it: the gateway's requests in flight there or the
 //! worker's own running and waiting, whichever is larger) is at the bound
-//! `ceil(c × (total load + 1) / workers)`, or it is saturated (vLLM queues requests or its KV
-//! cache is 95% full); then the request spills to the next worker on the walk that is neither.
-//! Some worker is always under the bound (c ≥ 1); when every such worker is saturated, the first
-//! of them on the walk takes it. Removing a worker moves only the keys it held.
+//! `max(ceil(c × (total load + 1) / workers), floor)`, or it is saturated (vLLM queues requests or
+//! its KV cache is 95% full); then the request spills to the next worker on the walk that is
+//! neither. Some worker is always under the bound (c ≥ 1); when every such worker is saturated,
+//! the first of them on the walk takes it. Removing a worker moves only the keys it held.
+//!
+//! The floor is ours, not the paper's: with few requests in flight the paper's bound is tight
+//! (two workers, three requests in flight: a home holding all three spills the fourth), and a
+//! spilled request computes its whole prefix again on a worker that then caches it in another
+//! conversation's place, while a vLLM worker with a handful of requests in its batch is nowhere
+//! near full. Below the floor only saturation spills.
 //!
 //! It does not learn where prefixes actually are (no radix tree of what each worker cached): the
 //! hash decides, and the bound keeps a hot prefix from piling onto one worker.
@@ -96,11 +102,29 @@ pub struct AffinityCount {
     pub spills: u64,
 }
 
+/// How much load a worker takes before requests spill past it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadBound {
+    /// `c`: a worker takes up to `c` times its share of the load (at least 1).
+    pub factor: f64,
+    /// A worker with fewer requests than this is never past the bound.
+    pub floor: usize,
+}
+
+impl LoadBound {
+    /// A worker takes a request while its load is under this:
+    /// `max(ceil(c × (total + 1) / workers), floor)`.
+    fn of(&self, total: usize, workers: usize) -> usize {
+        let share = self.factor.max(1.0) * (total as f64 + 1.0) / workers.max(1) as f64;
+        // Finite and at least 1 for c ≥ 1; the cast saturates.
+        (share.ceil() as usize).max(self.floor)
+    }
+}
+
 #[derive(Debug)]
 pub struct PrefixAffinity {
     ring: Ring,
-    /// `c`, at least 1.
-    load_factor: f64,
+    bound: LoadBound,
     /// Per model, created at its first placement (only models some worker serves get here).
     counts: ArcSwap<HashMap<Arc<str>, Arc<Counts>>>,
     /// For requests without a key (nothing to hash).
@@ -109,10 +133,10 @@ pub struct PrefixAffinity {
 
 impl PrefixAffinity {
     /// Over the workers at `urls`, in registry order (a candidate's `index` is its place here).
-    pub fn new<'a>(urls: impl IntoIterator<Item = &'a str>, load_factor: f64) -> Self {
+    pub fn new<'a>(urls: impl IntoIterator<Item = &'a str>, bound: LoadBound) -> Self {
         Self {
             ring: Ring::new(urls),
-            load_factor: load_factor.max(1.0),
+            bound,
             counts: ArcSwap::default(),
             fallback: LeastLoad::default(),
         }
@@ -163,7 +187,7 @@ impl PrefixAffinity {
         let total = scores
             .iter()
             .fold(0usize, |total, &(_, load)| total.saturating_add(load));
-        let bound = bound(self.load_factor, total, candidates.len());
+        let bound = self.bound.of(total, candidates.len());
         let mut home = None;
         let mut under_bound = None;
         let mut left = candidates.len();
@@ -195,13 +219,6 @@ impl PrefixAffinity {
         };
         Some((chosen, outcome))
     }
-}
-
-/// A worker takes a request while its load is under this: `ceil(c × (total + 1) / workers)`.
-fn bound(load_factor: f64, total: usize, workers: usize) -> usize {
-    let share = load_factor * (total as f64 + 1.0) / workers.max(1) as f64;
-    // Finite and at least 1 for c ≥ 1; the cast saturates.
-    share.ceil() as usize
 }
 
 impl RoutingPolicy for PrefixAffinity {
@@ -242,6 +259,11 @@ mod tests {
     use crate::request::Endpoint;
 
     const URLS: [&str; 4] = ["http://a:1", "http://b:2", "http://c:3", "http://d:4"];
+
+    /// The policy over the first `n` of `URLS` with factor `c` and no floor (the paper's bound).
+    fn paper(n: usize, factor: f64) -> PrefixAffinity {
+        PrefixAffinity::new(URLS[..n].iter().copied(), LoadBound { factor, floor: 0 })
+    }
 
     fn workers(urls: &[&str]) -> Vec<Arc<Worker>> {
         urls.iter().map(|url| worker(url, &["m"], true)).collect()
@@ -284,11 +306,15 @@ mod tests {
     #[test]
     fn a_key_lands_on_the_same_worker_whatever_the_order_or_the_replica() {
         let all = workers(&URLS);
-        let policy = PrefixAffinity::new(URLS, 1.25);
+        let policy = paper(4, 1.25);
         // Another replica, configured in the reverse order: registry indices differ, URLs not.
         let reversed: Vec<&str> = URLS.iter().rev().copied().collect();
         let all_reversed = workers(&reversed);
-        let replica = PrefixAffinity::new(reversed.iter().copied(), 1.25);
+        let bound = LoadBound {
+            factor: 1.25,
+            floor: 0,
+        };
+        let replica = PrefixAffinity::new(reversed.iter().copied(), bound);
         let mut used = [0usize; 4];
         for i in 0..200 {
             let here = chosen(&policy, &all, &[0, 1, 2, 3], i);
@@ -312,7 +338,7 @@ mod tests {
     #[test]
     fn removing_a_worker_moves_only_its_keys() {
         let all = workers(&URLS);
-        let policy = PrefixAffinity::new(URLS, 1.25);
+        let policy = paper(4, 1.25);
         let mut moved = 0;
         for i in 0..300 {
             let before = chosen(&policy, &all, &[0, 1, 2, 3], i);
@@ -330,7 +356,7 @@ mod tests {
     #[test]
     fn a_worker_at_its_bound_spills_to_the_next_on_the_ring() {
         let all = workers(&URLS[..2]);
-        let policy = PrefixAffinity::new(URLS[..2].iter().copied(), 1.25);
+        let policy = paper(2, 1.25);
         let home = chosen(&policy, &all, &[0, 1], 7);
         let other = 1 - home;
         // Home has 2 in flight, the other none: bound ceil(1.25 × 3 / 2) = 2, so home is full.
@@ -340,7 +366,7 @@ mod tests {
         let _also = all[other].begin();
         assert_eq!(chosen(&policy, &all, &[0, 1], 7), home);
         // A looser factor lets home take more.
-        let loose = PrefixAffinity::new(URLS[..2].iter().copied(), 3.0);
+        let loose = paper(2, 3.0);
         let _more = [all[home].begin(), all[home].begin()];
         assert_eq!(chosen(&loose, &all, &[0, 1], 7), home);
         assert_eq!(chosen(&policy, &all, &[0, 1], 7), other);
@@ -351,7 +377,7 @@ mod tests {
     #[test]
     fn reported_load_counts_toward_the_bound() {
         let all = workers(&URLS[..2]);
-        let policy = PrefixAffinity::new(URLS[..2].iter().copied(), 1.25);
+        let policy = paper(2, 1.25);
         let home = chosen(&policy, &all, &[0, 1], 3);
         // Another replica's requests, as vLLM reports them: 4 running at home, none elsewhere.
         all[home].set_load(Some(Load {
@@ -365,7 +391,7 @@ mod tests {
     #[test]
     fn a_saturated_home_spills_and_all_saturated_stays_home() {
         let all = workers(&URLS[..3]);
-        let policy = PrefixAffinity::new(URLS[..3].iter().copied(), 1.25);
+        let policy = paper(3, 1.25);
         let home = chosen(&policy, &all, &[0, 1, 2], 11);
         let saturated = |waiting, kv_cache_usage| {
             Some(Load {
@@ -389,7 +415,7 @@ mod tests {
     #[test]
     fn a_session_id_places_unrelated_prompts_together() {
         let all = workers(&URLS);
-        let policy = PrefixAffinity::new(URLS, 1.25);
+        let policy = paper(4, 1.25);
         let session: Arc<str> = Arc::from("conversation-9");
         let candidates = candidates(&all, &[0, 1, 2, 3]);
         let places: Vec<_> = (0..20)
@@ -409,7 +435,7 @@ mod tests {
     #[test]
     fn a_request_without_a_key_goes_by_least_load() {
         let all = workers(&URLS[..2]);
-        let policy = PrefixAffinity::new(URLS[..2].iter().copied(), 1.25);
+        let policy = paper(2, 1.25);
         let _busy = all[0].begin();
         let body = Bytes::from_static(br#"{"model":"m","prompt":""}"#);
         let candidates = candidates(&all, &[0, 1]);
@@ -419,12 +445,39 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_is_the_papers() {
-        assert_eq!(bound(1.25, 0, 2), 1);
-        assert_eq!(bound(1.25, 2, 2), 2);
-        assert_eq!(bound(1.25, 3, 2), 3);
-        assert_eq!(bound(1.0, 7, 4), 2);
-        assert_eq!(bound(1.25, usize::MAX, 1), usize::MAX);
-        assert_eq!(bound(1.25, 5, 0), 8);
+    fn the_bound_is_the_papers_above_the_floor() {
+        let bound = |factor, floor, total, workers| LoadBound { factor, floor }.of(total, workers);
+        assert_eq!(bound(1.25, 0, 0, 2), 1);
+        assert_eq!(bound(1.25, 0, 2, 2), 2);
+        assert_eq!(bound(1.25, 0, 3, 2), 3);
+        assert_eq!(bound(1.0, 0, 7, 4), 2);
+        assert_eq!(bound(1.25, 0, usize::MAX, 1), usize::MAX);
+        assert_eq!(bound(1.25, 0, 5, 0), 8);
+        assert_eq!(bound(0.5, 0, 3, 2), 2, "a factor under 1 counts as 1");
+        assert_eq!(bound(1.25, 8, 3, 2), 8);
+        assert_eq!(bound(1.25, 8, 100, 2), 64);
+    }
+
+    #[test]
+    fn under_the_floor_only_saturation_spills() {
+        let all = workers(&URLS[..2]);
+        let bound = LoadBound {
+            factor: 1.25,
+            floor: 4,
+        };
+        let policy = PrefixAffinity::new(URLS[..2].iter().copied(), bound);
+        let home = chosen(&policy, &all, &[0, 1], 5);
+        // Three in flight at home, none elsewhere: the paper's bound (3) would spill.
+        let _busy = [all[home].begin(), all[home].begin(), all[home].begin()];
+        assert_eq!(chosen(&policy, &all, &[0, 1], 5), home);
+        let _fourth = all[home].begin();
+        assert_eq!(chosen(&policy, &all, &[0, 1], 5), 1 - home);
+        drop(_fourth);
+        all[home].set_load(Some(Load {
+            running: 1,
+            waiting: 1,
+            kv_cache_usage: 0.2,
+        }));
+        assert_eq!(chosen(&policy, &all, &[0, 1], 5), 1 - home);
     }
 }

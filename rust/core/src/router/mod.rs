@@ -11,7 +11,7 @@ mod registry;
 mod scrape;
 mod worker;
 
-pub use affinity::{AffinityCount, PrefixAffinity};
+pub use affinity::{AffinityCount, LoadBound, PrefixAffinity};
 pub use health::{probe_all, run_health_checks};
 pub use load::Load;
 pub use policies::Policies;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::affinity::{AffinityCount, PrefixAffinity};
+use super::affinity::{AffinityCount, LoadBound, PrefixAffinity};
 use super::policy::{Candidate, Features, LeastLoad, RoundRobin, RoutingPolicy};
 use super::registry::Registry;
 use crate::config::{PolicyKind, RoutingConfig};
@@ -35,7 +35,10 @@ impl Policies {
             round_robin: RoundRobin::default(),
             prefix_affinity: PrefixAffinity::new(
                 registry.workers().iter().map(|w| &*w.url),
-                routing.affinity_load_factor,
+                LoadBound {
+                    factor: routing.affinity_load_factor,
+                    floor: usize::try_from(routing.affinity_load_floor).unwrap_or(usize::MAX),
+                },
             ),
         }
     }
@@ -90,6 +93,7 @@ mod tests {
             max_queued_per_tenant: 10,
             policy,
             affinity_load_factor: 1.25,
+            affinity_load_floor: 8,
             models: models
                 .iter()
                 .map(|(model, policy)| {
