@@ -8,16 +8,22 @@ Two vLLM CPU workers (the real-vLLM tier's environment and tiny model, `tests/vl
 each pinned to its own core, each with a small KV cache (`--block-size 32
 --num-gpu-blocks-override 200`: 6,400 tokens) and `VLLM_SERVER_DEV_MODE=1` for `POST
 /reset_prefix_cache`. The workload: `--conversations` chats of `--turns` turns, each with a system
-prompt of its own of about `--system-tokens` tokens; each turn appends the previous answer and a
-new question. `--concurrency` clients take turns from one queue in which a conversation goes back
-to the end once its turn is answered, so conversations interleave (between two turns of one,
-every other conversation has a turn). Answers are `--max-tokens` long, at temperature 0.
+prompt of its own of `--system-words` words (the tiny tokenizer's own words, about a token each);
+each turn appends the previous answer and a new question. `--concurrency` clients take turns from
+one queue in which a conversation goes back to the end once its turn is answered, so
+conversations interleave (between two turns of one, every other conversation has a turn).
+Answers are up to `--max-tokens` long, at temperature 0. `--rounds` repeat everything with other
+system prompts, so the hash splits the conversations anew.
 
 Modes, each after both workers' prefix caches are emptied:
 - `least_load`: through a gateway with `routing.policy = "least_load"`;
-- `sticky`: each conversation sent always to one worker (conversation i to worker i mod 2),
-  directly, with no gateway: the reference;
-- `prefix_affinity`: through a gateway with `routing.policy = "prefix_affinity"`;
+- `sticky`: each conversation sent always to one worker (conversation i to worker i mod 2, an even
+  split), directly, with no gateway;
+- `sticky, ring homes`: each conversation sent always to the worker prefix affinity names for it
+  (its first turn sent alone through the gateway, the worker read off its usage event), directly:
+  the same split as prefix affinity's;
+- `prefix_affinity`: through a gateway with `routing.policy = "prefix_affinity"`
+  (`--load-factor`, `--load-floor`);
 - `prefix_affinity, 2 replicas`: the same through two gateways (the second lists the workers in
   the other order), requests alternating between them.
 
