@@ -4,10 +4,11 @@ saturation rounds, the machine and commit a run states, and publishing a section
 `benchmarks/RESULTS.md` with the raw reports in `benchmarks/out/`.
 
 A library, not a script: `overhead.py`, `grpc_cost.py`, `journal_cost.py`, `progress_cost.py`,
-`quota_cost.py`, `ledger_ingest.py` and `vllm_latency.py` import it (each runs as `python
-benchmarks/NAME.py`, so this directory is on the path). Importing it puts the repository's root on
-the path too, for `tests.support`, the helpers the tests share with the benchmarks (free ports,
-the `gateway` CLI, API keys, test servers): import `harness` before `tests`.
+`quota_cost.py`, `ledger_ingest.py`, `vllm_latency.py` and `prefix_affinity.py` import it (each
+runs as `python benchmarks/NAME.py`, so this directory is on the path). Importing it puts the
+repository's root on the path too, for `tests.support`, the helpers the tests share with the
+benchmarks (free ports, the `gateway` CLI, API keys, test servers): import `harness` before
+`tests`.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ __all__ = [
     "GatewayConfig",
     "IpHost",
     "JournalConfig",
+    "ModelRoutingConfig",
     "Port",
     "QuotaConfig",
     "RoutingConfig",
@@ -189,8 +190,28 @@ class WorkerConfig(BaseModel):
     )
 
 
+RoutingPolicy = Literal["least_load", "prefix_affinity", "round_robin"]
+
+# A model's name as requests give it (the core refuses longer ones).
+ModelName = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class ModelRoutingConfig(BaseModel):
+    """`[routing.models."NAME"]`: how requests for one model are routed, over `[routing]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    policy: RoutingPolicy = Field(
+        description=(
+            "The routing policy of requests for the model NAME (as requests name it), in place of"
+            ' `routing.policy`; one `[routing.models."NAME"]` table per model.'
+        ),
+    )
+
+
 class RoutingConfig(BaseModel):
-    """`[routing]`: health checks, load signals, timeouts and retries towards the workers."""
+    """`[routing]`: health checks, load signals, timeouts and retries towards the workers, and
+    the policy that picks a worker."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -333,6 +354,41 @@ class RoutingConfig(BaseModel):
         description=(
             "Circuit breaker: the longest an ejection lasts; at least `routing.breaker_backoff_ms`."
         ),
+    )
+    policy: RoutingPolicy = Field(
+        default="least_load",
+        description=(
+            "Which eligible worker serves a request: `least_load` (the fewest requests, weighing"
+            " vLLM's own running and waiting), `prefix_affinity` (the worker a consistent hash of"
+            " the prompt's leading part, or of `X-Session-Id`, names, within a load bound, so"
+            " vLLM's prefix cache hits from every replica; see Routing) or `round_robin`. Every"
+            " policy passes over a saturated worker (vLLM queueing, or its KV cache 95% full)."
+        ),
+    )
+    affinity_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=100.0,
+        description=(
+            "`prefix_affinity`'s bound: a worker takes a request while its load is under"
+            " `max(ceil(factor * (total load + 1) / workers), routing.affinity_load_floor)`; past"
+            " it, or saturated, the request spills to the next worker on the ring. Higher keeps"
+            " more requests on their prefix's worker, lower spreads load more evenly."
+        ),
+    )
+    affinity_load_floor: int = Field(
+        default=8,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "A worker with fewer requests than this is never past `prefix_affinity`'s bound (only"
+            " saturation spills): with few requests in flight the bound is tight, and a spilled"
+            " request computes its prefix again elsewhere while its worker has room to spare."
+        ),
+    )
+    models: dict[ModelName, ModelRoutingConfig] = Field(
+        default_factory=dict,
+        description="Per-model routing, by model name.",
     )
 
     @model_validator(mode="after")
@@ -608,6 +664,12 @@ class GatewayConfig(BaseModel):
                 "breaker_failure_percent": self.routing.breaker_failure_percent,
                 "breaker_backoff_ms": self.routing.breaker_backoff_ms,
                 "breaker_max_backoff_ms": self.routing.breaker_max_backoff_ms,
+                "policy": self.routing.policy,
+                "affinity_load_factor": self.routing.affinity_load_factor,
+                "affinity_load_floor": self.routing.affinity_load_floor,
+                "models": {
+                    name: {"policy": model.policy} for name, model in self.routing.models.items()
+                },
             },
             "quota": self.quota.model_dump(),
             "journal": None
@@ -721,6 +783,11 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
             (item,) = get_args(annotation)
             if isinstance(item, type) and issubclass(item, BaseModel):
                 rows.extend(_rows(item, f"{prefix}{name}[]."))
+                continue
+        if get_origin(annotation) is dict:
+            _, item = get_args(annotation)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                rows.extend(_rows(item, f'{prefix}{name}."NAME".'))
                 continue
         type_name = _type_name(info.rebuild_annotation())
         description = (info.description or "") + _bounds(info)

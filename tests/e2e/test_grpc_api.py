@@ -201,6 +201,26 @@ def test_every_error_is_its_grpc_status(make_stack: StackFactory) -> None:
         )
 
 
+def test_a_session_id_in_metadata_is_checked_as_over_http(
+    grpc_stack: tuple[Stack, GatewayClient],
+) -> None:
+    """`x-session-id` metadata is the HTTP header's `X-Session-Id`: taken when it is 1-256
+    printable ASCII characters, else INVALID_ARGUMENT naming it."""
+    stack, _ = grpc_stack
+    request = GatewayClient.chat_request(MODEL, [("user", "hi")], max_tokens=2)
+    auth = ("authorization", f"Bearer {stack.key}")
+    with grpc.insecure_channel(grpc_target(stack)) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        answer = stub.ChatCompletion(
+            request, metadata=[auth, ("x-session-id", "user-7")], timeout=30
+        )
+        assert answer.choices
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ChatCompletion(request, metadata=[auth, ("x-session-id", "s" * 257)], timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "X-Session-Id" in (caught.value.details() or "")
+
+
 def test_bad_messages_are_the_clients_fault(make_stack: StackFactory) -> None:
     """Bytes that are no protobuf message, a message past the size limit, a request id of 1000
     characters: INVALID_ARGUMENT, as the README maps a 400 and a 413, never INTERNAL or

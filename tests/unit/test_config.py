@@ -178,6 +178,24 @@ token_env = "MY_ADMIN_TOKEN"
         (
             "[routing]\nbreaker_max_backoff_ms = 999",
             "routing: breaker_max_backoff_ms must be at least breaker_backoff_ms",
+            '[routing]\npolicy = "random"',
+            "routing.policy: Input should be 'least_load', 'prefix_affinity' or 'round_robin'",
+        ),
+        (
+            "[routing]\naffinity_load_factor = 0.9",
+            "routing.affinity_load_factor: Input should be greater than or equal to 1",
+        ),
+        (
+            '[routing.models."tiny"]\npolicy = "sticky"',
+            "routing.models.tiny.policy: Input should be 'least_load', 'prefix_affinity' or",
+        ),
+        (
+            '[routing.models."tiny"]\nweight = 2',
+            "routing.models.tiny.policy: Field required",
+        ),
+        (
+            '[routing.models.""]\npolicy = "round_robin"',
+            "routing.models..[key]: String should have at least 1 character",
         ),
         ('[storage]\nurl = "mysql://db/ledger"', "storage.url: unsupported database URL"),
         (
@@ -312,6 +330,10 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "breaker_failure_percent": 40,
             "breaker_backoff_ms": 1000,
             "breaker_max_backoff_ms": 60_000,
+            "policy": "least_load",
+            "affinity_load_factor": 1.25,
+            "affinity_load_floor": 8,
+            "models": {},
         },
         "quota": {
             "redis_url": None,
@@ -341,6 +363,22 @@ def test_the_rust_tests_document_is_the_resolved_default(tmp_path: Path) -> None
     text += '[[workers]]\nurl = "http://127.0.0.1:9"\n'
     config = load_config(write(tmp_path, text))
     assert json.loads(fixture.read_text()) == json.loads(config.core_document())
+
+
+def test_routing_policies_reach_the_core_document(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        '[routing]\npolicy = "round_robin"\naffinity_load_factor = 2\naffinity_load_floor = 0\n'
+        '[routing.models."tiny-llama"]\npolicy = "prefix_affinity"\n'
+        '[routing.models."org/model:v2"]\npolicy = "least_load"\n'
+    )
+    routing = json.loads(load_config(write(tmp_path, text)).core_document())["routing"]
+    assert routing["policy"] == "round_robin"
+    assert routing["affinity_load_factor"] == 2.0
+    assert routing["affinity_load_floor"] == 0
+    assert routing["models"] == {
+        "tiny-llama": {"policy": "prefix_affinity"},
+        "org/model:v2": {"policy": "least_load"},
+    }
 
 
 def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
@@ -385,10 +423,11 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     expected = {
         f"{section}.{name}" for section, model in sections.items() for name in model.model_fields
     }
-    assert options == expected | {
+    assert options == (expected - {"routing.models"}) | {
         "workers[].url",
         "workers[].api_key",
         "workers[].max_concurrency",
+        'routing.models."NAME".policy',
     }
     assert "| `routing.max_attempts` | integer | `3` |" in table
     assert "| `workers[].url` | string | required |" in table

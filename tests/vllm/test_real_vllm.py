@@ -1,7 +1,8 @@
 """The gateway in front of real vLLM workers (vLLM's CPU build, a tiny local model), driven with
 the official `openai` SDK: answers equal vLLM's own, vLLM's errors pass through, metered tokens
-equal vLLM's counters, disconnects are billed for what was relayed, and routing reads vLLM's
-`/metrics`. The last test stops a worker, so it stays last.
+equal vLLM's counters, disconnects are billed for what was relayed, routing reads vLLM's
+`/metrics`, and prefix affinity meets vLLM's prefix cache. The last test stops a worker, so it
+stays last.
 """
 
 from __future__ import annotations
@@ -449,6 +450,57 @@ def gateway_metric(fleet: Fleet, name: str, worker: procs.Process) -> float | No
         if line.startswith(prefix):
             return float(line[len(prefix) :])
     return None
+
+
+def test_prefix_affinity_keeps_a_conversation_where_its_prefix_is_cached(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A second gateway, with `prefix_affinity`, in front of the same workers: every turn of a
+    conversation goes to one worker, where vLLM serves the prefix the turns share from its cache
+    (`cached_tokens`, in whole blocks of the CPU build's 128 tokens)."""
+    workers = [worker.url for worker in fleet.workers]
+    routing = 'policy = "prefix_affinity"\n'
+    config = procs.write_config(tmp_path / "affinity.toml", workers, fleet.db, routing=routing)
+    gateway = procs.start(["serve", "--config", str(config)])
+    try:
+        client = openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=fleet.key, max_retries=0, timeout=120.0
+        )
+        # About 330 tokens, opening with words no other test sent: two whole blocks of its own.
+        system = f"{uuid.uuid4().hex} " + " ".join([PROMPT] * 25)
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "what does the gateway meter per tenant"},
+        ]
+        cached = []
+        for turn in range(3):
+            answer = client.chat.completions.create(
+                model=MODEL,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=8,
+                temperature=0,
+                extra_headers={"x-request-id": f"affinity-{turn}-{system[:8]}"},
+            )
+            details = answer.usage.prompt_tokens_details if answer.usage else None
+            cached.append(details.cached_tokens if details else None)
+            reply = answer.choices[0].message.content or ""
+            messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "user", "content": f"and then what, step {turn}"})
+        client.close()
+        assert cached[0] == 0, cached
+        assert all(tokens is not None and tokens >= 256 for tokens in cached[1:]), cached
+        ids = {f"affinity-{turn}-{system[:8]}" for turn in range(3)}
+
+        def served_by() -> set[str]:
+            rows = procs.usage_rows(fleet.db)
+            return {row["worker"] for row in rows if row["request_id"] in ids}
+
+        assert procs.wait_for(
+            lambda: len([r for r in procs.usage_rows(fleet.db) if r["request_id"] in ids]) == 3
+        )
+        assert len(served_by()) == 1
+    finally:
+        gateway.stop()
 
 
 def test_routing_reads_vllms_own_load(fleet: Fleet) -> None:

@@ -67,6 +67,7 @@ fn counted(metrics: &GatewayMetrics) -> f64 {
         0,
         QuotaStats::default(),
         Vec::new(),
+        Vec::new(),
     );
     text.lines()
         .filter(|line| line.starts_with("tokengate_requests_total{"))

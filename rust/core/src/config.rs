@@ -6,6 +6,7 @@
 //! apart silently. `validate` keeps only the invariants the core's own code relies on. It does not
 //! read files.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -26,7 +27,27 @@ pub struct WorkerConfig {
 /// Most requests a circuit breaker's window holds (one bit each in a `u64`).
 pub const MAX_BREAKER_WINDOW: u32 = 64;
 
+/// Which worker serves a request, among those eligible (see `router::Policies`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// The least-loaded worker.
+    LeastLoad,
+    /// The worker a consistent hash of the prompt's prefix (or the session) names, within a
+    /// bound on its load.
+    PrefixAffinity,
+    /// Each worker in turn.
+    RoundRobin,
+}
+
+/// Routing settings of one model, over `RoutingConfig`'s.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRoutingConfig {
+    pub policy: PolicyKind,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Period of the `/health` + `/v1/models` probe of every worker.
@@ -64,6 +85,14 @@ pub struct RoutingConfig {
     /// The first ejection's length; each ejection in a row doubles it, up to the maximum.
     pub breaker_backoff_ms: u64,
     pub breaker_max_backoff_ms: u64,
+    /// The policy of every model without one of its own in `models`.
+    pub policy: PolicyKind,
+    /// `prefix_affinity`'s bound: a worker takes a request while its load is under
+    /// `max(ceil(affinity_load_factor × (total load + 1) / workers), affinity_load_floor)`.
+    pub affinity_load_factor: f64,
+    pub affinity_load_floor: u32,
+    /// Per model (by its name as requests give it), what differs from the above.
+    pub models: BTreeMap<String, ModelRoutingConfig>,
 }
 
 impl RoutingConfig {
@@ -171,7 +200,7 @@ pub struct JournalConfig {
     pub progress_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
@@ -236,6 +265,13 @@ impl GatewayConfig {
             return Err(invalid("routing.max_attempts", "must be at least 1"));
         }
         self.routing.validate_breaker()?;
+        // Below 1 the bound could leave no worker under it; NaN compares false everywhere.
+        if !(1.0..=100.0).contains(&self.routing.affinity_load_factor) {
+            return Err(invalid(
+                "routing.affinity_load_factor",
+                "must be between 1 and 100",
+            ));
+        }
         let quota = &self.quota;
         if quota.replicas == 0 {
             return Err(invalid("quota.replicas", "must be at least 1"));
@@ -285,7 +321,32 @@ mod tests {
     #[test]
     fn the_resolved_document_is_read_as_it_is() {
         let config = GatewayConfig::from_json(RESOLVED).ok();
-        assert_eq!(config.map(|c| c.routing.max_attempts), Some(3));
+        assert_eq!(config.as_ref().map(|c| c.routing.max_attempts), Some(3));
+        assert_eq!(
+            config.map(|c| c.routing.policy),
+            Some(PolicyKind::LeastLoad)
+        );
+    }
+
+    #[test]
+    fn a_model_gets_a_policy_of_its_own() {
+        let mut doc = document();
+        doc["routing"]["models"] = serde_json::json!({"tiny": {"policy": "prefix_affinity"}, "b": {"policy": "round_robin"}});
+        let config = GatewayConfig::from_json(&doc.to_string()).ok();
+        let policies: Option<Vec<_>> = config.map(|c| {
+            c.routing
+                .models
+                .iter()
+                .map(|(model, routing)| (model.clone(), routing.policy))
+                .collect()
+        });
+        assert_eq!(
+            policies,
+            Some(vec![
+                ("b".to_owned(), PolicyKind::RoundRobin),
+                ("tiny".to_owned(), PolicyKind::PrefixAffinity)
+            ])
+        );
     }
 
     #[test]
@@ -328,7 +389,11 @@ mod tests {
         ftp["workers"] = serde_json::json!([{"url": "ftp://x", "api_key": null}]);
         let mut no_attempts = document();
         no_attempts["routing"]["max_attempts"] = 0.into();
-        for doc in [empty, ftp, no_attempts] {
+        let mut loose_bound = document();
+        loose_bound["routing"]["affinity_load_factor"] = 0.99.into();
+        let mut unknown_policy = document();
+        unknown_policy["routing"]["models"] = serde_json::json!({"m": {"policy": "random"}});
+        for doc in [empty, ftp, no_attempts, loose_bound, unknown_policy] {
             assert!(GatewayConfig::from_json(&doc.to_string()).is_err(), "{doc}");
         }
     }

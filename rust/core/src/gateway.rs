@@ -19,7 +19,7 @@ use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{
-    BreakerSettings, Registry, Worker, probe_all, run_health_checks, run_load_scrapes,
+    BreakerSettings, Policies, Registry, Worker, probe_all, run_health_checks, run_load_scrapes,
 };
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
@@ -83,9 +83,15 @@ impl Gateway {
             }
         };
         let registry = Arc::new(Registry::new(workers));
+        let policies = Arc::new(Policies::new(&config.routing, &registry));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
-            scheduler: Scheduler::least_load(registry.clone(), QueueLimits::of(&config.routing)),
+            scheduler: Scheduler::new(
+                registry.clone(),
+                Box::new(policies.clone()),
+                QueueLimits::of(&config.routing),
+            ),
+            policies,
             registry,
             keys: KeyStore::default(),
             meter: Arc::new(meter),

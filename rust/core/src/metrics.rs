@@ -11,9 +11,10 @@
 //! observation one uncontended lock; no label set is hashed after construction.
 //!
 //! What other parts own (the meter's queue, the quota's counters, each worker's health, circuit
-//! breaker, in-flight count and reported load) is read once per scrape by a collector, [`Scrape`],
-//! rather than copied into gauges: nothing is stored twice, a worker that leaves or whose load is
-//! unknown simply has no sample, and two concurrent scrapes cannot interleave a clear and a set.
+//! breaker, in-flight count and reported load, prefix affinity's hits and spills) is read once per
+//! scrape by a collector, [`Scrape`], rather than copied into gauges: nothing is stored twice, a
+//! worker that leaves or whose load is unknown simply has no sample, and two concurrent scrapes
+//! cannot interleave a clear and a set.
 
 use std::fmt;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use prometheus_client::registry::Registry as Families;
 use crate::error::ApiError;
 use crate::quota::QuotaStats;
 use crate::request::{Endpoint, Priority};
-use crate::router::{Registry, Worker};
+use crate::router::{AffinityCount, Registry, Worker};
 use crate::usage::{Status, UsageEvent};
 
 /// The `Content-Type` of what [`GatewayMetrics::render`] writes.
@@ -244,14 +245,15 @@ impl GatewayMetrics {
     }
 
     /// The exposition, of [`CONTENT_TYPE`]: the registered families, then what [`Scrape`] reads
-    /// from `registry`, the meter's queue, the quota and the scheduler's queues (`queued`: each
-    /// model's queued requests).
+    /// from `registry`, the meter's queue, the quota, the scheduler's queues (`queued`: each
+    /// model's queued requests) and prefix affinity's tallies (`affinity`).
     pub fn render(
         &self,
         registry: &Registry,
         pending_usage: usize,
         quota: QuotaStats,
         queued: Vec<QueuedSample>,
+        affinity: Vec<AffinityCount>,
     ) -> String {
         let mut scraped = Families::default();
         scraped.register_collector(Box::new(Scrape {
@@ -259,6 +261,7 @@ impl GatewayMetrics {
             quota,
             workers: registry.workers().to_vec(),
             queued,
+            affinity,
         }));
         let mut out = String::with_capacity(8 * 1024);
         // Encoding fails only when the writer does, and writing into a `String` cannot fail.
@@ -280,6 +283,7 @@ struct Scrape {
     quota: QuotaStats,
     workers: Vec<Arc<Worker>>,
     queued: Vec<QueuedSample>,
+    affinity: Vec<AffinityCount>,
 }
 
 impl Collector for Scrape {
@@ -366,6 +370,14 @@ impl Collector for Scrape {
             ];
             ConstGauge::new(sample.count).encode(family.encode_family(&labels)?)?;
         }
+        let (name, help) = AFFINITY;
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for count in &self.affinity {
+            for (outcome, value) in [("hit", count.hits), ("spill", count.spills)] {
+                let labels = [("model", &*count.model), ("outcome", outcome)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -411,6 +423,11 @@ fn per_worker_counter<'a>(
 const QUEUED: Descriptor = (
     "tokengate_queued_requests",
     "Requests waiting in the gateway's queue for a worker with room, by model, tenant and priority class.",
+);
+const AFFINITY: Descriptor = (
+    "tokengate_affinity",
+    "Requests placed by prefix affinity, by model: on their prefix's home worker (hit) or past \
+     it, the home being at its load bound or saturated (spill).",
 );
 const PENDING: Descriptor = (
     "tokengate_usage_events_pending",
@@ -527,7 +544,13 @@ mod tests {
                 metrics.observe_event(&event, Duration::from_millis(1));
             }
         }
-        let text = metrics.render(&one_worker(), 0, QuotaStats::default(), Vec::new());
+        let text = metrics.render(
+            &one_worker(),
+            0,
+            QuotaStats::default(),
+            Vec::new(),
+            Vec::new(),
+        );
         for (times, endpoint) in Endpoint::ALL.into_iter().enumerate() {
             let series = format!(
                 "tokengate_requests_total{{endpoint=\"{}\",status=\"completed\"}}",
@@ -551,7 +574,7 @@ mod tests {
         metrics.attempt(false);
         metrics.attempt(true);
         let registry = one_worker();
-        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new());
+        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new(), Vec::new());
         let completions = "tokengate_requests_total{endpoint=\"completions\"";
         assert_eq!(
             value(&text, &format!("{completions},status=\"completed\"}}")),
@@ -618,7 +641,7 @@ mod tests {
             waiting: 2,
             kv_cache_usage: 0.5,
         }));
-        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new());
+        let text = metrics.render(&registry, 7, QuotaStats::default(), Vec::new(), Vec::new());
         assert_eq!(value(&text, running), Some("3"));
         assert_eq!(
             value(
@@ -754,7 +777,12 @@ mod tests {
             class: Priority::Batch,
             count: 3,
         }];
-        let families = read(&metrics.render(&registry, 0, quota, queued));
+        let affinity = vec![AffinityCount {
+            model: "tiny".into(),
+            hits: 5,
+            spills: 2,
+        }];
+        let families = read(&metrics.render(&registry, 0, quota, queued, affinity));
 
         // Every family the gateway exposed before `prometheus-client`, under the same name and
         // type: dashboards and tests read these.
@@ -777,6 +805,7 @@ mod tests {
             ("tokengate_upstream_first_byte_seconds", "histogram"),
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_queued_requests", "gauge"),
+            ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),
             ("tokengate_worker_ejected", "gauge"),
             ("tokengate_worker_ejections_total", "counter"),
@@ -818,6 +847,14 @@ mod tests {
         );
         let redis_errors = &families["tokengate_quota_redis_errors_total"].samples;
         assert_eq!(redis_errors[0].2, 4.0);
+        let affinity: Vec<_> = families["tokengate_affinity_total"]
+            .samples
+            .iter()
+            .map(|(_, labels, value)| {
+                (labels["model"].as_str(), labels["outcome"].as_str(), *value)
+            })
+            .collect();
+        assert_eq!(affinity, [("tiny", "hit", 5.0), ("tiny", "spill", 2.0)]);
 
         // A histogram's buckets are cumulative over rising bounds and end at +Inf with _count.
         let duration = &families["tokengate_request_duration_seconds"].samples;

@@ -6,6 +6,7 @@
 
 mod embedding;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,10 @@ use crate::json;
 /// The longest `X-Request-Id` (or gRPC `request_id`) accepted: it is stored with the usage event
 /// and echoed in the response.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// The longest `X-Session-Id` accepted: routing hashes it, so any longer gains nothing and costs
+/// a hostile client's bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 256;
 
 /// The longest `model` accepted: it is stored with the usage event.
 pub const MAX_MODEL_BYTES: usize = 512;
@@ -170,6 +175,9 @@ pub struct InferenceRequest {
     pub priority: Option<Priority>,
     /// When the client stops waiting for a worker (`X-Request-Timeout`, gRPC's deadline).
     pub deadline: Option<tokio::time::Instant>,
+    /// The client's `X-Session-Id`: `prefix_affinity` places the request by it instead of by
+    /// its prompt's prefix. Never sent to the worker.
+    pub session_id: Option<Arc<str>>,
     /// The JSON body as the client sent it.
     body: Bytes,
 }
@@ -325,6 +333,23 @@ pub fn check_request_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A client's session id: 1 to `MAX_SESSION_ID_BYTES` printable ASCII characters.
+pub fn check_session_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty()
+        || id.len() > MAX_SESSION_ID_BYTES
+        || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(ApiError::bad_request(
+            format!(
+                "the session id (`X-Session-Id`) must be 1 to {MAX_SESSION_ID_BYTES} printable \
+                 ASCII characters"
+            ),
+            Some("x-session-id"),
+        ));
+    }
+    Ok(())
+}
+
 impl InferenceRequest {
     /// Parses an OpenAI JSON body for `endpoint`.
     pub fn from_json(
@@ -456,8 +481,23 @@ impl InferenceRequest {
             client_request_id,
             priority: fields.priority,
             deadline: None,
+            session_id: None,
             body,
         }
+    }
+
+    /// The same request with the client's session id (`X-Session-Id`), once checked.
+    pub fn with_session_id(mut self, id: Option<&str>) -> Result<Self, ApiError> {
+        if let Some(id) = id {
+            check_session_id(id)?;
+            self.session_id = Some(Arc::from(id));
+        }
+        Ok(self)
+    }
+
+    /// The JSON body as the client sent it, borrowed.
+    pub fn raw_body(&self) -> &Bytes {
+        &self.body
     }
 
     /// The JSON body as the client sent it.
@@ -621,6 +661,31 @@ mod tests {
         assert!(with_id(&"r".repeat(256)).is_ok());
         assert_eq!(param_of(with_id(&"r".repeat(257))), Some("x-request-id"));
         assert_eq!(param_of(with_id("tab\there")), Some("x-request-id"));
+    }
+
+    #[test]
+    fn session_ids_are_bounded_printable_ascii() {
+        let body = Bytes::from_static(br#"{"model":"m","prompt":"x"}"#);
+        let Ok(request) = InferenceRequest::from_json(Endpoint::Completions, body, None) else {
+            panic!("valid request rejected")
+        };
+        let with = |id: &str| request.clone().with_session_id(Some(id));
+        assert_eq!(
+            with(&"s".repeat(256)).ok().and_then(|r| r.session_id),
+            Some(Arc::from("s".repeat(256)))
+        );
+        for bad in [
+            "s".repeat(257),
+            String::new(),
+            "new\nline".to_owned(),
+            "é".to_owned(),
+        ] {
+            assert_eq!(param_of(with(&bad)), Some("x-session-id"), "{bad:?}");
+        }
+        assert_eq!(
+            request.with_session_id(None).ok().map(|r| r.session_id),
+            Some(None)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::config::GatewayConfig;
 use crate::ledger::UsageReader;
 use crate::metering::Meter;
 use crate::quota::Quota;
-use crate::router::Registry;
+use crate::router::{Policies, Registry};
 use crate::scheduler::Scheduler;
 use crate::upstream::Upstream;
 
@@ -17,6 +17,8 @@ pub struct AppState {
     pub keys: KeyStore,
     pub registry: Arc<Registry>,
     pub scheduler: Scheduler,
+    /// The routing policies the scheduler places by, for `/metrics` to read their tallies.
+    pub policies: Arc<Policies>,
     pub upstream: Upstream,
     pub meter: Arc<Meter>,
     pub quota: Arc<Quota>,

@@ -95,7 +95,11 @@ async fn admit(
             Some(id.to_owned())
         }
     };
-    let mut request = InferenceRequest::from_json(endpoint, body, request_id)?;
+    let session_id = headers
+        .get("x-session-id")
+        .map(|value| value.to_str().unwrap_or("\u{fffd}"));
+    let mut request =
+        InferenceRequest::from_json(endpoint, body, request_id)?.with_session_id(session_id)?;
     if let Some(value) = headers.get("x-priority") {
         request.priority = Some(Priority::from_header(value.as_bytes())?);
     }
@@ -176,6 +180,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.meter.pending(),
         state.quota.stats(),
         state.scheduler.queued_counts(),
+        state.policies.affinity_counts(),
     );
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }

@@ -75,7 +75,13 @@ impl InferenceApi {
         request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
     ) -> Result<(Dispatched, String), Status> {
         let principal = self.principal(metadata)?;
-        let mut request = request(self.state.config.max_body_bytes).map_err(|e| self.refuse(&e))?;
+        // `x-session-id` as over HTTP: prefix affinity places the call by it.
+        let session_id = metadata
+            .get("x-session-id")
+            .map(|value| value.to_str().unwrap_or("\u{fffd}"));
+        let mut request = request(self.state.config.max_body_bytes)
+            .and_then(|request| request.with_session_id(session_id))
+            .map_err(|e| self.refuse(&e))?;
         if let Some(value) = metadata.get("x-priority") {
             request.priority =
                 Some(Priority::from_header(value.as_bytes()).map_err(|e| self.refuse(&e))?);

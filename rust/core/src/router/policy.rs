@@ -1,10 +1,12 @@
 //! Routing policies: which of the eligible workers serves a request, from the request's features
-//! and each worker's load. The scheduler asks one; `LeastLoad` is today's.
+//! and each worker's load. The scheduler asks one (`Policies`, which asks the model's);
+//! `LeastLoad` and `RoundRobin` are here, `PrefixAffinity` in `affinity`.
 
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::prefix::Prefix;
 use super::worker::Worker;
 use crate::request::{Endpoint, InferenceRequest};
 
@@ -17,6 +19,8 @@ pub struct Features<'a> {
     pub prompt_bytes: usize,
     /// Sequences it generates (n × prompts).
     pub sequences: u64,
+    /// What `prefix_affinity` hashes, unread by the other policies.
+    pub prefix: Prefix<'a>,
 }
 
 impl<'a> Features<'a> {
@@ -26,6 +30,10 @@ impl<'a> Features<'a> {
             endpoint: request.endpoint,
             prompt_bytes: request.body_len(),
             sequences: request.n.saturating_mul(request.prompts),
+            prefix: Prefix {
+                body: request.raw_body(),
+                session: request.session_id.as_ref(),
+            },
         }
     }
 }
@@ -44,11 +52,18 @@ pub trait RoutingPolicy: Debug + Send + Sync {
     fn choose(&self, features: &Features<'_>, candidates: &[Candidate<'_>]) -> Option<usize>;
 }
 
+/// A shared policy is the policy: the scheduler may own a handle while `/metrics` reads another.
+impl<P: RoutingPolicy + ?Sized> RoutingPolicy for Arc<P> {
+    fn choose(&self, features: &Features<'_>, candidates: &[Candidate<'_>]) -> Option<usize> {
+        (**self).choose(features, candidates)
+    }
+}
+
 /// KV-cache use from which a worker counts as saturated: vLLM starts preempting sequences there.
 const KV_CACHE_SATURATED: f64 = 0.95;
 
 /// Lower is better: (saturated, requests on the worker).
-fn score(worker: &Worker) -> (bool, usize) {
+pub(super) fn score(worker: &Worker) -> (bool, usize) {
     let outstanding = worker.outstanding();
     match worker.load() {
         None => (false, outstanding),
@@ -91,6 +106,27 @@ impl RoutingPolicy for LeastLoad {
     }
 }
 
+/// Each worker in turn, the saturated ones only when every candidate is.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    /// The turn. Relaxed: only spreads load, orders nothing.
+    cursor: AtomicUsize,
+}
+
+impl RoutingPolicy for RoundRobin {
+    fn choose(&self, _: &Features<'_>, candidates: &[Candidate<'_>]) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|offset| (start + offset) % n)
+            .find(|&position| !score(candidates[position].worker).0)
+            .or(Some(start))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::load::Load;
@@ -98,12 +134,17 @@ mod tests {
     use super::super::registry::{Pick, Registry};
     use super::*;
 
-    fn pick(registry: &Registry, policy: &LeastLoad, tried: &[usize]) -> Option<usize> {
+    fn pick(registry: &Registry, policy: &dyn RoutingPolicy, tried: &[usize]) -> Option<usize> {
+        let body = bytes::Bytes::new();
         let features = Features {
             model: "m",
             endpoint: Endpoint::Completions,
             prompt_bytes: 1,
             sequences: 1,
+            prefix: Prefix {
+                body: &body,
+                session: None,
+            },
         };
         match registry.pick(policy, &features, tried) {
             Pick::Placed(index, _) => Some(index),
@@ -173,5 +214,41 @@ mod tests {
             .filter_map(|_| pick(&registry, &policy, &[]))
             .collect();
         assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_passes_over_the_saturated() {
+        let a = worker("http://a", &["m"], true);
+        let b = worker("http://b", &["m"], true);
+        let c = worker("http://c", &["m"], true);
+        let policy = RoundRobin::default();
+        let registry = Registry::new(vec![a.clone(), b.clone(), c.clone()]);
+        // Load does not matter, only turns.
+        let _busy = [a.begin(), a.begin()];
+        let picks: Vec<_> = (0..6)
+            .filter_map(|_| pick(&registry, &policy, &[]))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        b.set_load(Some(Load {
+            running: 0,
+            waiting: 3,
+            kv_cache_usage: 0.0,
+        }));
+        let picks: Vec<_> = (0..4)
+            .filter_map(|_| pick(&registry, &policy, &[]))
+            .collect();
+        assert!(!picks.contains(&1), "{picks:?}");
+        for worker in [&a, &c] {
+            worker.set_load(Some(Load {
+                running: 0,
+                waiting: 0,
+                kv_cache_usage: 0.99,
+            }));
+        }
+        let picks: Vec<_> = (0..3)
+            .filter_map(|_| pick(&registry, &policy, &[]))
+            .collect();
+        assert_eq!(picks.len(), 3);
+        assert_eq!(pick(&registry, &policy, &[0, 1, 2]), None);
     }
 }

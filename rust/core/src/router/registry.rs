@@ -237,11 +237,16 @@ pub(super) mod tests {
     }
 
     fn placed(registry: &Registry, tried: &[usize]) -> Option<usize> {
+        let body = bytes::Bytes::new();
         let features = Features {
             model: "m",
             endpoint: Endpoint::Completions,
             prompt_bytes: 1,
             sequences: 1,
+            prefix: super::super::prefix::Prefix {
+                body: &body,
+                session: None,
+            },
         };
         match registry.pick(&LeastLoad::default(), &features, tried) {
             Pick::Placed(index, _) => Some(index),

@@ -10,10 +10,11 @@ use super::registry::Registry;
 use super::worker::Worker;
 use crate::upstream::Upstream;
 
-/// Scrapes one worker's `/metrics` and stores its load; a failed scrape forgets the last one,
-/// so the policy falls back to the gateway's own in-flight count.
+/// Scrapes one worker's `/metrics` and stores its load and block size; a failed scrape forgets
+/// the last load, so the policy falls back to the gateway's own in-flight count, and keeps the
+/// block size, which changes only when the worker restarts with another.
 pub async fn scrape(upstream: &Upstream, worker: &Worker, timeout: Duration) {
-    let load = match upstream
+    let report = match upstream
         .get(
             &worker.url,
             worker.metrics_uri.clone(),
@@ -22,12 +23,13 @@ pub async fn scrape(upstream: &Upstream, worker: &Worker, timeout: Duration) {
         )
         .await
     {
-        Ok((status, body)) if status.is_success() => {
-            std::str::from_utf8(&body).ok().and_then(parse)
-        }
+        Ok((status, body)) if status.is_success() => std::str::from_utf8(&body).ok().map(parse),
         _ => None,
     };
-    worker.set_load(load);
+    worker.set_load(report.and_then(|r| r.load));
+    if let Some(size) = report.and_then(|r| r.block_size) {
+        worker.set_block_size(size);
+    }
 }
 
 /// Scrapes every healthy worker forever, every `interval`; the caller aborts the task to stop.

@@ -1,7 +1,7 @@
 //! One worker as the router sees it: address, health, circuit breaker, models served, requests in
 //! flight and the load it last reported.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -49,6 +49,8 @@ pub struct Worker {
     /// The last scraped [`Load`], packed so that one load reads a consistent snapshot;
     /// [`NO_LOAD`] when unknown.
     load: AtomicU64,
+    /// Tokens per block of its KV cache, as its `/metrics` last said; 0 while unknown.
+    block_size: AtomicU32,
     /// The `system_fingerprint` (raw JSON value) of the worker's last stream that carried one.
     fingerprint: ArcSwapOption<Bytes>,
     /// The gateway's requests it takes at once; no limit when unset.
@@ -107,6 +109,7 @@ impl Worker {
             models: ArcSwap::from_pointee(Vec::new()),
             listed: AtomicBool::new(false),
             load: AtomicU64::new(NO_LOAD),
+            block_size: AtomicU32::new(0),
             fingerprint: ArcSwapOption::empty(),
             max_concurrency: None,
             learns: false,
@@ -282,6 +285,16 @@ impl Worker {
         if learned > 0 && (next == 0 || next > learned) {
             self.gained_room();
         }
+    }
+
+    /// Tokens per block of its KV cache (`vllm:cache_config_info{block_size}`), once a scrape
+    /// has read it.
+    pub fn block_size(&self) -> Option<u32> {
+        Some(self.block_size.load(Ordering::Relaxed)).filter(|&size| size > 0)
+    }
+
+    pub fn set_block_size(&self, size: u32) {
+        self.block_size.store(size, Ordering::Relaxed);
     }
 
     /// The worker's `system_fingerprint` as its last stream reported it (a raw JSON value); it

@@ -24,7 +24,9 @@ use crate::config::RoutingConfig;
 use crate::error::ApiError;
 use crate::metrics::QueuedSample;
 use crate::request::{Endpoint, InferenceRequest, Priority};
-use crate::router::{Features, LeastLoad, Outstanding, Pick, Registry, RoutingPolicy, Worker};
+use crate::router::{
+    Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy, Worker,
+};
 
 /// The bounds of every model's queue.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +80,7 @@ struct Waiter {
     endpoint: Endpoint,
     prompt_bytes: usize,
     sequences: u64,
+    prefix: OwnedPrefix,
     tried: Vec<usize>,
     /// `None`: no eligible worker is left (all down or tried) while it waited.
     grant: oneshot::Sender<Option<Placement>>,
@@ -90,6 +93,7 @@ impl Waiter {
             endpoint: self.endpoint,
             prompt_bytes: self.prompt_bytes,
             sequences: self.sequences,
+            prefix: self.prefix.view(),
         }
     }
 }
@@ -221,6 +225,7 @@ impl Scheduler {
                 endpoint: request.endpoint,
                 prompt_bytes: features.prompt_bytes,
                 sequences: features.sequences,
+                prefix: features.prefix.owned(),
                 tried: tried.to_vec(),
                 grant,
             };

@@ -1,0 +1,170 @@
+//! The routing policy of each model: one default (`routing.policy`) and per-model overrides
+//! (`[routing.models."<model>"]`), behind the one `RoutingPolicy` the scheduler holds.
+//!
+//! A model without an override costs one emptiness check before its policy runs. Each policy is
+//! one instance for every model that uses it (`prefix_affinity` keeps its tallies per model). It
+//! does not read the configuration file; the control plane resolved it.
+
+use std::collections::HashMap;
+
+use super::affinity::{AffinityCount, LoadBound, PrefixAffinity};
+use super::policy::{Candidate, Features, LeastLoad, RoundRobin, RoutingPolicy};
+use super::registry::Registry;
+use crate::config::{PolicyKind, RoutingConfig};
+
+#[derive(Debug)]
+pub struct Policies {
+    default: PolicyKind,
+    by_model: HashMap<Box<str>, PolicyKind>,
+    least_load: LeastLoad,
+    round_robin: RoundRobin,
+    prefix_affinity: PrefixAffinity,
+}
+
+impl Policies {
+    /// As `routing` says, over `registry`'s workers.
+    pub fn new(routing: &RoutingConfig, registry: &Registry) -> Self {
+        Self {
+            default: routing.policy,
+            by_model: routing
+                .models
+                .iter()
+                .map(|(model, settings)| (Box::from(model.as_str()), settings.policy))
+                .collect(),
+            least_load: LeastLoad::default(),
+            round_robin: RoundRobin::default(),
+            prefix_affinity: PrefixAffinity::new(
+                registry.workers().iter().map(|w| &*w.url),
+                LoadBound {
+                    factor: routing.affinity_load_factor,
+                    floor: usize::try_from(routing.affinity_load_floor).unwrap_or(usize::MAX),
+                },
+            ),
+        }
+    }
+
+    /// The policy `model` is routed by.
+    pub fn kind(&self, model: &str) -> PolicyKind {
+        if self.by_model.is_empty() {
+            return self.default;
+        }
+        self.by_model.get(model).copied().unwrap_or(self.default)
+    }
+
+    /// `prefix_affinity`'s hits and spills, per model.
+    pub fn affinity_counts(&self) -> Vec<AffinityCount> {
+        self.prefix_affinity.counts()
+    }
+}
+
+impl RoutingPolicy for Policies {
+    fn choose(&self, features: &Features<'_>, candidates: &[Candidate<'_>]) -> Option<usize> {
+        match self.kind(features.model) {
+            PolicyKind::LeastLoad => self.least_load.choose(features, candidates),
+            PolicyKind::PrefixAffinity => self.prefix_affinity.choose(features, candidates),
+            PolicyKind::RoundRobin => self.round_robin.choose(features, candidates),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::super::prefix::Prefix;
+    use super::super::registry::tests::worker;
+    use super::*;
+    use crate::config::ModelRoutingConfig;
+    use crate::request::Endpoint;
+
+    fn routing(policy: PolicyKind, models: &[(&str, PolicyKind)]) -> RoutingConfig {
+        RoutingConfig {
+            health_interval_ms: 500,
+            load_interval_ms: 100,
+            connect_timeout_ms: 1000,
+            request_timeout_ms: 1000,
+            stream_idle_timeout_ms: 1000,
+            max_attempts: 3,
+            queue_timeout_ms: 1000,
+            max_queued: 10,
+            max_queued_per_tenant: 10,
+            batch_every: 10,
+            learn_capacity: true,
+            breaker_consecutive_failures: 5,
+            breaker_window: 20,
+            breaker_min_requests: 10,
+            breaker_failure_percent: 40,
+            breaker_backoff_ms: 1000,
+            breaker_max_backoff_ms: 60_000,
+            policy,
+            affinity_load_factor: 1.25,
+            affinity_load_floor: 8,
+            models: models
+                .iter()
+                .map(|(model, policy)| {
+                    ((*model).to_owned(), ModelRoutingConfig { policy: *policy })
+                })
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn a_model_takes_its_own_policy_and_the_rest_the_default() {
+        let registry = Registry::new(vec![
+            worker("http://a", &["m", "tiny"], true),
+            worker("http://b", &["m", "tiny"], true),
+        ]);
+        let policies = Policies::new(
+            &routing(
+                PolicyKind::RoundRobin,
+                &[("tiny", PolicyKind::PrefixAffinity)],
+            ),
+            &registry,
+        );
+        assert_eq!(policies.kind("tiny"), PolicyKind::PrefixAffinity);
+        assert_eq!(policies.kind("m"), PolicyKind::RoundRobin);
+        let body = Bytes::from_static(br#"{"model":"m","prompt":"the same prompt every time"}"#);
+        let features = |model| Features {
+            model,
+            endpoint: Endpoint::Completions,
+            prompt_bytes: body.len(),
+            sequences: 1,
+            prefix: Prefix {
+                body: &body,
+                session: None,
+            },
+        };
+        let candidates: Vec<_> = registry
+            .workers()
+            .iter()
+            .enumerate()
+            .map(|(index, worker)| Candidate { index, worker })
+            .collect();
+        let choose = |model| {
+            let shared: Arc<Policies> = Arc::new(Policies::new(
+                &routing(
+                    PolicyKind::RoundRobin,
+                    &[("tiny", PolicyKind::PrefixAffinity)],
+                ),
+                &registry,
+            ));
+            (0..4)
+                .filter_map(|_| shared.choose(&features(model), &candidates))
+                .collect::<Vec<_>>()
+        };
+        // The same prompt: one worker under prefix affinity, both in turn under round robin.
+        let tiny = choose("tiny");
+        assert!(tiny.iter().all(|p| *p == tiny[0]), "{tiny:?}");
+        assert_eq!(choose("m"), [0, 1, 0, 1]);
+        for _ in 0..3 {
+            policies.choose(&features("tiny"), &candidates);
+        }
+        policies.choose(&features("m"), &candidates);
+        let counts = policies.affinity_counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((&*counts[0].model, counts[0].hits), ("tiny", 3));
+    }
+}
