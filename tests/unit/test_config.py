@@ -178,6 +178,8 @@ token_env = "MY_ADMIN_TOKEN"
         (
             "[routing]\nbreaker_max_backoff_ms = 999",
             "routing: breaker_max_backoff_ms must be at least breaker_backoff_ms",
+        ),
+        (
             '[routing]\npolicy = "random"',
             "routing.policy: Input should be 'least_load', 'prefix_affinity' or 'round_robin'",
         ),

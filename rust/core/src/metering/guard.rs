@@ -15,6 +15,22 @@ use crate::quota::Reservation;
 use crate::request::InferenceRequest;
 use crate::usage::{EventIds, Status, Usage, UsageEvent, UsageSource, now_ms};
 
+/// What else learns a request's usage once its event is recorded (the scheduler, to correct
+/// what it charged the request's tenant).
+pub struct SettleHook(Box<dyn FnOnce(&Usage) + Send + Sync>);
+
+impl SettleHook {
+    pub fn new(hook: impl FnOnce(&Usage) + Send + Sync + 'static) -> Self {
+        Self(Box::new(hook))
+    }
+}
+
+impl std::fmt::Debug for SettleHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SettleHook")
+    }
+}
+
 /// Records exactly one event for its request: explicitly through `finish`, or on drop as
 /// `Cancelled` with whatever usage was last observed (a client disconnect drops the response).
 /// The request's quota reservation, once attached, is settled with the usage of that event.
@@ -23,6 +39,8 @@ pub struct MeterGuard {
     meter: Arc<Meter>,
     event: Option<UsageEvent>,
     reservation: Option<Reservation>,
+    /// Told the usage once the event is recorded.
+    on_settle: Option<SettleHook>,
     started: Instant,
     /// When the journal last heard of this request's usage (unix ms).
     progress_at_ms: u64,
@@ -64,6 +82,7 @@ impl MeterGuard {
             progress_at_ms: event.started_at_ms,
             event: Some(event),
             reservation: None,
+            on_settle: None,
             started: Instant::now(),
             counter: None,
             relayed: Relayed::Nothing,
@@ -73,6 +92,11 @@ impl MeterGuard {
     /// Settles `reservation` with this request's usage when the event is recorded.
     pub fn attach(&mut self, reservation: Reservation) {
         self.reservation = Some(reservation);
+    }
+
+    /// Tells `hook` this request's usage when the event is recorded, after its reservation.
+    pub fn on_settle(&mut self, hook: SettleHook) {
+        self.on_settle = Some(hook);
     }
 
     /// The request's id: the client's `X-Request-Id`, else the event id.
@@ -153,7 +177,10 @@ impl MeterGuard {
         let mut event = self.event.take()?;
         event.status = status;
         event.finished_at_ms = now_ms();
-        let reservation = self.reservation.take();
+        let settle = Settle {
+            reservation: self.reservation.take(),
+            hook: self.on_settle.take(),
+        };
         let elapsed = self.started.elapsed();
         // Counted only if the client got what it was owed or chose to leave: a failed request
         // is not billed for work the worker did not report.
@@ -177,7 +204,7 @@ impl MeterGuard {
                     event.completion_tokens = usage.completion_tokens;
                     event.usage_source = UsageSource::Gateway;
                 }
-                let synced = commit(&counting.meter, event, reservation, elapsed, done.is_some());
+                let synced = commit(&counting.meter, event, settle, elapsed, done.is_some());
                 drop(counting);
                 if let Some(done) = done {
                     if let Some(synced) = synced {
@@ -188,24 +215,34 @@ impl MeterGuard {
             });
             return synced;
         }
-        commit(&self.meter, event, reservation, elapsed, wait)
+        commit(&self.meter, event, settle, elapsed, wait)
     }
 }
 
-/// Settles the request's reservation with its event's usage and records the event.
+/// What learns a request's usage when its event is recorded.
+struct Settle {
+    reservation: Option<Reservation>,
+    hook: Option<SettleHook>,
+}
+
+/// Settles the request's reservation and hook with its event's usage and records the event.
 fn commit(
     meter: &Meter,
     event: UsageEvent,
-    reservation: Option<Reservation>,
+    settle: Settle,
     elapsed: Duration,
     wait: bool,
 ) -> Synced {
-    if let Some(reservation) = reservation {
-        reservation.settle(&Usage {
-            prompt_tokens: event.prompt_tokens,
-            completion_tokens: event.completion_tokens,
-            cached_tokens: event.cached_tokens,
-        });
+    let usage = Usage {
+        prompt_tokens: event.prompt_tokens,
+        completion_tokens: event.completion_tokens,
+        cached_tokens: event.cached_tokens,
+    };
+    if let Some(reservation) = settle.reservation {
+        reservation.settle(&usage);
+    }
+    if let Some(SettleHook(hook)) = settle.hook {
+        hook(&usage);
     }
     meter.record(event, elapsed, wait)
 }

@@ -14,5 +14,5 @@ mod guard;
 mod meter;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
-pub use guard::MeterGuard;
+pub use guard::{MeterGuard, SettleHook};
 pub use meter::{Meter, Synced};

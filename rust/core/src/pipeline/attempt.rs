@@ -76,6 +76,7 @@ pub(super) async fn run(
                 .meter
                 .metrics()
                 .queue_wait(&request.model, &claim.tenant, waited);
+            meter.on_settle(state.scheduler.refund_on_settle(&request.model, claim));
         }
         state.meter.metrics().attempt(!tried.is_empty());
         tried.push(placement.index);

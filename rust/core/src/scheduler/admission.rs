@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::classes::{ClassQueue, ClassTicket};
 use crate::config::RoutingConfig;
 use crate::error::ApiError;
+use crate::metering::SettleHook;
 use crate::metrics::QueuedSample;
 use crate::request::{Endpoint, InferenceRequest, Priority};
 use crate::router::{
@@ -105,7 +106,8 @@ pub struct Scheduler {
     limits: QueueLimits,
     /// Whether any worker may be full: without one nothing is ever queued.
     bounded: bool,
-    queues: Mutex<HashMap<Arc<str>, ClassQueue<Waiter>>>,
+    /// Shared with the hooks that correct a tenant's charge when its request ends.
+    queues: Arc<Mutex<HashMap<Arc<str>, ClassQueue<Waiter>>>>,
     /// Requests queued over every model. Relaxed: a gauge and a hint; the queues' mutex orders
     /// everything else.
     queued: AtomicUsize,
@@ -131,7 +133,7 @@ impl Scheduler {
             policy,
             limits,
             bounded,
-            queues: Mutex::new(HashMap::new()),
+            queues: Arc::new(Mutex::new(HashMap::new())),
             queued: AtomicUsize::new(0),
             room,
         }
@@ -249,6 +251,28 @@ impl Scheduler {
             waited: Some(started.elapsed()),
             ..placement
         }))
+    }
+
+    /// What corrects `claim`'s charge when its request ends: its model's queue gives its tenant
+    /// back the estimated tokens the request did not use, so a tenant whose requests ask for far
+    /// more `max_tokens` than they use is not served less for it. Only a request that waited in
+    /// the queue was charged (for its last wait, if it waited more than once).
+    pub fn refund_on_settle(&self, model: &str, claim: &Claim) -> SettleHook {
+        let queues = Arc::clone(&self.queues);
+        let model: Arc<str> = Arc::from(model);
+        let (tenant, class, weight, cost) =
+            (claim.tenant.clone(), claim.class, claim.weight, claim.cost);
+        SettleHook::new(move |usage| {
+            let used = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+            let unused = cost.saturating_sub(used);
+            if unused == 0 {
+                return;
+            }
+            let mut queues = queues.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(queue) = queues.get_mut(&*model) {
+                queue.refund(class, &tenant, unused, weight);
+            }
+        })
     }
 
     fn retry_after(&self) -> Duration {

@@ -66,6 +66,12 @@ impl<T> ClassQueue<T> {
         ClassTicket { class, ticket }
     }
 
+    /// Gives back to `tenant` tokens it was charged in `class` and did not use (see
+    /// [`FairQueue::refund`]).
+    pub fn refund(&mut self, class: Priority, tenant: &str, tokens: u64, weight: u32) {
+        self.class_mut(class).refund(tenant, tokens, weight);
+    }
+
     /// The class the next grant goes to.
     fn next(&self) -> Option<Priority> {
         match (self.interactive.is_empty(), self.batch.is_empty()) {

@@ -97,6 +97,18 @@ impl<T> FairQueue<T> {
         Some(queued.item)
     }
 
+    /// Gives back to `tenant` (of `weight`) `tokens` it was charged and did not use: a request's
+    /// cost is estimated when it queues and known when it ends. Its debt shrinks, never below
+    /// the virtual time (an idle tenant banks no credit); a tenant no longer remembered (its busy
+    /// period ended) has nothing to correct.
+    pub fn refund(&mut self, tenant: &str, tokens: u64, weight: u32) {
+        let Some(state) = self.tenants.get_mut(tenant) else {
+            return;
+        };
+        let step = u128::from(tokens).saturating_mul(SCALE) / u128::from(weight.max(1));
+        state.finish = state.finish.saturating_sub(step).max(self.virtual_time);
+    }
+
     /// Takes `ticket`'s request out unserved (its client left, or its wait ran out); `None` if
     /// it is no longer queued. A tenant's last request gives back the virtual time it took.
     pub fn remove(&mut self, ticket: Ticket) -> Option<T> {
@@ -235,6 +247,36 @@ mod tests {
         assert_eq!(queue.remove(a0).as_deref(), Some("a0"));
         assert_eq!(drain(&mut queue), ["b0", "a2"]);
         assert!(queue.tenants.is_empty(), "{:?}", queue.tenants);
+    }
+
+    #[test]
+    fn a_refund_of_unused_tokens_brings_a_tenant_s_turn_forward_but_banks_no_credit() {
+        let (a, b) = (tenant("a"), tenant("b"));
+        let run = |refund: bool| {
+            let mut queue = FairQueue::default();
+            queue.push(&a, 1000, 1, "a0".to_owned());
+            for i in 0..3 {
+                queue.push(&b, 100, 1, format!("b{i}"));
+            }
+            assert_eq!(queue.pop().as_deref(), Some("a0"));
+            // a0 was charged 1000 tokens and used 100.
+            if refund {
+                queue.refund("a", 900, 1);
+            }
+            queue.push(&a, 100, 1, "a1".to_owned());
+            drain(&mut queue)
+        };
+        assert_eq!(run(true), ["b0", "b1", "a1", "b2"]);
+        assert_eq!(run(false), ["b0", "b1", "b2", "a1"]);
+
+        // More than it was charged: never before the virtual time; an unknown tenant: nothing.
+        let mut queue = FairQueue::default();
+        queue.push(&a, 100, 1, "a0".to_owned());
+        queue.push(&b, 100, 1, "b0".to_owned());
+        assert_eq!(queue.pop().as_deref(), Some("a0"));
+        queue.refund("a", u64::MAX, 0);
+        queue.refund("nobody", 5, 1);
+        assert_eq!(queue.tenants["a"].finish, queue.virtual_time);
     }
 
     #[test]
