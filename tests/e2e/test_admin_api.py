@@ -119,6 +119,8 @@ def test_a_quota_set_through_the_api_holds_within_a_second(stack: AdminStack) ->
         "money_budget_micros": None,
         "budget_period": "month",
         "models": ["another-model"],
+        "weight": 1,
+        "priority": "interactive",
     }
     assert within(2.0, lambda: stack.chat(key["key"]).status_code != 200) < 1.5
     refused = stack.chat(key["key"])
