@@ -62,6 +62,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.ledger.db import open_ledger
 from harness import (
     OUT,
     RESULTS,
@@ -80,6 +81,7 @@ from harness import (
     write_results,
 )
 from tests.support import procs
+from tests.support.ledger_versions import downgrade
 
 BEGIN = "<!-- overhead.py:begin -->"
 END = "<!-- overhead.py:end -->"
@@ -378,6 +380,9 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_SCHEMA_VERSION = "from gateway.ledger.schema import SCHEMA_VERSION; print(SCHEMA_VERSION)"
+
+
 def baseline_table(bench: Bench, baseline: str) -> list[str]:
     """This build against the `baseline` build, measured in the same rounds."""
     lines = [
@@ -482,6 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     baseline_db = workdir / "baseline.db"
     if settings.baseline is not None:
         shutil.copyfile(workdir / "ledger.db", baseline_db)
+        # An older build refuses a ledger of a newer schema: take the copy back to its version.
+        version = subprocess.run(
+            [str(settings.baseline), "-c", _SCHEMA_VERSION],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        with open_ledger(f"sqlite:///{baseline_db}") as conn:
+            downgrade(conn, int(version))
     bench = Bench(settings)
     services: list[Pinned] = []
     nginx_label: str | None = None
