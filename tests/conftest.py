@@ -5,6 +5,8 @@ server), a real `redis-server`, and the billing app in process. What they start 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,13 @@ from tests.support.fleet import Fleet
 from tests.support.services.postgres import PostgresServer
 from tests.support.services.redis import RedisServer
 from tests.support.stack import Stack, StackFactory, start_stack
+
+
+def pytest_report_header() -> str:
+    """Free space where tests write (ledgers, journals, the PostgreSQL cluster): a session needs
+    about 1.5 GB, and a full disk fails every test at once, the report included."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk in {tempfile.gettempdir()}: {free / 2**30:.1f} GiB"
 
 
 @pytest.fixture(scope="session")

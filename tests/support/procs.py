@@ -178,7 +178,12 @@ def write_config(
     `worker` of every worker's, `extra` more tables."""
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n{worker}\n' for url in workers)
     # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
-    journal = "" if "[journal]" in extra else f'[journal]\ndir = "{path.with_suffix(".journal")}"\n'
+    # Segments of 1 MiB: each is zero-filled when begun, and a session starts hundreds of gateways.
+    journal = (
+        ""
+        if "[journal]" in extra
+        else f'[journal]\ndir = "{path.with_suffix(".journal")}"\nsegment_bytes = 1048576\n'
+    )
     # Probes often, so that tests see a worker's health change soon, unless `routing` says.
     health = "" if "health_interval_ms" in routing else "health_interval_ms = 100\n"
 
