@@ -376,6 +376,23 @@ class RoutingConfig(BaseModel):
             " more requests on their prefix's worker, lower spreads load more evenly."
         ),
     )
+    coalesce_window_us: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Coalescing: compatible non-streaming `/v1/completions` requests (one API key, one"
+            " model, every field but `prompt` equal) that reach one worker within this many"
+            " microseconds go to it as one call with a list of prompts, and each client gets its"
+            " own answer and usage back. 0 (the default) sends every request on its own."
+        ),
+    )
+    coalesce_max_prompts: int = Field(
+        default=16,
+        ge=2,
+        le=1024,
+        description="Most prompts one coalesced call carries; a full batch goes at once.",
+    )
     affinity_load_floor: int = Field(
         default=8,
         ge=0,
@@ -667,6 +684,8 @@ class GatewayConfig(BaseModel):
                 "policy": self.routing.policy,
                 "affinity_load_factor": self.routing.affinity_load_factor,
                 "affinity_load_floor": self.routing.affinity_load_floor,
+                "coalesce_window_us": self.routing.coalesce_window_us,
+                "coalesce_max_prompts": self.routing.coalesce_max_prompts,
                 "models": {
                     name: {"policy": model.policy} for name, model in self.routing.models.items()
                 },

@@ -335,6 +335,8 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "policy": "least_load",
             "affinity_load_factor": 1.25,
             "affinity_load_floor": 8,
+            "coalesce_window_us": 0,
+            "coalesce_max_prompts": 16,
             "models": {},
         },
         "quota": {

@@ -91,6 +91,11 @@ pub struct RoutingConfig {
     /// `max(ceil(affinity_load_factor × (total load + 1) / workers), affinity_load_floor)`.
     pub affinity_load_factor: f64,
     pub affinity_load_floor: u32,
+    /// Compatible non-streaming completions reaching one worker within this window go to it as
+    /// one call (`coalesce`); 0 sends each on its own.
+    pub coalesce_window_us: u64,
+    /// Most prompts one coalesced call carries.
+    pub coalesce_max_prompts: u32,
     /// Per model (by its name as requests give it), what differs from the above.
     pub models: BTreeMap<String, ModelRoutingConfig>,
 }
@@ -108,6 +113,11 @@ impl RoutingConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
     }
+    /// The coalescing window, `None` when coalescing is off.
+    pub fn coalesce_window(&self) -> Option<Duration> {
+        (self.coalesce_window_us > 0).then(|| Duration::from_micros(self.coalesce_window_us))
+    }
+
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms.max(1))
     }

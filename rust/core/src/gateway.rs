@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::app;
 use crate::auth::{KeyStore, SnapshotError};
+use crate::coalesce::Coalescer;
 use crate::config::GatewayConfig;
 use crate::grpc::GrpcServer;
 use crate::journal::{Ended, Journal};
@@ -86,6 +87,10 @@ impl Gateway {
         let policies = Arc::new(Policies::new(&config.routing, &registry));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
+            coalescer: config
+                .routing
+                .coalesce_window()
+                .map(|window| Coalescer::new(window, config.routing.coalesce_max_prompts)),
             scheduler: Scheduler::new(
                 registry.clone(),
                 Box::new(policies.clone()),

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod gateway;

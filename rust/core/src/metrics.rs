@@ -85,6 +85,8 @@ pub struct GatewayMetrics {
     duration: Histogram,
     first_byte: Histogram,
     queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
+    coalesced_calls: Counter,
+    coalesced_requests: Counter,
 }
 
 /// The labels of a queue's samples.
@@ -175,6 +177,19 @@ impl Default for GatewayMetrics {
             queue_wait.clone(),
         );
 
+        let coalesced_calls = Counter::default();
+        families.register(
+            "tokengate_coalesced_calls",
+            "Upstream calls that carried several clients' completions at once (coalescing)",
+            coalesced_calls.clone(),
+        );
+        let coalesced_requests = Counter::default();
+        families.register(
+            "tokengate_coalesced_requests",
+            "Requests answered from a coalesced call",
+            coalesced_requests.clone(),
+        );
+
         Self {
             families,
             requests: request_handles,
@@ -187,6 +202,8 @@ impl Default for GatewayMetrics {
             duration,
             first_byte,
             queue_wait,
+            coalesced_calls,
+            coalesced_requests,
         }
     }
 }
@@ -231,6 +248,12 @@ impl GatewayMetrics {
     /// The first byte of a worker's answer arrived (for streams: the first event).
     pub fn first_byte(&self, elapsed: Duration) {
         self.first_byte.observe(elapsed.as_secs_f64());
+    }
+
+    /// One upstream call answered `requests` clients' completions at once.
+    pub fn coalesced(&self, requests: usize) {
+        self.coalesced_calls.inc();
+        self.coalesced_requests.inc_by(requests as u64);
     }
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
@@ -804,6 +827,8 @@ mod tests {
             ("tokengate_request_duration_seconds", "histogram"),
             ("tokengate_upstream_first_byte_seconds", "histogram"),
             ("tokengate_queue_wait_seconds", "histogram"),
+            ("tokengate_coalesced_calls_total", "counter"),
+            ("tokengate_coalesced_requests_total", "counter"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),

@@ -3,6 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::auth::KeyStore;
+use crate::coalesce::Coalescer;
 use crate::config::GatewayConfig;
 use crate::ledger::UsageReader;
 use crate::metering::Meter;
@@ -20,6 +21,8 @@ pub struct AppState {
     /// The routing policies the scheduler places by, for `/metrics` to read their tallies.
     pub policies: Arc<Policies>,
     pub upstream: Upstream,
+    /// Present when `routing.coalesce_window_us` turns coalescing on.
+    pub coalescer: Option<Arc<Coalescer>>,
     pub meter: Arc<Meter>,
     pub quota: Arc<Quota>,
     /// How the gRPC usage service reads the ledger; installed by the control plane.

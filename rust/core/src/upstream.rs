@@ -136,6 +136,24 @@ impl Upstream {
     }
 }
 
+/// A response body in full, by `deadline`.
+pub async fn collect(
+    body: Incoming,
+    worker: &str,
+    deadline: Instant,
+) -> Result<Bytes, UpstreamError> {
+    match tokio::time::timeout_at(deadline, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) => Err(UpstreamError::Transport {
+            worker: worker.to_owned(),
+            detail: error.to_string(),
+        }),
+        Err(_) => Err(UpstreamError::Timeout {
+            worker: worker.to_owned(),
+        }),
+    }
+}
+
 fn classify(worker: &str, error: &hyper_util::client::legacy::Error) -> UpstreamError {
     let detail = std::error::Error::source(error)
         .map_or_else(|| error.to_string(), |source| source.to_string());

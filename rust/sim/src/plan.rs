@@ -68,6 +68,11 @@ impl Choice {
         }
     }
 
+    /// The id of generated token `pos` (`return_token_ids`).
+    pub(crate) fn token_id(&self, pos: u32) -> u32 {
+        tokens::token_id(self.stream, pos)
+    }
+
     /// The stop string that ended this choice, if one did.
     pub(crate) fn stop_reason<'a>(&self, plan: &'a Plan) -> Option<&'a str> {
         let matched = self.cut.as_ref()?.matched?;
@@ -86,6 +91,8 @@ pub(crate) struct Plan {
     /// Choices in response order: index `prompt * n + i`.
     pub choices: Vec<Choice>,
     pub stops: Vec<String>,
+    /// With `return_token_ids`: each prompt's token ids, and each choice's generated ids.
+    pub prompt_ids: Option<Vec<Vec<u32>>>,
 }
 
 impl Plan {
@@ -155,8 +162,7 @@ pub(crate) fn build(
         } else {
             (config.max_output_tokens, Finish::Stop)
         };
-        for _ in 0..sampling.n {
-            let index = u32::try_from(choices.len()).unwrap_or(u32::MAX);
+        for index in 0..sampling.n {
             let stream = tokens::choice_stream(sampling.seed, index, sampling.greedy);
             let mut choice = Choice {
                 prompt,
@@ -182,6 +188,7 @@ pub(crate) fn build(
         prompt_tokens,
         choices,
         stops: sampling.stops,
+        prompt_ids: None,
     })
 }
 

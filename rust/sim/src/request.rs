@@ -65,6 +65,7 @@ body! {
     /// A `/v1/completions` body.
     struct CompletionBody {
         prompt: Prompt,
+        return_token_ids: Option<bool>,
     }
 }
 
@@ -254,7 +255,26 @@ pub(crate) fn completion(body: &[u8], config: &SimConfig) -> Result<Plan, ApiErr
     check_model(model.as_deref(), config)?;
     let prompts = prompt_tokens(&b.prompt)?;
     let max = Some(max.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS));
-    plan::build(Kind::Completion, prompts, max, sampling, config)
+    let mut plan = plan::build(Kind::Completion, prompts, max, sampling, config)?;
+    if b.return_token_ids == Some(true) {
+        plan.prompt_ids = Some(prompt_ids(&b.prompt));
+    }
+    Ok(plan)
+}
+
+/// Each prompt's token ids, as `return_token_ids` gives them back.
+fn prompt_ids(prompt: &Prompt) -> Vec<Vec<u32>> {
+    let text = |t: &str| {
+        let mut ids = Vec::new();
+        tokens::text_prompt_ids(t, &mut ids);
+        ids
+    };
+    match prompt {
+        Prompt::Text(t) => vec![text(t)],
+        Prompt::Texts(ts) => ts.iter().map(|t| text(t)).collect(),
+        Prompt::Ids(ids) => vec![ids.clone()],
+        Prompt::IdLists(lists) => lists.clone(),
+    }
 }
 
 /// Prompt token counts of each prompt of a completions request.

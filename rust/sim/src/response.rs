@@ -184,7 +184,21 @@ pub(crate) fn completion_body(head: &Head, plan: &Plan, usage: bool) -> Vec<u8> 
         out.extend_from_slice(b"\",\"stop_reason\":");
         push_opt_str(&mut out, choice.stop_reason(plan));
         if plan.kind == Kind::Completion {
-            out.extend_from_slice(b",\"prompt_logprobs\":null");
+            // vLLM's order: `token_ids`, `prompt_logprobs`, `prompt_token_ids`; the ids are null
+            // unless the request asked for them (`return_token_ids`).
+            let prompt_ids = plan.prompt_ids.as_ref().and_then(|p| p.get(choice.prompt));
+            out.extend_from_slice(b",\"token_ids\":");
+            if prompt_ids.is_some() {
+                let ids: Vec<u32> = (0..choice.tokens).map(|pos| choice.token_id(pos)).collect();
+                push_ids(&mut out, &ids);
+            } else {
+                out.extend_from_slice(b"null");
+            }
+            out.extend_from_slice(b",\"prompt_logprobs\":null,\"prompt_token_ids\":");
+            match prompt_ids {
+                Some(ids) => push_ids(&mut out, ids),
+                None => out.extend_from_slice(b"null"),
+            }
         }
         out.push(b'}');
     }
@@ -207,6 +221,18 @@ pub(crate) fn completion_body(head: &Head, plan: &Plan, usage: bool) -> Vec<u8> 
     }
     out.extend_from_slice(b",\"kv_transfer_params\":null}");
     out
+}
+
+/// A JSON array of token ids.
+fn push_ids(out: &mut Vec<u8>, ids: &[u32]) {
+    out.push(b'[');
+    for (i, &id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_u64(out, u64::from(id));
+    }
+    out.push(b']');
 }
 
 /// `"prompt_tokens":P,"total_tokens":P+C,"completion_tokens":C` (vLLM's field order, no braces).

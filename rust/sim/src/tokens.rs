@@ -54,8 +54,10 @@ pub(crate) fn chat_prompt_tokens(message_tokens: u32) -> u32 {
     message_tokens.saturating_add(CHAT_TOKENS_PER_CONVERSATION)
 }
 
-/// The generation stream of one choice: `seed` is the request's (0 without one); with
-/// `temperature: 0` every choice is the same greedy stream, otherwise each choice differs.
+/// The generation stream of choice `choice` of a prompt (its index among the prompt's `n`):
+/// `seed` is the request's (0 without one); with `temperature: 0` every choice is the same greedy
+/// stream, otherwise each of a prompt's choices differs. As in vLLM, where each prompt of a
+/// request is sampled on its own, a prompt's choices do not depend on the prompts before it.
 pub(crate) fn choice_stream(seed: u64, choice: u32, greedy: bool) -> u64 {
     let choice_mix = if greedy { 0 } else { u64::from(choice) + 1 };
     splitmix64(seed ^ splitmix64(choice_mix))
@@ -65,6 +67,12 @@ pub(crate) fn choice_stream(seed: u64, choice: u32, greedy: bool) -> u64 {
 pub(crate) fn token_text(stream: u64, pos: u32) -> &'static str {
     let h = splitmix64(stream ^ u64::from(pos).wrapping_mul(0xD6E8_FEB8_6659_FD93));
     VOCAB[(h % VOCAB.len() as u64) as usize]
+}
+
+/// The fake id of generated token `pos` of a choice stream (`return_token_ids`).
+pub(crate) fn token_id(stream: u64, pos: u32) -> u32 {
+    let h = splitmix64(stream ^ u64::from(pos).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    TEMPLATE_ID + 1 + (h % u64::from(VOCAB_SIZE - TEMPLATE_ID - 1)) as u32
 }
 
 /// Fake token ids of a completions text prompt (BOS, then one id per word).

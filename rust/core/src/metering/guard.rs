@@ -104,6 +104,11 @@ impl MeterGuard {
         self.event.as_ref().map_or("", |e| e.request_id.as_str())
     }
 
+    /// The id of the API key the request came with.
+    pub fn key_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| &*e.key_id)
+    }
+
     /// Time since the request was dispatched.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()

@@ -15,11 +15,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::outcome::{Answer, Head, METADATA, Outcome};
+use crate::coalesce::{Joined, Route};
 use crate::error::ApiError;
 use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
 use crate::request::{Endpoint, InferenceRequest};
-use crate::router::Outstanding;
+use crate::router::{Outstanding, Worker};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
@@ -155,6 +156,18 @@ async fn attempt(
     meter: &MeterGuard,
 ) -> Result<Reply, Failure> {
     let worker = outstanding.worker().clone();
+    if let Some(joined) = coalesced(state, request, &worker, &body, meter).await {
+        match joined {
+            Joined::Answer { parts, body } => {
+                state.meter.metrics().first_byte(meter.elapsed());
+                return complete_reply(parts, body, outstanding);
+            }
+            Joined::Failed(error) => {
+                return Err(upstream_failure(error, &mut outstanding, request));
+            }
+            Joined::Alone => {}
+        }
+    }
     let deadline = state.upstream.deadline();
     let sent = state
         .upstream
@@ -167,18 +180,7 @@ async fn attempt(
             deadline,
         )
         .await;
-    let response = sent.map_err(|error| {
-        tracing::warn!(%error, "worker attempt failed");
-        Failure::Gateway(if matches!(error, UpstreamError::Connect { .. }) {
-            // Down, not misbehaving: out of rotation until a probe succeeds, and if no
-            // worker is left the answer is "no healthy worker", not a bad gateway.
-            worker.set_healthy(false);
-            ApiError::NoHealthyWorker(request.model.clone())
-        } else {
-            outstanding.failed();
-            gateway_error(error)
-        })
-    })?;
+    let response = sent.map_err(|error| upstream_failure(error, &mut outstanding, request))?;
     if !request.stream {
         state.meter.metrics().first_byte(meter.elapsed());
     }
@@ -201,12 +203,25 @@ async fn attempt(
             outstanding,
         });
     }
-    let body = collect(incoming, &worker.url, deadline)
+    let body = crate::upstream::collect(incoming, &worker.url, deadline)
         .await
         .map_err(|error| {
             outstanding.failed();
             Failure::Gateway(gateway_error(error))
         })?;
+    complete_reply(parts, body, outstanding)
+}
+
+/// A worker's complete answer: relayed if below 500, else a failure of its attempt.
+#[expect(
+    clippy::result_large_err,
+    reason = "what `attempt` returns, moved once; boxing the 5xx would allocate for nothing"
+)]
+fn complete_reply(
+    parts: Parts,
+    body: Bytes,
+    mut outstanding: Outstanding,
+) -> Result<Reply, Failure> {
     if parts.status.is_server_error() {
         outstanding.failed();
         Err(Failure::Worker { parts, body })
@@ -214,6 +229,51 @@ async fn attempt(
         outstanding.answered();
         Ok(Reply::Complete { parts, body })
     }
+}
+
+/// An attempt that got no answer from its worker.
+fn upstream_failure(
+    error: UpstreamError,
+    outstanding: &mut Outstanding,
+    request: &InferenceRequest,
+) -> Failure {
+    tracing::warn!(%error, "worker attempt failed");
+    Failure::Gateway(if matches!(error, UpstreamError::Connect { .. }) {
+        // Down, not misbehaving: out of rotation until a probe succeeds, and if no worker is
+        // left the answer is "no healthy worker", not a bad gateway.
+        outstanding.worker().set_healthy(false);
+        ApiError::NoHealthyWorker(request.model.clone())
+    } else {
+        outstanding.failed();
+        gateway_error(error)
+    })
+}
+
+/// With coalescing on, a non-streaming completion joins its worker's open batch
+/// (`crate::coalesce`); `None` when it goes on its own from the start.
+async fn coalesced(
+    state: &AppState,
+    request: &InferenceRequest,
+    worker: &Arc<Worker>,
+    body: &Bytes,
+    meter: &MeterGuard,
+) -> Option<Joined> {
+    let coalescer = state.coalescer.as_ref()?;
+    if request.stream || !matches!(request.endpoint, Endpoint::Completions) {
+        return None;
+    }
+    let part = coalescer.part(body, request.n)?;
+    let route = Route {
+        upstream: state.upstream.clone(),
+        worker: worker.clone(),
+        meter: state.meter.clone(),
+    };
+    let request_id = request.client_request_id.as_deref();
+    Some(
+        coalescer
+            .join(&route, meter.key_id(), request_id, part)
+            .await,
+    )
 }
 
 /// The client's answer to a failed attempt; the error itself, which names the worker, is logged.
@@ -263,23 +323,6 @@ async fn first_chunk(
         Ok(Err(error)) => Err(error),
         Err(_) => Err(UpstreamError::Timeout {
             worker: worker.to_owned(),
-        }),
-    }
-}
-
-async fn collect(
-    body: Incoming,
-    worker: &Arc<str>,
-    deadline: Instant,
-) -> Result<Bytes, UpstreamError> {
-    match tokio::time::timeout_at(deadline, body.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) => Err(UpstreamError::Transport {
-            worker: worker.to_string(),
-            detail: error.to_string(),
-        }),
-        Err(_) => Err(UpstreamError::Timeout {
-            worker: worker.to_string(),
         }),
     }
 }

@@ -102,6 +102,8 @@ mod tests {
             policy,
             affinity_load_factor: 1.25,
             affinity_load_floor: 8,
+            coalesce_window_us: 0,
+            coalesce_max_prompts: 16,
             models: models
                 .iter()
                 .map(|(model, policy)| {
