@@ -8,6 +8,7 @@ build on first use.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,19 @@ class Fleet:
             prompt += int(metrics["vllm:prompt_tokens_total"])
             generation += int(metrics["vllm:generation_tokens_total"])
         return prompt, generation
+
+    def settled_counters(self) -> tuple[int, int]:
+        """`counters()` once nothing runs and two scrapes agree (vLLM's metrics trail its
+        responses)."""
+        assert procs.wait_for(lambda: self.running() == 0, timeout=30)
+        last = self.counters()
+        for _ in range(100):
+            time.sleep(0.2)
+            now = self.counters()
+            if now == last:
+                return now
+            last = now
+        return last
 
     def running(self) -> int:
         """Requests vLLM is running or queueing, over both workers."""

@@ -255,19 +255,6 @@ def rows_for(fleet: Fleet, key_id: str) -> list[Any]:
     return [row for row in procs.usage_rows(fleet.db) if row["key_id"] == key_id]
 
 
-def settled_counters(fleet: Fleet) -> tuple[int, int]:
-    """vLLM's counters once nothing runs and two scrapes agree (its metrics trail responses)."""
-    assert procs.wait_for(lambda: fleet.running() == 0, timeout=30)
-    last = fleet.counters()
-    for _ in range(100):
-        time.sleep(0.2)
-        now = fleet.counters()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def mixed_request(client: openai.OpenAI, i: int, request_id: str | None = None) -> int:
     """One of a mix of shapes that all run to their end; returns its `n` (vLLM counts each of its
     prompts `n` times in `prompt_tokens_total`)."""
@@ -288,7 +275,7 @@ def test_metered_tokens_equal_vllm_counters(fleet: Fleet) -> None:
     prompt and completion tokens equal the growth of vLLM's own counters, to the token."""
     key, key_id = fresh_key(fleet, "metered")
     client = fleet.client(key)
-    prompt_before, generated_before = settled_counters(fleet)
+    prompt_before, generated_before = fleet.settled_counters()
     total = 48
     ids = [f"mixed-{i}-{uuid.uuid4().hex[:6]}" for i in range(total)]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -298,7 +285,7 @@ def test_metered_tokens_equal_vllm_counters(fleet: Fleet) -> None:
             )
         )
     assert procs.wait_for(lambda: len(rows_for(fleet, key_id)) == total, timeout=15)
-    prompt_after, generated_after = settled_counters(fleet)
+    prompt_after, generated_after = fleet.settled_counters()
     rows = rows_for(fleet, key_id)
     assert {row["status"] for row in rows} == {"completed"}
     assert {row["usage_source"] for row in rows} == {"worker"}
@@ -342,7 +329,7 @@ def test_disconnects_are_billed_for_what_was_relayed(fleet: Fleet) -> None:
     that no one sees and no one is billed for. The gap is measured and bounded."""
     key, key_id = fresh_key(fleet, "leaver")
     client = fleet.client(key)
-    prompt_before, generated_before = settled_counters(fleet)
+    prompt_before, generated_before = fleet.settled_counters()
     leavers = [(f"leave-{uuid.uuid4().hex[:8]}", 1 + i % 12) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         left = pool.map(
@@ -356,7 +343,7 @@ def test_disconnects_are_billed_for_what_was_relayed(fleet: Fleet) -> None:
         seen = dict(left)
         n = dict(finished)
     assert procs.wait_for(lambda: len(rows_for(fleet, key_id)) == 32, timeout=15)
-    prompt_after, generated_after = settled_counters(fleet)
+    prompt_after, generated_after = fleet.settled_counters()
     rows = {row["request_id"]: row for row in rows_for(fleet, key_id)}
     in_flight = 0
     for request_id, (prompt, completion) in seen.items():

@@ -152,9 +152,12 @@ pub fn split(body: &[u8], n: usize, shares: &[Share], keep_ids: bool) -> Option<
     {
         return None;
     }
-    let cached = usage
+    // vLLM's details carry more than `cached_tokens`; the rest is kept as it came.
+    let details = usage
         .get("prompt_tokens_details")
-        .and_then(|d| serde_json::from_str::<Object>(d.get()).ok())
+        .and_then(|d| serde_json::from_str::<Object>(d.get()).ok());
+    let cached = details
+        .as_ref()
         .and_then(|d| d.get("cached_tokens").and_then(|c| number(c)));
 
     let mut answers = Vec::with_capacity(shares.len());
@@ -184,10 +187,12 @@ pub fn split(body: &[u8], n: usize, shares: &[Share], keep_ids: bool) -> Option<
             "completion_tokens".to_owned(),
             raw(&completion_tokens.to_string()),
         );
-        if let Some(cached) = cached {
+        if let (Some(details), Some(cached)) = (&details, cached) {
             let mine = if last { cached.min(prompt_tokens) } else { 0 };
-            let details = format!(r#"{{"cached_tokens":{mine}}}"#);
-            usage.insert("prompt_tokens_details".to_owned(), raw(&details));
+            let mut details = details.clone();
+            details.insert("cached_tokens".to_owned(), raw(&mine.to_string()));
+            let details = serde_json::value::to_raw_value(&details).ok()?;
+            usage.insert("prompt_tokens_details".to_owned(), details);
         }
         let mut answer = object.clone();
         answer.insert(
@@ -287,7 +292,9 @@ mod tests {
                 }));
             }
         }
-        let details = cached.map_or(Value::Null, |c| json!({"cached_tokens": c}));
+        let details = cached.map_or(Value::Null, |c| {
+            json!({"cached_tokens": c, "created_cache_tokens": null, "multimodal_tokens": null})
+        });
         json!({
             "id": "cmpl-batch",
             "object": "text_completion",
@@ -341,6 +348,10 @@ mod tests {
         assert_eq!(usage(&answers[1]), (13, 13, 26, 0));
         // The last prompt's client gets vLLM's figure, which is that prompt's.
         assert_eq!(usage(&answers[2]), (8, 11, 19, 4));
+        // The details' other members are the worker's.
+        let details = &answers[0]["usage"]["prompt_tokens_details"];
+        assert_eq!(details["multimodal_tokens"], Value::Null);
+        assert_eq!(details.as_object().unwrap().len(), 3);
         let texts = |a: &Value| -> Vec<(u64, String)> {
             a["choices"]
                 .as_array()
