@@ -25,6 +25,7 @@ const LAYERS: &[&str] = &[
     "metering",
     "relay",
     "scheduler",
+    "coalesce",
     "state",
     "pipeline",
     "api",

@@ -8,7 +8,8 @@
 //! 2. the domain: `request` (what a client asks), `usage` (the usage event it is billed by);
 //! 3. parts: `config`, `upstream`, `auth`, `journal`, `ledger`, `router`, `quota`, `metrics`,
 //!    `metering`, `relay`;
-//! 4. the pipeline: `scheduler`, `state`, `pipeline` (admission, attempts, the typed outcome);
+//! 4. the pipeline: `scheduler`, `coalesce` (completions that share a call), `state`, `pipeline`
+//!    (admission, attempts, the typed outcome);
 //! 5. surfaces, which render the outcome: `api` (HTTP), `grpc`;
 //! 6. the whole: `gateway`.
 
