@@ -28,7 +28,10 @@ waits in the gateway's queue; "FIFO" with `routing.learn_capacity = false` and n
 
 The gateway runs on core 1; the workers and the load generators on core 0. With `--vllm`, two
 vLLM CPU workers (the real-vLLM tier's tiny model, `tests/vllm/cpu_env.py`) with
-`--max-num-seqs 4`, one per core, a flood of 24 streams and a quiet side of 2 a second. Results:
+`--max-num-seqs 4`, one per core, a flood of 24 streams and a quiet side of 2 a second. The fair
+gateway also makes a fourth run,
+with the flood one sequence a worker short of full (nothing
+waits: the floor a scheduler that does not preempt cannot beat). Results:
 a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and the raw reports in
 `benchmarks/out/`.
 """
@@ -130,10 +133,11 @@ def loadgen(
     duration_s: float,
     priority: str | None = None,
     tokens: int = TOKENS,
+    connections: int | None = None,
 ) -> subprocess.Popen[str]:
     """A streaming loadgen run of `tokens`-token requests, started in the background on the
-    client's core: open loop at `rate`, else a quarter of the flood's connections in a closed
-    loop."""
+    client's core: open loop at `rate`, else `connections` (by default a quarter of the flood's)
+    in a closed loop."""
     body = {"model": setup.model, "prompt": PROMPT, "max_tokens": tokens, "stream": True}
     argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
     argv += ["--body", json.dumps(body), "--header", f"authorization: Bearer {key}", "--stream"]
@@ -141,7 +145,8 @@ def loadgen(
         argv += ["--header", f"x-priority: {priority}"]
     argv += ["--duration-s", str(duration_s), "--warmup-s", str(settings.warmup_s)]
     if rate is None:
-        argv += ["--concurrency", str(setup.flood_connections // len(FLOOD_TOKENS))]
+        closed = connections or setup.flood_connections // len(FLOOD_TOKENS)
+        argv += ["--concurrency", str(closed)]
     else:
         argv += ["--concurrency", "64", "--rate", str(rate)]
     argv += ["--timeout-s", "120"]
@@ -177,11 +182,17 @@ def measure(
     quiet_key: str,
     flood_key: str | None,
     flood_priority: str | None,
+    below_capacity: bool = False,
 ) -> dict[str, Any]:
     """The quiet side's report, with the flood's beside it when there is one. The flood starts
-    first and outlasts the quiet side, so every quiet request meets a full fleet."""
+    first and outlasts the quiet side, so every quiet request meets a full fleet; or, with
+    `below_capacity`, a fleet one sequence a worker short of full, so that no request waits
+    anywhere and the quiet side meets only engines busy with the flood."""
     floods = []
     if flood_key is not None:
+        lengths = FLOOD_TOKENS[1::2] if below_capacity else FLOOD_TOKENS
+        # Below capacity: `seqs - 1` streams a worker, over two workers, in two lengths.
+        connections = setup.seqs - 1 if below_capacity else None
         floods = [
             loadgen(
                 setup,
@@ -192,8 +203,9 @@ def measure(
                 duration_s=settings.duration_s + 2 * settings.warmup_s,
                 priority=flood_priority,
                 tokens=tokens,
+                connections=connections,
             )
-            for tokens in FLOOD_TOKENS
+            for tokens in lengths
         ]
     if floods:
         time.sleep(settings.warmup_s)
@@ -372,6 +384,12 @@ def main(argv: list[str] | None = None) -> None:
                     setup, settings, url, keys["tenant-c"], keys["tenant-c"], "batch"
                 ),
             }
+            if mode == "fair":
+                # What no scheduler that does not preempt can beat: nothing waits, and B's
+                # requests share the engines' steps with the flood's.
+                results[mode]["A holds all but one sequence a worker, nothing waits"] = measure(
+                    setup, settings, url, keys["tenant-b"], keys["tenant-a"], None, True
+                )
             waits[mode] = queue_waits(base)
         meta = run.meta(f"fairness-{setup.name}", settings)
         publish(
