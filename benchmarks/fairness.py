@@ -29,11 +29,9 @@ waits in the gateway's queue; "FIFO" with `routing.learn_capacity = false` and n
 The gateway runs on core 1; the workers and the load generators on core 0. With `--vllm`, two
 vLLM CPU workers (the real-vLLM tier's tiny model, `tests/vllm/cpu_env.py`) with
 `--max-num-seqs 4`, one per core, a flood of 24 streams and a quiet side of 2 a second. The fair
-gateway also makes a fourth run,
-with the flood one sequence a worker short of full (nothing
-waits: the floor a scheduler that does not preempt cannot beat). Results:
-a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and the raw reports in
-`benchmarks/out/`.
+gateway also makes a fourth run, with the flood one sequence a worker short of full: nothing
+waits, which is the floor that a scheduler that does not preempt cannot beat. Results: a section
+of `benchmarks/RESULTS.md` (`--quick` only prints it) and the raw reports in `benchmarks/out/`.
 """
 
 from __future__ import annotations
