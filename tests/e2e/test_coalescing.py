@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.grpc import GatewayClient, pb
 from tests.support import procs
 from tests.support.stack import Stack, StackFactory
 
@@ -169,3 +170,39 @@ def test_incompatible_requests_are_not_coalesced(make_stack: StackFactory) -> No
     answers = at_once(stack, bodies, [f"x-{i}" for i in range(len(bodies))])
     assert [a.status_code for a in answers] == [200] * 4
     assert coalesced(stack) == (0, 0)
+
+
+def test_grpc_completions_are_coalesced_like_http_ones(make_stack: StackFactory) -> None:
+    together = make_stack(n_sims=1, routing=ROUTING, config_extra="[grpc]\nport = 0\n", itl_ms=1)
+    alone = make_stack(n_sims=1, itl_ms=1)
+    target = procs.wait_line(together.gateway, r"gRPC API listening on (\S+)")[1]
+    prompts = ["one", "two words", "three little words", "and now four words"]
+    answers: dict[int, pb.GenerateResponse] = {}
+    start = threading.Barrier(len(prompts))
+
+    def call(i: int) -> None:
+        with GatewayClient(target, together.key, timeout=30) as client:
+            start.wait()
+            answers[i] = client.complete(
+                MODEL, prompts[i], max_tokens=5, n=2, seed=3, request_id=f"grpc-{i}"
+            )
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert coalesced(together) == (1, len(prompts))
+
+    for i, prompt in enumerate(prompts):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 5, "n": 2, "seed": 3}
+        want = post(alone, body, f"http-{i}").json()
+        got = answers[i]
+        assert got.request_id == f"grpc-{i}"
+        assert [(c.index, c.text) for c in got.choices] == [
+            (c["index"], c["text"]) for c in want["choices"]
+        ]
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+            want["usage"]["prompt_tokens"],
+            want["usage"]["completion_tokens"],
+        )
