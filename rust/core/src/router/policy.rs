@@ -130,27 +130,9 @@ impl RoutingPolicy for RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::super::load::Load;
-    use super::super::registry::tests::worker;
-    use super::super::registry::{Pick, Registry};
+    use super::super::registry::Registry;
+    use super::super::registry::tests::{placed_by as pick, worker};
     use super::*;
-
-    fn pick(registry: &Registry, policy: &dyn RoutingPolicy, tried: &[usize]) -> Option<usize> {
-        let body = bytes::Bytes::new();
-        let features = Features {
-            model: "m",
-            endpoint: Endpoint::Completions,
-            prompt_bytes: 1,
-            sequences: 1,
-            prefix: Prefix {
-                body: &body,
-                session: None,
-            },
-        };
-        match registry.pick(policy, &features, tried) {
-            Pick::Placed(index, _) => Some(index),
-            Pick::AllFull | Pick::NoneEligible => None,
-        }
-    }
 
     #[test]
     fn picks_least_outstanding_healthy_worker_of_the_model() {

@@ -237,6 +237,15 @@ pub(super) mod tests {
     }
 
     fn placed(registry: &Registry, tried: &[usize]) -> Option<usize> {
+        placed_by(registry, &LeastLoad::default(), tried)
+    }
+
+    /// Where `policy` places a one-sequence completion for `m`, past the workers `tried`.
+    pub(in crate::router) fn placed_by(
+        registry: &Registry,
+        policy: &dyn RoutingPolicy,
+        tried: &[usize],
+    ) -> Option<usize> {
         let body = bytes::Bytes::new();
         let features = Features {
             model: "m",
@@ -248,7 +257,7 @@ pub(super) mod tests {
                 session: None,
             },
         };
-        match registry.pick(&LeastLoad::default(), &features, tried) {
+        match registry.pick(policy, &features, tried) {
             Pick::Placed(index, _) => Some(index),
             Pick::AllFull | Pick::NoneEligible => None,
         }
