@@ -201,10 +201,20 @@ class ModelRoutingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    policy: RoutingPolicy = Field(
+    policy: RoutingPolicy | None = Field(
+        default=None,
         description=(
             "The routing policy of requests for the model NAME (as requests name it), in place of"
             ' `routing.policy`; one `[routing.models."NAME"]` table per model.'
+        ),
+    )
+    coalesce_window_us: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "The model's coalescing window, in place of `routing.coalesce_window_us` (0 turns"
+            " coalescing off for it)."
         ),
     )
 
@@ -687,7 +697,8 @@ class GatewayConfig(BaseModel):
                 "coalesce_window_us": self.routing.coalesce_window_us,
                 "coalesce_max_prompts": self.routing.coalesce_max_prompts,
                 "models": {
-                    name: {"policy": model.policy} for name, model in self.routing.models.items()
+                    name: {"policy": model.policy, "coalesce_window_us": model.coalesce_window_us}
+                    for name, model in self.routing.models.items()
                 },
             },
             "quota": self.quota.model_dump(),

@@ -206,3 +206,27 @@ def test_grpc_completions_are_coalesced_like_http_ones(make_stack: StackFactory)
             want["usage"]["prompt_tokens"],
             want["usage"]["completion_tokens"],
         )
+
+
+@pytest.mark.parametrize(
+    ("routing", "expected"),
+    [
+        # Off by default, on for the model.
+        (
+            f"coalesce_max_prompts = {BATCH}\n"
+            f'[routing.models."{MODEL}"]\ncoalesce_window_us = 1000000\n',
+            (1, BATCH),
+        ),
+        # On by default, off for the model.
+        (f'{ROUTING}[routing.models."{MODEL}"]\ncoalesce_window_us = 0\n', (0, 0)),
+    ],
+    ids=["on-for-the-model", "off-for-the-model"],
+)
+def test_a_model_s_own_window_overrides_the_default(
+    make_stack: StackFactory, routing: str, expected: tuple[int, int]
+) -> None:
+    stack = make_stack(n_sims=1, routing=routing, itl_ms=1)
+    bodies = [{"model": MODEL, "prompt": f"p {i}", "max_tokens": 2} for i in range(BATCH)]
+    answers = at_once(stack, bodies, [f"model-{i}" for i in range(BATCH)])
+    assert [a.status_code for a in answers] == [200] * BATCH
+    assert coalesced(stack) == expected

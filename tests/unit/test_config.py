@@ -193,7 +193,7 @@ token_env = "MY_ADMIN_TOKEN"
         ),
         (
             '[routing.models."tiny"]\nweight = 2',
-            "routing.models.tiny.policy: Field required",
+            "routing.models.tiny.weight: Extra inputs are not permitted",
         ),
         (
             '[routing.models.""]\npolicy = "round_robin"',
@@ -374,14 +374,16 @@ def test_routing_policies_reach_the_core_document(tmp_path: Path) -> None:
         '[routing]\npolicy = "round_robin"\naffinity_load_factor = 2\naffinity_load_floor = 0\n'
         '[routing.models."tiny-llama"]\npolicy = "prefix_affinity"\n'
         '[routing.models."org/model:v2"]\npolicy = "least_load"\n'
+        '[routing.models."classifier"]\ncoalesce_window_us = 2000\n'
     )
     routing = json.loads(load_config(write(tmp_path, text)).core_document())["routing"]
     assert routing["policy"] == "round_robin"
     assert routing["affinity_load_factor"] == 2.0
     assert routing["affinity_load_floor"] == 0
     assert routing["models"] == {
-        "tiny-llama": {"policy": "prefix_affinity"},
-        "org/model:v2": {"policy": "least_load"},
+        "tiny-llama": {"policy": "prefix_affinity", "coalesce_window_us": None},
+        "org/model:v2": {"policy": "least_load", "coalesce_window_us": None},
+        "classifier": {"policy": None, "coalesce_window_us": 2000},
     }
 
 
@@ -432,6 +434,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "workers[].api_key",
         "workers[].max_concurrency",
         'routing.models."NAME".policy',
+        'routing.models."NAME".coalesce_window_us',
     }
     assert "| `routing.max_attempts` | integer | `3` |" in table
     assert "| `workers[].url` | string | required |" in table

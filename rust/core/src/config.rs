@@ -44,7 +44,10 @@ pub enum PolicyKind {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRoutingConfig {
-    pub policy: PolicyKind,
+    /// `None`: `RoutingConfig::policy`.
+    pub policy: Option<PolicyKind>,
+    /// `None`: `RoutingConfig::coalesce_window_us`.
+    pub coalesce_window_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -113,9 +116,18 @@ impl RoutingConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
     }
-    /// The coalescing window, `None` when coalescing is off.
-    pub fn coalesce_window(&self) -> Option<Duration> {
-        (self.coalesce_window_us > 0).then(|| Duration::from_micros(self.coalesce_window_us))
+    /// Each model's coalescing window where it differs from `coalesce_window_us`, which is the
+    /// rest's (zero: off).
+    pub fn coalesce_windows(&self) -> (Duration, BTreeMap<String, Duration>) {
+        let by_model = self
+            .models
+            .iter()
+            .filter_map(|(model, settings)| {
+                let window = settings.coalesce_window_us?;
+                Some((model.clone(), Duration::from_micros(window)))
+            })
+            .collect();
+        (Duration::from_micros(self.coalesce_window_us), by_model)
     }
 
     pub fn stream_idle_timeout(&self) -> Duration {
@@ -341,7 +353,11 @@ mod tests {
     #[test]
     fn a_model_gets_a_policy_of_its_own() {
         let mut doc = document();
-        doc["routing"]["models"] = serde_json::json!({"tiny": {"policy": "prefix_affinity"}, "b": {"policy": "round_robin"}});
+        doc["routing"]["models"] = serde_json::json!({
+            "tiny": {"policy": "prefix_affinity", "coalesce_window_us": null},
+            "b": {"policy": "round_robin", "coalesce_window_us": 0},
+            "c": {"policy": null, "coalesce_window_us": 500},
+        });
         let config = GatewayConfig::from_json(&doc.to_string()).ok();
         let policies: Option<Vec<_>> = config.map(|c| {
             c.routing
@@ -353,9 +369,35 @@ mod tests {
         assert_eq!(
             policies,
             Some(vec![
-                ("b".to_owned(), PolicyKind::RoundRobin),
-                ("tiny".to_owned(), PolicyKind::PrefixAffinity)
+                ("b".to_owned(), Some(PolicyKind::RoundRobin)),
+                ("c".to_owned(), None),
+                ("tiny".to_owned(), Some(PolicyKind::PrefixAffinity))
             ])
+        );
+    }
+
+    #[test]
+    fn a_model_s_coalescing_window_overrides_the_default() {
+        let mut doc = document();
+        doc["routing"]["coalesce_window_us"] = serde_json::json!(200);
+        doc["routing"]["models"] = serde_json::json!({
+            "off": {"policy": null, "coalesce_window_us": 0},
+            "longer": {"policy": null, "coalesce_window_us": 5000},
+            "as-default": {"policy": "round_robin", "coalesce_window_us": null},
+        });
+        let windows = GatewayConfig::from_json(&doc.to_string())
+            .ok()
+            .map(|c| c.routing.coalesce_windows());
+        let micros = |us| Duration::from_micros(us);
+        assert_eq!(
+            windows,
+            Some((
+                micros(200),
+                BTreeMap::from([
+                    ("longer".to_owned(), micros(5000)),
+                    ("off".to_owned(), micros(0))
+                ])
+            ))
         );
     }
 

@@ -87,10 +87,10 @@ impl Gateway {
         let policies = Arc::new(Policies::new(&config.routing, &registry));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
-            coalescer: config
-                .routing
-                .coalesce_window()
-                .map(|window| Coalescer::new(window, config.routing.coalesce_max_prompts)),
+            coalescer: Coalescer::new(
+                config.routing.coalesce_windows(),
+                config.routing.coalesce_max_prompts,
+            ),
             scheduler: Scheduler::new(
                 registry.clone(),
                 Box::new(policies.clone()),

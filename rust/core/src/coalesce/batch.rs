@@ -40,6 +40,8 @@ pub struct Part {
     /// Whether the client asked for `return_token_ids` itself.
     pub wants_ids: bool,
     pub n: usize,
+    /// How long its batch waits for company (its model's window).
+    pub window: std::time::Duration,
 }
 
 impl Part {
@@ -70,7 +72,13 @@ impl Part {
             rest: serde_json::to_vec(&object).ok()?.into(),
             wants_ids,
             n: usize::try_from(n).ok()?.max(1),
+            window: std::time::Duration::ZERO,
         })
+    }
+
+    /// The part, in a batch that waits `window` for company.
+    pub fn within(self, window: std::time::Duration) -> Self {
+        Self { window, ..self }
     }
 }
 

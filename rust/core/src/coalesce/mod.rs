@@ -13,8 +13,8 @@
 
 mod batch;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -82,26 +82,43 @@ pub struct Route {
 /// The open batches of every worker.
 #[derive(Debug)]
 pub struct Coalescer {
+    /// The window of every model without one of its own; zero is off.
     window: Duration,
+    by_model: BTreeMap<String, Duration>,
     max_prompts: usize,
     open: Mutex<HashMap<Key, Open>>,
     next_id: AtomicU64,
 }
 
 impl Coalescer {
-    pub fn new(window: Duration, max_prompts: u32) -> Arc<Self> {
-        Arc::new(Self {
+    /// `None` when no model has a window: coalescing is off.
+    pub fn new(
+        (window, by_model): (Duration, BTreeMap<String, Duration>),
+        max_prompts: u32,
+    ) -> Option<Arc<Self>> {
+        if window.is_zero() && by_model.values().all(Duration::is_zero) {
+            return None;
+        }
+        Some(Arc::new(Self {
             window,
+            by_model,
             max_prompts: usize::try_from(max_prompts).unwrap_or(usize::MAX).max(2),
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-        })
+        }))
     }
 
-    /// `body` (a non-streaming completions request's, with `n` choices a prompt) as a part of a
-    /// batch, or `None` if it must go on its own.
-    pub fn part(&self, body: &[u8], n: u64) -> Option<Part> {
-        Part::of(body, n, self.max_prompts)
+    /// `model`'s window, `None` if its requests are not coalesced.
+    fn window(&self, model: &str) -> Option<Duration> {
+        let window = self.by_model.get(model).copied().unwrap_or(self.window);
+        (!window.is_zero()).then_some(window)
+    }
+
+    /// `body` (a non-streaming completions request's for `model`, with `n` choices a prompt) as
+    /// a part of a batch, or `None` if it goes on its own.
+    pub fn part(&self, model: &str, body: &[u8], n: u64) -> Option<Part> {
+        let window = self.window(model)?;
+        Part::of(body, n, self.max_prompts).map(|part| part.within(window))
     }
 
     /// Adds `part`, of a request on `key_id` placed on `route.worker`, to that worker's open batch
@@ -120,6 +137,7 @@ impl Coalescer {
             rest: part.rest.clone(),
         };
         let (reply, answer) = oneshot::channel();
+        let member_window = part.window;
         let member = Member {
             share: Share {
                 prompts: part.prompts.len(),
@@ -136,8 +154,9 @@ impl Coalescer {
         if let Some(id) = opened {
             let this = self.clone();
             let route = route.clone();
+            let window = member_window;
             tokio::spawn(async move {
-                tokio::time::sleep(this.window).await;
+                tokio::time::sleep(window).await;
                 if let Some(members) = this.close(&key, id) {
                     send(route, key.rest, members).await;
                 }
@@ -285,4 +304,33 @@ fn member_head(head: &Parts, request_id: Option<&str>) -> Parts {
         parts.headers.insert("x-request-id", id);
     }
     parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coalescer(default_ms: u64, by_model: &[(&str, u64)]) -> Option<Arc<Coalescer>> {
+        let by_model = by_model
+            .iter()
+            .map(|&(model, ms)| (model.to_owned(), Duration::from_millis(ms)))
+            .collect();
+        Coalescer::new((Duration::from_millis(default_ms), by_model), 16)
+    }
+
+    #[test]
+    fn a_model_s_window_is_its_own_else_the_default_and_zero_is_off() {
+        assert!(coalescer(0, &[]).is_none());
+        assert!(coalescer(0, &[("m", 0)]).is_none());
+        let only_m = coalescer(0, &[("m", 2)]);
+        let window = |c: &Option<Arc<Coalescer>>, model| c.as_ref().and_then(|c| c.window(model));
+        assert_eq!(window(&only_m, "m"), Some(Duration::from_millis(2)));
+        assert_eq!(window(&only_m, "other"), None);
+        let all_but_off = coalescer(1, &[("off", 0)]);
+        assert_eq!(window(&all_but_off, "off"), None);
+        assert_eq!(
+            window(&all_but_off, "other"),
+            Some(Duration::from_millis(1))
+        );
+    }
 }

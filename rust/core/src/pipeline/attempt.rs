@@ -262,7 +262,7 @@ async fn coalesced(
     if request.stream || !matches!(request.endpoint, Endpoint::Completions) {
         return None;
     }
-    let part = coalescer.part(body, request.n)?;
+    let part = coalescer.part(&request.model, body, request.n)?;
     let route = Route {
         upstream: state.upstream.clone(),
         worker: worker.clone(),

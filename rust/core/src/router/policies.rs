@@ -29,7 +29,7 @@ impl Policies {
             by_model: routing
                 .models
                 .iter()
-                .map(|(model, settings)| (Box::from(model.as_str()), settings.policy))
+                .filter_map(|(model, settings)| Some((Box::from(model.as_str()), settings.policy?)))
                 .collect(),
             least_load: LeastLoad::default(),
             round_robin: RoundRobin::default(),
@@ -107,7 +107,11 @@ mod tests {
             models: models
                 .iter()
                 .map(|(model, policy)| {
-                    ((*model).to_owned(), ModelRoutingConfig { policy: *policy })
+                    let settings = ModelRoutingConfig {
+                        policy: Some(*policy),
+                        coalesce_window_us: None,
+                    };
+                    ((*model).to_owned(), settings)
                 })
                 .collect::<BTreeMap<_, _>>(),
         }
