@@ -137,7 +137,7 @@ impl Coalescer {
             rest: part.rest.clone(),
         };
         let (reply, answer) = oneshot::channel();
-        let member_window = part.window;
+        let window = part.window;
         let member = Member {
             share: Share {
                 prompts: part.prompts.len(),
@@ -154,7 +154,6 @@ impl Coalescer {
         if let Some(id) = opened {
             let this = self.clone();
             let route = route.clone();
-            let window = member_window;
             tokio::spawn(async move {
                 tokio::time::sleep(window).await;
                 if let Some(members) = this.close(&key, id) {
@@ -203,11 +202,6 @@ impl Coalescer {
     /// The open batches; no code panics while holding them, so a poisoned lock is taken as is.
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Open>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Batches whose window is open (for tests).
-    pub fn open_batches(&self) -> usize {
-        self.lock().len()
     }
 }
 
