@@ -230,3 +230,27 @@ def test_a_model_s_own_window_overrides_the_default(
     answers = at_once(stack, bodies, [f"model-{i}" for i in range(BATCH)])
     assert [a.status_code for a in answers] == [200] * BATCH
     assert coalesced(stack) == expected
+
+
+def test_a_hostile_prompt_fails_alone_and_an_oversized_one_goes_alone(
+    make_stack: StackFactory,
+) -> None:
+    stack = make_stack(n_sims=1, routing=ROUTING, itl_ms=1)
+    body = {"model": MODEL, "max_tokens": 2}
+    # A token id of 2^62 is no token: the worker refuses the whole call, and each request goes
+    # again on its own, so only the hostile one is refused.
+    prompts: list[Any] = [[[11, 12]], [[13]], [[2**62]], [[14, 15]]]
+    ids = [f"hostile-{i}" for i in range(len(prompts))]
+    answers = at_once(stack, [{**body, "prompt": p} for p in prompts], ids)
+    assert [a.status_code for a in answers] == [200, 200, 400, 200]
+    assert coalesced(stack) == (0, 0)
+
+    # More prompts than a call carries: that request goes on its own, the rest share a call.
+    prompts = [["a"], ["b"], ["c"], ["p"] * (BATCH + 1)]
+    ids = [f"oversized-{i}" for i in range(len(prompts))]
+    answers = at_once(stack, [{**body, "prompt": p} for p in prompts], ids)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len(answers[3].json()["choices"]) == BATCH + 1
+    assert coalesced(stack) == (1, 3)
+    rows = rows_by_request(stack, ids)
+    assert [rows[i]["completion_tokens"] for i in ids] == [2, 2, 2, 2 * (BATCH + 1)]
