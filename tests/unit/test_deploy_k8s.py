@@ -20,12 +20,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
 from gateway.config import GatewayConfig
-from tests.support import ROOT
+from tests.support import ROOT, procs
 from tests.support.deploy import DEPLOY
 
 K8S = DEPLOY / "k8s"
@@ -66,7 +67,8 @@ def render(overlay: str) -> tuple[Obj, ...]:
 
 def named(obj: Obj, name: str) -> bool:
     """Whether `obj` is `name`, or kustomize's `name-<hash>` of a generated object."""
-    return re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", obj["metadata"]["name"]) is not None
+    pattern = rf"{re.escape(name)}(-[a-z0-9]{{10}})?"
+    return re.fullmatch(pattern, obj["metadata"]["name"]) is not None
 
 
 def one(objects: tuple[Obj, ...], kind: str, name: str | None = None) -> Obj:
@@ -82,7 +84,8 @@ def pod_spec(objects: tuple[Obj, ...]) -> Obj:
 
 def container(objects: tuple[Obj, ...], name: str) -> Obj:
     spec = pod_spec(objects)
-    (found,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name]
+    containers: list[Obj] = spec["containers"] + spec.get("initContainers", [])
+    (found,) = [c for c in containers if c["name"] == name]
     return found
 
 
@@ -100,22 +103,22 @@ def config_map_file(objects: tuple[Obj, ...], name: str, file: str) -> str:
 
 
 def volume_named(objects: tuple[Obj, ...], name: str) -> Obj:
-    (found,) = [v for v in pod_spec(objects)["volumes"] if v["name"] == name]
+    volumes: list[Obj] = pod_spec(objects)["volumes"]
+    (found,) = [v for v in volumes if v["name"] == name]
     return found
 
 
 def mount_of(c: Obj, path: str) -> Obj:
     """The volume mount of container `c` that holds `path`."""
-    mounts = [
-        m for m in c["volumeMounts"] if PurePosixPath(path).is_relative_to(m["mountPath"])
-    ]
+    mounts = [m for m in c["volumeMounts"] if PurePosixPath(path).is_relative_to(m["mountPath"])]
     assert mounts, f"{path} is on no volume of {c['name']}: the root filesystem is read-only"
     found: Obj = max(mounts, key=lambda m: len(m["mountPath"]))
     return found
 
 
 def env_value(c: Obj, name: str) -> Obj:
-    (found,) = [e for e in c.get("env", []) if e["name"] == name]
+    env: list[Obj] = c.get("env", [])
+    (found,) = [e for e in env if e["name"] == name]
     return found
 
 
@@ -240,7 +243,11 @@ def test_container_ports_are_the_configured_listeners(overlay: str, tmp_path: Pa
     _, config = loaded(objects, tmp_path)
     gateway = container(objects, "gateway")
     ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
-    assert ports == {"http": config.server.port, "grpc": config.grpc.port, "admin": config.admin.port}
+    assert ports == {
+        "http": config.server.port,
+        "grpc": config.grpc.port,
+        "admin": config.admin.port,
+    }
     # Listening on the pod's address, not loopback: Services and probes come from outside.
     assert config.server.host == config.grpc.host == config.admin.host == "0.0.0.0"
     annotations = one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
@@ -265,7 +272,7 @@ def test_probes_use_the_gateways_routes_and_draining_fits_the_grace_period(
     gateway = container(objects, "gateway")
     readiness, liveness = gateway["readinessProbe"], gateway["livenessProbe"]
     # /ready turns 503 on SIGTERM; /metrics answers 200 whether or not a worker is healthy
-    # (tests/unit/test_deploy_probes.py checks both on a running gateway).
+    # (test_the_liveness_probe_passes_while_no_worker_is_healthy, below, on a running gateway).
     assert readiness["httpGet"] == {"path": "/ready", "port": "http"}
     assert liveness["httpGet"] == {"path": "/metrics", "port": "http"}
 
@@ -302,9 +309,7 @@ def test_secrets_reach_the_variables_the_gateway_reads(overlay: str, tmp_path: P
     objects = render(overlay)
     _, config = loaded(objects, tmp_path)
     gateway, init = container(objects, "gateway"), container(objects, "render-config")
-    generated = {
-        o["metadata"]["name"]: set(o["data"]) for o in objects if o["kind"] == "Secret"
-    }
+    generated = {o["metadata"]["name"]: set(o["data"]) for o in objects if o["kind"] == "Secret"}
     tokens = {
         e["name"]: e["valueFrom"]["secretKeyRef"]
         for e in gateway["env"]
@@ -524,7 +529,9 @@ def dockerfile_entrypoint() -> list[str]:
 def dockerfile_user() -> int:
     (user,) = [args for word, args in dockerfile() if word == "USER"]
     uid, _, gid = user.partition(":")
-    assert uid.isdigit() and gid.isdigit(), "a numeric user, which runAsNonRoot can check"
+    # Numeric, so that Kubernetes' runAsNonRoot can check it.
+    assert uid.isdigit(), user
+    assert gid.isdigit(), user
     return int(uid)
 
 
@@ -567,3 +574,48 @@ def worker_manifest() -> tuple[Obj, ...]:
 
 def worker_statefulset() -> Obj:
     return one(worker_manifest(), "StatefulSet")
+
+
+# --- on a running gateway and a real PostgreSQL ----------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_liveness_probe_passes_while_no_worker_is_healthy(tmp_path: Path) -> None:
+    """The workers' pods are down or still loading their model: /health is 503, and a liveness
+    probe on it would restart the gateway for the workers' sake; the deployed one answers 200."""
+    probe = container(render("single"), "gateway")["livenessProbe"]["httpGet"]["path"]
+    nobody = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
+    config = procs.write_config(tmp_path / "gateway.toml", [nobody], tmp_path / "ledger.db")
+    gateway = procs.start(["serve", "--config", str(config)])
+    try:
+        assert procs.wait_for(
+            lambda: httpx.get(f"{gateway.url}/health", timeout=5).status_code == 503
+        )
+        assert httpx.get(f"{gateway.url}{probe}", timeout=5).status_code == 200
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.e2e
+def test_the_ledger_password_reaches_libpq_from_pgpassword(pg_url: str, tmp_path: Path) -> None:
+    """overlays/replicated's ledger URL has no password: the pod's PGPASSWORD supplies it."""
+    parts = urlsplit(pg_url)
+    assert parts.password
+    bare = pg_url.replace(f":{parts.password}@", "@", 1)
+    assert urlsplit(bare).password is None
+
+    def tenants(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "tenants", "list", "--db", bare],
+            env={k: v for k, v in os.environ.items() if k != "PGPASSWORD"} | env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    refused = tenants()
+    assert refused.returncode != 0
+    assert "password" in refused.stdout + refused.stderr
+    done = tenants(PGPASSWORD=parts.password)
+    assert done.returncode == 0, done.stdout + done.stderr
