@@ -8,6 +8,7 @@ draining, its admin listener kept internal.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -50,12 +51,12 @@ SECRET_VALUES = {
 Obj = dict[str, Any]
 
 
-@functools.cache
-def render(overlay: str) -> tuple[Obj, ...]:
+def kustomize(directory: Path) -> tuple[Obj, ...]:
+    """The objects `kubectl kustomize DIRECTORY` renders."""
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is required to render deploy/k8s (CI's machine image has it)"
     done = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+        [kubectl, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         check=False,
@@ -63,6 +64,11 @@ def render(overlay: str) -> tuple[Obj, ...]:
     )
     assert done.returncode == 0, done.stderr
     return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+@functools.cache
+def render(overlay: str) -> tuple[Obj, ...]:
+    return kustomize(K8S / "overlays" / overlay)
 
 
 def named(obj: Obj, name: str) -> bool:
@@ -619,3 +625,27 @@ def test_the_ledger_password_reaches_libpq_from_pgpassword(pg_url: str, tmp_path
     assert "password" in refused.stdout + refused.stderr
     done = tenants(PGPASSWORD=parts.password)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readmes_own_overlay_sets_the_image_and_the_tokens(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"```yaml\n# my-overlay/kustomization.yaml\n(.*?)```", readme, re.S)
+    mine = tmp_path / "my-overlay"
+    mine.mkdir()
+    overlay = os.path.relpath(K8S / "overlays" / "replicated", mine)
+    (mine / "kustomization.yaml").write_text(
+        example.replace("../deploy/k8s/overlays/replicated", overlay)
+    )
+    (mine / "admin-token.txt").write_text("admin-secret")
+    (mine / "billing-token.txt").write_text("billing-secret")
+    objects = kustomize(mine)
+    secret = one(objects, "Secret", "tokengate-tokens")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {"admin-token": "admin-secret", "billing-token": "billing-secret"}
+    gateway = container(objects, "gateway")
+    assert (
+        env_value(gateway, "TOKENGATE_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]["name"]
+        == (secret["metadata"]["name"])
+    )
+    for c in (gateway, container(objects, "render-config")):
+        assert c["image"] == "registry.example.com/tokengate:0.1.0"
