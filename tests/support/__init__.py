@@ -3,6 +3,7 @@
 - `procs`: real processes (`gateway serve`, `gateway sim`, vLLM workers), the `gateway` CLI as a
   process, free ports, API keys, the ledger's rows, a worker's metrics.
 - `stack`, `fleet`: a gateway in front of simulators; gateway replicas sharing a ledger and Redis.
+- `dashboard`: the Grafana dashboard's metric names, and the names a `/metrics` page exposes.
 - `services`: real `redis-server` and PostgreSQL on loopback (`services/install.sh`, which
   `make services` runs, installs them).
 - `events`: usage events, times and prices as the tests store them in a ledger.
