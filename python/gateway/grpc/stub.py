@@ -45,7 +45,9 @@ class ServiceStub:
         self._methods = {m.name: _multicallable(channel, m) for m in service.methods}
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._methods[name]
-        except KeyError:
-            raise AttributeError(f"{self.service.full_name} has no method {name!r}") from None
+        # Only names that are no attribute get here; through `__dict__`, so that a stub being
+        # copied (no `__init__` run yet) does not recurse.
+        methods: dict[str, Any] = self.__dict__.get("_methods", {})
+        if name not in methods:
+            raise AttributeError(f"{type(self).__name__} has no method {name!r}")
+        return methods[name]
