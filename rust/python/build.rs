@@ -18,7 +18,9 @@ use std::process::Command;
 const PACKAGE: &str = "gateway/grpc/v1";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../protos/gateway");
+    // Cargo's variable when the script runs, not `env!` (where the script was compiled): a target
+    // directory shared by several checkouts reuses one compiled script for all of them.
+    let protos = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../protos/gateway");
     println!("cargo:rerun-if-changed={}", protos.display());
     let mut files = Vec::new();
     for entry in fs::read_dir(protos.join("v1"))? {
