@@ -20,9 +20,8 @@ $(PY):
 
 venv: $(PY) ## Create the virtual environment (.venv)
 
-build: $(PY) ## Build the Rust extension (release) into the venv, with dev dependencies and gRPC stubs
+build: $(PY) ## Build the Rust extension (release) and the gRPC messages into the venv, with dev dependencies
 	$(BIN)/maturin develop --release --extras dev -q
-	$(PY) -m gateway.grpc_codegen
 
 services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages
 	bash tests/support/services/install.sh

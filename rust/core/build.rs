@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../protos");
+    // Cargo's variable when the script runs, not `env!` (where the script was compiled): a target
+    // directory shared by several checkouts reuses one compiled script for all of them.
+    let protos = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../protos");
     let files = ["inference.proto", "usage.proto"].map(|f| protos.join("gateway/v1").join(f));
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

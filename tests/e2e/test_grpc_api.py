@@ -18,8 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from gateway.grpc import GatewayClient, pb
-from gateway.grpc.v1 import inference_pb2_grpc
+from gateway.grpc import INFERENCE_SERVICE, GatewayClient, ServiceStub, pb
 from gateway.ledger.db import open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
@@ -152,7 +151,7 @@ def test_every_error_is_its_grpc_status(make_stack: StackFactory) -> None:
     with GatewayClient(target, "tg-not-a-key", timeout=30) as stranger:
         assert code_of(stranger).code() == grpc.StatusCode.UNAUTHENTICATED
     with grpc.insecure_channel(target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = ServiceStub(channel, INFERENCE_SERVICE)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ListModels(pb.ListModelsRequest(), timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -210,7 +209,7 @@ def test_a_session_id_in_metadata_is_checked_as_over_http(
     request = GatewayClient.chat_request(MODEL, [("user", "hi")], max_tokens=2)
     auth = ("authorization", f"Bearer {stack.key}")
     with grpc.insecure_channel(grpc_target(stack)) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = ServiceStub(channel, INFERENCE_SERVICE)
         answer = stub.ChatCompletion(
             request, metadata=[auth, ("x-session-id", "user-7")], timeout=30
         )

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ import psycopg
 from psycopg.rows import dict_row
 
 LISTENING = re.compile(r"listening on (http://\S+)")
+# How tests run the `gateway` CLI: this interpreter's package (the wheel test runs another's).
+GATEWAY = (sys.executable, "-m", "gateway")
 STARTUP_TIMEOUT_S = 30.0
 VLLM_STARTUP_TIMEOUT_S = 300.0
 
@@ -92,11 +94,11 @@ def _spawn(argv: list[str], env: dict[str, str]) -> tuple[Process, threading.Eve
     return Process(proc=proc, url="", output=output, reader=reader), found, url
 
 
-def start(args: list[str], env: dict[str, str] | None = None) -> Process:
-    """Runs `python -m gateway ARGS` and waits until it listens."""
-    process, found, url = _spawn(
-        [sys.executable, "-m", "gateway", *args], {**os.environ, **(env or {})}
-    )
+def start(
+    args: list[str], env: dict[str, str] | None = None, *, gateway: Sequence[str] = GATEWAY
+) -> Process:
+    """Runs `python -m gateway ARGS` (or `gateway` ARGS) and waits until it listens."""
+    process, found, url = _spawn([*gateway, *args], {**os.environ, **(env or {})})
     if not found.wait(STARTUP_TIMEOUT_S) or not url:
         process.kill()
         raise RuntimeError(f"`gateway {' '.join(args)}` did not start:\n{''.join(process.output)}")
@@ -211,11 +213,11 @@ class CommandError(RuntimeError):
     """A `gateway` CLI command that failed; the message holds its output."""
 
 
-def cli(*args: str, timeout: float = 60.0) -> str:
-    """Runs a `gateway` CLI command to completion and returns its stdout; raises `CommandError`
-    if it fails."""
+def cli(*args: str, timeout: float = 60.0, gateway: Sequence[str] = GATEWAY) -> str:
+    """Runs a `gateway` CLI command (with `gateway`) to completion and returns its stdout; raises
+    `CommandError` if it fails."""
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [*gateway, *args],
         capture_output=True,
         text=True,
         check=False,
@@ -226,14 +228,14 @@ def cli(*args: str, timeout: float = 60.0) -> str:
     return done.stdout
 
 
-def create_key(db: Path | str, tenant: str) -> tuple[str, str]:
+def create_key(db: Path | str, tenant: str, *, gateway: Sequence[str] = GATEWAY) -> tuple[str, str]:
     """Creates `tenant` if needed and a key for it, in the ledger at `db` (see `ledger_url`), with
-    the CLI; returns (key, key_id)."""
+    the CLI (`gateway`); returns (key, key_id)."""
     url = ledger_url(db)
-    tenants = cli("tenants", "list", "--db", url)
+    tenants = cli("tenants", "list", "--db", url, gateway=gateway)
     if tenant not in tenants.split():
-        cli("tenants", "create", tenant, "--db", url)
-    out = cli("keys", "create", "--tenant", tenant, "--db", url)
+        cli("tenants", "create", tenant, "--db", url, gateway=gateway)
+    out = cli("keys", "create", "--tenant", tenant, "--db", url, gateway=gateway)
     key = next(word for word in out.split() if word.startswith("tg-"))
     key_id = next(word for word in out.split() if word.startswith("key_"))
     return key, key_id

@@ -13,12 +13,14 @@ from typing import Any, Protocol, Self, cast
 
 import grpc
 
+from gateway.grpc.stub import ServiceStub
 from gateway.grpc.v1 import inference_pb2 as pb
-from gateway.grpc.v1 import inference_pb2_grpc as pb_grpc
 from gateway.grpc.v1 import usage_pb2 as usage_pb
-from gateway.grpc.v1 import usage_pb2_grpc as usage_grpc
 
-__all__ = ["GatewayClient", "StreamCall", "pb", "usage_pb"]
+__all__ = ["INFERENCE_SERVICE", "USAGE_SERVICE", "GatewayClient", "StreamCall", "pb", "usage_pb"]
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+USAGE_SERVICE = usage_pb.DESCRIPTOR.services_by_name["UsageService"]
 
 Message = Mapping[str, str] | tuple[str, str]
 """A chat message: `{"role": ..., "content": ..., "name"?: ...}`, or `(role, content)`."""
@@ -77,8 +79,8 @@ class GatewayClient:
         channel: grpc.Channel | None = None,
     ) -> None:
         self._channel = channel or grpc.insecure_channel(target)
-        self._stub: Any = pb_grpc.InferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._usage: Any = usage_grpc.UsageServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = ServiceStub(self._channel, INFERENCE_SERVICE)
+        self._usage = ServiceStub(self._channel, USAGE_SERVICE)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout = timeout
 
