@@ -89,8 +89,12 @@ class Gateway:
     def workers(self) -> str:
         """JSON array of the workers: url, healthy, ejected (by its circuit breaker), outstanding
         requests, capacity, models."""
+    def drain(self) -> bool:
+        """Turns readiness off (`/ready` 503, gRPC health NOT_SERVING, `Connection: close` on every
+        HTTP response) while both listeners go on serving; True the first time only."""
     def shutdown(self, grace_s: float) -> None:
-        """Stops accepting, drains in-flight requests for up to `grace_s` seconds, then stops."""
+        """Turns readiness off, stops accepting, drains in-flight requests for up to `grace_s`
+        seconds, then stops."""
 
 @final
 class Simulator:

@@ -131,10 +131,23 @@ class ServerConfig(BaseModel):
         ge=1024,
         description="Largest request body accepted; larger bodies get 413.",
     )
+    drain_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description=(
+            "On SIGINT/SIGTERM, how long the listeners go on serving with `/ready` answering 503"
+            " (and gRPC health NOT_SERVING) before they close, so that load balancers stop"
+            " sending first; 0 closes them at once."
+        ),
+    )
     shutdown_grace_seconds: float = Field(
         default=30.0,
         ge=0,
-        description="On SIGINT/SIGTERM, how long in-flight requests may run before they are cut.",
+        description=(
+            "On SIGINT/SIGTERM, once the listeners have closed (after `drain_seconds`), how long"
+            " in-flight requests may run before they are cut."
+        ),
     )
     header_read_timeout_ms: int = Field(
         default=30_000,

@@ -97,7 +97,8 @@ def _toml_string(value: str) -> str:
 def write_config(data_dir: Path, port: int, worker_urls: Sequence[str]) -> Path:
     """Writes `data_dir/gateway.toml` for these workers, with the ledger in `data_dir`."""
     database = (data_dir / "gateway.db").resolve()
-    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", ""]
+    # One process on a laptop, behind no load balancer: Ctrl-C has nobody to drain for.
+    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}", "drain_seconds = 0", ""]
     for url in worker_urls:
         lines += ["[[workers]]", f"url = {_toml_string(url)}", ""]
     lines += ["[storage]", f"url = {_toml_string(f'sqlite:///{database}')}", ""]

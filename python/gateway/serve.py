@@ -44,6 +44,7 @@ class CoreGateway(Protocol):
     def drain_usage(self, max_events: int = 4096) -> tuple[list[UsageEvent], int | None]: ...
     def usage_committed(self, seq: int) -> None: ...
     def pending_usage(self) -> int: ...
+    def drain(self) -> bool: ...
     def shutdown(self, grace_s: float) -> None: ...
 
 
@@ -217,10 +218,14 @@ async def supervise(
     stop: asyncio.Event,
     pusher: SnapshotPusher | None = None,
     admin: AdminServer | None = None,
+    *,
+    drain_s: float = 0.0,
 ) -> int:
     """Runs the snapshot and usage loops (and the admin API, if given) beside a started core until
-    `stop` is set; then stops the admin API, shuts the core down (the loops keep running while it
-    drains) and records the last events.
+    `stop` is set; then turns the core's readiness off and lets everything serve on for `drain_s`
+    (load balancers stop sending meanwhile), stops the admin API, shuts the core down (the loops
+    keep running while it drains) and records the last events. Another signal meanwhile changes
+    nothing.
 
     Returns 0, or 1 if some usage events could not be written to the ledger.
     """
@@ -233,6 +238,10 @@ async def supervise(
     admin_task = asyncio.create_task(_serve_admin(admin)) if admin is not None else None
     try:
         await stop.wait()
+        gateway.drain()
+        if drain_s > 0:
+            logger.info("draining: /ready answers 503; serving on for %.1fs", drain_s)
+            await asyncio.sleep(drain_s)
         if admin is not None:
             admin.should_exit = True
         logger.info("shutting down: draining in-flight requests for up to %.1fs", grace_s)
@@ -263,7 +272,14 @@ async def _serve(
     announce()
     try:
         return await supervise(
-            gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher, admin
+            gateway,
+            conn,
+            config.control,
+            config.server.shutdown_grace_seconds,
+            stop,
+            pusher,
+            admin,
+            drain_s=config.server.drain_seconds,
         )
     finally:
         signals.detach()

@@ -177,7 +177,8 @@ def write_config(
 ) -> Path:
     """A `gateway serve` config for these workers, with its ledger at `db` (see `ledger_url`) and
     its usage journal beside `path`; `server` and `routing` are more lines of those two tables,
-    `worker` of every worker's, `extra` more tables."""
+    `worker` of every worker's, `extra` more tables. Without a `drain_seconds` in `server`, the
+    gateway has no drain window: a SIGTERM closes its listeners at once."""
     worker_tables = "".join(f'\n[[workers]]\nurl = "{url}"\n{worker}\n' for url in workers)
     # A journal of its own per config, unless `extra` configures one: replicas may share a ledger.
     # Segments of 1 MiB: each is zero-filled when begun, and a session starts hundreds of gateways.
@@ -188,6 +189,8 @@ def write_config(
     )
     # Probes often, so that tests see a worker's health change soon, unless `routing` says.
     health = "" if "health_interval_ms" in routing else "health_interval_ms = 100\n"
+    # Stops at once, unless `server` asks for a drain window.
+    drain = "" if "drain_seconds" in server else "drain_seconds = 0\n"
 
     path.write_text(
         f"""
@@ -196,7 +199,7 @@ host = "127.0.0.1"
 port = 0
 max_body_bytes = 65536
 shutdown_grace_seconds = {grace_s}
-{server}
+{drain}{server}
 [routing]
 {health}connect_timeout_ms = 500
 {routing}

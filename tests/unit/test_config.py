@@ -42,7 +42,11 @@ def load_error(tmp_path: Path, text: str) -> ConfigFileError:
 def test_minimal_file_takes_every_default(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.server == ServerConfig(
-        host="127.0.0.1", port=8000, max_body_bytes=4_194_304, shutdown_grace_seconds=30.0
+        host="127.0.0.1",
+        port=8000,
+        max_body_bytes=4_194_304,
+        drain_seconds=5.0,
+        shutdown_grace_seconds=30.0,
     )
     assert [w.url for w in config.workers] == ["http://127.0.0.1:8001"]
     assert config.routing == RoutingConfig(
@@ -78,6 +82,7 @@ def test_full_file_is_read(tmp_path: Path) -> None:
 host = "0.0.0.0"
 port = 0
 max_body_bytes = 2048
+drain_seconds = 0.5
 shutdown_grace_seconds = 5
 
 [[workers]]
@@ -119,6 +124,7 @@ token_env = "MY_ADMIN_TOKEN"
     )
     assert config.server.port == 0
     assert config.server.shutdown_grace_seconds == 5.0
+    assert config.server.drain_seconds == 0.5
     assert [w.url for w in config.workers] == ["http://10.0.0.1:8001", "http://gpu-2:8000"]
     assert config.routing.max_attempts == 10
     assert config.storage.url == "sqlite:////var/lib/tokengate/ledger.db"
@@ -141,6 +147,14 @@ token_env = "MY_ADMIN_TOKEN"
         (
             "[server]\nshutdown_grace_seconds = -1.0",
             "server.shutdown_grace_seconds: Input should be greater than or equal to 0",
+        ),
+        (
+            "[server]\ndrain_seconds = -0.5",
+            "server.drain_seconds: Input should be greater than or equal to 0",
+        ),
+        (
+            "[server]\ndrain_seconds = 3601",
+            "server.drain_seconds: Input should be less than or equal to 3600",
         ),
         ("[server]\nprot = 1", "server.prot: Extra inputs are not permitted"),
         (

@@ -24,6 +24,7 @@ def test_demo_config_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     path = write_config(data_dir, 8123, ["http://127.0.0.1:40001", "http://127.0.0.1:40002"])
     config = load_config(path)
     assert config.server.port == 8123
+    assert config.server.drain_seconds == 0
     assert [w.url for w in config.workers] == ["http://127.0.0.1:40001", "http://127.0.0.1:40002"]
     assert config.storage.url == f"sqlite:///{tmp_path / 'data dir' / 'gateway.db'}"
 

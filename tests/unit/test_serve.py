@@ -71,7 +71,12 @@ class FakeCore:
     def pending_usage(self) -> int:
         return len(self.queue)
 
+    def drain(self) -> bool:
+        self.calls.append("drain")
+        return self.calls.count("drain") == 1
+
     def shutdown(self, grace_s: float) -> None:
+        self.calls.append("shutdown")
         self.shutdown_grace = grace_s
         self.queue.extend(self.events_at_shutdown)
 
@@ -201,6 +206,32 @@ def test_supervise_collects_while_serving_and_after_shutdown(ledger: Connection)
     assert asyncio.run(scenario()) == 0
     assert core.shutdown_grace == 2.5
     assert completion_tokens(ledger) == (11, 1050)
+
+
+def test_supervise_turns_readiness_off_then_serves_the_drain_window_then_shuts_down(
+    ledger: Connection,
+) -> None:
+    core = FakeCore()
+    control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10)
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(supervise(core, ledger, control, 1.5, stop, drain_s=0.05))
+        stop.set()
+        # Within the window: the core is draining and not yet shut down.
+        for _ in range(500):
+            if "drain" in core.calls:
+                break
+            await asyncio.sleep(0)
+        assert "shutdown" not in core.calls
+        core.queue.append(event(completion_tokens=7))
+        stop.set()  # a second signal changes nothing
+        return await task
+
+    assert asyncio.run(scenario()) == 0
+    assert [c for c in core.calls if c in ("drain", "shutdown")] == ["drain", "shutdown"]
+    assert core.shutdown_grace == 1.5
+    assert completion_tokens(ledger) == (1, 7)
 
 
 def test_supervise_serves_the_admin_api_until_stopped(

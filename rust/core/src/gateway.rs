@@ -24,7 +24,7 @@ use crate::router::{
 };
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
-use crate::state::AppState;
+use crate::state::{AppState, Readiness};
 use crate::upstream::Upstream;
 
 #[derive(Debug)]
@@ -102,6 +102,7 @@ impl Gateway {
             meter: Arc::new(meter),
             quota: Arc::new(Quota::new(config.quota.clone())),
             usage_reader: std::sync::OnceLock::new(),
+            readiness: Readiness::default(),
             config,
         };
         Ok(Self {
@@ -165,6 +166,7 @@ impl Gateway {
         let addr = server.local_addr();
         tracing::info!(%addr, "gateway listening");
         self.server = Some(server);
+        self.state.readiness.serving();
         Ok(addr)
     }
 
@@ -173,10 +175,11 @@ impl Gateway {
         self.grpc.as_ref().map(GrpcServer::local_addr)
     }
 
-    /// Stops accepting, drains in-flight requests for up to `grace`, then stops the background
-    /// loops.
+    /// Turns readiness off (if `Control::drain` has not), stops accepting, drains in-flight
+    /// requests for up to `grace`, then stops the background loops.
     /// Usage of every request, finished or cut off, is in the meter when this returns.
     pub async fn shutdown(&mut self, grace: Duration) -> io::Result<()> {
+        self.state.readiness.drain();
         let (grpc, server) = (self.grpc.take(), self.server.take());
         let grpc = async {
             if let Some(grpc) = grpc {
@@ -247,6 +250,13 @@ impl Control {
     /// Seeds what the ledger says was spent in the current periods; returns how many entries.
     pub fn seed_spent(&self, entries_json: &str) -> Result<usize, serde_json::Error> {
         self.state.quota.seed_json(entries_json)
+    }
+
+    /// Turns readiness off: `/ready` answers 503, the gRPC health service NOT_SERVING, and every
+    /// HTTP response carries `Connection: close`, while both listeners go on serving. True the
+    /// first time only. `Gateway::shutdown` then closes the listeners.
+    pub fn drain(&self) -> bool {
+        self.state.readiness.drain()
     }
 
     /// Takes up to `max` recorded usage events, oldest first, each with its `seq`.

@@ -97,6 +97,11 @@ impl Gateway {
         Ok(serde_json::to_string(&self.control.workers()).map_err(CoreError::from)?)
     }
 
+    /// Turns readiness off while both listeners go on serving; true the first time only.
+    fn drain(&self) -> bool {
+        self.control.drain()
+    }
+
     fn shutdown(&self, py: Python<'_>, grace_s: f64) -> PyResult<()> {
         let runtime = runtime()?;
         let grace = Duration::try_from_secs_f64(grace_s.max(0.0)).unwrap_or(Duration::ZERO);

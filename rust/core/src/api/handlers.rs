@@ -1,5 +1,5 @@
 //! Thin HTTP handlers: authenticate, read and parse the body, hand over to the pipeline, render
-//! its outcome.
+//! its outcome; `/ready`, `/health` and `/metrics` for whoever watches the gateway.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::map_response_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::pipeline::dispatch;
 use crate::request::{Endpoint, InferenceRequest, Priority, check_request_id, request_timeout};
-use crate::state::AppState;
+use crate::state::{AppState, Phase};
 
 /// The gateway's routes over `state`; tests drive it without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -28,11 +29,28 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/ready", get(ready))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(map_response_with_state(state.clone(), close_while_draining))
         .with_state(state)
+}
+
+/// While draining, every response asks its client to close the connection (hyper honours the
+/// header and closes it once the response is out), so that keep-alive clients reconnect, through
+/// a load balancer that no longer picks this gateway, before the listener closes.
+async fn close_while_draining(
+    State(state): State<Arc<AppState>>,
+    mut response: Response,
+) -> Response {
+    if state.readiness.phase() == Phase::Draining {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 async fn chat_completions(
@@ -154,6 +172,19 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
             .models_document_where(|model| allowed.iter().any(|m| m == model)),
     };
     ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
+/// 200 while the gateway serves, 503 before (starting) and once it drains; with
+/// `{"status":"ready"|"starting"|"draining"}`. Not about the workers: every replica shares them.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let phase = state.readiness.phase();
+    let status = if phase == Phase::Serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = format!(r#"{{"status":"{}"}}"#, phase.name());
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// 200 while at least one worker is healthy, else 503; always with a small JSON summary.

@@ -1,5 +1,6 @@
-//! The gRPC listener: `gateway.v1.InferenceService` and `UsageService`, the standard health service (`grpc.health.v1`,
-//! SERVING while a worker is healthy) and server reflection (v1 and v1alpha, for grpcurl and
+//! The gRPC listener: `gateway.v1.InferenceService` and `UsageService`, the standard health service
+//! (`grpc.health.v1`: `""` SERVING while the gateway is ready, like `/ready`; the inference service
+//! SERVING while it is ready and a worker is healthy) and server reflection (v1 and v1alpha, for grpcurl and
 //! friends), on HTTP/2 over its own port. A handle like the HTTP server's: `bind` returns once
 //! listening; `shutdown(grace)` stops accepting, lets calls finish for `grace`, then cuts the rest
 //! (each cut call is metered as a cancelled one). Slow clients are bounded as on the HTTP
@@ -23,7 +24,7 @@ use super::pb::inference_service_server::InferenceServiceServer;
 use super::pb::usage_service_server::UsageServiceServer;
 use super::service::InferenceApi;
 use super::usage::UsageApi;
-use crate::state::AppState;
+use crate::state::{AppState, Phase};
 
 /// How often the server pings a connection, and how long it waits for the answer.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -123,18 +124,30 @@ impl Drop for GrpcServer {
     }
 }
 
-/// Keeps the health service's answer current: SERVING while at least one worker is healthy.
+/// Keeps the health service's answers current: the server (`""`) SERVING while the gateway is
+/// ready, the inference service while it is ready and at least one worker is healthy. A change of
+/// readiness is reported at once, a worker's health within a health interval.
 async fn report_health(reporter: tonic_health::server::HealthReporter, state: Arc<AppState>) {
     let interval = state.config.routing.health_interval();
-    loop {
-        let healthy = state.registry.workers().iter().any(|w| w.is_healthy());
-        let status = if healthy {
+    let mut phase = state.readiness.subscribe();
+    let status = |serving: bool| {
+        if serving {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
-        };
-        reporter.set_service_status(SERVICE, status).await;
-        reporter.set_service_status("", status).await;
-        tokio::time::sleep(interval).await;
+        }
+    };
+    loop {
+        let ready = *phase.borrow_and_update() == Phase::Serving;
+        let healthy = state.registry.workers().iter().any(|w| w.is_healthy());
+        reporter.set_service_status("", status(ready)).await;
+        reporter
+            .set_service_status(SERVICE, status(ready && healthy))
+            .await;
+        // The sender lives in `state`, so `changed` fails never; were it to, the sleep paces.
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            Ok(()) = phase.changed() => {}
+        }
     }
 }
