@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config::RoutingConfig;
+use crate::telemetry::TraceHeaders;
 
 /// How a call to a worker failed before a response arrived.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +63,8 @@ impl Upstream {
         Instant::now() + self.request_timeout
     }
 
-    /// POSTs a JSON body; resolves when the response headers arrive, by `deadline`.
+    /// POSTs a JSON body, with `trace`'s headers; resolves when the response headers arrive, by
+    /// `deadline`.
     pub async fn post_json(
         &self,
         worker: &str,
@@ -70,6 +72,7 @@ impl Upstream {
         authorization: Option<&HeaderValue>,
         body: Bytes,
         request_id: Option<&str>,
+        trace: &TraceHeaders,
         deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = Request::new(Full::new(body));
@@ -82,6 +85,7 @@ impl Upstream {
         if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
             request.headers_mut().insert("x-request-id", id);
         }
+        trace.write(request.headers_mut());
         match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(classify(worker, &error)),

@@ -248,6 +248,7 @@ async fn send(route: Route, rest: Bytes, members: Vec<Member>) {
             worker.authorization.as_ref(),
             body,
             None,
+            &crate::telemetry::TraceHeaders::default(),
             deadline,
         )
         .await;

@@ -135,6 +135,7 @@ impl Counter {
                     worker.authorization.as_ref(),
                     body,
                     None,
+                    &crate::telemetry::TraceHeaders::default(),
                     deadline,
                 )
                 .await
