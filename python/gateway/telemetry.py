@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import TelemetrySettings
 
-__all__ = ["SCOPE", "Telemetry", "TracingMiddleware", "instrument", "start"]
+__all__ = ["FLUSH_TIMEOUT_MS", "SCOPE", "Telemetry", "TracingMiddleware", "instrument", "start"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 SCOPE = "gateway.control"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+# How long the last spans may take to reach the collector when the gateway stops.
+FLUSH_TIMEOUT_MS = 5000
 
 
 class Telemetry:
@@ -54,9 +57,10 @@ class Telemetry:
             yield span
 
     def shutdown(self) -> None:
-        """Exports the spans not yet sent, then stops the exporter."""
+        """Exports the spans not yet sent (giving up after `FLUSH_TIMEOUT_MS` if the collector
+        does not take them), then stops the exporter."""
         if self._provider is not None:
-            self._provider.force_flush()
+            self._provider.force_flush(FLUSH_TIMEOUT_MS)
             self._provider.shutdown()
 
 

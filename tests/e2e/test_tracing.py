@@ -109,6 +109,7 @@ def check_request_trace(
     assert root.kind == SERVER_KIND
     assert root.service == "tokengate"
     assert root.scope == "tokengate"
+    assert procs.wait_for(lambda: bool(procs.usage_rows(traced.db)))
     tenant_id = procs.usage_rows(traced.db)[0]["tenant_id"]
     assert root.attributes["tenant.id"] == tenant_id
     assert root.attributes["model"] == MODEL
@@ -124,6 +125,7 @@ def check_request_trace(
     assert attempt.kind == CLIENT_KIND
     assert attempt.attributes["worker"] == traced.sim.url
     assert attempt.attributes["outcome"] == "answered"
+    assert attempt.attributes["attempt"] == 1
     assert spans["gateway.first_byte"].parent_span_id == attempt.span_id
     assert spans["gateway.route"].attributes["worker"] == traced.sim.url
     # A tenant's key, or its id, is never an attribute.

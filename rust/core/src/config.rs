@@ -348,15 +348,10 @@ impl TelemetryConfig {
             message: message.to_owned(),
         };
         if !(0.0..=1.0).contains(&self.sample_ratio) {
-            return Err(invalid(
-                "telemetry.sample_ratio",
-                "must be between 0 and 1",
-            ));
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
         }
         if self.otlp_endpoint.as_deref().is_some_and(|url| {
-            url.len() > 2048
-                || !url.starts_with("http://")
-                || url.parse::<http::Uri>().is_err()
+            url.len() > 2048 || !url.starts_with("http://") || url.parse::<http::Uri>().is_err()
         }) {
             return Err(invalid(
                 "telemetry.otlp_endpoint",

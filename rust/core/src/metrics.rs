@@ -63,8 +63,8 @@ const REJECTIONS: [&str; 12] = [
 
 /// Seconds: the gateway's own share of a request, from tens of microseconds to a long queue.
 const OVERHEAD_BOUNDS: [f64; 16] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 5.0, 30.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 5.0, 30.0,
 ];
 
 /// Seconds: from sub-millisecond gateway answers to multi-minute generations.
@@ -608,8 +608,16 @@ mod tests {
     #[test]
     fn renders_what_was_observed() {
         let metrics = GatewayMetrics::default();
-        metrics.observe_event(&event(Status::Completed, 5), Duration::from_millis(3), Duration::from_micros(200));
-        metrics.observe_event(&event(Status::Cancelled, 2), Duration::from_millis(30), Duration::from_micros(300));
+        metrics.observe_event(
+            &event(Status::Completed, 5),
+            Duration::from_millis(3),
+            Duration::from_micros(200),
+        );
+        metrics.observe_event(
+            &event(Status::Cancelled, 2),
+            Duration::from_millis(30),
+            Duration::from_micros(300),
+        );
         metrics.reject(&ApiError::InvalidKey);
         metrics.reject(&ApiError::bad_request("x", None));
         metrics.attempt(false);
@@ -667,7 +675,10 @@ mod tests {
             Some("2")
         );
         assert_eq!(
-            value(&text, "tokengate_gateway_overhead_seconds_bucket{le=\"0.00025\"}"),
+            value(
+                &text,
+                "tokengate_gateway_overhead_seconds_bucket{le=\"0.00025\"}"
+            ),
             Some("1")
         );
         assert_eq!(
@@ -805,7 +816,11 @@ mod tests {
         let durations = [0.0005, 0.003, 0.03, 2.0, 700.0];
         for (i, secs) in durations.into_iter().enumerate() {
             let status = [Status::Completed, Status::Failed][i % 2];
-            metrics.observe_event(&event(status, 1), Duration::from_secs_f64(secs), Duration::ZERO);
+            metrics.observe_event(
+                &event(status, 1),
+                Duration::from_secs_f64(secs),
+                Duration::ZERO,
+            );
         }
         metrics.first_byte(Duration::from_millis(1));
         metrics.reject(&ApiError::InvalidKey);

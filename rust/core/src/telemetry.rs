@@ -121,7 +121,10 @@ pub fn install(config: &TelemetryConfig) -> Result<bool, TelemetryError> {
     if EXPORT.set(processor).is_err() {
         return Ok(false);
     }
-    RATIO.store(config.sample_ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    RATIO.store(
+        config.sample_ratio.clamp(0.0, 1.0).to_bits(),
+        Ordering::Relaxed,
+    );
     ON.store(true, Ordering::Relaxed);
     tracing::callsite::rebuild_interest_cache();
     Ok(true)
@@ -201,7 +204,7 @@ pub fn record_refusal(span: &Span, error: &ApiError) {
         return;
     }
     let status = error.status().as_u16();
-    span.record("http.response.status_code", status);
+    span.record("http.response.status_code", i64::from(status));
     span.record("error.reason", error.reason());
     span.record("status", "refused");
     if status >= 500 {
@@ -218,14 +221,19 @@ pub fn record_event(span: &Span, event: &UsageEvent) {
         span.record("worker", &**worker);
     }
     span.record("status", event.status.as_str());
-    span.record("http.response.status_code", event.http_status);
+    span.record("http.response.status_code", i64::from(event.http_status));
     span.record("usage.source", event.usage_source.as_str());
-    span.record("usage.prompt_tokens", event.prompt_tokens);
-    span.record("usage.completion_tokens", event.completion_tokens);
-    span.record("usage.cached_tokens", event.cached_tokens);
+    span.record("usage.prompt_tokens", signed(event.prompt_tokens));
+    span.record("usage.completion_tokens", signed(event.completion_tokens));
+    span.record("usage.cached_tokens", signed(event.cached_tokens));
     if event.http_status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
+}
+
+/// A count as an OTLP integer attribute (signed: the layer writes unsigned ones as text).
+fn signed(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 /// The W3C trace context of `span` as headers for an upstream request, so that the worker's own
@@ -358,7 +366,10 @@ mod tests {
     #[test]
     fn only_the_two_trace_headers_are_injected() {
         let mut headers = TraceHeaders::default();
-        headers.set("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        headers.set(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        );
         headers.set("tracestate", "vendor=1".into());
         headers.set("baggage", "secret=1".into());
         let mut map = http::HeaderMap::new();

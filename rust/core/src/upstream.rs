@@ -41,6 +41,15 @@ pub struct Upstream {
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// What an upstream request carries from its client besides the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Carried<'a> {
+    /// The client's `X-Request-Id`, passed on as is.
+    pub request_id: Option<&'a str>,
+    /// The trace context, with the attempt's span as the parent (`traceparent`, `tracestate`).
+    pub trace: Option<&'a TraceHeaders>,
+}
+
 impl Upstream {
     pub fn new(routing: &RoutingConfig) -> Self {
         let mut connector = HttpConnector::new();
@@ -63,7 +72,7 @@ impl Upstream {
         Instant::now() + self.request_timeout
     }
 
-    /// POSTs a JSON body, with `trace`'s headers; resolves when the response headers arrive, by
+    /// POSTs a JSON body, with what it `carried`; resolves when the response headers arrive, by
     /// `deadline`.
     pub async fn post_json(
         &self,
@@ -71,8 +80,7 @@ impl Upstream {
         uri: Uri,
         authorization: Option<&HeaderValue>,
         body: Bytes,
-        request_id: Option<&str>,
-        trace: &TraceHeaders,
+        carried: Carried<'_>,
         deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = Request::new(Full::new(body));
@@ -82,10 +90,15 @@ impl Upstream {
         if let Some(value) = authorization {
             request.headers_mut().insert(AUTHORIZATION, value.clone());
         }
-        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        if let Some(id) = carried
+            .request_id
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
             request.headers_mut().insert("x-request-id", id);
         }
-        trace.write(request.headers_mut());
+        if let Some(trace) = carried.trace {
+            trace.write(request.headers_mut());
+        }
         match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(classify(worker, &error)),

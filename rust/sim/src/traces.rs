@@ -52,6 +52,7 @@ fn well_formed(value: &str) -> bool {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on a bad fixture")]
 mod tests {
     use super::*;
 
@@ -59,7 +60,10 @@ mod tests {
     fn keeps_well_formed_values_only_and_the_latest() {
         let traces = Traceparents::default();
         let mut headers = HeaderMap::new();
-        for value in ["garbage", "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"] {
+        for value in [
+            "garbage",
+            "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        ] {
             headers.insert("traceparent", value.parse().unwrap());
             traces.record(&headers);
         }

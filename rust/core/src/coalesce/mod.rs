@@ -247,8 +247,7 @@ async fn send(route: Route, rest: Bytes, members: Vec<Member>) {
             worker.uri(Endpoint::Completions),
             worker.authorization.as_ref(),
             body,
-            None,
-            &crate::telemetry::TraceHeaders::default(),
+            upstream::Carried::default(),
             deadline,
         )
         .await;

@@ -259,7 +259,14 @@ impl MeterGuard {
                     event.completion_tokens = usage.completion_tokens;
                     event.usage_source = UsageSource::Gateway;
                 }
-                let synced = commit(&counting.meter, event, settle, timing, &trace, done.is_some());
+                let synced = commit(
+                    &counting.meter,
+                    event,
+                    settle,
+                    timing,
+                    &trace,
+                    done.is_some(),
+                );
                 drop(counting);
                 if let Some(done) = done {
                     if let Some(synced) = synced {

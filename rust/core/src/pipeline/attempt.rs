@@ -25,7 +25,7 @@ use crate::router::{Outstanding, Worker};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::telemetry::TraceHeaders;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Carried, UpstreamError};
 use crate::usage::Status;
 
 /// Why an attempt did not produce a response for the client.
@@ -101,7 +101,8 @@ pub(super) async fn run(
             "gateway.attempt",
             otel.kind = "client",
             worker = &*worker.url,
-            attempt = tried.len() + 1,
+            // Signed: the OpenTelemetry layer writes unsigned integers as text.
+            attempt = tried.len() as i64 + 1,
             outcome = tracing::field::Empty,
         );
         tried.push(placement.index);
@@ -268,8 +269,10 @@ async fn exchange(
             worker.uri(request.endpoint),
             worker.authorization.as_ref(),
             body,
-            request.client_request_id.as_deref(),
-            trace,
+            Carried {
+                request_id: request.client_request_id.as_deref(),
+                trace: Some(trace),
+            },
             deadline,
         )
         .await?;
