@@ -302,6 +302,8 @@ def brief(run: Run) -> str:
     text += f"  gateway cpu {run.gateway_cpu or 0:.0%}  sim cpu {run.sim_cpu or 0:.0%}"
     if run.nginx_cpu is not None:
         text += f"  nginx cpu {run.nginx_cpu:.0%}"
+    if run.traced_cpu is not None:
+        text += f"  traced cpu {run.traced_cpu:.0%}"
     if r["errors"] or r["unsent"]:
         text += f"  ERRORS {r['errors']} unsent {r['unsent']}"
     return text
