@@ -30,9 +30,17 @@ fn spans() -> bool {
     let headers = TraceHeaders::of(&attempt);
     let relay = child_span!(&root, "gateway.relay");
     let metering = child_span!(&root, "gateway.metering");
-    let built = [&root, &admission, &route, &attempt, &first_byte, &relay, &metering]
-        .iter()
-        .any(|span| !span.is_none());
+    let built = [
+        &root,
+        &admission,
+        &route,
+        &attempt,
+        &first_byte,
+        &relay,
+        &metering,
+    ]
+    .iter()
+    .any(|span| !span.is_none());
     black_box(headers);
     built
 }

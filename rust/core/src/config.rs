@@ -222,7 +222,7 @@ pub struct JournalConfig {
     pub progress_interval_ms: u64,
 }
 
-/// OpenTelemetry traces (`crate::telemetry`), resolved by the control plane from the file and
+/// OpenTelemetry traces (the `telemetry` module's), resolved by the control plane from the file and
 /// the standard `OTEL_*` variables.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

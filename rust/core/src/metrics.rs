@@ -866,6 +866,7 @@ mod tests {
             ("tokengate_quota_redis_errors_total", "counter"),
             ("tokengate_quota_fallback_admissions_total", "counter"),
             ("tokengate_request_duration_seconds", "histogram"),
+            ("tokengate_gateway_overhead_seconds", "histogram"),
             ("tokengate_upstream_first_byte_seconds", "histogram"),
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_coalesced_calls_total", "counter"),

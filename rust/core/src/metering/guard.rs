@@ -11,7 +11,7 @@ use tracing::Span;
 
 use super::counting::{self, Counter, Relayed};
 use super::meter::{Meter, Synced};
-use super::overhead::Overhead;
+use super::overhead::{Arrival, Overhead};
 use crate::auth::Principal;
 use crate::quota::Reservation;
 use crate::request::InferenceRequest;
@@ -30,24 +30,6 @@ impl SettleHook {
 impl std::fmt::Debug for SettleHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SettleHook")
-    }
-}
-
-/// What a surface hands the pipeline with a request besides the request itself: the gateway's
-/// time on it so far, and its root span (`Span::none()` while tracing is off).
-#[derive(Debug)]
-pub struct Arrival {
-    pub overhead: Overhead,
-    pub trace: Span,
-}
-
-impl Arrival {
-    /// A request arriving now, untraced.
-    pub fn now() -> Self {
-        Self {
-            overhead: Overhead::start(),
-            trace: Span::none(),
-        }
     }
 }
 

@@ -15,6 +15,6 @@ mod meter;
 mod overhead;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
-pub use guard::{Arrival, MeterGuard, SettleHook};
+pub use guard::{MeterGuard, SettleHook};
 pub use meter::{Meter, Synced};
-pub use overhead::Overhead;
+pub use overhead::{Arrival, Overhead};

@@ -1,10 +1,12 @@
 //! `Overhead`: the stopwatch of a request's time in the gateway itself, apart from the time it
-//! waits on a worker (`tokengate_gateway_overhead_seconds`). It only measures; the surfaces and
-//! the pipeline say when the gateway's turn starts and ends, and the meter observes the total.
+//! waits on a worker (`tokengate_gateway_overhead_seconds`), and `Arrival`, which a surface hands
+//! the pipeline with it. It only measures; the surfaces and the pipeline say when the gateway's
+//! turn starts and ends, and the meter observes the total.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Span;
 
 /// Time accumulated over the request's gateway-side stretches: from its receipt to its upstream
 /// request (less the read of its body), again after a failed attempt, once the worker's answer
@@ -44,6 +46,24 @@ impl Overhead {
     pub fn total(&mut self) -> Duration {
         self.pause();
         self.spent
+    }
+}
+
+/// What a surface hands the pipeline with a request besides the request itself: the gateway's
+/// time on it so far, and its root span (`Span::none()` while tracing is off).
+#[derive(Debug)]
+pub struct Arrival {
+    pub overhead: Overhead,
+    pub trace: Span,
+}
+
+impl Arrival {
+    /// A request arriving now, untraced.
+    pub fn now() -> Self {
+        Self {
+            overhead: Overhead::start(),
+            trace: Span::none(),
+        }
     }
 }
 

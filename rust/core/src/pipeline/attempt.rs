@@ -10,11 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::response::Parts;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 use tracing::Span;
 
+use super::exchange::{Exchanged, exchange};
 use super::outcome::{Answer, Head, METADATA, Outcome};
 use crate::coalesce::{Joined, Route};
 use crate::error::ApiError;
@@ -25,7 +24,7 @@ use crate::router::{Outstanding, Worker};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::telemetry::TraceHeaders;
-use crate::upstream::{Carried, UpstreamError};
+use crate::upstream::UpstreamError;
 use crate::usage::Status;
 
 /// Why an attempt did not produce a response for the client.
@@ -236,60 +235,6 @@ async fn attempt(
     }
 }
 
-/// What a worker sent back, read as far as an attempt waits for it.
-enum Exchanged {
-    /// A successful stream, its first chunk in.
-    Stream {
-        parts: Parts,
-        first: Bytes,
-        rest: Incoming,
-    },
-    /// A complete answer, of any status.
-    Complete { parts: Parts, body: Bytes },
-}
-
-/// Sends the request to `worker` and waits for its answer, all of which is the worker's time:
-/// the response head, then a successful stream's first event or else the whole body. The
-/// `gateway.first_byte` span runs from the send to the first byte.
-async fn exchange(
-    state: &AppState,
-    request: &InferenceRequest,
-    worker: &Worker,
-    body: Bytes,
-    trace: &TraceHeaders,
-    meter: &MeterGuard,
-    span: &Span,
-) -> Result<Exchanged, UpstreamError> {
-    let deadline = state.upstream.deadline();
-    let first_byte = crate::child_span!(span, "gateway.first_byte");
-    let response = state
-        .upstream
-        .post_json(
-            &worker.url,
-            worker.uri(request.endpoint),
-            worker.authorization.as_ref(),
-            body,
-            Carried {
-                request_id: request.client_request_id.as_deref(),
-                trace: Some(trace),
-            },
-            deadline,
-        )
-        .await?;
-    let (parts, incoming) = response.into_parts();
-    if request.stream && parts.status.is_success() {
-        let (first, rest) = first_chunk(incoming, &worker.url, deadline).await?;
-        state.meter.metrics().first_byte(meter.elapsed());
-        return Ok(Exchanged::Stream { parts, first, rest });
-    }
-    if !request.stream {
-        state.meter.metrics().first_byte(meter.elapsed());
-    }
-    drop(first_byte);
-    let body = crate::upstream::collect(incoming, &worker.url, deadline).await?;
-    Ok(Exchanged::Complete { parts, body })
-}
-
 /// A worker's complete answer: relayed if below 500, else a failure of its attempt.
 #[expect(
     clippy::result_large_err,
@@ -363,46 +308,6 @@ fn gateway_error(error: UpstreamError) -> ApiError {
         UpstreamError::Transport { .. } => {
             ApiError::Upstream("the worker broke the connection before it answered")
         }
-    }
-}
-
-/// Waits for the first non-empty body chunk of a stream.
-async fn first_chunk(
-    mut body: Incoming,
-    worker: &str,
-    deadline: Instant,
-) -> Result<(Bytes, Incoming), UpstreamError> {
-    let wait = async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        return Ok(data);
-                    }
-                }
-                Some(Err(error)) => {
-                    return Err(UpstreamError::Transport {
-                        worker: worker.to_owned(),
-                        detail: error.to_string(),
-                    });
-                }
-                None => {
-                    return Err(UpstreamError::Transport {
-                        worker: worker.to_owned(),
-                        detail: "empty stream".to_owned(),
-                    });
-                }
-            }
-        }
-    };
-    match tokio::time::timeout_at(deadline, wait).await {
-        Ok(Ok(first)) => Ok((first, body)),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(UpstreamError::Timeout {
-            worker: worker.to_owned(),
-        }),
     }
 }
 
