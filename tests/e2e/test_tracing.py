@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from gateway.grpc.v1 import inference_pb2_grpc
 
 from gateway.grpc import GatewayClient
+from gateway.grpc.v1 import inference_pb2_grpc
 from tests.support import procs
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.support.stack import StackFactory
