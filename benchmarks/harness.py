@@ -97,6 +97,8 @@ class Settings:
     max_tokens: int = 16  # of every request loadgen sends
     # The Python of another build (its venv's `bin/python`), whose gateway runs beside this one.
     baseline: Path | None = None
+    # Whether this build runs a second time with tracing on (`overhead.py --traced`).
+    traced: bool = False
 
 
 # --- settings -------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ say, built in a worktree of its own) as one more target, `baseline`, pinned like
 copy of the ledger, and adds a table of this build against it: two builds compared in one run,
 on the same load and the same drift.
 
+Tracing: `--traced` runs this build a second time as one more target, `traced`, pinned like the
+gateway, with `[telemetry]` on at `sample_ratio = 1.0` (every request's spans exported over
+OTLP/gRPC, to a receiver the harness runs on loopback), and adds a table of the gateway with
+tracing off against it.
+
 Reference peer: when `nginx` is on PATH (Debian: `apt-get install -y nginx-light`; the harness
 never installs it) and `--no-nginx` is not given, nginx runs as a plain reverse proxy in front of
 the same simulator, pinned like the gateway (core 1, one worker process, in the foreground, its
@@ -82,6 +87,7 @@ from harness import (
 )
 from tests.support import procs
 from tests.support.ledger_versions import downgrade
+from tests.support.otlp import otlp_receiver
 
 BEGIN = "<!-- overhead.py:begin -->"
 END = "<!-- overhead.py:end -->"
@@ -189,6 +195,7 @@ class Run:
     sim_cpu: float | None = None
     nginx_cpu: float | None = None
     baseline_cpu: float | None = None
+    traced_cpu: float | None = None
 
 
 @dataclass
@@ -229,6 +236,7 @@ class Bench:
                         sim_cpu=cpu.get("sim"),
                         nginx_cpu=cpu.get("nginx"),
                         baseline_cpu=cpu.get("baseline"),
+                        traced_cpu=cpu.get("traced"),
                     )
                     self.runs.append(run)
                     print(f"  round {round_ + 1} {mode:24} {kind:10} {target:7} {brief(run)}")
@@ -265,9 +273,11 @@ class Bench:
         values = []
         for run in self.runs:
             if (run.mode, run.kind, run.target) == (mode, "saturation", target):
-                value = {"nginx": run.nginx_cpu, "baseline": run.baseline_cpu}.get(
-                    target, run.gateway_cpu
-                )
+                value = {
+                    "nginx": run.nginx_cpu,
+                    "baseline": run.baseline_cpu,
+                    "traced": run.traced_cpu,
+                }.get(target, run.gateway_cpu)
                 if value is not None:
                     values.append(value)
         return statistics.median(values) if values else float("nan")
@@ -292,6 +302,8 @@ def brief(run: Run) -> str:
     text += f"  gateway cpu {run.gateway_cpu or 0:.0%}  sim cpu {run.sim_cpu or 0:.0%}"
     if run.nginx_cpu is not None:
         text += f"  nginx cpu {run.nginx_cpu:.0%}"
+    if run.traced_cpu is not None:
+        text += f"  traced cpu {run.traced_cpu:.0%}"
     if r["errors"] or r["unsent"]:
         text += f"  ERRORS {r['errors']} unsent {r['unsent']}"
     return text
@@ -373,6 +385,8 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
         lines.append(f"nginx: skipped ({meta['nginx_skipped']}).")
     if meta.get("baseline"):
         lines += baseline_table(bench, meta["baseline"])
+    if meta.get("traced"):
+        lines += baseline_table(bench, "tracing on, `sample_ratio = 1.0`", other="traced")
     if problems := bench.problems():
         lines += ["", "**Errors during this run** (figures above include only successes):", ""]
         lines += [f"- {p}" for p in problems]
@@ -383,37 +397,38 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
 _SCHEMA_VERSION = "from gateway.ledger.schema import SCHEMA_VERSION; print(SCHEMA_VERSION)"
 
 
-def baseline_table(bench: Bench, baseline: str) -> list[str]:
-    """This build against the `baseline` build, measured in the same rounds."""
+def baseline_table(bench: Bench, baseline: str, other: str = "baseline") -> list[str]:
+    """This build against `other`: the `baseline` build, or (`traced`) this build with tracing
+    on, measured in the same rounds."""
+    what = f"the baseline build ({baseline})" if other == "baseline" else f"{other} ({baseline})"
     lines = [
         "",
-        f"This build against the baseline build ({baseline}), pinned alike and measured in the "
-        "same rounds:",
+        f"This build against {what}, pinned alike and measured in the same rounds:",
         "",
-        "| mode | gateway rps | baseline rps | gateway / baseline | gateway CPU µs / req "
-        "| baseline CPU µs / req | gateway added p50 / p99 µs | baseline added p50 / p99 µs |",
+        f"| mode | gateway rps | {other} rps | gateway / {other} | gateway CPU µs / req "
+        f"| {other} CPU µs / req | gateway added p50 / p99 µs | {other} added p50 / p99 µs |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
         d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
         row = f"| {mode} |"
-        rps = {t: bench.median(mode, "saturation", t, "rps") for t in ("gateway", "baseline")}
-        row += f" {rps['gateway']:,.0f} | {rps['baseline']:,.0f} |"
-        row += f" {rps['gateway'] / rps['baseline'] if rps['baseline'] else float('nan'):.2f} |"
-        for target in ("gateway", "baseline"):
+        rps = {t: bench.median(mode, "saturation", t, "rps") for t in ("gateway", other)}
+        row += f" {rps['gateway']:,.0f} | {rps[other]:,.0f} |"
+        row += f" {rps['gateway'] / rps[other] if rps[other] else float('nan'):.2f} |"
+        for target in ("gateway", other):
             per = bench.cpu(mode, target) * 1e6 / rps[target] if rps[target] else float("nan")
             row += f" {per:,.0f} |"
-        for target in ("gateway", "baseline"):
+        for target in ("gateway", other):
             at = [bench.median(mode, "rate", target, p) for p in ("p50", "p99")]
             row += f" {at[0] - d[0]:+,.0f} / {at[1] - d[1]:+,.0f} |"
         lines.append(row)
     lines += [
         "",
-        "Throughput of this build over the baseline's, round by round (one machine's drift "
+        f"Throughput of this build over {other}'s, round by round (one machine's drift "
         "moves both alike within a round):",
     ]
     lines += [
-        f"- {mode}: " + ", ".join(f"{ratio:.2f}" for ratio in bench.round_ratios(mode))
+        f"- {mode}: " + ", ".join(f"{ratio:.2f}" for ratio in bench.round_ratios(mode, other=other))
         for mode in MODES
     ]
     return lines
@@ -439,6 +454,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--baseline", type=Path, help="another build's python (.venv/bin/python) to compare with"
     )
+    parser.add_argument(
+        "--traced", action="store_true", help="also this build with tracing on (sample_ratio 1)"
+    )
     args = parser.parse_args(argv)
     quick: bool = args.quick
     return Settings(
@@ -453,6 +471,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         quick=quick,
         no_nginx=args.no_nginx,
         baseline=args.baseline.absolute() if args.baseline else None,
+        traced=args.traced,
     )
 
 
@@ -496,9 +515,14 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip()
         with open_ledger(f"sqlite:///{baseline_db}") as conn:
             downgrade(conn, int(version))
+    # The traced gateway's own ledger (a copy, with the same key) and so its own journal.
+    traced_db = workdir / "traced.db"
+    if settings.traced:
+        shutil.copyfile(workdir / "ledger.db", traced_db)
     bench = Bench(settings)
     services: list[Pinned] = []
     nginx_label: str | None = None
+    collector = contextlib.ExitStack()
     try:
         sim = instant_sim(settings, workdir)
         services.append(sim)
@@ -521,6 +545,15 @@ def main(argv: list[str] | None = None) -> int:
             services.append(other)
             urls["baseline"] = other.wait_listening()
             answering["baseline"] = watched["baseline"] = other
+        if settings.traced:
+            _, endpoint = collector.enter_context(otlp_receiver())
+            telemetry = f'[telemetry]\notlp_endpoint = "{endpoint}"\nsample_ratio = 1.0\n'
+            traced = gateway_service(
+                "traced", settings, workdir, sim_url, f"sqlite:///{traced_db}", extra=telemetry
+            )
+            services.append(traced)
+            urls["traced"] = traced.wait_listening()
+            answering["traced"] = watched["traced"] = traced
         if settings.nginx is not None:
             nginx_label = nginx_version(settings.nginx)
             nginx = Nginx(settings.nginx, settings.gateway_core, sim_url, workdir)
@@ -548,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{service.name} exited with {status}:\n{service.log_tail()}", file=sys.stderr
                 )
+        collector.close()
     usage = procs.cli("usage", "--db", db_url, "--json", timeout=120)
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -564,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": None
         if settings.baseline is None
         else f"commit {git_commit(settings.baseline.parents[2])}",
+        "traced": settings.traced,
     }
     raw = {
         **meta,

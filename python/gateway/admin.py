@@ -53,6 +53,7 @@ from gateway.ledger.tenants import (
     set_tenant_disabled,
 )
 from gateway.quotas import Price, QuotaPolicy
+from gateway.telemetry import Telemetry, instrument
 
 __all__ = ["OPENAPI_TITLE", "AdminServer", "bind_admin", "create_app", "router"]
 
@@ -327,10 +328,14 @@ def bind_admin(
     billing_token: str | None = None,
     billing: BillingConfig | None = None,
     server: ServerConfig | None = None,
+    telemetry: Telemetry | None = None,
 ) -> AdminServer:
     """Binds the admin listener (OSError if it cannot) and returns its server, not yet serving;
-    `create_app` says what it serves, `server` (its read timeouts) how long a client may take."""
+    `create_app` says what it serves, `server` (its read timeouts) how long a client may take;
+    with `telemetry` on, each request is traced."""
     app = create_app(conn, token, billing_token, billing)
+    if telemetry is not None:
+        instrument(app, telemetry)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.create_server((config.host, config.port), family=family)
     return AdminServer(app, sock, server or ServerConfig())

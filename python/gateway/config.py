@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -41,6 +44,8 @@ __all__ = [
     "RoutingConfig",
     "ServerConfig",
     "StorageConfig",
+    "TelemetryConfig",
+    "TelemetrySettings",
     "WorkerConfig",
     "describe_error",
     "format_validation_error",
@@ -98,6 +103,19 @@ def _validate_worker_url(url: str) -> str:
             "(no path, query or credentials; the gateway adds /v1/...)"
         )
     return url.rstrip("/")
+
+
+def _validate_otlp_endpoint(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(
+            f"{url!r} is not an http:// URL of an OTLP/gRPC collector (e.g. http://127.0.0.1:4317)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    return url
 
 
 def _validate_storage_url(url: str) -> str:
@@ -645,6 +663,84 @@ class JournalConfig(BaseModel):
     )
 
 
+OtlpEndpoint = Annotated[str, Field(max_length=2048), AfterValidator(_validate_otlp_endpoint)]
+
+
+class TelemetryConfig(BaseModel):
+    """`[telemetry]`: OpenTelemetry traces of requests and of the control plane's work, exported
+    over OTLP/gRPC. Each option left unset falls back to its standard `OTEL_*` environment
+    variable, then to its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    otlp_endpoint: OtlpEndpoint | None = Field(
+        default=None,
+        description=(
+            "The OTLP/gRPC collector traces go to, e.g. `http://127.0.0.1:4317` (plain gRPC, no"
+            " TLS); unset, `OTEL_EXPORTER_OTLP_ENDPOINT` if that is set, else tracing is off and"
+            " costs nothing."
+        ),
+    )
+    sample_ratio: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "The share of new traces recorded (a client's `traceparent` decides for its own:"
+            " parent-based); unset, `OTEL_TRACES_SAMPLER_ARG` if set, else 1.0."
+        ),
+    )
+    service_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description=(
+            "The `service.name` of the spans; unset, `OTEL_SERVICE_NAME` if set, else `tokengate`."
+        ),
+    )
+
+    def resolve(self, environ: Mapping[str, str] | None = None) -> TelemetrySettings:
+        """The settings in force: this table's, then the environment's `OTEL_*`, then the
+        defaults. An environment value that is not valid is refused as the file's would be."""
+        env = os.environ if environ is None else environ
+        endpoint = self.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        ratio: float | str | None = self.sample_ratio
+        if ratio is None and env.get("OTEL_TRACES_SAMPLER_ARG"):
+            ratio = env["OTEL_TRACES_SAMPLER_ARG"]
+        service = self.service_name or env.get("OTEL_SERVICE_NAME") or "tokengate"
+        # The environment's values pass the file's checks (a number in a string included).
+        try:
+            checked = TelemetryConfig.model_validate(
+                {"otlp_endpoint": endpoint, "sample_ratio": ratio, "service_name": service},
+                strict=False,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(format_validation_error(exc))
+            raise ValueError(f"telemetry (with the OTEL_* environment): {problems}") from None
+        return TelemetrySettings(
+            otlp_endpoint=checked.otlp_endpoint,
+            sample_ratio=1.0 if checked.sample_ratio is None else checked.sample_ratio,
+            service_name=service,
+        )
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """`[telemetry]` as resolved against the environment: what the core and the control plane
+    trace with."""
+
+    otlp_endpoint: str | None
+    sample_ratio: float
+    service_name: str
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "otlp_endpoint": self.otlp_endpoint,
+            "sample_ratio": self.sample_ratio,
+            "service_name": self.service_name,
+        }
+
+
 _JOURNAL_DIR_REQUIRED = (
     "journal.dir: required with a PostgreSQL ledger, one directory per replica"
     " (or set journal.enabled = false)"
@@ -668,10 +764,12 @@ class GatewayConfig(BaseModel):
     billing: BillingConfig = Field(default_factory=BillingConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
-    def core_document(self) -> str:
+    def core_document(self, environ: Mapping[str, str] | None = None) -> str:
         """The JSON document `gateway._core.Gateway` takes (rust/core/src/config.rs), every member
-        set: the core declares no defaults of its own."""
+        set: the core declares no defaults of its own. `environ` (default: the process's) gives
+        `[telemetry]`'s fallbacks."""
         journal = self.journal_dir()
         document = {
             "listen": listen_address(self.server.host, self.server.port),
@@ -725,6 +823,7 @@ class GatewayConfig(BaseModel):
             "grpc_listen": None
             if self.grpc.port is None
             else listen_address(self.grpc.host, self.grpc.port),
+            "telemetry": self.telemetry.resolve(environ).document(),
         }
         return json.dumps(document)
 

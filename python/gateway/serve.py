@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from opentelemetry.trace import NoOpTracer, Status, StatusCode
+
 from gateway.admin import AdminServer, bind_admin
 from gateway.config import ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
@@ -25,6 +27,8 @@ from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
 from gateway.signals import StopSignals
+from gateway.telemetry import Telemetry
+from gateway.telemetry import start as start_telemetry
 from gateway.usage_reader import LedgerUsageReader
 
 __all__ = ["CoreGateway", "SnapshotPusher", "UsageCollector", "run", "seed_spent", "supervise"]
@@ -98,10 +102,17 @@ class UsageCollector:
     delays them instead of losing them.
     """
 
-    def __init__(self, conn: Connection, gateway: CoreGateway, batch: int) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        gateway: CoreGateway,
+        batch: int,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._conn = conn
         self._gateway = gateway
         self._batch = batch
+        self._telemetry = telemetry or Telemetry(NoOpTracer())
         self._unsaved: list[UsageEvent] = []
         # The journal's number of the last unsaved event: acknowledged once they are written.
         self._last_seq: int | None = None
@@ -130,11 +141,14 @@ class UsageCollector:
         """Writes the unsaved events in one transaction; returns whether none remain."""
         if not self._unsaved:
             return True
-        try:
-            inserted = insert_usage_events(self._conn, self._unsaved)
-        except DatabaseError:
-            logger.exception("writing %d usage events failed; will retry", len(self._unsaved))
-            return False
+        with self._telemetry.span("ledger.ingest", events=len(self._unsaved)) as span:
+            try:
+                inserted = insert_usage_events(self._conn, self._unsaved)
+            except DatabaseError:
+                logger.exception("writing %d usage events failed; will retry", len(self._unsaved))
+                span.set_status(Status(StatusCode.ERROR, "the ledger refused the batch"))
+                return False
+            span.set_attribute("inserted", inserted)
         if inserted != len(self._unsaved):
             # Expected after every restart: the journal records again the events of its live
             # segment, and the ledger keeps one of each (a different payload is logged as an
@@ -218,6 +232,7 @@ async def supervise(
     stop: asyncio.Event,
     pusher: SnapshotPusher | None = None,
     admin: AdminServer | None = None,
+    telemetry: Telemetry | None = None,
     *,
     drain_s: float = 0.0,
 ) -> int:
@@ -230,7 +245,7 @@ async def supervise(
     Returns 0, or 1 if some usage events could not be written to the ledger.
     """
     pusher = pusher or SnapshotPusher(conn, gateway)
-    collector = UsageCollector(conn, gateway, control.usage_batch)
+    collector = UsageCollector(conn, gateway, control.usage_batch, telemetry)
     loops = [
         asyncio.create_task(_push_snapshots(pusher, control.key_refresh_ms / 1000)),
         asyncio.create_task(_collect_usage(collector, control.usage_flush_ms / 1000)),
@@ -266,6 +281,7 @@ async def _serve(
     admin: AdminServer | None,
     announce: Callable[[], None],
     signals: StopSignals,
+    telemetry: Telemetry,
 ) -> int:
     stop = asyncio.Event()
     signals.attach(stop)
@@ -279,13 +295,14 @@ async def _serve(
             stop,
             pusher,
             admin,
+            telemetry,
             drain_s=config.server.drain_seconds,
         )
     finally:
         signals.detach()
 
 
-def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
+def _admin(conn: Connection, config: GatewayConfig, telemetry: Telemetry) -> AdminServer | None:
     """The admin listener's server, bound, if the admin or the billing token is set; None if
     neither is (it is disabled)."""
     names = config.admin.token_env, config.admin.billing_token_env
@@ -299,7 +316,9 @@ def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
         logger.info("admin routes closed (%s is unset); the billing API serves", names[0])
     elif not billing_token:
         logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
-    return bind_admin(conn, config.admin, token, billing_token, config.billing, config.server)
+    return bind_admin(
+        conn, config.admin, token, billing_token, config.billing, config.server, telemetry
+    )
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
@@ -313,11 +332,31 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
     the moment it is called (`StopSignals`); call it from the main thread.
     """
     signals = StopSignals()
+    try:
+        document = config.core_document()
+    except ValueError as exc:
+        logger.error("invalid configuration: %s", exc)
+        return 2
+    telemetry = start_telemetry(config.telemetry.resolve())
+    try:
+        return _run(config, document, telemetry, signals, on_ready)
+    finally:
+        # After the core's shutdown and the last ledger write: their spans go too.
+        telemetry.shutdown()
+
+
+def _run(
+    config: GatewayConfig,
+    document: str,
+    telemetry: Telemetry,
+    signals: StopSignals,
+    on_ready: Callable[[str, int], None] | None,
+) -> int:
     from gateway import _core
 
     with open_ledger(config.storage.url) as conn:
         try:
-            gateway = _core.Gateway(config.core_document())
+            gateway = _core.Gateway(document)
         except _core.ConfigError as exc:
             logger.error("the core rejected the configuration: %s", exc)
             return 2
@@ -328,7 +367,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         if config.quota.redis_url is None:
             seed_spent(conn, gateway)
         try:
-            admin = _admin(conn, config)
+            admin = _admin(conn, config, telemetry)
         except OSError as exc:
             address = listen_address(config.admin.host, config.admin.port)
             logger.error("cannot bind the admin API to %s: %s", address, exc)
@@ -354,6 +393,8 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         # such as the usage events drained in batches.
         gc.freeze()
         try:
-            return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce, signals))
+            return asyncio.run(
+                _serve(gateway, conn, config, pusher, admin, announce, signals, telemetry)
+            )
         finally:
             usage_reader.close()

@@ -20,6 +20,8 @@ from gateway.config import (
     RoutingConfig,
     ServerConfig,
     StorageConfig,
+    TelemetryConfig,
+    TelemetrySettings,
     load_config,
     options_table,
 )
@@ -321,7 +323,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
     config = load_config(
         write(tmp_path, MINIMAL + '[server]\nhost = "0.0.0.0"\nport = 9000\n[control]\n')
     )
-    document = json.loads(config.core_document())
+    document = json.loads(config.core_document(environ={}))
     assert document == {
         "listen": "0.0.0.0:9000",
         "max_body_bytes": 4_194_304,
@@ -369,6 +371,7 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "progress_interval_ms": 100,
         },
         "grpc_listen": None,
+        "telemetry": {"otlp_endpoint": None, "sample_ratio": 1.0, "service_name": "tokengate"},
     }
 
 
@@ -380,7 +383,7 @@ def test_the_rust_tests_document_is_the_resolved_default(tmp_path: Path) -> None
     text = '[server]\nhost = "127.0.0.1"\nport = 0\n[journal]\nenabled = false\n'
     text += '[[workers]]\nurl = "http://127.0.0.1:9"\n'
     config = load_config(write(tmp_path, text))
-    assert json.loads(fixture.read_text()) == json.loads(config.core_document())
+    assert json.loads(fixture.read_text()) == json.loads(config.core_document(environ={}))
 
 
 def test_routing_policies_reach_the_core_document(tmp_path: Path) -> None:
@@ -438,6 +441,7 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
         "billing": BillingConfig,
         "grpc": GrpcConfig,
         "journal": JournalConfig,
+        "telemetry": TelemetryConfig,
     }
     assert set(GatewayConfig.model_fields) == {*sections, "workers"}
     expected = {
@@ -486,3 +490,49 @@ def test_the_grpc_api_is_off_unless_it_has_a_port(tmp_path: Path) -> None:
         "[::1]:50051"
     )
     assert "grpc.port" in str(load_error(tmp_path, MINIMAL + "\n[grpc]\nport = 70000\n"))
+
+
+def test_telemetry_takes_the_file_then_the_otel_environment_then_the_defaults(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_SERVICE_NAME": "gw-env",
+    }
+    unset = load_config(write(tmp_path, MINIMAL)).telemetry
+    assert unset.resolve({}) == TelemetrySettings(None, 1.0, "tokengate")
+    assert unset.resolve(env) == TelemetrySettings("http://collector:4317", 0.25, "gw-env")
+    text = MINIMAL + (
+        '[telemetry]\notlp_endpoint = "http://127.0.0.1:4317"\nsample_ratio = 0.5\n'
+        'service_name = "gw-file"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.telemetry.resolve(env) == TelemetrySettings(
+        "http://127.0.0.1:4317", 0.5, "gw-file"
+    )
+    assert json.loads(config.core_document(environ=env))["telemetry"] == {
+        "otlp_endpoint": "http://127.0.0.1:4317",
+        "sample_ratio": 0.5,
+        "service_name": "gw-file",
+    }
+    # The environment's values are checked as the file's are.
+    with pytest.raises(ValueError, match="sample_ratio"):
+        unset.resolve({"OTEL_TRACES_SAMPLER_ARG": "1.5"})
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        unset.resolve({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"})
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('otlp_endpoint = "https://collector:4317"', "telemetry.otlp_endpoint"),
+        ('otlp_endpoint = "http://collector:99999"', "telemetry.otlp_endpoint"),
+        ("sample_ratio = 1.5", "telemetry.sample_ratio"),
+        ('service_name = ""', "telemetry.service_name"),
+        ("exporter = 1", "telemetry.exporter"),
+    ],
+)
+def test_invalid_telemetry_options_are_named(tmp_path: Path, line: str, field: str) -> None:
+    error = load_error(tmp_path, f"{MINIMAL}[telemetry]\n{line}\n")
+    assert field in str(error)

@@ -51,7 +51,7 @@ fn requests(metrics: &GatewayMetrics, events: &[UsageEvent], n: u64) -> Duration
         let elapsed = Duration::from_micros(i % 100_000);
         metrics.attempt(black_box(false));
         metrics.first_byte(black_box(elapsed / 2));
-        metrics.observe_event(black_box(event), black_box(elapsed));
+        metrics.observe_event(black_box(event), black_box(elapsed), black_box(elapsed));
     }
     started.elapsed()
 }

@@ -222,6 +222,19 @@ pub struct JournalConfig {
     pub progress_interval_ms: u64,
 }
 
+/// OpenTelemetry traces (the `telemetry` module's), resolved by the control plane from the file and
+/// the standard `OTEL_*` variables.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector (`http://host:4317`); without one, no span is built.
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces sampled, 0 to 1; a client's sampled trace context is honoured.
+    pub sample_ratio: f64,
+    /// The `service.name` of the exported spans.
+    pub service_name: String,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -238,6 +251,7 @@ pub struct GatewayConfig {
     pub journal: Option<JournalConfig>,
     /// Where the gRPC API listens; without it, there is none.
     pub grpc_listen: Option<SocketAddr>,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +336,33 @@ impl GatewayConfig {
         }
         if self.max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        self.telemetry.validate()
+    }
+}
+
+impl TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_owned(),
+        };
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.otlp_endpoint.as_deref().is_some_and(|url| {
+            url.len() > 2048 || !url.starts_with("http://") || url.parse::<http::Uri>().is_err()
+        }) {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// URL of an OTLP/gRPC collector",
+            ));
+        }
+        if self.service_name.is_empty() || self.service_name.len() > 256 {
+            return Err(invalid(
+                "telemetry.service_name",
+                "must be 1 to 256 characters",
+            ));
         }
         Ok(())
     }

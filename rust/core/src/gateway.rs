@@ -129,6 +129,12 @@ impl Gateway {
         }
         let quota = self.state.quota.connect().map_err(io::Error::other)?;
         self.background.extend(quota);
+        if crate::telemetry::install(&self.state.config.telemetry).map_err(io::Error::other)? {
+            tracing::info!(
+                endpoint = self.state.config.telemetry.otlp_endpoint.as_deref(),
+                "exporting traces"
+            );
+        }
         let routing = &self.state.config.routing;
         let interval = routing.health_interval();
         probe_all(
@@ -177,7 +183,8 @@ impl Gateway {
 
     /// Turns readiness off (if `Control::drain` has not), stops accepting, drains in-flight
     /// requests for up to `grace`, then stops the background loops.
-    /// Usage of every request, finished or cut off, is in the meter when this returns.
+    /// Usage of every request, finished or cut off, is in the meter when this returns, and its
+    /// spans (when tracing is on) at the collector, or given up after the export timeout.
     pub async fn shutdown(&mut self, grace: Duration) -> io::Result<()> {
         self.state.readiness.drain();
         let (grpc, server) = (self.grpc.take(), self.server.take());
@@ -203,6 +210,10 @@ impl Gateway {
             );
         }
         self.stop_background();
+        // The spans of the last requests go to the collector before the process can exit.
+        if crate::telemetry::on() {
+            let _ = tokio::task::spawn_blocking(crate::telemetry::flush).await;
+        }
         result
     }
 }

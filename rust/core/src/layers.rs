@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "request",
     "usage",
     "config",
+    "telemetry",
     "upstream",
     "auth",
     "journal",

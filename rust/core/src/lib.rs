@@ -6,8 +6,8 @@
 //! Layers, bottom first; a module names only modules below it (`layers.rs` checks it):
 //! 1. foundations: `json`, `error`, `serve`;
 //! 2. the domain: `request` (what a client asks), `usage` (the usage event it is billed by);
-//! 3. parts: `config`, `upstream`, `auth`, `journal`, `ledger`, `router`, `quota`, `metrics`,
-//!    `metering`, `relay`;
+//! 3. parts: `config`, `telemetry` (traces), `upstream`, `auth`, `journal`, `ledger`, `router`,
+//!    `quota`, `metrics`, `metering`, `relay`;
 //! 4. the pipeline: `scheduler`, `coalesce` (completions that share a call), `state`, `pipeline`
 //!    (admission, attempts, the typed outcome);
 //! 5. surfaces, which render the outcome: `api` (HTTP), `grpc`;
@@ -39,6 +39,7 @@ pub mod router;
 pub mod scheduler;
 pub mod serve;
 pub mod state;
+pub mod telemetry;
 pub mod upstream;
 pub mod usage;
 

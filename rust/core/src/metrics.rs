@@ -61,6 +61,12 @@ const REJECTIONS: [&str; 12] = [
     "other",
 ];
 
+/// Seconds: the gateway's own share of a request, from tens of microseconds to a long queue.
+const OVERHEAD_BOUNDS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 5.0, 30.0,
+];
+
 /// Seconds: from sub-millisecond gateway answers to multi-minute generations.
 const LATENCY_BOUNDS: [f64; 18] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -83,6 +89,7 @@ pub struct GatewayMetrics {
     attempts: Counter,
     retries: Counter,
     duration: Histogram,
+    overhead: Histogram,
     first_byte: Histogram,
     queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
     coalesced_calls: Counter,
@@ -162,6 +169,14 @@ impl Default for GatewayMetrics {
             "Time from dispatch to the end of the response, per dispatched request",
             duration.clone(),
         );
+        let overhead = Histogram::new(OVERHEAD_BOUNDS);
+        families.register(
+            "tokengate_gateway_overhead_seconds",
+            "Time a dispatched request spent in the gateway itself, apart from waiting on \
+             workers: from its receipt (less the read of its body) to its upstream request, \
+             queue and admission included, plus the relay's own work (see the README)",
+            overhead.clone(),
+        );
         let first_byte = Histogram::new(LATENCY_BOUNDS);
         families.register(
             "tokengate_upstream_first_byte_seconds",
@@ -200,6 +215,7 @@ impl Default for GatewayMetrics {
             attempts,
             retries,
             duration,
+            overhead,
             first_byte,
             queue_wait,
             coalesced_calls,
@@ -209,8 +225,9 @@ impl Default for GatewayMetrics {
 }
 
 impl GatewayMetrics {
-    /// One dispatched request ended; `elapsed` is its whole duration at the gateway.
-    pub fn observe_event(&self, event: &UsageEvent, elapsed: Duration) {
+    /// One dispatched request ended; `elapsed` is its whole duration at the gateway, `overhead`
+    /// the gateway's own part of it (`metering::Overhead`).
+    pub fn observe_event(&self, event: &UsageEvent, elapsed: Duration, overhead: Duration) {
         let endpoint = match event.endpoint {
             Endpoint::ChatCompletions => 0,
             Endpoint::Completions => 1,
@@ -226,6 +243,7 @@ impl GatewayMetrics {
         self.cached_tokens.inc_by(event.cached_tokens);
         self.completion_tokens.inc_by(event.completion_tokens);
         self.duration.observe(elapsed.as_secs_f64());
+        self.overhead.observe(overhead.as_secs_f64());
     }
 
     pub fn reject(&self, error: &ApiError) {
@@ -564,7 +582,7 @@ mod tests {
                     endpoint,
                     ..event(Status::Completed, 0)
                 };
-                metrics.observe_event(&event, Duration::from_millis(1));
+                metrics.observe_event(&event, Duration::from_millis(1), Duration::ZERO);
             }
         }
         let text = metrics.render(
@@ -590,8 +608,16 @@ mod tests {
     #[test]
     fn renders_what_was_observed() {
         let metrics = GatewayMetrics::default();
-        metrics.observe_event(&event(Status::Completed, 5), Duration::from_millis(3));
-        metrics.observe_event(&event(Status::Cancelled, 2), Duration::from_millis(30));
+        metrics.observe_event(
+            &event(Status::Completed, 5),
+            Duration::from_millis(3),
+            Duration::from_micros(200),
+        );
+        metrics.observe_event(
+            &event(Status::Cancelled, 2),
+            Duration::from_millis(30),
+            Duration::from_micros(300),
+        );
         metrics.reject(&ApiError::InvalidKey);
         metrics.reject(&ApiError::bad_request("x", None));
         metrics.attempt(false);
@@ -643,6 +669,17 @@ mod tests {
         assert_eq!(
             value(&text, "tokengate_request_duration_seconds_sum"),
             Some("0.033")
+        );
+        assert_eq!(
+            value(&text, "tokengate_gateway_overhead_seconds_count"),
+            Some("2")
+        );
+        assert_eq!(
+            value(
+                &text,
+                "tokengate_gateway_overhead_seconds_bucket{le=\"0.00025\"}"
+            ),
+            Some("1")
         );
         assert_eq!(
             value(&text, "tokengate_worker_healthy{worker=\"http://w:1\"}"),
@@ -779,7 +816,11 @@ mod tests {
         let durations = [0.0005, 0.003, 0.03, 2.0, 700.0];
         for (i, secs) in durations.into_iter().enumerate() {
             let status = [Status::Completed, Status::Failed][i % 2];
-            metrics.observe_event(&event(status, 1), Duration::from_secs_f64(secs));
+            metrics.observe_event(
+                &event(status, 1),
+                Duration::from_secs_f64(secs),
+                Duration::ZERO,
+            );
         }
         metrics.first_byte(Duration::from_millis(1));
         metrics.reject(&ApiError::InvalidKey);
@@ -825,6 +866,7 @@ mod tests {
             ("tokengate_quota_redis_errors_total", "counter"),
             ("tokengate_quota_fallback_admissions_total", "counter"),
             ("tokengate_request_duration_seconds", "histogram"),
+            ("tokengate_gateway_overhead_seconds", "histogram"),
             ("tokengate_upstream_first_byte_seconds", "histogram"),
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_coalesced_calls_total", "counter"),

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config::RoutingConfig;
+use crate::telemetry::TraceHeaders;
 
 /// How a call to a worker failed before a response arrived.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +41,15 @@ pub struct Upstream {
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// What an upstream request carries from its client besides the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Carried<'a> {
+    /// The client's `X-Request-Id`, passed on as is.
+    pub request_id: Option<&'a str>,
+    /// The trace context, with the attempt's span as the parent (`traceparent`, `tracestate`).
+    pub trace: Option<&'a TraceHeaders>,
+}
+
 impl Upstream {
     pub fn new(routing: &RoutingConfig) -> Self {
         let mut connector = HttpConnector::new();
@@ -62,14 +72,15 @@ impl Upstream {
         Instant::now() + self.request_timeout
     }
 
-    /// POSTs a JSON body; resolves when the response headers arrive, by `deadline`.
+    /// POSTs a JSON body, with what it `carried`; resolves when the response headers arrive, by
+    /// `deadline`.
     pub async fn post_json(
         &self,
         worker: &str,
         uri: Uri,
         authorization: Option<&HeaderValue>,
         body: Bytes,
-        request_id: Option<&str>,
+        carried: Carried<'_>,
         deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = Request::new(Full::new(body));
@@ -79,8 +90,14 @@ impl Upstream {
         if let Some(value) = authorization {
             request.headers_mut().insert(AUTHORIZATION, value.clone());
         }
-        if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        if let Some(id) = carried
+            .request_id
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
             request.headers_mut().insert("x-request-id", id);
+        }
+        if let Some(trace) = carried.trace {
+            trace.write(request.headers_mut());
         }
         match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),

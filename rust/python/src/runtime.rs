@@ -29,11 +29,24 @@ pub fn runtime() -> Result<&'static Runtime, CoreError> {
 }
 
 /// Logs to stderr, filtered by `TOKENGATE_LOG` (e.g. `info`, `gateway_core=debug`); default `warn`.
+/// Beside the log, the OpenTelemetry layer, which exports request spans once a gateway
+/// configured with an OTLP endpoint starts (`gateway_core::telemetry`); the spans are not
+/// logged.
 pub fn init_logging() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            metadata.target() != gateway_core::telemetry::TARGET
+        }));
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(gateway_core::telemetry::layer())
         .try_init();
 }

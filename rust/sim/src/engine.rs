@@ -18,6 +18,7 @@ use super::metrics::{Metrics, Outcome};
 use super::plan::{Finish, Plan};
 use super::response::{ApiError, json_string};
 use super::tokens::splitmix64;
+use super::traces::Traceparents;
 
 /// Shared state of one simulated worker.
 #[derive(Debug)]
@@ -28,6 +29,8 @@ pub(crate) struct Engine {
     pub faults: Faults,
     /// The served model name, JSON-encoded once.
     pub model_json: String,
+    /// The `traceparent` of the latest requests (`/sim/traceparents`).
+    pub traceparents: Traceparents,
     slots: Arc<Semaphore>,
     errors: Dice,
     deaths: Dice,
@@ -44,6 +47,7 @@ impl Engine {
             metrics: Metrics::new(&config.model, config.max_num_seqs, config.max_model_len),
             faults: Faults::new(&config),
             model_json: json_string(&config.model),
+            traceparents: Traceparents::default(),
             slots: Arc::new(Semaphore::new(config.max_num_seqs)),
             errors: Dice::new(config.seed, 1),
             deaths: Dice::new(config.seed, 2),

@@ -46,6 +46,7 @@ pub fn app(config: SimConfig) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/sim/faults", get(faults).post(set_faults))
+        .route("/sim/traceparents", get(traceparents))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
@@ -97,6 +98,7 @@ async fn completions(State(engine): State<AppState>, headers: HeaderMap, body: B
 }
 
 async fn generate(engine: AppState, kind: Kind, headers: &HeaderMap, body: &[u8]) -> Response {
+    engine.traceparents.record(headers);
     let parsed = match kind {
         Kind::Chat => request::chat(body, &engine.config),
         Kind::Completion => request::completion(body, &engine.config),
@@ -136,6 +138,7 @@ async fn generate(engine: AppState, kind: Kind, headers: &HeaderMap, body: &[u8]
 
 /// `/v1/embeddings`: parsed, pooled by the engine, and answered in the encoding asked for.
 async fn embeddings(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    engine.traceparents.record(&headers);
     let request = match embedding::parse(&body, &engine.config) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
@@ -229,6 +232,12 @@ async fn metrics(State(engine): State<AppState>) -> Response {
 /// route, not vLLM's).
 async fn faults(State(engine): State<AppState>) -> Response {
     json_response(StatusCode::OK, engine.faults.body())
+}
+
+/// `GET /sim/traceparents`: the W3C `traceparent` of the latest generation and embedding
+/// requests, oldest first (the simulator's own route: which traces reached this worker).
+async fn traceparents(State(engine): State<AppState>) -> Response {
+    json_response(StatusCode::OK, engine.traceparents.body())
 }
 
 /// `POST /sim/faults` with `{"error_rate": 0.0, "die_rate": 0.1}` (either may be left out): the

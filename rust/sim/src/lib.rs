@@ -18,6 +18,7 @@ mod sse;
 #[cfg(test)]
 mod test_support;
 mod tokens;
+mod traces;
 
 pub use config::{SimConfig, SimConfigError};
 pub use handlers::app;

@@ -18,9 +18,11 @@ use tokio::time::Instant;
 use super::render::render;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::metering::{Arrival, Overhead};
 use crate::pipeline::dispatch;
 use crate::request::{Endpoint, InferenceRequest, Priority, check_request_id, request_timeout};
 use crate::state::{AppState, Phase};
+use crate::telemetry;
 
 /// The gateway's routes over `state`; tests drive it without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -77,15 +79,27 @@ async fn embeddings(
     generate(&state, Endpoint::Embeddings, &headers, body).await
 }
 
+/// A request's trace starts here (the child of the client's `traceparent`, if it sent one), and
+/// so does the gateway's time on it (less the read of its body, which is the client's).
 async fn generate(
     state: &AppState,
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
-    match admit(state, endpoint, headers, body).await {
-        Ok((request, principal)) => render(dispatch(state, request, &principal).await),
-        Err(error) => reject(state, error),
+    let mut overhead = Overhead::start();
+    let trace = telemetry::request_span("http", |name| {
+        headers.get(name).and_then(|value| value.to_str().ok())
+    });
+    match admit(state, endpoint, headers, body, &mut overhead).await {
+        Ok((request, principal)) => {
+            let arrival = Arrival { overhead, trace };
+            render(dispatch(state, request, &principal, arrival).await)
+        }
+        Err(error) => {
+            telemetry::record_refusal(&trace, &error);
+            reject(state, error)
+        }
     }
 }
 
@@ -96,15 +110,19 @@ async fn admit(
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: Body,
+    overhead: &mut Overhead,
 ) -> Result<(InferenceRequest, Arc<Principal>), ApiError> {
     let principal = state.keys.authenticate(headers)?;
+    overhead.pause();
     let body = read_body(
         body,
         headers,
         state.config.max_body_bytes,
         state.config.body_read_timeout(),
     )
-    .await?;
+    .await;
+    overhead.resume();
+    let body = body?;
     let request_id = match headers.get("x-request-id") {
         None => None,
         Some(value) => {

@@ -247,7 +247,7 @@ async fn send(route: Route, rest: Bytes, members: Vec<Member>) {
             worker.uri(Endpoint::Completions),
             worker.authorization.as_ref(),
             body,
-            None,
+            upstream::Carried::default(),
             deadline,
         )
         .await;

@@ -22,10 +22,12 @@ use super::pb::inference_service_server::InferenceService;
 use super::status;
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::metering::{Arrival, Overhead};
 use crate::pipeline::{Dispatched, Outcome, dispatch};
 use crate::relay::{End, EventStream};
 use crate::request::{InferenceRequest, Priority};
 use crate::state::AppState;
+use crate::telemetry;
 
 #[derive(serde::Deserialize)]
 struct ModelList {
@@ -68,29 +70,43 @@ impl InferenceApi {
         status::of_error(error)
     }
 
-    /// Runs the call's request through the pipeline.
+    /// Runs the call's request through the pipeline. The call's metadata may carry the
+    /// client's trace context (`traceparent`, `tracestate`), as HTTP headers do.
     async fn run(
         &self,
         metadata: &MetadataMap,
         request: impl FnOnce(usize) -> Result<InferenceRequest, ApiError>,
     ) -> Result<(Dispatched, String), Status> {
-        let principal = self.principal(metadata)?;
+        // The message is decoded by now: the gateway's time on the call starts here.
+        let overhead = Overhead::start();
+        let trace = telemetry::request_span("grpc", |name| {
+            metadata.get(name).and_then(|value| value.to_str().ok())
+        });
+        let refuse = |error: ApiError| {
+            telemetry::record_refusal(&trace, &error);
+            self.refuse(&error)
+        };
+        let principal = self
+            .state
+            .keys
+            .authenticate_bearer(metadata.get("authorization").map(|v| v.as_bytes()))
+            .map_err(refuse)?;
         // `x-session-id` as over HTTP: prefix affinity places the call by it.
         let session_id = metadata
             .get("x-session-id")
             .map(|value| value.to_str().unwrap_or("\u{fffd}"));
         let mut request = request(self.state.config.max_body_bytes)
             .and_then(|request| request.with_session_id(session_id))
-            .map_err(|e| self.refuse(&e))?;
+            .map_err(refuse)?;
         if let Some(value) = metadata.get("x-priority") {
-            request.priority =
-                Some(Priority::from_header(value.as_bytes()).map_err(|e| self.refuse(&e))?);
+            request.priority = Some(Priority::from_header(value.as_bytes()).map_err(refuse)?);
         }
         // The queue gives up a moment before the call's deadline, so that a call that waited
         // for a worker all along ends RESOURCE_EXHAUSTED (retry later), not DEADLINE_EXCEEDED.
         request.deadline = deadline(metadata)
             .map(|deadline| deadline.checked_sub(QUEUE_MARGIN).unwrap_or(deadline));
-        let dispatched = dispatch(&self.state, request, &principal).await;
+        let arrival = Arrival { overhead, trace };
+        let dispatched = dispatch(&self.state, request, &principal, arrival).await;
         let request_id = match &dispatched.outcome {
             Outcome::Answer(answer) => answer.head.request_id.clone(),
             Outcome::Stream { head, .. } => head.request_id.clone(),

@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 
 use crate::request::Endpoint;
 use crate::router::Worker;
-use crate::upstream::Upstream;
+use crate::upstream::{Carried, Upstream};
 use crate::usage::{MAX_CHOICES, Usage};
 
 /// How long one `/tokenize` call may take; an event waits at most this per prompt.
@@ -134,7 +134,7 @@ impl Counter {
                     worker.tokenize_uri.clone(),
                     worker.authorization.as_ref(),
                     body,
-                    None,
+                    Carried::default(),
                     deadline,
                 )
                 .await

@@ -7,9 +7,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Span;
 
 use super::counting::{self, Counter, Relayed};
 use super::meter::{Meter, Synced};
+use super::overhead::{Arrival, Overhead};
 use crate::auth::Principal;
 use crate::quota::Reservation;
 use crate::request::InferenceRequest;
@@ -48,6 +50,10 @@ pub struct MeterGuard {
     counter: Option<Counter>,
     /// What reached the client, for `counter`.
     relayed: Relayed,
+    /// The gateway's own time on the request (`tokengate_gateway_overhead_seconds`).
+    overhead: Overhead,
+    /// The request's root span; the event's outcome and counts are recorded on it.
+    trace: Span,
 }
 
 impl MeterGuard {
@@ -86,7 +92,30 @@ impl MeterGuard {
             started: Instant::now(),
             counter: None,
             relayed: Relayed::Nothing,
+            overhead: Overhead::start(),
+            trace: Span::none(),
         }
+    }
+
+    /// Takes over the request's time and span from its arrival.
+    pub fn arrived(&mut self, arrival: Arrival) {
+        self.overhead = arrival.overhead;
+        self.trace = arrival.trace;
+    }
+
+    /// The request's root span.
+    pub fn trace(&self) -> &Span {
+        &self.trace
+    }
+
+    /// The request waits on its worker: the gateway's time on it stops.
+    pub fn pause_overhead(&mut self) {
+        self.overhead.pause();
+    }
+
+    /// The gateway works on the request again.
+    pub fn resume_overhead(&mut self) {
+        self.overhead.resume();
     }
 
     /// Settles `reservation` with this request's usage when the event is recorded.
@@ -187,6 +216,8 @@ impl MeterGuard {
             hook: self.on_settle.take(),
         };
         let elapsed = self.started.elapsed();
+        let overhead = self.overhead.total();
+        let timing = Timing { elapsed, overhead };
         // Counted only if the client got what it was owed or chose to leave: a failed request
         // is not billed for work the worker did not report.
         let countable = event.usage_source == UsageSource::None
@@ -197,6 +228,7 @@ impl MeterGuard {
         {
             let relayed = std::mem::take(&mut self.relayed);
             let counting = Counting::begin(self.meter.clone());
+            let trace = self.trace.clone();
             let (done, synced) = if wait {
                 let (tx, rx) = oneshot::channel();
                 (Some(tx), Some(rx))
@@ -209,7 +241,14 @@ impl MeterGuard {
                     event.completion_tokens = usage.completion_tokens;
                     event.usage_source = UsageSource::Gateway;
                 }
-                let synced = commit(&counting.meter, event, settle, elapsed, done.is_some());
+                let synced = commit(
+                    &counting.meter,
+                    event,
+                    settle,
+                    timing,
+                    &trace,
+                    done.is_some(),
+                );
                 drop(counting);
                 if let Some(done) = done {
                     if let Some(synced) = synced {
@@ -220,8 +259,15 @@ impl MeterGuard {
             });
             return synced;
         }
-        commit(&self.meter, event, settle, elapsed, wait)
+        commit(&self.meter, event, settle, timing, &self.trace, wait)
     }
+}
+
+/// A request's whole time at the gateway and the gateway's own part of it.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    elapsed: Duration,
+    overhead: Duration,
 }
 
 /// What learns a request's usage when its event is recorded.
@@ -230,14 +276,18 @@ struct Settle {
     hook: Option<SettleHook>,
 }
 
-/// Settles the request's reservation and hook with its event's usage and records the event.
+/// Settles the request's reservation and hook with its event's usage and records the event,
+/// and its outcome on the request's span.
 fn commit(
     meter: &Meter,
     event: UsageEvent,
     settle: Settle,
-    elapsed: Duration,
+    timing: Timing,
+    trace: &Span,
     wait: bool,
 ) -> Synced {
+    let _metering = crate::child_span!(trace, "gateway.metering");
+    crate::telemetry::record_event(trace, &event);
     let usage = Usage {
         prompt_tokens: event.prompt_tokens,
         completion_tokens: event.completion_tokens,
@@ -249,7 +299,7 @@ fn commit(
     if let Some(SettleHook(hook)) = settle.hook {
         hook(&usage);
     }
-    meter.record(event, elapsed, wait)
+    meter.record(event, timing.elapsed, timing.overhead, wait)
 }
 
 /// One event being counted, for `Meter::counts_settled`.

@@ -51,8 +51,14 @@ impl Meter {
     }
 
     /// Records `event`; with `wait`, also returns what resolves once it is on disk.
-    pub(super) fn record(&self, event: UsageEvent, elapsed: Duration, wait: bool) -> Synced {
-        self.metrics.observe_event(&event, elapsed);
+    pub(super) fn record(
+        &self,
+        event: UsageEvent,
+        elapsed: Duration,
+        overhead: Duration,
+        wait: bool,
+    ) -> Synced {
+        self.metrics.observe_event(&event, elapsed, overhead);
         let mut queue = self.lock();
         let seq = queue.next_seq;
         queue.next_seq = queue.next_seq.saturating_add(1);

@@ -12,7 +12,9 @@
 mod counting;
 mod guard;
 mod meter;
+mod overhead;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
 pub use guard::{MeterGuard, SettleHook};
 pub use meter::{Meter, Synced};
+pub use overhead::{Arrival, Overhead};

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::response::Parts;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use tracing::Span;
 
+use super::exchange::{Exchanged, exchange};
 use super::outcome::{Answer, Head, METADATA, Outcome};
 use crate::coalesce::{Joined, Route};
 use crate::error::ApiError;
@@ -23,6 +23,7 @@ use crate::request::{Endpoint, InferenceRequest};
 use crate::router::{Outstanding, Worker};
 use crate::scheduler::Claim;
 use crate::state::AppState;
+use crate::telemetry::TraceHeaders;
 use crate::upstream::UpstreamError;
 use crate::usage::Status;
 
@@ -59,10 +60,18 @@ pub(super) async fn run(
     mut meter: MeterGuard,
 ) -> Outcome {
     let body = request.upstream_body();
+    let trace = meter.trace().clone();
     let max_attempts = state.config.routing.max_attempts as usize;
     let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
     let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
     while tried.len() < max_attempts {
+        // Queueing (when every worker is full) and the routing policy's choice.
+        let route = crate::child_span!(
+            &trace,
+            "gateway.route",
+            worker = tracing::field::Empty,
+            queue.waited_ms = tracing::field::Empty,
+        );
         let placement = match state.scheduler.place(request, claim, &tried).await {
             Ok(Some(placement)) => placement,
             Ok(None) => break,
@@ -72,6 +81,12 @@ pub(super) async fn run(
             }
         };
         let worker = placement.outstanding.worker().clone();
+        if !route.is_none() {
+            route.record("worker", &*worker.url);
+            let waited = placement.waited.unwrap_or_default();
+            route.record("queue.waited_ms", waited.as_secs_f64() * 1e3);
+        }
+        drop(route);
         if let Some(waited) = placement.waited {
             state
                 .meter
@@ -80,6 +95,15 @@ pub(super) async fn run(
             meter.on_settle(state.scheduler.refund_on_settle(&request.model, claim));
         }
         state.meter.metrics().attempt(!tried.is_empty());
+        let span = crate::child_span!(
+            &trace,
+            "gateway.attempt",
+            otel.kind = "client",
+            worker = &*worker.url,
+            // Signed: the OpenTelemetry layer writes unsigned integers as text.
+            attempt = tried.len() as i64 + 1,
+            outcome = tracing::field::Empty,
+        );
         tried.push(placement.index);
         meter.set_worker(
             worker.url.clone(),
@@ -90,7 +114,27 @@ pub(super) async fn run(
                 request.body(),
             ),
         );
-        match attempt(state, request, placement.outstanding, body.clone(), &meter).await {
+        let replied = attempt(
+            state,
+            request,
+            placement.outstanding,
+            body.clone(),
+            &mut meter,
+            &span,
+        )
+        .await;
+        if !span.is_none() {
+            span.record(
+                "outcome",
+                match &replied {
+                    Ok(_) => "answered",
+                    Err(Failure::Worker { .. }) => "worker_error",
+                    Err(Failure::Gateway(_)) => "failed",
+                },
+            );
+        }
+        drop(span);
+        match replied {
             Ok(Reply::Stream {
                 parts,
                 first,
@@ -136,6 +180,7 @@ async fn answer(
         Endpoint::Embeddings => parts.headers.get(METADATA).map(HeaderValue::as_bytes),
         Endpoint::ChatCompletions | Endpoint::Completions => None,
     };
+    let _relay = crate::child_span!(meter.trace(), "gateway.relay");
     let usage = complete(parts.status, &body, metadata, meter).await;
     Outcome::Answer(Answer {
         head: Head::of(parts.status, &parts.headers),
@@ -147,13 +192,16 @@ async fn answer(
 /// One attempt on the worker `outstanding` counts it on: its answer, or why there is none to
 /// relay. The outcome goes to the worker's circuit breaker: an answer below 500 (a 4xx is the
 /// client's fault) or a stream's first event is an answer; a 5xx, a broken connection or no
-/// answer in time is a failure; a refused connection marks the worker down instead.
+/// answer in time is a failure; a refused connection marks the worker down instead. The time
+/// spent waiting on the worker is not the gateway's (`meter`'s overhead pauses); the upstream
+/// request carries `span`'s trace context.
 async fn attempt(
     state: &AppState,
     request: &InferenceRequest,
     mut outstanding: Outstanding,
     body: Bytes,
-    meter: &MeterGuard,
+    meter: &mut MeterGuard,
+    span: &Span,
 ) -> Result<Reply, Failure> {
     let worker = outstanding.worker().clone();
     if let Some(joined) = coalesced(state, request, &worker, &body, meter).await {
@@ -168,48 +216,23 @@ async fn attempt(
             Joined::Alone => {}
         }
     }
-    let deadline = state.upstream.deadline();
-    let sent = state
-        .upstream
-        .post_json(
-            &worker.url,
-            worker.uri(request.endpoint),
-            worker.authorization.as_ref(),
-            body,
-            request.client_request_id.as_deref(),
-            deadline,
-        )
-        .await;
-    let response = sent.map_err(|error| upstream_failure(error, &mut outstanding, request))?;
-    if !request.stream {
-        state.meter.metrics().first_byte(meter.elapsed());
+    let trace = TraceHeaders::of(span);
+    meter.pause_overhead();
+    let exchanged = exchange(state, request, &worker, body, &trace, meter, span).await;
+    meter.resume_overhead();
+    match exchanged {
+        Ok(Exchanged::Stream { parts, first, rest }) => {
+            outstanding.answered();
+            Ok(Reply::Stream {
+                parts,
+                first,
+                rest,
+                outstanding,
+            })
+        }
+        Ok(Exchanged::Complete { parts, body }) => complete_reply(parts, body, outstanding),
+        Err(error) => Err(upstream_failure(error, &mut outstanding, request)),
     }
-    let (parts, incoming) = response.into_parts();
-    if request.stream && parts.status.is_success() {
-        let (first, rest) =
-            first_chunk(incoming, &worker.url, deadline)
-                .await
-                .map_err(|error| {
-                    tracing::warn!(%error, "worker failed before its first event");
-                    outstanding.failed();
-                    Failure::Gateway(gateway_error(error))
-                })?;
-        state.meter.metrics().first_byte(meter.elapsed());
-        outstanding.answered();
-        return Ok(Reply::Stream {
-            parts,
-            first,
-            rest,
-            outstanding,
-        });
-    }
-    let body = crate::upstream::collect(incoming, &worker.url, deadline)
-        .await
-        .map_err(|error| {
-            outstanding.failed();
-            Failure::Gateway(gateway_error(error))
-        })?;
-    complete_reply(parts, body, outstanding)
 }
 
 /// A worker's complete answer: relayed if below 500, else a failure of its attempt.
@@ -256,7 +279,7 @@ async fn coalesced(
     request: &InferenceRequest,
     worker: &Arc<Worker>,
     body: &Bytes,
-    meter: &MeterGuard,
+    meter: &mut MeterGuard,
 ) -> Option<Joined> {
     let coalescer = state.coalescer.as_ref()?;
     if request.stream || !matches!(request.endpoint, Endpoint::Completions) {
@@ -269,11 +292,12 @@ async fn coalesced(
         meter: state.meter.clone(),
     };
     let request_id = request.client_request_id.as_deref();
-    Some(
-        coalescer
-            .join(&route, meter.key_id(), request_id, part)
-            .await,
-    )
+    meter.pause_overhead();
+    let joined = coalescer
+        .join(&route, meter.key_id(), request_id, part)
+        .await;
+    meter.resume_overhead();
+    Some(joined)
 }
 
 /// The client's answer to a failed attempt; the error itself, which names the worker, is logged.
@@ -284,46 +308,6 @@ fn gateway_error(error: UpstreamError) -> ApiError {
         UpstreamError::Transport { .. } => {
             ApiError::Upstream("the worker broke the connection before it answered")
         }
-    }
-}
-
-/// Waits for the first non-empty body chunk of a stream.
-async fn first_chunk(
-    mut body: Incoming,
-    worker: &str,
-    deadline: Instant,
-) -> Result<(Bytes, Incoming), UpstreamError> {
-    let wait = async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        return Ok(data);
-                    }
-                }
-                Some(Err(error)) => {
-                    return Err(UpstreamError::Transport {
-                        worker: worker.to_owned(),
-                        detail: error.to_string(),
-                    });
-                }
-                None => {
-                    return Err(UpstreamError::Transport {
-                        worker: worker.to_owned(),
-                        detail: "empty stream".to_owned(),
-                    });
-                }
-            }
-        }
-    };
-    match tokio::time::timeout_at(deadline, wait).await {
-        Ok(Ok(first)) => Ok((first, body)),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(UpstreamError::Timeout {
-            worker: worker.to_owned(),
-        }),
     }
 }
 

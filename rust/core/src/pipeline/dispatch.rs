@@ -3,7 +3,7 @@
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::metering::MeterGuard;
+use crate::metering::{Arrival, MeterGuard};
 use crate::quota::{Estimate, Exceeded, QuotaError, RateHeaders};
 use crate::request::InferenceRequest;
 use crate::router::Availability;
@@ -17,16 +17,26 @@ use super::outcome::{Dispatched, Outcome};
 /// Runs `request` for `principal` through the pipeline. The event id is minted before admission
 /// (a quota's reservation is taken under it); the meter starts only once the request is admitted,
 /// so a refused request leaves nothing in the journal (it is counted in `/metrics`).
+/// `arrival` brings the gateway's time on the request so far and its root span, which learns
+/// the tenant (never the key) and the model here.
 pub async fn dispatch(
     state: &AppState,
     request: InferenceRequest,
     principal: &Principal,
+    arrival: Arrival,
 ) -> Dispatched {
+    let trace = &arrival.trace;
+    if !trace.is_none() {
+        trace.record("tenant.id", &*principal.tenant_id);
+        trace.record("model", request.model.as_str());
+        trace.record("endpoint", request.endpoint.as_str());
+        trace.record("stream", request.stream);
+    }
     if matches!(
         state.registry.availability(&request.model),
         Availability::Unknown
     ) {
-        return refused(state, ApiError::ModelNotFound(request.model), None);
+        return refused(state, trace, ApiError::ModelNotFound(request.model), None);
     }
     let ids = EventIds::mint(request.client_request_id.as_deref());
     let estimate = Estimate::of(
@@ -34,10 +44,12 @@ pub async fn dispatch(
         state.registry.context_len(&request.model),
         state.quota.config().default_max_tokens,
     );
+    let admission = crate::child_span!(trace, "gateway.admission");
     let admitted = state
         .quota
         .admit(principal, &request.model, &estimate, &ids.event_id)
         .await;
+    drop(admission);
     let (reservation, rate) = match admitted {
         Ok(Some(reservation)) => {
             let headers = *reservation.headers();
@@ -46,11 +58,12 @@ pub async fn dispatch(
         Ok(None) => (None, RateHeaders::default()),
         Err(error) => {
             let (error, headers) = refusal(error, &request.model, &estimate);
-            return refused(state, error, headers);
+            return refused(state, trace, error, headers);
         }
     };
     let request_id = ids.request_id.clone();
     let mut meter = MeterGuard::begin(state.meter.clone(), ids, principal, &request);
+    meter.arrived(arrival);
     if let Some(reservation) = reservation {
         meter.attach(reservation);
     }
@@ -68,8 +81,14 @@ pub async fn dispatch(
     }
 }
 
-fn refused(state: &AppState, error: ApiError, rate: Option<RateHeaders>) -> Dispatched {
+fn refused(
+    state: &AppState,
+    trace: &tracing::Span,
+    error: ApiError,
+    rate: Option<RateHeaders>,
+) -> Dispatched {
     state.meter.metrics().reject(&error);
+    crate::telemetry::record_refusal(trace, &error);
     Dispatched {
         request_id: None,
         rate,

@@ -3,6 +3,7 @@
 
 mod attempt;
 mod dispatch;
+mod exchange;
 mod outcome;
 
 pub use dispatch::dispatch;

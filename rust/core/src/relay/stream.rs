@@ -113,8 +113,10 @@ impl EventStream {
         idle_timeout: Duration,
     ) -> Self {
         meter.set_http_status(200);
+        let span = crate::child_span!(meter.trace(), "gateway.relay");
         Self {
             relay: Relay {
+                _span: span,
                 usage: StreamUsage::new(request.n),
                 body,
                 first: Some(first),
@@ -169,6 +171,8 @@ struct Read {
 }
 
 struct Relay {
+    /// `gateway.relay`, from the first event to the end of the stream (or the client's leaving).
+    _span: tracing::Span,
     body: Incoming,
     first: Option<Bytes>,
     splitter: SseSplitter,
@@ -241,8 +245,20 @@ impl Relay {
         }
     }
 
-    /// Turns one read of worker bytes into what the client gets, metering every event relayed.
+    /// Turns one read of worker bytes into what the client gets, metering every event relayed;
+    /// the gateway's own time, for its overhead.
     fn process(&mut self, chunk: Bytes) -> Relayed {
+        if let Some(meter) = self.meter.as_mut() {
+            meter.resume_overhead();
+        }
+        let relayed = self.process_read(chunk);
+        if let Some(meter) = self.meter.as_mut() {
+            meter.pause_overhead();
+        }
+        relayed
+    }
+
+    fn process_read(&mut self, chunk: Bytes) -> Relayed {
         let mut out = BytesMut::new();
         let mut read = Read::default();
         for event in self.splitter.push(chunk) {
