@@ -15,8 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from gateway.grpc import GatewayClient
-from gateway.grpc.v1 import inference_pb2_grpc
+from gateway.grpc import INFERENCE_SERVICE, GatewayClient, ServiceStub
 from tests.support import procs
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.support.stack import StackFactory
@@ -183,7 +182,7 @@ def test_a_grpc_call_is_one_trace_from_its_metadata_through_the_gateway_to_the_w
 ) -> None:
     trace_id, client_parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     with grpc.insecure_channel(traced.grpc_target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = ServiceStub(channel, INFERENCE_SERVICE)
         answer = stub.Completion(
             GatewayClient.completion_request(MODEL, "hello there", max_tokens=4),
             metadata=(
