@@ -161,15 +161,13 @@ def loaded(objects: tuple[Obj, ...], tmp_path: Path) -> tuple[dict[str, Any], Ga
 def validated(data: dict[str, Any]) -> GatewayConfig:
     """The gateway's own validation of the whole file, for options it has today.
 
-    UNTIL-MERGED: `[[workers]] dns` (DNS discovery) and `server.drain_seconds` (graceful drain)
-    are being added on their own branches. Until they are merged, a `dns` entry is checked here as
-    the `url` entry of the same address and `drain_seconds` is set aside; once they are, this
+    UNTIL-MERGED: `[[workers]] dns` (DNS discovery) is being added on its own branch. Until it is
+    merged, a `dns` entry is checked here as the `url` entry of the same address; once it is, this
     function is `GatewayConfig.model_validate(data)` and nothing else.
     """
     data = json.loads(json.dumps(data))
     for worker in data["workers"]:
         worker["url"] = worker.pop("dns")
-    data["server"].pop("drain_seconds")
     return GatewayConfig.model_validate(data)
 
 
@@ -282,8 +280,7 @@ def test_probes_use_the_gateways_routes_and_draining_fits_the_grace_period(
     assert readiness["httpGet"] == {"path": "/ready", "port": "http"}
     assert liveness["httpGet"] == {"path": "/metrics", "port": "http"}
 
-    # UNTIL-MERGED: config.server.drain_seconds once graceful drain is merged.
-    drain = data["server"]["drain_seconds"]
+    drain = config.server.drain_seconds
     # The readiness probe sees the 503 while the listener still serves...
     assert readiness["periodSeconds"] * readiness["failureThreshold"] < drain
     # ...and Kubernetes kills the pod only after draining and the grace have run out.
