@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// One worker to route to: a `vllm serve` (or `gateway sim`) base URL.
+/// One worker to route to, a `vllm serve` (or `gateway sim`) base URL; or a DNS name whose
+/// addresses are as many workers (`router::discovery`). Exactly one of `url` and `dns`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
-    pub url: String,
+    pub url: Option<String>,
+    /// `http://NAME:PORT`: each A and AAAA address of NAME is the worker `http://ADDR:PORT`.
+    pub dns: Option<String>,
     /// The worker's own key (`vllm serve --api-key`), sent as `Authorization: Bearer` on every
     /// request and probe to it. Tenants' keys never reach workers.
     pub api_key: Option<String>,
@@ -101,6 +104,10 @@ pub struct RoutingConfig {
     pub coalesce_max_prompts: u32,
     /// Per model (by its name as requests give it), what differs from the above.
     pub models: BTreeMap<String, ModelRoutingConfig>,
+    /// Period of the resolution of the workers given by a DNS name.
+    pub discovery_interval_ms: u64,
+    /// The name servers those names are resolved with; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl RoutingConfig {
@@ -132,6 +139,10 @@ impl RoutingConfig {
 
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms.max(1))
+    }
+
+    pub fn discovery_interval(&self) -> Duration {
+        Duration::from_millis(self.discovery_interval_ms.max(100))
     }
 
     fn validate_breaker(&self) -> Result<(), ConfigError> {
@@ -260,6 +271,62 @@ impl GatewayConfig {
         Duration::from_millis(self.body_read_timeout_ms.max(1))
     }
 
+    /// What a running gateway applies of `new` (a reload): the workers, the routing policies,
+    /// queue limits, timeouts of an attempt, intervals and DNS settings; and, kept at their
+    /// running value, the options that need a restart, named in the list returned when `new`
+    /// changes them: the listeners and their read limits (bound at start), the journal and the
+    /// quota's store (opened at start), the connect timeout (the connection pool's), the
+    /// coalescing windows (the coalescer's), and the circuit breaker's settings (a kept worker
+    /// keeps its breaker's history, whose window they size).
+    pub fn reloaded(&self, new: Self) -> (Self, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        let mut effective = new;
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if effective.$($field).+ != self.$($field).+ {
+                    kept.push($name);
+                    effective.$($field).+ = self.$($field).+.clone();
+                }
+            };
+        }
+        keep!(listen, "server.host/server.port");
+        keep!(grpc_listen, "grpc.host/grpc.port");
+        keep!(max_body_bytes, "server.max_body_bytes");
+        keep!(header_read_timeout_ms, "server.header_read_timeout_ms");
+        keep!(body_read_timeout_ms, "server.body_read_timeout_ms");
+        keep!(journal, "journal");
+        keep!(quota, "quota");
+        keep!(routing.connect_timeout_ms, "routing.connect_timeout_ms");
+        keep!(routing.coalesce_max_prompts, "routing.coalesce_max_prompts");
+        if effective.routing.coalesce_windows() != self.routing.coalesce_windows() {
+            kept.push("routing.coalesce_window_us/routing.models.*.coalesce_window_us");
+            effective.routing.coalesce_window_us = self.routing.coalesce_window_us;
+            for (model, settings) in &mut effective.routing.models {
+                settings.coalesce_window_us = self
+                    .routing
+                    .models
+                    .get(model)
+                    .and_then(|m| m.coalesce_window_us);
+            }
+        }
+        keep!(
+            routing.breaker_consecutive_failures,
+            "routing.breaker_consecutive_failures"
+        );
+        keep!(routing.breaker_window, "routing.breaker_window");
+        keep!(routing.breaker_min_requests, "routing.breaker_min_requests");
+        keep!(
+            routing.breaker_failure_percent,
+            "routing.breaker_failure_percent"
+        );
+        keep!(routing.breaker_backoff_ms, "routing.breaker_backoff_ms");
+        keep!(
+            routing.breaker_max_backoff_ms,
+            "routing.breaker_max_backoff_ms"
+        );
+        (effective, kept)
+    }
+
     /// Parses and validates the JSON document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let config: Self = serde_json::from_str(text)?;
@@ -276,10 +343,32 @@ impl GatewayConfig {
             return Err(invalid("workers", "at least one worker is required"));
         }
         for worker in &self.workers {
-            if worker.url.parse::<http::Uri>().is_err() || !worker.url.starts_with("http://") {
+            let (field, url) = match (&worker.url, &worker.dns) {
+                (Some(url), None) => ("workers.url", url),
+                (None, Some(dns)) => ("workers.dns", dns),
+                _ => {
+                    return Err(invalid(
+                        "workers",
+                        "each worker has exactly one of `url` and `dns`",
+                    ));
+                }
+            };
+            let parsed = url.parse::<http::Uri>();
+            if parsed.is_err() || !url.starts_with("http://") {
                 return Err(ConfigError::Invalid {
-                    field: "workers.url",
-                    message: format!("{:?} is not an http:// URL", worker.url),
+                    field,
+                    message: format!("{url:?} is not an http:// URL"),
+                });
+            }
+            if field == "workers.dns"
+                && parsed
+                    .ok()
+                    .and_then(|uri| uri.host().map(|h| h.parse::<std::net::IpAddr>().is_ok()))
+                    .unwrap_or(true)
+            {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{url:?} does not name a host to resolve"),
                 });
             }
         }

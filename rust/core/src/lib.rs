@@ -42,4 +42,4 @@ pub mod state;
 pub mod upstream;
 pub mod usage;
 
-pub use gateway::{Control, Gateway, WorkerStatus};
+pub use gateway::{Control, Gateway, Reloaded, WorkerStatus};

@@ -87,6 +87,7 @@ pub struct GatewayMetrics {
     queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
     coalesced_calls: Counter,
     coalesced_requests: Counter,
+    discovery_failures: Counter,
 }
 
 /// The labels of a queue's samples.
@@ -190,6 +191,14 @@ impl Default for GatewayMetrics {
             coalesced_requests.clone(),
         );
 
+        let discovery_failures = Counter::default();
+        families.register(
+            "tokengate_discovery_failures",
+            "Resolutions of a worker DNS name that failed or found no address (the last known \
+             workers stay)",
+            discovery_failures.clone(),
+        );
+
         Self {
             families,
             requests: request_handles,
@@ -204,6 +213,7 @@ impl Default for GatewayMetrics {
             queue_wait,
             coalesced_calls,
             coalesced_requests,
+            discovery_failures,
         }
     }
 }
@@ -254,6 +264,11 @@ impl GatewayMetrics {
     pub fn coalesced(&self, requests: usize) {
         self.coalesced_calls.inc();
         self.coalesced_requests.inc_by(requests as u64);
+    }
+
+    /// A worker DNS name could not be resolved, or had no address.
+    pub fn discovery_failed(&self) {
+        self.discovery_failures.inc();
     }
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker

@@ -80,13 +80,11 @@ async fn admit(
     body: Body,
 ) -> Result<(InferenceRequest, Arc<Principal>), ApiError> {
     let principal = state.keys.authenticate(headers)?;
-    let body = read_body(
-        body,
-        headers,
-        state.config.max_body_bytes,
-        state.config.body_read_timeout(),
-    )
-    .await?;
+    let (max_body_bytes, body_read_timeout) = {
+        let config = state.config.load();
+        (config.max_body_bytes, config.body_read_timeout())
+    };
+    let body = read_body(body, headers, max_body_bytes, body_read_timeout).await?;
     let request_id = match headers.get("x-request-id") {
         None => None,
         Some(value) => {

@@ -59,7 +59,7 @@ impl GrpcServer {
             .build_v1alpha()
             .map_err(io::Error::other)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = &state.config;
+        let config = state.config.load_full();
         let router = Server::builder()
             // A client that stops answering pings (frozen, or gone without a FIN) is dropped,
             // and its calls with it.
@@ -77,7 +77,7 @@ impl GrpcServer {
                 // Room for a message whose OpenAI body is over the limit, so that the answer
                 // is the HTTP API's (INVALID_ARGUMENT, naming the limit), not a transport error.
                 InferenceServiceServer::new(InferenceApi::new(state.clone()))
-                    .max_decoding_message_size(state.config.max_body_bytes.saturating_mul(2)),
+                    .max_decoding_message_size(config.max_body_bytes.saturating_mul(2)),
             );
         let incoming = guard::incoming(listener, config.header_read_timeout());
         let task = tokio::spawn(async move {
@@ -125,8 +125,8 @@ impl Drop for GrpcServer {
 
 /// Keeps the health service's answer current: SERVING while at least one worker is healthy.
 async fn report_health(reporter: tonic_health::server::HealthReporter, state: Arc<AppState>) {
-    let interval = state.config.routing.health_interval();
     loop {
+        let interval = state.config.load().routing.health_interval();
         let healthy = state.registry.workers().iter().any(|w| w.is_healthy());
         let status = if healthy {
             ServingStatus::Serving

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
 use crate::request::{Endpoint, InferenceRequest};
-use crate::router::{Outstanding, Worker};
+use crate::router::{Outstanding, Worker, WorkerId};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::upstream::UpstreamError;
@@ -59,8 +59,12 @@ pub(super) async fn run(
     mut meter: MeterGuard,
 ) -> Outcome {
     let body = request.upstream_body();
-    let max_attempts = state.config.routing.max_attempts as usize;
-    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let (max_attempts, stream_idle_timeout) = {
+        let config = state.config.load();
+        let routing = &config.routing;
+        (routing.max_attempts as usize, routing.stream_idle_timeout())
+    };
+    let mut tried: Vec<WorkerId> = Vec::with_capacity(max_attempts);
     let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
     while tried.len() < max_attempts {
         let placement = match state.scheduler.place(request, claim, &tried).await {
@@ -80,7 +84,7 @@ pub(super) async fn run(
             meter.on_settle(state.scheduler.refund_on_settle(&request.model, claim));
         }
         state.meter.metrics().attempt(!tried.is_empty());
-        tried.push(placement.index);
+        tried.push(worker.id);
         meter.set_worker(
             worker.url.clone(),
             Counter::new(
@@ -103,7 +107,7 @@ pub(super) async fn run(
                     meter,
                     outstanding,
                     request,
-                    state.config.routing.stream_idle_timeout(),
+                    stream_idle_timeout,
                 ));
                 let head = Head::of(parts.status, &parts.headers);
                 return Outcome::Stream { head, events };
