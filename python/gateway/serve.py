@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.admin import AdminServer, bind_admin
@@ -24,7 +25,8 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
-from gateway.signals import StopSignals
+from gateway.reload import Reloader
+from gateway.signals import ReloadSignal, StopSignals
 from gateway.usage_reader import LedgerUsageReader
 
 __all__ = ["CoreGateway", "SnapshotPusher", "UsageCollector", "run", "seed_spent", "supervise"]
@@ -257,19 +259,35 @@ async def _serve(
     admin: AdminServer | None,
     announce: Callable[[], None],
     signals: StopSignals,
+    hangup: ReloadSignal,
+    reloader: Reloader | None,
 ) -> int:
     stop = asyncio.Event()
     signals.attach(stop)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        if reloader is None:
+            logger.info("SIGHUP: no configuration file to reload")
+            return
+        task = asyncio.ensure_future(reloader.reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    hangup.attach(reload)
     announce()
     try:
         return await supervise(
             gateway, conn, config.control, config.server.shutdown_grace_seconds, stop, pusher, admin
         )
     finally:
+        hangup.detach()
         signals.detach()
 
 
-def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
+def _admin(
+    conn: Connection, config: GatewayConfig, reloader: Reloader | None
+) -> AdminServer | None:
     """The admin listener's server, bound, if the admin or the billing token is set; None if
     neither is (it is disabled)."""
     names = config.admin.token_env, config.admin.billing_token_env
@@ -283,10 +301,18 @@ def _admin(conn: Connection, config: GatewayConfig) -> AdminServer | None:
         logger.info("admin routes closed (%s is unset); the billing API serves", names[0])
     elif not billing_token:
         logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
-    return bind_admin(conn, config.admin, token, billing_token, config.billing, config.server)
+    reload = None if reloader is None else reloader.reload
+    return bind_admin(
+        conn, config.admin, token, billing_token, config.billing, config.server, reload
+    )
 
 
-def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
+def run(
+    config: GatewayConfig,
+    *,
+    on_ready: Callable[[str, int], None] | None = None,
+    config_path: Path | None = None,
+) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit status.
 
     Prints `gateway listening on http://HOST:PORT` once serving (after `gRPC API listening on
@@ -294,9 +320,13 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
     address; the admin API, if enabled, prints `admin API listening on http://HOST:PORT` once it
     serves. The key and policy snapshots are pushed, and in-process budget counters seeded from
     the ledger, before the first request can arrive. SIGINT and SIGTERM stop it gracefully from
-    the moment it is called (`StopSignals`); call it from the main thread.
+    the moment it is called (`StopSignals`); call it from the main thread. SIGHUP and
+    `POST /admin/v1/reload` read `config_path` again and apply it (`gateway.reload`); without
+    one, SIGHUP is ignored.
     """
+    hangup = ReloadSignal()
     signals = StopSignals()
+    hangup.start()
     from gateway import _core
 
     with open_ledger(config.storage.url) as conn:
@@ -311,8 +341,9 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         pusher.refresh()
         if config.quota.redis_url is None:
             seed_spent(conn, gateway)
+        reloader = None if config_path is None else Reloader(config_path, gateway, config)
         try:
-            admin = _admin(conn, config)
+            admin = _admin(conn, config, reloader)
         except OSError as exc:
             address = listen_address(config.admin.host, config.admin.port)
             logger.error("cannot bind the admin API to %s: %s", address, exc)
@@ -338,6 +369,8 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         # such as the usage events drained in batches.
         gc.freeze()
         try:
-            return asyncio.run(_serve(gateway, conn, config, pusher, admin, announce, signals))
+            return asyncio.run(
+                _serve(gateway, conn, config, pusher, admin, announce, signals, hangup, reloader)
+            )
         finally:
             usage_reader.close()

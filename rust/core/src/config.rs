@@ -540,6 +540,56 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_what_needs_a_restart_and_names_it() {
+        let running = GatewayConfig::from_json(RESOLVED).ok();
+        let mut doc = document();
+        doc["listen"] = "127.0.0.1:9999".into();
+        doc["routing"]["policy"] = "round_robin".into();
+        doc["routing"]["max_queued"] = 7.into();
+        doc["routing"]["breaker_window"] = 10.into();
+        doc["routing"]["coalesce_window_us"] = 300.into();
+        doc["workers"] = serde_json::json!([{"dns": "http://w.test:80", "api_key": null}]);
+        let new = GatewayConfig::from_json(&doc.to_string()).ok();
+        let Some((effective, kept)) = running.as_ref().zip(new).map(|(r, n)| r.reloaded(n)) else {
+            panic!("documents do not parse")
+        };
+        assert_eq!(
+            kept,
+            [
+                "server.host/server.port",
+                "routing.coalesce_window_us/routing.models.*.coalesce_window_us",
+                "routing.breaker_window"
+            ]
+        );
+        assert_eq!(Some(effective.listen), running.as_ref().map(|r| r.listen));
+        assert_eq!(effective.routing.breaker_window, 20);
+        assert_eq!(effective.routing.coalesce_window_us, 0);
+        assert_eq!(effective.routing.policy, PolicyKind::RoundRobin);
+        assert_eq!(effective.routing.max_queued, 7);
+        assert_eq!(effective.workers[0].dns.as_deref(), Some("http://w.test:80"));
+        let unchanged = running.map(|r| r.reloaded(r.clone()).1);
+        assert_eq!(unchanged, Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_worker_has_a_url_or_a_dns_name_not_both_nor_an_address_as_a_name() {
+        for workers in [
+            serde_json::json!([{"url": "http://a:1", "dns": "http://b:1"}]),
+            serde_json::json!([{"api_key": null}]),
+            serde_json::json!([{"dns": "http://10.0.0.1:80"}]),
+            serde_json::json!([{"dns": "ftp://b:1"}]),
+        ] {
+            let mut doc = document();
+            doc["workers"] = workers.clone();
+            let err = GatewayConfig::from_json(&doc.to_string())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("workers"), "{workers}: {err}");
+        }
+    }
+
+    #[test]
     fn breaker_settings_out_of_range_are_named() {
         for (member, value) in [
             ("breaker_window", 65),
