@@ -839,6 +839,9 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(json.dumps(value) for value in get_args(annotation))
     if origin in (Union, UnionType):
         return " or ".join(_type_name(arg) for arg in get_args(annotation))
+    if origin is list:
+        (item,) = get_args(annotation)
+        return f"list of {_type_name(item)}"
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type):
@@ -859,6 +862,8 @@ def _bounds(info: FieldInfo) -> str:
 
 
 def _default(info: FieldInfo) -> str:
+    if info.default_factory is list:
+        return "`[]`"
     if info.default is PydanticUndefined:
         return "required"
     return f"`{json.dumps(info.default)}`"

@@ -58,5 +58,6 @@ def test_gateway_config_for_the_kubernetes_workers_loads() -> None:
     config = load_config(DEPLOY / "vllm" / "k8s" / "gateway-workers.toml")
     assert config.workers
     for worker in config.workers:
+        assert worker.url is not None
         assert ".vllm-worker." in worker.url
         assert worker.api_key

@@ -566,7 +566,10 @@ mod tests {
         assert_eq!(effective.routing.coalesce_window_us, 0);
         assert_eq!(effective.routing.policy, PolicyKind::RoundRobin);
         assert_eq!(effective.routing.max_queued, 7);
-        assert_eq!(effective.workers[0].dns.as_deref(), Some("http://w.test:80"));
+        assert_eq!(
+            effective.workers[0].dns.as_deref(),
+            Some("http://w.test:80")
+        );
         let unchanged = running.map(|r| r.reloaded(r.clone()).1);
         assert_eq!(unchanged, Some(Vec::new()));
     }
