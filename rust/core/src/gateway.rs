@@ -22,7 +22,8 @@ use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{
-    Fleet, Policies, Registry, Resolver, probe, probe_all, run_health_checks, run_load_scrapes,
+    Change, Fleet, Policies, Registry, Resolver, probe, probe_all, run_health_checks,
+    run_load_scrapes,
 };
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
@@ -113,17 +114,8 @@ impl Gateway {
         let config = self.state.config.load_full();
         let interval = config.routing.health_interval();
         if self.state.fleet.has_names() {
-            let state = &self.state;
             // Probes the workers it finds, too.
-            state
-                .fleet
-                .refresh(
-                    &state.resolver,
-                    &config.routing,
-                    &state.upstream,
-                    state.meter.metrics(),
-                )
-                .await;
+            rediscover(&self.state, &config.routing).await;
         }
         probe_all(
             &self.state.upstream,
@@ -201,6 +193,18 @@ impl Gateway {
     }
 }
 
+/// Resolves the worker DNS names once and counts the names that failed (`Fleet::refresh`).
+async fn rediscover(state: &AppState, routing: &crate::config::RoutingConfig) -> Change {
+    let change = state
+        .fleet
+        .refresh(&state.resolver, routing, &state.upstream)
+        .await;
+    if change.failures > 0 {
+        state.meter.metrics().discovery_failed(change.failures);
+    }
+    change
+}
+
 /// Resolves the worker DNS names every `routing.discovery_interval_ms` (as the configuration in
 /// effect says at each round) for the gateway's life.
 async fn run_discovery(state: Arc<AppState>) {
@@ -209,15 +213,7 @@ async fn run_discovery(state: Arc<AppState>) {
         tokio::time::sleep(interval).await;
         if state.fleet.has_names() {
             let config = state.config.load_full();
-            state
-                .fleet
-                .refresh(
-                    &state.resolver,
-                    &config.routing,
-                    &state.upstream,
-                    state.meter.metrics(),
-                )
-                .await;
+            rediscover(&state, &config.routing).await;
         }
     }
 }
@@ -323,15 +319,7 @@ impl Control {
         .await;
         let (mut added, mut removed) = (change.added.len(), change.removed);
         if state.fleet.has_names() {
-            let found = state
-                .fleet
-                .refresh(
-                    &state.resolver,
-                    &config.routing,
-                    &state.upstream,
-                    state.meter.metrics(),
-                )
-                .await;
+            let found = rediscover(state, &config.routing).await;
             added = added.saturating_add(found.added.len());
             removed = removed.saturating_add(found.removed);
         }

@@ -266,9 +266,9 @@ impl GatewayMetrics {
         self.coalesced_requests.inc_by(requests as u64);
     }
 
-    /// A worker DNS name could not be resolved, or had no address.
-    pub fn discovery_failed(&self) {
-        self.discovery_failures.inc();
+    /// `names` worker DNS names could not be resolved, or had no address.
+    pub fn discovery_failed(&self, names: usize) {
+        self.discovery_failures.inc_by(names as u64);
     }
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
@@ -844,6 +844,7 @@ mod tests {
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_coalesced_calls_total", "counter"),
             ("tokengate_coalesced_requests_total", "counter"),
+            ("tokengate_discovery_failures_total", "counter"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),

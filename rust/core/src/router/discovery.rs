@@ -23,7 +23,6 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use super::fleet::{Change, Fleet};
 use super::health::probe;
 use crate::config::RoutingConfig;
-use crate::metrics::GatewayMetrics;
 use crate::upstream::Upstream;
 
 /// How long one resolution may take, over all its tries.
@@ -112,9 +111,9 @@ impl Fleet {
         resolver: &Resolver,
         routing: &RoutingConfig,
         upstream: &Upstream,
-        metrics: &GatewayMetrics,
     ) -> Change {
         let _one_at_a_time = self.refreshing.lock().await;
+        let mut failures = 0usize;
         let names: Vec<String> = self
             .lock()
             .entries
@@ -132,7 +131,7 @@ impl Fleet {
                                 sources.resolved.insert(dns.clone(), ips);
                             }
                             Err(error) => {
-                                metrics.discovery_failed();
+                                failures += 1;
                                 let kept = sources.resolved.get(dns).map_or(0, Vec::len);
                                 tracing::warn!(name = %dns, %error, kept, "worker name not resolved; its last known workers stay");
                             }
@@ -141,7 +140,7 @@ impl Fleet {
                 }
                 Err(error) => {
                     for dns in &names {
-                        metrics.discovery_failed();
+                        failures += 1;
                         tracing::warn!(name = %dns, %error, "worker name not resolved; its last known workers stay");
                     }
                 }
@@ -151,7 +150,10 @@ impl Fleet {
             Ok(change) => change,
             Err(error) => {
                 tracing::error!(%error, "the workers found could not be installed");
-                return Change::default();
+                return Change {
+                    failures,
+                    ..Change::default()
+                };
             }
         };
         let timeout = routing.health_interval().max(Duration::from_millis(500));
@@ -162,6 +164,6 @@ impl Fleet {
                 .map(|worker| probe(upstream, worker, timeout)),
         )
         .await;
-        change
+        Change { failures, ..change }
     }
 }

@@ -55,6 +55,8 @@ pub struct Change {
     pub removed: usize,
     /// Workers in the set now.
     pub workers: usize,
+    /// Names whose resolution failed or found nothing (their last workers stayed).
+    pub failures: usize,
 }
 
 /// Whether workers without `max_concurrency` learn their capacity under `routing`: learning
@@ -230,6 +232,7 @@ impl Fleet {
             removed: removed.len(),
             workers: next.len(),
             added,
+            failures: 0,
         };
         if change.added.is_empty() && change.removed == 0 {
             // Same set: only limits may have changed, and `set_limits` applied them.
