@@ -98,11 +98,17 @@ def test_workers_that_appear_and_vanish_in_dns_change_the_rotation_under_load(
     assert {row["worker"] for row in rows} == {first, second, third}
 
 
-def test_a_dns_server_that_stops_answering_leaves_the_last_workers(discovery: Discovery) -> None:
+def test_an_empty_or_failed_resolution_leaves_the_last_workers(discovery: Discovery) -> None:
     first, second, _ = discovery.sims
     assert procs.wait_for(lambda: discovery.in_rotation() == {first, second}, timeout=30)
-    discovery.dns.stop()
+    # The name has no address any more (a Service whose pods all went unready at once).
+    discovery.dns.set_hosts(NAME, [])
     assert procs.wait_for(lambda: discovery.discovery_failures() >= 2, timeout=30)
+    assert discovery.in_rotation() == {first, second}
+    # No DNS server at all.
+    failed = discovery.discovery_failures()
+    discovery.dns.stop()
+    assert procs.wait_for(lambda: discovery.discovery_failures() >= failed + 2, timeout=30)
     assert discovery.in_rotation() == {first, second}
     body = {"model": "sim-model", "prompt": "still here", "max_tokens": 2}
     headers = {"authorization": f"Bearer {discovery.key}"}
