@@ -86,6 +86,11 @@ class Gateway:
         segments that hold nothing newer."""
     def pending_usage(self) -> int:
         """How many usage events wait to be drained."""
+    def reload(self, config_json: str) -> str:
+        """Applies what can change while serving of the `core` document `config_json` (workers,
+        routing policies, queue limits, attempt timeouts, intervals); returns JSON `{"workers",
+        "added", "removed", "restart_required"}`, the last naming changed options that keep their
+        running value until a restart. Raises `ConfigError`, applying nothing, if it is invalid."""
     def workers(self) -> str:
         """JSON array of the workers: url, healthy, ejected (by its circuit breaker), outstanding
         requests, capacity, models."""

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
@@ -53,6 +53,7 @@ from gateway.ledger.tenants import (
     set_tenant_disabled,
 )
 from gateway.quotas import Price, QuotaPolicy
+from gateway.reload import ReloadRefusedError
 from gateway.telemetry import Telemetry, instrument
 
 __all__ = ["OPENAPI_TITLE", "AdminServer", "bind_admin", "create_app", "router"]
@@ -255,22 +256,49 @@ async def get_prices(conn: Ledger) -> Listing[PriceVersion]:
     return Listing(data=list_prices(conn))
 
 
+class Reloaded(BaseModel):
+    """What a reload applied."""
+
+    workers: int = Field(description="Workers in the fleet now (new ones until probed too).")
+    added: int = Field(description="Workers that joined; in rotation once their probe passes.")
+    removed: int = Field(description="Workers that left; their requests in flight finish.")
+    restart_required: list[str] = Field(
+        description="Options the file changes that keep their running value until a restart."
+    )
+
+
+@router.post("/reload", tags=["configuration"])
+async def post_reload(request: Request) -> Reloaded:
+    """Reads the configuration file again and applies it (as SIGHUP does); 400
+    `invalid_config`, naming the option at fault, if the file is invalid: the running
+    configuration stays."""
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = request.app.state.reload
+    if reload is None:
+        raise ApiError(404, "this admin API has no configuration file to reload", "no_reload")
+    try:
+        return Reloaded.model_validate(await reload())
+    except ReloadRefusedError as exc:
+        raise ApiError(400, str(exc), "invalid_config") from exc
+
+
 def create_app(
     conn: Connection,
     token: str | None,
     billing_token: str | None = None,
     billing: BillingConfig | None = None,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     """The admin API, for callers presenting `token`, and the billing API (`billing_api`), for
     callers presenting `billing_token`, `token` or a tenant's API key, over `conn`; requests must
     run on the thread that owns `conn`. A token left empty opens nothing: with no admin token, the
-    admin routes answer 401."""
+    admin routes answer 401. `reload` serves `POST /admin/v1/reload` (`gateway.reload`)."""
     if not token and not billing_token:
         raise ValueError("the admin token must not be empty when there is no billing token")
     app = new_app(conn, OPENAPI_TITLE)
     app.state.admin_token = token.encode() if token else None
     app.state.billing_token = billing_token.encode() if billing_token else None
     app.state.currency = (billing or BillingConfig()).currency
+    app.state.reload = reload
     app.include_router(router)
     app.include_router(billing_api.router)
     return app
@@ -329,11 +357,12 @@ def bind_admin(
     billing: BillingConfig | None = None,
     server: ServerConfig | None = None,
     telemetry: Telemetry | None = None,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> AdminServer:
     """Binds the admin listener (OSError if it cannot) and returns its server, not yet serving;
     `create_app` says what it serves, `server` (its read timeouts) how long a client may take;
     with `telemetry` on, each request is traced."""
-    app = create_app(conn, token, billing_token, billing)
+    app = create_app(conn, token, billing_token, billing, reload)
     if telemetry is not None:
         instrument(app, telemetry)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

@@ -172,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _configure_logging(args.log_level)
-    return serve.run(config)
+    return serve.run(config, config_path=Path(args.config))
 
 
 def _on_off(value: str) -> bool:

@@ -118,6 +118,30 @@ def _validate_otlp_endpoint(url: str) -> str:
     return url
 
 
+def _validate_worker_dns(url: str) -> str:
+    url = _validate_worker_url(url)
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return url
+    raise ValueError(f"{url!r} names an address, not a DNS name: use `url` for it")
+
+
+def _validate_dns_server(server: str) -> str:
+    """`IP:PORT` (`[IPv6]:PORT`): where a name server listens."""
+    host, sep, port = server.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 1 <= number <= 65535:
+        raise ValueError(f"{server!r} is not IP:PORT (e.g. 10.96.0.10:53 or [::1]:53)")
+    return server
+
+
 def _validate_storage_url(url: str) -> str:
     parse_url(url)
     return url
@@ -194,10 +218,20 @@ class WorkerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    url: Annotated[str, AfterValidator(_validate_worker_url)] = Field(
+    url: Annotated[str, AfterValidator(_validate_worker_url)] | None = Field(
+        default=None,
         description=(
             "Base URL of one worker, e.g. `http://127.0.0.1:8001` (no `/v1`); one `[[workers]]` "
-            "table per worker, at least one."
+            "table per worker, at least one. Each entry has exactly one of `url` and `dns`."
+        ),
+    )
+    dns: Annotated[str, AfterValidator(_validate_worker_dns)] | None = Field(
+        default=None,
+        max_length=300,
+        description=(
+            "Instead of `url`: `http://NAME:PORT`, a DNS name (a Kubernetes headless Service)"
+            " whose every A and AAAA address is one worker `http://ADDR:PORT`, resolved again every"
+            " `routing.discovery_interval_ms`; `api_key` and `max_concurrency` apply to each."
         ),
     )
     api_key: str | None = Field(
@@ -219,6 +253,12 @@ class WorkerConfig(BaseModel):
             " unset, its capacity is learned from its own queue (`routing.learn_capacity`)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _url_or_dns(self) -> WorkerConfig:
+        if (self.url is None) == (self.dns is None):
+            raise ValueError("give exactly one of `url` and `dns`")
+        return self
 
 
 RoutingPolicy = Literal["least_load", "prefix_affinity", "round_robin"]
@@ -447,6 +487,25 @@ class RoutingConfig(BaseModel):
     models: dict[ModelName, ModelRoutingConfig] = Field(
         default_factory=dict,
         description="Per-model routing, by model name.",
+    )
+    discovery_interval_ms: int = Field(
+        default=5000,
+        ge=100,
+        le=3_600_000,
+        description=(
+            "Period of the resolution of `workers[].dns` names: workers whose address appeared"
+            " enter rotation once their health probe passes, those whose address went leave it"
+            " (their requests in flight finish). A failed or empty resolution keeps the name's"
+            " last workers."
+        ),
+    )
+    dns_servers: list[Annotated[str, AfterValidator(_validate_dns_server)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description=(
+            "Name servers (`IP:PORT`) that resolve `workers[].dns` names; empty: the system's"
+            " (`/etc/resolv.conf`)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -779,6 +838,7 @@ class GatewayConfig(BaseModel):
             "workers": [
                 {
                     "url": worker.url,
+                    "dns": worker.dns,
                     "api_key": worker.api_key or None,
                     "max_concurrency": worker.max_concurrency,
                 }
@@ -811,6 +871,8 @@ class GatewayConfig(BaseModel):
                     name: {"policy": model.policy, "coalesce_window_us": model.coalesce_window_us}
                     for name, model in self.routing.models.items()
                 },
+                "discovery_interval_ms": self.routing.discovery_interval_ms,
+                "dns_servers": list(self.routing.dns_servers),
             },
             "quota": self.quota.model_dump(),
             "journal": None
@@ -889,6 +951,9 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(json.dumps(value) for value in get_args(annotation))
     if origin in (Union, UnionType):
         return " or ".join(_type_name(arg) for arg in get_args(annotation))
+    if origin is list:
+        (item,) = get_args(annotation)
+        return f"list of {_type_name(item)}"
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type):
@@ -909,6 +974,8 @@ def _bounds(info: FieldInfo) -> str:
 
 
 def _default(info: FieldInfo) -> str:
+    if info.default_factory is list:
+        return "`[]`"
     if info.default is PydanticUndefined:
         return "required"
     return f"`{json.dumps(info.default)}`"

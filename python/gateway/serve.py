@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from opentelemetry.trace import NoOpTracer, Status, StatusCode
@@ -26,7 +27,8 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
-from gateway.signals import StopSignals
+from gateway.reload import Reloader
+from gateway.signals import ReloadSignal, StopSignals
 from gateway.telemetry import Telemetry
 from gateway.telemetry import start as start_telemetry
 from gateway.usage_reader import LedgerUsageReader
@@ -282,9 +284,22 @@ async def _serve(
     announce: Callable[[], None],
     signals: StopSignals,
     telemetry: Telemetry,
+    hangup: ReloadSignal,
+    reloader: Reloader | None,
 ) -> int:
     stop = asyncio.Event()
     signals.attach(stop)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        if reloader is None:
+            logger.info("SIGHUP: no configuration file to reload")
+            return
+        task = asyncio.ensure_future(reloader.reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    hangup.attach(reload)
     announce()
     try:
         return await supervise(
@@ -299,10 +314,13 @@ async def _serve(
             drain_s=config.server.drain_seconds,
         )
     finally:
+        hangup.detach()
         signals.detach()
 
 
-def _admin(conn: Connection, config: GatewayConfig, telemetry: Telemetry) -> AdminServer | None:
+def _admin(
+    conn: Connection, config: GatewayConfig, telemetry: Telemetry, reloader: Reloader | None
+) -> AdminServer | None:
     """The admin listener's server, bound, if the admin or the billing token is set; None if
     neither is (it is disabled)."""
     names = config.admin.token_env, config.admin.billing_token_env
@@ -316,12 +334,18 @@ def _admin(conn: Connection, config: GatewayConfig, telemetry: Telemetry) -> Adm
         logger.info("admin routes closed (%s is unset); the billing API serves", names[0])
     elif not billing_token:
         logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
+    reload = None if reloader is None else reloader.reload
     return bind_admin(
-        conn, config.admin, token, billing_token, config.billing, config.server, telemetry
+        conn, config.admin, token, billing_token, config.billing, config.server, telemetry, reload
     )
 
 
-def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = None) -> int:
+def run(
+    config: GatewayConfig,
+    *,
+    on_ready: Callable[[str, int], None] | None = None,
+    config_path: Path | None = None,
+) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit status.
 
     Prints `gateway listening on http://HOST:PORT` once serving (after `gRPC API listening on
@@ -329,9 +353,13 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
     address; the admin API, if enabled, prints `admin API listening on http://HOST:PORT` once it
     serves. The key and policy snapshots are pushed, and in-process budget counters seeded from
     the ledger, before the first request can arrive. SIGINT and SIGTERM stop it gracefully from
-    the moment it is called (`StopSignals`); call it from the main thread.
+    the moment it is called (`StopSignals`); call it from the main thread. SIGHUP and
+    `POST /admin/v1/reload` read `config_path` again and apply it (`gateway.reload`); without
+    one, SIGHUP is ignored.
     """
+    hangup = ReloadSignal()
     signals = StopSignals()
+    hangup.start()
     try:
         document = config.core_document()
     except ValueError as exc:
@@ -339,7 +367,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[str, int], None] | None = 
         return 2
     telemetry = start_telemetry(config.telemetry.resolve())
     try:
-        return _run(config, document, telemetry, signals, on_ready)
+        return _run(config, document, telemetry, signals, hangup, on_ready, config_path)
     finally:
         # After the core's shutdown and the last ledger write: their spans go too.
         telemetry.shutdown()
@@ -350,7 +378,9 @@ def _run(
     document: str,
     telemetry: Telemetry,
     signals: StopSignals,
+    hangup: ReloadSignal,
     on_ready: Callable[[str, int], None] | None,
+    config_path: Path | None,
 ) -> int:
     from gateway import _core
 
@@ -366,8 +396,9 @@ def _run(
         pusher.refresh()
         if config.quota.redis_url is None:
             seed_spent(conn, gateway)
+        reloader = None if config_path is None else Reloader(config_path, gateway, config)
         try:
-            admin = _admin(conn, config, telemetry)
+            admin = _admin(conn, config, telemetry, reloader)
         except OSError as exc:
             address = listen_address(config.admin.host, config.admin.port)
             logger.error("cannot bind the admin API to %s: %s", address, exc)
@@ -394,7 +425,18 @@ def _run(
         gc.freeze()
         try:
             return asyncio.run(
-                _serve(gateway, conn, config, pusher, admin, announce, signals, telemetry)
+                _serve(
+                    gateway,
+                    conn,
+                    config,
+                    pusher,
+                    admin,
+                    announce,
+                    signals,
+                    telemetry,
+                    hangup,
+                    reloader,
+                )
             )
         finally:
             usage_reader.close()

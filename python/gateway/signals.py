@@ -16,8 +16,9 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
-__all__ = ["StopSignals"]
+__all__ = ["ReloadSignal", "StopSignals"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +61,47 @@ class StopSignals:
         with self._lock:
             self._loop = None
             self._stop = None
+
+
+class ReloadSignal:
+    """SIGHUP, from the first instant to the last, kept apart from the stop signals: blocked in
+    the calling (main) thread before any other thread exists, like them, and taken by a thread
+    of its own with `sigwait`. While a callback is attached, each SIGHUP schedules it on the
+    attaching loop (`gateway serve` reloads its configuration file); before and after, it is
+    logged and ignored: its default action, ending the process, never applies.
+
+    Create it before `StopSignals` (whose thread must inherit the block) and `start` it after
+    (so that its own thread inherits theirs).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callback: Callable[[], object] | None = None
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+    def start(self) -> None:
+        """Starts taking SIGHUP (until then it stays pending)."""
+        threading.Thread(target=self._wait, name="reload-signal", daemon=True).start()
+
+    def _wait(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGHUP})
+            with self._lock:
+                if self._loop is not None and self._callback is not None:
+                    logger.info("SIGHUP: reloading the configuration")
+                    self._loop.call_soon_threadsafe(self._callback)
+                    continue
+            logger.info("SIGHUP: not serving; ignored")
+
+    def attach(self, callback: Callable[[], object]) -> None:
+        """From now on a SIGHUP calls `callback` on the running loop; call on the loop."""
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._callback = callback
+
+    def detach(self) -> None:
+        """SIGHUP is ignored from now on."""
+        with self._lock:
+            self._loop = None
+            self._callback = None

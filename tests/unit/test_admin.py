@@ -72,6 +72,7 @@ def test_openapi_documents_every_route_behind_the_bearer_token(admin: Admin) -> 
         "/admin/v1/keys/{key_id}/quota": ["delete", "get", "put"],
         "/admin/v1/prices/{model}": ["put"],
         "/admin/v1/prices": ["get"],
+        "/admin/v1/reload": ["post"],
     }
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for operations in schema["paths"].values():

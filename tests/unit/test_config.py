@@ -329,7 +329,9 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
         "max_body_bytes": 4_194_304,
         "header_read_timeout_ms": 30_000,
         "body_read_timeout_ms": 30_000,
-        "workers": [{"url": "http://127.0.0.1:8001", "api_key": None, "max_concurrency": None}],
+        "workers": [
+            {"url": "http://127.0.0.1:8001", "dns": None, "api_key": None, "max_concurrency": None}
+        ],
         "routing": {
             "health_interval_ms": 500,
             "load_interval_ms": 100,
@@ -354,6 +356,8 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "coalesce_window_us": 0,
             "coalesce_max_prompts": 16,
             "models": {},
+            "discovery_interval_ms": 5000,
+            "dns_servers": [],
         },
         "quota": {
             "redis_url": None,
@@ -411,9 +415,54 @@ def test_worker_api_key_reaches_the_core_document(tmp_path: Path) -> None:
     )
     config = load_config(write(tmp_path, text))
     assert json.loads(config.core_document())["workers"] == [
-        {"url": "http://10.0.0.1:8000", "api_key": "vllm-secret", "max_concurrency": None},
-        {"url": "http://10.0.0.2:8000", "api_key": None, "max_concurrency": None},
+        {
+            "url": "http://10.0.0.1:8000",
+            "dns": None,
+            "api_key": "vllm-secret",
+            "max_concurrency": None,
+        },
+        {"url": "http://10.0.0.2:8000", "dns": None, "api_key": None, "max_concurrency": None},
     ]
+
+
+def test_a_worker_may_be_a_dns_name_instead_of_a_url(tmp_path: Path) -> None:
+    text = (
+        '[[workers]]\ndns = "http://vllm.default.svc.cluster.local:8000"\nmax_concurrency = 4\n'
+        '[routing]\ndiscovery_interval_ms = 1000\ndns_servers = ["10.96.0.10:53", "[::1]:5353"]\n'
+    )
+    document = json.loads(load_config(write(tmp_path, text)).core_document())
+    assert document["workers"] == [
+        {
+            "url": None,
+            "dns": "http://vllm.default.svc.cluster.local:8000",
+            "api_key": None,
+            "max_concurrency": 4,
+        }
+    ]
+    assert document["routing"]["discovery_interval_ms"] == 1000
+    assert document["routing"]["dns_servers"] == ["10.96.0.10:53", "[::1]:5353"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[[workers]]\nmax_concurrency = 2\n", "workers[0]: give exactly one of `url` and `dns`"),
+        (
+            '[[workers]]\nurl = "http://a:1"\ndns = "http://b:1"\n',
+            "workers[0]: give exactly one of `url` and `dns`",
+        ),
+        ('[[workers]]\ndns = "http://10.0.0.1:80"\n', "names an address, not a DNS name"),
+        ('[[workers]]\ndns = "ftp://x:1"\n', "workers[0].dns: 'ftp://x:1' is not an http://"),
+        (
+            MINIMAL + '[routing]\ndns_servers = ["localhost:53"]\n',
+            "routing.dns_servers[0]: 'localhost:53' is not IP:PORT",
+        ),
+        (MINIMAL + '[routing]\ndns_servers = ["127.0.0.1:0"]\n', "is not IP:PORT"),
+        (MINIMAL + "[routing]\ndiscovery_interval_ms = 10\n", "greater than or equal to 100"),
+    ],
+)
+def test_dns_workers_and_servers_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in str(load_error(tmp_path, text))
 
 
 def test_core_document_brackets_ipv6_hosts(tmp_path: Path) -> None:
@@ -449,13 +498,14 @@ def test_options_table_lists_every_option_with_default_and_description() -> None
     }
     assert options == (expected - {"routing.models"}) | {
         "workers[].url",
+        "workers[].dns",
         "workers[].api_key",
         "workers[].max_concurrency",
         'routing.models."NAME".policy',
         'routing.models."NAME".coalesce_window_us',
     }
     assert "| `routing.max_attempts` | integer | `3` |" in table
-    assert "| `workers[].url` | string | required |" in table
+    assert "| `workers[].url` | string or null | `null` |" in table
     assert "| `workers[].api_key` | string or null | `null` |" in table
     assert '| `quota.budgets_when_redis_down` | "reject" or "allow" | `"reject"` |' in table
     for row in rows:

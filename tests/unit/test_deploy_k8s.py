@@ -159,15 +159,7 @@ def loaded(objects: tuple[Obj, ...], tmp_path: Path) -> tuple[dict[str, Any], Ga
 
 
 def validated(data: dict[str, Any]) -> GatewayConfig:
-    """The gateway's own validation of the whole file, for options it has today.
-
-    UNTIL-MERGED: `[[workers]] dns` (DNS discovery) is being added on its own branch. Until it is
-    merged, a `dns` entry is checked here as the `url` entry of the same address; once it is, this
-    function is `GatewayConfig.model_validate(data)` and nothing else.
-    """
-    data = json.loads(json.dumps(data))
-    for worker in data["workers"]:
-        worker["url"] = worker.pop("dns")
+    """The gateway's own validation of the whole file."""
     return GatewayConfig.model_validate(data)
 
 
@@ -272,7 +264,7 @@ def test_probes_use_the_gateways_routes_and_draining_fits_the_grace_period(
     overlay: str, tmp_path: Path
 ) -> None:
     objects = render(overlay)
-    data, config = loaded(objects, tmp_path)
+    _, config = loaded(objects, tmp_path)
     gateway = container(objects, "gateway")
     readiness, liveness = gateway["readinessProbe"], gateway["livenessProbe"]
     # /ready turns 503 on SIGTERM; /metrics answers 200 whether or not a worker is healthy
@@ -344,16 +336,16 @@ def test_secrets_reach_the_variables_the_gateway_reads(overlay: str, tmp_path: P
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_are_the_vllm_statefulsets_headless_service(overlay: str, tmp_path: Path) -> None:
     objects = render(overlay)
-    data, config = loaded(objects, tmp_path)
-    ((worker),) = data["workers"]
-    # UNTIL-MERGED: config.workers[0].dns once DNS discovery is merged.
-    url = urlsplit(worker["dns"])
+    _, config = loaded(objects, tmp_path)
+    ((worker),) = config.workers
+    assert worker.dns is not None
+    url = urlsplit(worker.dns)
     service = one(worker_manifest(), "Service")
     assert service["spec"]["clusterIP"] == "None", "one address per pod needs a headless Service"
     namespace = one(objects, "Deployment")["metadata"]["namespace"]
     assert url.hostname == f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
     assert url.port == service["spec"]["ports"][0]["port"]
-    assert config.workers[0].api_key == SECRET_VALUES["VLLM_API_KEY"]
+    assert worker.api_key == SECRET_VALUES["VLLM_API_KEY"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

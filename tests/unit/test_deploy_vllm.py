@@ -57,6 +57,7 @@ def test_serve_sh_refuses_what_would_break_the_gateway(
 def test_gateway_config_for_the_kubernetes_workers_loads() -> None:
     config = load_config(DEPLOY / "vllm" / "k8s" / "gateway-workers.toml")
     assert config.workers
-    for worker in config.workers:
-        assert ".vllm-worker." in worker.url
-        assert worker.api_key
+    ((worker),) = config.workers
+    assert worker.url is None
+    assert worker.dns == "http://vllm-worker.tokengate.svc.cluster.local:8000"
+    assert worker.api_key

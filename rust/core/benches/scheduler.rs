@@ -110,7 +110,7 @@ fn poll<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
 
 /// The workers of `registry` have no request of the gateway's left on them.
 fn all_released(registry: &Registry) {
-    for worker in registry.workers() {
+    for worker in registry.workers().iter() {
         assert_eq!(worker.outstanding(), 0, "{}", worker.url);
     }
 }
@@ -128,7 +128,7 @@ fn place_release(
             let placement = scheduler.place(&request, &claim, &[]).await.unwrap();
             let placement = placement.unwrap();
             assert!(placement.waited.is_none());
-            placement.index
+            placement.outstanding.worker().id
         });
     });
 }
@@ -161,7 +161,7 @@ fn idle(c: &mut Criterion) {
         .block_on(scheduler.place(&request_n, &claim, &[]))
         .unwrap()
         .unwrap();
-    assert_eq!(held.index, WORKERS);
+    assert_eq!(&*held.outstanding.worker().url, "http://full");
     let mut parked = {
         // Its queue wait starts a timer: it needs the runtime's context.
         let _context = runtime.enter();
@@ -219,7 +219,7 @@ fn policy(c: &mut Criterion) {
     let features = Features::of(&request);
     group.bench_function("Registry::pick, LeastLoad", |b| {
         b.iter(|| match registry.pick(&policy, black_box(&features), &[]) {
-            Pick::Placed(index, _) => index,
+            Pick::Placed(worker) => worker.id,
             Pick::AllFull | Pick::NoneEligible => panic!("no worker placed"),
         });
     });

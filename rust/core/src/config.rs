@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// One worker to route to: a `vllm serve` (or `gateway sim`) base URL.
+/// One worker to route to, a `vllm serve` (or `gateway sim`) base URL; or a DNS name whose
+/// addresses are as many workers (`router::discovery`). Exactly one of `url` and `dns`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
-    pub url: String,
+    pub url: Option<String>,
+    /// `http://NAME:PORT`: each A and AAAA address of NAME is the worker `http://ADDR:PORT`.
+    pub dns: Option<String>,
     /// The worker's own key (`vllm serve --api-key`), sent as `Authorization: Bearer` on every
     /// request and probe to it. Tenants' keys never reach workers.
     pub api_key: Option<String>,
@@ -101,6 +104,10 @@ pub struct RoutingConfig {
     pub coalesce_max_prompts: u32,
     /// Per model (by its name as requests give it), what differs from the above.
     pub models: BTreeMap<String, ModelRoutingConfig>,
+    /// Period of the resolution of the workers given by a DNS name.
+    pub discovery_interval_ms: u64,
+    /// The name servers those names are resolved with; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl RoutingConfig {
@@ -132,6 +139,10 @@ impl RoutingConfig {
 
     pub fn stream_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.stream_idle_timeout_ms.max(1))
+    }
+
+    pub fn discovery_interval(&self) -> Duration {
+        Duration::from_millis(self.discovery_interval_ms.max(100))
     }
 
     fn validate_breaker(&self) -> Result<(), ConfigError> {
@@ -274,6 +285,63 @@ impl GatewayConfig {
         Duration::from_millis(self.body_read_timeout_ms.max(1))
     }
 
+    /// What a running gateway applies of `new` (a reload): the workers, the routing policies,
+    /// queue limits, timeouts of an attempt, intervals and DNS settings; and, kept at their
+    /// running value, the options that need a restart, named in the list returned when `new`
+    /// changes them: the listeners and their read limits (bound at start), the journal and the
+    /// quota's store (opened at start), tracing (installed once per process), the connect timeout (the connection pool's), the
+    /// coalescing windows (the coalescer's), and the circuit breaker's settings (a kept worker
+    /// keeps its breaker's history, whose window they size).
+    pub fn reloaded(&self, new: Self) -> (Self, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        let mut effective = new;
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if effective.$($field).+ != self.$($field).+ {
+                    kept.push($name);
+                    effective.$($field).+ = self.$($field).+.clone();
+                }
+            };
+        }
+        keep!(listen, "server.host/server.port");
+        keep!(grpc_listen, "grpc.host/grpc.port");
+        keep!(max_body_bytes, "server.max_body_bytes");
+        keep!(header_read_timeout_ms, "server.header_read_timeout_ms");
+        keep!(body_read_timeout_ms, "server.body_read_timeout_ms");
+        keep!(journal, "journal");
+        keep!(quota, "quota");
+        keep!(telemetry, "telemetry");
+        keep!(routing.connect_timeout_ms, "routing.connect_timeout_ms");
+        keep!(routing.coalesce_max_prompts, "routing.coalesce_max_prompts");
+        if effective.routing.coalesce_windows() != self.routing.coalesce_windows() {
+            kept.push("routing.coalesce_window_us/routing.models.*.coalesce_window_us");
+            effective.routing.coalesce_window_us = self.routing.coalesce_window_us;
+            for (model, settings) in &mut effective.routing.models {
+                settings.coalesce_window_us = self
+                    .routing
+                    .models
+                    .get(model)
+                    .and_then(|m| m.coalesce_window_us);
+            }
+        }
+        keep!(
+            routing.breaker_consecutive_failures,
+            "routing.breaker_consecutive_failures"
+        );
+        keep!(routing.breaker_window, "routing.breaker_window");
+        keep!(routing.breaker_min_requests, "routing.breaker_min_requests");
+        keep!(
+            routing.breaker_failure_percent,
+            "routing.breaker_failure_percent"
+        );
+        keep!(routing.breaker_backoff_ms, "routing.breaker_backoff_ms");
+        keep!(
+            routing.breaker_max_backoff_ms,
+            "routing.breaker_max_backoff_ms"
+        );
+        (effective, kept)
+    }
+
     /// Parses and validates the JSON document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let config: Self = serde_json::from_str(text)?;
@@ -290,10 +358,32 @@ impl GatewayConfig {
             return Err(invalid("workers", "at least one worker is required"));
         }
         for worker in &self.workers {
-            if worker.url.parse::<http::Uri>().is_err() || !worker.url.starts_with("http://") {
+            let (field, url) = match (&worker.url, &worker.dns) {
+                (Some(url), None) => ("workers.url", url),
+                (None, Some(dns)) => ("workers.dns", dns),
+                _ => {
+                    return Err(invalid(
+                        "workers",
+                        "each worker has exactly one of `url` and `dns`",
+                    ));
+                }
+            };
+            let parsed = url.parse::<http::Uri>();
+            if parsed.is_err() || !url.starts_with("http://") {
                 return Err(ConfigError::Invalid {
-                    field: "workers.url",
-                    message: format!("{:?} is not an http:// URL", worker.url),
+                    field,
+                    message: format!("{url:?} is not an http:// URL"),
+                });
+            }
+            if field == "workers.dns"
+                && parsed
+                    .ok()
+                    .and_then(|uri| uri.host().map(|h| h.parse::<std::net::IpAddr>().is_ok()))
+                    .unwrap_or(true)
+            {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{url:?} does not name a host to resolve"),
                 });
             }
         }
@@ -488,6 +578,59 @@ mod tests {
         unknown_policy["routing"]["models"] = serde_json::json!({"m": {"policy": "random"}});
         for doc in [empty, ftp, no_attempts, loose_bound, unknown_policy] {
             assert!(GatewayConfig::from_json(&doc.to_string()).is_err(), "{doc}");
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_what_needs_a_restart_and_names_it() {
+        let running = GatewayConfig::from_json(RESOLVED).ok();
+        let mut doc = document();
+        doc["listen"] = "127.0.0.1:9999".into();
+        doc["routing"]["policy"] = "round_robin".into();
+        doc["routing"]["max_queued"] = 7.into();
+        doc["routing"]["breaker_window"] = 10.into();
+        doc["routing"]["coalesce_window_us"] = 300.into();
+        doc["workers"] = serde_json::json!([{"dns": "http://w.test:80", "api_key": null}]);
+        let new = GatewayConfig::from_json(&doc.to_string()).ok();
+        let Some((effective, kept)) = running.as_ref().zip(new).map(|(r, n)| r.reloaded(n)) else {
+            panic!("documents do not parse")
+        };
+        assert_eq!(
+            kept,
+            [
+                "server.host/server.port",
+                "routing.coalesce_window_us/routing.models.*.coalesce_window_us",
+                "routing.breaker_window"
+            ]
+        );
+        assert_eq!(Some(effective.listen), running.as_ref().map(|r| r.listen));
+        assert_eq!(effective.routing.breaker_window, 20);
+        assert_eq!(effective.routing.coalesce_window_us, 0);
+        assert_eq!(effective.routing.policy, PolicyKind::RoundRobin);
+        assert_eq!(effective.routing.max_queued, 7);
+        assert_eq!(
+            effective.workers[0].dns.as_deref(),
+            Some("http://w.test:80")
+        );
+        let unchanged = running.map(|r| r.reloaded(r.clone()).1);
+        assert_eq!(unchanged, Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_worker_has_a_url_or_a_dns_name_not_both_nor_an_address_as_a_name() {
+        for workers in [
+            serde_json::json!([{"url": "http://a:1", "dns": "http://b:1"}]),
+            serde_json::json!([{"api_key": null}]),
+            serde_json::json!([{"dns": "http://10.0.0.1:80"}]),
+            serde_json::json!([{"dns": "ftp://b:1"}]),
+        ] {
+            let mut doc = document();
+            doc["workers"] = workers.clone();
+            let err = GatewayConfig::from_json(&doc.to_string())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("workers"), "{workers}: {err}");
         }
     }
 

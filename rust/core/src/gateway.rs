@@ -1,4 +1,5 @@
-//! The gateway as one object: build it from a config, start it, push keys, drain usage, stop it.
+//! The gateway as one object: build it from a config, start it, push keys, drain usage, reload
+//! its configuration, stop it.
 //!
 //! Async methods run on the caller's tokio runtime; the Python binding owns that runtime.
 
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
 use crate::api::app;
@@ -20,7 +22,8 @@ use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{
-    BreakerSettings, Policies, Registry, Worker, probe_all, run_health_checks, run_load_scrapes,
+    Change, Fleet, Policies, Registry, Resolver, probe, probe_all, run_health_checks,
+    run_load_scrapes,
 };
 use crate::scheduler::{QueueLimits, Scheduler};
 use crate::serve::ServerHandle;
@@ -37,38 +40,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway of `config`: its workers given by URL are in the registry at once (to be
+    /// probed at start), those given by a DNS name once `start` has resolved it.
     pub fn new(config: GatewayConfig) -> Result<Self, crate::config::ConfigError> {
-        let breaker = BreakerSettings::of(&config.routing);
-        let workers = config
-            .workers
-            .iter()
-            .map(|w| {
-                let invalid = |message: String| crate::config::ConfigError::Invalid {
-                    field: "workers",
-                    message,
-                };
-                let worker = Worker::new(&w.url)
-                    .map_err(|e| invalid(e.to_string()))?
-                    .with_breaker(breaker);
-                let worker = match &w.api_key {
-                    Some(key) => worker
-                        .with_api_key(key)
-                        .map_err(|_| invalid("api_key is not a valid header value".to_owned()))?,
-                    None => worker,
-                };
-                let worker = match w.max_concurrency {
-                    Some(limit) => worker.with_max_concurrency(limit as usize),
-                    // Learning needs the worker's reports, which only the load scrape reads.
-                    None if config.routing.learn_capacity
-                        && config.routing.load_interval().is_some() =>
-                    {
-                        worker.learning_capacity()
-                    }
-                    None => worker,
-                };
-                Ok::<_, crate::config::ConfigError>(Arc::new(worker))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let registry = Arc::new(Registry::new(Vec::new()));
+        let policies = Arc::new(Policies::new(&config.routing, &registry));
+        let fleet = Arc::new(Fleet::new(
+            config.workers.clone(),
+            &config.routing,
+            registry.clone(),
+            policies.clone(),
+        ));
+        fleet.install()?;
         let meter = match &config.journal {
             None => Meter::default(),
             Some(settings) => {
@@ -83,8 +66,6 @@ impl Gateway {
                 Meter::with_journal(journal, recovered, progress)
             }
         };
-        let registry = Arc::new(Registry::new(workers));
-        let policies = Arc::new(Policies::new(&config.routing, &registry));
         let state = AppState {
             upstream: Upstream::new(&config.routing),
             coalescer: Coalescer::new(
@@ -98,12 +79,14 @@ impl Gateway {
             ),
             policies,
             registry,
+            fleet,
+            resolver: Arc::new(Resolver::default()),
             keys: KeyStore::default(),
             meter: Arc::new(meter),
             quota: Arc::new(Quota::new(config.quota.clone())),
             usage_reader: std::sync::OnceLock::new(),
             readiness: Readiness::default(),
-            config,
+            config: ArcSwap::from_pointee(config),
         };
         Ok(Self {
             state: Arc::new(state),
@@ -129,44 +112,50 @@ impl Gateway {
         }
         let quota = self.state.quota.connect().map_err(io::Error::other)?;
         self.background.extend(quota);
-        if crate::telemetry::install(&self.state.config.telemetry).map_err(io::Error::other)? {
+        let config = self.state.config.load_full();
+        if crate::telemetry::install(&config.telemetry).map_err(io::Error::other)? {
             tracing::info!(
-                endpoint = self.state.config.telemetry.otlp_endpoint.as_deref(),
+                endpoint = config.telemetry.otlp_endpoint.as_deref(),
                 "exporting traces"
             );
         }
-        let routing = &self.state.config.routing;
-        let interval = routing.health_interval();
+        let interval = config.routing.health_interval();
+        if self.state.fleet.has_names() {
+            // Probes the workers it finds, too.
+            rediscover(&self.state, &config.routing).await;
+        }
         probe_all(
             &self.state.upstream,
             &self.state.registry,
             interval.max(Duration::from_millis(500)),
         )
         .await;
+        let state = self.state.clone();
         self.background.push(tokio::spawn(run_health_checks(
             self.state.upstream.clone(),
             self.state.registry.clone(),
-            interval,
+            move || state.config.load().routing.health_interval(),
         )));
         let state = self.state.clone();
         self.background
             .push(tokio::spawn(async move { state.scheduler.run().await }));
-        if let Some(interval) = routing.load_interval() {
-            self.background.push(tokio::spawn(run_load_scrapes(
-                self.state.upstream.clone(),
-                self.state.registry.clone(),
-                interval,
-            )));
-        }
-        if let Some(listen) = self.state.config.grpc_listen {
+        let state = self.state.clone();
+        self.background.push(tokio::spawn(run_load_scrapes(
+            self.state.upstream.clone(),
+            self.state.registry.clone(),
+            move || state.config.load().routing.load_interval(),
+        )));
+        self.background
+            .push(tokio::spawn(run_discovery(self.state.clone())));
+        if let Some(listen) = config.grpc_listen {
             let grpc = GrpcServer::bind(listen, self.state.clone()).await?;
             tracing::info!(addr = %grpc.local_addr(), "gRPC API listening");
             self.grpc = Some(grpc);
         }
         let server = ServerHandle::bind(
-            self.state.config.listen,
+            config.listen,
             app(self.state.clone()),
-            self.state.config.header_read_timeout(),
+            config.header_read_timeout(),
         )
         .await?;
         let addr = server.local_addr();
@@ -216,6 +205,42 @@ impl Gateway {
         }
         result
     }
+}
+
+/// Resolves the worker DNS names once and counts the names that failed (`Fleet::refresh`).
+async fn rediscover(state: &AppState, routing: &crate::config::RoutingConfig) -> Change {
+    let change = state
+        .fleet
+        .refresh(&state.resolver, routing, &state.upstream)
+        .await;
+    if change.failures > 0 {
+        state.meter.metrics().discovery_failed(change.failures);
+    }
+    change
+}
+
+/// Resolves the worker DNS names every `routing.discovery_interval_ms` (as the configuration in
+/// effect says at each round) for the gateway's life.
+async fn run_discovery(state: Arc<AppState>) {
+    loop {
+        let interval = state.config.load().routing.discovery_interval();
+        tokio::time::sleep(interval).await;
+        if state.fleet.has_names() {
+            let config = state.config.load_full();
+            rediscover(&state, &config.routing).await;
+        }
+    }
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reloaded {
+    /// Workers in rotation or on their way (probed, not yet healthy) now.
+    pub workers: usize,
+    pub added: usize,
+    pub removed: usize,
+    /// Options the new document changes that need a restart: they keep their running value.
+    pub restart_required: Vec<&'static str>,
 }
 
 /// What the control plane pushes into a gateway and pulls out of it, whatever the gateway's
@@ -282,6 +307,56 @@ impl Control {
 
     pub fn pending_usage(&self) -> usize {
         self.state.meter.pending()
+    }
+
+    /// Applies what can change while serving of `config` (see `GatewayConfig::reloaded`): the
+    /// workers (kept ones keep their state, new ones are probed at once and names resolved
+    /// again), routing policies, queue limits, attempt timeouts and intervals. Nothing is applied
+    /// when the new workers cannot be built. Requests in flight finish as they started.
+    pub async fn reload(
+        &self,
+        config: GatewayConfig,
+    ) -> Result<Reloaded, crate::config::ConfigError> {
+        let state = &self.state;
+        let (config, restart_required) = state.config.load().reloaded(config);
+        let change = state
+            .fleet
+            .reconfigure(config.workers.clone(), &config.routing)?;
+        let config = Arc::new(config);
+        state.config.store(config.clone());
+        state.policies.configure(&config.routing);
+        state.scheduler.set_limits(QueueLimits::of(&config.routing));
+        state.upstream.reconfigure(&config.routing);
+        let timeout = config
+            .routing
+            .health_interval()
+            .max(Duration::from_millis(500));
+        futures_util::future::join_all(
+            change
+                .added
+                .iter()
+                .map(|worker| probe(&state.upstream, worker, timeout)),
+        )
+        .await;
+        let (mut added, mut removed) = (change.added.len(), change.removed);
+        if state.fleet.has_names() {
+            let found = rediscover(state, &config.routing).await;
+            added = added.saturating_add(found.added.len());
+            removed = removed.saturating_add(found.removed);
+        }
+        let reloaded = Reloaded {
+            workers: state.registry.workers().len(),
+            added,
+            removed,
+            restart_required,
+        };
+        tracing::info!(
+            workers = reloaded.workers,
+            added = reloaded.added,
+            removed = reloaded.removed,
+            "configuration reloaded"
+        );
+        Ok(reloaded)
     }
 
     /// Requests waiting in the gateway's queues for a worker with room.

@@ -43,4 +43,4 @@ pub mod telemetry;
 pub mod upstream;
 pub mod usage;
 
-pub use gateway::{Control, Gateway, WorkerStatus};
+pub use gateway::{Control, Gateway, Reloaded, WorkerStatus};

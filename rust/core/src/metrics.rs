@@ -94,6 +94,7 @@ pub struct GatewayMetrics {
     queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
     coalesced_calls: Counter,
     coalesced_requests: Counter,
+    discovery_failures: Counter,
 }
 
 /// The labels of a queue's samples.
@@ -205,6 +206,14 @@ impl Default for GatewayMetrics {
             coalesced_requests.clone(),
         );
 
+        let discovery_failures = Counter::default();
+        families.register(
+            "tokengate_discovery_failures",
+            "Resolutions of a worker DNS name that failed or found no address (the last known \
+             workers stay)",
+            discovery_failures.clone(),
+        );
+
         Self {
             families,
             requests: request_handles,
@@ -220,6 +229,7 @@ impl Default for GatewayMetrics {
             queue_wait,
             coalesced_calls,
             coalesced_requests,
+            discovery_failures,
         }
     }
 }
@@ -272,6 +282,11 @@ impl GatewayMetrics {
     pub fn coalesced(&self, requests: usize) {
         self.coalesced_calls.inc();
         self.coalesced_requests.inc_by(requests as u64);
+    }
+
+    /// `names` worker DNS names could not be resolved, or had no address.
+    pub fn discovery_failed(&self, names: usize) {
+        self.discovery_failures.inc_by(names as u64);
     }
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
@@ -871,6 +886,7 @@ mod tests {
             ("tokengate_queue_wait_seconds", "histogram"),
             ("tokengate_coalesced_calls_total", "counter"),
             ("tokengate_coalesced_requests_total", "counter"),
+            ("tokengate_discovery_failures_total", "counter"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::auth::KeyStore;
@@ -11,15 +12,19 @@ use crate::config::GatewayConfig;
 use crate::ledger::UsageReader;
 use crate::metering::Meter;
 use crate::quota::Quota;
-use crate::router::{Policies, Registry};
+use crate::router::{Fleet, Policies, Registry, Resolver};
 use crate::scheduler::Scheduler;
 use crate::upstream::Upstream;
 
 #[derive(Debug)]
 pub struct AppState {
-    pub config: GatewayConfig,
+    /// In effect now: a reload swaps it (what needs a restart keeps its value from the start).
+    pub config: ArcSwap<GatewayConfig>,
     pub keys: KeyStore,
     pub registry: Arc<Registry>,
+    /// Makes the registry's set from the configured workers and DNS names.
+    pub fleet: Arc<Fleet>,
+    pub resolver: Arc<Resolver>,
     pub scheduler: Scheduler,
     /// The routing policies the scheduler places by, for `/metrics` to read their tallies.
     pub policies: Arc<Policies>,

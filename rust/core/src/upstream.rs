@@ -3,6 +3,7 @@
 //! It sends and classifies failures; choosing a worker and retrying belong to the dispatcher.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,7 +37,9 @@ pub enum UpstreamError {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: Arc<Client<HttpConnector, Full<Bytes>>>,
-    request_timeout: Duration,
+    /// `routing.request_timeout_ms`, which a reload may change: shared by every clone. Relaxed:
+    /// an independent setting.
+    request_timeout_ms: Arc<AtomicU64>,
 }
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -62,14 +65,22 @@ impl Upstream {
             .build(connector);
         Self {
             client: Arc::new(client),
-            request_timeout: routing.request_timeout(),
+            request_timeout_ms: Arc::new(AtomicU64::new(routing.request_timeout_ms)),
         }
+    }
+
+    /// Attempts started from now on wait as `routing` says (its connect timeout is the
+    /// connection pool's, fixed at start).
+    pub fn reconfigure(&self, routing: &RoutingConfig) {
+        self.request_timeout_ms
+            .store(routing.request_timeout_ms, Ordering::Relaxed);
     }
 
     /// When an attempt starting now must have its answer: the response headers, then the first
     /// event of a stream or the whole body otherwise. A stream that has started is not cut.
     pub fn deadline(&self) -> Instant {
-        Instant::now() + self.request_timeout
+        let ms = self.request_timeout_ms.load(Ordering::Relaxed).max(1);
+        Instant::now() + Duration::from_millis(ms)
     }
 
     /// POSTs a JSON body, with what it `carried`; resolves when the response headers arrive, by

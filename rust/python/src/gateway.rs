@@ -93,6 +93,19 @@ impl Gateway {
         self.control.pending_usage()
     }
 
+    /// Applies what can change while serving of the configuration document `config_json`;
+    /// returns what it did as JSON (`gateway_core::Reloaded`). Raises `ConfigError`, with
+    /// nothing applied, when the document is invalid.
+    fn reload(&self, py: Python<'_>, config_json: &str) -> PyResult<String> {
+        let config = GatewayConfig::from_json(config_json).map_err(CoreError::from)?;
+        let runtime = runtime()?;
+        let control = self.control.clone();
+        let reloaded = py
+            .detach(|| runtime.block_on(control.reload(config)))
+            .map_err(CoreError::from)?;
+        Ok(serde_json::to_string(&reloaded).map_err(CoreError::from)?)
+    }
+
     fn workers(&self) -> PyResult<String> {
         Ok(serde_json::to_string(&self.control.workers()).map_err(CoreError::from)?)
     }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the servers the tests start on loopback (redis-server,
-# PostgreSQL), never used as services of the machine: each test starts its own on a free port.
+# PostgreSQL, dnsmasq), never used as services of the machine: each test starts its own on a free
+# port.
 # Idempotent; needs root or sudo only when something is missing.
 set -euo pipefail
 
@@ -22,6 +23,9 @@ has_postgres() {
     return 1
 }
 has_postgres || missing+=(postgresql)
+# dnsmasq's binary alone (the `dnsmasq` package would also start it as the machine's service);
+# it lives in /usr/sbin, which a user's PATH may lack.
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 as_root=()

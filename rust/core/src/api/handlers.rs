@@ -113,14 +113,12 @@ async fn admit(
     overhead: &mut Overhead,
 ) -> Result<(InferenceRequest, Arc<Principal>), ApiError> {
     let principal = state.keys.authenticate(headers)?;
+    let (max_body_bytes, body_read_timeout) = {
+        let config = state.config.load();
+        (config.max_body_bytes, config.body_read_timeout())
+    };
     overhead.pause();
-    let body = read_body(
-        body,
-        headers,
-        state.config.max_body_bytes,
-        state.config.body_read_timeout(),
-    )
-    .await;
+    let body = read_body(body, headers, max_body_bytes, body_read_timeout).await;
     overhead.resume();
     let body = body?;
     let request_id = match headers.get("x-request-id") {

@@ -60,7 +60,7 @@ impl GrpcServer {
             .build_v1alpha()
             .map_err(io::Error::other)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = &state.config;
+        let config = state.config.load_full();
         let router = Server::builder()
             // A client that stops answering pings (frozen, or gone without a FIN) is dropped,
             // and its calls with it.
@@ -78,7 +78,7 @@ impl GrpcServer {
                 // Room for a message whose OpenAI body is over the limit, so that the answer
                 // is the HTTP API's (INVALID_ARGUMENT, naming the limit), not a transport error.
                 InferenceServiceServer::new(InferenceApi::new(state.clone()))
-                    .max_decoding_message_size(state.config.max_body_bytes.saturating_mul(2)),
+                    .max_decoding_message_size(config.max_body_bytes.saturating_mul(2)),
             );
         let incoming = guard::incoming(listener, config.header_read_timeout());
         let task = tokio::spawn(async move {
@@ -128,7 +128,6 @@ impl Drop for GrpcServer {
 /// ready, the inference service while it is ready and at least one worker is healthy. A change of
 /// readiness is reported at once, a worker's health within a health interval.
 async fn report_health(reporter: tonic_health::server::HealthReporter, state: Arc<AppState>) {
-    let interval = state.config.routing.health_interval();
     let mut phase = state.readiness.subscribe();
     let status = |serving: bool| {
         if serving {
@@ -138,6 +137,7 @@ async fn report_health(reporter: tonic_health::server::HealthReporter, state: Ar
         }
     };
     loop {
+        let interval = state.config.load().routing.health_interval();
         let ready = *phase.borrow_and_update() == Phase::Serving;
         let healthy = state.registry.workers().iter().any(|w| w.is_healthy());
         reporter.set_service_status("", status(ready)).await;

@@ -95,7 +95,7 @@ impl InferenceApi {
         let session_id = metadata
             .get("x-session-id")
             .map(|value| value.to_str().unwrap_or("\u{fffd}"));
-        let mut request = request(self.state.config.max_body_bytes)
+        let mut request = request(self.state.config.load().max_body_bytes)
             .and_then(|request| request.with_session_id(session_id))
             .map_err(refuse)?;
         if let Some(value) = metadata.get("x-priority") {

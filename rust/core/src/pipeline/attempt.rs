@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::metering::{Counter, MeterGuard};
 use crate::relay::{EventStream, complete};
 use crate::request::{Endpoint, InferenceRequest};
-use crate::router::{Outstanding, Worker};
+use crate::router::{Outstanding, Worker, WorkerId};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::telemetry::TraceHeaders;
@@ -61,8 +61,12 @@ pub(super) async fn run(
 ) -> Outcome {
     let body = request.upstream_body();
     let trace = meter.trace().clone();
-    let max_attempts = state.config.routing.max_attempts as usize;
-    let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+    let (max_attempts, stream_idle_timeout) = {
+        let config = state.config.load();
+        let routing = &config.routing;
+        (routing.max_attempts as usize, routing.stream_idle_timeout())
+    };
+    let mut tried: Vec<WorkerId> = Vec::with_capacity(max_attempts);
     let mut failure = Failure::Gateway(ApiError::NoHealthyWorker(request.model.clone()));
     while tried.len() < max_attempts {
         // Queueing (when every worker is full) and the routing policy's choice.
@@ -104,7 +108,7 @@ pub(super) async fn run(
             attempt = tried.len() as i64 + 1,
             outcome = tracing::field::Empty,
         );
-        tried.push(placement.index);
+        tried.push(worker.id);
         meter.set_worker(
             worker.url.clone(),
             Counter::new(
@@ -147,7 +151,7 @@ pub(super) async fn run(
                     meter,
                     outstanding,
                     request,
-                    state.config.routing.stream_idle_timeout(),
+                    stream_idle_timeout,
                 ));
                 let head = Head::of(parts.status, &parts.headers);
                 return Outcome::Stream { head, events };

@@ -13,6 +13,10 @@
 //! neither. Some worker is always under the bound (c ≥ 1); when every such worker is saturated,
 //! the first of them on the walk takes it. Removing a worker moves only the keys it held.
 //!
+//! The ring names workers by id (`Worker::id`) and is built anew whenever the set of workers
+//! changes (`set_workers`); until then a worker off the ring is skipped, and a request with no
+//! worker on it goes by least load.
+//!
 //! The floor is ours, not the paper's: with few requests in flight the paper's bound is tight
 //! (two workers, three requests in flight: a home holding all three spills the fourth), and a
 //! spilled request computes its whole prefix again on a worker that then caches it in another
@@ -31,6 +35,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::policy::{Candidate, Features, LeastLoad, RoutingPolicy, score};
 use super::prefix::DEFAULT_BLOCK_TOKENS;
+use super::worker::{Worker, WorkerId};
 
 /// Points per worker on the ring: enough that two workers split the keys within a few percent.
 const VNODES: u64 = 160;
@@ -38,17 +43,18 @@ const VNODES: u64 = 160;
 /// The ring: each worker's points, by hash.
 #[derive(Debug)]
 struct Ring {
-    /// (hash, the worker's index in the registry), sorted by hash then by the worker's URL, so
-    /// that a tie orders alike everywhere.
-    points: Vec<(u64, usize)>,
+    /// (hash, the worker's id), sorted by hash then by the worker's URL, so that a tie orders
+    /// alike everywhere.
+    points: Vec<(u64, WorkerId)>,
 }
 
 impl Ring {
-    fn new<'a>(urls: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut points: Vec<(u64, &str, usize)> = Vec::new();
-        for (index, url) in urls.into_iter().enumerate() {
+    fn new(workers: &[Arc<Worker>]) -> Self {
+        let mut points: Vec<(u64, &str, WorkerId)> = Vec::new();
+        for worker in workers {
+            let url = &*worker.url;
             for vnode in 0..VNODES {
-                points.push((xxh3_64_with_seed(url.as_bytes(), vnode), url, index));
+                points.push((xxh3_64_with_seed(url.as_bytes(), vnode), url, worker.id));
             }
         }
         points.sort_unstable();
@@ -60,11 +66,11 @@ impl Ring {
         }
     }
 
-    /// The registry indices in ring order from `key` clockwise, each once.
-    fn walk(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+    /// The workers' ids in ring order from `key` clockwise, each once.
+    fn walk(&self, key: u64) -> impl Iterator<Item = WorkerId> + '_ {
         let start = self.points.partition_point(|&(hash, _)| hash < key);
         let (after, before) = self.points.split_at(start);
-        let mut seen: Vec<usize> = Vec::new();
+        let mut seen: Vec<WorkerId> = Vec::new();
         before
             .iter()
             .chain(after)
@@ -123,8 +129,8 @@ impl LoadBound {
 
 #[derive(Debug)]
 pub struct PrefixAffinity {
-    ring: Ring,
-    bound: LoadBound,
+    ring: ArcSwap<Ring>,
+    bound: ArcSwap<LoadBound>,
     /// Per model, created at its first placement (only models some worker serves get here).
     counts: ArcSwap<HashMap<Arc<str>, Arc<Counts>>>,
     /// For requests without a key (nothing to hash).
@@ -132,14 +138,24 @@ pub struct PrefixAffinity {
 }
 
 impl PrefixAffinity {
-    /// Over the workers at `urls`, in registry order (a candidate's `index` is its place here).
-    pub fn new<'a>(urls: impl IntoIterator<Item = &'a str>, bound: LoadBound) -> Self {
+    /// Over `workers`, whatever their order.
+    pub fn new(workers: &[Arc<Worker>], bound: LoadBound) -> Self {
         Self {
-            ring: Ring::new(urls),
-            bound,
+            ring: ArcSwap::from_pointee(Ring::new(workers)),
+            bound: ArcSwap::from_pointee(bound),
             counts: ArcSwap::default(),
             fallback: LeastLoad::default(),
         }
+    }
+
+    /// Over `workers` from now on: the keys of a worker that left move to the next on the ring,
+    /// a worker that came takes its share; the others keep theirs.
+    pub fn set_workers(&self, workers: &[Arc<Worker>]) {
+        self.ring.store(Arc::new(Ring::new(workers)));
+    }
+
+    pub fn set_bound(&self, bound: LoadBound) {
+        self.bound.store(Arc::new(bound));
     }
 
     /// Each model's hits and spills so far, by model name.
@@ -187,12 +203,13 @@ impl PrefixAffinity {
         let total = scores
             .iter()
             .fold(0usize, |total, &(_, load)| total.saturating_add(load));
-        let bound = self.bound.of(total, candidates.len());
+        let bound = self.bound.load().of(total, candidates.len());
         let mut home = None;
         let mut under_bound = None;
         let mut left = candidates.len();
-        for index in self.ring.walk(key) {
-            let Some(position) = candidates.iter().position(|c| c.index == index) else {
+        let ring = self.ring.load();
+        for id in ring.walk(key) {
+            let Some(position) = candidates.iter().position(|c| c.id == id) else {
                 continue;
             };
             home.get_or_insert(position);
@@ -260,9 +277,9 @@ mod tests {
 
     const URLS: [&str; 4] = ["http://a:1", "http://b:2", "http://c:3", "http://d:4"];
 
-    /// The policy over the first `n` of `URLS` with factor `c` and no floor (the paper's bound).
-    fn paper(n: usize, factor: f64) -> PrefixAffinity {
-        PrefixAffinity::new(URLS[..n].iter().copied(), LoadBound { factor, floor: 0 })
+    /// The policy over `all` with factor `c` and no floor (the paper's bound).
+    fn paper(all: &[Arc<Worker>], factor: f64) -> PrefixAffinity {
+        PrefixAffinity::new(all, LoadBound { factor, floor: 0 })
     }
 
     fn workers(urls: &[&str]) -> Vec<Arc<Worker>> {
@@ -273,7 +290,7 @@ mod tests {
         indices
             .iter()
             .map(|&index| Candidate {
-                index,
+                id: workers[index].id,
                 worker: &workers[index],
             })
             .collect()
@@ -295,18 +312,20 @@ mod tests {
         ))
     }
 
-    /// The worker (registry index) `policy` chooses among `indices` for prompt `i`.
+    /// The worker (its place in `all`) `policy` chooses among `indices` for prompt `i`.
     fn chosen(policy: &PrefixAffinity, all: &[Arc<Worker>], indices: &[usize], i: usize) -> usize {
         let body = prompt(i);
         let candidates = candidates(all, indices);
         let position = policy.choose(&features(&body, None), &candidates);
-        position.map_or(usize::MAX, |p| candidates[p].index)
+        position
+            .and_then(|p| all.iter().position(|w| w.id == candidates[p].id))
+            .unwrap_or(usize::MAX)
     }
 
     #[test]
     fn a_key_lands_on_the_same_worker_whatever_the_order_or_the_replica() {
         let all = workers(&URLS);
-        let policy = paper(4, 1.25);
+        let policy = paper(&all, 1.25);
         // Another replica, configured in the reverse order: registry indices differ, URLs not.
         let reversed: Vec<&str> = URLS.iter().rev().copied().collect();
         let all_reversed = workers(&reversed);
@@ -314,7 +333,7 @@ mod tests {
             factor: 1.25,
             floor: 0,
         };
-        let replica = PrefixAffinity::new(reversed.iter().copied(), bound);
+        let replica = PrefixAffinity::new(&all_reversed, bound);
         let mut used = [0usize; 4];
         for i in 0..200 {
             let here = chosen(&policy, &all, &[0, 1, 2, 3], i);
@@ -338,7 +357,7 @@ mod tests {
     #[test]
     fn removing_a_worker_moves_only_its_keys() {
         let all = workers(&URLS);
-        let policy = paper(4, 1.25);
+        let policy = paper(&all, 1.25);
         let mut moved = 0;
         for i in 0..300 {
             let before = chosen(&policy, &all, &[0, 1, 2, 3], i);
@@ -354,9 +373,37 @@ mod tests {
     }
 
     #[test]
+    fn a_new_set_of_workers_moves_only_the_keys_of_those_that_left_or_came() {
+        let all = workers(&URLS);
+        let policy = paper(&all[..3], 1.25);
+        let before: Vec<usize> = (0..300)
+            .map(|i| chosen(&policy, &all, &[0, 1, 2], i))
+            .collect();
+        // Worker 1 leaves, worker 3 comes; the ring is rebuilt from their ids.
+        let next = [all[0].clone(), all[2].clone(), all[3].clone()];
+        policy.set_workers(&next);
+        let (mut to_new, mut kept) = (0, 0);
+        for (i, &was) in before.iter().enumerate() {
+            let now = chosen(&policy, &all, &[0, 2, 3], i);
+            match (was, now) {
+                (1, now) => assert_ne!(now, 1),
+                (was, 3) => {
+                    assert_ne!(was, 1);
+                    to_new += 1;
+                }
+                (was, now) => {
+                    assert_eq!(was, now, "key {i} moved between workers that stayed");
+                    kept += 1;
+                }
+            }
+        }
+        assert!(to_new > 0 && kept > 0, "{to_new} {kept}");
+    }
+
+    #[test]
     fn a_worker_at_its_bound_spills_to_the_next_on_the_ring() {
         let all = workers(&URLS[..2]);
-        let policy = paper(2, 1.25);
+        let policy = paper(&all, 1.25);
         let home = chosen(&policy, &all, &[0, 1], 7);
         let other = 1 - home;
         // Home has 2 in flight, the other none: bound ceil(1.25 × 3 / 2) = 2, so home is full.
@@ -366,7 +413,7 @@ mod tests {
         let _also = all[other].begin();
         assert_eq!(chosen(&policy, &all, &[0, 1], 7), home);
         // A looser factor lets home take more.
-        let loose = paper(2, 3.0);
+        let loose = paper(&all, 3.0);
         let _more = [all[home].begin(), all[home].begin()];
         assert_eq!(chosen(&loose, &all, &[0, 1], 7), home);
         assert_eq!(chosen(&policy, &all, &[0, 1], 7), other);
@@ -377,7 +424,7 @@ mod tests {
     #[test]
     fn reported_load_counts_toward_the_bound() {
         let all = workers(&URLS[..2]);
-        let policy = paper(2, 1.25);
+        let policy = paper(&all, 1.25);
         let home = chosen(&policy, &all, &[0, 1], 3);
         // Another replica's requests, as vLLM reports them: 4 running at home, none elsewhere.
         all[home].set_load(Some(Load {
@@ -391,7 +438,7 @@ mod tests {
     #[test]
     fn a_saturated_home_spills_and_all_saturated_stays_home() {
         let all = workers(&URLS[..3]);
-        let policy = paper(3, 1.25);
+        let policy = paper(&all, 1.25);
         let home = chosen(&policy, &all, &[0, 1, 2], 11);
         let saturated = |waiting, kv_cache_usage| {
             Some(Load {
@@ -415,7 +462,7 @@ mod tests {
     #[test]
     fn a_session_id_places_unrelated_prompts_together() {
         let all = workers(&URLS);
-        let policy = paper(4, 1.25);
+        let policy = paper(&all, 1.25);
         let session: Arc<str> = Arc::from("conversation-9");
         let candidates = candidates(&all, &[0, 1, 2, 3]);
         let places: Vec<_> = (0..20)
@@ -435,7 +482,7 @@ mod tests {
     #[test]
     fn a_request_without_a_key_goes_by_least_load() {
         let all = workers(&URLS[..2]);
-        let policy = paper(2, 1.25);
+        let policy = paper(&all, 1.25);
         let _busy = all[0].begin();
         let body = Bytes::from_static(br#"{"model":"m","prompt":""}"#);
         let candidates = candidates(&all, &[0, 1]);
@@ -465,7 +512,7 @@ mod tests {
             factor: 1.25,
             floor: 4,
         };
-        let policy = PrefixAffinity::new(URLS[..2].iter().copied(), bound);
+        let policy = PrefixAffinity::new(&all, bound);
         let home = chosen(&policy, &all, &[0, 1], 5);
         // Three in flight at home, none elsewhere: the paper's bound (3) would spill.
         let _busy = [all[home].begin(), all[home].begin(), all[home].begin()];

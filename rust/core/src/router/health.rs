@@ -94,13 +94,16 @@ pub async fn probe_all(upstream: &Upstream, registry: &Registry, timeout: Durati
     .await;
 }
 
-/// Probes forever, every `interval`; the caller aborts the task to stop it.
-pub async fn run_health_checks(upstream: Upstream, registry: Arc<Registry>, interval: Duration) {
-    let timeout = interval.max(Duration::from_millis(500));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Probes the workers of the moment forever, `interval()` apart (a reload may change it); the
+/// caller aborts the task to stop it.
+pub async fn run_health_checks(
+    upstream: Upstream,
+    registry: Arc<Registry>,
+    interval: impl Fn() -> Duration + Send,
+) {
     loop {
-        ticker.tick().await;
-        probe_all(&upstream, &registry, timeout).await;
+        let every = interval();
+        tokio::time::sleep(every).await;
+        probe_all(&upstream, &registry, every.max(Duration::from_millis(500))).await;
     }
 }

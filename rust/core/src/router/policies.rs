@@ -2,20 +2,52 @@
 //! (`[routing.models."<model>"]`), behind the one `RoutingPolicy` the scheduler holds.
 //!
 //! A model without an override costs one emptiness check before its policy runs. Each policy is
-//! one instance for every model that uses it (`prefix_affinity` keeps its tallies per model). It
-//! does not read the configuration file; the control plane resolved it.
+//! one instance for every model that uses it (`prefix_affinity` keeps its tallies per model). A
+//! reload changes the policies (`configure`) and a change of the fleet the workers
+//! (`set_workers`) with every tally kept. It does not read the configuration file; the control
+//! plane resolved it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use super::affinity::{AffinityCount, LoadBound, PrefixAffinity};
 use super::policy::{Candidate, Features, LeastLoad, RoundRobin, RoutingPolicy};
 use super::registry::Registry;
+use super::worker::Worker;
 use crate::config::{PolicyKind, RoutingConfig};
+
+/// Which policy routes which model.
+#[derive(Debug)]
+struct Selection {
+    default: PolicyKind,
+    by_model: HashMap<Box<str>, PolicyKind>,
+}
+
+impl Selection {
+    fn of(routing: &RoutingConfig) -> Self {
+        Self {
+            default: routing.policy,
+            by_model: routing
+                .models
+                .iter()
+                .filter_map(|(model, settings)| Some((Box::from(model.as_str()), settings.policy?)))
+                .collect(),
+        }
+    }
+}
+
+fn bound(routing: &RoutingConfig) -> LoadBound {
+    LoadBound {
+        factor: routing.affinity_load_factor,
+        floor: usize::try_from(routing.affinity_load_floor).unwrap_or(usize::MAX),
+    }
+}
 
 #[derive(Debug)]
 pub struct Policies {
-    default: PolicyKind,
-    by_model: HashMap<Box<str>, PolicyKind>,
+    selection: ArcSwap<Selection>,
     least_load: LeastLoad,
     round_robin: RoundRobin,
     prefix_affinity: PrefixAffinity,
@@ -25,30 +57,35 @@ impl Policies {
     /// As `routing` says, over `registry`'s workers.
     pub fn new(routing: &RoutingConfig, registry: &Registry) -> Self {
         Self {
-            default: routing.policy,
-            by_model: routing
-                .models
-                .iter()
-                .filter_map(|(model, settings)| Some((Box::from(model.as_str()), settings.policy?)))
-                .collect(),
+            selection: ArcSwap::from_pointee(Selection::of(routing)),
             least_load: LeastLoad::default(),
             round_robin: RoundRobin::default(),
-            prefix_affinity: PrefixAffinity::new(
-                registry.workers().iter().map(|w| &*w.url),
-                LoadBound {
-                    factor: routing.affinity_load_factor,
-                    floor: usize::try_from(routing.affinity_load_floor).unwrap_or(usize::MAX),
-                },
-            ),
+            prefix_affinity: PrefixAffinity::new(&registry.workers(), bound(routing)),
         }
+    }
+
+    /// The policies and bounds `routing` says, from the next request on.
+    pub fn configure(&self, routing: &RoutingConfig) {
+        self.selection.store(Arc::new(Selection::of(routing)));
+        self.prefix_affinity.set_bound(bound(routing));
+    }
+
+    /// The fleet is `workers` now (see `PrefixAffinity::set_workers`).
+    pub fn set_workers(&self, workers: &[Arc<Worker>]) {
+        self.prefix_affinity.set_workers(workers);
     }
 
     /// The policy `model` is routed by.
     pub fn kind(&self, model: &str) -> PolicyKind {
-        if self.by_model.is_empty() {
-            return self.default;
+        let selection = self.selection.load();
+        if selection.by_model.is_empty() {
+            return selection.default;
         }
-        self.by_model.get(model).copied().unwrap_or(self.default)
+        selection
+            .by_model
+            .get(model)
+            .copied()
+            .unwrap_or(selection.default)
     }
 
     /// `prefix_affinity`'s hits and spills, per model.
@@ -114,6 +151,8 @@ mod tests {
                     ((*model).to_owned(), settings)
                 })
                 .collect::<BTreeMap<_, _>>(),
+            discovery_interval_ms: 5000,
+            dns_servers: Vec::new(),
         }
     }
 
@@ -143,11 +182,13 @@ mod tests {
                 session: None,
             },
         };
-        let candidates: Vec<_> = registry
-            .workers()
+        let workers = registry.workers();
+        let candidates: Vec<_> = workers
             .iter()
-            .enumerate()
-            .map(|(index, worker)| Candidate { index, worker })
+            .map(|worker| Candidate {
+                id: worker.id,
+                worker,
+            })
             .collect();
         let choose = |model| {
             let shared: Arc<Policies> = Arc::new(Policies::new(

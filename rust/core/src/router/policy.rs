@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::prefix::Prefix;
-use super::worker::Worker;
+use super::worker::{Worker, WorkerId};
 use crate::request::{Endpoint, InferenceRequest};
 
 /// What a policy may know of a request.
@@ -41,8 +41,8 @@ impl<'a> Features<'a> {
 /// An eligible worker: healthy, serving the request's model, not tried yet for it.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'a> {
-    /// Its place in the registry.
-    pub index: usize,
+    /// Its id (see `Worker::id`).
+    pub id: WorkerId,
     pub worker: &'a Arc<Worker>,
 }
 

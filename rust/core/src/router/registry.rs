@@ -1,11 +1,16 @@
 //! The set of workers: which can serve a model now, and which are eligible for a request (the
-//! routing policy chooses among those).
+//! routing policy chooses among those). The set may change while the gateway runs (`fleet`): it
+//! is replaced whole, and a request names its worker by id, never by a place in the list.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 use super::breaker::Admission;
 use super::policy::{Candidate, Features, RoutingPolicy};
-use super::worker::Worker;
+use super::worker::{Worker, WorkerId};
 
 /// Whether a model can be served right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +27,8 @@ pub enum Availability {
 /// What `Registry::pick` found for a request.
 #[derive(Debug)]
 pub enum Pick {
-    /// The worker chosen, with its index.
-    Placed(usize, Arc<Worker>),
+    /// The worker chosen.
+    Placed(Arc<Worker>),
     /// Eligible workers exist, and every one is at its `max_concurrency`.
     AllFull,
     /// No eligible worker (or none the policy accepts).
@@ -32,21 +37,60 @@ pub enum Pick {
 
 #[derive(Debug)]
 pub struct Registry {
-    workers: Vec<Arc<Worker>>,
+    /// The workers in rotation, in configuration order; replaced whole when the fleet changes.
+    /// A worker taken out lives on in the requests it still serves.
+    workers: ArcSwap<Vec<Arc<Worker>>>,
+    /// Raised when a worker may have gained room (every worker in the set raises it) or the set
+    /// changed: the scheduler then hands places to its queues.
+    room: Arc<Notify>,
+    /// Whether any worker may be full. Relaxed: a hint stored with each new set.
+    bounded: AtomicBool,
 }
 
 impl Registry {
     pub fn new(workers: Vec<Arc<Worker>>) -> Self {
-        Self { workers }
+        let registry = Self {
+            workers: ArcSwap::from_pointee(Vec::new()),
+            room: Arc::new(Notify::new()),
+            bounded: AtomicBool::new(false),
+        };
+        registry.replace(workers);
+        registry
     }
 
-    pub fn workers(&self) -> &[Arc<Worker>] {
-        &self.workers
+    /// The workers now, in configuration order: a snapshot that a change of the set leaves as
+    /// it is.
+    pub fn workers(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.workers.load_full()
+    }
+
+    /// Puts `workers` in rotation in place of the current set. A worker left out takes no new
+    /// request from now on; those it serves finish (they hold it).
+    pub fn replace(&self, workers: Vec<Arc<Worker>>) {
+        let mut bounded = false;
+        for worker in &workers {
+            worker.notify_room(self.room.clone());
+            bounded |= worker.is_bounded();
+        }
+        self.bounded.store(bounded, Ordering::Relaxed);
+        self.workers.store(Arc::new(workers));
+        // Queued requests may have lost their last worker, or gained one.
+        self.room.notify_one();
+    }
+
+    /// Raised when a worker may have gained room or the set changed.
+    pub fn room(&self) -> &Arc<Notify> {
+        &self.room
+    }
+
+    /// Whether any worker in the set may ever be full.
+    pub fn is_bounded(&self) -> bool {
+        self.bounded.load(Ordering::Relaxed)
     }
 
     pub fn availability(&self, model: &str) -> Availability {
         let mut maybe = false;
-        for worker in &self.workers {
+        for worker in self.workers.load().iter() {
             if worker.serves(model) {
                 if worker.is_healthy() {
                     return Availability::Available;
@@ -63,7 +107,7 @@ impl Registry {
     }
 
     /// The worker for a request with `features`, among the eligible workers (healthy, serving its
-    /// model, their index not in `tried`) that have room. A worker whose circuit breaker is
+    /// model, their id not in `tried`) that have room. A worker whose circuit breaker is
     /// half-open takes it as its trial; otherwise `policy` chooses among those in rotation. Only
     /// when every eligible worker is ejected does it choose among the ejected ones: a worker that
     /// fails half its requests serves better than none.
@@ -71,14 +115,16 @@ impl Registry {
         &self,
         policy: &dyn RoutingPolicy,
         features: &Features<'_>,
-        tried: &[usize],
+        tried: &[WorkerId],
     ) -> Pick {
+        let workers = self.workers.load();
         let mut eligible = false;
         let mut in_rotation = false;
         let mut candidates: Vec<Candidate<'_>> = Vec::new();
         let mut ejected: Vec<Candidate<'_>> = Vec::new();
-        for (index, worker) in self.workers.iter().enumerate() {
-            if tried.contains(&index) || !worker.is_healthy() || !worker.serves(features.model) {
+        for worker in workers.iter() {
+            if tried.contains(&worker.id) || !worker.is_healthy() || !worker.serves(features.model)
+            {
                 continue;
             }
             eligible = true;
@@ -87,10 +133,14 @@ impl Registry {
             if !worker.has_room() {
                 continue;
             }
+            let candidate = Candidate {
+                id: worker.id,
+                worker,
+            };
             match admission {
-                Admission::Trial => return Pick::Placed(index, worker.clone()),
-                Admission::Closed => candidates.push(Candidate { index, worker }),
-                Admission::Ejected => ejected.push(Candidate { index, worker }),
+                Admission::Trial => return Pick::Placed(worker.clone()),
+                Admission::Closed => candidates.push(candidate),
+                Admission::Ejected => ejected.push(candidate),
             }
         }
         if !in_rotation {
@@ -100,7 +150,7 @@ impl Registry {
             .choose(features, &candidates)
             .and_then(|position| candidates.get(position));
         match chosen {
-            Some(chosen) => Pick::Placed(chosen.index, chosen.worker.clone()),
+            Some(chosen) => Pick::Placed(chosen.worker.clone()),
             None if eligible && candidates.is_empty() => Pick::AllFull,
             None => Pick::NoneEligible,
         }
@@ -110,6 +160,7 @@ impl Registry {
     /// it lands); `None` when none reports one.
     pub fn context_len(&self, model: &str) -> Option<u64> {
         self.workers
+            .load()
             .iter()
             .filter_map(|w| {
                 w.models()
@@ -129,7 +180,7 @@ impl Registry {
     pub fn models_document_where(&self, visible: impl Fn(&str) -> bool) -> Vec<u8> {
         let mut seen: Vec<String> = Vec::new();
         let mut out = br#"{"object":"list","data":["#.to_vec();
-        for worker in self.workers.iter().filter(|w| w.is_healthy()) {
+        for worker in self.workers.load().iter().filter(|w| w.is_healthy()) {
             for model in worker.models().iter() {
                 if seen.contains(&model.id) || !visible(&model.id) {
                     continue;
@@ -240,12 +291,18 @@ pub(super) mod tests {
         placed_by(registry, &LeastLoad::default(), tried)
     }
 
-    /// Where `policy` places a one-sequence completion for `m`, past the workers `tried`.
+    /// Where (the place in the list) `policy` places a one-sequence completion for `m`, past
+    /// the workers at the places `tried`.
     pub(in crate::router) fn placed_by(
         registry: &Registry,
         policy: &dyn RoutingPolicy,
         tried: &[usize],
     ) -> Option<usize> {
+        let workers = registry.workers();
+        let tried: Vec<WorkerId> = tried
+            .iter()
+            .filter_map(|&place| workers.get(place).map(|w| w.id))
+            .collect();
         let body = bytes::Bytes::new();
         let features = Features {
             model: "m",
@@ -257,8 +314,8 @@ pub(super) mod tests {
                 session: None,
             },
         };
-        match registry.pick(policy, &features, tried) {
-            Pick::Placed(index, _) => Some(index),
+        match registry.pick(policy, &features, &tried) {
+            Pick::Placed(worker) => workers.iter().position(|w| w.id == worker.id),
             Pick::AllFull | Pick::NoneEligible => None,
         }
     }

@@ -32,14 +32,25 @@ pub async fn scrape(upstream: &Upstream, worker: &Worker, timeout: Duration) {
     }
 }
 
-/// Scrapes every healthy worker forever, every `interval`; the caller aborts the task to stop.
-pub async fn run_load_scrapes(upstream: Upstream, registry: Arc<Registry>, interval: Duration) {
-    let timeout = interval.max(Duration::from_millis(250));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// While scrapes are off, how often `run_load_scrapes` looks whether a reload turned them on.
+const OFF_RECHECK: Duration = Duration::from_secs(1);
+
+/// Scrapes every healthy worker of the moment forever, `interval()` apart (`None`: off, which a
+/// reload may change); the caller aborts the task to stop.
+pub async fn run_load_scrapes(
+    upstream: Upstream,
+    registry: Arc<Registry>,
+    interval: impl Fn() -> Option<Duration> + Send,
+) {
     loop {
-        ticker.tick().await;
-        join_all(registry.workers().iter().map(|worker| async {
+        let Some(every) = interval() else {
+            tokio::time::sleep(OFF_RECHECK).await;
+            continue;
+        };
+        tokio::time::sleep(every).await;
+        let timeout = every.max(Duration::from_millis(250));
+        let workers = registry.workers();
+        join_all(workers.iter().map(|worker| async {
             if worker.is_healthy() {
                 scrape(&upstream, worker, timeout).await;
             } else {

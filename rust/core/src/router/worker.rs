@@ -23,8 +23,16 @@ pub struct ModelCard {
     pub card: Box<RawValue>,
 }
 
+/// A worker's identity for as long as it is in the registry and after (its requests in flight
+/// hold it): never reused, unlike a place in the worker list, which a change of the fleet moves.
+pub type WorkerId = u64;
+
+/// The next worker's id. Relaxed: only uniqueness matters.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Debug)]
 pub struct Worker {
+    pub id: WorkerId,
     pub url: Arc<str>,
     /// `Bearer <api_key>` when the worker has a key of its own.
     pub(crate) authorization: Option<HeaderValue>,
@@ -53,10 +61,11 @@ pub struct Worker {
     block_size: AtomicU32,
     /// The `system_fingerprint` (raw JSON value) of the worker's last stream that carried one.
     fingerprint: ArcSwapOption<Bytes>,
-    /// The gateway's requests it takes at once; no limit when unset.
-    max_concurrency: Option<usize>,
+    /// The gateway's requests it takes at once; 0: no limit. A reload may change it (Relaxed,
+    /// like the load).
+    max_concurrency: AtomicUsize,
     /// Whether, without a `max_concurrency`, its capacity is learned from the load it reports.
-    learns: bool,
+    learns: AtomicBool,
     /// The capacity learned from its reports: 0 while it has not been seen full. Relaxed like
     /// the load it comes from.
     learned: AtomicUsize,
@@ -94,6 +103,7 @@ impl Worker {
         let base = url.trim_end_matches('/');
         let uri = |path: &str| format!("{base}{path}").parse::<Uri>();
         Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             url: base.into(),
             authorization: None,
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
@@ -111,24 +121,35 @@ impl Worker {
             load: AtomicU64::new(NO_LOAD),
             block_size: AtomicU32::new(0),
             fingerprint: ArcSwapOption::empty(),
-            max_concurrency: None,
-            learns: false,
+            max_concurrency: AtomicUsize::new(0),
+            learns: AtomicBool::new(false),
             learned: AtomicUsize::new(0),
             room: OnceLock::new(),
         })
     }
 
     /// Takes at most `limit` of the gateway's requests at once (at least 1).
-    pub fn with_max_concurrency(mut self, limit: usize) -> Self {
-        self.max_concurrency = Some(limit.max(1));
+    pub fn with_max_concurrency(self, limit: usize) -> Self {
+        self.max_concurrency.store(limit.max(1), Ordering::Relaxed);
         self
     }
 
     /// Without a `max_concurrency`, learns its capacity from the load it reports (see
     /// [`Worker::set_load`]).
-    pub fn learning_capacity(mut self) -> Self {
-        self.learns = self.max_concurrency.is_none();
+    pub fn learning_capacity(self) -> Self {
+        let learns = self.max_concurrency().is_none();
+        self.learns.store(learns, Ordering::Relaxed);
         self
+    }
+
+    /// A reload's new limits for a worker it keeps: at most `limit` requests at once (at least
+    /// 1), or none, learned from its reports when `learn`. What it learned so far stays.
+    pub fn set_limits(&self, limit: Option<usize>, learn: bool) {
+        self.max_concurrency
+            .store(limit.map_or(0, |l| l.max(1)), Ordering::Relaxed);
+        self.learns
+            .store(learn && limit.is_none(), Ordering::Relaxed);
+        self.gained_room();
     }
 
     /// Ejected by a circuit breaker with these `settings` (without one it never is).
@@ -138,18 +159,22 @@ impl Worker {
     }
 
     pub fn max_concurrency(&self) -> Option<usize> {
-        self.max_concurrency
+        Some(self.max_concurrency.load(Ordering::Relaxed)).filter(|&limit| limit > 0)
+    }
+
+    fn learns(&self) -> bool {
+        self.learns.load(Ordering::Relaxed)
     }
 
     /// Whether it may ever be full: it has a `max_concurrency`, or learns its capacity.
     pub fn is_bounded(&self) -> bool {
-        self.max_concurrency.is_some() || self.learns
+        self.max_concurrency().is_some() || self.learns()
     }
 
     /// The gateway's requests it takes at once now: its `max_concurrency`, else what it has
     /// learned; `None` when unbounded.
     pub fn capacity(&self) -> Option<usize> {
-        self.max_concurrency.or_else(|| {
+        self.max_concurrency().or_else(|| {
             let learned = self.learned.load(Ordering::Relaxed);
             (learned > 0).then_some(learned)
         })
@@ -181,6 +206,17 @@ impl Worker {
         value.set_sensitive(true);
         self.authorization = Some(value);
         Ok(self)
+    }
+
+    /// Whether it sends `api_key` (or none, for `None`) to its worker.
+    pub fn api_key_matches(&self, api_key: Option<&str>) -> bool {
+        match (&self.authorization, api_key) {
+            (None, None) => true,
+            (Some(sent), Some(key)) => {
+                sent.as_bytes().strip_prefix(b"Bearer ") == Some(key.as_bytes())
+            }
+            _ => false,
+        }
     }
 
     pub fn uri(&self, endpoint: Endpoint) -> Uri {
@@ -269,7 +305,7 @@ impl Worker {
     pub fn set_load(&self, load: Option<Load>) {
         self.load
             .store(load.map_or(NO_LOAD, pack), Ordering::Relaxed);
-        let Some(load) = load.filter(|_| self.learns) else {
+        let Some(load) = load.filter(|_| self.learns()) else {
             return;
         };
         let outstanding = self.outstanding();

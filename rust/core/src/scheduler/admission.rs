@@ -7,6 +7,9 @@
 //! `queue_timeout`), or its client leaves (its place is freed at once and no worker sees it). A
 //! full queue refuses at once (429 `queue_full`).
 //!
+//! The set of workers may change while requests wait: a change raises the registry's `room`, so
+//! each head is placed again among the workers there are now (none left: it is told so).
+//!
 //! With no worker bounded, nothing is ever queued and a placement is what it was without a
 //! scheduler: the policy's choice, counted on the worker. While nothing is queued anywhere, a
 //! placement takes no lock.
@@ -16,7 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::classes::{ClassQueue, ClassTicket};
@@ -26,7 +30,7 @@ use crate::metering::SettleHook;
 use crate::metrics::QueuedSample;
 use crate::request::{Endpoint, InferenceRequest, Priority};
 use crate::router::{
-    Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy, Worker,
+    Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy, Worker, WorkerId,
 };
 
 /// The bounds of every model's queue.
@@ -67,8 +71,7 @@ pub struct Claim {
 /// A request placed on a worker: counted there until `outstanding` drops.
 #[derive(Debug)]
 pub struct Placement {
-    /// The worker's place in the registry.
-    pub index: usize,
+    /// The worker is `outstanding.worker()`.
     pub outstanding: Outstanding,
     /// How long it waited in the queue, if it had to.
     pub waited: Option<Duration>,
@@ -82,7 +85,7 @@ struct Waiter {
     prompt_bytes: usize,
     sequences: u64,
     prefix: OwnedPrefix,
-    tried: Vec<usize>,
+    tried: Vec<WorkerId>,
     /// `None`: no eligible worker is left (all down or tried) while it waited.
     grant: oneshot::Sender<Option<Placement>>,
 }
@@ -103,17 +106,13 @@ impl Waiter {
 pub struct Scheduler {
     registry: Arc<Registry>,
     policy: Box<dyn RoutingPolicy>,
-    limits: QueueLimits,
-    /// Whether any worker may be full: without one nothing is ever queued.
-    bounded: bool,
+    /// Replaced by a reload; read once per placement.
+    limits: ArcSwap<QueueLimits>,
     /// Shared with the hooks that correct a tenant's charge when its request ends.
     queues: Arc<Mutex<HashMap<Arc<str>, ClassQueue<Waiter>>>>,
     /// Requests queued over every model. Relaxed: a gauge and a hint; the queues' mutex orders
     /// everything else.
     queued: AtomicUsize,
-    /// Raised when a worker may have gained room (a request on it ended, it came back up):
-    /// `run` then hands freed places to the queues' heads.
-    room: Arc<Notify>,
 }
 
 impl Scheduler {
@@ -122,21 +121,23 @@ impl Scheduler {
         policy: Box<dyn RoutingPolicy>,
         limits: QueueLimits,
     ) -> Self {
-        let room = Arc::new(Notify::new());
-        let mut bounded = false;
-        for worker in registry.workers() {
-            bounded |= worker.is_bounded();
-            worker.notify_room(room.clone());
-        }
         Self {
             registry,
             policy,
-            limits,
-            bounded,
+            limits: ArcSwap::from_pointee(limits),
             queues: Arc::new(Mutex::new(HashMap::new())),
             queued: AtomicUsize::new(0),
-            room,
         }
+    }
+
+    /// Bounds the queues by `limits` from now on (a request queued already keeps its wait).
+    pub fn set_limits(&self, limits: QueueLimits) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    /// Whether any worker may be full: without one nothing is ever queued.
+    fn bounded(&self) -> bool {
+        self.registry.is_bounded()
     }
 
     /// Least-loaded routing over `registry`, queues bounded by `limits`.
@@ -151,7 +152,7 @@ impl Scheduler {
 
     /// The requests queued now, by model, tenant and class.
     pub fn queued_counts(&self) -> Vec<QueuedSample> {
-        if !self.bounded {
+        if !self.bounded() && self.queued() == 0 {
             return Vec::new();
         }
         let queues = self.lock();
@@ -170,39 +171,41 @@ impl Scheduler {
             .collect()
     }
 
-    /// Places the next attempt at `request` for `claim`, never on a worker whose registry
-    /// index is in `tried`; waits in the model's queue while every eligible worker is full, at
+    /// Places the next attempt at `request` for `claim`, never on a worker whose id is in
+    /// `tried`; waits in the model's queue while every eligible worker is full, at
     /// most until the request's deadline or the queue's timeout. `Ok(None)` when no eligible
     /// worker is left.
     pub async fn place(
         &self,
         request: &InferenceRequest,
         claim: &Claim,
-        tried: &[usize],
+        tried: &[WorkerId],
     ) -> Result<Option<Placement>, ApiError> {
         let features = Features::of(request);
+        let bounded = self.bounded();
         // Nothing queued anywhere: no one to overtake, so no lock. (A request queued meanwhile
         // may be overtaken by this one; the next grant is its.)
-        if !self.bounded || self.queued() == 0 {
+        if !bounded || self.queued() == 0 {
             match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                Pick::Placed(index, worker) => return Ok(Some(placed(index, &worker))),
+                Pick::Placed(worker) => return Ok(Some(placed(&worker))),
                 Pick::NoneEligible => return Ok(None),
-                Pick::AllFull if !self.bounded => return Ok(None),
+                Pick::AllFull if !bounded => return Ok(None),
                 Pick::AllFull => {}
             }
         }
+        let limits = **self.limits.load();
         let started = Instant::now();
         let give_up = request
             .deadline
-            .map_or(started + self.limits.timeout, |deadline| {
-                deadline.min(started + self.limits.timeout)
+            .map_or(started + limits.timeout, |deadline| {
+                deadline.min(started + limits.timeout)
             });
         let (ticket, mut granted) = {
             let mut queues = self.lock();
             let model_queue = queues.get(request.model.as_str());
             if model_queue.is_none_or(ClassQueue::is_empty) {
                 match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                    Pick::Placed(index, worker) => return Ok(Some(placed(index, &worker))),
+                    Pick::Placed(worker) => return Ok(Some(placed(&worker))),
                     Pick::NoneEligible => return Ok(None),
                     Pick::AllFull => {}
                 }
@@ -210,12 +213,12 @@ impl Scheduler {
             if give_up <= started {
                 return Err(self.timed_out(Duration::ZERO));
             }
-            let batch_every = self.limits.batch_every;
+            let batch_every = limits.batch_every;
             let queue = queues
                 .entry(Arc::from(request.model.as_str()))
                 .or_insert_with(|| ClassQueue::new(batch_every));
-            if queue.len() >= self.limits.max_queued
-                || queue.queued(&claim.tenant) >= self.limits.max_queued_per_tenant
+            if queue.len() >= limits.max_queued
+                || queue.queued(&claim.tenant) >= limits.max_queued_per_tenant
             {
                 return Err(ApiError::QueueFull {
                     retry_after: self.retry_after(),
@@ -276,7 +279,7 @@ impl Scheduler {
     }
 
     fn retry_after(&self) -> Duration {
-        self.limits.timeout.min(Duration::from_secs(1))
+        self.limits.load().timeout.min(Duration::from_secs(1))
     }
 
     fn timed_out(&self, waited: Duration) -> ApiError {
@@ -286,14 +289,13 @@ impl Scheduler {
         }
     }
 
-    /// Hands freed places to the queues' heads whenever a worker may have gained room. Runs for
-    /// the gateway's life.
+    /// Hands freed places to the queues' heads whenever a worker may have gained room or the
+    /// set of workers changed. Runs for the gateway's life (a reload may bound a worker that was
+    /// not).
     pub async fn run(&self) {
-        if !self.bounded {
-            return;
-        }
+        let room = self.registry.room().clone();
         loop {
-            self.room.notified().await;
+            room.notified().await;
             self.grant();
         }
     }
@@ -314,7 +316,7 @@ impl Scheduler {
                     ) {
                         Pick::AllFull => break,
                         Pick::NoneEligible => None,
-                        Pick::Placed(index, worker) => Some(placed(index, &worker)),
+                        Pick::Placed(worker) => Some(placed(&worker)),
                     };
                     let Some(waiter) = queue.pop() else { break };
                     self.queued.fetch_sub(1, Ordering::Relaxed);
@@ -336,10 +338,9 @@ impl Scheduler {
     }
 }
 
-/// `worker`, at `index`, counting the request from now on.
-fn placed(index: usize, worker: &Arc<Worker>) -> Placement {
+/// `worker`, counting the request from now on.
+fn placed(worker: &Arc<Worker>) -> Placement {
     Placement {
-        index,
         outstanding: worker.begin(),
         waited: None,
     }
@@ -454,7 +455,9 @@ mod tests {
         assert_eq!(scheduler.queued(), 1);
         scheduler.grant();
         match poll(&mut second) {
-            Poll::Ready(Ok(Some(placement))) => assert_eq!(placement.index, 0),
+            Poll::Ready(Ok(Some(placement))) => {
+                assert_eq!(&*placement.outstanding.worker().url, "http://w")
+            }
             other => panic!("{other:?}"),
         }
     }
