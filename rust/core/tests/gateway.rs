@@ -10,33 +10,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use gateway_core::Gateway;
 use gateway_core::request::Endpoint;
 use gateway_core::serve::ServerHandle;
 use gateway_core::usage::{Status, UsageEvent, UsageSource};
-use gateway_sim::{SimConfig, app};
-use http_body_util::{BodyExt, Full};
-use hyper::{HeaderMap, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use gateway_sim::SimConfig;
+use hyper::StatusCode;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const KEY: &str = "tg-integration-test-key";
-
-async fn sim(config: SimConfig) -> ServerHandle {
-    ServerHandle::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        app(config),
-        gateway_core::serve::HEADER_READ_TIMEOUT,
-    )
-    .await
-    .unwrap()
-}
+use common::{exchange, exchange_with, sim};
 
 async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
     let urls: Vec<String> = workers
@@ -70,64 +54,12 @@ async fn gateway_from(workers: Vec<Value>, overrides: Value) -> (Gateway, Socket
         "workers": workers,
         "routing": { "health_interval_ms": 50, "max_attempts": 2 },
     });
-    let config = common::gateway_config(common::merged(defaults, overrides));
-    let mut gateway = Gateway::new(config).unwrap();
-    let hash: String = Sha256::digest(KEY.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let keys = json!({ "keys": [{ "hash": hash, "key_id": "key_1", "tenant_id": "ten_1" }] });
-    gateway.control().set_keys(&keys.to_string()).unwrap();
-    let addr = gateway.start().await.unwrap();
-    (gateway, addr)
+    common::started(common::gateway_config(common::merged(defaults, overrides))).await
 }
 
 async fn post(addr: SocketAddr, path: &str, body: Value) -> (StatusCode, String) {
     let (status, _, body) = exchange(addr, "POST", path, Some(body)).await;
     (status, body)
-}
-
-/// One request with the test key; the whole response.
-async fn exchange(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, HeaderMap, String) {
-    exchange_with(addr, method, path, body, &[]).await
-}
-
-/// One request with the test key and `headers`; the whole response.
-async fn exchange_with(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-    headers: &[(&str, &str)],
-) -> (StatusCode, HeaderMap, String) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let mut request = Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"))
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(
-            body.map(|b| b.to_string()).unwrap_or_default(),
-        )))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8(body.to_vec()).unwrap(),
-    )
 }
 
 /// Waits for `n` events (they are recorded as responses end, possibly after the client read).

@@ -9,28 +9,15 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use gateway_core::serve::ServerHandle;
 use gateway_core::usage::Status;
 use gateway_core::{Gateway, Reloaded};
-use gateway_sim::{SimConfig, app};
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use gateway_sim::SimConfig;
+use hyper::StatusCode;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-
-const KEY: &str = "tg-reload-test-key";
 
 async fn sim(config: SimConfig) -> (ServerHandle, String) {
-    let handle = ServerHandle::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        app(config),
-        gateway_core::serve::HEADER_READ_TIMEOUT,
-    )
-    .await
-    .unwrap();
+    let handle = common::sim(config).await;
     let url = format!("http://{}", handle.local_addr());
     (handle, url)
 }
@@ -45,28 +32,12 @@ fn config(workers: Value) -> Value {
 
 async fn gateway(document: Value) -> (Gateway, SocketAddr) {
     let config = gateway_core::config::GatewayConfig::from_json(&document.to_string()).unwrap();
-    let mut gateway = Gateway::new(config).unwrap();
-    let hash: String = Sha256::digest(KEY.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let keys = json!({ "keys": [{ "hash": hash, "key_id": "key_1", "tenant_id": "ten_1" }] });
-    gateway.control().set_keys(&keys.to_string()).unwrap();
-    let addr = gateway.start().await.unwrap();
-    (gateway, addr)
+    common::started(config).await
 }
 
 async fn complete(addr: SocketAddr, body: Value) -> (StatusCode, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::post(format!("http://{addr}/v1/completions"))
-        .header("authorization", format!("Bearer {KEY}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let (status, _, body) = common::exchange(addr, "POST", "/v1/completions", Some(body)).await;
+    (status, body)
 }
 
 async fn until(mut ready: impl FnMut() -> bool) {
