@@ -40,6 +40,9 @@ class Discovery:
     def discovery_failures(self) -> float:
         return procs.scrape(self.gateway.url).get("tokengate_discovery_failures_total", 0.0)
 
+    def rounds(self) -> float:
+        return procs.scrape(self.gateway.url).get("tokengate_discovery_rounds_total", 0.0)
+
 
 @pytest.fixture
 def discovery(tmp_path: Path) -> Iterator[Discovery]:
@@ -78,8 +81,12 @@ def test_workers_that_appear_and_vanish_in_dns_change_the_rotation_under_load(
     assert procs.wait_for(lambda: discovery.in_rotation() == {first, second}, timeout=30)
     with Load(discovery.gateway.url, discovery.key) as load:
         assert procs.wait_for(lambda: served(first) > 5 and served(second) > 5, timeout=30)
-        # The first address goes, the third comes.
+        # The first address goes, the third comes: two rounds of resolution later (the first may
+        # have asked before the change), the rotation is the new one. Counted, not timed.
         discovery.dns.set_hosts(NAME, [ADDRESSES[1], ADDRESSES[2]])
+        changed_at = discovery.rounds()
+        assert procs.wait_for(lambda: discovery.rounds() >= changed_at + 2, timeout=30)
+        assert discovery.in_rotation() == {second, third}
         assert procs.wait_for(lambda: served(third) > 0, timeout=30), "the newcomer got nothing"
         assert procs.wait_for(lambda: first not in worker_urls(discovery.gateway.url), timeout=30)
         # Its requests in flight finish; from then on it gets none.

@@ -213,9 +213,11 @@ async fn rediscover(state: &AppState, routing: &crate::config::RoutingConfig) ->
         .fleet
         .refresh(&state.resolver, routing, &state.upstream)
         .await;
+    let metrics = state.meter.metrics();
     if change.failures > 0 {
-        state.meter.metrics().discovery_failed(change.failures);
+        metrics.discovery_failed(change.failures);
     }
+    metrics.discovery_round();
     change
 }
 

@@ -95,6 +95,7 @@ pub struct GatewayMetrics {
     coalesced_calls: Counter,
     coalesced_requests: Counter,
     discovery_failures: Counter,
+    discovery_rounds: Counter,
 }
 
 /// The labels of a queue's samples.
@@ -213,6 +214,13 @@ impl Default for GatewayMetrics {
              workers stay)",
             discovery_failures.clone(),
         );
+        let discovery_rounds = Counter::default();
+        families.register(
+            "tokengate_discovery_rounds",
+            "Rounds of worker DNS resolution completed: each installed the workers it found and \
+             probed the new ones",
+            discovery_rounds.clone(),
+        );
 
         Self {
             families,
@@ -230,6 +238,7 @@ impl Default for GatewayMetrics {
             coalesced_calls,
             coalesced_requests,
             discovery_failures,
+            discovery_rounds,
         }
     }
 }
@@ -287,6 +296,11 @@ impl GatewayMetrics {
     /// `names` worker DNS names could not be resolved, or had no address.
     pub fn discovery_failed(&self, names: usize) {
         self.discovery_failures.inc_by(names as u64);
+    }
+
+    /// A round of worker DNS resolution has installed what it found and probed the new workers.
+    pub fn discovery_round(&self) {
+        self.discovery_rounds.inc();
     }
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
@@ -887,6 +901,7 @@ mod tests {
             ("tokengate_coalesced_calls_total", "counter"),
             ("tokengate_coalesced_requests_total", "counter"),
             ("tokengate_discovery_failures_total", "counter"),
+            ("tokengate_discovery_rounds_total", "counter"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),
