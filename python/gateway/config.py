@@ -736,8 +736,8 @@ class TelemetryConfig(BaseModel):
         default=None,
         description=(
             "The OTLP/gRPC collector traces go to, e.g. `http://127.0.0.1:4317` (plain gRPC, no"
-            " TLS); unset, `OTEL_EXPORTER_OTLP_ENDPOINT` if that is set, else tracing is off and"
-            " costs nothing."
+            " TLS); unset, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or else"
+            " `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else tracing is off and costs nothing."
         ),
     )
     sample_ratio: float | None = Field(
@@ -762,7 +762,14 @@ class TelemetryConfig(BaseModel):
         """The settings in force: this table's, then the environment's `OTEL_*`, then the
         defaults. An environment value that is not valid is refused as the file's would be."""
         env = os.environ if environ is None else environ
-        endpoint = self.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        # The traces' own variable wins over the one every signal shares, as in OpenTelemetry's
+        # SDKs.
+        endpoint = (
+            self.otlp_endpoint
+            or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or None
+        )
         ratio: float | str | None = self.sample_ratio
         if ratio is None and env.get("OTEL_TRACES_SAMPLER_ARG"):
             ratio = env["OTEL_TRACES_SAMPLER_ARG"]

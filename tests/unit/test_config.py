@@ -571,6 +571,12 @@ def test_telemetry_takes_the_file_then_the_otel_environment_then_the_defaults(
         unset.resolve({"OTEL_TRACES_SAMPLER_ARG": "1.5"})
     with pytest.raises(ValueError, match="otlp_endpoint"):
         unset.resolve({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"})
+    # The traces' own endpoint wins over the shared one; the file's wins over both.
+    traces = {**env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4317"}
+    assert unset.resolve(traces).otlp_endpoint == "http://traces:4317"
+    assert config.telemetry.resolve(traces).otlp_endpoint == "http://127.0.0.1:4317"
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        unset.resolve({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "traces:4317"})
 
 
 @pytest.mark.parametrize(
