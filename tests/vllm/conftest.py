@@ -1,10 +1,8 @@
 """The real-vLLM tier's fixture: two vLLM CPU workers serving the tiny model, a gateway in front.
 
 Started once per session (vLLM takes about 30 s to start on 2 cores), each worker pinned to its
-own core. The workers export their OpenTelemetry spans (`--otlp-traces-endpoint`) to a receiver
-the session runs on loopback (`Fleet.traces`), where tests/vllm/test_tracing.py finds them. The
-tier runs with `make test-vllm` (or `pytest -m vllm`), which installs vLLM's CPU build on first
-use.
+own core. The tier runs with `make test-vllm` (or `pytest -m vllm`), which installs vLLM's CPU
+build on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import openai
 import pytest
 
 from tests.support import procs
-from tests.support.otlp import OtlpReceiver, otlp_receiver
 from tests.vllm import cpu_env
 
 
@@ -32,9 +29,6 @@ class Fleet:
     db: Path
     key: str
     key_id: str
-    # Where the workers export their spans, and its endpoint.
-    traces: OtlpReceiver
-    otlp_endpoint: str
     clients: list[openai.OpenAI] = field(default_factory=list)
 
     def client(self, key: str | None = None) -> openai.OpenAI:
@@ -87,28 +81,18 @@ def vllm_env() -> cpu_env.VllmEnv:
 
 
 @pytest.fixture(scope="session")
-def worker_traces() -> Iterator[tuple[OtlpReceiver, str]]:
-    with otlp_receiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture(scope="session")
-def fleet(
-    vllm_env: cpu_env.VllmEnv,
-    worker_traces: tuple[OtlpReceiver, str],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Fleet]:
+def fleet(vllm_env: cpu_env.VllmEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("vllm")
     cpus = os.cpu_count() or 1
-    traces, endpoint = worker_traces
     workers = []
     try:
         for i in range(2):
             port = procs.free_port()
-            command = vllm_env.worker_command(port, "--otlp-traces-endpoint", endpoint)
-            # vLLM's batch span processor exports every 100 ms, not every 5 s.
-            env = {**vllm_env.worker_env(cpu=i % cpus), "OTEL_BSP_SCHEDULE_DELAY": "100"}
-            workers.append(procs.spawn_vllm(command, env, port))
+            workers.append(
+                procs.spawn_vllm(
+                    vllm_env.worker_command(port), vllm_env.worker_env(cpu=i % cpus), port
+                )
+            )
         for worker in workers:
             procs.wait_healthy(worker)
         db = tmp / "ledger.db"
@@ -124,15 +108,7 @@ def fleet(
         for worker in workers:
             worker.stop()
         raise
-    fleet = Fleet(
-        workers=workers,
-        gateway=gateway,
-        db=db,
-        key=key,
-        key_id=key_id,
-        traces=traces,
-        otlp_endpoint=endpoint,
-    )
+    fleet = Fleet(workers=workers, gateway=gateway, db=db, key=key, key_id=key_id)
     yield fleet
     for client in fleet.clients:
         client.close()
