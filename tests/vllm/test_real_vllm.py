@@ -11,6 +11,7 @@ import concurrent.futures
 import itertools
 import json
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -540,10 +541,13 @@ def test_a_stopped_worker_leaves_rotation_while_requests_succeed(fleet: Fleet) -
     stopped_at: list[float] = []  # monotonic, then wall-clock
     errors: list[BaseException] = []
 
+    # Set if the test fails before the stop: the senders must not outlive it.
+    abandoned = threading.Event()
+
     def keep_sending(worker_id: int) -> int:
         sent = 0
         for i in itertools.count():
-            if stopped_at and time.monotonic() > stopped_at[0] + 3:
+            if abandoned.is_set() or (stopped_at and time.monotonic() > stopped_at[0] + 3):
                 return sent
             try:
                 non_streaming = [
@@ -558,12 +562,16 @@ def test_a_stopped_worker_leaves_rotation_while_requests_succeed(fleet: Fleet) -
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         senders = [pool.submit(keep_sending, i) for i in range(3)]
-        # Under load: both workers have answered some of it.
-        assert procs.wait_for(
-            lambda: len({row["worker"] for row in rows_for(fleet, key_id)}) == 2, timeout=30
-        )
-        fleet.workers[0].stop(timeout=30)
-        stopped_at += [time.monotonic(), time.time()]
+        try:
+            # Under load: both workers have answered some of it.
+            assert procs.wait_for(
+                lambda: len({row["worker"] for row in rows_for(fleet, key_id)}) == 2, timeout=30
+            )
+            fleet.workers[0].stop(timeout=30)
+            stopped_at += [time.monotonic(), time.time()]
+        finally:
+            if not stopped_at:
+                abandoned.set()
         total = sum(s.result() for s in senders)
     assert errors == [], errors[:3]
     assert gateway_metric(fleet, "tokengate_worker_healthy", fleet.workers[0]) == 0
