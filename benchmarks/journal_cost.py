@@ -1,24 +1,29 @@
-"""The cost of the durable usage journal: gateway throughput with events kept in memory until the
-ledger has them, against events on disk and synced before each response ends.
+"""The cost of the durable usage journal: the gateway with events kept in memory until the ledger
+has them ("memory"), against the journal synced on an interval ("interval", the default) and
+synced before each response ends ("always").
 
-    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 5 minutes
+    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 12 minutes
     python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
 
-Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Two gateways in
+Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Three gateways in
 front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead.py` (gateways
-on core 1, simulator and loadgen on core 0): "memory" without a journal, "journal" with
-`[journal] dir` in the harness's temporary directory (the same disk as /tmp). Non-streaming and
-streaming completions at saturation (`loadgen`, closed loop, 64 connections), the two targets
-taking turns in a rotating order; the gateway is then the bottleneck, the worst case for the
-journal. Then the same pair in front of a simulator paced like a model (20 ms to the first token,
-5 ms between tokens, 32 tokens), streaming over 256 connections: the worker is the bottleneck, as
-in production. The table gives medians over rounds. Results: a section of
-`benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports in `benchmarks/out/`.
+on core 1, simulator and loadgen on core 0), their journals in the harness's temporary directory
+(the same disk as /tmp). For non-streaming and streaming completions:
+- throughput at saturation (`loadgen`, closed loop, 64 connections), the gateway's CPU per
+  request beside it: the gateway is then the bottleneck, the worst case for the journal;
+- latency at 500 req/s (open loop, from each request's due time), p50 and p99: what a user sees
+  on every call at a moderate load.
+The targets take turns in a rotating order. Then the same three in front of a simulator paced
+like a model (20 ms to the first token, 5 ms between tokens, 32 tokens), streaming over 256
+connections: the worker is the bottleneck, as in production. The tables give medians over
+rounds. Results: a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports
+in `benchmarks/out/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from harness import (
     parse_args,
     publish,
     rotate_saturation,
+    run_loadgen,
     wait_serving,
 )
 from tests.support import procs
@@ -43,34 +49,106 @@ from tests.support import procs
 BEGIN = "<!-- journal_cost.py:begin -->"
 END = "<!-- journal_cost.py:end -->"
 
+# The gateway's journal settings, by target name.
+JOURNALS = {
+    "memory": "[journal]\nenabled = false\n",
+    "interval": '[journal]\ndir = "{dir}"\nsync = "interval"\n',
+    "always": '[journal]\ndir = "{dir}"\nsync = "always"\n',
+}
+RATE = 500.0  # req/s of the latency runs
 
-def section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
+
+@dataclasses.dataclass
+class Latency:
+    """One fixed-rate run's figures, in microseconds from each request's due time."""
+
+    round: int
+    target: str
+    p50: float
+    p99: float
+    errors: int
+
+
+def rotate_latency(settings: Settings, targets: list[Target], *, stream: bool) -> list[Latency]:
+    """`settings.rounds` rounds of one run at `RATE` per target, in a rotating order."""
+    results = []
+    for round_ in range(settings.rounds):
+        shift = round_ % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            report, _ = run_loadgen(settings, target.url, target.key, stream=stream, rate=RATE)
+            latency = report["latency_us"]
+            errors = int(report["errors"]) + int(report["unsent"])
+            results.append(Latency(round_, target.name, latency["p50"], latency["p99"], errors))
+            print(
+                f"  {target.name:>8}: p50 {latency['p50']:>6.0f} µs  p99 {latency['p99']:>6.0f} µs"
+            )
+    return results
+
+
+def latency_of(results: list[Latency], target: str, pick: str) -> float:
+    return float(statistics.median(getattr(r, pick) for r in results if r.target == target))
+
+
+def saturation_table(runs: dict[str, list[Saturation]]) -> list[str]:
+    lines = [
+        "| mode | memory req/s | interval req/s | always req/s | interval / memory "
+        "| always / memory | gateway CPU µs / req (memory, interval, always) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, results in runs.items():
+        rps = {name: median_of(results, name, "rps") for name in JOURNALS}
+        cpu = {
+            name: statistics.median(
+                r.gateway_cpu * 1e6 / r.rps for r in results if r.target == name and r.rps
+            )
+            for name in JOURNALS
+        }
+        lines.append(
+            f"| {mode} | {rps['memory']:,.0f} | {rps['interval']:,.0f} | {rps['always']:,.0f} "
+            f"| {rps['interval'] / rps['memory']:.2f} | {rps['always'] / rps['memory']:.2f} "
+            f"| {cpu['memory']:.0f}, {cpu['interval']:.0f}, {cpu['always']:.0f} |"
+        )
+    return lines
+
+
+def latency_table(latencies: dict[str, list[Latency]]) -> list[str]:
+    lines = [
+        f"| mode at {RATE:.0f} req/s | memory p50 / p99 µs | interval p50 / p99 µs "
+        "| always p50 / p99 µs |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, results in latencies.items():
+        cells = [
+            f"{latency_of(results, name, 'p50'):,.0f} / {latency_of(results, name, 'p99'):,.0f}"
+            for name in JOURNALS
+        ]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def section(
+    runs: dict[str, list[Saturation]], latencies: dict[str, list[Latency]], meta: dict[str, Any]
+) -> str:
     lines = [
         BEGIN,
-        "## The usage journal: events on disk before each response ends",
+        "## The usage journal: interval and always against events in memory",
         "",
         f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
         f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
-        f"{meta['machine']['load']} at start. Completions at saturation, 64 connections (the "
-        f"paced worker: {PACED_CONNECTIONS}); gateway "
-        f"on core 1, simulator and loadgen on core 0; medians of {meta['rounds']} rounds of "
-        f"{meta['duration_s']:.0f} s.",
+        f"{meta['machine']['load']} at start. Gateways on core 1, simulator and loadgen on core "
+        f"0; medians of {meta['rounds']} rounds of {meta['duration_s']:.0f} s, the targets "
+        "taking turns. Throughput: closed loop, 64 connections (the paced worker: "
+        f"{PACED_CONNECTIONS}).",
         "",
-        "| mode | memory req/s | journal req/s | journal vs memory "
-        "| gateway CPU (memory / journal) |",
-        "|---|---:|---:|---:|---:|",
+        *saturation_table(runs),
+        "",
+        "Latency from each request's due time, open loop (the simulator answers at once, so "
+        "this is the gateway's own time plus the simulator's):",
+        "",
+        *latency_table(latencies),
     ]
-    for mode, results in runs.items():
-        memory, journal = median_of(results, "memory", "rps"), median_of(results, "journal", "rps")
-        cpu = (
-            median_of(results, "memory", "gateway_cpu"),
-            median_of(results, "journal", "gateway_cpu"),
-        )
-        lines.append(
-            f"| {mode} | {memory:,.0f} | {journal:,.0f} | {journal / memory:.0%} | "
-            f"{cpu[0]:.0%} / {cpu[1]:.0%} |"
-        )
     errors = sum(r.errors for results in runs.values() for r in results)
+    errors += sum(r.errors for results in latencies.values() for r in results)
     lines += ["", f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.", END, ""]
     return "\n".join(lines)
 
@@ -93,13 +171,11 @@ def start_gateways(
     services: list[Pinned],
     prefix: str = "",
 ) -> list[Target]:
-    """A gateway without a journal ("memory") and one with ("journal") in front of `sim_url`,
-    serving; each is added to `services` as soon as it starts."""
+    """A gateway per `JOURNALS` entry in front of `sim_url`, serving; each is added to
+    `services` as soon as it starts."""
     targets = []
-    for name, extra in (
-        ("memory", "[journal]\nenabled = false\n"),
-        ("journal", f'[journal]\ndir = "{workdir / f"{prefix}journal"}"\n'),
-    ):
+    for name, extra in JOURNALS.items():
+        extra = extra.format(dir=workdir / f"{prefix}{name}-journal")
         gateway = gateway_service(
             f"gateway-{prefix}{name}", settings, workdir, sim_url, db_url, extra
         )
@@ -113,6 +189,7 @@ def start_gateways(
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv, __doc__)
     runs: dict[str, list[Saturation]] = {}
+    latencies: dict[str, list[Latency]] = {}
     with open_harness("journal_cost.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
         db_url = f"sqlite:///{workdir / 'ledger.db'}"
@@ -123,15 +200,20 @@ def main(argv: list[str] | None = None) -> int:
         targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
         for mode, stream in (("completions", False), ("completions, streaming", True)):
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
+            latencies[mode] = rotate_latency(settings, targets, stream=stream)
         paced_targets = start_gateways(
             settings, workdir, db_url, key, paced.wait_listening(), services, "paced-"
         )
         paced_settings = dataclasses.replace(settings, concurrency=PACED_CONNECTIONS)
         runs[PACED_MODE] = rotate_saturation(paced_settings, paced_targets, stream=True)
     meta = run.meta("journal", settings)
-    raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
-    publish(meta, raw, section(runs, meta), BEGIN, END, settings.quick)
-    return 1 if any(r.errors for results in runs.values() for r in results) else 0
+    raw = {
+        "runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()},
+        "latencies": {mode: [vars(r) for r in rs] for mode, rs in latencies.items()},
+    }
+    publish(meta, raw, section(runs, latencies, meta), BEGIN, END, settings.quick)
+    failed = any(r.errors for results in runs.values() for r in results)
+    return 1 if failed or any(r.errors for rs in latencies.values() for r in rs) else 0
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def stream_until_cut(url: str, key: str, stop: threading.Event) -> list[tuple[st
     return seen
 
 
+@pytest.mark.parametrize("sync", ["interval", "always"])
 def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing_twice(
-    tmp_path: Path,
+    tmp_path: Path, sync: str
 ) -> None:
     sim = procs.start_sim(itl_ms=5, max_output_tokens=40)
     db = tmp_path / "ledger.db"
@@ -60,7 +61,7 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
         tmp_path / "gateway.toml",
         [sim.url],
         db,
-        f'[journal]\ndir = "{tmp_path / "journal"}"\n',
+        f'[journal]\ndir = "{tmp_path / "journal"}"\nsync = "{sync}"\n',
     )
     gateway = procs.start(["serve", "--config", str(config)])
     stop = threading.Event()
@@ -92,8 +93,8 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
         assert {by_request[r][0] for r in ended} == {"completed"}
         # A cut stream is closed as interrupted, billed for its last progress; its event may also
         # be `completed` (on disk before its last bytes left, and the kill came between the two).
-        # Only a request whose start the journal's writer had not yet taken (microseconds) can
-        # have none.
+        # Only a request cut within its first tick (`journal.sync_interval_ms`, 10 ms), whose
+        # start was not yet written, can have none.
         cut_statuses = {by_request[r][0] for r in cut if r in by_request}
         assert cut_statuses <= {"interrupted", "completed"}
         assert "interrupted" in cut_statuses
@@ -105,7 +106,10 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
         sim.stop()
 
 
-def test_an_interrupted_stream_is_billed_for_nearly_all_it_relayed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["interval", "always"])
+def test_an_interrupted_stream_is_billed_for_nearly_all_it_relayed(
+    tmp_path: Path, sync: str
+) -> None:
     """Progress goes to the journal every `journal.progress_interval_ms` (100 ms): a stream cut
     by a SIGKILL is billed for what it had relayed but the last moment's tokens. At 5 ms a token,
     100 ms is 20 tokens; the bound allows 100 (half a second) for a busy machine. Once a second,
@@ -114,7 +118,10 @@ def test_an_interrupted_stream_is_billed_for_nearly_all_it_relayed(tmp_path: Pat
     db = tmp_path / "ledger.db"
     key, _ = procs.create_key(db, "acme")
     config = procs.write_config(
-        tmp_path / "gateway.toml", [sim.url], db, f'[journal]\ndir = "{tmp_path / "journal"}"\n'
+        tmp_path / "gateway.toml",
+        [sim.url],
+        db,
+        f'[journal]\ndir = "{tmp_path / "journal"}"\nsync = "{sync}"\n',
     )
     gateway = procs.start(["serve", "--config", str(config)])
     received: dict[str, int] = {}

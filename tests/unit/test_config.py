@@ -373,6 +373,8 @@ def test_core_document_has_exactly_the_core_keys(tmp_path: Path) -> None:
             "dir": "data/gateway.usage-journal",
             "segment_bytes": 16_777_216,
             "progress_interval_ms": 100,
+            "sync": "interval",
+            "sync_interval_ms": 10,
         },
         "grpc_listen": None,
         "telemetry": {"otlp_endpoint": None, "sample_ratio": 1.0, "service_name": "tokengate"},
@@ -519,14 +521,24 @@ def test_the_journal_is_on_by_default_beside_a_sqlite_ledger(tmp_path: Path) -> 
         "dir": "data/gateway.usage-journal",
         "segment_bytes": 16_777_216,
         "progress_interval_ms": 100,
+        "sync": "interval",
+        "sync_interval_ms": 10,
     }
-    text = MINIMAL + '\n[journal]\ndir = "elsewhere/journal"\nprogress_interval_ms = 1000\n'
+    text = (
+        MINIMAL + '\n[journal]\ndir = "elsewhere/journal"\nprogress_interval_ms = 1000\n'
+        'sync = "always"\nsync_interval_ms = 50\n'
+    )
     document = json.loads(load_config(write(tmp_path, text)).core_document())
     assert document["journal"] == {
         "dir": "elsewhere/journal",
         "segment_bytes": 16_777_216,
         "progress_interval_ms": 1000,
+        "sync": "always",
+        "sync_interval_ms": 50,
     }
+    for bad in ('sync = "never"', "sync_interval_ms = 0", "sync_interval_ms = 4611686018427387904"):
+        with pytest.raises(ConfigFileError):
+            load_config(write(tmp_path, f"{MINIMAL}\n[journal]\n{bad}\n"))
     off = json.loads(
         load_config(write(tmp_path, MINIMAL + "\n[journal]\nenabled = false\n")).core_document()
     )

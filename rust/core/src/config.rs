@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::journal::{Durability, Options as JournalOptions};
+
 /// One worker to route to, a `vllm serve` (or `gateway sim`) base URL; or a DNS name whose
 /// addresses are as many workers (`router::discovery`). Exactly one of `url` and `dns`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -231,6 +233,20 @@ pub struct JournalConfig {
     /// How often a running request's usage goes to the journal: an interrupted request is billed
     /// for what it had relayed at most this long before the process died.
     pub progress_interval_ms: u64,
+    /// When a written event is safe from a machine that stops.
+    pub sync: Durability,
+    /// How long a written event may stay unsynced, and a request's start and progress unwritten.
+    pub sync_interval_ms: u64,
+}
+
+impl JournalConfig {
+    pub fn options(&self) -> JournalOptions {
+        JournalOptions {
+            segment_bytes: self.segment_bytes,
+            durability: self.sync,
+            interval: Duration::from_millis(self.sync_interval_ms),
+        }
+    }
 }
 
 /// OpenTelemetry traces (the `telemetry` module's), resolved by the control plane from the file and

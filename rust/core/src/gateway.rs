@@ -56,12 +56,12 @@ impl Gateway {
             None => Meter::default(),
             Some(settings) => {
                 let (journal, recovered) =
-                    Journal::open(Path::new(&settings.dir), settings.segment_bytes).map_err(
-                        |e| crate::config::ConfigError::Invalid {
+                    Journal::open(Path::new(&settings.dir), settings.options()).map_err(|e| {
+                        crate::config::ConfigError::Invalid {
                             field: "journal.dir",
                             message: e.to_string(),
-                        },
-                    )?;
+                        }
+                    })?;
                 let progress = Duration::from_millis(settings.progress_interval_ms);
                 Meter::with_journal(journal, recovered, progress)
             }

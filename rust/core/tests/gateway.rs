@@ -536,7 +536,7 @@ async fn a_refused_request_writes_nothing_to_the_journal_and_is_counted() {
     let worker = sim(SimConfig::default()).await;
     let dir = std::env::temp_dir().join(format!("tokengate-refused-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let journal = json!({ "dir": dir, "segment_bytes": 1 << 20, "progress_interval_ms": 100 });
+    let journal = json!({ "dir": dir, "segment_bytes": 1 << 20, "progress_interval_ms": 100, "sync": "interval", "sync_interval_ms": 10 });
     let (gateway, addr) = gateway_from(
         vec![json!({ "url": format!("http://{}", worker.local_addr()) })],
         json!({ "journal": journal }),

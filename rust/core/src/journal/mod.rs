@@ -1,8 +1,13 @@
-//! The durable usage journal: every usage event on disk before its response ends, and what a
-//! crashed process left turned back into events at the next start.
+//! The durable usage journal: every usage event written before its response ends, synced at
+//! once or within a tick, and what a crashed process left turned back into events at the next
+//! start.
 
 mod record;
+mod segments;
+mod syncer;
+#[cfg(test)]
+mod tests;
 mod writer;
 
-pub use record::{Ended, Progress, Record, Started};
-pub use writer::{Journal, Recovered};
+pub use record::{Ended, Line, Progress, Record, Started};
+pub use writer::{Durability, Journal, Options, Recovered};

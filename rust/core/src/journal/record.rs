@@ -41,6 +41,7 @@ pub struct Ended {
     pub event: UsageEvent,
 }
 
+/// A record as read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "lowercase")]
 pub enum Record {
@@ -58,12 +59,43 @@ pub enum Record {
     },
 }
 
-impl Record {
+/// A record to write, borrowing what it records: the same line as the `Record` it reads back as.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(tag = "r", rename_all = "lowercase")]
+pub enum Line<'a> {
+    Start(&'a Started),
+    Progress {
+        event_id: &'a str,
+        #[serde(flatten)]
+        progress: &'a Progress,
+    },
+    End(&'a Ended),
+}
+
+impl Line<'_> {
     /// One line, newline included.
     pub fn encode(&self, out: &mut Vec<u8>) {
         // Serialising plain strings and integers cannot fail.
         if serde_json::to_writer(&mut *out, self).is_ok() {
             out.push(b'\n');
+        }
+    }
+}
+
+impl Record {
+    /// One line, newline included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Start(started) => Line::Start(started).encode(out),
+            Self::Progress { event_id, progress } => {
+                Line::Progress { event_id, progress }.encode(out)
+            }
+            Self::End(ended) => Line::End(ended).encode(out),
+            Self::Discard { .. } => {
+                if serde_json::to_writer(&mut *out, self).is_ok() {
+                    out.push(b'\n');
+                }
+            }
         }
     }
 

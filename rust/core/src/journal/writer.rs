@@ -1,97 +1,142 @@
-//! The usage journal: an append-only directory of segments that every usage event reaches, on
-//! disk and synced, before the client sees the end of its response.
+//! The usage journal: an append-only directory of segments that every usage event reaches before
+//! the client sees the end of its response.
 //!
-//! One thread writes. It takes every record queued while its previous sync ran, writes them in
-//! one `write` (from then on a killed process cannot lose them, only a machine that stops), syncs
-//! once (`fdatasync`), then tells the waiting requests: a group commit, so a sync is shared by all
-//! the requests that end meanwhile. Records nobody waits for (starts, progress, the ends of
-//! responses whose client left) wake nobody: they ride along with the next sync, or are written
-//! and synced at most 5 ms after they were queued. Queueing is a push under a mutex; the writer
-//! is woken only when it sleeps and has been given a reason (a waiter, or a first record).
+//! A request's end is written (`pwrite`, into the page cache) by the thread that records it, while
+//! its response is still open: from then on a killed process cannot lose it. A request's start
+//! and progress are kept in memory and written at the syncer's next tick, for the requests still
+//! open then: a request that ends within a tick costs one record, its end. When a written record
+//! is safe from a machine that stops is the `Durability`:
+//! - `Interval`: the syncer (`syncer`) `fdatasync`s what was written at most one tick after it
+//!   was, and no request waits for it, as Redis's `appendfsync everysec` and PostgreSQL's
+//!   `synchronous_commit = off` trade a window for latency;
+//! - `Always`: an end's caller gets a receiver that resolves once its record is synced; the
+//!   syncer syncs as soon as anyone waits, so the ends written during one sync share the next (a
+//!   group commit).
 //!
-//! Segments are zero-filled to `segment_bytes` before use (the next one in the background), so a
-//! sync flushes data alone. A segment is sealed once the next records do not fit; the next one
-//! begins with the start (and last progress) of every request still open, so each segment holds
-//! what recovery needs of the requests that were open when it began. A sealed segment is deleted once the ledger holds every
-//! event it recorded (`committed`). On open, the segments left by the previous process are read:
-//! their ended events are recorded again (the ledger ignores an event id it has), requests that
-//! had started and not ended become `interrupted` events billed for their last progress, all of it
-//! goes into a new segment, synced, and the old segments are deleted.
+//! Segments are prepared ahead of use (zero-filled, synced, named), the next one in the
+//! background. A segment is sealed once the next records do not fit; the next one begins with
+//! the start (and last progress) of every open request whose start was written, so each segment
+//! holds what recovery needs of the requests that were open when it began. A sealed segment is
+//! deleted once the ledger holds every event it recorded (`committed`). On open, the segments
+//! left by the previous process are read: their ended events are recorded again (the ledger
+//! ignores an event id it has), requests that had started and not ended become `interrupted`
+//! events billed for their last progress, all of it goes into a new segment, synced, and the old
+//! segments are deleted.
 //!
 //! A lock file keeps a second process out of a journal in use.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use super::record::{Ended, Progress, Record, Started};
+use super::record::{Ended, Line, Progress, Started};
+use super::segments::{prepare, remove_unadopted, replay, segments};
 
-/// How long the writer may wait for more requests to share a sync, under load.
-const COMMIT_DELAY: Duration = Duration::from_micros(1000);
-
-/// How long a record nobody waits for may stay unwritten.
-const LINGER: Duration = Duration::from_millis(5);
-
-/// What the request threads hand the writer.
-#[derive(Default)]
-struct Queue {
-    records: Vec<Record>,
-    /// Told once every record queued before them is synced.
-    waiters: Vec<oneshot::Sender<()>>,
-    /// When the oldest of `records` was queued.
-    oldest: Option<Instant>,
-    /// The ledger caught up: look for sealed segments to delete.
-    checkpoint: bool,
-    closed: bool,
-    /// How the writer sleeps, which says whether a new record must wake it.
-    sleep: Sleep,
+/// When a written record is safe from a machine that stops (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Interval,
+    Always,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Size past which a segment is sealed (at least 4 KiB).
+    pub segment_bytes: u64,
+    pub durability: Durability,
+    /// The syncer's tick: how long a written record may stay unsynced, and a request's start and
+    /// progress unwritten.
+    pub interval: Duration,
+}
+
+/// A request started and not yet ended.
+#[derive(Debug)]
+struct Open {
+    started: Started,
+    progress: Option<Progress>,
+    /// Its start is in the journal.
+    written: bool,
+    /// `progress` is newer than what the journal holds.
+    progress_unwritten: bool,
+}
+
+/// How the syncer sleeps, which says whether a writer must wake it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Sleep {
-    /// Awake: it looks at the queue before it sleeps again.
+pub(super) enum Sleep {
+    /// Awake: it looks at the state before it sleeps again.
     #[default]
     Awake,
-    /// Until records are `LINGER` old; only a waiter or `close` wakes it earlier.
-    Lingering,
-    /// Until anything at all is queued.
+    /// Until the tick is due; a waiter or `close` wakes it earlier.
+    Ticking,
+    /// Until anything at all is written or started.
     Idle,
 }
 
-#[derive(Default)]
-struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
+/// Everything behind the journal's lock.
+#[derive(Debug)]
+pub(super) struct State {
+    dir: PathBuf,
+    segment_bytes: u64,
+    interval: Duration,
+    index: u64,
+    file: Arc<File>,
+    /// Bytes in the current segment.
+    written: u64,
+    /// The current segment holds records written since its last sync.
+    pub(super) unsynced: bool,
+    /// Sealed segments whose last records may be unsynced.
+    pub(super) sealed_unsynced: Vec<Arc<File>>,
+    /// The next segment, being prepared in the background.
+    next: Option<JoinHandle<io::Result<File>>>,
+    /// The highest `seq` written so far.
+    max_seq: Option<u64>,
+    /// Sealed segments and the highest `seq` written when each was sealed.
+    pub(super) sealed: Vec<(u64, Option<u64>)>,
+    open: HashMap<String, Open>,
+    buffer: Vec<u8>,
+    /// Told once every record written before them is synced.
+    pub(super) waiters: Vec<oneshot::Sender<()>>,
+    /// When the syncer's next tick is due: set by the first record or start after a tick.
+    pub(super) due: Option<Instant>,
+    /// The ledger caught up: look for sealed segments to delete.
+    pub(super) checkpoint: bool,
+    pub(super) closed: bool,
+    pub(super) sleep: Sleep,
+}
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    state: Mutex<State>,
+    pub(super) wake: Condvar,
+    /// One more than the highest `seq` the ledger holds (0: none). Relaxed: read only to decide
+    /// what to delete, and a stale value only delays a deletion.
+    pub(super) committed: AtomicU64,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // Every change to the queue is a push or a flag: a poisoned queue is still a valid one.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change to the state completes before its lock is released, or fails as a whole
+        // (an I/O error leaves the offsets as they were): a poisoned state is still a valid one.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 #[derive(Debug)]
 pub struct Journal {
     shared: Arc<Shared>,
-    /// The highest `seq` the ledger is known to hold. Relaxed: the writer reads it only to decide
-    /// what to delete, and a stale value only delays a deletion.
-    committed: Arc<AtomicU64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Shared")
-    }
+    durability: Durability,
+    syncer: Mutex<Option<JoinHandle<()>>>,
+    _lock: File,
 }
 
 /// What the previous process left: events to record again, the next free `seq`.
@@ -101,120 +146,10 @@ pub struct Recovered {
     pub next_seq: u64,
 }
 
-/// A request started and not yet ended, with its last progress.
-type OpenRequest = (Started, Option<Progress>);
-
-fn segment_path(dir: &Path, index: u64) -> PathBuf {
-    dir.join(format!("journal-{index:010}.jsonl"))
-}
-
-/// The segments in `dir`, oldest first.
-fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let index = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("journal-"))
-            .and_then(|n| n.strip_suffix(".jsonl"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(index) = index {
-            found.push((index, path));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Reads the segments in order: every ended event, and the requests still open at the end.
-fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<OpenRequest>)> {
-    let mut ended: Vec<Ended> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut open: HashMap<String, OpenRequest> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
-    for (_, path) in paths {
-        let bytes = fs::read(path)?;
-        // A segment is zero-filled ahead of its records: its data ends at the first zero byte.
-        let bytes = &bytes[..memchr::memchr(0, &bytes).unwrap_or(bytes.len())];
-        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            match Record::decode(line) {
-                Some(Record::Start(started)) => {
-                    if !seen.contains_key(&started.event_id)
-                        && !open.contains_key(&started.event_id)
-                    {
-                        order.push(started.event_id.clone());
-                        open.insert(started.event_id.clone(), (started, None));
-                    }
-                }
-                Some(Record::Progress { event_id, progress }) => {
-                    if let Some(entry) = open.get_mut(&event_id) {
-                        entry.1 = Some(progress);
-                    }
-                }
-                Some(Record::Discard { event_id }) => {
-                    open.remove(&event_id);
-                }
-                Some(Record::End(end)) => {
-                    open.remove(&end.event.event_id);
-                    if !seen.contains_key(&end.event.event_id) {
-                        seen.insert(end.event.event_id.clone(), ended.len());
-                        ended.push(end);
-                    }
-                }
-                None => {
-                    tracing::warn!(path = %path.display(), "skipped an incomplete journal line")
-                }
-            }
-        }
-    }
-    let still_open = order
-        .into_iter()
-        .filter_map(|id| open.remove(&id))
-        .collect();
-    Ok((ended, still_open))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// A segment file zero-filled to `bytes` and synced, under a name recovery ignores until `adopt`
-/// gives it its own: records then overwrite blocks the file already has, so a sync flushes data
-/// alone, where a write that grew the file would make every sync commit the file system's own
-/// journal as well.
-fn preallocated(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
-    let temp = prepared_path(dir, index);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&temp)?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        let n = usize::try_from(left.min(1 << 20)).unwrap_or(1 << 20);
-        file.write_all(&zeros[..n])?;
-        left -= n as u64;
-    }
-    file.sync_all()?;
-    Ok(file)
-}
-
-fn prepared_path(dir: &Path, index: u64) -> PathBuf {
-    dir.join(format!("journal-{index:010}.prep"))
-}
-
-/// Makes a prepared segment the segment `index`.
-fn adopt(dir: &Path, index: u64) -> io::Result<()> {
-    fs::rename(prepared_path(dir, index), segment_path(dir, index))?;
-    sync_dir(dir)
-}
-
 impl Journal {
     /// Opens the journal in `dir` (created if missing), recovers what the previous process left
-    /// (see the module's documentation) and starts the writer.
-    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Self, Recovered)> {
+    /// (see the module's documentation) and starts the syncer.
+    pub fn open(dir: &Path, options: Options) -> io::Result<(Self, Recovered)> {
         fs::create_dir_all(dir)?;
         let lock = File::create(dir.join("LOCK"))?;
         lock.try_lock().map_err(|_| {
@@ -223,12 +158,7 @@ impl Journal {
                 format!("the journal {} is in use by another process", dir.display()),
             )
         })?;
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "prep") {
-                fs::remove_file(path)?;
-            }
-        }
+        remove_unadopted(dir)?;
         let old = segments(dir)?;
         let (mut events, open) = replay(&old)?;
         let mut next_seq = events.iter().map(|e| e.seq + 1).max().unwrap_or(0);
@@ -237,12 +167,11 @@ impl Journal {
             next_seq += 1;
         }
         let index = old.last().map_or(0, |(i, _)| i + 1);
-        let segment_bytes = segment_bytes.max(4096);
-        let file = preallocated(dir, index, segment_bytes)?;
-        adopt(dir, index)?;
+        let segment_bytes = options.segment_bytes.max(4096);
+        let file = prepare(dir, index, segment_bytes)?;
         let mut buffer = Vec::new();
         for event in &events {
-            Record::End(event.clone()).encode(&mut buffer);
+            Line::End(event).encode(&mut buffer);
         }
         file.write_all_at(&buffer, 0)?;
         file.sync_data()?;
@@ -255,100 +184,143 @@ impl Journal {
                 "usage journal recovered what the previous process left"
             );
         }
-        let committed = Arc::new(AtomicU64::new(0));
-        let shared = Arc::new(Shared::default());
-        let next_dir = dir.to_owned();
-        let writer = Writer {
+        let state = State {
             dir: dir.to_owned(),
             segment_bytes,
+            interval: options.interval.max(Duration::from_millis(1)),
             index,
-            file,
-            next: Some(std::thread::spawn(move || {
-                preallocated(&next_dir, index + 1, segment_bytes)
-            })),
-            unsynced: false,
+            file: Arc::new(file),
             written: u64::try_from(buffer.len()).unwrap_or(u64::MAX),
+            unsynced: false,
+            sealed_unsynced: Vec::new(),
+            next: Some(prepare_next(dir, index + 1, segment_bytes)),
             max_seq: next_seq.checked_sub(1),
             sealed: Vec::new(),
             open: HashMap::new(),
-            committed: committed.clone(),
-            _lock: lock,
+            buffer,
+            waiters: Vec::new(),
+            due: None,
+            checkpoint: false,
+            closed: false,
+            sleep: Sleep::Awake,
         };
-        let thread = std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            wake: Condvar::new(),
+            committed: AtomicU64::new(0),
+        });
+        let syncer = std::thread::Builder::new()
             .name("usage-journal".to_owned())
             .spawn({
                 let shared = shared.clone();
-                move || writer.run(&shared)
+                move || super::syncer::run(&shared)
             })?;
         let journal = Self {
             shared,
-            committed,
-            writer: Mutex::new(Some(thread)),
+            durability: options.durability,
+            syncer: Mutex::new(Some(syncer)),
+            _lock: lock,
         };
         Ok((journal, Recovered { events, next_seq }))
     }
 
-    /// Queues a record for the next sync, without waiting for it.
-    pub fn write(&self, record: Record) {
-        let mut queue = self.shared.lock();
-        if queue.closed {
-            tracing::error!("usage journal writer has stopped; a record was not written");
+    /// A request started: its start goes to the journal at the next tick if it is still open.
+    pub fn start(&self, started: Started) {
+        let mut state = self.shared.lock();
+        if state.closed {
             return;
         }
-        queue.records.push(record);
-        queue.oldest.get_or_insert_with(Instant::now);
-        if queue.sleep == Sleep::Idle {
-            queue.sleep = Sleep::Awake;
-            self.shared.wake.notify_one();
+        let open = Open {
+            started,
+            progress: None,
+            written: false,
+            progress_unwritten: false,
+        };
+        state.open.insert(open.started.event_id.clone(), open);
+        state.ticks_soon(&self.shared);
+    }
+
+    /// A running request's usage so far: it goes to the journal at the next tick.
+    pub fn progress(&self, event_id: &str, progress: Progress) {
+        let mut state = self.shared.lock();
+        if let Some(open) = state.open.get_mut(event_id) {
+            open.progress = Some(progress);
+            open.progress_unwritten = true;
+            state.ticks_soon(&self.shared);
         }
     }
 
-    /// Queues a record; the receiver resolves once it is on disk and synced (or fails if the
-    /// writer stopped).
-    pub fn write_synced(&self, record: Record) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let mut queue = self.shared.lock();
-        if queue.closed {
-            tracing::error!("usage journal writer has stopped; a record was not written");
-            return rx;
+    /// Writes a request's end before returning. With `wait` and `Durability::Always`, the
+    /// receiver resolves once it is synced (or fails if it could not be written or synced).
+    pub fn end(&self, ended: &Ended, wait: bool) -> Option<oneshot::Receiver<()>> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            tracing::error!("usage journal has stopped; an event was not written");
+            return None;
         }
-        queue.records.push(record);
-        queue.oldest.get_or_insert_with(Instant::now);
-        queue.waiters.push(tx);
-        if queue.sleep != Sleep::Awake {
-            queue.sleep = Sleep::Awake;
+        state.open.remove(&ended.event.event_id);
+        let mut buffer = std::mem::take(&mut state.buffer);
+        buffer.clear();
+        Line::End(ended).encode(&mut buffer);
+        let result = state.append(&buffer);
+        state.buffer = buffer;
+        if let Err(error) = result {
+            // The event stays in memory, on its way to the ledger.
+            tracing::error!(%error, "usage journal write failed");
+            return wait.then(|| oneshot::channel().1);
+        }
+        state.max_seq = Some(state.max_seq.map_or(ended.seq, |m| m.max(ended.seq)));
+        state.ticks_soon(&self.shared);
+        if !wait || self.durability == Durability::Interval {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        state.waiters.push(tx);
+        if state.sleep != Sleep::Awake {
+            state.sleep = Sleep::Awake;
             self.shared.wake.notify_one();
         }
-        rx
+        Some(rx)
     }
 
     /// The ledger now holds every event up to `seq`: segments recording nothing later can go.
     pub fn committed(&self, seq: u64) {
-        self.committed.fetch_max(seq + 1, Ordering::Relaxed);
-        let mut queue = self.shared.lock();
-        queue.checkpoint = true;
-        if queue.sleep == Sleep::Idle {
-            queue.sleep = Sleep::Awake;
+        self.shared
+            .committed
+            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
+        let mut state = self.shared.lock();
+        state.checkpoint = true;
+        if state.sleep == Sleep::Idle {
+            state.sleep = Sleep::Awake;
             self.shared.wake.notify_one();
         }
     }
 
-    /// Stops the writer after it has written and synced everything queued.
+    /// Stops the syncer after it has written every open request's start and progress and
+    /// synced everything.
     pub fn close(&self) {
         {
-            let mut queue = self.shared.lock();
-            queue.closed = true;
-            queue.sleep = Sleep::Awake;
+            let mut state = self.shared.lock();
+            state.closed = true;
+            state.sleep = Sleep::Awake;
             self.shared.wake.notify_one();
         }
-        if let Some(thread) = self
-            .writer
+        let syncer = self
+            .syncer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = thread.join();
+            .take();
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
         }
+    }
+}
+
+#[cfg(test)]
+impl Journal {
+    /// Does a tick's writing now.
+    pub(super) fn tick_now(&self) {
+        self.shared.lock().write_open();
     }
 }
 
@@ -358,408 +330,118 @@ impl Drop for Journal {
     }
 }
 
-struct Writer {
-    dir: PathBuf,
-    segment_bytes: u64,
-    index: u64,
-    file: File,
-    /// The next segment, being zero-filled in the background.
-    next: Option<JoinHandle<io::Result<File>>>,
-    /// Whether the segment holds records written since its last sync.
-    unsynced: bool,
-    written: u64,
-    /// The highest `seq` written so far.
-    max_seq: Option<u64>,
-    /// Sealed segments and the highest `seq` written when each was sealed.
-    sealed: Vec<(u64, Option<u64>)>,
-    /// Requests started and not yet ended, with their last progress.
-    open: HashMap<String, OpenRequest>,
-    /// One more than the highest `seq` the ledger holds (0: none).
-    committed: Arc<AtomicU64>,
-    _lock: File,
+fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<File>> {
+    let dir = dir.to_owned();
+    std::thread::spawn(move || prepare(&dir, index, bytes))
 }
 
-impl Writer {
-    /// Takes everything queued once there is a reason to (a waiter, records `LINGER` old, a
-    /// checkpoint, or `close`), writes it to the file at once and syncs it; then tells the
-    /// waiters. Records nobody waits for never cost a
-    /// sync of their own, nor a wake-up while others keep the writer busy.
-    fn run(mut self, shared: &Shared) {
-        let mut buffer = Vec::with_capacity(1 << 16);
-        let mut records = Vec::new();
-        let mut waiting = Vec::new();
-        let mut last_waiters = 0;
-        loop {
-            let (closed, checkpoint) = {
-                let mut queue = shared.lock();
-                loop {
-                    let lingered = queue.oldest.is_some_and(|t| t.elapsed() >= LINGER);
-                    if queue.closed || queue.checkpoint || lingered || !queue.waiters.is_empty() {
-                        break;
-                    }
-                    queue = match queue.oldest {
-                        Some(since) => {
-                            queue.sleep = Sleep::Lingering;
-                            let left = LINGER.saturating_sub(since.elapsed());
-                            shared
-                                .wake
-                                .wait_timeout(queue, left)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0
-                        }
-                        None => {
-                            queue.sleep = Sleep::Idle;
-                            shared
-                                .wake
-                                .wait(queue)
-                                .unwrap_or_else(PoisonError::into_inner)
-                        }
-                    };
-                }
-                // Under load (the last sync had company), give others a moment to join.
-                if last_waiters >= 2 && !queue.closed {
-                    let until = Instant::now() + COMMIT_DELAY;
-                    while queue.waiters.len() < last_waiters * 2 {
-                        let left = until.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        queue.sleep = Sleep::Lingering;
-                        queue = shared
-                            .wake
-                            .wait_timeout(queue, left)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                }
-                queue.sleep = Sleep::Awake;
-                std::mem::swap(&mut records, &mut queue.records);
-                waiting.append(&mut queue.waiters);
-                queue.oldest = None;
-                (queue.closed, std::mem::take(&mut queue.checkpoint))
-            };
-            last_waiters = waiting.len();
-            for record in records.drain(..) {
-                self.track(&record);
-                record.encode(&mut buffer);
-            }
-            if !buffer.is_empty() {
-                if let Err(error) = self.write_out(&buffer) {
-                    // The waiting requests see their receiver fail; their events stay in
-                    // memory, on their way to the ledger.
-                    tracing::error!(%error, "usage journal write failed");
-                    waiting.clear();
-                }
-                buffer.clear();
-            }
-            if checkpoint && let Err(error) = self.maintain() {
-                tracing::error!(%error, "usage journal segment deletion failed");
-            }
-            self.sync(&mut waiting);
-            if closed {
-                if let Some(next) = self.next.take() {
-                    let _ = next.join();
-                }
-                return;
-            }
+impl State {
+    /// Something waits for the next tick: make it due `interval` from now unless it already is,
+    /// and wake the syncer if it sleeps with no tick in view.
+    fn ticks_soon(&mut self, shared: &Shared) {
+        if self.due.is_none() {
+            self.due = Some(Instant::now() + self.interval);
+        }
+        if self.sleep == Sleep::Idle {
+            self.sleep = Sleep::Awake;
+            shared.wake.notify_one();
         }
     }
 
-    /// Syncs what was written, then tells `waiting`.
-    fn sync(&mut self, waiting: &mut Vec<oneshot::Sender<()>>) {
-        if !self.unsynced {
-            return;
-        }
-        match self.file.sync_data() {
-            Ok(()) => {
-                self.unsynced = false;
-                for synced in waiting.drain(..) {
-                    let _ = synced.send(());
-                }
+    /// Writes the start of every open request not yet written, and the progress each made since
+    /// the last tick.
+    pub(super) fn write_open(&mut self) {
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        for open in self.open.values_mut() {
+            if !open.written {
+                Line::Start(&open.started).encode(&mut buffer);
+                open.written = true;
             }
-            Err(error) => {
-                tracing::error!(%error, "usage journal sync failed");
-                waiting.clear();
+            if open.progress_unwritten
+                && let Some(progress) = &open.progress
+            {
+                let event_id = &open.started.event_id;
+                Line::Progress { event_id, progress }.encode(&mut buffer);
+                open.progress_unwritten = false;
             }
         }
+        if !buffer.is_empty()
+            && let Err(error) = self.append(&buffer)
+        {
+            tracing::error!(%error, "usage journal write failed");
+        }
+        self.buffer = buffer;
     }
 
-    fn track(&mut self, record: &Record) {
-        match record {
-            Record::Start(started) => {
-                self.open
-                    .insert(started.event_id.clone(), (started.clone(), None));
-            }
-            Record::Progress { event_id, progress } => {
-                if let Some(entry) = self.open.get_mut(event_id) {
-                    entry.1 = Some(*progress);
-                }
-            }
-            Record::Discard { event_id } => {
-                self.open.remove(event_id);
-            }
-            Record::End(ended) => {
-                self.open.remove(&ended.event.event_id);
-                self.max_seq = Some(self.max_seq.map_or(ended.seq, |m| m.max(ended.seq)));
-            }
-        }
-    }
-
-    /// Writes `bytes` after what the segment holds (sealing it first if they do not fit),
-    /// without syncing.
-    fn write_out(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` after what the segment holds, sealing it first if they do not fit.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        if self.written > 0 && self.written + len > self.segment_bytes {
+        if self.written > 0 && self.written.saturating_add(len) > self.segment_bytes {
             self.rotate()?;
         }
         self.file.write_all_at(bytes, self.written)?;
-        self.written += len;
+        self.written = self.written.saturating_add(len);
         self.unsynced = true;
         Ok(())
     }
 
     /// Seals the segment and continues in the next, which begins with the start (and last
-    /// progress) of every request still open.
+    /// progress) of every open request whose start was written. The sealed segment's last
+    /// records are synced by the syncer's next round.
     fn rotate(&mut self) -> io::Result<()> {
-        if self.unsynced {
-            self.file.sync_data()?;
-            self.unsynced = false;
-        }
         let index = self.index + 1;
         let file = match self.next.take().map(JoinHandle::join) {
             Some(Ok(Ok(file))) => file,
             Some(Ok(Err(error))) => return Err(error),
-            Some(Err(_)) | None => preallocated(&self.dir, index, self.segment_bytes)?,
+            Some(Err(_)) | None => prepare(&self.dir, index, self.segment_bytes)?,
         };
-        adopt(&self.dir, index)?;
         let mut carried = Vec::new();
-        for (started, progress) in self.open.values() {
-            Record::Start(started.clone()).encode(&mut carried);
-            if let Some(progress) = progress {
-                Record::Progress {
-                    event_id: started.event_id.clone(),
-                    progress: *progress,
-                }
-                .encode(&mut carried);
+        for open in self.open.values().filter(|open| open.written) {
+            Line::Start(&open.started).encode(&mut carried);
+            if let Some(progress) = &open.progress {
+                let event_id = &open.started.event_id;
+                Line::Progress { event_id, progress }.encode(&mut carried);
             }
         }
         file.write_all_at(&carried, 0)?;
-        file.sync_data()?;
+        let sealed = std::mem::replace(&mut self.file, Arc::new(file));
+        if self.unsynced {
+            self.sealed_unsynced.push(sealed);
+        }
         self.sealed.push((self.index, self.max_seq));
         self.index = index;
-        self.file = file;
         self.written = u64::try_from(carried.len()).unwrap_or(u64::MAX);
-        let (dir, bytes) = (self.dir.clone(), self.segment_bytes);
-        self.next = Some(std::thread::spawn(move || {
-            preallocated(&dir, index + 1, bytes)
-        }));
+        self.unsynced = true;
+        self.next = Some(prepare_next(&self.dir, index + 1, self.segment_bytes));
         Ok(())
     }
 
-    /// Deletes the sealed segments the ledger has caught up with.
-    fn maintain(&mut self) -> io::Result<()> {
-        let committed = self.committed.load(Ordering::Relaxed);
-        let dir = &self.dir;
+    /// The files to sync for everything written so far to be durable.
+    pub(super) fn take_unsynced(&mut self) -> Vec<Arc<File>> {
+        let mut files = std::mem::take(&mut self.sealed_unsynced);
+        if std::mem::take(&mut self.unsynced) {
+            files.push(self.file.clone());
+        }
+        files
+    }
+
+    /// The sealed segments the ledger has caught up with, no longer listed as sealed.
+    pub(super) fn take_committed(&mut self, committed: u64) -> Vec<(u64, Option<u64>, PathBuf)> {
+        let dir = self.dir.clone();
+        let mut done = Vec::new();
         self.sealed.retain(|&(index, max_seq)| {
             if max_seq.is_some_and(|seq| seq >= committed) {
                 return true;
             }
-            match fs::remove_file(segment_path(dir, index)) {
-                Ok(()) => false,
-                Err(error) => {
-                    tracing::warn!(%error, index, "could not delete a journal segment");
-                    true
-                }
-            }
+            done.push((index, max_seq, super::segments::segment_path(&dir, index)));
+            false
         });
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A fresh directory under the system's temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "tokengate-journal-{name}-{}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            ));
-            Self(dir)
-        }
+        done
     }
 
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn started(id: &str) -> Started {
-        Started {
-            event_id: id.into(),
-            request_id: id.into(),
-            tenant_id: "t".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            endpoint: crate::request::Endpoint::Completions,
-            stream: true,
-            started_at_ms: 1,
-        }
-    }
-
-    fn ended(id: &str, seq: u64) -> Ended {
-        let mut ended = started(id).interrupted(None, seq);
-        ended.event.status = crate::usage::Status::Completed;
-        ended.event.completion_tokens = 5;
-        ended
-    }
-
-    fn progress(id: &str, completion: u64) -> Record {
-        Record::Progress {
-            event_id: id.into(),
-            progress: Progress {
-                prompt_tokens: 3,
-                completion_tokens: completion,
-                cached_tokens: 0,
-                at_ms: 2,
-            },
-        }
-    }
-
-    fn open(dir: &TempDir, segment_bytes: u64) -> (Journal, Recovered) {
-        Journal::open(&dir.0, segment_bytes).unwrap_or_else(|e| panic!("open: {e}"))
-    }
-
-    #[test]
-    fn a_synced_record_is_on_disk_when_its_receiver_resolves() {
-        let dir = TempDir::new("synced");
-        let (journal, recovered) = open(&dir, 1 << 20);
-        assert!(recovered.events.is_empty());
-        let synced = journal.write_synced(Record::End(ended("a", 0)));
-        assert!(synced.blocking_recv().is_ok());
-        let on_disk: String = segments(&dir.0)
-            .unwrap_or_default()
-            .iter()
-            .map(|(_, p)| fs::read_to_string(p).unwrap_or_default())
-            .collect();
-        assert!(on_disk.contains(r#""event_id":"a""#), "{on_disk}");
-    }
-
-    #[test]
-    fn reopening_records_ended_events_again_and_interrupts_open_requests() {
-        let dir = TempDir::new("recover");
-        {
-            let (journal, _) = open(&dir, 1 << 20);
-            journal.write(Record::Start(started("done")));
-            journal.write(Record::Start(started("cut")));
-            journal.write(Record::Start(started("refused")));
-            journal.write(progress("cut", 4));
-            journal.write(progress("cut", 7));
-            journal.write(Record::Discard {
-                event_id: "refused".into(),
-            });
-            let synced = journal.write_synced(Record::End(ended("done", 0)));
-            assert!(synced.blocking_recv().is_ok());
-        }
-        // A crash can cut the last line short.
-        let (_, last) = segments(&dir.0)
-            .unwrap_or_default()
-            .pop()
-            .unwrap_or_default();
-        let mut file = OpenOptions::new()
-            .append(true)
-            .open(&last)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let _ = file.write_all(br#"{"r":"end","seq":9,"event_id":"half"#);
-        drop(file);
-
-        let (journal, recovered) = open(&dir, 1 << 20);
-        let ids: Vec<(&str, &str, u64)> = recovered
-            .events
-            .iter()
-            .map(|e| {
-                (
-                    e.event.event_id.as_str(),
-                    e.event.status.as_str(),
-                    e.event.completion_tokens,
-                )
-            })
-            .collect();
-        assert_eq!(ids, [("done", "completed", 5), ("cut", "interrupted", 7)]);
-        assert_eq!(recovered.next_seq, 2);
-        assert_eq!(
-            segments(&dir.0).unwrap_or_default().len(),
-            1,
-            "old segments deleted"
-        );
-        drop(journal);
-
-        // Recovering again finds the same events, once each.
-        let (_, again) = open(&dir, 1 << 20);
-        assert_eq!(again.events, recovered.events);
-    }
-
-    #[test]
-    fn one_process_at_a_time() {
-        let dir = TempDir::new("lock");
-        let (_journal, _) = open(&dir, 1 << 20);
-        let second = Journal::open(&dir.0, 1 << 20);
-        assert!(second.is_err_and(|e| e.to_string().contains("in use")));
-    }
-
-    #[test]
-    fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
-        let dir = TempDir::new("rotate");
-        {
-            let (journal, _) = open(&dir, 4096);
-            journal.write(Record::Start(started("long")));
-            journal.write(progress("long", 1));
-            for seq in 0..100 {
-                let id = format!("e{seq}");
-                journal.write(Record::Start(started(&id)));
-                let synced = journal.write_synced(Record::End(ended(&id, seq)));
-                assert!(synced.blocking_recv().is_ok());
-            }
-            assert!(
-                segments(&dir.0).unwrap_or_default().len() > 2,
-                "segments rotated"
-            );
-            journal.committed(99);
-            let synced = journal.write_synced(progress("long", 2));
-            assert!(synced.blocking_recv().is_ok());
-            assert_eq!(
-                segments(&dir.0).unwrap_or_default().len(),
-                1,
-                "every sealed segment is in the ledger"
-            );
-        }
-        // The live segment's ended events come back (the ledger ignores ids it has), the sealed
-        // ones do not, and the request open since the first segment is closed as interrupted.
-        let (_, recovered) = open(&dir, 4096);
-        let (last, replayed) = recovered
-            .events
-            .split_last()
-            .unwrap_or_else(|| panic!("empty"));
-        assert_eq!(
-            (
-                last.event.event_id.as_str(),
-                last.event.status.as_str(),
-                last.event.completion_tokens
-            ),
-            ("long", "interrupted", 2)
-        );
-        assert!(replayed.len() < 50, "{} replayed", replayed.len());
-        assert!(
-            replayed
-                .iter()
-                .all(|e| e.event.status == crate::usage::Status::Completed)
-        );
-        assert_eq!(recovered.next_seq, 101);
+    /// The next segment's preparation, to wait for before the process ends.
+    pub(super) fn take_next(&mut self) -> Option<JoinHandle<io::Result<File>>> {
+        self.next.take()
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use crate::journal::{Ended, Journal, Progress, Record, Recovered, Started};
+use crate::journal::{Ended, Journal, Progress, Recovered, Started};
 use crate::metrics::GatewayMetrics;
 use crate::usage::{Usage, UsageEvent};
 
@@ -31,7 +31,8 @@ pub struct Meter {
     pub(super) counted: Notify,
 }
 
-/// Resolves once an event is on disk; `None` without a journal.
+/// Resolves once an event is durable; `None` when nothing is to wait for (no journal, or one
+/// that syncs on an interval).
 pub type Synced = Option<oneshot::Receiver<()>>;
 
 impl Meter {
@@ -64,15 +65,10 @@ impl Meter {
         queue.next_seq = queue.next_seq.saturating_add(1);
         let ended = Ended { seq, event };
         // Under the queue's lock, so the journal's order is the queue's.
-        let synced = self.journal.as_ref().and_then(|journal| {
-            let record = Record::End(ended.clone());
-            if wait {
-                Some(journal.write_synced(record))
-            } else {
-                journal.write(record);
-                None
-            }
-        });
+        let synced = self
+            .journal
+            .as_ref()
+            .and_then(|journal| journal.end(&ended, wait));
         queue.events.push_back(ended);
         synced
     }
@@ -84,16 +80,13 @@ impl Meter {
 
     pub(super) fn journal_start(&self, event: &UsageEvent) {
         if let Some(journal) = &self.journal {
-            journal.write(Record::Start(Started::of(event)));
+            journal.start(Started::of(event));
         }
     }
 
     pub(super) fn journal_progress(&self, event_id: &str, usage: &Usage, at_ms: u64) {
         if let Some(journal) = &self.journal {
-            journal.write(Record::Progress {
-                event_id: event_id.to_owned(),
-                progress: Progress::of(usage, at_ms),
-            });
+            journal.progress(event_id, Progress::of(usage, at_ms));
         }
     }
 

@@ -1,0 +1,303 @@
+//! The journal against its files: what is written when, what recovery makes of it, rotation and
+//! deletion, in both durabilities.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::record::Record;
+use super::segments::segments;
+use super::*;
+
+/// A fresh directory under the system's temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tokengate-journal-{name}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn started(id: &str) -> Started {
+    Started {
+        event_id: id.into(),
+        request_id: id.into(),
+        tenant_id: "t".into(),
+        key_id: "k".into(),
+        model: "m".into(),
+        endpoint: crate::request::Endpoint::Completions,
+        stream: true,
+        started_at_ms: 1,
+    }
+}
+
+fn ended(id: &str, seq: u64) -> Ended {
+    let mut ended = started(id).interrupted(None, seq);
+    ended.event.status = crate::usage::Status::Completed;
+    ended.event.completion_tokens = 5;
+    ended
+}
+
+fn progress(completion: u64) -> Progress {
+    Progress {
+        prompt_tokens: 3,
+        completion_tokens: completion,
+        cached_tokens: 0,
+        at_ms: 2,
+    }
+}
+
+/// A tick far away: nothing is written or synced by the syncer's clock during a test.
+const NEVER: Duration = Duration::from_secs(3600);
+
+fn open(dir: &TempDir, segment_bytes: u64, durability: Durability) -> (Journal, Recovered) {
+    let options = Options {
+        segment_bytes,
+        durability,
+        interval: NEVER,
+    };
+    Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("open: {e}"))
+}
+
+/// Every record in the journal's segments, oldest first.
+fn records(dir: &TempDir) -> Vec<Record> {
+    let mut found = Vec::new();
+    for (_, path) in segments(&dir.0).unwrap_or_default() {
+        let bytes = fs::read(path).unwrap_or_default();
+        let bytes = &bytes[..memchr::memchr(0, &bytes).unwrap_or(bytes.len())];
+        found.extend(bytes.split(|&b| b == b'\n').filter_map(Record::decode));
+    }
+    found
+}
+
+fn kinds(records: &[Record]) -> Vec<(&'static str, String)> {
+    records
+        .iter()
+        .map(|record| match record {
+            Record::Start(s) => ("start", s.event_id.clone()),
+            Record::Progress { event_id, .. } => ("progress", event_id.clone()),
+            Record::End(e) => ("end", e.event.event_id.clone()),
+            Record::Discard { event_id } => ("discard", event_id.clone()),
+        })
+        .collect()
+}
+
+#[test]
+fn an_end_is_in_the_segment_when_end_returns_and_nobody_waits_on_an_interval() {
+    let dir = TempDir::new("interval");
+    let (journal, recovered) = open(&dir, 1 << 20, Durability::Interval);
+    assert!(recovered.events.is_empty());
+    journal.start(started("a"));
+    assert!(
+        journal.end(&ended("a", 0), true).is_none(),
+        "nothing to wait for"
+    );
+    // Written by `end` itself, before any tick: what a killed process leaves behind.
+    assert_eq!(kinds(&records(&dir)), [("end", "a".to_owned())]);
+}
+
+#[test]
+fn always_hands_out_a_receiver_that_resolves_once_synced() {
+    let dir = TempDir::new("always");
+    let (journal, _) = open(&dir, 1 << 20, Durability::Always);
+    let synced = journal.end(&ended("a", 0), true);
+    let synced = synced.unwrap_or_else(|| panic!("a receiver to wait on"));
+    assert!(synced.blocking_recv().is_ok());
+    assert!(
+        journal.end(&ended("b", 1), false).is_none(),
+        "asked not to wait"
+    );
+    assert_eq!(
+        kinds(&records(&dir)),
+        [("end", "a".to_owned()), ("end", "b".to_owned())]
+    );
+}
+
+#[test]
+fn a_request_that_ends_within_a_tick_costs_one_record_and_an_open_one_its_start() {
+    let dir = TempDir::new("one-record");
+    {
+        let (journal, _) = open(&dir, 1 << 20, Durability::Interval);
+        journal.start(started("quick"));
+        journal.start(started("long"));
+        journal.progress("long", progress(4));
+        journal.progress("long", progress(7));
+        journal.end(&ended("quick", 0), false);
+        // Closing writes what a tick would: the open request's start and its last progress.
+    }
+    let records = records(&dir);
+    assert_eq!(
+        kinds(&records),
+        [
+            ("end", "quick".to_owned()),
+            ("start", "long".to_owned()),
+            ("progress", "long".to_owned())
+        ]
+    );
+    assert!(
+        matches!(records[2], Record::Progress { progress, .. } if progress.completion_tokens == 7)
+    );
+}
+
+#[test]
+fn a_tick_writes_the_starts_of_requests_still_open() {
+    let dir = TempDir::new("tick");
+    let options = Options {
+        segment_bytes: 1 << 20,
+        durability: Durability::Interval,
+        interval: Duration::from_millis(1),
+    };
+    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    journal.start(started("open"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while kinds(&records(&dir)).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick wrote the start"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(kinds(&records(&dir)), [("start", "open".to_owned())]);
+    drop(journal);
+}
+
+#[test]
+fn reopening_records_ended_events_again_and_interrupts_open_requests() {
+    for durability in [Durability::Interval, Durability::Always] {
+        let dir = TempDir::new("recover");
+        {
+            let (journal, _) = open(&dir, 1 << 20, durability);
+            journal.start(started("done"));
+            journal.start(started("cut"));
+            journal.progress("cut", progress(4));
+            journal.progress("cut", progress(7));
+            journal.end(&ended("done", 0), false);
+        }
+        // A crash can cut the last line short: half a record where the zeros began.
+        let found = segments(&dir.0).unwrap_or_default();
+        let before = found.last().map_or(0, |(index, _)| *index);
+        let live = found
+            .iter()
+            .map(|(_, path)| path)
+            .find(|path| fs::read(path).is_ok_and(|b| b.first().is_some_and(|&c| c != 0)))
+            .unwrap_or_else(|| panic!("no segment holds records"));
+        let bytes = fs::read(live).unwrap_or_default();
+        let end = memchr::memchr(0, &bytes).unwrap_or(bytes.len());
+        let file = OpenOptions::new()
+            .write(true)
+            .open(live)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let half = br#"{"r":"end","seq":9,"event_id":"half"#;
+        file.write_all_at(half, end as u64)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(file);
+
+        let (journal, recovered) = open(&dir, 1 << 20, durability);
+        let ids: Vec<(&str, &str, u64)> = recovered
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.event.event_id.as_str(),
+                    e.event.status.as_str(),
+                    e.event.completion_tokens,
+                )
+            })
+            .collect();
+        assert_eq!(ids, [("done", "completed", 5), ("cut", "interrupted", 7)]);
+        assert_eq!(recovered.next_seq, 2);
+        assert!(
+            segments(&dir.0)
+                .unwrap_or_default()
+                .iter()
+                .all(|(index, _)| *index > before),
+            "old segments deleted"
+        );
+        drop(journal);
+
+        // Recovering again finds the same events, once each.
+        let (_, again) = open(&dir, 1 << 20, durability);
+        assert_eq!(again.events, recovered.events);
+    }
+}
+
+#[test]
+fn one_process_at_a_time() {
+    let dir = TempDir::new("lock");
+    let (_journal, _) = open(&dir, 1 << 20, Durability::Interval);
+    let second = Journal::open(
+        &dir.0,
+        Options {
+            segment_bytes: 1 << 20,
+            durability: Durability::Interval,
+            interval: NEVER,
+        },
+    );
+    assert!(second.is_err_and(|e| e.to_string().contains("in use")));
+}
+
+#[test]
+fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
+    let dir = TempDir::new("rotate");
+    {
+        let (journal, _) = open(&dir, 4096, Durability::Always);
+        journal.start(started("long"));
+        journal.progress("long", progress(1));
+        // A tick's work, forced: the long request's start is written before the others.
+        journal.tick_now();
+        for seq in 0..100 {
+            let id = format!("e{seq}");
+            journal.start(started(&id));
+            let synced = journal.end(&ended(&id, seq), true);
+            assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
+        }
+        assert!(
+            segments(&dir.0).unwrap_or_default().len() > 3,
+            "segments rotated"
+        );
+        journal.committed(99);
+        journal.progress("long", progress(2));
+        let synced = journal.end(&ended("marker", 100), true);
+        assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // The live segment and the next, prepared: every sealed one is in the ledger.
+        while segments(&dir.0).unwrap_or_default().len() > 2 {
+            assert!(std::time::Instant::now() < deadline, "sealed segments kept");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // The live segment's ended events come back (the ledger ignores ids it has), the sealed
+    // ones do not, and the request open since the first segment is closed as interrupted.
+    let (_, recovered) = open(&dir, 4096, Durability::Always);
+    let (last, replayed) = recovered
+        .events
+        .split_last()
+        .unwrap_or_else(|| panic!("empty"));
+    assert_eq!(
+        (
+            last.event.event_id.as_str(),
+            last.event.status.as_str(),
+            last.event.completion_tokens
+        ),
+        ("long", "interrupted", 2)
+    );
+    assert!(replayed.len() < 50, "{} replayed", replayed.len());
+    assert!(
+        replayed
+            .iter()
+            .all(|e| e.event.status == crate::usage::Status::Completed)
+    );
+    assert_eq!(recovered.next_seq, 102);
+}
