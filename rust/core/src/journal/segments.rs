@@ -11,6 +11,9 @@ use super::record::{Ended, Progress, Record, Started};
 /// A request started and not yet ended, with its last progress.
 pub(super) type OpenRequest = (Started, Option<Progress>);
 
+/// The size of the writes that zero-fill a segment.
+const PAGE: usize = 4096;
+
 pub(super) fn segment_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("journal-{index:010}.jsonl"))
 }
@@ -113,10 +116,13 @@ pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
         .truncate(true)
         .write(true)
         .open(&temp)?;
-    let zeros = vec![0u8; 1 << 20];
+    // A page at a time: the page cache keeps the segment in pages of that size, where a write
+    // of a megabyte would leave it in large folios, and a small record written into a large
+    // folio costs a walk over all its blocks (ext4 on Linux 6.x: 2 µs more a record).
+    let zeros = [0u8; PAGE];
     let mut left = bytes;
     while left > 0 {
-        let n = usize::try_from(left.min(1 << 20)).unwrap_or(1 << 20);
+        let n = usize::try_from(left.min(PAGE as u64)).unwrap_or(PAGE);
         file.write_all(&zeros[..n])?;
         left -= n as u64;
     }
