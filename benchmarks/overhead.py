@@ -1,5 +1,5 @@
 """Gateway overhead: the gateway in front of `gateway sim` against the simulator addressed directly
-and against a peer proxy (nginx) in front of the same simulator.
+and against peer proxies (vllm-router, nginx) in front of the same simulator.
 
     python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 10 minutes
     python benchmarks/overhead.py --quick    # 1 round of 2 s runs: a smoke test
@@ -11,7 +11,7 @@ target:
 
 - throughput at saturation: `loadgen --concurrency C` (closed loop), successful requests/s, and
   the CPU time the target's processes (children included) spent per request meanwhile;
-- latency at a fixed moderate rate: `loadgen --rate R` (open loop, 1000 req/s by default), p50
+- latency at a fixed moderate rate: `loadgen --rate R` (open loop, 500 req/s by default), p50
   and p99 from the due time of each request; "added" is the target's figure minus the direct one.
 
 Pinning (two cores): the gateway runs on core 1 (`taskset -c 1`, its Rust threads and its
@@ -27,8 +27,12 @@ temporary ledger, and every request (to every target, so all read the same bytes
 `Authorization: Bearer <key>`; the gateway meters each request into that ledger.
 
 Peers (`peers.py`), each compared with the gateway in a table of its own (throughput and CPU per
-request as ratios, the latency each adds), unless `--no-nginx`:
+request as ratios, the latency each adds), unless `--no-vllm-router` / `--no-nginx`:
 
+- vllm-router, vLLM's Rust router (no auth, no metering), `round_robin` over the one simulator,
+  one tokio worker thread. The harness installs it: the pinned `benchmarks/peers-requirements.txt`
+  into a virtual environment of its own, `benchmarks/.peers/vllm-router/` (git-ignored), on first
+  use; the gateway's environment is left alone.
 - nginx as a plain reverse proxy (one worker process, keep-alive upstream connections,
   `proxy_buffering off` so SSE streams flow): the ceiling a proxy reaches on this machine with
   this pinning. Used when `nginx` is on PATH; the harness never installs it (Debian:
@@ -86,7 +90,7 @@ from harness import (
     wait_serving,
     write_results,
 )
-from peers import Nginx
+from peers import Nginx, VllmRouter, vllm_router_env
 from tests.support import procs
 from tests.support.ledger_versions import downgrade
 from tests.support.otlp import otlp_receiver
@@ -95,7 +99,7 @@ BEGIN = "<!-- overhead.py:begin -->"
 END = "<!-- overhead.py:end -->"
 MODES = ("completions", "completions, streaming")
 # The targets the gateway is compared with, each in a table of its own, in this order.
-COMPARED = ("nginx", "baseline", "traced")
+COMPARED = ("vllm-router", "nginx", "baseline", "traced")
 
 
 # --- the measurement ------------------------------------------------------------------------------
@@ -323,12 +327,17 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--duration-s", type=float, help="measured seconds per run (10, quick 2)")
     parser.add_argument("--warmup-s", type=float, help="warm-up seconds per run (2, quick 0.5)")
     parser.add_argument("--concurrency", type=int, default=64, help="loadgen connections")
-    parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate, req/s")
+    parser.add_argument("--rate", type=float, default=500.0, help="fixed rate, req/s")
     parser.add_argument("--gateway-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0, help="simulator and loadgen")
     parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
     parser.add_argument(
         "--no-nginx", action="store_true", help="skip the nginx peer (used when on PATH)"
+    )
+    parser.add_argument(
+        "--no-vllm-router",
+        action="store_true",
+        help="skip the vllm-router peer (installed in benchmarks/.peers/ on first use)",
     )
     parser.add_argument(
         "--baseline", type=Path, help="another build's python (.venv/bin/python) to compare with"
@@ -349,14 +358,23 @@ def parse_args(argv: list[str] | None) -> Settings:
         loadgen=args.loadgen.resolve() if args.loadgen else Path(),
         quick=quick,
         no_nginx=args.no_nginx,
+        no_vllm_router=args.no_vllm_router,
         baseline=args.baseline.absolute() if args.baseline else None,
         traced=args.traced,
     )
 
 
 def find_peers(settings: Settings) -> dict[str, str]:
-    """Sets the peers' binaries in `settings`; returns why each peer left out is."""
+    """Sets the peers' binaries in `settings` (installing vllm-router if needed); returns why
+    each peer left out is."""
     skipped: dict[str, str] = {}
+    if settings.no_vllm_router:
+        skipped["vllm-router"] = "--no-vllm-router"
+    else:
+        try:
+            settings.vllm_router = vllm_router_env()
+        except HarnessError as exc:
+            skipped["vllm-router"] = f"could not be installed: {str(exc).splitlines()[0]}"
     if settings.no_nginx:
         skipped["nginx"] = "--no-nginx"
     elif found := shutil.which("nginx"):
@@ -418,7 +436,10 @@ def start_targets(
         services.append(traced)
         what = "tracing on, `sample_ratio = 1.0`"
         targets.append(Target("traced", traced.wait_listening(), traced, what))
-    peers: list[Nginx] = []
+    peers: list[Nginx | VllmRouter] = []
+    if settings.vllm_router is not None:
+        peers.append(VllmRouter(settings.vllm_router, settings.gateway_core, sim_url, workdir))
+        services.append(peers[-1])
     if settings.nginx is not None:
         peers.append(Nginx(settings.nginx, settings.gateway_core, sim_url, workdir))
         services.append(peers[-1])

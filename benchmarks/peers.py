@@ -1,28 +1,46 @@
 """The peers `overhead.py` measures the gateway against: other proxies in front of the same
-simulator, pinned like the gateway (one core, one worker), started and found here.
+simulator, pinned like the gateway (one core, one worker), started, found and installed here.
 
 - nginx, a plain reverse proxy: the ceiling a proxy reaches on this machine with this pinning.
   Never installed by the harness (Debian: `apt-get install -y nginx-light`); used when `nginx` is
   on PATH.
+- vllm-router, vLLM's Rust router (PyPI `vllm-router`, pinned with its dependencies in
+  `benchmarks/peers-requirements.txt`), in a virtual environment of its own that the harness
+  creates on first use in `benchmarks/.peers/vllm-router/` (git-ignored) and recreates when the
+  requirements change: its unpinned FastAPI and uvicorn must not move the gateway's own pins.
 
-It does no auth, metering or usage parsing; its requests carry the gateway's `Authorization`
-header all the same, so that every target reads the same bytes.
+Neither does auth, metering or usage parsing; their requests carry the gateway's
+`Authorization` header all the same, so that every target reads the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
-from harness import HarnessError, Pinned
+from harness import ROOT, HarnessError, Pinned
 from tests.support import procs
 
-__all__ = ["Nginx", "descendants", "nginx_config", "nginx_version"]
+__all__ = [
+    "PEERS_HOME",
+    "REQUIREMENTS",
+    "Nginx",
+    "VllmRouter",
+    "descendants",
+    "nginx_config",
+    "nginx_version",
+    "vllm_router_argv",
+    "vllm_router_env",
+]
 
+PEERS_HOME = ROOT / "benchmarks" / ".peers"
+REQUIREMENTS = ROOT / "benchmarks" / "peers-requirements.txt"
 NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -122,3 +140,72 @@ def nginx_config(prefix: Path, port: int, upstream: str, *, root: bool) -> str:
             "",
         ]
     )
+
+
+# --- vllm-router ----------------------------------------------------------------------------------
+
+
+class VllmRouter(Peer):
+    """vllm-router in front of `upstream` (one worker), on one core with one tokio worker
+    thread (`TOKIO_WORKER_THREADS=1`, which its runtime reads, as the gateway's
+    `TOKENGATE_WORKER_THREADS=1`); its log in `workdir/vllm-router.log`."""
+
+    def __init__(self, binary: Path, core: int, upstream: str, workdir: Path) -> None:
+        self.port = procs.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = vllm_router_argv(binary, upstream, self.port, procs.free_port())
+        self.label = vllm_router_version(binary)
+        env = {**os.environ, "TOKIO_WORKER_THREADS": "1"}
+        super().__init__("vllm-router", core, argv, workdir, env=env)
+
+
+def vllm_router_argv(binary: Path, upstream: str, port: int, metrics_port: int) -> list[str]:
+    """The router's command line: `round_robin`, the cheapest policy (the default,
+    `cache_aware`, keeps a prefix tree per request, for nothing with one worker); its
+    Prometheus exporter on a free loopback port (the default, 29000, may be taken); its other
+    settings (retries, circuit breaker, health checks on `/health` every 60 s) its defaults."""
+    return [
+        str(binary),
+        *("--worker-urls", upstream),
+        *("--policy", "round_robin"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)),
+        *("--log-level", "warning"),
+    ]
+
+
+def vllm_router_version(binary: Path) -> str:
+    """`vllm-router 0.1.17`, from the package in the router's own environment."""
+    python = binary.parent / "python"
+    done = subprocess.run(
+        [str(python), "-c", "from vllm_router import __version__; print(__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return f"vllm-router {done.stdout.strip() or '(unknown version)'}"
+
+
+def vllm_router_env(home: Path = PEERS_HOME / "vllm-router") -> Path:
+    """The `vllm-router` executable, installed first if needed: a virtual environment in `home`
+    with `peers-requirements.txt` installed by pip (about 130 MB), recreated when that file
+    changes (a stamp holds its digest)."""
+    binary = home / "venv" / "bin" / "vllm-router"
+    digest = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    stamp = home / "stamp"
+    if binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return binary
+    print(f"installing vllm-router into {home} (pip, once)", flush=True)
+    home.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    venv = home / "venv"
+    run = [sys.executable, "-m", "venv", "--clear", str(venv)]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps"]
+    for argv in (run, [*pip, "-r", str(REQUIREMENTS)]):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise HarnessError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    if not binary.is_file():
+        raise HarnessError(f"{REQUIREMENTS.name} installed no {binary}")
+    stamp.write_text(digest + "\n")
+    return binary

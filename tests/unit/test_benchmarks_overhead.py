@@ -123,3 +123,30 @@ def test_descendants_finds_grandchildren() -> None:
         parent.kill()
         parent.wait()
     assert peers.descendants(parent.pid) == []
+
+
+def test_vllm_router_runs_round_robin_on_its_own_ports() -> None:
+    argv = peers.vllm_router_argv(Path("/x/vllm-router"), "http://127.0.0.1:9000", 8080, 8081)
+    assert argv[0] == "/x/vllm-router"
+    options = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert options == {
+        "--worker-urls": "http://127.0.0.1:9000",
+        "--policy": "round_robin",
+        "--host": "127.0.0.1",
+        "--port": "8080",
+        "--prometheus-host": "127.0.0.1",
+        "--prometheus-port": "8081",
+        "--log-level": "warning",
+    }
+
+
+def test_peers_requirements_pin_every_package() -> None:
+    """The harness installs them with `pip --no-deps`: each line an exact pin, vllm-router's
+    among them."""
+    pins = [
+        line
+        for line in peers.REQUIREMENTS.read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert all("==" in pin for pin in pins), pins
+    assert "vllm-router==0.1.17" in pins
