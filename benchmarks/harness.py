@@ -94,6 +94,8 @@ class Settings:
     quick: bool
     no_nginx: bool
     nginx: Path | None = None  # the binary, once found on PATH
+    no_vllm_router: bool = False
+    vllm_router: Path | None = None  # the executable, once installed (benchmarks/peers.py)
     max_tokens: int = 16  # of every request loadgen sends
     # The Python of another build (its venv's `bin/python`), whose gateway runs beside this one.
     baseline: Path | None = None

@@ -1,51 +1,57 @@
-"""Gateway overhead: the gateway in front of `gateway sim` against the simulator addressed directly.
+"""Gateway overhead: the gateway in front of `gateway sim` against the simulator addressed directly
+and against peer proxies (vllm-router, nginx) in front of the same simulator.
 
-    python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 8 minutes
+    python benchmarks/overhead.py            # 3 rounds of 10 s runs, about 10 minutes
     python benchmarks/overhead.py --quick    # 1 round of 2 s runs: a smoke test
 
 Run it with the project's interpreter (`.venv/bin/python`, where `gateway._core` is built). In one
 run, on the same load, it measures for non-streaming and for streaming completions
-(`"max_tokens": 16`, a short prompt; the simulator with `--ttft-ms 0 --itl-ms 0`):
+(`"max_tokens": 16`, a short prompt; the simulator with `--ttft-ms 0 --itl-ms 0`), on every
+target:
 
-- throughput at saturation: `loadgen --concurrency C` (closed loop), successful requests/s;
-- latency at a fixed moderate rate: `loadgen --rate R` (open loop, 1000 req/s by default), p50
-  and p99 from the due time of each request; "added" is the gateway's figure minus the direct one.
+- throughput at saturation: `loadgen --concurrency C` (closed loop), successful requests/s, and
+  the CPU time the target's processes (children included) spent per request meanwhile;
+- latency at a fixed moderate rate: `loadgen --rate R` (open loop, 500 req/s by default), p50
+  and p99 from the due time of each request; "added" is the target's figure minus the direct one.
 
 Pinning (two cores): the gateway runs on core 1 (`taskset -c 1`, its Rust threads and its
 Python control plane alike; `TOKENGATE_WORKER_THREADS=1` for it and the simulator, one tokio
 worker per pinned core); the simulator and the load generator share core 0 (`taskset -c 0`),
 and so do they in the direct runs, which therefore differ from the gateway runs only by the
-gateway. The gateway's CPU use during each saturation run is reported beside its throughput:
-near 100% means the gateway's core was the bottleneck, well below it means core 0 was.
+gateway. Every other target (another build, the peers) runs on the gateway's core, one worker.
+The CPU use of each target during its saturation runs is reported beside its throughput: near
+100% means its core was the bottleneck, well below it means core 0 was.
 
 Auth and metering are on: the harness creates a tenant and an API key with the `gateway` CLI in a
-temporary ledger, and every request (direct ones too, so both sides send the same bytes) carries
+temporary ledger, and every request (to every target, so all read the same bytes) carries
 `Authorization: Bearer <key>`; the gateway meters each request into that ledger.
+
+Peers (`peers.py`), each compared with the gateway in a table of its own (throughput and CPU per
+request as ratios, the latency each adds), unless `--no-vllm-router` / `--no-nginx`:
+
+- vllm-router, vLLM's Rust router (no auth, no metering), `round_robin` over the one simulator,
+  one tokio worker thread. The harness installs it: the pinned `benchmarks/peers-requirements.txt`
+  into a virtual environment of its own, `benchmarks/.peers/vllm-router/` (git-ignored), on first
+  use; the gateway's environment is left alone.
+- nginx as a plain reverse proxy (one worker process, keep-alive upstream connections,
+  `proxy_buffering off` so SSE streams flow): the ceiling a proxy reaches on this machine with
+  this pinning. Used when `nginx` is on PATH; the harness never installs it (Debian:
+  `apt-get install -y nginx-light`). Without it the harness says so and leaves it out.
 
 Another build: `--baseline PATH/.venv/bin/python` runs that checkout's gateway (the previous main,
 say, built in a worktree of its own) as one more target, `baseline`, pinned like this one, with a
-copy of the ledger, and adds a table of this build against it: two builds compared in one run,
-on the same load and the same drift.
+copy of the ledger, and adds a table of this build against it.
 
-Tracing: `--traced` runs this build a second time as one more target, `traced`, pinned like the
-gateway, with `[telemetry]` on at `sample_ratio = 1.0` (every request's spans exported over
-OTLP/gRPC, to a receiver the harness runs on loopback), and adds a table of the gateway with
-tracing off against it.
+Tracing: `--traced` runs this build a second time as one more target, `traced`, with
+`[telemetry]` on at `sample_ratio = 1.0` (every request's spans exported over OTLP/gRPC, to a
+receiver the harness runs on loopback), and adds a table of the gateway with tracing off against
+it.
 
-Reference peer: when `nginx` is on PATH (Debian: `apt-get install -y nginx-light`; the harness
-never installs it) and `--no-nginx` is not given, nginx runs as a plain reverse proxy in front of
-the same simulator, pinned like the gateway (core 1, one worker process, in the foreground, its
-pid file, error log and temp directories in the harness's temp directory, no access log,
-keep-alive upstream connections, `proxy_buffering off` so SSE streams flow). It does no auth;
-its requests carry the same header all the same. Its column shows what a proxy without auth,
-metering or usage parsing reaches on this machine with this pinning. Without nginx the harness
-says so and leaves its columns out.
-
-The targets (direct, gateway and nginx) take turns, in an order that rotates by one each round,
-so that drift on a shared machine hits all of them; the table reports the median over rounds.
-The load generator is `rust/loadgen` (built here with `cargo build --release -p gateway-loadgen`
-unless `--loadgen` is given). Results: a section of `benchmarks/RESULTS.md` (replaced on each full
-run; `--quick` only prints it) and the raw reports in `benchmarks/out/` (not committed).
+The targets take turns, in an order that rotates by one each round, so that drift on a shared
+machine hits all of them; the tables report the median over rounds. The load generator is
+`rust/loadgen` (built here with `cargo build --release -p gateway-loadgen` unless `--loadgen` is
+given). Results: a section of `benchmarks/RESULTS.md` (replaced on each full run; `--quick` only
+prints it) and the raw reports in `benchmarks/out/` (not committed).
 """
 
 from __future__ import annotations
@@ -53,8 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import re
+import math
 import shlex
 import shutil
 import signal
@@ -85,6 +90,7 @@ from harness import (
     wait_serving,
     write_results,
 )
+from peers import Nginx, VllmRouter, vllm_router_env
 from tests.support import procs
 from tests.support.ledger_versions import downgrade
 from tests.support.otlp import otlp_receiver
@@ -92,95 +98,22 @@ from tests.support.otlp import otlp_receiver
 BEGIN = "<!-- overhead.py:begin -->"
 END = "<!-- overhead.py:end -->"
 MODES = ("completions", "completions, streaming")
-NGINX_TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-
-
-# --- nginx, the reference peer --------------------------------------------------------------------
-
-
-class Nginx(Pinned):
-    """nginx as a plain reverse proxy in front of `upstream` (a base URL), one worker process,
-    in the foreground; its pid file, error log and temp directories live in `workdir/nginx`."""
-
-    # Graceful: the master closes idle keep-alive connections and waits for its worker.
-    stop_signal = signal.SIGQUIT
-
-    def __init__(self, binary: Path, core: int, upstream: str, workdir: Path) -> None:
-        prefix = workdir / "nginx"
-        prefix.mkdir()
-        self.port = procs.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = prefix / "nginx.conf"
-        config.write_text(nginx_config(prefix, self.port, upstream))
-        argv = [str(binary), "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
-        test = subprocess.run([*argv, "-t"], capture_output=True, text=True, check=False)
-        if test.returncode != 0:
-            raise HarnessError(f"nginx -t rejected {config}:\n{test.stderr}{test.stdout}")
-        super().__init__("nginx", core, argv, workdir)
-
-    def pids(self) -> list[int]:
-        """The master and its worker (a child of the master)."""
-        return [self.proc.pid, *self._children()]
-
-    def _children(self) -> list[int]:
-        children: list[int] = []
-        try:
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                children += [int(pid) for pid in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return children
-
-    def kill(self) -> None:
-        """The worker first (while the master still holds its pid), so that none is left behind."""
-        for pid in self._children():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        super().kill()
-
-
-def nginx_version(binary: Path) -> str:
-    """`nginx/1.22.1`, from `nginx -v` (which prints to stderr)."""
-    done = subprocess.run([str(binary), "-v"], capture_output=True, text=True, check=False)
-    match = re.search(r"nginx/\S+", done.stderr + done.stdout)
-    return match.group(0) if match else "nginx"
-
-
-def nginx_config(prefix: Path, port: int, upstream: str) -> str:
-    """A plain reverse proxy: keep-alive upstream connections, no response buffering (so SSE
-    streams flow), no access log; every path nginx writes lies under `prefix`."""
-    server = upstream.removeprefix("http://")
-    root = os.geteuid() == 0
-    return "\n".join(
-        [
-            # Run as root, nginx would switch its worker to `nobody`, which cannot reach the
-            # harness's private temp directory.
-            *(["user root;"] if root else []),
-            "worker_processes 1;",
-            "daemon off;",
-            f"pid {prefix / 'nginx.pid'};",
-            f"error_log {prefix / 'error.log'} warn;",
-            "events { worker_connections 4096; }",
-            "http {",
-            "  access_log off;",
-            *(f"  {kind}_temp_path {prefix / kind};" for kind in NGINX_TEMP_PATHS),
-            f"  upstream sim {{ server {server}; keepalive 128; }}",
-            "  server {",
-            f"    listen 127.0.0.1:{port} reuseport;",
-            "    location / {",
-            "      proxy_pass http://sim;",
-            "      proxy_http_version 1.1;",
-            '      proxy_set_header Connection "";',
-            "      proxy_buffering off;",
-            "    }",
-            "  }",
-            "}",
-            "",
-        ]
-    )
+# The targets the gateway is compared with, each in a table of its own, in this order.
+COMPARED = ("vllm-router", "nginx", "baseline", "traced")
 
 
 # --- the measurement ------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One target of the runs: `process` answers at `url` and its CPU time counts as the
+    target's (for `direct`, the simulator's); `what` describes it in the report."""
+
+    name: str
+    url: str
+    process: Pinned
+    what: str = ""
 
 
 @dataclass
@@ -188,14 +121,24 @@ class Run:
     round: int
     mode: str
     kind: str  # "saturation" or "rate"
-    target: str  # "direct", "gateway", "baseline" or "nginx"
+    target: str
     report: dict[str, Any]
-    # CPU use over the measured window, as a fraction of one core.
-    gateway_cpu: float | None = None
-    sim_cpu: float | None = None
-    nginx_cpu: float | None = None
-    baseline_cpu: float | None = None
-    traced_cpu: float | None = None
+    # CPU use over the measured window, as a fraction of one core: the target's processes, and
+    # the simulator's.
+    cpu: float
+    sim_cpu: float
+
+    def pick(self, what: str) -> float:
+        """`rps`, `cpu`, `cpu_us` (CPU µs per successful request) or a latency percentile
+        (`p50`, `p99`, ...) in µs."""
+        rps = float(self.report["rps"])
+        if what == "rps":
+            return rps
+        if what == "cpu":
+            return self.cpu
+        if what == "cpu_us":
+            return self.cpu * 1e6 / rps if rps else math.nan
+        return float(self.report["latency_us"][what])
 
 
 @dataclass
@@ -203,57 +146,41 @@ class Bench:
     settings: Settings
     runs: list[Run] = field(default_factory=list)
 
-    def measure(
-        self, urls: dict[str, str], key: str, services: dict[str, Pinned], round_: int
-    ) -> None:
-        """One round: every (mode, kind) on each target in `urls`, in an order that rotates by one
-        each round, so that every target goes first, second, ... equally often."""
-        names = list(urls)
-        shift = round_ % len(names)
-        targets = names[shift:] + names[:shift]
-        watched = tuple(services.values())
+    def measure(self, targets: list[Target], sim: Pinned, key: str, round_: int) -> None:
+        """One round: every (mode, kind) on each target, in an order that rotates by one each
+        round, so that every target goes first, second, ... equally often."""
+        shift = round_ % len(targets)
+        order = targets[shift:] + targets[:shift]
         for mode in MODES:
             stream = "streaming" in mode
-            path = "/v1/completions"
             for kind, rate in (("saturation", None), ("rate", self.settings.rate)):
-                for target in targets:
-                    report, cpus = run_loadgen(
+                for target in order:
+                    report, (cpu, sim_cpu) = run_loadgen(
                         self.settings,
-                        urls[target] + path,
+                        target.url + "/v1/completions",
                         key,
                         stream=stream,
                         rate=rate,
-                        services=watched,
+                        services=(target.process, sim),
                     )
-                    cpu = dict(zip(services, cpus, strict=True))
-                    run = Run(
-                        round_,
-                        mode,
-                        kind,
-                        target,
-                        report,
-                        gateway_cpu=cpu.get("gateway"),
-                        sim_cpu=cpu.get("sim"),
-                        nginx_cpu=cpu.get("nginx"),
-                        baseline_cpu=cpu.get("baseline"),
-                        traced_cpu=cpu.get("traced"),
-                    )
+                    run = Run(round_, mode, kind, target.name, report, cpu, sim_cpu)
                     self.runs.append(run)
-                    print(f"  round {round_ + 1} {mode:24} {kind:10} {target:7} {brief(run)}")
+                    print(f"  round {round_ + 1} {mode:24} {kind:10} {target.name:11} {brief(run)}")
 
     def median(self, mode: str, kind: str, target: str, pick: str) -> float:
-        values = []
-        for run in self.runs:
-            if (run.mode, run.kind, run.target) == (mode, kind, target):
-                report = run.report
-                values.append(
-                    float(report["rps"]) if pick == "rps" else float(report["latency_us"][pick])
-                )
-        return statistics.median(values) if values else float("nan")
+        """The median over rounds of `Run.pick(pick)` for `target`'s `kind` runs of `mode`."""
+        values = [
+            run.pick(pick)
+            for run in self.runs
+            if (run.mode, run.kind, run.target) == (mode, kind, target)
+        ]
+        return statistics.median(values) if values else math.nan
 
-    def round_ratios(
-        self, mode: str, target: str = "gateway", other: str = "baseline"
-    ) -> list[float]:
+    def added(self, mode: str, target: str, pick: str) -> float:
+        """The latency percentile `pick` that `target` adds to the direct one at the fixed rate."""
+        return self.median(mode, "rate", target, pick) - self.median(mode, "rate", "direct", pick)
+
+    def round_ratios(self, mode: str, target: str, other: str) -> list[float]:
         """`target`'s saturation throughput over `other`'s in each round that measured both."""
         rps = {
             (run.round, run.target): float(run.report["rps"])
@@ -266,21 +193,6 @@ class Bench:
             for r in rounds
             if rps.get((r, target)) and rps.get((r, other))
         ]
-
-    def cpu(self, mode: str, target: str = "gateway") -> float:
-        """The median CPU use of `target` (gateway, baseline or nginx) during its saturation
-        runs."""
-        values = []
-        for run in self.runs:
-            if (run.mode, run.kind, run.target) == (mode, "saturation", target):
-                value = {
-                    "nginx": run.nginx_cpu,
-                    "baseline": run.baseline_cpu,
-                    "traced": run.traced_cpu,
-                }.get(target, run.gateway_cpu)
-                if value is not None:
-                    values.append(value)
-        return statistics.median(values) if values else float("nan")
 
     def problems(self) -> list[str]:
         found = []
@@ -299,14 +211,14 @@ def brief(run: Run) -> str:
     r = run.report
     lat = r["latency_us"]
     text = f"{r['rps']:>9.0f} req/s  p50 {lat['p50']:>7.0f} µs  p99 {lat['p99']:>7.0f} µs"
-    text += f"  gateway cpu {run.gateway_cpu or 0:.0%}  sim cpu {run.sim_cpu or 0:.0%}"
-    if run.nginx_cpu is not None:
-        text += f"  nginx cpu {run.nginx_cpu:.0%}"
-    if run.traced_cpu is not None:
-        text += f"  traced cpu {run.traced_cpu:.0%}"
+    text += f"  cpu {run.cpu:.0%} ({run.pick('cpu_us'):.0f} µs/req)  sim cpu {run.sim_cpu:.0%}"
     if r["errors"] or r["unsent"]:
         text += f"  ERRORS {r['errors']} unsent {r['unsent']}"
     return text
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -314,17 +226,10 @@ def brief(run: Run) -> str:
 
 def section(bench: Bench, meta: dict[str, Any]) -> str:
     s = bench.settings
-    nginx: str | None = meta["nginx"]
-    if nginx is not None:
-        proxies = (
-            f"Gateway (auth and metering on) and, as a reference, {nginx} (a plain reverse "
-            f"proxy: 1 worker, keep-alive upstream connections, no response buffering) each "
-            f"pinned to core {s.gateway_core}"
-        )
-        targets = "three targets (direct, gateway, nginx)"
-    else:
-        proxies = f"Gateway (auth and metering on) pinned to core {s.gateway_core}"
-        targets = "two targets (direct, gateway)"
+    targets: dict[str, str] = meta["targets"]
+    others = [
+        f"{name} ({what})" for name, what in targets.items() if name not in ("direct", "gateway")
+    ]
     lines = [
         BEGIN,
         "## Gateway overhead",
@@ -333,60 +238,42 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
         f"{meta['machine']['nproc']}, {meta['machine']['cpu']}, Linux {meta['machine']['kernel']}, "
         f"load average {meta['machine']['load']} before the run.",
         "",
-        f"{proxies}; `gateway sim` (ttft 0, itl 0) and `loadgen` on core {s.client_core}, for "
-        f"the direct runs as well. `/v1/completions`, `max_tokens` 16. Throughput: closed loop, "
-        f"{s.concurrency} connections. Latency: open loop at {s.rate:g} req/s (up to "
-        f"{s.concurrency} connections), measured from each request's due time. Medians of "
-        f"{s.rounds} round(s) of {s.duration_s:g} s after {s.warmup_s:g} s of warm-up, the "
-        f"{targets} taking turns in an order that rotates from round to round.",
+        f"Gateway (auth and metering on){''.join(', ' + o for o in others)} each pinned to core "
+        f"{s.gateway_core}, one worker thread; `gateway sim` (ttft 0, itl 0) and `loadgen` on "
+        f"core {s.client_core}, for the direct runs as well. `/v1/completions`, `max_tokens` 16. "
+        f"Throughput: closed loop, {s.concurrency} connections. Latency: open loop at "
+        f"{s.rate:g} req/s (up to {s.concurrency} connections), measured from each request's due "
+        f"time. Medians of {s.rounds} round(s) of {s.duration_s:g} s after {s.warmup_s:g} s of "
+        f"warm-up, the {len(targets)} targets taking turns in an order that rotates from round "
+        "to round.",
         "",
+        f"| mode | target | req/s | / direct | CPU | CPU µs / req | p50 / p99 µs at {s.rate:g} "
+        "req/s | added p50 / p99 µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    header = (
-        "| mode | direct rps | gateway rps | ratio | gateway CPU | direct p50 / p99 µs "
-        "| gateway p50 / p99 µs | added p50 / p99 µs |"
-    )
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
-    if nginx is not None:
-        header += " nginx rps | nginx ratio | gateway / nginx | nginx added p50 / p99 µs |"
-        rule += "---:|---:|---:|---:|"
-    lines += [header, rule]
     for mode in MODES:
-        d_rps = bench.median(mode, "saturation", "direct", "rps")
-        g_rps = bench.median(mode, "saturation", "gateway", "rps")
-        d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
-        g = [bench.median(mode, "rate", "gateway", p) for p in ("p50", "p99")]
-        ratio = g_rps / d_rps if d_rps else float("nan")
-        row = (
-            f"| {mode} | {d_rps:,.0f} | {g_rps:,.0f} | {ratio:.2f} | {bench.cpu(mode):.0%} "
-            f"| {d[0]:,.0f} / {d[1]:,.0f} | {g[0]:,.0f} / {g[1]:,.0f} "
-            f"| {g[0] - d[0]:+,.0f} / {g[1] - d[1]:+,.0f} |"
-        )
-        if nginx is not None:
-            n_rps = bench.median(mode, "saturation", "nginx", "rps")
-            n = [bench.median(mode, "rate", "nginx", p) for p in ("p50", "p99")]
-            n_ratio = n_rps / d_rps if d_rps else float("nan")
-            g_over_n = g_rps / n_rps if n_rps else float("nan")
-            row += (
-                f" {n_rps:,.0f} | {n_ratio:.2f} | {g_over_n:.2f} "
-                f"| {n[0] - d[0]:+,.0f} / {n[1] - d[1]:+,.0f} |"
+        direct_rps = bench.median(mode, "saturation", "direct", "rps")
+        for name in targets:
+            rps = bench.median(mode, "saturation", name, "rps")
+            at = [bench.median(mode, "rate", name, p) for p in ("p50", "p99")]
+            p50, p99 = (bench.added(mode, name, p) for p in ("p50", "p99"))
+            added = "—" if name == "direct" else f"{p50:+,.0f} / {p99:+,.0f}"
+            lines.append(
+                f"| {mode} | {name} | {rps:,.0f} | {ratio(rps, direct_rps):.2f} "
+                f"| {bench.median(mode, 'saturation', name, 'cpu'):.0%} "
+                f"| {bench.median(mode, 'saturation', name, 'cpu_us'):,.0f} "
+                f"| {at[0]:,.0f} / {at[1]:,.0f} | {added} |"
             )
-        lines.append(row)
-    lines.append("")
-    lines.append(
-        "gateway CPU: the gateway process's CPU time during its saturation runs, as a share of "
-        "one core (100% = its core was the bottleneck)."
-    )
-    if nginx is not None:
-        lines.append(
-            "nginx is a plain reverse proxy (no auth, no metering, no usage parsing), measured "
-            "here as the ceiling a proxy reaches on this machine with this pinning."
-        )
-    else:
-        lines.append(f"nginx: skipped ({meta['nginx_skipped']}).")
-    if meta.get("baseline"):
-        lines += baseline_table(bench, meta["baseline"])
-    if meta.get("traced"):
-        lines += baseline_table(bench, "tracing on, `sample_ratio = 1.0`", other="traced")
+    lines += [
+        "",
+        "CPU: the target's processes' CPU time (children included; for direct, the simulator's) "
+        "during its saturation runs, as a share of one core (100% = its core was the "
+        "bottleneck), and per successful request.",
+    ]
+    lines += [f"{name}: skipped ({why})." for name, why in meta["skipped"].items()]
+    for other in COMPARED:
+        if other in targets:
+            lines += comparison_table(bench, other, targets[other])
     if problems := bench.problems():
         lines += ["", "**Errors during this run** (figures above include only successes):", ""]
         lines += [f"- {p}" for p in problems]
@@ -394,41 +281,37 @@ def section(bench: Bench, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_SCHEMA_VERSION = "from gateway.ledger.schema import SCHEMA_VERSION; print(SCHEMA_VERSION)"
-
-
-def baseline_table(bench: Bench, baseline: str, other: str = "baseline") -> list[str]:
-    """This build against `other`: the `baseline` build, or (`traced`) this build with tracing
-    on, measured in the same rounds."""
-    what = f"the baseline build ({baseline})" if other == "baseline" else f"{other} ({baseline})"
+def comparison_table(bench: Bench, other: str, what: str) -> list[str]:
+    """The gateway against `other` (a peer, the baseline build, this build traced), measured in
+    the same rounds: throughput and CPU per request as ratios, and the latency each adds."""
+    title = {
+        "baseline": f"This build against the baseline build ({what})",
+        "traced": f"tokengate against itself with {what}",
+    }.get(other, f"tokengate against {what}")
     lines = [
         "",
-        f"This build against {what}, pinned alike and measured in the same rounds:",
+        f"{title}, pinned alike and measured in the same rounds:",
         "",
-        f"| mode | gateway rps | {other} rps | gateway / {other} | gateway CPU µs / req "
-        f"| {other} CPU µs / req | gateway added p50 / p99 µs | {other} added p50 / p99 µs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| mode | req/s gateway / {other} | CPU µs / req gateway / {other} "
+        f"| gateway added p50 / p99 µs | {other} added p50 / p99 µs |",
+        "|---|---:|---:|---:|---:|",
     ]
     for mode in MODES:
-        d = [bench.median(mode, "rate", "direct", p) for p in ("p50", "p99")]
-        row = f"| {mode} |"
-        rps = {t: bench.median(mode, "saturation", t, "rps") for t in ("gateway", other)}
-        row += f" {rps['gateway']:,.0f} | {rps[other]:,.0f} |"
-        row += f" {rps['gateway'] / rps[other] if rps[other] else float('nan'):.2f} |"
+        cells = []
+        for pick in ("rps", "cpu_us"):
+            gateway = bench.median(mode, "saturation", "gateway", pick)
+            cells.append(f"{ratio(gateway, bench.median(mode, 'saturation', other, pick)):.2f}")
         for target in ("gateway", other):
-            per = bench.cpu(mode, target) * 1e6 / rps[target] if rps[target] else float("nan")
-            row += f" {per:,.0f} |"
-        for target in ("gateway", other):
-            at = [bench.median(mode, "rate", target, p) for p in ("p50", "p99")]
-            row += f" {at[0] - d[0]:+,.0f} / {at[1] - d[1]:+,.0f} |"
-        lines.append(row)
+            p50, p99 = (bench.added(mode, target, p) for p in ("p50", "p99"))
+            cells.append(f"{p50:+,.0f} / {p99:+,.0f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Throughput of this build over {other}'s, round by round (one machine's drift "
-        "moves both alike within a round):",
+        f"Throughput of the gateway over {other}'s, round by round (one machine's drift moves "
+        "both alike within a round):",
     ]
     lines += [
-        f"- {mode}: " + ", ".join(f"{ratio:.2f}" for ratio in bench.round_ratios(mode, other=other))
+        f"- {mode}: " + ", ".join(f"{r:.2f}" for r in bench.round_ratios(mode, "gateway", other))
         for mode in MODES
     ]
     return lines
@@ -444,12 +327,17 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--duration-s", type=float, help="measured seconds per run (10, quick 2)")
     parser.add_argument("--warmup-s", type=float, help="warm-up seconds per run (2, quick 0.5)")
     parser.add_argument("--concurrency", type=int, default=64, help="loadgen connections")
-    parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate, req/s")
+    parser.add_argument("--rate", type=float, default=500.0, help="fixed rate, req/s")
     parser.add_argument("--gateway-core", type=int, default=1)
     parser.add_argument("--client-core", type=int, default=0, help="simulator and loadgen")
     parser.add_argument("--loadgen", type=Path, help="loadgen binary (default: build it)")
     parser.add_argument(
-        "--no-nginx", action="store_true", help="skip the nginx reference (used when on PATH)"
+        "--no-nginx", action="store_true", help="skip the nginx peer (used when on PATH)"
+    )
+    parser.add_argument(
+        "--no-vllm-router",
+        action="store_true",
+        help="skip the vllm-router peer (installed in benchmarks/.peers/ on first use)",
     )
     parser.add_argument(
         "--baseline", type=Path, help="another build's python (.venv/bin/python) to compare with"
@@ -470,9 +358,95 @@ def parse_args(argv: list[str] | None) -> Settings:
         loadgen=args.loadgen.resolve() if args.loadgen else Path(),
         quick=quick,
         no_nginx=args.no_nginx,
+        no_vllm_router=args.no_vllm_router,
         baseline=args.baseline.absolute() if args.baseline else None,
         traced=args.traced,
     )
+
+
+def find_peers(settings: Settings) -> dict[str, str]:
+    """Sets the peers' binaries in `settings` (installing vllm-router if needed); returns why
+    each peer left out is."""
+    skipped: dict[str, str] = {}
+    if settings.no_vllm_router:
+        skipped["vllm-router"] = "--no-vllm-router"
+    else:
+        try:
+            settings.vllm_router = vllm_router_env()
+        except HarnessError as exc:
+            skipped["vllm-router"] = f"could not be installed: {str(exc).splitlines()[0]}"
+    if settings.no_nginx:
+        skipped["nginx"] = "--no-nginx"
+    elif found := shutil.which("nginx"):
+        settings.nginx = Path(found)
+    else:
+        skipped["nginx"] = "nginx not found on PATH; Debian: apt-get install -y nginx-light"
+    for name, why in skipped.items():
+        print(f"{name} skipped ({why})", flush=True)
+    return skipped
+
+
+_SCHEMA_VERSION = "from gateway.ledger.schema import SCHEMA_VERSION; print(SCHEMA_VERSION)"
+
+
+def ledger_copy(workdir: Path, name: str, python: Path | None = None) -> str:
+    """A copy of the ledger (so the same key) for another gateway, so its own journal; taken
+    back to the schema of `python`'s build (an older build refuses a newer ledger)."""
+    copy = workdir / f"{name}.db"
+    shutil.copyfile(workdir / "ledger.db", copy)
+    if python is not None:
+        version = subprocess.run(
+            [str(python), "-c", _SCHEMA_VERSION], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        with open_ledger(f"sqlite:///{copy}") as conn:
+            downgrade(conn, int(version))
+    return f"sqlite:///{copy}"
+
+
+def start_targets(
+    settings: Settings,
+    workdir: Path,
+    key: str,
+    services: list[Pinned],
+    collector: contextlib.ExitStack,
+) -> tuple[Pinned, list[Target]]:
+    """Starts the simulator and every target in front of it (each added to `services` as it
+    starts, for the caller to stop), and waits until each serves a completion."""
+    db_url = f"sqlite:///{workdir / 'ledger.db'}"
+    sim = instant_sim(settings, workdir)
+    services.append(sim)
+    sim_url = sim.wait_listening()
+    targets = [Target("direct", sim_url, sim, "the simulator")]
+    gateway = gateway_service("gateway", settings, workdir, sim_url, db_url)
+    services.append(gateway)
+    targets.append(Target("gateway", gateway.wait_listening(), gateway, "this build"))
+    if settings.baseline is not None:
+        db = ledger_copy(workdir, "baseline", settings.baseline)
+        other = gateway_service(
+            "baseline", settings, workdir, sim_url, db, python=settings.baseline
+        )
+        services.append(other)
+        what = f"commit {git_commit(settings.baseline.parents[2])}"
+        targets.append(Target("baseline", other.wait_listening(), other, what))
+    if settings.traced:
+        _, endpoint = collector.enter_context(otlp_receiver())
+        telemetry = f'[telemetry]\notlp_endpoint = "{endpoint}"\nsample_ratio = 1.0\n'
+        db = ledger_copy(workdir, "traced")
+        traced = gateway_service("traced", settings, workdir, sim_url, db, extra=telemetry)
+        services.append(traced)
+        what = "tracing on, `sample_ratio = 1.0`"
+        targets.append(Target("traced", traced.wait_listening(), traced, what))
+    peers: list[Nginx | VllmRouter] = []
+    if settings.vllm_router is not None:
+        peers.append(VllmRouter(settings.vllm_router, settings.gateway_core, sim_url, workdir))
+        services.append(peers[-1])
+    if settings.nginx is not None:
+        peers.append(Nginx(settings.nginx, settings.gateway_core, sim_url, workdir))
+        services.append(peers[-1])
+    targets += [Target(peer.name, peer.url, peer, peer.label) for peer in peers]
+    for target in targets:
+        wait_serving(target.url + "/v1/completions", key, target.process)
+    return sim, targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,15 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]
     )
     check_environment(settings)
-    if settings.no_nginx:
-        nginx_skipped = "--no-nginx"
-    elif found := shutil.which("nginx"):
-        settings.nginx = Path(found)
-        nginx_skipped = ""
-    else:
-        nginx_skipped = "nginx not found on PATH; Debian: apt-get install -y nginx-light"
-    if nginx_skipped:
-        print(f"nginx column skipped ({nginx_skipped})", flush=True)
+    skipped = find_peers(settings)
     if settings.loadgen == Path():
         settings.loadgen = build_loadgen()
     if not settings.loadgen.is_file():
@@ -502,75 +468,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tokengate-overhead-"))
     db_url = f"sqlite:///{workdir / 'ledger.db'}"
     key, _ = procs.create_key(db_url, "bench")
-    # The baseline's own ledger (a copy, with the same key) and so its own journal.
-    baseline_db = workdir / "baseline.db"
-    if settings.baseline is not None:
-        shutil.copyfile(workdir / "ledger.db", baseline_db)
-        # An older build refuses a ledger of a newer schema: take the copy back to its version.
-        version = subprocess.run(
-            [str(settings.baseline), "-c", _SCHEMA_VERSION],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        with open_ledger(f"sqlite:///{baseline_db}") as conn:
-            downgrade(conn, int(version))
-    # The traced gateway's own ledger (a copy, with the same key) and so its own journal.
-    traced_db = workdir / "traced.db"
-    if settings.traced:
-        shutil.copyfile(workdir / "ledger.db", traced_db)
     bench = Bench(settings)
     services: list[Pinned] = []
-    nginx_label: str | None = None
     collector = contextlib.ExitStack()
     try:
-        sim = instant_sim(settings, workdir)
-        services.append(sim)
-        sim_url = sim.wait_listening()
-        gateway = gateway_service("gateway", settings, workdir, sim_url, db_url)
-        services.append(gateway)
-        gateway_url = gateway.wait_listening()
-        urls = {"direct": sim_url, "gateway": gateway_url}
-        answering: dict[str, Pinned] = {"direct": sim, "gateway": gateway}
-        watched: dict[str, Pinned] = {"gateway": gateway, "sim": sim}
-        if settings.baseline is not None:
-            other = gateway_service(
-                "baseline",
-                settings,
-                workdir,
-                sim_url,
-                f"sqlite:///{baseline_db}",
-                python=settings.baseline,
-            )
-            services.append(other)
-            urls["baseline"] = other.wait_listening()
-            answering["baseline"] = watched["baseline"] = other
-        if settings.traced:
-            _, endpoint = collector.enter_context(otlp_receiver())
-            telemetry = f'[telemetry]\notlp_endpoint = "{endpoint}"\nsample_ratio = 1.0\n'
-            traced = gateway_service(
-                "traced", settings, workdir, sim_url, f"sqlite:///{traced_db}", extra=telemetry
-            )
-            services.append(traced)
-            urls["traced"] = traced.wait_listening()
-            answering["traced"] = watched["traced"] = traced
-        if settings.nginx is not None:
-            nginx_label = nginx_version(settings.nginx)
-            nginx = Nginx(settings.nginx, settings.gateway_core, sim_url, workdir)
-            services.append(nginx)
-            urls["nginx"] = nginx.url
-            answering["nginx"] = watched["nginx"] = nginx
-        for target, url in urls.items():
-            wait_serving(url + "/v1/completions", key, answering[target])
-        on_core = f"(core {settings.gateway_core})"
-        nginx_at = f"{nginx_label} {urls['nginx']} {on_core}, " if nginx_label else ""
-        print(
-            f"sim {sim_url} (core {settings.client_core}), gateway {gateway_url} {on_core}, "
-            f"{nginx_at}loadgen {settings.loadgen}",
-            flush=True,
-        )
+        sim, targets = start_targets(settings, workdir, key, services, collector)
+        for target in targets:
+            core = settings.client_core if target.process is sim else settings.gateway_core
+            print(f"{target.name} ({target.what}) {target.url} (core {core})", flush=True)
+        print(f"loadgen {settings.loadgen} (core {settings.client_core})", flush=True)
         for round_ in range(settings.rounds):
-            bench.measure(urls, key, watched, round_)
+            bench.measure(targets, sim, key, round_)
     except BaseException:
         print(f"logs and ledger kept in {workdir}", file=sys.stderr)
         raise
@@ -593,12 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(),
         "machine": host,
         "raw": raw_name,
-        "nginx": nginx_label,
-        "nginx_skipped": nginx_skipped or None,
-        "baseline": None
-        if settings.baseline is None
-        else f"commit {git_commit(settings.baseline.parents[2])}",
-        "traced": settings.traced,
+        "targets": {target.name: target.what for target in targets},
+        "skipped": skipped,
     }
     raw = {
         **meta,
@@ -622,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def terminate(signum: int, frame: object) -> None:
     """SIGTERM (or SIGHUP) ends the harness like Ctrl-C does: through `main`'s `finally`, which
-    stops the simulator, the gateway and nginx. A second one is ignored, so as not to cut that
-    short."""
+    stops the simulator, the gateways and the peers. A second one is ignored, so as not to cut
+    that short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise SystemExit(128 + signum)
