@@ -96,6 +96,7 @@ pub struct GatewayMetrics {
     coalesced_requests: Counter,
     discovery_failures: Counter,
     discovery_rounds: Counter,
+    journal_sync: Histogram,
 }
 
 /// The labels of a queue's samples.
@@ -221,6 +222,13 @@ impl Default for GatewayMetrics {
              probed the new ones",
             discovery_rounds.clone(),
         );
+        let journal_sync = Histogram::new(OVERHEAD_BOUNDS);
+        families.register(
+            "tokengate_journal_sync_seconds",
+            "Time each sync (fdatasync) of the usage journal took; its count is the syncs \
+             (journal.sync: once a tick under load, or once per group of ending responses)",
+            journal_sync.clone(),
+        );
 
         Self {
             families,
@@ -239,6 +247,7 @@ impl Default for GatewayMetrics {
             coalesced_requests,
             discovery_failures,
             discovery_rounds,
+            journal_sync,
         }
     }
 }
@@ -305,6 +314,11 @@ impl GatewayMetrics {
 
     /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
     /// had room for it.
+    /// Where the usage journal's syncer reports how long each sync took.
+    pub fn journal_syncs(&self) -> Histogram {
+        self.journal_sync.clone()
+    }
+
     pub fn queue_wait(&self, model: &str, tenant: &str, waited: Duration) {
         self.queue_wait
             .get_or_create(&QueueLabels {
@@ -902,6 +916,7 @@ mod tests {
             ("tokengate_coalesced_requests_total", "counter"),
             ("tokengate_discovery_failures_total", "counter"),
             ("tokengate_discovery_rounds_total", "counter"),
+            ("tokengate_journal_sync_seconds", "histogram"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),

@@ -51,9 +51,13 @@ pub(super) fn run(shared: &Shared) {
         };
         let mut synced = true;
         for file in &files {
+            let began = Instant::now();
             if let Err(error) = file.sync_data() {
                 tracing::error!(%error, "usage journal sync failed");
                 synced = false;
+            }
+            if let Some(histogram) = shared.sync_seconds.get() {
+                histogram.observe(began.elapsed().as_secs_f64());
             }
         }
         if synced {

@@ -31,10 +31,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
@@ -121,6 +122,8 @@ pub(super) struct Shared {
     /// One more than the highest `seq` the ledger holds (0: none). Relaxed: read only to decide
     /// what to delete, and a stale value only delays a deletion.
     pub(super) committed: AtomicU64,
+    /// Where each sync's duration goes, once someone asks (`observe_syncs`).
+    pub(super) sync_seconds: OnceLock<Histogram>,
 }
 
 impl Shared {
@@ -208,6 +211,7 @@ impl Journal {
             state: Mutex::new(state),
             wake: Condvar::new(),
             committed: AtomicU64::new(0),
+            sync_seconds: OnceLock::new(),
         });
         let syncer = std::thread::Builder::new()
             .name("usage-journal".to_owned())
@@ -222,6 +226,11 @@ impl Journal {
             _lock: lock,
         };
         Ok((journal, Recovered { events, next_seq }))
+    }
+
+    /// Reports how long each sync takes to `histogram` from now on (the first call only).
+    pub fn observe_syncs(&self, histogram: Histogram) {
+        let _ = self.shared.sync_seconds.set(histogram);
     }
 
     /// A request started: its start goes to the journal at the next tick if it is still open.

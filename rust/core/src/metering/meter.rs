@@ -43,8 +43,11 @@ impl Meter {
             next_seq: recovered.next_seq,
             events: recovered.events.into(),
         };
+        let metrics = GatewayMetrics::default();
+        journal.observe_syncs(metrics.journal_syncs());
         Self {
             queue: Mutex::new(queue),
+            metrics,
             journal: Some(journal),
             progress_every_ms: u64::try_from(progress.as_millis()).unwrap_or(u64::MAX),
             ..Self::default()
