@@ -39,6 +39,7 @@ __all__ = [
     "connect",
     "execute",
     "executemany",
+    "insert_rows",
     "migrate",
     "now_ms",
     "open_ledger",
@@ -175,6 +176,9 @@ class Connection(ABC):
     def _query(self, sql: str, params: Sequence[Any]) -> list[Row]: ...
 
     @abstractmethod
+    def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None: ...
+
+    @abstractmethod
     def _begin(self) -> None:
         """Starts a transaction that holds the database's write lock."""
 
@@ -208,6 +212,13 @@ class _SqliteConnection(Connection):
         with self._errors(), closing(self._raw.execute(sql, params)) as cursor:
             rows: list[Row] = cursor.fetchall()
             return rows
+
+    def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        # One prepared statement, bound row after row: cheaper here than multi-row VALUES, whose
+        # parameters would be flattened into one list and the statement parsed per chunk.
+        places = ", ".join("?" * len(columns))
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({places})"  # noqa: S608
+        self._executemany(sql, rows)
 
     def _begin(self) -> None:
         # Takes the write lock up front, so concurrent writers queue on `busy_timeout` instead of
@@ -288,6 +299,17 @@ class _PostgresConnection(Connection):
             cursor.execute(_postgres_sql(sql), params)
             return [tuple(map(_integral, row)) for row in cursor.fetchall()]
 
+    def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        # COPY: the rows stream to the server in one command instead of one INSERT each. It
+        # keeps the table's rules (a duplicate key fails the COPY, as an INSERT would).
+        with (
+            self._errors(),
+            self._cursor() as cursor,
+            cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+
     def _begin(self) -> None:
         # READ COMMITTED, and first of all a transaction-level advisory lock: write transactions
         # run one at a time, as SQLite's do, and each statement's snapshot, taken after the lock,
@@ -338,6 +360,13 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> in
     if not rows:
         return 0
     return conn._executemany(sql, rows)
+
+
+def insert_rows(conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """Inserts `rows` (values of `columns`, in order) into `table`, in bulk: the fastest way each
+    dialect has. `table` and `columns` are the caller's own names, never input."""
+    if rows:
+        conn._insert_rows(table, columns, rows)
 
 
 def query(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
