@@ -36,6 +36,7 @@ __all__ = [
     "LedgerError",
     "NotFoundError",
     "Row",
+    "add_to_sums",
     "connect",
     "execute",
     "executemany",
@@ -179,6 +180,11 @@ class Connection(ABC):
     def _insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None: ...
 
     @abstractmethod
+    def _add_to_sums(
+        self, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
+    ) -> None: ...
+
+    @abstractmethod
     def _begin(self) -> None:
         """Starts a transaction that holds the database's write lock."""
 
@@ -219,6 +225,12 @@ class _SqliteConnection(Connection):
         places = ", ".join("?" * len(columns))
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({places})"  # noqa: S608
         self._executemany(sql, rows)
+
+    def _add_to_sums(
+        self, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
+    ) -> None:
+        places = ", ".join("?" * (len(key) + len(sums)))
+        self._executemany(_upsert(table, key, sums, f"({places})"), rows)
 
     def _begin(self) -> None:
         # Takes the write lock up front, so concurrent writers queue on `busy_timeout` instead of
@@ -310,6 +322,21 @@ class _PostgresConnection(Connection):
             for row in rows:
                 copy.write_row(row)
 
+    def _add_to_sums(
+        self, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
+    ) -> None:
+        # One statement per chunk of rows (a statement takes at most 65,535 parameters): a round
+        # trip each, where `executemany` would have the server run one statement per row.
+        # Written in psycopg's placeholders: `_postgres_sql` would cache each length.
+        width = len(key) + len(sums)
+        places = f"({', '.join(['%s'] * width)})"
+        chunk = 65_535 // width
+        with self._errors(), self._cursor() as cursor:
+            for first in range(0, len(rows), chunk):
+                part = rows[first : first + chunk]
+                sql = _upsert(table, key, sums, ", ".join([places] * len(part)))
+                cursor.execute(sql, [value for row in part for value in row])
+
     def _begin(self) -> None:
         # READ COMMITTED, and first of all a transaction-level advisory lock: write transactions
         # run one at a time, as SQLite's do, and each statement's snapshot, taken after the lock,
@@ -329,6 +356,16 @@ class _PostgresConnection(Connection):
 
     def _has_table(self, name: str) -> bool:
         return bool(self._query("SELECT 1 WHERE to_regclass(?) IS NOT NULL", (name,)))
+
+
+def _upsert(table: str, key: Sequence[str], sums: Sequence[str], values: str) -> str:
+    """The statement that inserts `values` into `table`, adding the `sums` of a row whose `key`
+    is already stored to the stored ones."""
+    return (
+        f"INSERT INTO {table} ({', '.join((*key, *sums))}) VALUES {values} "  # noqa: S608
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+        + ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in sums)
+    )
 
 
 _QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
@@ -367,6 +404,16 @@ def insert_rows(conn: Connection, table: str, columns: Sequence[str], rows: Sequ
     dialect has. `table` and `columns` are the caller's own names, never input."""
     if rows:
         conn._insert_rows(table, columns, rows)
+
+
+def add_to_sums(
+    conn: Connection, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
+) -> None:
+    """Adds `rows` (values of `key`, then of `sums`) to `table`, a table of sums whose primary
+    key is `key`: a row of a new key is inserted, one of a stored key adds its sums to the stored
+    ones. No two of `rows` have the same key. Names are the caller's own, never input."""
+    if rows:
+        conn._add_to_sums(table, key, sums, rows)
 
 
 def query(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:

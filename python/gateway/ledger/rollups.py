@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from gateway.ledger.db import Connection, execute, executemany, query, transaction
+from gateway.ledger.db import Connection, add_to_sums, execute, query, transaction
 
 __all__ = [
     "BUCKET_LIMITS",
@@ -49,16 +49,6 @@ _GROUP_COLUMNS: dict[GroupKey, str] = {
 
 _SUMS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros")
 _KEY = ("bucket_width", "bucket_start", "tenant_id", "key_id", "model")
-_UPSERT = (
-    f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS)}, unpriced_requests) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in _KEY + _SUMS)}, ?) "
-    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-    + ", ".join(
-        f"{column} = usage_rollups.{column} + excluded.{column}"
-        for column in (*_SUMS, "unpriced_requests")
-    )
-)
-
 # Positions in the rows `usage.insert_usage_events` stores (`usage._FIELDS` then pricing).
 _TENANT, _KEY_ID, _MODEL = 2, 3, 4
 _PROMPT, _CACHED, _COMPLETION, _STARTED = 10, 11, 12, 14
@@ -134,9 +124,11 @@ def add_to_rollups(conn: Connection, rows: Sequence[Sequence[object]]) -> None:
     minutes = {bucket: _sums(group) for bucket, group in groups.items()}
     hours = _coarser(minutes, _HOUR)
     days = _coarser(hours, _DAY)
-    executemany(
+    add_to_sums(
         conn,
-        _UPSERT,
+        "usage_rollups",
+        _KEY,
+        (*_SUMS, "unpriced_requests"),
         [
             (width, *bucket, *sums)
             for width, totals in (("1m", minutes), ("1h", hours), ("1d", days))
