@@ -230,7 +230,7 @@ class _SqliteConnection(Connection):
         self, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
     ) -> None:
         places = ", ".join("?" * (len(key) + len(sums)))
-        self._executemany(_upsert(table, key, sums, f"({places})"), rows)
+        self._executemany(_upsert(table, key, sums, f"VALUES ({places})"), rows)
 
     def _begin(self) -> None:
         # Takes the write lock up front, so concurrent writers queue on `busy_timeout` instead of
@@ -325,17 +325,13 @@ class _PostgresConnection(Connection):
     def _add_to_sums(
         self, table: str, key: Sequence[str], sums: Sequence[str], rows: Sequence[Row]
     ) -> None:
-        # One statement per chunk of rows (a statement takes at most 65,535 parameters): a round
-        # trip each, where `executemany` would have the server run one statement per row.
-        # Written in psycopg's placeholders: `_postgres_sql` would cache each length.
-        width = len(key) + len(sums)
-        places = f"({', '.join(['%s'] * width)})"
-        chunk = 65_535 // width
+        # One statement whatever the number of rows: each column goes as one array, the server
+        # unnests them into rows (where `executemany` has it run one statement per row).
+        types = [_POSTGRES_ARRAYS[type(value)] for value in rows[0][: len(key)]]
+        arrays = ", ".join(f"%s::{name}" for name in (*types, *["BIGINT[]"] * len(sums)))
+        sql = _upsert(table, key, sums, f"SELECT * FROM unnest({arrays})")  # noqa: S608
         with self._errors(), self._cursor() as cursor:
-            for first in range(0, len(rows), chunk):
-                part = rows[first : first + chunk]
-                sql = _upsert(table, key, sums, ", ".join([places] * len(part)))
-                cursor.execute(sql, [value for row in part for value in row])
+            cursor.execute(sql, [list(column) for column in zip(*rows, strict=True)])
 
     def _begin(self) -> None:
         # READ COMMITTED, and first of all a transaction-level advisory lock: write transactions
@@ -358,11 +354,15 @@ class _PostgresConnection(Connection):
         return bool(self._query("SELECT 1 WHERE to_regclass(?) IS NOT NULL", (name,)))
 
 
-def _upsert(table: str, key: Sequence[str], sums: Sequence[str], values: str) -> str:
-    """The statement that inserts `values` into `table`, adding the `sums` of a row whose `key`
-    is already stored to the stored ones."""
+# The arrays `_PostgresConnection._add_to_sums` sends a key column of these values as.
+_POSTGRES_ARRAYS: dict[type, str] = {str: "TEXT[]", int: "BIGINT[]"}
+
+
+def _upsert(table: str, key: Sequence[str], sums: Sequence[str], source: str) -> str:
+    """The statement that inserts the rows of `source` (VALUES or a SELECT) into `table`, adding
+    the `sums` of a row whose `key` is already stored to the stored ones."""
     return (
-        f"INSERT INTO {table} ({', '.join((*key, *sums))}) VALUES {values} "  # noqa: S608
+        f"INSERT INTO {table} ({', '.join((*key, *sums))}) {source} "
         f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
         + ", ".join(f"{column} = {table}.{column} + excluded.{column}" for column in sums)
     )
@@ -411,7 +411,8 @@ def add_to_sums(
 ) -> None:
     """Adds `rows` (values of `key`, then of `sums`) to `table`, a table of sums whose primary
     key is `key`: a row of a new key is inserted, one of a stored key adds its sums to the stored
-    ones. No two of `rows` have the same key. Names are the caller's own, never input."""
+    ones. No two of `rows` have the same key; key values are strings or integers, sums are
+    integers. Names are the caller's own, never input."""
     if rows:
         conn._add_to_sums(table, key, sums, rows)
 
