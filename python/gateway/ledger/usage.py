@@ -217,7 +217,7 @@ def insert_usage_events(conn: Connection, events: Sequence[UsageEvent]) -> int:
                 # Rounded up to a micro-unit, and at most `MAX_COUNT`, so that it fits a BIGINT
                 # whatever a worker reported.
                 cost = min(-(-fine // MICROS), MAX_COUNT)
-            # One concatenation of a slice and a tuple: the cheapest way to this row.
+            # Concatenated tuples, not unpacking: a slice of a tuple is copied without iterating.
             tail = (prompt, cached, completion, source, started, finished)
             append(event[:_PROMPT] + tail + (seq, effective_at, cost, recorded_at))
         insert_rows(conn, "usage_events", _COLUMNS, rows)
