@@ -24,6 +24,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "ALTER TABLE quota_policies DROP COLUMN weight",
         "ALTER TABLE quota_policies DROP COLUMN priority",
     ),
+    6: ("CREATE INDEX usage_events_tenant_model ON usage_events (tenant_id, model)",),
 }
 
 

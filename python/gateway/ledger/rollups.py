@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from gateway.ledger.db import Connection, execute, executemany, query, transaction
+from gateway.ledger.db import Connection, add_to_sums, execute, query, transaction
 
 __all__ = [
     "BUCKET_LIMITS",
@@ -49,43 +49,92 @@ _GROUP_COLUMNS: dict[GroupKey, str] = {
 
 _SUMS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros")
 _KEY = ("bucket_width", "bucket_start", "tenant_id", "key_id", "model")
-_UPSERT = (
-    f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS)}, unpriced_requests) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in _KEY + _SUMS)}, ?) "
-    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
-    + ", ".join(
-        f"{column} = usage_rollups.{column} + excluded.{column}"
-        for column in (*_SUMS, "unpriced_requests")
-    )
-)
-
 # Positions in the rows `usage.insert_usage_events` stores (`usage._FIELDS` then pricing).
 _TENANT, _KEY_ID, _MODEL = 2, 3, 4
 _PROMPT, _CACHED, _COMPLETION, _STARTED = 10, 11, 12, 14
 _COST = 18
 
+_MINUTE, _HOUR, _DAY = (BUCKET_WIDTHS[width] for width in ("1m", "1h", "1d"))
+if not _DAY % _HOUR == _HOUR % _MINUTE == 0:  # hours are summed from minutes, days from hours
+    raise ImportError("each bucket width must divide the next")
 
-def add_to_rollups(conn: Connection, rows: Sequence[Sequence[object]]) -> None:
-    """Adds newly stored events (rows as `usage.insert_usage_events` inserts them) to the rollups;
-    call in the transaction that stores them."""
-    sums: dict[tuple[object, ...], list[int]] = {}
-    for row in rows:
-        started = int(row[_STARTED])  # type: ignore[call-overload]
+Sums = list[int]
+"""requests, prompt, cached and completion tokens, cost, unpriced requests: `_SUMS`, then
+`unpriced_requests`."""
+
+
+def _sums(rows: list[Sequence[object]]) -> Sums:
+    """The sums of some events' rows."""
+    if len(rows) == 1:
+        row = rows[0]
         cost = row[_COST]
-        add = (
+        return [
             1,
             int(row[_PROMPT]),  # type: ignore[call-overload]
             int(row[_CACHED]),  # type: ignore[call-overload]
             int(row[_COMPLETION]),  # type: ignore[call-overload]
             0 if cost is None else int(cost),  # type: ignore[call-overload]
             1 if cost is None else 0,
+        ]
+    # Columns, then a sum of each (in C): a cost of None is an unpriced event, and leaving out
+    # the costs that are None or 0 leaves the sum as it is.
+    columns = list(zip(*rows, strict=True))
+    costs = columns[_COST]
+    return [
+        len(rows),
+        sum(columns[_PROMPT]),
+        sum(columns[_CACHED]),
+        sum(columns[_COMPLETION]),
+        sum(filter(None, costs)),
+        costs.count(None),
+    ]
+
+
+def _coarser(
+    totals: dict[tuple[int, object, object, object], Sums], ms: int
+) -> dict[tuple[int, object, object, object], Sums]:
+    """`totals` of (bucket start, tenant, key, model) summed into buckets of `ms`, a multiple of
+    their width."""
+    coarser: dict[tuple[int, object, object, object], Sums] = {}
+    for (start, tenant, key, model), sums in totals.items():
+        bucket = (start - start % ms, tenant, key, model)
+        total = coarser.get(bucket)
+        coarser[bucket] = (
+            sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
         )
-        for width, ms in BUCKET_WIDTHS.items():
-            key = (width, started - started % ms, row[_TENANT], row[_KEY_ID], row[_MODEL])
-            total = sums.setdefault(key, [0] * len(add))
-            for i, value in enumerate(add):
-                total[i] += value
-    executemany(conn, _UPSERT, [(*key, *total) for key, total in sums.items()])
+    return coarser
+
+
+def add_to_rollups(conn: Connection, rows: Sequence[Sequence[object]]) -> None:
+    """Adds newly stored events (rows as `usage.insert_usage_events` inserts them) to the rollups;
+    call in the transaction that stores them.
+
+    The batch is summed in memory first, so each rollup row gets one upsert per batch: events are
+    grouped by minute bucket, tenant, key and model (one dictionary operation each), each group
+    is summed a column at a time, and hours and days are summed from the minutes."""
+    groups: dict[tuple[int, object, object, object], list[Sequence[object]]] = {}
+    for row in rows:
+        started: int = row[_STARTED]  # type: ignore[assignment]
+        bucket = (started - started % _MINUTE, row[_TENANT], row[_KEY_ID], row[_MODEL])
+        group = groups.get(bucket)
+        if group is None:
+            groups[bucket] = [row]
+        else:
+            group.append(row)
+    minutes = {bucket: _sums(group) for bucket, group in groups.items()}
+    hours = _coarser(minutes, _HOUR)
+    days = _coarser(hours, _DAY)
+    add_to_sums(
+        conn,
+        "usage_rollups",
+        _KEY,
+        (*_SUMS, "unpriced_requests"),
+        [
+            (width, *bucket, *sums)
+            for width, totals in (("1m", minutes), ("1h", hours), ("1d", days))
+            for bucket, sums in totals.items()
+        ],
+    )
 
 
 def rebuild_rollups(conn: Connection) -> None:
