@@ -18,8 +18,15 @@ use http_body::{Frame, SizeHint};
 
 use super::stream::EventStream;
 
+impl EventStream {
+    /// The stream as an HTTP body: its bytes, read by read, the last read marked as the end.
+    pub fn into_body(self: Box<Self>) -> Body {
+        sse(self)
+    }
+}
+
 /// The HTTP body of `events`: its reads' bytes, the last one marked as the end.
-pub fn sse(events: Box<EventStream>) -> Body {
+fn sse(events: Box<EventStream>) -> Body {
     let reads = futures_util::stream::unfold(Some(events), |events| async move {
         let mut events = events?;
         loop {

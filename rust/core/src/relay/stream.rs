@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
@@ -165,12 +164,6 @@ impl EventStream {
             return Some(primed);
         }
         self.relay.next_relayed().await
-    }
-
-    /// The stream as an HTTP body: its bytes, read by read, the last read marked as the end
-    /// (see `body`).
-    pub fn into_body(self: Box<Self>) -> Body {
-        super::body::sse(self)
     }
 
     /// Whether the stream has nothing more to relay: the worker's body has ended (or failed),
