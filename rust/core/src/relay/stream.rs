@@ -16,7 +16,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::answer::{self, Delta};
-use super::frame::{self, FrameAction, Inspected, inspect, inspect_answer, with_fingerprint};
+use super::frame::{
+    self, ChoicesAt, FrameAction, Inspected, inspect_answer, inspect_in, with_fingerprint,
+};
 use super::sse::SseSplitter;
 use crate::error::ApiError;
 use crate::json;
@@ -125,6 +127,7 @@ impl EventStream {
                 body,
                 first: Some(first),
                 splitter: SseSplitter::default(),
+                choices_at: ChoicesAt::default(),
                 client: request.client_usage,
                 meter: Some(meter),
                 saw_error: false,
@@ -189,6 +192,8 @@ struct Relay {
     /// A read not relayed yet: the stream's first, or bytes the worker sent behind `[DONE]`.
     first: Option<Bytes>,
     splitter: SseSplitter,
+    /// Where the stream's events have their `choices`.
+    choices_at: ChoicesAt,
     client: UsageOptions,
     usage: StreamUsage,
     /// Present until the stream's outcome is recorded.
@@ -307,7 +312,7 @@ impl Relay {
             if self.delta.is_some() && self.read_choice_event(&event, &mut read) {
                 continue;
             }
-            let inspected = inspect(&event, self.client);
+            let inspected = inspect_in(&event, self.client, &mut self.choices_at);
             self.meter_event(&event, &inspected, &mut read);
             if self.delta.is_some() {
                 self.collect_event(&event, &inspected, &mut read);
