@@ -19,7 +19,7 @@ use super::render::render;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::metering::{Arrival, Overhead};
-use crate::pipeline::dispatch;
+use crate::pipeline::{Outcome, dispatch};
 use crate::request::{Endpoint, InferenceRequest, Priority, check_request_id, request_timeout};
 use crate::state::{AppState, Phase};
 use crate::telemetry;
@@ -94,7 +94,11 @@ async fn generate(
     match admit(state, endpoint, headers, body, &mut overhead).await {
         Ok((request, principal)) => {
             let arrival = Arrival { overhead, trace };
-            render(dispatch(state, request, &principal, arrival).await)
+            let mut dispatched = dispatch(state, request, &principal, arrival).await;
+            if let Outcome::Stream { events, .. } = &mut dispatched.outcome {
+                events.relay_whole_first_read().await;
+            }
+            render(dispatched)
         }
         Err(error) => {
             telemetry::record_refusal(&trace, &error);

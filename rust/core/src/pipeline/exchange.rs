@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tracing::Span;
 
 use crate::metering::MeterGuard;
+use crate::relay::DONE;
 use crate::request::InferenceRequest;
 use crate::router::Worker;
 use crate::state::AppState;
@@ -102,7 +103,17 @@ async fn first_chunk(
         }
     };
     match tokio::time::timeout_at(deadline, wait).await {
-        Ok(Ok(first)) => Ok((first, body)),
+        Ok(Ok(first)) => {
+            if first.ends_with(DONE) {
+                // The whole stream in one read (a short answer, or one the worker had ready):
+                // its body's end is right behind it, read by the connection's task, woken by
+                // this read. Letting that task run first, before the client's response head
+                // exists, lets the relay send the events, `[DONE]` and the end of the response
+                // in one write (`relay::body`).
+                tokio::task::yield_now().await;
+            }
+            Ok((first, body))
+        }
         Ok(Err(error)) => Err(error),
         Err(_) => Err(UpstreamError::Timeout {
             worker: worker.to_owned(),

@@ -56,8 +56,42 @@ pub fn payload(event: &[u8]) -> Option<&[u8]> {
     (payload != b"[DONE]").then_some(payload)
 }
 
+/// Where the `choices` value starts in a stream's events. vLLM writes the same `id`, `object`,
+/// `created` and `model` ahead of every chunk's `choices`, so an event whose bytes up to that
+/// point are the last one's has its `choices` at the same place: a comparison of those bytes
+/// instead of a scan of the members before it. Exact: the scan reads nothing past that point.
+#[derive(Debug, Default)]
+pub struct ChoicesAt {
+    /// The last payload's bytes up to and including the first byte of its `choices` value.
+    prefix: Vec<u8>,
+}
+
+impl ChoicesAt {
+    /// `json::value_start(payload, "choices")`.
+    fn find(&mut self, payload: &[u8]) -> Option<usize> {
+        if let Some(last) = self.prefix.len().checked_sub(1)
+            && payload.get(..self.prefix.len()) == Some(&self.prefix[..])
+        {
+            return Some(last);
+        }
+        let start = json::value_start(payload, "choices")?;
+        if let Some(prefix) = payload.get(..=start) {
+            self.prefix.clear();
+            self.prefix.extend_from_slice(prefix);
+        }
+        Some(start)
+    }
+}
+
 /// Inspects one complete event (with its trailing blank line).
+#[cfg(test)]
 pub fn inspect(event: &[u8], client: UsageOptions) -> Inspected {
+    inspect_in(event, client, &mut ChoicesAt::default())
+}
+
+/// Inspects one complete event (with its trailing blank line) of the stream whose `choices`
+/// were last seen at `choices_at`.
+pub fn inspect_in(event: &[u8], client: UsageOptions, choices_at: &mut ChoicesAt) -> Inspected {
     let mut inspected = Inspected {
         action: FrameAction::Keep,
         usage: None,
@@ -83,7 +117,7 @@ pub fn inspect(event: &[u8], client: UsageOptions) -> Inspected {
     inspected.usage = Some(offset + span.value.start..offset + span.value.end);
     // Only the start of `choices` matters: `[]` marks the usage-only event, otherwise the first
     // choice's `index` says whose usage this is.
-    let choices = json::value_start(payload, "choices").map(|start| &payload[start..]);
+    let choices = choices_at.find(payload).map(|start| &payload[start..]);
     let usage_only = choices.is_some_and(|c| {
         c.strip_prefix(b"[")
             .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"]"))

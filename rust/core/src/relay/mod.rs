@@ -2,14 +2,15 @@
 //!
 //! `sse` splits a byte stream into events, `frame` decides what each event becomes for this
 //! client, and `stream` drives the two over a live upstream body, read by read, as typed
-//! `Relayed` reads that each surface renders. For a surface that renders its own messages,
+//! `Relayed` reads that each surface renders (`body`: as an HTTP body). For a surface that renders its own messages,
 //! `answer` reads each choice event once, for its content and its usage together.
 
 pub mod answer;
+mod body;
 mod frame;
 #[cfg(test)]
 mod props;
 mod sse;
 mod stream;
 
-pub use stream::{End, EventStream, Relayed, complete};
+pub use stream::{DONE, End, EventStream, Relayed, complete};

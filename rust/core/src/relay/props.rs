@@ -8,8 +8,9 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 use super::answer;
-use super::frame::{self, FrameAction, inspect, inspect_answer};
+use super::frame::{self, ChoicesAt, FrameAction, inspect, inspect_answer, inspect_in};
 use super::sse::SseSplitter;
+use crate::json;
 use crate::json_props::{members, quoted, read, value};
 use crate::request::UsageOptions;
 
@@ -158,5 +159,39 @@ proptest! {
         let got: Vec<Vec<u8>> = out.iter().map(|b| b.to_vec()).collect();
         prop_assert_eq!(got, expected);
         prop_assert!(splitter.pending().is_empty());
+    }
+
+    #[test]
+    fn a_stream_s_events_inspect_as_each_alone(
+        pairs in prop::collection::vec((chunk(), chunk(), any::<bool>()), 1..6),
+        client in client(),
+    ) {
+        // Each pair: an event, then one with its head (up to its `choices` value) and the
+        // other's tail, or the other whole; the stream's `choices` place is remembered
+        // across all of them.
+        let mut payloads = Vec::new();
+        for (first, second, spliced) in pairs {
+            let joined = match (json::value_start(first.as_bytes(), "choices"), spliced) {
+                (Some(at), true) if at < first.len() => {
+                    let tail = json::value_start(second.as_bytes(), "choices")
+                        .and_then(|from| second.get(from..))
+                        .unwrap_or(&second);
+                    format!("{}{tail}", &first[..at])
+                }
+                _ => second,
+            };
+            payloads.push(first);
+            payloads.push(joined);
+        }
+        let mut choices_at = ChoicesAt::default();
+        for payload in payloads {
+            let event = format!("data: {payload}\n\n").into_bytes();
+            prop_assert_eq!(
+                inspect_in(&event, client, &mut choices_at),
+                inspect(&event, client),
+                "{}",
+                payload
+            );
+        }
     }
 }

@@ -8,16 +8,17 @@
 //! ends with an error event, billed for what was relayed; a stream that breaks off counts as a
 //! failure for the worker's circuit breaker.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::answer::{self, Delta};
-use super::frame::{self, FrameAction, Inspected, inspect, inspect_answer, with_fingerprint};
+use super::frame::{
+    self, ChoicesAt, FrameAction, Inspected, inspect_answer, inspect_in, with_fingerprint,
+};
 use super::sse::SseSplitter;
 use crate::error::ApiError;
 use crate::json;
@@ -25,6 +26,9 @@ use crate::metering::{MeterGuard, Synced};
 use crate::request::{InferenceRequest, UsageOptions};
 use crate::router::Outstanding;
 use crate::usage::{Status, StreamUsage, Usage};
+
+/// How a worker's stream ends, as vLLM frames it.
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
 
 /// Meters a complete (non-streaming) worker answer of `status`: its usage (`None` when the worker
 /// reported none) is recorded, and on disk (when there is a journal), before this returns. The
@@ -101,6 +105,8 @@ pub enum End {
 /// and metered as it goes; the worker may go at most the idle timeout without sending a byte.
 pub struct EventStream {
     relay: Relay,
+    /// A read relayed ahead of the surface's first call (`relay_whole_first_read`).
+    primed: Option<Relayed>,
 }
 
 impl EventStream {
@@ -121,6 +127,7 @@ impl EventStream {
                 body,
                 first: Some(first),
                 splitter: SseSplitter::default(),
+                choices_at: ChoicesAt::default(),
                 client: request.client_usage,
                 meter: Some(meter),
                 saw_error: false,
@@ -131,6 +138,18 @@ impl EventStream {
                 idle_timeout,
                 delta: None,
             },
+            primed: None,
+        }
+    }
+
+    /// For an SSE client: when the worker's first read is its whole stream (it ends with
+    /// `[DONE]`), relays it now, its usage event recorded, so that the response's head, its
+    /// events and its end leave in one write (the head would otherwise go out alone while the
+    /// event is recorded). A stream that goes on is left for `next`.
+    pub async fn relay_whole_first_read(&mut self) {
+        let whole = (self.relay.first.as_ref()).is_some_and(|first| first.ends_with(DONE));
+        if whole && self.primed.is_none() {
+            self.primed = self.relay.next_relayed().await;
         }
     }
 
@@ -144,20 +163,16 @@ impl EventStream {
     /// The next read, relayed; `None` once the worker's body has ended (read to its end after
     /// `[DONE]`, so that its connection is reused: a surface keeps calling until `None`).
     pub async fn next(&mut self) -> Option<Relayed> {
+        if let Some(primed) = self.primed.take() {
+            return Some(primed);
+        }
         self.relay.next_relayed().await
     }
 
-    /// The stream as an HTTP body: its bytes, read by read.
-    pub fn into_body(self: Box<Self>) -> Body {
-        let stream = futures_util::stream::unfold(self, |mut stream| async move {
-            loop {
-                let relayed = stream.next().await?;
-                if !relayed.bytes.is_empty() {
-                    return Some((Ok::<_, Infallible>(relayed.bytes), stream));
-                }
-            }
-        });
-        Body::from_stream(stream)
+    /// Whether the stream has nothing more to relay: the worker's body has ended (or failed),
+    /// so the next `next` is `None`.
+    pub(super) fn ended(&self) -> bool {
+        self.primed.is_none() && self.relay.ended
     }
 }
 
@@ -174,8 +189,11 @@ struct Relay {
     /// `gateway.relay`, from the first event to the end of the stream (or the client's leaving).
     _span: tracing::Span,
     body: Incoming,
+    /// A read not relayed yet: the stream's first, or bytes the worker sent behind `[DONE]`.
     first: Option<Bytes>,
     splitter: SseSplitter,
+    /// Where the stream's events have their `choices`.
+    choices_at: ChoicesAt,
     client: UsageOptions,
     usage: StreamUsage,
     /// Present until the stream's outcome is recorded.
@@ -208,7 +226,11 @@ impl Relay {
 
     async fn next_read(&mut self) -> Option<Relayed> {
         if let Some(first) = self.first.take() {
-            return Some(self.process(first));
+            // A first read that ends the stream had its worker's body end read already (see
+            // `pipeline::exchange`); a later one waits for nothing.
+            let relayed = self.process(first);
+            self.note_body_end(&relayed);
+            return Some(relayed);
         }
         loop {
             let Ok(frame) = tokio::time::timeout(self.idle_timeout, self.body.frame()).await else {
@@ -226,6 +248,14 @@ impl Relay {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         let relayed = self.process(data);
+                        if matches!(relayed.end, Some(End::Done(_))) {
+                            // The worker's body ends right behind `[DONE]`, read by its
+                            // connection's task: once that task has run (nothing of this
+                            // stream waits in the client's connection to be written), the end
+                            // is known and goes out with the read.
+                            tokio::task::yield_now().await;
+                            self.note_body_end(&relayed);
+                        }
                         if !relayed.is_empty() {
                             return Some(relayed);
                         }
@@ -242,6 +272,23 @@ impl Relay {
                     return self.fail("the worker's stream ended early");
                 }
             }
+        }
+    }
+
+    /// After the read that relayed `[DONE]`: whether the worker's body has ended too, without
+    /// waiting for it. If it has, the stream has nothing more to relay and its connection is
+    /// back in the pool; if not, the next read waits for the end, so that the connection goes
+    /// back to the pool before the client's response ends. Bytes behind `[DONE]` are relayed by
+    /// the next read, as any others.
+    fn note_body_end(&mut self, relayed: &Relayed) {
+        if !matches!(relayed.end, Some(End::Done(_))) {
+            return;
+        }
+        match self.body.frame().now_or_never() {
+            // Ended, or broke off after `[DONE]` (the response was whole; nothing to meter).
+            Some(None | Some(Err(_))) => self.ended = true,
+            Some(Some(Ok(frame))) => self.first = frame.into_data().ok(),
+            None => {}
         }
     }
 
@@ -265,7 +312,7 @@ impl Relay {
             if self.delta.is_some() && self.read_choice_event(&event, &mut read) {
                 continue;
             }
-            let inspected = inspect(&event, self.client);
+            let inspected = inspect_in(&event, self.client, &mut self.choices_at);
             self.meter_event(&event, &inspected, &mut read);
             if self.delta.is_some() {
                 self.collect_event(&event, &inspected, &mut read);
