@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::journal::{Durability, Options as JournalOptions};
-
 /// One worker to route to, a `vllm serve` (or `gateway sim`) base URL; or a DNS name whose
 /// addresses are as many workers (`router::discovery`). Exactly one of `url` and `dns`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -239,14 +237,15 @@ pub struct JournalConfig {
     pub sync_interval_ms: u64,
 }
 
-impl JournalConfig {
-    pub fn options(&self) -> JournalOptions {
-        JournalOptions {
-            segment_bytes: self.segment_bytes,
-            durability: self.sync,
-            interval: Duration::from_millis(self.sync_interval_ms),
-        }
-    }
+/// When a written usage event is safe from a machine that stops (`journal::writer`'s
+/// documentation says how each works).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Synced every `sync_interval_ms`; no response waits for a disk.
+    Interval,
+    /// Synced before each response's last bytes leave.
+    Always,
 }
 
 /// OpenTelemetry traces (the `telemetry` module's), resolved by the control plane from the file and

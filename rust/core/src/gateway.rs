@@ -17,7 +17,7 @@ use crate::auth::{KeyStore, SnapshotError};
 use crate::coalesce::Coalescer;
 use crate::config::GatewayConfig;
 use crate::grpc::GrpcServer;
-use crate::journal::{Ended, Journal};
+use crate::journal::{Ended, Journal, Options as JournalOptions};
 use crate::ledger::UsageReader;
 use crate::metering::{Meter, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
@@ -56,12 +56,12 @@ impl Gateway {
             None => Meter::default(),
             Some(settings) => {
                 let (journal, recovered) =
-                    Journal::open(Path::new(&settings.dir), settings.options()).map_err(|e| {
-                        crate::config::ConfigError::Invalid {
+                    Journal::open(Path::new(&settings.dir), JournalOptions::of(settings)).map_err(
+                        |e| crate::config::ConfigError::Invalid {
                             field: "journal.dir",
                             message: e.to_string(),
-                        }
-                    })?;
+                        },
+                    )?;
                 let progress = Duration::from_millis(settings.progress_interval_ms);
                 Meter::with_journal(journal, recovered, progress)
             }

@@ -6,8 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gateway_core::Gateway;
@@ -17,10 +16,9 @@ use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use gateway_sim::SimConfig;
 use hyper::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use common::{exchange, exchange_with, sim};
+use common::{counting_relay, exchange, exchange_with, sim};
 
 async fn gateway(workers: &[&ServerHandle]) -> (Gateway, SocketAddr) {
     let urls: Vec<String> = workers
@@ -575,59 +573,17 @@ async fn a_refused_request_writes_nothing_to_the_journal_and_is_counted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A TCP relay to `to` that counts the connections it accepts. From the worker, it passes a
-/// stream's `data: [DONE]` on first and the rest (the body's end) a moment later, as a network
-/// may.
-async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
-                    return;
-                };
-                let (mut client_read, mut client_write) = inbound.into_split();
-                let (mut worker_read, mut worker_write) = outbound.into_split();
-                let up = tokio::io::copy(&mut client_read, &mut worker_write);
-                let down = async move {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match worker_read.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let bytes = &buffer[..n];
-                        let done = bytes
-                            .windows(8)
-                            .position(|w| w == b"[DONE]\n\n")
-                            .map(|at| at + 8);
-                        let (first, rest) = bytes.split_at(done.unwrap_or(n));
-                        if client_write.write_all(first).await.is_err() {
-                            return;
-                        }
-                        if !rest.is_empty() {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            if client_write.write_all(rest).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                };
-                let _ = tokio::join!(up, down);
-            });
-        }
-    });
-    (addr, accepted)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_stream_leaves_its_worker_connection_for_the_next_request() {
     let worker = sim(SimConfig::default()).await;
-    let (relay, accepted) = counting_relay(worker.local_addr()).await;
+    // From the worker, the relay passes a stream's `data: [DONE]` on first and the rest (the
+    // body's end) a moment later, as a network may.
+    let (relay, accepted) = counting_relay(
+        worker.local_addr(),
+        Some(b"[DONE]\n\n"),
+        Duration::from_millis(20),
+    )
+    .await;
     // Probes far apart, so that the requests alone use the pool.
     let (_gateway, addr) = gateway_at(
         &[format!("http://{relay}")],

@@ -7,8 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use gateway_core::Gateway;
@@ -17,9 +16,8 @@ use gateway_sim::SimConfig;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-use common::{KEY, exchange, sim};
+use common::{KEY, counting_relay, exchange, sim};
 
 /// A gateway in front of the worker at `url`, probing it rarely (requests alone use the pool).
 async fn gateway(url: String) -> (Gateway, SocketAddr) {
@@ -51,64 +49,6 @@ async fn events(gateway: &Gateway, n: usize) -> Vec<UsageEvent> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     events
-}
-
-/// A TCP relay to `to` that counts the connections it accepts. Each read from the worker is
-/// passed on in pieces, cut right after every occurrence of `cut` (none: whole), each piece
-/// written on its own a moment after the one before, so that the gateway reads them apart.
-async fn relay(to: SocketAddr, cut: Option<&'static [u8]>) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
-                    return;
-                };
-                let _ = inbound.set_nodelay(true);
-                let (mut client_read, mut client_write) = inbound.into_split();
-                let (mut worker_read, mut worker_write) = outbound.into_split();
-                let up = tokio::io::copy(&mut client_read, &mut worker_write);
-                let down = async move {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match worker_read.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        for piece in pieces(&buffer[..n], cut) {
-                            if client_write.write_all(piece).await.is_err() {
-                                return;
-                            }
-                            if cut.is_some() {
-                                tokio::time::sleep(Duration::from_millis(2)).await;
-                            }
-                        }
-                    }
-                };
-                let _ = tokio::join!(up, down);
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-/// `bytes` cut right after each occurrence of `cut`.
-fn pieces<'a>(bytes: &'a [u8], cut: Option<&[u8]>) -> Vec<&'a [u8]> {
-    let Some(cut) = cut else {
-        return vec![bytes];
-    };
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    for at in memchr::memmem::find_iter(bytes, cut) {
-        pieces.push(&bytes[start..at + cut.len()]);
-        start = at + cut.len();
-    }
-    pieces.push(&bytes[start..]);
-    pieces
 }
 
 /// The events of an SSE body, each without its blank line.
@@ -176,7 +116,8 @@ async fn events_split_across_reads_are_relayed_whole_and_metered_exactly() {
     let worker = sim(SimConfig::default()).await;
     // Every event cut inside its usage member, and `[DONE]` in two.
     for cut in [&b"\"prompt_tok"[..], b"[DO"] {
-        let (relay, _) = relay(worker.local_addr(), Some(cut)).await;
+        let (relay, _) =
+            counting_relay(worker.local_addr(), Some(cut), Duration::from_millis(2)).await;
         let (gateway, addr) = gateway(format!("http://{relay}")).await;
         for options in [Value::Null, json!({"include_usage": true})] {
             let with_usage = !options.is_null();
@@ -218,7 +159,7 @@ async fn events_of(gateway: &Gateway) -> UsageEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_end_came_with_its_last_events_leaves_its_worker_connection_for_the_next() {
     let worker = sim(SimConfig::default()).await;
-    let (relay, accepted) = relay(worker.local_addr(), None).await;
+    let (relay, accepted) = counting_relay(worker.local_addr(), None, Duration::ZERO).await;
     let (gateway, addr) = gateway(format!("http://{relay}")).await;
     let (status, _, _) = exchange(
         addr,

@@ -4,10 +4,12 @@
 
 mod record;
 mod segments;
+mod state;
 mod syncer;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+pub use crate::config::Durability;
 pub use record::{Ended, Line, Progress, Record, Started};
-pub use writer::{Durability, Journal, Options, Recovered};
+pub use writer::{Journal, Options, Recovered};

@@ -8,7 +8,7 @@ use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::writer::{Shared, Sleep};
+use super::state::{Shared, Sleep};
 
 pub(super) fn run(shared: &Shared) {
     let mut waiting = Vec::new();

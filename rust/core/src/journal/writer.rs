@@ -29,26 +29,19 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
-use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use super::record::{Ended, Line, Progress, Started};
 use super::segments::{prepare, remove_unadopted, replay, segments};
-
-/// When a written record is safe from a machine that stops (see the module's documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    Interval,
-    Always,
-}
+use super::state::{Open, Shared, Sleep, State, prepare_next};
+use crate::config::{Durability, JournalConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -60,86 +53,22 @@ pub struct Options {
     pub interval: Duration,
 }
 
-/// A request started and not yet ended.
-#[derive(Debug)]
-struct Open {
-    started: Started,
-    progress: Option<Progress>,
-    /// Its start is in the journal.
-    written: bool,
-    /// `progress` is newer than what the journal holds.
-    progress_unwritten: bool,
-}
-
-/// How the syncer sleeps, which says whether a writer must wake it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Sleep {
-    /// Awake: it looks at the state before it sleeps again.
-    #[default]
-    Awake,
-    /// Until the tick is due; a waiter or `close` wakes it earlier.
-    Ticking,
-    /// Until anything at all is written or started.
-    Idle,
-}
-
-/// Everything behind the journal's lock.
-#[derive(Debug)]
-pub(super) struct State {
-    dir: PathBuf,
-    segment_bytes: u64,
-    interval: Duration,
-    index: u64,
-    file: Arc<File>,
-    /// Bytes in the current segment.
-    written: u64,
-    /// The current segment holds records written since its last sync.
-    pub(super) unsynced: bool,
-    /// Sealed segments whose last records may be unsynced.
-    pub(super) sealed_unsynced: Vec<Arc<File>>,
-    /// The next segment, being prepared in the background.
-    next: Option<JoinHandle<io::Result<File>>>,
-    /// The highest `seq` written so far.
-    max_seq: Option<u64>,
-    /// Sealed segments and the highest `seq` written when each was sealed.
-    pub(super) sealed: Vec<(u64, Option<u64>)>,
-    open: HashMap<String, Open>,
-    buffer: Vec<u8>,
-    /// Told once every record written before them is synced.
-    pub(super) waiters: Vec<oneshot::Sender<()>>,
-    /// When the syncer's next tick is due: set by the first record or start after a tick.
-    pub(super) due: Option<Instant>,
-    /// The ledger caught up: look for sealed segments to delete.
-    pub(super) checkpoint: bool,
-    pub(super) closed: bool,
-    pub(super) sleep: Sleep,
-}
-
-#[derive(Debug)]
-pub(super) struct Shared {
-    state: Mutex<State>,
-    pub(super) wake: Condvar,
-    /// One more than the highest `seq` the ledger holds (0: none). Relaxed: read only to decide
-    /// what to delete, and a stale value only delays a deletion.
-    pub(super) committed: AtomicU64,
-    /// Where each sync's duration goes, once someone asks (`observe_syncs`).
-    pub(super) sync_seconds: OnceLock<Histogram>,
-}
-
-impl Shared {
-    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
-        // Every change to the state completes before its lock is released, or fails as a whole
-        // (an I/O error leaves the offsets as they were): a poisoned state is still a valid one.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 #[derive(Debug)]
 pub struct Journal {
     shared: Arc<Shared>,
     durability: Durability,
     syncer: Mutex<Option<JoinHandle<()>>>,
     _lock: File,
+}
+
+impl Options {
+    pub fn of(config: &JournalConfig) -> Self {
+        Self {
+            segment_bytes: config.segment_bytes,
+            durability: config.sync,
+            interval: Duration::from_millis(config.sync_interval_ms),
+        }
+    }
 }
 
 /// What the previous process left: events to record again, the next free `seq`.
@@ -336,121 +265,5 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<File>> {
-    let dir = dir.to_owned();
-    std::thread::spawn(move || prepare(&dir, index, bytes))
-}
-
-impl State {
-    /// Something waits for the next tick: make it due `interval` from now unless it already is,
-    /// and wake the syncer if it sleeps with no tick in view.
-    fn ticks_soon(&mut self, shared: &Shared) {
-        if self.due.is_none() {
-            self.due = Some(Instant::now() + self.interval);
-        }
-        if self.sleep == Sleep::Idle {
-            self.sleep = Sleep::Awake;
-            shared.wake.notify_one();
-        }
-    }
-
-    /// Writes the start of every open request not yet written, and the progress each made since
-    /// the last tick.
-    pub(super) fn write_open(&mut self) {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        for open in self.open.values_mut() {
-            if !open.written {
-                Line::Start(&open.started).encode(&mut buffer);
-                open.written = true;
-            }
-            if open.progress_unwritten
-                && let Some(progress) = &open.progress
-            {
-                let event_id = &open.started.event_id;
-                Line::Progress { event_id, progress }.encode(&mut buffer);
-                open.progress_unwritten = false;
-            }
-        }
-        if !buffer.is_empty()
-            && let Err(error) = self.append(&buffer)
-        {
-            tracing::error!(%error, "usage journal write failed");
-        }
-        self.buffer = buffer;
-    }
-
-    /// Writes `bytes` after what the segment holds, sealing it first if they do not fit.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        if self.written > 0 && self.written.saturating_add(len) > self.segment_bytes {
-            self.rotate()?;
-        }
-        self.file.write_all_at(bytes, self.written)?;
-        self.written = self.written.saturating_add(len);
-        self.unsynced = true;
-        Ok(())
-    }
-
-    /// Seals the segment and continues in the next, which begins with the start (and last
-    /// progress) of every open request whose start was written. The sealed segment's last
-    /// records are synced by the syncer's next round.
-    fn rotate(&mut self) -> io::Result<()> {
-        let index = self.index + 1;
-        let file = match self.next.take().map(JoinHandle::join) {
-            Some(Ok(Ok(file))) => file,
-            Some(Ok(Err(error))) => return Err(error),
-            Some(Err(_)) | None => prepare(&self.dir, index, self.segment_bytes)?,
-        };
-        let mut carried = Vec::new();
-        for open in self.open.values().filter(|open| open.written) {
-            Line::Start(&open.started).encode(&mut carried);
-            if let Some(progress) = &open.progress {
-                let event_id = &open.started.event_id;
-                Line::Progress { event_id, progress }.encode(&mut carried);
-            }
-        }
-        file.write_all_at(&carried, 0)?;
-        let sealed = std::mem::replace(&mut self.file, Arc::new(file));
-        if self.unsynced {
-            self.sealed_unsynced.push(sealed);
-        }
-        self.sealed.push((self.index, self.max_seq));
-        self.index = index;
-        self.written = u64::try_from(carried.len()).unwrap_or(u64::MAX);
-        self.unsynced = true;
-        self.next = Some(prepare_next(&self.dir, index + 1, self.segment_bytes));
-        Ok(())
-    }
-
-    /// The files to sync for everything written so far to be durable.
-    pub(super) fn take_unsynced(&mut self) -> Vec<Arc<File>> {
-        let mut files = std::mem::take(&mut self.sealed_unsynced);
-        if std::mem::take(&mut self.unsynced) {
-            files.push(self.file.clone());
-        }
-        files
-    }
-
-    /// The sealed segments the ledger has caught up with, no longer listed as sealed.
-    pub(super) fn take_committed(&mut self, committed: u64) -> Vec<(u64, Option<u64>, PathBuf)> {
-        let dir = self.dir.clone();
-        let mut done = Vec::new();
-        self.sealed.retain(|&(index, max_seq)| {
-            if max_seq.is_some_and(|seq| seq >= committed) {
-                return true;
-            }
-            done.push((index, max_seq, super::segments::segment_path(&dir, index)));
-            false
-        });
-        done
-    }
-
-    /// The next segment's preparation, to wait for before the process ends.
-    pub(super) fn take_next(&mut self) -> Option<JoinHandle<io::Result<File>>> {
-        self.next.take()
     }
 }

@@ -122,3 +122,71 @@ pub async fn exchange_with(
         String::from_utf8(body.to_vec()).expect("UTF-8"),
     )
 }
+
+/// A TCP relay to `to` that counts the connections it accepts. Each read from the worker is
+/// passed on in pieces, cut right after every occurrence of `cut` (none: whole), each piece
+/// written on its own `pause` after the one before, so that the gateway reads them apart.
+pub async fn counting_relay(
+    to: SocketAddr,
+    cut: Option<&'static [u8]>,
+    pause: std::time::Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let (mut client_read, mut client_write) = inbound.into_split();
+                let (mut worker_read, mut worker_write) = outbound.into_split();
+                let up = tokio::io::copy(&mut client_read, &mut worker_write);
+                let down = async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match worker_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        for (i, piece) in pieces(&buffer[..n], cut).into_iter().enumerate() {
+                            if i > 0 {
+                                tokio::time::sleep(pause).await;
+                            }
+                            if client_write.write_all(piece).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// `bytes` cut right after each occurrence of `cut`; an empty last piece is left out.
+fn pieces<'a>(bytes: &'a [u8], cut: Option<&[u8]>) -> Vec<&'a [u8]> {
+    let Some(cut) = cut else {
+        return vec![bytes];
+    };
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for at in memchr::memmem::find_iter(bytes, cut) {
+        pieces.push(&bytes[start..at + cut.len()]);
+        start = at + cut.len();
+    }
+    if start < bytes.len() {
+        pieces.push(&bytes[start..]);
+    }
+    pieces
+}
