@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::record::Record;
-use super::segments::segments;
+use super::segments::{replay, segment_path, segments};
 use super::*;
 
 /// A fresh directory under the system's temp dir, removed on drop.
@@ -300,4 +300,28 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
             .all(|e| e.event.status == crate::usage::Status::Completed)
     );
     assert_eq!(recovered.next_seq, 102);
+}
+
+#[test]
+fn replay_reads_segments_in_order_and_keeps_each_end_once() {
+    let temp = TempDir::new("replay");
+    let dir = &temp.0;
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+    let mut first = Vec::new();
+    Record::Start(started("a")).encode(&mut first);
+    Record::Start(started("b")).encode(&mut first);
+    Record::End(started("a").interrupted(None, 0)).encode(&mut first);
+    let mut second = Vec::new();
+    // A segment begins with the starts of the requests still open when it did.
+    Record::Start(started("b")).encode(&mut second);
+    Record::End(started("a").interrupted(None, 0)).encode(&mut second);
+    second.extend_from_slice(&[0; 64]);
+    fs::write(segment_path(dir, 1), first).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(segment_path(dir, 2), second).unwrap_or_else(|e| panic!("{e}"));
+    let found = segments(dir).unwrap_or_default();
+    let (ended, open) = replay(&found).unwrap_or_default();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].event.event_id, "a");
+    let open: Vec<&str> = open.iter().map(|(s, _)| s.event_id.as_str()).collect();
+    assert_eq!(open, ["b"]);
 }
