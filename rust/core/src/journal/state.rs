@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -16,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::record::{Line, Progress, Started};
-use super::segments::{prepare, segment_path};
+use super::segments::{Appender, prepare, segment_path};
 
 /// A request started and not yet ended.
 #[derive(Debug)]
@@ -49,8 +48,8 @@ pub(super) struct State {
     pub(super) interval: Duration,
     pub(super) index: u64,
     pub(super) file: Arc<File>,
-    /// Bytes in the current segment.
-    pub(super) written: u64,
+    /// Where the current segment's records end.
+    pub(super) appender: Appender,
     /// The current segment holds records written since its last sync.
     pub(super) unsynced: bool,
     /// Sealed segments whose last records may be unsynced.
@@ -139,11 +138,11 @@ impl State {
     /// Writes `bytes` after what the segment holds, sealing it first if they do not fit.
     pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        if self.written > 0 && self.written.saturating_add(len) > self.segment_bytes {
+        let written = self.appender.written();
+        if written > 0 && written.saturating_add(len) > self.segment_bytes {
             self.rotate()?;
         }
-        self.file.write_all_at(bytes, self.written)?;
-        self.written = self.written.saturating_add(len);
+        self.appender.append(&self.file, bytes)?;
         self.unsynced = true;
         Ok(())
     }
@@ -166,14 +165,15 @@ impl State {
                 Line::Progress { event_id, progress }.encode(&mut carried);
             }
         }
-        file.write_all_at(&carried, 0)?;
+        let mut appender = Appender::new();
+        appender.append(&file, &carried)?;
         let sealed = std::mem::replace(&mut self.file, Arc::new(file));
         if self.unsynced {
             self.sealed_unsynced.push(sealed);
         }
         self.sealed.push((self.index, self.max_seq));
         self.index = index;
-        self.written = u64::try_from(carried.len()).unwrap_or(u64::MAX);
+        self.appender = appender;
         self.unsynced = true;
         self.next = Some(prepare_next(&self.dir, index + 1, self.segment_bytes));
         Ok(())

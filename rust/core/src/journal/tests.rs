@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::record::Record;
-use super::segments::{replay, segment_path, segments};
+use super::segments::{Appender, prepare, replay, segment_path, segments};
 use super::*;
 
 /// A fresh directory under the system's temp dir, removed on drop.
@@ -15,7 +15,17 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
+        Self::under(&std::env::temp_dir(), name)
+    }
+
+    /// Beside the test binary, so on a disk (the system's temp dir may be in memory).
+    fn on_disk(name: &str) -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        Self::under(exe.parent().unwrap_or(&exe), name)
+    }
+
+    fn under(parent: &std::path::Path, name: &str) -> Self {
+        let dir = parent.join(format!(
             "tokengate-journal-{name}-{}-{:?}",
             std::process::id(),
             std::time::SystemTime::now()
@@ -324,4 +334,88 @@ fn replay_reads_segments_in_order_and_keeps_each_end_once() {
     assert_eq!(ended[0].event.event_id, "a");
     let open: Vec<&str> = open.iter().map(|(s, _)| s.event_id.as_str()).collect();
     assert_eq!(open, ["b"]);
+}
+
+/// Records of `sizes` bytes each (a line of one repeated letter, a newline at its end).
+fn lines(sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .zip((b'a'..=b'z').cycle())
+        .map(|(&size, letter)| {
+            let mut line = vec![letter; size - 1];
+            line.push(b'\n');
+            line
+        })
+        .collect()
+}
+
+#[test]
+fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_never_grow_it() {
+    let dir = TempDir::new("appender");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    // Not a whole number of pages: the segment is rounded up to one.
+    let file = prepare(&dir.0, 0, 3 * 4096 + 100).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let mut appender = Appender::new();
+    let mut expected = Vec::new();
+    // Within a page, up to one's end exactly, across one, across two, then an empty append.
+    for line in lines(&[10, 4086, 300, 5000, 1, 4200])
+        .iter()
+        .chain([&Vec::new()])
+    {
+        appender
+            .append(&file, line)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+        expected.extend_from_slice(line);
+        assert_eq!(appender.written(), expected.len() as u64);
+    }
+    let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    assert_eq!(bytes.len(), 4 * 4096, "rounded up to pages, and not grown");
+    assert_eq!(&bytes[..expected.len()], &expected[..]);
+    assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+}
+
+/// Bytes this thread has caused to be read from storage (`/proc/thread-self/io`).
+fn read_bytes() -> u64 {
+    let io = fs::read_to_string("/proc/thread-self/io").unwrap_or_else(|e| panic!("io: {e}"));
+    io.lines()
+        .find_map(|line| line.strip_prefix("read_bytes: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no read_bytes in {io}"))
+}
+
+#[test]
+fn an_append_reads_nothing_from_disk_when_the_page_cache_has_dropped_the_segment() {
+    use rustix::fs::{Advice, fadvise};
+
+    let dir = TempDir::on_disk("dropped");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let file = prepare(&dir.0, 0, 8 * 4096).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let drop_cache = || {
+        file.sync_data().unwrap_or_else(|e| panic!("sync: {e}"));
+        fadvise(&file, 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
+    };
+    let mut appender = Appender::new();
+    let records = lines(&[200, 200, 200]);
+    appender
+        .append(&file, &records[0])
+        .unwrap_or_else(|e| panic!("append: {e}"));
+    // The control: a plain write into part of a dropped page reads the page first. Were it not
+    // so here, this test would prove nothing.
+    drop_cache();
+    let before = read_bytes();
+    file.write_all_at(&records[1], 4 * 4096 + 10)
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    assert!(
+        read_bytes() > before,
+        "a partial write into a dropped page reads it from disk"
+    );
+    drop_cache();
+    let before = read_bytes();
+    appender
+        .append(&file, &records[2])
+        .unwrap_or_else(|e| panic!("append: {e}"));
+    assert_eq!(read_bytes(), before, "the append read from disk");
+    let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    assert_eq!(&bytes[..200], &records[0][..]);
+    assert_eq!(&bytes[200..400], &records[2][..]);
 }

@@ -28,7 +28,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -39,7 +38,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::record::{Ended, Line, Progress, Started};
-use super::segments::{prepare, remove_unadopted, replay, segments};
+use super::segments::{Appender, prepare, remove_unadopted, replay, segments};
 use super::state::{Open, Shared, Sleep, State, prepare_next};
 use crate::config::{Durability, JournalConfig};
 
@@ -105,7 +104,8 @@ impl Journal {
         for event in &events {
             Line::End(event).encode(&mut buffer);
         }
-        file.write_all_at(&buffer, 0)?;
+        let mut appender = Appender::new();
+        appender.append(&file, &buffer)?;
         file.sync_data()?;
         for (_, path) in &old {
             fs::remove_file(path)?;
@@ -122,7 +122,7 @@ impl Journal {
             interval: options.interval.max(Duration::from_millis(1)),
             index,
             file: Arc::new(file),
-            written: u64::try_from(buffer.len()).unwrap_or(u64::MAX),
+            appender,
             unsynced: false,
             sealed_unsynced: Vec::new(),
             next: Some(prepare_next(dir, index + 1, segment_bytes)),
