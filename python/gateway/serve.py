@@ -2,9 +2,10 @@
 
 Two loops run beside the core: one pushes the ledger's active keys and quota policies whenever
 they change, one drains usage events into the ledger; the admin and billing APIs, when the admin
-or the billing token is set, serve beside them. None is on the request path. All use the one
-ledger connection from the event loop's thread; their statements are short, and the loop has
-nothing latency-sensitive to do besides them.
+or the billing token is set, serve beside them. None is on the request path. The snapshot loop
+and the APIs use one ledger connection from the event loop's thread (their statements are short);
+the usage loop writes through a connection of its own on the ledger writer's threads
+(`gateway.ledger_writer`), which give the CPU up to the core's serving threads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
+from gateway.ledger_writer import LedgerWriter
 from gateway.reload import Reloader
 from gateway.signals import ReloadSignal, StopSignals
 from gateway.telemetry import Telemetry
@@ -209,12 +211,14 @@ async def _push_snapshots(pusher: SnapshotPusher, interval_s: float) -> None:
             logger.exception("pushing keys and quota policies failed; will retry")
 
 
-async def _collect_usage(collector: UsageCollector, interval_s: float) -> None:
+async def _collect_usage(
+    collector: UsageCollector, writer: LedgerWriter, interval_s: float
+) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            while collector.flush() >= collector.batch:
-                await asyncio.sleep(0)
+            while await writer.run(collector.flush) >= collector.batch:
+                pass
         except Exception:
             logger.exception("collecting usage failed; will retry")
 
@@ -236,6 +240,7 @@ async def supervise(
     admin: AdminServer | None = None,
     telemetry: Telemetry | None = None,
     *,
+    usage_conn: Connection,
     drain_s: float = 0.0,
 ) -> int:
     """Runs the snapshot and usage loops (and the admin API, if given) beside a started core until
@@ -244,13 +249,17 @@ async def supervise(
     keep running while it drains) and records the last events. Another signal meanwhile changes
     nothing.
 
+    `usage_conn`, a second connection to the ledger that any thread may use, is the usage
+    loop's, whose writes run on a `LedgerWriter`'s threads.
+
     Returns 0, or 1 if some usage events could not be written to the ledger.
     """
     pusher = pusher or SnapshotPusher(conn, gateway)
-    collector = UsageCollector(conn, gateway, control.usage_batch, telemetry)
+    collector = UsageCollector(usage_conn, gateway, control.usage_batch, telemetry)
+    writer = LedgerWriter()
     loops = [
         asyncio.create_task(_push_snapshots(pusher, control.key_refresh_ms / 1000)),
-        asyncio.create_task(_collect_usage(collector, control.usage_flush_ms / 1000)),
+        asyncio.create_task(_collect_usage(collector, writer, control.usage_flush_ms / 1000)),
     ]
     admin_task = asyncio.create_task(_serve_admin(admin)) if admin is not None else None
     try:
@@ -270,6 +279,8 @@ async def supervise(
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        # A write the cancelled loop left under way ends before the last ones begin.
+        await asyncio.to_thread(writer.close)
         saved = collector.drain_all()
     logger.info("stopped; %d usage events recorded", collector.recorded)
     return 0 if saved else 1
@@ -278,6 +289,7 @@ async def supervise(
 async def _serve(
     gateway: CoreGateway,
     conn: Connection,
+    usage_conn: Connection,
     config: GatewayConfig,
     pusher: SnapshotPusher,
     admin: AdminServer | None,
@@ -311,6 +323,7 @@ async def _serve(
             pusher,
             admin,
             telemetry,
+            usage_conn=usage_conn,
             drain_s=config.server.drain_seconds,
         )
     finally:
@@ -384,7 +397,10 @@ def _run(
 ) -> int:
     from gateway import _core
 
-    with open_ledger(config.storage.url) as conn:
+    with (
+        open_ledger(config.storage.url) as conn,
+        open_ledger(config.storage.url, any_thread=True) as usage_conn,
+    ):
         try:
             gateway = _core.Gateway(document)
         except _core.ConfigError as exc:
@@ -428,6 +444,7 @@ def _run(
                 _serve(
                     gateway,
                     conn,
+                    usage_conn,
                     config,
                     pusher,
                     admin,

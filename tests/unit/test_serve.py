@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -17,7 +17,7 @@ from gateway.admin import bind_admin
 from gateway.config import AdminConfig, ControlConfig
 from gateway.keys import hash_key
 from gateway.ledger.apikeys import create_key, revoke_key
-from gateway.ledger.db import Connection, DatabaseError, now_ms
+from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.ledger.tenants import create_tenant
@@ -177,7 +177,16 @@ def test_collector_keeps_events_until_the_ledger_takes_them(
     assert completion_tokens(ledger) == (3, 15)
 
 
-def test_supervise_collects_while_serving_and_after_shutdown(ledger: Connection) -> None:
+@pytest.fixture
+def usage_ledger(ledger_url: str) -> Iterator[Connection]:
+    """The usage loop's own connection to the test's ledger, for the ledger writer's threads."""
+    with open_ledger(ledger_url, any_thread=True) as conn:
+        yield conn
+
+
+def test_supervise_collects_while_serving_and_after_shutdown(
+    ledger: Connection, usage_ledger: Connection
+) -> None:
     create_tenant(ledger, "acme")
     key = create_key(ledger, "acme")
     core = FakeCore()
@@ -186,11 +195,14 @@ def test_supervise_collects_while_serving_and_after_shutdown(ledger: Connection)
 
     async def scenario() -> int:
         stop = asyncio.Event()
-        task = asyncio.create_task(supervise(core, ledger, control, 2.5, stop))
+        task = asyncio.create_task(
+            supervise(core, ledger, control, 2.5, stop, usage_conn=usage_ledger)
+        )
         core.queue.extend(event() for _ in range(10))
-        for _ in range(200):
+        # Written on the ledger writer's thread: the ledger itself says when.
+        for _ in range(500):
             await asyncio.sleep(0.01)
-            if not core.queue and core.pushed:
+            if completion_tokens(ledger) == (10, 50) and core.pushed:
                 break
         assert not core.queue
         assert completion_tokens(ledger) == (10, 50)
@@ -209,14 +221,16 @@ def test_supervise_collects_while_serving_and_after_shutdown(ledger: Connection)
 
 
 def test_supervise_turns_readiness_off_then_serves_the_drain_window_then_shuts_down(
-    ledger: Connection,
+    ledger: Connection, usage_ledger: Connection
 ) -> None:
     core = FakeCore()
     control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10)
 
     async def scenario() -> int:
         stop = asyncio.Event()
-        task = asyncio.create_task(supervise(core, ledger, control, 1.5, stop, drain_s=0.05))
+        task = asyncio.create_task(
+            supervise(core, ledger, control, 1.5, stop, usage_conn=usage_ledger, drain_s=0.05)
+        )
         stop.set()
         # Within the window: the core is draining and not yet shut down.
         for _ in range(500):
@@ -235,7 +249,7 @@ def test_supervise_turns_readiness_off_then_serves_the_drain_window_then_shuts_d
 
 
 def test_supervise_serves_the_admin_api_until_stopped(
-    ledger: Connection, capsys: pytest.CaptureFixture[str]
+    ledger: Connection, usage_ledger: Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     core = FakeCore()
     control = ControlConfig(key_refresh_ms=10, usage_flush_ms=10)
@@ -245,7 +259,9 @@ def test_supervise_serves_the_admin_api_until_stopped(
 
     async def scenario() -> int:
         stop = asyncio.Event()
-        task = asyncio.create_task(supervise(core, ledger, control, 0.0, stop, admin=admin))
+        task = asyncio.create_task(
+            supervise(core, ledger, control, 0.0, stop, admin=admin, usage_conn=usage_ledger)
+        )
         async with httpx.AsyncClient(base_url=f"http://{host}:{port}/admin/v1") as client:
             created = await client.post("/tenants", json={"name": "acme"}, headers=auth)
             assert created.status_code == 201

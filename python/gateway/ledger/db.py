@@ -543,9 +543,9 @@ def connect(url: str, *, any_thread: bool = False) -> Connection:
 
 
 @contextmanager
-def open_ledger(url: str) -> Iterator[Connection]:
-    """`connect(url)` as a context manager that always closes the connection."""
-    conn = connect(url)
+def open_ledger(url: str, *, any_thread: bool = False) -> Iterator[Connection]:
+    """`connect(url, any_thread=...)` as a context manager that always closes the connection."""
+    conn = connect(url, any_thread=any_thread)
     try:
         yield conn
     finally:
