@@ -11,10 +11,10 @@ percentile (`benchmarks/RESULTS.md`).
 The writes therefore run on a thread of Linux's `SCHED_IDLE` class, which any other thread
 preempts at once, while the process leaves CPU to spare. Where it does not, such a thread would get
 a sliver of it and the ledger would fall behind, so the writes run on a thread of normal priority:
-while the process used `busy` or more of its cores since the previous write, and for `hold_s`
-after a write at idle priority waited longer than `starved_s` beyond its own CPU time (the CPU
-was short in a way the process's own use does not show: a container's CPU limit, or other
-processes). Two threads rather than one that changes class: an unprivileged thread cannot leave
+while the process used `busy` or more of the cores it may use since the previous write (its own
+cgroup's CPU limit counted), and for `hold_s` after a write at idle priority waited longer than
+`starved_s` beyond its own CPU time (the CPU was short in a way the process's own use does not
+show: other processes, or a limit set on a parent cgroup). Two threads rather than one that changes class: an unprivileged thread cannot leave
 `SCHED_IDLE` (it needs `CAP_SYS_NICE`). Where there is no `SCHED_IDLE` (not Linux), both are
 normal threads.
 
@@ -31,9 +31,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["LedgerWriter"]
+__all__ = ["LedgerWriter", "available_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ HOLD_S = 10.0
 
 class LedgerWriter:
     """Runs ledger writes off the event loop: at idle priority while the process leaves CPU to
-    spare, at normal priority while it uses `busy` of its `cores` (default: the cores it may run
-    on) and for `hold_s` after a write was starved."""
+    spare, at normal priority while it uses `busy` of its `cores` (default: `available_cores()`)
+    and for `hold_s` after a write was starved."""
 
     def __init__(
         self,
@@ -58,12 +59,12 @@ class LedgerWriter:
         busy: float = BUSY,
         starved_s: float = STARVED_S,
         hold_s: float = HOLD_S,
-        cores: int | None = None,
+        cores: float | None = None,
     ) -> None:
         self._busy = busy
         self._starved_s = starved_s
         self._hold_s = hold_s
-        self._cores = cores or len(os.sched_getaffinity(0))
+        self._cores = cores or available_cores()
         # When the process's CPU use was last read, and what it was.
         self._clock = (time.monotonic(), time.process_time())
         # The idle thread's id in the kernel, once it has lowered itself (None where it could not).
@@ -127,3 +128,20 @@ def _timed(write: Callable[[], T]) -> tuple[T, float]:
     began = time.thread_time()
     result = write()
     return result, time.thread_time() - began
+
+
+def available_cores(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float:
+    """The cores this process may use: the ones it may run on, or fewer under the CPU limit of its
+    own cgroup v2 (`cpu.max`, a container's CPU limit on Kubernetes)."""
+    cores = float(len(os.sched_getaffinity(0)))
+    try:
+        for line in membership.read_text().splitlines():
+            if line.startswith("0::"):
+                quota, period = (cgroup_root / line[3:].lstrip("/") / "cpu.max").read_text().split()
+                if quota != "max":
+                    return min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cores

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from gateway.ledger_writer import LedgerWriter
+from gateway.ledger_writer import LedgerWriter, available_cores
 
 
 def where_and_how() -> tuple[int, int]:
@@ -130,3 +131,21 @@ def test_writes_run_at_normal_priority_while_the_process_keeps_its_cores_busy() 
     assert policy == os.SCHED_OTHER
     assert writer.starved == 0
     assert not writer.held_at_normal_priority
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("150000 100000\n", 1.5), ("max 100000\n", None), (None, None), ("garbled\n", None)],
+)
+def test_the_cores_a_process_may_use_are_fewer_under_its_cgroups_cpu_limit(
+    tmp_path: Path, cpu_max: str | None, expected: float | None
+) -> None:
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/pod1/gateway\n")
+    group = tmp_path / "kubepods" / "pod1" / "gateway"
+    group.mkdir(parents=True)
+    if cpu_max is not None:
+        (group / "cpu.max").write_text(cpu_max)
+    cores = len(os.sched_getaffinity(0))
+    found = available_cores(cgroup_root=tmp_path, membership=membership)
+    assert found == (cores if expected is None else min(cores, expected))
