@@ -107,9 +107,9 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// The segment `index`, zero-filled to `bytes` rounded up to a page, synced, then given its name
-/// (the directory synced too). Records overwrite blocks the file already has, so a sync flushes data alone,
-/// where a write that grew the file would make every sync commit the file system's own journal
-/// as well. A segment of zeros holds no record: recovery reads it as empty.
+/// (the directory synced too). Records overwrite blocks the file already has, so a sync flushes
+/// data alone, where a write that grew the file would make every sync commit the file system's
+/// own journal as well. A segment of zeros holds no record: recovery reads it as empty.
 pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
     let temp = prepared_path(dir, index);
     let mut file = OpenOptions::new()
