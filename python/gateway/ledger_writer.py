@@ -14,9 +14,9 @@ a sliver of it and the ledger would fall behind, so the writes run on a thread o
 while the process used `busy` or more of the cores it may use since the previous write (its own
 cgroup's CPU limit counted), and for `hold_s` after a write at idle priority waited longer than
 `starved_s` beyond its own CPU time (the CPU was short in a way the process's own use does not
-show: other processes, or a limit set on a parent cgroup). Two threads rather than one that changes class: an unprivileged thread cannot leave
-`SCHED_IDLE` (it needs `CAP_SYS_NICE`). Where there is no `SCHED_IDLE` (not Linux), both are
-normal threads.
+show: other processes, or a limit set on a parent cgroup). Two threads rather than one that
+changes class: an unprivileged thread cannot leave `SCHED_IDLE` (it needs `CAP_SYS_NICE`). Where
+there is no `SCHED_IDLE` (not Linux), both are normal threads.
 
 Writes are serialised: `run` is awaited before the next is started, and `close` waits for the one
 under way.
