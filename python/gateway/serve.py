@@ -134,24 +134,51 @@ class UsageCollector:
     def flush(self) -> int:
         """Drains one batch and writes it with any earlier unsaved events; returns how many
         events the core handed over (equal to `batch` means more may be waiting)."""
+        drained = self._drain()
+        self.write_unsaved()
+        return drained
+
+    async def flush_on(self, writer: LedgerWriter) -> int:
+        """`flush`, the ledger's write on `writer`'s threads: the core's calls (the drain, the
+        acknowledgement) stay on this thread, so a writer thread, which the kernel may preempt
+        at any moment, never holds a lock the core's serving threads take."""
+        drained = self._drain()
+        if await writer.run(self._store):
+            self._acknowledge()
+        return drained
+
+    def _drain(self) -> int:
         drained, last_seq = self._gateway.drain_usage(self._batch)
         if drained:
             self._unsaved.extend(drained)
             self._last_seq = last_seq
-        self.write_unsaved()
         return len(drained)
 
     def write_unsaved(self) -> bool:
         """Writes the unsaved events in one transaction; returns whether none remain."""
+        stored = self._store()
+        if stored:
+            self._acknowledge()
+        return stored is not None
+
+    def _acknowledge(self) -> None:
+        # The core drains in `seq` order: every event up to the last one written is in the
+        # ledger, and the journal may forget them.
+        if self._last_seq is not None:
+            self._gateway.usage_committed(self._last_seq)
+
+    def _store(self) -> int | None:
+        """Writes the unsaved events in one transaction; returns how many there were (0: none),
+        or None if the ledger refused them (they stay unsaved)."""
         if not self._unsaved:
-            return True
+            return 0
         with self._telemetry.span("ledger.ingest", events=len(self._unsaved)) as span:
             try:
                 inserted = insert_usage_events(self._conn, self._unsaved)
             except DatabaseError:
                 logger.exception("writing %d usage events failed; will retry", len(self._unsaved))
                 span.set_status(Status(StatusCode.ERROR, "the ledger refused the batch"))
-                return False
+                return None
             span.set_attribute("inserted", inserted)
         if inserted != len(self._unsaved):
             # Expected after every restart: the journal records again the events of its live
@@ -163,12 +190,9 @@ class UsageCollector:
                 len(self._unsaved),
             )
         self.recorded += inserted
-        # The core drains in `seq` order: every event up to the last one written is in the
-        # ledger, and the journal may forget them.
-        if self._last_seq is not None:
-            self._gateway.usage_committed(self._last_seq)
+        written = len(self._unsaved)
         self._unsaved.clear()
-        return True
+        return written
 
     def drain_all(self) -> bool:
         """After the core has stopped: drains until nothing is pending and writes everything.
@@ -217,7 +241,7 @@ async def _collect_usage(
     while True:
         await asyncio.sleep(interval_s)
         try:
-            while await writer.run(collector.flush) >= collector.batch:
+            while await collector.flush_on(writer) >= collector.batch:
                 pass
         except Exception:
             logger.exception("collecting usage failed; will retry")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
 from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
+from gateway.ledger_writer import LedgerWriter
 from gateway.quotas import Price, QuotaPolicy
 from gateway.serve import SnapshotPusher, UsageCollector, seed_spent, supervise
 from tests.support.events import usage_event as event
@@ -175,6 +177,43 @@ def test_collector_keeps_events_until_the_ledger_takes_them(
     assert collector.flush() == 1
     assert collector.unsaved == 0
     assert completion_tokens(ledger) == (3, 15)
+
+
+def test_the_usage_loop_calls_the_core_on_its_own_thread_and_writes_on_the_writers(
+    ledger: Connection, usage_ledger: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's idle-priority thread may be preempted at any moment: it must never hold a
+    # lock the core's serving threads take, as the drain and the acknowledgement do.
+    on: dict[str, set[int]] = {"drain": set(), "store": set(), "committed": set()}
+
+    class Recording(FakeCore):
+        def drain_usage(self, max_events: int = 4096) -> tuple[list[UsageEvent], int | None]:
+            on["drain"].add(threading.get_native_id())
+            return super().drain_usage(max_events)
+
+        def usage_committed(self, seq: int) -> None:
+            on["committed"].add(threading.get_native_id())
+            super().usage_committed(seq)
+
+    def store(conn: Connection, events: Sequence[UsageEvent]) -> int:
+        on["store"].add(threading.get_native_id())
+        return insert_usage_events(conn, events)
+
+    monkeypatch.setattr(serve, "insert_usage_events", store)
+    core = Recording()
+    core.queue = [event() for _ in range(3)]
+    collector = UsageCollector(usage_ledger, core, batch=10)
+    writer = LedgerWriter()
+    try:
+        assert asyncio.run(collector.flush_on(writer)) == 3
+    finally:
+        writer.close()
+    loop_thread = {threading.get_native_id()}
+    assert on["drain"] == on["committed"] == loop_thread
+    assert on["store"]
+    assert not on["store"] & loop_thread
+    assert completion_tokens(ledger) == (3, 15)
+    assert core.committed == 3
 
 
 @pytest.fixture
