@@ -21,14 +21,7 @@ def syncs_after_sequential_requests(tmp_path: Path, journal: str) -> tuple[float
     """Sends `REQUESTS` completions one after another through a gateway with `journal`; returns
     the syncs its journal made meanwhile and the seconds they took."""
     sim = procs.start_sim()
-    db = tmp_path / "ledger.db"
-    key, _ = procs.create_key(db, "acme")
-    config = procs.write_config(
-        tmp_path / "gateway.toml",
-        [sim.url],
-        db,
-        f'[journal]\ndir = "{tmp_path / "journal"}"\n{journal}',
-    )
+    _, key, config = procs.journaled(tmp_path, sim, journal)
     gateway = procs.start(["serve", "--config", str(config)])
     try:
         metric = "tokengate_journal_sync_seconds_count"

@@ -55,14 +55,7 @@ def test_sigkill_under_streaming_load_loses_no_ended_response_and_counts_nothing
     tmp_path: Path, sync: str
 ) -> None:
     sim = procs.start_sim(itl_ms=5, max_output_tokens=40)
-    db = tmp_path / "ledger.db"
-    key, _ = procs.create_key(db, "acme")
-    config = procs.write_config(
-        tmp_path / "gateway.toml",
-        [sim.url],
-        db,
-        f'[journal]\ndir = "{tmp_path / "journal"}"\nsync = "{sync}"\n',
-    )
+    db, key, config = procs.journaled(tmp_path, sim, f'sync = "{sync}"\n')
     gateway = procs.start(["serve", "--config", str(config)])
     stop = threading.Event()
     try:
@@ -115,14 +108,7 @@ def test_an_interrupted_stream_is_billed_for_nearly_all_it_relayed(
     100 ms is 20 tokens; the bound allows 100 (half a second) for a busy machine. Once a second,
     the old cadence, a stream lost half of its tokens on average."""
     sim = procs.start_sim(itl_ms=5, max_output_tokens=2000)
-    db = tmp_path / "ledger.db"
-    key, _ = procs.create_key(db, "acme")
-    config = procs.write_config(
-        tmp_path / "gateway.toml",
-        [sim.url],
-        db,
-        f'[journal]\ndir = "{tmp_path / "journal"}"\nsync = "{sync}"\n',
-    )
+    db, key, config = procs.journaled(tmp_path, sim, f'sync = "{sync}"\n')
     gateway = procs.start(["serve", "--config", str(config)])
     received: dict[str, int] = {}
     lock = threading.Lock()

@@ -159,6 +159,16 @@ def start_sim(**options: object) -> Process:
     return start(args)
 
 
+def journaled(tmp_path: Path, sim: Process, journal: str) -> tuple[Path, str, Path]:
+    """A gateway in front of `sim` with its SQLite ledger and its journal in `tmp_path`: the
+    ledger's path, a key of tenant `acme` in it, and the config file, whose `[journal]` table
+    holds the directory and the TOML lines `journal`."""
+    db = tmp_path / "ledger.db"
+    key, _ = create_key(db, "acme")
+    table = f'[journal]\ndir = "{tmp_path / "journal"}"\n{journal}'
+    return db, key, write_config(tmp_path / "gateway.toml", [sim.url], db, table)
+
+
 def ledger_url(db: Path | str) -> str:
     """The ledger URL of `db`: a SQLite file (a `Path`), or already a URL (a `str`)."""
     return db if isinstance(db, str) else f"sqlite:///{db}"
