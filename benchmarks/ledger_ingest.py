@@ -12,8 +12,14 @@ unpriced), a millisecond apart, in batches of 100, 1,000 and 4,096 (`control.usa
 default). Event ids are UUIDv7, as the core makes them; events are made before the clock
 starts. The tables give medians over rounds: events stored per second (wall clock), and CPU per
 event: the writer's (this process, the gateway's usage loop in production), and for PostgreSQL the
-server's backend beside it. Results: a section of `benchmarks/RESULTS.md`
-(`--quick` only prints it) and a raw report in `benchmarks/out/`.
+server's backend beside it.
+
+Beside them, the same events' rows made by SQLite itself in the same ledger (an `INSERT ...
+SELECT` from a recursive CTE, one statement and one transaction per batch): what storing them
+costs in SQLite's engine alone, the table, its indexes and the commit, without Python's driver
+binding the values, the pricing, the duplicate check or the rollups. It is the floor any writer
+through SQLite has at this schema; the gap to it is the writer's own. Results: a section of
+`benchmarks/RESULTS.md` (`--quick` only prints it) and a raw report in `benchmarks/out/`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway.ledger.db import open_ledger, query
+from gateway.ledger.db import execute, open_ledger, query, transaction
 from gateway.ledger.prices import set_price
 from gateway.ledger.usage import UsageEvent, insert_usage_events
 from gateway.quotas import Price
@@ -43,6 +49,7 @@ BEGIN = "<!-- ledger_ingest.py:begin -->"
 END = "<!-- ledger_ingest.py:end -->"
 BATCHES = (100, 1000, 4096)
 TARGET = 150_000
+ENGINE = "SQLite's engine alone (floor)"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -114,6 +121,39 @@ def ingest(url: str, events: list[UsageEvent], batch: int) -> Rate:
         return Rate(count / wall, cpu / count * 1e6, server / count * 1e6)
 
 
+# The rows `make_events` makes, made by SQLite: event `i` of the batch starting at `?1` up to `?2`
+# (inclusive), started at `?3` + i ms. The event id spells a UUIDv7 of that millisecond.
+_ENGINE_ROWS = """
+WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+INSERT INTO usage_events (event_id, request_id, tenant_id, key_id, model, worker, endpoint,
+    stream, status, http_status, prompt_tokens, cached_tokens, completion_tokens, usage_source,
+    started_at_ms, finished_at_ms, recorded_at_ms, seq, price_effective_at, cost_micros)
+SELECT printf('%08x-%04x-7%03x-8%03x-%012x', (?3 + i) >> 16, (?3 + i) & 65535, i % 4096,
+        i % 4093, i * 2654435761 % 281474976710656),
+    'req-' || i, printf('ten_%012d', i % 50), printf('key_%012d', i % 200),
+    CASE i % 3 WHEN 0 THEN 'model-a' WHEN 1 THEN 'model-b' ELSE 'model-unpriced' END,
+    'http://127.0.0.1:8001', 'chat.completions', i % 2, 'completed', 200,
+    100 + i % 900 - i % 64, i % 64, 1 + i % 500, 'worker', ?3 + i, ?3 + i + 800, ?3 + ?2, i + 1,
+    CASE i % 3 WHEN 2 THEN NULL ELSE 0 END, CASE i % 3 WHEN 2 THEN NULL ELSE i % 1000 END
+FROM n
+"""
+
+
+def engine_floor(path: Path, count: int, batch: int, start_ms: int) -> Rate:
+    """The figures of SQLite making and storing `count` events' rows itself, in batches of
+    `batch`, into a fresh ledger at `path`: the floor of any writer at this schema."""
+    with open_ledger(f"sqlite:///{path}") as conn:
+        cpu_began, began = time.process_time(), time.perf_counter()
+        for first in range(0, count, batch):
+            with transaction(conn):
+                execute(conn, _ENGINE_ROWS, (first, min(first + batch, count) - 1, start_ms))
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+        stored = query(conn, "SELECT COUNT(*) FROM usage_events")[0][0]
+    if stored != count:
+        raise RuntimeError(f"the engine's case stored {stored} events of {count}")
+    return Rate(count / wall, cpu / count * 1e6, 0.0)
+
+
 def show(rate: Rate) -> str:
     server = f" + {rate.server_us:.1f} server" if rate.server_us else ""
     return f"{rate.per_s:,.0f} events/s, {rate.writer_us:.1f}{server} µs CPU per event"
@@ -156,7 +196,7 @@ def section(rates: dict[str, dict[int, list[Rate]]], count: int, meta: dict[str,
         cells = []
         for b in BATCHES:
             cell = f"{statistics.median(r.writer_us for r in by_batch[b]):.1f}"
-            if backend != "SQLite":
+            if backend == "PostgreSQL":
                 cell += f" + {statistics.median(r.server_us for r in by_batch[b]):.1f}"
             cells.append(cell)
         lines.append(f"| {backend} | " + " | ".join(cells) + " |")
@@ -201,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                 rate = ingest(f"sqlite:///{path}", events, batch)
                 rates.setdefault("SQLite", {}).setdefault(batch, []).append(rate)
                 print(f"round {n + 1}: SQLite, batch {batch}: {show(rate)}", flush=True)
+                path = Path(tmp) / f"engine-{n}-{batch}.db"
+                rate = engine_floor(path, count, batch, events[0].started_at_ms)
+                rates.setdefault(ENGINE, {}).setdefault(batch, []).append(rate)
+                print(f"round {n + 1}: {ENGINE}, batch {batch}: {show(rate)}", flush=True)
                 if server is not None:
                     with server.database() as url:
                         rate = ingest(url, events, batch)
