@@ -8,10 +8,11 @@
 # CI does not build this image: tests/unit/test_deploy_k8s.py checks its shape only.
 
 # Builder: the Rust toolchain of rust-toolchain.toml and maturin of pyproject.toml build the
-# wheel (the `gateway` package with its `gateway._core` extension; protoc comes vendored).
+# wheel (the `gateway` package with its `gateway._core` extension; protoc comes vendored). The
+# extension links the system's SQLite, which the runtime image's Python runs too.
 FROM rust:1.95.0-slim-bookworm AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv libsqlite3-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/maturin && /opt/maturin/bin/pip install --no-cache-dir maturin==1.16.0
 WORKDIR /src

@@ -8,7 +8,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build services run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
+.PHONY: help venv native-deps build services run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,7 +20,10 @@ $(PY):
 
 venv: $(PY) ## Create the virtual environment (.venv)
 
-build: $(PY) ## Build the Rust extension (release) and the gRPC messages into the venv, with dev dependencies
+native-deps: ## Install the C library the extension links (the system's SQLite), from Debian's packages
+	bash rust/python/native-deps.sh
+
+build: $(PY) native-deps ## Build the Rust extension (release) and the gRPC messages into the venv, with dev dependencies
 	$(BIN)/maturin develop --release --extras dev -q
 
 services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages

@@ -5,6 +5,7 @@ Rust side validates strictly (unknown fields are errors); usage events come back
 """
 
 from collections.abc import Callable
+from os import PathLike
 from typing import final
 
 from gateway.ledger.usage import UsageEvent
@@ -14,8 +15,11 @@ __all__ = [
     "ConfigError",
     "Gateway",
     "GatewayError",
+    "LedgerIntegrityError",
+    "LedgerWriteError",
     "ServerError",
     "Simulator",
+    "SqliteUsageWriter",
     "__version__",
 ]
 
@@ -33,6 +37,30 @@ class ConfigError(GatewayError):
 
 class ServerError(GatewayError):
     """A server could not bind, start or stop."""
+
+class LedgerWriteError(GatewayError):
+    """A batch of usage events the ledger did not store (rolled back: none of it is stored)."""
+
+class LedgerIntegrityError(LedgerWriteError):
+    """A batch with an event the ledger's schema refuses (a missing value, one out of range, a
+    broken uniqueness rule): rolled back, none of it is stored."""
+
+@final
+class SqliteUsageWriter:
+    """The SQLite ledger's usage write path, native: `gateway.ledger.usage.insert_usage_events`'s
+    contract (rust/python/src/ledger_writer.rs). `gateway.ledger.db.native_usage_writer` opens it
+    for a ledger already migrated; one thread uses it at a time."""
+
+    def __new__(cls, path: PathLike[str] | str, busy_timeout_ms: int) -> SqliteUsageWriter: ...
+    def insert(
+        self, events: list[UsageEvent], recorded_at_ms: int
+    ) -> tuple[int, list[tuple[tuple[object, ...], tuple[object, ...], bool]]]:
+        """Stores `events` in one transaction, recorded at `recorded_at_ms`; returns how many were
+        new, and the conflicts as `(kept, new, kept_is_stored)`, each event as its stored
+        columns. Raises `LedgerWriteError` with nothing stored (`LedgerIntegrityError` for an
+        event the schema refuses)."""
+    def close(self) -> None:
+        """Closes the connection; later writes fail."""
 
 @final
 class Gateway:

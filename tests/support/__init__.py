@@ -7,6 +7,7 @@
 - `services`: real `redis-server` and PostgreSQL on loopback (`services/install.sh`, which
   `make services` runs, installs them).
 - `events`: usage events, times and prices as the tests store them in a ledger.
+- `usage_batches`: mixed batches of usage events and what a ledger holds after them.
 - `billing_app`: the admin and billing app in process, and a seeded ledger.
 - `cli_run`: the `gateway` CLI in process.
 - `openai_errors`, `slow_client`: the OpenAI error body; a hostile client's slowness.

@@ -25,6 +25,7 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "ALTER TABLE quota_policies DROP COLUMN priority",
     ),
     6: ("CREATE INDEX usage_events_tenant_model ON usage_events (tenant_id, model)",),
+    7: ("CREATE INDEX usage_events_started ON usage_events (started_at_ms)",),
 }
 
 

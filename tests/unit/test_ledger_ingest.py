@@ -5,76 +5,26 @@ own would, and the rollups equal a recomputation from the stored events."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.ledger.db import Connection, add_to_sums, execute, open_ledger, query, transaction
-from gateway.ledger.prices import set_price
-from gateway.ledger.rollups import BUCKET_WIDTHS, rebuild_rollups
-from gateway.ledger.usage import StoredEvent, UsageEvent, events_after, insert_usage_events
-from tests.support.events import ms, price
+from gateway.ledger.rollups import rebuild_rollups
+from gateway.ledger.usage import insert_usage_events
 from tests.support.events import usage_event as event
 from tests.support.services.postgres import PostgresServer
-
-START = ms("2024-03-31T22:58:00")  # two minutes before an hour, a day and a month end
-
-
-def stored(conn: Connection) -> list[StoredEvent]:
-    return events_after(conn, 0, 1_000_000)
-
-
-def recomputed(events: Iterable[StoredEvent]) -> list[tuple[object, ...]]:
-    """The rollups of `events`, computed one event at a time, as `usage_rollups` rows."""
-    sums: dict[tuple[object, ...], list[int]] = {}
-    for e in events:
-        for width, length in BUCKET_WIDTHS.items():
-            bucket = e.started_at_ms - e.started_at_ms % length
-            total = sums.setdefault((width, bucket, e.tenant_id, e.key_id, e.model), [0] * 6)
-            total[0] += 1
-            total[1] += e.prompt_tokens
-            total[2] += e.cached_tokens
-            total[3] += e.completion_tokens
-            total[4] += e.cost_micros or 0
-            total[5] += e.cost_micros is None
-    return sorted((*key, *total) for key, total in sums.items())
-
-
-def rollups(conn: Connection) -> list[tuple[object, ...]]:
-    return query(conn, "SELECT * FROM usage_rollups ORDER BY 1, 2, 3, 4, 5")
-
-
-def priced(conn: Connection) -> None:
-    """m1 priced from the start, m2 from the middle of a minute (events of one rollup row are
-    then priced and unpriced), m3 priced at zero (cost 0 is priced, not unpriced), m4 never."""
-    set_price(conn, "m1", price(1_000, 10, 3_000), effective_at=0)
-    set_price(conn, "m1", price(2_000, 20, 5_000), effective_at=START + 90_000)
-    set_price(conn, "m2", price(7_000_001, 3, 999_999), effective_at=START + 30_000)
-    set_price(conn, "m3", price(0, 0, 0), effective_at=0)
-
-
-def mixed(rng: random.Random, count: int) -> list[UsageEvent]:
-    """Events of 3 tenants, 2 keys each and 4 models, across minute, hour, day and month ends;
-    some with more cached tokens than prompt tokens."""
-    events = []
-    for _ in range(count):
-        tenant = rng.choice(["ten_a", "ten_b", "ten_c"])
-        prompt = rng.randrange(0, 2_000)
-        events.append(
-            event(
-                tenant_id=tenant,
-                key_id=f"{tenant}_key_{rng.randrange(2)}",
-                model=rng.choice(["m1", "m2", "m3", "m4"]),
-                started_at_ms=START + rng.randrange(4 * 60_000),
-                prompt_tokens=prompt,
-                cached_tokens=rng.choice([0, prompt // 3, prompt + 5]),
-                completion_tokens=rng.randrange(0, 800),
-            )
-        )
-    return events
+from tests.support.usage_batches import (
+    START,
+    comparable,
+    mixed,
+    priced,
+    recomputed,
+    rollups,
+    stored,
+)
 
 
 @pytest.fixture
@@ -86,11 +36,6 @@ def reference_url(request: pytest.FixtureRequest, ledger_url: str, tmp_path: Pat
     server: PostgresServer = request.getfixturevalue("postgres")
     with server.database() as url:
         yield url
-
-
-def comparable(event: StoredEvent) -> StoredEvent:
-    """A stored event without its `recorded_at_ms`, which differs between two ledgers."""
-    return dataclasses.replace(event, recorded_at_ms=0)
 
 
 def test_a_batch_is_stored_as_its_events_one_by_one_and_its_rollups_are_their_sums(

@@ -9,6 +9,8 @@ callers own their connections (one per thread) and close them.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import re
 import sqlite3
 import time
@@ -24,6 +26,8 @@ from gateway.ledger.schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     import psycopg
+
+    from gateway._core import SqliteUsageWriter
 
 __all__ = [
     "MIGRATIONS",
@@ -42,6 +46,7 @@ __all__ = [
     "executemany",
     "insert_rows",
     "migrate",
+    "native_usage_writer",
     "now_ms",
     "open_ledger",
     "parse_url",
@@ -194,17 +199,40 @@ class Connection(ABC):
     @abstractmethod
     def _has_table(self, name: str) -> bool: ...
 
+    def _usage_writer(self) -> SqliteUsageWriter | None:
+        return None
+
 
 class _SqliteConnection(Connection):
     dialect = "sqlite"
     _driver_errors = (sqlite3.Error, sqlite3.IntegrityError)
 
-    def __init__(self, raw: sqlite3.Connection) -> None:
+    def __init__(self, raw: sqlite3.Connection, path: Path) -> None:
         self._raw = raw
+        self._path = path
+        self._native: SqliteUsageWriter | None = None
 
     def close(self) -> None:
-        with self._errors():
-            self._raw.close()
+        from gateway import _core
+
+        try:
+            if self._native is not None:
+                self._native.close()
+        except _core.LedgerWriteError as exc:
+            raise DatabaseError(str(exc)) from exc
+        finally:
+            with self._errors():
+                self._raw.close()
+
+    def _usage_writer(self) -> SqliteUsageWriter | None:
+        from gateway import _core
+
+        if self._native is None and _one_sqlite_library() and self._path.name != ":memory:":
+            try:
+                self._native = _core.SqliteUsageWriter(self._path, LOCK_TIMEOUT_MS)
+            except _core.LedgerWriteError as exc:
+                raise DatabaseError(str(exc)) from exc
+        return self._native
 
     def _execute(self, sql: str, params: Sequence[Any]) -> int:
         with self._errors(), closing(self._raw.execute(sql, params)) as cursor:
@@ -417,6 +445,35 @@ def add_to_sums(
         conn._add_to_sums(table, key, sums, rows)
 
 
+def native_usage_writer(conn: Connection) -> SqliteUsageWriter | None:
+    """The extension's writer of usage events into `conn`'s ledger, opened on first use and closed
+    with `conn`: for a SQLite file, when the process runs one SQLite library (see
+    `_one_sqlite_library`). None: usage events go through SQL, as on PostgreSQL."""
+    return conn._usage_writer()
+
+
+@lru_cache(maxsize=1)
+def _one_sqlite_library() -> bool:
+    """Whether the extension runs the very SQLite library Python's `sqlite3` runs.
+
+    Two copies of SQLite in one process must not open the same database: POSIX locks belong to
+    the process, and each copy, closing a descriptor of the file, would drop the locks the other
+    holds (https://www.sqlite.org/howtocorrupt.html, section 2.2.1). The extension links the
+    system's shared library; Python's `_sqlite3` does too on Debian and most builds, but may
+    embed its own. The same address for `sqlite3_libversion` through both modules (each lookup
+    searches the module's dependencies) proves one copy.
+    """
+    from gateway import _core
+
+    try:
+        ours = ctypes.CDLL(_core.__file__).sqlite3_libversion
+        theirs = ctypes.CDLL(importlib.import_module("_sqlite3").__file__).sqlite3_libversion
+    except (OSError, AttributeError):
+        return False
+    address = ctypes.cast(ours, ctypes.c_void_p).value
+    return address is not None and address == ctypes.cast(theirs, ctypes.c_void_p).value
+
+
 def query(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
     """Runs one SELECT and returns every row."""
     return conn._query(sql, params)
@@ -498,7 +555,7 @@ def _open_sqlite(path: Path, any_thread: bool = False) -> Connection:
         )
     except sqlite3.Error as exc:
         raise DatabaseError(str(exc)) from exc
-    conn = _SqliteConnection(raw)
+    conn = _SqliteConnection(raw, path)
     try:
         execute(conn, f"PRAGMA busy_timeout = {LOCK_TIMEOUT_MS}")
         _enable_wal(conn)

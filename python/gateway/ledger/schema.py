@@ -150,5 +150,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # in the middle of the tree, one place per tenant and model).
         "DROP INDEX usage_events_tenant_model",
     ),
+    (
+        # Budgets are seeded from the rollups' days (`usage.spent_in_current_periods`), the one
+        # read this index served; it cost each insert a tree of its own.
+        "DROP INDEX usage_events_started",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,6 +14,11 @@ Storing an event makes it billable, in the write transaction that inserts it:
 - it gets the next `seq`, the commit order billing consumers page by: write transactions run one
   at a time (`db.transaction`), so events become visible in `seq` order, without gaps;
 - it is added to the rollups (`rollups.add_to_rollups`).
+
+A SQLite ledger is written by the extension (`db.native_usage_writer`: the same contract, in
+native code, where binding the values through Python's driver cost as much as SQLite's own work);
+PostgreSQL, and SQLite in a process with two SQLite libraries, through SQL here
+(`insert_usage_events_sql`). The tests hold both to the same results.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, TypedDict
 
 from gateway.bounds import MAX_COUNT
-from gateway.ledger.db import Connection, insert_rows, now_ms, query, query_as, transaction
+from gateway.ledger.db import (
+    Connection,
+    DatabaseError,
+    IntegrityError,
+    insert_rows,
+    native_usage_writer,
+    now_ms,
+    query,
+    query_as,
+    transaction,
+)
 from gateway.ledger.rollups import add_to_rollups
 from gateway.quotas import MICROS, Period, Scope, period_bounds
 
@@ -46,6 +61,7 @@ __all__ = [
     "encode_tenant_cursor",
     "events_after",
     "insert_usage_events",
+    "insert_usage_events_sql",
     "spent_in_current_periods",
     "usage_totals",
 ]
@@ -174,7 +190,30 @@ class _PriceBook:
 
 
 def insert_usage_events(conn: Connection, events: Sequence[UsageEvent]) -> int:
-    """Stores a batch in one transaction, in its order; returns how many events were new.
+    """Stores a batch in one transaction, in its order; returns how many events were new. Raises
+    `DatabaseError` with nothing of the batch stored (`IntegrityError` for an event the schema
+    refuses)."""
+    writer = native_usage_writer(conn)
+    if writer is None:
+        return insert_usage_events_sql(conn, events)
+    from gateway._core import LedgerIntegrityError, LedgerWriteError
+
+    try:
+        inserted, conflicts = writer.insert(list(events), now_ms())
+    except LedgerIntegrityError as exc:
+        raise IntegrityError(str(exc)) from exc
+    except LedgerWriteError as exc:
+        raise DatabaseError(str(exc)) from exc
+    for kept, new, stored in conflicts:
+        if stored:
+            _log_conflict(kept, new, "the one stored", "stored")
+        else:
+            _log_conflict(kept, new, "an earlier one of its batch", "earlier")
+    return inserted
+
+
+def insert_usage_events_sql(conn: Connection, events: Sequence[UsageEvent]) -> int:
+    """`insert_usage_events` through SQL, on any dialect.
 
     The per-event work is kept to one pass (disjoint classes, price, `seq`) building the row
     the database takes; rows are inserted in bulk (`db.insert_rows`) and the rollups summed per
@@ -415,21 +454,21 @@ class SpentEntry(TypedDict):
 
 
 # Per tenant, then per key, with an event this month: the tenant, then tokens and cost of the
-# day's events, then of the month's. Parameters: day start, day end (twice), month start, month end.
-_TODAY = "CASE WHEN started_at_ms >= ? AND started_at_ms < ? THEN {} ELSE 0 END"
+# day's events, then of the month's, from the rollups' days (UTC days tile a UTC month).
+# Parameters: day start, day end (twice), month start, month end.
+_TODAY = "CASE WHEN bucket_start >= ? AND bucket_start < ? THEN {} ELSE 0 END"
 _SUMS = (
     f"SUM({_TODAY.format('prompt_tokens + cached_tokens + completion_tokens')}), "
-    f"SUM({_TODAY.format('COALESCE(cost_micros, 0)')}), "
-    "SUM(prompt_tokens + cached_tokens + completion_tokens), SUM(COALESCE(cost_micros, 0))"
+    f"SUM({_TODAY.format('cost_micros')}), "
+    "SUM(prompt_tokens + cached_tokens + completion_tokens), SUM(cost_micros)"
 )
+_DAYS = "FROM usage_rollups WHERE bucket_width = '1d' AND bucket_start >= ? AND bucket_start < ?"
 _SPENT = f"""
-SELECT 'tenant', tenant_id, tenant_id, {_SUMS}
-FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ? GROUP BY tenant_id
+SELECT 'tenant', tenant_id, tenant_id, {_SUMS} {_DAYS} GROUP BY tenant_id
 UNION ALL
-SELECT 'key', key_id, tenant_id, {_SUMS}
-FROM usage_events WHERE started_at_ms >= ? AND started_at_ms < ? GROUP BY key_id, tenant_id
+SELECT 'key', key_id, tenant_id, {_SUMS} {_DAYS} GROUP BY key_id, tenant_id
 ORDER BY 1 DESC, 2
-"""  # noqa: S608
+"""
 
 
 def spent_in_current_periods(conn: Connection, at_ms: int) -> list[SpentEntry]:

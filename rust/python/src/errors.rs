@@ -22,12 +22,30 @@ create_exception!(
     GatewayError,
     "A server could not bind, start or stop."
 );
+create_exception!(
+    _core,
+    LedgerWriteError,
+    GatewayError,
+    "A batch of usage events the ledger did not store (rolled back: none of it is stored)."
+);
+create_exception!(
+    _core,
+    LedgerIntegrityError,
+    LedgerWriteError,
+    "A batch with an event the ledger's schema refuses (a missing value, one out of range, a \
+     broken uniqueness rule): rolled back, none of it is stored."
+);
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("GatewayError", py.get_type::<GatewayError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ServerError", py.get_type::<ServerError>())?;
+    m.add("LedgerWriteError", py.get_type::<LedgerWriteError>())?;
+    m.add(
+        "LedgerIntegrityError",
+        py.get_type::<LedgerIntegrityError>(),
+    )?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 mod errors;
 mod gateway;
+mod ledger_writer;
 mod runtime;
 mod sim;
 mod usage;
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     usage::register(m)?;
     m.add_class::<gateway::Gateway>()?;
     m.add_class::<sim::Simulator>()?;
+    m.add_class::<ledger_writer::SqliteUsageWriter>()?;
     Ok(())
 }

@@ -16,7 +16,7 @@ const MODULE: &str = "gateway.ledger.usage";
 const CLASS: &str = "UsageEvent";
 
 #[derive(Debug, Clone, Copy)]
-enum Field {
+pub enum Field {
     EventId,
     RequestId,
     TenantId,
@@ -144,6 +144,11 @@ fn class(py: Python<'_>) -> PyResult<&Class> {
         let new = py.get_type::<PyTuple>().getattr("__new__")?.unbind();
         Ok((class.unbind(), fields, new))
     })
+}
+
+/// The core's field of each field of the Python class, in the class's order.
+pub fn fields(py: Python<'_>) -> PyResult<&[Field]> {
+    Ok(&class(py)?.1)
 }
 
 /// One event as an instance of `class`: `tuple.__new__(class, values)`, which runs no Python code.
