@@ -36,7 +36,7 @@ test: build lint test-rust test-python test-vllm ## Every test tier, real vLLM i
 
 test-fast: build lint test-rust test-python ## Every tier but real vLLM: the day-to-day loop
 
-test-rust: services ## Rust unit and integration tests (real redis-server included)
+test-rust: native-deps services ## Rust unit and integration tests (real redis-server included)
 	cargo test --workspace --exclude gateway-python --all-targets
 
 test-python: build services ## Python tests against the built extension and real processes

@@ -48,7 +48,7 @@ class LedgerIntegrityError(LedgerWriteError):
 @final
 class SqliteUsageWriter:
     """The SQLite ledger's usage write path, native: `gateway.ledger.usage.insert_usage_events`'s
-    contract (rust/python/src/ledger_writer.rs). `gateway.ledger.db.native_usage_writer` opens it
+    contract (rust/core/src/ledger/sqlite.rs). `gateway.ledger.db.native_usage_writer` opens it
     for a ledger already migrated; one thread uses it at a time."""
 
     def __new__(cls, path: PathLike[str] | str, busy_timeout_ms: int) -> SqliteUsageWriter: ...

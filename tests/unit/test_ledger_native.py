@@ -1,5 +1,5 @@
 """The SQLite ledger's native write path (`db.native_usage_writer`, in
-rust/python/src/ledger_writer.rs) against the SQL one (`usage.insert_usage_events_sql`, the path
+rust/core/src/ledger/sqlite.rs) against the SQL one (`usage.insert_usage_events_sql`, the path
 PostgreSQL takes): the same batches store the same rows and rollups, count the same new events and
 log the same conflicts."""
 

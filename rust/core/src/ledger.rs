@@ -1,5 +1,8 @@
 //! The ledger as the data plane sees it: the control plane owns it, and installs a reader of a
-//! tenant's priced events for the surfaces that serve them (gRPC's `UsageService`).
+//! tenant's priced events for the surfaces that serve them (gRPC's `UsageService`); a SQLite
+//! ledger's usage events are written here (`sqlite`), for the control plane.
+
+pub mod sqlite;
 
 /// Why a page could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

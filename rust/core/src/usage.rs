@@ -249,6 +249,32 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Prices in micro-units of currency per million tokens of each class.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt: u64,
+    pub cached: u64,
+    pub completion: u64,
+}
+
+impl Price {
+    /// The cost of `usage` in micro-units, rounded up: neither budgets nor the ledger round in a tenant's favour.
+    /// Cached prompt tokens are priced as cached, the rest of the prompt as prompt.
+    pub fn cost(&self, usage: &Usage) -> u64 {
+        let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let uncached = usage.prompt_tokens.saturating_sub(cached);
+        // Each product of two u64 fits a u128; their sum saturates (at 3 × 2^128, never reached
+        // by u64 inputs, but the type cannot know that).
+        let fine = (u128::from(uncached).saturating_mul(u128::from(self.prompt)))
+            .saturating_add(u128::from(cached).saturating_mul(u128::from(self.cached)))
+            .saturating_add(
+                u128::from(usage.completion_tokens).saturating_mul(u128::from(self.completion)),
+            );
+        u64::try_from(fine.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,5 +412,28 @@ mod tests {
         assert_eq!(json["endpoint"], "chat.completions");
         assert_eq!(json["status"], "interrupted");
         assert_eq!(serde_json::from_value::<UsageEvent>(json).ok(), Some(event));
+    }
+
+    #[test]
+    fn cost_rounds_up_and_prices_cached_tokens_apart() {
+        let price = Price {
+            prompt: 150_000,
+            cached: 75_000,
+            completion: 600_000,
+        };
+        let usage = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cached_tokens: 400,
+        };
+        // 600 × 0.15 + 400 × 0.075 + 10 × 0.6 = 90 + 30 + 6 micro-units.
+        assert_eq!(price.cost(&usage), 126);
+        let one = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        };
+        assert_eq!(price.cost(&one), 1, "a fraction of a micro-unit rounds up");
+        assert_eq!(Price::default().cost(&one), 0);
     }
 }
