@@ -209,6 +209,7 @@ class _SqliteConnection(Connection):
 
     def __init__(self, raw: sqlite3.Connection, path: Path) -> None:
         self._raw = raw
+        # Absolute, as `raw` opened it: the native writer opens it later, maybe from elsewhere.
         self._path = path
         self._native: SqliteUsageWriter | None = None
 
@@ -555,7 +556,7 @@ def _open_sqlite(path: Path, any_thread: bool = False) -> Connection:
         )
     except sqlite3.Error as exc:
         raise DatabaseError(str(exc)) from exc
-    conn = _SqliteConnection(raw, path)
+    conn = _SqliteConnection(raw, path.absolute())
     try:
         execute(conn, f"PRAGMA busy_timeout = {LOCK_TIMEOUT_MS}")
         _enable_wal(conn)
