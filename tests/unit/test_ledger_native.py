@@ -12,7 +12,13 @@ import pytest
 
 from gateway.bounds import MAX_COUNT
 from gateway.ledger import db
-from gateway.ledger.db import Connection, native_usage_writer, open_ledger
+from gateway.ledger.db import (
+    Connection,
+    DatabaseError,
+    IntegrityError,
+    native_usage_writer,
+    open_ledger,
+)
 from gateway.ledger.usage import UsageEvent, insert_usage_events, insert_usage_events_sql
 from tests.support.events import usage_event as event
 from tests.support.usage_batches import START, comparable, mixed, priced, rollups, stored
@@ -91,3 +97,13 @@ def test_the_extension_and_python_run_one_sqlite_library() -> None:
     # The check itself, uncached: the two modules resolve SQLite's symbols to one address here
     # (Debian's libsqlite3 under both).
     assert db._one_sqlite_library.__wrapped__()
+
+
+def test_a_closed_writer_refuses_a_batch_as_a_database_failure(tmp_path: Path) -> None:
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as conn:
+        writer = native_usage_writer(conn)
+        assert writer is not None
+        writer.close()
+        with pytest.raises(DatabaseError, match="closed") as refused:
+            insert_usage_events(conn, [event()])
+        assert not isinstance(refused.value, IntegrityError)

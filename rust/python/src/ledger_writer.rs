@@ -67,11 +67,11 @@ impl SqliteUsageWriter {
         let written = py
             .detach(|| {
                 let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-                let writer = writer
+                writer
                     .as_mut()
-                    .ok_or_else(|| WriteError::Invalid("the usage writer is closed".into()))?;
-                writer.write(&events, recorded_at_ms)
+                    .map(|writer| writer.write(&events, recorded_at_ms))
             })
+            .ok_or_else(|| LedgerWriteError::new_err("the usage writer is closed"))?
             .map_err(to_python_error)?;
         let conflicts = written
             .conflicts
