@@ -315,7 +315,9 @@ fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Resu
     );
     let mut statement = conn.prepare_cached(&sql)?;
     for event in events {
-        seq += 1;
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| WriteError::Invalid("the ledger's seq is at its largest".into()))?;
         let (prompt, cached) = event.disjoint();
         let version = prices.get(event.model).and_then(|versions| {
             let after = versions.partition_point(|(at, _)| *at <= event.started_at_ms);
