@@ -1,7 +1,7 @@
 //! What the usage journal costs a request on the thread that serves it, with
-//! `journal.sync = "interval"`: its start (kept in memory), its end (encoded and written to the
-//! segment, a `pwrite` into the page cache); and the encoding of an end record alone. The
-//! syncer's ticks run on their own thread meanwhile, as in the gateway. No HTTP.
+//! `journal.sync = "interval"`: its start (kept in memory), its end (encoded and copied into the
+//! segment's mapping); and the encoding of an end record alone. The syncer's ticks run on their
+//! own thread meanwhile, as in the gateway. No HTTP.
 //!
 //!     cargo bench -p gateway-core --bench journal
 //!

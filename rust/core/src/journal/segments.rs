@@ -6,13 +6,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{MmapMut, MmapOptions};
 
 use super::record::{Ended, Progress, Record, Started};
 
 /// A request started and not yet ended, with its last progress.
 pub(super) type OpenRequest = (Started, Option<Progress>);
 
-/// The unit of a segment's writes: the page cache's page, a whole number of file system blocks.
+/// The page cache's page: a segment is a whole number of them.
 const PAGE: usize = 4096;
 
 pub(super) fn segment_path(dir: &Path, index: u64) -> PathBuf {
@@ -106,20 +109,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The segment `index`, zero-filled to `bytes` rounded up to a page, synced, then given its name
-/// (the directory synced too). Records overwrite blocks the file already has, so a sync flushes
-/// data alone, where a write that grew the file would make every sync commit the file system's
-/// own journal as well. A segment of zeros holds no record: recovery reads it as empty.
-pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
+/// The segment `index`, zero-filled to `bytes` rounded up to a page, synced, given its name (the
+/// directory synced too), then mapped. Records overwrite blocks the file already has, so a sync
+/// flushes data alone, where a write that grew the file would make every sync commit the file
+/// system's own journal as well. A segment of zeros holds no record: recovery reads it as empty.
+pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<Segment> {
     let temp = prepared_path(dir, index);
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
+        .read(true)
         .write(true)
         .open(&temp)?;
     // A page at a time: the page cache keeps the segment in pages of that size, where a write
-    // of a megabyte would leave it in large folios, and a small record written into a large
-    // folio costs a walk over all its blocks (ext4 on Linux 6.x: 2 µs more a record).
+    // of a megabyte would leave it in large folios, and a record written into a large folio
+    // dirties all of it, for the next sync to write whole.
     let zeros = [0u8; PAGE];
     let mut left = bytes.next_multiple_of(PAGE as u64);
     while left > 0 {
@@ -130,34 +134,45 @@ pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<File> {
     file.sync_all()?;
     fs::rename(&temp, segment_path(dir, index))?;
     sync_dir(dir)?;
-    Ok(file)
+    let map = map(&file)?;
+    Ok(Segment {
+        file: Arc::new(file),
+        map,
+        written: 0,
+    })
 }
 
-/// Appends records to a prepared segment a whole page at a time: each write starts at the page
-/// where the last record ended and runs to the end of the page where the new one ends, its own
-/// bytes preceded by the ones already there and followed by zeros, the segment's contents in both.
-/// A write that covers part of a page makes the kernel read the page from disk first when the page
-/// cache has dropped it (a segment is zero-filled long before its pages are written, and a page
-/// cache under pressure drops clean pages), and that read would be done by the thread appending,
-/// a request's: with whole pages it never reads.
+/// `file` mapped shared, its pages faulted in: they are the page cache's own, so a byte copied
+/// into the mapping is in the file for every reader and survives the process, as a written one
+/// does, and the page cache does not drop a page a process maps when asked to (`fadvise`), as it
+/// drops one it merely caches.
+#[expect(
+    unsafe_code,
+    reason = "a mapping is memory another process could change or cut short under us"
+)]
+fn map(file: &File) -> io::Result<MmapMut> {
+    // SAFETY: the mapping is sound while no one else writes the file or shortens it. The file
+    // is a segment of a journal directory that `Journal::open`'s lock keeps to one process;
+    // in it, a segment is written only through this mapping and `Segment::append`, and never
+    // truncated (deleted at most, which leaves a mapping whole).
+    unsafe { MmapOptions::new().populate().map_mut(file) }
+}
+
+/// A prepared segment, mapped. An append copies the record into the mapping: it reaches the
+/// page cache with no system call and no more bytes than its own, and a request's thread never
+/// waits on the disk to read a page back, because the segment's pages are mapped from the start.
 #[derive(Debug)]
-pub(super) struct Appender {
+pub(super) struct Segment {
+    file: Arc<File>,
+    map: MmapMut,
     /// Bytes in the segment.
     written: u64,
-    /// The segment's bytes from the start of the page holding `written` up to it.
-    tail: Vec<u8>,
-    /// What one write sends, kept for its capacity.
-    scratch: Vec<u8>,
 }
 
-impl Appender {
-    /// An appender for a segment that holds nothing yet.
-    pub(super) fn new() -> Self {
-        Self {
-            written: 0,
-            tail: Vec::with_capacity(PAGE),
-            scratch: Vec::with_capacity(2 * PAGE),
-        }
+impl Segment {
+    /// The file, to sync.
+    pub(super) fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Bytes in the segment.
@@ -165,23 +180,22 @@ impl Appender {
         self.written
     }
 
-    /// Writes `bytes` after what the segment holds. On an error the segment's length is unchanged
-    /// (the bytes may be partly written past it: zeros read as the end, or a torn last line,
-    /// which replay skips).
-    pub(super) fn append(&mut self, file: &File, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` after what the segment holds. What does not fit in the mapping (a record
+    /// larger than a segment, or the requests carried into a new one) is written past its end,
+    /// growing the file. On an error the segment's length is unchanged (the bytes may be partly
+    /// written past it: zeros read as the end, or a torn last line, which replay skips).
+    pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        let tail = u64::try_from(self.tail.len()).unwrap_or(u64::MAX);
-        let start = self.written - tail;
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&self.tail);
-        self.scratch.extend_from_slice(bytes);
-        let end = self.scratch.len();
-        self.scratch.resize(end.next_multiple_of(PAGE), 0);
-        file.write_all_at(&self.scratch, start)?;
-        self.tail.clear();
-        self.tail
-            .extend_from_slice(&self.scratch[end - end % PAGE..end]);
-        self.written = self.written.saturating_add(len);
+        let end = self.written.saturating_add(len);
+        let mapped = match (usize::try_from(self.written), usize::try_from(end)) {
+            (Ok(start), Ok(end)) => self.map.get_mut(start..end),
+            _ => None,
+        };
+        match mapped {
+            Some(mapped) => mapped.copy_from_slice(bytes),
+            None => self.file.write_all_at(bytes, self.written)?,
+        }
+        self.written = end;
         Ok(())
     }
 }

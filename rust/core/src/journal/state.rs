@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::record::{Line, Progress, Started};
-use super::segments::{Appender, prepare, segment_path};
+use super::segments::{Segment, prepare, segment_path};
 
 /// A request started and not yet ended.
 #[derive(Debug)]
@@ -47,15 +47,13 @@ pub(super) struct State {
     pub(super) segment_bytes: u64,
     pub(super) interval: Duration,
     pub(super) index: u64,
-    pub(super) file: Arc<File>,
-    /// Where the current segment's records end.
-    pub(super) appender: Appender,
+    pub(super) segment: Segment,
     /// The current segment holds records written since its last sync.
     pub(super) unsynced: bool,
     /// Sealed segments whose last records may be unsynced.
     pub(super) sealed_unsynced: Vec<Arc<File>>,
     /// The next segment, being prepared in the background.
-    pub(super) next: Option<JoinHandle<io::Result<File>>>,
+    pub(super) next: Option<JoinHandle<io::Result<Segment>>>,
     /// The highest `seq` written so far.
     pub(super) max_seq: Option<u64>,
     /// Sealed segments and the highest `seq` written when each was sealed.
@@ -91,7 +89,7 @@ impl Shared {
     }
 }
 
-pub(super) fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<File>> {
+pub(super) fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<Segment>> {
     let dir = dir.to_owned();
     std::thread::spawn(move || prepare(&dir, index, bytes))
 }
@@ -138,11 +136,11 @@ impl State {
     /// Writes `bytes` after what the segment holds, sealing it first if they do not fit.
     pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        let written = self.appender.written();
+        let written = self.segment.written();
         if written > 0 && written.saturating_add(len) > self.segment_bytes {
             self.rotate()?;
         }
-        self.appender.append(&self.file, bytes)?;
+        self.segment.append(bytes)?;
         self.unsynced = true;
         Ok(())
     }
@@ -152,8 +150,8 @@ impl State {
     /// records are synced by the syncer's next round.
     fn rotate(&mut self) -> io::Result<()> {
         let index = self.index + 1;
-        let file = match self.next.take().map(JoinHandle::join) {
-            Some(Ok(Ok(file))) => file,
+        let mut segment = match self.next.take().map(JoinHandle::join) {
+            Some(Ok(Ok(segment))) => segment,
             Some(Ok(Err(error))) => return Err(error),
             Some(Err(_)) | None => prepare(&self.dir, index, self.segment_bytes)?,
         };
@@ -165,15 +163,13 @@ impl State {
                 Line::Progress { event_id, progress }.encode(&mut carried);
             }
         }
-        let mut appender = Appender::new();
-        appender.append(&file, &carried)?;
-        let sealed = std::mem::replace(&mut self.file, Arc::new(file));
+        segment.append(&carried)?;
+        let sealed = std::mem::replace(&mut self.segment, segment);
         if self.unsynced {
-            self.sealed_unsynced.push(sealed);
+            self.sealed_unsynced.push(sealed.file().clone());
         }
         self.sealed.push((self.index, self.max_seq));
         self.index = index;
-        self.appender = appender;
         self.unsynced = true;
         self.next = Some(prepare_next(&self.dir, index + 1, self.segment_bytes));
         Ok(())
@@ -183,7 +179,7 @@ impl State {
     pub(super) fn take_unsynced(&mut self) -> Vec<Arc<File>> {
         let mut files = std::mem::take(&mut self.sealed_unsynced);
         if std::mem::take(&mut self.unsynced) {
-            files.push(self.file.clone());
+            files.push(self.segment.file().clone());
         }
         files
     }
@@ -203,7 +199,7 @@ impl State {
     }
 
     /// The next segment's preparation, to wait for before the process ends.
-    pub(super) fn take_next(&mut self) -> Option<JoinHandle<io::Result<File>>> {
+    pub(super) fn take_next(&mut self) -> Option<JoinHandle<io::Result<Segment>>> {
         self.next.take()
     }
 }

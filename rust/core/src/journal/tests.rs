@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::record::Record;
-use super::segments::{Appender, prepare, replay, segment_path, segments};
+use super::segments::{prepare, replay, segment_path, segments};
 use super::*;
 
 /// A fresh directory under the system's temp dir, removed on drop.
@@ -350,28 +350,38 @@ fn lines(sizes: &[usize]) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_never_grow_it() {
-    let dir = TempDir::new("appender");
+fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_grow_it_only_past_its_mapping() {
+    let dir = TempDir::new("appends");
     fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
     // Not a whole number of pages: the segment is rounded up to one.
-    let file = prepare(&dir.0, 0, 3 * 4096 + 100).unwrap_or_else(|e| panic!("prepare: {e}"));
-    let mut appender = Appender::new();
+    let mut segment = prepare(&dir.0, 0, 3 * 4096 + 100).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let read = || fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
     let mut expected = Vec::new();
+    let mut append = |segment: &mut super::segments::Segment, line: &[u8]| {
+        segment
+            .append(line)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+        expected.extend_from_slice(line);
+        assert_eq!(segment.written(), expected.len() as u64);
+        expected.clone()
+    };
     // Within a page, up to one's end exactly, across one, across two, then an empty append.
+    let mut so_far = Vec::new();
     for line in lines(&[10, 4086, 300, 5000, 1, 4200])
         .iter()
         .chain([&Vec::new()])
     {
-        appender
-            .append(&file, line)
-            .unwrap_or_else(|e| panic!("append: {e}"));
-        expected.extend_from_slice(line);
-        assert_eq!(appender.written(), expected.len() as u64);
+        so_far = append(&mut segment, line);
     }
-    let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    let bytes = read();
     assert_eq!(bytes.len(), 4 * 4096, "rounded up to pages, and not grown");
-    assert_eq!(&bytes[..expected.len()], &expected[..]);
-    assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+    assert_eq!(&bytes[..so_far.len()], &so_far[..]);
+    assert!(bytes[so_far.len()..].iter().all(|&b| b == 0));
+    // Past the mapping's end: written to the file, which grows by what did not fit.
+    for line in &lines(&[4000, 20]) {
+        so_far = append(&mut segment, line);
+    }
+    assert_eq!(read(), so_far, "grown to hold them, and only them");
 }
 
 /// Bytes this thread has caused to be read from storage (`/proc/thread-self/io`).
@@ -384,38 +394,53 @@ fn read_bytes() -> u64 {
 }
 
 #[test]
-fn an_append_reads_nothing_from_disk_when_the_page_cache_has_dropped_the_segment() {
+fn an_append_reads_nothing_from_disk_after_the_page_cache_was_told_to_drop_the_segment() {
     use rustix::fs::{Advice, fadvise};
 
     let dir = TempDir::on_disk("dropped");
     fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    let file = prepare(&dir.0, 0, 8 * 4096).unwrap_or_else(|e| panic!("prepare: {e}"));
-    let drop_cache = || {
+    let drop_cache = |file: &fs::File| {
         file.sync_data().unwrap_or_else(|e| panic!("sync: {e}"));
-        fadvise(&file, 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
+        fadvise(file, 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
     };
-    let mut appender = Appender::new();
     let records = lines(&[200, 200, 200]);
-    appender
-        .append(&file, &records[0])
-        .unwrap_or_else(|e| panic!("append: {e}"));
-    // The control: a plain write into part of a dropped page reads the page first. Were it not
-    // so here, this test would prove nothing.
-    drop_cache();
+    // The control: a plain file, written into part of a page the page cache dropped, is read
+    // from disk first. Were it not so here, this test would prove nothing.
+    let plain = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.0.join("plain"))
+        .unwrap_or_else(|e| panic!("open: {e}"));
+    plain
+        .write_all_at(&[0u8; 8 * 4096], 0)
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    drop_cache(&plain);
     let before = read_bytes();
-    file.write_all_at(&records[1], 4 * 4096 + 10)
+    plain
+        .write_all_at(&records[0], 4 * 4096 + 10)
         .unwrap_or_else(|e| panic!("write: {e}"));
     assert!(
         read_bytes() > before,
         "a partial write into a dropped page reads it from disk"
     );
-    drop_cache();
-    let before = read_bytes();
-    appender
-        .append(&file, &records[2])
+    let mut segment = prepare(&dir.0, 0, 8 * 4096).unwrap_or_else(|e| panic!("prepare: {e}"));
+    segment
+        .append(&records[1])
         .unwrap_or_else(|e| panic!("append: {e}"));
-    assert_eq!(read_bytes(), before, "the append read from disk");
+    drop_cache(segment.file());
+    let before = read_bytes();
+    for record in &records[1..] {
+        segment
+            .append(record)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+    }
+    assert_eq!(read_bytes(), before, "an append read from disk");
     let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
-    assert_eq!(&bytes[..200], &records[0][..]);
-    assert_eq!(&bytes[200..400], &records[2][..]);
+    assert_eq!(&bytes[..200], &records[1][..]);
+    assert_eq!(
+        &bytes[200..600],
+        [&records[1][..], &records[2][..]].concat()
+    );
 }

@@ -1,10 +1,11 @@
 //! The usage journal: an append-only directory of segments that every usage event reaches before
 //! the client sees the end of its response.
 //!
-//! A request's end is written (`pwrite`, into the page cache) by the thread that records it, while
-//! its response is still open: from then on a killed process cannot lose it. A request's start
-//! and progress are kept in memory and written at the syncer's next tick, for the requests still
-//! open then: a request that ends within a tick costs one record, its end. When a written record
+//! A request's end is written by the thread that records it, while its response is still open:
+//! copied into the segment's mapping (`segments::Segment`), so into the page cache, with no system
+//! call. From then on a killed process cannot lose it. A request's start and progress are kept in
+//! memory and written at the syncer's next tick, for the requests still open then: a request that
+//! ends within a tick costs one record, its end. When a written record
 //! is safe from a machine that stops is the `Durability`:
 //! - `Interval`: the syncer (`syncer`) `fdatasync`s what was written at most one tick after it
 //!   was, and no request waits for it, as Redis's `appendfsync everysec` and PostgreSQL's
@@ -38,7 +39,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::record::{Ended, Line, Progress, Started};
-use super::segments::{Appender, prepare, remove_unadopted, replay, segments};
+use super::segments::{prepare, remove_unadopted, replay, segments};
 use super::state::{Open, Shared, Sleep, State, prepare_next};
 use crate::config::{Durability, JournalConfig};
 
@@ -99,14 +100,13 @@ impl Journal {
         }
         let index = old.last().map_or(0, |(i, _)| i + 1);
         let segment_bytes = options.segment_bytes.max(4096);
-        let file = prepare(dir, index, segment_bytes)?;
+        let mut segment = prepare(dir, index, segment_bytes)?;
         let mut buffer = Vec::new();
         for event in &events {
             Line::End(event).encode(&mut buffer);
         }
-        let mut appender = Appender::new();
-        appender.append(&file, &buffer)?;
-        file.sync_data()?;
+        segment.append(&buffer)?;
+        segment.file().sync_data()?;
         for (_, path) in &old {
             fs::remove_file(path)?;
         }
@@ -121,8 +121,7 @@ impl Journal {
             segment_bytes,
             interval: options.interval.max(Duration::from_millis(1)),
             index,
-            file: Arc::new(file),
-            appender,
+            segment,
             unsynced: false,
             sealed_unsynced: Vec::new(),
             next: Some(prepare_next(dir, index + 1, segment_bytes)),
