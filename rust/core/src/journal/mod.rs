@@ -2,6 +2,7 @@
 //! once or within a tick, and what a crashed process left turned back into events at the next
 //! start.
 
+mod encode;
 mod record;
 mod segments;
 mod state;

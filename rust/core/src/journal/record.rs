@@ -59,7 +59,8 @@ pub enum Record {
     },
 }
 
-/// A record to write, borrowing what it records: the same line as the `Record` it reads back as.
+/// A record to write, borrowing what it records: the same line as the `Record` it reads back as
+/// (`encode` writes it; its `Serialize` is what the encoder's test compares it with).
 #[derive(Debug, Clone, Copy, Serialize)]
 #[serde(tag = "r", rename_all = "lowercase")]
 pub enum Line<'a> {
@@ -70,16 +71,6 @@ pub enum Line<'a> {
         progress: &'a Progress,
     },
     End(&'a Ended),
-}
-
-impl Line<'_> {
-    /// One line, newline included.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        // Serialising plain strings and integers cannot fail.
-        if serde_json::to_writer(&mut *out, self).is_ok() {
-            out.push(b'\n');
-        }
-    }
 }
 
 impl Record {
