@@ -88,8 +88,8 @@ fn main() {
             seq: i,
             event: event(i),
         };
-        journal.start(Started::of(&ended.event));
-        assert!(journal.end(&ended, true).is_none());
+        let slot = journal.start(Started::of(&ended.event));
+        assert!(journal.end(&ended, slot, true).is_none());
     });
     journal.close();
     drop(journal);

@@ -13,4 +13,5 @@ mod writer;
 
 pub use crate::config::Durability;
 pub use record::{Ended, Line, Progress, Record, Started};
+pub use state::Slot;
 pub use writer::{Journal, Options, Recovered};

@@ -2,7 +2,6 @@
 //! open, the waiters; and the appends, the tick's writing and the rotation done under it, by
 //! whichever thread holds it (a request's, or the syncer).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,6 +25,54 @@ pub(super) struct Open {
     pub(super) written: bool,
     /// `progress` is newer than what the journal holds.
     pub(super) progress_unwritten: bool,
+}
+
+/// A started request's place among the open ones: `Journal::start` hands it out, `Journal::end`
+/// takes it back (so a request ends once), and its slot serves the next request to start.
+#[derive(Debug)]
+pub struct Slot(usize);
+
+/// The requests started and not yet ended, each in a slot: no key to hash or copy on a request's
+/// path, and a tick visits them in one pass.
+#[derive(Debug, Default)]
+pub(super) struct OpenRequests {
+    slots: Vec<Option<Open>>,
+    vacant: Vec<usize>,
+}
+
+impl OpenRequests {
+    pub(super) fn insert(&mut self, open: Open) -> Slot {
+        match self.vacant.pop() {
+            Some(i) => {
+                self.slots[i] = Some(open);
+                Slot(i)
+            }
+            None => {
+                self.slots.push(Some(open));
+                Slot(self.slots.len() - 1)
+            }
+        }
+    }
+
+    pub(super) fn get_mut(&mut self, slot: &Slot) -> Option<&mut Open> {
+        self.slots.get_mut(slot.0)?.as_mut()
+    }
+
+    pub(super) fn remove(&mut self, slot: Slot) {
+        if let Some(open) = self.slots.get_mut(slot.0)
+            && open.take().is_some()
+        {
+            self.vacant.push(slot.0);
+        }
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Open> {
+        self.slots.iter().flatten()
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Open> {
+        self.slots.iter_mut().flatten()
+    }
 }
 
 /// How the syncer sleeps, which says whether a writer must wake it.
@@ -58,7 +105,7 @@ pub(super) struct State {
     pub(super) max_seq: Option<u64>,
     /// Sealed segments and the highest `seq` written when each was sealed.
     pub(super) sealed: Vec<(u64, Option<u64>)>,
-    pub(super) open: HashMap<String, Open>,
+    pub(super) open: OpenRequests,
     pub(super) buffer: Vec<u8>,
     /// Told once every record written before them is synced.
     pub(super) waiters: Vec<oneshot::Sender<()>>,
@@ -112,7 +159,7 @@ impl State {
     pub(super) fn write_open(&mut self) {
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
-        for open in self.open.values_mut() {
+        for open in self.open.iter_mut() {
             if !open.written {
                 Line::Start(&open.started).encode(&mut buffer);
                 open.written = true;
@@ -156,7 +203,7 @@ impl State {
             Some(Err(_)) | None => prepare(&self.dir, index, self.segment_bytes)?,
         };
         let mut carried = Vec::new();
-        for open in self.open.values().filter(|open| open.written) {
+        for open in self.open.iter().filter(|open| open.written) {
             Line::Start(&open.started).encode(&mut carried);
             if let Some(progress) = &open.progress {
                 let event_id = &open.started.event_id;

@@ -109,9 +109,10 @@ fn an_end_is_in_the_segment_when_end_returns_and_nobody_waits_on_an_interval() {
     let dir = TempDir::new("interval");
     let (journal, recovered) = open(&dir, 1 << 20, Durability::Interval);
     assert!(recovered.events.is_empty());
-    journal.start(started("a"));
+    let a = journal.start(started("a"));
+    assert!(a.is_some());
     assert!(
-        journal.end(&ended("a", 0), true).is_none(),
+        journal.end(&ended("a", 0), a, true).is_none(),
         "nothing to wait for"
     );
     // Written by `end` itself, before any tick: what a killed process leaves behind.
@@ -122,11 +123,11 @@ fn an_end_is_in_the_segment_when_end_returns_and_nobody_waits_on_an_interval() {
 fn always_hands_out_a_receiver_that_resolves_once_synced() {
     let dir = TempDir::new("always");
     let (journal, _) = open(&dir, 1 << 20, Durability::Always);
-    let synced = journal.end(&ended("a", 0), true);
+    let synced = journal.end(&ended("a", 0), None, true);
     let synced = synced.unwrap_or_else(|| panic!("a receiver to wait on"));
     assert!(synced.blocking_recv().is_ok());
     assert!(
-        journal.end(&ended("b", 1), false).is_none(),
+        journal.end(&ended("b", 1), None, false).is_none(),
         "asked not to wait"
     );
     assert_eq!(
@@ -140,11 +141,12 @@ fn a_request_that_ends_within_a_tick_costs_one_record_and_an_open_one_its_start(
     let dir = TempDir::new("one-record");
     {
         let (journal, _) = open(&dir, 1 << 20, Durability::Interval);
-        journal.start(started("quick"));
-        journal.start(started("long"));
-        journal.progress("long", progress(4));
-        journal.progress("long", progress(7));
-        journal.end(&ended("quick", 0), false);
+        let quick = journal.start(started("quick"));
+        let long = journal.start(started("long"));
+        let long = long.unwrap_or_else(|| panic!("a slot"));
+        journal.progress(&long, progress(4));
+        journal.progress(&long, progress(7));
+        journal.end(&ended("quick", 0), quick, false);
         // Closing writes what a tick would: the open request's start and its last progress.
     }
     let records = records(&dir);
@@ -170,7 +172,7 @@ fn a_tick_writes_the_starts_of_requests_still_open() {
         interval: Duration::from_millis(1),
     };
     let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
-    journal.start(started("open"));
+    let _open = journal.start(started("open"));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while kinds(&records(&dir)).is_empty() {
         assert!(
@@ -189,11 +191,12 @@ fn reopening_records_ended_events_again_and_interrupts_open_requests() {
         let dir = TempDir::new("recover");
         {
             let (journal, _) = open(&dir, 1 << 20, durability);
-            journal.start(started("done"));
-            journal.start(started("cut"));
-            journal.progress("cut", progress(4));
-            journal.progress("cut", progress(7));
-            journal.end(&ended("done", 0), false);
+            let done = journal.start(started("done"));
+            let cut = journal.start(started("cut"));
+            let cut = cut.unwrap_or_else(|| panic!("a slot"));
+            journal.progress(&cut, progress(4));
+            journal.progress(&cut, progress(7));
+            journal.end(&ended("done", 0), done, false);
         }
         // A crash can cut the last line short: half a record where the zeros began.
         let found = segments(&dir.0).unwrap_or_default();
@@ -263,14 +266,15 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
     let dir = TempDir::new("rotate");
     {
         let (journal, _) = open(&dir, 4096, Durability::Always);
-        journal.start(started("long"));
-        journal.progress("long", progress(1));
+        let long = journal.start(started("long"));
+        let long = long.unwrap_or_else(|| panic!("a slot"));
+        journal.progress(&long, progress(1));
         // A tick's work, forced: the long request's start is written before the others.
         journal.tick_now();
         for seq in 0..100 {
             let id = format!("e{seq}");
-            journal.start(started(&id));
-            let synced = journal.end(&ended(&id, seq), true);
+            let slot = journal.start(started(&id));
+            let synced = journal.end(&ended(&id, seq), slot, true);
             assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
         }
         assert!(
@@ -278,8 +282,8 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
             "segments rotated"
         );
         journal.committed(99);
-        journal.progress("long", progress(2));
-        let synced = journal.end(&ended("marker", 100), true);
+        journal.progress(&long, progress(2));
+        let synced = journal.end(&ended("marker", 100), None, true);
         assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // The live segment and the next, prepared: every sealed one is in the ledger.
@@ -443,4 +447,40 @@ fn an_append_reads_nothing_from_disk_after_the_page_cache_was_told_to_drop_the_s
         &bytes[200..600],
         [&records[1][..], &records[2][..]].concat()
     );
+}
+
+#[test]
+fn a_slot_serves_the_next_request_once_its_own_has_ended() {
+    use super::state::{Open, OpenRequests};
+
+    let open = |id: &str| Open {
+        started: started(id),
+        progress: None,
+        written: false,
+        progress_unwritten: false,
+    };
+    let ids = |requests: &OpenRequests| -> Vec<String> {
+        let mut ids: Vec<String> = requests
+            .iter()
+            .map(|o| o.started.event_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut requests = OpenRequests::default();
+    let a = requests.insert(open("a"));
+    let b = requests.insert(open("b"));
+    assert_eq!(ids(&requests), ["a", "b"]);
+    requests.remove(a);
+    assert_eq!(ids(&requests), ["b"]);
+    let c = requests.insert(open("c"));
+    assert_eq!(ids(&requests), ["b", "c"]);
+    assert_eq!(format!("{c:?}"), "Slot(0)", "a's slot, reused");
+    if let Some(b) = requests.get_mut(&b) {
+        b.written = true;
+    }
+    assert_eq!(requests.iter().filter(|o| o.written).count(), 1);
+    requests.remove(b);
+    requests.remove(c);
+    assert_eq!(requests.iter().count(), 0);
 }

@@ -26,7 +26,6 @@
 //!
 //! A lock file keeps a second process out of a journal in use.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
@@ -40,7 +39,7 @@ use tokio::sync::oneshot;
 
 use super::record::{Ended, Line, Progress, Started};
 use super::segments::{prepare, remove_unadopted, replay, segments};
-use super::state::{Open, Shared, Sleep, State, prepare_next};
+use super::state::{Open, OpenRequests, Shared, Sleep, Slot, State, prepare_next};
 use crate::config::{Durability, JournalConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +126,7 @@ impl Journal {
             next: Some(prepare_next(dir, index + 1, segment_bytes)),
             max_seq: next_seq.checked_sub(1),
             sealed: Vec::new(),
-            open: HashMap::new(),
+            open: OpenRequests::default(),
             buffer,
             waiters: Vec::new(),
             due: None,
@@ -162,10 +161,11 @@ impl Journal {
     }
 
     /// A request started: its start goes to the journal at the next tick if it is still open.
-    pub fn start(&self, started: Started) {
+    /// `None` once the journal is closed.
+    pub fn start(&self, started: Started) -> Option<Slot> {
         let mut state = self.shared.lock();
         if state.closed {
-            return;
+            return None;
         }
         let open = Open {
             started,
@@ -173,29 +173,38 @@ impl Journal {
             written: false,
             progress_unwritten: false,
         };
-        state.open.insert(open.started.event_id.clone(), open);
+        let slot = state.open.insert(open);
         state.ticks_soon(&self.shared);
+        Some(slot)
     }
 
     /// A running request's usage so far: it goes to the journal at the next tick.
-    pub fn progress(&self, event_id: &str, progress: Progress) {
+    pub fn progress(&self, slot: &Slot, progress: Progress) {
         let mut state = self.shared.lock();
-        if let Some(open) = state.open.get_mut(event_id) {
+        if let Some(open) = state.open.get_mut(slot) {
             open.progress = Some(progress);
             open.progress_unwritten = true;
             state.ticks_soon(&self.shared);
         }
     }
 
-    /// Writes a request's end before returning. With `wait` and `Durability::Always`, the
-    /// receiver resolves once it is synced (or fails if it could not be written or synced).
-    pub fn end(&self, ended: &Ended, wait: bool) -> Option<oneshot::Receiver<()>> {
+    /// Writes a request's end before returning, and forgets its start (`slot`). With `wait` and
+    /// `Durability::Always`, the receiver resolves once it is synced (or fails if it could not be
+    /// written or synced).
+    pub fn end(
+        &self,
+        ended: &Ended,
+        slot: Option<Slot>,
+        wait: bool,
+    ) -> Option<oneshot::Receiver<()>> {
         let mut state = self.shared.lock();
         if state.closed {
             tracing::error!("usage journal has stopped; an event was not written");
             return None;
         }
-        state.open.remove(&ended.event.event_id);
+        if let Some(slot) = slot {
+            state.open.remove(slot);
+        }
         let mut buffer = std::mem::take(&mut state.buffer);
         buffer.clear();
         Line::End(ended).encode(&mut buffer);

@@ -13,6 +13,7 @@ use super::counting::{self, Counter, Relayed};
 use super::meter::{Meter, Synced};
 use super::overhead::{Arrival, Overhead};
 use crate::auth::Principal;
+use crate::journal::Slot;
 use crate::quota::Reservation;
 use crate::request::InferenceRequest;
 use crate::usage::{EventIds, Status, Usage, UsageEvent, UsageSource, now_ms};
@@ -40,6 +41,8 @@ impl std::fmt::Debug for SettleHook {
 pub struct MeterGuard {
     meter: Arc<Meter>,
     event: Option<UsageEvent>,
+    /// The request's start in the journal.
+    journal: Option<Slot>,
     reservation: Option<Reservation>,
     /// Told the usage once the event is recorded.
     on_settle: Option<SettleHook>,
@@ -82,9 +85,10 @@ impl MeterGuard {
             started_at_ms: ids.started_at_ms,
             finished_at_ms: 0,
         };
-        meter.journal_start(&event);
+        let journal = meter.journal_start(&event);
         Self {
             meter,
+            journal,
             progress_at_ms: event.started_at_ms,
             event: Some(event),
             reservation: None,
@@ -186,12 +190,12 @@ impl MeterGuard {
             event.completion_tokens = usage.completion_tokens;
             event.cached_tokens = usage.cached_tokens;
             event.usage_source = UsageSource::Worker;
-            if self.meter.journals() {
+            if let Some(slot) = &self.journal {
                 let now = now_ms();
                 let every = self.meter.progress_every_ms;
                 if now >= self.progress_at_ms.saturating_add(every) {
                     self.progress_at_ms = now;
-                    self.meter.journal_progress(&event.event_id, &usage, now);
+                    self.meter.journal_progress(slot, &usage, now);
                 }
             }
         }
@@ -209,6 +213,7 @@ impl MeterGuard {
 
     fn record(&mut self, status: Status, wait: bool) -> Synced {
         let mut event = self.event.take()?;
+        let journal = self.journal.take();
         event.status = status;
         event.finished_at_ms = now_ms();
         let settle = Settle {
@@ -244,6 +249,7 @@ impl MeterGuard {
                 let synced = commit(
                     &counting.meter,
                     event,
+                    journal,
                     settle,
                     timing,
                     &trace,
@@ -259,7 +265,15 @@ impl MeterGuard {
             });
             return synced;
         }
-        commit(&self.meter, event, settle, timing, &self.trace, wait)
+        commit(
+            &self.meter,
+            event,
+            journal,
+            settle,
+            timing,
+            &self.trace,
+            wait,
+        )
     }
 }
 
@@ -281,6 +295,7 @@ struct Settle {
 fn commit(
     meter: &Meter,
     event: UsageEvent,
+    journal: Option<Slot>,
     settle: Settle,
     timing: Timing,
     trace: &Span,
@@ -299,7 +314,7 @@ fn commit(
     if let Some(SettleHook(hook)) = settle.hook {
         hook(&usage);
     }
-    meter.record(event, timing.elapsed, timing.overhead, wait)
+    meter.record(event, journal, timing.elapsed, timing.overhead, wait)
 }
 
 /// One event being counted, for `Meter::counts_settled`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use crate::journal::{Ended, Journal, Progress, Recovered, Started};
+use crate::journal::{Ended, Journal, Progress, Recovered, Slot, Started};
 use crate::metrics::GatewayMetrics;
 use crate::usage::{Usage, UsageEvent};
 
@@ -58,6 +58,7 @@ impl Meter {
     pub(super) fn record(
         &self,
         event: UsageEvent,
+        slot: Option<Slot>,
         elapsed: Duration,
         overhead: Duration,
         wait: bool,
@@ -71,25 +72,19 @@ impl Meter {
         let synced = self
             .journal
             .as_ref()
-            .and_then(|journal| journal.end(&ended, wait));
+            .and_then(|journal| journal.end(&ended, slot, wait));
         queue.events.push_back(ended);
         synced
     }
 
-    /// Whether a running request's start and progress go anywhere.
-    pub(super) fn journals(&self) -> bool {
-        self.journal.is_some()
+    /// Where the journal keeps the request's start, if there is a journal.
+    pub(super) fn journal_start(&self, event: &UsageEvent) -> Option<Slot> {
+        self.journal.as_ref()?.start(Started::of(event))
     }
 
-    pub(super) fn journal_start(&self, event: &UsageEvent) {
+    pub(super) fn journal_progress(&self, slot: &Slot, usage: &Usage, at_ms: u64) {
         if let Some(journal) = &self.journal {
-            journal.start(Started::of(event));
-        }
-    }
-
-    pub(super) fn journal_progress(&self, event_id: &str, usage: &Usage, at_ms: u64) {
-        if let Some(journal) = &self.journal {
-            journal.progress(event_id, Progress::of(usage, at_ms));
+            journal.progress(slot, Progress::of(usage, at_ms));
         }
     }
 
