@@ -21,6 +21,7 @@ __all__ = [
     "Simulator",
     "SqliteUsageWriter",
     "__version__",
+    "journal_records",
 ]
 
 __version__: str
@@ -28,6 +29,12 @@ __version__: str
 USAGE_FIELDS: tuple[str, ...]
 """The core's usage event fields, sorted: the names its serialised form (the journal's) uses.
 `gateway.ledger.usage.UsageEvent` has exactly these; the first drain checks it."""
+
+def journal_records(dir: PathLike[str] | str) -> tuple[list[str], int, int]:
+    """Every record in a usage journal directory, oldest first, each a JSON object (`r`: `start`,
+    `progress` or `end`; an end's members are its event's and its `seq`); then how many segments
+    end in a record cut short (a crash mid-write) and how many records this build cannot read.
+    Takes no lock: the gateway may be running. Raises `OSError` if the directory cannot be read."""
 
 class GatewayError(Exception):
     """Base of every error raised by the extension."""

@@ -193,6 +193,33 @@ def _sim(args: argparse.Namespace) -> int:
     return sim.run(config)
 
 
+def _journal_dump(args: argparse.Namespace) -> int:
+    from gateway import _core
+
+    directory: str | None = args.dir
+    if args.config is not None:
+        directory = load_config(args.config).journal_dir()
+        if directory is None:
+            raise UsageError(f"{args.config}: the usage journal is off")
+    if directory is None:
+        raise UsageError("give the journal's directory, or --config")
+    if not Path(directory).is_dir():
+        print(f"error: no journal directory at {directory}", file=sys.stderr)
+        return 1
+    try:
+        lines, torn, unreadable = _core.journal_records(directory)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    if torn:
+        print(f"{torn} segment(s) end in a record cut short (a crash mid-write)", file=sys.stderr)
+    if unreadable:
+        print(f"{unreadable} record(s) this version cannot read", file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gateway import demo
 
@@ -252,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=Path("data"), metavar="DIR")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(handler=_demo)
+
+    journal = commands.add_parser("journal", help="read a usage journal").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = journal.add_parser(
+        "dump", help="print its records as JSON lines, oldest first (the gateway may be running)"
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("dir", nargs="?", metavar="DIR", help="the journal's directory")
+    where.add_argument("--config", type=Path, metavar="FILE", help="the journal of this config")
+    p.set_defaults(handler=_journal_dump)
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(
         dest="action", required=True, metavar="ACTION"

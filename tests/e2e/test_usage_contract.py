@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import _core
+from gateway import _core, cli
 from gateway.billing import event_document
 from gateway.config import GatewayConfig
 from gateway.grpc import GatewayClient
@@ -196,7 +196,9 @@ def test_grpc_renders_every_field_the_billing_api_does(
 
 
 @pytest.mark.e2e
-def test_the_binding_hands_over_what_the_journal_stored(tmp_path: Path) -> None:
+def test_the_binding_hands_over_what_the_journal_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A real request's event, drained through the binding, is field for field the journal's end
     record of it, under the same names: the binding and the journal serialise one type."""
     sim = procs.start_sim()
@@ -226,11 +228,9 @@ def test_the_binding_hands_over_what_the_journal_stored(tmp_path: Path) -> None:
     finally:
         gateway.shutdown(1.0)
         sim.stop()
-    records = [
-        json.loads(line)
-        for segment in sorted(journal.glob("journal-*.jsonl"))
-        for line in segment.read_bytes().split(b"\0")[0].decode().splitlines()
-    ]
+    lines, torn, unreadable = _core.journal_records(journal)
+    assert (torn, unreadable) == (0, 0)
+    records = [json.loads(line) for line in lines]
     [end] = [r for r in records if r["r"] == "end" and r["seq"] == seq]
     assert isinstance(event, UsageEvent)
     assert event._asdict() == {name: end[name] for name in _core.USAGE_FIELDS}
@@ -240,3 +240,7 @@ def test_the_binding_hands_over_what_the_journal_stored(tmp_path: Path) -> None:
         "completed",
         3,
     )
+    # `gateway journal dump` prints those records, one a line.
+    capsys.readouterr()
+    assert cli.main(["journal", "dump", str(journal)]) == 0
+    assert capsys.readouterr().out.splitlines() == lines

@@ -264,3 +264,26 @@ def test_argparse_errors_and_help_return_codes(capsys: pytest.CaptureFixture[str
 def test_format_table_right_aligns_numbers() -> None:
     table = format_table(("NAME", "N"), [("a", 1), ("bbb", 100)])
     assert table.splitlines() == ["NAME    N", "a       1", "bbb   100"]
+
+
+def test_journal_dump_reads_a_directory_or_a_configs_and_says_what_it_could_not(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal"
+    code, _, err = run(capsys, "journal", "dump", str(journal))
+    assert (code, "no journal directory" in err) == (1, True)
+    journal.mkdir()
+    assert run(capsys, "journal", "dump", str(journal)) == (0, "", "")
+    config = tmp_path / "gateway.toml"
+    workers = '[[workers]]\nurl = "http://127.0.0.1:8001"\n'
+    config.write_text(f'{workers}[journal]\ndir = "{journal}"\n', encoding="utf-8")
+    assert run(capsys, "journal", "dump", "--config", str(config)) == (0, "", "")
+    # A segment whose only frame was cut short by a crash: no record, and a word on stderr.
+    frame_header = (40).to_bytes(4, "little") + (7).to_bytes(4, "little")
+    (journal / "journal-0000000003.seg").write_bytes(b"TGJRNL2\n" + frame_header + b"\x03\x00")
+    code, out, err = run(capsys, "journal", "dump", str(journal))
+    assert (code, out) == (0, "")
+    assert "1 segment(s) end in a record cut short" in err
+    config.write_text(f"{workers}[journal]\nenabled = false\n", encoding="utf-8")
+    code, _, err = run(capsys, "journal", "dump", "--config", str(config))
+    assert (code, "the usage journal is off" in err) == (2, True)

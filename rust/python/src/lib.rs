@@ -2,6 +2,7 @@
 
 mod errors;
 mod gateway;
+mod journal;
 mod ledger_writer;
 mod runtime;
 mod sim;
@@ -24,5 +25,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<gateway::Gateway>()?;
     m.add_class::<sim::Simulator>()?;
     m.add_class::<ledger_writer::SqliteUsageWriter>()?;
+    m.add_function(wrap_pyfunction!(journal::journal_records, m)?)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! once or within a tick, and what a crashed process left turned back into events at the next
 //! start.
 
-mod encode;
+mod frame;
 mod record;
 mod segments;
 mod state;
@@ -13,5 +13,6 @@ mod writer;
 
 pub use crate::config::Durability;
 pub use record::{Ended, Line, Progress, Record, Started};
+pub use segments::read_dir;
 pub use state::Slot;
 pub use writer::{Journal, Options, Recovered};

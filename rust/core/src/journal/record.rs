@@ -1,7 +1,5 @@
-//! The journal's records, one JSON object per line: a request's start, its progress, its end.
-//!
-//! A line is written whole or, after a crash mid-write, cut short; a reader skips a line that is
-//! not a complete record (only the last line of a segment can be one).
+//! The journal's records: a request's start, its progress, its end. `frame` says how they are
+//! written; segments of earlier builds hold them as JSON lines, which `Record::decode` reads.
 
 use std::sync::Arc;
 
@@ -59,38 +57,28 @@ pub enum Record {
     },
 }
 
-/// A record to write, borrowing what it records: the same line as the `Record` it reads back as
-/// (`encode` writes it; its `Serialize` is what the encoder's test compares it with).
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(tag = "r", rename_all = "lowercase")]
+/// A record to write, borrowing what it records: read back, it is the equal `Record`
+/// (`frame` encodes it).
+#[derive(Debug, Clone, Copy)]
 pub enum Line<'a> {
     Start(&'a Started),
     Progress {
         event_id: &'a str,
-        #[serde(flatten)]
         progress: &'a Progress,
     },
     End(&'a Ended),
 }
 
 impl Record {
-    /// One line, newline included.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Self::Start(started) => Line::Start(started).encode(out),
-            Self::Progress { event_id, progress } => {
-                Line::Progress { event_id, progress }.encode(out)
-            }
-            Self::End(ended) => Line::End(ended).encode(out),
-            Self::Discard { .. } => {
-                if serde_json::to_writer(&mut *out, self).is_ok() {
-                    out.push(b'\n');
-                }
-            }
+    /// The JSON line, newline included, that earlier builds wrote for this record.
+    #[cfg(test)]
+    pub fn encode_json(&self, out: &mut Vec<u8>) {
+        if serde_json::to_writer(&mut *out, self).is_ok() {
+            out.push(b'\n');
         }
     }
 
-    /// A line without its newline; `None` if it is not a whole record.
+    /// A JSON line (an earlier build's) without its newline; `None` if it is not a whole record.
     pub fn decode(line: &[u8]) -> Option<Self> {
         serde_json::from_slice(line).ok()
     }
@@ -190,7 +178,7 @@ mod tests {
         ];
         let mut out = Vec::new();
         for record in &records {
-            record.encode(&mut out);
+            record.encode_json(&mut out);
         }
         let decoded: Vec<Record> = out
             .split(|&b| b == b'\n')
@@ -208,7 +196,7 @@ mod tests {
     #[test]
     fn an_end_record_is_the_event_flat_with_its_seq() {
         let mut line = Vec::new();
-        Record::End(started().interrupted(None, 7)).encode(&mut line);
+        Record::End(started().interrupted(None, 7)).encode_json(&mut line);
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
         assert_eq!(value["r"], "end");
         assert_eq!(value["seq"], 7);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
 
+use super::frame::{self, MAGIC, Read};
 use super::record::{Ended, Progress, Record, Started};
 
 /// A request started and not yet ended, with its last progress.
@@ -19,14 +20,15 @@ pub(super) type OpenRequest = (Started, Option<Progress>);
 const PAGE: usize = 4096;
 
 pub(super) fn segment_path(dir: &Path, index: u64) -> PathBuf {
-    dir.join(format!("journal-{index:010}.jsonl"))
+    dir.join(format!("journal-{index:010}.seg"))
 }
 
 fn prepared_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("journal-{index:010}.prep"))
 }
 
-/// The segments in `dir`, oldest first.
+/// The segments in `dir`, oldest first: this build's, and the JSON-lines segments (`.jsonl`) of
+/// earlier builds, which it reads and which a new segment's index follows.
 pub(super) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir)? {
@@ -35,7 +37,7 @@ pub(super) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("journal-"))
-            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.strip_suffix(".seg").or_else(|| n.strip_suffix(".jsonl")))
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(index) = index {
             found.push((index, path));
@@ -64,12 +66,16 @@ pub(super) fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<Op
     let mut open: HashMap<String, OpenRequest> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     for (_, path) in paths {
-        let bytes = fs::read(path)?;
-        // A segment is zero-filled ahead of its records: its data ends at the first zero byte.
-        let bytes = &bytes[..memchr::memchr(0, &bytes).unwrap_or(bytes.len())];
-        for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            match Record::decode(line) {
-                Some(Record::Start(started)) => {
+        let read = records(&fs::read(path)?);
+        if read.torn {
+            tracing::warn!(path = %path.display(), "a journal record was cut short (a crash mid-write); read up to it");
+        }
+        if read.unreadable > 0 {
+            tracing::warn!(path = %path.display(), skipped = read.unreadable, "skipped journal records this build cannot read");
+        }
+        for record in read.records {
+            match record {
+                Record::Start(started) => {
                     if !seen.contains_key(&started.event_id)
                         && !open.contains_key(&started.event_id)
                     {
@@ -77,23 +83,20 @@ pub(super) fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<Op
                         open.insert(started.event_id.clone(), (started, None));
                     }
                 }
-                Some(Record::Progress { event_id, progress }) => {
+                Record::Progress { event_id, progress } => {
                     if let Some(entry) = open.get_mut(&event_id) {
                         entry.1 = Some(progress);
                     }
                 }
-                Some(Record::Discard { event_id }) => {
+                Record::Discard { event_id } => {
                     open.remove(&event_id);
                 }
-                Some(Record::End(end)) => {
+                Record::End(end) => {
                     open.remove(&end.event.event_id);
                     if !seen.contains_key(&end.event.event_id) {
                         seen.insert(end.event.event_id.clone(), ended.len());
                         ended.push(end);
                     }
-                }
-                None => {
-                    tracing::warn!(path = %path.display(), "skipped an incomplete journal line")
                 }
             }
         }
@@ -105,11 +108,44 @@ pub(super) fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<Op
     Ok((ended, still_open))
 }
 
+/// Every record in the journal `dir`, its segments in order, as `Journal::open` would read them
+/// (without taking the directory's lock: the gateway may be running); how many segments ended in
+/// a record cut short, and how many records this build cannot read.
+pub fn read_dir(dir: &Path) -> io::Result<(Vec<Record>, usize, usize)> {
+    let mut records = Vec::new();
+    let (mut torn, mut unreadable) = (0, 0);
+    for (_, path) in segments(dir)? {
+        let read = self::records(&fs::read(path)?);
+        records.extend(read.records);
+        torn += usize::from(read.torn);
+        unreadable += read.unreadable;
+    }
+    Ok((records, torn, unreadable))
+}
+
+/// The records of a segment's bytes: frames after `MAGIC`, or the JSON lines of a segment an
+/// earlier build wrote, up to its first zero byte (a line that is no whole record is skipped: only
+/// the last can be one).
+pub(super) fn records(bytes: &[u8]) -> Read {
+    if let Some(frames) = bytes.strip_prefix(MAGIC.as_slice()) {
+        return frame::read(frames);
+    }
+    let bytes = &bytes[..memchr::memchr(0, bytes).unwrap_or(bytes.len())];
+    let mut read = Read::default();
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match Record::decode(line) {
+            Some(record) => read.records.push(record),
+            None => read.unreadable += 1,
+        }
+    }
+    read
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The segment `index`, zero-filled to `bytes` rounded up to a page, synced, given its name (the
+/// The segment `index`: `MAGIC`, zeros to `bytes` rounded up to a page, synced, given its name (the
 /// directory synced too), then mapped. Records overwrite blocks the file already has, so a sync
 /// flushes data alone, where a write that grew the file would make every sync commit the file
 /// system's own journal as well. A segment of zeros holds no record: recovery reads it as empty.
@@ -124,11 +160,13 @@ pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<Segment>
     // A page at a time: the page cache keeps the segment in pages of that size, where a write
     // of a megabyte would leave it in large folios, and a record written into a large folio
     // dirties all of it, for the next sync to write whole.
-    let zeros = [0u8; PAGE];
+    let mut page = [0u8; PAGE];
+    page[..MAGIC.len()].copy_from_slice(MAGIC);
     let mut left = bytes.next_multiple_of(PAGE as u64);
     while left > 0 {
         let n = usize::try_from(left.min(PAGE as u64)).unwrap_or(PAGE);
-        file.write_all(&zeros[..n])?;
+        file.write_all(&page[..n])?;
+        page[..MAGIC.len()].fill(0);
         left -= n as u64;
     }
     file.sync_all()?;
@@ -138,7 +176,7 @@ pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<Segment>
     Ok(Segment {
         file: Arc::new(file),
         map,
-        written: 0,
+        written: MAGIC.len() as u64,
     })
 }
 
@@ -175,9 +213,14 @@ impl Segment {
         &self.file
     }
 
-    /// Bytes in the segment.
+    /// Bytes in the segment, `MAGIC` included.
     pub(super) fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Whether it holds no record.
+    pub(super) fn is_empty(&self) -> bool {
+        self.written <= MAGIC.len() as u64
     }
 
     /// Writes `bytes` after what the segment holds. What does not fit in the mapping (a record

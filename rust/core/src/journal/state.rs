@@ -184,7 +184,7 @@ impl State {
     pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         let written = self.segment.written();
-        if written > 0 && written.saturating_add(len) > self.segment_bytes {
+        if !self.segment.is_empty() && written.saturating_add(len) > self.segment_bytes {
             self.rotate()?;
         }
         self.segment.append(bytes)?;

@@ -6,8 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::frame::MAGIC;
 use super::record::Record;
-use super::segments::{prepare, replay, segment_path, segments};
+use super::segments::{prepare, records as read_segment, replay, segment_path, segments};
 use super::*;
 
 /// A fresh directory under the system's temp dir, removed on drop.
@@ -85,11 +86,25 @@ fn open(dir: &TempDir, segment_bytes: u64, durability: Durability) -> (Journal, 
 fn records(dir: &TempDir) -> Vec<Record> {
     let mut found = Vec::new();
     for (_, path) in segments(&dir.0).unwrap_or_default() {
-        let bytes = fs::read(path).unwrap_or_default();
-        let bytes = &bytes[..memchr::memchr(0, &bytes).unwrap_or(bytes.len())];
-        found.extend(bytes.split(|&b| b == b'\n').filter_map(Record::decode));
+        let read = read_segment(&fs::read(path).unwrap_or_default());
+        assert!(!read.torn && read.unreadable == 0, "{read:?}");
+        found.extend(read.records);
     }
     found
+}
+
+/// Where the whole frames of a segment's bytes end.
+fn frames_end(bytes: &[u8]) -> usize {
+    let mut at = MAGIC.len();
+    loop {
+        let len = bytes
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if len == 0 {
+            return at;
+        }
+        at += 8 + len as usize;
+    }
 }
 
 fn kinds(records: &[Record]) -> Vec<(&'static str, String)> {
@@ -198,22 +213,22 @@ fn reopening_records_ended_events_again_and_interrupts_open_requests() {
             journal.progress(&cut, progress(7));
             journal.end(&ended("done", 0), done, false);
         }
-        // A crash can cut the last line short: half a record where the zeros began.
+        // A crash can cut the last record short: half a frame where the zeros began.
         let found = segments(&dir.0).unwrap_or_default();
         let before = found.last().map_or(0, |(index, _)| *index);
         let live = found
             .iter()
             .map(|(_, path)| path)
-            .find(|path| fs::read(path).is_ok_and(|b| b.first().is_some_and(|&c| c != 0)))
+            .find(|path| fs::read(path).is_ok_and(|b| !read_segment(&b).records.is_empty()))
             .unwrap_or_else(|| panic!("no segment holds records"));
-        let bytes = fs::read(live).unwrap_or_default();
-        let end = memchr::memchr(0, &bytes).unwrap_or(bytes.len());
+        let end = frames_end(&fs::read(live).unwrap_or_default());
         let file = OpenOptions::new()
             .write(true)
             .open(live)
             .unwrap_or_else(|e| panic!("{e}"));
-        let half = br#"{"r":"end","seq":9,"event_id":"half"#;
-        file.write_all_at(half, end as u64)
+        let mut frame = Vec::new();
+        Line::End(&ended("half", 9)).encode(&mut frame);
+        file.write_all_at(&frame[..frame.len() / 2], end as u64)
             .unwrap_or_else(|e| panic!("{e}"));
         drop(file);
 
@@ -271,7 +286,7 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
         journal.progress(&long, progress(1));
         // A tick's work, forced: the long request's start is written before the others.
         journal.tick_now();
-        for seq in 0..100 {
+        for seq in 0..300 {
             let id = format!("e{seq}");
             let slot = journal.start(started(&id));
             let synced = journal.end(&ended(&id, seq), slot, true);
@@ -281,9 +296,9 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
             segments(&dir.0).unwrap_or_default().len() > 3,
             "segments rotated"
         );
-        journal.committed(99);
+        journal.committed(299);
         journal.progress(&long, progress(2));
-        let synced = journal.end(&ended("marker", 100), None, true);
+        let synced = journal.end(&ended("marker", 300), None, true);
         assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // The live segment and the next, prepared: every sealed one is in the ledger.
@@ -307,30 +322,32 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
         ),
         ("long", "interrupted", 2)
     );
-    assert!(replayed.len() < 50, "{} replayed", replayed.len());
+    assert!(replayed.len() < 100, "{} replayed", replayed.len());
     assert!(
         replayed
             .iter()
             .all(|e| e.event.status == crate::usage::Status::Completed)
     );
-    assert_eq!(recovered.next_seq, 102);
+    assert_eq!(recovered.next_seq, 302);
 }
 
 #[test]
-fn replay_reads_segments_in_order_and_keeps_each_end_once() {
+fn replay_reads_segments_in_order_and_keeps_each_end_once_from_an_earlier_builds_json_lines_on() {
     let temp = TempDir::new("replay");
     let dir = &temp.0;
     fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
     let mut first = Vec::new();
-    Record::Start(started("a")).encode(&mut first);
-    Record::Start(started("b")).encode(&mut first);
-    Record::End(started("a").interrupted(None, 0)).encode(&mut first);
-    let mut second = Vec::new();
-    // A segment begins with the starts of the requests still open when it did.
-    Record::Start(started("b")).encode(&mut second);
-    Record::End(started("a").interrupted(None, 0)).encode(&mut second);
+    Record::Start(started("a")).encode_json(&mut first);
+    Record::Start(started("b")).encode_json(&mut first);
+    Record::End(started("a").interrupted(None, 0)).encode_json(&mut first);
+    // The next in this build's frames, beginning with the starts of the requests still open
+    // when it did.
+    let mut second = MAGIC.to_vec();
+    Line::Start(&started("b")).encode(&mut second);
+    Line::End(&started("a").interrupted(None, 0)).encode(&mut second);
     second.extend_from_slice(&[0; 64]);
-    fs::write(segment_path(dir, 1), first).unwrap_or_else(|e| panic!("{e}"));
+    // Named as earlier builds named their segments.
+    fs::write(dir.join("journal-0000000001.jsonl"), first).unwrap_or_else(|e| panic!("{e}"));
     fs::write(segment_path(dir, 2), second).unwrap_or_else(|e| panic!("{e}"));
     let found = segments(dir).unwrap_or_default();
     let (ended, open) = replay(&found).unwrap_or_default();
@@ -360,7 +377,9 @@ fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_grow_it_only_pa
     // Not a whole number of pages: the segment is rounded up to one.
     let mut segment = prepare(&dir.0, 0, 3 * 4096 + 100).unwrap_or_else(|e| panic!("prepare: {e}"));
     let read = || fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
-    let mut expected = Vec::new();
+    // A segment begins with its format's mark.
+    assert_eq!(read()[..MAGIC.len()], MAGIC[..]);
+    let mut expected = MAGIC.to_vec();
     let mut append = |segment: &mut super::segments::Segment, line: &[u8]| {
         segment
             .append(line)
@@ -371,7 +390,7 @@ fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_grow_it_only_pa
     };
     // Within a page, up to one's end exactly, across one, across two, then an empty append.
     let mut so_far = Vec::new();
-    for line in lines(&[10, 4086, 300, 5000, 1, 4200])
+    for line in lines(&[10, 4078, 300, 5000, 1, 4200])
         .iter()
         .chain([&Vec::new()])
     {
@@ -442,6 +461,7 @@ fn an_append_reads_nothing_from_disk_after_the_page_cache_was_told_to_drop_the_s
     }
     assert_eq!(read_bytes(), before, "an append read from disk");
     let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    let bytes = &bytes[MAGIC.len()..];
     assert_eq!(&bytes[..200], &records[1][..]);
     assert_eq!(
         &bytes[200..600],
