@@ -5,8 +5,8 @@
 //! copied into the segment's mapping (`segments::Segment`), so into the page cache, with no system
 //! call. From then on a killed process cannot lose it. A request's start and progress are kept in
 //! memory and written at the syncer's next tick, for the requests still open then: a request that
-//! ends within a tick costs one record, its end. When a written record
-//! is safe from a machine that stops is the `Durability`:
+//! ends within a tick costs one record, its end (`frame` says how a record is written). When a
+//! written record is safe from a machine that stops is the `Durability`:
 //! - `Interval`: the syncer (`syncer`) `fdatasync`s what was written at most one tick after it
 //!   was, and no request waits for it, as Redis's `appendfsync everysec` and PostgreSQL's
 //!   `synchronous_commit = off` trade a window for latency;
@@ -14,7 +14,7 @@
 //!   syncer syncs as soon as anyone waits, so the ends written during one sync share the next (a
 //!   group commit).
 //!
-//! Segments are prepared ahead of use (zero-filled, synced, named), the next one in the
+//! Segments are prepared ahead of use (zero-filled, synced, named, mapped), the next one in the
 //! background. A segment is sealed once the next records do not fit; the next one begins with
 //! the start (and last progress) of every open request whose start was written, so each segment
 //! holds what recovery needs of the requests that were open when it began. A sealed segment is
