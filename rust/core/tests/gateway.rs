@@ -507,25 +507,13 @@ async fn a_model_outside_the_allow_list_does_not_exist_for_the_tenant() {
     );
 }
 
-/// Every record in the journal at `dir` (a segment's records end at its first zero byte).
+/// Every record in the journal at `dir`, as the JSON `gateway journal dump` prints; none torn.
 fn journal_records(dir: &std::path::Path) -> Vec<Value> {
-    let mut segments: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    segments.sort();
-    segments
+    let (records, torn, unreadable) = gateway_core::journal::read_dir(dir).unwrap();
+    assert_eq!((torn, unreadable), (0, 0));
+    records
         .iter()
-        .flat_map(|path| {
-            let bytes = std::fs::read(path).unwrap();
-            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-            String::from_utf8(bytes[..end].to_vec())
-                .unwrap()
-                .lines()
-                .map(|line| serde_json::from_str::<Value>(line).unwrap())
-                .collect::<Vec<_>>()
-        })
+        .map(|record| serde_json::to_value(record).unwrap())
         .collect()
 }
 
