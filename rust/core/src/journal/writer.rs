@@ -144,7 +144,8 @@ impl Journal {
             .name("usage-journal".to_owned())
             .spawn({
                 let shared = shared.clone();
-                move || super::syncer::run(&shared)
+                let yields = options.durability == Durability::Interval;
+                move || super::syncer::run(&shared, yields)
             })?;
         let journal = Self {
             shared,
