@@ -136,14 +136,9 @@ impl Shared {
     }
 }
 
-/// Prepares the segment `index` on a thread of its own, which yields the core to requests: the
-/// segment is wanted only once the current one is full.
 pub(super) fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<Segment>> {
     let dir = dir.to_owned();
-    std::thread::spawn(move || {
-        super::syncer::yield_to_requests();
-        prepare(&dir, index, bytes)
-    })
+    std::thread::spawn(move || prepare(&dir, index, bytes))
 }
 
 impl State {

@@ -10,29 +10,7 @@ use std::time::Instant;
 
 use super::state::{Shared, Sleep};
 
-/// How much nicer than the thread that started it a background thread of the journal makes
-/// itself: at nice 10 a thread weighs about a tenth of one at 0, still several times the share of
-/// a core the syncer's ticks take at saturation (about 1.5%), while a request's thread no longer
-/// waits behind a tick or a segment's zero-filling.
-const NICER: i32 = 10;
-
-/// Lowers the calling thread's priority by `NICER` (to 19 at most).
-pub(super) fn yield_to_requests() {
-    let tid = Some(rustix::thread::gettid());
-    let nicer = rustix::process::getpriority_process(tid)
-        .and_then(|nice| rustix::process::setpriority_process(tid, (nice + NICER).min(19)));
-    if let Err(error) = nicer {
-        tracing::debug!(%error, "a usage journal thread keeps its priority");
-    }
-}
-
-/// Runs until the journal closes. With `yields` (`Durability::Interval`: no response waits for a
-/// sync) the thread first yields to requests, so a tick runs in the gaps between them rather than
-/// in front of them.
-pub(super) fn run(shared: &Shared, yields: bool) {
-    if yields {
-        yield_to_requests();
-    }
+pub(super) fn run(shared: &Shared) {
     let mut waiting = Vec::new();
     loop {
         let (files, closed, checkpoint) = {

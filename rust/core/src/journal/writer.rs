@@ -144,8 +144,7 @@ impl Journal {
             .name("usage-journal".to_owned())
             .spawn({
                 let shared = shared.clone();
-                let yields = options.durability == Durability::Interval;
-                move || super::syncer::run(&shared, yields)
+                move || super::syncer::run(&shared)
             })?;
         let journal = Self {
             shared,
