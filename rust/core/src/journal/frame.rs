@@ -475,19 +475,21 @@ mod tests {
     #[test]
     fn an_end_record_is_less_than_half_its_json_line() {
         let event = UsageEvent {
-            event_id: "0193a4b2-7c1d-7e3f-8a9b-00000000002a".into(),
-            request_id: "0193a4b2-7c1d-7e3f-8a9b-00000000002a".into(),
-            tenant_id: "acme-corporation".into(),
-            key_id: "key_01JDQ3Z8W5X7Y9".into(),
-            model: "meta-llama/Llama-3.1-8B-Instruct".into(),
-            worker: Some("http://10.0.3.17:8000".into()),
+            // A chat completion as the gateway records one: ids minted by it (UUIDv7), the
+            // worker's address, counts in the thousands.
+            event_id: "019a7f3c-11d2-7e01-9c4b-5d2e8f7a1b60".into(),
+            request_id: "019a7f3c-11d2-7e01-9c4b-5d2e8f7a1b60".into(),
+            tenant_id: "ten_7f3c11d2".into(),
+            key_id: "key_9c4b5d2e8f7a".into(),
+            model: "Qwen/Qwen2.5-7B-Instruct".into(),
+            worker: Some("http://10.0.7.42:8000".into()),
             endpoint: Endpoint::ChatCompletions,
-            stream: true,
+            stream: false,
             status: Status::Completed,
             http_status: 200,
-            prompt_tokens: 1_234,
-            cached_tokens: 512,
-            completion_tokens: 256,
+            prompt_tokens: 2_048,
+            cached_tokens: 1_024,
+            completion_tokens: 512,
             usage_source: UsageSource::Worker,
             started_at_ms: 1_764_900_000_000,
             finished_at_ms: 1_764_900_000_350,
