@@ -127,8 +127,15 @@ class Gateway:
         "added", "removed", "restart_required"}`, the last naming changed options that keep their
         running value until a restart. Raises `ConfigError`, applying nothing, if it is invalid."""
     def workers(self) -> str:
-        """JSON array of the workers: url, healthy, ejected (by its circuit breaker), outstanding
-        requests, capacity, models."""
+        """JSON array of the workers: url, healthy, ejected (by its circuit breaker now),
+        ejections (times so far), outstanding requests, capacity, models, and load (null before
+        a scrape succeeded, else `{"running", "waiting", "kv_cache_usage"}` as it reported)."""
+    def queues(self) -> str:
+        """JSON array of the requests waiting in the gateway's queues now: `{"model",
+        "tenant_id", "class", "count"}`, by model, tenant and priority class."""
+    def drain_refusals(self) -> str:
+        """JSON array of the requests refused to a known key since the last call (the counts
+        are taken): `{"tenant_id", "key_id", "reason", "count"}`, reason the error's code."""
     def drain(self) -> bool:
         """Turns readiness off (`/ready` 503, gRPC health NOT_SERVING, `Connection: close` on every
         HTTP response) while both listeners go on serving; True the first time only."""

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 
 /// Who a request is billed to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     pub tenant_id: Arc<str>,
     pub key_id: Arc<str>,

@@ -19,7 +19,7 @@ use crate::config::GatewayConfig;
 use crate::grpc::GrpcServer;
 use crate::journal::{Ended, Journal, Options as JournalOptions};
 use crate::ledger::UsageReader;
-use crate::metering::{Meter, TOKENIZE_TIMEOUT};
+use crate::metering::{Meter, Refused, TOKENIZE_TIMEOUT};
 use crate::quota::Quota;
 use crate::router::{
     Change, Fleet, Policies, Registry, Resolver, probe, probe_all, run_health_checks,
@@ -259,14 +259,24 @@ pub struct WorkerStatus {
     pub healthy: bool,
     /// Out of rotation by its circuit breaker (healthy or not).
     pub ejected: bool,
+    /// Times its circuit breaker ejected it.
+    pub ejections: u64,
     pub outstanding: usize,
     /// The gateway's requests it takes at once: its `max_concurrency` or the capacity learned
     /// from its reports; `None` when unbounded.
     pub capacity: Option<usize>,
     pub models: Vec<String>,
-    /// What the worker reported at its last load scrape.
-    #[serde(skip)]
+    /// What the worker reported at its last load scrape; `None` before one succeeded.
     pub load: Option<crate::router::Load>,
+}
+
+/// One tenant's requests waiting in one priority class of one model's queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStatus {
+    pub model: String,
+    pub tenant_id: String,
+    pub class: &'static str,
+    pub count: usize,
 }
 
 impl Control {
@@ -305,6 +315,11 @@ impl Control {
     /// Every drained event up to `seq` is in the ledger.
     pub fn usage_committed(&self, seq: u64) {
         self.state.meter.committed(seq);
+    }
+
+    /// Takes the counts of requests refused to known principals since the last call.
+    pub fn drain_refusals(&self) -> Vec<Refused> {
+        self.state.meter.refusals().drain()
     }
 
     pub fn pending_usage(&self) -> usize {
@@ -366,6 +381,21 @@ impl Control {
         self.state.scheduler.queued()
     }
 
+    /// The requests waiting now, by model, tenant and priority class.
+    pub fn queues(&self) -> Vec<QueueStatus> {
+        self.state
+            .scheduler
+            .queued_counts()
+            .into_iter()
+            .map(|sample| QueueStatus {
+                model: sample.model.to_string(),
+                tenant_id: sample.tenant.to_string(),
+                class: sample.class.as_str(),
+                count: sample.count,
+            })
+            .collect()
+    }
+
     pub fn workers(&self) -> Vec<WorkerStatus> {
         self.state
             .registry
@@ -375,6 +405,7 @@ impl Control {
                 url: w.url.to_string(),
                 healthy: w.is_healthy(),
                 ejected: w.breaker_stats().ejected,
+                ejections: w.breaker_stats().ejections,
                 outstanding: w.outstanding(),
                 capacity: w.capacity(),
                 models: w.models().iter().map(|m| m.id.clone()).collect(),

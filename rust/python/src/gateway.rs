@@ -110,6 +110,14 @@ impl Gateway {
         Ok(serde_json::to_string(&self.control.workers()).map_err(CoreError::from)?)
     }
 
+    fn queues(&self) -> PyResult<String> {
+        Ok(serde_json::to_string(&self.control.queues()).map_err(CoreError::from)?)
+    }
+
+    fn drain_refusals(&self) -> PyResult<String> {
+        Ok(serde_json::to_string(&self.control.drain_refusals()).map_err(CoreError::from)?)
+    }
+
     /// Turns readiness off while both listeners go on serving; true the first time only.
     fn drain(&self) -> bool {
         self.control.drain()

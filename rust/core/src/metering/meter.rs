@@ -12,6 +12,8 @@ use crate::journal::{Ended, Journal, Progress, Recovered, Slot, Started};
 use crate::metrics::GatewayMetrics;
 use crate::usage::{Usage, UsageEvent};
 
+use super::Refusals;
+
 /// Events waiting to be drained, oldest first, and the next `seq`.
 #[derive(Debug, Default)]
 struct Queue {
@@ -23,6 +25,7 @@ struct Queue {
 pub struct Meter {
     queue: Mutex<Queue>,
     metrics: GatewayMetrics,
+    refusals: Refusals,
     journal: Option<Journal>,
     /// Events being counted by the gateway (see `counting`), not yet recorded.
     pub(super) counting: AtomicUsize,
@@ -90,6 +93,11 @@ impl Meter {
 
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.metrics
+    }
+
+    /// Requests refused to a known principal, by tenant, key and reason.
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     /// Takes up to `max` events, oldest first, each with its `seq`.

@@ -4,7 +4,8 @@
 //! relayed to the client); for a request the worker took but reported no usage for, the gateway
 //! counts them itself (`counting`). Events wait in the meter's queue (and, with a journal, on
 //! disk) until the control plane drains them into the ledger; this module neither prices nor
-//! stores them. The event itself is `crate::usage`'s.
+//! stores them. The event itself is `crate::usage`'s. Requests refused to a known principal are
+//! counted apart (`refusals`): they bill nothing.
 
 // Every number here may have come from a client or a worker: no arithmetic on one may wrap.
 #![deny(clippy::arithmetic_side_effects)]
@@ -13,8 +14,10 @@ mod counting;
 mod guard;
 mod meter;
 mod overhead;
+mod refusals;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
 pub use guard::{MeterGuard, SettleHook};
 pub use meter::{Meter, Synced};
 pub use overhead::{Arrival, Overhead};
+pub use refusals::{Refusals, Refused};

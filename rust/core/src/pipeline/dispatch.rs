@@ -36,7 +36,13 @@ pub async fn dispatch(
         state.registry.availability(&request.model),
         Availability::Unknown
     ) {
-        return refused(state, trace, ApiError::ModelNotFound(request.model), None);
+        return refused(
+            state,
+            principal,
+            trace,
+            ApiError::ModelNotFound(request.model),
+            None,
+        );
     }
     let ids = EventIds::mint(request.client_request_id.as_deref());
     let estimate = Estimate::of(
@@ -58,7 +64,7 @@ pub async fn dispatch(
         Ok(None) => (None, RateHeaders::default()),
         Err(error) => {
             let (error, headers) = refusal(error, &request.model, &estimate);
-            return refused(state, trace, error, headers);
+            return refused(state, principal, trace, error, headers);
         }
     };
     let request_id = ids.request_id.clone();
@@ -81,13 +87,16 @@ pub async fn dispatch(
     }
 }
 
+/// Answers a refusal of `principal`'s request, counting it in `/metrics` and for the tenant.
 fn refused(
     state: &AppState,
+    principal: &Principal,
     trace: &tracing::Span,
     error: ApiError,
     rate: Option<RateHeaders>,
 ) -> Dispatched {
     state.meter.metrics().reject(&error);
+    state.meter.refusals().add(principal, error.reason());
     crate::telemetry::record_refusal(trace, &error);
     Dispatched {
         request_id: None,

@@ -6,7 +6,7 @@
 //! routing policy does, from the [`Load`] and block size kept on each worker.
 
 /// What a worker reported about itself at its last scrape.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Load {
     /// `vllm:num_requests_running`: sequences in the running batch.
     pub running: u32,
