@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from gateway.keys import new_key, new_key_id
+from gateway.ledger.changes import record_change
 from gateway.ledger.db import (
     Connection,
     NotFoundError,
@@ -98,6 +99,8 @@ def create_key(conn: Connection, tenant: str, name: str | None = None) -> Create
             "VALUES (?, ?, ?, ?, ?, ?, NULL)",
             (key_id, owner.id, generated.hash, generated.prefix, name, now_ms()),
         )
+        detail = {"name": name, "prefix": generated.prefix}
+        record_change(conn, "key.created", key_id, owner.id, detail)
     return CreatedKey(key=generated.key, record=get_key(conn, key_id))
 
 
@@ -115,11 +118,13 @@ def list_keys(conn: Connection, tenant_id: str | None = None) -> list[ApiKey]:
 def revoke_key(conn: Connection, key_id: str) -> ApiKey:
     """Revokes a key; revoking a revoked key keeps its first revocation time."""
     with transaction(conn):
-        execute(
+        revoked = execute(
             conn,
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
             (now_ms(), key_id),
         )
+        if revoked:
+            record_change(conn, "key.revoked", key_id, get_key(conn, key_id).tenant_id)
     return get_key(conn, key_id)
 
 

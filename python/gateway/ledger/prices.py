@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.ledger.changes import record_change
 from gateway.ledger.db import (
     ConflictError,
     Connection,
@@ -92,6 +93,8 @@ def set_price(
                     version.created_at,
                 ),
             )
+            detail = {"effective_at": version.effective_at, **price.model_dump()}
+            record_change(conn, "price.set", model, None, detail)
     except IntegrityError as exc:
         raise ConflictError(
             f"model {model!r} already has a price effective at {version.effective_at} ms"

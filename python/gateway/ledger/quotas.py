@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from gateway.ledger.apikeys import ApiKey, get_key
+from gateway.ledger.changes import record_change
 from gateway.ledger.db import Connection, Row, execute, now_ms, query, transaction
 from gateway.ledger.prices import prices_in_effect
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
@@ -63,12 +64,16 @@ def _policy(row: Row) -> QuotaPolicy:
     return QuotaPolicy.model_validate(values)
 
 
-def _set(conn: Connection, subject_id: str, scope: Scope, policy: QuotaPolicy) -> None:
+def _set(
+    conn: Connection, subject_id: str, scope: Scope, tenant_id: str, policy: QuotaPolicy
+) -> None:
     values = policy.model_dump()
     if values["models"] is not None:
         values["models"] = json.dumps(values["models"])
     with transaction(conn):
         execute(conn, _UPSERT, (subject_id, scope, *(values[f] for f in _FIELDS), now_ms()))
+        detail = {"scope": scope, "policy": policy.model_dump(exclude_defaults=True)}
+        record_change(conn, "quota.set", subject_id, tenant_id, detail)
 
 
 def set_tenant_quota(conn: Connection, tenant: str, policy: QuotaPolicy) -> Tenant:
@@ -77,7 +82,7 @@ def set_tenant_quota(conn: Connection, tenant: str, policy: QuotaPolicy) -> Tena
     `NotFoundError` if there is no such tenant.
     """
     owner = get_tenant_by_name_or_id(conn, tenant)
-    _set(conn, owner.id, "tenant", policy)
+    _set(conn, owner.id, "tenant", owner.id, policy)
     return owner
 
 
@@ -87,7 +92,7 @@ def set_key_quota(conn: Connection, key_id: str, policy: QuotaPolicy) -> ApiKey:
     `NotFoundError` if there is no such key.
     """
     key = get_key(conn, key_id)
-    _set(conn, key.id, "key", policy)
+    _set(conn, key.id, "key", key.tenant_id, policy)
     return key
 
 
@@ -104,7 +109,14 @@ def get_quota(conn: Connection, subject_id: str) -> QuotaPolicy | None:
 def clear_quota(conn: Connection, subject_id: str) -> bool:
     """Removes the policy of a tenant or key (by id); returns whether there was one."""
     with transaction(conn):
-        return execute(conn, "DELETE FROM quota_policies WHERE subject_id = ?", (subject_id,)) > 0
+        rows = query(conn, "SELECT scope FROM quota_policies WHERE subject_id = ?", (subject_id,))
+        if not rows:
+            return False
+        execute(conn, "DELETE FROM quota_policies WHERE subject_id = ?", (subject_id,))
+        scope = rows[0][0]
+        tenant_id = subject_id if scope == "tenant" else get_key(conn, subject_id).tenant_id
+        record_change(conn, "quota.cleared", subject_id, tenant_id, {"scope": scope})
+        return True
 
 
 def list_quotas(conn: Connection) -> list[Quota]:

@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from gateway.ledger.db import Connection, add_to_sums, execute, query, transaction
+from gateway.ledger.db import Connection, Row, add_to_sums, execute, query, transaction
 
 __all__ = [
     "BUCKET_LIMITS",
@@ -23,8 +23,10 @@ __all__ = [
     "BucketWidth",
     "GroupKey",
     "UsagePage",
+    "Window",
     "add_to_rollups",
     "rebuild_rollups",
+    "sums_by_bucket",
     "usage_page",
 ]
 
@@ -190,6 +192,59 @@ class UsagePage:
     next_start_ms: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Up to `limit` buckets of `width` from the one containing `start_ms` (buckets are aligned
+    to UTC multiples of the width) to `end_ms`, exclusive: the buckets a page lists."""
+
+    width: BucketWidth
+    start_ms: int
+    end_ms: int
+    limit: int
+
+    @property
+    def starts(self) -> range:
+        """The start of each bucket of the page."""
+        ms = BUCKET_WIDTHS[self.width]
+        first = self.start_ms - self.start_ms % ms
+        return range(first, min(self.end_ms, first + self.limit * ms), ms)
+
+    @property
+    def next_start_ms(self) -> int | None:
+        """Where the next page starts, None on the last."""
+        stop = self.starts.stop
+        return stop if stop < self.end_ms else None
+
+
+def sums_by_bucket(
+    conn: Connection,
+    table: str,
+    window: Window,
+    columns: Sequence[str],
+    sums: Sequence[str],
+    tenant_id: str | None,
+) -> dict[int, list[Row]]:
+    """The rows of a rollup `table` in `window` (of one tenant if `tenant_id`), summed by bucket
+    and `columns` and sorted by them: per bucket start, rows of `columns`' values then `sums`'
+    totals. Table and column names are the caller's own, never input."""
+    starts = window.starts
+    selected = ", ".join(["bucket_start", *columns])
+    totals = ", ".join(f"SUM({column})" for column in sums)
+    sql = (
+        f"SELECT {selected}, {totals} FROM {table} "  # noqa: S608
+        "WHERE bucket_width = ? AND bucket_start >= ? AND bucket_start < ?"
+    )
+    params: list[object] = [window.width, starts.start, starts.stop]
+    if tenant_id is not None:
+        sql += " AND tenant_id = ?"
+        params.append(tenant_id)
+    sql += f" GROUP BY {selected} ORDER BY {selected}"
+    found: dict[int, list[Row]] = {}
+    for row in query(conn, sql, params):
+        found.setdefault(int(row[0]), []).append(row[1:])
+    return found
+
+
 def usage_page(
     conn: Connection,
     width: BucketWidth,
@@ -203,34 +258,29 @@ def usage_page(
     """Up to `limit` buckets of `width` from the one containing `start_ms` (buckets are aligned to
     UTC multiples of the width) to `end_ms` (exclusive), every bucket listed, empty ones too; of
     one tenant if `tenant_id`. Results are grouped by `group_by` and sorted by its keys."""
-    ms = BUCKET_WIDTHS[width]
-    first = start_ms - start_ms % ms
-    stop = min(end_ms, first + limit * ms)
+    window = Window(width, start_ms, end_ms, limit)
     keys = [key for key in GROUP_KEYS if key in group_by]
-    columns = [_GROUP_COLUMNS[key] for key in keys]
-    selected = ", ".join(["bucket_start", *columns])
-    sql = (
-        f"SELECT {selected}, SUM(requests), SUM(prompt_tokens), SUM(cached_tokens), "  # noqa: S608
-        "SUM(completion_tokens), SUM(cost_micros), SUM(unpriced_requests) FROM usage_rollups "
-        "WHERE bucket_width = ? AND bucket_start >= ? AND bucket_start < ?"
+    found = sums_by_bucket(
+        conn,
+        "usage_rollups",
+        window,
+        [_GROUP_COLUMNS[key] for key in keys],
+        (*_SUMS, "unpriced_requests"),
+        tenant_id,
     )
-    params: list[object] = [width, first, stop]
-    if tenant_id is not None:
-        sql += " AND tenant_id = ?"
-        params.append(tenant_id)
-    sql += f" GROUP BY {selected} ORDER BY {selected}"
-    results: dict[int, list[BucketResult]] = {}
-    for row in query(conn, sql, params):
-        group = dict(zip(keys, row[1 : 1 + len(keys)], strict=True))
-        results.setdefault(int(row[0]), []).append(
-            BucketResult(
-                group.get("tenant_id"),
-                group.get("api_key_id"),
-                group.get("model"),
-                *(int(value) for value in row[1 + len(keys) :]),
+    ms = BUCKET_WIDTHS[width]
+    buckets = []
+    for start in window.starts:
+        results = []
+        for row in found.get(start, []):
+            group = dict(zip(keys, row[: len(keys)], strict=True))
+            results.append(
+                BucketResult(
+                    group.get("tenant_id"),
+                    group.get("api_key_id"),
+                    group.get("model"),
+                    *(int(value) for value in row[len(keys) :]),
+                )
             )
-        )
-    buckets = [
-        Bucket(start, start + ms, results.get(start, [])) for start in range(first, stop, ms)
-    ]
-    return UsagePage(buckets, stop if stop < end_ms else None)
+        buckets.append(Bucket(start, start + ms, results))
+    return UsagePage(buckets, window.next_start_ms)

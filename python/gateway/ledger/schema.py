@@ -155,5 +155,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # read this index served; it cost each insert a tree of its own.
         "DROP INDEX usage_events_started",
     ),
+    (
+        # Requests the core refused to a known key (429s over quota included), per bucket of
+        # each width, tenant, key and reason (the error's code): the counts the core keeps
+        # between drains, added up (`refusals`). Not billing data: counts a process had not yet
+        # handed over are lost with it.
+        """CREATE TABLE refusal_rollups (
+            bucket_width TEXT NOT NULL,
+            bucket_start BIGINT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            PRIMARY KEY (bucket_width, bucket_start, tenant_id, key_id, reason)
+        )""",
+        # What operators changed in tenants, keys, quota policies and prices (`changes`),
+        # written in the transaction of the change; `detail` is a JSON object.
+        """CREATE TABLE changes (
+            id TEXT PRIMARY KEY,
+            at_ms BIGINT NOT NULL,
+            action TEXT NOT NULL,
+            tenant_id TEXT,
+            subject_id TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX changes_at ON changes (at_ms)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.keys import is_tenant_id, new_tenant_id
+from gateway.ledger.changes import record_change
 from gateway.ledger.db import (
     ConflictError,
     Connection,
@@ -73,6 +74,7 @@ def create_tenant(conn: Connection, name: str) -> Tenant:
                 f"INSERT INTO tenants ({_COLUMNS}) VALUES (?, ?, ?, ?)",  # noqa: S608
                 (tenant.id, tenant.name, tenant.created_at, tenant.disabled),
             )
+            record_change(conn, "tenant.created", tenant.id, tenant.id, {"name": tenant.name})
     except IntegrityError as exc:
         raise ConflictError(f"a tenant named {name!r} already exists") from exc
     return tenant
@@ -101,4 +103,7 @@ def set_tenant_disabled(conn: Connection, tenant_id: str, disabled: bool) -> Ten
     with transaction(conn):
         if not execute(conn, "UPDATE tenants SET disabled = ? WHERE id = ?", (disabled, tenant_id)):
             raise NotFoundError(f"no tenant with id {tenant_id!r}")
+        record_change(
+            conn, "tenant.disabled" if disabled else "tenant.enabled", tenant_id, tenant_id
+        )
     return get_tenant_by_name_or_id(conn, tenant_id)

@@ -463,25 +463,31 @@ _SUMS = (
     "SUM(prompt_tokens + cached_tokens + completion_tokens), SUM(cost_micros)"
 )
 _DAYS = "FROM usage_rollups WHERE bucket_width = '1d' AND bucket_start >= ? AND bucket_start < ?"
-_SPENT = f"""
-SELECT 'tenant', tenant_id, tenant_id, {_SUMS} {_DAYS} GROUP BY tenant_id
+_SPENT = """
+SELECT 'tenant', tenant_id, tenant_id, {sums} {days} GROUP BY tenant_id
 UNION ALL
-SELECT 'key', key_id, tenant_id, {_SUMS} {_DAYS} GROUP BY key_id, tenant_id
+SELECT 'key', key_id, tenant_id, {sums} {days} GROUP BY key_id, tenant_id
 ORDER BY 1 DESC, 2
 """
 
 
-def spent_in_current_periods(conn: Connection, at_ms: int) -> list[SpentEntry]:
+def spent_in_current_periods(
+    conn: Connection, at_ms: int, tenant_id: str | None = None
+) -> list[SpentEntry]:
     """What each tenant and each key spent in the UTC day and the UTC month containing `at_ms`.
 
     Tokens are all tokens of the events that started in the period; money is the sum of their
     costs (unpriced events cost nothing here: the core refuses unpriced models to a tenant with a
     money budget). Every tenant and key with an event this month gets a "day" and a "month"
     entry (the day's may be zero), with the tenant id (of the key); tenants first, then keys,
-    each by id.
+    each by id; of one tenant and its keys if `tenant_id`.
     """
     day, month = period_bounds("day", at_ms), period_bounds("month", at_ms)
-    rows = query(conn, _SPENT, (*day, *day, *month) * 2)
+    days = _DAYS
+    params: tuple[int | str, ...] = (*day, *day, *month)
+    if tenant_id is not None:
+        days, params = f"{_DAYS} AND tenant_id = ?", (*params, tenant_id)
+    rows = query(conn, _SPENT.format(sums=_SUMS, days=days), params * 2)
     periods: tuple[Period, Period] = ("day", "month")
     return [
         {
