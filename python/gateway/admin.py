@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import billing_api
 from gateway.bounds import MAX_MODEL_NAME, MAX_NAME, MAX_TIME_MS, PlainText
 from gateway.config import AdminConfig, BillingConfig, ServerConfig, listen_address
+from gateway.console import mount_console
 from gateway.http_common import (
     ApiError,
     Ledger,
@@ -42,6 +43,7 @@ from gateway.http_common import (
 )
 from gateway.http_protocol import bounded_h11
 from gateway.ledger.apikeys import ApiKey, create_key, get_key, list_keys, revoke_key
+from gateway.ledger.changes import Change, recent_changes
 from gateway.ledger.db import Connection
 from gateway.ledger.prices import PriceVersion, list_prices, set_price
 from gateway.ledger.quotas import clear_quota, get_quota, set_key_quota, set_tenant_quota
@@ -281,17 +283,85 @@ async def post_reload(request: Request) -> Reloaded:
         raise ApiError(400, str(exc), "invalid_config") from exc
 
 
+class FleetWorkerLoad(BaseModel):
+    """What a worker reported at its last load scrape (vLLM's own gauges)."""
+
+    running: int = Field(description="`vllm:num_requests_running`.")
+    waiting: int = Field(description="`vllm:num_requests_waiting`.")
+    kv_cache_usage: float = Field(description="`vllm:kv_cache_usage_perc`, 0 to 1.")
+
+
+class FleetWorker(BaseModel):
+    """A worker as the gateway sees it now."""
+
+    url: str
+    healthy: bool = Field(description="Its health probes pass.")
+    ejected: bool = Field(description="Out of rotation by its circuit breaker now.")
+    ejections: int = Field(description="Times its circuit breaker ejected it since the start.")
+    outstanding: int = Field(description="The gateway's requests on it now.")
+    capacity: int | None = Field(description="The requests it takes at once; null: unbounded.")
+    models: list[str]
+    load: FleetWorkerLoad | None = Field(description="Null before a load scrape succeeded.")
+
+
+class FleetQueue(BaseModel):
+    """One tenant's requests waiting in one priority class of one model's queue."""
+
+    model: str
+    tenant_id: str
+    class_: str = Field(alias="class", description="`interactive` or `batch`.")
+    count: int
+
+
+class Fleet(BaseModel):
+    """The workers and the gateway's queues, now."""
+
+    workers: list[FleetWorker]
+    queues: list[FleetQueue]
+
+
+@router.get("/fleet", tags=["fleet"], response_model_by_alias=True)
+async def get_fleet(request: Request) -> Fleet:
+    """Each worker's health, circuit breaker, requests and reported load, and the requests
+    waiting in the gateway's queues, by model, tenant and class."""
+    fleet: Callable[[], dict[str, Any]] | None = request.app.state.fleet
+    if fleet is None:
+        raise ApiError(404, "this admin API serves no gateway", "no_fleet")
+    return Fleet.model_validate(fleet())
+
+
+@router.get("/changes", tags=["changes"])
+async def get_changes(
+    conn: Ledger,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    tenant: Annotated[
+        str | None,
+        Query(min_length=1, max_length=MAX_NAME, description="A tenant's name or id."),
+        PlainText,
+    ] = None,
+) -> Listing[Change]:
+    """The latest changes to tenants, keys, quota policies and prices, newest first; of one
+    tenant (its keys and policies) with `tenant`."""
+    tenant_id = None if tenant is None else get_tenant_by_name_or_id(conn, tenant).id
+    return Listing(data=recent_changes(conn, limit, tenant_id))
+
+
 def create_app(
     conn: Connection,
     token: str | None,
     billing_token: str | None = None,
     billing: BillingConfig | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    *,
+    fleet: Callable[[], dict[str, Any]] | None = None,
+    console: bool = False,
 ) -> FastAPI:
     """The admin API, for callers presenting `token`, and the billing API (`billing_api`), for
     callers presenting `billing_token`, `token` or a tenant's API key, over `conn`; requests must
     run on the thread that owns `conn`. A token left empty opens nothing: with no admin token, the
-    admin routes answer 401. `reload` serves `POST /admin/v1/reload` (`gateway.reload`)."""
+    admin routes answer 401. `reload` serves `POST /admin/v1/reload` (`gateway.reload`), `fleet`
+    (the workers and queues, as `Fleet`'s fields) `GET /admin/v1/fleet`; with `console`, the
+    browser console (`gateway.console`) is served at `/console/`."""
     if not token and not billing_token:
         raise ValueError("the admin token must not be empty when there is no billing token")
     app = new_app(conn, OPENAPI_TITLE)
@@ -299,8 +369,11 @@ def create_app(
     app.state.billing_token = billing_token.encode() if billing_token else None
     app.state.currency = (billing or BillingConfig()).currency
     app.state.reload = reload
+    app.state.fleet = fleet
     app.include_router(router)
     app.include_router(billing_api.router)
+    if console:
+        mount_console(app)
     return app
 
 
@@ -358,11 +431,14 @@ def bind_admin(
     server: ServerConfig | None = None,
     telemetry: Telemetry | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    fleet: Callable[[], dict[str, Any]] | None = None,
 ) -> AdminServer:
     """Binds the admin listener (OSError if it cannot) and returns its server, not yet serving;
-    `create_app` says what it serves, `server` (its read timeouts) how long a client may take;
-    with `telemetry` on, each request is traced."""
-    app = create_app(conn, token, billing_token, billing, reload)
+    `create_app` says what it serves (the console if `config.console`), `server` (its read
+    timeouts) how long a client may take; with `telemetry` on, each request is traced."""
+    app = create_app(
+        conn, token, billing_token, billing, reload, fleet=fleet, console=config.console
+    )
     if telemetry is not None:
         instrument(app, telemetry)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

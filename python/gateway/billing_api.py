@@ -14,8 +14,9 @@ Nothing here writes to the ledger.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,9 +29,11 @@ from gateway.billing import EventPage, InvoiceDocument, event_page, invoice_docu
 from gateway.bounds import MAX_NAME, MAX_TIME_MS, PlainText
 from gateway.http_common import ApiError, Ledger, openapi_document, token_matches
 from gateway.keys import hash_key
-from gateway.ledger.apikeys import usable_key_tenant
+from gateway.ledger.apikeys import list_keys, usable_key_tenant
 from gateway.ledger.db import Connection, now_ms
 from gateway.ledger.invoices import invoice, invoice_csv
+from gateway.ledger.quotas import get_quota
+from gateway.ledger.refusals import REFUSAL_GROUP_KEYS, RefusalGroupKey, refusal_page
 from gateway.ledger.rollups import (
     BUCKET_LIMITS,
     BUCKET_WIDTHS,
@@ -38,9 +41,12 @@ from gateway.ledger.rollups import (
     BucketWidth,
     GroupKey,
     UsagePage,
+    Window,
     usage_page,
 )
 from gateway.ledger.tenants import Tenant, get_tenant_by_name_or_id
+from gateway.ledger.usage import spent_in_current_periods
+from gateway.quotas import Period, QuotaPolicy, Scope, period_bounds
 
 __all__ = ["EVENTS_LIMIT", "OPENAPI_TITLE", "router"]
 
@@ -55,12 +61,20 @@ _MAX_TIME_S = MAX_TIME_MS // 1000
 _MAX_CURSOR = 512
 
 _GROUP_ALIASES: dict[str, GroupKey] = {key: key for key in GROUP_KEYS} | {"tenant": "tenant_id"}
+_REFUSAL_GROUP_ALIASES: dict[str, RefusalGroupKey] = {key: key for key in REFUSAL_GROUP_KEYS} | {
+    "tenant": "tenant_id"
+}
+_K = TypeVar("_K", bound=str)
+
+
+Role = Literal["admin", "billing", "tenant"]
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking: `tenant` for a tenant's API key, None for the billing or admin token."""
+    """Who is asking: the admin or billing token (`tenant` None), or a tenant's API key."""
 
+    role: Role
     tenant: Tenant | None
 
 
@@ -95,12 +109,14 @@ async def _caller(
     # Both comparisons run whichever matches, so timing tells nothing about either token.
     billing = token_matches(token, state.billing_token)
     admin = token_matches(token, state.admin_token)
-    if billing or admin:
-        return Caller(tenant=None)
+    if admin:
+        return Caller(role="admin", tenant=None)
+    if billing:
+        return Caller(role="billing", tenant=None)
     tenant = _key_owner(conn, token)
     if tenant is None:
         raise ApiError(401, "invalid billing token or API key", "invalid_api_key")
-    return Caller(tenant=tenant)
+    return Caller(role="tenant", tenant=tenant)
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
@@ -228,16 +244,60 @@ def _decode_page(page: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-def _group_keys(values: list[str]) -> list[GroupKey]:
-    keys: list[GroupKey] = []
+def _group_keys(values: list[str], aliases: Mapping[str, _K]) -> list[_K]:
+    keys: list[_K] = []
     for value in (part.strip() for item in values for part in item.split(",")):
         if not value:
             continue
-        if value not in _GROUP_ALIASES:
-            allowed = ", ".join(_GROUP_ALIASES)
+        if value not in aliases:
+            allowed = ", ".join(aliases)
             raise ApiError(400, f"cannot group by {value!r}: use {allowed}", None, "group_by")
-        keys.append(_GROUP_ALIASES[value])
+        keys.append(aliases[value])
     return keys
+
+
+async def _window(
+    start_time: Annotated[
+        int, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds; its bucket is the first.")
+    ],
+    end_time: Annotated[
+        int | None, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds, exclusive; now.")
+    ] = None,
+    bucket_width: BucketWidth = "1d",
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=max(most for _, most in BUCKET_LIMITS.values()),
+            description="Buckets per page: 1m 60 (at most 1440), 1h 24 (168), 1d 7 (31).",
+        ),
+    ] = None,
+    page: Annotated[
+        str | None,
+        Query(max_length=_MAX_CURSOR, description="The `next_page` of the previous page."),
+    ] = None,
+) -> Window:
+    """The buckets a page of `/usage` or `/refusals` lists."""
+    default, most = BUCKET_LIMITS[bucket_width]
+    if limit is None:
+        limit = default
+    if not 1 <= limit <= most:
+        raise ApiError(400, f"limit: 1 to {most} buckets of {bucket_width} per page", None, "limit")
+    width_ms = BUCKET_WIDTHS[bucket_width]
+    start_ms = start_time * 1000
+    end_ms = now_ms() if end_time is None else end_time * 1000
+    if end_ms <= start_ms:
+        raise ApiError(400, "end_time must be after start_time", None, "end_time")
+    if page is not None:
+        from_ms = _decode_page(page)
+        if from_ms % width_ms or not start_ms - start_ms % width_ms < from_ms < end_ms:
+            raise ApiError(400, f"not a page of this query: {page!r}", None, "page")
+        start_ms = from_ms
+    return Window(bucket_width, start_ms, end_ms, limit)
+
+
+WindowDep = Annotated[Window, Depends(_window)]
+GroupBy = Annotated[list[str] | None, Query(include_in_schema=False, alias="group_by[]")]
 
 
 def _buckets(page: UsagePage, currency: str) -> UsageBuckets:
@@ -277,13 +337,7 @@ async def usage(
     request: Request,
     conn: Ledger,
     caller: CallerDep,
-    start_time: Annotated[
-        int, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds; its bucket is the first.")
-    ],
-    end_time: Annotated[
-        int | None, Query(ge=0, le=_MAX_TIME_S, description="Unix seconds, exclusive; now.")
-    ] = None,
-    bucket_width: BucketWidth = "1d",
+    window: WindowDep,
     group_by: Annotated[
         list[str] | None,
         Query(
@@ -291,52 +345,107 @@ async def usage(
             "comma-separated (`group_by[]` too)."
         ),
     ] = None,
-    group_by_brackets: Annotated[
-        list[str] | None, Query(alias="group_by[]", include_in_schema=False)
-    ] = None,
-    limit: Annotated[
-        int | None,
-        Query(
-            ge=1,
-            le=max(most for _, most in BUCKET_LIMITS.values()),
-            description="Buckets per page: 1m 60 (at most 1440), 1h 24 (168), 1d 7 (31).",
-        ),
-    ] = None,
-    page: Annotated[
-        str | None,
-        Query(max_length=_MAX_CURSOR, description="The `next_page` of the previous page."),
-    ] = None,
+    group_by_brackets: GroupBy = None,
     tenant: TenantParam = None,
 ) -> JSONResponse:
     """Usage in UTC-aligned buckets from `start_time`'s to `end_time`, by the requests' start
     times, every bucket listed (empty ones too); the shape of OpenAI's organisation usage API."""
     scope = _scope(conn, caller, tenant)
-    default, most = BUCKET_LIMITS[bucket_width]
-    if limit is None:
-        limit = default
-    if not 1 <= limit <= most:
-        raise ApiError(400, f"limit: 1 to {most} buckets of {bucket_width} per page", None, "limit")
-    width_ms = BUCKET_WIDTHS[bucket_width]
-    start_ms = start_time * 1000
-    end_ms = now_ms() if end_time is None else end_time * 1000
-    if end_ms <= start_ms:
-        raise ApiError(400, "end_time must be after start_time", None, "end_time")
-    keys = _group_keys([*(group_by or []), *(group_by_brackets or [])])
-    if page is not None:
-        from_ms = _decode_page(page)
-        if from_ms % width_ms or not start_ms - start_ms % width_ms < from_ms < end_ms:
-            raise ApiError(400, f"not a page of this query: {page!r}", None, "page")
-        start_ms = from_ms
     found = usage_page(
         conn,
-        bucket_width,
-        start_ms,
-        end_ms,
-        limit=limit,
-        group_by=keys,
+        window.width,
+        window.start_ms,
+        window.end_ms,
+        limit=window.limit,
+        group_by=_group_keys([*(group_by or []), *(group_by_brackets or [])], _GROUP_ALIASES),
         tenant_id=None if scope is None else scope.id,
     )
     return JSONResponse(_buckets(found, request.app.state.currency))
+
+
+class RefusalResultDocument(TypedDict):
+    """The refusals of one group in one bucket; a group key is null unless grouped by it."""
+
+    object: Literal["billing.refusals.result"]
+    requests: Annotated[int, Field(description="Requests refused.")]
+    tenant_id: str | None
+    api_key_id: str | None
+    reason: Annotated[
+        str | None,
+        Field(description="The error's code: `rate_limit_exceeded`, `insufficient_quota`, ..."),
+    ]
+
+
+class RefusalBucketDocument(TypedDict):
+    object: Literal["bucket"]
+    start_time: Annotated[int, Field(description="Unix seconds, inclusive.")]
+    end_time: Annotated[int, Field(description="Unix seconds, exclusive.")]
+    results: list[RefusalResultDocument]
+
+
+class RefusalBuckets(TypedDict):
+    """Refused requests in buckets, paged as `/usage` is."""
+
+    object: Literal["page"]
+    data: list[RefusalBucketDocument]
+    has_more: bool
+    next_page: str | None
+
+
+@router.get("/refusals", response_model=RefusalBuckets)
+async def refusals(
+    conn: Ledger,
+    caller: CallerDep,
+    window: WindowDep,
+    group_by: Annotated[
+        list[str] | None,
+        Query(
+            description="Any of `tenant_id` (or `tenant`), `api_key_id`, `reason`: repeated or "
+            "comma-separated (`group_by[]` too)."
+        ),
+    ] = None,
+    group_by_brackets: GroupBy = None,
+    tenant: TenantParam = None,
+) -> JSONResponse:
+    """Requests refused after their key was accepted (429s over a quota among them), in the
+    buckets `/usage` lists, by the time the gateway handed the counts to the ledger (within a
+    second of the refusal)."""
+    scope = _scope(conn, caller, tenant)
+    found = refusal_page(
+        conn,
+        window.width,
+        window.start_ms,
+        window.end_ms,
+        limit=window.limit,
+        group_by=_group_keys(
+            [*(group_by or []), *(group_by_brackets or [])], _REFUSAL_GROUP_ALIASES
+        ),
+        tenant_id=None if scope is None else scope.id,
+    )
+    page = RefusalBuckets(
+        object="page",
+        data=[
+            RefusalBucketDocument(
+                object="bucket",
+                start_time=bucket.start_ms // 1000,
+                end_time=bucket.end_ms // 1000,
+                results=[
+                    RefusalResultDocument(
+                        object="billing.refusals.result",
+                        requests=result.requests,
+                        tenant_id=result.tenant_id,
+                        api_key_id=result.api_key_id,
+                        reason=result.reason,
+                    )
+                    for result in bucket.results
+                ],
+            )
+            for bucket in found.buckets
+        ],
+        has_more=found.next_start_ms is not None,
+        next_page=None if found.next_start_ms is None else _encode_page(found.next_start_ms),
+    )
+    return JSONResponse(page)
 
 
 def _wants_csv(request: Request, format_: str | None) -> bool:
@@ -387,4 +496,190 @@ async def invoices(
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
     document = invoice_document(found, scope.name, request.app.state.currency)
+    return JSONResponse(to_jsonable_python(document))
+
+
+class CallerDocument(TypedDict):
+    """Who the credentials are: what the console shows, and which routes it may call."""
+
+    object: Literal["billing.caller"]
+    role: Annotated[
+        Role,
+        Field(
+            description="`admin` (the admin token: every route), `billing` (the billing token: "
+            "every tenant's billing), `tenant` (an API key: its own tenant's billing)."
+        ),
+    ]
+    tenant_id: Annotated[str | None, Field(description="The key's tenant; null for a token.")]
+    tenant_name: str | None
+    currency: str
+
+
+@router.get("/me", response_model=CallerDocument)
+async def me(request: Request, caller: CallerDep) -> JSONResponse:
+    """Who the presented credentials are."""
+    own = caller.tenant
+    return JSONResponse(
+        CallerDocument(
+            object="billing.caller",
+            role=caller.role,
+            tenant_id=None if own is None else own.id,
+            tenant_name=None if own is None else own.name,
+            currency=request.app.state.currency,
+        )
+    )
+
+
+class KeyDocument(TypedDict):
+    """An API key as its tenant sees it: never the secret, never its hash."""
+
+    object: Literal["billing.api_key"]
+    id: str
+    tenant_id: str
+    name: str | None
+    prefix: Annotated[str, Field(description="The key's first characters, to recognise it.")]
+    created_at: Annotated[int, Field(description="Unix seconds.")]
+    revoked_at: Annotated[int | None, Field(description="Unix seconds; null while usable.")]
+
+
+class KeyList(TypedDict):
+    object: Literal["list"]
+    data: list[KeyDocument]
+
+
+@router.get("/keys", response_model=KeyList)
+async def keys(conn: Ledger, caller: CallerDep, tenant: TenantParam = None) -> JSONResponse:
+    """A tenant's API keys, revoked ones included, by creation time; every tenant's with a token
+    and no `tenant`. Their usage is `/usage` grouped by `api_key_id`."""
+    scope = _scope(conn, caller, tenant)
+    return JSONResponse(
+        KeyList(
+            object="list",
+            data=[
+                KeyDocument(
+                    object="billing.api_key",
+                    id=key.id,
+                    tenant_id=key.tenant_id,
+                    name=key.name,
+                    prefix=key.prefix,
+                    created_at=key.created_at // 1000,
+                    revoked_at=None if key.revoked_at is None else key.revoked_at // 1000,
+                )
+                for key in list_keys(conn, None if scope is None else scope.id)
+            ],
+        )
+    )
+
+
+class BudgetDocument(TypedDict):
+    """One budget of a policy in its current period."""
+
+    kind: Annotated[
+        Literal["tokens", "money"],
+        Field(description="Tokens (prompt plus completion), or money in micro-units."),
+    ]
+    period: Period
+    period_start: Annotated[int, Field(description="Unix seconds, inclusive.")]
+    period_end: Annotated[int, Field(description="Unix seconds, exclusive.")]
+    limit: int
+    spent: Annotated[
+        int, Field(description="What the ledger holds for the period (requests that ended).")
+    ]
+    remaining: Annotated[int, Field(description="`limit - spent`, never below 0.")]
+
+
+class SubjectQuotaDocument(TypedDict):
+    """The policy of the tenant, or of one of its keys, and its budgets now."""
+
+    scope: Scope
+    id: str
+    name: Annotated[str | None, Field(description="The tenant's name, or the key's.")]
+    policy: QuotaPolicy
+    budgets: list[BudgetDocument]
+
+
+class QuotaDocument(TypedDict):
+    """A tenant's quota policies: its own first (if it has one), then its keys' that have one."""
+
+    object: Literal["billing.quota"]
+    tenant_id: str
+    tenant_name: str
+    currency: str
+    data: list[SubjectQuotaDocument]
+
+
+def _budgets(policy: QuotaPolicy, spent: Mapping[str, int], at_ms: int) -> list[BudgetDocument]:
+    start_ms, end_ms = period_bounds(policy.budget_period, at_ms)
+    budgets: list[BudgetDocument] = []
+    for kind, limit in (("tokens", policy.token_budget), ("money", policy.money_budget_micros)):
+        if limit is None:
+            continue
+        used = spent.get(kind, 0)
+        budgets.append(
+            BudgetDocument(
+                kind="tokens" if kind == "tokens" else "money",
+                period=policy.budget_period,
+                period_start=start_ms // 1000,
+                period_end=end_ms // 1000,
+                limit=limit,
+                spent=used,
+                remaining=max(limit - used, 0),
+            )
+        )
+    return budgets
+
+
+@router.get("/quota", response_model=QuotaDocument)
+async def quota(
+    request: Request,
+    conn: Ledger,
+    caller: CallerDep,
+    tenant: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_NAME,
+            description="A tenant's name or id; required with the billing or admin token, the "
+            "key's own tenant by default.",
+        ),
+        PlainText,
+    ] = None,
+) -> JSONResponse:
+    """A tenant's quota policies and what remains of each budget in its current UTC day or
+    month, by what the ledger holds (the gateway also holds back what requests in flight may
+    still spend)."""
+    scope = _scope(conn, caller, tenant)
+    if scope is None:
+        raise ApiError(400, "tenant: required with the billing or admin token", None, "tenant")
+    at_ms = now_ms()
+    spent: dict[tuple[str, str], dict[str, int]] = {}
+    for entry in spent_in_current_periods(conn, at_ms, scope.id):
+        spent[entry["id"], entry["period"]] = {
+            "tokens": entry["tokens"],
+            "money": entry["money_micros"],
+        }
+    subjects: list[tuple[Scope, str, str | None]] = [("tenant", scope.id, scope.name)]
+    subjects += [("key", key.id, key.name) for key in list_keys(conn, scope.id)]
+    data: list[SubjectQuotaDocument] = []
+    for kind, subject_id, name in subjects:
+        policy = get_quota(conn, subject_id)
+        if policy is None:
+            continue
+        used = spent.get((subject_id, policy.budget_period), {})
+        data.append(
+            SubjectQuotaDocument(
+                scope=kind,
+                id=subject_id,
+                name=name,
+                policy=policy,
+                budgets=_budgets(policy, used, at_ms),
+            )
+        )
+    document = QuotaDocument(
+        object="billing.quota",
+        tenant_id=scope.id,
+        tenant_name=scope.name,
+        currency=request.app.state.currency,
+        data=data,
+    )
     return JSONResponse(to_jsonable_python(document))

@@ -651,6 +651,16 @@ class AdminConfig(BaseModel):
             " read their own with their API keys); it opens no admin route."
         ),
     )
+    console: bool = Field(
+        default=False,
+        description=(
+            "Serve the usage and billing console, a browser page at /console/ on the admin"
+            " listener: a tenant signs in with one of its API keys and sees its own usage,"
+            " spend, refusals, keys, invoices and budgets; an operator signs in with the admin"
+            " token and sees every tenant and the fleet. It reads the admin and billing APIs and"
+            " loads nothing from the internet."
+        ),
+    )
 
 
 class BillingConfig(BaseModel):

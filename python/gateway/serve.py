@@ -17,8 +17,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.trace import NoOpTracer, Status, StatusCode
 
@@ -27,6 +28,7 @@ from gateway.config import ControlConfig, GatewayConfig, listen_address
 from gateway.ledger.apikeys import active_key_snapshot
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.quotas import policy_snapshot
+from gateway.ledger.refusals import Refused, add_refusals
 from gateway.ledger.usage import UsageEvent, insert_usage_events, spent_in_current_periods
 from gateway.ledger_writer import LedgerWriter
 from gateway.reload import Reloader
@@ -34,6 +36,9 @@ from gateway.signals import ReloadSignal, StopSignals
 from gateway.telemetry import Telemetry
 from gateway.telemetry import start as start_telemetry
 from gateway.usage_reader import LedgerUsageReader
+
+if TYPE_CHECKING:
+    from gateway import _core
 
 __all__ = ["CoreGateway", "SnapshotPusher", "UsageCollector", "run", "seed_spent", "supervise"]
 
@@ -52,6 +57,7 @@ class CoreGateway(Protocol):
     def drain_usage(self, max_events: int = 4096) -> tuple[list[UsageEvent], int | None]: ...
     def usage_committed(self, seq: int) -> None: ...
     def pending_usage(self) -> int: ...
+    def drain_refusals(self) -> str: ...
     def drain(self) -> bool: ...
     def shutdown(self, grace_s: float) -> None: ...
 
@@ -103,7 +109,8 @@ class UsageCollector:
     """Moves usage events from the core into the ledger, never dropping one it has drained.
 
     Drained events stay in memory until a ledger write succeeds, so a locked or failing database
-    delays them instead of losing them.
+    delays them instead of losing them. The counts of refused requests drained with them are
+    kept the same way, each with the time it was drained (`ledger.refusals`).
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class UsageCollector:
         self._batch = batch
         self._telemetry = telemetry or Telemetry(NoOpTracer())
         self._unsaved: list[UsageEvent] = []
+        self._refused: list[tuple[int, list[Refused]]] = []
         # The journal's number of the last unsaved event: acknowledged once they are written.
         self._last_seq: int | None = None
         self.recorded = 0
@@ -148,6 +156,9 @@ class UsageCollector:
         return drained
 
     def _drain(self) -> int:
+        refused: list[Refused] = json.loads(self._gateway.drain_refusals())
+        if refused:
+            self._refused.append((now_ms(), refused))
         drained, last_seq = self._gateway.drain_usage(self._batch)
         if drained:
             self._unsaved.extend(drained)
@@ -169,7 +180,9 @@ class UsageCollector:
 
     def _store(self) -> int | None:
         """Writes the unsaved events in one transaction; returns how many there were (0: none),
-        or None if the ledger refused them (they stay unsaved)."""
+        or None if the ledger refused them (they stay unsaved). Refusal counts are written
+        first, apart: a failure to write them keeps them for the next round."""
+        self._store_refusals()
         if not self._unsaved:
             return 0
         with self._telemetry.span("ledger.ingest", events=len(self._unsaved)) as span:
@@ -193,6 +206,16 @@ class UsageCollector:
         written = len(self._unsaved)
         self._unsaved.clear()
         return written
+
+    def _store_refusals(self) -> None:
+        while self._refused:
+            at_ms, refused = self._refused[0]
+            try:
+                add_refusals(self._conn, at_ms, refused)
+            except DatabaseError:
+                logger.exception("writing refusal counts failed; will retry")
+                return
+            self._refused.pop(0)
 
     def drain_all(self) -> bool:
         """After the core has stopped: drains until nothing is pending and writes everything.
@@ -356,7 +379,11 @@ async def _serve(
 
 
 def _admin(
-    conn: Connection, config: GatewayConfig, telemetry: Telemetry, reloader: Reloader | None
+    conn: Connection,
+    config: GatewayConfig,
+    telemetry: Telemetry,
+    reloader: Reloader | None,
+    fleet: Callable[[], dict[str, Any]],
 ) -> AdminServer | None:
     """The admin listener's server, bound, if the admin or the billing token is set; None if
     neither is (it is disabled)."""
@@ -373,8 +400,21 @@ def _admin(
         logger.info("no billing token (%s is unset): the billing API takes the admin's", names[1])
     reload = None if reloader is None else reloader.reload
     return bind_admin(
-        conn, config.admin, token, billing_token, config.billing, config.server, telemetry, reload
+        conn,
+        config.admin,
+        token,
+        billing_token,
+        config.billing,
+        config.server,
+        telemetry,
+        reload,
+        fleet,
     )
+
+
+def _fleet(gateway: _core.Gateway) -> dict[str, Any]:
+    """The workers and queues as the admin API's `Fleet` takes them."""
+    return {"workers": json.loads(gateway.workers()), "queues": json.loads(gateway.queues())}
 
 
 def run(
@@ -438,7 +478,7 @@ def _run(
             seed_spent(conn, gateway)
         reloader = None if config_path is None else Reloader(config_path, gateway, config)
         try:
-            admin = _admin(conn, config, telemetry, reloader)
+            admin = _admin(conn, config, telemetry, reloader, partial(_fleet, gateway))
         except OSError as exc:
             address = listen_address(config.admin.host, config.admin.port)
             logger.error("cannot bind the admin API to %s: %s", address, exc)

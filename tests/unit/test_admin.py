@@ -73,6 +73,8 @@ def test_openapi_documents_every_route_behind_the_bearer_token(admin: Admin) -> 
         "/admin/v1/prices/{model}": ["put"],
         "/admin/v1/prices": ["get"],
         "/admin/v1/reload": ["post"],
+        "/admin/v1/fleet": ["get"],
+        "/admin/v1/changes": ["get"],
     }
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for operations in schema["paths"].values():

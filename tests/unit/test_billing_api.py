@@ -121,6 +121,10 @@ def test_the_openapi_documents_are_apart(api: Billing) -> None:
         "/v1/billing/usage-events",
         "/v1/billing/usage",
         "/v1/billing/invoices",
+        "/v1/billing/refusals",
+        "/v1/billing/me",
+        "/v1/billing/keys",
+        "/v1/billing/quota",
     }
     assert "BillingBearer" in billing["components"]["securitySchemes"]
     admin = api("/admin/v1/openapi.json", ADMIN).json()

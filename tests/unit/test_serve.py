@@ -21,6 +21,7 @@ from gateway.ledger.apikeys import create_key, revoke_key
 from gateway.ledger.db import Connection, DatabaseError, now_ms, open_ledger
 from gateway.ledger.prices import set_price
 from gateway.ledger.quotas import set_tenant_quota
+from gateway.ledger.refusals import add_refusals, refusal_page
 from gateway.ledger.tenants import create_tenant
 from gateway.ledger.usage import UsageEvent, insert_usage_events, usage_totals
 from gateway.ledger_writer import LedgerWriter
@@ -34,6 +35,7 @@ class FakeCore:
 
     def __init__(self) -> None:
         self.queue: list[UsageEvent] = []
+        self.refused: list[dict[str, Any]] = []
         self.pushed: list[dict[str, Any]] = []
         self.policies: list[dict[str, Any]] = []
         self.seeded: list[dict[str, Any]] = []
@@ -72,6 +74,10 @@ class FakeCore:
 
     def pending_usage(self) -> int:
         return len(self.queue)
+
+    def drain_refusals(self) -> str:
+        taken, self.refused = self.refused, []
+        return json.dumps(taken)
 
     def drain(self) -> bool:
         self.calls.append("drain")
@@ -152,6 +158,36 @@ def test_collector_writes_batches_and_reports_how_many_came(ledger: Connection) 
     assert completion_tokens(ledger) == (5, 25)
     assert collector.recorded == 5
     assert core.committed == 5, "the core hears of every event the ledger took"
+
+
+def test_collector_adds_refusal_counts_to_the_buckets_of_their_drain(
+    ledger: Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = FakeCore()
+    refused = {"tenant_id": "ten_a", "key_id": "key_a", "reason": "rate_limit_exceeded"}
+    core.refused = [
+        {**refused, "count": 3},
+        {**refused, "reason": "insufficient_quota", "count": 1},
+    ]
+    collector = UsageCollector(ledger, core, batch=10)
+
+    def locked(conn: Connection, at_ms: int, refused: object) -> None:
+        raise DatabaseError("database is locked")
+
+    monkeypatch.setattr(serve, "add_refusals", locked)
+    collector.flush()
+    monkeypatch.setattr(serve, "add_refusals", add_refusals)
+    core.refused = [{**refused, "count": 2}]
+    collector.flush()
+    start = now_ms() - 3_600_000
+    page = refusal_page(ledger, "1h", start, now_ms() + 1, limit=2, group_by=["reason"])
+    counts = {r.reason: r.requests for b in page.buckets for r in b.results}
+    assert counts == {"rate_limit_exceeded": 5, "insufficient_quota": 1}, (
+        "counts a failed write kept are written with the next"
+    )
+    assert collector.flush() == 0
+    page = refusal_page(ledger, "1d", start, now_ms() + 1, limit=2, tenant_id="ten_b")
+    assert all(not b.results for b in page.buckets), "a tenant's read holds only its own"
 
 
 def test_collector_keeps_events_until_the_ledger_takes_them(
