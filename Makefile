@@ -8,7 +8,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv native-deps build services run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm clean
+.PHONY: help venv native-deps build services run test test-fast test-rust test-python test-vllm vllm-env lint fmt bench bench-vllm console-assets clean
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,7 +26,7 @@ native-deps: ## Install the C library the extension links (the system's SQLite),
 build: $(PY) native-deps ## Build the Rust extension (release) and the gRPC messages into the venv, with dev dependencies
 	$(BIN)/maturin develop --release --extras dev -q
 
-services: ## Install the servers tests start on loopback (redis-server, PostgreSQL), from Debian's packages
+services: ## Install what tests start (redis-server, PostgreSQL, dnsmasq, headless Chromium), from Debian's packages
 	bash tests/support/services/install.sh
 
 run: build ## Run the gateway on embedded defaults: SQLite in ./data, two simulated workers, a demo key
@@ -64,5 +64,12 @@ fmt: $(PY) ## Format Rust and Python sources
 bench: build ## Gateway vs direct simulator: throughput and added latency (writes benchmarks/RESULTS.md)
 	$(PY) benchmarks/overhead.py
 
+CHARTJS := /usr/share/javascript/chart.js/chart.min.js
+console-assets: ## Copy Chart.js from Debian's libjs-chart.js into the console; record the printed checksum
+	test -f $(CHARTJS) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjs-chart.js
+	cp $(CHARTJS) python/gateway/console/static/vendor/chart.min.js
+	dpkg-query -W -f='libjs-chart.js $${Version}\n' libjs-chart.js
+	sha256sum python/gateway/console/static/vendor/chart.min.js
+
 clean: ## Remove build outputs and the venv
-	rm -rf target $(VENV) benchmarks/out
+	rm -rf target $(VENV) benchmarks/out artifacts

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.console import ASSETS
 from tests.support import procs
 
 pytestmark = pytest.mark.e2e
@@ -88,13 +89,15 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_wheel_holds_the_extension_and_the_grpc_messages(wheel: Path) -> None:
+def test_the_wheel_holds_the_extension_the_grpc_messages_and_the_console(wheel: Path) -> None:
     messages = {f"gateway/grpc/v1/{p.stem}_pb2.{ext}" for p in PROTOS for ext in ("py", "pyi")}
     assert len(messages) >= 4, PROTOS
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         assert messages | {"gateway/grpc/v1/__init__.py"} <= names, sorted(names)
         assert {"gateway/_core.abi3.so", "gateway/_core.pyi", "gateway/py.typed"} <= names
+        console = {f"gateway/console/static/{name}" for name in ASSETS}
+        assert console <= names, "the console loads nothing from elsewhere: its files ship"
         # The build script's package, not a stale copy `maturin develop` left in python/.
         assert "rust/python/build.rs" in archive.read("gateway/grpc/v1/__init__.py").decode()
         record = next(n for n in names if n.endswith(".dist-info/RECORD"))

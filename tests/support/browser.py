@@ -50,7 +50,9 @@ def chromium(width: int = 1366, height: int = 900) -> Iterator[webdriver.Chrome]
     ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(_binary("chromedriver", _BINARIES[1])))
+    driver = webdriver.Chrome(
+        options=options, service=Service(_binary("chromedriver", _BINARIES[1]))
+    )
     try:
         yield driver
     finally:
@@ -59,13 +61,15 @@ def chromium(width: int = 1366, height: int = 900) -> Iterator[webdriver.Chrome]
 
 def console_errors(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     """The browser console's errors since the last call (the log is read once)."""
-    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [entry for entry in entries if entry["level"] == "SEVERE"]
 
 
 def requests_made(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     """Every request the page sent since the last call: `{"url", "method", "headers"}`."""
     made = []
-    for entry in driver.get_log("performance"):
+    entries: list[dict[str, Any]] = driver.get_log("performance")  # type: ignore[no-untyped-call]
+    for entry in entries:
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             request = message["params"]["request"]

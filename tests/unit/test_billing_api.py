@@ -34,8 +34,14 @@ ROUTES = (
     "/v1/billing/usage-events",
     f"/v1/billing/usage?start_time={JAN // 1000}&end_time={JAN // 1000 + 1}",
     "/v1/billing/invoices?period=2026-01",
+    f"/v1/billing/refusals?start_time={JAN // 1000}&end_time={JAN // 1000 + 1}",
+    "/v1/billing/keys",
+    "/v1/billing/quota",
     "/v1/billing/openapi.json",
+    "/v1/billing/me",
 )
+# The routes that take a `tenant`.
+TENANT_ROUTES = ROUTES[:6]
 
 
 # Who may read what.
@@ -63,7 +69,7 @@ def test_a_tenant_key_reads_its_own_tenant_only(api: Billing, seeded: Seeded) ->
     assert api("/v1/billing/invoices?period=2026-01", key).json()["tenant_id"] == seeded.acme.id
     # Another tenant, by name or id, or one that does not exist: refused alike.
     for other in ("beta", seeded.beta.id, "nobody"):
-        for route in ROUTES[:3]:
+        for route in TENANT_ROUTES:
             details = error(api(f"{route}{'&' if '?' in route else '?'}tenant={other}", key), 403)
             assert (details["code"], details["param"]) == ("permission_denied", "tenant")
 

@@ -9,7 +9,6 @@ hash. Operators read the log (`recent_changes`); tenants do not.
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,10 +40,10 @@ ACTIONS: tuple[Action, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change: `subject_id` is the tenant, key or model changed; `tenant_id` the tenant it
-    belongs to (None for a price)."""
+    """One change: `seq` numbers changes in the order they committed; `subject_id` is the
+    tenant, key or model changed; `tenant_id` the tenant it belongs to (None for a price)."""
 
-    id: str
+    seq: int
     at_ms: int
     action: Action
     tenant_id: str | None
@@ -59,13 +58,12 @@ def record_change(
     tenant_id: str | None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Logs a change; call in the transaction that makes it."""
+    """Logs a change; call in the transaction that makes it (its write lock orders `seq`)."""
     execute(
         conn,
-        "INSERT INTO changes (id, at_ms, action, tenant_id, subject_id, detail) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO changes (seq, at_ms, action, tenant_id, subject_id, detail) "
+        "SELECT COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ? FROM changes",
         (
-            "chg_" + secrets.token_hex(8),
             now_ms(),
             action,
             tenant_id,
@@ -78,16 +76,16 @@ def record_change(
 def recent_changes(conn: Connection, limit: int, tenant_id: str | None = None) -> list[Change]:
     """The last `limit` changes, newest first; of one tenant (its keys and quotas) if
     `tenant_id`."""
-    sql = "SELECT id, at_ms, action, tenant_id, subject_id, detail FROM changes"
+    sql = "SELECT seq, at_ms, action, tenant_id, subject_id, detail FROM changes"
     params: list[object] = []
     if tenant_id is not None:
         sql += " WHERE tenant_id = ?"
         params.append(tenant_id)
-    sql += " ORDER BY at_ms DESC, id DESC LIMIT ?"
+    sql += " ORDER BY seq DESC LIMIT ?"
     params.append(limit)
     return [
         Change(
-            id=row[0],
+            seq=int(row[0]),
             at_ms=int(row[1]),
             action=row[2],
             tenant_id=row[3],

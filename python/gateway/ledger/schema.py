@@ -171,15 +171,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         # What operators changed in tenants, keys, quota policies and prices (`changes`),
         # written in the transaction of the change; `detail` is a JSON object.
+        # `seq` orders them: each is the last one's plus one, taken under the write lock.
         """CREATE TABLE changes (
-            id TEXT PRIMARY KEY,
+            seq BIGINT PRIMARY KEY,
             at_ms BIGINT NOT NULL,
             action TEXT NOT NULL,
             tenant_id TEXT,
             subject_id TEXT NOT NULL,
             detail TEXT NOT NULL
         )""",
-        "CREATE INDEX changes_at ON changes (at_ms)",
+        "CREATE INDEX changes_tenant ON changes (tenant_id, seq)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

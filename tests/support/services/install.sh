@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, the servers the tests start on loopback (redis-server,
 # PostgreSQL, dnsmasq), never used as services of the machine: each test starts its own on a free
-# port.
+# port; and the headless browser the console's tests drive (chromium, chromium-driver).
 # Idempotent; needs root or sudo only when something is missing.
 set -euo pipefail
 
-declare -A PACKAGE_OF=([redis-server]=redis-server)
+declare -A PACKAGE_OF=([redis-server]=redis-server [chromium]=chromium [chromedriver]=chromium-driver)
 
 missing=()
 for binary in "${!PACKAGE_OF[@]}"; do
