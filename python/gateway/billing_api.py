@@ -14,9 +14,9 @@ Nothing here writes to the ledger.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,6 +38,7 @@ from gateway.ledger.rollups import (
     BUCKET_LIMITS,
     BUCKET_WIDTHS,
     GROUP_KEYS,
+    BucketResult,
     BucketWidth,
     GroupKey,
     UsagePage,
@@ -65,6 +66,8 @@ _REFUSAL_GROUP_ALIASES: dict[str, RefusalGroupKey] = {key: key for key in REFUSA
     "tenant": "tenant_id"
 }
 _K = TypeVar("_K", bound=str)
+_R = TypeVar("_R")
+_D = TypeVar("_D")
 
 
 Role = Literal["admin", "billing", "tenant"]
@@ -147,6 +150,26 @@ def _scope(conn: Connection, caller: Caller, tenant: str | None) -> Tenant | Non
     return own
 
 
+OneTenantParam = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_NAME,
+        description="A tenant's name or id; required with the billing or admin token, the key's "
+        "own tenant by default.",
+    ),
+    PlainText,
+]
+
+
+def _one_tenant(conn: Connection, caller: Caller, tenant: str | None) -> Tenant:
+    """The one tenant a request reads: `_scope`'s, which a token must name."""
+    scope = _scope(conn, caller, tenant)
+    if scope is None:
+        raise ApiError(400, "tenant: required with the billing or admin token", None, "tenant")
+    return scope
+
+
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 
 
@@ -210,20 +233,24 @@ class UsageResult(TypedDict):
     currency: str
 
 
-class UsageBucket(TypedDict):
+class BucketDocument(TypedDict, Generic[_D]):
     object: Literal["bucket"]
     start_time: Annotated[int, Field(description="Unix seconds, inclusive.")]
     end_time: Annotated[int, Field(description="Unix seconds, exclusive.")]
-    results: list[UsageResult]
+    results: list[_D]
 
 
-class UsageBuckets(TypedDict):
-    """OpenAI's organisation usage page (completions); `next_page` is the next `page`."""
+class BucketPage(TypedDict, Generic[_D]):
+    """Buckets in the shape of OpenAI's organisation usage page; `next_page` is the next
+    `page`."""
 
     object: Literal["page"]
-    data: list[UsageBucket]
+    data: list[BucketDocument[_D]]
     has_more: bool
     next_page: str | None
+
+
+UsageBuckets = BucketPage[UsageResult]
 
 
 _PAGE_PREFIX = "bkp1."
@@ -297,39 +324,75 @@ async def _window(
 
 
 WindowDep = Annotated[Window, Depends(_window)]
-GroupBy = Annotated[list[str] | None, Query(include_in_schema=False, alias="group_by[]")]
+
+
+def _grouping(aliases: Mapping[str, _K], keys: str) -> Callable[..., Awaitable[list[_K]]]:
+    """A dependency: the group keys of `group_by` and `group_by[]`, each one of `aliases`."""
+
+    # Defaults, not `Annotated`: the annotations are strings, resolved in the module.
+    async def grouping(
+        group_by: list[str] | None = Query(  # noqa: B008
+            None, description=f"Any of {keys}: repeated or comma-separated (`group_by[]` too)."
+        ),
+        group_by_brackets: list[str] | None = Query(  # noqa: B008
+            None, alias="group_by[]", include_in_schema=False
+        ),
+    ) -> list[_K]:
+        return _group_keys([*(group_by or []), *(group_by_brackets or [])], aliases)
+
+    return grouping
+
+
+UsageGroups = Annotated[
+    list[GroupKey],
+    Depends(_grouping(_GROUP_ALIASES, "`tenant_id` (or `tenant`), `api_key_id`, `model`")),
+]
+RefusalGroups = Annotated[
+    list[RefusalGroupKey],
+    Depends(_grouping(_REFUSAL_GROUP_ALIASES, "`tenant_id` (or `tenant`), `api_key_id`, `reason`")),
+]
+
+
+def _page(
+    buckets: Iterable[tuple[int, int, Iterable[_R]]],
+    next_start_ms: int | None,
+    render: Callable[[_R], _D],
+) -> BucketPage[_D]:
+    """A page of `buckets` (start and end in ms, and their results, each rendered)."""
+    return BucketPage(
+        object="page",
+        data=[
+            BucketDocument(
+                object="bucket",
+                start_time=start_ms // 1000,
+                end_time=end_ms // 1000,
+                results=[render(result) for result in results],
+            )
+            for start_ms, end_ms, results in buckets
+        ],
+        has_more=next_start_ms is not None,
+        next_page=None if next_start_ms is None else _encode_page(next_start_ms),
+    )
 
 
 def _buckets(page: UsagePage, currency: str) -> UsageBuckets:
-    return UsageBuckets(
-        object="page",
-        data=[
-            UsageBucket(
-                object="bucket",
-                start_time=bucket.start_ms // 1000,
-                end_time=bucket.end_ms // 1000,
-                results=[
-                    UsageResult(
-                        object="organization.usage.completions.result",
-                        input_tokens=result.prompt_tokens + result.cached_tokens,
-                        input_cached_tokens=result.cached_tokens,
-                        output_tokens=result.completion_tokens,
-                        num_model_requests=result.requests,
-                        tenant_id=result.tenant_id,
-                        api_key_id=result.api_key_id,
-                        model=result.model,
-                        cost_micros=result.cost_micros,
-                        unpriced_requests=result.unpriced_requests,
-                        currency=currency,
-                    )
-                    for result in bucket.results
-                ],
-            )
-            for bucket in page.buckets
-        ],
-        has_more=page.next_start_ms is not None,
-        next_page=None if page.next_start_ms is None else _encode_page(page.next_start_ms),
-    )
+    def render(result: BucketResult) -> UsageResult:
+        return UsageResult(
+            object="organization.usage.completions.result",
+            input_tokens=result.prompt_tokens + result.cached_tokens,
+            input_cached_tokens=result.cached_tokens,
+            output_tokens=result.completion_tokens,
+            num_model_requests=result.requests,
+            tenant_id=result.tenant_id,
+            api_key_id=result.api_key_id,
+            model=result.model,
+            cost_micros=result.cost_micros,
+            unpriced_requests=result.unpriced_requests,
+            currency=currency,
+        )
+
+    buckets = ((b.start_ms, b.end_ms, b.results) for b in page.buckets)
+    return _page(buckets, page.next_start_ms, render)
 
 
 @router.get("/usage", response_model=UsageBuckets)
@@ -338,14 +401,7 @@ async def usage(
     conn: Ledger,
     caller: CallerDep,
     window: WindowDep,
-    group_by: Annotated[
-        list[str] | None,
-        Query(
-            description="Any of `tenant_id` (or `tenant`), `api_key_id`, `model`: repeated or "
-            "comma-separated (`group_by[]` too)."
-        ),
-    ] = None,
-    group_by_brackets: GroupBy = None,
+    group_by: UsageGroups,
     tenant: TenantParam = None,
 ) -> JSONResponse:
     """Usage in UTC-aligned buckets from `start_time`'s to `end_time`, by the requests' start
@@ -357,7 +413,7 @@ async def usage(
         window.start_ms,
         window.end_ms,
         limit=window.limit,
-        group_by=_group_keys([*(group_by or []), *(group_by_brackets or [])], _GROUP_ALIASES),
+        group_by=group_by,
         tenant_id=None if scope is None else scope.id,
     )
     return JSONResponse(_buckets(found, request.app.state.currency))
@@ -376,20 +432,7 @@ class RefusalResultDocument(TypedDict):
     ]
 
 
-class RefusalBucketDocument(TypedDict):
-    object: Literal["bucket"]
-    start_time: Annotated[int, Field(description="Unix seconds, inclusive.")]
-    end_time: Annotated[int, Field(description="Unix seconds, exclusive.")]
-    results: list[RefusalResultDocument]
-
-
-class RefusalBuckets(TypedDict):
-    """Refused requests in buckets, paged as `/usage` is."""
-
-    object: Literal["page"]
-    data: list[RefusalBucketDocument]
-    has_more: bool
-    next_page: str | None
+RefusalBuckets = BucketPage[RefusalResultDocument]
 
 
 @router.get("/refusals", response_model=RefusalBuckets)
@@ -397,14 +440,7 @@ async def refusals(
     conn: Ledger,
     caller: CallerDep,
     window: WindowDep,
-    group_by: Annotated[
-        list[str] | None,
-        Query(
-            description="Any of `tenant_id` (or `tenant`), `api_key_id`, `reason`: repeated or "
-            "comma-separated (`group_by[]` too)."
-        ),
-    ] = None,
-    group_by_brackets: GroupBy = None,
+    group_by: RefusalGroups,
     tenant: TenantParam = None,
 ) -> JSONResponse:
     """Requests refused after their key was accepted (429s over a quota among them), in the
@@ -417,33 +453,20 @@ async def refusals(
         window.start_ms,
         window.end_ms,
         limit=window.limit,
-        group_by=_group_keys(
-            [*(group_by or []), *(group_by_brackets or [])], _REFUSAL_GROUP_ALIASES
-        ),
+        group_by=group_by,
         tenant_id=None if scope is None else scope.id,
     )
-    page = RefusalBuckets(
-        object="page",
-        data=[
-            RefusalBucketDocument(
-                object="bucket",
-                start_time=bucket.start_ms // 1000,
-                end_time=bucket.end_ms // 1000,
-                results=[
-                    RefusalResultDocument(
-                        object="billing.refusals.result",
-                        requests=result.requests,
-                        tenant_id=result.tenant_id,
-                        api_key_id=result.api_key_id,
-                        reason=result.reason,
-                    )
-                    for result in bucket.results
-                ],
-            )
-            for bucket in found.buckets
-        ],
-        has_more=found.next_start_ms is not None,
-        next_page=None if found.next_start_ms is None else _encode_page(found.next_start_ms),
+    buckets = ((b.start_ms, b.end_ms, b.results) for b in found.buckets)
+    page = _page(
+        buckets,
+        found.next_start_ms,
+        lambda result: RefusalResultDocument(
+            object="billing.refusals.result",
+            requests=result.requests,
+            tenant_id=result.tenant_id,
+            api_key_id=result.api_key_id,
+            reason=result.reason,
+        ),
     )
     return JSONResponse(page)
 
@@ -465,25 +488,14 @@ async def invoices(
     conn: Ledger,
     caller: CallerDep,
     period: Annotated[str, Query(max_length=16, description="The UTC month, `YYYY-MM`.")],
-    tenant: Annotated[
-        str | None,
-        Query(
-            min_length=1,
-            max_length=MAX_NAME,
-            description="A tenant's name or id; required with the billing or admin token, the "
-            "key's own tenant by default.",
-        ),
-        PlainText,
-    ] = None,
+    tenant: OneTenantParam = None,
     format_: Annotated[
         Literal["json", "csv"] | None,
         Query(alias="format", description="Default JSON, or CSV if `Accept: text/csv`."),
     ] = None,
 ) -> Response:
     """A tenant's invoice for a UTC month: a line per model, price version and token class."""
-    scope = _scope(conn, caller, tenant)
-    if scope is None:
-        raise ApiError(400, "tenant: required with the billing or admin token", None, "tenant")
+    scope = _one_tenant(conn, caller, tenant)
     try:
         found = invoice(conn, scope.id, period)
     except (ValueError, OverflowError):  # a month past the calendar's range overflows
@@ -634,23 +646,12 @@ async def quota(
     request: Request,
     conn: Ledger,
     caller: CallerDep,
-    tenant: Annotated[
-        str | None,
-        Query(
-            min_length=1,
-            max_length=MAX_NAME,
-            description="A tenant's name or id; required with the billing or admin token, the "
-            "key's own tenant by default.",
-        ),
-        PlainText,
-    ] = None,
+    tenant: OneTenantParam = None,
 ) -> JSONResponse:
     """A tenant's quota policies and what remains of each budget in its current UTC day or
     month, by what the ledger holds (the gateway also holds back what requests in flight may
     still spend)."""
-    scope = _scope(conn, caller, tenant)
-    if scope is None:
-        raise ApiError(400, "tenant: required with the billing or admin token", None, "tenant")
+    scope = _one_tenant(conn, caller, tenant)
     at_ms = now_ms()
     spent: dict[tuple[str, str], dict[str, int]] = {}
     for entry in spent_in_current_periods(conn, at_ms, scope.id):

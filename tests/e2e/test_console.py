@@ -480,6 +480,9 @@ def test_the_operator_view_shows_every_tenant_and_the_fleet(
     assert "globex" in tenants
     fleet = browser.find_element(By.ID, "fleet-table").text
     assert f"{scenario.sim.url} up " in fleet
+    (worker,) = scenario.admin("GET", "/admin/v1/fleet").json()["workers"]
+    assert worker["load"] is not None, "the core scraped the simulator's vLLM gauges"
+    assert set(worker["load"]) == {"running", "waiting", "kv_cache_usage"}
     changes = browser.find_element(By.ID, "changes-table").text
     for action in ("key.revoked", "quota.set", "price.set", "tenant.created"):
         assert action in changes

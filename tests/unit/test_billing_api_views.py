@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from gateway.admin import create_app
 from gateway.config import BillingConfig
 from gateway.ledger.apikeys import create_key, revoke_key
@@ -219,13 +217,3 @@ def test_the_admin_api_lists_changes_and_the_fleet(ledger: Connection) -> None:
     assert error(api("/admin/v1/changes?tenant=nobody", ADMIN), 404)["code"] == "not_found"
     without = Billing(ledger)
     assert error(without("/admin/v1/fleet", ADMIN), 404)["code"] == "no_fleet"
-
-
-@pytest.fixture
-def api(ledger: Connection) -> Billing:
-    return Billing(ledger)
-
-
-@pytest.fixture
-def seeded(ledger: Connection) -> Seeded:
-    return Seeded(ledger)

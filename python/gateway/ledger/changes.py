@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from gateway.ledger.db import Connection, execute, now_ms, query
 
@@ -26,16 +26,7 @@ Action = Literal[
     "quota.cleared",
     "price.set",
 ]
-ACTIONS: tuple[Action, ...] = (
-    "tenant.created",
-    "tenant.disabled",
-    "tenant.enabled",
-    "key.created",
-    "key.revoked",
-    "quota.set",
-    "quota.cleared",
-    "price.set",
-)
+ACTIONS: tuple[Action, ...] = get_args(Action)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, TypedDict, get_args
 
 from gateway.ledger.db import Connection, add_to_sums, transaction
-from gateway.ledger.rollups import BUCKET_WIDTHS, BucketWidth, Window, sums_by_bucket
+from gateway.ledger.rollups import BUCKET_WIDTHS, BucketWidth, Window, grouped_buckets
 
 __all__ = [
     "REFUSAL_GROUP_KEYS",
@@ -110,28 +110,20 @@ def refusal_page(
     """Up to `limit` buckets of refusals, as `rollups.usage_page` lists usage: every bucket,
     empty ones too; of one tenant if `tenant_id`; grouped by `group_by`."""
     window = Window(width, start_ms, end_ms, limit)
-    keys = [key for key in REFUSAL_GROUP_KEYS if key in group_by]
-    found = sums_by_bucket(
-        conn,
-        "refusal_rollups",
-        window,
-        [_COLUMNS[key] for key in keys],
-        ("requests",),
-        tenant_id,
-    )
-    ms = BUCKET_WIDTHS[width]
-    buckets = []
-    for start in window.starts:
-        results = []
-        for row in found.get(start, []):
-            group = dict(zip(keys, row[: len(keys)], strict=True))
-            results.append(
+    columns: dict[str, str] = {k: _COLUMNS[k] for k in REFUSAL_GROUP_KEYS if k in group_by}
+    buckets = [
+        RefusalBucket(
+            start,
+            end,
+            [
                 RefusalResult(
-                    group.get("tenant_id"),
-                    group.get("api_key_id"),
-                    group.get("reason"),
-                    int(row[len(keys)]),
+                    group.get("tenant_id"), group.get("api_key_id"), group.get("reason"), *totals
                 )
-            )
-        buckets.append(RefusalBucket(start, start + ms, results))
+                for group, totals in results
+            ],
+        )
+        for start, end, results in grouped_buckets(
+            conn, "refusal_rollups", window, columns, ("requests",), tenant_id
+        )
+    ]
     return RefusalPage(buckets, window.next_start_ms)

@@ -8,11 +8,11 @@ events.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from gateway.ledger.db import Connection, Row, add_to_sums, execute, query, transaction
+from gateway.ledger.db import Connection, add_to_sums, execute, query, transaction
 
 __all__ = [
     "BUCKET_LIMITS",
@@ -21,12 +21,13 @@ __all__ = [
     "Bucket",
     "BucketResult",
     "BucketWidth",
+    "Group",
     "GroupKey",
     "UsagePage",
     "Window",
     "add_to_rollups",
+    "grouped_buckets",
     "rebuild_rollups",
-    "sums_by_bucket",
     "usage_page",
 ]
 
@@ -216,19 +217,24 @@ class Window:
         return stop if stop < self.end_ms else None
 
 
-def sums_by_bucket(
+Group = dict[str, Any]
+"""A result's group: the value of each key it is grouped by."""
+
+
+def grouped_buckets(
     conn: Connection,
     table: str,
     window: Window,
-    columns: Sequence[str],
+    columns: Mapping[str, str],
     sums: Sequence[str],
     tenant_id: str | None,
-) -> dict[int, list[Row]]:
-    """The rows of a rollup `table` in `window` (of one tenant if `tenant_id`), summed by bucket
-    and `columns` and sorted by them: per bucket start, rows of `columns`' values then `sums`'
-    totals. Table and column names are the caller's own, never input."""
+) -> list[tuple[int, int, list[tuple[Group, list[int]]]]]:
+    """The rows of a rollup `table` in `window` (of one tenant if `tenant_id`) summed by bucket
+    and by the group keys `columns` names (key -> column): per bucket of the window, empty ones
+    too, its start, its end, and each group with its totals of `sums`, sorted by the keys. Table
+    and column names are the caller's own, never input."""
     starts = window.starts
-    selected = ", ".join(["bucket_start", *columns])
+    selected = ", ".join(["bucket_start", *columns.values()])
     totals = ", ".join(f"SUM({column})" for column in sums)
     sql = (
         f"SELECT {selected}, {totals} FROM {table} "  # noqa: S608
@@ -239,10 +245,13 @@ def sums_by_bucket(
         sql += " AND tenant_id = ?"
         params.append(tenant_id)
     sql += f" GROUP BY {selected} ORDER BY {selected}"
-    found: dict[int, list[Row]] = {}
+    found: dict[int, list[tuple[Group, list[int]]]] = {}
     for row in query(conn, sql, params):
-        found.setdefault(int(row[0]), []).append(row[1:])
-    return found
+        group = dict(zip(columns, row[1 : 1 + len(columns)], strict=True))
+        found.setdefault(int(row[0]), []).append(
+            (group, [int(value) for value in row[1 + len(columns) :]])
+        )
+    return [(start, start + starts.step, found.get(start, [])) for start in starts]
 
 
 def usage_page(
@@ -259,28 +268,21 @@ def usage_page(
     UTC multiples of the width) to `end_ms` (exclusive), every bucket listed, empty ones too; of
     one tenant if `tenant_id`. Results are grouped by `group_by` and sorted by its keys."""
     window = Window(width, start_ms, end_ms, limit)
-    keys = [key for key in GROUP_KEYS if key in group_by]
-    found = sums_by_bucket(
-        conn,
-        "usage_rollups",
-        window,
-        [_GROUP_COLUMNS[key] for key in keys],
-        (*_SUMS, "unpriced_requests"),
-        tenant_id,
-    )
-    ms = BUCKET_WIDTHS[width]
-    buckets = []
-    for start in window.starts:
-        results = []
-        for row in found.get(start, []):
-            group = dict(zip(keys, row[: len(keys)], strict=True))
-            results.append(
+    columns: dict[str, str] = {k: _GROUP_COLUMNS[k] for k in GROUP_KEYS if k in group_by}
+    sums = (*_SUMS, "unpriced_requests")
+    buckets = [
+        Bucket(
+            start,
+            end,
+            [
                 BucketResult(
-                    group.get("tenant_id"),
-                    group.get("api_key_id"),
-                    group.get("model"),
-                    *(int(value) for value in row[len(keys) :]),
+                    group.get("tenant_id"), group.get("api_key_id"), group.get("model"), *totals
                 )
-            )
-        buckets.append(Bucket(start, start + ms, results))
+                for group, totals in results
+            ],
+        )
+        for start, end, results in grouped_buckets(
+            conn, "usage_rollups", window, columns, sums, tenant_id
+        )
+    ]
     return UsagePage(buckets, window.next_start_ms)
