@@ -373,6 +373,7 @@ function quotaPanel(quota) {
     const title = subject.scope === "tenant" ? `Tenant ${subject.name}` : `Key ${subject.name || subject.id}`;
     const rows = limits
       .filter(([name]) => subject.policy[name] !== null && subject.policy[name] !== undefined)
+      .filter(([name]) => name !== "budget_period" || subject.budgets.length > 0)
       .map(([name, label]) => {
         const value = subject.policy[name];
         const shown = name === "money_budget_micros" ? money(value) : Array.isArray(value) ? value.join(", ") : typeof value === "number" ? integer.format(value) : value;
