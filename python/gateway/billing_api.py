@@ -230,6 +230,10 @@ class UsageResult(TypedDict):
     model: str | None
     cost_micros: Annotated[int, Field(description="Cost of the priced requests, micro-units.")]
     unpriced_requests: Annotated[int, Field(description="Requests of a model without a price.")]
+    failed_requests: Annotated[
+        int,
+        Field(description="Requests that ended in an error: the worker's, or a stream cut short."),
+    ]
     currency: str
 
 
@@ -388,6 +392,7 @@ def _buckets(page: UsagePage, currency: str) -> UsageBuckets:
             model=result.model,
             cost_micros=result.cost_micros,
             unpriced_requests=result.unpriced_requests,
+            failed_requests=result.failed_requests,
             currency=currency,
         )
 

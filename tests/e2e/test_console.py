@@ -44,6 +44,7 @@ class Scenario:
     tenants: dict[str, str]  # name -> id
     served: dict[str, int]  # tenant name -> requests answered 200
     refused: dict[str, int]  # tenant name -> requests answered 429
+    failed: int = 0  # acme's requests the worker failed
 
     def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {TOKEN}"}
@@ -138,9 +139,21 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             scenario.refused["globex"] += status == 429
         assert scenario.refused["acme"] >= 1
         assert scenario.refused["globex"] >= 2
+        # Two requests the worker fails: metered (failed), billed for nothing they produced.
+        faults = f"{sim.url}/sim/faults"
+        assert httpx.post(faults, json={"error_rate": 1.0}, timeout=10).is_success
+        for _ in range(2):
+            status = _chat(gateway, scenario.key("acme-prod"))
+            assert status >= 500, status
+            scenario.failed += 1
+        assert httpx.post(faults, json={"error_rate": 0.0}, timeout=10).is_success
         start = int(time.time()) - 86_400
         expected = {
-            name: (scenario.served[name], scenario.refused[name]) for name in scenario.tenants
+            name: (
+                scenario.served[name] + (scenario.failed if name == "acme" else 0),
+                scenario.refused[name],
+            )
+            for name in scenario.tenants
         }
 
         def recorded() -> bool:
@@ -207,7 +220,8 @@ def _range(driver: WebDriver) -> dict[str, Any]:
 
 def _api_totals(scenario: Scenario, credential: str, **params: Any) -> dict[str, int]:
     """The billing API's sums over the buckets of `params`, as the console's cards name them."""
-    sums = dict.fromkeys(("requests", "prompt", "cached", "completion", "spend", "refused"), 0)
+    names = ("requests", "prompt", "cached", "completion", "spend", "failed", "refused")
+    sums = dict.fromkeys(names, 0)
     page: str | None = None
     while True:
         body = scenario.billing("/usage", credential, **params, page=page).json()
@@ -217,6 +231,7 @@ def _api_totals(scenario: Scenario, credential: str, **params: Any) -> dict[str,
             sums["cached"] += result["input_cached_tokens"]
             sums["completion"] += result["output_tokens"]
             sums["spend"] += result["cost_micros"]
+            sums["failed"] += result["failed_requests"]
         page = body["next_page"]
         if page is None:
             break
@@ -296,7 +311,8 @@ def test_the_tenant_view_draws_its_own_usage_and_its_totals_are_the_billing_apis
 
     shown = _shown_totals(browser)
     assert shown == _api_totals(scenario, key, **_range(browser))
-    assert shown["total-requests"] == scenario.served["acme"]
+    assert shown["total-requests"] == scenario.served["acme"] + scenario.failed
+    assert shown["total-failed"] == scenario.failed
     assert shown["total-refused"] == scenario.refused["acme"]
     assert shown["total-spend"] > 0
 
@@ -352,7 +368,7 @@ def test_a_tenant_reaches_nothing_of_another_tenant_through_the_page(
     _sign_in(browser, scenario, key, f"?tenant={globex}#tenant=globex")
     made = requests_made(browser)
     shown = _shown_totals(browser)
-    assert shown["total-requests"] == scenario.served["acme"]
+    assert shown["total-requests"] == scenario.served["acme"] + scenario.failed
 
     api_calls = [r for r in made if urlsplit(r["url"]).path.startswith(("/v1/", "/admin/"))]
     assert api_calls, "the page reads the billing API"
@@ -461,7 +477,8 @@ def test_the_operator_view_shows_every_tenant_and_the_fleet(
     assert browser.find_element(By.ID, "who").text == "Operator"
     shown = _shown_totals(browser)
     assert shown == _api_totals(scenario, TOKEN, **_range(browser))
-    assert shown["total-requests"] == sum(scenario.served.values())
+    assert shown["total-requests"] == sum(scenario.served.values()) + scenario.failed
+    assert shown["total-failed"] == scenario.failed
     assert shown["total-refused"] == sum(scenario.refused.values())
 
     charts = _chart_sums(browser)

@@ -26,7 +26,12 @@ _UNDO: dict[int, tuple[str, ...]] = {
     ),
     6: ("CREATE INDEX usage_events_tenant_model ON usage_events (tenant_id, model)",),
     7: ("CREATE INDEX usage_events_started ON usage_events (started_at_ms)",),
-    8: ("DROP TABLE refusal_rollups", "DROP INDEX changes_tenant", "DROP TABLE changes"),
+    8: (
+        "DROP TABLE refusal_rollups",
+        "DROP INDEX changes_tenant",
+        "DROP TABLE changes",
+        "ALTER TABLE usage_rollups DROP COLUMN failed_requests",
+    ),
 }
 
 

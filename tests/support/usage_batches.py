@@ -30,13 +30,14 @@ def recomputed(events: Iterable[StoredEvent]) -> list[tuple[object, ...]]:
     for e in events:
         for width, length in BUCKET_WIDTHS.items():
             bucket = e.started_at_ms - e.started_at_ms % length
-            total = sums.setdefault((width, bucket, e.tenant_id, e.key_id, e.model), [0] * 6)
+            total = sums.setdefault((width, bucket, e.tenant_id, e.key_id, e.model), [0] * 7)
             total[0] += 1
             total[1] += e.prompt_tokens
             total[2] += e.cached_tokens
             total[3] += e.completion_tokens
             total[4] += e.cost_micros or 0
             total[5] += e.cost_micros is None
+            total[6] += e.status in ("failed", "interrupted")
     return sorted((*key, *total) for key, total in sums.items())
 
 
@@ -54,8 +55,8 @@ def priced(conn: Connection) -> None:
 
 
 def mixed(rng: random.Random, count: int) -> list[UsageEvent]:
-    """Events of 3 tenants, 2 keys each and 4 models, across minute, hour, day and month ends;
-    some with more cached tokens than prompt tokens."""
+    """Events of 3 tenants, 2 keys each and 4 models, across minute, hour, day and month ends, of
+    every status; some with more cached tokens than prompt tokens."""
     events = []
     for _ in range(count):
         tenant = rng.choice(["ten_a", "ten_b", "ten_c"])
@@ -69,6 +70,7 @@ def mixed(rng: random.Random, count: int) -> list[UsageEvent]:
                 prompt_tokens=prompt,
                 cached_tokens=rng.choice([0, prompt // 3, prompt + 5]),
                 completion_tokens=rng.randrange(0, 800),
+                status=rng.choice(["completed", "completed", "cancelled", "failed", "interrupted"]),
             )
         )
     return events

@@ -262,7 +262,9 @@ def usage(api: Billing, token: str = BILLING, **params: Any) -> dict[str, Any]:
 
 def test_usage_buckets_have_openais_shape(api: Billing, seeded: Seeded) -> None:
     seeded.record(seeded.acme, 2, model=PRICED, prompt_tokens=10, cached_tokens=2)
-    seeded.record(seeded.beta, 1, model=UNPRICED, prompt_tokens=4, cached_tokens=0)
+    seeded.record(
+        seeded.beta, 1, model=UNPRICED, prompt_tokens=4, cached_tokens=0, status="interrupted"
+    )
     hour = JAN // 1000
     body = usage(api, start_time=hour - 3600, end_time=hour + 3600, bucket_width="1h")
     assert body == {
@@ -285,6 +287,7 @@ def test_usage_buckets_have_openais_shape(api: Billing, seeded: Seeded) -> None:
                         "model": None,
                         "cost_micros": 10,
                         "unpriced_requests": 1,
+                        "failed_requests": 1,
                         "currency": "EUR",
                     }
                 ],

@@ -52,8 +52,14 @@ _GROUP_COLUMNS: dict[GroupKey, str] = {
 
 _SUMS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_micros")
 _KEY = ("bucket_width", "bucket_start", "tenant_id", "key_id", "model")
+# A group of events' `_SUMS` and `_COUNTS`, in SQL.
+_SQL_SUMS = (
+    "COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
+    "COALESCE(SUM(cost_micros), 0), SUM(CASE WHEN cost_micros IS NULL THEN 1 ELSE 0 END), "
+    "SUM(CASE WHEN status IN ('failed', 'interrupted') THEN 1 ELSE 0 END)"
+)
 # Positions in the rows `usage.insert_usage_events` stores (`usage._FIELDS` then pricing).
-_TENANT, _KEY_ID, _MODEL = 2, 3, 4
+_TENANT, _KEY_ID, _MODEL, _STATUS = 2, 3, 4, 8
 _PROMPT, _CACHED, _COMPLETION, _STARTED = 10, 11, 12, 14
 _COST = 18
 
@@ -62,8 +68,11 @@ if not _DAY % _HOUR == _HOUR % _MINUTE == 0:  # hours are summed from minutes, d
     raise ImportError("each bucket width must divide the next")
 
 Sums = list[int]
-"""requests, prompt, cached and completion tokens, cost, unpriced requests: `_SUMS`, then
-`unpriced_requests`."""
+"""requests, prompt, cached and completion tokens, cost, unpriced requests, failed requests:
+`_SUMS`, then `_COUNTS`."""
+_COUNTS = ("unpriced_requests", "failed_requests")
+# A request that ended in an error: the worker's, or a stream cut short.
+_FAILED = ("failed", "interrupted")
 
 
 def _sums(rows: list[Sequence[object]]) -> Sums:
@@ -78,6 +87,7 @@ def _sums(rows: list[Sequence[object]]) -> Sums:
             int(row[_COMPLETION]),  # type: ignore[call-overload]
             0 if cost is None else int(cost),  # type: ignore[call-overload]
             1 if cost is None else 0,
+            1 if row[_STATUS] in _FAILED else 0,
         ]
     # Columns, then a sum of each (in C): a cost of None is an unpriced event, and leaving out
     # the costs that are None or 0 leaves the sum as it is.
@@ -90,6 +100,7 @@ def _sums(rows: list[Sequence[object]]) -> Sums:
         sum(columns[_COMPLETION]),
         sum(filter(None, costs)),
         costs.count(None),
+        sum(status in _FAILED for status in columns[_STATUS]),
     ]
 
 
@@ -131,7 +142,7 @@ def add_to_rollups(conn: Connection, rows: Sequence[Sequence[object]]) -> None:
         conn,
         "usage_rollups",
         _KEY,
-        (*_SUMS, "unpriced_requests"),
+        (*_SUMS, *_COUNTS),
         [
             (width, *bucket, *sums)
             for width, totals in (("1m", minutes), ("1h", hours), ("1d", days))
@@ -148,11 +159,8 @@ def rebuild_rollups(conn: Connection) -> None:
             bucket = f"started_at_ms - started_at_ms % {ms}"
             execute(
                 conn,
-                f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS)}, unpriced_requests) "  # noqa: S608
-                f"SELECT '{width}', {bucket}, tenant_id, key_id, model, COUNT(*), "
-                "SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), "
-                "COALESCE(SUM(cost_micros), 0), "
-                "SUM(CASE WHEN cost_micros IS NULL THEN 1 ELSE 0 END) "
+                f"INSERT INTO usage_rollups ({', '.join(_KEY + _SUMS + _COUNTS)}) "  # noqa: S608
+                f"SELECT '{width}', {bucket}, tenant_id, key_id, model, {_SQL_SUMS} "
                 f"FROM usage_events GROUP BY {bucket}, tenant_id, key_id, model",
             )
 
@@ -162,7 +170,8 @@ class BucketResult:
     """The sums of one group in one bucket; a group key is None when not grouped by it.
 
     `prompt_tokens` excludes `cached_tokens` (disjoint classes); `cost_micros` sums the priced
-    events, `unpriced_requests` counts the others.
+    events, `unpriced_requests` counts the others; `failed_requests` counts those that ended in an
+    error (the worker's, or a stream cut short: status `failed` or `interrupted`).
     """
 
     tenant_id: str | None
@@ -174,6 +183,7 @@ class BucketResult:
     completion_tokens: int
     cost_micros: int
     unpriced_requests: int
+    failed_requests: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +279,7 @@ def usage_page(
     one tenant if `tenant_id`. Results are grouped by `group_by` and sorted by its keys."""
     window = Window(width, start_ms, end_ms, limit)
     columns: dict[str, str] = {k: _GROUP_COLUMNS[k] for k in GROUP_KEYS if k in group_by}
-    sums = (*_SUMS, "unpriced_requests")
+    sums = (*_SUMS, *_COUNTS)
     buckets = [
         Bucket(
             start,

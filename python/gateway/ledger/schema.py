@@ -181,6 +181,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail TEXT NOT NULL
         )""",
         "CREATE INDEX changes_tenant ON changes (tenant_id, seq)",
+        # Requests that ended in an error (the worker's, or a stream cut short), per rollup row:
+        # the rollups are recomputed from the events with it.
+        "ALTER TABLE usage_rollups ADD COLUMN failed_requests BIGINT NOT NULL DEFAULT 0",
+        "DELETE FROM usage_rollups",
+        *(
+            f"""INSERT INTO usage_rollups SELECT '{width}',
+                started_at_ms - started_at_ms % {ms}, tenant_id, key_id, model, COUNT(*),
+                SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens),
+                COALESCE(SUM(cost_micros), 0),
+                SUM(CASE WHEN cost_micros IS NULL THEN 1 ELSE 0 END),
+                SUM(CASE WHEN status IN ('failed', 'interrupted') THEN 1 ELSE 0 END)
+            FROM usage_events
+            GROUP BY started_at_ms - started_at_ms % {ms}, tenant_id, key_id, model"""  # noqa: S608
+            for width, ms in (("1m", 60_000), ("1h", 3_600_000), ("1d", 86_400_000))
+        ),
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -199,7 +199,7 @@ function usageParams(range, groupBy) {
 }
 
 function sumResults(buckets) {
-  const sums = { requests: 0, prompt: 0, cached: 0, completion: 0, cost: 0, unpriced: 0 };
+  const sums = { requests: 0, prompt: 0, cached: 0, completion: 0, cost: 0, unpriced: 0, failed: 0 };
   for (const bucket of buckets) {
     for (const r of bucket.results) {
       sums.requests += r.num_model_requests;
@@ -208,6 +208,7 @@ function sumResults(buckets) {
       sums.completion += r.output_tokens;
       sums.cost += r.cost_micros;
       sums.unpriced += r.unpriced_requests;
+      sums.failed += r.failed_requests;
     }
   }
   return sums;
@@ -244,6 +245,7 @@ function totalsRow(sums, refused, id) {
     totalCard("total-cached", "Cached prompt tokens", sums.cached, integer.format(sums.cached)),
     totalCard("total-completion", "Completion tokens", sums.completion, integer.format(sums.completion)),
     totalCard("total-spend", "Spend", sums.cost, money(sums.cost)),
+    totalCard("total-failed", "Failed requests", sums.failed, integer.format(sums.failed)),
     totalCard("total-refused", "Refused requests", refused, integer.format(refused)),
   );
 }
@@ -543,7 +545,7 @@ async function operatorView(view, range) {
   const grid = el(
     "div",
     { className: "grid" },
-    chartPanel("Requests and refusals", "chart-requests", "Requests served and refused per bucket; the line is the share refused (%)."),
+    chartPanel("Requests and errors", "chart-requests", "Requests per bucket: answered, failed (the worker's error, or a stream cut short) and refused (a quota or another check); the line is the share of errors (%)."),
     chartPanel("Spend by tenant", "chart-tenant-spend", null),
     chartPanel("Tokens by model", "chart-tokens", "Prompt tokens (uncached), cached prompt tokens and completion tokens, every tenant."),
     chartPanel("Refused requests by reason", "chart-refusals", null),
@@ -551,23 +553,28 @@ async function operatorView(view, range) {
   view.append(grid);
 
   const labels = byTenantModel.map((b) => when(b.start_time, range.width));
-  const served = byTenantModel.map((b) => b.results.reduce((n, r) => n + r.num_model_requests, 0));
+  const failed = byTenantModel.map((b) => b.results.reduce((n, r) => n + r.failed_requests, 0));
+  const answered = byTenantModel.map((b, i) => b.results.reduce((n, r) => n + r.num_model_requests, 0) - failed[i]);
   const refused = refusals.map((b) => b.results.reduce((n, r) => n + r.requests, 0));
-  const share = served.map((s, i) => (s + (refused[i] || 0) > 0 ? (100 * (refused[i] || 0)) / (s + (refused[i] || 0)) : 0));
+  const share = answered.map((a, i) => {
+    const errors = failed[i] + (refused[i] || 0);
+    return a + errors > 0 ? (100 * errors) / (a + errors) : 0;
+  });
   draw(view, "chart-requests", {
     data: {
       labels,
       datasets: [
-        { type: "bar", label: "served", data: served, backgroundColor: color(0), stack: "r", yAxisID: "y" },
+        { type: "bar", label: "answered", data: answered, backgroundColor: color(0), stack: "r", yAxisID: "y" },
+        { type: "bar", label: "failed", data: failed, backgroundColor: color(6), stack: "r", yAxisID: "y" },
         { type: "bar", label: "refused", data: refused, backgroundColor: color(3), stack: "r", yAxisID: "y" },
-        { type: "line", label: "refused %", data: share, borderColor: color(1), backgroundColor: color(1), pointRadius: 0, yAxisID: "rate" },
+        { type: "line", label: "errors %", data: share, borderColor: color(1), backgroundColor: color(1), pointRadius: 0, yAxisID: "rate" },
       ],
     },
     options: {
       scales: {
         x: { stacked: true },
         y: { stacked: true, beginAtZero: true, title: { display: true, text: "requests" } },
-        rate: { position: "right", beginAtZero: true, suggestedMax: 10, grid: { drawOnChartArea: false }, title: { display: true, text: "% refused" } },
+        rate: { position: "right", beginAtZero: true, suggestedMax: 10, grid: { drawOnChartArea: false }, title: { display: true, text: "% errors" } },
       },
     },
   });

@@ -177,8 +177,8 @@ pub struct Written {
 /// The price versions of a model: effective at, and the prices, by time.
 type Versions = Vec<(i64, Price)>;
 /// One rollup row's sums: requests, prompt, cached and completion tokens, cost, unpriced
-/// requests.
-type Sums = [i64; 6];
+/// requests, failed requests (status `failed` or `interrupted`).
+type Sums = [i64; 7];
 /// A rollup row's key: bucket start, tenant, key, model.
 type Bucket<'a> = (i64, &'a str, &'a str, &'a str);
 
@@ -361,9 +361,10 @@ fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Resu
             bigint(event.completion_tokens),
             priced.map_or(0, |(_, cost)| cost),
             i64::from(priced.is_none()),
+            i64::from(matches!(event.status, "failed" | "interrupted")),
         ];
         let bucket = (minute, event.tenant_id, event.key_id, event.model);
-        add(minutes.entry(bucket).or_insert([0; 6]), &sums)?;
+        add(minutes.entry(bucket).or_insert([0; 7]), &sums)?;
     }
     add_to_rollups(conn, minutes)
 }
@@ -425,14 +426,15 @@ fn add_to_rollups(conn: &Connection, minutes: HashMap<Bucket<'_>, Sums>) -> Resu
     let mut upsert = conn.prepare_cached(
         "INSERT INTO usage_rollups (bucket_width, bucket_start, tenant_id, key_id, model, \
          requests, prompt_tokens, cached_tokens, completion_tokens, cost_micros, \
-         unpriced_requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         unpriced_requests, failed_requests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (bucket_width, bucket_start, tenant_id, key_id, model) DO UPDATE SET \
          requests = usage_rollups.requests + excluded.requests, \
          prompt_tokens = usage_rollups.prompt_tokens + excluded.prompt_tokens, \
          cached_tokens = usage_rollups.cached_tokens + excluded.cached_tokens, \
          completion_tokens = usage_rollups.completion_tokens + excluded.completion_tokens, \
          cost_micros = usage_rollups.cost_micros + excluded.cost_micros, \
-         unpriced_requests = usage_rollups.unpriced_requests + excluded.unpriced_requests",
+         unpriced_requests = usage_rollups.unpriced_requests + excluded.unpriced_requests, \
+         failed_requests = usage_rollups.failed_requests + excluded.failed_requests",
     )?;
     let mut level = minutes;
     for (index, (width, _)) in WIDTHS.iter().enumerate() {
@@ -440,11 +442,11 @@ fn add_to_rollups(conn: &Connection, minutes: HashMap<Bucket<'_>, Sums>) -> Resu
         for ((start, tenant, key, model), sums) in level {
             upsert.execute(rusqlite::params![
                 width, start, tenant, key, model, sums[0], sums[1], sums[2], sums[3], sums[4],
-                sums[5],
+                sums[5], sums[6],
             ])?;
             if let Some((_, next)) = WIDTHS.get(index + 1) {
                 let bucket = (bucket_start(start, *next), tenant, key, model);
-                add(coarser.entry(bucket).or_insert([0; 6]), &sums)?;
+                add(coarser.entry(bucket).or_insert([0; 7]), &sums)?;
             }
         }
         level = coarser;
