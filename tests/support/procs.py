@@ -277,6 +277,27 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: flo
     return condition()
 
 
+# A line the process logged at ERROR or worse, by its level field (never by the text of a
+# message, which may echo a client's input: an access log line holds the whole URL), or the
+# start of a traceback, once ANSI colours are taken out. Python's logging:
+# `2026-12-06 01:31:20,759 ERROR name: ...`; the core's tracing:
+# `2026-12-06T01:31:20.759123Z ERROR target: ...`.
+_LOGGED_ERROR = re.compile(
+    r"^(?:\S+ \S+ (?:ERROR|CRITICAL) |\S+Z\s+ERROR\b|Traceback |Exception )", re.MULTILINE
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def logged_error(logged: str) -> str | None:
+    """What a process printed (`logged`) around its first error (see `_LOGGED_ERROR`), None if
+    it logged none."""
+    plain = _ANSI.sub("", logged)
+    found = _LOGGED_ERROR.search(plain)
+    if found is None:
+        return None
+    return plain[max(found.start() - 500, 0) : found.end() + 3000]
+
+
 def scrape(url: str) -> dict[str, float]:
     """A worker's `/metrics`, summed over label sets: {metric name: value}."""
     text = httpx.get(f"{url}/metrics", timeout=5).text

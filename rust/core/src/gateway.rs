@@ -401,11 +401,12 @@ impl Control {
             .registry
             .workers()
             .iter()
-            .map(|w| WorkerStatus {
+            .map(|w| (w, w.breaker_stats()))
+            .map(|(w, breaker)| WorkerStatus {
                 url: w.url.to_string(),
                 healthy: w.is_healthy(),
-                ejected: w.breaker_stats().ejected,
-                ejections: w.breaker_stats().ejections,
+                ejected: breaker.ejected,
+                ejections: breaker.ejections,
                 outstanding: w.outstanding(),
                 capacity: w.capacity(),
                 models: w.models().iter().map(|m| m.id.clone()).collect(),
