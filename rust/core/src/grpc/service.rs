@@ -170,14 +170,15 @@ impl InferenceApi {
     }
 }
 
-/// A little before the call's deadline (`grpc-timeout`), so that this gateway's answer,
-/// DEADLINE_EXCEEDED, reaches the client first: tonic's own timer, started a moment earlier,
-/// would end the call as CANCELLED.
-/// How long before the call's deadline its wait for a worker ends.
+/// How long before the service's deadline (`deadline`) a call's wait for a worker ends.
 const QUEUE_MARGIN: Duration = Duration::from_millis(2);
 
+/// A little before the call's deadline (`grpc-timeout`), so that this gateway's answer
+/// (DEADLINE_EXCEEDED, or RESOURCE_EXHAUSTED for a wait for a worker) reaches the client before
+/// the client's own timer ends the call (tonic's timer, started a moment earlier, would end it as
+/// CANCELLED). The margin is a twentieth of the timeout, from 5 to 50 ms: a busy machine's
+/// scheduling delays, not only the wire, stand between this answer and the client's timer.
 fn deadline(metadata: &MetadataMap) -> Option<Instant> {
-    const MARGIN: Duration = Duration::from_millis(5);
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = amount.parse().ok()?;
@@ -190,7 +191,8 @@ fn deadline(metadata: &MetadataMap) -> Option<Instant> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     };
-    Some(Instant::now() + timeout.saturating_sub(MARGIN))
+    let margin = (timeout / 20).clamp(Duration::from_millis(5), Duration::from_millis(50));
+    Some(Instant::now() + timeout.saturating_sub(margin))
 }
 
 fn deadline_exceeded() -> Status {
