@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from gateway.ledger.db import Connection, execute, transaction
+from gateway.ledger.db import Connection, apply_statement, execute, transaction
+from gateway.ledger.schema import OnlyOn, Statement, usage_events_table
 
 # What undoes each migration, by the version it made.
-_UNDO: dict[int, tuple[str, ...]] = {
+_UNDO: dict[int, tuple[Statement, ...]] = {
     2: (
         "DROP TABLE quota_policies",
         "DROP TABLE prices",
@@ -32,6 +33,18 @@ _UNDO: dict[int, tuple[str, ...]] = {
         "DROP TABLE changes",
         "ALTER TABLE usage_rollups DROP COLUMN failed_requests",
     ),
+    9: tuple(
+        OnlyOn("sqlite", sql)
+        for sql in (
+            "ALTER TABLE usage_events RENAME TO usage_events_by_seq",
+            "DROP INDEX usage_events_tenant_seq",
+            usage_events_table("usage_events", event_id="TEXT PRIMARY KEY", seq="BIGINT"),
+            "INSERT INTO usage_events SELECT * FROM usage_events_by_seq",
+            "DROP TABLE usage_events_by_seq",
+            "CREATE UNIQUE INDEX usage_events_seq ON usage_events (seq)",
+            "CREATE INDEX usage_events_tenant_seq ON usage_events (tenant_id, seq)",
+        )
+    ),
 }
 
 
@@ -41,5 +54,5 @@ def downgrade(conn: Connection, version: int) -> None:
         for undone in sorted(_UNDO, reverse=True):
             if undone > version:
                 for statement in _UNDO[undone]:
-                    execute(conn, statement)
+                    apply_statement(conn, statement)
         execute(conn, "DELETE FROM schema_version WHERE version > ?", (version,))

@@ -40,6 +40,7 @@ from gateway.ledger.tenants import (
 from gateway.ledger.usage import insert_usage_events, usage_totals
 from tests.support import procs
 from tests.support.events import usage_event as event
+from tests.support.ledger_versions import downgrade
 from tests.support.services.postgres import PostgresServer
 
 
@@ -407,6 +408,45 @@ def test_one_event_written_by_100_concurrent_writers_is_stored_once(ledger_url: 
         assert query(conn, "SELECT event_id, prompt_tokens, seq FROM usage_events") == [
             (once.event_id, once.prompt_tokens - once.cached_tokens, 1)
         ]
+
+
+def test_a_version_8_ledger_keeps_every_event_when_seq_becomes_sqlite_s_rowid(
+    ledger_url: str,
+) -> None:
+    """Migration 9 rebuilds SQLite's table with `seq` as its key: the same rows, the same
+    uniqueness rules; PostgreSQL's table is left as it was."""
+    columns = "event_id, request_id, tenant_id, key_id, model, worker, seq, cost_micros"
+    with open_ledger(ledger_url) as old:
+        downgrade(old, 8)
+        insert_usage_events(
+            old, [event(worker=None), *(event(tenant_id=f"t{i}") for i in range(5))]
+        )
+        before = query(old, f"SELECT {columns} FROM usage_events ORDER BY seq")
+    with open_ledger(ledger_url) as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        assert query(conn, f"SELECT {columns} FROM usage_events ORDER BY seq") == before
+        if conn.dialect == "sqlite":
+            assert query(conn, "SELECT rowid, seq FROM usage_events ORDER BY seq") == [
+                (seq, seq) for seq in range(1, 7)
+            ]
+            indexes = {row[1] for row in query(conn, "PRAGMA index_list(usage_events)")}
+            assert "usage_events_seq" not in indexes
+            assert "usage_events_tenant_seq" in indexes
+        tenant_rows = "SELECT seq FROM usage_events WHERE tenant_id = ? ORDER BY seq"
+        assert query(conn, tenant_rows, ["t3"]) == [(5,)]
+        copy = (
+            "INSERT INTO usage_events (event_id, request_id, tenant_id, key_id, model, endpoint, "
+            "stream, status, http_status, prompt_tokens, cached_tokens, completion_tokens, "
+            "usage_source, started_at_ms, finished_at_ms, recorded_at_ms, seq) "
+            "SELECT event_id, request_id, tenant_id, key_id, model, endpoint, stream, status, "
+            "http_status, prompt_tokens, cached_tokens, completion_tokens, usage_source, "
+            "started_at_ms, finished_at_ms, recorded_at_ms, 100 FROM usage_events WHERE seq = 1"
+        )
+        with pytest.raises(IntegrityError):  # an event id stays unique
+            execute(conn, copy)
+        fresh = [event(), event(), event()]
+        assert insert_usage_events(conn, [*fresh, fresh[1]]) == 3
+        assert query(conn, "SELECT MAX(seq), COUNT(*) FROM usage_events") == [(9, 9)]
 
 
 def test_usage_totals_per_tenant_and_model(ledger: Connection) -> None:

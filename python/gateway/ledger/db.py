@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from gateway.ledger.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.ledger.schema import MIGRATIONS, SCHEMA_VERSION, Statement
 
 if TYPE_CHECKING:
     import psycopg
@@ -41,6 +41,7 @@ __all__ = [
     "NotFoundError",
     "Row",
     "add_to_sums",
+    "apply_statement",
     "connect",
     "execute",
     "executemany",
@@ -514,6 +515,14 @@ def schema_version(conn: Connection) -> int:
     return int(rows[0][0] or 0)
 
 
+def apply_statement(conn: Connection, statement: Statement) -> None:
+    """Runs a migration's statement: one for both dialects, or one for `conn`'s alone."""
+    if isinstance(statement, str):
+        execute(conn, statement)
+    elif statement.dialect == conn.dialect:
+        execute(conn, statement.sql)
+
+
 def migrate(conn: Connection) -> int:
     """Applies every pending migration; returns the schema version reached.
 
@@ -534,7 +543,7 @@ def migrate(conn: Connection) -> int:
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[version - 1]:
-                execute(conn, statement)
+                apply_statement(conn, statement)
             execute(
                 conn,
                 "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",

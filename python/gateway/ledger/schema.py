@@ -1,16 +1,66 @@
-"""The ledger's schema: its migrations, in SQL that SQLite and PostgreSQL both accept.
+"""The ledger's schema: its migrations, in SQL that SQLite and PostgreSQL both accept, save the
+statements one dialect alone runs (`OnlyOn`).
 
 `db.migrate` applies them; this module only lists them.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+from typing import Literal, NamedTuple
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "OnlyOn", "Statement", "usage_events_table"]
+
+
+class OnlyOn(NamedTuple):
+    """A migration's statement that one dialect runs and the other skips: a change of storage
+    the other dialect does not need, where the schema both read stays the same."""
+
+    dialect: Literal["sqlite", "postgresql"]
+    sql: str
+
+
+Statement = str | OnlyOn
+
+# `usage_events`' columns since migration 3, in their order, and their types; the key columns'
+# types are each table version's own (`usage_events_table`). Migration 9 is made from them, so
+# they are as frozen as it is: a later change of the table is a migration of its own.
+_EVENT_COLUMN_TYPES: tuple[tuple[str, str], ...] = (
+    ("event_id", ""),
+    ("request_id", "TEXT NOT NULL"),
+    ("tenant_id", "TEXT NOT NULL"),
+    ("key_id", "TEXT NOT NULL"),
+    ("model", "TEXT NOT NULL"),
+    ("worker", "TEXT"),
+    ("endpoint", "TEXT NOT NULL"),
+    ("stream", "BOOLEAN NOT NULL"),
+    ("status", "TEXT NOT NULL"),
+    ("http_status", "INTEGER NOT NULL"),
+    ("prompt_tokens", "BIGINT NOT NULL"),
+    ("cached_tokens", "BIGINT NOT NULL"),
+    ("completion_tokens", "BIGINT NOT NULL"),
+    ("usage_source", "TEXT NOT NULL"),
+    ("started_at_ms", "BIGINT NOT NULL"),
+    ("finished_at_ms", "BIGINT NOT NULL"),
+    ("recorded_at_ms", "BIGINT NOT NULL"),
+    ("seq", ""),
+    ("price_effective_at", "BIGINT"),
+    ("cost_micros", "BIGINT"),
+)
+_EVENT_COLUMNS = ", ".join(name for name, _ in _EVENT_COLUMN_TYPES)
+
+
+def usage_events_table(table: str, *, event_id: str, seq: str) -> str:
+    """`CREATE TABLE` of `table` with `usage_events`' columns since migration 3, `event_id` and
+    `seq` of the types given."""
+    keys = {"event_id": event_id, "seq": seq}
+    columns = ",\n    ".join(f"{name} {keys.get(name, kind)}" for name, kind in _EVENT_COLUMN_TYPES)
+    return f"CREATE TABLE {table} (\n    {columns}\n)"
+
 
 # Each migration is applied once, in order, in one transaction, and never edited once released.
 # Times are integer unix milliseconds; booleans are BOOLEAN written from Python bools. Only types
 # and syntax both dialects take: TEXT, BOOLEAN, INTEGER, BIGINT; no AUTOINCREMENT or SERIAL.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+MIGRATIONS: tuple[tuple[Statement, ...], ...] = (
     (
         """CREATE TABLE tenants (
             id TEXT PRIMARY KEY,
@@ -196,6 +246,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             GROUP BY started_at_ms - started_at_ms % {ms}, tenant_id, key_id, model"""  # noqa: S608
             for width, ms in (("1m", 60_000), ("1h", 3_600_000), ("1d", 86_400_000))
         ),
+    ),
+    (
+        # On SQLite, `seq` becomes the table's rowid (`INTEGER PRIMARY KEY`, SQLite's 64-bit key):
+        # events are stored in commit order, each appended to the table's tree, and the unique
+        # index `usage_events_seq`, a fourth tree every insert paid for, is gone. `event_id`
+        # keeps a unique index of its own. The table is rebuilt, the way SQLite changes a key.
+        # PostgreSQL keeps its table: its `INTEGER` is 32-bit, and a heap has no rowid to spare.
+        OnlyOn(
+            "sqlite",
+            usage_events_table(
+                "usage_events_by_seq", event_id="TEXT NOT NULL UNIQUE", seq="INTEGER PRIMARY KEY"
+            ),
+        ),
+        OnlyOn(
+            "sqlite",
+            f"INSERT INTO usage_events_by_seq ({_EVENT_COLUMNS}) "  # noqa: S608
+            f"SELECT {_EVENT_COLUMNS} FROM usage_events ORDER BY seq",
+        ),
+        OnlyOn("sqlite", "DROP TABLE usage_events"),
+        OnlyOn("sqlite", "ALTER TABLE usage_events_by_seq RENAME TO usage_events"),
+        OnlyOn("sqlite", "CREATE INDEX usage_events_tenant_seq ON usage_events (tenant_id, seq)"),
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
