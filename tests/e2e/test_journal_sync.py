@@ -17,9 +17,12 @@ pytestmark = pytest.mark.e2e
 REQUESTS = 20
 
 
-def syncs_after_sequential_requests(tmp_path: Path, journal: str) -> tuple[float, float]:
+def syncs_after_sequential_requests(
+    tmp_path: Path, journal: str
+) -> tuple[float, float, dict[str, float]]:
     """Sends `REQUESTS` completions one after another through a gateway with `journal`; returns
-    the syncs its journal made meanwhile and the seconds they took."""
+    the syncs its journal made meanwhile, the seconds they took, and the metrics once a sync
+    has made their records durable."""
     sim = procs.start_sim()
     _, key, config = procs.journaled(tmp_path, sim, journal)
     gateway = procs.start(["serve", "--config", str(config)])
@@ -33,22 +36,30 @@ def syncs_after_sequential_requests(tmp_path: Path, journal: str) -> tuple[float
                 response = client.post(gateway.url + "/v1/completions", json=body)
                 assert response.status_code == 200, response.text
         elapsed = time.monotonic() - began
-        return procs.scrape(gateway.url).get(metric, 0.0) - before, elapsed
+        syncs = procs.scrape(gateway.url).get(metric, 0.0) - before
+        aged = "tokengate_journal_unsynced_age_seconds_count"
+        assert procs.wait_for(lambda: procs.scrape(gateway.url).get(aged, 0.0) >= 1, 30)
+        return syncs, elapsed, procs.scrape(gateway.url)
     finally:
         gateway.stop()
         sim.stop()
 
 
 def test_always_syncs_before_each_response_ends(tmp_path: Path) -> None:
-    syncs, _ = syncs_after_sequential_requests(tmp_path, 'sync = "always"\n')
+    syncs, _, _ = syncs_after_sequential_requests(tmp_path, 'sync = "always"\n')
     # Each response waited for a sync of its own event before the next request was sent.
     assert syncs >= REQUESTS, syncs
 
 
 def test_interval_syncs_on_the_clock_not_per_response(tmp_path: Path) -> None:
-    syncs, elapsed = syncs_after_sequential_requests(
+    syncs, elapsed, metrics = syncs_after_sequential_requests(
         tmp_path, 'sync = "interval"\nsync_interval_ms = 1000\n'
     )
     # At most one sync a tick (a second), plus the one a tick may have begun before the first
     # request: a sync per response would be 20 in well under a second.
     assert syncs <= elapsed / 1.0 + 2, (syncs, elapsed)
+    # Each sync that made records durable tells how long the oldest had waited for it: here a
+    # tick, give or take the request that made it due.
+    aged = metrics["tokengate_journal_unsynced_age_seconds_count"]
+    assert aged <= metrics["tokengate_journal_sync_seconds_count"], metrics
+    assert metrics["tokengate_journal_unsynced_age_seconds_sum"] > 0, metrics

@@ -12,6 +12,7 @@ const LAYERS: &[&str] = &[
     "json",
     "error",
     "serve",
+    "thread_class",
     "request",
     "usage",
     "config",

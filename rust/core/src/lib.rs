@@ -4,7 +4,8 @@
 //! Pure Rust, no Python: the `gateway._core` extension (rust/python) is only the boundary.
 //!
 //! Layers, bottom first; a module names only modules below it (`layers.rs` checks it):
-//! 1. foundations: `json`, `error`, `serve`;
+//! 1. foundations: `json`, `error`, `serve`, `thread_class` (the scheduling class of background
+//!    threads);
 //! 2. the domain: `request` (what a client asks), `usage` (the usage event it is billed by);
 //! 3. parts: `config`, `telemetry` (traces), `upstream`, `auth`, `journal`, `ledger`, `router`,
 //!    `quota`, `metrics`, `metering`, `relay`;
@@ -40,6 +41,7 @@ pub mod scheduler;
 pub mod serve;
 pub mod state;
 pub mod telemetry;
+pub mod thread_class;
 pub mod upstream;
 pub mod usage;
 

@@ -97,6 +97,7 @@ pub struct GatewayMetrics {
     discovery_failures: Counter,
     discovery_rounds: Counter,
     journal_sync: Histogram,
+    journal_unsynced_age: Histogram,
 }
 
 /// The labels of a queue's samples.
@@ -229,6 +230,14 @@ impl Default for GatewayMetrics {
              (journal.sync: once a tick under load, or once per group of ending responses)",
             journal_sync.clone(),
         );
+        let journal_unsynced_age = Histogram::new(OVERHEAD_BOUNDS);
+        families.register(
+            "tokengate_journal_unsynced_age_seconds",
+            "Age of the oldest usage record each journal sync made durable, when the sync ended: \
+             what a machine stopping just before it would have lost (journal.sync = interval: \
+             up to a tick, the sync's own time and the wait for a CPU)",
+            journal_unsynced_age.clone(),
+        );
 
         Self {
             families,
@@ -248,6 +257,7 @@ impl Default for GatewayMetrics {
             discovery_failures,
             discovery_rounds,
             journal_sync,
+            journal_unsynced_age,
         }
     }
 }
@@ -312,13 +322,14 @@ impl GatewayMetrics {
         self.discovery_rounds.inc();
     }
 
-    /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
-    /// had room for it.
-    /// Where the usage journal's syncer reports how long each sync took.
-    pub fn journal_syncs(&self) -> Histogram {
-        self.journal_sync.clone()
+    /// Where the usage journal's syncer reports how long each sync took, and the age of the
+    /// oldest record each sync made durable.
+    pub fn journal_syncs(&self) -> (Histogram, Histogram) {
+        (self.journal_sync.clone(), self.journal_unsynced_age.clone())
     }
 
+    /// A request of `tenant` for `model` waited `waited` in the gateway's queue before a worker
+    /// had room for it.
     pub fn queue_wait(&self, model: &str, tenant: &str, waited: Duration) {
         self.queue_wait
             .get_or_create(&QueueLabels {
@@ -917,6 +928,7 @@ mod tests {
             ("tokengate_discovery_failures_total", "counter"),
             ("tokengate_discovery_rounds_total", "counter"),
             ("tokengate_journal_sync_seconds", "histogram"),
+            ("tokengate_journal_unsynced_age_seconds", "histogram"),
             ("tokengate_queued_requests", "gauge"),
             ("tokengate_affinity_total", "counter"),
             ("tokengate_worker_healthy", "gauge"),

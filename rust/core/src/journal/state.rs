@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::record::{Line, Progress, Started};
 use super::segments::{Segment, prepare, segment_path};
+use crate::thread_class;
 
 /// A request started and not yet ended.
 #[derive(Debug)]
@@ -95,8 +96,9 @@ pub(super) struct State {
     pub(super) interval: Duration,
     pub(super) index: u64,
     pub(super) segment: Segment,
-    /// The current segment holds records written since its last sync.
-    pub(super) unsynced: bool,
+    /// When the oldest record written since the last sync was written (in the current segment
+    /// or a sealed one): `None` when everything written is synced.
+    pub(super) unsynced_since: Option<Instant>,
     /// Sealed segments whose last records may be unsynced.
     pub(super) sealed_unsynced: Vec<Arc<File>>,
     /// The next segment, being prepared in the background.
@@ -124,8 +126,12 @@ pub(super) struct Shared {
     /// One more than the highest `seq` the ledger holds (0: none). Relaxed: read only to decide
     /// what to delete, and a stale value only delays a deletion.
     pub(super) committed: AtomicU64,
-    /// Where each sync's duration goes, once someone asks (`observe_syncs`).
-    pub(super) sync_seconds: OnceLock<Histogram>,
+    /// Where each sync's duration, and the age of the oldest record it made durable, go once
+    /// someone asks (`observe_syncs`).
+    pub(super) sync_metrics: OnceLock<SyncMetrics>,
+    /// The syncer's thread id, for the tests to read its scheduling class.
+    #[cfg(test)]
+    pub(super) syncer_tid: OnceLock<i32>,
 }
 
 impl Shared {
@@ -136,9 +142,24 @@ impl Shared {
     }
 }
 
+/// The histograms the syncer reports to.
+#[derive(Debug)]
+pub(super) struct SyncMetrics {
+    /// Each sync's duration.
+    pub(super) seconds: Histogram,
+    /// The age of the oldest record each sync made durable, when it ended.
+    pub(super) unsynced_age: Histogram,
+}
+
+/// Prepares segment `index` on a thread of the batch class (`thread_class`): background work
+/// with seconds to spare (a segment lasts that long at a core's saturation), whose wake-ups
+/// should not preempt a response.
 pub(super) fn prepare_next(dir: &Path, index: u64, bytes: u64) -> JoinHandle<io::Result<Segment>> {
     let dir = dir.to_owned();
-    std::thread::spawn(move || prepare(&dir, index, bytes))
+    std::thread::spawn(move || {
+        let _ = thread_class::enter_batch();
+        prepare(&dir, index, bytes)
+    })
 }
 
 impl State {
@@ -188,7 +209,7 @@ impl State {
             self.rotate()?;
         }
         self.segment.append(bytes)?;
-        self.unsynced = true;
+        self.unsynced_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
@@ -212,23 +233,25 @@ impl State {
         }
         segment.append(&carried)?;
         let sealed = std::mem::replace(&mut self.segment, segment);
-        if self.unsynced {
+        if self.unsynced_since.is_some() {
             self.sealed_unsynced.push(sealed.file().clone());
         }
         self.sealed.push((self.index, self.max_seq));
         self.index = index;
-        self.unsynced = true;
+        self.unsynced_since.get_or_insert_with(Instant::now);
         self.next = Some(prepare_next(&self.dir, index + 1, self.segment_bytes));
         Ok(())
     }
 
-    /// The files to sync for everything written so far to be durable.
-    pub(super) fn take_unsynced(&mut self) -> Vec<Arc<File>> {
+    /// The files to sync for everything written so far to be durable, and when the oldest
+    /// record among them was written.
+    pub(super) fn take_unsynced(&mut self) -> (Vec<Arc<File>>, Option<Instant>) {
         let mut files = std::mem::take(&mut self.sealed_unsynced);
-        if std::mem::take(&mut self.unsynced) {
+        let since = self.unsynced_since.take();
+        if since.is_some() {
             files.push(self.segment.file().clone());
         }
-        files
+        (files, since)
     }
 
     /// The sealed segments the ledger has caught up with, no longer listed as sealed.

@@ -2,18 +2,36 @@
 //! still open and `fdatasync`s what was written; with `Durability::Always` it also syncs as soon
 //! as an end waits, then tells the ends it synced. It deletes the sealed segments the ledger has
 //! caught up with. It never holds the journal's lock while the disk works.
+//!
+//! With `Durability::Interval` no response waits for it, and while the process leaves CPU to
+//! spare it runs in the batch class (`thread_class::Chooser`): its wake-ups (the tick, each of
+//! the disk's completions) wait for the request threads to sleep, a fraction of a millisecond,
+//! where they would preempt them mid-response (3.4 times a tick at saturation; what that adds to
+//! p99 at a moderate load, this machine did not resolve: `benchmarks/RESULTS.md`). While the
+//! process is busy,
+//! or after a tick began more than half an interval late, it runs in the default class, so that
+//! a tick keeps to its interval (on a saturated core the batch class made the window a
+//! machine's loss costs twice as long: `tokengate_journal_unsynced_age_seconds`). With `Always`,
+//! responses wait for it, and it stays in the default class.
 
 use std::fs;
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::state::{Shared, Sleep};
+use crate::config::Durability;
+use crate::thread_class::Chooser;
 
-pub(super) fn run(shared: &Shared) {
+pub(super) fn run(shared: &Shared, durability: Durability) {
+    let mut class = (durability == Durability::Interval).then(Chooser::new);
+    #[cfg(test)]
+    if let Ok(tid) = crate::thread_class::current_tid() {
+        let _ = shared.syncer_tid.set(tid);
+    }
     let mut waiting = Vec::new();
     loop {
-        let (files, closed, checkpoint) = {
+        let (files, since, closed, checkpoint, late) = {
             let mut state = shared.lock();
             loop {
                 let due = state.due.is_some_and(|due| Instant::now() >= due);
@@ -40,25 +58,41 @@ pub(super) fn run(shared: &Shared) {
                 };
             }
             state.sleep = Sleep::Awake;
-            let tick = state.closed || state.due.is_some_and(|due| Instant::now() >= due);
+            let now = Instant::now();
+            let tick = state.closed || state.due.is_some_and(|due| now >= due);
+            // How late a tick began: `None` when this round is no tick.
+            let late = tick.then(|| state.due.map_or(Duration::ZERO, |due| now - due));
             if tick {
                 state.due = None;
                 state.write_open();
             }
             waiting.append(&mut state.waiters);
-            let files = state.take_unsynced();
-            (files, state.closed, std::mem::take(&mut state.checkpoint))
+            let (files, since) = state.take_unsynced();
+            (
+                files,
+                since,
+                state.closed,
+                std::mem::take(&mut state.checkpoint),
+                late.map(|late| (late, state.interval / 2)),
+            )
         };
+        if let (Some(class), Some((late, tolerance))) = (&mut class, late) {
+            class.choose(late, tolerance);
+        }
         let mut synced = true;
+        let metrics = shared.sync_metrics.get();
         for file in &files {
             let began = Instant::now();
             if let Err(error) = file.sync_data() {
                 tracing::error!(%error, "usage journal sync failed");
                 synced = false;
             }
-            if let Some(histogram) = shared.sync_seconds.get() {
-                histogram.observe(began.elapsed().as_secs_f64());
+            if let Some(metrics) = metrics {
+                metrics.seconds.observe(began.elapsed().as_secs_f64());
             }
+        }
+        if synced && let (Some(since), Some(metrics)) = (since, metrics) {
+            metrics.unsynced_age.observe(since.elapsed().as_secs_f64());
         }
         if synced {
             for waiter in waiting.drain(..) {

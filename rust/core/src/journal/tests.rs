@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
+
 use super::frame::MAGIC;
 use super::record::Record;
 use super::segments::{prepare, records as read_segment, replay, segment_path, segments};
@@ -503,4 +505,91 @@ fn a_slot_serves_the_next_request_once_its_own_has_ended() {
     requests.remove(b);
     requests.remove(c);
     assert_eq!(requests.iter().count(), 0);
+}
+
+/// The `_count` and `_sum` of `histogram`, as Prometheus reads them.
+fn count_and_sum(histogram: &Histogram) -> (u64, f64) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("h", "", histogram.clone());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .unwrap_or_else(|e| panic!("encode: {e}"));
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let count = value("h_count ");
+    (count as u64, value("h_sum "))
+}
+
+#[test]
+fn a_sync_reports_the_age_of_the_oldest_record_it_made_durable() {
+    let dir = TempDir::on_disk("age");
+    let interval = Duration::from_millis(50);
+    let options = Options {
+        segment_bytes: 1 << 20,
+        durability: Durability::Interval,
+        interval,
+    };
+    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    let (seconds, age) = (
+        Histogram::new([0.01, 0.1, 1.0]),
+        Histogram::new([0.01, 0.1, 1.0]),
+    );
+    journal.observe_syncs(seconds.clone(), age.clone());
+    // The end is written, then its tick is made due `interval` later: the sync that makes it
+    // durable ends at least that long after it was written.
+    assert!(journal.end(&ended("a", 0), None, false).is_none());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count_and_sum(&age).0 == 0 {
+        assert!(std::time::Instant::now() < deadline, "no sync reported");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (count, sum) = count_and_sum(&age);
+    assert_eq!(count, 1, "one record, one sync");
+    assert!(sum >= interval.as_secs_f64(), "{sum} s");
+    assert!(count_and_sum(&seconds).0 >= 1);
+    drop(journal);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_syncer_ticks_in_the_batch_class_on_an_interval_and_stays_in_its_creator_s_for_always() {
+    let creator = crate::thread_class::class_of("thread-self")
+        .unwrap_or_else(|e| panic!("this thread's class: {e}"));
+    for (durability, class) in [
+        (Durability::Interval, libc::SCHED_BATCH),
+        (Durability::Always, creator),
+    ] {
+        let dir = TempDir::new("class");
+        let options = Options {
+            segment_bytes: 1 << 20,
+            durability,
+            interval: Duration::from_millis(1),
+        };
+        let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+        // Ticks, until the syncer is in the class: on an interval, it enters the batch class at
+        // a tick once the process is not busy (other tests may keep it busy for a while).
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut seq = 0;
+        let found = loop {
+            let found = journal
+                .syncer_tid()
+                .and_then(|tid| crate::thread_class::class_of(&tid.to_string()).ok());
+            if found == Some(class) && seq > 3 {
+                break found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{durability:?}: {found:?}"
+            );
+            seq += 1;
+            let _ = journal.end(&ended(&format!("e{seq}"), seq), None, true);
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!(found, Some(class), "{durability:?}");
+        drop(journal);
+    }
 }

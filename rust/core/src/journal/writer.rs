@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 
 use super::record::{Ended, Line, Progress, Started};
 use super::segments::{prepare, remove_unadopted, replay, segments};
-use super::state::{Open, OpenRequests, Shared, Sleep, Slot, State, prepare_next};
+use super::state::{Open, OpenRequests, Shared, Sleep, Slot, State, SyncMetrics, prepare_next};
 use crate::config::{Durability, JournalConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl Journal {
             interval: options.interval.max(Duration::from_millis(1)),
             index,
             segment,
-            unsynced: false,
+            unsynced_since: None,
             sealed_unsynced: Vec::new(),
             next: Some(prepare_next(dir, index + 1, segment_bytes)),
             max_seq: next_seq.checked_sub(1),
@@ -138,13 +138,16 @@ impl Journal {
             state: Mutex::new(state),
             wake: Condvar::new(),
             committed: AtomicU64::new(0),
-            sync_seconds: OnceLock::new(),
+            sync_metrics: OnceLock::new(),
+            #[cfg(test)]
+            syncer_tid: OnceLock::new(),
         });
         let syncer = std::thread::Builder::new()
             .name("usage-journal".to_owned())
             .spawn({
                 let shared = shared.clone();
-                move || super::syncer::run(&shared)
+                let durability = options.durability;
+                move || super::syncer::run(&shared, durability)
             })?;
         let journal = Self {
             shared,
@@ -155,9 +158,19 @@ impl Journal {
         Ok((journal, Recovered { events, next_seq }))
     }
 
-    /// Reports how long each sync takes to `histogram` from now on (the first call only).
-    pub fn observe_syncs(&self, histogram: Histogram) {
-        let _ = self.shared.sync_seconds.set(histogram);
+    /// The syncer's thread id, once it runs.
+    #[cfg(test)]
+    pub(super) fn syncer_tid(&self) -> Option<i32> {
+        self.shared.syncer_tid.get().copied()
+    }
+
+    /// Reports, from now on, how long each sync takes to `seconds`, and the age of the oldest
+    /// record each sync made durable, when it ended, to `unsynced_age` (the first call only).
+    pub fn observe_syncs(&self, seconds: Histogram, unsynced_age: Histogram) {
+        let _ = self.shared.sync_metrics.set(SyncMetrics {
+            seconds,
+            unsynced_age,
+        });
     }
 
     /// A request started: its start goes to the journal at the next tick if it is still open.

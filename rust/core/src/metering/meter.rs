@@ -47,7 +47,8 @@ impl Meter {
             events: recovered.events.into(),
         };
         let metrics = GatewayMetrics::default();
-        journal.observe_syncs(metrics.journal_syncs());
+        let (seconds, unsynced_age) = metrics.journal_syncs();
+        journal.observe_syncs(seconds, unsynced_age);
         Self {
             queue: Mutex::new(queue),
             metrics,
