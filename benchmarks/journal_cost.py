@@ -2,7 +2,7 @@
 has them ("memory"), against the journal synced on an interval ("interval", the default) and
 synced before each response ends ("always").
 
-    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 12 minutes
+    python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 15 minutes
     python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
 
 Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Three gateways in
@@ -13,11 +13,14 @@ on core 1, simulator and loadgen on core 0), their journals in the harness's tem
   request beside it: the gateway is then the bottleneck, the worst case for the journal;
 - latency at 500 req/s (open loop, from each request's due time), p50 and p99: what a user sees
   on every call at a moderate load.
-The targets take turns in a rotating order. Then the same three in front of a simulator paced
-like a model (20 ms to the first token, 5 ms between tokens, 32 tokens), streaming over 256
-connections: the worker is the bottleneck, as in production. The tables give medians over
-rounds. Results: a section of `benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports
-in `benchmarks/out/`.
+The targets take turns in a rotating order. Then the same in front of a simulator paced like a
+model (20 ms to the first token, 5 ms between tokens, 32 tokens), streaming over 256
+connections: the worker is the bottleneck, as in production. At saturation a fourth gateway,
+"control", is configured as "memory" is: two identical gateways read apart by what this machine
+cannot resolve, and that spread is printed beside each ratio. A ratio is the median over rounds
+of the two targets' figures in the same round (the machine's drift moves both alike within a
+round); the other figures are medians over rounds. Results: a section of
+`benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports in `benchmarks/out/`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ JOURNALS = {
     "interval": '[journal]\ndir = "{dir}"\nsync = "interval"\n',
     "always": '[journal]\ndir = "{dir}"\nsync = "always"\n',
 }
+# A second gateway configured as "memory" is, at saturation only: the resolution of a ratio.
+CONTROL = "control"
 RATE = 500.0  # req/s of the latency runs
 
 
@@ -89,14 +94,30 @@ def latency_of(results: list[Latency], target: str, pick: str) -> float:
     return float(statistics.median(getattr(r, pick) for r in results if r.target == target))
 
 
+def paired_ratios(results: list[Saturation], target: str, base: str) -> list[float]:
+    """`target`'s throughput over `base`'s, round by round."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        by_round.setdefault(r.round, {})[r.target] = r.rps
+    return [
+        rps[target] / rps[base]
+        for _, rps in sorted(by_round.items())
+        if rps.get(base) and target in rps
+    ]
+
+
 def saturation_table(runs: dict[str, list[Saturation]]) -> list[str]:
     lines = [
         "| mode | memory req/s | interval req/s | always req/s | interval / memory "
-        "| always / memory | gateway CPU µs / req (memory, interval, always) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| always / memory | control / memory | gateway CPU µs / req (memory, interval, always) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, results in runs.items():
         rps = {name: median_of(results, name, "rps") for name in JOURNALS}
+        ratio = {
+            name: statistics.median(paired_ratios(results, name, "memory"))
+            for name in ("interval", "always", CONTROL)
+        }
         cpu = {
             name: statistics.median(
                 r.gateway_cpu * 1e6 / r.rps for r in results if r.target == name and r.rps
@@ -105,9 +126,21 @@ def saturation_table(runs: dict[str, list[Saturation]]) -> list[str]:
         }
         lines.append(
             f"| {mode} | {rps['memory']:,.0f} | {rps['interval']:,.0f} | {rps['always']:,.0f} "
-            f"| {rps['interval'] / rps['memory']:.2f} | {rps['always'] / rps['memory']:.2f} "
-            f"| {cpu['memory']:.0f}, {cpu['interval']:.0f}, {cpu['always']:.0f} |"
+            f"| {ratio['interval']:.3f} | {ratio['always']:.3f} | {ratio[CONTROL]:.3f} "
+            f"| {cpu['memory']:.1f}, {cpu['interval']:.1f}, {cpu['always']:.1f} |"
         )
+    return lines
+
+
+def rounds_of_ratios(runs: dict[str, list[Saturation]]) -> list[str]:
+    """Each mode's ratios to "memory", round by round."""
+    lines = []
+    for mode, results in runs.items():
+        cells = [
+            f"{name} " + ", ".join(f"{x:.2f}" for x in paired_ratios(results, name, "memory"))
+            for name in ("interval", CONTROL)
+        ]
+        lines.append(f"- {mode}: " + "; ".join(cells))
     return lines
 
 
@@ -136,11 +169,17 @@ def section(
         f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
         f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
         f"{meta['machine']['load']} at start. Gateways on core 1, simulator and loadgen on core "
-        f"0; medians of {meta['rounds']} rounds of {meta['duration_s']:.0f} s, the targets "
-        "taking turns. Throughput: closed loop, 64 connections (the paced worker: "
-        f"{PACED_CONNECTIONS}).",
+        f"0; {meta['rounds']} rounds of {meta['duration_s']:.0f} s, the targets taking turns; "
+        "a ratio is the median of the rounds' ratios, the other figures medians over rounds. "
+        "Throughput: closed loop, 64 connections (the paced worker: "
+        f"{PACED_CONNECTIONS}). `control` is a second gateway configured as `memory` is: how "
+        "far apart this machine reads two identical gateways.",
         "",
         *saturation_table(runs),
+        "",
+        "Throughput over `memory`'s, round by round:",
+        "",
+        *rounds_of_ratios(runs),
         "",
         "Latency from each request's due time, open loop (the simulator answers at once, so "
         "this is the gateway's own time plus the simulator's):",
@@ -171,10 +210,10 @@ def start_gateways(
     services: list[Pinned],
     prefix: str = "",
 ) -> list[Target]:
-    """A gateway per `JOURNALS` entry in front of `sim_url`, serving; each is added to
-    `services` as soon as it starts."""
+    """A gateway per `JOURNALS` entry and the control in front of `sim_url`, serving; each is
+    added to `services` as soon as it starts."""
     targets = []
-    for name, extra in JOURNALS.items():
+    for name, extra in [*JOURNALS.items(), (CONTROL, JOURNALS["memory"])]:
         extra = extra.format(dir=workdir / f"{prefix}{name}-journal")
         gateway = gateway_service(
             f"gateway-{prefix}{name}", settings, workdir, sim_url, db_url, extra
@@ -200,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
         for mode, stream in (("completions", False), ("completions, streaming", True)):
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
-            latencies[mode] = rotate_latency(settings, targets, stream=stream)
+            measured = [target for target in targets if target.name != CONTROL]
+            latencies[mode] = rotate_latency(settings, measured, stream=stream)
         paced_targets = start_gateways(
             settings, workdir, db_url, key, paced.wait_listening(), services, "paced-"
         )
