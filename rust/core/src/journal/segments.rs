@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapMut, MmapOptions, UncheckedAdvice};
 
 use super::frame::{self, MAGIC, Read};
 use super::record::{Ended, Progress, Record, Started};
@@ -177,6 +177,7 @@ pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<Segment>
         file: Arc::new(file),
         map,
         written: MAGIC.len() as u64,
+        released: 0,
     })
 }
 
@@ -196,6 +197,20 @@ fn map(file: &File) -> io::Result<MmapMut> {
     unsafe { MmapOptions::new().populate().map_mut(file) }
 }
 
+/// Drops `len` bytes of `map` from `offset` (pages, whole) from the process's page tables.
+#[expect(
+    unsafe_code,
+    reason = "`MADV_DONTNEED` would zero the pages of a private or anonymous mapping"
+)]
+fn unmap_pages(map: &MmapMut, offset: usize, len: usize) -> io::Result<()> {
+    // SAFETY: `map` is a shared mapping of a file (`map` above), for which `MADV_DONTNEED`
+    // drops page table entries alone: the pages stay in the page cache with their bytes (a page
+    // written through the mapping is marked dirty as its entry goes, so a sync still writes it),
+    // and an access to the range would map them again as they are. `Segment::release_written`
+    // passes whole pages behind every append to come, and no reference into them is held.
+    unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len) }
+}
+
 /// A prepared segment, mapped. An append copies the record into the mapping: it reaches the
 /// page cache with no system call and no more bytes than its own, and a request's thread never
 /// waits on the disk to read a page back, because the segment's pages are mapped from the start.
@@ -205,12 +220,20 @@ pub(super) struct Segment {
     map: MmapMut,
     /// Bytes in the segment.
     written: u64,
+    /// Bytes from the start whose pages are no longer mapped (`release_written`).
+    released: u64,
 }
 
 impl Segment {
     /// The file, to sync.
     pub(super) fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// Where the mapping begins, to find it in `/proc/self/smaps`.
+    #[cfg(test)]
+    pub(super) fn mapped_at(&self) -> usize {
+        self.map.as_ptr() as usize
     }
 
     /// Bytes in the segment, `MAGIC` included.
@@ -221,6 +244,28 @@ impl Segment {
     /// Whether it holds no record.
     pub(super) fn is_empty(&self) -> bool {
         self.written <= MAGIC.len() as u64
+    }
+
+    /// Unmaps the whole pages before the one the next append begins in: no append touches them
+    /// again. A sync writes back a page the process maps by write-protecting it first, a TLB
+    /// flush on every core that runs one of the process's threads (an interrupt to each, one a
+    /// page); pages unmapped together take one flush. So the syncer releases what was written
+    /// since its last round before syncing it. An error leaves them mapped: a cost, not a fault.
+    pub(super) fn release_written(&mut self) -> io::Result<()> {
+        let end = self.written - self.written % PAGE as u64;
+        if end <= self.released {
+            return Ok(());
+        }
+        let (Ok(offset), Ok(end_in_map)) = (usize::try_from(self.released), usize::try_from(end))
+        else {
+            return Ok(());
+        };
+        let end_in_map = end_in_map.min(self.map.len());
+        if end_in_map > offset {
+            unmap_pages(&self.map, offset, end_in_map - offset)?;
+        }
+        self.released = end;
+        Ok(())
     }
 
     /// Writes `bytes` after what the segment holds. What does not fit in the mapping (a record

@@ -244,11 +244,15 @@ impl State {
     }
 
     /// The files to sync for everything written so far to be durable, and when the oldest
-    /// record among them was written.
+    /// record among them was written; the segment's pages no append touches again are unmapped
+    /// first (`Segment::release_written`: a sealed segment is unmapped whole).
     pub(super) fn take_unsynced(&mut self) -> (Vec<Arc<File>>, Option<Instant>) {
         let mut files = std::mem::take(&mut self.sealed_unsynced);
         let since = self.unsynced_since.take();
         if since.is_some() {
+            if let Err(error) = self.segment.release_written() {
+                tracing::debug!(%error, "could not unmap the journal's written pages");
+            }
             files.push(self.segment.file().clone());
         }
         (files, since)

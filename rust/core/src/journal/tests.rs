@@ -471,6 +471,82 @@ fn an_append_reads_nothing_from_disk_after_the_page_cache_was_told_to_drop_the_s
     );
 }
 
+/// The kB of the mapping that begins at `at` that the process has in its page tables
+/// (`Rss` in `/proc/self/smaps`).
+fn mapped_kb(at: usize) -> u64 {
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap_or_else(|e| panic!("smaps: {e}"));
+    let mut in_it = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(_)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            in_it = start == at;
+        } else if in_it && let Some(kb) = line.strip_prefix("Rss:") {
+            let kb = kb.trim().trim_end_matches("kB").trim();
+            return kb.parse().unwrap_or_else(|e| panic!("Rss {kb:?}: {e}"));
+        }
+    }
+    panic!("no mapping at {at:#x}")
+}
+
+#[test]
+fn the_pages_behind_the_appends_are_unmapped_and_a_sync_still_writes_them() {
+    use rustix::fs::{Advice, fadvise};
+
+    let dir = TempDir::on_disk("released");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let mut segment = prepare(&dir.0, 0, 8 * 4096).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let at = segment.mapped_at();
+    assert_eq!(mapped_kb(at), 32, "a prepared segment is mapped whole");
+    let release = |segment: &mut super::segments::Segment| {
+        segment
+            .release_written()
+            .unwrap_or_else(|e| panic!("release: {e}"));
+    };
+    let mut expected = MAGIC.to_vec();
+    let records = lines(&[3000, 3000, 3000, 3300]);
+    for record in &records[..3] {
+        segment
+            .append(record)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+        expected.extend_from_slice(record);
+    }
+    release(&mut segment);
+    assert_eq!(
+        mapped_kb(at),
+        32 - 8,
+        "the two whole pages before 9,008 bytes are unmapped, the page they end in is not"
+    );
+    release(&mut segment);
+    assert_eq!(mapped_kb(at), 24, "nothing more to release");
+    segment
+        .append(&records[3])
+        .unwrap_or_else(|e| panic!("append: {e}"));
+    expected.extend_from_slice(&records[3]);
+    release(&mut segment);
+    assert_eq!(mapped_kb(at), 20, "the third page, whole now, goes too");
+    // Unmapped before any sync, the pages are still dirty: the sync writes them to the disk, so
+    // once the page cache has dropped them, the disk gives the records back (had unmapping
+    // lost them, it would give the zeros the segment was prepared with).
+    segment
+        .file()
+        .sync_data()
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    fadvise(segment.file(), 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
+    let before = read_bytes();
+    let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    assert!(
+        read_bytes() > before,
+        "the released pages were read from disk"
+    );
+    assert_eq!(&bytes[..expected.len()], &expected[..]);
+    assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+}
+
 #[test]
 fn a_slot_serves_the_next_request_once_its_own_has_ended() {
     use super::state::{Open, OpenRequests};
