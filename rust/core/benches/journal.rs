@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use gateway_core::journal::{Durability, Ended, Journal, Line, Options, Started};
 use gateway_core::request::Endpoint;
+use gateway_core::thread_class;
 use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use serde_json::json;
 
@@ -51,8 +52,7 @@ fn on_cpu_ns() -> f64 {
 /// Nanoseconds the whole process has run on CPUs: the syncer's and the segment preparers' time
 /// as well as this thread's.
 fn process_on_cpu_ns() -> f64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+    thread_class::process_cpu_time().as_nanos() as f64
 }
 
 /// Nanoseconds on a CPU per request, kernel time included: this thread's, and the process's.

@@ -106,8 +106,8 @@ impl Default for Chooser {
     }
 }
 
-/// The CPU time of every thread of the process so far.
-fn process_cpu_time() -> Duration {
+/// The CPU time of every thread of the process so far, those that have ended included.
+pub fn process_cpu_time() -> Duration {
     let time = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     Duration::new(
         u64::try_from(time.tv_sec).unwrap_or(0),

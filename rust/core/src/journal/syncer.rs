@@ -8,11 +8,10 @@
 //! the disk's completions) wait for the request threads to sleep, a fraction of a millisecond,
 //! where they would preempt them mid-response (3.4 times a tick at saturation; what that adds to
 //! p99 at a moderate load, this machine did not resolve: `benchmarks/RESULTS.md`). While the
-//! process is busy,
-//! or after a tick began more than half an interval late, it runs in the default class, so that
-//! a tick keeps to its interval (on a saturated core the batch class made the window a
-//! machine's loss costs twice as long: `tokengate_journal_unsynced_age_seconds`). With `Always`,
-//! responses wait for it, and it stays in the default class.
+//! process is busy, or after a tick began more than half an interval late, it runs in the
+//! default class, so that a tick keeps to its interval (on a saturated core the batch class made
+//! the window a machine's loss costs twice as long: `tokengate_journal_unsynced_age_seconds`).
+//! With `Always`, responses wait for it, and it stays in the default class.
 
 use std::fs;
 use std::sync::PoisonError;
