@@ -130,9 +130,8 @@ impl Counter {
             let response = self
                 .upstream
                 .post_json(
-                    &worker.url,
+                    worker.to(),
                     worker.tokenize_uri.clone(),
-                    worker.authorization.as_ref(),
                     body,
                     Carried::default(),
                     deadline,

@@ -1,7 +1,6 @@
 //! The meter: recorded events in the order they were recorded, numbered by `seq`, waiting to be
 //! drained, and the counters they feed; with a journal, every event goes to disk too.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -13,11 +12,12 @@ use crate::metrics::GatewayMetrics;
 use crate::usage::{Usage, UsageEvent};
 
 use super::Refusals;
+use super::queue::EventQueue;
 
 /// Events waiting to be drained, oldest first, and the next `seq`.
 #[derive(Debug, Default)]
 struct Queue {
-    events: VecDeque<Ended>,
+    events: EventQueue,
     next_seq: u64,
 }
 
@@ -77,7 +77,7 @@ impl Meter {
             .journal
             .as_ref()
             .and_then(|journal| journal.end(&ended, slot, wait));
-        queue.events.push_back(ended);
+        queue.events.push(ended);
         synced
     }
 
@@ -103,9 +103,11 @@ impl Meter {
 
     /// Takes up to `max` events, oldest first, each with its `seq`.
     pub fn drain(&self, max: usize) -> Vec<Ended> {
-        let mut queue = self.lock();
-        let n = max.min(queue.events.len());
-        queue.events.drain(..n).collect()
+        let mut taken = self.lock().events.take(max);
+        // Copied out of the chunks with the lock released: a request's end waits for no drain.
+        let events = taken.events();
+        self.lock().events.recycle(taken);
+        events
     }
 
     /// Every drained event up to `seq` is in the ledger: the journal may forget them. Events are

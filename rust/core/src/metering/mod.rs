@@ -14,6 +14,7 @@ mod counting;
 mod guard;
 mod meter;
 mod overhead;
+mod queue;
 mod refusals;
 
 pub use counting::{Counter, Relayed, TOKENIZE_TIMEOUT};
