@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -53,6 +53,30 @@ pub struct Carried<'a> {
     pub trace: Option<&'a TraceHeaders>,
 }
 
+/// Where a request goes: the worker, by its URL (which names it in errors), and the headers every
+/// request to it carries, each made once.
+#[derive(Debug, Clone, Copy)]
+pub struct To<'a> {
+    pub worker: &'a str,
+    /// `Host` (`host`): the client would otherwise format it from the URI on every call.
+    pub host: Option<&'a HeaderValue>,
+    pub authorization: Option<&'a HeaderValue>,
+}
+
+/// The `Host` header of requests to `uri`, as the HTTP client would make it: host, and port
+/// unless the scheme's default; none without a host (a URI the client refuses).
+pub fn host(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16().filter(|&port| port != default) {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        None => HeaderValue::from_str(host).ok(),
+    }
+}
+
 impl Upstream {
     pub fn new(routing: &RoutingConfig) -> Self {
         let mut connector = HttpConnector::new();
@@ -83,13 +107,12 @@ impl Upstream {
         Instant::now() + Duration::from_millis(ms)
     }
 
-    /// POSTs a JSON body, with what it `carried`; resolves when the response headers arrive, by
-    /// `deadline`.
+    /// POSTs a JSON body `to` a worker at `uri` (one of its own), with what it `carried`;
+    /// resolves when the response headers arrive, by `deadline`.
     pub async fn post_json(
         &self,
-        worker: &str,
+        to: To<'_>,
         uri: Uri,
-        authorization: Option<&HeaderValue>,
         body: Bytes,
         carried: Carried<'_>,
         deadline: Instant,
@@ -97,24 +120,28 @@ impl Upstream {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
-        request.headers_mut().insert(CONTENT_TYPE, JSON);
-        if let Some(value) = authorization {
-            request.headers_mut().insert(AUTHORIZATION, value.clone());
+        let headers = request.headers_mut();
+        if let Some(host) = to.host {
+            headers.insert(HOST, host.clone());
+        }
+        headers.insert(CONTENT_TYPE, JSON);
+        if let Some(value) = to.authorization {
+            headers.insert(AUTHORIZATION, value.clone());
         }
         if let Some(id) = carried
             .request_id
             .and_then(|id| HeaderValue::from_str(id).ok())
         {
-            request.headers_mut().insert("x-request-id", id);
+            headers.insert("x-request-id", id);
         }
         if let Some(trace) = carried.trace {
-            trace.write(request.headers_mut());
+            trace.write(headers);
         }
         match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(worker, &error)),
+            Ok(Err(error)) => Err(classify(to.worker, &error)),
             Err(_) => Err(UpstreamError::Timeout {
-                worker: worker.to_owned(),
+                worker: to.worker.to_owned(),
             }),
         }
     }

@@ -243,9 +243,8 @@ async fn send(route: Route, rest: Bytes, members: Vec<Member>) {
     let sent = route
         .upstream
         .post_json(
-            &worker.url,
+            worker.to(),
             worker.uri(Endpoint::Completions),
-            worker.authorization.as_ref(),
             body,
             upstream::Carried::default(),
             deadline,

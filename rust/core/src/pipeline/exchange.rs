@@ -46,9 +46,8 @@ pub(super) async fn exchange(
     let response = state
         .upstream
         .post_json(
-            &worker.url,
+            worker.to(),
             worker.uri(request.endpoint),
-            worker.authorization.as_ref(),
             body,
             Carried {
                 request_id: request.client_request_id.as_deref(),

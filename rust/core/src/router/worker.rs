@@ -36,6 +36,9 @@ pub struct Worker {
     pub url: Arc<str>,
     /// `Bearer <api_key>` when the worker has a key of its own.
     pub(crate) authorization: Option<HeaderValue>,
+    /// The `Host` its requests carry: host, and port unless the scheme's default (none for a
+    /// URL without a host, which the client refuses).
+    pub(crate) host: Option<HeaderValue>,
     chat_uri: Uri,
     completions_uri: Uri,
     embeddings_uri: Uri,
@@ -102,12 +105,14 @@ impl Worker {
     pub fn new(url: &str) -> Result<Self, http::uri::InvalidUri> {
         let base = url.trim_end_matches('/');
         let uri = |path: &str| format!("{base}{path}").parse::<Uri>();
+        let completions_uri = uri(Endpoint::Completions.path())?;
         Ok(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             url: base.into(),
             authorization: None,
+            host: crate::upstream::host(&completions_uri),
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
-            completions_uri: uri(Endpoint::Completions.path())?,
+            completions_uri,
             embeddings_uri: uri(Endpoint::Embeddings.path())?,
             health_uri: uri("/health")?,
             models_uri: uri("/v1/models")?,
@@ -216,6 +221,15 @@ impl Worker {
                 sent.as_bytes().strip_prefix(b"Bearer ") == Some(key.as_bytes())
             }
             _ => false,
+        }
+    }
+
+    /// Where its requests go, for `Upstream::post_json`.
+    pub fn to(&self) -> crate::upstream::To<'_> {
+        crate::upstream::To {
+            worker: &self.url,
+            host: self.host.as_ref(),
+            authorization: self.authorization.as_ref(),
         }
     }
 
@@ -402,6 +416,22 @@ impl Drop for Outstanding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_names_the_port_unless_it_is_the_scheme_s_default() {
+        let host = |url: &str| {
+            Worker::new(url)
+                .ok()
+                .and_then(|worker| worker.host)
+                .and_then(|value| value.to_str().ok().map(str::to_owned))
+        };
+        assert_eq!(host("http://10.0.0.7:8000/"), Some("10.0.0.7:8000".into()));
+        assert_eq!(host("http://vllm-0.svc"), Some("vllm-0.svc".into()));
+        assert_eq!(host("http://vllm-0.svc:80"), Some("vllm-0.svc".into()));
+        assert_eq!(host("https://w.example:443"), Some("w.example".into()));
+        assert_eq!(host("https://w.example:80"), Some("w.example:80".into()));
+        assert_eq!(host("http://[::1]:9000"), Some("[::1]:9000".into()));
+    }
 
     #[test]
     fn load_round_trips_through_its_packing() {
