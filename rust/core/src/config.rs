@@ -301,12 +301,12 @@ impl GatewayConfig {
     }
 
     /// What a running gateway applies of `new` (a reload): the workers, the routing policies,
-    /// queue limits, timeouts of an attempt, intervals and DNS settings; and, kept at their
-    /// running value, the options that need a restart, named in the list returned when `new`
-    /// changes them: the listeners and their read limits (bound at start), the journal and the
-    /// quota's store (opened at start), tracing (installed once per process), the connect timeout (the connection pool's), the
-    /// coalescing windows (the coalescer's), and the circuit breaker's settings (a kept worker
-    /// keeps its breaker's history, whose window they size).
+    /// queue limits, the timeouts of an attempt and of a connect, intervals and DNS settings;
+    /// and, kept at their running value, the options that need a restart, named in the list
+    /// returned when `new` changes them: the listeners and their read limits (bound at start),
+    /// the journal and the quota's store (opened at start), tracing (installed once per
+    /// process), the coalescing windows (the coalescer's), and the circuit breaker's settings (a
+    /// kept worker keeps its breaker's history, whose window they size).
     pub fn reloaded(&self, new: Self) -> (Self, Vec<&'static str>) {
         let mut kept = Vec::new();
         let mut effective = new;
@@ -326,7 +326,6 @@ impl GatewayConfig {
         keep!(journal, "journal");
         keep!(quota, "quota");
         keep!(telemetry, "telemetry");
-        keep!(routing.connect_timeout_ms, "routing.connect_timeout_ms");
         keep!(routing.coalesce_max_prompts, "routing.coalesce_max_prompts");
         if effective.routing.coalesce_windows() != self.routing.coalesce_windows() {
             kept.push("routing.coalesce_window_us/routing.models.*.coalesce_window_us");

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::response::Parts;
-use hyper::body::Incoming;
 use tracing::Span;
 
 use super::exchange::{Exchanged, exchange};
@@ -24,7 +23,7 @@ use crate::router::{Outstanding, Worker, WorkerId};
 use crate::scheduler::Claim;
 use crate::state::AppState;
 use crate::telemetry::TraceHeaders;
-use crate::upstream::UpstreamError;
+use crate::upstream::{self, UpstreamError};
 use crate::usage::Status;
 
 /// Why an attempt did not produce a response for the client.
@@ -43,7 +42,7 @@ enum Reply {
     Stream {
         parts: Parts,
         first: Bytes,
-        rest: Incoming,
+        rest: upstream::Body,
         outstanding: Outstanding,
     },
     /// A complete answer below 500.

@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use http::response::Parts;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::Span;
 
@@ -15,7 +14,7 @@ use crate::request::InferenceRequest;
 use crate::router::Worker;
 use crate::state::AppState;
 use crate::telemetry::TraceHeaders;
-use crate::upstream::{Carried, UpstreamError};
+use crate::upstream::{self, Carried, UpstreamError};
 
 /// What a worker sent back, read as far as an attempt waits for it.
 pub(super) enum Exchanged {
@@ -23,7 +22,7 @@ pub(super) enum Exchanged {
     Stream {
         parts: Parts,
         first: Bytes,
-        rest: Incoming,
+        rest: upstream::Body,
     },
     /// A complete answer, of any status.
     Complete { parts: Parts, body: Bytes },
@@ -72,10 +71,10 @@ pub(super) async fn exchange(
 
 /// Waits for the first non-empty body chunk of a stream.
 async fn first_chunk(
-    mut body: Incoming,
+    mut body: upstream::Body,
     worker: &str,
     deadline: Instant,
-) -> Result<(Bytes, Incoming), UpstreamError> {
+) -> Result<(Bytes, upstream::Body), UpstreamError> {
     let wait = async {
         loop {
             match body.frame().await {

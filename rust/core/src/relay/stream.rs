@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::answer::{self, Delta};
 use super::frame::{
@@ -25,6 +24,7 @@ use crate::json;
 use crate::metering::{MeterGuard, Synced};
 use crate::request::{InferenceRequest, UsageOptions};
 use crate::router::Outstanding;
+use crate::upstream;
 use crate::usage::{Status, StreamUsage, Usage};
 
 /// How a worker's stream ends, as vLLM frames it.
@@ -112,7 +112,7 @@ pub struct EventStream {
 impl EventStream {
     pub fn new(
         first: Bytes,
-        body: Incoming,
+        body: upstream::Body,
         mut meter: MeterGuard,
         outstanding: Outstanding,
         request: &InferenceRequest,
@@ -188,7 +188,7 @@ struct Read {
 struct Relay {
     /// `gateway.relay`, from the first event to the end of the stream (or the client's leaving).
     _span: tracing::Span,
-    body: Incoming,
+    body: upstream::Body,
     /// A read not relayed yet: the stream's first, or bytes the worker sent behind `[DONE]`.
     first: Option<Bytes>,
     splitter: SseSplitter,

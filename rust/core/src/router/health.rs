@@ -30,12 +30,7 @@ struct CardId {
 /// Probes one worker and updates its health and model list.
 pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
     let healthy = match upstream
-        .get(
-            &worker.url,
-            worker.health_uri.clone(),
-            worker.authorization.as_ref(),
-            timeout,
-        )
+        .get(worker.to(), worker.health_uri.clone(), timeout)
         .await
     {
         Ok((status, _)) => status.is_success(),
@@ -46,12 +41,7 @@ pub async fn probe(upstream: &Upstream, worker: &Worker, timeout: Duration) {
         return;
     }
     match upstream
-        .get(
-            &worker.url,
-            worker.models_uri.clone(),
-            worker.authorization.as_ref(),
-            timeout,
-        )
+        .get(worker.to(), worker.models_uri.clone(), timeout)
         .await
     {
         Ok((status, body)) if status.is_success() => {

@@ -15,12 +15,7 @@ use crate::upstream::Upstream;
 /// block size, which changes only when the worker restarts with another.
 pub async fn scrape(upstream: &Upstream, worker: &Worker, timeout: Duration) {
     let report = match upstream
-        .get(
-            &worker.url,
-            worker.metrics_uri.clone(),
-            worker.authorization.as_ref(),
-            timeout,
-        )
+        .get(worker.to(), worker.metrics_uri.clone(), timeout)
         .await
     {
         Ok((status, body)) if status.is_success() => std::str::from_utf8(&body).ok().map(parse),

@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use super::breaker::{Admission, Breaker, BreakerSettings, BreakerStats, Change};
 use super::load::Load;
 use crate::request::Endpoint;
+use crate::upstream::Connections;
 
 /// A model as a worker lists it in `/v1/models`: its id and the card exactly as sent.
 #[derive(Debug)]
@@ -39,6 +40,8 @@ pub struct Worker {
     /// The `Host` its requests carry: host, and port unless the scheme's default (none for a
     /// URL without a host, which the client refuses).
     pub(crate) host: Option<HeaderValue>,
+    /// Its connections: closed with the last reference to it.
+    connections: Arc<Connections>,
     chat_uri: Uri,
     completions_uri: Uri,
     embeddings_uri: Uri,
@@ -111,6 +114,7 @@ impl Worker {
             url: base.into(),
             authorization: None,
             host: crate::upstream::host(&completions_uri),
+            connections: Arc::new(Connections::new(&completions_uri)),
             chat_uri: uri(Endpoint::ChatCompletions.path())?,
             completions_uri,
             embeddings_uri: uri(Endpoint::Embeddings.path())?,
@@ -230,6 +234,7 @@ impl Worker {
             worker: &self.url,
             host: self.host.as_ref(),
             authorization: self.authorization.as_ref(),
+            connections: &self.connections,
         }
     }
 

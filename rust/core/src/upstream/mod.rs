@@ -1,6 +1,9 @@
-//! The pooled HTTP/1.1 client the gateway talks to workers with.
+//! The HTTP/1.1 client the gateway talks to workers with, over each worker's own pool of
+//! connections (`pool`).
 //!
 //! It sends and classifies failures; choosing a worker and retrying belong to the dispatcher.
+
+mod pool;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +13,9 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
+
+pub use pool::{Body, Connections};
 
 use crate::config::RoutingConfig;
 use crate::telemetry::TraceHeaders;
@@ -32,14 +33,14 @@ pub enum UpstreamError {
     Timeout { worker: String },
 }
 
-/// Cheap to clone: every clone shares one client and its connection pool, and a clone is a
-/// reference count (a request's gateway-side counter holds one).
+/// The client's settings; the connections are each worker's (`To::connections`). Cheap to
+/// clone: a clone is a reference count (a request's gateway-side counter holds one).
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Arc<Client<HttpConnector, Full<Bytes>>>,
-    /// `routing.request_timeout_ms`, which a reload may change: shared by every clone. Relaxed:
-    /// an independent setting.
+    /// `routing.request_timeout_ms` and `routing.connect_timeout_ms`, which a reload may change:
+    /// shared by every clone. Relaxed: independent settings.
     request_timeout_ms: Arc<AtomicU64>,
+    connect_timeout_ms: Arc<AtomicU64>,
 }
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -61,6 +62,7 @@ pub struct To<'a> {
     /// `Host` (`host`): the client would otherwise format it from the URI on every call.
     pub host: Option<&'a HeaderValue>,
     pub authorization: Option<&'a HeaderValue>,
+    pub connections: &'a Arc<Connections>,
 }
 
 /// The `Host` header of requests to `uri`, as the HTTP client would make it: host, and port
@@ -79,25 +81,24 @@ pub fn host(uri: &Uri) -> Option<HeaderValue> {
 
 impl Upstream {
     pub fn new(routing: &RoutingConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(routing.connect_timeout()));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self {
-            client: Arc::new(client),
-            request_timeout_ms: Arc::new(AtomicU64::new(routing.request_timeout_ms)),
-        }
+        let upstream = Self {
+            request_timeout_ms: Arc::new(AtomicU64::new(0)),
+            connect_timeout_ms: Arc::new(AtomicU64::new(0)),
+        };
+        upstream.reconfigure(routing);
+        upstream
     }
 
-    /// Attempts started from now on wait as `routing` says (its connect timeout is the
-    /// connection pool's, fixed at start).
+    /// Attempts started from now on wait as `routing` says, and connections opened from now on.
     pub fn reconfigure(&self, routing: &RoutingConfig) {
         self.request_timeout_ms
             .store(routing.request_timeout_ms, Ordering::Relaxed);
+        let connect_ms = u64::try_from(routing.connect_timeout().as_millis()).unwrap_or(u64::MAX);
+        self.connect_timeout_ms.store(connect_ms, Ordering::Relaxed);
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed).max(1))
     }
 
     /// When an attempt starting now must have its answer: the response headers, then the first
@@ -116,10 +117,10 @@ impl Upstream {
         body: Bytes,
         carried: Carried<'_>,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = origin_form(&uri);
         let headers = request.headers_mut();
         if let Some(host) = to.host {
             headers.insert(HOST, host.clone());
@@ -137,66 +138,67 @@ impl Upstream {
         if let Some(trace) = carried.trace {
             trace.write(headers);
         }
-        match tokio::time::timeout_at(deadline, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(to.worker, &error)),
+        let sent = to
+            .connections
+            .send(request, to.worker, self.connect_timeout());
+        match tokio::time::timeout_at(deadline, sent).await {
+            Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 worker: to.worker.to_owned(),
             }),
         }
     }
 
-    /// GETs a small document (health, model list, metrics) within `timeout`.
+    /// GETs a small document (health, model list, metrics) from a worker within `timeout`.
     pub async fn get(
         &self,
-        worker: &str,
+        to: To<'_>,
         uri: Uri,
-        authorization: Option<&HeaderValue>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
-        let exchange = async {
-            let mut request = Request::get(uri)
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| UpstreamError::Transport {
-                    worker: worker.to_owned(),
-                    detail: e.to_string(),
+        let exchange =
+            async {
+                let mut request = Request::new(Full::new(Bytes::new()));
+                *request.uri_mut() = origin_form(&uri);
+                let headers = request.headers_mut();
+                if let Some(host) = to.host {
+                    headers.insert(HOST, host.clone());
+                }
+                if let Some(value) = to.authorization {
+                    headers.insert(AUTHORIZATION, value.clone());
+                }
+                let response = to
+                    .connections
+                    .send(request, to.worker, self.connect_timeout())
+                    .await?;
+                let status = response.status();
+                let body = response.into_body().collect().await.map_err(|error| {
+                    UpstreamError::Transport {
+                        worker: to.worker.to_owned(),
+                        detail: error.to_string(),
+                    }
                 })?;
-            if let Some(value) = authorization {
-                request.headers_mut().insert(AUTHORIZATION, value.clone());
-            }
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| classify(worker, &e))?;
-            let status = response.status();
-            let body =
-                response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| UpstreamError::Transport {
-                        worker: worker.to_owned(),
-                        detail: e.to_string(),
-                    })?;
-            Ok((status, body.to_bytes()))
-        };
+                Ok((status, body.to_bytes()))
+            };
         tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Timeout {
-                    worker: worker.to_owned(),
+                    worker: to.worker.to_owned(),
                 })
             })
     }
 }
 
+/// `uri` as a request to its server names it: path and query only.
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .cloned()
+        .map_or_else(|| Uri::from_static("/"), Uri::from)
+}
+
 /// A response body in full, by `deadline`.
-pub async fn collect(
-    body: Incoming,
-    worker: &str,
-    deadline: Instant,
-) -> Result<Bytes, UpstreamError> {
+pub async fn collect(body: Body, worker: &str, deadline: Instant) -> Result<Bytes, UpstreamError> {
     match tokio::time::timeout_at(deadline, body.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) => Err(UpstreamError::Transport {
@@ -206,21 +208,5 @@ pub async fn collect(
         Err(_) => Err(UpstreamError::Timeout {
             worker: worker.to_owned(),
         }),
-    }
-}
-
-fn classify(worker: &str, error: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let detail = std::error::Error::source(error)
-        .map_or_else(|| error.to_string(), |source| source.to_string());
-    if error.is_connect() {
-        UpstreamError::Connect {
-            worker: worker.to_owned(),
-            detail,
-        }
-    } else {
-        UpstreamError::Transport {
-            worker: worker.to_owned(),
-            detail,
-        }
     }
 }
