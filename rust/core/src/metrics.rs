@@ -589,27 +589,9 @@ mod tests {
 
     use super::*;
     use crate::router::{Load, Worker};
-    use crate::usage::UsageSource;
 
     fn event(status: Status, completion: u64) -> UsageEvent {
-        UsageEvent {
-            event_id: "e".into(),
-            request_id: "r".into(),
-            tenant_id: "t".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            worker: None,
-            endpoint: Endpoint::Completions,
-            stream: false,
-            status,
-            http_status: 200,
-            prompt_tokens: 3,
-            cached_tokens: 1,
-            completion_tokens: completion,
-            usage_source: UsageSource::Worker,
-            started_at_ms: 0,
-            finished_at_ms: 0,
-        }
+        crate::usage::test_event(status, completion)
     }
 
     /// The value of the sample whose series (name and labels) is written exactly `series`.

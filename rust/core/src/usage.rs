@@ -275,6 +275,30 @@ impl Price {
     }
 }
 
+/// A completed, non-streaming completions event of `completion_tokens` for tests: tenant `t`,
+/// key `k`, model `m`, 3 prompt tokens of which 1 cached, ids `e` and `r`.
+#[cfg(test)]
+pub(crate) fn test_event(status: Status, completion_tokens: u64) -> UsageEvent {
+    UsageEvent {
+        event_id: "e".into(),
+        request_id: "r".into(),
+        tenant_id: "t".into(),
+        key_id: "k".into(),
+        model: "m".into(),
+        worker: None,
+        endpoint: Endpoint::Completions,
+        stream: false,
+        status,
+        http_status: 200,
+        prompt_tokens: 3,
+        cached_tokens: 1,
+        completion_tokens,
+        usage_source: UsageSource::Worker,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,29 +114,13 @@ impl Taken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Endpoint;
-    use crate::usage::{Status, UsageEvent, UsageSource};
+    use crate::usage::{Status, test_event};
 
     fn ended(seq: u64) -> Ended {
-        let event = UsageEvent {
-            event_id: format!("e{seq}"),
-            request_id: "r".into(),
-            tenant_id: "t".into(),
-            key_id: "k".into(),
-            model: "m".into(),
-            worker: None,
-            endpoint: Endpoint::Completions,
-            stream: false,
-            status: Status::Completed,
-            http_status: 200,
-            prompt_tokens: 1,
-            cached_tokens: 0,
-            completion_tokens: 1,
-            usage_source: UsageSource::Worker,
-            started_at_ms: 0,
-            finished_at_ms: 0,
-        };
-        Ended { seq, event }
+        Ended {
+            seq,
+            event: test_event(Status::Completed, seq),
+        }
     }
 
     fn seqs(events: &[Ended]) -> Vec<u64> {
