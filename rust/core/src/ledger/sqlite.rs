@@ -246,76 +246,51 @@ impl UsageWriter {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let stored = stored(&tx, &batch, &first, &mut written.conflicts)?;
-        let new: Vec<&Event<'_>> = batch
-            .iter()
-            .zip(&stored)
-            .filter_map(|(event, stored)| (!stored).then_some(*event))
-            .collect();
-        if !new.is_empty() {
-            insert(&tx, &new, recorded_at_ms)?;
-        }
+        written.inserted = insert(&tx, &batch, recorded_at_ms, &mut written.conflicts)?;
         tx.commit()?;
-        written.inserted = new.len();
         Ok(written)
     }
 }
 
-/// Which of `batch` the ledger holds; each held with another payload is a conflict.
-fn stored(
-    conn: &Connection,
-    batch: &[&Event<'_>],
-    first: &HashMap<&str, usize>,
-    conflicts: &mut Vec<Conflict>,
-) -> Result<Vec<bool>, WriteError> {
-    let mut stored = vec![false; batch.len()];
-    for chunk in batch.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT {} FROM usage_events WHERE event_id IN ({})",
-            COLUMNS[..EVENT_COLUMNS].join(", "),
-            vec!["?"; chunk.len()].join(", ")
-        );
-        let mut select = conn.prepare_cached(&sql)?;
-        let mut rows = select.query(params_from_iter(chunk.iter().map(|e| e.event_id)))?;
-        while let Some(row) = rows.next()? {
-            let kept = (0..EVENT_COLUMNS)
-                .map(|i| row.get::<_, Value>(i))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let Some(&at) = (match &kept[0] {
-                Value::Text(id) => first.get(id.as_str()),
-                _ => None,
-            }) else {
-                continue;
-            };
-            stored[at] = true;
-            let new = batch[at].row();
-            if kept != new {
-                conflicts.push(Conflict {
-                    kept,
-                    new,
-                    stored: true,
-                });
-            }
-        }
-    }
-    Ok(stored)
+/// The stored columns of the event `event_id`, which the ledger holds.
+fn stored(conn: &Connection, event_id: &str) -> Result<Vec<Value>, WriteError> {
+    let sql = format!(
+        "SELECT {} FROM usage_events WHERE event_id = ?",
+        COLUMNS[..EVENT_COLUMNS].join(", ")
+    );
+    let mut select = conn.prepare_cached(&sql)?;
+    let kept = select.query_row([event_id], |row| {
+        (0..EVENT_COLUMNS)
+            .map(|i| row.get::<_, Value>(i))
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })?;
+    Ok(kept)
 }
 
-/// Prices, numbers and inserts `events` (none stored yet), and adds them to the rollups.
-fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Result<(), WriteError> {
+/// Prices, numbers and inserts those of `events` the ledger does not hold, and adds them to the
+/// rollups; returns how many it inserted. An event the ledger holds with another payload is a
+/// conflict. The ledger's unique index on `event_id` finds those it holds: an insert it refuses
+/// changes nothing, and only then is the stored event read.
+fn insert(
+    conn: &Connection,
+    events: &[&Event<'_>],
+    recorded_at_ms: i64,
+    conflicts: &mut Vec<Conflict>,
+) -> Result<usize, WriteError> {
     let last: Option<i64> =
         conn.query_row("SELECT MAX(seq) FROM usage_events", [], |row| row.get(0))?;
     let mut seq = last.unwrap_or(0);
+    let mut inserted = 0_usize;
     let prices = price_book(conn, events)?;
     let mut minutes: HashMap<Bucket<'_>, Sums> = HashMap::new();
     let sql = format!(
-        "INSERT INTO usage_events ({}) VALUES ({})",
+        "INSERT INTO usage_events ({}) VALUES ({}) ON CONFLICT (event_id) DO NOTHING",
         COLUMNS.join(", "),
         vec!["?"; COLUMNS.len()].join(", ")
     );
     let mut statement = conn.prepare_cached(&sql)?;
     for event in events {
-        seq = seq
+        let next = seq
             .checked_add(1)
             .ok_or_else(|| WriteError::Invalid("the ledger's seq is at its largest".into()))?;
         let (prompt, cached) = event.disjoint();
@@ -331,7 +306,7 @@ fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Resu
             };
             (effective_at, bigint(price.cost(&usage).min(MAX_COST)))
         });
-        statement.execute(rusqlite::params![
+        let changed = statement.execute(rusqlite::params![
             event.event_id,
             event.request_id,
             event.tenant_id,
@@ -348,11 +323,24 @@ fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Resu
             event.usage_source,
             event.started_at_ms,
             event.finished_at_ms,
-            seq,
+            next,
             priced.map(|(effective_at, _)| effective_at),
             priced.map(|(_, cost)| cost),
             recorded_at_ms,
         ])?;
+        if changed == 0 {
+            let (kept, new) = (stored(conn, event.event_id)?, event.row());
+            if kept != new {
+                conflicts.push(Conflict {
+                    kept,
+                    new,
+                    stored: true,
+                });
+            }
+            continue;
+        }
+        seq = next;
+        inserted = inserted.saturating_add(1);
         let minute = bucket_start(event.started_at_ms, WIDTHS[0].1);
         let sums = [
             1,
@@ -366,7 +354,8 @@ fn insert(conn: &Connection, events: &[&Event<'_>], recorded_at_ms: i64) -> Resu
         let bucket = (minute, event.tenant_id, event.key_id, event.model);
         add(minutes.entry(bucket).or_insert([0; 7]), &sums)?;
     }
-    add_to_rollups(conn, minutes)
+    add_to_rollups(conn, minutes)?;
+    Ok(inserted)
 }
 
 /// The start of the bucket of `width` ms holding `at` (UTC-aligned: a multiple of `width`).
