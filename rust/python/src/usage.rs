@@ -3,13 +3,15 @@
 //! one. The first drain checks that the Python class has exactly the core's fields (the names
 //! its serialised form, the journal's, uses) and raises otherwise.
 
+use std::collections::HashMap;
+
 use gateway_core::journal::Ended;
 use gateway_core::request::Endpoint;
 use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyList, PyTuple, PyType};
+use pyo3::types::{PyList, PyString, PyTuple, PyType};
 
 /// The Python class events are handed over as.
 const MODULE: &str = "gateway.ledger.usage";
@@ -58,25 +60,51 @@ impl Field {
         })
     }
 
-    fn value<'py>(self, py: Python<'py>, e: &UsageEvent) -> PyResult<Bound<'py, PyAny>> {
+    fn value<'a, 'py>(
+        self,
+        strings: &mut Strings<'a, 'py>,
+        e: &'a UsageEvent,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = strings.py;
         Ok(match self {
-            Self::EventId => e.event_id.as_str().into_pyobject(py)?.into_any(),
-            Self::RequestId => e.request_id.as_str().into_pyobject(py)?.into_any(),
-            Self::TenantId => (*e.tenant_id).into_pyobject(py)?.into_any(),
-            Self::KeyId => (*e.key_id).into_pyobject(py)?.into_any(),
-            Self::Model => e.model.as_str().into_pyobject(py)?.into_any(),
-            Self::Worker => e.worker.as_deref().into_pyobject(py)?.into_any(),
-            Self::Endpoint => e.endpoint.as_str().into_pyobject(py)?.into_any(),
+            Self::EventId => PyString::new(py, &e.event_id).into_any(),
+            Self::RequestId => PyString::new(py, &e.request_id).into_any(),
+            Self::TenantId => strings.of(&e.tenant_id),
+            Self::KeyId => strings.of(&e.key_id),
+            Self::Model => strings.of(&e.model),
+            Self::Worker => match &e.worker {
+                Some(worker) => strings.of(worker),
+                None => py.None().into_bound(py),
+            },
+            Self::Endpoint => strings.of(e.endpoint.as_str()),
             Self::Stream => e.stream.into_pyobject(py)?.to_owned().into_any(),
-            Self::Status => e.status.as_str().into_pyobject(py)?.into_any(),
+            Self::Status => strings.of(e.status.as_str()),
             Self::HttpStatus => e.http_status.into_pyobject(py)?.into_any(),
             Self::PromptTokens => e.prompt_tokens.into_pyobject(py)?.into_any(),
             Self::CachedTokens => e.cached_tokens.into_pyobject(py)?.into_any(),
             Self::CompletionTokens => e.completion_tokens.into_pyobject(py)?.into_any(),
-            Self::UsageSource => e.usage_source.as_str().into_pyobject(py)?.into_any(),
+            Self::UsageSource => strings.of(e.usage_source.as_str()),
             Self::StartedAtMs => e.started_at_ms.into_pyobject(py)?.into_any(),
             Self::FinishedAtMs => e.finished_at_ms.into_pyobject(py)?.into_any(),
         })
+    }
+}
+
+/// The Python strings of one drain's values that events repeat (tenant, key, model, worker, the
+/// names of statuses and endpoints), each made once and shared by every event that has it.
+struct Strings<'a, 'py> {
+    py: Python<'py>,
+    made: HashMap<&'a str, Bound<'py, PyString>>,
+}
+
+impl<'a, 'py> Strings<'a, 'py> {
+    fn of(&mut self, value: &'a str) -> Bound<'py, PyAny> {
+        let py = self.py;
+        self.made
+            .entry(value)
+            .or_insert_with(|| PyString::new(py, value))
+            .clone()
+            .into_any()
     }
 }
 
@@ -152,26 +180,30 @@ pub fn fields(py: Python<'_>) -> PyResult<&[Field]> {
 }
 
 /// One event as an instance of `class`: `tuple.__new__(class, values)`, which runs no Python code.
-fn event<'py>(
-    py: Python<'py>,
+fn event<'a, 'py>(
+    strings: &mut Strings<'a, 'py>,
     (class, new): (&Bound<'py, PyType>, &Bound<'py, PyAny>),
     fields: &[Field],
-    event: &UsageEvent,
+    event: &'a UsageEvent,
 ) -> PyResult<Bound<'py, PyAny>> {
     let values = fields
         .iter()
-        .map(|field| field.value(py, event))
+        .map(|field| field.value(strings, event))
         .collect::<PyResult<Vec<_>>>()?;
-    new.call1((class, PyTuple::new(py, values)?))
+    new.call1((class, PyTuple::new(strings.py, values)?))
 }
 
 /// Drained events as `([UsageEvent], seq of the last one)`, the seq None when none was drained.
 pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py, PyTuple>> {
     let (class, fields, new) = class(py)?;
     let class = (class.bind(py), new.bind(py));
+    let mut strings = Strings {
+        py,
+        made: HashMap::new(),
+    };
     let events = drained
         .iter()
-        .map(|ended| event(py, class, fields, &ended.event))
+        .map(|ended| event(&mut strings, class, fields, &ended.event))
         .collect::<PyResult<Vec<_>>>()?;
     let last = drained.last().map(|ended| ended.seq);
     (PyList::new(py, events)?, last).into_pyobject(py)
