@@ -328,19 +328,23 @@ mod tests {
     }
 
     /// Waits until the pool's idle connections are `count` open ones (the connection's task
-    /// runs apart from the body's reader).
-    async fn until_idle_open(connections: &Connections, count: usize) {
-        loop {
-            let open = connections
+    /// runs apart from the body's reader); an error after 10 s.
+    async fn until_idle_open(connections: &Connections, count: usize) -> TestResult {
+        let open = || {
+            connections
                 .lock()
                 .iter()
-                .filter(|(s, _)| !s.is_closed())
-                .count();
-            if open == count {
-                return;
+                .filter(|(sender, _)| !sender.is_closed())
+                .count()
+        };
+        let wait = async {
+            while open() != count {
+                tokio::task::yield_now().await;
             }
-            tokio::task::yield_now().await;
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .map_err(|_| format!("{} idle connections open, not {count}", open()).into())
     }
 
     #[tokio::test]
@@ -361,7 +365,7 @@ mod tests {
         let connections = Arc::new(Connections::new(&worker.url));
         for round in 1..=3 {
             assert_eq!(read(&connections, &worker.url, "/close").await?, "bye");
-            until_idle_open(&connections, 0).await;
+            until_idle_open(&connections, 0).await?;
             assert_eq!(worker.accepted.load(Ordering::SeqCst), round);
         }
         assert_eq!(read(&connections, &worker.url, "/").await?, "ok");
