@@ -65,6 +65,24 @@ pub struct To<'a> {
     pub connections: &'a Arc<Connections>,
 }
 
+impl To<'_> {
+    /// A request to the worker at `uri` (one of its own) with the headers every request to it
+    /// carries: `uri` in origin form, `Host`, and its `Authorization` if it has a key.
+    fn request(&self, method: Method, uri: &Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = origin_form(uri);
+        let headers = request.headers_mut();
+        if let Some(host) = self.host {
+            headers.insert(HOST, host.clone());
+        }
+        if let Some(value) = self.authorization {
+            headers.insert(AUTHORIZATION, value.clone());
+        }
+        request
+    }
+}
+
 /// The `Host` header of requests to `uri`, as the HTTP client would make it: host, and port
 /// unless the scheme's default; none without a host (a URI the client refuses).
 pub fn host(uri: &Uri) -> Option<HeaderValue> {
@@ -118,17 +136,9 @@ impl Upstream {
         carried: Carried<'_>,
         deadline: Instant,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = origin_form(&uri);
+        let mut request = to.request(Method::POST, &uri, body);
         let headers = request.headers_mut();
-        if let Some(host) = to.host {
-            headers.insert(HOST, host.clone());
-        }
         headers.insert(CONTENT_TYPE, JSON);
-        if let Some(value) = to.authorization {
-            headers.insert(AUTHORIZATION, value.clone());
-        }
         if let Some(id) = carried
             .request_id
             .and_then(|id| HeaderValue::from_str(id).ok())
@@ -158,15 +168,7 @@ impl Upstream {
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
         let exchange =
             async {
-                let mut request = Request::new(Full::new(Bytes::new()));
-                *request.uri_mut() = origin_form(&uri);
-                let headers = request.headers_mut();
-                if let Some(host) = to.host {
-                    headers.insert(HOST, host.clone());
-                }
-                if let Some(value) = to.authorization {
-                    headers.insert(AUTHORIZATION, value.clone());
-                }
+                let request = to.request(Method::GET, &uri, Bytes::new());
                 let response = to
                     .connections
                     .send(request, to.worker, self.connect_timeout())
