@@ -189,13 +189,15 @@ function selection() {
   document.getElementById("width").value = width;
   const now = Math.floor(Date.now() / 1000);
   const step = WIDTH_SECONDS[width];
-  // Whole buckets: the first is the one holding `now - range`.
+  // Whole buckets: the first is the one holding `now - range`, the last the one holding `now`.
+  // One window for every query of a view, so its cards and charts read the same buckets however
+  // long the queries take.
   const start = Math.floor((now - range) / step) * step;
-  return { start_time: start, bucket_width: width, width };
+  return { start_time: start, end_time: now + 1, bucket_width: width, width };
 }
 
 function usageParams(range, groupBy) {
-  return { start_time: range.start_time, bucket_width: range.bucket_width, group_by: groupBy };
+  return { start_time: range.start_time, end_time: range.end_time, bucket_width: range.bucket_width, group_by: groupBy };
 }
 
 function sumResults(buckets) {
@@ -691,7 +693,7 @@ async function render() {
   clearView();
   const generation = state.generation;
   const range = selection();
-  const view = el("div", { id: "content", "data-start-time": range.start_time, "data-bucket-width": range.bucket_width, "data-role": state.me.role });
+  const view = el("div", { id: "content", "data-start-time": range.start_time, "data-end-time": range.end_time, "data-bucket-width": range.bucket_width, "data-role": state.me.role });
   state.view = view;
   document.getElementById("view").replaceChildren(view);
   setStatus("Loading…");
