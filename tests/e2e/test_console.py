@@ -473,6 +473,28 @@ def test_the_range_and_bucket_width_change_what_is_read(
     assert console_errors(browser) == []
 
 
+def test_a_browser_whose_clock_is_slow_reads_the_server_s_window(
+    scenario: Scenario, browser: WebDriver
+) -> None:
+    """The window ends at the server's now, read from its responses' `Date`: a browser ten
+    minutes slow still shows the usage of the minutes its own clock has not reached."""
+    browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {"source": "const realNow = Date.now; Date.now = () => realNow() - 600000;"},
+    )
+    key = scenario.key("acme-prod")
+    _sign_in(browser, scenario, key)
+    assert browser.execute_script("return Date.now()") < (time.time() - 590) * 1000
+    selected = _range(browser)
+    assert time.time() - 60 <= selected["end_time"] <= time.time() + 2
+    shown = _shown_totals(browser)
+    assert shown["total-requests"] == scenario.served["acme"] + scenario.failed
+    assert shown == _api_totals(
+        scenario, key, start_time=selected["start_time"], bucket_width=selected["bucket_width"]
+    )
+    assert console_errors(browser) == []
+
+
 def test_the_operator_view_shows_every_tenant_and_the_fleet(
     scenario: Scenario, browser: WebDriver
 ) -> None:

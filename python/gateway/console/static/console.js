@@ -25,6 +25,9 @@ const state = {
   aborter: new AbortController(),
   fleetTimer: null,
   generation: 0,
+  // The server's clock less the browser's, in ms: a view's window is the server's last hour, not
+  // that of a browser whose clock is off.
+  skewMs: 0,
 };
 
 // ---------------------------------------------------------------------------------- the APIs
@@ -59,7 +62,20 @@ async function call(path, params = {}) {
     }
     throw new ApiFailure(response.status, message);
   }
+  noteServerClock(response);
   return response;
+}
+
+// Reads the server's clock from a response's `Date` (whole seconds: the middle of its second is
+// taken, so the estimate is within half a second of the server's, plus the response's transit).
+function noteServerClock(response) {
+  const date = Date.parse(response.headers.get("date") || "");
+  if (!Number.isNaN(date)) state.skewMs = date + 500 - Date.now();
+}
+
+// Now by the server's clock, in ms.
+function serverNow() {
+  return Date.now() + state.skewMs;
 }
 
 async function json(path, params) {
@@ -187,7 +203,7 @@ function selection() {
   // Too many buckets for the range: the next coarser width.
   while (range / WIDTH_SECONDS[width] > MOST_BUCKETS && width !== "1d") width = width === "1m" ? "1h" : "1d";
   document.getElementById("width").value = width;
-  const now = Math.floor(Date.now() / 1000);
+  const now = Math.floor(serverNow() / 1000);
   const step = WIDTH_SECONDS[width];
   // Whole buckets: the first is the one holding `now - range`, the last the one holding `now`.
   // One window for every query of a view, so its cards and charts read the same buckets however
@@ -330,7 +346,7 @@ function stackedChart(view, id, buckets, width, key, value, unit) {
 // ------------------------------------------------------------------------------ the tenant
 
 function lastMonths(count) {
-  const now = new Date();
+  const now = new Date(serverNow());
   const months = [];
   for (let i = 0; i < count; i += 1) {
     const d = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() - i, 1));
@@ -527,7 +543,7 @@ async function fleetPanel(panelNode) {
     workers,
     el("h3", { text: `Queues (${integer.format(queued)} waiting)` }),
     queues,
-    el("p", { className: "note", text: `As of ${stamp(Math.floor(Date.now() / 1000))}; refreshed every ${FLEET_REFRESH_MS / 1000} s.` }),
+    el("p", { className: "note", text: `As of ${stamp(Math.floor(serverNow() / 1000))}; refreshed every ${FLEET_REFRESH_MS / 1000} s.` }),
   );
 }
 
@@ -705,7 +721,7 @@ async function render() {
     return;
   }
   if (generation !== state.generation) return;
-  setStatus(`Updated ${stamp(Math.floor(Date.now() / 1000))}`);
+  setStatus(`Updated ${stamp(Math.floor(serverNow() / 1000))}`);
   document.body.dataset.loaded = String(generation);
 }
 
