@@ -33,6 +33,10 @@ LISTENING = re.compile(r"listening on (http://\S+)")
 GATEWAY = (sys.executable, "-m", "gateway")
 STARTUP_TIMEOUT_S = 30.0
 VLLM_STARTUP_TIMEOUT_S = 300.0
+# How long a SIGKILLed process may take to be gone: the kernel tears down its threads and memory
+# (a vLLM worker's gigabytes) first, which a loaded machine once stretched past 10 s. A hang guard,
+# not a timing.
+KILLED_EXIT_S = 60.0
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Process:
         """SIGKILL: the process gets no chance to clean up."""
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=KILLED_EXIT_S)
         self._join_reader()
 
     def _join_reader(self) -> None:
@@ -63,7 +67,7 @@ class Process:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=KILLED_EXIT_S)
         self._join_reader()
         return self.proc.returncode
 
