@@ -16,7 +16,10 @@ cgroup's CPU limit counted), and for `hold_s` after a write at idle priority wai
 `starved_s` beyond its own CPU time (the CPU was short in a way the process's own use does not
 show: other processes, or a limit set on a parent cgroup). Two threads rather than one that
 changes class: an unprivileged thread cannot leave `SCHED_IDLE` (it needs `CAP_SYS_NICE`). Where
-there is no `SCHED_IDLE` (not Linux), both are normal threads.
+there is no `SCHED_IDLE` (not Linux), both are normal threads. At normal priority a write still
+takes turns with the request threads rather than running to its slice's end: the extension's
+writer, and its conversion of a drain into events, offer the core every 256 events
+(`gateway_core::thread_class::offer_core`), about half a millisecond of work.
 
 Writes are serialised: `run` is awaited before the next is started, and `close` waits for the one
 under way.

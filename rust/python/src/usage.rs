@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use gateway_core::journal::Ended;
 use gateway_core::request::Endpoint;
+use gateway_core::thread_class;
 use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -201,9 +202,14 @@ pub fn to_python<'py>(py: Python<'py>, drained: &[Ended]) -> PyResult<Bound<'py,
         py,
         made: HashMap::new(),
     };
+    // Thousands of events at saturation: the request threads are offered the core as it goes.
     let events = drained
         .iter()
-        .map(|ended| event(&mut strings, class, fields, &ended.event))
+        .enumerate()
+        .map(|(index, ended)| {
+            thread_class::offer_core(index);
+            event(&mut strings, class, fields, &ended.event)
+        })
         .collect::<PyResult<Vec<_>>>()?;
     let last = drained.last().map(|ended| ended.seq);
     (PyList::new(py, events)?, last).into_pyobject(py)

@@ -23,6 +23,7 @@ use std::time::Duration;
 pub use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params_from_iter};
 
+use crate::thread_class;
 use crate::usage::{Price, Usage};
 
 /// The most a stored cost may be (`gateway.bounds.MAX_COUNT`): it fits a BIGINT and a JSON
@@ -271,6 +272,8 @@ fn stored(conn: &Connection, event_id: &str) -> Result<Vec<Value>, WriteError> {
 /// rollups; returns how many it inserted. An event the ledger holds with another payload is a
 /// conflict. The ledger's unique index on `event_id` finds those it holds: an insert it refuses
 /// changes nothing, and only then is the stored event read.
+/// A batch is milliseconds of CPU, which the gateway's request threads may be waiting for: it
+/// offers them the core as it goes (`thread_class::offer_core`).
 fn insert(
     conn: &Connection,
     events: &[&Event<'_>],
@@ -289,7 +292,8 @@ fn insert(
         vec!["?"; COLUMNS.len()].join(", ")
     );
     let mut statement = conn.prepare_cached(&sql)?;
-    for event in events {
+    for (index, event) in events.iter().enumerate() {
+        thread_class::offer_core(index);
         let next = seq
             .checked_add(1)
             .ok_or_else(|| WriteError::Invalid("the ledger's seq is at its largest".into()))?;
