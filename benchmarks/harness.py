@@ -403,7 +403,8 @@ class Target:
 
 @dataclass
 class Saturation:
-    """One saturation run's figures; `others_cpu` is the CPU use of each watched service."""
+    """One saturation run's figures; `others_cpu` is the CPU use of each watched service, `p50`
+    and `p99` the latencies in µs from each request's send."""
 
     round: int
     target: str
@@ -411,6 +412,8 @@ class Saturation:
     gateway_cpu: float
     others_cpu: list[float]
     errors: int
+    p50: float
+    p99: float
 
 
 def rotate_saturation(
@@ -437,6 +440,8 @@ def rotate_saturation(
                 cpus[0],
                 cpus[1:],
                 int(report["errors"]) + int(report["unsent"]),
+                float(report["latency_us"]["p50"]),
+                float(report["latency_us"]["p99"]),
             )
             results.append(result)
             others = "".join(

@@ -16,21 +16,21 @@ prints it) and a raw report in `benchmarks/out/`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from harness import (
-    Settings,
+    Saturation,
     Target,
     gateway_service,
     instant_sim,
+    median_of,
     open_harness,
     parse_args,
     publish,
-    run_loadgen,
+    rotate_saturation,
     wait_serving,
 )
 from tests.support import procs
@@ -41,51 +41,19 @@ BUILDS = ("baseline", "this build")
 MODES = (("completions", False), ("completions, streaming", True))
 
 
-@dataclasses.dataclass
-class Run:
-    """One saturation run's figures; latencies in µs from each request's send."""
-
-    round: int
-    build: str
-    rps: float
-    p50: float
-    p99: float
-    cpu_us: float  # the gateway's CPU a request
-    errors: int
+def cpu_us(run: Saturation) -> float:
+    """The gateway's CPU a request, in µs."""
+    return run.gateway_cpu * 1e6 / run.rps if run.rps else float("nan")
 
 
-def rounds(settings: Settings, targets: list[Target], *, stream: bool) -> list[Run]:
-    """`settings.rounds` rounds of one run per build, the order alternating each round."""
-    runs = []
-    for round_ in range(settings.rounds):
-        for target in targets if round_ % 2 == 0 else targets[::-1]:
-            report, cpus = run_loadgen(
-                settings,
-                target.url,
-                target.key,
-                stream=stream,
-                rate=None,
-                services=(target.gateway,),
-            )
-            rps, latency = float(report["rps"]), report["latency_us"]
-            errors = int(report["errors"]) + int(report["unsent"])
-            run = Run(round_, target.name, rps, latency["p50"], latency["p99"], 0.0, errors)
-            run.cpu_us = cpus[0] * 1e6 / rps if rps else float("nan")
-            runs.append(run)
-            print(
-                f"  round {round_ + 1} {target.name:>10} {'stream' if stream else 'plain':6} "
-                f"{rps:>9.0f} req/s  p50 {run.p50:>6.0f} µs  p99 {run.p99:>6.0f} µs  "
-                f"CPU {run.cpu_us:.1f} µs/req  errors {errors}",
-                flush=True,
-            )
-    return runs
+def median(runs: list[Saturation], build: str, pick: str) -> float:
+    """The median over rounds of `pick`, a field of `Saturation` or "cpu_us"."""
+    if pick != "cpu_us":
+        return median_of(runs, build, pick)
+    return float(statistics.median(cpu_us(r) for r in runs if r.target == build))
 
 
-def median(runs: list[Run], build: str, pick: str) -> float:
-    return float(statistics.median(getattr(r, pick) for r in runs if r.build == build))
-
-
-def section(results: dict[str, list[Run]], meta: dict[str, Any], baseline: str) -> str:
+def section(results: dict[str, list[Saturation]], meta: dict[str, Any], baseline: str) -> str:
     lines = [
         BEGIN,
         "## Latency at saturation: this build against the baseline",
@@ -109,7 +77,7 @@ def section(results: dict[str, list[Run]], meta: dict[str, Any], baseline: str) 
             )
     lines += ["", "p99 round by round (baseline; this build):", ""]
     for mode, runs in results.items():
-        cells = [", ".join(f"{r.p99:,.0f}" for r in runs if r.build == build) for build in BUILDS]
+        cells = [", ".join(f"{r.p99:,.0f}" for r in runs if r.target == build) for build in BUILDS]
         lines.append(f"- {mode}: {cells[0]}; {cells[1]}")
     errors = sum(r.errors for runs in results.values() for r in runs)
     lines += ["", f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.", END, ""]
@@ -122,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     baseline: Path = args.baseline.absolute()
     settings = parse_args(rest, __doc__)
-    results: dict[str, list[Run]] = {}
+    results: dict[str, list[Saturation]] = {}
     with open_harness("saturation_tail.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
         db_url = f"sqlite:///{workdir / 'ledger.db'}"
@@ -141,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_serving(url, key, gateway)
             targets.append(Target(build, gateway, url, key))
         for mode, stream in MODES:
-            results[mode] = rounds(settings, targets, stream=stream)
+            # Two targets: the rotating order alternates.
+            results[mode] = rotate_saturation(settings, targets, stream=stream)
     meta = {**run.meta("saturation", settings), "concurrency": settings.concurrency}
     raw = {"runs": {mode: [vars(r) for r in runs] for mode, runs in results.items()}}
     publish(meta, raw, section(results, meta, str(baseline)), BEGIN, END, settings.quick)
