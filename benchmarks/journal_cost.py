@@ -4,6 +4,7 @@ synced before each response ends ("always").
 
     python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 15 minutes
     python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
+    python benchmarks/journal_cost.py --saturation-only --rounds 40 --duration-s 3
 
 Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Three gateways in
 front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead.py` (gateways
@@ -21,11 +22,18 @@ cannot resolve, and that spread is printed beside each ratio. A ratio is the med
 of the two targets' figures in the same round (the machine's drift moves both alike within a
 round); the other figures are medians over rounds. Results: a section of
 `benchmarks/RESULTS.md` (`--quick` only prints it) and raw reports in `benchmarks/out/`.
+
+`--saturation-only` runs "memory", "interval" and "control" at saturation alone, for as many
+rounds as it takes to resolve the ratio at the 5% the journal may cost (about 40 on a shared
+2-core machine, where one round's ratio moves by 5 to 8 points): each ratio, throughput and CPU
+per request, with a 95% interval of its median (bootstrap over rounds), in a section of its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -51,6 +59,8 @@ from tests.support import procs
 
 BEGIN = "<!-- journal_cost.py:begin -->"
 END = "<!-- journal_cost.py:end -->"
+RESOLVED_BEGIN = "<!-- journal_cost.py --saturation-only:begin -->"
+RESOLVED_END = "<!-- journal_cost.py --saturation-only:end -->"
 
 # The gateway's journal settings, by target name.
 JOURNALS = {
@@ -94,16 +104,28 @@ def latency_of(results: list[Latency], target: str, pick: str) -> float:
     return float(statistics.median(getattr(r, pick) for r in results if r.target == target))
 
 
-def paired_ratios(results: list[Saturation], target: str, base: str) -> list[float]:
-    """`target`'s throughput over `base`'s, round by round."""
+def paired_ratios(
+    results: list[Saturation], target: str, base: str, pick: str = "rps"
+) -> list[float]:
+    """`target`'s throughput (or CPU per request, `pick="cpu"`) over `base`'s, round by round."""
     by_round: dict[int, dict[str, float]] = {}
     for r in results:
-        by_round.setdefault(r.round, {})[r.target] = r.rps
+        if r.rps:
+            value = r.rps if pick == "rps" else r.gateway_cpu / r.rps
+            by_round.setdefault(r.round, {})[r.target] = value
     return [
-        rps[target] / rps[base]
-        for _, rps in sorted(by_round.items())
-        if rps.get(base) and target in rps
+        values[target] / values[base]
+        for _, values in sorted(by_round.items())
+        if values.get(base) and target in values
     ]
+
+
+def median_interval(values: list[float], draws: int = 4000) -> tuple[float, float]:
+    """A 95% interval of the median of `values`: the percentile bootstrap, its draws seeded, so
+    one report reads the same every time it is computed."""
+    rng = random.Random(16)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(draws * 0.025)], medians[int(draws * 0.975) - 1]
 
 
 def saturation_table(runs: dict[str, list[Saturation]]) -> list[str]:
@@ -209,11 +231,13 @@ def start_gateways(
     sim_url: str,
     services: list[Pinned],
     prefix: str = "",
+    names: tuple[str, ...] = (*JOURNALS, CONTROL),
 ) -> list[Target]:
-    """A gateway per `JOURNALS` entry and the control in front of `sim_url`, serving; each is
-    added to `services` as soon as it starts."""
+    """A gateway per name (a `JOURNALS` entry, or `CONTROL`) in front of `sim_url`, serving;
+    each is added to `services` as soon as it starts."""
     targets = []
-    for name, extra in [*JOURNALS.items(), (CONTROL, JOURNALS["memory"])]:
+    for name in names:
+        extra = JOURNALS.get(name, JOURNALS["memory"])
         extra = extra.format(dir=workdir / f"{prefix}{name}-journal")
         gateway = gateway_service(
             f"gateway-{prefix}{name}", settings, workdir, sim_url, db_url, extra
@@ -225,8 +249,81 @@ def start_gateways(
     return targets
 
 
+# The targets of `--saturation-only`.
+RESOLVED = ("memory", "interval", CONTROL)
+
+
+def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
+    """`--saturation-only`'s section: each ratio with the interval its rounds resolve."""
+
+    def cell(values: list[float]) -> str:
+        low, high = median_interval(values)
+        return f"**{statistics.median(values):.3f}** ({low:.3f} to {high:.3f})"
+
+    lines = [
+        RESOLVED_BEGIN,
+        "## The usage journal at saturation, resolved: interval against events in memory",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
+        f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
+        f"{meta['machine']['load']} at start. Pinned as in the section above; "
+        f"{meta['rounds']} rounds of {meta['duration_s']:.0f} s, `memory`, `interval` and "
+        "`control` taking turns, closed loop over 64 connections. Each ratio is the median of "
+        "the rounds' paired ratios, with a 95% interval of that median (percentile bootstrap "
+        "over rounds) in brackets; `control` is a second gateway configured as `memory` is.",
+        "",
+        "| mode | memory req/s | interval req/s | throughput interval / memory "
+        "| throughput control / memory | CPU a request interval / memory "
+        "| CPU a request control / memory |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, results in runs.items():
+        lines.append(
+            f"| {mode} | {median_of(results, 'memory', 'rps'):,.0f} "
+            f"| {median_of(results, 'interval', 'rps'):,.0f} | "
+            + " | ".join(
+                cell(paired_ratios(results, name, "memory", pick))
+                for pick in ("rps", "cpu")
+                for name in ("interval", CONTROL)
+            )
+            + " |"
+        )
+    errors = sum(r.errors for results in runs.values() for r in results)
+    lines += [
+        "",
+        f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.",
+        RESOLVED_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def saturation_only(settings: Settings, argv: list[str] | None) -> int:
+    runs: dict[str, list[Saturation]] = {}
+    with open_harness("journal_cost.py", settings, argv) as run:
+        workdir, services = run.workdir, run.services
+        db_url = f"sqlite:///{workdir / 'ledger.db'}"
+        key, _ = procs.create_key(db_url, "bench")
+        sim = instant_sim(settings, workdir)
+        services.append(sim)
+        targets = start_gateways(
+            settings, workdir, db_url, key, sim.wait_listening(), services, names=RESOLVED
+        )
+        for mode, stream in (("completions", False), ("completions, streaming", True)):
+            runs[mode] = rotate_saturation(settings, targets, stream=stream)
+    meta = run.meta("journal-resolved", settings)
+    raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
+    publish(meta, raw, resolved_section(runs, meta), RESOLVED_BEGIN, RESOLVED_END, settings.quick)
+    return 1 if any(r.errors for results in runs.values() for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv, __doc__)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--saturation-only", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    settings = parse_args(rest, __doc__)
+    if args.saturation_only:
+        return saturation_only(settings, argv)
     runs: dict[str, list[Saturation]] = {}
     latencies: dict[str, list[Latency]] = {}
     with open_harness("journal_cost.py", settings, argv) as run:
