@@ -194,6 +194,21 @@ class Bench:
             if rps.get((r, target)) and rps.get((r, other))
         ]
 
+    def round_gaps(self, mode: str, target: str, other: str, pick: str) -> list[float]:
+        """`target`'s latency percentile `pick` at the fixed rate minus `other`'s, in each round
+        that measured both: what one adds beyond the other, read under the same machine state."""
+        values = {
+            (run.round, run.target): run.pick(pick)
+            for run in self.runs
+            if (run.mode, run.kind) == (mode, "rate")
+        }
+        rounds = sorted({round_ for round_, _ in values})
+        return [
+            values[(r, target)] - values[(r, other)]
+            for r in rounds
+            if (r, target) in values and (r, other) in values
+        ]
+
     def problems(self) -> list[str]:
         found = []
         for run in self.runs:
@@ -314,6 +329,18 @@ def comparison_table(bench: Bench, other: str, what: str) -> list[str]:
         f"- {mode}: " + ", ".join(f"{r:.2f}" for r in bench.round_ratios(mode, "gateway", other))
         for mode in MODES
     ]
+    lines += [
+        "",
+        f"Latency at {bench.settings.rate:.0f} req/s, the gateway's minus {other}'s in the same "
+        "round, in µs (negative: the gateway adds less), and the median of those differences:",
+    ]
+    for mode in MODES:
+        cells = []
+        for pick in ("p50", "p99"):
+            gaps = bench.round_gaps(mode, "gateway", other, pick)
+            median = f"{statistics.median(gaps):+,.0f}" if gaps else "—"
+            cells.append(f"{pick} " + ", ".join(f"{g:+,.0f}" for g in gaps) + f" (median {median})")
+        lines.append(f"- {mode}: " + "; ".join(cells))
     return lines
 
 
