@@ -338,9 +338,11 @@ def comparison_table(bench: Bench, other: str, what: str) -> list[str]:
         cells = []
         for pick in ("p50", "p99"):
             gaps = bench.round_gaps(mode, "gateway", other, pick)
-            median = f"{statistics.median(gaps):+,.0f}" if gaps else "—"
-            cells.append(f"{pick} " + ", ".join(f"{g:+,.0f}" for g in gaps) + f" (median {median})")
-        lines.append(f"- {mode}: " + "; ".join(cells))
+            if gaps:
+                listed = ", ".join(f"{g:+,.0f}" for g in gaps)
+                cells.append(f"{pick} {listed} (median {statistics.median(gaps):+,.0f})")
+        if cells:
+            lines.append(f"- {mode}: " + "; ".join(cells))
     return lines
 
 

@@ -91,6 +91,22 @@ def test_comparison_table_has_the_ratios_and_each_added_latency() -> None:
     # req/s 12,500 / 10,000; CPU µs per request 50 / 100.
     assert row == f"| {overhead.MODES[0]} | 1.25 | 0.50 | +300 / +1,200 | +200 / +800 |"
     assert f"- {overhead.MODES[0]}: 1.20, 1.30" in lines
+    # At the fixed rate the gateway answers 100 µs after the peer at p50, 400 at p99, each round;
+    # the mode no round measured has no line.
+    assert f"- {overhead.MODES[0]}: p50 +100, +100 (median +100); p99 +400, +400 (median +400)" in (
+        lines
+    )
+    assert not any(line.startswith(f"- {overhead.MODES[1]}: p50") for line in lines)
+
+
+def test_round_gaps_pair_the_targets_round_by_round() -> None:
+    b = bench()
+    mode = overhead.MODES[0]
+    assert b.round_gaps(mode, "gateway", "peer", "p50") == [100.0, 100.0]
+    assert b.round_gaps(mode, "peer", "direct", "p99") == [800.0, 800.0]
+    # A round that measured only one of the two is left out.
+    b.runs = [r for r in b.runs if not (r.round == 1 and r.target == "peer")]
+    assert b.round_gaps(mode, "gateway", "peer", "p50") == [100.0]
 
 
 def test_nginx_config_is_one_unbuffered_worker_with_keepalive_upstream(tmp_path: Path) -> None:

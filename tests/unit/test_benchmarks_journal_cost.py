@@ -1,0 +1,73 @@
+"""`benchmarks/journal_cost.py`'s arithmetic: paired ratios of throughput and of CPU a request,
+the interval of their median, and the section `--saturation-only` writes."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+from tests.support import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import journal_cost
+from harness import Saturation
+
+
+def saturation(round_: int, target: str, rps: float, cpu: float) -> Saturation:
+    return Saturation(round_, target, rps, cpu, [], 0, 1_000.0, 2_000.0)
+
+
+def rounds() -> list[Saturation]:
+    """Three rounds: `memory` serves 10,000 req/s at 100% of its core (100 µs a request),
+    `interval` 9,500, 9,600 and 9,000 at 95% (100 µs, 99 µs, 106 µs), the control as `memory`."""
+    runs = []
+    for r, (rps, cpu) in enumerate(((9_500.0, 0.95), (9_600.0, 0.95), (9_000.0, 0.95))):
+        runs += [
+            saturation(r, "memory", 10_000.0, 1.0),
+            saturation(r, "interval", rps, cpu),
+            saturation(r, journal_cost.CONTROL, 10_000.0, 1.0),
+        ]
+    return runs
+
+
+def test_paired_ratios_of_throughput_and_of_cpu_a_request() -> None:
+    runs = rounds()
+    assert journal_cost.paired_ratios(runs, "interval", "memory") == [0.95, 0.96, 0.9]
+    cpu = journal_cost.paired_ratios(runs, "interval", "memory", "cpu")
+    assert [round(x, 4) for x in cpu] == [1.0, 0.9896, 1.0556]
+    # A round missing either target, or whose base served nothing, is left out.
+    runs = [r for r in runs if not (r.round == 1 and r.target == "memory")]
+    runs.append(saturation(2, "memory", 0.0, 1.0))
+    runs = [r for r in runs if not (r.round == 2 and r.rps == 10_000.0 and r.target == "memory")]
+    assert journal_cost.paired_ratios(runs, "interval", "memory") == [0.95]
+
+
+def test_the_median_interval_holds_the_median_and_reads_the_same_each_time() -> None:
+    values = [0.91, 0.95, 0.97, 0.93, 1.02, 0.96, 0.94, 0.99, 0.92, 0.98]
+    low, high = journal_cost.median_interval(values)
+    assert low <= statistics.median(values) <= high
+    assert min(values) <= low < high <= max(values)
+    assert journal_cost.median_interval(values) == (low, high)
+    assert journal_cost.median_interval([0.97] * 5) == (0.97, 0.97)
+
+
+def test_the_resolved_section_gives_each_ratio_with_its_interval() -> None:
+    meta = {
+        "command": "python benchmarks/journal_cost.py --saturation-only",
+        "date": "2026-12-06 15:19 UTC",
+        "commit": "abc",
+        "machine": {"cpu": "cpu", "nproc": "2", "load": "0.1"},
+        "rounds": 3,
+        "duration_s": 3.0,
+        "raw": "journal-resolved-x.json",
+    }
+    text = journal_cost.resolved_section({"completions": rounds()}, meta)
+    assert text.startswith(journal_cost.RESOLVED_BEGIN)
+    assert text.rstrip().endswith(journal_cost.RESOLVED_END)
+    row = next(line for line in text.splitlines() if line.startswith("| completions |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["completions", "10,000", "9,500"]
+    assert cells[3].startswith("**0.950** (")
+    assert cells[4] == "**1.000** (1.000 to 1.000)"
+    assert cells[5].startswith("**1.000** (")
+    assert "Errors: 0." in text
