@@ -67,6 +67,7 @@ __all__ = [
     "rotate_saturation",
     "run_loadgen",
     "run_meta",
+    "wait_idle",
     "wait_serving",
     "write_results",
 ]
@@ -416,15 +417,35 @@ class Saturation:
     p99: float
 
 
+def wait_idle(
+    services: list[Pinned], *, window_s: float = 0.3, below: float = 0.07, timeout_s: float = 15.0
+) -> bool:
+    """Waits until each of `services` uses under `below` of a core over `window_s`: what a run
+    left behind (a ledger catching up on its events, a journal segment being prepared) done
+    before the next run's clock starts, where it would take the core from another target.
+    Whether they settled within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = [service.cpu_seconds() for service in services]
+        time.sleep(window_s)
+        used = [service.cpu_seconds() - b for service, b in zip(services, before, strict=True)]
+        if all(u < below * window_s for u in used):
+            return True
+    return False
+
+
 def rotate_saturation(
     settings: Settings, targets: list[Target], *, stream: bool, watch: tuple[Pinned, ...] = ()
 ) -> list[Saturation]:
     """`settings.rounds` rounds of one saturation run per target, in an order that rotates by
-    one each round, so that drift on a shared machine hits every target alike."""
+    one each round, so that drift on a shared machine hits every target alike; each run begins
+    once every target is idle (`wait_idle`)."""
     results = []
     for round_ in range(settings.rounds):
         shift = round_ % len(targets)
         for target in targets[shift:] + targets[:shift]:
+            if not wait_idle([t.gateway for t in targets]):
+                print("  (the targets did not fall idle before this run)", flush=True)
             report, cpus = run_loadgen(
                 settings,
                 target.url,
@@ -509,6 +530,19 @@ class Harness:
 
     def meta(self, prefix: str, settings: Settings) -> dict[str, Any]:
         return run_meta(prefix, self.command, self.stamp, self.host, settings)
+
+    def sqlite_ledger(self, tenant: str = "bench") -> tuple[str, str]:
+        """A SQLite ledger in the work directory, with an API key of `tenant`: (its URL, the
+        key)."""
+        db_url = f"sqlite:///{self.workdir / 'ledger.db'}"
+        key, _ = procs.create_key(db_url, tenant)
+        return db_url, key
+
+    def start_instant_sim(self, settings: Settings) -> Service:
+        """`instant_sim`, started and added to the services."""
+        sim = instant_sim(settings, self.workdir)
+        self.services.append(sim)
+        return sim
 
 
 @contextlib.contextmanager

@@ -46,7 +46,6 @@ from harness import (
     Settings,
     Target,
     gateway_service,
-    instant_sim,
     median_of,
     open_harness,
     parse_args,
@@ -55,7 +54,6 @@ from harness import (
     run_loadgen,
     wait_serving,
 )
-from tests.support import procs
 
 BEGIN = "<!-- journal_cost.py:begin -->"
 END = "<!-- journal_cost.py:end -->"
@@ -301,13 +299,10 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
 def saturation_only(settings: Settings, argv: list[str] | None) -> int:
     runs: dict[str, list[Saturation]] = {}
     with open_harness("journal_cost.py", settings, argv) as run:
-        workdir, services = run.workdir, run.services
-        db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        key, _ = procs.create_key(db_url, "bench")
-        sim = instant_sim(settings, workdir)
-        services.append(sim)
+        db_url, key = run.sqlite_ledger()
+        sim = run.start_instant_sim(settings)
         targets = start_gateways(
-            settings, workdir, db_url, key, sim.wait_listening(), services, names=RESOLVED
+            settings, run.workdir, db_url, key, sim.wait_listening(), run.services, names=RESOLVED
         )
         for mode, stream in (("completions", False), ("completions, streaming", True)):
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
@@ -328,11 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     latencies: dict[str, list[Latency]] = {}
     with open_harness("journal_cost.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
-        db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        key, _ = procs.create_key(db_url, "bench")
-        sim = instant_sim(settings, workdir)
+        db_url, key = run.sqlite_ledger()
+        sim = run.start_instant_sim(settings)
         paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
-        services += [sim, paced]
+        services.append(paced)
         targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
         for mode, stream in (("completions", False), ("completions, streaming", True)):
             runs[mode] = rotate_saturation(settings, targets, stream=stream)

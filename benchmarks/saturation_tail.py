@@ -25,7 +25,6 @@ from harness import (
     Saturation,
     Target,
     gateway_service,
-    instant_sim,
     median_of,
     open_harness,
     parse_args,
@@ -33,7 +32,6 @@ from harness import (
     rotate_saturation,
     wait_serving,
 )
-from tests.support import procs
 
 BEGIN = "<!-- saturation_tail.py:begin -->"
 END = "<!-- saturation_tail.py:end -->"
@@ -93,10 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Saturation]] = {}
     with open_harness("saturation_tail.py", settings, argv) as run:
         workdir, services = run.workdir, run.services
-        db_url = f"sqlite:///{workdir / 'ledger.db'}"
-        key, _ = procs.create_key(db_url, "bench")
-        sim = instant_sim(settings, workdir)
-        services.append(sim)
+        db_url, key = run.sqlite_ledger()
+        sim = run.start_instant_sim(settings)
         targets = []
         for build, python in zip(BUILDS, (baseline, None), strict=True):
             name = build.replace(" ", "-")
