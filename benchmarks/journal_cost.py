@@ -4,7 +4,7 @@ synced before each response ends ("always").
 
     python benchmarks/journal_cost.py            # 3 rounds of 10 s runs, about 15 minutes
     python benchmarks/journal_cost.py --quick    # 1 round of 2 s runs: a smoke test
-    python benchmarks/journal_cost.py --saturation-only --rounds 40 --duration-s 3
+    python benchmarks/journal_cost.py --saturation-only --rounds 50 --duration-s 3
 
 Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Three gateways in
 front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead.py` (gateways
@@ -69,6 +69,8 @@ JOURNALS = {
 # A second gateway configured as "memory" is, at saturation only: the resolution of a ratio.
 CONTROL = "control"
 RATE = 500.0  # req/s of the latency runs
+# The modes measured at saturation against the instant simulator: name, and whether it streams.
+MODES = (("completions", False), ("completions, streaming", True))
 
 
 @dataclasses.dataclass
@@ -304,7 +306,7 @@ def saturation_only(settings: Settings, argv: list[str] | None) -> int:
         targets = start_gateways(
             settings, run.workdir, db_url, key, sim.wait_listening(), run.services, names=RESOLVED
         )
-        for mode, stream in (("completions", False), ("completions, streaming", True)):
+        for mode, stream in MODES:
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
     meta = run.meta("journal-resolved", settings)
     raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
         services.append(paced)
         targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
-        for mode, stream in (("completions", False), ("completions, streaming", True)):
+        for mode, stream in MODES:
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
             measured = [target for target in targets if target.name != CONTROL]
             latencies[mode] = rotate_latency(settings, measured, stream=stream)

@@ -180,34 +180,32 @@ class Bench:
         """The latency percentile `pick` that `target` adds to the direct one at the fixed rate."""
         return self.median(mode, "rate", target, pick) - self.median(mode, "rate", "direct", pick)
 
-    def round_ratios(self, mode: str, target: str, other: str) -> list[float]:
-        """`target`'s saturation throughput over `other`'s in each round that measured both."""
-        rps = {
-            (run.round, run.target): float(run.report["rps"])
-            for run in self.runs
-            if (run.mode, run.kind) == (mode, "saturation")
-        }
-        rounds = sorted({round_ for round_, _ in rps})
-        return [
-            rps[(r, target)] / rps[(r, other)]
-            for r in rounds
-            if rps.get((r, target)) and rps.get((r, other))
-        ]
-
-    def round_gaps(self, mode: str, target: str, other: str, pick: str) -> list[float]:
-        """`target`'s latency percentile `pick` at the fixed rate minus `other`'s, in each round
-        that measured both: what one adds beyond the other, read under the same machine state."""
+    def paired(
+        self, mode: str, kind: str, target: str, other: str, pick: str
+    ) -> list[tuple[float, float]]:
+        """`Run.pick(pick)` of `target` and of `other` in each round of `kind` runs of `mode`
+        that measured both: two figures read under the same machine state."""
         values = {
             (run.round, run.target): run.pick(pick)
             for run in self.runs
-            if (run.mode, run.kind) == (mode, "rate")
+            if (run.mode, run.kind) == (mode, kind)
         }
         rounds = sorted({round_ for round_, _ in values})
         return [
-            values[(r, target)] - values[(r, other)]
+            (values[(r, target)], values[(r, other)])
             for r in rounds
             if (r, target) in values and (r, other) in values
         ]
+
+    def round_ratios(self, mode: str, target: str, other: str) -> list[float]:
+        """`target`'s saturation throughput over `other`'s in each round that measured both."""
+        pairs = self.paired(mode, "saturation", target, other, "rps")
+        return [a / b for a, b in pairs if a and b]
+
+    def round_gaps(self, mode: str, target: str, other: str, pick: str) -> list[float]:
+        """`target`'s latency percentile `pick` at the fixed rate minus `other`'s, in each round
+        that measured both: what one adds beyond the other."""
+        return [a - b for a, b in self.paired(mode, "rate", target, other, pick)]
 
     def problems(self) -> list[str]:
         found = []
