@@ -9,7 +9,9 @@ synced before each response ends ("always").
 Run it with the project's interpreter (`.venv/bin/python`) after `make build`. Three gateways in
 front of one `gateway sim` (answering at once, 16 tokens), pinned like `overhead.py` (gateways
 on core 1, simulator and loadgen on core 0), their journals in the harness's temporary directory
-(the same disk as /tmp). For non-streaming and streaming completions:
+(the same disk as /tmp), or under `--journal-dir DIR` (the disk a deployment would journal to;
+each section names the file system its journals were on). For non-streaming and streaming
+completions:
 - throughput at saturation (`loadgen`, closed loop, 64 connections), the gateway's CPU per
   request beside it: the gateway is then the bottleneck, the worst case for the journal;
 - latency at 500 req/s (open loop, from each request's due time), p50 and p99: what a user sees
@@ -32,10 +34,15 @@ moves by 7 to 10 points, and 50 rounds (about 27 minutes) narrow the interval to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +197,9 @@ def section(
         "",
         f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
         f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
-        f"{meta['machine']['load']} at start. Gateways on core 1, simulator and loadgen on core "
-        f"0; {meta['rounds']} rounds of {meta['duration_s']:.0f} s, the targets taking turns; "
+        f"{meta['machine']['load']} at start, journals on {meta['journals']}. Gateways on core 1, "
+        f"simulator and loadgen on core 0; {meta['rounds']} rounds of "
+        f"{meta['duration_s']:.0f} s, the targets taking turns; "
         "a ratio is the median of the rounds' ratios, the other figures medians over rounds. "
         "Throughput: closed loop, 64 connections (the paced worker: "
         f"{PACED_CONNECTIONS}). `control` is a second gateway configured as `memory` is: how "
@@ -223,6 +231,38 @@ PACED_CONNECTIONS = 256
 PACED_MODE = "streaming, paced worker, 256 connections"
 
 
+@contextlib.contextmanager
+def journal_root(journal_dir: Path | None, workdir: Path) -> Iterator[Path]:
+    """Where the gateways' journals go: a fresh directory under `journal_dir`, removed on the
+    way out, or else `workdir` (the harness's, removed with it)."""
+    if journal_dir is None:
+        yield workdir
+        return
+    root = Path(tempfile.mkdtemp(prefix="tokengate-journals-", dir=journal_dir))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def file_system(path: Path) -> str:
+    """The type and source of the file system `path` is on ("ext4 /dev/vda"), as `findmnt`
+    names them; "unknown" where it cannot."""
+    try:
+        found = subprocess.run(
+            ["findmnt", "--noheadings", "--output", "FSTYPE,SOURCE", "--target", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # Mounts stacked on one mount point are listed bottom first: the last is the one in use.
+    lines = found.stdout.strip().splitlines()
+    return " ".join(lines[-1].split()) if lines else "unknown"
+
+
 def start_gateways(
     settings: Settings,
     workdir: Path,
@@ -232,13 +272,15 @@ def start_gateways(
     services: list[Pinned],
     prefix: str = "",
     names: tuple[str, ...] = (*JOURNALS, CONTROL),
+    journals: Path | None = None,
 ) -> list[Target]:
-    """A gateway per name (a `JOURNALS` entry, or `CONTROL`) in front of `sim_url`, serving;
-    each is added to `services` as soon as it starts."""
+    """A gateway per name (a `JOURNALS` entry, or `CONTROL`) in front of `sim_url`, serving,
+    its journal under `journals` (default `workdir`); each is added to `services` as soon as it
+    starts."""
     targets = []
     for name in names:
         extra = JOURNALS.get(name, JOURNALS["memory"])
-        extra = extra.format(dir=workdir / f"{prefix}{name}-journal")
+        extra = extra.format(dir=(journals or workdir) / f"{prefix}{name}-journal")
         gateway = gateway_service(
             f"gateway-{prefix}{name}", settings, workdir, sim_url, db_url, extra
         )
@@ -266,11 +308,12 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
         "",
         f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
         f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
-        f"{meta['machine']['load']} at start. Pinned as in the section above; "
-        f"{meta['rounds']} rounds of {meta['duration_s']:.0f} s, `memory`, `interval` and "
-        "`control` taking turns, closed loop over 64 connections. Each ratio is the median of "
-        "the rounds' paired ratios, with a 95% interval of that median (percentile bootstrap "
-        "over rounds) in brackets; `control` is a second gateway configured as `memory` is.",
+        f"{meta['machine']['load']} at start, journals on {meta['journals']}. Pinned as in the "
+        f"section above; {meta['rounds']} rounds of {meta['duration_s']:.0f} s, `memory`, "
+        "`interval` and `control` taking turns, closed loop over 64 connections. Each ratio is "
+        "the median of the rounds' paired ratios, with a 95% interval of that median "
+        "(percentile bootstrap over rounds) in brackets; `control` is a second gateway "
+        "configured as `memory` is.",
         "",
         "| mode | memory req/s | interval req/s | throughput interval / memory "
         "| throughput control / memory | CPU a request interval / memory "
@@ -298,17 +341,28 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
     return "\n".join(lines)
 
 
-def saturation_only(settings: Settings, argv: list[str] | None) -> int:
+def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
     runs: dict[str, list[Saturation]] = {}
-    with open_harness("journal_cost.py", settings, argv) as run:
+    with (
+        open_harness("journal_cost.py", settings, argv) as run,
+        journal_root(journal_dir, run.workdir) as journals,
+    ):
         db_url, key = run.sqlite_ledger()
         sim = run.start_instant_sim(settings)
         targets = start_gateways(
-            settings, run.workdir, db_url, key, sim.wait_listening(), run.services, names=RESOLVED
+            settings,
+            run.workdir,
+            db_url,
+            key,
+            sim.wait_listening(),
+            run.services,
+            names=RESOLVED,
+            journals=journals,
         )
         for mode, stream in MODES:
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
-    meta = run.meta("journal-resolved", settings)
+        journals_on = file_system(journals)
+    meta = {**run.meta("journal-resolved", settings), "journals": journals_on}
     raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
     publish(meta, raw, resolved_section(runs, meta), RESOLVED_BEGIN, RESOLVED_END, settings.quick)
     return 1 if any(r.errors for results in runs.values() for r in results) else 0
@@ -317,29 +371,43 @@ def saturation_only(settings: Settings, argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--saturation-only", action="store_true")
+    parser.add_argument("--journal-dir", type=Path)
     args, rest = parser.parse_known_args(argv)
     settings = parse_args(rest, __doc__)
     if args.saturation_only:
-        return saturation_only(settings, argv)
+        return saturation_only(settings, argv, args.journal_dir)
     runs: dict[str, list[Saturation]] = {}
     latencies: dict[str, list[Latency]] = {}
-    with open_harness("journal_cost.py", settings, argv) as run:
+    with (
+        open_harness("journal_cost.py", settings, argv) as run,
+        journal_root(args.journal_dir, run.workdir) as journals,
+    ):
         workdir, services = run.workdir, run.services
         db_url, key = run.sqlite_ledger()
         sim = run.start_instant_sim(settings)
         paced = Service("sim-paced", settings.client_core, PACED_SIM, workdir)
         services.append(paced)
-        targets = start_gateways(settings, workdir, db_url, key, sim.wait_listening(), services)
+        targets = start_gateways(
+            settings, workdir, db_url, key, sim.wait_listening(), services, journals=journals
+        )
         for mode, stream in MODES:
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
             measured = [target for target in targets if target.name != CONTROL]
             latencies[mode] = rotate_latency(settings, measured, stream=stream)
         paced_targets = start_gateways(
-            settings, workdir, db_url, key, paced.wait_listening(), services, "paced-"
+            settings,
+            workdir,
+            db_url,
+            key,
+            paced.wait_listening(),
+            services,
+            "paced-",
+            journals=journals,
         )
         paced_settings = dataclasses.replace(settings, concurrency=PACED_CONNECTIONS)
         runs[PACED_MODE] = rotate_saturation(paced_settings, paced_targets, stream=True)
-    meta = run.meta("journal", settings)
+        journals_on = file_system(journals)
+    meta = {**run.meta("journal", settings), "journals": journals_on}
     raw = {
         "runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()},
         "latencies": {mode: [vars(r) for r in rs] for mode, rs in latencies.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -60,9 +61,11 @@ def test_the_resolved_section_gives_each_ratio_with_its_interval() -> None:
         "rounds": 3,
         "duration_s": 3.0,
         "raw": "journal-resolved-x.json",
+        "journals": "ext4 /dev/vda",
     }
     text = journal_cost.resolved_section({"completions": rounds()}, meta)
     assert text.startswith(journal_cost.RESOLVED_BEGIN)
+    assert "journals on ext4 /dev/vda." in text
     assert text.rstrip().endswith(journal_cost.RESOLVED_END)
     row = next(line for line in text.splitlines() if line.startswith("| completions |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
@@ -71,3 +74,22 @@ def test_the_resolved_section_gives_each_ratio_with_its_interval() -> None:
     assert cells[4] == "**1.000** (1.000 to 1.000)"
     assert cells[5].startswith("**1.000** (")
     assert "Errors: 0." in text
+
+
+def test_journals_go_in_a_fresh_directory_under_journal_dir_removed_after(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    with journal_cost.journal_root(None, workdir) as root:
+        assert root == workdir
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with journal_cost.journal_root(disk, workdir) as root:
+        assert root.parent == disk
+        (root / "interval-journal").mkdir()
+    assert list(disk.iterdir()) == []
+
+
+def test_the_file_system_is_named_by_type_and_source(tmp_path: Path) -> None:
+    named = journal_cost.file_system(tmp_path)
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert named != "unknown"
+    assert named.split()[0] in {fields[2] for fields in mounts}
