@@ -232,11 +232,12 @@ PACED_MODE = "streaming, paced worker, 256 connections"
 
 
 @contextlib.contextmanager
-def journal_root(journal_dir: Path | None, workdir: Path) -> Iterator[Path]:
+def journal_root(journal_dir: Path | None) -> Iterator[Path | None]:
     """Where the gateways' journals go: a fresh directory under `journal_dir`, removed on the
-    way out, or else `workdir` (the harness's, removed with it)."""
+    way out (enter it before the harness, so that the gateways have stopped by then), or `None`
+    for the harness's work directory."""
     if journal_dir is None:
-        yield workdir
+        yield None
         return
     root = Path(tempfile.mkdtemp(prefix="tokengate-journals-", dir=journal_dir))
     try:
@@ -344,8 +345,8 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
 def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
     runs: dict[str, list[Saturation]] = {}
     with (
+        journal_root(journal_dir) as journals,
         open_harness("journal_cost.py", settings, argv) as run,
-        journal_root(journal_dir, run.workdir) as journals,
     ):
         db_url, key = run.sqlite_ledger()
         sim = run.start_instant_sim(settings)
@@ -361,7 +362,7 @@ def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Pat
         )
         for mode, stream in MODES:
             runs[mode] = rotate_saturation(settings, targets, stream=stream)
-        journals_on = file_system(journals)
+        journals_on = file_system(journals or run.workdir)
     meta = {**run.meta("journal-resolved", settings), "journals": journals_on}
     raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
     publish(meta, raw, resolved_section(runs, meta), RESOLVED_BEGIN, RESOLVED_END, settings.quick)
@@ -379,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Saturation]] = {}
     latencies: dict[str, list[Latency]] = {}
     with (
+        journal_root(args.journal_dir) as journals,
         open_harness("journal_cost.py", settings, argv) as run,
-        journal_root(args.journal_dir, run.workdir) as journals,
     ):
         workdir, services = run.workdir, run.services
         db_url, key = run.sqlite_ledger()
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         paced_settings = dataclasses.replace(settings, concurrency=PACED_CONNECTIONS)
         runs[PACED_MODE] = rotate_saturation(paced_settings, paced_targets, stream=True)
-        journals_on = file_system(journals)
+        journals_on = file_system(journals or run.workdir)
     meta = {**run.meta("journal", settings), "journals": journals_on}
     raw = {
         "runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()},
