@@ -12,7 +12,8 @@
 //! - `place+release+grant pass`: bounded with room, with the scheduler's `run` task spawned, so
 //!   that each release wakes it and it looks for queued requests to grant; the iteration yields
 //!   to let it run, and `yield alone` is that yield's own cost, to subtract;
-//! - `policy`: `Registry::pick` with `LeastLoad` alone, the routing policy's share.
+//! - `policy`: `Registry::pick` with `LeastLoad` alone (its choice, and the request counted on
+//!   the worker and released), the routing policy's share.
 //!
 //! Run by `cargo test` (no `--bench` argument), criterion runs each case once.
 
@@ -219,7 +220,7 @@ fn policy(c: &mut Criterion) {
     let features = Features::of(&request);
     group.bench_function("Registry::pick, LeastLoad", |b| {
         b.iter(|| match registry.pick(&policy, black_box(&features), &[]) {
-            Pick::Placed(worker) => worker.id,
+            Pick::Placed(placed) => placed.worker().id,
             Pick::AllFull | Pick::NoneEligible => panic!("no worker placed"),
         });
     });

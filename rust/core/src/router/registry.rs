@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::breaker::Admission;
 use super::policy::{Candidate, Features, RoutingPolicy};
-use super::worker::{Worker, WorkerId};
+use super::worker::{Outstanding, Worker, WorkerId};
 
 /// Whether a model can be served right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,11 +24,12 @@ pub enum Availability {
     Unknown,
 }
 
-/// What `Registry::pick` found for a request.
+/// What `Registry::pick` found for a request: by default the chosen worker with the request
+/// counted on it.
 #[derive(Debug)]
-pub enum Pick {
+pub enum Pick<Placed = Outstanding> {
     /// The worker chosen.
-    Placed(Arc<Worker>),
+    Placed(Placed),
     /// Eligible workers exist, and every one is at its `max_concurrency`.
     AllFull,
     /// No eligible worker (or none the policy accepts).
@@ -106,17 +107,40 @@ impl Registry {
         }
     }
 
-    /// The worker for a request with `features`, among the eligible workers (healthy, serving its
-    /// model, their id not in `tried`) that have room. A worker whose circuit breaker is
-    /// half-open takes it as its trial; otherwise `policy` chooses among those in rotation. Only
-    /// when every eligible worker is ejected does it choose among the ejected ones: a worker that
-    /// fails half its requests serves better than none.
+    /// The worker for a request with `features`, the request counted on it, among the eligible
+    /// workers (healthy, serving its model, their id not in `tried`) that have room. A worker
+    /// whose circuit breaker is half-open takes it as its trial; otherwise `policy` chooses among
+    /// those in rotation. Only when every eligible worker is ejected does it choose among the
+    /// ejected ones: a worker that fails half its requests serves better than none.
+    ///
+    /// Concurrent picks never take a worker past its capacity: the request is counted only if
+    /// the worker still has room then, and is placed again when another pick took that room.
     pub fn pick(
         &self,
         policy: &dyn RoutingPolicy,
         features: &Features<'_>,
         tried: &[WorkerId],
     ) -> Pick {
+        loop {
+            match self.choose(policy, features, tried) {
+                Pick::Placed(worker) => {
+                    if let Some(outstanding) = worker.try_begin() {
+                        return Pick::Placed(outstanding);
+                    }
+                }
+                Pick::AllFull => return Pick::AllFull,
+                Pick::NoneEligible => return Pick::NoneEligible,
+            }
+        }
+    }
+
+    /// `pick`'s choice, not yet counted on the worker.
+    fn choose(
+        &self,
+        policy: &dyn RoutingPolicy,
+        features: &Features<'_>,
+        tried: &[WorkerId],
+    ) -> Pick<Arc<Worker>> {
         let workers = self.workers.load();
         let mut eligible = false;
         let mut in_rotation = false;
@@ -298,6 +322,19 @@ pub(super) mod tests {
         policy: &dyn RoutingPolicy,
         tried: &[usize],
     ) -> Option<usize> {
+        let placed = placement_by(registry, policy, tried)?;
+        registry
+            .workers()
+            .iter()
+            .position(|w| w.id == placed.worker().id)
+    }
+
+    /// That request, counted on the worker `policy` placed it on.
+    fn placement_by(
+        registry: &Registry,
+        policy: &dyn RoutingPolicy,
+        tried: &[usize],
+    ) -> Option<Outstanding> {
         let workers = registry.workers();
         let tried: Vec<WorkerId> = tried
             .iter()
@@ -315,7 +352,7 @@ pub(super) mod tests {
             },
         };
         match registry.pick(policy, &features, &tried) {
-            Pick::Placed(worker) => workers.iter().position(|w| w.id == worker.id),
+            Pick::Placed(placed) => Some(placed),
             Pick::AllFull | Pick::NoneEligible => None,
         }
     }
@@ -341,8 +378,10 @@ pub(super) mod tests {
         let busy = a.begin();
         tokio::time::advance(Duration::from_millis(100)).await;
         // Half-open: the next request is its trial, though least-load would choose the other.
-        assert_eq!(placed(&registry, &[]), Some(0));
-        let mut trial = registry.workers()[0].begin();
+        let Some(mut trial) = placement_by(&registry, &LeastLoad::default(), &[]) else {
+            panic!("no worker for the trial")
+        };
+        assert_eq!(trial.worker().id, a.id);
         drop(busy);
         // While the trial runs, nothing else goes there.
         assert_eq!(placed(&registry, &[]), Some(1));

@@ -368,6 +368,25 @@ impl Worker {
     /// breaker is half-open, the request is its trial.
     pub fn begin(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.counted()
+    }
+
+    /// Counts a request against this worker, as `begin` does, only if it has room: the check
+    /// and the count are one step, so requests placed at once never take it past its capacity.
+    pub fn try_begin(self: &Arc<Self>) -> Option<Outstanding> {
+        let capacity = self.capacity();
+        self.outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |outstanding| {
+                capacity
+                    .is_none_or(|limit| outstanding < limit)
+                    .then_some(outstanding + 1)
+            })
+            .ok()?;
+        Some(self.counted())
+    }
+
+    /// The guard of a request just counted in `outstanding`.
+    fn counted(self: &Arc<Self>) -> Outstanding {
         let trial = self.breaker.claim_trial();
         if trial {
             tracing::info!(worker = %self.url, "worker half-open: a trial request goes to it");
@@ -506,6 +525,37 @@ mod tests {
         worker.set_load(report(0));
         assert_eq!(worker.capacity(), None);
         assert!(worker.has_room());
+    }
+
+    #[test]
+    fn a_request_is_counted_only_while_there_is_room_even_when_placed_at_once() {
+        let Ok(worker) = Worker::new("http://w") else {
+            panic!("bad url")
+        };
+        let worker = Arc::new(worker.with_max_concurrency(2));
+        let first = worker.try_begin();
+        let second = worker.try_begin();
+        assert!(first.is_some() && second.is_some());
+        assert!(worker.try_begin().is_none());
+        assert_eq!(worker.outstanding(), 2);
+        drop(first);
+        assert!(worker.try_begin().is_some());
+        drop(second);
+        // Four threads placing on it at once: never more than its two at a time.
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        if let Some(_placed) = worker.try_begin() {
+                            most.fetch_max(worker.outstanding(), Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(most.load(Ordering::Relaxed) <= 2, "{most:?} at once");
+        assert_eq!(worker.outstanding(), 0);
     }
 
     #[test]

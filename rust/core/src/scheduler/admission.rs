@@ -30,7 +30,7 @@ use crate::metering::SettleHook;
 use crate::metrics::QueuedSample;
 use crate::request::{Endpoint, InferenceRequest, Priority};
 use crate::router::{
-    Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy, Worker, WorkerId,
+    Features, LeastLoad, Outstanding, OwnedPrefix, Pick, Registry, RoutingPolicy, WorkerId,
 };
 
 /// The bounds of every model's queue.
@@ -187,7 +187,7 @@ impl Scheduler {
         // may be overtaken by this one; the next grant is its.)
         if !bounded || self.queued() == 0 {
             match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                Pick::Placed(worker) => return Ok(Some(placed(&worker))),
+                Pick::Placed(outstanding) => return Ok(Some(placed(outstanding))),
                 Pick::NoneEligible => return Ok(None),
                 Pick::AllFull if !bounded => return Ok(None),
                 Pick::AllFull => {}
@@ -205,7 +205,7 @@ impl Scheduler {
             let model_queue = queues.get(request.model.as_str());
             if model_queue.is_none_or(ClassQueue::is_empty) {
                 match self.registry.pick(self.policy.as_ref(), &features, tried) {
-                    Pick::Placed(worker) => return Ok(Some(placed(&worker))),
+                    Pick::Placed(outstanding) => return Ok(Some(placed(outstanding))),
                     Pick::NoneEligible => return Ok(None),
                     Pick::AllFull => {}
                 }
@@ -316,7 +316,7 @@ impl Scheduler {
                     ) {
                         Pick::AllFull => break,
                         Pick::NoneEligible => None,
-                        Pick::Placed(worker) => Some(placed(&worker)),
+                        Pick::Placed(outstanding) => Some(placed(outstanding)),
                     };
                     let Some(waiter) = queue.pop() else { break };
                     self.queued.fetch_sub(1, Ordering::Relaxed);
@@ -338,10 +338,10 @@ impl Scheduler {
     }
 }
 
-/// `worker`, counting the request from now on.
-fn placed(worker: &Arc<Worker>) -> Placement {
+/// Placed at once, without a wait.
+fn placed(outstanding: Outstanding) -> Placement {
     Placement {
-        outstanding: worker.begin(),
+        outstanding,
         waited: None,
     }
 }
@@ -387,7 +387,7 @@ mod tests {
     use serde_json::value::RawValue;
 
     use super::*;
-    use crate::router::ModelCard;
+    use crate::router::{ModelCard, Worker};
 
     fn scheduler() -> Scheduler {
         let Ok(worker) = Worker::new("http://w") else {
