@@ -59,9 +59,7 @@ def post(stack: Stack, headers: dict[str, str] | None = None) -> httpx.Response:
 def test_a_tenant_s_policy_sets_its_class_and_a_grpc_deadline_ends_its_wait(
     make_stack: StackFactory,
 ) -> None:
-    stack = make_stack(
-        n_sims=1, config_extra="[grpc]\nport = 0\n", worker=ONE_AT_A_TIME, ttft_ms=1500
-    )
+    stack = make_stack(n_sims=1, config_extra="[grpc]\nport = 0\n", worker=ONE_AT_A_TIME)
     target = procs.wait_line(stack.gateway, r"gRPC API listening on (\S+)")[1]
     with open_ledger(procs.ledger_url(stack.db)) as conn:
         tenant = set_tenant_quota(
@@ -71,6 +69,7 @@ def test_a_tenant_s_policy_sets_its_class_and_a_grpc_deadline_ends_its_wait(
     assert procs.wait_for(
         lambda: post(stack).headers.get("x-ratelimit-limit-requests") == "100000", timeout=15
     )
+    procs.hold_sim(stack.sims[0], True)
     busy, _ = background(lambda: post(stack))
     assert procs.wait_for(lambda: stack.outstanding() == 1)
     # It asks for `interactive`; its tenant's ceiling makes it `batch`.
@@ -90,6 +89,7 @@ def test_a_tenant_s_policy_sets_its_class_and_a_grpc_deadline_ends_its_wait(
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
     assert "stayed busy" in (caught.value.details() or "")
 
+    procs.hold_sim(stack.sims[0], False)
     busy.join()
     queued.join()
     assert answer[0].status_code == 200, answer[0].text

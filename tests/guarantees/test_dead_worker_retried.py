@@ -21,8 +21,10 @@ MODEL = "sim-model"
 
 def test_worker_killed_in_flight_requests_move_to_the_other(make_stack: StackFactory) -> None:
     """Guarantee 7: a dead worker leaves rotation; requests that had not streamed are retried."""
-    stack = make_stack(n_sims=2, ttft_ms=400)
+    stack = make_stack(n_sims=2)
     client = stack.client()
+    for sim in stack.sims:
+        procs.hold_sim(sim, True)
 
     def non_streaming(_: int) -> int:
         response = client.completions.create(model=MODEL, prompt="x", max_tokens=3)
@@ -36,10 +38,11 @@ def test_worker_killed_in_flight_requests_move_to_the_other(make_stack: StackFac
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(non_streaming, i) for i in range(8)]
         futures += [pool.submit(streaming, i) for i in range(8)]
-        # Every request is in flight (waiting out the simulated time to first token).
+        # Every request is in flight, held before its first token.
         assert procs.wait_for(lambda: stack.outstanding() == 16)
-        victim = stack.sims[0]
+        victim, survivor = stack.sims
         victim.kill()
+        procs.hold_sim(survivor, False)
         results = [f.result(timeout=30) for f in futures]
     assert results == [3] * 16
     # The dead worker is out of rotation: everything now lands on the survivor.

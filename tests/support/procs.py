@@ -163,6 +163,14 @@ def start_sim(**options: object) -> Process:
     return start(args)
 
 
+def hold_sim(sim: Process, held: bool) -> None:
+    """Holds a simulator's requests before their prefill, or releases every one held
+    (`POST /sim/hold`): it stays busy for as long as a test looks at the state that makes, not for
+    a TTFT that a busy machine may outrun."""
+    response = httpx.post(f"{sim.url}/sim/hold", json={"held": held}, timeout=5)
+    assert response.status_code == 200, response.text
+
+
 def journaled(tmp_path: Path, sim: Process, journal: str) -> tuple[Path, str, Path]:
     """A gateway in front of `sim` with its SQLite ledger and its journal in `tmp_path`: the
     ledger's path, a key of tenant `acme` in it, and the config file, whose `[journal]` table

@@ -84,7 +84,6 @@ def test_every_metric_the_dashboard_queries_is_exposed(make_stack: StackFactory)
         n_sims=1,
         routing='policy = "prefix_affinity"',
         worker="max_concurrency = 1",
-        ttft_ms=300,
     )
 
     answers: list[httpx.Response] = []
@@ -102,9 +101,13 @@ def test_every_metric_the_dashboard_queries_is_exposed(make_stack: StackFactory)
     # Two at once on a worker that takes one: the second queues, so the queue's labelled
     # families have samples; prefix affinity places both.
     first, second = threading.Thread(target=post), threading.Thread(target=post)
+    procs.hold_sim(stack.sims[0], True)
     first.start()
     assert procs.wait_for(lambda: stack.outstanding() == 1)
     second.start()
+    queued = "tokengate_queued_requests"
+    assert procs.wait_for(lambda: procs.scrape(stack.gateway.url).get(queued) == 1)
+    procs.hold_sim(stack.sims[0], False)
     first.join()
     second.join()
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]

@@ -596,6 +596,19 @@ async fn a_finished_stream_leaves_its_worker_connection_for_the_next_request() {
     );
 }
 
+/// Holds (`true`) or releases the simulator's requests before their prefill (`/sim/hold`), so a
+/// worker stays busy for as long as a test looks at the state that makes.
+async fn hold(worker: &ServerHandle, held: bool) {
+    let (status, _, text) = exchange(
+        worker.local_addr(),
+        "POST",
+        "/sim/hold",
+        Some(json!({ "held": held })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
+
 /// Polls `ready` until it holds (a state the gateway reaches on its own, not a time).
 async fn until(mut ready: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -609,7 +622,7 @@ async fn until(mut ready: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
-    const TTFT_MS: u64 = 300;
+    const TTFT_MS: u64 = 100;
     let slow = sim(SimConfig {
         ttft_ms: TTFT_MS,
         ..SimConfig::default()
@@ -619,7 +632,7 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
     let worker = json!({ "url": url, "max_concurrency": 1 });
     let (gateway, addr) = gateway_with(vec![worker], json!({ "queue_timeout_ms": 60_000 })).await;
     let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
-    let started = tokio::time::Instant::now();
+    hold(&slow, true).await;
     let calls: Vec<_> = (0..3)
         .map(|_| tokio::spawn(post(addr, "/v1/completions", body.clone())))
         .collect();
@@ -632,12 +645,14 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
         ),
         "{metrics}"
     );
+    let released = tokio::time::Instant::now();
+    hold(&slow, false).await;
     for call in calls {
         let (status, text) = call.await.unwrap();
         assert_eq!(status, StatusCode::OK, "{text}");
     }
-    // One at a time: the worker never had two of them.
-    assert!(started.elapsed() >= Duration::from_millis(3 * TTFT_MS));
+    // One at a time: each prefill began after the one before had ended.
+    assert!(released.elapsed() >= Duration::from_millis(3 * TTFT_MS));
     assert_eq!(gateway.control().queued(), 0);
     let (_, _, metrics) = exchange(addr, "GET", "/metrics", None).await;
     assert!(
@@ -651,16 +666,13 @@ async fn a_full_worker_s_requests_wait_in_the_gateway_one_at_a_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_request_times_out_as_429_and_one_whose_client_leaves_frees_its_place() {
-    let slow = sim(SimConfig {
-        ttft_ms: 2_000,
-        ..SimConfig::default()
-    })
-    .await;
+    let slow = sim(SimConfig::default()).await;
     let url = format!("http://{}", slow.local_addr());
     let worker = json!({ "url": url, "max_concurrency": 1 });
     let routing = json!({ "queue_timeout_ms": 150, "max_queued_per_tenant": 1 });
     let (gateway, addr) = gateway_with(vec![worker], routing).await;
     let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    hold(&slow, true).await;
     let busy = tokio::spawn(post(addr, "/v1/completions", body.clone()));
     until(|| gateway.control().workers()[0].outstanding == 1).await;
 
@@ -677,6 +689,7 @@ async fn a_queued_request_times_out_as_429_and_one_whose_client_leaves_frees_its
     until(|| gateway.control().queued() == 1).await;
     left.abort();
     until(|| gateway.control().queued() == 0).await;
+    hold(&slow, false).await;
     let (status, _) = busy.await.unwrap();
     assert_eq!(status, StatusCode::OK);
     let events = events(&gateway, 3).await;
@@ -694,8 +707,9 @@ async fn a_queued_request_times_out_as_429_and_one_whose_client_leaves_frees_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batch() {
+    // A TTFT that sets the requests' ends milliseconds apart, so that their order shows.
     let slow = sim(SimConfig {
-        ttft_ms: 300,
+        ttft_ms: 20,
         ..SimConfig::default()
     })
     .await;
@@ -703,6 +717,7 @@ async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batc
     let worker = json!({ "url": url, "max_concurrency": 1 });
     let (gateway, addr) = gateway_with(vec![worker], json!({ "queue_timeout_ms": 60_000 })).await;
     let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    hold(&slow, true).await;
     let busy = tokio::spawn(post(addr, "/v1/completions", body.clone()));
     until(|| gateway.control().workers()[0].outstanding == 1).await;
 
@@ -763,6 +778,7 @@ async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batc
         );
         assert!(metrics.contains(&sample), "{sample}: {metrics}");
     }
+    hold(&slow, false).await;
     assert_eq!(busy.await.unwrap().0, StatusCode::OK);
     for call in [batch_header, batch_body, interactive] {
         let (status, _, text) = call.await.unwrap();
@@ -782,7 +798,6 @@ async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_queues_is_full_and_further_requests_wait_in_the_gateway() {
     let slow = sim(SimConfig {
-        ttft_ms: 300,
         max_num_seqs: 1,
         ..SimConfig::default()
     })
@@ -791,15 +806,20 @@ async fn a_worker_that_queues_is_full_and_further_requests_wait_in_the_gateway()
     let routing = json!({ "load_interval_ms": 20, "queue_timeout_ms": 60_000 });
     let (gateway, addr) = gateway_with(vec![json!({ "url": url })], routing).await;
     until(|| gateway.control().workers()[0].healthy).await;
+    hold(&slow, true).await;
     let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
-    let mut calls: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(post(addr, "/v1/completions", body.clone())))
-        .collect();
-    // Unbounded at first: all four reach the worker, which runs one and queues three.
-    until(|| gateway.control().workers()[0].outstanding == 4).await;
+    let mut calls = Vec::new();
+    // Unbounded at first: both reach the worker, which runs one (held) and queues the other.
+    for outstanding in [1, 2] {
+        calls.push(tokio::spawn(post(addr, "/v1/completions", body.clone())));
+        until(|| gateway.control().workers()[0].outstanding == outstanding).await;
+    }
+    // Its report of a queue teaches the gateway that it runs one; the next waits in the gateway.
     until(|| gateway.control().workers()[0].capacity == Some(1)).await;
     calls.push(tokio::spawn(post(addr, "/v1/completions", body.clone())));
     until(|| gateway.control().queued() == 1).await;
+    assert_eq!(gateway.control().workers()[0].outstanding, 2);
+    hold(&slow, false).await;
     for call in calls {
         let (status, text) = call.await.unwrap();
         assert_eq!(status, StatusCode::OK, "{text}");

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::config::SimConfig;
 use super::faults::Faults;
+use super::hold::Hold;
 use super::metrics::{Metrics, Outcome};
 use super::plan::{Finish, Plan};
 use super::response::{ApiError, json_string};
@@ -31,6 +32,8 @@ pub(crate) struct Engine {
     pub model_json: String,
     /// The `traceparent` of the latest requests (`/sim/traceparents`).
     pub traceparents: Traceparents,
+    /// Stalls admitted requests before their prefill while on (`/sim/hold`).
+    pub hold: Hold,
     slots: Arc<Semaphore>,
     errors: Dice,
     deaths: Dice,
@@ -48,6 +51,7 @@ impl Engine {
             faults: Faults::new(&config),
             model_json: json_string(&config.model),
             traceparents: Traceparents::default(),
+            hold: Hold::default(),
             slots: Arc::new(Semaphore::new(config.max_num_seqs)),
             errors: Dice::new(config.seed, 1),
             deaths: Dice::new(config.seed, 2),
@@ -80,7 +84,8 @@ impl Engine {
         format!("{:016x}{:016x}", self.ids.next(), self.ids.next())
     }
 
-    /// Waits for a sequence slot, counted as waiting meanwhile and as running while held.
+    /// Waits for a sequence slot, counted as waiting meanwhile and as running while held, then
+    /// at the hold (`/sim/hold`) while it is on.
     async fn admit(self: &Arc<Self>) -> Result<Slot, ApiError> {
         let waiting = Waiting::enter(&self.metrics);
         let permit = Arc::clone(&self.slots).acquire_owned().await.map_err(|_| {
@@ -92,10 +97,12 @@ impl Engine {
         // Running goes up before waiting goes down, so a scrape never sees the request in neither.
         self.metrics.running_delta(true);
         drop(waiting);
-        Ok(Slot {
+        let slot = Slot {
             _permit: permit,
             engine: Arc::clone(self),
-        })
+        };
+        self.hold.pass().await;
+        Ok(slot)
     }
 }
 

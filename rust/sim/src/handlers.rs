@@ -18,6 +18,7 @@ use super::config::SimConfig;
 use super::embedding::{self, Encoding};
 use super::engine::{Engine, Generation};
 use super::faults::FaultsUpdate;
+use super::hold::HoldUpdate;
 use super::plan::{Kind, StreamMode};
 use super::request::{self, Message};
 use super::response::{self, ApiError, Head, json_response};
@@ -46,6 +47,7 @@ pub fn app(config: SimConfig) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/sim/faults", get(faults).post(set_faults))
+        .route("/sim/hold", get(hold).post(set_hold))
         .route("/sim/traceparents", get(traceparents))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -232,6 +234,24 @@ async fn metrics(State(engine): State<AppState>) -> Response {
 /// route, not vLLM's).
 async fn faults(State(engine): State<AppState>) -> Response {
     json_response(StatusCode::OK, engine.faults.body())
+}
+
+/// `GET /sim/hold`: whether requests are held before their prefill, and how many wait there now
+/// (the simulator's own route, not vLLM's).
+async fn hold(State(engine): State<AppState>) -> Response {
+    json_response(StatusCode::OK, engine.hold.body())
+}
+
+/// `POST /sim/hold` with `{"held": true}` or `{"held": false}`: holds requests from the next one
+/// to get a slot, or releases every one held; answers as `GET` does.
+async fn set_hold(State(engine): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<HoldUpdate>(&body) {
+        Ok(update) => {
+            engine.hold.apply(&update);
+            json_response(StatusCode::OK, engine.hold.body())
+        }
+        Err(e) => ApiError::bad_request(format!("Invalid request body: {e}")).into_response(),
+    }
 }
 
 /// `GET /sim/traceparents`: the W3C `traceparent` of the latest generation and embedding

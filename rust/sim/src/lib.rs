@@ -10,6 +10,7 @@ mod engine;
 mod exposition;
 mod faults;
 mod handlers;
+mod hold;
 mod metrics;
 mod plan;
 mod request;

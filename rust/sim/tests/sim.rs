@@ -675,6 +675,48 @@ mod sim {
     }
 
     #[tokio::test]
+    async fn a_held_request_keeps_its_slot_before_its_prefill_until_released() {
+        let sim = Sim::start(SimConfig::default()).await;
+        let (status, v) = sim.post_json("/sim/hold", json!({"held": true})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v, json!({"held": true, "holding": 0}));
+        let body = json!({"prompt": "p", "max_tokens": 2, "stream": true}).to_string();
+        let mut held = sim
+            .send(Method::POST, "/v1/completions", &body, &[])
+            .await
+            .into_body();
+        loop {
+            let (_, _, text) = sim.call(Method::GET, "/sim/hold", "").await;
+            if serde_json::from_str::<Value>(&text).unwrap()["holding"] == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(sim.metric("vllm:num_requests_running").await, 1.0);
+        assert_eq!(sim.metric("vllm:prompt_tokens_total").await, 0.0);
+        for bad in [
+            json!({}),
+            json!({"held": "no"}),
+            json!({"held": false, "x": 1}),
+        ] {
+            let (status, v) = sim.post_json("/sim/hold", bad.clone()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(v["error"]["type"], "BadRequestError", "{v}");
+        }
+        let (status, v) = sim.post_json("/sim/hold", json!({"held": false})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v["held"], false);
+        let mut text = Vec::new();
+        while let Some(frame) = held.frame().await {
+            text.extend_from_slice(frame.unwrap().data_ref().unwrap());
+        }
+        assert!(text.ends_with(b"data: [DONE]\n\n"));
+        assert_eq!(sim.metric("vllm:generation_tokens_total").await, 2.0);
+        let (_, _, text) = sim.call(Method::GET, "/sim/hold", "").await;
+        assert_eq!(text, r#"{"held":false,"holding":0}"#);
+    }
+
+    #[tokio::test]
     async fn api_key_guards_v1_routes_like_vllm() {
         let sim = Sim::start(SimConfig {
             api_key: Some("k1".into()),
