@@ -141,7 +141,7 @@ def test_a_bad_session_id_is_a_400_naming_it(replicas: Replicas, session: str) -
 def test_a_hot_prefix_spills_past_its_bound(tmp_path: Path) -> None:
     """With no floor and c = 1, one conversation's concurrent requests cannot all stay home: the
     bound sends some to the other worker, and `/metrics` counts them as spills."""
-    sims = [procs.start_sim(model=MODEL, ttft_ms=500, itl_ms=0) for _ in range(2)]
+    sims = [procs.start_sim(model=MODEL, itl_ms=0) for _ in range(2)]
     db = tmp_path / "ledger.db"
     gateway = None
     try:
@@ -157,8 +157,16 @@ def test_a_hot_prefix_spills_past_its_bound(tmp_path: Path) -> None:
         def one(i: int) -> int:
             return replicas.post(0, body, {"x-request-id": f"hot-{i}"}).status_code
 
+        # Held before their first token, all six are on the workers at once.
+        for sim in sims:
+            procs.hold_sim(sim, True)
         with ThreadPoolExecutor(6) as pool:
-            assert list(pool.map(one, range(6))) == [200] * 6
+            answers = [pool.submit(one, i) for i in range(6)]
+            outstanding = "tokengate_worker_outstanding_requests"
+            assert procs.wait_for(lambda: procs.scrape(gateway.url).get(outstanding) == 6)
+            for sim in sims:
+                procs.hold_sim(sim, False)
+            assert [answer.result(timeout=30) for answer in answers] == [200] * 6
         workers = replicas.workers_by_request(6)
         assert set(workers.values()) == {sim.url for sim in sims}, workers
         assert affinity(gateway, "spill") > 0
