@@ -364,15 +364,17 @@ impl Worker {
         }
     }
 
-    /// Counts a request against this worker until the returned guard drops. When its circuit
-    /// breaker is half-open, the request is its trial.
-    pub fn begin(self: &Arc<Self>) -> Outstanding {
+    /// Counts a request against this worker whether or not it has room, for tests that set up
+    /// a load; a request is placed with `try_begin`.
+    #[cfg(test)]
+    pub(crate) fn begin(self: &Arc<Self>) -> Outstanding {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         self.counted()
     }
 
-    /// Counts a request against this worker, as `begin` does, only if it has room: the check
-    /// and the count are one step, so requests placed at once never take it past its capacity.
+    /// Counts a request against this worker until the returned guard drops, only if it has
+    /// room: the check and the count are one step, so requests placed at once never take it
+    /// past its capacity. When its circuit breaker is half-open, the request is its trial.
     pub fn try_begin(self: &Arc<Self>) -> Option<Outstanding> {
         let capacity = self.capacity();
         self.outstanding
