@@ -572,19 +572,30 @@ mod sim {
         }
         let received = frames(&seen) as f64;
         drop(socket);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (_, _, text) = sim.call(Method::GET, "/metrics", "").await;
+        // The engine notices the disconnect at its next token; wait until it has let the
+        // request go, then read what it counted.
+        let aborted = |text: &str| {
+            text.lines()
+                .find(|l| l.contains("finished_reason=\"abort\""))
+                .is_some_and(|l| l.ends_with("} 1.0"))
+        };
+        let text = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (_, _, text) = sim.call(Method::GET, "/metrics", "").await;
+                if metric(&text, "vllm:num_requests_running") == 0.0 && aborted(&text) {
+                    return text;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the engine never let the disconnected request go");
         let generated = metric(&text, "vllm:generation_tokens_total");
         assert!(
             (received..=received + 1.0).contains(&generated),
             "client saw {received}, engine generated {generated}"
         );
         assert_eq!(metric(&text, "vllm:prompt_tokens_total"), 4.0);
-        assert_eq!(metric(&text, "vllm:num_requests_running"), 0.0);
-        let aborted = text
-            .lines()
-            .find(|l| l.contains("finished_reason=\"abort\""));
-        assert!(aborted.unwrap().ends_with("} 1.0"), "{text}");
     }
 
     #[tokio::test]
