@@ -1,7 +1,8 @@
 //! What the usage journal costs a request on the thread that serves it, with
 //! `journal.sync = "interval"`: its start (kept in memory), its end (encoded and copied into the
 //! segment's mapping); and the encoding of an end record alone. The syncer's ticks run on their
-//! own thread meanwhile, as in the gateway. No HTTP.
+//! own thread meanwhile, as in the gateway, and the ledger acknowledges what it holds every 4,096
+//! requests, so sealed segments are retired. No HTTP.
 //!
 //!     cargo bench -p gateway-core --bench journal
 //!
@@ -67,6 +68,9 @@ fn per_request_ns(n: u64, mut request: impl FnMut(u64)) -> (f64, f64) {
     )
 }
 
+/// Requests between two acknowledgements of the ledger's.
+const COMMIT_EVERY: u64 = 4096;
+
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let n: u64 = if bench { 1_000_000 } else { 5_000 };
@@ -101,6 +105,11 @@ fn main() {
         };
         let slot = journal.start(Started::of(&ended.event));
         assert!(journal.end(&ended, slot, true).is_none());
+        // The ledger catching up, as the gateway's does every `control.usage_flush_ms`: sealed
+        // segments are retired.
+        if i % COMMIT_EVERY == COMMIT_EVERY - 1 {
+            journal.committed(i);
+        }
     });
     journal.close();
     drop(journal);

@@ -1,13 +1,19 @@
 //! The journal's records on disk: each a frame, `len` (u32, little-endian: the payload's bytes, at
-//! least one) then `crc` (u32, little-endian: the CRC-32 of the payload) then the payload, a kind
-//! byte and the record's fields. Integers are LEB128 varints, strings a varint length and UTF-8
-//! bytes, enums one byte each. An end record is about 200 bytes, where its JSON line was 500: the
-//! page cache, the disk and the segments' preparation carry a request's record in fewer pages.
+//! least one) then `crc` (u32, little-endian) then the payload, a kind byte and the record's
+//! fields. Integers are LEB128 varints, strings a varint length and UTF-8 bytes, enums one byte
+//! each. An end record is about 200 bytes, where its JSON line was 500: the page cache, the disk
+//! and the segments carry a request's record in fewer pages.
 //!
-//! A segment begins with `MAGIC`; its frames follow and its zeros end them. The frame at the end of
-//! what a crashed process wrote may be cut short, or, where the process died in the middle of the
-//! copy, hold some of its bytes and not others: its length or its CRC tells, and reading stops
-//! there. Segments written before this format are JSON lines (`Record::decode`); both are read.
+//! A segment begins with its head: `MAGIC` and its index (u64, little-endian). A frame's `crc` is
+//! the CRC-32 of its payload begun from the segment's salt (`salt`, from the index), so a frame
+//! reads as whole only in the segment it was written for: a segment file used again for a later
+//! index (`segments::prepare`) still holds the frames of its earlier use after the new ones, and
+//! none of them reads as a record of the new segment. An append ends with eight zeros, where the
+//! next frame's header goes: the end of what was written. The frame at the end of what a crashed
+//! process wrote may be cut short, or, where the process died in the middle of the copy, hold
+//! some of its bytes and not others: its length or its CRC tells, and reading stops there.
+//! Segments of earlier builds are read too: frames after `MAGIC_V2`, with the CRC of the payload
+//! alone and zeros to their end, and JSON lines (`Record::decode`).
 
 use std::sync::Arc;
 
@@ -15,11 +21,58 @@ use super::record::{Ended, Line, Progress, Record, Started};
 use crate::request::Endpoint;
 use crate::usage::{Status, UsageEvent, UsageSource};
 
-/// The first bytes of a segment of frames.
-pub(super) const MAGIC: &[u8; 8] = b"TGJRNL2\n";
+/// The first bytes of a segment of this build's frames, followed by its index.
+pub(super) const MAGIC: &[u8; 8] = b"TGJRNL3\n";
+/// The first bytes of a segment of an earlier build's frames (CRCs of the payload alone).
+pub(super) const MAGIC_V2: &[u8; 8] = b"TGJRNL2\n";
+/// A segment's head: `MAGIC` and the segment's index.
+pub(super) const HEAD: usize = 16;
 
-/// Bytes before a frame's payload: its length and its CRC.
-const HEADER: usize = 8;
+/// Bytes before a frame's payload: its length and its CRC. An append's bytes end with this many
+/// zeros (`END_MARK`).
+pub(super) const HEADER: usize = 8;
+/// What follows the last frame written: a frame header of zeros.
+pub(super) const END_MARK: [u8; HEADER] = [0; HEADER];
+
+/// The head of segment `index`.
+pub(super) fn head(index: u64) -> [u8; HEAD] {
+    let mut head = [0; HEAD];
+    head[..MAGIC.len()].copy_from_slice(MAGIC);
+    head[MAGIC.len()..].copy_from_slice(&index.to_le_bytes());
+    head
+}
+
+/// The value the CRCs of segment `index`'s frames begin from: distinct for every index below
+/// 2^32, so for every segment a journal directory holds at once and every one it used before.
+pub(super) fn salt(index: u64) -> u32 {
+    // The index's two halves folded: the low one alone for any index below 2^32.
+    (index ^ (index >> 32)) as u32
+}
+
+/// Fills in the CRC of each frame in `frames` (as `Line::encode` left them), for a segment whose
+/// frames begin from `salt`.
+pub(super) fn seal(frames: &mut [u8], salt: u32) {
+    let mut at = 0;
+    while let Some(header) = frames.get(at..at + HEADER) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|len| (at + HEADER).checked_add(len))
+            .filter(|&end| end <= frames.len())
+        else {
+            return;
+        };
+        let crc = crc(&frames[at + HEADER..end], salt);
+        frames[at + 4..at + HEADER].copy_from_slice(&crc.to_le_bytes());
+        at = end;
+    }
+}
+
+fn crc(payload: &[u8], salt: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(salt);
+    hasher.update(payload);
+    hasher.finalize()
+}
 
 const START: u8 = 1;
 const PROGRESS: u8 = 2;
@@ -31,7 +84,7 @@ const STREAM: u8 = 2;
 const WORKER: u8 = 4;
 
 impl Line<'_> {
-    /// Appends the record's frame to `out`.
+    /// Appends the record's frame to `out`, its CRC left for the segment it goes to (`seal`).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let at = out.len();
         out.extend_from_slice(&[0; HEADER]);
@@ -40,12 +93,9 @@ impl Line<'_> {
             Line::Progress { event_id, progress } => progress_payload(out, event_id, progress),
             Line::End(ended) => end(out, ended),
         }
-        let payload = &out[at + HEADER..];
         // A record's strings are bounded by the request limits, far below 4 GiB.
-        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        let crc = crc32fast::hash(payload);
+        let len = u32::try_from(out.len() - at - HEADER).unwrap_or(u32::MAX);
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
-        out[at + 4..at + HEADER].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -155,21 +205,22 @@ pub(super) struct Read {
     pub(super) torn: bool,
 }
 
-/// The records of `data`, the bytes of a segment after its `MAGIC`.
-pub(super) fn read(mut data: &[u8]) -> Read {
+/// The records of `data`, the bytes of a segment after its head, whose frames' CRCs begin from
+/// `salt`.
+pub(super) fn read(mut data: &[u8], salt: u32) -> Read {
     let mut read = Read::default();
     while data.len() >= HEADER {
         let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
         if len == 0 && crc == 0 {
-            // The zeros after the last frame.
+            // The end mark after the last frame.
             return read;
         }
         let payload = usize::try_from(len)
             .ok()
             .and_then(|len| data.get(HEADER..HEADER.checked_add(len)?));
         match payload {
-            Some(payload) if len > 0 && crc32fast::hash(payload) == crc => {
+            Some(payload) if len > 0 && self::crc(payload, salt) == crc => {
                 match decode(payload) {
                     Some(record) => read.records.push(record),
                     None => read.unreadable += 1,
@@ -392,7 +443,11 @@ mod tests {
             )
     }
 
-    /// A start, a progress and an end of `event`, as written and as they read back.
+    /// The salt of the segment the tests' frames are written for.
+    const SALT: u32 = 0x5eed_0007;
+
+    /// A start, a progress and an end of `event`, as written (for a segment salted `SALT`) and
+    /// as they read back.
     fn records(event: UsageEvent, seq: u64, p: (u64, u64, u64, u64)) -> (Vec<u8>, Vec<Record>) {
         let ended = Ended { seq, event };
         let started = Started::of(&ended.event);
@@ -411,6 +466,7 @@ mod tests {
         }
         .encode(&mut bytes);
         Line::End(&ended).encode(&mut bytes);
+        seal(&mut bytes, SALT);
         let records = vec![
             Record::Start(started.clone()),
             Record::Progress {
@@ -431,10 +487,13 @@ mod tests {
         ) {
             let (mut bytes, records) = records(event, seq, p);
             bytes.extend_from_slice(&[0; 64]);
-            let read = read(&bytes);
-            prop_assert_eq!(read.records, records);
-            prop_assert!(!read.torn);
-            prop_assert_eq!(read.unreadable, 0);
+            let read_back = read(&bytes, SALT);
+            prop_assert_eq!(read_back.records, records);
+            prop_assert!(!read_back.torn);
+            prop_assert_eq!(read_back.unreadable, 0);
+            // Read as another segment's, the first frame is not whole: no record is.
+            let other = read(&bytes, SALT ^ 1);
+            prop_assert!(other.records.is_empty() && other.torn);
         }
 
         /// A process killed mid-copy leaves a prefix of a frame, or (a copy need not run in
@@ -451,11 +510,12 @@ mod tests {
             if let Record::End(ended) = &records[2] {
                 Line::End(&Ended { seq: 8, event: ended.event.clone() }).encode(&mut last);
             }
+            seal(&mut last, SALT);
             // Cut short.
             let n = cut.index(last.len());
             let mut bytes = [&whole[..], &last[..n]].concat();
             bytes.extend_from_slice(&[0; 16]);
-            let read_cut = read(&bytes);
+            let read_cut = read(&bytes, SALT);
             prop_assert_eq!(&read_cut.records, &records);
             prop_assert_eq!(read_cut.torn, n > 0);
             // Holes: bytes of the frame left zero.
@@ -464,7 +524,7 @@ mod tests {
                 holed[hole.index(last.len())] = 0;
             }
             let bytes = [&whole[..], &holed[..], &[0; 16]].concat();
-            let read_holed = read(&bytes);
+            let read_holed = read(&bytes, SALT);
             prop_assert_eq!(&read_holed.records[..3], &records[..]);
             if holed != last {
                 prop_assert_eq!(read_holed.records.len(), 3);
@@ -512,9 +572,9 @@ mod tests {
 
     #[test]
     fn a_length_past_the_data_or_a_bad_crc_is_torn_and_zeros_are_the_end() {
-        assert_eq!(read(&[0; 40]), Read::default());
-        assert_eq!(read(&[]), Read::default());
-        let torn = |bytes: &[u8]| read(bytes).torn;
+        assert_eq!(read(&[0; 40], SALT), Read::default());
+        assert_eq!(read(&[], SALT), Read::default());
+        let torn = |bytes: &[u8]| read(bytes, SALT).torn;
         // A length of 1 GiB with nothing after it.
         assert!(torn(&[0, 0, 0, 64, 1, 2, 3, 4, 9]));
         // A payload whose CRC is not the one written.
@@ -527,10 +587,10 @@ mod tests {
         let mut bytes = Vec::new();
         for payload in [&[9u8, 1, 2][..], &[PROGRESS, 1, b'a', 1, 2, 3, 4]] {
             bytes.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+            bytes.extend_from_slice(&crc(payload, SALT).to_le_bytes());
             bytes.extend_from_slice(payload);
         }
-        let read = read(&bytes);
+        let read = read(&bytes, SALT);
         assert_eq!(
             (read.unreadable, read.records.len(), read.torn),
             (1, 1, false)

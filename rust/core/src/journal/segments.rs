@@ -1,5 +1,6 @@
 //! The journal's files: segments named by a growing index, prepared ahead of use, and read back
-//! in order after a crash. Nothing here keeps state; the writer decides when each is called.
+//! in order after a crash; and spares, segments the ledger has caught up with, kept to be used
+//! again for a later index. Nothing here keeps state; the writer decides when each is called.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -8,9 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions, UncheckedAdvice};
+use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 
-use super::frame::{self, MAGIC, Read};
+use super::frame::{self, END_MARK, HEAD, MAGIC, MAGIC_V2, Read};
 use super::record::{Ended, Progress, Record, Started};
 
 /// A request started and not yet ended, with its last progress.
@@ -25,6 +26,44 @@ pub(super) fn segment_path(dir: &Path, index: u64) -> PathBuf {
 
 fn prepared_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("journal-{index:010}.prep"))
+}
+
+fn spare_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("journal-{index:010}.spare"))
+}
+
+/// How many spares a journal keeps: the next segment's preparation takes one while the ledger
+/// catches up with the segment sealed last, which becomes the next.
+pub(super) const SPARES: usize = 2;
+
+/// The spares in `dir`, oldest first.
+fn spares(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "spare"))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Retires segment `index`, whose events the ledger holds: kept as a spare while fewer than
+/// `SPARES` are and it has the size a segment of `bytes` is prepared with (it grows past it only
+/// to hold a record larger than the rest of it), deleted otherwise. One already gone is retired.
+pub(super) fn retire(dir: &Path, index: u64, bytes: u64) -> io::Result<()> {
+    let path = segment_path(dir, index);
+    let len = match fs::metadata(&path) {
+        Ok(metadata) => metadata.len(),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let whole = len == bytes.next_multiple_of(PAGE as u64);
+    if whole && spares(dir)?.len() < SPARES {
+        // Not synced: a crash that undoes the rename leaves a segment the ledger holds, whose
+        // events recovery records again and the ledger ignores.
+        fs::rename(&path, spare_path(dir, index))
+    } else {
+        fs::remove_file(&path)
+    }
 }
 
 /// The segments in `dir`, oldest first: this build's, and the JSON-lines segments (`.jsonl`) of
@@ -47,11 +86,16 @@ pub(super) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Removes segments a previous process began preparing and never adopted.
+/// Removes segments a previous process began preparing and never adopted, and its spares: a
+/// spare's earlier frames read as nothing only in a segment of another index than theirs, and a
+/// new process's indexes follow those of the segments it finds, not of the spares.
 pub(super) fn remove_unadopted(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "prep") {
+        if path
+            .extension()
+            .is_some_and(|e| e == "prep" || e == "spare")
+        {
             fs::remove_file(path)?;
         }
     }
@@ -123,12 +167,22 @@ pub fn read_dir(dir: &Path) -> io::Result<(Vec<Record>, usize, usize)> {
     Ok((records, torn, unreadable))
 }
 
-/// The records of a segment's bytes: frames after `MAGIC`, or the JSON lines of a segment an
+/// The records of a segment's bytes: frames after its head, or those of an earlier build's
+/// segment (after `MAGIC_V2`, CRCs of their payload alone), or the JSON lines of a segment an
 /// earlier build wrote, up to its first zero byte (a line that is no whole record is skipped: only
 /// the last can be one).
 pub(super) fn records(bytes: &[u8]) -> Read {
-    if let Some(frames) = bytes.strip_prefix(MAGIC.as_slice()) {
-        return frame::read(frames);
+    if let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) {
+        let Some((index, frames)) = rest.split_first_chunk::<8>() else {
+            return Read {
+                torn: true,
+                ..Read::default()
+            };
+        };
+        return frame::read(frames, frame::salt(u64::from_le_bytes(*index)));
+    }
+    if let Some(frames) = bytes.strip_prefix(MAGIC_V2.as_slice()) {
+        return frame::read(frames, 0);
     }
     let bytes = &bytes[..memchr::memchr(0, bytes).unwrap_or(bytes.len())];
     let mut read = Read::default();
@@ -145,46 +199,85 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The segment `index`: `MAGIC`, zeros to `bytes` rounded up to a page, synced, given its name (the
-/// directory synced too), then mapped. Records overwrite blocks the file already has, so a sync
-/// flushes data alone, where a write that grew the file would make every sync commit the file
-/// system's own journal as well. A segment of zeros holds no record: recovery reads it as empty.
+/// The segment `index`, `bytes` rounded up to a page: its head (`frame::head`) and an end mark
+/// written, synced, given its name (the directory synced too), then mapped. It is a spare used
+/// again when there is one: its earlier frames stay after the end mark, and the salt of the new
+/// index (`frame::salt`) keeps any of them from reading as a record of this one. Otherwise a new
+/// file of zeros. Either way records overwrite blocks the file already has, so a sync flushes
+/// data alone, where a write that grew the file would make every sync commit the file system's
+/// own journal as well; a spare spares the zeros' writing, their writeback and the file's deletion.
+/// A segment with nothing after its head holds no record: recovery reads it as empty.
 pub(super) fn prepare(dir: &Path, index: u64, bytes: u64) -> io::Result<Segment> {
     let temp = prepared_path(dir, index);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&temp)?;
-    // A page at a time: the page cache keeps the segment in pages of that size, where a write
-    // of a megabyte would leave it in large folios, and a record written into a large folio
-    // dirties all of it, for the next sync to write whole.
-    let mut page = [0u8; PAGE];
-    page[..MAGIC.len()].copy_from_slice(MAGIC);
-    let mut left = bytes.next_multiple_of(PAGE as u64);
-    while left > 0 {
-        let n = usize::try_from(left.min(PAGE as u64)).unwrap_or(PAGE);
-        file.write_all(&page[..n])?;
-        page[..MAGIC.len()].fill(0);
-        left -= n as u64;
-    }
-    file.sync_all()?;
+    let bytes = bytes.next_multiple_of(PAGE as u64);
+    let mut head = [0u8; HEAD + END_MARK.len()];
+    head[..HEAD].copy_from_slice(&frame::head(index));
+    let file = match take_spare(dir, &temp, bytes)? {
+        Some(file) => {
+            file.write_all_at(&head, 0)?;
+            file.sync_data()?;
+            file
+        }
+        None => zeros(&temp, &head, bytes)?,
+    };
     fs::rename(&temp, segment_path(dir, index))?;
     sync_dir(dir)?;
     let map = map(&file)?;
     Ok(Segment {
         file: Arc::new(file),
         map,
-        written: MAGIC.len() as u64,
+        salt: frame::salt(index),
+        written: HEAD as u64,
         released: 0,
     })
+}
+
+/// The oldest spare of `bytes`, renamed `temp`; spares of another size (`segment_bytes` changed)
+/// are deleted.
+fn take_spare(dir: &Path, temp: &Path, bytes: u64) -> io::Result<Option<File>> {
+    for spare in spares(dir)? {
+        if fs::rename(&spare, temp).is_err() {
+            continue;
+        }
+        let file = OpenOptions::new().read(true).write(true).open(temp)?;
+        if file.metadata()?.len() == bytes {
+            return Ok(Some(file));
+        }
+        fs::remove_file(temp)?;
+    }
+    Ok(None)
+}
+
+/// A new file `temp` of `bytes` zeros but for `head`, synced.
+fn zeros(temp: &Path, head: &[u8], bytes: u64) -> io::Result<File> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(temp)?;
+    // A page at a time: the page cache keeps the segment in pages of that size, where a write
+    // of a megabyte would leave it in large folios, and a record written into a large folio
+    // dirties all of it, for the next sync to write whole.
+    let mut page = [0u8; PAGE];
+    page[..head.len()].copy_from_slice(head);
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(PAGE as u64)).unwrap_or(PAGE);
+        file.write_all(&page[..n])?;
+        page[..head.len()].fill(0);
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    Ok(file)
 }
 
 /// `file` mapped shared, its pages faulted in: they are the page cache's own, so a byte copied
 /// into the mapping is in the file for every reader and survives the process, as a written one
 /// does, and the page cache does not drop a page a process maps when asked to (`fadvise`), as it
-/// drops one it merely caches.
+/// drops one it merely caches. A page the page cache no longer held (a spare's, under memory
+/// pressure) is read back alone, not by readahead, which would read it into a large folio: a
+/// record written into one dirties all of it, for the next sync to write whole.
 #[expect(
     unsafe_code,
     reason = "a mapping is memory another process could change or cut short under us"
@@ -194,7 +287,15 @@ fn map(file: &File) -> io::Result<MmapMut> {
     // is a segment of a journal directory that `Journal::open`'s lock keeps to one process;
     // in it, a segment is written only through this mapping and `Segment::append`, and never
     // truncated (deleted at most, which leaves a mapping whole).
-    unsafe { MmapOptions::new().populate().map_mut(file) }
+    let map = unsafe { MmapOptions::new().map_mut(file) }?;
+    map.advise(Advice::Random)?;
+    if map.advise(Advice::PopulateRead).is_err() {
+        // Before Linux 5.14: a read of each page faults it in.
+        for page in map.chunks(PAGE) {
+            std::hint::black_box(page[0]);
+        }
+    }
+    Ok(map)
 }
 
 /// Drops `len` bytes of `map` from `offset` (pages, whole) from the process's page tables.
@@ -218,6 +319,8 @@ fn unmap_pages(map: &MmapMut, offset: usize, len: usize) -> io::Result<()> {
 pub(super) struct Segment {
     file: Arc<File>,
     map: MmapMut,
+    /// What its frames' CRCs begin from (`frame::salt`).
+    salt: u32,
     /// Bytes in the segment.
     written: u64,
     /// Bytes from the start whose pages are no longer mapped (`release_written`).
@@ -236,14 +339,14 @@ impl Segment {
         self.map.as_ptr() as usize
     }
 
-    /// Bytes in the segment, `MAGIC` included.
+    /// Bytes in the segment, its head included.
     pub(super) fn written(&self) -> u64 {
         self.written
     }
 
     /// Whether it holds no record.
     pub(super) fn is_empty(&self) -> bool {
-        self.written <= MAGIC.len() as u64
+        self.written <= HEAD as u64
     }
 
     /// Unmaps the whole pages before the one the next append begins in: no append touches them
@@ -268,20 +371,33 @@ impl Segment {
         Ok(())
     }
 
-    /// Writes `bytes` after what the segment holds. What does not fit in the mapping (a record
-    /// larger than a segment, or the requests carried into a new one) is written past its end,
-    /// growing the file. On an error the segment's length is unchanged (the bytes may be partly
-    /// written past it: zeros read as the end, or a torn last line, which replay skips).
+    /// Writes `frames` (`Line::encode`'s) after what the segment holds, their CRCs those of
+    /// this segment (`frame::seal`).
+    pub(super) fn append_frames(&mut self, frames: &mut [u8]) -> io::Result<()> {
+        frame::seal(frames, self.salt);
+        self.append(frames)
+    }
+
+    /// Writes `bytes` after what the segment holds, and the end mark after them first: a process
+    /// that dies in the middle leaves the mark that was before them, or a frame cut short. What
+    /// does not fit in the mapping (a record larger than a segment, or the requests carried into
+    /// a new one) is written past its end, growing the file. On an error the segment's length is
+    /// unchanged (the bytes may be partly written past it: a torn last frame, which replay stops
+    /// at).
     pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         let end = self.written.saturating_add(len);
-        let mapped = match (usize::try_from(self.written), usize::try_from(end)) {
-            (Ok(start), Ok(end)) => self.map.get_mut(start..end),
-            _ => None,
+        let (Ok(start), Ok(end_in_map)) = (usize::try_from(self.written), usize::try_from(end))
+        else {
+            return Err(io::Error::other("a journal segment past the address space"));
         };
-        match mapped {
-            Some(mapped) => mapped.copy_from_slice(bytes),
-            None => self.file.write_all_at(bytes, self.written)?,
+        if end_in_map <= self.map.len() {
+            // As much of the mark as the mapping holds: past it the file ends.
+            let mark = end_in_map..(end_in_map + END_MARK.len()).min(self.map.len());
+            self.map[mark.clone()].copy_from_slice(&END_MARK[..mark.len()]);
+            self.map[start..end_in_map].copy_from_slice(bytes);
+        } else {
+            self.file.write_all_at(bytes, self.written)?;
         }
         self.written = end;
         Ok(())

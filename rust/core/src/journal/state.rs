@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::record::{Line, Progress, Started};
-use super::segments::{Segment, prepare, segment_path};
+use super::segments::{Segment, prepare};
 use crate::thread_class;
 
 /// A request started and not yet ended.
@@ -194,21 +194,21 @@ impl State {
             }
         }
         if !buffer.is_empty()
-            && let Err(error) = self.append(&buffer)
+            && let Err(error) = self.append(&mut buffer)
         {
             tracing::error!(%error, "usage journal write failed");
         }
         self.buffer = buffer;
     }
 
-    /// Writes `bytes` after what the segment holds, sealing it first if they do not fit.
-    pub(super) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    /// Writes `frames` after what the segment holds, sealing it first if they do not fit.
+    pub(super) fn append(&mut self, frames: &mut [u8]) -> io::Result<()> {
+        let len = u64::try_from(frames.len()).unwrap_or(u64::MAX);
         let written = self.segment.written();
         if !self.segment.is_empty() && written.saturating_add(len) > self.segment_bytes {
             self.rotate()?;
         }
-        self.segment.append(bytes)?;
+        self.segment.append_frames(frames)?;
         self.unsynced_since.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -231,7 +231,7 @@ impl State {
                 Line::Progress { event_id, progress }.encode(&mut carried);
             }
         }
-        segment.append(&carried)?;
+        segment.append_frames(&mut carried)?;
         let sealed = std::mem::replace(&mut self.segment, segment);
         if self.unsynced_since.is_some() {
             self.sealed_unsynced.push(sealed.file().clone());
@@ -258,15 +258,15 @@ impl State {
         (files, since)
     }
 
-    /// The sealed segments the ledger has caught up with, no longer listed as sealed.
-    pub(super) fn take_committed(&mut self, committed: u64) -> Vec<(u64, Option<u64>, PathBuf)> {
-        let dir = self.dir.clone();
+    /// The sealed segments the ledger has caught up with, no longer listed as sealed: their
+    /// indexes and highest `seq`s.
+    pub(super) fn take_committed(&mut self, committed: u64) -> Vec<(u64, Option<u64>)> {
         let mut done = Vec::new();
         self.sealed.retain(|&(index, max_seq)| {
             if max_seq.is_some_and(|seq| seq >= committed) {
                 return true;
             }
-            done.push((index, max_seq, segment_path(&dir, index)));
+            done.push((index, max_seq));
             false
         });
         done

@@ -1,7 +1,7 @@
 //! The journal's syncer thread: at each tick it writes the starts and progress of the requests
 //! still open and `fdatasync`s what was written; with `Durability::Always` it also syncs as soon
-//! as an end waits, then tells the ends it synced. It deletes the sealed segments the ledger has
-//! caught up with. It never holds the journal's lock while the disk works.
+//! as an end waits, then tells the ends it synced. It retires the sealed segments the ledger has
+//! caught up with (`segments::retire`). It never holds the journal's lock while the disk works.
 //!
 //! With `Durability::Interval` no response waits for it, and while the process leaves CPU to
 //! spare it runs in the batch class (`thread_class::Chooser`): its wake-ups (the tick, each of
@@ -13,11 +13,11 @@
 //! the window a machine's loss costs twice as long: `tokengate_journal_unsynced_age_seconds`).
 //! With `Always`, responses wait for it, and it stays in the default class.
 
-use std::fs;
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::segments::retire;
 use super::state::{Shared, Sleep};
 use crate::config::Durability;
 use crate::thread_class::Chooser;
@@ -102,7 +102,7 @@ pub(super) fn run(shared: &Shared, durability: Durability) {
             waiting.clear();
         }
         if checkpoint {
-            delete_committed(shared);
+            retire_committed(shared);
         }
         if closed {
             if let Some(next) = shared.lock().take_next() {
@@ -113,15 +113,19 @@ pub(super) fn run(shared: &Shared, durability: Durability) {
     }
 }
 
-/// Deletes the sealed segments the ledger holds every event of; one that cannot be deleted stays
-/// listed, for the next checkpoint.
-fn delete_committed(shared: &Shared) {
+/// Retires the sealed segments the ledger holds every event of (`segments::retire`: kept as
+/// spares, or deleted); one that cannot be retired stays listed, for the next checkpoint.
+fn retire_committed(shared: &Shared) {
     let committed = shared.committed.load(Ordering::Relaxed);
-    let done = shared.lock().take_committed(committed);
+    let (done, dir, bytes) = {
+        let mut state = shared.lock();
+        let done = state.take_committed(committed);
+        (done, state.dir.clone(), state.segment_bytes)
+    };
     let mut kept = Vec::new();
-    for (index, max_seq, path) in done {
-        if let Err(error) = fs::remove_file(&path) {
-            tracing::warn!(%error, index, "could not delete a journal segment");
+    for (index, max_seq) in done {
+        if let Err(error) = retire(&dir, index, bytes) {
+            tracing::warn!(%error, index, "could not retire a journal segment");
             kept.push((index, max_seq));
         }
     }

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::frame::MAGIC;
+use super::frame::{HEAD, MAGIC_V2, head, salt, seal};
 use super::record::Record;
-use super::segments::{prepare, records as read_segment, replay, segment_path, segments};
+use super::segments::{
+    SPARES, prepare, records as read_segment, replay, retire, segment_path, segments,
+};
 use super::*;
 
 /// A fresh directory under the system's temp dir, removed on drop.
@@ -97,7 +99,7 @@ fn records(dir: &TempDir) -> Vec<Record> {
 
 /// Where the whole frames of a segment's bytes end.
 fn frames_end(bytes: &[u8]) -> usize {
-    let mut at = MAGIC.len();
+    let mut at = HEAD;
     loop {
         let len = bytes
             .get(at..at + 4)
@@ -341,22 +343,38 @@ fn replay_reads_segments_in_order_and_keeps_each_end_once_from_an_earlier_builds
     let mut first = Vec::new();
     Record::Start(started("a")).encode_json(&mut first);
     Record::Start(started("b")).encode_json(&mut first);
+    Record::Start(started("c")).encode_json(&mut first);
     Record::End(started("a").interrupted(None, 0)).encode_json(&mut first);
-    // The next in this build's frames, beginning with the starts of the requests still open
-    // when it did.
-    let mut second = MAGIC.to_vec();
-    Line::Start(&started("b")).encode(&mut second);
-    Line::End(&started("a").interrupted(None, 0)).encode(&mut second);
-    second.extend_from_slice(&[0; 64]);
-    // Named as earlier builds named their segments.
+    // The next in an earlier build's frames (CRCs of the payload alone, zeros after them),
+    // beginning with the starts of the requests still open when it did.
+    let mut frames = Vec::new();
+    Line::Start(&started("b")).encode(&mut frames);
+    Line::Start(&started("c")).encode(&mut frames);
+    Line::End(&started("a").interrupted(None, 0)).encode(&mut frames);
+    Line::End(&started("b").interrupted(None, 1)).encode(&mut frames);
+    seal(&mut frames, 0);
+    let second = [&MAGIC_V2[..], &frames, &[0; 64]].concat();
+    // Then this build's: its head, its frames salted by its index, its end mark and, past it,
+    // what the file held before (the frames of a segment it was before, unreadable as this one's).
+    let mut frames = Vec::new();
+    Line::Start(&started("c")).encode(&mut frames);
+    Line::End(&started("b").interrupted(None, 1)).encode(&mut frames);
+    let mut stale = frames.clone();
+    seal(&mut frames, salt(3));
+    seal(&mut stale, salt(2));
+    let third = [&head(3)[..], &frames, &[0; 8], &stale].concat();
+    // Named as the builds named their segments.
     fs::write(dir.join("journal-0000000001.jsonl"), first).unwrap_or_else(|e| panic!("{e}"));
     fs::write(segment_path(dir, 2), second).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(segment_path(dir, 3), &third).unwrap_or_else(|e| panic!("{e}"));
+    let read = read_segment(&third);
+    assert_eq!((read.records.len(), read.torn), (2, false));
     let found = segments(dir).unwrap_or_default();
     let (ended, open) = replay(&found).unwrap_or_default();
-    assert_eq!(ended.len(), 1);
-    assert_eq!(ended[0].event.event_id, "a");
+    let ended: Vec<&str> = ended.iter().map(|e| e.event.event_id.as_str()).collect();
+    assert_eq!(ended, ["a", "b"]);
     let open: Vec<&str> = open.iter().map(|(s, _)| s.event_id.as_str()).collect();
-    assert_eq!(open, ["b"]);
+    assert_eq!(open, ["c"]);
 }
 
 /// Records of `sizes` bytes each (a line of one repeated letter, a newline at its end).
@@ -380,8 +398,8 @@ fn appends_fill_a_segment_in_order_with_its_zeros_after_them_and_grow_it_only_pa
     let mut segment = prepare(&dir.0, 0, 3 * 4096 + 100).unwrap_or_else(|e| panic!("prepare: {e}"));
     let read = || fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
     // A segment begins with its format's mark.
-    assert_eq!(read()[..MAGIC.len()], MAGIC[..]);
-    let mut expected = MAGIC.to_vec();
+    assert_eq!(read()[..HEAD], head(0));
+    let mut expected = head(0).to_vec();
     let mut append = |segment: &mut super::segments::Segment, line: &[u8]| {
         segment
             .append(line)
@@ -463,7 +481,7 @@ fn an_append_reads_nothing_from_disk_after_the_page_cache_was_told_to_drop_the_s
     }
     assert_eq!(read_bytes(), before, "an append read from disk");
     let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
-    let bytes = &bytes[MAGIC.len()..];
+    let bytes = &bytes[HEAD..];
     assert_eq!(&bytes[..200], &records[1][..]);
     assert_eq!(
         &bytes[200..600],
@@ -507,7 +525,7 @@ fn the_pages_behind_the_appends_are_unmapped_and_a_sync_still_writes_them() {
             .release_written()
             .unwrap_or_else(|e| panic!("release: {e}"));
     };
-    let mut expected = MAGIC.to_vec();
+    let mut expected = head(0).to_vec();
     let records = lines(&[3000, 3000, 3000, 3300]);
     for record in &records[..3] {
         segment
@@ -545,6 +563,232 @@ fn the_pages_behind_the_appends_are_unmapped_and_a_sync_still_writes_them() {
     );
     assert_eq!(&bytes[..expected.len()], &expected[..]);
     assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+}
+
+/// The files of `dir` whose names end in `.{extension}`, sorted.
+fn files_ending(dir: &TempDir, extension: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(&dir.0)
+        .map(|entries| {
+            entries
+                .filter_map(|e| Some(e.ok()?.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == extension))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map_or_else(|e| panic!("{}: {e}", path.display()), |m| m.ino())
+}
+
+#[test]
+fn a_retired_segment_is_used_again_and_nothing_it_held_reads_as_the_new_one_s() {
+    let dir = TempDir::new("spare");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let bytes = 4 * 4096;
+    let mut old = prepare(&dir.0, 0, bytes).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let frames = |ids: std::ops::Range<u64>| {
+        let mut frames = Vec::new();
+        for seq in ids {
+            Line::End(&ended(&format!("old{seq}"), seq)).encode(&mut frames);
+        }
+        frames
+    };
+    let mut written = frames(0..60);
+    old.append_frames(&mut written)
+        .unwrap_or_else(|e| panic!("append: {e}"));
+    drop(old);
+    let path = segment_path(&dir.0, 0);
+    let before = fs::read(&path).unwrap_or_else(|e| panic!("read: {e}"));
+    let ino = inode(&path);
+    retire(&dir.0, 0, bytes).unwrap_or_else(|e| panic!("retire: {e}"));
+    assert!(!path.exists());
+    assert_eq!(files_ending(&dir, "spare").len(), 1);
+
+    // Segment 1 is the same file, its head and end mark rewritten and the rest as it was: not
+    // written again with zeros.
+    let mut new = prepare(&dir.0, 1, bytes).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let path = segment_path(&dir.0, 1);
+    assert_eq!(inode(&path), ino);
+    assert!(files_ending(&dir, "spare").is_empty());
+    let after = fs::read(&path).unwrap_or_else(|e| panic!("read: {e}"));
+    assert_eq!(after[..HEAD], head(1));
+    assert_eq!(after[HEAD..HEAD + 8], [0; 8]);
+    assert_eq!(after[HEAD + 8..], before[HEAD + 8..]);
+    let read = read_segment(&after);
+    assert_eq!((read.records.len(), read.torn), (0, false));
+    // Had its end mark not reached the disk, the earlier frames would still read as nothing
+    // of this segment's: their CRCs begin from segment 0's salt.
+    let unmarked = [&after[..HEAD], &before[HEAD..]].concat();
+    assert!(read_segment(&unmarked).records.is_empty());
+    assert!(!read_segment(&before).records.is_empty());
+
+    // What is appended reads back, and nothing after it.
+    let mut one = Vec::new();
+    Line::End(&ended("new", 60)).encode(&mut one);
+    new.append_frames(&mut one)
+        .unwrap_or_else(|e| panic!("append: {e}"));
+    let read = read_segment(&fs::read(&path).unwrap_or_else(|e| panic!("read: {e}")));
+    assert_eq!(kinds(&read.records), [("end", "new".to_owned())]);
+    assert!(!read.torn);
+    drop(new);
+
+    // At most `SPARES` are kept; one of another size is not used, and goes.
+    let more = 2..2 + SPARES as u64 + 1;
+    for index in more.clone() {
+        drop(prepare(&dir.0, index, bytes).unwrap_or_else(|e| panic!("prepare: {e}")));
+    }
+    for index in more {
+        retire(&dir.0, index, bytes).unwrap_or_else(|e| panic!("retire: {e}"));
+        assert!(!segment_path(&dir.0, index).exists());
+    }
+    assert_eq!(files_ending(&dir, "spare").len(), SPARES);
+    drop(prepare(&dir.0, 10, 2 * bytes).unwrap_or_else(|e| panic!("prepare: {e}")));
+    assert!(files_ending(&dir, "spare").is_empty());
+    let size = fs::metadata(segment_path(&dir.0, 10)).map_or(0, |m| m.len());
+    assert_eq!(size, 2 * bytes);
+}
+
+/// Of the `pages` pages mapped from `at`: how many are in the process's page tables, and how
+/// many of those are part of a large folio (`/proc/self/pagemap`, `/proc/kpageflags`: bits 15
+/// and 16, a compound page's head or tail). Page frame numbers read as zero without
+/// `CAP_SYS_ADMIN`, which the test tooling has (it installs Debian's packages).
+fn folios(at: usize, pages: usize) -> (usize, usize) {
+    use std::io::{Read, Seek, SeekFrom};
+    let open = |path: &str| fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let read_u64 = |file: &mut fs::File, index: u64| {
+        let mut word = [0u8; 8];
+        file.seek(SeekFrom::Start(index * 8))
+            .and_then(|_| file.read_exact(&mut word))
+            .unwrap_or_else(|e| panic!("{e}"));
+        u64::from_le_bytes(word)
+    };
+    let (mut pagemap, mut flags) = (open("/proc/self/pagemap"), open("/proc/kpageflags"));
+    let (mut present, mut large) = (0, 0);
+    for page in 0..pages {
+        let entry = read_u64(&mut pagemap, (at / 4096 + page) as u64);
+        if entry >> 63 == 0 {
+            continue;
+        }
+        present += 1;
+        let frame = entry & ((1 << 55) - 1);
+        assert_ne!(frame, 0, "page frame numbers need CAP_SYS_ADMIN");
+        let page_flags = read_u64(&mut flags, frame);
+        large += usize::from(page_flags & (0b11 << 15) != 0);
+    }
+    (present, large)
+}
+
+#[test]
+fn a_spare_the_page_cache_dropped_is_mapped_again_in_single_pages() {
+    use rustix::fs::{Advice, fadvise};
+
+    let dir = TempDir::on_disk("evicted");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    // A segment's default size: readahead reads the first megabytes of a file in single pages.
+    let bytes = 16 << 20;
+    let pages = bytes / 4096;
+    // The control: a file whose page cache was dropped, mapped and faulted in as a mapping
+    // usually is, comes back in part in large folios (readahead's). Were it not so here, this
+    // test would prove nothing.
+    let plain = dir.0.join("plain");
+    fs::write(&plain, vec![0u8; bytes]).unwrap_or_else(|e| panic!("write: {e}"));
+    let plain = fs::File::open(&plain).unwrap_or_else(|e| panic!("open: {e}"));
+    plain.sync_all().unwrap_or_else(|e| panic!("sync: {e}"));
+    fadvise(&plain, 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
+    #[expect(unsafe_code, reason = "a test's own file, mapped read-only")]
+    // SAFETY: nothing writes or shortens the file while it is mapped.
+    let control = unsafe { memmap2::MmapOptions::new().populate().map(&plain) }
+        .unwrap_or_else(|e| panic!("map: {e}"));
+    let (present, large) = folios(control.as_ptr() as usize, pages);
+    assert_eq!(present, pages);
+    assert!(
+        large > 0,
+        "readahead read no large folio: this kernel has none to avoid"
+    );
+    drop(control);
+
+    let segment = prepare(&dir.0, 0, bytes as u64).unwrap_or_else(|e| panic!("prepare: {e}"));
+    drop(segment);
+    retire(&dir.0, 0, bytes as u64).unwrap_or_else(|e| panic!("retire: {e}"));
+    let spare = files_ending(&dir, "spare");
+    let spare = fs::File::open(&spare[0]).unwrap_or_else(|e| panic!("open: {e}"));
+    fadvise(&spare, 0, None, Advice::DontNeed).unwrap_or_else(|e| panic!("fadvise: {e}"));
+    let segment = prepare(&dir.0, 1, bytes as u64).unwrap_or_else(|e| panic!("prepare: {e}"));
+    assert!(files_ending(&dir, "spare").is_empty(), "the spare was used");
+    assert_eq!(folios(segment.mapped_at(), pages), (pages, 0));
+}
+
+#[test]
+fn segments_made_of_spares_recover_only_what_was_written_into_them() {
+    let dir = TempDir::new("recycled");
+    let record = |journal: &Journal, prefix: &str, seqs: std::ops::Range<u64>| {
+        for seq in seqs {
+            let id = format!("{prefix}{seq}");
+            let slot = journal.start(started(&id));
+            let synced = journal.end(&ended(&id, seq), slot, true);
+            assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
+        }
+    };
+    let spared;
+    {
+        let (journal, _) = open(&dir, 4096, Durability::Always);
+        record(&journal, "old", 0..300);
+        journal.committed(299);
+        let marker = journal.end(&ended("marker", 300), None, true);
+        assert!(marker.is_some_and(|s| s.blocking_recv().is_ok()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while segments(&dir.0).unwrap_or_default().len() > 2 {
+            assert!(std::time::Instant::now() < deadline, "sealed segments kept");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        spared = files_ending(&dir, "spare")
+            .iter()
+            .map(|p| inode(p))
+            .collect::<Vec<_>>();
+        assert_eq!(spared.len(), SPARES);
+        // Enough for the spares to become segments again: each holds records of the first
+        // 300 after the new ones.
+        record(&journal, "new", 301..600);
+        let live: Vec<u64> = segments(&dir.0)
+            .unwrap_or_default()
+            .iter()
+            .map(|(_, p)| inode(p))
+            .collect();
+        assert!(
+            spared.iter().all(|ino| live.contains(ino)),
+            "the spares were used again"
+        );
+    }
+    // Every segment reads to its end mark (`records` asserts none is torn). Recovery gives back
+    // the ends of the segment that was live when the ledger caught up (a run of the last of
+    // the first 300, then the marker) and the 299 new ones, each once, in order: nothing of
+    // what the spares held before.
+    let _ = records(&dir);
+    let (_, recovered) = open(&dir, 4096, Durability::Always);
+    let ids: Vec<String> = recovered
+        .events
+        .iter()
+        .map(|e| e.event.event_id.clone())
+        .collect();
+    let marker = ids.iter().position(|id| id == "marker");
+    let marker = marker.unwrap_or_else(|| panic!("no marker in {ids:?}"));
+    let first = 300 - marker as u64;
+    assert!(first > 0, "{ids:?}");
+    let expected: Vec<String> = (first..300)
+        .map(|seq| format!("old{seq}"))
+        .chain(std::iter::once("marker".to_owned()))
+        .chain((301..600).map(|seq| format!("new{seq}")))
+        .collect();
+    assert_eq!(ids, expected);
+    assert_eq!(recovered.next_seq, 600);
+    assert!(
+        files_ending(&dir, "spare").is_empty(),
+        "a new process begins without spares"
+    );
 }
 
 #[test]

@@ -14,15 +14,17 @@
 //!   syncer syncs as soon as anyone waits, so the ends written during one sync share the next (a
 //!   group commit).
 //!
-//! Segments are prepared ahead of use (zero-filled, synced, named, mapped), the next one in the
-//! background. A segment is sealed once the next records do not fit; the next one begins with
-//! the start (and last progress) of every open request whose start was written, so each segment
-//! holds what recovery needs of the requests that were open when it began. A sealed segment is
-//! deleted once the ledger holds every event it recorded (`committed`). On open, the segments
-//! left by the previous process are read: their ended events are recorded again (the ledger
-//! ignores an event id it has), requests that had started and not ended become `interrupted`
-//! events billed for their last progress, all of it goes into a new segment, synced, and the old
-//! segments are deleted.
+//! Segments are prepared ahead of use (a spare used again, or a new file of zeros; its head
+//! synced, named, mapped), the next one in the background. A segment is sealed once the next
+//! records do not fit; the next one begins with the start (and last progress) of every open
+//! request whose start was written, so each segment holds what recovery needs of the requests
+//! that were open when it began. A sealed segment is retired once the ledger holds every event it
+//! recorded (`committed`): kept as one of the spares the next segments are made of, as
+//! PostgreSQL recycles its WAL segments, or deleted. On open, the segments left by the previous
+//! process are read: their ended events are recorded again (the ledger ignores an event id it
+//! has), requests that had started and not ended become `interrupted` events billed for their
+//! last progress, all of it goes into a new segment, synced, and the old segments and spares are
+//! deleted.
 //!
 //! A lock file keeps a second process out of a journal in use.
 
@@ -104,7 +106,7 @@ impl Journal {
         for event in &events {
             Line::End(event).encode(&mut buffer);
         }
-        segment.append(&buffer)?;
+        segment.append_frames(&mut buffer)?;
         segment.file().sync_data()?;
         for (_, path) in &old {
             fs::remove_file(path)?;
@@ -221,7 +223,7 @@ impl Journal {
         let mut buffer = std::mem::take(&mut state.buffer);
         buffer.clear();
         Line::End(ended).encode(&mut buffer);
-        let result = state.append(&buffer);
+        let result = state.append(&mut buffer);
         state.buffer = buffer;
         if let Err(error) = result {
             // The event stays in memory, on its way to the ledger.
