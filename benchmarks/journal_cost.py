@@ -29,6 +29,12 @@ round); the other figures are medians over rounds. Results: a section of
 rounds as you ask: each ratio, throughput and CPU per request, with a 95% interval of its median
 (bootstrap over rounds), in a section of its own. On a shared 2-core machine one round's ratio
 moves by 7 to 10 points, and 50 rounds (about 27 minutes) narrow the interval to 4 to 6.
+
+`--pool REPORT...` runs nothing: it pools the rounds of earlier `--saturation-only` runs (their
+raw reports in `benchmarks/out/`), each round paired within its own run, and prints each ratio's
+median with its interval over all of them.
+
+    python benchmarks/journal_cost.py --pool benchmarks/out/journal-resolved-*.json
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import random
 import shutil
 import statistics
@@ -342,6 +349,50 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
     return "\n".join(lines)
 
 
+def pooled_ratios(reports: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Each mode's paired ratios to "memory" over the rounds of every report (a
+    `--saturation-only` run's raw report), a round paired within its own run: by mode, then by
+    `interval`'s and the control's throughput (`rps`) and CPU a request (`cpu`)."""
+    pooled: dict[str, dict[str, list[float]]] = {}
+    for report in reports:
+        for mode, rounds in report["runs"].items():
+            results = [Saturation(**r) for r in rounds]
+            ratios = pooled.setdefault(mode, {})
+            for name in ("interval", CONTROL):
+                for pick in ("rps", "cpu"):
+                    values = paired_ratios(results, name, "memory", pick)
+                    ratios.setdefault(f"{name} {pick}", []).extend(values)
+    return pooled
+
+
+def pooled_table(pooled: dict[str, dict[str, list[float]]]) -> str:
+    """`--pool`'s table: each ratio's median over the pooled rounds, with its interval."""
+    lines = [
+        "| mode | rounds | throughput interval / memory | throughput control / memory "
+        "| CPU a request interval / memory | CPU a request control / memory |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, ratios in pooled.items():
+        cells = []
+        for key in ("interval rps", f"{CONTROL} rps", "interval cpu", f"{CONTROL} cpu"):
+            values = ratios.get(key, [])
+            if values:
+                low, high = median_interval(values)
+                cells.append(f"**{statistics.median(values):.3f}** ({low:.3f} to {high:.3f})")
+            else:
+                cells.append("—")
+        rounds = len(ratios.get("interval rps", []))
+        lines.append(f"| {mode} | {rounds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pool(paths: list[Path]) -> int:
+    reports = [json.loads(path.read_text()) for path in paths]
+    print(f"Pooled: {', '.join(path.name for path in paths)}\n")
+    print(pooled_table(pooled_ratios(reports)))
+    return 0
+
+
 def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
     runs: dict[str, list[Saturation]] = {}
     with (
@@ -373,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--saturation-only", action="store_true")
     parser.add_argument("--journal-dir", type=Path)
+    parser.add_argument("--pool", type=Path, nargs="+")
     args, rest = parser.parse_known_args(argv)
+    if args.pool:
+        return pool(args.pool)
     settings = parse_args(rest, __doc__)
     if args.saturation_only:
         return saturation_only(settings, argv, args.journal_dir)

@@ -3,9 +3,12 @@ the interval of their median, and the section `--saturation-only` writes."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support import ROOT
 
@@ -93,3 +96,51 @@ def test_the_file_system_is_named_by_type_and_source(tmp_path: Path) -> None:
     mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert named != "unknown"
     assert named.split()[0] in {fields[2] for fields in mounts}
+
+
+def report(*rounds_of: tuple[float, float]) -> dict[str, object]:
+    """A `--saturation-only` raw report of one mode: each round `memory` at 10,000 req/s, and
+    `interval` and the control at the given throughputs, every gateway at 100% of its core."""
+    runs = []
+    for r, (interval, control) in enumerate(rounds_of):
+        runs += [
+            vars(saturation(r, "memory", 10_000.0, 1.0)),
+            vars(saturation(r, "interval", interval, 1.0)),
+            vars(saturation(r, journal_cost.CONTROL, control, 1.0)),
+        ]
+    return {"runs": {"completions": runs}}
+
+
+def test_pooled_rounds_are_paired_within_their_own_run() -> None:
+    # Both runs number their rounds from 0: a round of one is never paired with the other's.
+    first = report((9_500.0, 10_000.0), (9_000.0, 10_500.0))
+    second = report((9_800.0, 9_900.0))
+    pooled = journal_cost.pooled_ratios([first, second])
+    ratios = pooled["completions"]
+    assert ratios["interval rps"] == [0.95, 0.9, 0.98]
+    assert ratios[f"{journal_cost.CONTROL} rps"] == [1.0, 1.05, 0.99]
+    # At the same share of the core, CPU a request goes as throughput's inverse.
+    assert [round(x, 4) for x in ratios["interval cpu"]] == [1.0526, 1.1111, 1.0204]
+    table = journal_cost.pooled_table(pooled)
+    row = next(line for line in table.splitlines() if line.startswith("| completions |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:2] == ["completions", "3"]
+    assert cells[2].startswith("**0.950** (")
+    assert cells[3].startswith("**1.000** (")
+
+
+def test_pool_reads_the_raw_reports_and_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    for name, data in (
+        ("a.json", report((9_500.0, 10_000.0))),
+        ("b.json", report((9_700.0, 10_000.0))),
+    ):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        paths.append(path)
+    assert journal_cost.main(["--pool", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "Pooled: a.json, b.json" in out
+    assert "| completions | 2 | **0.960** (0.950 to 0.970) |" in out
