@@ -546,10 +546,29 @@ class Harness:
 
 
 @contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """Within it, SIGTERM and SIGHUP raise `SystemExit` (128 + the signal, as a shell reports
+    a process the signal ended) in the main thread instead of ending the process where it
+    stands: the `finally` blocks run, so a benchmark stopped by `kill` or a closed terminal
+    stops the services it started. The handlers before it are put back on the way out."""
+
+    def exit_on(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def open_harness(script: str, settings: Settings, argv: list[str] | None) -> Iterator[Harness]:
     """Checks the machine, builds loadgen if needed and makes a work directory for `script` (a
-    file name in benchmarks/); on the way out stops every service, newest first, and removes
-    the directory after a clean run (after a failure it stays, with the services' logs)."""
+    file name in benchmarks/); on the way out, `kill` included (`terminate_raises`), stops
+    every service, newest first, and removes the directory after a clean run (after a failure
+    it stays, with the services' logs)."""
     command = shlex.join(
         ["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -560,7 +579,8 @@ def open_harness(script: str, settings: Settings, argv: list[str] | None) -> Ite
     workdir = Path(tempfile.mkdtemp(prefix=f"tokengate-{Path(script).stem}-"))
     run = Harness(command, stamp, host, workdir)
     try:
-        yield run
+        with terminate_raises():
+            yield run
     except BaseException:
         print(f"logs kept in {workdir}", file=sys.stderr)
         raise

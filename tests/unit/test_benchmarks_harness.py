@@ -1,0 +1,68 @@
+"""`benchmarks/harness.py`'s lifetime: a benchmark ended by a signal still stops what it
+started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.support import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import terminate_raises
+
+# A benchmark in miniature: a service started, then a wait the signal ends.
+SCRIPT = textwrap.dedent(
+    f"""
+    import subprocess, sys, time
+    sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "benchmarks")!r}]
+    from harness import terminate_raises
+    with terminate_raises():
+        service = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            print(service.pid, flush=True)
+            time.sleep(600)
+        finally:
+            service.kill()
+            service.wait()
+            print("stopped", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_runs_the_cleanup_that_stops_the_services(signum: signal.Signals) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert bench.stdout is not None
+    service = int(bench.stdout.readline())
+    try:
+        bench.send_signal(signum)
+        out, err = bench.communicate(timeout=60)
+        assert bench.returncode == 128 + signum, err
+        assert out.strip() == "stopped"
+        # Reaped by the cleanup: the pid names no process.
+        with pytest.raises(ProcessLookupError):
+            os.kill(service, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service, signal.SIGKILL)
+
+
+def test_the_handlers_before_it_are_put_back() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    with terminate_raises():
+        for sig in before:
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, before[sig])
+    assert {sig: signal.getsignal(sig) for sig in before} == before
