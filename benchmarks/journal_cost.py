@@ -303,13 +303,14 @@ def start_gateways(
 RESOLVED = ("memory", "interval", CONTROL)
 
 
+def median_cell(values: list[float]) -> str:
+    """A table cell: the median of `values`, in bold, and the 95% interval of it."""
+    low, high = median_interval(values)
+    return f"**{statistics.median(values):.3f}** ({low:.3f} to {high:.3f})"
+
+
 def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) -> str:
     """`--saturation-only`'s section: each ratio with the interval its rounds resolve."""
-
-    def cell(values: list[float]) -> str:
-        low, high = median_interval(values)
-        return f"**{statistics.median(values):.3f}** ({low:.3f} to {high:.3f})"
-
     lines = [
         RESOLVED_BEGIN,
         "## The usage journal at saturation, resolved: interval against events in memory",
@@ -333,7 +334,7 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
             f"| {mode} | {median_of(results, 'memory', 'rps'):,.0f} "
             f"| {median_of(results, 'interval', 'rps'):,.0f} | "
             + " | ".join(
-                cell(paired_ratios(results, name, "memory", pick))
+                median_cell(paired_ratios(results, name, "memory", pick))
                 for pick in ("rps", "cpu")
                 for name in ("interval", CONTROL)
             )
@@ -373,14 +374,10 @@ def pooled_table(pooled: dict[str, dict[str, list[float]]]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for mode, ratios in pooled.items():
-        cells = []
-        for key in ("interval rps", f"{CONTROL} rps", "interval cpu", f"{CONTROL} cpu"):
-            values = ratios.get(key, [])
-            if values:
-                low, high = median_interval(values)
-                cells.append(f"**{statistics.median(values):.3f}** ({low:.3f} to {high:.3f})")
-            else:
-                cells.append("—")
+        cells = [
+            median_cell(ratios[key]) if ratios.get(key) else "—"
+            for key in ("interval rps", f"{CONTROL} rps", "interval cpu", f"{CONTROL} cpu")
+        ]
         rounds = len(ratios.get("interval rps", []))
         lines.append(f"| {mode} | {rounds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
