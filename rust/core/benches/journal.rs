@@ -14,7 +14,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use gateway_core::journal::{Durability, Ended, Journal, Line, Options, Started};
+use gateway_core::journal::{Durability, Ended, Journal, Line, Names, Options};
 use gateway_core::request::Endpoint;
 use gateway_core::thread_class;
 use gateway_core::usage::{Status, UsageEvent, UsageSource};
@@ -82,6 +82,8 @@ fn main() {
     };
     let (journal, _) = Journal::open(&dir, options).unwrap_or_else(|e| panic!("open: {e}"));
     let mut line = Vec::with_capacity(1024);
+    // A segment's names, defined by the first record: the rest refer to them.
+    let mut names = Names::default();
     let mut bytes = 0;
     let (encode_ns, _) = per_request_ns(n, |i| {
         line.clear();
@@ -89,7 +91,7 @@ fn main() {
             seq: i,
             event: black_box(event(i)),
         })
-        .encode(&mut line);
+        .encode(&mut line, &mut names);
         bytes = line.len();
     });
     let (make_ns, _) = per_request_ns(n, |i| {
@@ -103,7 +105,7 @@ fn main() {
             seq: i,
             event: event(i),
         };
-        let slot = journal.start(Started::of(&ended.event));
+        let slot = journal.start(&ended.event);
         assert!(journal.end(&ended, slot, true).is_none());
         // The ledger catching up, as the gateway's does every `control.usage_flush_ms`: sealed
         // segments are retired.

@@ -1,8 +1,13 @@
 //! The journal's records on disk: each a frame, `len` (u32, little-endian: the payload's bytes, at
 //! least one) then `crc` (u32, little-endian) then the payload, a kind byte and the record's
 //! fields. Integers are LEB128 varints, strings a varint length and UTF-8 bytes, enums one byte
-//! each. An end record is about 200 bytes, where its JSON line was 500: the page cache, the disk
-//! and the segments carry a request's record in fewer pages.
+//! each. A segment's names (its records' tenants, keys, models and workers) are written once
+//! each, in a `NAME` frame of their own, and referred to by their place among the segment's
+//! names after that (`Names`); an event id the gateway minted (a UUID, lowercase and hyphenated)
+//! is written as its 16 bytes; an end's finish as the milliseconds after its start. An end
+//! record is about 50 bytes, where its JSON line was 500: the page cache, the disk and the
+//! segments carry a request's record in fewer pages, and a request's thread waits on fewer new
+//! cache lines as it copies it.
 //!
 //! A segment begins with its head: `MAGIC` and its index (u64, little-endian). A frame's `crc` is
 //! the CRC-32 of its payload begun from the segment's salt (`salt`, from the index), so a frame
@@ -11,18 +16,26 @@
 //! none of them reads as a record of the new segment. An append ends with eight zeros, where the
 //! next frame's header goes: the end of what was written. The frame at the end of what a crashed
 //! process wrote may be cut short, or, where the process died in the middle of the copy, hold
-//! some of its bytes and not others: its length or its CRC tells, and reading stops there.
-//! Segments of earlier builds are read too: frames after `MAGIC_V2`, with the CRC of the payload
-//! alone and zeros to their end, and JSON lines (`Record::decode`).
+//! some of its bytes and not others: its length or its CRC tells, and reading stops there. So a
+//! whole frame comes after every `NAME` it refers to.
+//! Segments of earlier builds are read too: frames after `MAGIC_V3` (every string written out),
+//! frames after `MAGIC_V2` (the same, with the CRC of the payload alone and zeros to their end),
+//! and JSON lines (`Record::decode`).
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::record::{Ended, Line, Progress, Record, Started};
 use crate::request::Endpoint;
 use crate::usage::{Status, UsageEvent, UsageSource};
 
 /// The first bytes of a segment of this build's frames, followed by its index.
-pub(super) const MAGIC: &[u8; 8] = b"TGJRNL3\n";
+pub(super) const MAGIC: &[u8; 8] = b"TGJRNL4\n";
+/// The first bytes of a segment of an earlier build's salted frames, every string written out.
+pub(super) const MAGIC_V3: &[u8; 8] = b"TGJRNL3\n";
 /// The first bytes of a segment of an earlier build's frames (CRCs of the payload alone).
 pub(super) const MAGIC_V2: &[u8; 8] = b"TGJRNL2\n";
 /// A segment's head: `MAGIC` and the segment's index.
@@ -33,6 +46,15 @@ pub(super) const HEAD: usize = 16;
 pub(super) const HEADER: usize = 8;
 /// What follows the last frame written: a frame header of zeros.
 pub(super) const END_MARK: [u8; HEADER] = [0; HEADER];
+
+/// How a segment's payloads are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Format {
+    /// This build's (`MAGIC`): names, event ids and finishes as the module's documentation says.
+    Named,
+    /// Earlier builds' (`MAGIC_V3`, `MAGIC_V2`): every string written out, times whole.
+    Spelled,
+}
 
 /// The head of segment `index`.
 pub(super) fn head(index: u64) -> [u8; HEAD] {
@@ -77,69 +99,210 @@ fn crc(payload: &[u8], salt: u32) -> u32 {
 const START: u8 = 1;
 const PROGRESS: u8 = 2;
 const END: u8 = 3;
+/// One of the segment's names: the rest of the payload.
+const NAME: u8 = 4;
 
-/// Flags of a start or end record.
+/// Flags of a start, progress or end record.
 const SAME_REQUEST_ID: u8 = 1;
 const STREAM: u8 = 2;
 const WORKER: u8 = 4;
+/// The event id is a UUID written as its 16 bytes.
+const EVENT_UUID: u8 = 8;
 
-impl Line<'_> {
-    /// Appends the record's frame to `out`, its CRC left for the segment it goes to (`seal`).
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let at = out.len();
-        out.extend_from_slice(&[0; HEADER]);
-        match self {
-            Line::Start(started) => start(out, started),
-            Line::Progress { event_id, progress } => progress_payload(out, event_id, progress),
-            Line::End(ended) => end(out, ended),
+/// The names a segment has defined so far, each with its place among them. A name field is a
+/// varint: 0 and the string written out, or 1 + the name's place. The table holds at most
+/// `Names::MAX` names of at most `Names::MAX_LEN` bytes (a model is the client's to name); others
+/// are written out.
+#[derive(Debug, Default)]
+pub struct Names {
+    places: HashMap<Box<str>, u64, NameHash>,
+    /// The names by place.
+    names: Vec<Box<str>>,
+    /// The place each field (`Field`) last referred to: a request's names are most often the
+    /// previous request's, found with a comparison and no hash.
+    last: [usize; 4],
+}
+
+/// The fields that refer to names.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Tenant,
+    Key,
+    Model,
+    Worker,
+}
+
+impl Names {
+    const MAX: usize = 4096;
+    const MAX_LEN: usize = 256;
+
+    /// How many names the segment has defined.
+    pub(super) fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Forgets the names defined from place `len` on: those of frames that were never written.
+    pub(super) fn truncate(&mut self, len: usize) {
+        if self.names.len() > len {
+            self.names.truncate(len);
+            self.places.retain(|_, &mut place| place < len as u64);
         }
-        // A record's strings are bounded by the request limits, far below 4 GiB.
-        let len = u32::try_from(out.len() - at - HEADER).unwrap_or(u32::MAX);
-        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// The field that refers to `name`, its `NAME` frame appended to `out` first if it is new.
+    fn refer(&mut self, field: Field, name: &str, out: &mut Vec<u8>) -> u64 {
+        let last = &mut self.last[field as usize];
+        if self.names.get(*last).is_some_and(|known| **known == *name) {
+            return *last as u64 + 1;
+        }
+        if let Some(&place) = self.places.get(name) {
+            *last = place as usize;
+            return place + 1;
+        }
+        if name.len() > Self::MAX_LEN || self.names.len() >= Self::MAX {
+            return 0;
+        }
+        let place = self.names.len();
+        frame(out, |out| {
+            out.push(NAME);
+            out.extend_from_slice(name.as_bytes());
+        });
+        self.places.insert(name.into(), place as u64);
+        self.names.push(name.into());
+        *last = place;
+        place as u64 + 1
     }
 }
 
-fn start(out: &mut Vec<u8>, s: &Started) {
+/// Hashes a name in one pass of `xxh3_64`, from a seed drawn for each table (a model's name is
+/// the client's to choose).
+#[derive(Debug, Clone, Copy)]
+struct NameHash(u64);
+
+impl Default for NameHash {
+    fn default() -> Self {
+        Self(RandomState::new().hash_one(0u8))
+    }
+}
+
+impl BuildHasher for NameHash {
+    type Hasher = NameHasher;
+
+    fn build_hasher(&self) -> NameHasher {
+        NameHasher(self.0)
+    }
+}
+
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxh3_64_with_seed(bytes, self.0);
+    }
+
+    /// The end mark `str`'s `Hash` writes after the bytes: mixed in without another pass.
+    fn write_u8(&mut self, byte: u8) {
+        self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Line<'_> {
+    /// Appends the record's frame to `out`, after a `NAME` frame for each of its names that
+    /// `names` (the segment's) does not hold yet; its CRCs are left for the segment the frames go
+    /// to (`seal`).
+    pub fn encode(&self, out: &mut Vec<u8>, names: &mut Names) {
+        match self {
+            Line::Start(started) => {
+                let refs = [
+                    names.refer(Field::Tenant, &started.tenant_id, out),
+                    names.refer(Field::Key, &started.key_id, out),
+                    names.refer(Field::Model, &started.model, out),
+                ];
+                frame(out, |out| start(out, started, refs));
+            }
+            Line::Progress { event_id, progress } => {
+                frame(out, |out| progress_payload(out, event_id, progress));
+            }
+            Line::End(ended) => {
+                let e = &ended.event;
+                let refs = [
+                    names.refer(Field::Tenant, &e.tenant_id, out),
+                    names.refer(Field::Key, &e.key_id, out),
+                    names.refer(Field::Model, &e.model, out),
+                    e.worker
+                        .as_ref()
+                        .map_or(0, |w| names.refer(Field::Worker, w, out)),
+                ];
+                frame(out, |out| end(out, ended, refs));
+            }
+        }
+    }
+}
+
+/// Appends a frame of the payload `payload` writes, its CRC left zero.
+fn frame(out: &mut Vec<u8>, payload: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    payload(out);
+    // A record's strings are bounded by the request limits, far below 4 GiB.
+    let len = u32::try_from(out.len() - at - HEADER).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn start(out: &mut Vec<u8>, s: &Started, [tenant, key, model]: [u64; 3]) {
     let same = s.request_id == s.event_id;
+    let uuid = uuid_bytes(&s.event_id);
     out.push(START);
-    out.push(flag(same, SAME_REQUEST_ID) | flag(s.stream, STREAM));
-    string(out, &s.event_id);
+    out.push(
+        flag(same, SAME_REQUEST_ID) | flag(s.stream, STREAM) | flag(uuid.is_some(), EVENT_UUID),
+    );
+    event_id(out, &s.event_id, uuid);
     if !same {
         string(out, &s.request_id);
     }
-    string(out, &s.tenant_id);
-    string(out, &s.key_id);
-    string(out, &s.model);
+    name(out, tenant, &s.tenant_id);
+    name(out, key, &s.key_id);
+    name(out, model, &s.model);
     out.push(endpoint_code(s.endpoint));
     varint(out, s.started_at_ms);
 }
 
-fn progress_payload(out: &mut Vec<u8>, event_id: &str, p: &Progress) {
+fn progress_payload(out: &mut Vec<u8>, id: &str, p: &Progress) {
+    let uuid = uuid_bytes(id);
     out.push(PROGRESS);
-    string(out, event_id);
+    out.push(flag(uuid.is_some(), EVENT_UUID));
+    event_id(out, id, uuid);
     varint(out, p.prompt_tokens);
     varint(out, p.completion_tokens);
     varint(out, p.cached_tokens);
     varint(out, p.at_ms);
 }
 
-fn end(out: &mut Vec<u8>, ended: &Ended) {
+fn end(out: &mut Vec<u8>, ended: &Ended, [tenant, key, model, worker]: [u64; 4]) {
     let e = &ended.event;
     let same = e.request_id == e.event_id;
+    let uuid = uuid_bytes(&e.event_id);
     out.push(END);
     out.push(
-        flag(same, SAME_REQUEST_ID) | flag(e.stream, STREAM) | flag(e.worker.is_some(), WORKER),
+        flag(same, SAME_REQUEST_ID)
+            | flag(e.stream, STREAM)
+            | flag(e.worker.is_some(), WORKER)
+            | flag(uuid.is_some(), EVENT_UUID),
     );
     varint(out, ended.seq);
-    string(out, &e.event_id);
+    event_id(out, &e.event_id, uuid);
     if !same {
         string(out, &e.request_id);
     }
-    string(out, &e.tenant_id);
-    string(out, &e.key_id);
-    string(out, &e.model);
-    if let Some(worker) = &e.worker {
-        string(out, worker);
+    name(out, tenant, &e.tenant_id);
+    name(out, key, &e.key_id);
+    name(out, model, &e.model);
+    if let Some(w) = &e.worker {
+        name(out, worker, w);
     }
     out.push(endpoint_code(e.endpoint));
     out.push(status_code(e.status));
@@ -149,7 +312,8 @@ fn end(out: &mut Vec<u8>, ended: &Ended) {
     varint(out, e.cached_tokens);
     varint(out, e.completion_tokens);
     varint(out, e.started_at_ms);
-    varint(out, e.finished_at_ms);
+    // Wrapping: a finish before the start (a clock stepped back) still reads back as written.
+    varint(out, e.finished_at_ms.wrapping_sub(e.started_at_ms));
 }
 
 fn flag(set: bool, bit: u8) -> u8 {
@@ -168,6 +332,45 @@ fn varint(out: &mut Vec<u8>, mut n: u64) {
 fn string(out: &mut Vec<u8>, s: &str) {
     varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
+}
+
+/// A name field: its reference (`Names::refer`), and the name written out after a 0.
+fn name(out: &mut Vec<u8>, reference: u64, s: &str) {
+    varint(out, reference);
+    if reference == 0 {
+        string(out, s);
+    }
+}
+
+fn event_id(out: &mut Vec<u8>, id: &str, uuid: Option<[u8; 16]>) {
+    match uuid {
+        Some(bytes) => out.extend_from_slice(&bytes),
+        None => string(out, id),
+    }
+}
+
+/// The 16 bytes of `id` if it is a UUID as the gateway writes one (lowercase, hyphenated), so
+/// that it reads back as the same string; `None` for any other id.
+fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    /// Where each byte's two digits begin, past the hyphens.
+    const DIGITS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+    let id: &[u8; 36] = id.as_bytes().try_into().ok()?;
+    if [id[8], id[13], id[18], id[23]] != [b'-'; 4] {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (byte, at) in bytes.iter_mut().zip(DIGITS) {
+        *byte = hex(id[at])? << 4 | hex(id[at + 1])?;
+    }
+    Some(bytes)
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
 }
 
 fn endpoint_code(endpoint: Endpoint) -> u8 {
@@ -205,10 +408,13 @@ pub(super) struct Read {
     pub(super) torn: bool,
 }
 
-/// The records of `data`, the bytes of a segment after its head, whose frames' CRCs begin from
-/// `salt`.
-pub(super) fn read(mut data: &[u8], salt: u32) -> Read {
+/// The records of `data`, the bytes of a segment after its head, written in `format`, whose
+/// frames' CRCs begin from `salt`.
+pub(super) fn read(mut data: &[u8], salt: u32, format: Format) -> Read {
     let mut read = Read::default();
+    // The segment's names so far; `None` for a `NAME` frame that is no name, whose records are
+    // unreadable.
+    let mut names: Vec<Option<Arc<str>>> = Vec::new();
     while data.len() >= HEADER {
         let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
@@ -221,9 +427,14 @@ pub(super) fn read(mut data: &[u8], salt: u32) -> Read {
             .and_then(|len| data.get(HEADER..HEADER.checked_add(len)?));
         match payload {
             Some(payload) if len > 0 && self::crc(payload, salt) == crc => {
-                match decode(payload) {
-                    Some(record) => read.records.push(record),
-                    None => read.unreadable += 1,
+                match payload.split_first() {
+                    Some((&NAME, name)) if format == Format::Named => {
+                        names.push(std::str::from_utf8(name).ok().map(Arc::from));
+                    }
+                    _ => match decode(payload, format, &names) {
+                        Some(record) => read.records.push(record),
+                        None => read.unreadable += 1,
+                    },
                 }
                 data = &data[HEADER + payload.len()..];
             }
@@ -238,12 +449,16 @@ pub(super) fn read(mut data: &[u8], salt: u32) -> Read {
 }
 
 /// A payload's fields, read in order; `None` past the end or on a value out of range.
-struct Fields<'a>(&'a [u8]);
+struct Fields<'a> {
+    bytes: &'a [u8],
+    format: Format,
+    names: &'a [Option<Arc<str>>],
+}
 
 impl<'a> Fields<'a> {
     fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
+        let (&b, rest) = self.bytes.split_first()?;
+        self.bytes = rest;
         Some(b)
     }
 
@@ -266,12 +481,52 @@ impl<'a> Fields<'a> {
 
     fn str(&mut self) -> Option<&'a str> {
         let len = usize::try_from(self.varint()?).ok()?;
-        if len > self.0.len() {
+        if len > self.bytes.len() {
             return None;
         }
-        let (s, rest) = self.0.split_at(len);
-        self.0 = rest;
+        let (s, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
         std::str::from_utf8(s).ok()
+    }
+
+    /// A name field: written out, or one of the segment's names.
+    fn name(&mut self) -> Option<Arc<str>> {
+        if self.format == Format::Spelled {
+            return self.str().map(Arc::from);
+        }
+        match self.varint()? {
+            0 => self.str().map(Arc::from),
+            reference => {
+                let place = usize::try_from(reference - 1).ok()?;
+                self.names.get(place)?.clone()
+            }
+        }
+    }
+
+    fn event_id(&mut self, flags: u8) -> Option<String> {
+        if self.format == Format::Named && flags & EVENT_UUID != 0 {
+            let (bytes, rest) = self.bytes.split_first_chunk::<16>()?;
+            self.bytes = rest;
+            return Some(uuid::Uuid::from_bytes(*bytes).hyphenated().to_string());
+        }
+        self.str().map(str::to_owned)
+    }
+
+    /// A progress record's flags: none before `Format::Named`.
+    fn progress_flags(&mut self) -> Option<u8> {
+        match self.format {
+            Format::Named => self.byte(),
+            Format::Spelled => Some(0),
+        }
+    }
+
+    /// An end's finish, after its start.
+    fn finished(&mut self, started_at_ms: u64) -> Option<u64> {
+        let n = self.varint()?;
+        Some(match self.format {
+            Format::Named => started_at_ms.wrapping_add(n),
+            Format::Spelled => n,
+        })
     }
 
     fn endpoint(&mut self) -> Option<Endpoint> {
@@ -312,64 +567,81 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn decode(payload: &[u8]) -> Option<Record> {
-    let mut f = Fields(payload);
+fn decode(payload: &[u8], format: Format, names: &[Option<Arc<str>>]) -> Option<Record> {
+    let mut f = Fields {
+        bytes: payload,
+        format,
+        names,
+    };
     let record = match f.byte()? {
         START => {
             let flags = f.byte()?;
-            let event_id = f.str()?;
+            let event_id = f.event_id(flags)?;
             Record::Start(Started {
-                request_id: f.request_id(flags, event_id)?,
-                event_id: event_id.to_owned(),
-                tenant_id: Arc::from(f.str()?),
-                key_id: Arc::from(f.str()?),
-                model: f.str()?.to_owned(),
+                request_id: f.request_id(flags, &event_id)?,
+                event_id,
+                tenant_id: f.name()?,
+                key_id: f.name()?,
+                model: f.name()?.to_string(),
                 endpoint: f.endpoint()?,
                 stream: flags & STREAM != 0,
                 started_at_ms: f.varint()?,
             })
         }
-        PROGRESS => Record::Progress {
-            event_id: f.str()?.to_owned(),
-            progress: Progress {
-                prompt_tokens: f.varint()?,
-                completion_tokens: f.varint()?,
-                cached_tokens: f.varint()?,
-                at_ms: f.varint()?,
-            },
-        },
+        PROGRESS => {
+            let flags = f.progress_flags()?;
+            Record::Progress {
+                event_id: f.event_id(flags)?,
+                progress: Progress {
+                    prompt_tokens: f.varint()?,
+                    completion_tokens: f.varint()?,
+                    cached_tokens: f.varint()?,
+                    at_ms: f.varint()?,
+                },
+            }
+        }
         END => {
             let flags = f.byte()?;
             let seq = f.varint()?;
-            let event_id = f.str()?;
+            let event_id = f.event_id(flags)?;
+            let request_id = f.request_id(flags, &event_id)?;
+            let tenant_id = f.name()?;
+            let key_id = f.name()?;
+            let model = f.name()?.to_string();
+            let worker = if flags & WORKER != 0 {
+                Some(f.name()?)
+            } else {
+                None
+            };
+            let (endpoint, status, usage_source) = (f.endpoint()?, f.status()?, f.source()?);
+            let http_status = u16::try_from(f.varint()?).ok()?;
+            let (prompt_tokens, cached_tokens, completion_tokens) =
+                (f.varint()?, f.varint()?, f.varint()?);
+            let started_at_ms = f.varint()?;
             let event = UsageEvent {
-                request_id: f.request_id(flags, event_id)?,
-                event_id: event_id.to_owned(),
-                tenant_id: Arc::from(f.str()?),
-                key_id: Arc::from(f.str()?),
-                model: f.str()?.to_owned(),
-                worker: if flags & WORKER != 0 {
-                    Some(Arc::from(f.str()?))
-                } else {
-                    None
-                },
+                event_id,
+                request_id,
+                tenant_id,
+                key_id,
+                model,
+                worker,
                 stream: flags & STREAM != 0,
-                endpoint: f.endpoint()?,
-                status: f.status()?,
-                usage_source: f.source()?,
-                http_status: u16::try_from(f.varint()?).ok()?,
-                prompt_tokens: f.varint()?,
-                cached_tokens: f.varint()?,
-                completion_tokens: f.varint()?,
-                started_at_ms: f.varint()?,
-                finished_at_ms: f.varint()?,
+                endpoint,
+                status,
+                usage_source,
+                http_status,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+                started_at_ms,
+                finished_at_ms: f.finished(started_at_ms)?,
             };
             Record::End(Ended { seq, event })
         }
         _ => return None,
     };
     // Every byte of a payload is its record's.
-    f.0.is_empty().then_some(record)
+    f.bytes.is_empty().then_some(record)
 }
 
 #[cfg(test)]
@@ -381,6 +653,9 @@ mod tests {
     fn text() -> impl Strategy<Value = String> {
         prop_oneof![
             "[a-z0-9-]{0,40}",
+            // Event ids as the gateway mints them, and UUIDs as it does not write them.
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
             "[\"\\\\\\x00-\\x1f\\x7f é漢😀a-z]{0,24}",
             any::<String>(),
         ]
@@ -446,9 +721,14 @@ mod tests {
     /// The salt of the segment the tests' frames are written for.
     const SALT: u32 = 0x5eed_0007;
 
-    /// A start, a progress and an end of `event`, as written (for a segment salted `SALT`) and
-    /// as they read back.
-    fn records(event: UsageEvent, seq: u64, p: (u64, u64, u64, u64)) -> (Vec<u8>, Vec<Record>) {
+    /// A start, a progress and an end of `event`, as written (for a segment salted `SALT`,
+    /// whose names are then `names`) and as they read back.
+    fn records(
+        event: UsageEvent,
+        seq: u64,
+        p: (u64, u64, u64, u64),
+        names: &mut Names,
+    ) -> (Vec<u8>, Vec<Record>) {
         let ended = Ended { seq, event };
         let started = Started::of(&ended.event);
         let progress = Progress {
@@ -459,13 +739,13 @@ mod tests {
         };
         let event_id = started.event_id.as_str();
         let mut bytes = Vec::new();
-        Line::Start(&started).encode(&mut bytes);
+        Line::Start(&started).encode(&mut bytes, names);
         Line::Progress {
             event_id,
             progress: &progress,
         }
-        .encode(&mut bytes);
-        Line::End(&ended).encode(&mut bytes);
+        .encode(&mut bytes, names);
+        Line::End(&ended).encode(&mut bytes, names);
         seal(&mut bytes, SALT);
         let records = vec![
             Record::Start(started.clone()),
@@ -485,14 +765,14 @@ mod tests {
             seq in any::<u64>(),
             p in (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
         ) {
-            let (mut bytes, records) = records(event, seq, p);
+            let (mut bytes, records) = records(event, seq, p, &mut Names::default());
             bytes.extend_from_slice(&[0; 64]);
-            let read_back = read(&bytes, SALT);
+            let read_back = read(&bytes, SALT, Format::Named);
             prop_assert_eq!(read_back.records, records);
             prop_assert!(!read_back.torn);
             prop_assert_eq!(read_back.unreadable, 0);
             // Read as another segment's, the first frame is not whole: no record is.
-            let other = read(&bytes, SALT ^ 1);
+            let other = read(&bytes, SALT ^ 1, Format::Named);
             prop_assert!(other.records.is_empty() && other.torn);
         }
 
@@ -505,17 +785,19 @@ mod tests {
             cut in any::<prop::sample::Index>(),
             holes in prop::collection::vec(any::<prop::sample::Index>(), 1..8),
         ) {
-            let (whole, records) = records(event, 7, (1, 2, 3, 4));
+            let mut names = Names::default();
+            let (whole, records) = records(event, 7, (1, 2, 3, 4), &mut names);
             let mut last = Vec::new();
             if let Record::End(ended) = &records[2] {
-                Line::End(&Ended { seq: 8, event: ended.event.clone() }).encode(&mut last);
+                let ended = Ended { seq: 8, event: ended.event.clone() };
+                Line::End(&ended).encode(&mut last, &mut names);
             }
             seal(&mut last, SALT);
             // Cut short.
             let n = cut.index(last.len());
             let mut bytes = [&whole[..], &last[..n]].concat();
             bytes.extend_from_slice(&[0; 16]);
-            let read_cut = read(&bytes, SALT);
+            let read_cut = read(&bytes, SALT, Format::Named);
             prop_assert_eq!(&read_cut.records, &records);
             prop_assert_eq!(read_cut.torn, n > 0);
             // Holes: bytes of the frame left zero.
@@ -524,7 +806,7 @@ mod tests {
                 holed[hole.index(last.len())] = 0;
             }
             let bytes = [&whole[..], &holed[..], &[0; 16]].concat();
-            let read_holed = read(&bytes, SALT);
+            let read_holed = read(&bytes, SALT, Format::Named);
             prop_assert_eq!(&read_holed.records[..3], &records[..]);
             if holed != last {
                 prop_assert_eq!(read_holed.records.len(), 3);
@@ -532,13 +814,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_end_record_is_less_than_half_its_json_line() {
+    /// A chat completion as the gateway records one: ids minted by it (UUIDv7), the worker's
+    /// address, counts in the thousands.
+    fn chat_completion(seq: u64) -> Ended {
         let event = UsageEvent {
-            // A chat completion as the gateway records one: ids minted by it (UUIDv7), the
-            // worker's address, counts in the thousands.
-            event_id: "019a7f3c-11d2-7e01-9c4b-5d2e8f7a1b60".into(),
-            request_id: "019a7f3c-11d2-7e01-9c4b-5d2e8f7a1b60".into(),
+            event_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}"),
+            request_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}"),
             tenant_id: "ten_7f3c11d2".into(),
             key_id: "key_9c4b5d2e8f7a".into(),
             model: "Qwen/Qwen2.5-7B-Instruct".into(),
@@ -554,27 +835,141 @@ mod tests {
             started_at_ms: 1_764_900_000_000,
             finished_at_ms: 1_764_900_000_350,
         };
-        let ended = Ended {
-            seq: 1 << 20,
+        Ended {
+            seq: (1 << 20) + seq,
             event,
-        };
-        let mut frame = Vec::new();
-        Line::End(&ended).encode(&mut frame);
+        }
+    }
+
+    #[test]
+    fn an_end_record_is_a_ninth_of_its_json_line_once_its_segment_has_its_names() {
+        let mut names = Names::default();
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        Line::End(&chat_completion(1)).encode(&mut first, &mut names);
+        Line::End(&chat_completion(2)).encode(&mut second, &mut names);
         let mut json = Vec::new();
-        Record::End(ended).encode_json(&mut json);
+        Record::End(chat_completion(2)).encode_json(&mut json);
+        // The first defines the four names; the second refers to them.
+        assert_eq!(names.len(), 4);
+        assert!(2 * first.len() < json.len(), "{}", first.len());
         assert!(
-            2 * frame.len() < json.len(),
+            9 * second.len() < json.len(),
             "{} against {}",
-            frame.len(),
+            second.len(),
             json.len()
+        );
+        let bytes = [&first[..], &second[..]].concat();
+        let mut sealed = bytes.clone();
+        seal(&mut sealed, SALT);
+        let read = read(&sealed, SALT, Format::Named);
+        assert_eq!(
+            read.records,
+            [
+                Record::End(chat_completion(1)),
+                Record::End(chat_completion(2))
+            ]
+        );
+        // The events read back share their names.
+        let tenants: Vec<&Arc<str>> = read
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::End(e) => Some(&e.event.tenant_id),
+                _ => None,
+            })
+            .collect();
+        assert!(Arc::ptr_eq(tenants[0], tenants[1]));
+    }
+
+    #[test]
+    fn a_name_too_long_or_past_the_tables_bound_is_written_out_and_reads_back() {
+        let (mut bytes, mut names) = (Vec::new(), Names::default());
+        for i in 0..Names::MAX - 1 {
+            names.refer(Field::Model, &format!("name-{i}"), &mut bytes);
+        }
+        let mut long = chat_completion(1);
+        long.event.model = "m".repeat(Names::MAX_LEN + 1);
+        // The model is written out; the tenant takes the table's last place, and the key and
+        // the worker find it full.
+        let defined = bytes.len();
+        Line::End(&long).encode(&mut bytes, &mut names);
+        assert_eq!(names.len(), Names::MAX);
+        let mut again = Vec::new();
+        Line::End(&long).encode(&mut again, &mut names);
+        assert_eq!(
+            defined + HEADER + 1 + "ten_7f3c11d2".len() + again.len(),
+            bytes.len()
+        );
+        assert!(again.len() > Names::MAX_LEN + "key_9c4b5d2e8f7a".len());
+        seal(&mut bytes, SALT);
+        let read = read(&bytes, SALT, Format::Named);
+        assert_eq!(read.records, [Record::End(long)]);
+    }
+
+    #[test]
+    fn truncate_forgets_the_names_of_frames_never_written() {
+        let mut names = Names::default();
+        let mut out = Vec::new();
+        let a = names.refer(Field::Tenant, "a", &mut out);
+        let kept = names.len();
+        names.refer(Field::Tenant, "b", &mut out);
+        names.truncate(kept);
+        assert_eq!(names.len(), 1);
+        let written = out.len();
+        assert_eq!(names.refer(Field::Key, "a", &mut out), a);
+        assert_eq!(out.len(), written, "a is still defined");
+        // The tenant's last name is gone: found again by hashing, or defined anew.
+        assert_eq!(
+            names.refer(Field::Tenant, "c", &mut out),
+            a + 1,
+            "c takes b's place"
+        );
+        assert_eq!(names.refer(Field::Tenant, "a", &mut out), a);
+        assert_eq!(names.refer(Field::Worker, "c", &mut out), a + 1);
+        assert_eq!(out.len(), written + HEADER + 2);
+    }
+
+    #[test]
+    fn a_name_frame_that_is_no_name_leaves_the_records_referring_to_it_unreadable() {
+        let (mut bytes, mut names) = (Vec::new(), Names::default());
+        Line::End(&chat_completion(1)).encode(&mut bytes, &mut names);
+        // The first frame is the tenant's name: one of its bytes made no UTF-8.
+        assert_eq!(bytes[HEADER], NAME);
+        bytes[HEADER + 1] = 0xff;
+        seal(&mut bytes, SALT);
+        let read = read(&bytes, SALT, Format::Named);
+        assert_eq!(
+            (read.records.len(), read.unreadable, read.torn),
+            (0, 1, false)
         );
     }
 
     #[test]
+    fn only_a_lowercase_hyphenated_uuid_is_written_as_its_bytes() {
+        let minted = crate::usage::new_event_id(1_764_900_000_000).to_string();
+        let bytes = uuid_bytes(&minted).unwrap_or_else(|| panic!("{minted}"));
+        assert_eq!(
+            uuid::Uuid::from_bytes(bytes).hyphenated().to_string(),
+            minted
+        );
+        for other in [
+            minted.to_uppercase(),
+            minted.replace('-', ""),
+            format!("{{{minted}}}"),
+            minted.replacen('-', "_", 1),
+            format!("{}g", &minted[..35]),
+            minted[..35].to_owned(),
+        ] {
+            assert_eq!(uuid_bytes(&other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn a_length_past_the_data_or_a_bad_crc_is_torn_and_zeros_are_the_end() {
-        assert_eq!(read(&[0; 40], SALT), Read::default());
-        assert_eq!(read(&[], SALT), Read::default());
-        let torn = |bytes: &[u8]| read(bytes, SALT).torn;
+        let read = |bytes: &[u8]| read(bytes, SALT, Format::Named);
+        assert_eq!(read(&[0; 40]), Read::default());
+        assert_eq!(read(&[]), Read::default());
+        let torn = |bytes: &[u8]| read(bytes).torn;
         // A length of 1 GiB with nothing after it.
         assert!(torn(&[0, 0, 0, 64, 1, 2, 3, 4, 9]));
         // A payload whose CRC is not the one written.
@@ -585,12 +980,12 @@ mod tests {
         assert!(torn(&[3, 0, 0]));
         // A whole frame this build cannot read: skipped, and reading goes on.
         let mut bytes = Vec::new();
-        for payload in [&[9u8, 1, 2][..], &[PROGRESS, 1, b'a', 1, 2, 3, 4]] {
+        for payload in [&[9u8, 1, 2][..], &[PROGRESS, 0, 1, b'a', 1, 2, 3, 4]] {
             bytes.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_le_bytes());
             bytes.extend_from_slice(&crc(payload, SALT).to_le_bytes());
             bytes.extend_from_slice(payload);
         }
-        let read = read(&bytes, SALT);
+        let read = read(&bytes);
         assert_eq!(
             (read.unreadable, read.records.len(), read.torn),
             (1, 1, false)

@@ -12,6 +12,7 @@ mod tests;
 mod writer;
 
 pub use crate::config::Durability;
+pub use frame::Names;
 pub use record::{Ended, Line, Progress, Record, Started};
 pub use segments::read_dir;
 pub use state::Slot;

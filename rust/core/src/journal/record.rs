@@ -98,6 +98,18 @@ impl Started {
         }
     }
 
+    /// Becomes the start of `event`, in the buffers of the strings it holds.
+    pub fn assign(&mut self, event: &UsageEvent) {
+        self.event_id.clone_from(&event.event_id);
+        self.request_id.clone_from(&event.request_id);
+        self.tenant_id.clone_from(&event.tenant_id);
+        self.key_id.clone_from(&event.key_id);
+        self.model.clone_from(&event.model);
+        self.endpoint = event.endpoint;
+        self.stream = event.stream;
+        self.started_at_ms = event.started_at_ms;
+    }
+
     /// The event of a request that had started and not ended when the process died: billed for
     /// the usage it had relayed by its last progress record.
     pub fn interrupted(&self, progress: Option<Progress>, seq: u64) -> Ended {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use memmap2::{Advice, MmapMut, MmapOptions, UncheckedAdvice};
 
-use super::frame::{self, END_MARK, HEAD, MAGIC, MAGIC_V2, Read};
+use super::frame::{self, END_MARK, Format, HEAD, MAGIC, MAGIC_V2, MAGIC_V3, Read};
 use super::record::{Ended, Progress, Record, Started};
 
 /// A request started and not yet ended, with its last progress.
@@ -167,22 +167,26 @@ pub fn read_dir(dir: &Path) -> io::Result<(Vec<Record>, usize, usize)> {
     Ok((records, torn, unreadable))
 }
 
-/// The records of a segment's bytes: frames after its head, or those of an earlier build's
-/// segment (after `MAGIC_V2`, CRCs of their payload alone), or the JSON lines of a segment an
-/// earlier build wrote, up to its first zero byte (a line that is no whole record is skipped: only
-/// the last can be one).
+/// The records of a segment's bytes: frames after its head (this build's, or an earlier build's
+/// after `MAGIC_V3`, every string written out), or those of an earlier build's segment (after
+/// `MAGIC_V2`, CRCs of their payload alone), or the JSON lines of a segment an earlier build
+/// wrote, up to its first zero byte (a line that is no whole record is skipped: only the last can
+/// be one).
 pub(super) fn records(bytes: &[u8]) -> Read {
-    if let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) {
-        let Some((index, frames)) = rest.split_first_chunk::<8>() else {
-            return Read {
-                torn: true,
-                ..Read::default()
+    let salted = [(MAGIC, Format::Named), (MAGIC_V3, Format::Spelled)];
+    for (magic, format) in salted {
+        if let Some(rest) = bytes.strip_prefix(magic.as_slice()) {
+            let Some((index, frames)) = rest.split_first_chunk::<8>() else {
+                return Read {
+                    torn: true,
+                    ..Read::default()
+                };
             };
-        };
-        return frame::read(frames, frame::salt(u64::from_le_bytes(*index)));
+            return frame::read(frames, frame::salt(u64::from_le_bytes(*index)), format);
+        }
     }
     if let Some(frames) = bytes.strip_prefix(MAGIC_V2.as_slice()) {
-        return frame::read(frames, 0);
+        return frame::read(frames, 0, Format::Spelled);
     }
     let bytes = &bytes[..memchr::memchr(0, bytes).unwrap_or(bytes.len())];
     let mut read = Read::default();

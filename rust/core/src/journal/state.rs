@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
+use super::frame::Names;
 use super::record::{Line, Progress, Started};
 use super::segments::{Segment, prepare};
 use crate::thread_class;
+use crate::usage::UsageEvent;
 
 /// A request started and not yet ended.
 #[derive(Debug)]
@@ -28,51 +30,81 @@ pub(super) struct Open {
     pub(super) progress_unwritten: bool,
 }
 
+impl Open {
+    fn of(event: &UsageEvent) -> Self {
+        Self {
+            started: Started::of(event),
+            progress: None,
+            written: false,
+            progress_unwritten: false,
+        }
+    }
+
+    /// Becomes `event`'s start, in the buffers of the strings it holds.
+    fn restart(&mut self, event: &UsageEvent) {
+        self.started.assign(event);
+        self.progress = None;
+        self.written = false;
+        self.progress_unwritten = false;
+    }
+}
+
 /// A started request's place among the open ones: `Journal::start` hands it out, `Journal::end`
 /// takes it back (so a request ends once), and its slot serves the next request to start.
 #[derive(Debug)]
 pub struct Slot(usize);
 
 /// The requests started and not yet ended, each in a slot: no key to hash or copy on a request's
-/// path, and a tick visits them in one pass.
+/// path, and a tick visits them in one pass. A vacant slot keeps the last start it held, so the
+/// next request's start is copied into the buffers of its strings: no allocation once the slots
+/// have served as many requests at once as the gateway runs.
 #[derive(Debug, Default)]
 pub(super) struct OpenRequests {
-    slots: Vec<Option<Open>>,
+    /// Each slot, and whether a request holds it.
+    slots: Vec<(bool, Open)>,
     vacant: Vec<usize>,
 }
 
 impl OpenRequests {
-    pub(super) fn insert(&mut self, open: Open) -> Slot {
-        match self.vacant.pop() {
-            Some(i) => {
-                self.slots[i] = Some(open);
-                Slot(i)
-            }
-            None => {
-                self.slots.push(Some(open));
-                Slot(self.slots.len() - 1)
-            }
+    pub(super) fn insert(&mut self, event: &UsageEvent) -> Slot {
+        if let Some(i) = self.vacant.pop()
+            && let Some((held, open)) = self.slots.get_mut(i)
+        {
+            *held = true;
+            open.restart(event);
+            return Slot(i);
         }
+        self.slots.push((true, Open::of(event)));
+        Slot(self.slots.len() - 1)
     }
 
     pub(super) fn get_mut(&mut self, slot: &Slot) -> Option<&mut Open> {
-        self.slots.get_mut(slot.0)?.as_mut()
+        match self.slots.get_mut(slot.0)? {
+            (true, open) => Some(open),
+            (false, _) => None,
+        }
     }
 
     pub(super) fn remove(&mut self, slot: Slot) {
-        if let Some(open) = self.slots.get_mut(slot.0)
-            && open.take().is_some()
+        if let Some((held, _)) = self.slots.get_mut(slot.0)
+            && std::mem::take(held)
         {
             self.vacant.push(slot.0);
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Open> {
-        self.slots.iter().flatten()
+        self.slots
+            .iter()
+            .filter(|(held, _)| *held)
+            .map(|(_, open)| open)
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Open> {
-        self.slots.iter_mut().flatten()
+        self.slots
+            .iter_mut()
+            .filter(|(held, _)| *held)
+            .map(|(_, open)| open)
     }
 }
 
@@ -108,6 +140,8 @@ pub(super) struct State {
     /// Sealed segments and the highest `seq` written when each was sealed.
     pub(super) sealed: Vec<(u64, Option<u64>)>,
     pub(super) open: OpenRequests,
+    /// The names the segment's frames have defined (`frame::Names`).
+    pub(super) names: Names,
     pub(super) buffer: Vec<u8>,
     /// Told once every record written before them is synced.
     pub(super) waiters: Vec<oneshot::Sender<()>>,
@@ -178,44 +212,76 @@ impl State {
     /// Writes the start of every open request not yet written, and the progress each made since
     /// the last tick.
     pub(super) fn write_open(&mut self) {
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        for open in self.open.iter_mut() {
-            if !open.written {
-                Line::Start(&open.started).encode(&mut buffer);
-                open.written = true;
+        let unwritten = |out: &mut Vec<u8>, names: &mut Names, open: &OpenRequests| {
+            for open in open.iter() {
+                if !open.written {
+                    Line::Start(&open.started).encode(out, names);
+                }
+                if open.progress_unwritten
+                    && let Some(progress) = &open.progress
+                {
+                    let event_id = &open.started.event_id;
+                    Line::Progress { event_id, progress }.encode(out, names);
+                }
             }
-            if open.progress_unwritten
-                && let Some(progress) = &open.progress
-            {
-                let event_id = &open.started.event_id;
-                Line::Progress { event_id, progress }.encode(&mut buffer);
-                open.progress_unwritten = false;
+        };
+        match self.append(unwritten) {
+            Ok(()) => {
+                for open in self.open.iter_mut() {
+                    open.written = true;
+                    open.progress_unwritten = false;
+                }
             }
+            Err(error) => tracing::error!(%error, "usage journal write failed"),
         }
-        if !buffer.is_empty()
-            && let Err(error) = self.append(&mut buffer)
-        {
-            tracing::error!(%error, "usage journal write failed");
-        }
-        self.buffer = buffer;
     }
 
-    /// Writes `frames` after what the segment holds, sealing it first if they do not fit.
-    pub(super) fn append(&mut self, frames: &mut [u8]) -> io::Result<()> {
-        let len = u64::try_from(frames.len()).unwrap_or(u64::MAX);
-        let written = self.segment.written();
-        if !self.segment.is_empty() && written.saturating_add(len) > self.segment_bytes {
-            self.rotate()?;
+    /// Writes the frames `encode` makes (given the segment's names and the open requests) after
+    /// what the segment holds. If they do not fit, the segment is sealed first and they are made
+    /// again, for the next one and its names (and written past its end if they do not fit in it
+    /// either). On an error the segment and its names are as they were.
+    pub(super) fn append(
+        &mut self,
+        encode: impl Fn(&mut Vec<u8>, &mut Names, &OpenRequests),
+    ) -> io::Result<()> {
+        let mut frames = std::mem::take(&mut self.buffer);
+        let result = self.append_with(&mut frames, &encode);
+        self.buffer = frames;
+        result
+    }
+
+    fn append_with(
+        &mut self,
+        frames: &mut Vec<u8>,
+        encode: &impl Fn(&mut Vec<u8>, &mut Names, &OpenRequests),
+    ) -> io::Result<()> {
+        let mut named = self.names.len();
+        frames.clear();
+        encode(frames, &mut self.names, &self.open);
+        if frames.is_empty() {
+            return Ok(());
         }
-        self.segment.append_frames(frames)?;
+        let len = u64::try_from(frames.len()).unwrap_or(u64::MAX);
+        if !self.segment.is_empty()
+            && self.segment.written().saturating_add(len) > self.segment_bytes
+        {
+            self.names.truncate(named);
+            self.rotate()?;
+            named = self.names.len();
+            frames.clear();
+            encode(frames, &mut self.names, &self.open);
+        }
+        if let Err(error) = self.segment.append_frames(frames) {
+            self.names.truncate(named);
+            return Err(error);
+        }
         self.unsynced_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
     /// Seals the segment and continues in the next, which begins with the start (and last
-    /// progress) of every open request whose start was written. The sealed segment's last
-    /// records are synced by the syncer's next round.
+    /// progress) of every open request whose start was written, and its own names. The sealed
+    /// segment's last records are synced by the syncer's next round.
     fn rotate(&mut self) -> io::Result<()> {
         let index = self.index + 1;
         let mut segment = match self.next.take().map(JoinHandle::join) {
@@ -223,16 +289,18 @@ impl State {
             Some(Ok(Err(error))) => return Err(error),
             Some(Err(_)) | None => prepare(&self.dir, index, self.segment_bytes)?,
         };
+        let mut names = Names::default();
         let mut carried = Vec::new();
         for open in self.open.iter().filter(|open| open.written) {
-            Line::Start(&open.started).encode(&mut carried);
+            Line::Start(&open.started).encode(&mut carried, &mut names);
             if let Some(progress) = &open.progress {
                 let event_id = &open.started.event_id;
-                Line::Progress { event_id, progress }.encode(&mut carried);
+                Line::Progress { event_id, progress }.encode(&mut carried, &mut names);
             }
         }
         segment.append_frames(&mut carried)?;
         let sealed = std::mem::replace(&mut self.segment, segment);
+        self.names = names;
         if self.unsynced_since.is_some() {
             self.sealed_unsynced.push(sealed.file().clone());
         }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::frame::{HEAD, MAGIC_V2, head, salt, seal};
+use super::frame::{HEAD, MAGIC_V2, Names, Read, head, salt, seal};
 use super::record::Record;
 use super::segments::{
     SPARES, prepare, records as read_segment, replay, retire, segment_path, segments,
 };
 use super::*;
+use crate::usage::UsageEvent;
 
 /// A fresh directory under the system's temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -56,6 +57,11 @@ fn started(id: &str) -> Started {
         stream: true,
         started_at_ms: 1,
     }
+}
+
+/// The event of a request `id`, as it starts (`Journal::start`).
+fn event(id: &str) -> UsageEvent {
+    started(id).interrupted(None, 0).event
 }
 
 fn ended(id: &str, seq: u64) -> Ended {
@@ -128,7 +134,7 @@ fn an_end_is_in_the_segment_when_end_returns_and_nobody_waits_on_an_interval() {
     let dir = TempDir::new("interval");
     let (journal, recovered) = open(&dir, 1 << 20, Durability::Interval);
     assert!(recovered.events.is_empty());
-    let a = journal.start(started("a"));
+    let a = journal.start(&event("a"));
     assert!(a.is_some());
     assert!(
         journal.end(&ended("a", 0), a, true).is_none(),
@@ -160,8 +166,8 @@ fn a_request_that_ends_within_a_tick_costs_one_record_and_an_open_one_its_start(
     let dir = TempDir::new("one-record");
     {
         let (journal, _) = open(&dir, 1 << 20, Durability::Interval);
-        let quick = journal.start(started("quick"));
-        let long = journal.start(started("long"));
+        let quick = journal.start(&event("quick"));
+        let long = journal.start(&event("long"));
         let long = long.unwrap_or_else(|| panic!("a slot"));
         journal.progress(&long, progress(4));
         journal.progress(&long, progress(7));
@@ -191,7 +197,7 @@ fn a_tick_writes_the_starts_of_requests_still_open() {
         interval: Duration::from_millis(1),
     };
     let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
-    let _open = journal.start(started("open"));
+    let _open = journal.start(&event("open"));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while kinds(&records(&dir)).is_empty() {
         assert!(
@@ -210,8 +216,8 @@ fn reopening_records_ended_events_again_and_interrupts_open_requests() {
         let dir = TempDir::new("recover");
         {
             let (journal, _) = open(&dir, 1 << 20, durability);
-            let done = journal.start(started("done"));
-            let cut = journal.start(started("cut"));
+            let done = journal.start(&event("done"));
+            let cut = journal.start(&event("cut"));
             let cut = cut.unwrap_or_else(|| panic!("a slot"));
             journal.progress(&cut, progress(4));
             journal.progress(&cut, progress(7));
@@ -230,8 +236,11 @@ fn reopening_records_ended_events_again_and_interrupts_open_requests() {
             .write(true)
             .open(live)
             .unwrap_or_else(|e| panic!("{e}"));
-        let mut frame = Vec::new();
-        Line::End(&ended("half", 9)).encode(&mut frame);
+        // The end's frame alone, after the frames of the names it refers to.
+        let (mut frame, mut names) = (Vec::new(), Names::default());
+        Line::End(&ended("half", 9)).encode(&mut frame, &mut names);
+        frame.clear();
+        Line::End(&ended("half", 9)).encode(&mut frame, &mut names);
         file.write_all_at(&frame[..frame.len() / 2], end as u64)
             .unwrap_or_else(|e| panic!("{e}"));
         drop(file);
@@ -285,14 +294,14 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
     let dir = TempDir::new("rotate");
     {
         let (journal, _) = open(&dir, 4096, Durability::Always);
-        let long = journal.start(started("long"));
+        let long = journal.start(&event("long"));
         let long = long.unwrap_or_else(|| panic!("a slot"));
         journal.progress(&long, progress(1));
         // A tick's work, forced: the long request's start is written before the others.
         journal.tick_now();
         for seq in 0..300 {
             let id = format!("event-{seq:04}-{}", "x".repeat(40));
-            let slot = journal.start(started(&id));
+            let slot = journal.start(&event(&id));
             let synced = journal.end(&ended(&id, seq), slot, true);
             assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
         }
@@ -347,20 +356,15 @@ fn replay_reads_segments_in_order_and_keeps_each_end_once_from_an_earlier_builds
     Record::Start(started("b")).encode_json(&mut first);
     Record::Start(started("c")).encode_json(&mut first);
     Record::End(started("a").interrupted(None, 0)).encode_json(&mut first);
-    // The next in an earlier build's frames (CRCs of the payload alone, zeros after them),
-    // beginning with the starts of the requests still open when it did.
-    let mut frames = Vec::new();
-    Line::Start(&started("b")).encode(&mut frames);
-    Line::Start(&started("c")).encode(&mut frames);
-    Line::End(&started("a").interrupted(None, 0)).encode(&mut frames);
-    Line::End(&started("b").interrupted(None, 1)).encode(&mut frames);
-    seal(&mut frames, 0);
-    let second = [&MAGIC_V2[..], &frames, &[0; 64]].concat();
+    // The next in an earlier build's frames (CRCs of the payload alone, zeros after them):
+    // those of `v3_fixture`, whose segment's salt is 0, the CRC of a payload alone.
+    let fixture = include_bytes!("testdata/v3-segment.bin");
+    let second = [&MAGIC_V2[..], &fixture[HEAD..], &[0; 64]].concat();
     // Then this build's: its head, its frames salted by its index, its end mark and, past it,
     // what the file held before (the frames of a segment it was before, unreadable as this one's).
-    let mut frames = Vec::new();
-    Line::Start(&started("c")).encode(&mut frames);
-    Line::End(&started("b").interrupted(None, 1)).encode(&mut frames);
+    let (mut frames, mut names) = (Vec::new(), Names::default());
+    Line::Start(&started("c")).encode(&mut frames, &mut names);
+    Line::End(&started("b").interrupted(None, 1)).encode(&mut frames, &mut names);
     let mut stale = frames.clone();
     seal(&mut frames, salt(3));
     seal(&mut stale, salt(2));
@@ -374,7 +378,11 @@ fn replay_reads_segments_in_order_and_keeps_each_end_once_from_an_earlier_builds
     let found = segments(dir).unwrap_or_default();
     let (ended, open) = replay(&found).unwrap_or_default();
     let ended: Vec<&str> = ended.iter().map(|e| e.event.event_id.as_str()).collect();
-    assert_eq!(ended, ["a", "b"]);
+    let (_, _, first, second) = v3_fixture();
+    assert_eq!(
+        ended,
+        ["a", &first.event.event_id, &second.event.event_id, "b"]
+    );
     let open: Vec<&str> = open.iter().map(|(s, _)| s.event_id.as_str()).collect();
     assert_eq!(open, ["c"]);
 }
@@ -593,9 +601,9 @@ fn a_retired_segment_is_used_again_and_nothing_it_held_reads_as_the_new_one_s() 
     let bytes = 4 * 4096;
     let mut old = prepare(&dir.0, 0, bytes).unwrap_or_else(|e| panic!("prepare: {e}"));
     let frames = |ids: std::ops::Range<u64>| {
-        let mut frames = Vec::new();
+        let (mut frames, mut names) = (Vec::new(), Names::default());
         for seq in ids {
-            Line::End(&ended(&format!("old{seq}"), seq)).encode(&mut frames);
+            Line::End(&ended(&format!("old{seq}"), seq)).encode(&mut frames, &mut names);
         }
         frames
     };
@@ -630,7 +638,7 @@ fn a_retired_segment_is_used_again_and_nothing_it_held_reads_as_the_new_one_s() 
 
     // What is appended reads back, and nothing after it.
     let mut one = Vec::new();
-    Line::End(&ended("new", 60)).encode(&mut one);
+    Line::End(&ended("new", 60)).encode(&mut one, &mut Names::default());
     new.append_frames(&mut one)
         .unwrap_or_else(|e| panic!("append: {e}"));
     let read = read_segment(&fs::read(&path).unwrap_or_else(|e| panic!("read: {e}")));
@@ -732,7 +740,7 @@ fn segments_made_of_spares_recover_only_what_was_written_into_them() {
     let record = |journal: &Journal, prefix: &str, seqs: std::ops::Range<u64>| {
         for seq in seqs {
             let id = id(prefix, seq);
-            let slot = journal.start(started(&id));
+            let slot = journal.start(&event(&id));
             let synced = journal.end(&ended(&id, seq), slot, true);
             assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
         }
@@ -807,15 +815,9 @@ fn segments_made_of_spares_recover_only_what_was_written_into_them() {
 }
 
 #[test]
-fn a_slot_serves_the_next_request_once_its_own_has_ended() {
-    use super::state::{Open, OpenRequests};
+fn a_slot_serves_the_next_request_once_its_own_has_ended_and_holds_its_start_whole() {
+    use super::state::OpenRequests;
 
-    let open = |id: &str| Open {
-        started: started(id),
-        progress: None,
-        written: false,
-        progress_unwritten: false,
-    };
     let ids = |requests: &OpenRequests| -> Vec<String> {
         let mut ids: Vec<String> = requests
             .iter()
@@ -825,20 +827,42 @@ fn a_slot_serves_the_next_request_once_its_own_has_ended() {
         ids
     };
     let mut requests = OpenRequests::default();
-    let a = requests.insert(open("a"));
-    let b = requests.insert(open("b"));
+    let a = requests.insert(&event("a"));
+    let b = requests.insert(&event("b"));
     assert_eq!(ids(&requests), ["a", "b"]);
+    if let Some(a) = requests.get_mut(&a) {
+        a.written = true;
+        a.progress = Some(progress(4));
+        a.progress_unwritten = true;
+    }
     requests.remove(a);
     assert_eq!(ids(&requests), ["b"]);
-    let c = requests.insert(open("c"));
+    // Every field of c's start differs from a's, which c's slot held.
+    let mut c = event("c");
+    c.request_id = "client-c".into();
+    c.tenant_id = "tenant-c".into();
+    c.key_id = "key-c".into();
+    c.model = "model-c".into();
+    c.endpoint = crate::request::Endpoint::Embeddings;
+    c.stream = false;
+    c.started_at_ms = 99;
+    let c_slot = requests.insert(&c);
     assert_eq!(ids(&requests), ["b", "c"]);
-    assert_eq!(format!("{c:?}"), "Slot(0)", "a's slot, reused");
+    assert_eq!(format!("{c_slot:?}"), "Slot(0)", "a's slot, reused");
+    let held = requests
+        .get_mut(&c_slot)
+        .unwrap_or_else(|| panic!("c is open"));
+    assert_eq!(held.started, Started::of(&c));
+    assert_eq!(
+        (held.written, held.progress, held.progress_unwritten),
+        (false, None, false)
+    );
     if let Some(b) = requests.get_mut(&b) {
         b.written = true;
     }
     assert_eq!(requests.iter().filter(|o| o.written).count(), 1);
     requests.remove(b);
-    requests.remove(c);
+    requests.remove(c_slot);
     assert_eq!(requests.iter().count(), 0);
 }
 
@@ -927,4 +951,56 @@ fn the_syncer_ticks_in_the_batch_class_on_an_interval_and_stays_in_its_creator_s
         assert_eq!(found, Some(class), "{durability:?}");
         drop(journal);
     }
+}
+
+/// The records of `testdata/v3-segment.bin`, a segment written by the build before names
+/// tables (`TGJRNL3`).
+fn v3_fixture() -> (Started, Progress, Ended, Ended) {
+    let mut started = started("req-1");
+    started.request_id = "client-id-1".into();
+    started.tenant_id = "acme-corporation".into();
+    started.key_id = "key_01JDQ3Z8W5X7Y9".into();
+    started.model = "meta-llama/Llama-3.1-8B-Instruct".into();
+    started.started_at_ms = 1_764_900_000_000;
+    let progress = Progress {
+        prompt_tokens: 1_234,
+        completion_tokens: 17,
+        cached_tokens: 512,
+        at_ms: 1_764_900_000_120,
+    };
+    let mut first = started.interrupted(Some(progress), 41);
+    first.event.status = crate::usage::Status::Completed;
+    first.event.http_status = 200;
+    first.event.worker = Some("http://10.0.3.17:8000".into());
+    first.event.finished_at_ms = 1_764_900_000_350;
+    let mut second = ended("0193a4b2-7c1d-7e3f-8a9b-0000000000ff", 42);
+    second.event.tenant_id = "acme-corporation".into();
+    second.event.started_at_ms = 1_764_900_000_400;
+    second.event.finished_at_ms = 1_764_900_000_399;
+    (started, progress, first, second)
+}
+
+#[test]
+fn a_segment_of_the_build_before_names_reads_as_it_was_written() {
+    // Written by 8204901's journal (`TGJRNL3`, every string written out): a start, its
+    // progress at the next tick, its end, and an end with no start.
+    let bytes = include_bytes!("testdata/v3-segment.bin");
+    let (started, progress, first, second) = v3_fixture();
+    let read = read_segment(bytes);
+    assert_eq!(
+        read,
+        Read {
+            records: vec![
+                Record::Start(started),
+                Record::Progress {
+                    event_id: "req-1".into(),
+                    progress,
+                },
+                Record::End(first),
+                Record::End(second),
+            ],
+            unreadable: 0,
+            torn: false,
+        }
+    );
 }

@@ -39,10 +39,12 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
-use super::record::{Ended, Line, Progress, Started};
+use super::frame::Names;
+use super::record::{Ended, Line, Progress};
 use super::segments::{prepare, remove_unadopted, replay, segments};
-use super::state::{Open, OpenRequests, Shared, Sleep, Slot, State, SyncMetrics, prepare_next};
+use super::state::{OpenRequests, Shared, Sleep, Slot, State, SyncMetrics, prepare_next};
 use crate::config::{Durability, JournalConfig};
+use crate::usage::UsageEvent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
@@ -102,9 +104,9 @@ impl Journal {
         let index = old.last().map_or(0, |(i, _)| i + 1);
         let segment_bytes = options.segment_bytes.max(4096);
         let mut segment = prepare(dir, index, segment_bytes)?;
-        let mut buffer = Vec::new();
+        let (mut buffer, mut names) = (Vec::new(), Names::default());
         for event in &events {
-            Line::End(event).encode(&mut buffer);
+            Line::End(event).encode(&mut buffer, &mut names);
         }
         segment.append_frames(&mut buffer)?;
         segment.file().sync_data()?;
@@ -129,6 +131,7 @@ impl Journal {
             max_seq: next_seq.checked_sub(1),
             sealed: Vec::new(),
             open: OpenRequests::default(),
+            names,
             buffer,
             waiters: Vec::new(),
             due: None,
@@ -177,18 +180,12 @@ impl Journal {
 
     /// A request started: its start goes to the journal at the next tick if it is still open.
     /// `None` once the journal is closed.
-    pub fn start(&self, started: Started) -> Option<Slot> {
+    pub fn start(&self, event: &UsageEvent) -> Option<Slot> {
         let mut state = self.shared.lock();
         if state.closed {
             return None;
         }
-        let open = Open {
-            started,
-            progress: None,
-            written: false,
-            progress_unwritten: false,
-        };
-        let slot = state.open.insert(open);
+        let slot = state.open.insert(event);
         state.ticks_soon(&self.shared);
         Some(slot)
     }
@@ -220,11 +217,7 @@ impl Journal {
         if let Some(slot) = slot {
             state.open.remove(slot);
         }
-        let mut buffer = std::mem::take(&mut state.buffer);
-        buffer.clear();
-        Line::End(ended).encode(&mut buffer);
-        let result = state.append(&mut buffer);
-        state.buffer = buffer;
+        let result = state.append(|out, names, _| Line::End(ended).encode(out, names));
         if let Err(error) = result {
             // The event stays in memory, on its way to the ledger.
             tracing::error!(%error, "usage journal write failed");

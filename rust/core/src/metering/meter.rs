@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use crate::journal::{Ended, Journal, Progress, Recovered, Slot, Started};
+use crate::journal::{Ended, Journal, Progress, Recovered, Slot};
 use crate::metrics::GatewayMetrics;
 use crate::usage::{Usage, UsageEvent};
 
@@ -83,7 +83,7 @@ impl Meter {
 
     /// Where the journal keeps the request's start, if there is a journal.
     pub(super) fn journal_start(&self, event: &UsageEvent) -> Option<Slot> {
-        self.journal.as_ref()?.start(Started::of(event))
+        self.journal.as_ref()?.start(event)
     }
 
     pub(super) fn journal_progress(&self, slot: &Slot, usage: &Usage, at_ms: u64) {
