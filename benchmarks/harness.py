@@ -197,6 +197,25 @@ class Pinned:
             ticks += int(fields[11]) + int(fields[12])
         return ticks / os.sysconf("SC_CLK_TCK")
 
+    def thread_seconds(self) -> dict[str, float]:
+        """Seconds on a CPU so far by thread name (`comm`), summed over the threads of that
+        name in all of `pids()`: the scheduler's own count (`schedstat`), to the nanosecond,
+        where `cpu_seconds` counts clock ticks."""
+        seconds: dict[str, float] = {}
+        for pid in self.pids():
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except FileNotFoundError:
+                continue
+            for task in tasks:
+                try:
+                    name = (task / "comm").read_text().strip()
+                    ran = int((task / "schedstat").read_text().split()[0])
+                except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                    continue  # a thread that has just exited
+                seconds[name] = seconds.get(name, 0.0) + ran / 1e9
+        return seconds
+
     def check_running(self) -> None:
         if self.proc.poll() is not None:
             raise HarnessError(
@@ -358,8 +377,10 @@ def run_loadgen(
     grpc_body: Path | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """One loadgen run; returns its report and, for each of `services`, its CPU use over the
-    measured window (after the warm-up) as a fraction of one core. With `grpc_body` (a file of
-    the protobuf-encoded request) the run speaks gRPC to the method `url` names."""
+    measured window (after the warm-up) as a fraction of one core. The report gains
+    `threads`: the first service's CPU use over the window by thread name, as fractions of a
+    core (`Pinned.thread_seconds`). With `grpc_body` (a file of the protobuf-encoded request)
+    the run speaks gRPC to the method `url` names."""
     body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": settings.max_tokens}
     if stream:
         body["stream"] = True
@@ -378,9 +399,11 @@ def run_loadgen(
     try:
         # The window is approximate: loadgen's clock starts once its connections are open.
         time.sleep(settings.warmup_s + 0.05)
+        threads0 = services[0].thread_seconds() if services else {}
         cpu0, t0 = [s.cpu_seconds() for s in services], time.monotonic()
         time.sleep(max(settings.duration_s - 0.1, 0.05))
         cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
+        threads1 = services[0].thread_seconds() if services else {}
         stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
     except BaseException:  # Ctrl-C, SIGTERM, a hung loadgen: do not leave it running
         proc.kill()
@@ -389,6 +412,9 @@ def run_loadgen(
     if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
         raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
     report: dict[str, Any] = json.loads(stdout)
+    report["threads"] = {
+        name: (ran - threads0.get(name, 0.0)) / (t1 - t0) for name, ran in threads1.items()
+    }
     return report, [(b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1, strict=True)]
 
 
@@ -405,7 +431,8 @@ class Target:
 @dataclass
 class Saturation:
     """One saturation run's figures; `others_cpu` is the CPU use of each watched service, `p50`
-    and `p99` the latencies in µs from each request's send."""
+    and `p99` the latencies in µs from each request's send, `threads` the gateway's CPU use by
+    thread name (empty in reports of earlier builds)."""
 
     round: int
     target: str
@@ -415,6 +442,7 @@ class Saturation:
     errors: int
     p50: float
     p99: float
+    threads: dict[str, float] = field(default_factory=dict)
 
 
 def wait_idle(
@@ -463,6 +491,7 @@ def rotate_saturation(
                 int(report["errors"]) + int(report["unsent"]),
                 float(report["latency_us"]["p50"]),
                 float(report["latency_us"]["p99"]),
+                report["threads"],
             )
             results.append(result)
             others = "".join(

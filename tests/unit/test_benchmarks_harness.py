@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from tests.support import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from harness import terminate_raises
+from harness import Pinned, terminate_raises
 
 # A benchmark in miniature: a service started, then a wait the signal ends.
 SCRIPT = textwrap.dedent(
@@ -66,3 +67,38 @@ def test_the_handlers_before_it_are_put_back() -> None:
         for sig in before:
             assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, before[sig])
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# A process whose second thread, named `spinner`, runs while its first sleeps.
+SPINNER = textwrap.dedent(
+    """
+    import ctypes, threading, time
+    def spin():
+        ctypes.CDLL(None).prctl(15, b"spinner", 0, 0, 0)  # PR_SET_NAME
+        while True:
+            pass
+    threading.Thread(target=spin, daemon=True).start()
+    time.sleep(600)
+    """
+)
+
+
+def test_thread_seconds_counts_each_thread_by_its_name(tmp_path: Path) -> None:
+    process = Pinned("spinner", 0, [sys.executable, "-c", SPINNER], tmp_path)
+    try:
+        # Waits on the count itself, until the spinner has run a tenth of a second; between
+        # two looks, on the process, which fails the test at once if it ends.
+        seconds = process.thread_seconds()
+        for _ in range(6_000):
+            if seconds.get("spinner", 0.0) > 0.1:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.proc.wait(timeout=0.01)
+            assert process.proc.returncode is None, process.log_tail()
+            seconds = process.thread_seconds()
+        assert seconds.get("spinner", 0.0) > 0.1, seconds
+        others = sum(ran for name, ran in seconds.items() if name != "spinner")
+        assert others < seconds["spinner"], seconds
+        assert process.thread_seconds()["spinner"] >= seconds["spinner"]
+    finally:
+        process.stop()
