@@ -34,6 +34,19 @@ def rounds() -> list[Saturation]:
     return runs
 
 
+# What a `--saturation-only` run says of itself, for its section.
+META = {
+    "command": "python benchmarks/journal_cost.py --saturation-only",
+    "date": "2026-12-06 15:19 UTC",
+    "commit": "abc",
+    "machine": {"cpu": "cpu", "nproc": "2", "load": "0.1"},
+    "rounds": 3,
+    "duration_s": 3.0,
+    "raw": "journal-resolved-x.json",
+    "journals": "ext4 /dev/vda",
+}
+
+
 def test_paired_ratios_of_throughput_and_of_cpu_a_request() -> None:
     runs = rounds()
     assert journal_cost.paired_ratios(runs, "interval", "memory") == [0.95, 0.96, 0.9]
@@ -56,17 +69,7 @@ def test_the_median_interval_holds_the_median_and_reads_the_same_each_time() -> 
 
 
 def test_the_resolved_section_gives_each_ratio_with_its_interval() -> None:
-    meta = {
-        "command": "python benchmarks/journal_cost.py --saturation-only",
-        "date": "2026-12-06 15:19 UTC",
-        "commit": "abc",
-        "machine": {"cpu": "cpu", "nproc": "2", "load": "0.1"},
-        "rounds": 3,
-        "duration_s": 3.0,
-        "raw": "journal-resolved-x.json",
-        "journals": "ext4 /dev/vda",
-    }
-    text = journal_cost.resolved_section({"completions": rounds()}, meta)
+    text = journal_cost.resolved_section({"completions": rounds()}, META)
     assert text.startswith(journal_cost.RESOLVED_BEGIN)
     assert "journals on ext4 /dev/vda." in text
     assert text.rstrip().endswith(journal_cost.RESOLVED_END)
@@ -80,25 +83,15 @@ def test_the_resolved_section_gives_each_ratio_with_its_interval() -> None:
 
 
 def test_the_resolved_section_gives_the_syncers_cpu_a_request_where_threads_were_counted() -> None:
-    meta = {
-        "command": "python benchmarks/journal_cost.py --saturation-only",
-        "date": "2026-12-07 04:00 UTC",
-        "commit": "abc",
-        "machine": {"cpu": "cpu", "nproc": "2", "load": "0.1"},
-        "rounds": 3,
-        "duration_s": 3.0,
-        "raw": "journal-resolved-x.json",
-        "journals": "ext4 /dev/vda",
-    }
     counted = rounds()
     # The syncer's thread ran 1.9%, 1.92% and 1.8% of a core: 2 µs a request each time.
     for run in counted:
         if run.target == "interval":
             run.threads = {"tokengate": 0.9, journal_cost.SYNCER: run.rps * 2e-6}
-    text = journal_cost.resolved_section({"completions": counted}, meta)
+    text = journal_cost.resolved_section({"completions": counted}, META)
     assert "completions **2.00 µs**, 2.0% of its CPU a request." in text
     # Reports of builds that did not count threads: no such line.
-    assert "syncer" not in journal_cost.resolved_section({"completions": rounds()}, meta)
+    assert "syncer" not in journal_cost.resolved_section({"completions": rounds()}, META)
 
 
 def test_journals_go_in_a_fresh_directory_under_journal_dir_removed_after(tmp_path: Path) -> None:
