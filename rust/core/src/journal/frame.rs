@@ -22,10 +22,10 @@
 //! frames after `MAGIC_V2` (the same, with the CRC of the payload alone and zeros to their end),
 //! and JSON lines (`Record::decode`).
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
 
+use indexmap::IndexSet;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::record::{Ended, Line, Progress, Record, Started};
@@ -115,9 +115,8 @@ const EVENT_UUID: u8 = 8;
 /// are written out.
 #[derive(Debug, Default)]
 pub struct Names {
-    places: HashMap<Box<str>, u64, NameHash>,
-    /// The names by place.
-    names: Vec<Box<str>>,
+    /// The names in the order the segment defined them: a name's index is its place.
+    places: IndexSet<Box<str>, NameHash>,
     /// The place each field (`Field`) last referred to: a request's names are most often the
     /// previous request's, found with a comparison and no hash.
     last: [usize; 4],
@@ -138,37 +137,36 @@ impl Names {
 
     /// How many names the segment has defined.
     pub(super) fn len(&self) -> usize {
-        self.names.len()
+        self.places.len()
     }
 
     /// Forgets the names defined from place `len` on: those of frames that were never written.
     pub(super) fn truncate(&mut self, len: usize) {
-        if self.names.len() > len {
-            self.names.truncate(len);
-            self.places.retain(|_, &mut place| place < len as u64);
-        }
+        self.places.truncate(len);
     }
 
     /// The field that refers to `name`, its `NAME` frame appended to `out` first if it is new.
     fn refer(&mut self, field: Field, name: &str, out: &mut Vec<u8>) -> u64 {
         let last = &mut self.last[field as usize];
-        if self.names.get(*last).is_some_and(|known| **known == *name) {
+        if self
+            .places
+            .get_index(*last)
+            .is_some_and(|known| **known == *name)
+        {
             return *last as u64 + 1;
         }
-        if let Some(&place) = self.places.get(name) {
-            *last = place as usize;
-            return place + 1;
+        if let Some(place) = self.places.get_index_of(name) {
+            *last = place;
+            return place as u64 + 1;
         }
-        if name.len() > Self::MAX_LEN || self.names.len() >= Self::MAX {
+        if name.len() > Self::MAX_LEN || self.places.len() >= Self::MAX {
             return 0;
         }
-        let place = self.names.len();
         frame(out, |out| {
             out.push(NAME);
             out.extend_from_slice(name.as_bytes());
         });
-        self.places.insert(name.into(), place as u64);
-        self.names.push(name.into());
+        let (place, _) = self.places.insert_full(name.into());
         *last = place;
         place as u64 + 1
     }
