@@ -18,21 +18,21 @@ from tests.support import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from harness import Pinned, terminate_raises
 
-# A benchmark in miniature: a service started, then a wait the signal ends.
+# A benchmark in miniature: a service started, then a wait for the signal.
 SCRIPT = textwrap.dedent(
     f"""
-    import subprocess, sys, time
+    import signal, subprocess, sys
     sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "benchmarks")!r}]
     from harness import terminate_raises
     with terminate_raises():
         service = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(600)"],
+            [sys.executable, "-c", "import signal; signal.pause()"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
             print(service.pid, flush=True)
-            time.sleep(600)
+            signal.pause()
         finally:
             service.kill()
             service.wait()
@@ -69,16 +69,16 @@ def test_the_handlers_before_it_are_put_back() -> None:
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-# A process whose second thread, named `spinner`, runs while its first sleeps.
+# A process whose second thread, named `spinner`, runs while its first waits to be stopped.
 SPINNER = textwrap.dedent(
     """
-    import ctypes, threading, time
+    import ctypes, signal, threading
     def spin():
         ctypes.CDLL(None).prctl(15, b"spinner", 0, 0, 0)  # PR_SET_NAME
         while True:
             pass
     threading.Thread(target=spin, daemon=True).start()
-    time.sleep(600)
+    signal.pause()
     """
 )
 
