@@ -53,6 +53,7 @@ __all__ = [
     "Saturation",
     "Service",
     "Settings",
+    "SharedRun",
     "Target",
     "build_loadgen",
     "check_environment",
@@ -67,6 +68,7 @@ __all__ = [
     "rotate_saturation",
     "run_loadgen",
     "run_meta",
+    "share_core",
     "wait_idle",
     "wait_serving",
     "write_results",
@@ -366,6 +368,49 @@ def build_loadgen() -> Path:
     return (target if target.is_absolute() else ROOT / target) / "release" / "loadgen"
 
 
+def start_loadgen(
+    settings: Settings,
+    url: str,
+    key: str,
+    *,
+    stream: bool,
+    rate: float | None,
+    grpc_body: Path | None = None,
+) -> subprocess.Popen[str]:
+    """loadgen started on the client's core against `url` (`run_loadgen` says what it sends);
+    `finish_loadgen` reads its report."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": settings.max_tokens}
+    if stream:
+        body["stream"] = True
+    argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
+    argv += ["--body", json.dumps(body) if grpc_body is None else f"@{grpc_body}"]
+    argv += ["--header", f"authorization: Bearer {key}"]
+    if grpc_body is not None:
+        argv.append("--grpc")
+    argv += ["--duration-s", str(settings.duration_s), "--warmup-s", str(settings.warmup_s)]
+    argv += ["--concurrency", str(settings.concurrency)]
+    if rate is not None:
+        argv += ["--rate", str(rate)]
+    if stream:
+        argv.append("--stream")
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_loadgen(proc: subprocess.Popen[str], settings: Settings) -> dict[str, Any]:
+    """The report of a loadgen `start_loadgen` started, once it ends (killed if it outlives its
+    run by two minutes, or if the wait is interrupted)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=settings.warmup_s + settings.duration_s + 120)
+    except BaseException:  # Ctrl-C, SIGTERM, a hung loadgen: do not leave it running
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
+        raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
+    report: dict[str, Any] = json.loads(stdout)
+    return report
+
+
 def run_loadgen(
     settings: Settings,
     url: str,
@@ -381,21 +426,7 @@ def run_loadgen(
     `threads`: the first service's CPU use over the window by thread name, as fractions of a
     core (`Pinned.thread_seconds`). With `grpc_body` (a file of the protobuf-encoded request)
     the run speaks gRPC to the method `url` names."""
-    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": settings.max_tokens}
-    if stream:
-        body["stream"] = True
-    argv = ["taskset", "-c", str(settings.client_core), str(settings.loadgen), "--url", url]
-    argv += ["--body", json.dumps(body) if grpc_body is None else f"@{grpc_body}"]
-    argv += ["--header", f"authorization: Bearer {key}"]
-    if grpc_body is not None:
-        argv.append("--grpc")
-    argv += ["--duration-s", str(settings.duration_s), "--warmup-s", str(settings.warmup_s)]
-    argv += ["--concurrency", str(settings.concurrency)]
-    if rate is not None:
-        argv += ["--rate", str(rate)]
-    if stream:
-        argv.append("--stream")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_loadgen(settings, url, key, stream=stream, rate=rate, grpc_body=grpc_body)
     try:
         # The window is approximate: loadgen's clock starts once its connections are open.
         time.sleep(settings.warmup_s + 0.05)
@@ -404,14 +435,11 @@ def run_loadgen(
         time.sleep(max(settings.duration_s - 0.1, 0.05))
         cpu1, t1 = [s.cpu_seconds() for s in services], time.monotonic()
         threads1 = services[0].thread_seconds() if services else {}
-        stdout, stderr = proc.communicate(timeout=settings.duration_s + 120)
-    except BaseException:  # Ctrl-C, SIGTERM, a hung loadgen: do not leave it running
+    except BaseException:
         proc.kill()
         proc.wait()
         raise
-    if proc.returncode not in (0, 1):  # 1: the report counts errors, which are shown
-        raise HarnessError(f"loadgen failed ({proc.returncode}): {stderr.strip()}")
-    report: dict[str, Any] = json.loads(stdout)
+    report = finish_loadgen(proc, settings)
     report["threads"] = {
         name: (ran - threads0.get(name, 0.0)) / (t1 - t0) for name, ran in threads1.items()
     }
@@ -501,6 +529,77 @@ def rotate_saturation(
                 f"  round {round_ + 1} {target.name:12} {'stream' if stream else 'plain':6} "
                 f"{result.rps:>9.0f} req/s  gateway cpu {result.gateway_cpu:.0%}{others}"
                 f"  errors {result.errors}",
+                flush=True,
+            )
+    return results
+
+
+@dataclass
+class SharedRun:
+    """One target's figures in a round of `share_core`: the requests it served, its CPU seconds
+    by thread name (`Pinned.thread_seconds`), both counted from before its load began until it
+    was idle again after it, and its loadgen's throughput and errors."""
+
+    round: int
+    target: str
+    requests: float
+    threads: dict[str, float]
+    rps: float
+    errors: int
+
+    def cpu_per_request(self, thread: str | None = None) -> float:
+        """CPU seconds a request: the process's, or one thread's (0 where it has none)."""
+        cpu = sum(self.threads.values()) if thread is None else self.threads.get(thread, 0.0)
+        return cpu / self.requests if self.requests else float("nan")
+
+
+def served(target: Target) -> float:
+    """The requests `target`'s gateway has answered so far (`tokengate_requests_total`)."""
+    base = target.url.split("/v1/", 1)[0]
+    return procs.scrape(base).get("tokengate_requests_total", 0.0)
+
+
+def share_core(settings: Settings, targets: list[Target], *, stream: bool) -> list[SharedRun]:
+    """`settings.rounds` rounds in which every target serves at saturation at the same time, on
+    the one core they are pinned to, each driven by a loadgen of its own (closed loop,
+    `settings.concurrency` connections). What each one's CPU a request is then measured under
+    the same machine at the same moments: the drift that moves one run's throughput by 10
+    points from the next run's hits every target alike, so two targets' CPU a request compare
+    to about a point where runs that take turns compare to five or more. Each count runs from
+    before the load until the target is idle again after it (`wait_idle`), so work a request
+    leaves behind (the ledger's write of its event) is counted with it.
+
+    The core serves all of them: each one serves its share of what one alone would, so work done
+    once per interval of time (a journal's sync) weighs on each request as many times more as
+    there are targets."""
+    results = []
+    gateways = [target.gateway for target in targets]
+    for round_ in range(settings.rounds):
+        if not wait_idle(gateways):
+            print("  (the targets did not fall idle before this round)", flush=True)
+        before = [(target.gateway.thread_seconds(), served(target)) for target in targets]
+        started = [
+            start_loadgen(settings, target.url, target.key, stream=stream, rate=None)
+            for target in targets
+        ]
+        reports = [finish_loadgen(proc, settings) for proc in started]
+        if not wait_idle(gateways):
+            print("  (the targets did not fall idle after this round)", flush=True)
+        for target, (threads0, served0), report in zip(targets, before, reports, strict=True):
+            threads1 = target.gateway.thread_seconds()
+            run = SharedRun(
+                round_,
+                target.name,
+                served(target) - served0,
+                {name: ran - threads0.get(name, 0.0) for name, ran in threads1.items()},
+                float(report["rps"]),
+                int(report["errors"]) + int(report["unsent"]),
+            )
+            results.append(run)
+            print(
+                f"  round {round_ + 1} {target.name:12} {'stream' if stream else 'plain':6} "
+                f"{run.rps:>9.0f} req/s  {run.cpu_per_request() * 1e6:6.2f} µs CPU a request"
+                f"  errors {run.errors}",
                 flush=True,
             )
     return results

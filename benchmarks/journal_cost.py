@@ -30,6 +30,14 @@ rounds as you ask: each ratio, throughput and CPU per request, with a 95% interv
 (bootstrap over rounds), in a section of its own. On a shared 2-core machine one round's ratio
 moves by 7 to 10 points, and 50 rounds (about 27 minutes) narrow the interval to 4 to 6.
 
+`--shared-core` runs "memory", "interval" and "control" at saturation all at once, sharing the
+gateway core, each with a loadgen of its own (`harness.share_core`), for as many rounds as you
+ask: each one's CPU a request, from before its load until it is idle again, by thread. The
+machine's drift then hits the three alike at the same moments, and the ratios resolve to about a
+point (30 rounds of 3 s, about 8 minutes). The journal's sync, done once a tick whatever the
+rate, weighs three times what it does on a core of its own; the section also states the ratio
+with the syncer's CPU counted at the rate the core serves alone.
+
 `--pool REPORT...` runs nothing: it pools the rounds of earlier `--saturation-only` runs (their
 raw reports in `benchmarks/out/`), each round paired within its own run, and prints each ratio's
 median with its interval over all of them.
@@ -58,6 +66,7 @@ from harness import (
     Saturation,
     Service,
     Settings,
+    SharedRun,
     Target,
     gateway_service,
     median_of,
@@ -66,6 +75,7 @@ from harness import (
     publish,
     rotate_saturation,
     run_loadgen,
+    share_core,
     wait_serving,
 )
 
@@ -73,6 +83,8 @@ BEGIN = "<!-- journal_cost.py:begin -->"
 END = "<!-- journal_cost.py:end -->"
 RESOLVED_BEGIN = "<!-- journal_cost.py --saturation-only:begin -->"
 RESOLVED_END = "<!-- journal_cost.py --saturation-only:end -->"
+SHARED_BEGIN = "<!-- journal_cost.py --shared-core:begin -->"
+SHARED_END = "<!-- journal_cost.py --shared-core:end -->"
 
 # The gateway's journal settings, by target name.
 JOURNALS = {
@@ -376,6 +388,120 @@ def resolved_section(runs: dict[str, list[Saturation]], meta: dict[str, Any]) ->
     return "\n".join(lines)
 
 
+def shared_pairs(
+    results: list[SharedRun], target: str, base: str = "memory"
+) -> list[tuple[SharedRun, SharedRun, float]]:
+    """`target`'s and `base`'s runs of each round, with the round's throughput over all targets
+    (what the shared core served)."""
+    by_round: dict[int, dict[str, SharedRun]] = {}
+    for r in results:
+        by_round.setdefault(r.round, {})[r.target] = r
+    return [
+        (runs[target], runs[base], sum(r.rps for r in runs.values()))
+        for _, runs in sorted(by_round.items())
+        if target in runs and base in runs and runs[target].requests and runs[base].requests
+    ]
+
+
+def shared_section(runs: dict[str, list[SharedRun]], meta: dict[str, Any]) -> str:
+    """`--shared-core`'s section: CPU a request of each target, the ratios with their intervals,
+    and where `interval`'s extra CPU goes, by thread."""
+    lines = [
+        SHARED_BEGIN,
+        "## The usage journal at saturation, sharing one core: interval against events in memory",
+        "",
+        f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, "
+        f"{meta['machine']['cpu']} ({meta['machine']['nproc']} cores), load "
+        f"{meta['machine']['load']} at start, journals on {meta['journals']}. `memory`, "
+        "`interval` and `control` pinned to core 1 together, each driven at saturation by a "
+        f"loadgen of its own (64 connections, on core 0 with the simulator), all at once; "
+        f"{meta['rounds']} rounds of {meta['duration_s']:.0f} s. A gateway's CPU a request is "
+        "its process's CPU (the scheduler's count, `schedstat`, every thread) over the requests "
+        "it served (`/metrics`), both counted from before its load until it is idle again after "
+        "it. A ratio is `memory`'s CPU a request over the other's, the throughput each would "
+        "have on a core of its own: the median of the rounds' ratios, a 95% interval of that "
+        "median in brackets. `control` is a second gateway configured as `memory` is.",
+        "",
+        "| mode | req/s each (memory, interval, control) | CPU µs a request (memory, interval, "
+        "control) | interval / memory | control / memory | interval / memory, the syncer at "
+        "a whole core's rate |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    breakdown = []
+    for mode, results in runs.items():
+        rps = [statistics.median(r.rps for r in results if r.target == n) for n in RESOLVED]
+        cpu = [
+            statistics.median(r.cpu_per_request() * 1e6 for r in results if r.target == n)
+            for n in RESOLVED
+        ]
+        pairs = {n: shared_pairs(results, n) for n in ("interval", CONTROL)}
+        ratio = {
+            n: [b.cpu_per_request() / t.cpu_per_request() for t, b, _ in ps]
+            for n, ps in pairs.items()
+        }
+        # The syncer's work is per tick: on a core of its own the gateway would serve what the
+        # shared core served, so its CPU a request there is its share here of that.
+        alone = [
+            b.cpu_per_request()
+            / (t.cpu_per_request() - t.cpu_per_request(SYNCER) * (1 - t.rps / total))
+            for t, b, total in pairs["interval"]
+        ]
+        lines.append(
+            f"| {mode} | {', '.join(f'{x:,.0f}' for x in rps)} "
+            f"| {', '.join(f'{x:.1f}' for x in cpu)} | {median_cell(ratio['interval'])} "
+            f"| {median_cell(ratio[CONTROL])} | {median_cell(alone)} |"
+        )
+        cells = []
+        for thread in ("tokengate", "python", SYNCER):
+            extra = [
+                (t.cpu_per_request(thread) - b.cpu_per_request(thread)) * 1e6
+                for t, b, _ in pairs["interval"]
+            ]
+            cells.append(f"`{thread}` {statistics.median(extra):+.2f}")
+        breakdown.append(f"- {mode}: " + ", ".join(cells))
+    errors = sum(r.errors for results in runs.values() for r in results)
+    lines += [
+        "",
+        "`interval`'s CPU a request over `memory`'s, by thread (µs, the median of the rounds' "
+        "differences; `tokengate` is the tokio thread that serves the requests, `python` the "
+        f"control plane and the ledger's writes, `{SYNCER}` the journal's syncer):",
+        "",
+        *breakdown,
+        "",
+        f"Errors: {errors}. Raw reports: `benchmarks/out/{meta['raw']}`.",
+        SHARED_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def shared_core(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
+    runs: dict[str, list[SharedRun]] = {}
+    with (
+        journal_root(journal_dir) as journals,
+        open_harness("journal_cost.py", settings, argv) as run,
+    ):
+        db_url, key = run.sqlite_ledger()
+        sim = run.start_instant_sim(settings)
+        targets = start_gateways(
+            settings,
+            run.workdir,
+            db_url,
+            key,
+            sim.wait_listening(),
+            run.services,
+            names=RESOLVED,
+            journals=journals,
+        )
+        for mode, stream in MODES:
+            runs[mode] = share_core(settings, targets, stream=stream)
+        journals_on = file_system(journals or run.workdir)
+    meta = {**run.meta("journal-shared", settings), "journals": journals_on}
+    raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
+    publish(meta, raw, shared_section(runs, meta), SHARED_BEGIN, SHARED_END, settings.quick)
+    return 1 if any(r.errors for results in runs.values() for r in results) else 0
+
+
 def pooled_ratios(reports: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Each mode's paired ratios to "memory" over the rounds of every report (a
     `--saturation-only` run's raw report), a round paired within its own run: by mode, then by
@@ -446,6 +572,7 @@ def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--saturation-only", action="store_true")
+    parser.add_argument("--shared-core", action="store_true")
     parser.add_argument("--journal-dir", type=Path)
     parser.add_argument("--pool", type=Path, nargs="+")
     args, rest = parser.parse_known_args(argv)
@@ -454,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_args(rest, __doc__)
     if args.saturation_only:
         return saturation_only(settings, argv, args.journal_dir)
+    if args.shared_core:
+        return shared_core(settings, argv, args.journal_dir)
     runs: dict[str, list[Saturation]] = {}
     latencies: dict[str, list[Latency]] = {}
     with (

@@ -1,9 +1,10 @@
 """`benchmarks/journal_cost.py`'s arithmetic: paired ratios of throughput and of CPU a request,
-the interval of their median, and the section `--saturation-only` writes."""
+the interval of their median, and the sections `--saturation-only` and `--shared-core` write."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.support import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import journal_cost
-from harness import Saturation
+from harness import Saturation, SharedRun
 
 
 def saturation(round_: int, target: str, rps: float, cpu: float) -> Saturation:
@@ -159,3 +160,48 @@ def test_pool_reads_the_raw_reports_and_prints_the_table(
     out = capsys.readouterr().out
     assert "Pooled: a.json, b.json" in out
     assert "| completions | 2 | **0.960** (0.950 to 0.970) |" in out
+
+
+def shared_rounds() -> list[SharedRun]:
+    """Two rounds of `--shared-core`: each gateway serves 20,000 requests at 8,000 req/s (the
+    core 24,000 in all). `memory` and the control spend 40 µs a request on the tokio thread and
+    8 on Python's; `interval` 42 (round 0) or 43 (round 1) and 8, and its syncer 3 µs."""
+    runs = []
+    for r, tokio in enumerate((42.0, 43.0)):
+        for name, threads in (
+            ("memory", {"tokengate": 40.0, "python": 8.0}),
+            ("interval", {"tokengate": tokio, "python": 8.0, journal_cost.SYNCER: 3.0}),
+            (journal_cost.CONTROL, {"tokengate": 40.0, "python": 8.0}),
+        ):
+            seconds = {thread: µs * 20_000 / 1e6 for thread, µs in threads.items()}
+            runs.append(SharedRun(r, name, 20_000.0, seconds, 8_000.0, 0))
+    return runs
+
+
+def test_a_shared_run_counts_cpu_a_request_by_process_and_by_thread() -> None:
+    run = shared_rounds()[1]
+    assert run.target == "interval"
+    assert run.cpu_per_request() == pytest.approx(53e-6)
+    assert run.cpu_per_request(journal_cost.SYNCER) == pytest.approx(3e-6)
+    assert run.cpu_per_request("absent") == 0.0
+    idle = SharedRun(0, "memory", 0.0, {"tokengate": 0.1}, 0.0, 0)
+    assert math.isnan(idle.cpu_per_request())
+
+
+def test_the_shared_section_gives_the_ratios_of_cpu_a_request_and_where_it_goes() -> None:
+    meta = {**META, "command": "python benchmarks/journal_cost.py --shared-core"}
+    text = journal_cost.shared_section({"completions": shared_rounds()}, meta)
+    assert text.startswith(journal_cost.SHARED_BEGIN)
+    assert text.rstrip().endswith(journal_cost.SHARED_END)
+    row = next(line for line in text.splitlines() if line.startswith("| completions |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "8,000, 8,000, 8,000"
+    assert cells[2] == "48.0, 53.5, 48.0"
+    # 48 / 53 and 48 / 54: the median of the two rounds' ratios.
+    assert cells[3].startswith(f"**{statistics.median([48 / 53, 48 / 54]):.3f}** (")
+    assert cells[4] == "**1.000** (1.000 to 1.000)"
+    # On a core of its own the gateway serves the 24,000 req/s the core served: its syncer's
+    # 3 µs a request at 8,000 are 1 µs there.
+    assert cells[5].startswith(f"**{statistics.median([48 / 51, 48 / 52]):.3f}** (")
+    assert "- completions: `tokengate` +2.50, `python` +0.00, `usage-journal` +3.00" in text
+    assert "Errors: 0." in text
