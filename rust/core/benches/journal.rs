@@ -12,6 +12,7 @@
 //! on a few thousand requests.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_core::journal::{Durability, Ended, Journal, Line, Names, Options};
@@ -21,9 +22,11 @@ use gateway_core::usage::{Status, UsageEvent, UsageSource};
 use serde_json::json;
 
 fn event(n: u64) -> UsageEvent {
+    // A request without the client's `X-Request-Id`: its request id is its event id.
+    let id: Arc<str> = format!("0193a4b2-7c1d-7e3f-8a9b-{n:012x}").into();
     UsageEvent {
-        event_id: format!("0193a4b2-7c1d-7e3f-8a9b-{n:012x}"),
-        request_id: format!("0193a4b2-7c1d-7e3f-8a9b-{n:012x}"),
+        event_id: id.clone(),
+        request_id: id,
         tenant_id: "acme-corporation".into(),
         key_id: "key_01JDQ3Z8W5X7Y9".into(),
         model: "meta-llama/Llama-3.1-8B-Instruct".into(),

@@ -189,11 +189,11 @@ impl UsageSource {
 /// the ledger's columns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageEvent {
-    pub event_id: String,
-    pub request_id: String,
+    pub event_id: Arc<str>,
+    pub request_id: Arc<str>,
     pub tenant_id: Arc<str>,
     pub key_id: Arc<str>,
-    pub model: String,
+    pub model: Arc<str>,
     pub worker: Option<Arc<str>>,
     pub endpoint: Endpoint,
     pub stream: bool,
@@ -212,17 +212,21 @@ pub struct UsageEvent {
 /// id), and its start, by which its event is priced and bucketed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventIds {
-    pub event_id: String,
-    pub request_id: String,
+    pub event_id: Arc<str>,
+    pub request_id: Arc<str>,
     pub started_at_ms: u64,
 }
 
 impl EventIds {
     pub fn mint(client_request_id: Option<&str>) -> Self {
         let started_at_ms = now_ms();
-        let event_id = new_event_id(started_at_ms).to_string();
+        let mut text = uuid::Uuid::encode_buffer();
+        let event_id: Arc<str> = new_event_id(started_at_ms)
+            .hyphenated()
+            .encode_lower(&mut text)
+            .into();
         Self {
-            request_id: client_request_id.map_or_else(|| event_id.clone(), str::to_owned),
+            request_id: client_request_id.map_or_else(|| event_id.clone(), Arc::from),
             event_id,
             started_at_ms,
         }
@@ -415,7 +419,7 @@ mod tests {
     #[test]
     fn events_round_trip_through_their_serialised_form() {
         let event = UsageEvent {
-            event_id: new_event_id(7).to_string(),
+            event_id: new_event_id(7).to_string().into(),
             request_id: "r".into(),
             tenant_id: "t".into(),
             key_id: "k".into(),

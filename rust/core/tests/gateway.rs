@@ -791,7 +791,7 @@ async fn a_request_waits_no_longer_than_it_says_and_interactive_goes_before_batc
         .map(|e| (e.finished_at_ms, e.request_id))
         .collect();
     served.sort();
-    let order: Vec<_> = served.iter().map(|(_, id)| id.as_str()).collect();
+    let order: Vec<_> = served.iter().map(|(_, id)| &**id).collect();
     assert_eq!(order, ["interactive", "batch-header", "batch-body"]);
 }
 

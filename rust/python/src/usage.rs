@@ -112,11 +112,11 @@ impl<'a, 'py> Strings<'a, 'py> {
 /// The core's field names, from the event's serialised form (the journal's), sorted.
 pub fn field_names() -> Vec<String> {
     let sample = UsageEvent {
-        event_id: String::new(),
-        request_id: String::new(),
+        event_id: "".into(),
+        request_id: "".into(),
         tenant_id: "".into(),
         key_id: "".into(),
-        model: String::new(),
+        model: "".into(),
         worker: None,
         endpoint: Endpoint::Completions,
         stream: false,

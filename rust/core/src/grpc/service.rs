@@ -113,7 +113,7 @@ impl InferenceApi {
             Outcome::Refused(_) | Outcome::Failed(_) => None,
         }
         .and_then(|id| id.to_str().ok().map(str::to_owned))
-        .or_else(|| dispatched.request_id.clone())
+        .or_else(|| dispatched.request_id.as_deref().map(str::to_owned))
         .unwrap_or_default();
         Ok((dispatched, request_id))
     }

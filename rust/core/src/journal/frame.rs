@@ -117,9 +117,11 @@ const EVENT_UUID: u8 = 8;
 pub struct Names {
     /// The names in the order the segment defined them: a name's index is its place.
     places: IndexSet<Box<str>, NameHash>,
-    /// The place each field (`Field`) last referred to: a request's names are most often the
-    /// previous request's, found with a comparison and no hash.
-    last: [usize; 4],
+    /// The name each field (`Field`) last referred to, and its place: a request's names are most
+    /// often the previous request's, and most often the very same strings (a principal's tenant
+    /// and key, a worker's URL), found by their address with no hash and no string read. The
+    /// memo holds the name, so its address cannot be another's while it is here.
+    last: [Option<(Arc<str>, usize)>; 4],
 }
 
 /// The fields that refer to names.
@@ -143,31 +145,33 @@ impl Names {
     /// Forgets the names defined from place `len` on: those of frames that were never written.
     pub(super) fn truncate(&mut self, len: usize) {
         self.places.truncate(len);
+        for last in &mut self.last {
+            if last.as_ref().is_some_and(|&(_, place)| place >= len) {
+                *last = None;
+            }
+        }
     }
 
     /// The field that refers to `name`, its `NAME` frame appended to `out` first if it is new.
-    fn refer(&mut self, field: Field, name: &str, out: &mut Vec<u8>) -> u64 {
+    fn refer(&mut self, field: Field, name: &Arc<str>, out: &mut Vec<u8>) -> u64 {
         let last = &mut self.last[field as usize];
-        if self
-            .places
-            .get_index(*last)
-            .is_some_and(|known| **known == *name)
+        if let Some((known, place)) = last
+            && (Arc::ptr_eq(known, name) || **known == **name)
         {
-            return *last as u64 + 1;
+            return *place as u64 + 1;
         }
-        if let Some(place) = self.places.get_index_of(name) {
-            *last = place;
-            return place as u64 + 1;
-        }
-        if name.len() > Self::MAX_LEN || self.places.len() >= Self::MAX {
-            return 0;
-        }
-        frame(out, |out| {
-            out.push(NAME);
-            out.extend_from_slice(name.as_bytes());
-        });
-        let (place, _) = self.places.insert_full(name.into());
-        *last = place;
+        let place = match self.places.get_index_of(&**name) {
+            Some(place) => place,
+            None if name.len() > Self::MAX_LEN || self.places.len() >= Self::MAX => return 0,
+            None => {
+                frame(out, |out| {
+                    out.push(NAME);
+                    out.extend_from_slice(name.as_bytes());
+                });
+                self.places.insert_full((**name).into()).0
+            }
+        };
+        *last = Some((Arc::clone(name), place));
         place as u64 + 1
     }
 }
@@ -348,7 +352,9 @@ fn event_id(out: &mut Vec<u8>, id: &str, uuid: Option<[u8; 16]>) {
 }
 
 /// The 16 bytes of `id` if it is a UUID as the gateway writes one (lowercase, hyphenated), so
-/// that it reads back as the same string; `None` for any other id.
+/// that it reads back as the same string; `None` for any other id. Without a branch or a table
+/// per digit (the invalid ones are caught together at the end): every end record's id goes
+/// through it on the request's thread, whose caches the rest of the request has just filled.
 fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
     /// Where each byte's two digits begin, past the hyphens.
     const DIGITS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
@@ -357,18 +363,27 @@ fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
         return None;
     }
     let mut bytes = [0u8; 16];
+    let mut valid = true;
     for (byte, at) in bytes.iter_mut().zip(DIGITS) {
-        *byte = hex(id[at])? << 4 | hex(id[at + 1])?;
+        let (high, high_valid) = hex(id[at]);
+        let (low, low_valid) = hex(id[at + 1]);
+        valid &= high_valid & low_valid;
+        *byte = high << 4 | low;
     }
-    Some(bytes)
+    valid.then_some(bytes)
 }
 
-fn hex(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        _ => None,
-    }
+/// A lowercase hex digit's value, and whether `digit` is one.
+fn hex(digit: u8) -> (u8, bool) {
+    let decimal = digit.wrapping_sub(b'0');
+    let letter = digit.wrapping_sub(b'a');
+    let is_decimal = decimal < 10;
+    let value = if is_decimal {
+        decimal
+    } else {
+        letter.wrapping_add(10)
+    };
+    (value & 0xf, is_decimal | (letter < 6))
 }
 
 fn endpoint_code(endpoint: Endpoint) -> u8 {
@@ -501,13 +516,19 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn event_id(&mut self, flags: u8) -> Option<String> {
+    fn event_id(&mut self, flags: u8) -> Option<Arc<str>> {
         if self.format == Format::Named && flags & EVENT_UUID != 0 {
             let (bytes, rest) = self.bytes.split_first_chunk::<16>()?;
             self.bytes = rest;
-            return Some(uuid::Uuid::from_bytes(*bytes).hyphenated().to_string());
+            let mut text = uuid::Uuid::encode_buffer();
+            return Some(
+                uuid::Uuid::from_bytes(*bytes)
+                    .hyphenated()
+                    .encode_lower(&mut text)
+                    .into(),
+            );
         }
-        self.str().map(str::to_owned)
+        self.str().map(Arc::from)
     }
 
     /// A progress record's flags: none before `Format::Named`.
@@ -556,11 +577,11 @@ impl<'a> Fields<'a> {
     }
 
     /// The request id: the event id's own, or a string of its own.
-    fn request_id(&mut self, flags: u8, event_id: &str) -> Option<String> {
+    fn request_id(&mut self, flags: u8, event_id: &Arc<str>) -> Option<Arc<str>> {
         if flags & SAME_REQUEST_ID != 0 {
-            Some(event_id.to_owned())
+            Some(event_id.clone())
         } else {
-            self.str().map(str::to_owned)
+            self.str().map(Arc::from)
         }
     }
 }
@@ -580,7 +601,7 @@ fn decode(payload: &[u8], format: Format, names: &[Option<Arc<str>>]) -> Option<
                 event_id,
                 tenant_id: f.name()?,
                 key_id: f.name()?,
-                model: f.name()?.to_string(),
+                model: f.name()?,
                 endpoint: f.endpoint()?,
                 stream: flags & STREAM != 0,
                 started_at_ms: f.varint()?,
@@ -605,7 +626,7 @@ fn decode(payload: &[u8], format: Format, names: &[Option<Arc<str>>]) -> Option<
             let request_id = f.request_id(flags, &event_id)?;
             let tenant_id = f.name()?;
             let key_id = f.name()?;
-            let model = f.name()?.to_string();
+            let model = f.name()?;
             let worker = if flags & WORKER != 0 {
                 Some(f.name()?)
             } else {
@@ -694,24 +715,27 @@ mod tests {
                     worker,
                     (endpoint, stream, status, http_status, usage_source),
                     (prompt_tokens, cached_tokens, completion_tokens, started, finished),
-                )| UsageEvent {
-                    // The client's id, or (most often) the event's own.
-                    request_id: request_id.unwrap_or_else(|| event_id.clone()),
-                    event_id,
-                    tenant_id: Arc::from(tenant_id),
-                    key_id: Arc::from(key_id),
-                    model,
-                    worker: worker.map(Arc::from),
-                    endpoint,
-                    stream,
-                    status,
-                    http_status,
-                    prompt_tokens,
-                    cached_tokens,
-                    completion_tokens,
-                    usage_source,
-                    started_at_ms: started,
-                    finished_at_ms: finished,
+                )| {
+                    let event_id = Arc::<str>::from(event_id);
+                    UsageEvent {
+                        // The client's id, or (most often) the event's own.
+                        request_id: request_id.map_or_else(|| Arc::clone(&event_id), Arc::from),
+                        event_id,
+                        tenant_id: Arc::from(tenant_id),
+                        key_id: Arc::from(key_id),
+                        model: Arc::from(model),
+                        worker: worker.map(Arc::from),
+                        endpoint,
+                        stream,
+                        status,
+                        http_status,
+                        prompt_tokens,
+                        cached_tokens,
+                        completion_tokens,
+                        usage_source,
+                        started_at_ms: started,
+                        finished_at_ms: finished,
+                    }
                 },
             )
     }
@@ -735,7 +759,7 @@ mod tests {
             cached_tokens: p.2,
             at_ms: p.3,
         };
-        let event_id = started.event_id.as_str();
+        let event_id = &*started.event_id;
         let mut bytes = Vec::new();
         Line::Start(&started).encode(&mut bytes, names);
         Line::Progress {
@@ -748,7 +772,7 @@ mod tests {
         let records = vec![
             Record::Start(started.clone()),
             Record::Progress {
-                event_id: event_id.to_owned(),
+                event_id: event_id.into(),
                 progress,
             },
             Record::End(ended.clone()),
@@ -816,8 +840,8 @@ mod tests {
     /// address, counts in the thousands.
     fn chat_completion(seq: u64) -> Ended {
         let event = UsageEvent {
-            event_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}"),
-            request_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}"),
+            event_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}").into(),
+            request_id: format!("019a7f3c-11d2-7e01-9c4b-5d2e8f7a{seq:04x}").into(),
             tenant_id: "ten_7f3c11d2".into(),
             key_id: "key_9c4b5d2e8f7a".into(),
             model: "Qwen/Qwen2.5-7B-Instruct".into(),
@@ -883,10 +907,10 @@ mod tests {
     fn a_name_too_long_or_past_the_tables_bound_is_written_out_and_reads_back() {
         let (mut bytes, mut names) = (Vec::new(), Names::default());
         for i in 0..Names::MAX - 1 {
-            names.refer(Field::Model, &format!("name-{i}"), &mut bytes);
+            names.refer(Field::Model, &format!("name-{i}").into(), &mut bytes);
         }
         let mut long = chat_completion(1);
-        long.event.model = "m".repeat(Names::MAX_LEN + 1);
+        long.event.model = "m".repeat(Names::MAX_LEN + 1).into();
         // The model is written out; the tenant takes the table's last place, and the key and
         // the worker find it full.
         let defined = bytes.len();
@@ -906,24 +930,46 @@ mod tests {
 
     #[test]
     fn truncate_forgets_the_names_of_frames_never_written() {
+        let name = |n: &str| -> Arc<str> { n.into() };
+        let (a, b, c) = (name("a"), name("b"), name("c"));
         let mut names = Names::default();
         let mut out = Vec::new();
-        let a = names.refer(Field::Tenant, "a", &mut out);
+        let a_field = names.refer(Field::Tenant, &a, &mut out);
         let kept = names.len();
-        names.refer(Field::Tenant, "b", &mut out);
+        names.refer(Field::Tenant, &b, &mut out);
         names.truncate(kept);
         assert_eq!(names.len(), 1);
         let written = out.len();
-        assert_eq!(names.refer(Field::Key, "a", &mut out), a);
+        assert_eq!(names.refer(Field::Key, &name("a"), &mut out), a_field);
         assert_eq!(out.len(), written, "a is still defined");
         // The tenant's last name is gone: found again by hashing, or defined anew.
         assert_eq!(
-            names.refer(Field::Tenant, "c", &mut out),
-            a + 1,
+            names.refer(Field::Tenant, &c, &mut out),
+            a_field + 1,
             "c takes b's place"
         );
-        assert_eq!(names.refer(Field::Tenant, "a", &mut out), a);
-        assert_eq!(names.refer(Field::Worker, "c", &mut out), a + 1);
+        assert_eq!(names.refer(Field::Tenant, &a, &mut out), a_field);
+        assert_eq!(names.refer(Field::Worker, &c, &mut out), a_field + 1);
+        assert_eq!(out.len(), written + HEADER + 2);
+    }
+
+    #[test]
+    fn a_field_whose_last_name_was_truncated_does_not_find_it_at_its_old_place() {
+        let (b, c): (Arc<str>, Arc<str>) = ("b".into(), "c".into());
+        let mut names = Names::default();
+        let mut out = Vec::new();
+        names.refer(Field::Tenant, &"a".into(), &mut out);
+        // b's frame was never written: its place goes to c, named by another field.
+        let b_field = names.refer(Field::Key, &b, &mut out);
+        names.truncate(1);
+        assert_eq!(names.refer(Field::Model, &c, &mut out), b_field);
+        // The key is b again, the very same string: defined anew, not read as c.
+        let written = out.len();
+        assert_eq!(names.refer(Field::Key, &b, &mut out), b_field + 1);
+        assert_eq!(out.len(), written + HEADER + 2, "b is defined again");
+        // Found by its address from then on, and by its bytes as another string.
+        assert_eq!(names.refer(Field::Key, &b, &mut out), b_field + 1);
+        assert_eq!(names.refer(Field::Key, &"b".into(), &mut out), b_field + 1);
         assert_eq!(out.len(), written + HEADER + 2);
     }
 
@@ -959,6 +1005,29 @@ mod tests {
             minted[..35].to_owned(),
         ] {
             assert_eq!(uuid_bytes(&other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn every_byte_in_every_digit_is_read_as_the_uuid_crate_reads_it() {
+        let minted = crate::usage::new_event_id(1_764_900_000_000).to_string();
+        for at in (0..36).filter(|at| ![8, 13, 18, 23].contains(at)) {
+            for byte in 0..=u8::MAX {
+                let mut id = minted.clone().into_bytes();
+                id[at] = byte;
+                let Ok(id) = String::from_utf8(id) else {
+                    continue;
+                };
+                // Canonical: the uuid crate parses it and writes it back the same.
+                let canonical = uuid::Uuid::try_parse(&id)
+                    .ok()
+                    .filter(|u| u.hyphenated().to_string() == id);
+                assert_eq!(
+                    uuid_bytes(&id),
+                    canonical.map(uuid::Uuid::into_bytes),
+                    "{id:?}"
+                );
+            }
         }
     }
 

@@ -11,11 +11,11 @@ use crate::usage::{Status, Usage, UsageEvent, UsageSource};
 /// A request as it started: what an interrupted request's event is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Started {
-    pub event_id: String,
-    pub request_id: String,
+    pub event_id: Arc<str>,
+    pub request_id: Arc<str>,
     pub tenant_id: Arc<str>,
     pub key_id: Arc<str>,
-    pub model: String,
+    pub model: Arc<str>,
     pub endpoint: Endpoint,
     pub stream: bool,
     pub started_at_ms: u64,
@@ -45,7 +45,7 @@ pub struct Ended {
 pub enum Record {
     Start(Started),
     Progress {
-        event_id: String,
+        event_id: Arc<str>,
         #[serde(flatten)]
         progress: Progress,
     },
@@ -53,7 +53,7 @@ pub enum Record {
     /// A request that ended without an event. Only earlier builds wrote it (for a request
     /// refused after its start was journalled); read so that their journals recover.
     Discard {
-        event_id: String,
+        event_id: Arc<str>,
     },
 }
 
@@ -96,18 +96,6 @@ impl Started {
             stream: event.stream,
             started_at_ms: event.started_at_ms,
         }
-    }
-
-    /// Becomes the start of `event`, in the buffers of the strings it holds.
-    pub fn assign(&mut self, event: &UsageEvent) {
-        self.event_id.clone_from(&event.event_id);
-        self.request_id.clone_from(&event.request_id);
-        self.tenant_id.clone_from(&event.tenant_id);
-        self.key_id.clone_from(&event.key_id);
-        self.model.clone_from(&event.model);
-        self.endpoint = event.endpoint;
-        self.stream = event.stream;
-        self.started_at_ms = event.started_at_ms;
     }
 
     /// The event of a request that had started and not ended when the process died: billed for

@@ -106,9 +106,9 @@ pub(super) fn remove_unadopted(dir: &Path) -> io::Result<()> {
 /// (a start with no end after it in any segment), in the order they started.
 pub(super) fn replay(paths: &[(u64, PathBuf)]) -> io::Result<(Vec<Ended>, Vec<OpenRequest>)> {
     let mut ended: Vec<Ended> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut open: HashMap<String, OpenRequest> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
+    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut open: HashMap<Arc<str>, OpenRequest> = HashMap::new();
+    let mut order: Vec<Arc<str>> = Vec::new();
     for (_, path) in paths {
         let read = records(&fs::read(path)?);
         if read.torn {

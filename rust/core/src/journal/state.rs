@@ -39,14 +39,6 @@ impl Open {
             progress_unwritten: false,
         }
     }
-
-    /// Becomes `event`'s start, in the buffers of the strings it holds.
-    fn restart(&mut self, event: &UsageEvent) {
-        self.started.assign(event);
-        self.progress = None;
-        self.written = false;
-        self.progress_unwritten = false;
-    }
 }
 
 /// A started request's place among the open ones: `Journal::start` hands it out, `Journal::end`
@@ -55,56 +47,45 @@ impl Open {
 pub struct Slot(usize);
 
 /// The requests started and not yet ended, each in a slot: no key to hash or copy on a request's
-/// path, and a tick visits them in one pass. A vacant slot keeps the last start it held, so the
-/// next request's start is copied into the buffers of its strings: no allocation once the slots
-/// have served as many requests at once as the gateway runs.
+/// path, and a tick visits them in one pass. A start shares its event's strings (`Arc`s): what
+/// a slot takes is a reference to each, and no allocation once the slots have served as many
+/// requests at once as the gateway runs.
 #[derive(Debug, Default)]
 pub(super) struct OpenRequests {
-    /// Each slot, and whether a request holds it.
-    slots: Vec<(bool, Open)>,
+    slots: Vec<Option<Open>>,
     vacant: Vec<usize>,
 }
 
 impl OpenRequests {
     pub(super) fn insert(&mut self, event: &UsageEvent) -> Slot {
         if let Some(i) = self.vacant.pop()
-            && let Some((held, open)) = self.slots.get_mut(i)
+            && let Some(slot) = self.slots.get_mut(i)
         {
-            *held = true;
-            open.restart(event);
+            *slot = Some(Open::of(event));
             return Slot(i);
         }
-        self.slots.push((true, Open::of(event)));
+        self.slots.push(Some(Open::of(event)));
         Slot(self.slots.len() - 1)
     }
 
     pub(super) fn get_mut(&mut self, slot: &Slot) -> Option<&mut Open> {
-        match self.slots.get_mut(slot.0)? {
-            (true, open) => Some(open),
-            (false, _) => None,
-        }
+        self.slots.get_mut(slot.0)?.as_mut()
     }
 
     pub(super) fn remove(&mut self, slot: Slot) {
-        if let Some((held, _)) = self.slots.get_mut(slot.0)
-            && std::mem::take(held)
+        if let Some(open) = self.slots.get_mut(slot.0)
+            && open.take().is_some()
         {
             self.vacant.push(slot.0);
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Open> {
-        self.slots
-            .iter()
-            .filter(|(held, _)| *held)
-            .map(|(_, open)| open)
+        self.slots.iter().flatten()
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Open> {
-        self.slots
-            .iter_mut()
-            .filter(|(held, _)| *held)
-            .map(|(_, open)| open)
+        self.slots.iter_mut().flatten()
     }
 }
 

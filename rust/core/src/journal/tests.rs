@@ -121,10 +121,10 @@ fn kinds(records: &[Record]) -> Vec<(&'static str, String)> {
     records
         .iter()
         .map(|record| match record {
-            Record::Start(s) => ("start", s.event_id.clone()),
-            Record::Progress { event_id, .. } => ("progress", event_id.clone()),
-            Record::End(e) => ("end", e.event.event_id.clone()),
-            Record::Discard { event_id } => ("discard", event_id.clone()),
+            Record::Start(s) => ("start", s.event_id.to_string()),
+            Record::Progress { event_id, .. } => ("progress", event_id.to_string()),
+            Record::End(e) => ("end", e.event.event_id.to_string()),
+            Record::Discard { event_id } => ("discard", event_id.to_string()),
         })
         .collect()
 }
@@ -251,7 +251,7 @@ fn reopening_records_ended_events_again_and_interrupts_open_requests() {
             .iter()
             .map(|e| {
                 (
-                    e.event.event_id.as_str(),
+                    &*e.event.event_id,
                     e.event.status.as_str(),
                     e.event.completion_tokens,
                 )
@@ -331,7 +331,7 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
         .unwrap_or_else(|| panic!("empty"));
     assert_eq!(
         (
-            last.event.event_id.as_str(),
+            &*last.event.event_id,
             last.event.status.as_str(),
             last.event.completion_tokens
         ),
@@ -377,13 +377,13 @@ fn replay_reads_segments_in_order_and_keeps_each_end_once_from_an_earlier_builds
     assert_eq!((read.records.len(), read.torn), (2, false));
     let found = segments(dir).unwrap_or_default();
     let (ended, open) = replay(&found).unwrap_or_default();
-    let ended: Vec<&str> = ended.iter().map(|e| e.event.event_id.as_str()).collect();
+    let ended: Vec<&str> = ended.iter().map(|e| &*e.event.event_id).collect();
     let (_, _, first, second) = v3_fixture();
     assert_eq!(
         ended,
         ["a", &first.event.event_id, &second.event.event_id, "b"]
     );
-    let open: Vec<&str> = open.iter().map(|(s, _)| s.event_id.as_str()).collect();
+    let open: Vec<&str> = open.iter().map(|(s, _)| &*s.event_id).collect();
     assert_eq!(open, ["c"]);
 }
 
@@ -795,7 +795,7 @@ fn segments_made_of_spares_recover_only_what_was_written_into_them() {
     let ids: Vec<String> = recovered
         .events
         .iter()
-        .map(|e| e.event.event_id.clone())
+        .map(|e| e.event.event_id.to_string())
         .collect();
     let marker = ids.iter().position(|id| id == "marker");
     let marker = marker.unwrap_or_else(|| panic!("no marker in {ids:?}"));
@@ -821,7 +821,7 @@ fn a_slot_serves_the_next_request_once_its_own_has_ended_and_holds_its_start_who
     let ids = |requests: &OpenRequests| -> Vec<String> {
         let mut ids: Vec<String> = requests
             .iter()
-            .map(|o| o.started.event_id.clone())
+            .map(|o| o.started.event_id.to_string())
             .collect();
         ids.sort();
         ids
@@ -853,6 +853,9 @@ fn a_slot_serves_the_next_request_once_its_own_has_ended_and_holds_its_start_who
         .get_mut(&c_slot)
         .unwrap_or_else(|| panic!("c is open"));
     assert_eq!(held.started, Started::of(&c));
+    // The start shares the event's strings rather than copying them.
+    assert!(std::sync::Arc::ptr_eq(&held.started.event_id, &c.event_id));
+    assert!(std::sync::Arc::ptr_eq(&held.started.model, &c.model));
     assert_eq!(
         (held.written, held.progress, held.progress_unwritten),
         (false, None, false)

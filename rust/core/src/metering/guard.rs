@@ -72,7 +72,7 @@ impl MeterGuard {
             request_id: ids.request_id,
             tenant_id: principal.tenant_id.clone(),
             key_id: principal.key_id.clone(),
-            model: request.model.clone(),
+            model: request.model.as_str().into(),
             worker: None,
             endpoint: request.endpoint,
             stream: request.stream,
@@ -134,7 +134,7 @@ impl MeterGuard {
 
     /// The request's id: the client's `X-Request-Id`, else the event id.
     pub fn request_id(&self) -> &str {
-        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+        self.event.as_ref().map_or("", |e| &*e.request_id)
     }
 
     /// The id of the API key the request came with.
@@ -411,7 +411,7 @@ mod tests {
         let events: Vec<UsageEvent> = meter.drain(10).into_iter().map(|e| e.event).collect();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].status, Status::Completed);
-        assert_eq!(events[0].request_id, "req-1");
-        assert_ne!(events[0].event_id, "req-1");
+        assert_eq!(&*events[0].request_id, "req-1");
+        assert_ne!(&*events[0].event_id, "req-1");
     }
 }

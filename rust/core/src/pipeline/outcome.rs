@@ -1,5 +1,7 @@
 //! What the pipeline answers a request with, before any surface renders it.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
@@ -12,7 +14,7 @@ use crate::usage::Usage;
 pub struct Dispatched {
     /// The id its usage event is recorded under (the client's request id, else the event's id);
     /// `None` for a request refused before it had one.
-    pub request_id: Option<String>,
+    pub request_id: Option<Arc<str>>,
     /// The rate limits that apply, as they stood at admission (or at the refusal).
     pub rate: Option<RateHeaders>,
     pub outcome: Outcome,
