@@ -475,33 +475,6 @@ def shared_section(runs: dict[str, list[SharedRun]], meta: dict[str, Any]) -> st
     return "\n".join(lines)
 
 
-def shared_core(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
-    runs: dict[str, list[SharedRun]] = {}
-    with (
-        journal_root(journal_dir) as journals,
-        open_harness("journal_cost.py", settings, argv) as run,
-    ):
-        db_url, key = run.sqlite_ledger()
-        sim = run.start_instant_sim(settings)
-        targets = start_gateways(
-            settings,
-            run.workdir,
-            db_url,
-            key,
-            sim.wait_listening(),
-            run.services,
-            names=RESOLVED,
-            journals=journals,
-        )
-        for mode, stream in MODES:
-            runs[mode] = share_core(settings, targets, stream=stream)
-        journals_on = file_system(journals or run.workdir)
-    meta = {**run.meta("journal-shared", settings), "journals": journals_on}
-    raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
-    publish(meta, raw, shared_section(runs, meta), SHARED_BEGIN, SHARED_END, settings.quick)
-    return 1 if any(r.errors for results in runs.values() for r in results) else 0
-
-
 def pooled_ratios(reports: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Each mode's paired ratios to "memory" over the rounds of every report (a
     `--saturation-only` run's raw report), a round paired within its own run: by mode, then by
@@ -542,8 +515,12 @@ def pool(paths: list[Path]) -> int:
     return 0
 
 
-def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Path | None) -> int:
-    runs: dict[str, list[Saturation]] = {}
+def resolved(
+    settings: Settings, argv: list[str] | None, journal_dir: Path | None, *, shared: bool
+) -> int:
+    """`--saturation-only` (the targets taking turns), or `--shared-core` (`shared`: all at
+    once), each mode's runs published in the section of its own."""
+    runs: dict[str, list[Any]] = {}
     with (
         journal_root(journal_dir) as journals,
         open_harness("journal_cost.py", settings, argv) as run,
@@ -561,11 +538,17 @@ def saturation_only(settings: Settings, argv: list[str] | None, journal_dir: Pat
             journals=journals,
         )
         for mode, stream in MODES:
-            runs[mode] = rotate_saturation(settings, targets, stream=stream)
+            measure = share_core if shared else rotate_saturation
+            runs[mode] = measure(settings, targets, stream=stream)
         journals_on = file_system(journals or run.workdir)
-    meta = {**run.meta("journal-resolved", settings), "journals": journals_on}
+    prefix = "journal-shared" if shared else "journal-resolved"
+    meta = {**run.meta(prefix, settings), "journals": journals_on}
     raw = {"runs": {mode: [vars(r) for r in rs] for mode, rs in runs.items()}}
-    publish(meta, raw, resolved_section(runs, meta), RESOLVED_BEGIN, RESOLVED_END, settings.quick)
+    if shared:
+        text, begin, end = shared_section(runs, meta), SHARED_BEGIN, SHARED_END
+    else:
+        text, begin, end = resolved_section(runs, meta), RESOLVED_BEGIN, RESOLVED_END
+    publish(meta, raw, text, begin, end, settings.quick)
     return 1 if any(r.errors for results in runs.values() for r in results) else 0
 
 
@@ -579,10 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pool:
         return pool(args.pool)
     settings = parse_args(rest, __doc__)
-    if args.saturation_only:
-        return saturation_only(settings, argv, args.journal_dir)
-    if args.shared_core:
-        return shared_core(settings, argv, args.journal_dir)
+    if args.saturation_only or args.shared_core:
+        return resolved(settings, argv, args.journal_dir, shared=args.shared_core)
     runs: dict[str, list[Saturation]] = {}
     latencies: dict[str, list[Latency]] = {}
     with (
