@@ -89,6 +89,16 @@ impl OpenRequests {
     }
 }
 
+/// What a sync is to make durable (`State::take_unsynced`).
+#[derive(Debug)]
+pub(super) struct Unsynced {
+    pub(super) files: Vec<Arc<File>>,
+    /// When the oldest record among them was written: `None` when there is none.
+    pub(super) since: Option<Instant>,
+    /// Bytes the current segment took since the last sync took it.
+    pub(super) grown: u64,
+}
+
 /// How the syncer sleeps, which says whether a writer must wake it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sleep {
@@ -292,19 +302,35 @@ impl State {
         Ok(())
     }
 
-    /// The files to sync for everything written so far to be durable, and when the oldest
-    /// record among them was written; the segment's pages no append touches again are unmapped
-    /// first (`Segment::release_written`: a sealed segment is unmapped whole).
-    pub(super) fn take_unsynced(&mut self) -> (Vec<Arc<File>>, Option<Instant>) {
+    /// What to sync for everything written so far to be durable: the files, when the oldest
+    /// record among them was written, and how many bytes the current segment took since it was
+    /// last taken (what to map ahead once they are synced: `map_ahead`). The segment's pages no
+    /// append touches again are unmapped first (`Segment::release_written`: a sealed segment is
+    /// unmapped whole).
+    pub(super) fn take_unsynced(&mut self) -> Unsynced {
         let mut files = std::mem::take(&mut self.sealed_unsynced);
         let since = self.unsynced_since.take();
+        let mut grown = 0;
         if since.is_some() {
+            grown = self.segment.written_since_taken();
             if let Err(error) = self.segment.release_written() {
                 tracing::debug!(%error, "could not unmap the journal's written pages");
             }
             files.push(self.segment.file().clone());
         }
-        (files, since)
+        Unsynced {
+            files,
+            since,
+            grown,
+        }
+    }
+
+    /// After a sync: maps for writing the pages the next `bytes` of records will go to
+    /// (`Segment::map_ahead`), so that the requests' threads write them without a fault.
+    pub(super) fn map_ahead(&self, bytes: u64) {
+        if let Err(error) = self.segment.map_ahead(bytes) {
+            tracing::debug!(%error, "could not map the journal's next pages for writing");
+        }
     }
 
     /// The sealed segments the ledger has caught up with, no longer listed as sealed: their

@@ -1,7 +1,11 @@
 //! The journal's syncer thread: at each tick it writes the starts and progress of the requests
 //! still open and `fdatasync`s what was written; with `Durability::Always` it also syncs as soon
-//! as an end waits, then tells the ends it synced. It retires the sealed segments the ledger has
-//! caught up with (`segments::retire`). It never holds the journal's lock while the disk works.
+//! as an end waits, then tells the ends it synced. After a sync it maps for writing the pages the
+//! next records will go to (`Segment::map_ahead`), which the sync write-protected or which were
+//! mapped for reading: the page faults are its own, not the requests'. It retires the sealed
+//! segments the ledger has caught up with (`segments::retire`). It never holds the journal's lock
+//! while the disk works, but to read back a page of the mapping that memory pressure took from
+//! the page cache as it maps ahead, which a request's append would otherwise read under the lock.
 //!
 //! With `Durability::Interval` no response waits for it, and while the process leaves CPU to
 //! spare it runs in the batch class (`thread_class::Chooser`): its wake-ups (the tick, each of
@@ -18,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::segments::retire;
-use super::state::{Shared, Sleep};
+use super::state::{Shared, Sleep, Unsynced};
 use crate::config::Durability;
 use crate::thread_class::Chooser;
 
@@ -30,7 +34,16 @@ pub(super) fn run(shared: &Shared, durability: Durability) {
     }
     let mut waiting = Vec::new();
     loop {
-        let (files, since, closed, checkpoint, late) = {
+        let (
+            Unsynced {
+                files,
+                since,
+                grown,
+            },
+            closed,
+            checkpoint,
+            late,
+        ) = {
             let mut state = shared.lock();
             loop {
                 let due = state.due.is_some_and(|due| Instant::now() >= due);
@@ -66,10 +79,8 @@ pub(super) fn run(shared: &Shared, durability: Durability) {
                 state.write_open();
             }
             waiting.append(&mut state.waiters);
-            let (files, since) = state.take_unsynced();
             (
-                files,
-                since,
+                state.take_unsynced(),
                 state.closed,
                 std::mem::take(&mut state.checkpoint),
                 late.map(|late| (late, state.interval / 2)),
@@ -89,6 +100,9 @@ pub(super) fn run(shared: &Shared, durability: Durability) {
             if let Some(metrics) = metrics {
                 metrics.seconds.observe(began.elapsed().as_secs_f64());
             }
+        }
+        if synced && since.is_some() {
+            shared.lock().map_ahead(grown);
         }
         if synced && let (Some(since), Some(metrics)) = (since, metrics) {
             metrics.unsynced_age.observe(since.elapsed().as_secs_f64());

@@ -575,6 +575,84 @@ fn the_pages_behind_the_appends_are_unmapped_and_a_sync_still_writes_them() {
     assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
 }
 
+/// The page faults this thread has taken that needed no disk (`getrusage`, `RUSAGE_THREAD`).
+#[expect(unsafe_code, reason = "getrusage writes the struct it is handed")]
+fn minor_faults() -> i64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is valid for a `rusage` to be written to; it was zeroed, so it is a
+    // `rusage` whether or not the call wrote it, and the call's result is checked.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    usage.ru_minflt
+}
+
+/// Syncs `segment` as the syncer does: what it took since the last sync, its written pages
+/// unmapped, its file synced. Returns what it took.
+fn sync_segment(segment: &mut super::segments::Segment) -> u64 {
+    let grown = segment.written_since_taken();
+    segment
+        .release_written()
+        .unwrap_or_else(|e| panic!("release: {e}"));
+    segment
+        .file()
+        .sync_data()
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    grown
+}
+
+#[test]
+fn the_pages_mapped_ahead_after_a_sync_take_the_next_appends_without_a_fault() {
+    let dir = TempDir::on_disk("ahead");
+    fs::create_dir_all(&dir.0).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let mut segment = prepare(&dir.0, 0, 16 * 4096).unwrap_or_else(|e| panic!("prepare: {e}"));
+    let append = |segment: &mut super::segments::Segment, line: &[u8]| {
+        let before = minor_faults();
+        segment
+            .append(line)
+            .unwrap_or_else(|e| panic!("append: {e}"));
+        minor_faults() - before
+    };
+    let mut sizes = [1000; 12];
+    sizes[11] = 2000;
+    let records = lines(&sizes);
+    append(&mut segment, &records[0]);
+    assert_eq!(sync_segment(&mut segment), 1000);
+    // The control: the sync write-protected the page it wrote back, and the next append into
+    // it faults. Were it not so here, this test would prove nothing.
+    assert!(append(&mut segment, &records[1]) > 0, "no fault to spare");
+    assert_eq!(sync_segment(&mut segment), 1000);
+    assert_eq!(segment.written_since_taken(), 0);
+    // Mapped ahead by three pages' worth: the appends into the page the sync wrote back and
+    // into the two after it take no fault.
+    segment
+        .map_ahead(3 * 4096)
+        .unwrap_or_else(|e| panic!("map ahead: {e}"));
+    for record in &records[2..10] {
+        assert_eq!(append(&mut segment, record), 0, "at {}", segment.written());
+    }
+    assert_eq!(segment.written(), 16 + 10 * 1000);
+    // Mapped ahead by nothing: the page the next append begins in, and no other.
+    sync_segment(&mut segment);
+    segment
+        .map_ahead(0)
+        .unwrap_or_else(|e| panic!("map ahead: {e}"));
+    assert_eq!(append(&mut segment, &records[10]), 0, "within its page");
+    assert_eq!(segment.written() / 4096, 2);
+    assert!(
+        append(&mut segment, &records[11]) > 0,
+        "into the next page, not mapped for writing"
+    );
+    // Whatever was mapped ahead, what the appends wrote is what the file holds.
+    sync_segment(&mut segment);
+    let bytes = fs::read(segment_path(&dir.0, 0)).unwrap_or_else(|e| panic!("read: {e}"));
+    let mut expected = head(0).to_vec();
+    records.iter().for_each(|r| expected.extend_from_slice(r));
+    assert_eq!(&bytes[..expected.len()], &expected[..]);
+    assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+}
+
 /// The files of `dir` whose names end in `.{extension}`, sorted.
 fn files_ending(dir: &TempDir, extension: &str) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(&dir.0)
@@ -914,6 +992,39 @@ fn a_sync_reports_the_age_of_the_oldest_record_it_made_durable() {
     assert!(sum >= interval.as_secs_f64(), "{sum} s");
     assert!(count_and_sum(&seconds).0 >= 1);
     drop(journal);
+}
+
+#[test]
+fn an_end_written_after_a_sync_takes_no_page_fault() {
+    let dir = TempDir::on_disk("ends-after-syncs");
+    let options = Options {
+        segment_bytes: 1 << 20,
+        durability: Durability::Interval,
+        interval: Duration::from_millis(1),
+    };
+    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    let age = Histogram::new([1.0]);
+    journal.observe_syncs(Histogram::new([1.0]), age.clone());
+    // A sync is reported once the syncer has also mapped ahead what follows it.
+    let synced = |count: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while count_and_sum(&age).0 < count {
+            assert!(std::time::Instant::now() < deadline, "no sync reported");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    assert!(journal.end(&ended("r0", 0), None, false).is_none());
+    synced(1);
+    for seq in 1..=4 {
+        // Each end writes into the page the sync before it wrote back and write-protected.
+        let record = ended(&format!("r{seq}"), seq);
+        let before = minor_faults();
+        assert!(journal.end(&record, None, false).is_none());
+        assert_eq!(minor_faults() - before, 0, "end {seq} faulted");
+        synced(seq + 1);
+    }
+    drop(journal);
+    assert_eq!(records(&dir).len(), 5);
 }
 
 #[cfg(target_os = "linux")]
