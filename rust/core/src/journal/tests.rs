@@ -80,6 +80,15 @@ fn progress(completion: u64) -> Progress {
     }
 }
 
+/// Waits until `done` holds, checking every millisecond; fails with `what` after 30 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A tick far away: nothing is written or synced by the syncer's clock during a test.
 const NEVER: Duration = Duration::from_secs(3600);
 
@@ -198,14 +207,9 @@ fn a_tick_writes_the_starts_of_requests_still_open() {
     };
     let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
     let _open = journal.start(&event("open"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while kinds(&records(&dir)).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no tick wrote the start"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("no tick wrote the start", || {
+        !kinds(&records(&dir)).is_empty()
+    });
     assert_eq!(kinds(&records(&dir)), [("start", "open".to_owned())]);
     drop(journal);
 }
@@ -315,12 +319,10 @@ fn sealed_segments_go_once_committed_and_open_requests_are_carried_forward() {
         journal.progress(&long, progress(2));
         let synced = journal.end(&ended("marker", 300), None, true);
         assert!(synced.is_some_and(|s| s.blocking_recv().is_ok()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // The live segment and the next, prepared: every sealed one is in the ledger.
-        while segments(&dir.0).unwrap_or_default().len() > 2 {
-            assert!(std::time::Instant::now() < deadline, "sealed segments kept");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("sealed segments kept", || {
+            segments(&dir.0).unwrap_or_default().len() <= 2
+        });
     }
     // The live segment's ended events come back (the ledger ignores ids it has), the sealed
     // ones do not, and the request open since the first segment is closed as interrupted.
@@ -830,15 +832,11 @@ fn segments_made_of_spares_recover_only_what_was_written_into_them() {
         journal.committed(299);
         let marker = journal.end(&ended("marker", 300), None, true);
         assert!(marker.is_some_and(|s| s.blocking_recv().is_ok()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // Every sealed segment retired, and no preparation under way: only the next rotation's
         // takes a spare (one under way when the ledger caught up may have taken one).
-        while segments(&dir.0).unwrap_or_default().len() > 2
-            || !files_ending(&dir, "prep").is_empty()
-        {
-            assert!(std::time::Instant::now() < deadline, "sealed segments kept");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("sealed segments kept", || {
+            segments(&dir.0).unwrap_or_default().len() <= 2 && files_ending(&dir, "prep").is_empty()
+        });
         spared = files_ending(&dir, "spare")
             .iter()
             .map(|p| inode(p))
@@ -847,13 +845,9 @@ fn segments_made_of_spares_recover_only_what_was_written_into_them() {
         // Enough for the spares to become segments again, sealed with nothing retiring them:
         // each holds records of the first 300 after the new ones.
         record(&journal, "new", 301..600);
-        while !files_ending(&dir, "prep").is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a preparation never ended"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("a preparation never ended", || {
+            files_ending(&dir, "prep").is_empty()
+        });
         let live: Vec<u64> = segments(&dir.0)
             .unwrap_or_default()
             .iter()
@@ -982,11 +976,7 @@ fn a_sync_reports_the_age_of_the_oldest_record_it_made_durable() {
     // The end is written, then its tick is made due `interval` later: the sync that makes it
     // durable ends at least that long after it was written.
     assert!(journal.end(&ended("a", 0), None, false).is_none());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while count_and_sum(&age).0 == 0 {
-        assert!(std::time::Instant::now() < deadline, "no sync reported");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("no sync reported", || count_and_sum(&age).0 > 0);
     let (count, sum) = count_and_sum(&age);
     assert_eq!(count, 1, "one record, one sync");
     assert!(sum >= interval.as_secs_f64(), "{sum} s");
@@ -1006,13 +996,7 @@ fn an_end_written_after_a_sync_takes_no_page_fault() {
     let age = Histogram::new([1.0]);
     journal.observe_syncs(Histogram::new([1.0]), age.clone());
     // A sync is reported once the syncer has also mapped ahead what follows it.
-    let synced = |count: u64| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while count_and_sum(&age).0 < count {
-            assert!(std::time::Instant::now() < deadline, "no sync reported");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
+    let synced = |count: u64| wait_until("no sync reported", || count_and_sum(&age).0 >= count);
     assert!(journal.end(&ended("r0", 0), None, false).is_none());
     synced(1);
     for seq in 1..=4 {
