@@ -101,6 +101,18 @@ fn open(dir: &TempDir, segment_bytes: u64, durability: Durability) -> (Journal, 
     Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("open: {e}"))
 }
 
+/// A journal of 1 MiB segments whose syncer ticks every `interval`.
+fn open_ticking(dir: &TempDir, durability: Durability, interval: Duration) -> Journal {
+    let options = Options {
+        segment_bytes: 1 << 20,
+        durability,
+        interval,
+    };
+    Journal::open(&dir.0, options)
+        .unwrap_or_else(|e| panic!("open: {e}"))
+        .0
+}
+
 /// Every record in the journal's segments, oldest first.
 fn records(dir: &TempDir) -> Vec<Record> {
     let mut found = Vec::new();
@@ -200,12 +212,7 @@ fn a_request_that_ends_within_a_tick_costs_one_record_and_an_open_one_its_start(
 #[test]
 fn a_tick_writes_the_starts_of_requests_still_open() {
     let dir = TempDir::new("tick");
-    let options = Options {
-        segment_bytes: 1 << 20,
-        durability: Durability::Interval,
-        interval: Duration::from_millis(1),
-    };
-    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    let journal = open_ticking(&dir, Durability::Interval, Duration::from_millis(1));
     let _open = journal.start(&event("open"));
     wait_until("no tick wrote the start", || {
         !kinds(&records(&dir)).is_empty()
@@ -962,12 +969,7 @@ fn count_and_sum(histogram: &Histogram) -> (u64, f64) {
 fn a_sync_reports_the_age_of_the_oldest_record_it_made_durable() {
     let dir = TempDir::on_disk("age");
     let interval = Duration::from_millis(50);
-    let options = Options {
-        segment_bytes: 1 << 20,
-        durability: Durability::Interval,
-        interval,
-    };
-    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    let journal = open_ticking(&dir, Durability::Interval, interval);
     let (seconds, age) = (
         Histogram::new([0.01, 0.1, 1.0]),
         Histogram::new([0.01, 0.1, 1.0]),
@@ -987,12 +989,7 @@ fn a_sync_reports_the_age_of_the_oldest_record_it_made_durable() {
 #[test]
 fn an_end_written_after_a_sync_takes_no_page_fault() {
     let dir = TempDir::on_disk("ends-after-syncs");
-    let options = Options {
-        segment_bytes: 1 << 20,
-        durability: Durability::Interval,
-        interval: Duration::from_millis(1),
-    };
-    let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+    let journal = open_ticking(&dir, Durability::Interval, Duration::from_millis(1));
     let age = Histogram::new([1.0]);
     journal.observe_syncs(Histogram::new([1.0]), age.clone());
     // A sync is reported once the syncer has also mapped ahead what follows it.
@@ -1021,12 +1018,7 @@ fn the_syncer_ticks_in_the_batch_class_on_an_interval_and_stays_in_its_creator_s
         (Durability::Always, creator),
     ] {
         let dir = TempDir::new("class");
-        let options = Options {
-            segment_bytes: 1 << 20,
-            durability,
-            interval: Duration::from_millis(1),
-        };
-        let (journal, _) = Journal::open(&dir.0, options).unwrap_or_else(|e| panic!("{e}"));
+        let journal = open_ticking(&dir, durability, Duration::from_millis(1));
         // Ticks, until the syncer is in the class: on an interval, it enters the batch class at
         // a tick once the process is not busy (other tests may keep it busy for a while).
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
